@@ -1,0 +1,7 @@
+//! Mailgate's pure core: the organisation's directory model, the directory file format, and its
+//! validation. Architecture invariant: nothing in this crate performs I/O or is `async`; callers
+//! pass in everything (directory, counters, the current time) and get values back.
+
+pub mod directory;
+pub mod orgfile;
+pub mod validate;
