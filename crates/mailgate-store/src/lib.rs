@@ -1,1 +1,106 @@
-//! placeholder
+//! Mailgate's storage. [`Store`] is the one interface the rest of the gateway uses; [`SqliteStore`]
+//! is the embedded default. A PostgreSQL implementation is a second `impl Store`, with its own
+//! migrations folder, not a rewrite: nothing outside this crate names a database.
+
+mod sqlite;
+
+use async_trait::async_trait;
+use mailgate_core::directory::{Directory, Kind, Object};
+
+pub use sqlite::SqliteStore;
+
+/// A fault in the store (not a refusal: refusals are values of the decision engine).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or answered with an error.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Schema migrations failed.
+    #[error("cannot migrate the database: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Someone else changed the directory since it was read; read it again and retry.
+    #[error("the directory changed concurrently (expected generation {expected}, found {found})")]
+    Conflict {
+        /// The generation the writer read.
+        expected: i64,
+        /// The generation found at write time.
+        found: i64,
+    },
+    /// A stored object does not parse.
+    #[error(transparent)]
+    Corrupt(#[from] mailgate_core::directory::ObjectError),
+    /// A stored object names an unknown kind.
+    #[error("stored object of unknown kind `{0}`")]
+    UnknownKind(String),
+}
+
+/// A directory with the generation it was read at.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The directory.
+    pub directory: Directory,
+    /// Increases by one with every committed change.
+    pub generation: i64,
+}
+
+/// One change to the directory, as computed by `apply` or an imperative command.
+#[derive(Debug, Clone, Default)]
+pub struct Changeset {
+    /// Objects to create or replace.
+    pub upserts: Vec<Object>,
+    /// Objects to remove.
+    pub deletes: Vec<(Kind, String)>,
+}
+
+impl Changeset {
+    /// Computes the changes that turn `from` into `to`.
+    pub fn between(from: &Directory, to: &Directory) -> Changeset {
+        let old = from.to_objects();
+        let new = to.to_objects();
+        let mut cs = Changeset::default();
+        for o in &new {
+            let same = old
+                .iter()
+                .any(|p| p.kind == o.kind && p.id == o.id && p.body == o.body);
+            if !same {
+                cs.upserts.push(o.clone());
+            }
+        }
+        for o in &old {
+            if !new.iter().any(|n| n.kind == o.kind && n.id == o.id) {
+                cs.deletes.push((o.kind, o.id.clone()));
+            }
+        }
+        cs
+    }
+
+    /// True when nothing changes.
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.deletes.is_empty()
+    }
+}
+
+/// The storage interface every front door, the CLI and the server share.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Reads the whole directory.
+    async fn snapshot(&self) -> Result<Snapshot, StoreError>;
+
+    /// The current directory generation (cheap: servers poll it to pick up changes).
+    async fn generation(&self) -> Result<i64, StoreError>;
+
+    /// Commits `changes` in one transaction if the directory is still at `expected_generation`,
+    /// recording `actor` in the audit log. Returns the new generation.
+    async fn commit(
+        &self,
+        expected_generation: i64,
+        changes: &Changeset,
+        actor: &str,
+    ) -> Result<i64, StoreError>;
+
+    /// Registers an admin API token by the SHA-256 (hex) of its secret.
+    async fn add_admin_token(&self, name: &str, token_sha256: &str) -> Result<(), StoreError>;
+
+    /// Finds the name of the admin token with this SHA-256 (hex).
+    async fn admin_token(&self, token_sha256: &str) -> Result<Option<String>, StoreError>;
+}

@@ -1,0 +1,281 @@
+//! The embedded default store: one SQLite file in WAL mode with `synchronous=FULL`, migrations
+//! compiled into the binary. Several processes (a running server and the admin CLI) may use the
+//! same file at once: writers take the lock up front (`BEGIN IMMEDIATE`) and wait for each other.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use mailgate_core::directory::{Directory, Kind, Object};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use crate::{Changeset, Snapshot, Store, StoreError};
+
+/// The embedded SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file `path` and brings its schema up to date.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        Self::connect(options).await
+    }
+
+    /// Opens a private in-memory database (tests).
+    pub async fn in_memory() -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str("sqlite::memory:")?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        Ok(SqliteStore { pool })
+    }
+
+    async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        Ok(SqliteStore { pool })
+    }
+
+    /// The connection pool, for the other tables later issues add.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        // One read transaction so the objects and the generation agree.
+        let mut tx = self.pool.begin().await?;
+        let generation: i64 =
+            sqlx::query_scalar("SELECT value FROM meta WHERE key = 'directory_generation'")
+                .fetch_one(&mut *tx)
+                .await?;
+        let rows = sqlx::query("SELECT kind, id, body FROM directory_objects ORDER BY rowid")
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let mut objects = Vec::with_capacity(rows.len());
+        for row in rows {
+            let kind: String = row.try_get("kind")?;
+            let kind = Kind::from_section(&kind).ok_or(StoreError::UnknownKind(kind))?;
+            let body: String = row.try_get("body")?;
+            objects.push(Object {
+                kind,
+                id: row.try_get("id")?,
+                body: serde_json::from_str(&body).map_err(|e| {
+                    StoreError::Database(sqlx::Error::Decode(Box::new(e)))
+                })?,
+            });
+        }
+        Ok(Snapshot {
+            directory: Directory::from_objects(objects)?,
+            generation,
+        })
+    }
+
+    async fn generation(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM meta WHERE key = 'directory_generation'")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn commit(
+        &self,
+        expected_generation: i64,
+        changes: &Changeset,
+        actor: &str,
+    ) -> Result<i64, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let found: i64 =
+            sqlx::query_scalar("SELECT value FROM meta WHERE key = 'directory_generation'")
+                .fetch_one(&mut *tx)
+                .await?;
+        if found != expected_generation {
+            return Err(StoreError::Conflict {
+                expected: expected_generation,
+                found,
+            });
+        }
+        if changes.is_empty() {
+            return Ok(found);
+        }
+        let generation = found + 1;
+        let now = now_secs();
+        for o in &changes.upserts {
+            let existed: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM directory_objects WHERE kind = ? AND id = ?")
+                    .bind(o.kind.section())
+                    .bind(&o.id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            sqlx::query(
+                "INSERT INTO directory_objects (kind, id, body, updated_at) VALUES (?, ?, ?, ?)
+                 ON CONFLICT (kind, id) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at",
+            )
+            .bind(o.kind.section())
+            .bind(&o.id)
+            .bind(o.body.to_string())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            audit(&mut tx, now, actor, if existed.is_some() { "update" } else { "create" }, o.kind, &o.id, generation).await?;
+        }
+        for (kind, id) in &changes.deletes {
+            sqlx::query("DELETE FROM directory_objects WHERE kind = ? AND id = ?")
+                .bind(kind.section())
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            audit(&mut tx, now, actor, "delete", *kind, id, generation).await?;
+        }
+        sqlx::query("UPDATE meta SET value = ? WHERE key = 'directory_generation'")
+            .bind(generation)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        tracing::info!(generation, actor, upserts = changes.upserts.len(), deletes = changes.deletes.len(), "directory changed");
+        Ok(generation)
+    }
+
+    async fn add_admin_token(&self, name: &str, token_sha256: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO admin_tokens (name, token_sha256, created_at) VALUES (?, ?, ?)
+             ON CONFLICT (name) DO UPDATE SET token_sha256 = excluded.token_sha256, created_at = excluded.created_at",
+        )
+        .bind(name)
+        .bind(token_sha256)
+        .bind(now_secs())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn admin_token(&self, token_sha256: &str) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT name FROM admin_tokens WHERE token_sha256 = ?")
+                .bind(token_sha256)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+}
+
+async fn audit(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    at: i64,
+    actor: &str,
+    action: &str,
+    kind: Kind,
+    id: &str,
+    generation: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO directory_audit (at, actor, action, kind, id, generation) VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(at)
+    .bind(actor)
+    .bind(action)
+    .bind(kind.section())
+    .bind(id)
+    .bind(generation)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mailgate_core::directory::{Domain, User, UserStatus};
+
+    fn sample() -> Directory {
+        let mut d = Directory::default();
+        d.domains.push(Domain {
+            name: "example.com".into(),
+            verified: true,
+            verification_token: None,
+        });
+        d.users.push(User::new("alice@example.com"));
+        d
+    }
+
+    #[tokio::test]
+    async fn commit_then_snapshot_round_trips() {
+        let store = SqliteStore::in_memory().await.unwrap();
+        let empty = store.snapshot().await.unwrap();
+        assert_eq!(empty.generation, 0);
+        let cs = Changeset::between(&empty.directory, &sample());
+        let g = store.commit(0, &cs, "test").await.unwrap();
+        assert_eq!(g, 1);
+        let snap = store.snapshot().await.unwrap();
+        assert_eq!(snap.directory, sample());
+        assert_eq!(store.generation().await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn stale_writers_are_refused_and_nothing_changes() {
+        let store = SqliteStore::in_memory().await.unwrap();
+        let cs = Changeset::between(&Directory::default(), &sample());
+        store.commit(0, &cs, "first").await.unwrap();
+        let mut changed = sample();
+        changed.users[0].status = UserStatus::Suspended;
+        let cs2 = Changeset::between(&Directory::default(), &changed);
+        let err = store.commit(0, &cs2, "stale").await.unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { expected: 0, found: 1 }));
+        assert_eq!(store.snapshot().await.unwrap().directory, sample());
+    }
+
+    #[tokio::test]
+    async fn deletes_remove_objects() {
+        let store = SqliteStore::in_memory().await.unwrap();
+        store
+            .commit(0, &Changeset::between(&Directory::default(), &sample()), "t")
+            .await
+            .unwrap();
+        let mut smaller = sample();
+        smaller.users.clear();
+        let cs = Changeset::between(&sample(), &smaller);
+        assert_eq!(cs.deletes, vec![(Kind::User, "alice@example.com".to_owned())]);
+        store.commit(1, &cs, "t").await.unwrap();
+        assert!(store.snapshot().await.unwrap().directory.users.is_empty());
+    }
+
+    #[tokio::test]
+    async fn file_store_is_shared_between_handles() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let a = SqliteStore::open(&path).await.unwrap();
+        let b = SqliteStore::open(&path).await.unwrap();
+        a.commit(0, &Changeset::between(&Directory::default(), &sample()), "a")
+            .await
+            .unwrap();
+        assert_eq!(b.generation().await.unwrap(), 1);
+        assert_eq!(b.snapshot().await.unwrap().directory, sample());
+    }
+}
