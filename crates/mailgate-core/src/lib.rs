@@ -2,6 +2,7 @@
 //! validation. Architecture invariant: nothing in this crate performs I/O or is `async`; callers
 //! pass in everything (directory, counters, the current time) and get values back.
 
+pub mod catalogue;
 pub mod directory;
 pub mod orgfile;
 pub mod validate;
