@@ -648,7 +648,9 @@ impl LimitSettings {
             recipients_per_message: self
                 .recipients_per_message
                 .or(fallback.recipients_per_message),
-            rate_units_per_minute: self.rate_units_per_minute.or(fallback.rate_units_per_minute),
+            rate_units_per_minute: self
+                .rate_units_per_minute
+                .or(fallback.rate_units_per_minute),
             concurrent_sends: self.concurrent_sends.or(fallback.concurrent_sends),
             max_message_bytes: self.max_message_bytes.or(fallback.max_message_bytes),
             on_exceed,

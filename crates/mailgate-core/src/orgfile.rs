@@ -368,7 +368,9 @@ fn to_json(
     locations: &mut HashMap<String, Location>,
     problems: &mut Vec<Problem>,
 ) -> Value {
-    locations.entry(pointer.to_owned()).or_insert(loc(&node.span.start));
+    locations
+        .entry(pointer.to_owned())
+        .or_insert(loc(&node.span.start));
     match &node.data {
         YamlData::Value(s) => scalar(s),
         YamlData::Representation(s, _, _) => Value::String(s.to_string()),
@@ -493,8 +495,7 @@ fn write_yaml(out: &mut String, v: &Value, indent: usize, after_key: bool) {
 
 fn yaml_key(k: &str) -> String {
     if !k.is_empty()
-        && k
-            .chars()
+        && k.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
     {
         k.to_owned()
@@ -523,7 +524,10 @@ mod tests {
         .unwrap();
         assert_eq!(f.directory.users.len(), 1);
         assert!(f.sections.contains(&Kind::User));
-        assert_eq!(f.locate(Kind::User, "a@example.com", "email").unwrap().line, 3);
+        assert_eq!(
+            f.locate(Kind::User, "a@example.com", "email").unwrap().line,
+            3
+        );
     }
 
     #[test]

@@ -108,16 +108,17 @@ pub fn validate(dir: &Directory, assumed: &HashSet<(Kind, String)>) -> Vec<Issue
                 Kind::Domain,
                 &d.name,
                 "name",
-                format!("`{}` is not a domain name (lower case, e.g. example.com)", d.name),
+                format!(
+                    "`{}` is not a domain name (lower case, e.g. example.com)",
+                    d.name
+                ),
             );
         }
     }
 
     for ou in &dir.org_units {
         let ok_shape = ou.path == "/"
-            || (ou.path.starts_with('/')
-                && !ou.path.ends_with('/')
-                && !ou.path.contains("//"));
+            || (ou.path.starts_with('/') && !ou.path.ends_with('/') && !ou.path.contains("//"));
         if !ok_shape {
             c.push(
                 Kind::OrgUnit,
@@ -289,7 +290,10 @@ pub fn validate(dir: &Directory, assumed: &HashSet<(Kind, String)>) -> Vec<Issue
                 Kind::ServiceAccount,
                 &sa.email,
                 "project",
-                format!("project `{}` does not exist; add it to projects", sa.project),
+                format!(
+                    "project `{}` does not exist; add it to projects",
+                    sa.project
+                ),
             );
         }
         if sa.client_id.is_empty() || !sa.client_id.chars().all(|ch| ch.is_ascii_digit()) {
@@ -463,8 +467,8 @@ pub fn validate(dir: &Directory, assumed: &HashSet<(Kind, String)>) -> Vec<Issue
                 );
             }
         }
-        if let PolicyRule::AllowRecipientDomains { domains } | PolicyRule::DenyRecipientDomains { domains } =
-            &p.rule
+        if let PolicyRule::AllowRecipientDomains { domains }
+        | PolicyRule::DenyRecipientDomains { domains } = &p.rule
         {
             for (i, d) in domains.iter().enumerate() {
                 if !is_domain(d) {
@@ -508,12 +512,7 @@ pub fn validate(dir: &Directory, assumed: &HashSet<(Kind, String)>) -> Vec<Issue
 
 fn check_org_address(c: &mut Ctx<'_>, kind: Kind, id: &str, field: &str, addr: &str) {
     if !is_email(addr) {
-        c.push(
-            kind,
-            id,
-            field,
-            format!("`{addr}` is not an email address"),
-        );
+        c.push(kind, id, field, format!("`{addr}` is not an email address"));
         return;
     }
     let domain = domain_of(addr);
@@ -522,7 +521,9 @@ fn check_org_address(c: &mut Ctx<'_>, kind: Kind, id: &str, field: &str, addr: &
             kind,
             id,
             field,
-            format!("domain `{domain}` is not one of the organisation's domains; add it to domains"),
+            format!(
+                "domain `{domain}` is not one of the organisation's domains; add it to domains"
+            ),
         );
     }
 }
@@ -546,7 +547,9 @@ pub fn is_email(s: &str) -> bool {
         Some((local, domain)) => {
             !local.is_empty()
                 && local.len() <= 64
-                && !local.chars().any(|c| c.is_whitespace() || c == '<' || c == '>')
+                && !local
+                    .chars()
+                    .any(|c| c.is_whitespace() || c == '<' || c == '>')
                 && is_domain(&domain.to_ascii_lowercase())
         }
         None => false,
@@ -600,7 +603,11 @@ mod tests {
             "domains: [{name: example.com}]\nusers:\n  - email: a@example.com\n    aliases: [x@example.com]\ngroups:\n  - email: x@example.com\n",
         );
         assert_eq!(found.len(), 1);
-        assert!(found[0].message.contains("already belongs to `a@example.com`"));
+        assert!(
+            found[0]
+                .message
+                .contains("already belongs to `a@example.com`")
+        );
     }
 
     #[test]

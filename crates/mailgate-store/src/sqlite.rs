@@ -86,9 +86,8 @@ impl Store for SqliteStore {
             objects.push(Object {
                 kind,
                 id: row.try_get("id")?,
-                body: serde_json::from_str(&body).map_err(|e| {
-                    StoreError::Database(sqlx::Error::Decode(Box::new(e)))
-                })?,
+                body: serde_json::from_str(&body)
+                    .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))?,
             });
         }
         Ok(Snapshot {
@@ -144,7 +143,20 @@ impl Store for SqliteStore {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-            audit(&mut tx, now, actor, if existed.is_some() { "update" } else { "create" }, o.kind, &o.id, generation).await?;
+            audit(
+                &mut tx,
+                now,
+                actor,
+                if existed.is_some() {
+                    "update"
+                } else {
+                    "create"
+                },
+                o.kind,
+                &o.id,
+                generation,
+            )
+            .await?;
         }
         for (kind, id) in &changes.deletes {
             sqlx::query("DELETE FROM directory_objects WHERE kind = ? AND id = ?")
@@ -159,7 +171,13 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        tracing::info!(generation, actor, upserts = changes.upserts.len(), deletes = changes.deletes.len(), "directory changed");
+        tracing::info!(
+            generation,
+            actor,
+            upserts = changes.upserts.len(),
+            deletes = changes.deletes.len(),
+            "directory changed"
+        );
         Ok(generation)
     }
 
@@ -247,7 +265,13 @@ mod tests {
         changed.users[0].status = UserStatus::Suspended;
         let cs2 = Changeset::between(&Directory::default(), &changed);
         let err = store.commit(0, &cs2, "stale").await.unwrap_err();
-        assert!(matches!(err, StoreError::Conflict { expected: 0, found: 1 }));
+        assert!(matches!(
+            err,
+            StoreError::Conflict {
+                expected: 0,
+                found: 1
+            }
+        ));
         assert_eq!(store.snapshot().await.unwrap().directory, sample());
     }
 
@@ -255,13 +279,20 @@ mod tests {
     async fn deletes_remove_objects() {
         let store = SqliteStore::in_memory().await.unwrap();
         store
-            .commit(0, &Changeset::between(&Directory::default(), &sample()), "t")
+            .commit(
+                0,
+                &Changeset::between(&Directory::default(), &sample()),
+                "t",
+            )
             .await
             .unwrap();
         let mut smaller = sample();
         smaller.users.clear();
         let cs = Changeset::between(&sample(), &smaller);
-        assert_eq!(cs.deletes, vec![(Kind::User, "alice@example.com".to_owned())]);
+        assert_eq!(
+            cs.deletes,
+            vec![(Kind::User, "alice@example.com".to_owned())]
+        );
         store.commit(1, &cs, "t").await.unwrap();
         assert!(store.snapshot().await.unwrap().directory.users.is_empty());
     }
@@ -272,9 +303,13 @@ mod tests {
         let path = dir.path().join("m.db");
         let a = SqliteStore::open(&path).await.unwrap();
         let b = SqliteStore::open(&path).await.unwrap();
-        a.commit(0, &Changeset::between(&Directory::default(), &sample()), "a")
-            .await
-            .unwrap();
+        a.commit(
+            0,
+            &Changeset::between(&Directory::default(), &sample()),
+            "a",
+        )
+        .await
+        .unwrap();
         assert_eq!(b.generation().await.unwrap(), 1);
         assert_eq!(b.snapshot().await.unwrap().directory, sample());
     }
