@@ -4,5 +4,7 @@
 
 pub mod catalogue;
 pub mod directory;
+pub mod engine;
+pub mod gcra;
 pub mod orgfile;
 pub mod validate;

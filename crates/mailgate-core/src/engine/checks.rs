@@ -1,0 +1,1466 @@
+//! The checks of causes.md rows 1–37, in order. Each check is a pure function of the resolved
+//! context ([`Ctx`]), never of an earlier check's outcome, so enforcement (stop at the first
+//! failure) and explain (run all) agree on the first failure by construction.
+
+use std::borrow::Cow;
+
+use super::counters::{Charge, Counters, Usage, exceeds};
+use super::index::{DirectoryIndex, Ownership};
+use super::{
+    Body, CheckResult, Credential, CredentialState, Decision, Denial, Door, Fault, FaultKind,
+    LimitState, Mailbox, Mode, Outcome, Rewrite, SEND_SCOPES, SMTP_SCOPE, SendAttempt, TlsVersion,
+    Verdict, rfc3339_ms,
+};
+use crate::catalogue::{Reason, RenderArgs};
+use crate::directory::{
+    AbuseState, ApiKey, EffectiveLimits, ExceedAction, LimitName, OAuthClient, PolicyRule,
+    RelaySenders, SEND_COST_UNITS, ServiceAccount, UnownedFrom, UserStatus,
+};
+use crate::gcra::{Gcra, GcraOutcome};
+use crate::validate::domain_of;
+
+/// The checks, in evaluation order (rows 1–37; 38–40 are delivery outcomes).
+pub(super) const CHECKS: &[Reason] = {
+    let (checks, _) = Reason::ALL.split_at(37);
+    checks
+};
+
+const APPLY: &str = "in org.yaml and run `mailgate apply -f org.yaml`";
+
+/// A check's answer before it is turned into a [`CheckResult`].
+struct R {
+    outcome: Outcome,
+    detail: Cow<'static, str>,
+    remedy: Option<String>,
+    fault: Option<Fault>,
+    limit: Option<LimitState>,
+}
+
+fn pass(detail: &'static str) -> R {
+    R {
+        outcome: Outcome::Pass,
+        detail: Cow::Borrowed(detail),
+        remedy: None,
+        fault: None,
+        limit: None,
+    }
+}
+
+fn na(detail: &'static str) -> R {
+    R {
+        outcome: Outcome::NotApplicable,
+        detail: Cow::Borrowed(detail),
+        remedy: None,
+        fault: None,
+        limit: None,
+    }
+}
+
+fn pending(detail: &'static str) -> R {
+    R {
+        outcome: Outcome::Pending,
+        detail: Cow::Borrowed(detail),
+        remedy: None,
+        fault: None,
+        limit: None,
+    }
+}
+
+fn fail(detail: String, fault: Fault, remedy: String) -> R {
+    R {
+        outcome: Outcome::Fail,
+        detail: Cow::Owned(detail),
+        remedy: Some(remedy),
+        fault: Some(fault),
+        limit: None,
+    }
+}
+
+/// Which authentication check failed while resolving the credential.
+struct AuthFailure {
+    reason: Reason,
+    detail: String,
+    fault: Fault,
+    remedy: String,
+}
+
+/// Sender classification of one address.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Own {
+    Owned,
+    Pending,
+    Unowned,
+}
+
+/// Everything resolved once per decision.
+struct Ctx<'a> {
+    a: &'a SendAttempt,
+    ix: &'a DirectoryIndex,
+    now: u64,
+    auth_failure: Option<AuthFailure>,
+    /// The principal is identified (authentication passed).
+    authenticated: bool,
+    /// The sending account.
+    user: Option<usize>,
+    /// The mailbox acted for when it is not the caller's own (`Ok(None)`: own mailbox;
+    /// `Err(())`: no right to it).
+    mailbox: Result<Option<usize>, ()>,
+    key: Option<&'a ApiKey>,
+    client: Option<&'a OAuthClient>,
+    sa: Option<&'a ServiceAccount>,
+    scopes: Option<&'a [String]>,
+    project: Option<&'a str>,
+    /// SA subject not found.
+    subject_unknown: Option<&'a str>,
+    caller: String,
+    counter_key: Option<String>,
+    limits: &'a EffectiveLimits,
+    usage: Option<Usage>,
+    recipients: u64,
+}
+
+impl<'a> Ctx<'a> {
+    fn resolve(a: &'a SendAttempt, ix: &'a DirectoryIndex, now: u64) -> Ctx<'a> {
+        let mut c = Ctx {
+            a,
+            ix,
+            now,
+            auth_failure: None,
+            authenticated: false,
+            user: None,
+            mailbox: Ok(None),
+            key: None,
+            client: None,
+            sa: None,
+            scopes: None,
+            project: None,
+            subject_unknown: None,
+            caller: String::new(),
+            counter_key: None,
+            limits: ix.org_limits(),
+            usage: None,
+            recipients: a.recipients.as_ref().map_or(0, |r| r.len() as u64),
+        };
+        let invalid = |what: &str, fault: Fault| AuthFailure {
+            reason: Reason::AuthInvalid,
+            detail: format!("{what} is not known"),
+            fault,
+            remedy: Reason::AuthInvalid.spec().remedy.to_owned(),
+        };
+        match &a.credential {
+            Credential::None => {
+                c.auth_failure = Some(AuthFailure {
+                    reason: Reason::AuthMissing,
+                    detail: "no credential presented".into(),
+                    fault: Fault::new(FaultKind::Credential, "none"),
+                    remedy: Reason::AuthMissing.spec().remedy.to_owned(),
+                })
+            }
+            Credential::Refused { state, presented } => {
+                let reason = match state {
+                    CredentialState::Invalid => Reason::AuthInvalid,
+                    CredentialState::Expired => Reason::AuthExpired,
+                    CredentialState::Revoked => Reason::AuthRevoked,
+                    CredentialState::Locked => Reason::AuthLocked,
+                };
+                let what = presented.clone().unwrap_or_else(|| "credential".into());
+                c.caller = what.clone();
+                c.auth_failure = Some(AuthFailure {
+                    reason,
+                    detail: format!("the door refused {what}: {}", reason.spec().message),
+                    fault: Fault::new(FaultKind::Credential, what),
+                    remedy: reason.spec().remedy.to_owned(),
+                });
+            }
+            Credential::OauthUser {
+                user,
+                client_id,
+                project,
+                scopes,
+            } => {
+                c.caller = user.clone();
+                c.client = ix.client(client_id);
+                c.scopes = Some(scopes);
+                c.project = Some(project);
+                match (c.client, ix.user_by_primary(user)) {
+                    (None, _) => {
+                        c.auth_failure = Some(invalid(
+                            &format!("OAuth client `{client_id}`"),
+                            Fault::new(FaultKind::OauthClient, client_id.clone()),
+                        ))
+                    }
+                    (_, None) => {
+                        c.auth_failure = Some(invalid(
+                            &format!("user `{user}`"),
+                            Fault::new(FaultKind::User, user.clone()),
+                        ))
+                    }
+                    (Some(_), Some(u)) => c.user = Some(u),
+                }
+            }
+            Credential::ServiceAccount {
+                email,
+                project,
+                scopes,
+                subject,
+            } => {
+                c.caller = email.clone();
+                c.scopes = Some(scopes);
+                c.project = Some(project);
+                c.sa = ix.service_account(email);
+                if c.sa.is_none() {
+                    c.auth_failure = Some(invalid(
+                        &format!("service account `{email}`"),
+                        Fault::new(FaultKind::ServiceAccount, email.clone()),
+                    ));
+                } else if let Some(s) = subject {
+                    match ix.user_by_address(s) {
+                        Some(u) => {
+                            c.user = Some(u);
+                            c.caller = ix.user(u).email.clone();
+                        }
+                        None => c.subject_unknown = Some(s),
+                    }
+                }
+            }
+            Credential::ApiKey { key_id } => {
+                c.caller = key_id.clone();
+                match ix.key(key_id) {
+                    None => {
+                        c.auth_failure = Some(invalid(
+                            &format!("API key `{key_id}`"),
+                            Fault::new(FaultKind::ApiKey, key_id.clone()),
+                        ))
+                    }
+                    Some(k) => {
+                        c.key = Some(k);
+                        c.project = k.project.as_deref();
+                        if k.revoked {
+                            c.auth_failure = Some(AuthFailure {
+                                reason: Reason::AuthRevoked,
+                                detail: format!("API key `{key_id}` ({}) is revoked", k.name),
+                                fault: Fault::new(FaultKind::ApiKey, key_id.clone()),
+                                remedy: format!(
+                                    "create a new key with `mailgate key create --owner {}` and delete this one; revoked keys never come back",
+                                    k.owner
+                                ),
+                            });
+                        } else if let Some(exp) = k.expires {
+                            let exp_ms = (exp.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+                            if exp_ms <= now {
+                                c.auth_failure = Some(AuthFailure {
+                                    reason: Reason::AuthExpired,
+                                    detail: format!(
+                                        "API key `{key_id}` ({}) expired at {}",
+                                        k.name,
+                                        rfc3339_ms(exp_ms)
+                                    ),
+                                    fault: Fault::new(FaultKind::ApiKey, key_id.clone()),
+                                    remedy: format!(
+                                        "extend api_keys[{key_id}].expires {APPLY}, or create a new key"
+                                    ),
+                                });
+                            }
+                        }
+                        if c.auth_failure.is_none() {
+                            match ix.user_by_primary(&k.owner) {
+                                Some(u) => {
+                                    c.user = Some(u);
+                                    c.caller = ix.user(u).email.clone();
+                                }
+                                None => {
+                                    c.auth_failure = Some(invalid(
+                                        &format!("the owner `{}` of API key `{key_id}`", k.owner),
+                                        Fault::new(FaultKind::ApiKey, key_id.clone()),
+                                    ))
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Credential::SmtpLogin { user } => {
+                c.caller = user.clone();
+                match ix.user_by_primary(user) {
+                    Some(u) => c.user = Some(u),
+                    None => {
+                        c.auth_failure = Some(invalid(
+                            &format!("login `{user}`"),
+                            Fault::new(FaultKind::User, user.clone()),
+                        ))
+                    }
+                }
+            }
+            Credential::RelayIp => {
+                c.caller = a
+                    .transport
+                    .client_ip
+                    .map(|ip| ip.to_string())
+                    .unwrap_or_default();
+                if a.door != Door::SmtpRelay {
+                    c.auth_failure = Some(AuthFailure {
+                        reason: Reason::AuthMissing,
+                        detail: "no credential presented (IP authentication only exists on the SMTP relay listener)".into(),
+                        fault: Fault::new(FaultKind::Credential, "none"),
+                        remedy: Reason::AuthMissing.spec().remedy.to_owned(),
+                    });
+                } else if ix.directory().smtp_relay.require_auth {
+                    c.auth_failure = Some(AuthFailure {
+                        reason: Reason::AuthMissing,
+                        detail: "the relay listener requires SMTP AUTH (smtp_relay.require_auth)"
+                            .into(),
+                        fault: Fault::new(FaultKind::SmtpRelay, "require_auth"),
+                        remedy: format!(
+                            "authenticate with SMTP AUTH, or set smtp_relay.require_auth: false {APPLY}"
+                        ),
+                    });
+                } else if let Some(env) = a.envelope_from.as_deref() {
+                    c.user = ix.user_by_address(env);
+                }
+            }
+        }
+        c.authenticated = c.auth_failure.is_none();
+        if !c.authenticated {
+            c.user = None;
+        }
+
+        // The mailbox acted for (Gmail userId).
+        if let (Mailbox::Address(addr), Some(u)) = (&a.mailbox, c.user) {
+            let f = ix.facts(u);
+            if !addr.eq_ignore_ascii_case(&f.primary) {
+                c.mailbox = match ix.user_by_primary(addr) {
+                    Some(m) if ix.facts(m).delegates.contains(&f.primary) => Ok(Some(m)),
+                    _ => Err(()),
+                };
+            }
+        }
+
+        // Counter key and limits.
+        if c.authenticated {
+            if let Some(u) = c.user {
+                let f = ix.facts(u);
+                c.counter_key = Some(f.primary.clone());
+                c.limits = &f.limits;
+            } else if let Some(sa) = c.sa {
+                c.counter_key = Some(format!("sa:{}", sa.email.to_ascii_lowercase()));
+            } else if matches!(a.credential, Credential::RelayIp) {
+                c.counter_key = match (&a.envelope_from, a.transport.client_ip) {
+                    (Some(env), _) if !env.is_empty() => {
+                        Some(format!("relay:{}", env.to_ascii_lowercase()))
+                    }
+                    (_, Some(ip)) => Some(format!("relay-ip:{ip}")),
+                    _ => None,
+                };
+            }
+        }
+        c
+    }
+
+    fn user_remedy_name(&self) -> &str {
+        self.user.map_or("<user>", |u| &self.ix.user(u).email)
+    }
+
+    /// Users whose account state matters: the sender, and the mailbox acted for.
+    fn accounts(&self) -> impl Iterator<Item = usize> + '_ {
+        self.user.into_iter().chain(self.mailbox.ok().flatten())
+    }
+
+    fn classify(&self, addr: &str) -> (Own, Option<&'a Ownership>) {
+        let Some(u) = self.user else {
+            return (Own::Unowned, None);
+        };
+        let mut best = (Own::Unowned, None);
+        for (a, how) in &self.ix.facts(u).owned {
+            if a.eq_ignore_ascii_case(addr) {
+                if *how == Ownership::PendingSendAs {
+                    best = (Own::Pending, Some(how));
+                } else {
+                    return (Own::Owned, Some(how));
+                }
+            }
+        }
+        best
+    }
+
+    fn policies(&self) -> &'a [usize] {
+        match self.user {
+            Some(u) => &self.ix.facts(u).policies,
+            None => self.ix.everyone_policies(),
+        }
+    }
+
+    fn check(&self, r: Reason, rewrites: &mut Vec<Rewrite>) -> R {
+        let a = self.a;
+        let ix = self.ix;
+        match r {
+            Reason::TlsRequired => {
+                if a.transport.tls.is_some() {
+                    return pass("connection uses TLS");
+                }
+                if a.transport.listener_requires_tls {
+                    fail(
+                        "plaintext connection on a listener that requires TLS".into(),
+                        Fault::new(FaultKind::Connection, "listener requires TLS"),
+                        Reason::TlsRequired.spec().remedy.to_owned(),
+                    )
+                } else if a.door == Door::SmtpRelay && ix.directory().smtp_relay.require_tls {
+                    fail(
+                        "plaintext connection to the relay listener, which requires TLS".into(),
+                        Fault::new(FaultKind::SmtpRelay, "require_tls"),
+                        format!(
+                            "use STARTTLS, or set smtp_relay.require_tls: false {APPLY}"
+                        ),
+                    )
+                } else {
+                    pass("plaintext allowed on this listener")
+                }
+            }
+            Reason::TlsVersion => match a.transport.tls {
+                None => na("plaintext"),
+                Some(v) if v < TlsVersion::Tls12 => fail(
+                    format!("client negotiated TLS {v:?}, older than TLS 1.2"),
+                    Fault::new(FaultKind::Connection, "TLS version"),
+                    Reason::TlsVersion.spec().remedy.to_owned(),
+                ),
+                Some(_) => pass("TLS 1.2 or newer"),
+            },
+            Reason::AuthMissing
+            | Reason::AuthInvalid
+            | Reason::AuthExpired
+            | Reason::AuthRevoked
+            | Reason::AuthLocked => match &self.auth_failure {
+                Some(f) if f.reason == r => fail(f.detail.clone(), f.fault.clone(), f.remedy.clone()),
+                Some(_) => na("authentication failed on another check"),
+                None if r == Reason::AuthMissing => pass("credential presented"),
+                None => pass("credential accepted"),
+            },
+            Reason::KeyUnsupported => match (self.key, a.door) {
+                (None, _) => na("not an API key"),
+                (Some(k), Door::Gmail) => fail(
+                    format!("API key `{}` used on the Gmail-compatible API", k.id),
+                    Fault::new(FaultKind::ApiKey, k.id.clone()),
+                    Reason::KeyUnsupported.spec().remedy.to_owned(),
+                ),
+                (Some(_), _) => pass("API keys are accepted on this door"),
+            },
+            Reason::KeyIpBlocked => match self.key {
+                Some(k) if self.authenticated => {
+                    if k.allowed_ips.is_empty() {
+                        return pass("key has no IP restriction");
+                    }
+                    match a.transport.client_ip {
+                        Some(ip) if k.allowed_ips.iter().any(|n| n.contains(&ip)) => {
+                            pass("client IP within the key's allowed ranges")
+                        }
+                        ip => fail(
+                            format!(
+                                "client IP {} is outside api_keys[{}].allowed_ips",
+                                ip.map_or("(unknown)".to_owned(), |i| i.to_string()),
+                                k.id
+                            ),
+                            Fault::new(FaultKind::ApiKey, k.id.clone()),
+                            format!(
+                                "add {} to api_keys[{}].allowed_ips {APPLY}",
+                                ip.map_or("the caller's range".to_owned(), |i| i.to_string()),
+                                k.id
+                            ),
+                        ),
+                    }
+                }
+                _ => na("not an API key"),
+            },
+            Reason::KeyReferrerBlocked => match self.key {
+                Some(k) if self.authenticated => {
+                    if k.allowed_referrers.is_empty() {
+                        return pass("key has no referrer restriction");
+                    }
+                    match a.transport.referrer.as_deref() {
+                        Some(rf) if k.allowed_referrers.iter().any(|p| referrer_matches(p, rf)) => {
+                            pass("referrer matches the key's patterns")
+                        }
+                        rf => fail(
+                            format!(
+                                "referrer {} matches none of api_keys[{}].allowed_referrers",
+                                rf.unwrap_or("<empty>"),
+                                k.id
+                            ),
+                            Fault::new(FaultKind::ApiKey, k.id.clone()),
+                            format!(
+                                "send a matching Referer, or add a pattern to api_keys[{}].allowed_referrers {APPLY}",
+                                k.id
+                            ),
+                        ),
+                    }
+                }
+                _ => na("not an API key"),
+            },
+            Reason::KeyApiBlocked => match self.key {
+                Some(k) if self.authenticated => {
+                    let api = a.door.api();
+                    if k.allowed_apis.is_empty() || k.allowed_apis.iter().any(|x| x == api) {
+                        pass("key may call this API")
+                    } else {
+                        fail(
+                            format!("api_keys[{}].allowed_apis does not include {api}", k.id),
+                            Fault::new(FaultKind::ApiKey, k.id.clone()),
+                            format!("add {api} to api_keys[{}].allowed_apis {APPLY}", k.id),
+                        )
+                    }
+                }
+                _ => na("not an API key"),
+            },
+            Reason::RelayIpNotAllowed => {
+                if !(self.authenticated && matches!(a.credential, Credential::RelayIp)) {
+                    return na("not IP-authenticated relay");
+                }
+                match a.transport.client_ip {
+                    Some(ip)
+                        if ix
+                            .directory()
+                            .smtp_relay
+                            .allowed_ips
+                            .iter()
+                            .any(|n| n.contains(&ip)) =>
+                    {
+                        pass("client IP is registered for relay")
+                    }
+                    ip => {
+                        let ip = ip.map_or("(unknown)".to_owned(), |i| i.to_string());
+                        fail(
+                            format!("{ip} is not in smtp_relay.allowed_ips and did not authenticate"),
+                            Fault::new(FaultKind::SmtpRelay, "allowed_ips"),
+                            format!(
+                                "add {ip} to smtp_relay.allowed_ips {APPLY}, or authenticate with SMTP AUTH"
+                            ),
+                        )
+                    }
+                }
+            }
+            Reason::ClientDisabled => {
+                if let Some(cl) = self.client.filter(|_| self.authenticated) {
+                    if cl.disabled {
+                        return fail(
+                            format!("OAuth client `{}` is disabled", cl.client_id),
+                            Fault::new(FaultKind::OauthClient, cl.client_id.clone()),
+                            format!(
+                                "set oauth_clients[{}].disabled: false {APPLY}",
+                                cl.client_id
+                            ),
+                        );
+                    }
+                    return pass("OAuth client enabled");
+                }
+                if let Some(sa) = self.sa.filter(|_| self.authenticated) {
+                    if sa.disabled {
+                        return fail(
+                            format!("service account `{}` is disabled", sa.email),
+                            Fault::new(FaultKind::ServiceAccount, sa.email.clone()),
+                            format!(
+                                "set service_accounts[{}].disabled: false {APPLY}",
+                                sa.email
+                            ),
+                        );
+                    }
+                    return pass("service account enabled");
+                }
+                na("no OAuth client")
+            }
+            Reason::ProjectApiDisabled => {
+                if !self.authenticated || a.door.is_smtp() {
+                    return na("no API project involved");
+                }
+                let Some(p) = self.project else {
+                    return na("credential has no project");
+                };
+                let api = a.door.api();
+                match ix.project(p) {
+                    Some(proj) if proj.enabled_apis.iter().any(|x| x == api) => {
+                        pass("API enabled for the project")
+                    }
+                    Some(proj) => fail(
+                        format!("{api} is not enabled for project `{}`", proj.id),
+                        Fault::new(FaultKind::Project, proj.id.clone()),
+                        format!("add {api} to projects[{}].enabled_apis {APPLY}", proj.id),
+                    ),
+                    None => fail(
+                        format!("project `{p}` does not exist"),
+                        Fault::new(FaultKind::Project, p),
+                        format!("add project `{p}` with {api} in enabled_apis {APPLY}"),
+                    ),
+                }
+            }
+            Reason::ScopeInsufficient => match self.scopes {
+                Some(scopes) if self.authenticated => {
+                    if has_send_scope(scopes, a.door) {
+                        pass("token has a send scope")
+                    } else {
+                        let need = if a.door.is_smtp() {
+                            SMTP_SCOPE
+                        } else {
+                            "https://www.googleapis.com/auth/gmail.send"
+                        };
+                        fail(
+                            format!(
+                                "token scopes [{}] include no scope that allows sending",
+                                scopes.join(" ")
+                            ),
+                            Fault::new(FaultKind::Credential, self.caller.clone()),
+                            format!("request the scope {need} and obtain a new token"),
+                        )
+                    }
+                }
+                _ => na("not an OAuth token"),
+            },
+            Reason::PermissionMissing => {
+                if !self.authenticated {
+                    return na("not authenticated");
+                }
+                if let Some(k) = self.key
+                    && !k.permissions.iter().any(|p| p == "mail.send")
+                {
+                    return fail(
+                        format!("API key `{}` lacks the mail.send permission", k.id),
+                        Fault::new(FaultKind::ApiKey, k.id.clone()),
+                        format!("add mail.send to api_keys[{}].permissions {APPLY}", k.id),
+                    );
+                }
+                match self.user {
+                    Some(u) => match &ix.facts(u).send_permission {
+                        Some(_) => pass("mail.send granted"),
+                        None => {
+                            let e = &ix.user(u).email;
+                            fail(
+                                format!(
+                                    "{e} has mail.send neither from organisation.default_permissions nor from a role"
+                                ),
+                                Fault::new(FaultKind::User, e.clone()),
+                                format!(
+                                    "add a role with mail.send to users[{e}].roles (or mail.send to organisation.default_permissions) {APPLY}"
+                                ),
+                            )
+                        }
+                    },
+                    None => na("no user principal"),
+                }
+            }
+            Reason::DelegationNotConfigured => match (self.sa, &a.credential) {
+                (Some(sa), Credential::ServiceAccount { subject, .. }) if self.authenticated => {
+                    if subject.is_none() {
+                        return fail(
+                            format!(
+                                "service account `{}` acts as itself (no `sub`) and has no mailbox",
+                                sa.email
+                            ),
+                            Fault::new(FaultKind::ServiceAccount, sa.email.clone()),
+                            "request the token with `sub` set to the user to send as, after adding a domain_wide_delegation entry for the service account".to_owned(),
+                        );
+                    }
+                    if ix.grant(&sa.client_id).is_some() {
+                        pass("domain-wide delegation configured")
+                    } else {
+                        fail(
+                            format!(
+                                "no domain_wide_delegation entry for client_id {} ({})",
+                                sa.client_id, sa.email
+                            ),
+                            Fault::new(FaultKind::ServiceAccount, sa.email.clone()),
+                            format!(
+                                "add domain_wide_delegation: [{{client_id: \"{}\", scopes: [https://www.googleapis.com/auth/gmail.send]}}] {APPLY}",
+                                sa.client_id
+                            ),
+                        )
+                    }
+                }
+                _ => na("not a service account"),
+            },
+            Reason::DelegationScopeNotGranted => match (self.sa, &a.credential) {
+                (Some(sa), Credential::ServiceAccount { subject: Some(_), scopes, .. })
+                    if self.authenticated =>
+                {
+                    let Some(g) = ix.grant(&sa.client_id) else {
+                        return na("no delegation grant");
+                    };
+                    let mut wanted = scopes.iter().filter(|s| is_send_scope(s, a.door)).peekable();
+                    if wanted.peek().is_none() {
+                        return na("token has no send scope");
+                    }
+                    if wanted.any(|s| g.scopes.iter().any(|x| x == s)) {
+                        pass("delegation grants the send scope")
+                    } else {
+                        fail(
+                            format!(
+                                "domain_wide_delegation[{}].scopes grants none of the token's send scopes",
+                                sa.client_id
+                            ),
+                            Fault::new(FaultKind::DelegationGrant, sa.client_id.clone()),
+                            format!(
+                                "add https://www.googleapis.com/auth/gmail.send to domain_wide_delegation[{}].scopes {APPLY}",
+                                sa.client_id
+                            ),
+                        )
+                    }
+                }
+                _ => na("no delegated subject"),
+            },
+            Reason::DelegationSubjectUnknown => match (self.sa, &a.credential) {
+                (Some(_), Credential::ServiceAccount { subject: Some(s), .. })
+                    if self.authenticated =>
+                {
+                    match self.subject_unknown {
+                        None => pass("subject is a user of the organisation"),
+                        Some(_) => {
+                            let why = if ix.is_org_domain_or_sub(domain_of(s)) {
+                                "is not a user of the organisation"
+                            } else {
+                                "is not in any of the organisation's domains"
+                            };
+                            fail(
+                                format!("delegated subject `{s}` {why}"),
+                                Fault::new(FaultKind::User, s.clone()),
+                                format!(
+                                    "set `sub` to an existing user's primary address, or add users[{s}] {APPLY}"
+                                ),
+                            )
+                        }
+                    }
+                }
+                _ => na("no delegated subject"),
+            },
+            Reason::ImpersonationDenied => match (&a.mailbox, self.user) {
+                (Mailbox::Me, _) => na("acts for its own mailbox"),
+                (Mailbox::Address(_), None) => na("no user principal"),
+                (Mailbox::Address(m), Some(u)) => match self.mailbox {
+                    Ok(None) => pass("acts for its own mailbox"),
+                    Ok(Some(_)) => pass("caller is a delegate of the mailbox"),
+                    Err(()) => {
+                        let e = &ix.user(u).email;
+                        fail(
+                            format!("{e} acts for mailbox {m} without delegated access"),
+                            Fault::new(FaultKind::Mailbox, m.clone()),
+                            format!(
+                                "use userId `me`, or add {e} to users[{m}].delegates {APPLY}"
+                            ),
+                        )
+                    }
+                },
+            },
+            Reason::AccountSuspended => self.account_check(
+                |_, u| {
+                    (ix.user(u).status == UserStatus::Suspended).then(|| {
+                        let e = &ix.user(u).email;
+                        fail(
+                            format!("{e} is suspended"),
+                            Fault::new(FaultKind::User, e.clone()),
+                            format!(
+                                "run `mailgate user unsuspend {e}` (or set users[{e}].status: active {APPLY})"
+                            ),
+                        )
+                    })
+                },
+                "account active",
+            ),
+            Reason::AccountMailDisabled => self.account_check(
+                |_, u| {
+                    let user = ix.user(u);
+                    let e = &user.email;
+                    if !user.mail_enabled {
+                        return Some(fail(
+                            format!("{e} has mail_enabled: false"),
+                            Fault::new(FaultKind::User, e.clone()),
+                            format!("set users[{e}].mail_enabled: true {APPLY}"),
+                        ));
+                    }
+                    let ou = &ix.facts(u).org_unit;
+                    (!ou.mail_enabled).then(|| {
+                        let p = ou.decided_by.mail_enabled.clone().unwrap_or_else(|| "/".into());
+                        fail(
+                            format!("mail is disabled for {e} by org unit {p}"),
+                            Fault::new(FaultKind::OrgUnit, p.clone()),
+                            format!(
+                                "set org_units[{p}].mail_enabled: true, or move {e} to a unit with mail, {APPLY}"
+                            ),
+                        )
+                    })
+                },
+                "mail service enabled",
+            ),
+            Reason::AccountUnderReview => self.account_check(
+                |_, u| {
+                    (ix.user(u).status == UserStatus::UnderReview).then(|| {
+                        let e = &ix.user(u).email;
+                        fail(
+                            format!("{e} is under review; sending is not yet enabled"),
+                            Fault::new(FaultKind::User, e.clone()),
+                            format!(
+                                "approve the account: set users[{e}].status: active {APPLY}"
+                            ),
+                        )
+                    })
+                },
+                "account not under review",
+            ),
+            Reason::AccountSendingRevoked => self.account_check(
+                |_, u| {
+                    let user = ix.user(u);
+                    (user.abuse.state == AbuseState::Revoked).then(|| {
+                        let e = &user.email;
+                        fail(
+                            format!(
+                                "the abuse guard revoked sending for {e}{}",
+                                user.abuse
+                                    .evidence
+                                    .as_deref()
+                                    .map(|ev| format!(" (evidence: {ev})"))
+                                    .unwrap_or_default()
+                            ),
+                            Fault::new(FaultKind::User, e.clone()),
+                            format!(
+                                "review the evidence, then set users[{e}].abuse.state: healthy {APPLY}"
+                            ),
+                        )
+                    })
+                },
+                "sending not revoked",
+            ),
+            Reason::SenderNotOwned => self.sender_owned(rewrites),
+            Reason::SenderUnverified => self.sender_unverified(rewrites),
+            Reason::SenderDomainUnverified => self.sender_domain(),
+            Reason::PolicyDenied => {
+                if !self.authenticated {
+                    return na("not authenticated");
+                }
+                if let Some(u) = self.user {
+                    let ou = &ix.facts(u).org_unit;
+                    if a.door.is_api() && !ou.api_access {
+                        let p = ou.decided_by.api_access.clone().unwrap_or_else(|| "/".into());
+                        let e = &ix.user(u).email;
+                        return fail(
+                            format!("API access is off for {e} (org unit {p})"),
+                            Fault::new(FaultKind::OrgUnit, p.clone()),
+                            format!("set org_units[{p}].api_access: true {APPLY}, or send over SMTP"),
+                        );
+                    }
+                }
+                for &pi in self.policies() {
+                    let p = ix.policy(pi);
+                    if p.rule == PolicyRule::DenySend {
+                        return fail(
+                            format!(
+                                "policy `{}` forbids sending{}",
+                                p.id,
+                                p.description
+                                    .as_deref()
+                                    .map(|d| format!(": {d}"))
+                                    .unwrap_or_default()
+                            ),
+                            Fault::new(FaultKind::Policy, p.id.clone()),
+                            format!(
+                                "remove {} from policies[{}].applies_to, or delete the policy, {APPLY}",
+                                self.user_remedy_name(),
+                                p.id
+                            ),
+                        );
+                    }
+                }
+                pass("no policy forbids sending")
+            }
+            Reason::PolicyRecipientRestricted => {
+                if !self.authenticated {
+                    return na("not authenticated");
+                }
+                let Some(rcpts) = &a.recipients else {
+                    return pending("recipients not known yet");
+                };
+                let internal_only_unit = self
+                    .user
+                    .map(|u| &ix.facts(u).org_unit)
+                    .filter(|ou| !ou.external_recipients);
+                for rc in rcpts {
+                    let d = domain_of(rc);
+                    let internal = ix.domain(d).is_some();
+                    if let Some(ou) = internal_only_unit
+                        && !internal
+                    {
+                            let p = ou
+                                .decided_by
+                                .external_recipients
+                                .clone()
+                                .unwrap_or_else(|| "/".into());
+                            return fail(
+                                format!("{rc} is external and org unit {p} allows internal recipients only"),
+                                Fault::new(FaultKind::OrgUnit, p.clone()),
+                                format!(
+                                    "remove {rc}, or set org_units[{p}].external_recipients: true {APPLY}"
+                                ),
+                            );
+                        }
+                    for &pi in self.policies() {
+                        let p = ix.policy(pi);
+                        let bad = match &p.rule {
+                            PolicyRule::DenySend => false,
+                            PolicyRule::InternalRecipientsOnly => !internal,
+                            PolicyRule::AllowRecipientDomains { domains } => {
+                                !domains.iter().any(|x| domain_within(d, x))
+                            }
+                            PolicyRule::DenyRecipientDomains { domains } => {
+                                domains.iter().any(|x| domain_within(d, x))
+                            }
+                        };
+                        if bad {
+                            return fail(
+                                format!("policy `{}` does not allow recipient {rc}", p.id),
+                                Fault::new(FaultKind::Policy, p.id.clone()),
+                                format!(
+                                    "remove {rc}, or change policies[{}] {APPLY}",
+                                    p.id
+                                ),
+                            );
+                        }
+                    }
+                }
+                pass("every recipient allowed by policy")
+            }
+            Reason::PolicyTooManyRecipients => {
+                if a.recipients.is_none() {
+                    return pending("recipients not known yet");
+                }
+                let max = self.limits.recipients_per_message;
+                if self.recipients > max {
+                    fail(
+                        format!("{} recipients, more than the {max} allowed per message", self.recipients),
+                        Fault::new(FaultKind::Limit, "recipients_per_message"),
+                        format!(
+                            "split the message, or raise limits.recipients_per_message (now {max}) for {} {APPLY}",
+                            self.user_remedy_name()
+                        ),
+                    )
+                } else {
+                    pass("recipient count within the per-message cap")
+                }
+            }
+            Reason::LimitRate
+            | Reason::LimitDailyMessages
+            | Reason::LimitDailyRecipients
+            | Reason::LimitConcurrency => self.limit_check(r),
+            Reason::MessageInvalid => match &a.body {
+                Body::Unknown => pending("message not received yet"),
+                Body::Valid => pass("message parsed"),
+                Body::Invalid { detail, .. } => fail(
+                    format!("message is malformed: {detail}"),
+                    Fault::new(FaultKind::Message, detail.clone()),
+                    Reason::MessageInvalid.spec().remedy.to_owned(),
+                ),
+            },
+            Reason::MessageNoRecipients => match &a.recipients {
+                None => pending("recipients not known yet"),
+                Some(r) if r.is_empty() => fail(
+                    "the message has no recipient".into(),
+                    Fault::new(FaultKind::Message, "recipients"),
+                    Reason::MessageNoRecipients.spec().remedy.to_owned(),
+                ),
+                Some(_) => pass("has recipients"),
+            },
+            Reason::MessageTooLarge => match a.size {
+                None => pending("size not known yet"),
+                Some(n) if n > self.limits.max_message_bytes => fail(
+                    format!(
+                        "message is {n} bytes, over the {} byte limit",
+                        self.limits.max_message_bytes
+                    ),
+                    Fault::new(FaultKind::Limit, "max_message_bytes"),
+                    format!(
+                        "send a smaller message, or raise limits.max_message_bytes for {} {APPLY}",
+                        self.user_remedy_name()
+                    ),
+                ),
+                Some(_) => pass("size within the limit"),
+            },
+            Reason::UpstreamRefused | Reason::UpstreamDeferred | Reason::UpstreamAuthFailed => {
+                na("delivery outcome, not a check")
+            }
+        }
+    }
+
+    fn account_check(&self, f: impl Fn(&Self, usize) -> Option<R>, ok: &'static str) -> R {
+        if self.user.is_none() {
+            return na("no user account");
+        }
+        for u in self.accounts() {
+            if let Some(r) = f(self, u) {
+                return r;
+            }
+        }
+        pass(ok)
+    }
+
+    /// The addresses to check: envelope, header From, header Sender (those known).
+    fn sender_addrs(&self) -> [(&'static str, Option<&'a str>); 3] {
+        let a = self.a;
+        [
+            (
+                "envelope sender",
+                a.envelope_from.as_deref().filter(|s| !s.is_empty()),
+            ),
+            ("From", a.header_from.as_deref()),
+            ("Sender", a.header_sender.as_deref()),
+        ]
+    }
+
+    fn rewrite_mode(&self) -> bool {
+        self.ix.directory().organisation.on_unowned_from == UnownedFrom::Rewrite
+    }
+
+    fn sender_owned(&self, rewrites: &mut Vec<Rewrite>) -> R {
+        if !self.authenticated {
+            return na("not authenticated");
+        }
+        let addrs = self.sender_addrs();
+        if addrs.iter().all(|(_, a)| a.is_none()) {
+            return pending("no sender known yet");
+        }
+        if matches!(self.a.credential, Credential::RelayIp) {
+            let Some(env) = addrs[0].1 else {
+                return pending("envelope sender not known yet");
+            };
+            let rule = self.ix.directory().smtp_relay.allowed_senders;
+            let ok = match rule {
+                RelaySenders::Any => true,
+                RelaySenders::RegisteredUsers => self.ix.user_by_address(env).is_some(),
+                RelaySenders::DomainAddresses => self.ix.is_org_domain_or_sub(domain_of(env)),
+            };
+            return if ok {
+                pass("envelope sender allowed by smtp_relay.allowed_senders")
+            } else {
+                let what = match rule {
+                    RelaySenders::RegisteredUsers => "registered users only",
+                    _ => "addresses in the organisation's domains only",
+                };
+                fail(
+                    format!("envelope sender {env} is not allowed on the relay ({what})"),
+                    Fault::new(FaultKind::SmtpRelay, "allowed_senders"),
+                    format!(
+                        "send from an address the relay accepts, or change smtp_relay.allowed_senders {APPLY}"
+                    ),
+                )
+            };
+        }
+        let Some(u) = self.user else {
+            return na("no user principal");
+        };
+        let primary = &self.ix.user(u).email;
+        let mut rewrote = false;
+        for (i, (what, addr)) in addrs.iter().enumerate() {
+            let Some(addr) = addr else { continue };
+            if self.classify(addr).0 != Own::Unowned {
+                continue;
+            }
+            if i > 0 && self.rewrite_mode() {
+                rewrites.push(Rewrite {
+                    header: if i == 1 { "From" } else { "Sender" },
+                    original: (*addr).to_owned(),
+                    replacement: primary.clone(),
+                });
+                rewrote = true;
+                continue;
+            }
+            return fail(
+                format!("{what} {addr} is not an address {primary} may send as"),
+                Fault::new(FaultKind::Address, *addr),
+                format!(
+                    "send as {primary} or one of its aliases; or add {addr} to users[{primary}].send_as with status: accepted {APPLY} (or set organisation.on_unowned_from: rewrite)"
+                ),
+            );
+        }
+        if rewrote {
+            R {
+                outcome: Outcome::Pass,
+                detail: Cow::Owned(format!(
+                    "unowned header address rewritten to {primary} (organisation.on_unowned_from: rewrite)"
+                )),
+                remedy: None,
+                fault: None,
+                limit: None,
+            }
+        } else {
+            pass("every sender address is owned")
+        }
+    }
+
+    fn sender_unverified(&self, rewrites: &mut Vec<Rewrite>) -> R {
+        if !self.authenticated || matches!(self.a.credential, Credential::RelayIp) {
+            return na("no send-as addresses involved");
+        }
+        let Some(u) = self.user else {
+            return na("no user principal");
+        };
+        let addrs = self.sender_addrs();
+        if addrs.iter().all(|(_, a)| a.is_none()) {
+            return pending("no sender known yet");
+        }
+        let primary = &self.ix.user(u).email;
+        for (i, (what, addr)) in addrs.iter().enumerate() {
+            let Some(addr) = addr else { continue };
+            if self.classify(addr).0 != Own::Pending {
+                continue;
+            }
+            if i > 0 && self.rewrite_mode() {
+                rewrites.push(Rewrite {
+                    header: if i == 1 { "From" } else { "Sender" },
+                    original: (*addr).to_owned(),
+                    replacement: primary.clone(),
+                });
+                continue;
+            }
+            return fail(
+                format!(
+                    "{what} {addr} is a send-as address of {primary} still pending verification"
+                ),
+                Fault::new(FaultKind::Address, *addr),
+                format!("set users[{primary}].send_as[{addr}].status: accepted {APPLY}"),
+            );
+        }
+        pass("no pending send-as address used")
+    }
+
+    fn sender_domain(&self) -> R {
+        if !self.authenticated {
+            return na("not authenticated");
+        }
+        let addrs = self.sender_addrs();
+        if addrs.iter().all(|(_, a)| a.is_none()) {
+            return pending("no sender known yet");
+        }
+        let relay = matches!(self.a.credential, Credential::RelayIp);
+        if !relay && self.user.is_none() {
+            return na("no user principal");
+        }
+        let rewrite = self.rewrite_mode();
+        for (i, (_, addr)) in addrs.iter().enumerate() {
+            let Some(addr) = addr else { continue };
+            if relay && i > 0 {
+                break;
+            }
+            // A header address that is rewritten is replaced by the primary address.
+            let effective = if !relay && i > 0 && rewrite && self.classify(addr).0 != Own::Owned {
+                self.user.map_or(*addr, |u| self.ix.user(u).email.as_str())
+            } else {
+                addr
+            };
+            let d = domain_of(effective);
+            if self.ix.domain(d) == Some(false) {
+                return fail(
+                    format!("sender domain {d} ({effective}) is not verified"),
+                    Fault::new(FaultKind::Domain, d),
+                    format!(
+                        "publish the verification TXT record of {d}, then set domains[{d}].verified: true {APPLY}"
+                    ),
+                );
+            }
+        }
+        pass("sender domains verified")
+    }
+
+    fn limit_check(&self, r: Reason) -> R {
+        let (Some(key), Some(usage)) = (&self.counter_key, &self.usage) else {
+            return na("no principal to count");
+        };
+        let l = self.limits;
+        let action_of = |n: LimitName| l.on_exceed.get(&n).copied().unwrap_or_default();
+        let (name, setting, current, limit, over, reset) = match r {
+            Reason::LimitRate => {
+                let g = Gcra::per_minute(l.rate_units_per_minute, SEND_COST_UNITS);
+                let (over, reset, current) = match g {
+                    None => (true, None, 0),
+                    Some(g) => match g.check(usage.rate_tat_ms, self.now) {
+                        GcraOutcome::Allowed { .. } => (false, None, 0),
+                        GcraOutcome::Limited { retry_at } => (
+                            true,
+                            Some(retry_at),
+                            g.in_use(usage.rate_tat_ms, self.now) * SEND_COST_UNITS,
+                        ),
+                    },
+                };
+                (
+                    LimitName::Rate,
+                    "rate_units_per_minute",
+                    current,
+                    l.rate_units_per_minute,
+                    over,
+                    reset,
+                )
+            }
+            Reason::LimitDailyMessages => (
+                LimitName::DailyMessages,
+                "messages_per_day",
+                usage.messages_24h,
+                l.messages_per_day,
+                usage.messages_24h.saturating_add(1) > l.messages_per_day,
+                usage.oldest_expires_ms,
+            ),
+            Reason::LimitDailyRecipients => {
+                if self.a.recipients.is_none() {
+                    return pending("recipients not known yet");
+                }
+                (
+                    LimitName::DailyRecipients,
+                    "recipients_per_day",
+                    usage.recipients_24h,
+                    l.recipients_per_day,
+                    usage.recipients_24h.saturating_add(self.recipients) > l.recipients_per_day,
+                    usage.oldest_expires_ms,
+                )
+            }
+            _ => (
+                LimitName::Concurrency,
+                "concurrent_sends",
+                usage.in_flight,
+                l.concurrent_sends,
+                usage.in_flight.saturating_add(1) > l.concurrent_sends,
+                None,
+            ),
+        };
+        if !over {
+            return pass("within the limit");
+        }
+        let action = action_of(name);
+        let state = LimitState {
+            name,
+            current,
+            limit,
+            reset_at_ms: reset,
+            action,
+        };
+        let when = reset.map_or("when sends in flight finish".to_owned(), |t| {
+            format!("at {}", rfc3339_ms(t))
+        });
+        let who = self
+            .user
+            .map_or(key.as_str(), |u| self.ix.user(u).email.as_str());
+        let detail =
+            format!("{who}: {current} used of limits.{setting} = {limit}; frees up {when}");
+        let fault = Fault::new(FaultKind::Limit, setting);
+        match action {
+            ExceedAction::Reject => R {
+                outcome: Outcome::Fail,
+                detail: Cow::Owned(detail),
+                remedy: Some(format!(
+                    "retry {when}, or raise limits.{setting} for {who} (or set limits.on_exceed.{}: hold) {APPLY}",
+                    limit_key(name)
+                )),
+                fault: Some(fault),
+                limit: Some(state),
+            },
+            ExceedAction::Hold => R {
+                outcome: Outcome::Hold,
+                detail: Cow::Owned(format!("{detail}; accepted and held (on_exceed: hold)")),
+                remedy: Some(format!(
+                    "delivery resumes {when}; raise limits.{setting} for {who} {APPLY} to avoid holds"
+                )),
+                fault: Some(fault),
+                limit: Some(state),
+            },
+        }
+    }
+
+    fn render_args(&self, r: &R, code: Reason) -> RenderArgs {
+        let a = self.a;
+        RenderArgs {
+            caller: (!self.caller.is_empty()).then(|| self.caller.clone()),
+            project: self.project.map(|p| {
+                self.ix
+                    .project(p)
+                    .map_or(p, |pr| pr.number.as_str())
+                    .to_owned()
+            }),
+            ip: a.transport.client_ip.map(|i| i.to_string()),
+            referrer: a.transport.referrer.clone(),
+            retry_at: r.limit.as_ref().and_then(|l| l.reset_at_ms).map(rfc3339_ms),
+            limit: match code {
+                Reason::PolicyTooManyRecipients => {
+                    Some(self.limits.recipients_per_message.to_string())
+                }
+                Reason::MessageTooLarge => Some(self.limits.max_message_bytes.to_string()),
+                _ => r.limit.as_ref().map(|l| l.limit.to_string()),
+            },
+            detail: match &a.body {
+                Body::Invalid { detail, .. } => Some(detail.clone()),
+                _ => None,
+            },
+            field: match &a.body {
+                Body::Invalid { field, .. } => field.clone(),
+                _ => None,
+            },
+        }
+    }
+}
+
+fn limit_key(n: LimitName) -> &'static str {
+    match n {
+        LimitName::Rate => "rate",
+        LimitName::DailyMessages => "daily_messages",
+        LimitName::DailyRecipients => "daily_recipients",
+        LimitName::Concurrency => "concurrency",
+    }
+}
+
+pub(crate) fn is_send_scope(s: &str, door: Door) -> bool {
+    if door.is_smtp() {
+        s == SMTP_SCOPE
+    } else {
+        SEND_SCOPES.contains(&s)
+    }
+}
+
+fn has_send_scope(scopes: &[String], door: Door) -> bool {
+    scopes.iter().any(|s| is_send_scope(s, door))
+}
+
+/// `d` is `parent` or a subdomain of it (case-insensitive).
+pub(crate) fn domain_within(d: &str, parent: &str) -> bool {
+    d.eq_ignore_ascii_case(parent)
+        || (d.len() > parent.len()
+            && d.as_bytes()[d.len() - parent.len() - 1] == b'.'
+            && d[d.len() - parent.len()..].eq_ignore_ascii_case(parent))
+}
+
+/// Referrer patterns as in Google API key restrictions: `*` matches any run of characters; the
+/// scheme of both pattern and referrer is ignored.
+pub(crate) fn referrer_matches(pattern: &str, referrer: &str) -> bool {
+    fn strip(s: &str) -> &str {
+        s.strip_prefix("https://")
+            .or_else(|| s.strip_prefix("http://"))
+            .unwrap_or(s)
+    }
+    glob(strip(pattern).as_bytes(), strip(referrer).as_bytes())
+}
+
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    let (mut pi, mut si) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, si));
+            pi += 1;
+        } else if pi < p.len() && p[pi].eq_ignore_ascii_case(&s[si]) {
+            pi += 1;
+            si += 1;
+        } else if let Some((sp, ss)) = star {
+            pi = sp + 1;
+            si = ss + 1;
+            star = Some((sp, ss + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+pub(super) fn run(
+    a: &SendAttempt,
+    ix: &DirectoryIndex,
+    counters: &dyn Counters,
+    now: u64,
+    mode: Mode,
+) -> Decision {
+    let mut ctx = Ctx::resolve(a, ix, now);
+    let mut checks = Vec::with_capacity(CHECKS.len());
+    let mut denials = Vec::new();
+    let mut holds = Vec::new();
+    let mut rewrites = Vec::new();
+    let mut complete = true;
+    for &r in CHECKS {
+        if r == Reason::LimitRate
+            && let Some(k) = &ctx.counter_key
+        {
+            ctx.usage = Some(counters.usage(k, now));
+        }
+        let res = ctx.check(r, &mut rewrites);
+        match res.outcome {
+            Outcome::Fail => {
+                denials.push(Denial {
+                    code: r,
+                    stage: r.stage(),
+                    object_at_fault: res
+                        .fault
+                        .clone()
+                        .unwrap_or_else(|| Fault::new(FaultKind::Credential, "unknown")),
+                    message: res.detail.to_string(),
+                    remedy: res.remedy.clone().unwrap_or_default(),
+                    limit: res.limit.clone(),
+                    args: ctx.render_args(&res, r),
+                });
+            }
+            Outcome::Hold => {
+                if let Some(l) = &res.limit {
+                    holds.push(l.clone());
+                }
+            }
+            Outcome::Pending => complete = false,
+            Outcome::Pass | Outcome::NotApplicable => {}
+        }
+        let stop = res.outcome == Outcome::Fail && mode == Mode::Enforce;
+        checks.push(CheckResult {
+            check: r,
+            stage: r.stage(),
+            outcome: res.outcome,
+            detail: res.detail,
+            remedy: res.remedy,
+            object_at_fault: res.fault,
+            limit: res.limit,
+        });
+        if stop {
+            break;
+        }
+    }
+    let verdict = if !denials.is_empty() {
+        Verdict::Denied
+    } else if !holds.is_empty() {
+        Verdict::Held
+    } else {
+        Verdict::Allowed
+    };
+    let charge = match (&ctx.counter_key, verdict) {
+        (Some(k), Verdict::Allowed | Verdict::Held) => {
+            let l = ctx.limits;
+            let action = |n: LimitName| l.on_exceed.get(&n).copied().unwrap_or_default();
+            Some(Charge {
+                principal: k.clone(),
+                rate: Gcra::per_minute(l.rate_units_per_minute, SEND_COST_UNITS),
+                recipients: ctx.recipients,
+                messages_per_day: l.messages_per_day,
+                recipients_per_day: l.recipients_per_day,
+                concurrent_sends: l.concurrent_sends,
+                actions: [
+                    (LimitName::Rate, action(LimitName::Rate)),
+                    (LimitName::DailyMessages, action(LimitName::DailyMessages)),
+                    (
+                        LimitName::DailyRecipients,
+                        action(LimitName::DailyRecipients),
+                    ),
+                    (LimitName::Concurrency, action(LimitName::Concurrency)),
+                ],
+            })
+        }
+        _ => None,
+    };
+    // Keep the shared arithmetic honest: an allowed charge must pass the admission re-check.
+    debug_assert!(
+        charge
+            .as_ref()
+            .zip(ctx.usage.as_ref())
+            .is_none_or(|(c, u)| {
+                !complete || verdict == Verdict::Denied || exceeds(u, c, now).is_none()
+            })
+    );
+    Decision {
+        verdict,
+        mode,
+        complete: complete || verdict == Verdict::Denied,
+        denials,
+        checks,
+        holds,
+        rewrites,
+        principal: ctx.counter_key,
+        charge,
+    }
+}

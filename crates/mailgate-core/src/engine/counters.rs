@@ -1,0 +1,254 @@
+//! Usage counters behind a small trait, so that limits can live in memory (single node, tests) or
+//! in the SQLite store (limits survive restarts) without the engine knowing which.
+//!
+//! The protocol is read, decide, admit:
+//! 1. [`decide`](super::decide) reads a [`Usage`] snapshot for the principal and evaluates every
+//!    limit against it (pure; nothing is consumed, so `explain` and refused sends cost nothing).
+//! 2. When the door accepts the send it calls [`commit`](super::commit), which hands the
+//!    decision's [`Charge`] to [`Counters::admit`]. `admit` re-checks the limits whose action is
+//!    `reject` and records the send **atomically** (one lock, one transaction). If a concurrent
+//!    send took the last slot in between, `admit` consumes nothing and returns
+//!    [`Admission::Raced`]; the door then decides again and gets the proper denial.
+//! 3. When the send finishes (reply sent), the door calls [`Counters::release`] to free its
+//!    concurrency slot.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+use crate::directory::{ExceedAction, LimitName};
+use crate::gcra::{Gcra, GcraOutcome};
+
+/// The rolling window of the daily limits.
+pub const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// One principal's usage at a point in time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    /// GCRA theoretical arrival time (Unix ms); `None` when the principal never sent.
+    pub rate_tat_ms: Option<u64>,
+    /// Messages accepted in the last 24 h.
+    pub messages_24h: u64,
+    /// Recipients of the messages accepted in the last 24 h.
+    pub recipients_24h: u64,
+    /// When the oldest counted send leaves the 24 h window (Unix ms): the daily reset time.
+    pub oldest_expires_ms: Option<u64>,
+    /// Sends admitted and not yet released.
+    pub in_flight: u64,
+}
+
+/// What an accepted send consumes, with the limits to re-check at admission.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Charge {
+    /// Counter key of the principal (lower-case primary address, `sa:<email>`, `relay:<addr>`).
+    pub principal: String,
+    /// Rate parameters; `None` when the budget is zero (only reachable with action `hold`).
+    pub rate: Option<Gcra>,
+    /// Recipients of this send.
+    pub recipients: u64,
+    /// Messages per 24 h.
+    pub messages_per_day: u64,
+    /// Recipients per 24 h.
+    pub recipients_per_day: u64,
+    /// Concurrent sends.
+    pub concurrent_sends: u64,
+    /// Per limit: re-check (`reject`) or record regardless (`hold`).
+    pub actions: [(LimitName, ExceedAction); 4],
+}
+
+impl Charge {
+    /// The action configured for `limit`.
+    pub fn action(&self, limit: LimitName) -> ExceedAction {
+        self.actions
+            .iter()
+            .find(|(l, _)| *l == limit)
+            .map(|(_, a)| *a)
+            .unwrap_or_default()
+    }
+}
+
+/// The result of [`Counters::admit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Admission {
+    /// Recorded; the send holds a concurrency slot until [`Counters::release`].
+    Admitted,
+    /// A concurrent send used the last of this limit since the decision; nothing was recorded.
+    Raced(LimitName),
+}
+
+/// A counters backend failed (the SQLite implementation's I/O errors end up here).
+#[derive(Debug, thiserror::Error)]
+pub enum CountersError {
+    /// The backing store could not be read or written.
+    #[error("usage counters unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Usage counters. Object safe and synchronous: the engine is pure and calls only [`usage`];
+/// doors call [`admit`] and [`release`].
+///
+/// Implementations must make `admit` atomic with respect to other `admit` calls for the same
+/// principal: check and record under one lock or one transaction.
+///
+/// [`usage`]: Counters::usage
+/// [`admit`]: Counters::admit
+/// [`release`]: Counters::release
+pub trait Counters: Send + Sync {
+    /// The principal's usage at `now_ms` (entries older than 24 h no longer count). Read-only.
+    fn usage(&self, principal: &str, now_ms: u64) -> Usage;
+
+    /// Atomically re-checks the `reject` limits of `charge` and, if they all still hold, records
+    /// the send: rate TAT advanced, one message and `charge.recipients` recipients added to the
+    /// 24 h window at `now_ms`, one concurrency slot taken.
+    fn admit(&self, charge: &Charge, now_ms: u64) -> Result<Admission, CountersError>;
+
+    /// Frees the concurrency slot taken by an admitted send of `principal`.
+    fn release(&self, principal: &str);
+}
+
+/// Outcome of evaluating the four counters against a charge (shared by the engine's checks and
+/// the in-memory `admit`, so both apply exactly the same arithmetic).
+pub(crate) fn exceeds(usage: &Usage, charge: &Charge, now_ms: u64) -> Option<LimitName> {
+    let over_rate = match charge.rate {
+        None => true,
+        Some(g) => matches!(
+            g.check(usage.rate_tat_ms, now_ms),
+            GcraOutcome::Limited { .. }
+        ),
+    };
+    if over_rate && charge.action(LimitName::Rate) == ExceedAction::Reject {
+        return Some(LimitName::Rate);
+    }
+    if usage.messages_24h.saturating_add(1) > charge.messages_per_day
+        && charge.action(LimitName::DailyMessages) == ExceedAction::Reject
+    {
+        return Some(LimitName::DailyMessages);
+    }
+    if usage.recipients_24h.saturating_add(charge.recipients) > charge.recipients_per_day
+        && charge.action(LimitName::DailyRecipients) == ExceedAction::Reject
+    {
+        return Some(LimitName::DailyRecipients);
+    }
+    if usage.in_flight.saturating_add(1) > charge.concurrent_sends
+        && charge.action(LimitName::Concurrency) == ExceedAction::Reject
+    {
+        return Some(LimitName::Concurrency);
+    }
+    None
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    tat_ms: Option<u64>,
+    /// (accepted at, recipients), oldest first.
+    window: VecDeque<(u64, u64)>,
+    recipients: u64,
+    in_flight: u64,
+}
+
+impl Slot {
+    fn prune(&mut self, now_ms: u64) {
+        while let Some(&(at, n)) = self.window.front() {
+            if at.saturating_add(DAY_MS) <= now_ms {
+                self.window.pop_front();
+                self.recipients = self.recipients.saturating_sub(n);
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// O(1): callers prune first.
+    fn usage(&self) -> Usage {
+        Usage {
+            rate_tat_ms: self.tat_ms,
+            messages_24h: self.window.len() as u64,
+            recipients_24h: self.recipients,
+            oldest_expires_ms: self.window.front().map(|(at, _)| at.saturating_add(DAY_MS)),
+            in_flight: self.in_flight,
+        }
+    }
+}
+
+/// In-memory counters for a single node and for tests. One mutex over a map: admission is a
+/// few arithmetic operations, so contention stays negligible at gateway rates.
+#[derive(Debug, Default)]
+pub struct MemoryCounters {
+    slots: Mutex<HashMap<String, Slot>>,
+}
+
+impl MemoryCounters {
+    /// Empty counters.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Test and fault-injection helper: records `messages` past sends of `recipients_each`
+    /// recipients at `at_ms` without any limit check ("make alice's daily limit exhausted").
+    pub fn preload(&self, principal: &str, at_ms: u64, messages: u64, recipients_each: u64) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = slots.entry(principal.to_owned()).or_default();
+        for _ in 0..messages {
+            slot.window.push_back((at_ms, recipients_each));
+            slot.recipients += recipients_each;
+        }
+        // Keep the window ordered by time whatever order preloads came in.
+        slot.window.make_contiguous().sort_by_key(|(at, _)| *at);
+    }
+
+    /// Test and fault-injection helper: sets the rate TAT and the in-flight count directly.
+    pub fn set_rate_and_in_flight(&self, principal: &str, tat_ms: Option<u64>, in_flight: u64) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = slots.entry(principal.to_owned()).or_default();
+        slot.tat_ms = tat_ms;
+        slot.in_flight = in_flight;
+    }
+}
+
+impl Counters for MemoryCounters {
+    fn usage(&self, principal: &str, now_ms: u64) -> Usage {
+        // Pruning expired entries changes nothing observable, so this stays a read.
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        match slots.get_mut(principal) {
+            Some(slot) => {
+                slot.prune(now_ms);
+                slot.usage()
+            }
+            None => Usage::default(),
+        }
+    }
+
+    fn admit(&self, charge: &Charge, now_ms: u64) -> Result<Admission, CountersError> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = slots.entry(charge.principal.clone()).or_default();
+        slot.prune(now_ms);
+        let usage = slot.usage();
+        if let Some(limit) = exceeds(&usage, charge, now_ms) {
+            return Ok(Admission::Raced(limit));
+        }
+        slot.tat_ms = match charge.rate {
+            Some(g) => Some(match g.check(slot.tat_ms, now_ms) {
+                GcraOutcome::Allowed { new_tat } => new_tat,
+                // Held over the rate: the send still occupies its slot in the schedule.
+                GcraOutcome::Limited { .. } => slot
+                    .tat_ms
+                    .unwrap_or(now_ms)
+                    .max(now_ms)
+                    .saturating_add(g.emission_ms),
+            }),
+            None => slot.tat_ms,
+        };
+        slot.window.push_back((now_ms, charge.recipients));
+        slot.recipients += charge.recipients;
+        slot.in_flight += 1;
+        Ok(Admission::Admitted)
+    }
+
+    fn release(&self, principal: &str) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = slots.get_mut(principal) {
+            slot.in_flight = slot.in_flight.saturating_sub(1);
+        }
+    }
+}

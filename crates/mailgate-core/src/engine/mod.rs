@@ -1,0 +1,617 @@
+//! The decision engine: one pure function that every front door calls with what it learned about a
+//! send, and that answers allowed / held / denied with a trace of every check.
+//!
+//! ```text
+//! door --SendAttempt--> decide(attempt, &DirectoryIndex, &dyn Counters, now, mode) --> Decision
+//!                                                      door accepts? --> commit(&decision, counters, now)
+//! ```
+//!
+//! * The checks are the rows 1–37 of `causes.md`, evaluated in that order; each check is named by
+//!   the reason code it can produce ([`Reason`]).
+//! * [`Mode::Enforce`] stops at the first failing check (the trace holds the checks run so far);
+//!   [`Mode::Explain`] runs every check and gives every failure its own remedy.
+//! * A check whose input is not known yet (no header From at SMTP `MAIL FROM`, no recipients yet)
+//!   is [`Outcome::Pending`]; the door calls `decide` again when it knows more.
+//! * A denial is a value ([`Denial`]), never an `Err`: it names the code, the object at fault, a
+//!   message, a remedy and (for limits) the counts and reset time, and renders itself for each
+//!   door ([`Denial::gmail`], [`Denial::smtp`], [`Denial::sendgrid`], [`Denial::token`]).
+
+mod checks;
+pub mod counters;
+pub mod index;
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::{Serialize, Serializer};
+
+use crate::catalogue::{
+    GmailReply, Reason, RenderArgs, SendGridReply, SmtpReply, Stage, TokenReply,
+};
+use crate::directory::{ExceedAction, LimitName};
+
+pub use counters::{Admission, Charge, Counters, CountersError, MemoryCounters, Usage};
+pub use index::{DirectoryIndex, Ownership};
+
+/// Scopes that allow `users.messages.send` (gmail-wire.md §1.5).
+pub const SEND_SCOPES: [&str; 5] = [
+    "https://mail.google.com/",
+    "https://www.googleapis.com/auth/gmail.modify",
+    "https://www.googleapis.com/auth/gmail.compose",
+    "https://www.googleapis.com/auth/gmail.send",
+    "https://www.googleapis.com/auth/gmail.addons.current.action.compose",
+];
+
+/// The only scope XOAUTH2 on SMTP accepts (gmail-wire.md §5).
+pub const SMTP_SCOPE: &str = "https://mail.google.com/";
+
+/// The API name of the SMTP doors in `api_keys[].allowed_apis`.
+pub const SMTP_API: &str = "smtp";
+
+/// Which front door the attempt came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Door {
+    /// Gmail-compatible HTTP API.
+    Gmail,
+    /// SendGrid-compatible HTTP API.
+    Sendgrid,
+    /// SMTP submission (587/465).
+    Smtp,
+    /// SMTP relay listener (Workspace-style relay: IP allowlist and/or AUTH).
+    SmtpRelay,
+}
+
+impl Door {
+    /// The API name used by project enablement and key `allowed_apis`.
+    pub fn api(self) -> &'static str {
+        match self {
+            Door::Gmail => crate::directory::GMAIL_API,
+            Door::Sendgrid => crate::directory::SENDGRID_API,
+            Door::Smtp | Door::SmtpRelay => SMTP_API,
+        }
+    }
+
+    /// HTTP API doors (org unit `api_access` applies to them).
+    pub fn is_api(self) -> bool {
+        matches!(self, Door::Gmail | Door::Sendgrid)
+    }
+
+    /// SMTP doors.
+    pub fn is_smtp(self) -> bool {
+        matches!(self, Door::Smtp | Door::SmtpRelay)
+    }
+}
+
+/// Negotiated TLS version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum TlsVersion {
+    /// TLS 1.0
+    #[serde(rename = "1.0")]
+    Tls10,
+    /// TLS 1.1
+    #[serde(rename = "1.1")]
+    Tls11,
+    /// TLS 1.2
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// Connection facts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Transport {
+    /// `None`: plaintext.
+    pub tls: Option<TlsVersion>,
+    /// Whether this listener requires TLS (all but an explicit loopback dev listener do). The
+    /// relay listener also requires it when `smtp_relay.require_tls` is set.
+    pub listener_requires_tls: bool,
+    /// The client's address.
+    pub client_ip: Option<IpAddr>,
+    /// HTTP `Referer`.
+    pub referrer: Option<String>,
+}
+
+/// Why a door could not accept the credential it was shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialState {
+    /// Unknown token, bad password, bad signature (`auth.invalid`).
+    Invalid,
+    /// Past its expiry (`auth.expired`).
+    Expired,
+    /// Revoked (`auth.revoked`).
+    Revoked,
+    /// Too many failures (`auth.locked`).
+    Locked,
+}
+
+/// The credential as the door resolved it (secrets already verified by the door).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Credential {
+    /// Nothing presented.
+    None,
+    /// An OAuth access token from the authorization-code flow.
+    OauthUser {
+        /// The user who consented (primary address).
+        user: String,
+        /// The OAuth client.
+        client_id: String,
+        /// The client's project (id or number).
+        project: String,
+        /// Granted scopes.
+        scopes: Vec<String>,
+    },
+    /// A service-account token (JWT-bearer grant).
+    ServiceAccount {
+        /// The service account.
+        email: String,
+        /// Its project.
+        project: String,
+        /// Granted scopes.
+        scopes: Vec<String>,
+        /// Domain-wide delegation subject (`sub`); `None` when acting as itself.
+        subject: Option<String>,
+    },
+    /// An API key whose secret matched (`SG.<id>.<secret>`).
+    ApiKey {
+        /// The key id.
+        key_id: String,
+    },
+    /// SMTP AUTH with a password that matched.
+    SmtpLogin {
+        /// The login (a user's primary address).
+        user: String,
+    },
+    /// No AUTH on the relay listener: the client IP is the credential.
+    RelayIp,
+    /// Shown but refused by the door (bad secret, expired or revoked token, lockout).
+    Refused {
+        /// Why.
+        state: CredentialState,
+        /// What was presented, for the audit (key id, login, client id; never a secret).
+        presented: Option<String>,
+    },
+}
+
+/// The mailbox the request acts for (Gmail `userId`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mailbox {
+    /// `me`, or a door without the notion (SMTP, SendGrid).
+    #[default]
+    Me,
+    /// An explicit address.
+    Address(String),
+}
+
+/// Whether the message parsed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Body {
+    /// Not received yet (SMTP before DATA).
+    #[default]
+    Unknown,
+    /// Parsed.
+    Valid,
+    /// Did not parse.
+    Invalid {
+        /// What is wrong (`Invalid To header`).
+        detail: String,
+        /// The offending field (SendGrid `field`), when known.
+        field: Option<String>,
+    },
+}
+
+/// Everything a door learned about one send. Unknown facts stay `None`: the checks that need them
+/// are pending.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SendAttempt {
+    /// The door.
+    pub door: Door,
+    /// Connection facts.
+    pub transport: Transport,
+    /// The resolved credential.
+    pub credential: Credential,
+    /// Mailbox acted for.
+    pub mailbox: Mailbox,
+    /// SMTP `MAIL FROM` (for API doors: the From the door derives the envelope from).
+    pub envelope_from: Option<String>,
+    /// Header From (address only).
+    pub header_from: Option<String>,
+    /// Header Sender (address only).
+    pub header_sender: Option<String>,
+    /// Every recipient (To, Cc, Bcc / RCPT TO); `None` until known.
+    pub recipients: Option<Vec<String>>,
+    /// Message size in bytes.
+    pub size: Option<u64>,
+    /// Whether the message parsed.
+    pub body: Body,
+}
+
+impl SendAttempt {
+    /// An attempt at `door` with `credential` over TLS 1.3 on a TLS-only listener; set the other
+    /// facts as the door learns them.
+    pub fn new(door: Door, credential: Credential) -> SendAttempt {
+        SendAttempt {
+            door,
+            transport: Transport {
+                tls: Some(TlsVersion::Tls13),
+                listener_requires_tls: true,
+                client_ip: None,
+                referrer: None,
+            },
+            credential,
+            mailbox: Mailbox::Me,
+            envelope_from: None,
+            header_from: None,
+            header_sender: None,
+            recipients: None,
+            size: None,
+            body: Body::Unknown,
+        }
+    }
+
+    /// Sets envelope sender and header From to the same address (API doors).
+    pub fn from(mut self, addr: impl Into<String>) -> Self {
+        let a = addr.into();
+        self.envelope_from = Some(a.clone());
+        self.header_from = Some(a);
+        self
+    }
+
+    /// Sets the recipients.
+    pub fn to<I: IntoIterator<Item = S>, S: Into<String>>(mut self, rcpts: I) -> Self {
+        self.recipients = Some(rcpts.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Marks the message as received and parsed, with its size.
+    pub fn parsed(mut self, size: u64) -> Self {
+        self.size = Some(size);
+        self.body = Body::Valid;
+        self
+    }
+}
+
+/// Enforce (stop at the first failure) or explain (run everything).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Real sends.
+    Enforce,
+    /// `mailgate explain`: every check, every failure with its remedy.
+    Explain,
+}
+
+/// The outcome of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Holds.
+    Pass,
+    /// Fails: the send is denied.
+    Fail,
+    /// A limit is exceeded and its action is `hold`: accepted, delivery deferred.
+    Hold,
+    /// Does not apply to this attempt (e.g. key checks for an OAuth token).
+    NotApplicable,
+    /// Needs a fact the door does not have yet; decide again later.
+    Pending,
+}
+
+/// What an object at fault is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// The connection / listener.
+    Connection,
+    /// The presented credential.
+    Credential,
+    /// `users[...]`
+    User,
+    /// `api_keys[...]`
+    ApiKey,
+    /// `oauth_clients[...]`
+    OauthClient,
+    /// `service_accounts[...]`
+    ServiceAccount,
+    /// `projects[...]`
+    Project,
+    /// `domain_wide_delegation[...]`
+    DelegationGrant,
+    /// A mailbox acted for (Gmail `userId`).
+    Mailbox,
+    /// A sender address.
+    Address,
+    /// `domains[...]`
+    Domain,
+    /// `policies[...]`
+    Policy,
+    /// `org_units[...]`
+    OrgUnit,
+    /// `smtp_relay.<setting>`
+    SmtpRelay,
+    /// `limits.<name>` of a principal.
+    Limit,
+    /// A recipient address.
+    Recipient,
+    /// The message.
+    Message,
+}
+
+/// The object at fault: kind and identity, displayed like a path in org.yaml.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Fault {
+    /// Kind.
+    pub kind: FaultKind,
+    /// Identity (user address, key id, policy id, limit name, ...).
+    pub id: String,
+}
+
+impl Fault {
+    pub(crate) fn new(kind: FaultKind, id: impl Into<String>) -> Fault {
+        Fault {
+            kind,
+            id: id.into(),
+        }
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let section = match self.kind {
+            FaultKind::Connection => return write!(f, "connection ({})", self.id),
+            FaultKind::Credential => return write!(f, "credential {}", self.id),
+            FaultKind::Mailbox => return write!(f, "mailbox {}", self.id),
+            FaultKind::Address => return write!(f, "address {}", self.id),
+            FaultKind::Recipient => return write!(f, "recipient {}", self.id),
+            FaultKind::Message => return write!(f, "message ({})", self.id),
+            FaultKind::SmtpRelay => return write!(f, "smtp_relay.{}", self.id),
+            FaultKind::Limit => return write!(f, "limits.{}", self.id),
+            FaultKind::User => "users",
+            FaultKind::ApiKey => "api_keys",
+            FaultKind::OauthClient => "oauth_clients",
+            FaultKind::ServiceAccount => "service_accounts",
+            FaultKind::Project => "projects",
+            FaultKind::DelegationGrant => "domain_wide_delegation",
+            FaultKind::Domain => "domains",
+            FaultKind::Policy => "policies",
+            FaultKind::OrgUnit => "org_units",
+        };
+        write!(f, "{section}[{}]", self.id)
+    }
+}
+
+/// A limit's state when a limit check did not pass.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LimitState {
+    /// Which limit.
+    pub name: LimitName,
+    /// Current usage (sends in the rate window, messages or recipients in 24 h, sends in flight).
+    pub current: u64,
+    /// The limit.
+    pub limit: u64,
+    /// When enough frees up (Unix ms); `None` when it depends on other sends finishing.
+    pub reset_at_ms: Option<u64>,
+    /// Reject or hold.
+    pub action: ExceedAction,
+}
+
+/// One check of the trace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckResult {
+    /// The check, named by the code it produces.
+    #[serde(serialize_with = "ser_reason")]
+    pub check: Reason,
+    /// Its stage.
+    #[serde(serialize_with = "ser_stage")]
+    pub stage: Stage,
+    /// Outcome.
+    pub outcome: Outcome,
+    /// The facts the check used, or what went wrong.
+    pub detail: Cow<'static, str>,
+    /// For failures and holds: what fixes it.
+    pub remedy: Option<String>,
+    /// For failures and holds: the object at fault.
+    pub object_at_fault: Option<Fault>,
+    /// For limit checks that did not pass.
+    pub limit: Option<LimitState>,
+}
+
+impl CheckResult {
+    /// The reason code (same as `check`).
+    pub fn code(&self) -> &'static str {
+        self.check.code()
+    }
+}
+
+/// A refusal: everything a door needs to answer and everything an operator needs to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Denial {
+    /// Stable code.
+    #[serde(serialize_with = "ser_reason")]
+    pub code: Reason,
+    /// Stage.
+    #[serde(serialize_with = "ser_stage")]
+    pub stage: Stage,
+    /// The object at fault.
+    pub object_at_fault: Fault,
+    /// One-line human message.
+    pub message: String,
+    /// The setting or command that fixes it.
+    pub remedy: String,
+    /// For limits: counts, limit, reset time, action.
+    pub limit: Option<LimitState>,
+    /// Values for the door templates.
+    #[serde(skip)]
+    pub args: RenderArgs,
+}
+
+impl Denial {
+    /// The Gmail-door answer (`None` for reasons that never answer there, e.g. TLS version).
+    pub fn gmail(&self) -> Option<GmailReply> {
+        self.code.gmail_reply(&self.args)
+    }
+    /// The token-endpoint answer, where the token endpoint refuses for this reason.
+    pub fn token(&self) -> Option<TokenReply> {
+        self.code.token_reply(&self.args)
+    }
+    /// The SMTP answer (Google's text; append Mailgate's explanation after it).
+    pub fn smtp(&self) -> Option<SmtpReply> {
+        self.code.smtp_reply(&self.args)
+    }
+    /// The SendGrid-door answer (put the remedy in `help`).
+    pub fn sendgrid(&self) -> Option<SendGridReply> {
+        self.code.sendgrid_reply(&self.args)
+    }
+    /// `Retry-After` in seconds at `now_ms`, for limits with a reset time.
+    pub fn retry_after_secs(&self, now_ms: u64) -> Option<u64> {
+        let at = self.limit.as_ref()?.reset_at_ms?;
+        Some(at.saturating_sub(now_ms).div_ceil(1000))
+    }
+}
+
+/// The overall verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Send it.
+    Allowed,
+    /// Accept it but hold delivery until the limits in [`Decision::holds`] reset.
+    Held,
+    /// Refuse it.
+    Denied,
+}
+
+/// A header rewrite the door must apply (`organisation.on_unowned_from: rewrite`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rewrite {
+    /// `From` or `Sender`.
+    pub header: &'static str,
+    /// The address given.
+    pub original: String,
+    /// The address to put instead (the sender's primary address).
+    pub replacement: String,
+}
+
+/// The engine's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// Allowed, held or denied.
+    pub verdict: Verdict,
+    /// The mode it was evaluated in.
+    pub mode: Mode,
+    /// False while some check is pending (decide again with more facts before accepting).
+    pub complete: bool,
+    /// Every failure with its denial: the first one is the enforcement answer; in explain mode
+    /// there is one per failing check.
+    pub denials: Vec<Denial>,
+    /// Every check evaluated, in order.
+    pub checks: Vec<CheckResult>,
+    /// Limits that chose `hold` and are exceeded.
+    pub holds: Vec<LimitState>,
+    /// Header rewrites to apply.
+    pub rewrites: Vec<Rewrite>,
+    /// Counter key of the principal, when one was identified.
+    pub principal: Option<String>,
+    /// What committing this decision consumes (`None` when denied or no principal).
+    pub charge: Option<Charge>,
+}
+
+impl Decision {
+    /// True when the send may be accepted (allowed or held).
+    pub fn accepted(&self) -> bool {
+        self.verdict != Verdict::Denied
+    }
+
+    /// The enforcement answer: the first failure.
+    pub fn denial(&self) -> Option<&Denial> {
+        self.denials.first()
+    }
+
+    /// The first failing check of the trace.
+    pub fn first_failure(&self) -> Option<&CheckResult> {
+        self.checks.iter().find(|c| c.outcome == Outcome::Fail)
+    }
+}
+
+fn ser_reason<S: Serializer>(r: &Reason, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(r.code())
+}
+
+fn ser_stage<S: Serializer>(r: &Stage, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(r.as_str())
+}
+
+/// Decides one attempt. Pure: reads the index and a usage snapshot, returns a value.
+///
+/// `now_ms` is Unix milliseconds (key expiry, GCRA, rolling windows).
+pub fn decide(
+    attempt: &SendAttempt,
+    index: &DirectoryIndex,
+    counters: &dyn Counters,
+    now_ms: u64,
+    mode: Mode,
+) -> Decision {
+    checks::run(attempt, index, counters, now_ms, mode)
+}
+
+/// What [`commit`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommitOutcome {
+    /// Counted; call [`Counters::release`] with the decision's principal when the send is done.
+    Admitted,
+    /// Nothing to count (no principal identified, e.g. a relay IP without sender).
+    NothingToCount,
+    /// A concurrent send used the limit up since the decision: nothing was counted; decide again
+    /// (the new decision carries the proper denial).
+    Raced(LimitName),
+    /// The decision is a denial or still pending: nothing was counted.
+    NotAccepted,
+}
+
+/// Records an accepted decision in the counters, atomically re-checking the `reject` limits.
+pub fn commit(
+    decision: &Decision,
+    counters: &dyn Counters,
+    now_ms: u64,
+) -> Result<CommitOutcome, CountersError> {
+    if !decision.accepted() || !decision.complete {
+        return Ok(CommitOutcome::NotAccepted);
+    }
+    let Some(charge) = &decision.charge else {
+        return Ok(CommitOutcome::NothingToCount);
+    };
+    Ok(match counters.admit(charge, now_ms)? {
+        Admission::Admitted => CommitOutcome::Admitted,
+        Admission::Raced(l) => CommitOutcome::Raced(l),
+    })
+}
+
+/// Formats Unix ms as RFC 3339 UTC with milliseconds, as Google writes retry times
+/// (`2023-03-07T18:03:15.961Z`).
+pub fn rfc3339_ms(ms: u64) -> String {
+    let secs = (ms / 1000) as i64;
+    match time::OffsetDateTime::from_unix_timestamp(secs) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            ms % 1000
+        ),
+        Err(_) => ms.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests;
