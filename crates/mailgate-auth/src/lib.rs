@@ -72,12 +72,7 @@ pub fn new_api_key() -> Result<(String, String), AuthError> {
     Ok((id, full))
 }
 
-/// The key id of an `SG.<id>.<secret>` key, if it has that shape.
-pub fn api_key_id(full: &str) -> Option<&str> {
-    let rest = full.strip_prefix("SG.")?;
-    let (id, secret) = rest.split_once('.')?;
-    (!id.is_empty() && !secret.is_empty()).then_some(id)
-}
+pub use mailgate_core::directory::api_key_id;
 
 /// A service-account key pair: RSA 2048 for RS256.
 pub struct ServiceAccountKeyPair {

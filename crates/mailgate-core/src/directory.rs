@@ -431,6 +431,13 @@ pub struct OAuthClient {
     pub disabled: bool,
 }
 
+/// The key id of an `SG.<id>.<secret>` API key, if it has that shape.
+pub fn api_key_id(full: &str) -> Option<&str> {
+    let rest = full.strip_prefix("SG.")?;
+    let (id, secret) = rest.split_once('.')?;
+    (!id.is_empty() && !secret.is_empty()).then_some(id)
+}
+
 /// A public key of a service account.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

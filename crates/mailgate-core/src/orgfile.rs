@@ -64,6 +64,18 @@ pub struct OrgFile {
 impl OrgFile {
     /// Parses a directory file, returning every problem found in it.
     pub fn parse(src: &str) -> Result<OrgFile, Vec<Problem>> {
+        let (file, problems) = OrgFile::parse_lenient(src)?;
+        if problems.is_empty() {
+            Ok(file)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Parses a directory file, keeping every entry that decodes: the caller can then also
+    /// validate what did decode and report all problems in one pass. Fails outright only when the
+    /// file is not YAML or not a mapping of sections.
+    pub fn parse_lenient(src: &str) -> Result<(OrgFile, Vec<Problem>), Vec<Problem>> {
         let docs = MarkedYaml::load_from_str(src).map_err(|e| {
             vec![Problem {
                 location: Some(Location {
@@ -82,7 +94,7 @@ impl OrgFile {
             undecoded: HashSet::new(),
         };
         let Some(root) = docs.first() else {
-            return Ok(file);
+            return Ok((file, vec![]));
         };
         if docs.len() > 1 {
             return Err(vec![Problem {
@@ -95,7 +107,7 @@ impl OrgFile {
         let json = to_json(root, "", &mut file.locations, &mut problems);
         let Value::Object(sections) = json else {
             if json.is_null() {
-                return Ok(file);
+                return Ok((file, vec![]));
             }
             return Err(vec![Problem {
                 location: Some(loc(&root.span.start)),
@@ -137,12 +149,8 @@ impl OrgFile {
                 message: format!("internal: decoded sections do not assemble: {e}"),
             }),
         }
-        if problems.is_empty() {
-            Ok(file)
-        } else {
-            problems.sort_by_key(|p| p.location);
-            Err(problems)
-        }
+        problems.sort_by_key(|p| p.location);
+        Ok((file, problems))
     }
 
     /// Where the entry `(kind, id)` and its `field` (a `/`-separated path) stand in the file.
@@ -249,13 +257,23 @@ impl OrgFile {
         let mut good = Vec::new();
         for (i, item) in items.into_iter().enumerate() {
             let pointer = format!("/{section}/{i}");
-            let id = item
+            let mut id = item
                 .get(field)
                 .map(|v| match v {
                     Value::String(s) => s.clone(),
                     other => other.to_string(),
                 })
                 .unwrap_or_default();
+            // An API key is usually identified by its secret alone (`SG.<id>.<secret>`), or by
+            // nothing but its name when the secret is missing or malformed.
+            if kind == Kind::ApiKey && id.is_empty() {
+                let derived = item
+                    .get("secret")
+                    .and_then(Value::as_str)
+                    .and_then(crate::directory::api_key_id);
+                let name = item.get("name").and_then(Value::as_str);
+                id = derived.or(name).unwrap_or_default().to_owned();
+            }
             let label = if id.is_empty() {
                 format!("{section}[{i}]")
             } else {
@@ -506,10 +524,26 @@ fn yaml_key(k: &str) -> String {
 
 fn yaml_scalar(v: &Value) -> String {
     match v {
+        Value::String(s) if is_plain_safe(s) => s.clone(),
         // JSON string syntax is valid YAML double-quoted syntax.
         Value::String(s) => Value::String(s.clone()).to_string(),
         other => other.to_string(),
     }
+}
+
+/// Whether a string can be written unquoted and still read back as the same string.
+fn is_plain_safe(s: &str) -> bool {
+    let lower = s.to_ascii_lowercase();
+    let keyword = matches!(
+        lower.as_str(),
+        "true" | "false" | "null" | "~" | "yes" | "no" | "on" | "off" | "y" | "n"
+    );
+    !s.is_empty()
+        && !keyword
+        && s.parse::<f64>().is_err()
+        && !s.starts_with(['-', '.', '@', '`'])
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '/' | '@' | '+' | '-'))
 }
 
 #[cfg(test)]
@@ -560,7 +594,7 @@ mod tests {
 
     #[test]
     fn export_parses_back_to_the_same_directory() {
-        let src = "organisation: {name: \"Ex: ample\"}\ndomains: [{name: example.com, verified: true}]\nusers:\n  - email: a@example.com\n    display_name: \"O'Neil: \\\"A\\\"\"\n    aliases: [x@example.com]\n    send_as: [{email: s@example.com, status: pending}]\n    limits: {messages_per_day: 5, on_exceed: {daily_messages: hold}}\npolicies:\n  - id: p1\n    applies_to: {org_units: [/c]}\n    rule: {kind: allow_recipient_domains, domains: [a.com]}\n";
+        let src = "organisation: {name: \"Ex: ample\"}\nroles: [{name: \"true\", permissions: [\"1.5\", \"-x\", \"@a\", \"a b\"]}]\ndomains: [{name: example.com, verified: true}]\nusers:\n  - email: a@example.com\n    display_name: \"O'Neil: \\\"A\\\"\"\n    aliases: [x@example.com]\n    send_as: [{email: s@example.com, status: pending}]\n    limits: {messages_per_day: 5, on_exceed: {daily_messages: hold}}\npolicies:\n  - id: p1\n    applies_to: {org_units: [/c]}\n    rule: {kind: allow_recipient_domains, domains: [a.com]}\n";
         let f = OrgFile::parse(src).unwrap();
         let yaml = to_yaml(&f.directory);
         let back = OrgFile::parse(&yaml).unwrap_or_else(|p| panic!("{yaml}\n{p:#?}"));

@@ -1,1 +1,619 @@
-fn main(){}
+//! The `mailgate` binary: the gateway (`serve`) and every admin command, all working on the same
+//! store (`--data-dir` or `--config`), safely while a server runs on it.
+
+mod admin;
+mod config;
+mod serve;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use mailgate_core::directory::{AbuseState, ApiKey, Directory, ServiceAccountKey, UserStatus};
+use mailgate_store::{SqliteStore, Store};
+
+use crate::config::{Config, LogFormat};
+
+/// The demo organisation: also the documented example directory file.
+const DEMO_ORG: &str = include_str!("../../../docs/examples/org.yaml");
+
+#[derive(Parser)]
+#[command(
+    name = "mailgate",
+    version,
+    about = "A self-hosted mail-sending gateway that never leaves a refusal unexplained."
+)]
+struct Cli {
+    /// Configuration file (TOML, see docs/config.md).
+    #[arg(long, global = true, env = "MAILGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory holding the embedded database (default ./mailgate-data).
+    #[arg(long, global = true, env = "MAILGATE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the gateway.
+    Serve {
+        /// Development mode: embedded SQLite, the demo organisation, loopback listeners.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Create or update everything a directory file names, in one transaction.
+    Apply {
+        /// The directory file (YAML); `-` reads standard input.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Also remove what the file no longer names.
+        #[arg(long)]
+        prune: bool,
+        /// Show what would change, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print the directory in the directory-file format (secrets only as hashes).
+    Export {
+        /// Write to this file instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Users: list, show, suspend, approve, ...
+    #[command(subcommand)]
+    User(UserCmd),
+    /// API keys: create, list, revoke.
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Service accounts.
+    #[command(subcommand)]
+    Sa(SaCmd),
+    /// Tokens for the admin HTTP API.
+    #[command(subcommand, name = "admin-token")]
+    AdminToken(AdminTokenCmd),
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// One line per user: address, status, org unit.
+    List,
+    /// Everything about one user (no password hash).
+    Show { email: String },
+    /// Suspend a user: every send is refused with `account.suspended`.
+    Suspend { email: String },
+    /// Lift a suspension.
+    Unsuspend { email: String },
+    /// Approve an account under review so it may send.
+    Approve { email: String },
+    /// Set a password, read from standard input (one line).
+    SetPassword { email: String },
+    /// Revoke sending after abuse or compromise (`account.sending_revoked`).
+    RevokeSending {
+        email: String,
+        /// What was seen (shown in refusals and explain).
+        #[arg(long)]
+        evidence: String,
+    },
+    /// Restore sending after a revocation.
+    RestoreSending { email: String },
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Create an API key and print its secret once.
+    Create(KeyCreate),
+    /// One line per key (never the secret).
+    List,
+    /// Revoke a key by id.
+    Revoke { id: String },
+}
+
+#[derive(Args)]
+struct KeyCreate {
+    /// The user the key sends as.
+    #[arg(long)]
+    owner: String,
+    /// A name for people.
+    #[arg(long)]
+    name: String,
+    /// Permission, repeatable (e.g. mail.send).
+    #[arg(long = "permission")]
+    permissions: Vec<String>,
+    /// Allowed client range, repeatable (e.g. 10.0.0.0/8); none means any.
+    #[arg(long = "allow-ip")]
+    allow_ips: Vec<ipnet::IpNet>,
+    /// Allowed HTTP referrer pattern, repeatable.
+    #[arg(long = "allow-referrer")]
+    allow_referrers: Vec<String>,
+    /// Allowed API, repeatable (gmail.googleapis.com, sendgrid.api, smtp).
+    #[arg(long = "allow-api")]
+    allow_apis: Vec<String>,
+    /// Project (for API enablement checks).
+    #[arg(long)]
+    project: Option<String>,
+    /// Expiry, RFC 3339 (e.g. 2027-01-01T00:00:00Z).
+    #[arg(long)]
+    expires: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum SaCmd {
+    /// Service-account keys.
+    #[command(subcommand)]
+    Key(SaKeyCmd),
+}
+
+#[derive(Subcommand)]
+enum SaKeyCmd {
+    /// Create a key and write a Google-format JSON key file whose token_uri points here.
+    Create {
+        /// Service account address.
+        email: String,
+        /// Where to write the key file (mode 0600).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminTokenCmd {
+    /// Create (or replace) an admin API token and print it once.
+    Create { name: String },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref(), cli.data_dir.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mailgate: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mailgate: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.cmd, config)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mailgate: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MAILGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn open_store(config: &Config) -> anyhow::Result<Arc<SqliteStore>> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            config.data_dir.display()
+        )
+    })?;
+    let path = config.database_path();
+    let store = SqliteStore::open(&path)
+        .await
+        .with_context(|| format!("cannot open the store {}", path.display()))?;
+    Ok(Arc::new(store))
+}
+
+fn cli_actor() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    format!("cli:{user}")
+}
+
+async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode> {
+    let store = open_store(&config).await?;
+    let actor = cli_actor();
+    match cmd {
+        Cmd::Serve { demo } => serve(config, store, demo).await?,
+        Cmd::Apply {
+            file,
+            prune,
+            dry_run,
+        } => {
+            let src = read_input(&file)?;
+            match admin::apply(store.as_ref(), &src, prune, dry_run, &actor).await {
+                Ok(report) => {
+                    for line in &report.changes {
+                        println!("{line}");
+                    }
+                    let verb = if dry_run { "would change" } else { "changed" };
+                    println!(
+                        "{} object(s) {verb}; directory generation {}",
+                        report.changes.len(),
+                        report.generation
+                    );
+                }
+                Err(admin::ApplyError::Problems(problems)) => {
+                    eprintln!(
+                        "{}: {} problem(s); nothing was changed",
+                        file.display(),
+                        problems.len()
+                    );
+                    for p in &problems {
+                        eprintln!("  {}: {p}", file.display());
+                    }
+                    return Ok(std::process::ExitCode::from(1));
+                }
+                Err(admin::ApplyError::Other(e)) => return Err(e),
+            }
+        }
+        Cmd::Export { output } => {
+            let yaml = admin::export(store.as_ref()).await?;
+            match output {
+                Some(p) => std::fs::write(&p, yaml)
+                    .with_context(|| format!("cannot write {}", p.display()))?,
+                None => print!("{yaml}"),
+            }
+        }
+        Cmd::User(u) => user_cmd(store.as_ref(), &actor, u).await?,
+        Cmd::Key(k) => key_cmd(store.as_ref(), &actor, k).await?,
+        Cmd::Sa(SaCmd::Key(SaKeyCmd::Create { email, output })) => {
+            sa_key_create(store.as_ref(), &actor, &config, &email, &output).await?
+        }
+        Cmd::AdminToken(AdminTokenCmd::Create { name }) => {
+            let token = admin_token_create(store.as_ref(), &name).await?;
+            println!("{token}");
+            eprintln!("admin token `{name}` created; it is shown only now");
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn read_input(path: &Path) -> anyhow::Result<String> {
+    if path == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s)?;
+        Ok(s)
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    }
+}
+
+fn user_mut<'a>(
+    d: &'a mut Directory,
+    email: &str,
+) -> anyhow::Result<&'a mut mailgate_core::directory::User> {
+    d.user_mut(email)
+        .ok_or_else(|| anyhow!("no user `{email}` in the directory (see `mailgate user list`)"))
+}
+
+async fn user_cmd(store: &dyn Store, actor: &str, cmd: UserCmd) -> anyhow::Result<()> {
+    match cmd {
+        UserCmd::List => {
+            let snap = store.snapshot().await?;
+            for u in &snap.directory.users {
+                let status = serde_json::to_value(u.status)?;
+                let mut notes = Vec::new();
+                if !u.mail_enabled {
+                    notes.push("mail disabled".to_owned());
+                }
+                if u.abuse.state != AbuseState::Healthy {
+                    let state = serde_json::to_value(u.abuse.state)?;
+                    notes.push(format!("abuse: {}", state.as_str().unwrap_or("?")));
+                }
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    u.email,
+                    status.as_str().unwrap_or("?"),
+                    u.org_unit,
+                    notes.join(", ")
+                );
+            }
+        }
+        UserCmd::Show { email } => {
+            let snap = store.snapshot().await?;
+            let mut u = snap
+                .directory
+                .user(&email)
+                .cloned()
+                .ok_or_else(|| anyhow!("no user `{email}` in the directory"))?;
+            u.password_hash = u.password_hash.map(|_| "(set)".to_owned());
+            let mut d = Directory::default();
+            d.users.push(u);
+            print!("{}", mailgate_core::orgfile::to_yaml(&d));
+        }
+        UserCmd::Suspend { email } => {
+            admin::edit(store, actor, |d| {
+                user_mut(d, &email)?.status = UserStatus::Suspended;
+                Ok(())
+            })
+            .await?;
+            println!("{email} suspended");
+        }
+        UserCmd::Unsuspend { email } | UserCmd::Approve { email } => {
+            admin::edit(store, actor, |d| {
+                user_mut(d, &email)?.status = UserStatus::Active;
+                Ok(())
+            })
+            .await?;
+            println!("{email} active");
+        }
+        UserCmd::SetPassword { email } => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            let plain = line.trim_end_matches(['\r', '\n']);
+            if plain.len() < 8 {
+                bail!("a password needs at least 8 characters");
+            }
+            let hash = mailgate_auth::hash_password(plain)?;
+            admin::edit(store, actor, |d| {
+                user_mut(d, &email)?.password_hash = Some(hash.clone());
+                Ok(())
+            })
+            .await?;
+            println!("password of {email} set");
+        }
+        UserCmd::RevokeSending { email, evidence } => {
+            admin::edit(store, actor, |d| {
+                let u = user_mut(d, &email)?;
+                u.abuse.state = AbuseState::Revoked;
+                u.abuse.evidence = Some(evidence.clone());
+                Ok(())
+            })
+            .await?;
+            println!("sending revoked for {email}");
+        }
+        UserCmd::RestoreSending { email } => {
+            admin::edit(store, actor, |d| {
+                let u = user_mut(d, &email)?;
+                u.abuse = Default::default();
+                Ok(())
+            })
+            .await?;
+            println!("sending restored for {email}");
+        }
+    }
+    Ok(())
+}
+
+async fn key_cmd(store: &dyn Store, actor: &str, cmd: KeyCmd) -> anyhow::Result<()> {
+    match cmd {
+        KeyCmd::Create(c) => {
+            let (id, full) = mailgate_auth::new_api_key()?;
+            let expires = c
+                .expires
+                .as_deref()
+                .map(|s| {
+                    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                        .with_context(|| format!("--expires `{s}` is not RFC 3339"))
+                })
+                .transpose()?;
+            let key = ApiKey {
+                id: id.clone(),
+                name: c.name,
+                secret: None,
+                secret_sha256: mailgate_auth::sha256_hex(full.as_bytes()),
+                owner: c.owner,
+                project: c.project,
+                permissions: c.permissions,
+                allowed_ips: c.allow_ips,
+                allowed_referrers: c.allow_referrers,
+                allowed_apis: c.allow_apis,
+                expires,
+                revoked: false,
+            };
+            admin::edit(store, actor, |d| {
+                d.api_keys.push(key.clone());
+                Ok(())
+            })
+            .await?;
+            println!("{full}");
+            eprintln!("API key {id} created; the secret above is shown only now");
+        }
+        KeyCmd::List => {
+            let snap = store.snapshot().await?;
+            for k in &snap.directory.api_keys {
+                println!(
+                    "{}\t{}\t{}\t[{}]{}",
+                    k.id,
+                    k.name,
+                    k.owner,
+                    k.permissions.join(","),
+                    if k.revoked { "\trevoked" } else { "" }
+                );
+            }
+        }
+        KeyCmd::Revoke { id } => {
+            admin::edit(store, actor, |d| {
+                let k = d.api_keys.iter_mut().find(|k| k.id == id).ok_or_else(|| {
+                    anyhow!("no API key with id `{id}` (see `mailgate key list`)")
+                })?;
+                k.revoked = true;
+                Ok(())
+            })
+            .await?;
+            println!("API key {id} revoked");
+        }
+    }
+    Ok(())
+}
+
+async fn sa_key_create(
+    store: &dyn Store,
+    actor: &str,
+    config: &Config,
+    email: &str,
+    output: &Path,
+) -> anyhow::Result<()> {
+    let pair = mailgate_auth::generate_service_account_key()?;
+    let (project, client_id) = admin::edit(store, actor, |d| {
+        let sa = d
+            .service_accounts
+            .iter_mut()
+            .find(|s| s.email.eq_ignore_ascii_case(email))
+            .ok_or_else(|| anyhow!("no service account `{email}` in the directory"))?;
+        sa.keys.push(ServiceAccountKey {
+            id: pair.id.clone(),
+            public_key_pem: pair.public_key_pem.clone(),
+        });
+        Ok((sa.project.clone(), sa.client_id.clone()))
+    })
+    .await?;
+    let base = &config.public_url;
+    let file = serde_json::json!({
+        "type": "service_account",
+        "project_id": project,
+        "private_key_id": pair.id,
+        "private_key": pair.private_key_pem,
+        "client_email": email,
+        "client_id": client_id,
+        "auth_uri": format!("{base}/o/oauth2/auth"),
+        "token_uri": format!("{base}/token"),
+        "auth_provider_x509_cert_url": format!("{base}/oauth2/v1/certs"),
+        "client_x509_cert_url": format!("{base}/service_accounts/v1/metadata/x509/{email}"),
+        "universe_domain": "googleapis.com",
+    });
+    write_private(output, serde_json::to_string_pretty(&file)?.as_bytes())?;
+    println!(
+        "key {} of {email} written to {} (token_uri {base}/token)",
+        pair.id,
+        output.display()
+    );
+    Ok(())
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(data)?;
+    Ok(())
+}
+
+async fn admin_token_create(store: &dyn Store, name: &str) -> anyhow::Result<String> {
+    let token = format!("mga_{}", mailgate_auth::random_token::<32>()?);
+    store
+        .add_admin_token(name, &mailgate_auth::sha256_hex(token.as_bytes()))
+        .await?;
+    Ok(token)
+}
+
+async fn serve(config: Config, store: Arc<SqliteStore>, demo: bool) -> anyhow::Result<()> {
+    let mut credentials_file = None;
+    if demo {
+        if store.generation().await? == 0 {
+            let report = admin::apply(store.as_ref(), DEMO_ORG, false, false, "demo")
+                .await
+                .map_err(|e| match e {
+                    admin::ApplyError::Problems(p) => anyhow!(
+                        "the embedded demo organisation is invalid: {}",
+                        p.iter()
+                            .map(|p| p.to_string())
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                    admin::ApplyError::Other(e) => e,
+                })?;
+            tracing::info!(objects = report.changes.len(), "demo organisation applied");
+        } else {
+            tracing::info!(
+                "data directory already holds a directory; demo organisation not re-applied"
+            );
+        }
+        let token = admin_token_create(store.as_ref(), "demo").await?;
+        let path = config.data_dir.join("demo-credentials.txt");
+        write_private(&path, demo_credentials(&token).as_bytes())?;
+        credentials_file = Some(path);
+    }
+    let state = serve::AppState::new(store).await?;
+    let cfg = config.clone();
+    serve::run(&config, state, move |http| {
+        print_banner(&cfg, http, demo, credentials_file.as_deref());
+    })
+    .await
+}
+
+fn demo_credentials(admin_token: &str) -> String {
+    // The demo passwords and keys are the ones in docs/examples/org.yaml: public, for trying out.
+    let mut out = String::from(
+        "# Mailgate demo credentials (development only: these come from docs/examples/org.yaml)\n",
+    );
+    out.push_str(&format!("admin_token = {admin_token}\n"));
+    out.push_str("# users (password for every demo user): correct horse battery staple\n");
+    for line in DEMO_ORG.lines() {
+        let t = line.trim();
+        if let Some(rest) = t.strip_prefix("secret: ") {
+            out.push_str(&format!("api_key = {}\n", rest.trim_matches('"')));
+        }
+    }
+    out
+}
+
+fn print_banner(
+    config: &Config,
+    http: std::net::SocketAddr,
+    demo: bool,
+    credentials: Option<&Path>,
+) {
+    let mode = if demo { " (demo mode)" } else { "" };
+    println!("Mailgate {}{mode}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "  store               SQLite {}",
+        config.database_path().display()
+    );
+    println!(
+        "  HTTP API            http://{http}   (plain HTTP, loopback only: a development listener)"
+    );
+    println!("  health              http://{http}/healthz");
+    println!(
+        "  admin API           http://{http}/mailgate/v1/  (Authorization: Bearer <admin token>)"
+    );
+    println!(
+        "  reserved, not yet served: HTTPS {}, SMTP submission {}, SMTPS {}, SMTP relay {}",
+        config.https_listen,
+        config.smtp_submission_listen,
+        config.smtps_listen,
+        config.smtp_relay_listen
+    );
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        println!(
+            "  TLS certificate     {} (key {})",
+            cert.display(),
+            key.display()
+        );
+    }
+    if let Some(c) = credentials {
+        println!(
+            "  demo organisation   docs/examples/org.yaml (example.com verified, example.net not)"
+        );
+        println!("  demo credentials    {}", c.display());
+        println!(
+            "  try                 mailgate --data-dir {} user list",
+            config.data_dir.display()
+        );
+    }
+    // A stable line for scripts and tests.
+    println!("mailgate: listening http={http}");
+    let _ = std::io::stdout().flush();
+}

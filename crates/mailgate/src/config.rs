@@ -1,0 +1,227 @@
+//! The configuration file (`mailgate.toml`), in two stages as ripgrep does: [`RawConfig`] is what
+//! the file says (every key optional, unknown keys refused), [`Config`] is resolved and validated.
+//! Every key and its default is documented in `docs/config.md`; a test keeps the two in step.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+/// The default data directory, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "./mailgate-data";
+
+/// What the file may contain.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
+    https: RawHttps,
+    #[serde(default)]
+    smtp: RawSmtp,
+    #[serde(default)]
+    directory: RawDirectory,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: Option<SocketAddr>,
+    public_url: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttps {
+    listen: Option<SocketAddr>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSmtp {
+    submission_listen: Option<SocketAddr>,
+    smtps_listen: Option<SocketAddr>,
+    relay_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDirectory {
+    reload_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<LogFormat>,
+    level: Option<String>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the SQLite database and generated files live.
+    pub data_dir: PathBuf,
+    /// Plain-HTTP API listener (loopback only).
+    pub http_listen: SocketAddr,
+    /// The URL clients use to reach the HTTP API (written into service-account key files).
+    pub public_url: String,
+    /// HTTPS listener (reserved: served once TLS lands).
+    pub https_listen: SocketAddr,
+    /// TLS certificate chain PEM for HTTPS and SMTP.
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key PEM.
+    pub tls_key: Option<PathBuf>,
+    /// SMTP submission (STARTTLS) listener (reserved).
+    pub smtp_submission_listen: SocketAddr,
+    /// SMTPS (implicit TLS) listener (reserved).
+    pub smtps_listen: SocketAddr,
+    /// SMTP relay listener (reserved).
+    pub smtp_relay_listen: SocketAddr,
+    /// How often a server checks the store for directory changes.
+    pub reload_interval_ms: u64,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter (`info`, `mailgate=debug`, ...).
+    pub log_level: String,
+}
+
+fn addr(s: &str) -> SocketAddr {
+    // The literals below are valid; a parse failure would be a programming error caught by tests.
+    s.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+impl Config {
+    /// Reads `path` (if given), then applies `--data-dir`, then validates.
+    pub fn load(path: Option<&Path>, data_dir: Option<&Path>) -> anyhow::Result<Config> {
+        let raw = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read config file {}", p.display()))?;
+                toml::from_str::<RawConfig>(&text)
+                    .with_context(|| format!("config file {} is not valid", p.display()))?
+            }
+            None => RawConfig::default(),
+        };
+        let mut cfg = Config::resolve(raw)?;
+        if let Some(d) = data_dir {
+            cfg.data_dir = d.to_owned();
+        }
+        Ok(cfg)
+    }
+
+    /// Fills defaults and checks the values.
+    pub fn resolve(raw: RawConfig) -> anyhow::Result<Config> {
+        let http_listen = raw.http.listen.unwrap_or(addr("127.0.0.1:7080"));
+        if !http_listen.ip().is_loopback() {
+            bail!(
+                "http.listen = {http_listen}: the plain-HTTP listener may only bind a loopback address \
+                 (127.0.0.0/8 or ::1); use https.listen for other addresses"
+            );
+        }
+        let public_url = raw.http.public_url.unwrap_or_else(|| {
+            let port = http_listen.port();
+            format!("http://127.0.0.1:{port}")
+        });
+        let public_url = public_url.trim_end_matches('/').to_owned();
+        let reload_interval_ms = raw.directory.reload_interval_ms.unwrap_or(500);
+        if reload_interval_ms == 0 {
+            bail!("directory.reload_interval_ms must be at least 1");
+        }
+        if raw.https.cert.is_some() != raw.https.key.is_some() {
+            bail!("https.cert and https.key go together: give both or neither");
+        }
+        Ok(Config {
+            data_dir: raw
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            http_listen,
+            public_url,
+            https_listen: raw.https.listen.unwrap_or(addr("127.0.0.1:7443")),
+            tls_cert: raw.https.cert,
+            tls_key: raw.https.key,
+            smtp_submission_listen: raw.smtp.submission_listen.unwrap_or(addr("127.0.0.1:7587")),
+            smtps_listen: raw.smtp.smtps_listen.unwrap_or(addr("127.0.0.1:7465")),
+            smtp_relay_listen: raw.smtp.relay_listen.unwrap_or(addr("127.0.0.1:7525")),
+            reload_interval_ms,
+            log_format: raw.log.format.unwrap_or_default(),
+            log_level: raw.log.level.unwrap_or_else(|| "info".to_owned()),
+        })
+    }
+
+    /// The SQLite database file.
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("mailgate.db")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_ports() {
+        let c = Config::resolve(RawConfig::default()).unwrap();
+        assert_eq!(c.http_listen, addr("127.0.0.1:7080"));
+        assert_eq!(c.https_listen.port(), 7443);
+        assert_eq!(c.smtp_submission_listen.port(), 7587);
+        assert_eq!(c.smtps_listen.port(), 7465);
+        assert_eq!(c.smtp_relay_listen.port(), 7525);
+        assert_eq!(c.public_url, "http://127.0.0.1:7080");
+    }
+
+    #[test]
+    fn plain_http_off_loopback_is_refused() {
+        let raw: RawConfig = toml::from_str("[http]\nlisten = \"0.0.0.0:7080\"\n").unwrap();
+        let err = Config::resolve(raw).unwrap_err().to_string();
+        assert!(err.contains("loopback"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(toml::from_str::<RawConfig>("[http]\nlissten = \"127.0.0.1:1\"\n").is_err());
+    }
+
+    /// Every key the parser accepts is documented in docs/config.md.
+    #[test]
+    fn every_key_is_documented() {
+        let doc = include_str!("../../../docs/config.md");
+        for key in [
+            "data_dir",
+            "http.listen",
+            "http.public_url",
+            "https.listen",
+            "https.cert",
+            "https.key",
+            "smtp.submission_listen",
+            "smtp.smtps_listen",
+            "smtp.relay_listen",
+            "directory.reload_interval_ms",
+            "log.format",
+            "log.level",
+        ] {
+            assert!(
+                doc.contains(&format!("`{key}`")),
+                "docs/config.md lacks `{key}`"
+            );
+        }
+    }
+}

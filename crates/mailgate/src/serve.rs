@@ -1,0 +1,215 @@
+//! `mailgate serve`: the listeners, the live directory, graceful shutdown.
+//!
+//! The directory is held in memory as an immutable snapshot behind an `ArcSwap`: requests read it
+//! without locks, and a background task swaps in a new snapshot when the store's generation moves
+//! (changes made by `mailgate apply` or another node), so no change needs a restart.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use mailgate_store::{Snapshot, Store};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+
+/// Shared state of a running gateway.
+pub struct AppState {
+    /// The store (SQLite by default).
+    pub store: Arc<dyn Store>,
+    /// The directory as last loaded.
+    pub directory: ArcSwap<Snapshot>,
+}
+
+impl AppState {
+    /// Loads the directory and wraps the store.
+    pub async fn new(store: Arc<dyn Store>) -> anyhow::Result<Arc<AppState>> {
+        let snap = store.snapshot().await.context("loading the directory")?;
+        Ok(Arc::new(AppState {
+            store,
+            directory: ArcSwap::from_pointee(snap),
+        }))
+    }
+
+    /// Reloads the directory if the store's generation moved. Returns the generation now held.
+    pub async fn refresh(&self) -> anyhow::Result<i64> {
+        let held = self.directory.load().generation;
+        let current = self.store.generation().await?;
+        if current != held {
+            let snap = self.store.snapshot().await?;
+            let generation = snap.generation;
+            self.directory.store(Arc::new(snap));
+            tracing::info!(generation, "directory reloaded");
+            return Ok(generation);
+        }
+        Ok(held)
+    }
+}
+
+/// The HTTP API's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/mailgate/v1/users/{email}", get(get_user))
+        .with_state(state)
+}
+
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    // Healthy means: the store answers.
+    match state.store.generation().await {
+        Ok(generation) => Json(json!({
+            "status": "ok",
+            "directory_generation": state.directory.load().generation,
+            "store_generation": generation,
+        }))
+        .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "health check: store unavailable");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "unavailable", "reason": "store unavailable"})),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// A Mailgate admin API error in its JSON shape: `{"error": {"code", "status", "message"}}`.
+fn api_error(code: StatusCode, message: impl Into<String>) -> Response {
+    let mut resp = (
+        code,
+        Json(json!({"error": {
+            "code": code.as_u16(),
+            "status": code.canonical_reason().unwrap_or(""),
+            "message": message.into(),
+        }})),
+    )
+        .into_response();
+    if code == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"mailgate-admin\""),
+        );
+    }
+    resp
+}
+
+/// Checks the admin bearer token; returns the token's name.
+async fn admin(state: &AppState, headers: &HeaderMap) -> Result<String, Response> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let Some(token) = token else {
+        return Err(api_error(
+            StatusCode::UNAUTHORIZED,
+            "admin API: send `Authorization: Bearer <admin token>` (create one with `mailgate admin-token create NAME`)",
+        ));
+    };
+    let hash = mailgate_auth::sha256_hex(token.as_bytes());
+    match state.store.admin_token(&hash).await {
+        Ok(Some(name)) => Ok(name),
+        Ok(None) => Err(api_error(
+            StatusCode::UNAUTHORIZED,
+            "admin API: unknown admin token",
+        )),
+        Err(e) => {
+            tracing::error!(error = %e, "admin token lookup failed");
+            Err(api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store unavailable",
+            ))
+        }
+    }
+}
+
+async fn get_user(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(email): Path<String>,
+) -> Response {
+    if let Err(r) = admin(&state, &headers).await {
+        return r;
+    }
+    let snap = state.directory.load();
+    match snap.directory.user(&email) {
+        Some(u) => {
+            let mut u = u.clone();
+            // Never hand out hashes either.
+            u.password_hash = None;
+            Json(json!({"user": u, "directory_generation": snap.generation})).into_response()
+        }
+        None => api_error(
+            StatusCode::NOT_FOUND,
+            format!("no user `{email}` in the directory"),
+        ),
+    }
+}
+
+/// Runs the gateway until SIGINT/SIGTERM. `ready` is called with the bound addresses.
+pub async fn run(
+    config: &Config,
+    state: Arc<AppState>,
+    ready: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (http.listen)", config.http_listen))?;
+    let addr = listener.local_addr()?;
+    ready(addr);
+
+    let reload_state = state.clone();
+    let interval = Duration::from_millis(config.reload_interval_ms);
+    let reloader = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = reload_state.refresh().await {
+                tracing::warn!(error = %e, "directory reload failed; keeping the last good one");
+            }
+        }
+    });
+
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("HTTP server failed")?;
+    reloader.abort();
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown requested; finishing requests in flight");
+}

@@ -1,0 +1,246 @@
+//! Directory as code: `apply`, `export`, located problems, secrets, imperative verbs.
+
+use mailgate_core::orgfile::OrgFile;
+
+use crate::harness::{Gateway, example_org};
+
+const DEMO_PASSWORD: &str = "correct horse battery staple";
+
+fn example_src() -> String {
+    std::fs::read_to_string(example_org()).unwrap()
+}
+
+#[test]
+fn apply_then_export_round_trips_the_example() {
+    let gw = Gateway::new();
+    let example = example_org();
+    let out = gw.ok(&["apply", "-f", example.to_str().unwrap()]);
+    assert!(out.contains("directory generation 1"), "{out}");
+    let exported = gw.ok(&["export"]);
+
+    // The export says exactly what the file said, with secrets replaced by their hashes.
+    let mut original = OrgFile::parse(&example_src()).unwrap().directory;
+    let back = OrgFile::parse(&exported).unwrap().directory;
+    for u in &mut original.users {
+        let stored = back.user(&u.email).unwrap();
+        let hash = stored.password_hash.clone().expect("hash exported");
+        let plain = u.password.take().expect("example has passwords");
+        assert!(mailgate_auth::verify_password(plain.expose(), &hash));
+        u.password_hash = Some(hash);
+    }
+    for (k, stored) in original.api_keys.iter_mut().zip(&back.api_keys) {
+        let plain = k.secret.take().unwrap();
+        assert_eq!(
+            stored.secret_sha256,
+            mailgate_auth::sha256_hex(plain.expose().as_bytes())
+        );
+        assert_eq!(
+            Some(stored.id.as_str()),
+            mailgate_auth::api_key_id(plain.expose())
+        );
+        k.id = stored.id.clone();
+        k.secret_sha256 = stored.secret_sha256.clone();
+    }
+    for (c, stored) in original.oauth_clients.iter_mut().zip(&back.oauth_clients) {
+        c.secret = None;
+        c.secret_sha256 = stored.secret_sha256.clone();
+    }
+    for (d, stored) in original.domains.iter_mut().zip(&back.domains) {
+        assert!(stored.verification_token.is_some());
+        d.verification_token = stored.verification_token.clone();
+    }
+    assert_eq!(original, back);
+
+    // Applying the export elsewhere gives the same export, byte for byte.
+    let other = Gateway::new();
+    let path = other.dir.path().join("exported.yaml");
+    std::fs::write(&path, &exported).unwrap();
+    other.ok(&["apply", "-f", path.to_str().unwrap()]);
+    assert_eq!(other.ok(&["export"]), exported);
+
+    // And re-applying the same file changes nothing.
+    let again = gw.ok(&["apply", "-f", example.to_str().unwrap()]);
+    assert!(again.starts_with("0 object(s) changed"), "{again}");
+}
+
+#[test]
+fn a_file_with_three_mistakes_reports_all_three_and_changes_nothing() {
+    let gw = Gateway::new();
+    gw.ok(&["apply", "-f", example_org().to_str().unwrap()]);
+    let before = gw.ok(&["export"]);
+    let bad = "\
+users:
+  - email: zoe@example.com
+    status: suspnded
+  - email: yann@example.com
+    org_unit: /nowhere
+api_keys:
+  - name: broken
+    secret: \"SG.zz.zz\"
+    owner: alice@example.com
+    permissions: [mail.sned]
+";
+    let path = gw.dir.path().join("bad.yaml");
+    std::fs::write(&path, bad).unwrap();
+    let out = gw.cmd(&["apply", "-f", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("3 problem(s); nothing was changed"), "{err}");
+    assert!(
+        err.contains("line 3, column 5: users[zoe@example.com].status: unknown variant `suspnded`"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "line 5, column 5: users[yann@example.com].org_unit: org unit `/nowhere` does not exist"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "line 10, column 19: api_keys[zz].permissions.0: unknown permission `mail.sned`"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        gw.ok(&["export"]),
+        before,
+        "a refused apply changed the store"
+    );
+}
+
+#[test]
+fn no_secret_appears_in_export_logs_or_errors() {
+    let gw = Gateway::new();
+    let example = example_org();
+    let server = gw.serve(&[]);
+    gw.ok(&["apply", "-f", example.to_str().unwrap()]);
+    let secrets: Vec<String> = example_src()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("secret: "))
+        .map(|s| s.trim_matches('"').to_owned())
+        .chain([DEMO_PASSWORD.to_owned()])
+        .collect();
+    assert!(secrets.len() >= 4);
+
+    let mut seen = gw.ok(&["export"]);
+    seen += &gw.ok(&["user", "show", "alice@example.com"]);
+    seen += &gw.ok(&["key", "list"]);
+    // An error about a malformed secret must not echo it.
+    let bad = gw.dir.path().join("bad-secret.yaml");
+    std::fs::write(
+        &bad,
+        "api_keys:\n  - name: x\n    secret: \"not-a-key-Sup3rS3cret\"\n    owner: alice@example.com\n",
+    )
+    .unwrap();
+    let out = gw.cmd(&["apply", "-f", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    seen += &String::from_utf8_lossy(&out.stderr);
+    // A new key's secret is printed once, on stdout, and nowhere after.
+    let created = gw.ok(&[
+        "key",
+        "create",
+        "--owner",
+        "alice@example.com",
+        "--name",
+        "ci",
+        "--permission",
+        "mail.send",
+    ]);
+    let new_secret = created.trim().to_owned();
+    assert!(new_secret.starts_with("SG."));
+    seen += &gw.ok(&["export"]);
+    seen += &gw.ok(&["key", "list"]);
+    let (_, banner, logs) = server.stop();
+    seen += &banner;
+    seen += &logs;
+    for s in secrets
+        .iter()
+        .chain([&"Sup3rS3cret".to_owned(), &new_secret])
+    {
+        assert!(!seen.contains(s.as_str()), "secret `{s}` leaked");
+    }
+}
+
+#[test]
+fn service_account_key_file_has_googles_shape_and_points_here() {
+    let gw = Gateway::new();
+    gw.ok(&["apply", "-f", example_org().to_str().unwrap()]);
+    let path = gw.dir.path().join("sa.json");
+    gw.ok(&[
+        "sa",
+        "key",
+        "create",
+        "mailer@acme-app.iam.example.com",
+        "-o",
+        path.to_str().unwrap(),
+    ]);
+    let key: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(key["type"], "service_account");
+    assert_eq!(key["client_email"], "mailer@acme-app.iam.example.com");
+    assert_eq!(key["client_id"], "104500000000000000001");
+    assert_eq!(key["project_id"], "acme-app");
+    assert_eq!(key["token_uri"], "http://127.0.0.1:7080/token");
+    assert!(
+        key["private_key"]
+            .as_str()
+            .unwrap()
+            .starts_with("-----BEGIN PRIVATE KEY-----\n")
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    // The public half is now in the directory under the file's key id.
+    let exported = gw.ok(&["export"]);
+    assert!(exported.contains(key["private_key_id"].as_str().unwrap()));
+}
+
+#[test]
+fn imperative_verbs_change_the_directory_and_explain_unknown_names() {
+    let gw = Gateway::new();
+    gw.ok(&["apply", "-f", example_org().to_str().unwrap()]);
+    gw.ok(&["user", "approve", "dave@example.com"]);
+    gw.ok(&[
+        "user",
+        "revoke-sending",
+        "alice@example.com",
+        "--evidence",
+        "phishing burst",
+    ]);
+    let list = gw.ok(&["user", "list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("dave@example.com\tactive")),
+        "{list}"
+    );
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("alice@example.com") && l.contains("abuse: revoked")),
+        "{list}"
+    );
+    let out = gw.cmd(&["user", "suspend", "nobody@example.com"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no user `nobody@example.com`"));
+    // A key for an unknown owner is refused with the reason, and not stored.
+    let out = gw.cmd(&[
+        "key",
+        "create",
+        "--owner",
+        "ghost@example.com",
+        "--name",
+        "g",
+        "--permission",
+        "mail.send",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("owner `ghost@example.com` is not a user")
+    );
+    assert!(!gw.ok(&["key", "list"]).contains("ghost@"));
+}

@@ -1,0 +1,215 @@
+//! Running the real binary: admin commands to completion, and a server in the background that is
+//! stopped (SIGTERM, then SIGKILL) when the handle drops.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mailgate");
+
+/// The repository root (for docs/examples).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn example_org() -> PathBuf {
+    repo_root().join("docs/examples/org.yaml")
+}
+
+/// A temporary data directory and the commands that work on it.
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    pub fn new() -> Self {
+        Gateway {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Runs `mailgate --data-dir <dir> args...` to completion.
+    pub fn cmd(&self, args: &[&str]) -> Output {
+        self.cmd_stdin(args, "")
+    }
+
+    /// Same, feeding `stdin`.
+    pub fn cmd_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        let mut child = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(args)
+            .env_remove("MAILGATE_CONFIG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mailgate");
+        {
+            use std::io::Write;
+            let mut si = child.stdin.take().expect("stdin");
+            si.write_all(stdin.as_bytes()).expect("write stdin");
+        }
+        child.wait_with_output().expect("wait mailgate")
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd(args);
+        assert!(
+            out.status.success(),
+            "mailgate {args:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    /// Writes a config file in the temp dir with the HTTP listener on a free port.
+    pub fn config(&self, extra: &str) -> PathBuf {
+        let path = self.dir.path().join("mailgate.toml");
+        let text = format!(
+            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[directory]\nreload_interval_ms = 100\n{extra}",
+            self.data_dir()
+        );
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    /// Starts `mailgate serve` (with `extra_args`) and waits until it listens.
+    pub fn serve(&self, extra_args: &[&str]) -> Server {
+        let config = self.config("");
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .arg("serve")
+            .args(extra_args)
+            .env("MAILGATE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mailgate serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        let banner = std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("mailgate: listening http=") {
+                    let _ = tx.send(addr.to_owned());
+                }
+                lines.push(line);
+            }
+            lines.join("\n")
+        });
+        let logs = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = BufReader::new(stderr).read_to_string(&mut s);
+            s
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server did not report its listener within 30 s");
+        Server {
+            child: Some(child),
+            addr,
+            banner: Some(banner),
+            logs: Some(logs),
+        }
+    }
+}
+
+pub struct Server {
+    child: Option<Child>,
+    pub addr: String,
+    banner: Option<std::thread::JoinHandle<String>>,
+    logs: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Server {
+    /// Sends SIGTERM and waits (bounded) for exit; returns (success, stdout, stderr).
+    pub fn stop(mut self) -> (bool, String, String) {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("try_wait") {
+                break Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let out = self
+            .banner
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        let err = self
+            .logs
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        (status.is_some_and(|s| s.success()), out, err)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A minimal HTTP/1.1 GET over a real socket: (status, body).
+pub fn http_get(addr: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .expect("write request");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read response");
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
