@@ -244,3 +244,72 @@ fn imperative_verbs_change_the_directory_and_explain_unknown_names() {
     );
     assert!(!gw.ok(&["key", "list"]).contains("ghost@"));
 }
+
+/// The field names serde accepts for `T`, read from its own "unknown field" error.
+fn fields_of<T: serde::de::DeserializeOwned>() -> Vec<String> {
+    let err = serde_json::from_str::<T>(r#"{"__probe__": 1}"#)
+        .err()
+        .expect("probe must fail")
+        .to_string();
+    // The names are the back-quoted words after "expected" (`a`, `b` or `c`).
+    let tail = err
+        .split_once("expected")
+        .map(|(_, l)| l)
+        .unwrap_or_else(|| panic!("unexpected serde message: {err}"));
+    tail.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn docs_directory_md_documents_every_field() {
+    use mailgate_core::directory as d;
+    let doc =
+        std::fs::read_to_string(crate::harness::repo_root().join("docs/directory.md")).unwrap();
+    let mut missing = Vec::new();
+    let mut check = |prefix: &str, fields: Vec<String>| {
+        assert!(!fields.is_empty());
+        for f in fields {
+            let name = format!("`{prefix}{f}`");
+            if !doc.contains(&name) {
+                missing.push(name);
+            }
+        }
+    };
+    check("organisation.", fields_of::<d::Organisation>());
+    check("domains[].", fields_of::<d::Domain>());
+    check("org_units[].", fields_of::<d::OrgUnit>());
+    check("users[].", fields_of::<d::User>());
+    check("users[].send_as[].", fields_of::<d::SendAs>());
+    check("users[].abuse.", fields_of::<d::Abuse>());
+    check("groups[].", fields_of::<d::Group>());
+    check("projects[].", fields_of::<d::Project>());
+    check("oauth_clients[].", fields_of::<d::OAuthClient>());
+    check("service_accounts[].", fields_of::<d::ServiceAccount>());
+    check(
+        "service_accounts[].keys[].",
+        fields_of::<d::ServiceAccountKey>(),
+    );
+    check(
+        "domain_wide_delegation[].",
+        fields_of::<d::DelegationGrant>(),
+    );
+    check("api_keys[].", fields_of::<d::ApiKey>());
+    check("roles[].", fields_of::<d::Role>());
+    check("policies[].", fields_of::<d::Policy>());
+    check("policies[].applies_to.", fields_of::<d::PolicyScope>());
+    check("limits.", fields_of::<d::LimitSettings>());
+    check("smtp_relay.", fields_of::<d::SmtpRelay>());
+    check("smarthosts[].", fields_of::<d::Smarthost>());
+    assert!(missing.is_empty(), "docs/directory.md lacks: {missing:?}");
+    // Every section is documented too.
+    for kind in d::Kind::ALL {
+        assert!(
+            doc.contains(&format!("### `{}`", kind.section())),
+            "no section for {}",
+            kind.section()
+        );
+    }
+}
