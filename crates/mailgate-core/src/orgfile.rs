@@ -477,7 +477,7 @@ fn write_yaml(out: &mut String, v: &Value, indent: usize, after_key: bool) {
             }
             let mut first = true;
             for (k, val) in m {
-                if !(first && !after_key) {
+                if !first || after_key {
                     out.push_str(&pad);
                 }
                 first = false;

@@ -1,6 +1,11 @@
 //! Integration tests: they drive the real `mailgate` binary over real sockets and a real SQLite
 //! file, one temporary data directory per test. One test binary with a module per area links once.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers may panic: a panic is a failed test"
+)]
+
 mod directory;
 mod harness;
 mod serve;
