@@ -80,6 +80,43 @@ impl Changeset {
     }
 }
 
+/// A stored decision: the summary columns plus the full JSON body (the decision and its trace).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredDecision {
+    /// The decision id (`01J...`).
+    pub id: String,
+    /// When it was made (Unix ms).
+    pub at_ms: i64,
+    /// Which door asked (`gmail`, `sendgrid`, `smtp`, `explain`, ...).
+    pub door: String,
+    /// Who asked (principal key).
+    pub principal: String,
+    /// `allowed`, `denied` or `held`.
+    pub verdict: String,
+    /// Reason code of a denial.
+    pub code: Option<String>,
+    /// The decision as JSON.
+    pub body: serde_json::Value,
+}
+
+/// One accepted send, as the usage counters record it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageEntry {
+    /// When it was accepted (Unix ms).
+    pub at_ms: i64,
+    /// How many recipients it had.
+    pub recipients: i64,
+}
+
+/// Usage to replay into in-memory counters at start.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UsageReplay {
+    /// Accepted sends of the last 24 h, per principal, oldest first.
+    pub sends: Vec<(String, UsageEntry)>,
+    /// GCRA theoretical arrival times per principal.
+    pub rate_tat_ms: Vec<(String, i64)>,
+}
+
 /// The storage interface every front door, the CLI and the server share.
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -103,4 +140,22 @@ pub trait Store: Send + Sync {
 
     /// Finds the name of the admin token with this SHA-256 (hex).
     async fn admin_token(&self, token_sha256: &str) -> Result<Option<String>, StoreError>;
+
+    /// Keeps a decision and its trace under its id.
+    async fn record_decision(&self, decision: &StoredDecision) -> Result<(), StoreError>;
+
+    /// Finds a decision by id.
+    async fn decision(&self, id: &str) -> Result<Option<StoredDecision>, StoreError>;
+
+    /// Records an accepted send for the usage counters, with the principal's new rate state.
+    async fn record_usage(
+        &self,
+        principal: &str,
+        entry: UsageEntry,
+        rate_tat_ms: Option<i64>,
+    ) -> Result<(), StoreError>;
+
+    /// The usage to replay at start: sends since `since_ms` and every rate state. Older sends are
+    /// deleted on the way (they no longer count for any limit).
+    async fn usage_since(&self, since_ms: i64) -> Result<UsageReplay, StoreError>;
 }

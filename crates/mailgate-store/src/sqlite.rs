@@ -11,7 +11,7 @@ use mailgate_core::directory::{Directory, Kind, Object};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use crate::{Changeset, Snapshot, Store, StoreError};
+use crate::{Changeset, Snapshot, Store, StoreError, StoredDecision, UsageEntry, UsageReplay};
 
 /// The embedded SQLite store.
 #[derive(Debug, Clone)]
@@ -202,6 +202,102 @@ impl Store for SqliteStore {
                 .await?,
         )
     }
+
+    async fn record_decision(&self, d: &StoredDecision) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO decisions (id, at_ms, door, principal, verdict, code, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&d.id)
+        .bind(d.at_ms)
+        .bind(&d.door)
+        .bind(&d.principal)
+        .bind(&d.verdict)
+        .bind(&d.code)
+        .bind(d.body.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn decision(&self, id: &str) -> Result<Option<StoredDecision>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, at_ms, door, principal, verdict, code, body FROM decisions WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let body: String = row.try_get("body")?;
+        Ok(Some(StoredDecision {
+            id: row.try_get("id")?,
+            at_ms: row.try_get("at_ms")?,
+            door: row.try_get("door")?,
+            principal: row.try_get("principal")?,
+            verdict: row.try_get("verdict")?,
+            code: row.try_get("code")?,
+            body: serde_json::from_str(&body)
+                .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))?,
+        }))
+    }
+
+    async fn record_usage(
+        &self,
+        principal: &str,
+        entry: UsageEntry,
+        rate_tat_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query("INSERT INTO usage_log (principal, at_ms, recipients) VALUES (?, ?, ?)")
+            .bind(principal)
+            .bind(entry.at_ms)
+            .bind(entry.recipients)
+            .execute(&mut *tx)
+            .await?;
+        if let Some(tat) = rate_tat_ms {
+            sqlx::query(
+                "INSERT INTO rate_state (principal, tat_ms) VALUES (?, ?)
+                 ON CONFLICT (principal) DO UPDATE SET tat_ms = MAX(tat_ms, excluded.tat_ms)",
+            )
+            .bind(principal)
+            .bind(tat)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn usage_since(&self, since_ms: i64) -> Result<UsageReplay, StoreError> {
+        sqlx::query("DELETE FROM usage_log WHERE at_ms < ?")
+            .bind(since_ms)
+            .execute(&self.pool)
+            .await?;
+        let rows = sqlx::query(
+            "SELECT principal, at_ms, recipients FROM usage_log WHERE at_ms >= ? ORDER BY at_ms, seq",
+        )
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut replay = UsageReplay::default();
+        for row in rows {
+            replay.sends.push((
+                row.try_get("principal")?,
+                UsageEntry {
+                    at_ms: row.try_get("at_ms")?,
+                    recipients: row.try_get("recipients")?,
+                },
+            ));
+        }
+        for row in sqlx::query("SELECT principal, tat_ms FROM rate_state")
+            .fetch_all(&self.pool)
+            .await?
+        {
+            replay
+                .rate_tat_ms
+                .push((row.try_get("principal")?, row.try_get("tat_ms")?));
+        }
+        Ok(replay)
+    }
 }
 
 async fn audit(
@@ -295,6 +391,62 @@ mod tests {
         );
         store.commit(1, &cs, "t").await.unwrap();
         assert!(store.snapshot().await.unwrap().directory.users.is_empty());
+    }
+
+    #[tokio::test]
+    async fn decisions_are_kept_and_found_by_id() {
+        let store = SqliteStore::in_memory().await.unwrap();
+        let d = StoredDecision {
+            id: "01TEST".into(),
+            at_ms: 5,
+            door: "smtp".into(),
+            principal: "alice@example.com".into(),
+            verdict: "denied".into(),
+            code: Some("account.suspended".into()),
+            body: serde_json::json!({"checks": [1, 2]}),
+        };
+        store.record_decision(&d).await.unwrap();
+        assert_eq!(store.decision("01TEST").await.unwrap(), Some(d));
+        assert_eq!(store.decision("nope").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn usage_survives_reopening_and_old_sends_drop_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        {
+            let s = SqliteStore::open(&path).await.unwrap();
+            let e = |at_ms| UsageEntry {
+                at_ms,
+                recipients: 2,
+            };
+            s.record_usage("a", e(100), Some(1_000)).await.unwrap();
+            s.record_usage("a", e(200), Some(900)).await.unwrap();
+            s.record_usage("b", e(300), None).await.unwrap();
+        }
+        let s = SqliteStore::open(&path).await.unwrap();
+        let r = s.usage_since(150).await.unwrap();
+        assert_eq!(
+            r.sends,
+            vec![
+                (
+                    "a".to_owned(),
+                    UsageEntry {
+                        at_ms: 200,
+                        recipients: 2
+                    }
+                ),
+                (
+                    "b".to_owned(),
+                    UsageEntry {
+                        at_ms: 300,
+                        recipients: 2
+                    }
+                ),
+            ]
+        );
+        // The rate state only moves forward.
+        assert_eq!(r.rate_tat_ms, vec![("a".to_owned(), 1_000)]);
     }
 
     #[tokio::test]
