@@ -3,6 +3,7 @@
 
 mod admin;
 mod config;
+mod explain;
 mod serve;
 
 use std::io::{Read, Write};
@@ -55,6 +56,16 @@ enum Cmd {
         /// Show what would change, change nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Dry-run a send against the live directory and counters: every check, every remedy.
+    ///
+    /// Exit status: 0 allowed (or accepted and held), 3 denied, 1 error.
+    Explain {
+        #[command(flatten)]
+        req: explain::ExplainRequest,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the directory in the directory-file format (secrets only as hashes).
     Export {
@@ -173,7 +184,12 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    init_logging(&config);
+    // Admin commands speak on stdout/stderr themselves; only the server logs at info by default.
+    let default_level = match cli.cmd {
+        Cmd::Serve { .. } => config.log_level.clone(),
+        _ => "warn".to_owned(),
+    };
+    init_logging(&config, &default_level);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -190,9 +206,9 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn init_logging(config: &Config) {
+fn init_logging(config: &Config, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MAILGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -258,6 +274,26 @@ async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode>
                     return Ok(std::process::ExitCode::from(1));
                 }
                 Err(admin::ApplyError::Other(e)) => return Err(e),
+            }
+        }
+        Cmd::Explain { req, json } => {
+            let snap = store.snapshot().await?;
+            let index = mailgate_core::engine::DirectoryIndex::new(&snap.directory);
+            match explain::explain(store.as_ref(), &index, &req).await? {
+                Ok((decision, id)) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&explain::to_json(&decision, &id))?
+                        );
+                    } else {
+                        print!("{}", explain::to_text(&decision, &id));
+                    }
+                    if !decision.accepted() {
+                        return Ok(std::process::ExitCode::from(3));
+                    }
+                }
+                Err(bad) => bail!("explain: {bad}"),
             }
         }
         Cmd::Export { output } => {

@@ -10,23 +10,33 @@ use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use mailgate_store::{Snapshot, Store};
+use mailgate_core::engine::DirectoryIndex;
+use mailgate_store::Store;
 use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
+
+/// The directory in force: its generation and the engine's index over it (built once per change).
+pub struct Live {
+    /// Store generation this was loaded at.
+    pub generation: i64,
+    /// Lookup structures the decision engine reads; `index.directory()` is the directory.
+    pub index: DirectoryIndex,
+}
 
 /// Shared state of a running gateway.
 pub struct AppState {
     /// The store (SQLite by default).
     pub store: Arc<dyn Store>,
     /// The directory as last loaded.
-    pub directory: ArcSwap<Snapshot>,
+    pub directory: ArcSwap<Live>,
 }
 
 impl AppState {
@@ -35,7 +45,10 @@ impl AppState {
         let snap = store.snapshot().await.context("loading the directory")?;
         Ok(Arc::new(AppState {
             store,
-            directory: ArcSwap::from_pointee(snap),
+            directory: ArcSwap::from_pointee(Live {
+                generation: snap.generation,
+                index: DirectoryIndex::new(&snap.directory),
+            }),
         }))
     }
 
@@ -46,7 +59,10 @@ impl AppState {
         if current != held {
             let snap = self.store.snapshot().await?;
             let generation = snap.generation;
-            self.directory.store(Arc::new(snap));
+            self.directory.store(Arc::new(Live {
+                generation,
+                index: DirectoryIndex::new(&snap.directory),
+            }));
             tracing::info!(generation, "directory reloaded");
             return Ok(generation);
         }
@@ -59,6 +75,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/mailgate/v1/users/{email}", get(get_user))
+        .route("/mailgate/v1/explain", post(post_explain))
+        .route("/mailgate/v1/decisions/{id}", get(get_decision))
         .with_state(state)
 }
 
@@ -142,7 +160,7 @@ async fn get_user(
         return r;
     }
     let snap = state.directory.load();
-    match snap.directory.user(&email) {
+    match snap.index.directory().user(&email) {
         Some(u) => {
             let mut u = u.clone();
             // Never hand out hashes either.
@@ -153,6 +171,62 @@ async fn get_user(
             StatusCode::NOT_FOUND,
             format!("no user `{email}` in the directory"),
         ),
+    }
+}
+
+async fn post_explain(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Json<crate::explain::ExplainRequest>, JsonRejection>,
+) -> Response {
+    if let Err(r) = admin(&state, &headers).await {
+        return r;
+    }
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                format!("explain: {}", e.body_text()),
+            );
+        }
+    };
+    let live = state.directory.load();
+    match crate::explain::explain(state.store.as_ref(), &live.index, &req).await {
+        Ok(Ok((decision, id))) => Json(crate::explain::to_json(&decision, &id)).into_response(),
+        Ok(Err(bad)) => api_error(StatusCode::BAD_REQUEST, bad.to_string()),
+        Err(e) => {
+            tracing::error!(error = %e, "explain failed");
+            api_error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
+        }
+    }
+}
+
+async fn get_decision(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = admin(&state, &headers).await {
+        return r;
+    }
+    match state.store.decision(&id).await {
+        Ok(Some(d)) => Json(json!({
+            "decision_id": d.id,
+            "at_ms": d.at_ms,
+            "door": d.door,
+            "principal": d.principal,
+            "verdict": d.verdict,
+            "code": d.code,
+            "attempt": d.body.get("attempt"),
+            "decision": d.body.get("decision"),
+        }))
+        .into_response(),
+        Ok(None) => api_error(StatusCode::NOT_FOUND, format!("no decision `{id}`")),
+        Err(e) => {
+            tracing::error!(error = %e, "decision lookup failed");
+            api_error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
+        }
     }
 }
 

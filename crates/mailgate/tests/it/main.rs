@@ -7,5 +7,6 @@
 )]
 
 mod directory;
+mod explain;
 mod harness;
 mod serve;

@@ -1,0 +1,166 @@
+//! `mailgate explain` and the explain/decision admin API.
+
+use mailgate_store::{SqliteStore, Store, UsageEntry};
+
+use crate::harness::{Gateway, example_org, http_get};
+
+/// Records `n` accepted sends for `principal` in the store, as a door does on acceptance.
+fn record_sends(gw: &Gateway, principal: &str, n: usize) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = SqliteStore::open(&gw.data_dir().join("mailgate.db"))
+            .await
+            .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        for i in 0..n {
+            store
+                .record_usage(
+                    principal,
+                    UsageEntry {
+                        at_ms: now - 60_000 + i as i64,
+                        recipients: 1,
+                    },
+                    None,
+                )
+                .await
+                .unwrap();
+        }
+    });
+}
+
+#[test]
+fn explain_lists_every_failure_with_its_remedy() {
+    let gw = Gateway::new();
+    gw.ok(&["apply", "-f", example_org().to_str().unwrap()]);
+    // frank may send 3 messages a day and has sent 3; now he is also suspended, and sends as an
+    // address he does not own.
+    record_sends(&gw, "frank@example.com", 3);
+    gw.ok(&["user", "suspend", "frank@example.com"]);
+    let args = [
+        "explain",
+        "--as",
+        "frank@example.com",
+        "--from",
+        "support@example.com",
+        "--to",
+        "x@example.org",
+        "--door",
+        "smtp",
+        "--tls",
+        "1.2",
+    ];
+    let out = gw.cmd(&args);
+    assert_eq!(out.status.code(), Some(3), "denied explains exit with 3");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("DENIED (3 problem(s))"), "{text}");
+    for (code, remedy) in [
+        (
+            "account.suspended",
+            "mailgate user unsuspend frank@example.com",
+        ),
+        ("sender.not_owned", "users[frank@example.com].send_as"),
+        ("limit.daily_messages", "messages_per_day"),
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("✘ {code}"))),
+            "{code} not failed:\n{text}"
+        );
+        let fix = text
+            .lines()
+            .find(|l| l.contains(&format!(". {code} [")))
+            .unwrap_or_else(|| panic!("no remedy line for {code}:\n{text}"));
+        assert!(fix.contains(remedy), "{code}: {fix}");
+    }
+
+    let json_args: Vec<&str> = args.iter().copied().chain(["--json"]).collect();
+    let out = gw.cmd(&json_args);
+    assert_eq!(out.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["allowed"], false);
+    assert_eq!(v["denial"]["code"], "account.suspended");
+    let failed: Vec<&str> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["outcome"] == "fail")
+        .map(|c| c["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        failed,
+        [
+            "account.suspended",
+            "sender.not_owned",
+            "limit.daily_messages"
+        ]
+    );
+    for c in v["checks"].as_array().unwrap() {
+        for key in ["check", "code", "outcome", "detail", "remedy"] {
+            assert!(c.get(key).is_some(), "check lacks `{key}`: {c}");
+        }
+    }
+    let limit = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["code"] == "limit.daily_messages")
+        .unwrap();
+    assert_eq!(limit["limit"]["current"], 3);
+    assert_eq!(limit["limit"]["limit"], 3);
+    assert!(limit["limit"]["reset_at_ms"].as_u64().is_some());
+
+    // Allowed sends exit 0.
+    gw.ok(&[
+        "explain",
+        "--as",
+        "alice@example.com",
+        "--to",
+        "x@example.org",
+    ]);
+}
+
+#[test]
+fn explain_over_http_and_the_decision_trace_by_id() {
+    let gw = Gateway::new();
+    let server = gw.serve(&["--demo"]);
+    let token = gw.ok(&["admin-token", "create", "it"]).trim().to_owned();
+    let body = r#"{"as": "carol@example.com", "to": ["x@example.org"], "door": "gmail"}"#;
+    let (status, resp) =
+        crate::harness::http_post(&server.addr, "/mailgate/v1/explain", &token, body);
+    assert_eq!(status, 200, "{resp}");
+    let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
+    assert_eq!(v["denial"]["code"], "account.mail_disabled");
+    assert!(
+        v["denial"]["remedy"].as_str().unwrap().contains("/frozen"),
+        "{v}"
+    );
+    let id = v["decision_id"].as_str().unwrap();
+
+    let (status, trace) = http_get(
+        &server.addr,
+        &format!("/mailgate/v1/decisions/{id}"),
+        Some(&token),
+    );
+    assert_eq!(status, 200, "{trace}");
+    let t: serde_json::Value = serde_json::from_str(&trace).unwrap();
+    assert_eq!(t["code"], "account.mail_disabled");
+    assert_eq!(t["decision"]["checks"], v["checks"]);
+
+    // Bad input: a clear 400 in the admin API's JSON shape.
+    let (status, resp) =
+        crate::harness::http_post(&server.addr, "/mailgate/v1/explain", &token, r#"{"as": 5}"#);
+    assert_eq!(status, 400, "{resp}");
+    let e: serde_json::Value = serde_json::from_str(&resp).unwrap();
+    assert_eq!(e["error"]["code"], 400);
+    let (status, _) = crate::harness::http_post(
+        &server.addr,
+        "/mailgate/v1/explain",
+        &token,
+        r#"{"door": "fax"}"#,
+    );
+    assert_eq!(status, 400);
+    let (status, _) = http_get(&server.addr, "/mailgate/v1/decisions/nope", Some(&token));
+    assert_eq!(status, 404);
+}
