@@ -164,3 +164,55 @@ fn explain_over_http_and_the_decision_trace_by_id() {
     let (status, _) = http_get(&server.addr, "/mailgate/v1/decisions/nope", Some(&token));
     assert_eq!(status, 404);
 }
+
+/// Splits a command line on spaces, honouring double quotes.
+fn shell_words(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for c in s.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// The README's tour table is true: each row's explain gives the code it says.
+#[test]
+fn readme_tour_rows_hold() {
+    let readme = std::fs::read_to_string(crate::harness::repo_root().join("README.md")).unwrap();
+    let gw = Gateway::new();
+    gw.ok(&["apply", "-f", example_org().to_str().unwrap()]);
+    let mut rows = 0;
+    for line in readme.lines().filter(|l| l.starts_with("| `explain ")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let cmd = cells[1].trim_matches('`');
+        let expected = if cells[2].starts_with("allowed") {
+            None
+        } else {
+            Some(cells[2].split('`').nth(1).unwrap().to_owned())
+        };
+        let args: Vec<String> = shell_words(cmd)
+            .into_iter()
+            .chain(["--json".to_owned()])
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = gw.cmd(&args);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{cmd}: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+        let got = v["denial"]["code"].as_str().map(str::to_owned);
+        assert_eq!(got, expected, "README row `{cmd}`");
+        rows += 1;
+    }
+    assert!(rows >= 10, "README tour table not found");
+}
