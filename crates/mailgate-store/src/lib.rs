@@ -117,6 +117,50 @@ pub struct UsageReplay {
     pub rate_tat_ms: Vec<(String, i64)>,
 }
 
+/// An accepted message, as the doors hand it to the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    /// Message id (also the Gmail door's `id`).
+    pub id: String,
+    /// The decision that accepted it.
+    pub decision_id: String,
+    /// When (Unix ms).
+    pub accepted_at_ms: i64,
+    /// Which door.
+    pub door: String,
+    /// Counter key of the sender.
+    pub principal: String,
+    /// SMTP envelope sender.
+    pub envelope_from: String,
+    /// Envelope recipients.
+    pub recipients: Vec<String>,
+    /// The RFC 5322 message as sent on.
+    pub raw: Vec<u8>,
+    /// `queued` or `held`.
+    pub state: String,
+    /// For held messages: when the limit resets.
+    pub hold_until_ms: Option<i64>,
+}
+
+/// A stored message's summary (no body).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageSummary {
+    /// Message id.
+    pub id: String,
+    /// The accepting decision.
+    pub decision_id: String,
+    /// State.
+    pub state: String,
+    /// Envelope sender.
+    pub envelope_from: String,
+    /// Envelope recipients.
+    pub recipients: Vec<String>,
+    /// Size in bytes.
+    pub size: i64,
+    /// When accepted (Unix ms).
+    pub accepted_at_ms: i64,
+}
+
 /// The storage interface every front door, the CLI and the server share.
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -158,4 +202,15 @@ pub trait Store: Send + Sync {
     /// The usage to replay at start: sends since `since_ms` and every rate state. Older sends are
     /// deleted on the way (they no longer count for any limit).
     async fn usage_since(&self, since_ms: i64) -> Result<UsageReplay, StoreError>;
+
+    /// Stores an accepted message and the usage it consumes in one durable transaction: when this
+    /// returns `Ok`, the message survives a crash and the door may answer "accepted".
+    async fn accept_message(
+        &self,
+        message: &NewMessage,
+        usage: Option<(UsageEntry, Option<i64>)>,
+    ) -> Result<(), StoreError>;
+
+    /// A message's summary by id.
+    async fn message(&self, id: &str) -> Result<Option<MessageSummary>, StoreError>;
 }

@@ -11,7 +11,10 @@ use mailgate_core::directory::{Directory, Kind, Object};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use crate::{Changeset, Snapshot, Store, StoreError, StoredDecision, UsageEntry, UsageReplay};
+use crate::{
+    Changeset, MessageSummary, NewMessage, Snapshot, Store, StoreError, StoredDecision, UsageEntry,
+    UsageReplay,
+};
 
 /// The embedded SQLite store.
 #[derive(Debug, Clone)]
@@ -247,24 +250,62 @@ impl Store for SqliteStore {
         rate_tat_ms: Option<i64>,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("INSERT INTO usage_log (principal, at_ms, recipients) VALUES (?, ?, ?)")
-            .bind(principal)
-            .bind(entry.at_ms)
-            .bind(entry.recipients)
-            .execute(&mut *tx)
-            .await?;
-        if let Some(tat) = rate_tat_ms {
-            sqlx::query(
-                "INSERT INTO rate_state (principal, tat_ms) VALUES (?, ?)
-                 ON CONFLICT (principal) DO UPDATE SET tat_ms = MAX(tat_ms, excluded.tat_ms)",
-            )
-            .bind(principal)
-            .bind(tat)
-            .execute(&mut *tx)
-            .await?;
+        insert_usage(&mut tx, principal, entry, rate_tat_ms).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn accept_message(
+        &self,
+        m: &NewMessage,
+        usage: Option<(UsageEntry, Option<i64>)>,
+    ) -> Result<(), StoreError> {
+        let recipients = serde_json::to_string(&m.recipients)
+            .map_err(|e| StoreError::Database(sqlx::Error::Encode(Box::new(e))))?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "INSERT INTO messages (id, decision_id, accepted_at_ms, door, principal, envelope_from, recipients, size, raw, state, hold_until_ms)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&m.id)
+        .bind(&m.decision_id)
+        .bind(m.accepted_at_ms)
+        .bind(&m.door)
+        .bind(&m.principal)
+        .bind(&m.envelope_from)
+        .bind(recipients)
+        .bind(m.raw.len() as i64)
+        .bind(&m.raw)
+        .bind(&m.state)
+        .bind(m.hold_until_ms)
+        .execute(&mut *tx)
+        .await?;
+        if let Some((entry, tat)) = usage {
+            insert_usage(&mut tx, &m.principal, entry, tat).await?;
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn message(&self, id: &str) -> Result<Option<MessageSummary>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, decision_id, state, envelope_from, recipients, size, accepted_at_ms FROM messages WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let recipients: String = row.try_get("recipients")?;
+        Ok(Some(MessageSummary {
+            id: row.try_get("id")?,
+            decision_id: row.try_get("decision_id")?,
+            state: row.try_get("state")?,
+            envelope_from: row.try_get("envelope_from")?,
+            recipients: serde_json::from_str(&recipients)
+                .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))?,
+            size: row.try_get("size")?,
+            accepted_at_ms: row.try_get("accepted_at_ms")?,
+        }))
     }
 
     async fn usage_since(&self, since_ms: i64) -> Result<UsageReplay, StoreError> {
@@ -298,6 +339,31 @@ impl Store for SqliteStore {
         }
         Ok(replay)
     }
+}
+
+async fn insert_usage(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    principal: &str,
+    entry: UsageEntry,
+    rate_tat_ms: Option<i64>,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO usage_log (principal, at_ms, recipients) VALUES (?, ?, ?)")
+        .bind(principal)
+        .bind(entry.at_ms)
+        .bind(entry.recipients)
+        .execute(&mut **tx)
+        .await?;
+    if let Some(tat) = rate_tat_ms {
+        sqlx::query(
+            "INSERT INTO rate_state (principal, tat_ms) VALUES (?, ?)
+             ON CONFLICT (principal) DO UPDATE SET tat_ms = MAX(tat_ms, excluded.tat_ms)",
+        )
+        .bind(principal)
+        .bind(tat)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
 }
 
 async fn audit(

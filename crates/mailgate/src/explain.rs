@@ -6,16 +6,14 @@
 //! every real decision.
 
 use std::net::IpAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Args;
 use mailgate_core::engine::{
-    Body, Credential, Decision, DirectoryIndex, Door, Mailbox, MemoryCounters, Mode, Outcome,
-    SendAttempt, TlsVersion, Transport, decide,
+    Body, Credential, Decision, DirectoryIndex, Door, Mailbox, Outcome, SendAttempt, TlsVersion,
+    Transport,
 };
-use mailgate_store::{Store, StoredDecision};
+use mailgate_gateway::{Decided, Gateway, GatewayError};
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 /// The Gmail send scope assumed when none is given.
 const DEFAULT_SCOPE: &str = "https://www.googleapis.com/auth/gmail.send";
@@ -257,97 +255,17 @@ impl ExplainRequest {
     }
 }
 
-/// Unix milliseconds now.
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Loads the usage counters from the store (the last 24 h of accepted sends and rate states).
-pub(crate) async fn load_counters(
-    store: &dyn Store,
-    now_ms: u64,
-) -> anyhow::Result<MemoryCounters> {
-    let counters = MemoryCounters::new();
-    let since = now_ms.saturating_sub(mailgate_core::engine::counters::DAY_MS) as i64;
-    let replay = store.usage_since(since).await?;
-    for (principal, e) in replay.sends {
-        counters.preload(
-            &principal,
-            e.at_ms.max(0) as u64,
-            1,
-            e.recipients.max(0) as u64,
-        );
-    }
-    for (principal, tat) in replay.rate_tat_ms {
-        counters.set_rate_and_in_flight(&principal, Some(tat.max(0) as u64), 0);
-    }
-    Ok(counters)
-}
-
-/// A new decision id: a time-ordered 128-bit id (UUIDv7 layout) in Crockford base32, like a ULID.
-pub(crate) fn new_decision_id(now_ms: u64) -> String {
-    let random: [u8; 10] = mailgate_auth::random_bytes().unwrap_or([0; 10]);
-    let mut v: u128 = u128::from(now_ms & 0xFFFF_FFFF_FFFF) << 80;
-    for (i, b) in random.iter().enumerate() {
-        v |= u128::from(*b) << (8 * (9 - i));
-    }
-    const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
-    let mut out = [0u8; 26];
-    for (i, slot) in out.iter_mut().enumerate() {
-        let shift = 5 * (25 - i);
-        let idx = ((v >> shift) & 0x1F) as usize;
-        *slot = ALPHABET.get(idx).copied().unwrap_or(b'0');
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The documented JSON shape:
-/// `{"allowed", "verdict", "decision_id", "denial", "denials", "checks": [{"check","code","outcome","detail","remedy"}]}`.
-pub(crate) fn to_json(decision: &Decision, decision_id: &str) -> Value {
-    let checks: Vec<Value> = decision
-        .checks
-        .iter()
-        .map(|c| {
-            let mut v = json!({
-                "check": c.stage.as_str(),
-                "code": c.code(),
-                "outcome": c.outcome,
-                "detail": c.detail,
-                "remedy": c.remedy(),
-            });
-            if let (Some(obj), Some(f)) = (v.as_object_mut(), c.object_at_fault()) {
-                obj.insert("object_at_fault".into(), json!(f.to_string()));
-                if let Some(l) = c.limit() {
-                    obj.insert("limit".into(), json!(l));
-                }
-            }
-            v
-        })
-        .collect();
-    let denial = |d: &mailgate_core::engine::Denial| {
-        json!({
-            "code": d.code.code(),
-            "check": d.stage.as_str(),
-            "object_at_fault": d.object_at_fault.to_string(),
-            "message": d.message,
-            "remedy": d.remedy,
-            "limit": d.limit,
-        })
+/// Evaluates `req` in explain mode against the live directory and counters (nothing consumed);
+/// the decision is kept under its id.
+pub(crate) async fn explain(
+    gateway: &Gateway,
+    req: &ExplainRequest,
+) -> Result<Result<Decided, BadRequest>, GatewayError> {
+    let attempt = match req.attempt(&gateway.live().index) {
+        Ok(a) => a,
+        Err(e) => return Ok(Err(e)),
     };
-    json!({
-        "allowed": decision.accepted(),
-        "verdict": decision.verdict,
-        "complete": decision.complete,
-        "decision_id": decision_id,
-        "denial": decision.denial().map(denial),
-        "denials": decision.denials.iter().map(denial).collect::<Vec<_>>(),
-        "holds": decision.holds,
-        "rewrites": decision.rewrites,
-        "checks": checks,
-    })
+    Ok(Ok(gateway.explain(&attempt).await?))
 }
 
 /// The human table: every check with ✔ / ✘ / – / …, then each failure's remedy.
@@ -405,67 +323,9 @@ pub(crate) fn to_text(decision: &Decision, decision_id: &str) -> String {
     out
 }
 
-/// Evaluates `req` in explain mode against `index` and the stored counters, keeps the decision,
-/// and returns it with its id.
-pub(crate) async fn explain(
-    store: &dyn Store,
-    index: &DirectoryIndex,
-    req: &ExplainRequest,
-) -> anyhow::Result<Result<(Decision, String), BadRequest>> {
-    let attempt = match req.attempt(index) {
-        Ok(a) => a,
-        Err(e) => return Ok(Err(e)),
-    };
-    let now = now_ms();
-    let counters = load_counters(store, now).await?;
-    let decision = decide(&attempt, index, &counters, now, Mode::Explain);
-    let id = new_decision_id(now);
-    keep(store, &id, "explain", &attempt, &decision, now).await?;
-    Ok(Ok((decision, id)))
-}
-
-/// Stores a decision with its trace under `id`.
-pub(crate) async fn keep(
-    store: &dyn Store,
-    id: &str,
-    door: &str,
-    attempt: &SendAttempt,
-    decision: &Decision,
-    now_ms: u64,
-) -> anyhow::Result<()> {
-    let verdict = serde_json::to_value(decision.verdict)?;
-    store
-        .record_decision(&StoredDecision {
-            id: id.to_owned(),
-            at_ms: now_ms as i64,
-            door: door.to_owned(),
-            principal: decision.principal.clone().unwrap_or_default(),
-            verdict: verdict.as_str().unwrap_or("").to_owned(),
-            code: decision.denial().map(|d| d.code.code().to_owned()),
-            body: json!({
-                "attempt": attempt,
-                "decision": to_json(decision, id),
-            }),
-        })
-        .await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn decision_ids_are_ulid_shaped_and_time_ordered() {
-        let a = new_decision_id(1_000);
-        let b = new_decision_id(2_000);
-        assert_eq!(a.len(), 26);
-        assert!(a < b, "{a} {b}");
-        assert!(
-            a.chars()
-                .all(|c| c.is_ascii_digit() || c.is_ascii_uppercase())
-        );
-    }
 
     #[test]
     fn short_scopes_expand() {

@@ -277,19 +277,16 @@ async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode>
             }
         }
         Cmd::Explain { req, json } => {
-            let snap = store.snapshot().await?;
-            let index = mailgate_core::engine::DirectoryIndex::new(&snap.directory);
-            match explain::explain(store.as_ref(), &index, &req).await? {
-                Ok((decision, id)) => {
+            let gateway = mailgate_gateway::Gateway::open(store.clone()).await?;
+            match explain::explain(&gateway, &req).await? {
+                Ok(d) => {
                     if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&explain::to_json(&decision, &id))?
-                        );
+                        let v = mailgate_gateway::decision_json(&d.decision, &d.id);
+                        println!("{}", serde_json::to_string_pretty(&v)?);
                     } else {
-                        print!("{}", explain::to_text(&decision, &id));
+                        print!("{}", explain::to_text(&d.decision, &d.id));
                     }
-                    if !decision.accepted() {
+                    if !d.decision.accepted() {
                         return Ok(std::process::ExitCode::from(3));
                     }
                 }
@@ -582,7 +579,8 @@ async fn serve(config: Config, store: Arc<SqliteStore>, demo: bool) -> anyhow::R
         write_private(&path, demo_credentials(&token).as_bytes())?;
         credentials_file = Some(path);
     }
-    let state = serve::AppState::new(store).await?;
+    let gateway = mailgate_gateway::Gateway::open(store).await?;
+    let state = std::sync::Arc::new(serve::AppState { gateway });
     let cfg = config.clone();
     serve::run(&config, state, move |http| {
         print_banner(&cfg, http, demo, credentials_file.as_deref());

@@ -9,65 +9,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use mailgate_core::engine::DirectoryIndex;
-use mailgate_store::Store;
+use mailgate_gateway::Gateway;
 use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
 
-/// The directory in force: its generation and the engine's index over it (built once per change).
-pub struct Live {
-    /// Store generation this was loaded at.
-    pub generation: i64,
-    /// Lookup structures the decision engine reads; `index.directory()` is the directory.
-    pub index: DirectoryIndex,
-}
-
-/// Shared state of a running gateway.
+/// Shared state of a running gateway's HTTP API.
 pub struct AppState {
-    /// The store (SQLite by default).
-    pub store: Arc<dyn Store>,
-    /// The directory as last loaded.
-    pub directory: ArcSwap<Live>,
-}
-
-impl AppState {
-    /// Loads the directory and wraps the store.
-    pub async fn new(store: Arc<dyn Store>) -> anyhow::Result<Arc<AppState>> {
-        let snap = store.snapshot().await.context("loading the directory")?;
-        Ok(Arc::new(AppState {
-            store,
-            directory: ArcSwap::from_pointee(Live {
-                generation: snap.generation,
-                index: DirectoryIndex::new(&snap.directory),
-            }),
-        }))
-    }
-
-    /// Reloads the directory if the store's generation moved. Returns the generation now held.
-    pub async fn refresh(&self) -> anyhow::Result<i64> {
-        let held = self.directory.load().generation;
-        let current = self.store.generation().await?;
-        if current != held {
-            let snap = self.store.snapshot().await?;
-            let generation = snap.generation;
-            self.directory.store(Arc::new(Live {
-                generation,
-                index: DirectoryIndex::new(&snap.directory),
-            }));
-            tracing::info!(generation, "directory reloaded");
-            return Ok(generation);
-        }
-        Ok(held)
-    }
+    /// The gateway every door shares.
+    pub gateway: Arc<Gateway>,
 }
 
 /// The HTTP API's routes.
@@ -82,10 +39,10 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     // Healthy means: the store answers.
-    match state.store.generation().await {
+    match state.gateway.store().generation().await {
         Ok(generation) => Json(json!({
             "status": "ok",
-            "directory_generation": state.directory.load().generation,
+            "directory_generation": state.gateway.live().generation,
             "store_generation": generation,
         }))
         .into_response(),
@@ -135,7 +92,7 @@ async fn admin(state: &AppState, headers: &HeaderMap) -> Result<String, Response
         ));
     };
     let hash = mailgate_auth::sha256_hex(token.as_bytes());
-    match state.store.admin_token(&hash).await {
+    match state.gateway.store().admin_token(&hash).await {
         Ok(Some(name)) => Ok(name),
         Ok(None) => Err(api_error(
             StatusCode::UNAUTHORIZED,
@@ -159,7 +116,7 @@ async fn get_user(
     if let Err(r) = admin(&state, &headers).await {
         return r;
     }
-    let snap = state.directory.load();
+    let snap = state.gateway.live();
     match snap.index.directory().user(&email) {
         Some(u) => {
             let mut u = u.clone();
@@ -191,9 +148,8 @@ async fn post_explain(
             );
         }
     };
-    let live = state.directory.load();
-    match crate::explain::explain(state.store.as_ref(), &live.index, &req).await {
-        Ok(Ok((decision, id))) => Json(crate::explain::to_json(&decision, &id)).into_response(),
+    match crate::explain::explain(&state.gateway, &req).await {
+        Ok(Ok(d)) => Json(mailgate_gateway::decision_json(&d.decision, &d.id)).into_response(),
         Ok(Err(bad)) => api_error(StatusCode::BAD_REQUEST, bad.to_string()),
         Err(e) => {
             tracing::error!(error = %e, "explain failed");
@@ -210,7 +166,7 @@ async fn get_decision(
     if let Err(r) = admin(&state, &headers).await {
         return r;
     }
-    match state.store.decision(&id).await {
+    match state.gateway.store().decision(&id).await {
         Ok(Some(d)) => Json(json!({
             "decision_id": d.id,
             "at_ms": d.at_ms,
@@ -242,18 +198,9 @@ pub async fn run(
     let addr = listener.local_addr()?;
     ready(addr);
 
-    let reload_state = state.clone();
-    let interval = Duration::from_millis(config.reload_interval_ms);
-    let reloader = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            if let Err(e) = reload_state.refresh().await {
-                tracing::warn!(error = %e, "directory reload failed; keeping the last good one");
-            }
-        }
-    });
+    let reloader = state
+        .gateway
+        .spawn_reloader(Duration::from_millis(config.reload_interval_ms));
 
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown_signal())

@@ -1,0 +1,476 @@
+//! The service layer between the front doors and the core: every door holds an `Arc<Gateway>` and
+//! calls the same four things, so no door can skip a rule or answer "accepted" early.
+//!
+//! 1. [`Gateway::live`]: the directory in force (an immutable snapshot with the engine's index,
+//!    swapped atomically when the store's generation moves).
+//! 2. [`Gateway::decide`]: the engine's decision for an attempt, kept under a `decision_id`
+//!    (denials always; allowed ones too, so the id the client sees always resolves).
+//! 3. [`Gateway::accept`]: charges the usage counters atomically and stores the message and the
+//!    usage in one durable transaction. Only after it returns may a door say "accepted".
+//! 4. [`Gateway::explain`]: the same evaluation in explain mode, consuming nothing.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::{ArcSwap, Guard};
+use mailgate_core::engine::{
+    CommitOutcome, Counters, Decision, DirectoryIndex, MemoryCounters, Mode, Outcome, SendAttempt,
+    Verdict, commit, decide,
+};
+use mailgate_store::{NewMessage, Store, StoreError, StoredDecision, UsageEntry};
+use serde_json::{Value, json};
+
+/// A fault (never a refusal: refusals are [`Decision`]s).
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The usage counters failed.
+    #[error(transparent)]
+    Counters(#[from] mailgate_core::engine::CountersError),
+    /// The decision cannot be accepted (denied or incomplete): a door bug.
+    #[error("decision {0} is not an acceptance")]
+    NotAccepted(String),
+}
+
+/// The directory in force.
+pub struct Live {
+    /// Store generation it was loaded at.
+    pub generation: i64,
+    /// The engine's index; `index.directory()` is the directory itself.
+    pub index: DirectoryIndex,
+}
+
+/// A decision with the id it is kept under.
+#[derive(Debug, Clone)]
+pub struct Decided {
+    /// The engine's answer.
+    pub decision: Decision,
+    /// Where its trace is kept (`GET /mailgate/v1/decisions/{id}`).
+    pub id: String,
+}
+
+/// What [`Gateway::accept`] did.
+#[derive(Debug, Clone)]
+pub enum Accepted {
+    /// Stored durably: answer "accepted" with this message id.
+    Stored {
+        /// Message id.
+        message_id: String,
+        /// `queued` or `held`.
+        state: &'static str,
+    },
+    /// A concurrent send used the last of a limit since the decision. Nothing was stored; this
+    /// is the new decision (a denial) to answer with.
+    Refused(Decided),
+}
+
+/// A message to accept.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// SMTP envelope sender (after any rewrite).
+    pub envelope_from: String,
+    /// Envelope recipients.
+    pub recipients: Vec<String>,
+    /// The RFC 5322 message.
+    pub raw: Vec<u8>,
+}
+
+/// The gateway's shared state.
+pub struct Gateway {
+    store: Arc<dyn Store>,
+    live: ArcSwap<Live>,
+    counters: MemoryCounters,
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Gateway {
+    /// Loads the directory and the last 24 h of usage from `store`.
+    pub async fn open(store: Arc<dyn Store>) -> Result<Arc<Gateway>, GatewayError> {
+        let snap = store.snapshot().await?;
+        let counters = load_counters(store.as_ref(), now_ms()).await?;
+        Ok(Arc::new(Gateway {
+            store,
+            live: ArcSwap::from_pointee(Live {
+                generation: snap.generation,
+                index: DirectoryIndex::new(&snap.directory),
+            }),
+            counters,
+        }))
+    }
+
+    /// The store.
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    /// The directory in force (cheap; hold it for the length of one request).
+    pub fn live(&self) -> Guard<Arc<Live>> {
+        self.live.load()
+    }
+
+    /// Reloads the directory if the store's generation moved; returns the generation held.
+    pub async fn refresh(&self) -> Result<i64, GatewayError> {
+        let held = self.live.load().generation;
+        let current = self.store.generation().await?;
+        if current == held {
+            return Ok(held);
+        }
+        let snap = self.store.snapshot().await?;
+        let generation = snap.generation;
+        self.live.store(Arc::new(Live {
+            generation,
+            index: DirectoryIndex::new(&snap.directory),
+        }));
+        tracing::info!(generation, "directory reloaded");
+        Ok(generation)
+    }
+
+    /// Polls the store every `interval` and swaps in directory changes.
+    pub fn spawn_reloader(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = me.refresh().await {
+                    tracing::warn!(error = %e, "directory reload failed; keeping the last good one");
+                }
+            }
+        })
+    }
+
+    /// Decides a real attempt (enforcement) and keeps the decision under a new id.
+    pub async fn decide(&self, door: &str, attempt: &SendAttempt) -> Result<Decided, GatewayError> {
+        self.evaluate(door, attempt, Mode::Enforce).await
+    }
+
+    /// Explains an attempt: every check, nothing consumed. Kept under a new id.
+    pub async fn explain(&self, attempt: &SendAttempt) -> Result<Decided, GatewayError> {
+        self.evaluate("explain", attempt, Mode::Explain).await
+    }
+
+    async fn evaluate(
+        &self,
+        door: &str,
+        attempt: &SendAttempt,
+        mode: Mode,
+    ) -> Result<Decided, GatewayError> {
+        let now = now_ms();
+        let decision = {
+            let live = self.live.load();
+            decide(attempt, &live.index, &self.counters, now, mode)
+        };
+        let id = new_decision_id(now);
+        keep(self.store.as_ref(), &id, door, attempt, &decision, now).await?;
+        if let Some(d) = decision.denial() {
+            tracing::info!(
+                decision_id = %id,
+                door,
+                code = d.code.code(),
+                object = %d.object_at_fault,
+                "send refused"
+            );
+        }
+        Ok(Decided { decision, id })
+    }
+
+    /// Accepts the message of an accepted decision: charges the counters (re-checking the limits
+    /// atomically) and stores message and usage durably. On a lost race, decides again and
+    /// returns the refusal.
+    pub async fn accept(
+        &self,
+        door: &str,
+        attempt: &SendAttempt,
+        decided: &Decided,
+        message: Message,
+    ) -> Result<Accepted, GatewayError> {
+        let d = &decided.decision;
+        if !d.accepted() || !d.complete {
+            return Err(GatewayError::NotAccepted(decided.id.clone()));
+        }
+        let now = now_ms();
+        match commit(d, &self.counters, now)? {
+            CommitOutcome::Raced(_) => {
+                let again = self.decide(door, attempt).await?;
+                return Ok(Accepted::Refused(again));
+            }
+            CommitOutcome::NotAccepted => {
+                return Err(GatewayError::NotAccepted(decided.id.clone()));
+            }
+            CommitOutcome::Admitted | CommitOutcome::NothingToCount => {}
+        }
+        let principal = d.principal.clone().unwrap_or_default();
+        let held = d.verdict == Verdict::Held;
+        let hold_until = d
+            .holds
+            .iter()
+            .filter_map(|h| h.reset_at_ms)
+            .max()
+            .map(|ms| ms as i64);
+        let usage = d.charge.as_ref().map(|c| {
+            let tat = self.counters.usage(&c.principal, now).rate_tat_ms;
+            (
+                UsageEntry {
+                    at_ms: now as i64,
+                    recipients: c.recipients as i64,
+                },
+                tat.map(|t| t as i64),
+            )
+        });
+        let message_id = new_message_id(now);
+        let state = if held { "held" } else { "queued" };
+        let stored = self
+            .store
+            .accept_message(
+                &NewMessage {
+                    id: message_id.clone(),
+                    decision_id: decided.id.clone(),
+                    accepted_at_ms: now as i64,
+                    door: door.to_owned(),
+                    principal: principal.clone(),
+                    envelope_from: message.envelope_from,
+                    recipients: message.recipients,
+                    raw: message.raw,
+                    state: state.to_owned(),
+                    hold_until_ms: hold_until.filter(|_| held),
+                },
+                usage,
+            )
+            .await;
+        // The send is over either way: free its concurrency slot.
+        if d.charge.is_some() {
+            self.counters.release(&principal);
+        }
+        stored?;
+        tracing::info!(decision_id = %decided.id, message_id = %message_id, door, state, "message accepted");
+        Ok(Accepted::Stored { message_id, state })
+    }
+}
+
+/// Loads usage counters from the store (the last 24 h of accepted sends and the rate states).
+pub async fn load_counters(store: &dyn Store, now_ms: u64) -> Result<MemoryCounters, StoreError> {
+    let counters = MemoryCounters::new();
+    let since = now_ms.saturating_sub(mailgate_core::engine::counters::DAY_MS) as i64;
+    let replay = store.usage_since(since).await?;
+    for (principal, e) in replay.sends {
+        counters.preload(
+            &principal,
+            e.at_ms.max(0) as u64,
+            1,
+            e.recipients.max(0) as u64,
+        );
+    }
+    for (principal, tat) in replay.rate_tat_ms {
+        counters.set_rate_and_in_flight(&principal, Some(tat.max(0) as u64), 0);
+    }
+    Ok(counters)
+}
+
+const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+
+/// A time-ordered 128-bit id (48-bit ms timestamp, 80 random bits) in Crockford base32, like a
+/// ULID: sortable, unique across nodes, and safe to show.
+pub fn new_decision_id(now_ms: u64) -> String {
+    let random: [u8; 10] = mailgate_auth::random_bytes().unwrap_or([0; 10]);
+    let mut v: u128 = u128::from(now_ms & 0xFFFF_FFFF_FFFF) << 80;
+    for (i, b) in random.iter().enumerate() {
+        v |= u128::from(*b) << (8 * (9 - i));
+    }
+    let mut out = [0u8; 26];
+    for (i, slot) in out.iter_mut().enumerate() {
+        let shift = 5 * (25 - i);
+        let idx = ((v >> shift) & 0x1F) as usize;
+        *slot = CROCKFORD.get(idx).copied().unwrap_or(b'0');
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A message id in Gmail's style: 16 lower-case hex digits, time-ordered.
+pub fn new_message_id(now_ms: u64) -> String {
+    let r: [u8; 2] = mailgate_auth::random_bytes().unwrap_or([0; 2]);
+    format!("{:012x}{:02x}{:02x}", now_ms & 0xFFFF_FFFF_FFFF, r[0], r[1])
+}
+
+/// The documented JSON shape of a decision:
+/// `{"allowed", "verdict", "decision_id", "denial", "denials", "checks": [{"check","code","outcome","detail","remedy"}]}`.
+pub fn decision_json(decision: &Decision, decision_id: &str) -> Value {
+    let checks: Vec<Value> = decision
+        .checks
+        .iter()
+        .map(|c| {
+            let mut v = json!({
+                "check": c.stage.as_str(),
+                "code": c.code(),
+                "outcome": c.outcome,
+                "detail": c.detail,
+                "remedy": c.remedy(),
+            });
+            if let (Some(obj), Some(f)) = (v.as_object_mut(), c.object_at_fault()) {
+                obj.insert("object_at_fault".into(), json!(f.to_string()));
+                if let Some(l) = c.limit() {
+                    obj.insert("limit".into(), json!(l));
+                }
+            }
+            v
+        })
+        .collect();
+    let denial = |d: &mailgate_core::engine::Denial| {
+        json!({
+            "code": d.code.code(),
+            "check": d.stage.as_str(),
+            "object_at_fault": d.object_at_fault.to_string(),
+            "message": d.message,
+            "remedy": d.remedy,
+            "limit": d.limit,
+        })
+    };
+    json!({
+        "allowed": decision.accepted(),
+        "verdict": decision.verdict,
+        "complete": decision.complete,
+        "decision_id": decision_id,
+        "denial": decision.denial().map(denial),
+        "denials": decision.denials.iter().map(denial).collect::<Vec<_>>(),
+        "holds": decision.holds,
+        "rewrites": decision.rewrites,
+        "checks": checks,
+    })
+}
+
+/// Stores a decision with its trace under `id`.
+async fn keep(
+    store: &dyn Store,
+    id: &str,
+    door: &str,
+    attempt: &SendAttempt,
+    decision: &Decision,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let verdict = match decision.verdict {
+        Verdict::Allowed => "allowed",
+        Verdict::Held => "held",
+        Verdict::Denied => "denied",
+    };
+    let pending = decision
+        .checks
+        .iter()
+        .any(|c| c.outcome == Outcome::Pending);
+    store
+        .record_decision(&StoredDecision {
+            id: id.to_owned(),
+            at_ms: now_ms as i64,
+            door: door.to_owned(),
+            principal: decision.principal.clone().unwrap_or_default(),
+            verdict: if pending && verdict != "denied" {
+                "pending".to_owned()
+            } else {
+                verdict.to_owned()
+            },
+            code: decision.denial().map(|d| d.code.code().to_owned()),
+            body: json!({
+                "attempt": attempt,
+                "decision": decision_json(decision, id),
+            }),
+        })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mailgate_core::engine::{Credential, Door};
+    use mailgate_core::orgfile::OrgFile;
+    use mailgate_store::{Changeset, SqliteStore};
+
+    const ORG: &str = "domains: [{name: example.com, verified: true}]\nusers:\n  - email: a@example.com\n    limits: {messages_per_day: 1}\n";
+
+    async fn gateway() -> (Arc<Gateway>, Arc<SqliteStore>) {
+        let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let dir = OrgFile::parse(ORG).unwrap().directory;
+        store
+            .commit(0, &Changeset::between(&Default::default(), &dir), "t")
+            .await
+            .unwrap();
+        (Gateway::open(store.clone()).await.unwrap(), store)
+    }
+
+    fn attempt() -> SendAttempt {
+        SendAttempt::new(
+            Door::Smtp,
+            Credential::SmtpLogin {
+                user: "a@example.com".into(),
+            },
+        )
+        .from("a@example.com")
+        .to(["b@example.org"])
+        .parsed(10)
+    }
+
+    fn msg() -> Message {
+        Message {
+            envelope_from: "a@example.com".into(),
+            recipients: vec!["b@example.org".into()],
+            raw: b"Subject: x\r\n\r\nhi\r\n".to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn accept_stores_the_message_and_counts_it_across_restarts() {
+        let (gw, store) = gateway().await;
+        let d = gw.decide("smtp", &attempt()).await.unwrap();
+        assert!(d.decision.accepted());
+        let Accepted::Stored { message_id, state } =
+            gw.accept("smtp", &attempt(), &d, msg()).await.unwrap()
+        else {
+            panic!("not stored")
+        };
+        assert_eq!(state, "queued");
+        let m = store.message(&message_id).await.unwrap().unwrap();
+        assert_eq!(m.decision_id, d.id);
+        assert_eq!(m.recipients, vec!["b@example.org".to_owned()]);
+
+        // The daily limit of 1 is used up, also for a gateway opened afresh on the same store.
+        let second = gw.decide("smtp", &attempt()).await.unwrap();
+        assert_eq!(
+            second.decision.denial().unwrap().code.code(),
+            "limit.daily_messages"
+        );
+        let restarted = Gateway::open(store.clone()).await.unwrap();
+        let third = restarted.decide("smtp", &attempt()).await.unwrap();
+        assert_eq!(
+            third.decision.denial().unwrap().code.code(),
+            "limit.daily_messages"
+        );
+        // Every decision resolves by id.
+        assert!(store.decision(&third.id).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_denial_cannot_be_accepted() {
+        let (gw, _) = gateway().await;
+        let mut a = attempt();
+        a.envelope_from = Some("ceo@example.com".into());
+        let d = gw.decide("smtp", &a).await.unwrap();
+        assert!(!d.decision.accepted());
+        assert!(matches!(
+            gw.accept("smtp", &a, &d, msg()).await,
+            Err(GatewayError::NotAccepted(_))
+        ));
+    }
+
+    #[test]
+    fn ids_are_ordered() {
+        assert!(new_decision_id(1) < new_decision_id(2));
+        assert_eq!(new_message_id(5).len(), 16);
+    }
+}
