@@ -1,0 +1,129 @@
+//! The one place Mailgate builds TLS configurations, so the policy holds everywhere: rustls with
+//! the aws-lc-rs provider, TLS 1.3 and 1.2 only (rustls has no code for older versions, so a TLS
+//! 1.1 client fails the handshake), PEM files loaded with `rustls-pki-types` (not the unmaintained
+//! `rustls-pemfile`), and self-signed certificates for development made with rcgen.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// A TLS set-up fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or holds nothing usable.
+    #[error("cannot load {what} from {path}: {reason}")]
+    Pem {
+        /// Certificate or key.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// rustls refused the configuration (e.g. key does not match certificate).
+    #[error("invalid TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// Certificate generation failed.
+    #[error("cannot generate a development certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+/// The protocol versions Mailgate speaks: TLS 1.3 and 1.2, never older.
+pub static VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Installs aws-lc-rs as the process-wide provider (first thing in `main`); harmless if repeated.
+pub fn install_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// A server configuration from a PEM certificate chain and private key, advertising `alpn`
+/// (e.g. `h2`, `http/1.1` for HTTPS; nothing for SMTP).
+pub fn server_config_from_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem_err("certificate", "<memory>", e))?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            what: "certificate",
+            path: "<memory>".into(),
+            reason: "no CERTIFICATE block".into(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| pem_err("key", "<memory>", e))?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
+/// Same, reading the two PEM files.
+pub fn server_config_from_files(
+    cert: &Path,
+    key: &Path,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let read = |what, p: &Path| {
+        std::fs::read(p).map_err(|e| TlsError::Pem {
+            what,
+            path: p.display().to_string(),
+            reason: e.to_string(),
+        })
+    };
+    server_config_from_pem(&read("certificate", cert)?, &read("key", key)?, alpn)
+}
+
+fn pem_err(what: &'static str, path: &str, e: rustls_pki_types::pem::Error) -> TlsError {
+    TlsError::Pem {
+        what,
+        path: path.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+/// A self-signed ECDSA certificate for `names` (development and tests): (cert PEM, key PEM).
+pub fn self_signed(names: &[&str]) -> Result<(String, String), TlsError> {
+    let names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
+    let cert = rcgen::generate_simple_self_signed(names)?;
+    Ok((cert.cert.pem(), cert.signing_key.serialize_pem()))
+}
+
+/// The negotiated version as Mailgate names it (`1.2`, `1.3`).
+pub fn version_name(v: rustls::ProtocolVersion) -> &'static str {
+    match v {
+        rustls::ProtocolVersion::TLSv1_3 => "1.3",
+        rustls::ProtocolVersion::TLSv1_2 => "1.2",
+        _ => "older",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_signed_config_builds_with_tls12_and_13_only() {
+        let (cert, key) = self_signed(&["localhost", "127.0.0.1"]).unwrap();
+        let cfg = server_config_from_pem(cert.as_bytes(), key.as_bytes(), &[b"h2"]).unwrap();
+        assert_eq!(cfg.alpn_protocols, vec![b"h2".to_vec()]);
+    }
+
+    #[test]
+    fn garbage_pem_is_a_clear_error() {
+        let err = server_config_from_pem(b"nope", b"nope", &[]).unwrap_err();
+        assert!(err.to_string().contains("certificate"), "{err}");
+    }
+}
