@@ -2,11 +2,13 @@
 //! is the embedded default. A PostgreSQL implementation is a second `impl Store`, with its own
 //! migrations folder, not a rewrite: nothing outside this crate names a database.
 
+mod oauth;
 mod sqlite;
 
 use async_trait::async_trait;
 use mailgate_core::directory::{Directory, Kind, Object};
 
+pub use oauth::{TokenRecord, TokenStore};
 pub use sqlite::SqliteStore;
 
 /// A fault in the store (not a refusal: refusals are values of the decision engine).
