@@ -3,12 +3,18 @@
 //! migrations folder, not a rewrite: nothing outside this crate names a database.
 
 mod oauth;
+mod queue;
 mod sqlite;
 
 use async_trait::async_trait;
 use mailgate_core::directory::{Directory, Kind, Object};
 
 pub use oauth::{TokenRecord, TokenStore};
+pub use queue::{
+    AttemptEntry, AttemptReport, CAPTURED_HEAD_BYTES, CapturedMessage, LeasedMessage,
+    MessageStatus, QueueEntry, QueueFilter, QueueStore, RecipientOutcome, RecipientState,
+    RecipientStatus, Recorded, RetryOutcome, message_state,
+};
 pub use sqlite::SqliteStore;
 
 /// A fault in the store (not a refusal: refusals are values of the decision engine).

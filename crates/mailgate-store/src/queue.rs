@@ -1,0 +1,999 @@
+//! The delivery queue: what the delivery worker, the message-status API and the `queue` /
+//! `captured` commands use. [`QueueStore`] is implemented for [`SqliteStore`]; a PostgreSQL store
+//! implements the same trait, leasing with `UPDATE .. WHERE id IN (SELECT .. FOR UPDATE SKIP
+//! LOCKED) RETURNING ..` instead of SQLite's `BEGIN IMMEDIATE` (one writer at a time).
+//!
+//! Message states: `held` (a limit with `exceed_action: hold`; released at `hold_until_ms`),
+//! `queued` (due now), `deferred` (some recipient waits for `next_attempt_ms`), `delivered`,
+//! `failed` (every recipient is final and at least one failed), `captured` (capture mode).
+//! A worker leases due messages (`lease_owner`, `lease_until_ms`); a message whose lease expired
+//! is due again, so a crashed worker's messages are picked up by the next one.
+
+use async_trait::async_trait;
+use serde::Serialize;
+use sqlx::Row;
+
+use crate::{NewMessage, SqliteStore, StoreError};
+
+/// A recipient's delivery state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecipientState {
+    /// Not tried yet.
+    Pending,
+    /// Tried, waiting for the next attempt.
+    Deferred,
+    /// Accepted by the smarthost.
+    Delivered,
+    /// Refused for good (or given up after the maximum age).
+    Failed,
+}
+
+impl RecipientState {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecipientState::Pending => "pending",
+            RecipientState::Deferred => "deferred",
+            RecipientState::Delivered => "delivered",
+            RecipientState::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> RecipientState {
+        match s {
+            "deferred" => RecipientState::Deferred,
+            "delivered" => RecipientState::Delivered,
+            "failed" => RecipientState::Failed,
+            _ => RecipientState::Pending,
+        }
+    }
+
+    /// True when nothing more will be tried for this recipient.
+    pub fn is_final(self) -> bool {
+        matches!(self, RecipientState::Delivered | RecipientState::Failed)
+    }
+}
+
+/// A message leased to a worker, with the recipients still to deliver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeasedMessage {
+    /// Message id.
+    pub id: String,
+    /// The accepting decision.
+    pub decision_id: String,
+    /// Which door accepted it (`dsn` for bounces Mailgate made).
+    pub door: String,
+    /// When accepted (Unix ms): the maximum age counts from here.
+    pub accepted_at_ms: i64,
+    /// Envelope sender (empty: the null sender of a bounce).
+    pub envelope_from: String,
+    /// Recipients not yet final, with their state.
+    pub recipients: Vec<(String, RecipientState)>,
+    /// Attempts so far (whole-message).
+    pub attempts: i64,
+    /// The message.
+    pub raw: Vec<u8>,
+    /// The lease runs until then (Unix ms).
+    pub lease_until_ms: i64,
+}
+
+/// The outcome of one attempt for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientOutcome {
+    /// The recipient.
+    pub recipient: String,
+    /// Delivered, deferred or failed.
+    pub state: RecipientState,
+    /// Reason code (`upstream.refused`, `upstream.deferred`, `upstream.auth_failed`).
+    pub code: Option<String>,
+    /// The upstream's reply, verbatim (or what went wrong on the way, e.g. connection refused).
+    pub reply: Option<String>,
+}
+
+/// What one delivery attempt of one message did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptReport {
+    /// Message id.
+    pub message_id: String,
+    /// When (Unix ms).
+    pub at_ms: i64,
+    /// The smarthost tried (by name), if one was.
+    pub smarthost: Option<String>,
+    /// Per-recipient outcomes (recipients not named stay as they were).
+    pub outcomes: Vec<RecipientOutcome>,
+    /// When to try again if any recipient is still not final.
+    pub next_attempt_ms: Option<i64>,
+    /// A delivery status notification to queue in the same transaction (bounce to the sender).
+    pub dsn: Option<NewMessage>,
+}
+
+/// What [`QueueStore::record_attempt`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    /// Recorded; the message is now in this state.
+    State(String),
+    /// The lease was lost (expired and taken by another worker, or the message was deleted):
+    /// nothing was recorded.
+    LeaseLost,
+}
+
+/// What [`QueueStore::retry_message`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryOutcome {
+    /// Due now.
+    Requeued,
+    /// No such message.
+    NotFound,
+    /// Nothing to retry: every recipient was delivered (or the message was captured).
+    Final(String),
+}
+
+/// One line of the queue listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QueueEntry {
+    /// Message id.
+    pub id: String,
+    /// State.
+    pub state: String,
+    /// When accepted (Unix ms).
+    pub accepted_at_ms: i64,
+    /// Envelope sender.
+    pub envelope_from: String,
+    /// Envelope recipients.
+    pub recipients: Vec<String>,
+    /// Size in bytes.
+    pub size: i64,
+    /// Attempts so far.
+    pub attempts: i64,
+    /// Next attempt (Unix ms), when waiting.
+    pub next_attempt_ms: Option<i64>,
+    /// The accepting decision.
+    pub decision_id: String,
+}
+
+/// Which messages [`QueueStore::list_queue`] lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueFilter {
+    /// Only this state (`None`: every state but `captured`).
+    pub state: Option<String>,
+    /// At most this many, newest first (0 means 100).
+    pub limit: u32,
+}
+
+/// A recipient's status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecipientStatus {
+    /// The recipient.
+    pub recipient: String,
+    /// Its state.
+    pub state: RecipientState,
+    /// Attempts for it.
+    pub attempts: i64,
+    /// Reason code of the last outcome.
+    pub code: Option<String>,
+    /// The upstream's last reply, verbatim.
+    pub last_reply: Option<String>,
+    /// The smarthost of the last attempt.
+    pub smarthost: Option<String>,
+}
+
+/// One attempt for one recipient, as kept in the history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AttemptEntry {
+    /// When (Unix ms).
+    pub at_ms: i64,
+    /// Smarthost.
+    pub smarthost: Option<String>,
+    /// Recipient.
+    pub recipient: String,
+    /// `delivered`, `deferred` or `failed`.
+    pub outcome: String,
+    /// Reason code.
+    pub code: Option<String>,
+    /// Upstream reply, verbatim.
+    pub reply: Option<String>,
+    /// The next attempt this outcome scheduled.
+    pub next_attempt_ms: Option<i64>,
+}
+
+/// Everything known about one message's delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MessageStatus {
+    /// The summary.
+    #[serde(flatten)]
+    pub entry: QueueEntry,
+    /// Which door accepted it.
+    pub door: String,
+    /// Who sent it (counter key).
+    pub principal: String,
+    /// Held until (Unix ms).
+    pub hold_until_ms: Option<i64>,
+    /// Worker holding a lease, while one does.
+    pub lease_owner: Option<String>,
+    /// Lease expiry.
+    pub lease_until_ms: Option<i64>,
+    /// When it became final (delivered, failed, captured).
+    pub done_at_ms: Option<i64>,
+    /// Per recipient (the envelope's recipients before the first attempt: all `pending`).
+    pub recipient_status: Vec<RecipientStatus>,
+    /// Every attempt, oldest first.
+    pub history: Vec<AttemptEntry>,
+}
+
+/// A captured message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapturedMessage {
+    /// Message id.
+    pub id: String,
+    /// The accepting decision.
+    pub decision_id: String,
+    /// When accepted (Unix ms).
+    pub accepted_at_ms: i64,
+    /// When captured (Unix ms).
+    pub captured_at_ms: Option<i64>,
+    /// Envelope sender.
+    pub envelope_from: String,
+    /// Envelope recipients.
+    pub recipients: Vec<String>,
+    /// Size in bytes.
+    pub size: i64,
+    /// The message: whole from [`QueueStore::captured_message`], its first
+    /// [`CAPTURED_HEAD_BYTES`] bytes (enough for the header) from [`QueueStore::list_captured`].
+    pub raw: Vec<u8>,
+}
+
+/// How much of each message [`QueueStore::list_captured`] returns.
+pub const CAPTURED_HEAD_BYTES: i64 = 64 * 1024;
+
+/// The queue operations (delivery worker, status API, CLI).
+#[async_trait]
+pub trait QueueStore: Send + Sync {
+    /// Moves `held` messages whose `hold_until_ms` has passed to `queued`; returns how many.
+    async fn release_held(&self, now_ms: i64) -> Result<u64, StoreError>;
+
+    /// Leases up to `limit` due messages to `owner` until `now_ms + lease_ms`. Due: `queued` or
+    /// `deferred` with `next_attempt_ms <= now_ms`, and no lease or an expired one.
+    async fn lease_due(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<LeasedMessage>, StoreError>;
+
+    /// The earliest time something becomes due (`queued` now, `deferred` and `held` later), for a
+    /// worker deciding how long to sleep.
+    async fn next_due_ms(&self) -> Result<Option<i64>, StoreError>;
+
+    /// Records an attempt's per-recipient outcomes, ends the lease and sets the message state
+    /// (with an optional DSN queued in the same transaction). Only the lease holder may record.
+    async fn record_attempt(
+        &self,
+        owner: &str,
+        report: &AttemptReport,
+    ) -> Result<Recorded, StoreError>;
+
+    /// Capture mode: marks a leased message `captured` instead of relaying it.
+    async fn mark_captured(
+        &self,
+        owner: &str,
+        id: &str,
+        now_ms: i64,
+    ) -> Result<Recorded, StoreError>;
+
+    /// Lists messages (newest first).
+    async fn list_queue(&self, filter: &QueueFilter) -> Result<Vec<QueueEntry>, StoreError>;
+
+    /// One message's delivery status.
+    async fn message_status(&self, id: &str) -> Result<Option<MessageStatus>, StoreError>;
+
+    /// Makes a message due now (deferred, queued or held; failed recipients are tried again).
+    async fn retry_message(&self, id: &str, now_ms: i64) -> Result<RetryOutcome, StoreError>;
+
+    /// Deletes a message with its delivery history; false when there was none.
+    async fn delete_message(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Captured messages, newest first, each with the head of its raw message.
+    async fn list_captured(&self, limit: u32) -> Result<Vec<CapturedMessage>, StoreError>;
+
+    /// One captured message, whole.
+    async fn captured_message(&self, id: &str) -> Result<Option<CapturedMessage>, StoreError>;
+}
+
+fn decode_err(e: serde_json::Error) -> StoreError {
+    StoreError::Database(sqlx::Error::Decode(Box::new(e)))
+}
+
+fn recipients_of(json: &str) -> Result<Vec<String>, StoreError> {
+    serde_json::from_str(json).map_err(decode_err)
+}
+
+/// The state a message is in once its recipients are in these states.
+pub fn message_state(recipients: &[RecipientState]) -> &'static str {
+    if recipients.iter().any(|r| !r.is_final()) {
+        "deferred"
+    } else if recipients.contains(&RecipientState::Failed) {
+        "failed"
+    } else {
+        "delivered"
+    }
+}
+
+/// The columns [`entry_of`] reads (a macro so queries stay `&'static str`).
+macro_rules! entry_columns {
+    () => {
+        "id, state, accepted_at_ms, envelope_from, recipients, size, attempts, next_attempt_ms, decision_id"
+    };
+}
+
+fn entry_of(row: &sqlx::sqlite::SqliteRow) -> Result<QueueEntry, StoreError> {
+    let recipients: String = row.try_get("recipients")?;
+    Ok(QueueEntry {
+        id: row.try_get("id")?,
+        state: row.try_get("state")?,
+        accepted_at_ms: row.try_get("accepted_at_ms")?,
+        envelope_from: row.try_get("envelope_from")?,
+        recipients: recipients_of(&recipients)?,
+        size: row.try_get("size")?,
+        attempts: row.try_get("attempts")?,
+        next_attempt_ms: row.try_get("next_attempt_ms")?,
+        decision_id: row.try_get("decision_id")?,
+    })
+}
+
+fn captured_of(row: &sqlx::sqlite::SqliteRow) -> Result<CapturedMessage, StoreError> {
+    let recipients: String = row.try_get("recipients")?;
+    Ok(CapturedMessage {
+        id: row.try_get("id")?,
+        decision_id: row.try_get("decision_id")?,
+        accepted_at_ms: row.try_get("accepted_at_ms")?,
+        captured_at_ms: row.try_get("done_at_ms")?,
+        envelope_from: row.try_get("envelope_from")?,
+        recipients: recipients_of(&recipients)?,
+        size: row.try_get("size")?,
+        raw: row.try_get("raw")?,
+    })
+}
+
+type Tx = sqlx::Transaction<'static, sqlx::Sqlite>;
+
+/// True when `owner` still holds the lease of message `id`.
+async fn holds_lease(tx: &mut Tx, owner: &str, id: &str) -> Result<bool, StoreError> {
+    let found: Option<String> = sqlx::query_scalar(
+        "SELECT lease_owner FROM messages WHERE id = ? AND state IN ('queued', 'deferred')",
+    )
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await?
+    .flatten();
+    Ok(found.as_deref() == Some(owner))
+}
+
+async fn insert_message(tx: &mut Tx, m: &NewMessage) -> Result<(), StoreError> {
+    let recipients = serde_json::to_string(&m.recipients)
+        .map_err(|e| StoreError::Database(sqlx::Error::Encode(Box::new(e))))?;
+    sqlx::query(
+        "INSERT INTO messages (id, decision_id, accepted_at_ms, door, principal, envelope_from, recipients, size, raw, state, hold_until_ms)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&m.id)
+    .bind(&m.decision_id)
+    .bind(m.accepted_at_ms)
+    .bind(&m.door)
+    .bind(&m.principal)
+    .bind(&m.envelope_from)
+    .bind(recipients)
+    .bind(m.raw.len() as i64)
+    .bind(&m.raw)
+    .bind(&m.state)
+    .bind(m.hold_until_ms)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl QueueStore for SqliteStore {
+    async fn release_held(&self, now_ms: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE messages SET state = 'queued', next_attempt_ms = ?, updated_at_ms = ?
+             WHERE state = 'held' AND COALESCE(hold_until_ms, 0) <= ?",
+        )
+        .bind(now_ms)
+        .bind(now_ms)
+        .bind(now_ms)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn lease_due(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<LeasedMessage>, StoreError> {
+        let until = now_ms.saturating_add(lease_ms);
+        // BEGIN IMMEDIATE takes the write lock first: two workers cannot lease the same row.
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let rows = sqlx::query(
+            "SELECT id, decision_id, door, accepted_at_ms, envelope_from, recipients, attempts, raw
+             FROM messages
+             WHERE state IN ('queued', 'deferred')
+               AND COALESCE(next_attempt_ms, 0) <= ?
+               AND (lease_until_ms IS NULL OR lease_until_ms <= ?)
+             ORDER BY COALESCE(next_attempt_ms, accepted_at_ms), id
+             LIMIT ?",
+        )
+        .bind(now_ms)
+        .bind(now_ms)
+        .bind(i64::from(limit.max(1)))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.try_get("id")?;
+            sqlx::query(
+                "UPDATE messages SET lease_owner = ?, lease_until_ms = ?, updated_at_ms = ? WHERE id = ?",
+            )
+            .bind(owner)
+            .bind(until)
+            .bind(now_ms)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+            let envelope: String = row.try_get("recipients")?;
+            let envelope = recipients_of(&envelope)?;
+            // Recipient rows are made on the first lease (acceptance stays one small insert).
+            for r in &envelope {
+                sqlx::query(
+                    "INSERT OR IGNORE INTO message_recipients (message_id, recipient, state, updated_at_ms)
+                     VALUES (?, ?, 'pending', ?)",
+                )
+                .bind(&id)
+                .bind(r)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+            }
+            let states = sqlx::query(
+                "SELECT recipient, state FROM message_recipients WHERE message_id = ? ORDER BY rowid",
+            )
+            .bind(&id)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut recipients = Vec::new();
+            for s in states {
+                let state = RecipientState::parse(&s.try_get::<String, _>("state")?);
+                if !state.is_final() {
+                    recipients.push((s.try_get("recipient")?, state));
+                }
+            }
+            out.push(LeasedMessage {
+                id,
+                decision_id: row.try_get("decision_id")?,
+                door: row.try_get("door")?,
+                accepted_at_ms: row.try_get("accepted_at_ms")?,
+                envelope_from: row.try_get("envelope_from")?,
+                recipients,
+                attempts: row.try_get("attempts")?,
+                raw: row.try_get("raw")?,
+                lease_until_ms: until,
+            });
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn next_due_ms(&self) -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT MIN(CASE
+                 WHEN state = 'held' THEN COALESCE(hold_until_ms, 0)
+                 WHEN lease_until_ms IS NOT NULL THEN MAX(lease_until_ms, COALESCE(next_attempt_ms, 0))
+                 ELSE COALESCE(next_attempt_ms, 0) END)
+             FROM messages WHERE state IN ('queued', 'deferred', 'held')",
+        )
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    async fn record_attempt(
+        &self,
+        owner: &str,
+        report: &AttemptReport,
+    ) -> Result<Recorded, StoreError> {
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        if !holds_lease(&mut tx, owner, &report.message_id).await? {
+            return Ok(Recorded::LeaseLost);
+        }
+        for o in &report.outcomes {
+            sqlx::query(
+                "UPDATE message_recipients
+                 SET state = ?, attempts = attempts + 1, code = ?, reply = ?, smarthost = ?, updated_at_ms = ?
+                 WHERE message_id = ? AND recipient = ?",
+            )
+            .bind(o.state.as_str())
+            .bind(&o.code)
+            .bind(&o.reply)
+            .bind(&report.smarthost)
+            .bind(report.at_ms)
+            .bind(&report.message_id)
+            .bind(&o.recipient)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO delivery_attempts (message_id, at_ms, smarthost, recipient, outcome, code, reply, next_attempt_ms)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&report.message_id)
+            .bind(report.at_ms)
+            .bind(&report.smarthost)
+            .bind(&o.recipient)
+            .bind(o.state.as_str())
+            .bind(&o.code)
+            .bind(&o.reply)
+            .bind(if o.state.is_final() {
+                None
+            } else {
+                report.next_attempt_ms
+            })
+            .execute(&mut *tx)
+            .await?;
+        }
+        let states: Vec<String> =
+            sqlx::query_scalar("SELECT state FROM message_recipients WHERE message_id = ?")
+                .bind(&report.message_id)
+                .fetch_all(&mut *tx)
+                .await?;
+        let states: Vec<RecipientState> = states.iter().map(|s| RecipientState::parse(s)).collect();
+        let state = message_state(&states);
+        let (next, done) = if state == "deferred" {
+            (Some(report.next_attempt_ms.unwrap_or(report.at_ms)), None)
+        } else {
+            (None, Some(report.at_ms))
+        };
+        sqlx::query(
+            "UPDATE messages SET state = ?, attempts = attempts + 1, next_attempt_ms = ?, done_at_ms = ?,
+                 lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = ?
+             WHERE id = ?",
+        )
+        .bind(state)
+        .bind(next)
+        .bind(done)
+        .bind(report.at_ms)
+        .bind(&report.message_id)
+        .execute(&mut *tx)
+        .await?;
+        if let Some(dsn) = &report.dsn {
+            insert_message(&mut tx, dsn).await?;
+        }
+        tx.commit().await?;
+        Ok(Recorded::State(state.to_owned()))
+    }
+
+    async fn mark_captured(
+        &self,
+        owner: &str,
+        id: &str,
+        now_ms: i64,
+    ) -> Result<Recorded, StoreError> {
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        if !holds_lease(&mut tx, owner, id).await? {
+            return Ok(Recorded::LeaseLost);
+        }
+        sqlx::query(
+            "UPDATE messages SET state = 'captured', done_at_ms = ?, next_attempt_ms = NULL,
+                 lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = ?
+             WHERE id = ?",
+        )
+        .bind(now_ms)
+        .bind(now_ms)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Recorded::State("captured".to_owned()))
+    }
+
+    async fn list_queue(&self, filter: &QueueFilter) -> Result<Vec<QueueEntry>, StoreError> {
+        let limit = if filter.limit == 0 { 100 } else { filter.limit };
+        let rows = match &filter.state {
+            Some(state) => {
+                sqlx::query(concat!("SELECT ", entry_columns!(), " FROM messages WHERE state = ? ORDER BY accepted_at_ms DESC, id DESC LIMIT ?"))
+                .bind(state)
+                .bind(i64::from(limit))
+                .fetch_all(self.pool())
+                .await?
+            }
+            None => {
+                sqlx::query(concat!("SELECT ", entry_columns!(), " FROM messages WHERE state <> 'captured' ORDER BY accepted_at_ms DESC, id DESC LIMIT ?"))
+                .bind(i64::from(limit))
+                .fetch_all(self.pool())
+                .await?
+            }
+        };
+        rows.iter().map(entry_of).collect()
+    }
+
+    async fn message_status(&self, id: &str) -> Result<Option<MessageStatus>, StoreError> {
+        let Some(row) = sqlx::query(concat!(
+            "SELECT ",
+            entry_columns!(),
+            ", door, principal, hold_until_ms, lease_owner, lease_until_ms, done_at_ms
+             FROM messages WHERE id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?
+        else {
+            return Ok(None);
+        };
+        let entry = entry_of(&row)?;
+        let mut recipient_status = Vec::new();
+        for r in sqlx::query(
+            "SELECT recipient, state, attempts, code, reply, smarthost FROM message_recipients
+             WHERE message_id = ? ORDER BY rowid",
+        )
+        .bind(id)
+        .fetch_all(self.pool())
+        .await?
+        {
+            recipient_status.push(RecipientStatus {
+                recipient: r.try_get("recipient")?,
+                state: RecipientState::parse(&r.try_get::<String, _>("state")?),
+                attempts: r.try_get("attempts")?,
+                code: r.try_get("code")?,
+                last_reply: r.try_get("reply")?,
+                smarthost: r.try_get("smarthost")?,
+            });
+        }
+        if recipient_status.is_empty() {
+            recipient_status = entry
+                .recipients
+                .iter()
+                .map(|r| RecipientStatus {
+                    recipient: r.clone(),
+                    state: RecipientState::Pending,
+                    attempts: 0,
+                    code: None,
+                    last_reply: None,
+                    smarthost: None,
+                })
+                .collect();
+        }
+        let mut history = Vec::new();
+        for r in sqlx::query(
+            "SELECT at_ms, smarthost, recipient, outcome, code, reply, next_attempt_ms
+             FROM delivery_attempts WHERE message_id = ? ORDER BY seq",
+        )
+        .bind(id)
+        .fetch_all(self.pool())
+        .await?
+        {
+            history.push(AttemptEntry {
+                at_ms: r.try_get("at_ms")?,
+                smarthost: r.try_get("smarthost")?,
+                recipient: r.try_get("recipient")?,
+                outcome: r.try_get("outcome")?,
+                code: r.try_get("code")?,
+                reply: r.try_get("reply")?,
+                next_attempt_ms: r.try_get("next_attempt_ms")?,
+            });
+        }
+        Ok(Some(MessageStatus {
+            entry,
+            door: row.try_get("door")?,
+            principal: row.try_get("principal")?,
+            hold_until_ms: row.try_get("hold_until_ms")?,
+            lease_owner: row.try_get("lease_owner")?,
+            lease_until_ms: row.try_get("lease_until_ms")?,
+            done_at_ms: row.try_get("done_at_ms")?,
+            recipient_status,
+            history,
+        }))
+    }
+
+    async fn retry_message(&self, id: &str, now_ms: i64) -> Result<RetryOutcome, StoreError> {
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM messages WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(state) = state else {
+            return Ok(RetryOutcome::NotFound);
+        };
+        match state.as_str() {
+            "queued" | "deferred" | "held" | "failed" => {
+                sqlx::query(
+                    "UPDATE message_recipients SET state = 'pending', updated_at_ms = ?
+                     WHERE message_id = ? AND state = 'failed'",
+                )
+                .bind(now_ms)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE messages SET state = 'queued', next_attempt_ms = ?, hold_until_ms = NULL,
+                         done_at_ms = NULL, updated_at_ms = ?
+                     WHERE id = ?",
+                )
+                .bind(now_ms)
+                .bind(now_ms)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(RetryOutcome::Requeued)
+            }
+            _ => Ok(RetryOutcome::Final(state)),
+        }
+    }
+
+    async fn delete_message(&self, id: &str) -> Result<bool, StoreError> {
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let n = sqlx::query("DELETE FROM messages WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("DELETE FROM message_recipients WHERE message_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM delivery_attempts WHERE message_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    async fn list_captured(&self, limit: u32) -> Result<Vec<CapturedMessage>, StoreError> {
+        let limit = if limit == 0 { 100 } else { limit };
+        let rows = sqlx::query(
+            "SELECT id, decision_id, accepted_at_ms, done_at_ms, envelope_from, recipients, size,
+                    substr(raw, 1, ?) AS raw
+             FROM messages WHERE state = 'captured' ORDER BY accepted_at_ms DESC, id DESC LIMIT ?",
+        )
+        .bind(CAPTURED_HEAD_BYTES)
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(captured_of).collect()
+    }
+
+    async fn captured_message(&self, id: &str) -> Result<Option<CapturedMessage>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, decision_id, accepted_at_ms, done_at_ms, envelope_from, recipients, size, raw
+             FROM messages WHERE state = 'captured' AND id = ?",
+        )
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?;
+        row.as_ref().map(captured_of).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+    use crate::Store;
+
+    fn msg(id: &str, rcpts: &[&str]) -> NewMessage {
+        NewMessage {
+            id: id.into(),
+            decision_id: format!("D{id}"),
+            accepted_at_ms: 1_000,
+            door: "test".into(),
+            principal: "a@example.com".into(),
+            envelope_from: "a@example.com".into(),
+            recipients: rcpts.iter().map(|s| (*s).to_owned()).collect(),
+            raw: b"Subject: hi\r\n\r\nbody\r\n".to_vec(),
+            state: "queued".into(),
+            hold_until_ms: None,
+        }
+    }
+
+    fn outcome(r: &str, state: RecipientState, reply: &str) -> RecipientOutcome {
+        RecipientOutcome {
+            recipient: r.into(),
+            state,
+            code: match state {
+                RecipientState::Failed => Some("upstream.refused".into()),
+                RecipientState::Deferred => Some("upstream.deferred".into()),
+                _ => None,
+            },
+            reply: Some(reply.into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_is_exclusive_until_it_expires() {
+        let s = SqliteStore::in_memory().await.unwrap();
+        s.accept_message(&msg("m1", &["x@a.test"]), None)
+            .await
+            .unwrap();
+        let a = s.lease_due("w1", 2_000, 1_000, 10).await.unwrap();
+        assert_eq!(a.len(), 1);
+        assert_eq!(
+            a[0].recipients,
+            vec![("x@a.test".to_owned(), RecipientState::Pending)]
+        );
+        // Another worker finds nothing while the lease runs...
+        assert!(
+            s.lease_due("w2", 2_500, 1_000, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // ...and takes it over once the first worker's lease expired (it crashed).
+        let b = s.lease_due("w2", 3_000, 1_000, 10).await.unwrap();
+        assert_eq!(b.len(), 1);
+        // The crashed worker's late report is refused.
+        let late = AttemptReport {
+            message_id: "m1".into(),
+            at_ms: 3_100,
+            smarthost: None,
+            outcomes: vec![outcome("x@a.test", RecipientState::Delivered, "250 ok")],
+            next_attempt_ms: None,
+            dsn: None,
+        };
+        assert_eq!(
+            s.record_attempt("w1", &late).await.unwrap(),
+            Recorded::LeaseLost
+        );
+        assert_eq!(
+            s.record_attempt("w2", &late).await.unwrap(),
+            Recorded::State("delivered".into())
+        );
+        assert!(
+            s.lease_due("w3", 99_000, 1_000, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn per_recipient_outcomes_and_history() {
+        let s = SqliteStore::in_memory().await.unwrap();
+        s.accept_message(
+            &msg("m1", &["ok@a.test", "no@a.test", "later@a.test"]),
+            None,
+        )
+        .await
+        .unwrap();
+        let leased = s.lease_due("w", 2_000, 60_000, 10).await.unwrap();
+        assert_eq!(leased[0].recipients.len(), 3);
+        let mut dsn = msg("dsn1", &["a@example.com"]);
+        dsn.envelope_from = String::new();
+        dsn.door = "dsn".into();
+        let r = s
+            .record_attempt(
+                "w",
+                &AttemptReport {
+                    message_id: "m1".into(),
+                    at_ms: 2_100,
+                    smarthost: Some("up".into()),
+                    outcomes: vec![
+                        outcome("ok@a.test", RecipientState::Delivered, "250 2.0.0 ok"),
+                        outcome(
+                            "no@a.test",
+                            RecipientState::Failed,
+                            "550 5.1.1 no such user",
+                        ),
+                        outcome("later@a.test", RecipientState::Deferred, "451 4.3.0 later"),
+                    ],
+                    next_attempt_ms: Some(10_000),
+                    dsn: Some(dsn),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(r, Recorded::State("deferred".into()));
+        // Not due before next_attempt_ms; then only the deferred recipient is left.
+        assert!(s.lease_due("w", 9_999, 60_000, 10).await.unwrap().len() == 1); // the DSN
+        let again = s.lease_due("w", 10_000, 60_000, 10).await.unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(
+            again[0].recipients,
+            vec![("later@a.test".to_owned(), RecipientState::Deferred)]
+        );
+        let st = s.message_status("m1").await.unwrap().unwrap();
+        assert_eq!(st.entry.state, "deferred");
+        assert_eq!(st.history.len(), 3);
+        let no = st
+            .recipient_status
+            .iter()
+            .find(|r| r.recipient == "no@a.test")
+            .unwrap();
+        assert_eq!(no.state, RecipientState::Failed);
+        assert_eq!(no.last_reply.as_deref(), Some("550 5.1.1 no such user"));
+        assert_eq!(no.code.as_deref(), Some("upstream.refused"));
+        let dsn = s.message_status("dsn1").await.unwrap().unwrap();
+        assert_eq!(dsn.door, "dsn");
+        assert_eq!(dsn.entry.envelope_from, "");
+    }
+
+    #[tokio::test]
+    async fn held_messages_are_released_at_hold_until() {
+        let s = SqliteStore::in_memory().await.unwrap();
+        let mut m = msg("h", &["x@a.test"]);
+        m.state = "held".into();
+        m.hold_until_ms = Some(5_000);
+        s.accept_message(&m, None).await.unwrap();
+        assert_eq!(s.next_due_ms().await.unwrap(), Some(5_000));
+        assert_eq!(s.release_held(4_999).await.unwrap(), 0);
+        assert!(s.lease_due("w", 4_999, 10, 10).await.unwrap().is_empty());
+        assert_eq!(s.release_held(5_000).await.unwrap(), 1);
+        assert_eq!(s.lease_due("w", 5_000, 10, 10).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn capture_retry_delete_and_listing() {
+        let s = SqliteStore::in_memory().await.unwrap();
+        s.accept_message(&msg("c", &["x@a.test"]), None)
+            .await
+            .unwrap();
+        s.accept_message(&msg("f", &["y@a.test"]), None)
+            .await
+            .unwrap();
+        s.lease_due("w", 2_000, 1_000, 10).await.unwrap();
+        assert_eq!(
+            s.mark_captured("w", "c", 2_000).await.unwrap(),
+            Recorded::State("captured".into())
+        );
+        s.record_attempt(
+            "w",
+            &AttemptReport {
+                message_id: "f".into(),
+                at_ms: 2_000,
+                smarthost: None,
+                outcomes: vec![outcome("y@a.test", RecipientState::Failed, "550 no")],
+                next_attempt_ms: None,
+                dsn: None,
+            },
+        )
+        .await
+        .unwrap();
+        let captured = s.list_captured(10).await.unwrap();
+        assert_eq!(captured.len(), 1);
+        assert_eq!(captured[0].captured_at_ms, Some(2_000));
+        assert!(s.captured_message("c").await.unwrap().is_some());
+        assert!(s.captured_message("f").await.unwrap().is_none());
+        let listed = s.list_queue(&QueueFilter::default()).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].state, "failed");
+        assert_eq!(
+            s.retry_message("c", 3_000).await.unwrap(),
+            RetryOutcome::Final("captured".into())
+        );
+        assert_eq!(
+            s.retry_message("f", 3_000).await.unwrap(),
+            RetryOutcome::Requeued
+        );
+        let again = s.lease_due("w", 3_000, 1_000, 10).await.unwrap();
+        assert_eq!(
+            again[0].recipients,
+            vec![("y@a.test".to_owned(), RecipientState::Pending)]
+        );
+        assert!(s.delete_message("f").await.unwrap());
+        assert!(!s.delete_message("f").await.unwrap());
+        assert_eq!(
+            s.retry_message("f", 3_000).await.unwrap(),
+            RetryOutcome::NotFound
+        );
+    }
+
+    #[test]
+    fn message_state_follows_recipients() {
+        use RecipientState::*;
+        assert_eq!(message_state(&[Delivered, Pending]), "deferred");
+        assert_eq!(message_state(&[Delivered, Failed]), "failed");
+        assert_eq!(message_state(&[Delivered]), "delivered");
+    }
+}
