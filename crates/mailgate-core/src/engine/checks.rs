@@ -8,8 +8,8 @@ use super::counters::{Charge, Counters, Usage, exceeds};
 use super::index::{DirectoryIndex, Ownership};
 use super::{
     Body, CheckResult, Credential, CredentialState, Decision, Denial, Door, Fault, FaultKind,
-    LimitState, Mailbox, Mode, Outcome, Rewrite, SEND_SCOPES, SMTP_SCOPE, SendAttempt, TlsVersion,
-    Verdict, rfc3339_ms,
+    Finding, LimitState, Mailbox, Mode, Outcome, Rewrite, SEND_SCOPES, SMTP_SCOPE, SendAttempt,
+    TlsVersion, Verdict, rfc3339_ms,
 };
 use crate::catalogue::{Reason, RenderArgs};
 use crate::directory::{
@@ -17,7 +17,6 @@ use crate::directory::{
     RelaySenders, SEND_COST_UNITS, ServiceAccount, UnownedFrom, UserStatus,
 };
 use crate::gcra::{Gcra, GcraOutcome};
-use crate::validate::domain_of;
 
 /// The checks, in evaluation order (rows 1–37; 38–40 are delivery outcomes).
 pub(super) const CHECKS: &[Reason] = {
@@ -112,8 +111,8 @@ struct Ctx<'a> {
     project: Option<&'a str>,
     /// SA subject not found.
     subject_unknown: Option<&'a str>,
-    caller: String,
-    counter_key: Option<String>,
+    caller: Cow<'a, str>,
+    counter_key: Option<Cow<'a, str>>,
     limits: &'a EffectiveLimits,
     usage: Option<Usage>,
     recipients: u64,
@@ -135,7 +134,7 @@ impl<'a> Ctx<'a> {
             scopes: None,
             project: None,
             subject_unknown: None,
-            caller: String::new(),
+            caller: Cow::Borrowed(""),
             counter_key: None,
             limits: ix.org_limits(),
             usage: None,
@@ -164,7 +163,7 @@ impl<'a> Ctx<'a> {
                     CredentialState::Locked => Reason::AuthLocked,
                 };
                 let what = presented.clone().unwrap_or_else(|| "credential".into());
-                c.caller = what.clone();
+                c.caller = Cow::Owned(what.clone());
                 c.auth_failure = Some(AuthFailure {
                     reason,
                     detail: format!("the door refused {what}: {}", reason.spec().message),
@@ -178,7 +177,7 @@ impl<'a> Ctx<'a> {
                 project,
                 scopes,
             } => {
-                c.caller = user.clone();
+                c.caller = Cow::Borrowed(user);
                 c.client = ix.client(client_id);
                 c.scopes = Some(scopes);
                 c.project = Some(project);
@@ -204,7 +203,7 @@ impl<'a> Ctx<'a> {
                 scopes,
                 subject,
             } => {
-                c.caller = email.clone();
+                c.caller = Cow::Borrowed(email);
                 c.scopes = Some(scopes);
                 c.project = Some(project);
                 c.sa = ix.service_account(email);
@@ -217,14 +216,14 @@ impl<'a> Ctx<'a> {
                     match ix.user_by_address(s) {
                         Some(u) => {
                             c.user = Some(u);
-                            c.caller = ix.user(u).email.clone();
+                            c.caller = Cow::Borrowed(&ix.user(u).email);
                         }
                         None => c.subject_unknown = Some(s),
                     }
                 }
             }
             Credential::ApiKey { key_id } => {
-                c.caller = key_id.clone();
+                c.caller = Cow::Borrowed(key_id);
                 match ix.key(key_id) {
                     None => {
                         c.auth_failure = Some(invalid(
@@ -266,7 +265,7 @@ impl<'a> Ctx<'a> {
                             match ix.user_by_primary(&k.owner) {
                                 Some(u) => {
                                     c.user = Some(u);
-                                    c.caller = ix.user(u).email.clone();
+                                    c.caller = Cow::Borrowed(&ix.user(u).email);
                                 }
                                 None => {
                                     c.auth_failure = Some(invalid(
@@ -280,7 +279,7 @@ impl<'a> Ctx<'a> {
                 }
             }
             Credential::SmtpLogin { user } => {
-                c.caller = user.clone();
+                c.caller = Cow::Borrowed(user);
                 match ix.user_by_primary(user) {
                     Some(u) => c.user = Some(u),
                     None => {
@@ -292,11 +291,12 @@ impl<'a> Ctx<'a> {
                 }
             }
             Credential::RelayIp => {
-                c.caller = a
-                    .transport
-                    .client_ip
-                    .map(|ip| ip.to_string())
-                    .unwrap_or_default();
+                c.caller = Cow::Owned(
+                    a.transport
+                        .client_ip
+                        .map(|ip| ip.to_string())
+                        .unwrap_or_default(),
+                );
                 if a.door != Door::SmtpRelay {
                     c.auth_failure = Some(AuthFailure {
                         reason: Reason::AuthMissing,
@@ -339,16 +339,16 @@ impl<'a> Ctx<'a> {
         if c.authenticated {
             if let Some(u) = c.user {
                 let f = ix.facts(u);
-                c.counter_key = Some(f.primary.clone());
+                c.counter_key = Some(Cow::Borrowed(&f.primary));
                 c.limits = &f.limits;
             } else if let Some(sa) = c.sa {
-                c.counter_key = Some(format!("sa:{}", sa.email.to_ascii_lowercase()));
+                c.counter_key = Some(Cow::Owned(format!("sa:{}", sa.email.to_ascii_lowercase())));
             } else if matches!(a.credential, Credential::RelayIp) {
                 c.counter_key = match (&a.envelope_from, a.transport.client_ip) {
                     (Some(env), _) if !env.is_empty() => {
-                        Some(format!("relay:{}", env.to_ascii_lowercase()))
+                        Some(Cow::Owned(format!("relay:{}", env.to_ascii_lowercase())))
                     }
-                    (_, Some(ip)) => Some(format!("relay-ip:{ip}")),
+                    (_, Some(ip)) => Some(Cow::Owned(format!("relay-ip:{ip}"))),
                     _ => None,
                 };
             }
@@ -389,6 +389,7 @@ impl<'a> Ctx<'a> {
         }
     }
 
+    #[inline(always)]
     fn check(&self, r: Reason, rewrites: &mut Vec<Rewrite>) -> R {
         let a = self.a;
         let ix = self.ix;
@@ -604,7 +605,7 @@ impl<'a> Ctx<'a> {
                                 "token scopes [{}] include no scope that allows sending",
                                 scopes.join(" ")
                             ),
-                            Fault::new(FaultKind::Credential, self.caller.clone()),
+                            Fault::new(FaultKind::Credential, self.caller.to_string()),
                             format!("request the scope {need} and obtain a new token"),
                         )
                     }
@@ -1235,7 +1236,7 @@ impl<'a> Ctx<'a> {
         });
         let who = self
             .user
-            .map_or(key.as_str(), |u| self.ix.user(u).email.as_str());
+            .map_or(key.as_ref(), |u| self.ix.user(u).email.as_str());
         let detail =
             format!("{who}: {current} used of limits.{setting} = {limit}; frees up {when}");
         let fault = Fault::new(FaultKind::Limit, setting);
@@ -1265,7 +1266,7 @@ impl<'a> Ctx<'a> {
     fn render_args(&self, r: &R, code: Reason) -> RenderArgs {
         let a = self.a;
         RenderArgs {
-            caller: (!self.caller.is_empty()).then(|| self.caller.clone()),
+            caller: (!self.caller.is_empty()).then(|| self.caller.to_string()),
             project: self.project.map(|p| {
                 self.ix
                     .project(p)
@@ -1315,6 +1316,16 @@ fn has_send_scope(scopes: &[String], door: Door) -> bool {
     scopes.iter().any(|s| is_send_scope(s, door))
 }
 
+/// The domain part of an address (after the last `@`); a byte scan, as this runs several times
+/// per decision.
+#[inline]
+fn domain_of(addr: &str) -> &str {
+    match addr.bytes().rposition(|b| b == b'@') {
+        Some(i) => &addr[i + 1..],
+        None => "",
+    }
+}
+
 /// `d` is `parent` or a subdomain of it (case-insensitive).
 pub(crate) fn domain_within(d: &str, parent: &str) -> bool {
     d.eq_ignore_ascii_case(parent)
@@ -1355,6 +1366,85 @@ fn glob(p: &[u8], s: &[u8]) -> bool {
     p[pi..].iter().all(|&c| c == b'*')
 }
 
+/// The trace being built.
+struct Trace {
+    checks: Vec<CheckResult>,
+    denials: Vec<Denial>,
+    holds: Vec<LimitState>,
+    complete: bool,
+    mode: Mode,
+}
+
+impl Trace {
+    /// Records one check; true when enforcement stops here. Passing checks take the short path.
+    #[inline(always)]
+    fn record(&mut self, ctx: &Ctx<'_>, r: Reason, res: R) -> bool {
+        match res.outcome {
+            Outcome::Pass | Outcome::NotApplicable | Outcome::Pending if res.remedy.is_none() => {
+                if res.outcome == Outcome::Pending {
+                    self.complete = false;
+                }
+                self.checks.push(CheckResult {
+                    check: r,
+                    stage: r.stage(),
+                    outcome: res.outcome,
+                    detail: res.detail,
+                    finding: None,
+                });
+                false
+            }
+            _ => self.record_finding(ctx, r, res),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn record_finding(&mut self, ctx: &Ctx<'_>, r: Reason, res: R) -> bool {
+        let stop = res.outcome == Outcome::Fail && self.mode == Mode::Enforce;
+        match res.outcome {
+            Outcome::Fail => complete_failure(ctx, r, &res, &mut self.denials),
+            Outcome::Hold => {
+                if let Some(l) = &res.limit {
+                    self.holds.push(l.clone());
+                }
+            }
+            Outcome::Pending => self.complete = false,
+            Outcome::Pass | Outcome::NotApplicable => {}
+        }
+        let finding = match (res.remedy, res.fault) {
+            (Some(remedy), Some(object_at_fault)) => Some(Box::new(Finding {
+                remedy,
+                object_at_fault,
+                limit: res.limit,
+            })),
+            _ => None,
+        };
+        self.checks.push(CheckResult {
+            check: r,
+            stage: r.stage(),
+            outcome: res.outcome,
+            detail: res.detail,
+            finding,
+        });
+        stop
+    }
+}
+
+fn complete_failure(ctx: &Ctx<'_>, r: Reason, res: &R, denials: &mut Vec<Denial>) {
+    denials.push(Denial {
+        code: r,
+        stage: r.stage(),
+        object_at_fault: res
+            .fault
+            .clone()
+            .unwrap_or_else(|| Fault::new(FaultKind::Credential, "unknown")),
+        message: res.detail.to_string(),
+        remedy: res.remedy.clone().unwrap_or_default(),
+        limit: res.limit.clone(),
+        args: ctx.render_args(res, r),
+    });
+}
+
 pub(super) fn run(
     a: &SendAttempt,
     ix: &DirectoryIndex,
@@ -1363,55 +1453,52 @@ pub(super) fn run(
     mode: Mode,
 ) -> Decision {
     let mut ctx = Ctx::resolve(a, ix, now);
-    let mut checks = Vec::with_capacity(CHECKS.len());
-    let mut denials = Vec::new();
-    let mut holds = Vec::new();
+    let mut st = Trace {
+        checks: Vec::with_capacity(CHECKS.len()),
+        denials: Vec::new(),
+        holds: Vec::new(),
+        complete: true,
+        mode,
+    };
     let mut rewrites = Vec::new();
-    let mut complete = true;
-    for &r in CHECKS {
-        if r == Reason::LimitRate
-            && let Some(k) = &ctx.counter_key
-        {
-            ctx.usage = Some(counters.usage(k, now));
-        }
-        let res = ctx.check(r, &mut rewrites);
-        match res.outcome {
-            Outcome::Fail => {
-                denials.push(Denial {
-                    code: r,
-                    stage: r.stage(),
-                    object_at_fault: res
-                        .fault
-                        .clone()
-                        .unwrap_or_else(|| Fault::new(FaultKind::Credential, "unknown")),
-                    message: res.detail.to_string(),
-                    remedy: res.remedy.clone().unwrap_or_default(),
-                    limit: res.limit.clone(),
-                    args: ctx.render_args(&res, r),
-                });
+    // The checks are unrolled (one call per reason with a constant argument), so each inlined
+    // `check` folds to its own arm: no 37-way dispatch per decision.
+    macro_rules! steps {
+        ($($r:ident)*) => {
+            'checks: {
+                $(
+                    if Reason::$r == Reason::LimitRate
+                        && let Some(k) = &ctx.counter_key
+                    {
+                        ctx.usage = Some(counters.usage(k, now));
+                    }
+                    let res = ctx.check(Reason::$r, &mut rewrites);
+                    if st.record(&ctx, Reason::$r, res) {
+                        break 'checks;
+                    }
+                )*
             }
-            Outcome::Hold => {
-                if let Some(l) = &res.limit {
-                    holds.push(l.clone());
-                }
-            }
-            Outcome::Pending => complete = false,
-            Outcome::Pass | Outcome::NotApplicable => {}
-        }
-        let stop = res.outcome == Outcome::Fail && mode == Mode::Enforce;
-        checks.push(CheckResult {
-            check: r,
-            stage: r.stage(),
-            outcome: res.outcome,
-            detail: res.detail,
-            remedy: res.remedy,
-            object_at_fault: res.fault,
-            limit: res.limit,
-        });
-        if stop {
-            break;
-        }
+            debug_assert_eq!(&[$(Reason::$r),*][..], CHECKS);
+        };
     }
+    steps!(
+        TlsRequired TlsVersion AuthMissing AuthInvalid AuthExpired AuthRevoked AuthLocked
+        KeyUnsupported KeyIpBlocked KeyReferrerBlocked KeyApiBlocked RelayIpNotAllowed
+        ClientDisabled ProjectApiDisabled ScopeInsufficient PermissionMissing
+        DelegationNotConfigured DelegationScopeNotGranted DelegationSubjectUnknown
+        ImpersonationDenied AccountSuspended AccountMailDisabled AccountUnderReview
+        AccountSendingRevoked SenderNotOwned SenderUnverified SenderDomainUnverified
+        PolicyDenied PolicyRecipientRestricted PolicyTooManyRecipients LimitRate
+        LimitDailyMessages LimitDailyRecipients LimitConcurrency MessageInvalid
+        MessageNoRecipients MessageTooLarge
+    );
+    let Trace {
+        checks,
+        denials,
+        holds,
+        complete,
+        ..
+    } = st;
     let verdict = if !denials.is_empty() {
         Verdict::Denied
     } else if !holds.is_empty() {
@@ -1424,7 +1511,7 @@ pub(super) fn run(
             let l = ctx.limits;
             let action = |n: LimitName| l.on_exceed.get(&n).copied().unwrap_or_default();
             Some(Charge {
-                principal: k.clone(),
+                principal: k.to_string(),
                 rate: Gcra::per_minute(l.rate_units_per_minute, SEND_COST_UNITS),
                 recipients: ctx.recipients,
                 messages_per_day: l.messages_per_day,
@@ -1460,7 +1547,7 @@ pub(super) fn run(
         checks,
         holds,
         rewrites,
-        principal: ctx.counter_key,
+        principal: ctx.counter_key.map(Cow::into_owned),
         charge,
     }
 }

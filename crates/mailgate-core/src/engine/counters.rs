@@ -12,11 +12,12 @@
 //! 3. When the send finishes (reply sent), the door calls [`Counters::release`] to free its
 //!    concurrency slot.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use serde::Serialize;
 
+use super::index::HashMap;
 use crate::directory::{ExceedAction, LimitName};
 use crate::gcra::{Gcra, GcraOutcome};
 

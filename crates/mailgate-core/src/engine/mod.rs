@@ -403,6 +403,9 @@ pub struct LimitState {
 }
 
 /// One check of the trace.
+///
+/// Kept small (the failure details are boxed): an allowed send records all 37 checks, and the
+/// trace is built on every decision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CheckResult {
     /// The check, named by the code it produces.
@@ -415,11 +418,19 @@ pub struct CheckResult {
     pub outcome: Outcome,
     /// The facts the check used, or what went wrong.
     pub detail: Cow<'static, str>,
-    /// For failures and holds: what fixes it.
-    pub remedy: Option<String>,
-    /// For failures and holds: the object at fault.
-    pub object_at_fault: Option<Fault>,
-    /// For limit checks that did not pass.
+    /// For failures and holds: remedy, object at fault, limit state.
+    #[serde(flatten)]
+    pub finding: Option<Box<Finding>>,
+}
+
+/// What a failing (or holding) check found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// What fixes it.
+    pub remedy: String,
+    /// The object at fault.
+    pub object_at_fault: Fault,
+    /// For limit checks.
     pub limit: Option<LimitState>,
 }
 
@@ -427,6 +438,18 @@ impl CheckResult {
     /// The reason code (same as `check`).
     pub fn code(&self) -> &'static str {
         self.check.code()
+    }
+    /// The remedy, for failures and holds.
+    pub fn remedy(&self) -> Option<&str> {
+        self.finding.as_ref().map(|f| f.remedy.as_str())
+    }
+    /// The object at fault, for failures and holds.
+    pub fn object_at_fault(&self) -> Option<&Fault> {
+        self.finding.as_ref().map(|f| &f.object_at_fault)
+    }
+    /// The limit state, for limit checks that did not pass.
+    pub fn limit(&self) -> Option<&LimitState> {
+        self.finding.as_ref().and_then(|f| f.limit.as_ref())
     }
 }
 
