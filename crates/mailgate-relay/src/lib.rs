@@ -1,0 +1,589 @@
+//! The delivery worker. It leases due messages from the queue ([`QueueStore`]), and either
+//! captures them (capture mode: configured, or no smarthost in the directory) or relays them to the
+//! smarthost routed by each recipient's domain, recording every recipient's outcome:
+//!
+//! - accepted: `delivered`;
+//! - 5xx: `failed` with `upstream.refused` and the reply verbatim, and a DSN to the sender;
+//! - 4xx, unreachable, TLS failure: `deferred` with `upstream.deferred`, retried with exponential
+//!   backoff and jitter until the maximum age, then `failed` and a DSN;
+//! - AUTH refused by the smarthost: `deferred` with `upstream.auth_failed`, and an error-level
+//!   operator alert in the log.
+//!
+//! Connections are reused across messages (checked with NOOP before reuse) and closed when the
+//! queue runs dry.
+
+pub mod capture;
+pub mod dsn;
+pub mod smtp;
+pub mod testing;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mailgate_core::directory::Smarthost;
+use mailgate_store::{
+    AttemptReport, LeasedMessage, NewMessage, QueueStore, RecipientOutcome, RecipientState,
+    Recorded, StoreError,
+};
+use rustls::RootCertStore;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tokio::sync::Notify;
+use tokio_rustls::TlsConnector;
+
+use crate::smtp::{ConnectError, ConnectSettings, Connection};
+
+/// Reason codes of delivery outcomes (causes rows 38-40).
+pub mod codes {
+    /// The smarthost refused (5xx).
+    pub const REFUSED: &str = "upstream.refused";
+    /// 4xx or unreachable; retried.
+    pub const DEFERRED: &str = "upstream.deferred";
+    /// The smarthost rejected our credentials.
+    pub const AUTH_FAILED: &str = "upstream.auth_failed";
+}
+
+/// A fault that stops the worker from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The private CA file cannot be read or holds no certificate.
+    #[error("relay.ca_file {path}: {reason}")]
+    CaFile {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The TLS client configuration cannot be built.
+    #[error("cannot build the TLS client configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How the worker runs.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Capture every message instead of relaying (also the behaviour when no smarthost exists).
+    pub capture: bool,
+    /// Give up on a recipient this long after acceptance (default 5 days).
+    pub max_age: Duration,
+    /// First retry delay; doubled per attempt (default 1 minute).
+    pub retry_initial: Duration,
+    /// Longest retry delay (default 1 hour).
+    pub retry_max: Duration,
+    /// How long a lease lasts; a crashed worker's messages are due again after it (default 5 min).
+    pub lease: Duration,
+    /// Longest sleep between queue checks (default 1 s).
+    pub poll_interval: Duration,
+    /// Connect and command timeout (default 60 s).
+    pub timeout: Duration,
+    /// EHLO name, Reporting-MTA and DSN sender domain.
+    pub helo_name: String,
+    /// PEM file with extra CA certificates trusted for smarthosts (a private CA).
+    pub ca_pem: Option<Vec<u8>>,
+    /// Smarthosts (by name) that authenticate with XOAUTH2 (the password is the access token).
+    pub xoauth2_smarthosts: Vec<String>,
+    /// Lease owner name (unique per worker).
+    pub worker_id: String,
+    /// Messages per lease.
+    pub batch: u32,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            capture: false,
+            max_age: Duration::from_secs(5 * 24 * 3600),
+            retry_initial: Duration::from_secs(60),
+            retry_max: Duration::from_secs(3600),
+            lease: Duration::from_secs(300),
+            poll_interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(60),
+            helo_name: "localhost".into(),
+            ca_pem: None,
+            xoauth2_smarthosts: Vec::new(),
+            worker_id: format!("worker-{}-{:08x}", std::process::id(), fastrand::u32(..)),
+            batch: 32,
+        }
+    }
+}
+
+/// The TLS client configuration for smarthosts: TLS 1.2 minimum, aws-lc-rs, the public web PKI
+/// roots plus the configured private CA.
+pub fn tls_connector(ca_pem: Option<&[u8]>) -> Result<TlsConnector, RelayError> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(pem) = ca_pem {
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| RelayError::CaFile {
+                path: "(PEM)".into(),
+                reason: e.to_string(),
+            })?;
+            roots.add(cert)?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(RelayError::CaFile {
+                path: "(PEM)".into(),
+                reason: "no CERTIFICATE block".into(),
+            });
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// The smarthost for a recipient: the one listing its domain, else the default route (a smarthost
+/// with no domains).
+pub fn route<'a>(smarthosts: &'a [Smarthost], recipient: &str) -> Option<&'a Smarthost> {
+    let domain = recipient.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+    smarthosts
+        .iter()
+        .find(|s| s.domains.iter().any(|d| d.eq_ignore_ascii_case(domain)))
+        .or_else(|| smarthosts.iter().find(|s| s.domains.is_empty()))
+}
+
+/// The delay before attempt number `attempts + 1`: `initial * 2^attempts`, capped at `max`, with
+/// up to 25 % jitter either way so retries of many messages spread out.
+pub fn backoff(attempts: i64, initial: Duration, max: Duration) -> Duration {
+    let exp = attempts.clamp(0, 30) as u32;
+    let base = initial
+        .checked_mul(1u32 << exp.min(20))
+        .unwrap_or(max)
+        .min(max);
+    let ms = base.as_millis() as u64;
+    let jitter = ms / 4;
+    let spread = if jitter > 0 {
+        fastrand::u64(0..=2 * jitter)
+    } else {
+        0
+    };
+    Duration::from_millis((ms - jitter + spread).max(1))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Where the worker reads the smarthosts in force (the live directory).
+pub type SmarthostSource = Arc<dyn Fn() -> Vec<Smarthost> + Send + Sync>;
+
+/// The delivery worker.
+pub struct Relay {
+    store: Arc<dyn QueueStore>,
+    smarthosts: SmarthostSource,
+    config: RelayConfig,
+    settings: ConnectSettings,
+    wake: Arc<Notify>,
+    connections: HashMap<String, Connection>,
+}
+
+impl Relay {
+    /// A worker over `store`, reading smarthosts from `smarthosts`.
+    pub fn new(
+        store: Arc<dyn QueueStore>,
+        smarthosts: SmarthostSource,
+        config: RelayConfig,
+    ) -> Result<Relay, RelayError> {
+        let settings = ConnectSettings {
+            helo_name: config.helo_name.clone(),
+            timeout: config.timeout,
+            tls: tls_connector(config.ca_pem.as_deref())?,
+            xoauth2: Arc::new(config.xoauth2_smarthosts.clone()),
+        };
+        Ok(Relay {
+            store,
+            smarthosts,
+            config,
+            settings,
+            wake: Arc::new(Notify::new()),
+            connections: HashMap::new(),
+        })
+    }
+
+    /// A handle that wakes the worker (e.g. after a door accepted a message).
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// True when messages are captured rather than relayed right now.
+    pub fn capturing(&self) -> bool {
+        self.config.capture || (self.smarthosts)().is_empty()
+    }
+
+    /// Runs until the task is aborted. Store faults are logged and retried.
+    pub fn spawn(mut self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            tracing::info!(
+                worker = %self.config.worker_id,
+                capture = self.capturing(),
+                "delivery worker started"
+            );
+            loop {
+                let worked = match self.run_once().await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::error!(error = %e, "delivery worker: store fault; retrying");
+                        0
+                    }
+                };
+                if worked > 0 {
+                    continue;
+                }
+                self.close_connections().await;
+                let sleep = match self.store.next_due_ms().await {
+                    Ok(Some(due)) => Duration::from_millis((due - now_ms()).max(0) as u64),
+                    _ => self.config.poll_interval,
+                }
+                .clamp(Duration::from_millis(10), self.config.poll_interval);
+                tokio::select! {
+                    _ = tokio::time::sleep(sleep) => {}
+                    _ = self.wake.notified() => {}
+                }
+            }
+        })
+    }
+
+    async fn close_connections(&mut self) {
+        for (_, c) in self.connections.drain() {
+            c.close().await;
+        }
+    }
+
+    /// One pass: releases held messages, leases a batch and handles it. Returns how many messages
+    /// were handled.
+    pub async fn run_once(&mut self) -> Result<usize, StoreError> {
+        let now = now_ms();
+        self.store.release_held(now).await?;
+        let batch = self
+            .store
+            .lease_due(
+                &self.config.worker_id,
+                now,
+                self.config.lease.as_millis() as i64,
+                self.config.batch,
+            )
+            .await?;
+        let n = batch.len();
+        let smarthosts = (self.smarthosts)();
+        let capture = self.config.capture || smarthosts.is_empty();
+        for m in batch {
+            if capture {
+                match self
+                    .store
+                    .mark_captured(&self.config.worker_id, &m.id, now_ms())
+                    .await?
+                {
+                    Recorded::State(_) => {
+                        tracing::info!(message_id = %m.id, "message captured (capture mode)")
+                    }
+                    Recorded::LeaseLost => {
+                        tracing::warn!(message_id = %m.id, "lease lost before capture")
+                    }
+                }
+            } else {
+                self.deliver(&smarthosts, m).await?;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn connection(&mut self, sh: &Smarthost) -> Result<&mut Connection, ConnectError> {
+        let reusable = match self.connections.get_mut(&sh.name) {
+            Some(c) => c.alive().await,
+            None => false,
+        };
+        if !reusable {
+            self.connections.remove(&sh.name);
+            let c = Connection::open(sh, &self.settings).await?;
+            self.connections.insert(sh.name.clone(), c);
+        }
+        self.connections
+            .get_mut(&sh.name)
+            .ok_or_else(|| ConnectError::Unavailable("connection vanished".into()))
+    }
+
+    async fn deliver(
+        &mut self,
+        smarthosts: &[Smarthost],
+        m: LeasedMessage,
+    ) -> Result<(), StoreError> {
+        let at = now_ms();
+        // Group the remaining recipients by route.
+        let mut groups: Vec<(Smarthost, Vec<String>)> = Vec::new();
+        let mut outcomes: Vec<(RecipientOutcome, Option<String>)> = Vec::new();
+        for (rcpt, _) in &m.recipients {
+            match route(smarthosts, rcpt) {
+                Some(sh) => match groups.iter_mut().find(|(s, _)| s.name == sh.name) {
+                    Some((_, v)) => v.push(rcpt.clone()),
+                    None => groups.push((sh.clone(), vec![rcpt.clone()])),
+                },
+                None => outcomes.push((
+                    RecipientOutcome {
+                        recipient: rcpt.clone(),
+                        state: RecipientState::Deferred,
+                        code: Some(codes::DEFERRED.into()),
+                        reply: Some(
+                            "no smarthost routes this recipient's domain and none is the default route"
+                                .into(),
+                        ),
+                    },
+                    None,
+                )),
+            }
+        }
+        let mut smarthost_names = Vec::new();
+        for (sh, rcpts) in groups {
+            smarthost_names.push(sh.name.clone());
+            let remote = Some(format!("{} ({})", sh.host, sh.name));
+            let result = match self.connection(&sh).await {
+                Ok(conn) => conn
+                    .transaction(&m.envelope_from, &rcpts, &m.raw)
+                    .await
+                    .map_err(|e| {
+                        ConnectError::Unavailable(format!(
+                            "smarthost {} ({}:{}): connection lost: {e}",
+                            sh.name, sh.host, sh.port
+                        ))
+                    }),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(list) => {
+                    for o in list {
+                        let code = match o.state {
+                            RecipientState::Failed => Some(codes::REFUSED.to_owned()),
+                            RecipientState::Deferred | RecipientState::Pending => {
+                                Some(codes::DEFERRED.to_owned())
+                            }
+                            RecipientState::Delivered => None,
+                        };
+                        outcomes.push((
+                            RecipientOutcome {
+                                recipient: o.recipient,
+                                state: o.state,
+                                code,
+                                reply: Some(o.reply),
+                            },
+                            remote.clone(),
+                        ));
+                    }
+                    // Recipients the transaction did not answer for (cannot happen with a
+                    // complete transaction, but never lose one).
+                    for r in &rcpts {
+                        if !outcomes.iter().any(|(o, _)| &o.recipient == r) {
+                            outcomes.push((
+                                deferred(r, "no outcome reported", codes::DEFERRED),
+                                remote.clone(),
+                            ));
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.connections.remove(&sh.name);
+                    let code = match &e {
+                        ConnectError::AuthRejected(reply) => {
+                            tracing::error!(
+                                alert = "operator",
+                                smarthost = %sh.name,
+                                host = %sh.host,
+                                reply = %reply,
+                                "OPERATOR ALERT: the smarthost rejected Mailgate's credentials (upstream.auth_failed); mail to it waits in the queue until they are fixed"
+                            );
+                            codes::AUTH_FAILED
+                        }
+                        ConnectError::Unavailable(reason) => {
+                            tracing::warn!(smarthost = %sh.name, reason = %reason, "smarthost unavailable; deferring");
+                            codes::DEFERRED
+                        }
+                    };
+                    for r in &rcpts {
+                        outcomes.push((deferred(r, &e.to_string(), code), remote.clone()));
+                    }
+                }
+            }
+        }
+
+        // Past the maximum age, deferral becomes failure.
+        let expired = at - m.accepted_at_ms >= self.config.max_age.as_millis() as i64;
+        if expired {
+            for (o, _) in outcomes.iter_mut() {
+                if o.state == RecipientState::Deferred {
+                    o.state = RecipientState::Failed;
+                    o.reply = Some(format!(
+                        "{} (gave up: not delivered within {} s of acceptance)",
+                        o.reply.as_deref().unwrap_or(""),
+                        self.config.max_age.as_secs()
+                    ));
+                }
+            }
+        }
+        let any_waiting = outcomes.iter().any(|(o, _)| !o.state.is_final());
+        let next_attempt_ms = any_waiting.then(|| {
+            let delay = backoff(m.attempts, self.config.retry_initial, self.config.retry_max);
+            (at + delay.as_millis() as i64)
+                .min(m.accepted_at_ms + self.config.max_age.as_millis() as i64)
+                .max(at + 1)
+        });
+
+        let failed: Vec<dsn::FailedRecipient> = outcomes
+            .iter()
+            .filter(|(o, _)| o.state == RecipientState::Failed)
+            .map(|(o, remote)| {
+                let diag = o.reply.clone().unwrap_or_default();
+                dsn::FailedRecipient {
+                    recipient: o.recipient.clone(),
+                    status: if expired && o.code.as_deref() != Some(codes::REFUSED) {
+                        "4.4.7".into()
+                    } else {
+                        dsn::status_of(&diag, true)
+                    },
+                    remote_mta: remote.clone(),
+                    diagnostic: diag,
+                }
+            })
+            .collect();
+        let dsn = if failed.is_empty() {
+            None
+        } else if m.envelope_from.is_empty() {
+            tracing::warn!(message_id = %m.id, "a bounce could not be delivered; no DSN for a null sender");
+            None
+        } else {
+            match dsn::build(&dsn::DsnInput {
+                reporting_mta: &self.config.helo_name,
+                message_id: &m.id,
+                arrival_secs: m.accepted_at_ms / 1000,
+                now_secs: at / 1000,
+                to: &m.envelope_from,
+                failed: &failed,
+                original: &m.raw,
+            }) {
+                Ok(raw) => Some(NewMessage {
+                    id: new_message_id(at),
+                    decision_id: m.decision_id.clone(),
+                    accepted_at_ms: at,
+                    door: "dsn".into(),
+                    principal: "mailgate:dsn".into(),
+                    envelope_from: String::new(),
+                    recipients: vec![m.envelope_from.clone()],
+                    raw,
+                    state: "queued".into(),
+                    hold_until_ms: None,
+                }),
+                Err(e) => {
+                    tracing::error!(message_id = %m.id, error = %e, "cannot build a DSN");
+                    None
+                }
+            }
+        };
+        let dsn_id = dsn.as_ref().map(|d| d.id.clone());
+        let report = AttemptReport {
+            message_id: m.id.clone(),
+            at_ms: at,
+            smarthost: (!smarthost_names.is_empty()).then(|| smarthost_names.join(",")),
+            outcomes: outcomes.into_iter().map(|(o, _)| o).collect(),
+            next_attempt_ms,
+            dsn,
+        };
+        match self
+            .store
+            .record_attempt(&self.config.worker_id, &report)
+            .await?
+        {
+            Recorded::State(state) => {
+                tracing::info!(
+                    message_id = %m.id,
+                    state = %state,
+                    delivered = report.outcomes.iter().filter(|o| o.state == RecipientState::Delivered).count(),
+                    deferred = report.outcomes.iter().filter(|o| o.state == RecipientState::Deferred).count(),
+                    failed = report.outcomes.iter().filter(|o| o.state == RecipientState::Failed).count(),
+                    dsn = dsn_id.as_deref().unwrap_or("-"),
+                    "delivery attempt recorded"
+                );
+                if dsn_id.is_some() {
+                    self.wake.notify_one();
+                }
+            }
+            Recorded::LeaseLost => {
+                tracing::warn!(message_id = %m.id, "lease lost during delivery; another worker owns the message now")
+            }
+        }
+        Ok(())
+    }
+}
+
+fn deferred(rcpt: &str, reply: &str, code: &str) -> RecipientOutcome {
+    RecipientOutcome {
+        recipient: rcpt.to_owned(),
+        state: RecipientState::Deferred,
+        code: Some(code.to_owned()),
+        reply: Some(reply.to_owned()),
+    }
+}
+
+/// A message id in the gateway's style: 16 lower-case hex digits, time-ordered.
+pub fn new_message_id(now_ms: i64) -> String {
+    format!(
+        "{:012x}{:04x}",
+        (now_ms.max(0) as u64) & 0xFFFF_FFFF_FFFF,
+        fastrand::u16(..)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+    use mailgate_core::directory::SmarthostTls;
+
+    fn sh(name: &str, domains: &[&str]) -> Smarthost {
+        Smarthost {
+            name: name.into(),
+            host: "127.0.0.1".into(),
+            port: 25,
+            tls: SmarthostTls::None,
+            domains: domains.iter().map(|d| (*d).to_owned()).collect(),
+            username: None,
+            password_ref: None,
+        }
+    }
+
+    #[test]
+    fn routes_by_domain_then_default() {
+        let hosts = [sh("eu", &["example.eu"]), sh("default", &[])];
+        assert_eq!(route(&hosts, "a@EXAMPLE.eu").unwrap().name, "eu");
+        assert_eq!(route(&hosts, "a@example.org").unwrap().name, "default");
+        assert!(route(&hosts[..1], "a@example.org").is_none());
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let i = Duration::from_secs(60);
+        let m = Duration::from_secs(3600);
+        for _ in 0..100 {
+            let d0 = backoff(0, i, m);
+            assert!(d0 >= Duration::from_secs(45) && d0 <= Duration::from_secs(75));
+            let d3 = backoff(3, i, m);
+            assert!(d3 >= Duration::from_secs(360) && d3 <= Duration::from_secs(600));
+            let big = backoff(50, i, m);
+            assert!(big <= Duration::from_secs(4500));
+        }
+    }
+
+    #[test]
+    fn tls_connector_needs_a_certificate_in_the_ca_file() {
+        assert!(tls_connector(None).is_ok());
+        assert!(tls_connector(Some(b"not a pem")).is_err());
+    }
+}

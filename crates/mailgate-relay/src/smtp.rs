@@ -1,0 +1,353 @@
+//! One connection to a smarthost and one SMTP transaction on it, driven command by command with
+//! mail-send's low-level calls so that every recipient gets its own outcome (mail-send's `send`
+//! gives up on the first refused `RCPT TO`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mail_send::smtp::message::Parameters;
+use mail_send::{Credentials, SmtpClient};
+use mailgate_core::directory::{Smarthost, SmarthostTls};
+use mailgate_store::RecipientState;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// Any byte stream a client can run on (plain TCP or TLS over TCP).
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// An open, greeted, EHLO'd (and authenticated) connection.
+pub struct Connection {
+    client: SmtpClient<Box<dyn Stream>>,
+    /// Name of the smarthost.
+    pub smarthost: String,
+}
+
+/// Why a connection could not be used. Every one of these defers the recipients.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The smarthost refused our credentials (`upstream.auth_failed`).
+    #[error("{0}")]
+    AuthRejected(String),
+    /// Unreachable, TLS failure, bad greeting, STARTTLS missing, ... (`upstream.deferred`).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// The password of a smarthost, from its `password_ref` (`env:VAR` or `file:/path`).
+fn resolve_password(reference: &str) -> Result<String, ConnectError> {
+    if let Some(var) = reference.strip_prefix("env:") {
+        std::env::var(var).map_err(|_| {
+            ConnectError::Unavailable(format!(
+                "smarthost password: environment variable `{var}` is not set"
+            ))
+        })
+    } else if let Some(path) = reference.strip_prefix("file:") {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim_end_matches(['\r', '\n']).to_owned())
+            .map_err(|e| {
+                ConnectError::Unavailable(format!("smarthost password: cannot read `{path}`: {e}"))
+            })
+    } else {
+        Err(ConnectError::Unavailable(
+            "smarthost password_ref must be `env:VAR` or `file:/path`".into(),
+        ))
+    }
+}
+
+/// An SMTP reply as the upstream wrote it: `550 5.1.1 text`.
+pub fn reply_text(code: u16, esc: [u8; 3], message: &str) -> String {
+    let message = message.replace('\n', " ");
+    if esc[0] != 0 {
+        format!("{code} {}.{}.{} {message}", esc[0], esc[1], esc[2])
+    } else {
+        format!("{code} {message}")
+    }
+}
+
+fn describe(e: &mail_send::Error) -> String {
+    match e {
+        mail_send::Error::UnexpectedReply(r) | mail_send::Error::AuthenticationFailed(r) => {
+            reply_text(r.code, r.esc, &r.message)
+        }
+        other => other.to_string(),
+    }
+}
+
+/// How to authenticate to a smarthost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMechanism {
+    /// PLAIN or LOGIN, whichever the smarthost offers (PLAIN first).
+    Password,
+    /// XOAUTH2 with an OAuth access token as the secret.
+    XOAuth2,
+}
+
+/// Settings shared by every connection.
+#[derive(Clone)]
+pub struct ConnectSettings {
+    /// Name sent in EHLO.
+    pub helo_name: String,
+    /// Connect and per-command timeout.
+    pub timeout: Duration,
+    /// Verifies the smarthost's certificate (public roots plus any configured private CA).
+    pub tls: TlsConnector,
+    /// Smarthosts (by name) that authenticate with XOAUTH2.
+    pub xoauth2: Arc<Vec<String>>,
+}
+
+impl Connection {
+    /// Connects, greets, upgrades to TLS as configured, and authenticates when a user is set.
+    pub async fn open(sh: &Smarthost, s: &ConnectSettings) -> Result<Connection, ConnectError> {
+        let unavailable = |what: &str, e: &mail_send::Error| {
+            ConnectError::Unavailable(format!(
+                "smarthost {} ({}:{}): {what}: {}",
+                sh.name,
+                sh.host,
+                sh.port,
+                describe(e)
+            ))
+        };
+        let addr = format!("{}:{}", sh.host, sh.port);
+        let tcp = match tokio::time::timeout(s.timeout, TcpStream::connect(&addr)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                return Err(ConnectError::Unavailable(format!(
+                    "smarthost {} ({addr}) unreachable: {e}",
+                    sh.name
+                )));
+            }
+            Err(_) => {
+                return Err(ConnectError::Unavailable(format!(
+                    "smarthost {} ({addr}) unreachable: connect timed out",
+                    sh.name
+                )));
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let plain = SmtpClient {
+            stream: tcp,
+            timeout: s.timeout,
+        };
+        let mut client: SmtpClient<Box<dyn Stream>> = match sh.tls {
+            SmarthostTls::Implicit => {
+                let mut c = plain
+                    .into_tls(&s.tls, &sh.host)
+                    .await
+                    .map_err(|e| unavailable("TLS handshake", &e))?;
+                greet(&mut c)
+                    .await
+                    .map_err(|e| unavailable("greeting", &e))?;
+                boxed(c)
+            }
+            SmarthostTls::Starttls => {
+                let mut c = plain;
+                greet(&mut c)
+                    .await
+                    .map_err(|e| unavailable("greeting", &e))?;
+                // STARTTLS is required: a smarthost that does not offer it answers the
+                // command with an error, and the recipients are deferred with that reply.
+                c.ehlo(&s.helo_name)
+                    .await
+                    .map_err(|e| unavailable("EHLO", &e))?;
+                let c = c
+                    .start_tls(&s.tls, &sh.host)
+                    .await
+                    .map_err(|e| unavailable("STARTTLS", &e))?;
+                boxed(c)
+            }
+            SmarthostTls::None => {
+                let mut c = plain;
+                greet(&mut c)
+                    .await
+                    .map_err(|e| unavailable("greeting", &e))?;
+                boxed(c)
+            }
+        };
+        let caps = client
+            .ehlo(&s.helo_name)
+            .await
+            .map_err(|e| unavailable("EHLO", &e))?;
+        if let Some(user) = &sh.username {
+            let secret = match &sh.password_ref {
+                Some(r) => resolve_password(r)?,
+                None => String::new(),
+            };
+            let creds = if s.xoauth2.iter().any(|n| n == &sh.name) {
+                Credentials::XOauth2 {
+                    username: user.clone(),
+                    secret,
+                }
+            } else {
+                Credentials::Plain {
+                    username: user.clone(),
+                    secret,
+                }
+            };
+            match client.authenticate(&creds, &caps).await {
+                Ok(_) => {}
+                Err(mail_send::Error::AuthenticationFailed(r)) => {
+                    return Err(ConnectError::AuthRejected(reply_text(
+                        r.code, r.esc, &r.message,
+                    )));
+                }
+                Err(mail_send::Error::UnexpectedReply(r)) if r.code >= 500 => {
+                    return Err(ConnectError::AuthRejected(reply_text(
+                        r.code, r.esc, &r.message,
+                    )));
+                }
+                Err(mail_send::Error::UnsupportedAuthMechanism) => {
+                    return Err(ConnectError::AuthRejected(format!(
+                        "smarthost {} offers no AUTH mechanism Mailgate can use for its credentials",
+                        sh.name
+                    )));
+                }
+                Err(e) => return Err(unavailable("AUTH", &e)),
+            }
+        }
+        Ok(Connection {
+            client,
+            smarthost: sh.name.clone(),
+        })
+    }
+
+    /// True if the connection still answers (checked before reusing it).
+    pub async fn alive(&mut self) -> bool {
+        self.client.noop().await.is_ok()
+    }
+
+    /// Ends the session politely.
+    pub async fn close(self) {
+        let _ = self.client.quit().await;
+    }
+
+    /// Runs one transaction: MAIL FROM, one RCPT TO per recipient, DATA. Returns each
+    /// recipient's outcome, or `Err` when the connection broke (recipients without an outcome
+    /// are then to be deferred, and the connection dropped).
+    pub async fn transaction(
+        &mut self,
+        from: &str,
+        recipients: &[String],
+        raw: &[u8],
+    ) -> Result<Vec<Outcome>, String> {
+        let params = Parameters::default();
+        let mut out = Vec::with_capacity(recipients.len());
+        match self.client.mail_from(from, &params).await {
+            Ok(()) => {}
+            Err(mail_send::Error::UnexpectedReply(r)) => {
+                let reply = reply_text(r.code, r.esc, &r.message);
+                for rcpt in recipients {
+                    out.push(Outcome::from_reply(rcpt, r.code, reply.clone()));
+                }
+                let _ = self.client.rset().await;
+                return Ok(out);
+            }
+            Err(e) => return Err(describe(&e)),
+        }
+        let mut accepted = Vec::new();
+        for rcpt in recipients {
+            match self.client.rcpt_to(rcpt, &params).await {
+                Ok(()) => accepted.push(rcpt.clone()),
+                Err(mail_send::Error::UnexpectedReply(r)) => {
+                    out.push(Outcome::from_reply(
+                        rcpt,
+                        r.code,
+                        reply_text(r.code, r.esc, &r.message),
+                    ));
+                }
+                Err(e) => return Err(describe(&e)),
+            }
+        }
+        if accepted.is_empty() {
+            let _ = self.client.rset().await;
+            return Ok(out);
+        }
+        match self.client.data(raw).await {
+            Ok(r) => {
+                let reply = reply_text(r.code, r.esc, &r.message);
+                for rcpt in accepted {
+                    out.push(Outcome {
+                        recipient: rcpt,
+                        state: RecipientState::Delivered,
+                        reply: reply.clone(),
+                    });
+                }
+            }
+            Err(mail_send::Error::UnexpectedReply(r)) => {
+                let reply = reply_text(r.code, r.esc, &r.message);
+                for rcpt in &accepted {
+                    out.push(Outcome::from_reply(rcpt, r.code, reply.clone()));
+                }
+                let _ = self.client.rset().await;
+            }
+            Err(e) => return Err(describe(&e)),
+        }
+        Ok(out)
+    }
+}
+
+/// One recipient's outcome in one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The recipient.
+    pub recipient: String,
+    /// Delivered, deferred (4xx) or failed (5xx).
+    pub state: RecipientState,
+    /// The upstream reply, verbatim.
+    pub reply: String,
+}
+
+impl Outcome {
+    fn from_reply(rcpt: &str, code: u16, reply: String) -> Outcome {
+        Outcome {
+            recipient: rcpt.to_owned(),
+            state: if (500..600).contains(&code) {
+                RecipientState::Failed
+            } else if (200..300).contains(&code) {
+                RecipientState::Delivered
+            } else {
+                RecipientState::Deferred
+            },
+            reply,
+        }
+    }
+}
+
+async fn greet<T: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut SmtpClient<T>,
+) -> Result<(), mail_send::Error> {
+    let r = c.read().await?;
+    if (200..300).contains(&r.code) {
+        Ok(())
+    } else {
+        Err(mail_send::Error::UnexpectedReply(r))
+    }
+}
+
+fn boxed<T: Stream + 'static>(c: SmtpClient<T>) -> SmtpClient<Box<dyn Stream>> {
+    SmtpClient {
+        stream: Box::new(c.stream),
+        timeout: c.timeout,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_are_kept_as_written() {
+        assert_eq!(
+            reply_text(550, [5, 1, 1], "no such user"),
+            "550 5.1.1 no such user"
+        );
+        assert_eq!(reply_text(421, [0, 0, 0], "busy"), "421 busy");
+    }
+
+    #[test]
+    fn password_refs() {
+        assert!(resolve_password("plain").is_err());
+        assert!(resolve_password("env:MAILGATE_TEST_SURELY_UNSET_VAR").is_err());
+    }
+}

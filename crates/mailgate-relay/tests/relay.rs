@@ -1,0 +1,305 @@
+//! The worker against a real SMTP sink on loopback and a real (in-memory) SQLite queue.
+
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mailgate_core::directory::{Smarthost, SmarthostTls};
+use mailgate_relay::testing::{Sink, SinkConfig};
+use mailgate_relay::{Relay, RelayConfig};
+use mailgate_store::{NewMessage, QueueStore, RecipientState, SqliteStore, Store};
+
+fn message(id: &str, rcpts: &[&str]) -> NewMessage {
+    NewMessage {
+        id: id.into(),
+        decision_id: format!("D-{id}"),
+        accepted_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64,
+        door: "test".into(),
+        principal: "alice@example.com".into(),
+        envelope_from: "alice@example.com".into(),
+        recipients: rcpts.iter().map(|s| (*s).to_owned()).collect(),
+        raw: b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: hello\r\n\r\nHi.\r\n.leading dot\r\n"
+            .to_vec(),
+        state: "queued".into(),
+        hold_until_ms: None,
+    }
+}
+
+fn smarthost(port: u16, tls: SmarthostTls) -> Smarthost {
+    Smarthost {
+        name: "up".into(),
+        host: "127.0.0.1".into(),
+        port,
+        tls,
+        domains: vec![],
+        username: None,
+        password_ref: None,
+    }
+}
+
+fn config() -> RelayConfig {
+    RelayConfig {
+        retry_initial: Duration::from_millis(100),
+        retry_max: Duration::from_millis(200),
+        timeout: Duration::from_secs(5),
+        helo_name: "mailgate.test".into(),
+        ..RelayConfig::default()
+    }
+}
+
+fn relay(store: &Arc<SqliteStore>, hosts: Vec<Smarthost>, config: RelayConfig) -> Relay {
+    Relay::new(store.clone(), Arc::new(move || hosts.clone()), config).unwrap()
+}
+
+/// Runs passes until `done` or 10 s.
+async fn drive(relay: &mut Relay, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        relay.run_once().await.unwrap();
+        if done().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("not done within 10 s");
+}
+
+#[tokio::test]
+async fn a_refused_recipient_fails_alone_and_the_sender_gets_a_dsn() {
+    let sink = Sink::start(
+        "127.0.0.1:0",
+        SinkConfig {
+            refuse: vec![(
+                "nobody@example.org".into(),
+                "550 5.1.1 <nobody@example.org>: no such user".into(),
+            )],
+            ..SinkConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    store
+        .accept_message(
+            &message(
+                "m1",
+                &["bob@example.org", "nobody@example.org", "carol@example.org"],
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    let mut r = relay(
+        &store,
+        vec![smarthost(sink.addr.port(), SmarthostTls::None)],
+        config(),
+    );
+    drive(&mut r, async || sink.received().len() >= 2).await;
+
+    let got = sink.received();
+    assert_eq!(
+        got[0].recipients,
+        vec!["bob@example.org", "carol@example.org"]
+    );
+    assert_eq!(got[0].from, "alice@example.com");
+    assert!(String::from_utf8_lossy(&got[0].data).contains("\r\n.leading dot\r\n"));
+    let st = store.message_status("m1").await.unwrap().unwrap();
+    assert_eq!(st.entry.state, "failed");
+    let nobody = st
+        .recipient_status
+        .iter()
+        .find(|r| r.recipient == "nobody@example.org")
+        .unwrap();
+    assert_eq!(nobody.state, RecipientState::Failed);
+    assert_eq!(nobody.code.as_deref(), Some("upstream.refused"));
+    assert_eq!(
+        nobody.last_reply.as_deref(),
+        Some("550 5.1.1 <nobody@example.org>: no such user")
+    );
+    for ok in ["bob@example.org", "carol@example.org"] {
+        let r = st
+            .recipient_status
+            .iter()
+            .find(|r| r.recipient == ok)
+            .unwrap();
+        assert_eq!(r.state, RecipientState::Delivered, "{ok}");
+    }
+    // The DSN went to the sender from the null sender, and names the refused recipient.
+    let dsn = &got[1];
+    assert_eq!(dsn.from, "");
+    assert_eq!(dsn.recipients, vec!["alice@example.com"]);
+    let text = String::from_utf8_lossy(&dsn.data);
+    assert!(text.contains("report-type"), "{text}");
+    assert!(
+        text.contains("Final-Recipient: rfc822; nobody@example.org"),
+        "{text}"
+    );
+    assert!(text.contains("Status: 5.1.1"), "{text}");
+    assert!(
+        !text.contains("bob@example.org>: "),
+        "only failed recipients are reported"
+    );
+}
+
+#[tokio::test]
+async fn a_smarthost_down_for_a_while_defers_then_delivers() {
+    // Reserve a port, leave it closed: the smarthost is down.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    store
+        .accept_message(&message("m1", &["bob@example.org"]), None)
+        .await
+        .unwrap();
+    let mut r = relay(&store, vec![smarthost(port, SmarthostTls::None)], config());
+    drive(&mut r, async || {
+        store
+            .message_status("m1")
+            .await
+            .unwrap()
+            .unwrap()
+            .history
+            .len()
+            >= 2
+    })
+    .await;
+    let st = store.message_status("m1").await.unwrap().unwrap();
+    assert_eq!(st.entry.state, "deferred");
+    assert!(st.entry.next_attempt_ms.is_some());
+    for h in &st.history {
+        assert_eq!(h.outcome, "deferred");
+        assert_eq!(h.code.as_deref(), Some("upstream.deferred"));
+        assert!(h.reply.as_deref().unwrap().contains("unreachable"), "{h:?}");
+        assert!(h.next_attempt_ms.is_some());
+    }
+    // Up again: delivered on the next attempt.
+    let sink = Sink::start(&format!("127.0.0.1:{port}"), SinkConfig::default())
+        .await
+        .unwrap();
+    drive(&mut r, async || sink.received().len() == 1).await;
+    let st = store.message_status("m1").await.unwrap().unwrap();
+    assert_eq!(st.entry.state, "delivered");
+    assert_eq!(st.history.last().unwrap().outcome, "delivered");
+}
+
+#[tokio::test]
+async fn starttls_with_a_private_ca_and_auth() {
+    let (cert, key) = mailgate_tls::self_signed(&["127.0.0.1"]).unwrap();
+    let server =
+        mailgate_tls::server_config_from_pem(cert.as_bytes(), key.as_bytes(), &[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    let sink = Sink::start(
+        "127.0.0.1:0",
+        SinkConfig {
+            tls: Some(tokio_rustls::TlsAcceptor::from(server)),
+            auth: Some(("relay-user".into(), "s3cret".into())),
+            ..SinkConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    store
+        .accept_message(&message("m1", &["bob@example.org"]), None)
+        .await
+        .unwrap();
+    let mut good = smarthost(sink.addr.port(), SmarthostTls::Starttls);
+    good.username = Some("relay-user".into());
+    good.password_ref = Some(format!("file:{}", pw.display()));
+
+    // Without the private CA the certificate is not trusted: deferred.
+    let mut untrusted = relay(&store, vec![good.clone()], config());
+    untrusted.run_once().await.unwrap();
+    let st = store.message_status("m1").await.unwrap().unwrap();
+    assert_eq!(st.entry.state, "deferred");
+    let reply = st.history[0].reply.clone().unwrap();
+    assert!(reply.contains("STARTTLS"), "{reply}");
+    assert!(sink.received().is_empty());
+    store.retry_message("m1", 0).await.unwrap();
+
+    // A wrong password: upstream.auth_failed, still deferred.
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "nope").unwrap();
+    let mut bad = good.clone();
+    bad.password_ref = Some(format!("file:{}", wrong.display()));
+    let mut cfg = config();
+    cfg.ca_pem = Some(cert.clone().into_bytes());
+    let mut r = relay(&store, vec![bad], cfg.clone());
+    r.run_once().await.unwrap();
+    let st = store.message_status("m1").await.unwrap().unwrap();
+    let last = st.history.last().unwrap();
+    assert_eq!(last.code.as_deref(), Some("upstream.auth_failed"));
+    assert!(
+        last.reply.as_deref().unwrap().starts_with("535 5.7.8"),
+        "{last:?}"
+    );
+    assert!(
+        !last.reply.as_deref().unwrap().contains("nope"),
+        "no secret in the status"
+    );
+    store.retry_message("m1", 0).await.unwrap();
+
+    // The right password and the CA: delivered over TLS.
+    let mut r = relay(&store, vec![good], cfg);
+    drive(&mut r, async || sink.received().len() == 1).await;
+    assert_eq!(
+        store
+            .message_status("m1")
+            .await
+            .unwrap()
+            .unwrap()
+            .entry
+            .state,
+        "delivered"
+    );
+}
+
+#[tokio::test]
+async fn without_smarthosts_mail_is_captured() {
+    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    store
+        .accept_message(&message("m1", &["bob@example.org"]), None)
+        .await
+        .unwrap();
+    let mut r = relay(&store, vec![], config());
+    assert!(r.capturing());
+    assert_eq!(r.run_once().await.unwrap(), 1);
+    let c = store.list_captured(10).await.unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(
+        mailgate_relay::capture::summary(&c[0].raw)
+            .subject
+            .as_deref(),
+        Some("hello")
+    );
+}
+
+#[tokio::test]
+async fn connections_are_reused_across_messages() {
+    let sink = Sink::start("127.0.0.1:0", SinkConfig::default())
+        .await
+        .unwrap();
+    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    for i in 0..5 {
+        store
+            .accept_message(&message(&format!("m{i}"), &["bob@example.org"]), None)
+            .await
+            .unwrap();
+    }
+    let mut r = relay(
+        &store,
+        vec![smarthost(sink.addr.port(), SmarthostTls::None)],
+        config(),
+    );
+    drive(&mut r, async || sink.received().len() == 5).await;
+    assert_eq!(sink.sessions(), 1, "one connection for the whole batch");
+}
