@@ -4,6 +4,7 @@
 mod admin;
 mod config;
 mod explain;
+mod listen;
 mod serve;
 
 use std::io::{Read, Write};
@@ -579,13 +580,52 @@ async fn serve(config: Config, store: Arc<SqliteStore>, demo: bool) -> anyhow::R
         write_private(&path, demo_credentials(&token).as_bytes())?;
         credentials_file = Some(path);
     }
+    let tls = tls_material(&config, demo)?;
+    let tokens: Arc<dyn mailgate_store::TokenStore> = store.clone();
     let gateway = mailgate_gateway::Gateway::open(store).await?;
+    let mut token_urls = vec![format!("{}/token", config.public_url)];
+    if tls.is_some() {
+        token_urls.push(format!("https://{}/token", config.https_listen));
+        token_urls.push(format!(
+            "https://localhost:{}/token",
+            config.https_listen.port()
+        ));
+    }
+    let gmail = Arc::new(mailgate_gmail::GmailState::new(
+        gateway.clone(),
+        tokens,
+        token_urls,
+    ));
     let state = std::sync::Arc::new(serve::AppState { gateway });
     let cfg = config.clone();
-    serve::run(&config, state, move |http| {
-        print_banner(&cfg, http, demo, credentials_file.as_deref());
+    serve::run(&config, state, gmail, tls, move |bound| {
+        print_banner(&cfg, &bound, demo, credentials_file.as_deref());
     })
     .await
+}
+
+/// The HTTPS certificate and key: the configured files, or in demo mode a self-signed pair kept
+/// under the data directory (generated once).
+fn tls_material(config: &Config, demo: bool) -> anyhow::Result<Option<(Vec<u8>, Vec<u8>)>> {
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        let c = std::fs::read(cert)
+            .with_context(|| format!("cannot read https.cert {}", cert.display()))?;
+        let k = std::fs::read(key)
+            .with_context(|| format!("cannot read https.key {}", key.display()))?;
+        return Ok(Some((c, k)));
+    }
+    if !demo {
+        return Ok(None);
+    }
+    let dir = config.data_dir.join("tls");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    if !cert.exists() || !key.exists() {
+        std::fs::create_dir_all(&dir)?;
+        let (c, k) = mailgate_tls::self_signed(&["localhost", "127.0.0.1"])?;
+        std::fs::write(&cert, c)?;
+        write_private(&key, k.as_bytes())?;
+    }
+    Ok(Some((std::fs::read(&cert)?, std::fs::read(&key)?)))
 }
 
 fn demo_credentials(admin_token: &str) -> String {
@@ -604,12 +644,8 @@ fn demo_credentials(admin_token: &str) -> String {
     out
 }
 
-fn print_banner(
-    config: &Config,
-    http: std::net::SocketAddr,
-    demo: bool,
-    credentials: Option<&Path>,
-) {
+fn print_banner(config: &Config, bound: &serve::Bound, demo: bool, credentials: Option<&Path>) {
+    let http = bound.http;
     let mode = if demo { " (demo mode)" } else { "" };
     println!("Mailgate {}{mode}", env!("CARGO_PKG_VERSION"));
     println!(
@@ -619,16 +655,26 @@ fn print_banner(
     println!(
         "  HTTP API            http://{http}   (plain HTTP, loopback only: a development listener)"
     );
+    match bound.https {
+        Some(a) => {
+            println!("  HTTPS API           https://{a}   (TLS 1.2 minimum, HTTP/1.1 and HTTP/2)")
+        }
+        None => println!("  HTTPS API           off (set https.cert and https.key)"),
+    }
+    println!(
+        "  Gmail API           http://{http}/gmail/v1/users/me/messages/send  (api_endpoint http://{http})"
+    );
+    println!(
+        "  OAuth token URL     {}/token   (sign-in: http://{http}/o/oauth2/auth)",
+        config.public_url
+    );
     println!("  health              http://{http}/healthz");
     println!(
         "  admin API           http://{http}/mailgate/v1/  (Authorization: Bearer <admin token>)"
     );
     println!(
-        "  reserved, not yet served: HTTPS {}, SMTP submission {}, SMTPS {}, SMTP relay {}",
-        config.https_listen,
-        config.smtp_submission_listen,
-        config.smtps_listen,
-        config.smtp_relay_listen
+        "  reserved, not yet served: SMTP submission {}, SMTPS {}, SMTP relay {}",
+        config.smtp_submission_listen, config.smtps_listen, config.smtp_relay_listen
     );
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
         println!(
@@ -647,7 +693,10 @@ fn print_banner(
             config.data_dir.display()
         );
     }
-    // A stable line for scripts and tests.
+    // Stable lines for scripts and tests.
+    if let Some(a) = bound.https {
+        println!("mailgate: listening https={a}");
+    }
     println!("mailgate: listening http={http}");
     let _ = std::io::stdout().flush();
 }

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -17,7 +16,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use mailgate_gateway::Gateway;
 use serde_json::json;
-use tokio::net::TcpListener;
 
 use crate::config::Config;
 
@@ -186,26 +184,55 @@ async fn get_decision(
     }
 }
 
-/// Runs the gateway until SIGINT/SIGTERM. `ready` is called with the bound addresses.
+/// The bound listeners, reported once the gateway is ready.
+pub struct Bound {
+    /// Plain HTTP (loopback).
+    pub http: SocketAddr,
+    /// HTTPS, when a certificate is configured (or generated in demo mode).
+    pub https: Option<SocketAddr>,
+}
+
+/// Runs the gateway until SIGINT/SIGTERM. `tls` is the HTTPS certificate and key (PEM), if any.
 pub async fn run(
     config: &Config,
     state: Arc<AppState>,
-    ready: impl FnOnce(SocketAddr),
+    gmail: Arc<mailgate_gmail::GmailState>,
+    tls: Option<(Vec<u8>, Vec<u8>)>,
+    ready: impl FnOnce(Bound),
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.http_listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (http.listen)", config.http_listen))?;
-    let addr = listener.local_addr()?;
-    ready(addr);
+    let app = router(state.clone()).merge(mailgate_gmail::router(gmail));
+    let http = crate::listen::bind(config.http_listen, "http.listen").await?;
+    let https = match &tls {
+        Some(_) => Some(crate::listen::bind(config.https_listen, "https.listen").await?),
+        None => None,
+    };
+    let acceptor = match &tls {
+        Some((cert, key)) => Some(crate::listen::https_acceptor(cert, key)?),
+        None => None,
+    };
+    ready(Bound {
+        http: http.local_addr()?,
+        https: https.as_ref().map(|l| l.local_addr()).transpose()?,
+    });
 
     let reloader = state
         .gateway
         .spawn_reloader(Duration::from_millis(config.reload_interval_ms));
-
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("HTTP server failed")?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = vec![tokio::spawn(crate::listen::serve(
+        http,
+        None,
+        app.clone(),
+        stop_rx.clone(),
+    ))];
+    if let (Some(l), Some(a)) = (https, acceptor) {
+        tasks.push(tokio::spawn(crate::listen::serve(l, Some(a), app, stop_rx)));
+    }
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
     reloader.abort();
     tracing::info!("shut down cleanly");
     Ok(())

@@ -1,0 +1,682 @@
+//! Gmail API routes, on Google's paths so a client's `api_endpoint` override is all it takes:
+//! `users.messages.send` (JSON `raw`, media, multipart and resumable uploads), `users.getProfile`
+//! and `users.settings.sendAs` (list, get).
+//!
+//! The door gathers facts into a `SendAttempt` and asks the gateway; it never decides a send
+//! itself. Non-send methods reuse the engine for authentication, account and mailbox checks and
+//! check their own (different) scope lists, as Google's discovery document defines them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use mailgate_core::catalogue::{Reason, RenderArgs};
+use mailgate_core::engine::{Body, Credential, Decision, Door, Mailbox, Outcome, SendAttempt};
+use mailgate_gateway::{Accepted, Message};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::errors::{denial_response, invalid_argument, reason_response, simple};
+use crate::{ConnFacts, GmailState};
+
+/// Scopes that may read the profile and send-as settings (discovery: getProfile, sendAs.list).
+pub(crate) const READ_SCOPES: &[&str] = &[
+    "https://mail.google.com/",
+    "https://www.googleapis.com/auth/gmail.modify",
+    "https://www.googleapis.com/auth/gmail.compose",
+    "https://www.googleapis.com/auth/gmail.readonly",
+    "https://www.googleapis.com/auth/gmail.metadata",
+    "https://www.googleapis.com/auth/gmail.settings.basic",
+];
+
+/// Gmail's upload limit: 35 MiB.
+pub(crate) const MAX_MESSAGE_BYTES: usize = 36_700_160;
+
+const SEND_METHOD: &str = "caribou.api.proto.MailboxService.SendMessage";
+const PROFILE_METHOD: &str = "caribou.api.proto.MailboxService.GetProfile";
+const SENDAS_METHOD: &str = "caribou.api.proto.MailboxService.ListSendAs";
+
+#[derive(Debug, Deserialize, Default)]
+pub(crate) struct CommonParams {
+    #[serde(rename = "uploadType")]
+    upload_type: Option<String>,
+    access_token: Option<String>,
+    key: Option<String>,
+    upload_id: Option<String>,
+}
+
+/// The credential presented: bearer header, `access_token` parameter, or an API `key`.
+async fn credential(st: &GmailState, headers: &HeaderMap, q: &CommonParams) -> Credential {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .or_else(|| q.access_token.clone());
+    if let Some(token) = bearer {
+        return crate::oauth::credential_for(st, &token).await;
+    }
+    if let Some(key) = q
+        .key
+        .as_deref()
+        .or_else(|| headers.get("x-goog-api-key").and_then(|v| v.to_str().ok()))
+    {
+        return st.api_key_credential(key);
+    }
+    Credential::None
+}
+
+fn base_attempt(
+    conn: &ConnFacts,
+    credential: Credential,
+    user_id: &str,
+    headers: &HeaderMap,
+) -> SendAttempt {
+    let mut a = SendAttempt::new(Door::Gmail, credential);
+    a.transport = conn.transport(headers);
+    a.mailbox = if user_id == "me" {
+        Mailbox::Me
+    } else {
+        Mailbox::Address(user_id.to_owned())
+    };
+    a
+}
+
+/// The address the request acts for, once authentication passed.
+fn acting_address(st: &GmailState, a: &SendAttempt) -> Option<String> {
+    if let Mailbox::Address(m) = &a.mailbox {
+        return Some(m.clone());
+    }
+    match &a.credential {
+        Credential::OauthUser { user, .. } => Some(user.clone()),
+        Credential::ServiceAccount { subject, .. } => subject.clone(),
+        Credential::ApiKey { key_id } => {
+            st.gateway.live().index.key(key_id).map(|k| k.owner.clone())
+        }
+        _ => None,
+    }
+}
+
+/// For non-send methods: run the engine for who-may-act checks (every check that needs message
+/// facts stays pending), then check the method's own scopes.
+async fn authorize_read(
+    st: &GmailState,
+    attempt: &SendAttempt,
+    method: &str,
+) -> Result<String, Response> {
+    let decided = st
+        .gateway
+        .decide("gmail", attempt)
+        .await
+        .map_err(|e| internal(&e.to_string()))?;
+    let d = &decided.decision;
+    if let Some(denial) = d
+        .denials
+        .iter()
+        .find(|x| x.code != Reason::ScopeInsufficient && x.code.spec().stage.as_str() != "limit")
+    {
+        return Err(denial_response(
+            denial,
+            &decided.id,
+            method,
+            mailgate_gateway::now_ms(),
+        ));
+    }
+    let scopes = match &attempt.credential {
+        Credential::OauthUser { scopes, .. } | Credential::ServiceAccount { scopes, .. } => {
+            Some(scopes)
+        }
+        _ => None,
+    };
+    if let Some(scopes) = scopes
+        && !scopes.iter().any(|s| READ_SCOPES.contains(&s.as_str()))
+    {
+        return Err(reason_response(
+            Reason::ScopeInsufficient,
+            &RenderArgs::default(),
+            method,
+            &format!(
+                "this method needs one of: {}; request it when obtaining the token",
+                READ_SCOPES.join(", ")
+            ),
+        ));
+    }
+    acting_address(st, attempt).ok_or_else(|| internal("no acting address"))
+}
+
+fn internal(msg: &str) -> Response {
+    tracing::error!(error = msg, "gmail door fault");
+    simple(500, "INTERNAL", "backendError", "Backend Error")
+}
+
+/// `GET /gmail/v1/users/{userId}/profile`.
+pub(crate) async fn profile(
+    State(st): State<Arc<GmailState>>,
+    conn: axum::Extension<ConnFacts>,
+    headers: HeaderMap,
+    Path(user_id): Path<String>,
+    Query(q): Query<CommonParams>,
+) -> Response {
+    let cred = credential(&st, &headers, &q).await;
+    let attempt = base_attempt(&conn, cred, &user_id, &headers);
+    match authorize_read(&st, &attempt, PROFILE_METHOD).await {
+        Ok(addr) => Json(json!({
+            "emailAddress": addr,
+            "messagesTotal": 0,
+            "threadsTotal": 0,
+            "historyId": "1",
+        }))
+        .into_response(),
+        Err(r) => r,
+    }
+}
+
+/// `GET /gmail/v1/users/{userId}/settings/sendAs`.
+pub(crate) async fn send_as_list(
+    State(st): State<Arc<GmailState>>,
+    conn: axum::Extension<ConnFacts>,
+    headers: HeaderMap,
+    Path(user_id): Path<String>,
+    Query(q): Query<CommonParams>,
+) -> Response {
+    let cred = credential(&st, &headers, &q).await;
+    let attempt = base_attempt(&conn, cred, &user_id, &headers);
+    let addr = match authorize_read(&st, &attempt, SENDAS_METHOD).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let live = st.gateway.live();
+    let Some(user) = live.index.directory().user(&addr) else {
+        return simple(
+            400,
+            "FAILED_PRECONDITION",
+            "failedPrecondition",
+            "Precondition check failed.",
+        );
+    };
+    Json(json!({ "sendAs": send_as_resources(user) })).into_response()
+}
+
+/// `GET /gmail/v1/users/{userId}/settings/sendAs/{sendAsEmail}`.
+pub(crate) async fn send_as_get(
+    State(st): State<Arc<GmailState>>,
+    conn: axum::Extension<ConnFacts>,
+    headers: HeaderMap,
+    Path((user_id, email)): Path<(String, String)>,
+    Query(q): Query<CommonParams>,
+) -> Response {
+    let cred = credential(&st, &headers, &q).await;
+    let attempt = base_attempt(&conn, cred, &user_id, &headers);
+    let addr = match authorize_read(&st, &attempt, SENDAS_METHOD).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let live = st.gateway.live();
+    let found = live
+        .index
+        .directory()
+        .user(&addr)
+        .map(send_as_resources)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|r| {
+            r["sendAsEmail"]
+                .as_str()
+                .is_some_and(|e| e.eq_ignore_ascii_case(&email))
+        });
+    match found {
+        Some(r) => Json(r).into_response(),
+        None => simple(
+            404,
+            "NOT_FOUND",
+            "notFound",
+            "Requested entity was not found.",
+        ),
+    }
+}
+
+/// Gmail's SendAs resources for a user: the primary, the aliases, then the send-as addresses.
+fn send_as_resources(user: &mailgate_core::directory::User) -> Vec<serde_json::Value> {
+    let mut out = vec![json!({
+        "sendAsEmail": user.email,
+        "displayName": user.display_name.clone().unwrap_or_default(),
+        "replyToAddress": "",
+        "signature": "",
+        "isPrimary": true,
+        "isDefault": true,
+    })];
+    for a in &user.aliases {
+        out.push(json!({
+            "sendAsEmail": a,
+            "displayName": user.display_name.clone().unwrap_or_default(),
+            "replyToAddress": "",
+            "signature": "",
+            "isDefault": false,
+            "treatAsAlias": true,
+            "verificationStatus": "accepted",
+        }));
+    }
+    for s in &user.send_as {
+        out.push(json!({
+            "sendAsEmail": s.email,
+            "displayName": s.display_name.clone().unwrap_or_default(),
+            "replyToAddress": s.reply_to.clone().unwrap_or_default(),
+            "signature": "",
+            "isDefault": false,
+            "treatAsAlias": false,
+            "verificationStatus": match s.status {
+                mailgate_core::directory::SendAsStatus::Accepted => "accepted",
+                mailgate_core::directory::SendAsStatus::Pending => "pending",
+            },
+        }));
+    }
+    out
+}
+
+#[derive(Debug, Deserialize)]
+struct MessageResource {
+    raw: Option<String>,
+}
+
+/// `POST /gmail/v1/users/{userId}/messages/send` (JSON body with `raw`).
+pub(crate) async fn send_json(
+    State(st): State<Arc<GmailState>>,
+    conn: axum::Extension<ConnFacts>,
+    headers: HeaderMap,
+    Path(user_id): Path<String>,
+    Query(q): Query<CommonParams>,
+    body: Bytes,
+) -> Response {
+    let cred = credential(&st, &headers, &q).await;
+    let attempt = base_attempt(&conn, cred, &user_id, &headers);
+    let raw = match serde_json::from_slice::<MessageResource>(&body) {
+        Ok(MessageResource { raw: Some(r), .. }) => decode_raw(&r),
+        Ok(_) => Err(
+            "'raw' RFC822 payload message string or uploading message via /upload/* URL required"
+                .to_owned(),
+        ),
+        Err(e) => Err(format!("Invalid JSON payload received. {e}")),
+    };
+    send(&st, attempt, raw).await
+}
+
+/// `POST /upload/gmail/v1/users/{userId}/messages/send` (media, multipart or resumable start),
+/// and the resumable variant's `PUT` with `upload_id`.
+pub(crate) async fn send_upload(
+    State(st): State<Arc<GmailState>>,
+    conn: axum::Extension<ConnFacts>,
+    headers: HeaderMap,
+    Path(user_id): Path<String>,
+    Query(q): Query<CommonParams>,
+    body: Bytes,
+) -> Response {
+    let cred = credential(&st, &headers, &q).await;
+    let attempt = base_attempt(&conn, cred, &user_id, &headers);
+    if let Some(id) = &q.upload_id {
+        // Second step of a resumable upload: the bytes of the message.
+        let known = st.uploads.lock().map(|mut u| u.remove(id)).unwrap_or(None);
+        if known.is_none() {
+            return simple(
+                404,
+                "NOT_FOUND",
+                "notFound",
+                "Upload session not found or expired.",
+            );
+        }
+        return send(&st, attempt, Ok(body.to_vec())).await;
+    }
+    match q.upload_type.as_deref() {
+        Some("media") | None => send(&st, attempt, Ok(body.to_vec())).await,
+        Some("multipart") => {
+            let ct = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            send(&st, attempt, multipart_message(ct, &body)).await
+        }
+        Some("resumable") => {
+            let id = match mailgate_auth::random_token::<18>() {
+                Ok(i) => i,
+                Err(_) => return internal("no randomness"),
+            };
+            if let Ok(mut u) = st.uploads.lock() {
+                // Bounded: drop the oldest half when too many sessions are open.
+                if u.len() > 10_000 {
+                    let keys: Vec<String> = u.keys().take(5_000).cloned().collect();
+                    for k in keys {
+                        u.remove(&k);
+                    }
+                }
+                u.insert(id.clone(), user_id.clone());
+            }
+            let host = headers
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("127.0.0.1");
+            let scheme = if conn.tls.is_some() { "https" } else { "http" };
+            let location = format!(
+                "{scheme}://{host}/upload/gmail/v1/users/{user_id}/messages/send?uploadType=resumable&upload_id={id}"
+            );
+            let mut r = StatusCode::OK.into_response();
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            r
+        }
+        Some(other) => invalid_argument(&format!("Invalid uploadType: {other}")),
+    }
+}
+
+/// The message part of a `multipart/related` upload (metadata JSON, then the message).
+fn multipart_message(content_type: &str, body: &[u8]) -> Result<Vec<u8>, String> {
+    let boundary = content_type
+        .split(';')
+        .filter_map(|p| p.trim().strip_prefix("boundary="))
+        .next()
+        .map(|b| b.trim_matches('"').to_owned())
+        .ok_or("multipart upload without a boundary")?;
+    let delim = format!("--{boundary}");
+    let text = body;
+    let mut parts = Vec::new();
+    let mut rest: &[u8] = text;
+    while let Some(start) = find(rest, delim.as_bytes()) {
+        rest = &rest[start + delim.len()..];
+        if rest.starts_with(b"--") {
+            break;
+        }
+        let end = find(rest, delim.as_bytes()).unwrap_or(rest.len());
+        parts.push(&rest[..end]);
+    }
+    // Each part: headers, blank line, content (minus the CRLF before the next delimiter).
+    let mut contents = parts.iter().filter_map(|p| {
+        let p = p.strip_prefix(b"\r\n").unwrap_or(p);
+        let split = find(p, b"\r\n\r\n")
+            .map(|i| (i, 4))
+            .or_else(|| find(p, b"\n\n").map(|i| (i, 2)))?;
+        let (head, content) = (&p[..split.0], &p[split.0 + split.1..]);
+        let content = content
+            .strip_suffix(b"\r\n")
+            .or_else(|| content.strip_suffix(b"\n"))
+            .unwrap_or(content);
+        Some((
+            String::from_utf8_lossy(head).to_ascii_lowercase(),
+            content.to_vec(),
+        ))
+    });
+    let _metadata = contents.next().ok_or("multipart upload without parts")?;
+    let (_, message) = contents
+        .next()
+        .ok_or("multipart upload without the message part")?;
+    Ok(message)
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// `raw` is base64url; Google also accepts standard base64 and missing padding.
+fn decode_raw(raw: &str) -> Result<Vec<u8>, String> {
+    let cleaned: String = raw.chars().filter(|c| !c.is_whitespace()).collect();
+    let trimmed = cleaned.trim_end_matches('=');
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(trimmed)
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(trimmed))
+        .map_err(|_| "Invalid value for ByteString: raw is not base64url".to_owned())
+}
+
+/// What the door learned from the message.
+struct Parsed {
+    from: Option<String>,
+    sender: Option<String>,
+    recipients: Vec<String>,
+    problem: Option<(String, Option<String>)>,
+}
+
+fn addresses(a: Option<&mail_parser::Address<'_>>) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(a) = a {
+        for addr in a.iter() {
+            if let Some(e) = addr.address() {
+                out.push(e.trim().to_owned());
+            }
+        }
+    }
+    out
+}
+
+fn parse(raw: &[u8]) -> Parsed {
+    let Some(msg) = mail_parser::MessageParser::default().parse_headers(raw) else {
+        return Parsed {
+            from: None,
+            sender: None,
+            recipients: vec![],
+            problem: Some(("Invalid RFC 822 message".into(), None)),
+        };
+    };
+    let from = addresses(msg.from()).into_iter().next();
+    let sender = addresses(msg.sender()).into_iter().next();
+    let mut recipients = addresses(msg.to());
+    recipients.extend(addresses(msg.cc()));
+    recipients.extend(addresses(msg.bcc()));
+    let mut problem = None;
+    let has_to_header = msg.header(mail_parser::HeaderName::To).is_some();
+    if has_to_header && addresses(msg.to()).is_empty() {
+        problem = Some(("Invalid To header".to_owned(), Some("to".to_owned())));
+    }
+    Parsed {
+        from,
+        sender,
+        recipients,
+        problem,
+    }
+}
+
+/// Removes `Bcc:` headers (with continuation lines) and, when asked, replaces the From header.
+fn rewrite_headers(raw: &[u8], new_from: Option<&str>, add_from: Option<&str>) -> Vec<u8> {
+    let header_end = find(raw, b"\r\n\r\n")
+        .map(|i| i + 2)
+        .or_else(|| find(raw, b"\n\n").map(|i| i + 1))
+        .unwrap_or(raw.len());
+    let (head, body) = raw.split_at(header_end);
+    let mut out = Vec::with_capacity(raw.len() + 64);
+    if let Some(f) = add_from {
+        out.extend_from_slice(format!("From: {f}\r\n").as_bytes());
+    }
+    let mut skipping = false;
+    for line in head.split_inclusive(|b| *b == b'\n') {
+        let continuation = line.first().is_some_and(|b| *b == b' ' || *b == b'\t');
+        if continuation {
+            if !skipping {
+                out.extend_from_slice(line);
+            }
+            continue;
+        }
+        let lower = String::from_utf8_lossy(&line[..line.len().min(6)]).to_ascii_lowercase();
+        skipping = lower.starts_with("bcc:");
+        if lower.starts_with("from:")
+            && let Some(f) = new_from
+        {
+            out.extend_from_slice(format!("From: {f}\r\n").as_bytes());
+            skipping = true;
+            continue;
+        }
+        if !skipping {
+            out.extend_from_slice(line);
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+async fn send(st: &GmailState, mut attempt: SendAttempt, raw: Result<Vec<u8>, String>) -> Response {
+    let now = mailgate_gateway::now_ms();
+    let mut raw = match raw {
+        Ok(r) => r,
+        Err(detail) => {
+            attempt.body = Body::Invalid {
+                detail: detail.clone(),
+                field: Some("raw".into()),
+            };
+            attempt.size = Some(0);
+            return decided_refusal(st, &attempt, now)
+                .await
+                .unwrap_or_else(|| invalid_argument(&detail));
+        }
+    };
+    attempt.size = Some(raw.len() as u64);
+    if raw.len() > MAX_MESSAGE_BYTES {
+        attempt.body = Body::Valid;
+        return decided_refusal(st, &attempt, now).await.unwrap_or_else(|| {
+            simple(
+                413,
+                "INVALID_ARGUMENT",
+                "uploadTooLarge",
+                "Request Entity Too Large",
+            )
+        });
+    }
+    let parsed = parse(&raw);
+    let mut add_from = None;
+    let from = match parsed.from.clone() {
+        Some(f) => Some(f),
+        None => {
+            // Gmail fills a missing From with the sender's address.
+            let a = acting_address(st, &attempt);
+            add_from.clone_from(&a);
+            a
+        }
+    };
+    attempt.envelope_from.clone_from(&from);
+    attempt.header_from = from.clone();
+    attempt.header_sender = parsed.sender.clone();
+    attempt.recipients = Some(parsed.recipients.clone());
+    attempt.body = match &parsed.problem {
+        Some((detail, field)) => Body::Invalid {
+            detail: detail.clone(),
+            field: field.clone(),
+        },
+        None => Body::Valid,
+    };
+    let decided = match st.gateway.decide("gmail", &attempt).await {
+        Ok(d) => d,
+        Err(e) => return internal(&e.to_string()),
+    };
+    if let Some(denial) = decided.decision.denial() {
+        return denial_response(denial, &decided.id, SEND_METHOD, now);
+    }
+    if !decided.decision.complete {
+        return internal("decision incomplete with every fact known");
+    }
+    let new_from = decided
+        .decision
+        .rewrites
+        .iter()
+        .find(|r| r.header == "From")
+        .map(|r| r.replacement.clone());
+    raw = rewrite_headers(&raw, new_from.as_deref(), add_from.as_deref());
+    let envelope_from = new_from.or(from).unwrap_or_default();
+    let self_addressed = parsed
+        .recipients
+        .iter()
+        .any(|r| r.eq_ignore_ascii_case(&envelope_from));
+    let message = Message {
+        envelope_from,
+        recipients: parsed.recipients,
+        raw,
+    };
+    match st
+        .gateway
+        .accept("gmail", &attempt, &decided, message)
+        .await
+    {
+        Ok(Accepted::Stored { message_id, state }) => {
+            let labels = if self_addressed {
+                json!(["UNREAD", "SENT", "INBOX"])
+            } else {
+                json!(["SENT"])
+            };
+            let mut r = Json(json!({
+                "id": message_id,
+                "threadId": message_id,
+                "labelIds": labels,
+            }))
+            .into_response();
+            if let Ok(v) = HeaderValue::from_str(&decided.id) {
+                r.headers_mut().insert("x-mailgate-decision", v);
+            }
+            if state == "held" {
+                r.headers_mut()
+                    .insert("x-mailgate-held", HeaderValue::from_static("true"));
+            }
+            r
+        }
+        Ok(Accepted::Refused(again)) => match again.decision.denial() {
+            Some(d) => denial_response(d, &again.id, SEND_METHOD, now),
+            None => internal("refused without a denial"),
+        },
+        Err(e) => internal(&e.to_string()),
+    }
+}
+
+/// Decides an attempt the door already knows is bad, so the refusal still carries a decision id.
+async fn decided_refusal(st: &GmailState, attempt: &SendAttempt, now: u64) -> Option<Response> {
+    let decided = st.gateway.decide("gmail", attempt).await.ok()?;
+    let d: &Decision = &decided.decision;
+    let denial = d.denial()?;
+    let _ = d.checks.iter().any(|c| c.outcome == Outcome::Fail);
+    Some(denial_response(denial, &decided.id, SEND_METHOD, now))
+}
+
+/// Open resumable-upload sessions: upload id -> userId.
+pub(crate) type Uploads = Mutex<HashMap<String, String>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bcc_is_removed_and_from_rewritten() {
+        let raw = b"From: a@x.com\r\nBcc: secret@y.com,\r\n  other@y.com\r\nTo: b@y.com\r\n\r\nBcc: stays in body\r\n";
+        let out = rewrite_headers(raw, Some("p@x.com"), None);
+        let s = String::from_utf8(out).unwrap();
+        assert_eq!(
+            s,
+            "From: p@x.com\r\nTo: b@y.com\r\n\r\nBcc: stays in body\r\n"
+        );
+    }
+
+    #[test]
+    fn multipart_upload_yields_the_message() {
+        let body = b"--xyz\r\nContent-Type: application/json\r\n\r\n{}\r\n--xyz\r\nContent-Type: message/rfc822\r\n\r\nTo: a@b.com\r\n\r\nhi\r\n--xyz--\r\n";
+        let m = multipart_message("multipart/related; boundary=\"xyz\"", body).unwrap();
+        assert_eq!(m, b"To: a@b.com\r\n\r\nhi");
+    }
+
+    #[test]
+    fn raw_accepts_base64url_with_or_without_padding() {
+        assert_eq!(decode_raw("aGk_").unwrap(), vec![b'h', b'i', 0x3f]);
+        assert_eq!(decode_raw("aGk=").unwrap(), b"hi");
+        assert!(decode_raw("***").is_err());
+    }
+
+    #[test]
+    fn recipients_include_cc_and_bcc() {
+        let p = parse(b"From: A <a@x.com>\r\nTo: b@y.com, C <c@y.com>\r\nCc: d@y.com\r\nBcc: e@y.com\r\n\r\nx");
+        assert_eq!(p.from.as_deref(), Some("a@x.com"));
+        assert_eq!(p.recipients, ["b@y.com", "c@y.com", "d@y.com", "e@y.com"]);
+        assert!(p.problem.is_none());
+    }
+}
