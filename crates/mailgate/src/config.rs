@@ -26,6 +26,8 @@ pub struct RawConfig {
     directory: RawDirectory,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    relay: crate::relay_setup::RawRelay,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -102,6 +104,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter (`info`, `mailgate=debug`, ...).
     pub log_level: String,
+    /// The delivery worker (`[relay]`), resolved when `serve` starts it.
+    pub relay: crate::relay_setup::RawRelay,
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -164,6 +168,7 @@ impl Config {
             reload_interval_ms,
             log_format: raw.log.format.unwrap_or_default(),
             log_level: raw.log.level.unwrap_or_else(|| "info".to_owned()),
+            relay: raw.relay,
         })
     }
 
@@ -217,6 +222,16 @@ mod tests {
             "directory.reload_interval_ms",
             "log.format",
             "log.level",
+            "relay.capture",
+            "relay.max_age_secs",
+            "relay.retry_initial_ms",
+            "relay.retry_max_ms",
+            "relay.lease_ms",
+            "relay.poll_interval_ms",
+            "relay.timeout_secs",
+            "relay.helo_name",
+            "relay.ca_file",
+            "relay.xoauth2_smarthosts",
         ] {
             assert!(
                 doc.contains(&format!("`{key}`")),

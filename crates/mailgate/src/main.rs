@@ -5,6 +5,9 @@ mod admin;
 mod config;
 mod explain;
 mod listen;
+mod queue_api;
+mod queue_cli;
+mod relay_setup;
 mod serve;
 
 use std::io::{Read, Write};
@@ -83,6 +86,12 @@ enum Cmd {
     /// Service accounts.
     #[command(subcommand)]
     Sa(SaCmd),
+    /// The delivery queue: list, show, retry, delete.
+    #[command(subcommand)]
+    Queue(queue_cli::QueueCmd),
+    /// Mail kept by capture mode: list, show.
+    #[command(subcommand)]
+    Captured(queue_cli::CapturedCmd),
     /// Tokens for the admin HTTP API.
     #[command(subcommand, name = "admin-token")]
     AdminToken(AdminTokenCmd),
@@ -307,6 +316,8 @@ async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode>
         Cmd::Sa(SaCmd::Key(SaKeyCmd::Create { email, output })) => {
             sa_key_create(store.as_ref(), &actor, &config, &email, &output).await?
         }
+        Cmd::Queue(q) => return queue_cli::queue(store.as_ref(), q).await,
+        Cmd::Captured(c) => return queue_cli::captured(store.as_ref(), c).await,
         Cmd::AdminToken(AdminTokenCmd::Create { name }) => {
             let token = admin_token_create(store.as_ref(), &name).await?;
             println!("{token}");
@@ -582,7 +593,9 @@ async fn serve(config: Config, store: Arc<SqliteStore>, demo: bool) -> anyhow::R
     }
     let tls = tls_material(&config, demo)?;
     let tokens: Arc<dyn mailgate_store::TokenStore> = store.clone();
+    let queue: Arc<dyn mailgate_store::QueueStore> = store.clone();
     let gateway = mailgate_gateway::Gateway::open(store).await?;
+    let _relay = relay_setup::spawn(&config.relay, demo, &gateway, queue.clone())?;
     let mut token_urls = vec![format!("{}/token", config.public_url)];
     if tls.is_some() {
         token_urls.push(format!("https://{}/token", config.https_listen));
@@ -596,7 +609,7 @@ async fn serve(config: Config, store: Arc<SqliteStore>, demo: bool) -> anyhow::R
         tokens,
         token_urls,
     ));
-    let state = std::sync::Arc::new(serve::AppState { gateway });
+    let state = std::sync::Arc::new(serve::AppState { gateway, queue });
     let cfg = config.clone();
     serve::run(&config, state, gmail, tls, move |bound| {
         print_banner(&cfg, &bound, demo, credentials_file.as_deref());

@@ -23,6 +23,8 @@ use crate::config::Config;
 pub struct AppState {
     /// The gateway every door shares.
     pub gateway: Arc<Gateway>,
+    /// The delivery queue (message status, captured mail).
+    pub queue: Arc<dyn mailgate_store::QueueStore>,
 }
 
 /// The HTTP API's routes.
@@ -32,6 +34,22 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/mailgate/v1/users/{email}", get(get_user))
         .route("/mailgate/v1/explain", post(post_explain))
         .route("/mailgate/v1/decisions/{id}", get(get_decision))
+        .route(
+            "/mailgate/v1/messages",
+            get(crate::queue_api::list_messages),
+        )
+        .route(
+            "/mailgate/v1/messages/{id}",
+            get(crate::queue_api::get_message),
+        )
+        .route(
+            "/mailgate/v1/captured",
+            get(crate::queue_api::list_captured),
+        )
+        .route(
+            "/mailgate/v1/captured/{id}",
+            get(crate::queue_api::get_captured),
+        )
         .with_state(state)
 }
 
@@ -56,7 +74,7 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// A Mailgate admin API error in its JSON shape: `{"error": {"code", "status", "message"}}`.
-fn api_error(code: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn api_error(code: StatusCode, message: impl Into<String>) -> Response {
     let mut resp = (
         code,
         Json(json!({"error": {
@@ -76,7 +94,7 @@ fn api_error(code: StatusCode, message: impl Into<String>) -> Response {
 }
 
 /// Checks the admin bearer token; returns the token's name.
-async fn admin(state: &AppState, headers: &HeaderMap) -> Result<String, Response> {
+pub(crate) async fn admin(state: &AppState, headers: &HeaderMap) -> Result<String, Response> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

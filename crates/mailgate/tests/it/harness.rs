@@ -84,7 +84,12 @@ impl Gateway {
 
     /// Starts `mailgate serve` (with `extra_args`) and waits until it listens.
     pub fn serve(&self, extra_args: &[&str]) -> Server {
-        let config = self.config("");
+        self.serve_with("", extra_args)
+    }
+
+    /// Same, with `extra_config` appended to the config file.
+    pub fn serve_with(&self, extra_config: &str, extra_args: &[&str]) -> Server {
+        let config = self.config(extra_config);
         let mut child = Command::new(BIN)
             .arg("--config")
             .arg(&config)

@@ -9,4 +9,5 @@
 mod directory;
 mod explain;
 mod harness;
+mod relay;
 mod serve;

@@ -1,0 +1,216 @@
+//! `mailgate queue list|show|retry|delete` and `mailgate captured list|show`: the same store the
+//! running server uses (safe while it runs).
+
+use std::process::ExitCode;
+
+use anyhow::bail;
+use clap::Subcommand;
+use mailgate_store::{QueueFilter, QueueStore, RetryOutcome};
+
+use crate::queue_api::rfc3339;
+
+/// The delivery queue.
+#[derive(Subcommand)]
+pub enum QueueCmd {
+    /// One line per message: id, state, accepted, attempts, next attempt, from, to.
+    List {
+        /// Only this state (queued, held, deferred, delivered, failed).
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many (newest first).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Everything about one message: per-recipient state and last reply, every attempt.
+    Show {
+        id: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Try a deferred, held or failed message again now.
+    Retry { id: String },
+    /// Remove a message from the queue (it will not be delivered).
+    Delete { id: String },
+}
+
+/// Captured mail (capture mode).
+#[derive(Subcommand)]
+pub enum CapturedCmd {
+    /// One line per message: id, time, from, to, subject.
+    List {
+        /// At most this many (newest first).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// A captured message: envelope, parsed headers and parts, or `--raw`.
+    Show {
+        id: String,
+        /// Print the message exactly as captured.
+        #[arg(long)]
+        raw: bool,
+        /// Machine-readable output (parsed form).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn opt_time(ms: Option<i64>) -> String {
+    ms.map(rfc3339).unwrap_or_else(|| "-".into())
+}
+
+/// Runs a `queue` command.
+pub async fn queue(store: &dyn QueueStore, cmd: QueueCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        QueueCmd::List { state, limit } => {
+            for e in store.list_queue(&QueueFilter { state, limit }).await? {
+                println!(
+                    "{}\t{}\t{}\tattempts={}\tnext={}\tfrom=<{}>\tto={}",
+                    e.id,
+                    e.state,
+                    rfc3339(e.accepted_at_ms),
+                    e.attempts,
+                    opt_time(e.next_attempt_ms),
+                    e.envelope_from,
+                    e.recipients.join(",")
+                );
+            }
+        }
+        QueueCmd::Show { id, json } => {
+            let Some(s) = store.message_status(&id).await? else {
+                bail!("no message `{id}` (see `mailgate queue list`)");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("message      {}", s.entry.id);
+            println!("state        {}", s.entry.state);
+            println!("decision_id  {}", s.entry.decision_id);
+            println!("door         {}", s.door);
+            println!("accepted     {}", rfc3339(s.entry.accepted_at_ms));
+            println!("from         <{}>", s.entry.envelope_from);
+            println!("size         {} bytes", s.entry.size);
+            println!("attempts     {}", s.entry.attempts);
+            println!("next attempt {}", opt_time(s.entry.next_attempt_ms));
+            if s.hold_until_ms.is_some() {
+                println!("held until   {}", opt_time(s.hold_until_ms));
+            }
+            println!("recipients");
+            for r in &s.recipient_status {
+                println!(
+                    "  {}\t{}\t{}\t{}",
+                    r.recipient,
+                    r.state.as_str(),
+                    r.code.as_deref().unwrap_or("-"),
+                    r.last_reply.as_deref().unwrap_or("-")
+                );
+            }
+            if !s.history.is_empty() {
+                println!("attempts");
+                for h in &s.history {
+                    println!(
+                        "  {}\t{}\t{}\t{}\t{}\t{}",
+                        rfc3339(h.at_ms),
+                        h.smarthost.as_deref().unwrap_or("-"),
+                        h.recipient,
+                        h.outcome,
+                        h.code.as_deref().unwrap_or("-"),
+                        h.reply.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+        }
+        QueueCmd::Retry { id } => match store
+            .retry_message(&id, mailgate_gateway::now_ms() as i64)
+            .await?
+        {
+            RetryOutcome::Requeued => println!("{id} queued for an attempt now"),
+            RetryOutcome::NotFound => bail!("no message `{id}`"),
+            RetryOutcome::Final(state) => {
+                bail!("message `{id}` is {state}: nothing to retry")
+            }
+        },
+        QueueCmd::Delete { id } => {
+            if !store.delete_message(&id).await? {
+                bail!("no message `{id}`");
+            }
+            println!("{id} deleted");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs a `captured` command.
+pub async fn captured(store: &dyn QueueStore, cmd: CapturedCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        CapturedCmd::List { limit } => {
+            for c in store.list_captured(limit).await? {
+                let s = mailgate_relay::capture::summary(&c.raw);
+                let to = if s.to.is_empty() {
+                    c.recipients.join(",")
+                } else {
+                    s.to.join(",")
+                };
+                println!(
+                    "{}\t{}\tfrom={}\tto={}\tsubject={}",
+                    c.id,
+                    rfc3339(c.captured_at_ms.unwrap_or(c.accepted_at_ms)),
+                    s.from.unwrap_or_else(|| c.envelope_from.clone()),
+                    to,
+                    s.subject.unwrap_or_default()
+                );
+            }
+        }
+        CapturedCmd::Show { id, raw, json } => {
+            let Some(c) = store.captured_message(&id).await? else {
+                bail!("no captured message `{id}` (see `mailgate captured list`)");
+            };
+            if raw {
+                use std::io::Write;
+                std::io::stdout().write_all(&c.raw)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let parsed = mailgate_relay::capture::parsed(&c.raw);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&parsed)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("message      {}", c.id);
+            println!("decision_id  {}", c.decision_id);
+            println!("captured     {}", opt_time(c.captured_at_ms));
+            println!(
+                "envelope     <{}> -> {}",
+                c.envelope_from,
+                c.recipients.join(", ")
+            );
+            println!("headers");
+            for h in parsed["headers"].as_array().into_iter().flatten() {
+                println!(
+                    "  {}: {}",
+                    h["name"].as_str().unwrap_or(""),
+                    h["value"].as_str().unwrap_or("")
+                );
+            }
+            println!("parts");
+            for p in parsed["parts"].as_array().into_iter().flatten() {
+                println!(
+                    "  [{}] {} ({} bytes){}",
+                    p["index"],
+                    p["content_type"].as_str().unwrap_or("?"),
+                    p["size"],
+                    p["filename"]
+                        .as_str()
+                        .map(|f| format!(" filename={f}"))
+                        .unwrap_or_default()
+                );
+                if let Some(t) = p["text"].as_str() {
+                    for line in t.lines().take(40) {
+                        println!("      {line}");
+                    }
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

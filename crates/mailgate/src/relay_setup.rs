@@ -1,0 +1,110 @@
+//! The `[relay]` section of the configuration and starting the delivery worker in `serve`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use mailgate_gateway::Gateway;
+use mailgate_relay::{Relay, RelayConfig};
+use mailgate_store::QueueStore;
+use serde::Deserialize;
+
+/// `[relay]` as the file says it (every key optional).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRelay {
+    /// Capture instead of relaying (default: true with `--demo`, else false).
+    capture: Option<bool>,
+    /// Give up (and bounce) this long after acceptance.
+    max_age_secs: Option<u64>,
+    /// First retry delay.
+    retry_initial_ms: Option<u64>,
+    /// Longest retry delay.
+    retry_max_ms: Option<u64>,
+    /// Lease length: a crashed worker's messages are taken over after it.
+    lease_ms: Option<u64>,
+    /// Longest pause between queue checks.
+    poll_interval_ms: Option<u64>,
+    /// Connect and command timeout towards smarthosts.
+    timeout_secs: Option<u64>,
+    /// EHLO name, also the DSN sender's domain.
+    helo_name: Option<String>,
+    /// Extra CA certificates (PEM) trusted for smarthosts.
+    ca_file: Option<PathBuf>,
+    /// Smarthosts (by name) that authenticate with XOAUTH2.
+    #[serde(default)]
+    xoauth2_smarthosts: Vec<String>,
+}
+
+/// Resolves `[relay]` (reading the CA file).
+pub fn relay_config(raw: &RawRelay, demo: bool) -> anyhow::Result<RelayConfig> {
+    let d = RelayConfig::default();
+    let ms = |v: Option<u64>, dflt: Duration| v.map(Duration::from_millis).unwrap_or(dflt);
+    let secs = |v: Option<u64>, dflt: Duration| v.map(Duration::from_secs).unwrap_or(dflt);
+    let ca_pem = match &raw.ca_file {
+        Some(p) => Some(
+            std::fs::read(p)
+                .with_context(|| format!("cannot read relay.ca_file {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let cfg = RelayConfig {
+        capture: raw.capture.unwrap_or(demo),
+        max_age: secs(raw.max_age_secs, d.max_age),
+        retry_initial: ms(raw.retry_initial_ms, d.retry_initial),
+        retry_max: ms(raw.retry_max_ms, d.retry_max),
+        lease: ms(raw.lease_ms, d.lease),
+        poll_interval: ms(raw.poll_interval_ms, Duration::from_millis(500)),
+        timeout: secs(raw.timeout_secs, d.timeout),
+        helo_name: raw.helo_name.clone().unwrap_or(d.helo_name.clone()),
+        ca_pem,
+        xoauth2_smarthosts: raw.xoauth2_smarthosts.clone(),
+        worker_id: d.worker_id.clone(),
+        batch: d.batch,
+    };
+    anyhow::ensure!(
+        !cfg.retry_initial.is_zero() && !cfg.poll_interval.is_zero() && !cfg.lease.is_zero(),
+        "relay.retry_initial_ms, relay.poll_interval_ms and relay.lease_ms must be at least 1"
+    );
+    Ok(cfg)
+}
+
+/// Starts the delivery worker on the gateway's live directory (its smarthosts).
+pub fn spawn(
+    raw: &RawRelay,
+    demo: bool,
+    gateway: &Arc<Gateway>,
+    queue: Arc<dyn QueueStore>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let cfg = relay_config(raw, demo)?;
+    let g = gateway.clone();
+    let relay = Relay::new(
+        queue,
+        Arc::new(move || g.live().index.directory().smarthosts.clone()),
+        cfg,
+    )?;
+    if relay.capturing() {
+        tracing::info!(
+            "delivery: capture mode (accepted mail is kept, listed by `mailgate captured list`, and not relayed)"
+        );
+    }
+    Ok(relay.spawn())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_captures_unless_told_otherwise() -> anyhow::Result<()> {
+        assert!(relay_config(&RawRelay::default(), true)?.capture);
+        assert!(!relay_config(&RawRelay::default(), false)?.capture);
+        let raw: RawRelay = toml::from_str("capture = false\nretry_initial_ms = 5")?;
+        let c = relay_config(&raw, true)?;
+        assert!(!c.capture);
+        assert_eq!(c.retry_initial, Duration::from_millis(5));
+        assert_eq!(c.max_age, Duration::from_secs(5 * 24 * 3600));
+        Ok(())
+    }
+}

@@ -1,0 +1,298 @@
+//! The durable queue and the delivery worker inside `mailgate serve`, against a real SMTP sink on
+//! loopback (`mailgate_relay::testing::Sink`). Messages enter the queue through the gateway's
+//! service layer (`decide` + `accept`, every rule applied), exactly as a door hands them over.
+
+use std::path::Path;
+use std::time::Duration;
+
+use mailgate_core::engine::{Credential, Door, SendAttempt};
+use mailgate_gateway::{Accepted, Message};
+use mailgate_relay::testing::{Sink, SinkConfig};
+use serde_json::Value;
+
+use crate::harness::{Gateway, Server, eventually, example_org, http_get};
+
+/// A free loopback port (bound, then released: the smarthost that is down until a sink takes it).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+/// A fast-retrying relay for tests.
+const RELAY: &str = "[relay]\nretry_initial_ms = 200\nretry_max_ms = 400\npoll_interval_ms = 50\ntimeout_secs = 5\n";
+
+fn with_smarthost(gw: &Gateway, port: u16) {
+    gw.ok(&["apply", "-f", example_org().to_str().unwrap()]);
+    let file = gw.dir.path().join("smarthost.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "smarthosts:\n  - name: sink\n    host: 127.0.0.1\n    port: {port}\n    tls: none\n"
+        ),
+    )
+    .unwrap();
+    gw.ok(&["apply", "-f", file.to_str().unwrap()]);
+}
+
+/// Accepts a message from alice through the gateway, as a door would; returns its id.
+fn accept(rt: &tokio::runtime::Runtime, data_dir: &Path, to: &[&str], subject: &str) -> String {
+    rt.block_on(async {
+        let store = std::sync::Arc::new(
+            mailgate_store::SqliteStore::open(&data_dir.join("mailgate.db"))
+                .await
+                .unwrap(),
+        );
+        let gw = mailgate_gateway::Gateway::open(store).await.unwrap();
+        let raw = format!(
+            "From: alice@example.com\r\nTo: {}\r\nSubject: {subject}\r\n\r\nHello.\r\n",
+            to.join(", ")
+        );
+        let attempt = SendAttempt::new(
+            Door::Smtp,
+            Credential::SmtpLogin {
+                user: "alice@example.com".into(),
+            },
+        )
+        .from("alice@example.com")
+        .to(to.iter().copied())
+        .parsed(raw.len() as u64);
+        let d = gw.decide("smtp", &attempt).await.unwrap();
+        assert!(d.decision.accepted(), "{:?}", d.decision.denial());
+        let msg = Message {
+            envelope_from: "alice@example.com".into(),
+            recipients: to.iter().map(|s| (*s).to_owned()).collect(),
+            raw: raw.into_bytes(),
+        };
+        match gw.accept("smtp", &attempt, &d, msg).await.unwrap() {
+            Accepted::Stored { message_id, .. } => message_id,
+            Accepted::Refused(r) => panic!("refused: {:?}", r.decision.denial()),
+        }
+    })
+}
+
+fn status(server: &Server, token: &str, id: &str) -> Value {
+    let (code, body) = http_get(
+        &server.addr,
+        &format!("/mailgate/v1/messages/{id}"),
+        Some(token),
+    );
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn recipient<'a>(st: &'a Value, rcpt: &str) -> &'a Value {
+    st["recipient_status"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["recipient"] == rcpt)
+        .unwrap_or_else(|| panic!("{rcpt} not in {st}"))
+}
+
+#[test]
+fn smarthost_down_then_up_messages_wait_then_are_delivered_and_each_deferral_is_shown() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let port = free_port();
+    let gw = Gateway::new();
+    with_smarthost(&gw, port);
+    let server = gw.serve_with(RELAY, &[]);
+    let token = gw.ok(&["admin-token", "create", "it"]).trim().to_owned();
+
+    let ids: Vec<String> = (0..3)
+        .map(|i| {
+            accept(
+                &rt,
+                &gw.data_dir(),
+                &["bob@example.org"],
+                &format!("wait {i}"),
+            )
+        })
+        .collect();
+    // Down: every message waits, each deferral with its reason and next attempt.
+    assert!(
+        eventually(Duration::from_secs(20), || ids.iter().all(|id| {
+            status(&server, &token, id)["history"]
+                .as_array()
+                .is_some_and(|h| h.len() >= 2)
+        })),
+        "messages were not retried while the smarthost was down"
+    );
+    for id in &ids {
+        let st = status(&server, &token, id);
+        assert_eq!(st["state"], "deferred", "{st}");
+        assert!(st["next_attempt_at"].is_string(), "{st}");
+        assert_eq!(st["decision_id"].as_str().map(str::len), Some(26), "{st}");
+        for h in st["history"].as_array().unwrap() {
+            assert_eq!(h["outcome"], "deferred", "{h}");
+            assert_eq!(h["code"], "upstream.deferred", "{h}");
+            assert!(h["reply"].as_str().unwrap().contains("unreachable"), "{h}");
+            assert!(h["next_attempt_ms"].is_i64(), "{h}");
+        }
+    }
+    let shown = gw.ok(&["queue", "show", &ids[0]]);
+    assert!(shown.contains("upstream.deferred"), "{shown}");
+    assert!(
+        gw.ok(&["queue", "list", "--state", "deferred"])
+            .contains(&ids[0])
+    );
+
+    // Up: all are delivered.
+    let sink = rt
+        .block_on(Sink::start(
+            &format!("127.0.0.1:{port}"),
+            SinkConfig::default(),
+        ))
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || sink.received().len() == 3),
+        "not delivered after the smarthost came back: {:?}",
+        sink.received().len()
+    );
+    assert!(eventually(Duration::from_secs(10), || ids
+        .iter()
+        .all(|id| status(&server, &token, id)["state"] == "delivered")));
+    let st = status(&server, &token, &ids[0]);
+    assert_eq!(recipient(&st, "bob@example.org")["state"], "delivered");
+    assert!(
+        recipient(&st, "bob@example.org")["last_reply"]
+            .as_str()
+            .unwrap()
+            .starts_with("250 ")
+    );
+    let (clean, _, logs) = server.stop();
+    assert!(clean, "{logs}");
+}
+
+#[test]
+fn a_550_fails_that_recipient_only_bounces_to_the_sender_and_delivers_the_others() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sink = rt
+        .block_on(Sink::start(
+            "127.0.0.1:0",
+            SinkConfig {
+                refuse: vec![(
+                    "nobody@example.org".into(),
+                    "550 5.1.1 <nobody@example.org>: Recipient address rejected".into(),
+                )],
+                ..SinkConfig::default()
+            },
+        ))
+        .unwrap();
+    let gw = Gateway::new();
+    with_smarthost(&gw, sink.addr.port());
+    let server = gw.serve_with(RELAY, &[]);
+    let token = gw.ok(&["admin-token", "create", "it"]).trim().to_owned();
+    let id = accept(
+        &rt,
+        &gw.data_dir(),
+        &["bob@example.org", "nobody@example.org", "carol@example.org"],
+        "partly refused",
+    );
+    // The message, then the DSN to the sender.
+    assert!(
+        eventually(Duration::from_secs(20), || sink.received().len() >= 2),
+        "received {:?}",
+        sink.received()
+    );
+    let got = sink.received();
+    assert_eq!(
+        got[0].recipients,
+        vec!["bob@example.org", "carol@example.org"]
+    );
+    let st = status(&server, &token, &id);
+    assert_eq!(st["state"], "failed", "{st}");
+    let nobody = recipient(&st, "nobody@example.org");
+    assert_eq!(nobody["state"], "failed");
+    assert_eq!(nobody["code"], "upstream.refused");
+    assert_eq!(
+        nobody["last_reply"],
+        "550 5.1.1 <nobody@example.org>: Recipient address rejected"
+    );
+    for ok in ["bob@example.org", "carol@example.org"] {
+        assert_eq!(recipient(&st, ok)["state"], "delivered", "{st}");
+    }
+    let dsn = &got[1];
+    assert_eq!(dsn.from, "", "a DSN comes from the null sender");
+    assert_eq!(dsn.recipients, vec!["alice@example.com"]);
+    let text = String::from_utf8_lossy(&dsn.data);
+    assert!(text.contains("multipart/report"), "{text}");
+    assert!(
+        text.contains("Final-Recipient: rfc822; nobody@example.org"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "Diagnostic-Code: smtp; 550 5.1.1 <nobody@example.org>: Recipient address rejected"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("Subject: partly refused"), "{text}");
+    drop(server);
+}
+
+#[test]
+fn demo_mode_captures_mail_and_lists_it() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let gw = Gateway::new();
+    let server = gw.serve_with("[relay]\npoll_interval_ms = 50\n", &["--demo"]);
+    let token = gw.ok(&["admin-token", "create", "it"]).trim().to_owned();
+    let id = accept(&rt, &gw.data_dir(), &["bob@example.org"], "Captured hello");
+    assert!(
+        eventually(Duration::from_secs(10), || gw
+            .ok(&["captured", "list"])
+            .contains(&id)),
+        "not captured"
+    );
+    let list = gw.ok(&["captured", "list"]);
+    let line = list.lines().find(|l| l.contains(&id)).unwrap();
+    for part in [
+        "from=alice@example.com",
+        "to=bob@example.org",
+        "subject=Captured hello",
+    ] {
+        assert!(line.contains(part), "{line}");
+    }
+    let show = gw.ok(&["captured", "show", &id]);
+    assert!(show.contains("Subject: Captured hello"), "{show}");
+    assert!(show.contains("text/plain"), "{show}");
+    assert_eq!(
+        gw.ok(&["captured", "show", &id, "--raw"]).lines().count(),
+        5
+    );
+
+    let (code, body) = http_get(&server.addr, "/mailgate/v1/captured", Some(&token));
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["messages"][0]["id"], id.as_str());
+    assert_eq!(v["messages"][0]["subject"], "Captured hello");
+    let (code, body) = http_get(
+        &server.addr,
+        &format!("/mailgate/v1/captured/{id}"),
+        Some(&token),
+    );
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["parsed"]["headers"][2]["name"], "Subject");
+    assert_eq!(v["parsed"]["parts"][0]["text"], "Hello.\r\n");
+    assert!(
+        v["raw"]
+            .as_str()
+            .unwrap()
+            .starts_with("From: alice@example.com")
+    );
+    assert_eq!(status(&server, &token, &id)["state"], "captured");
+    // The admin API needs a token like every admin route.
+    assert_eq!(http_get(&server.addr, "/mailgate/v1/captured", None).0, 401);
+    assert_eq!(
+        http_get(&server.addr, "/mailgate/v1/messages/nope", Some(&token)).0,
+        404
+    );
+    // Captured mail is final: nothing to retry; delete removes it.
+    let out = gw.cmd(&["queue", "retry", &id]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("captured"));
+    gw.ok(&["queue", "delete", &id]);
+    assert!(!gw.ok(&["captured", "list"]).contains(&id));
+}
