@@ -399,10 +399,18 @@ fn multipart_message(content_type: &str, body: &[u8]) -> Result<Vec<u8>, String>
     }
     // Each part: headers, blank line, content (minus the CRLF before the next delimiter).
     let mut contents = parts.iter().filter_map(|p| {
-        let p = p.strip_prefix(b"\r\n").unwrap_or(p);
-        let split = find(p, b"\r\n\r\n")
-            .map(|i| (i, 4))
-            .or_else(|| find(p, b"\n\n").map(|i| (i, 2)))?;
+        let p = p
+            .strip_prefix(b"\r\n")
+            .or_else(|| p.strip_prefix(b"\n"))
+            .unwrap_or(p);
+        // The part's own header block ends at its first blank line, CRLF or bare LF (Python's
+        // email generator writes LF), whichever comes first.
+        let crlf = find(p, b"\r\n\r\n").map(|i| (i, 4));
+        let lf = find(p, b"\n\n").map(|i| (i, 2));
+        let split = match (crlf, lf) {
+            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        }?;
         let (head, content) = (&p[..split.0], &p[split.0 + split.1..]);
         let content = content
             .strip_suffix(b"\r\n")
@@ -663,6 +671,13 @@ mod tests {
         let body = b"--xyz\r\nContent-Type: application/json\r\n\r\n{}\r\n--xyz\r\nContent-Type: message/rfc822\r\n\r\nTo: a@b.com\r\n\r\nhi\r\n--xyz--\r\n";
         let m = multipart_message("multipart/related; boundary=\"xyz\"", body).unwrap();
         assert_eq!(m, b"To: a@b.com\r\n\r\nhi");
+    }
+
+    #[test]
+    fn multipart_with_lf_line_ends_keeps_the_crlf_message() {
+        let body = b"--b\nContent-Type: application/json\nMIME-Version: 1.0\n\n{}\n--b\nContent-Type: message/rfc822\n\nTo: a@b.com\r\n\r\nhi\r\n\n--b--\n";
+        let m = multipart_message("multipart/related; boundary=b", body).unwrap();
+        assert_eq!(m, b"To: a@b.com\r\n\r\nhi\r\n");
     }
 
     #[test]

@@ -217,9 +217,27 @@ async fn jwt_bearer(st: &GmailState, form: &TokenForm) -> Result<Response, Respo
             subject: claims.sub.clone(),
         },
     );
+    let grant_scopes = live.index.grant(&sa.client_id).map(|g| g.scopes.clone());
     drop(live);
-    if let Some(r) = token_refusal(st, &attempt, claims.sub.is_some()).await? {
+    let (refusal, decision_id) = token_refusal(st, &attempt, claims.sub.is_some()).await?;
+    if let Some(r) = refusal {
         return Err(r);
+    }
+    // With `sub`, every requested scope must be in the delegation grant (Google's rule for
+    // issuing a delegated token; the engine checks the send scopes again at every send).
+    if claims.sub.is_some()
+        && let Some(granted) = grant_scopes
+        && let Some(missing) = scopes.iter().find(|s| !granted.contains(s))
+    {
+        return Err(explained_token_error(
+            Reason::DelegationScopeNotGranted,
+            &format!("domain_wide_delegation[{}]", sa.client_id),
+            &format!(
+                "scope {missing} is not in domain_wide_delegation[{}].scopes: add it there and run `mailgate apply`, or request only granted scopes",
+                sa.client_id
+            ),
+            &decision_id,
+        ));
     }
     let grant = Grant::ServiceAccount {
         email: sa.email.clone(),
@@ -243,7 +261,7 @@ async fn token_refusal(
     st: &GmailState,
     attempt: &SendAttempt,
     delegated: bool,
-) -> Result<Option<Response>, Response> {
+) -> Result<(Option<Response>, String), Response> {
     let decided = st
         .gateway
         .decide("token", attempt)
@@ -267,14 +285,61 @@ async fn token_refusal(
             _ => false,
         };
         if applies && let Some(reply) = d.token() {
-            let mut r = token_error(reply.http_status, reply.error, &reply.description);
+            // Google's two fields, plus Mailgate's explanation in a field clients ignore
+            // (google-auth hands the whole body to the caller in `RefreshError.args[1]`).
+            let status = StatusCode::from_u16(reply.http_status).unwrap_or(StatusCode::BAD_REQUEST);
+            let mut r = (
+                status,
+                Json(json!({
+                    "error": reply.error,
+                    "error_description": reply.description,
+                    "mailgate": {
+                        "code": d.code.code(),
+                        "check": d.stage.as_str(),
+                        "object_at_fault": d.object_at_fault.to_string(),
+                        "remedy": d.remedy,
+                        "decision_id": decided.id,
+                    },
+                })),
+            )
+                .into_response();
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             if let Ok(v) = HeaderValue::from_str(&decided.id) {
                 r.headers_mut().insert("x-mailgate-decision", v);
             }
-            return Ok(Some(r));
+            return Ok((Some(r), decided.id));
         }
     }
-    Ok(None)
+    Ok((None, decided.id))
+}
+
+/// A token-endpoint refusal for a rule of token issuance itself, with Mailgate's explanation.
+fn explained_token_error(
+    reason: Reason,
+    object_at_fault: &str,
+    remedy: &str,
+    decision_id: &str,
+) -> Response {
+    let Some(reply) = reason.token_reply(&Default::default()) else {
+        return token_error(400, "invalid_request", remedy);
+    };
+    let status = StatusCode::from_u16(reply.http_status).unwrap_or(StatusCode::BAD_REQUEST);
+    (
+        status,
+        Json(json!({
+            "error": reply.error,
+            "error_description": reply.description,
+            "mailgate": {
+                "code": reason.code(),
+                "check": reason.spec().stage.as_str(),
+                "object_at_fault": object_at_fault,
+                "remedy": remedy,
+                "decision_id": decision_id,
+            },
+        })),
+    )
+        .into_response()
 }
 
 async fn issue(
@@ -527,7 +592,7 @@ async fn refresh(
                 scopes: rec.scopes.clone(),
             },
         );
-        if let Some(r) = token_refusal(st, &attempt, false).await? {
+        if let (Some(r), _) = token_refusal(st, &attempt, false).await? {
             return Err(r);
         }
     }

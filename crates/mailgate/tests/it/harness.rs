@@ -34,7 +34,7 @@ impl Gateway {
         self.dir.path().join("data")
     }
 
-    /// Runs `mailgate --data-dir <dir> args...` to completion.
+    /// Runs `mailgate --config <the test config> args...` to completion.
     pub fn cmd(&self, args: &[&str]) -> Output {
         self.cmd_stdin(args, "")
     }
@@ -42,8 +42,8 @@ impl Gateway {
     /// Same, feeding `stdin`.
     pub fn cmd_stdin(&self, args: &[&str], stdin: &str) -> Output {
         let mut child = Command::new(BIN)
-            .arg("--data-dir")
-            .arg(self.data_dir())
+            .arg("--config")
+            .arg(self.config(""))
             .args(args)
             .env_remove("MAILGATE_CONFIG")
             .stdin(Stdio::piped())
@@ -71,12 +71,18 @@ impl Gateway {
         String::from_utf8(out.stdout).expect("utf-8 stdout")
     }
 
-    /// Writes a config file in the temp dir with the HTTP listener on a free port.
+    /// Writes a config file in the temp dir with every listener on a free loopback port (the
+    /// ports are fixed in the file so admin commands compute the same public URL).
     pub fn config(&self, extra: &str) -> PathBuf {
         let path = self.dir.path().join("mailgate.toml");
+        if path.exists() && extra.is_empty() {
+            return path;
+        }
         let text = format!(
-            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[directory]\nreload_interval_ms = 100\n{extra}",
-            self.data_dir()
+            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{}\"\n[https]\nlisten = \"127.0.0.1:{}\"\n[directory]\nreload_interval_ms = 100\n{extra}",
+            self.data_dir(),
+            free_port(),
+            free_port()
         );
         std::fs::write(&path, text).expect("write config");
         path
@@ -123,18 +129,31 @@ impl Gateway {
         let addr = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("server did not report its listener within 30 s");
+        let https = banner_https(&self.config(""));
         Server {
             child: Some(child),
             addr,
+            https,
             banner: Some(banner),
             logs: Some(logs),
         }
     }
 }
 
+fn banner_https(config: &Path) -> String {
+    let text = std::fs::read_to_string(config).unwrap_or_default();
+    text.lines()
+        .skip_while(|l| *l != "[https]")
+        .find_map(|l| l.strip_prefix("listen = \""))
+        .map(|l| l.trim_end_matches('"').to_owned())
+        .unwrap_or_default()
+}
+
 pub struct Server {
     child: Option<Child>,
     pub addr: String,
+    /// The HTTPS listener's address (from the config).
+    pub https: String,
     banner: Option<std::thread::JoinHandle<String>>,
     logs: Option<std::thread::JoinHandle<String>>,
 }
@@ -178,6 +197,14 @@ impl Drop for Server {
             let _ = c.wait();
         }
     }
+}
+
+/// A free loopback port (bound, then released for the server to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// Polls `f` until it returns true or `timeout` passes.

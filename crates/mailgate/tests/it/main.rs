@@ -8,6 +8,7 @@
 
 mod directory;
 mod explain;
+mod gmail;
 mod harness;
 mod relay;
 mod serve;

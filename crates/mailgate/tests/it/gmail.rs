@@ -1,0 +1,517 @@
+//! The Gmail door, driven by Google's own Python client libraries (google-auth,
+//! google-api-python-client) unchanged but for `api_endpoint` and the key file.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::harness::{Gateway, Server, eventually};
+
+const CLIENT: &str = "tests/python/gmail_client.py";
+const SEND: &str = "https://www.googleapis.com/auth/gmail.send";
+const READONLY: &str = "https://www.googleapis.com/auth/gmail.readonly";
+const SETTINGS: &str = "https://www.googleapis.com/auth/gmail.settings.basic";
+
+fn python() -> String {
+    std::env::var("MAILGATE_PYTHON").expect(
+        "MAILGATE_PYTHON is not set: run ./scripts/test, which creates the venv with google-auth and google-api-python-client",
+    )
+}
+
+/// Runs the Python client with `spec`; one JSON value per action.
+/// Runs the Python client with `spec` against the plain loopback listener.
+fn client(server: &Server, auth: Value, actions: Value) -> Vec<Value> {
+    client_at(&format!("http://{}", server.addr), None, auth, actions)
+}
+
+/// Runs the Python client against `endpoint`, trusting `ca` (a PEM file) for HTTPS.
+fn client_at(
+    endpoint: &str,
+    ca: Option<&std::path::Path>,
+    auth: Value,
+    actions: Value,
+) -> Vec<Value> {
+    let spec = json!({"endpoint": endpoint, "auth": auth, "actions": actions});
+    let mut cmd = std::process::Command::new(python());
+    cmd.arg(crate::harness::repo_root().join(CLIENT))
+        .arg(spec.to_string());
+    if let Some(ca) = ca {
+        // httplib2 (under googleapiclient) and requests read their trust roots from these.
+        cmd.env("HTTPLIB2_CA_CERTS", ca).env("REQUESTS_CA_BUNDLE", ca);
+    }
+    let out = cmd.output().expect("run python");
+    assert!(
+        out.status.success(),
+        "python client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+fn sa_key(gw: &Gateway, email: &str) -> String {
+    let path = gw.dir.path().join(format!("{email}.json"));
+    gw.ok(&["sa", "key", "create", email, "-o", path.to_str().unwrap()]);
+    path.to_str().unwrap().to_owned()
+}
+
+fn sa(gw: &Gateway, email: &str, subject: &str, scopes: &[&str]) -> Value {
+    json!({"service_account": sa_key(gw, email), "subject": subject, "scopes": scopes})
+}
+
+fn user(email: &str, scopes: &[&str]) -> Value {
+    json!({"user": email, "password": "correct horse battery staple",
+           "client_id": "demo-web-client", "client_secret": "demo-client-secret",
+           "redirect_uri": "http://127.0.0.1:8765/callback", "scopes": scopes})
+}
+
+fn send(from: Option<&str>, to: &str) -> Value {
+    json!({"do": "send", "from": from, "to": [to]})
+}
+
+/// The mailgate `details[]` entry of a Google error.
+fn mailgate_detail(r: &Value) -> &Value {
+    r["details"]
+        .as_array()
+        .and_then(|d| d.iter().find(|x| x["domain"] == "mailgate"))
+        .unwrap_or_else(|| panic!("no mailgate detail in {r}"))
+}
+
+fn assert_refused(r: &Value, status: u16, message: &str, code: &str, remedy: &str) {
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["status"], status, "{r}");
+    assert_eq!(r["reason"], message, "{r}");
+    let d = mailgate_detail(r);
+    assert_eq!(d["reason"], code, "{r}");
+    assert_eq!(d["metadata"]["code"], code);
+    let rem = d["metadata"]["remedy"].as_str().unwrap();
+    assert!(rem.contains(remedy), "remedy `{rem}` lacks `{remedy}`");
+    assert!(
+        d["metadata"]["decision_id"]
+            .as_str()
+            .is_some_and(|s| s.len() == 26)
+    );
+    assert_eq!(r["decision"], d["metadata"]["decision_id"]);
+}
+
+fn demo() -> (Gateway, Server) {
+    let gw = Gateway::new();
+    let server = gw.serve(&["--demo"]);
+    (gw, server)
+}
+
+#[test]
+fn real_clients_send_read_the_profile_and_list_send_as() {
+    let (gw, server) = demo();
+    // Service account with domain-wide delegation, every upload style the client offers. The
+    // client keeps `https://` for upload URLs whatever `api_endpoint` says, so this runs against
+    // the HTTPS listener, with the demo's self-signed certificate trusted.
+    let ca = gw.data_dir().join("tls/cert.pem");
+    let r = client_at(
+        &format!("https://{}", server.https),
+        Some(&ca),
+        sa(
+            &gw,
+            "mailer@acme-app.iam.example.com",
+            "alice@example.com",
+            &[SEND],
+        ),
+        json!([
+            {"do": "send", "from": "alice@example.com", "to": ["x@example.org"], "upload": "json"},
+            {"do": "send", "from": "support@example.com", "to": ["x@example.org"], "upload": "media"},
+            {"do": "send", "from": "alice@example.com", "to": ["x@example.org"], "upload": "multipart"},
+            {"do": "send", "from": "alice@example.com", "to": ["x@example.org"], "upload": "resumable"},
+        ]),
+    );
+    for x in &r {
+        assert_eq!(x["ok"], true, "{x}");
+        assert_eq!(x["response"]["labelIds"], json!(["SENT"]));
+        assert_eq!(x["response"]["id"].as_str().unwrap().len(), 16);
+    }
+    // A user through the authorization-code flow with PKCE.
+    let r = client(
+        &server,
+        user("alice@example.com", &[SEND, READONLY, SETTINGS]),
+        json!([
+            send(Some("alice@example.com"), "x@example.org"),
+            {"do": "profile"},
+            {"do": "send_as"},
+            {"do": "tokeninfo"},
+            {"do": "refresh"},
+            send(None, "alice@example.com"),
+        ]),
+    );
+    assert_eq!(r[0]["ok"], true, "{}", r[0]);
+    assert_eq!(
+        r[1]["response"]["emailAddress"], "alice@example.com",
+        "{}",
+        r[1]
+    );
+    let send_as: Vec<(&str, Option<&str>)> = r[2]["response"]["sendAs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["sendAsEmail"].as_str().unwrap(),
+                s["verificationStatus"].as_str(),
+            )
+        })
+        .collect();
+    assert!(
+        send_as.contains(&("alice@example.com", None)),
+        "{send_as:?}"
+    );
+    assert!(send_as.contains(&("support@example.com", Some("accepted"))));
+    assert!(send_as.contains(&("alice@gmail.test", Some("pending"))));
+    assert_eq!(r[3]["response"]["email"], "alice@example.com");
+    assert_eq!(r[3]["response"]["aud"], "demo-web-client");
+    assert!(
+        r[3]["response"]["expires_in"].is_string(),
+        "values are strings, as Google's"
+    );
+    assert_eq!(r[4]["rotated"], true, "{}", r[4]);
+    // No From: Gmail fills in the sender; self-addressed mail gets INBOX and UNREAD.
+    assert_eq!(
+        r[5]["response"]["labelIds"],
+        json!(["UNREAD", "SENT", "INBOX"]),
+        "{}",
+        r[5]
+    );
+    server.stop();
+}
+
+#[test]
+fn service_account_without_delegation_is_refused_at_the_token_endpoint() {
+    let (gw, server) = demo();
+    let r = client(
+        &server,
+        sa(
+            &gw,
+            "reporter@acme-app.iam.example.com",
+            "alice@example.com",
+            &[SEND],
+        ),
+        json!([send(None, "x@example.org")]),
+    );
+    assert_eq!(r[0]["kind"], "RefreshError", "{}", r[0]);
+    assert_eq!(r[0]["body"]["error"], "unauthorized_client");
+    assert_eq!(
+        r[0]["body"]["error_description"],
+        "Unauthorized client or scope in request."
+    );
+    assert_eq!(
+        r[0]["body"]["mailgate"]["code"],
+        "delegation.not_configured"
+    );
+    assert!(
+        r[0]["body"]["mailgate"]["remedy"]
+            .as_str()
+            .unwrap()
+            .contains("domain_wide_delegation")
+    );
+}
+
+#[test]
+fn delegation_without_the_scope_is_refused() {
+    let (gw, server) = demo();
+    let r = client(
+        &server,
+        sa(
+            &gw,
+            "mailer@acme-app.iam.example.com",
+            "alice@example.com",
+            &[READONLY],
+        ),
+        json!([{"do": "profile"}]),
+    );
+    assert_eq!(r[0]["kind"], "RefreshError", "{}", r[0]);
+    assert_eq!(r[0]["body"]["error"], "unauthorized_client");
+    assert_eq!(
+        r[0]["body"]["mailgate"]["code"],
+        "delegation.scope_not_granted"
+    );
+}
+
+#[test]
+fn unknown_subject_is_refused() {
+    let (gw, server) = demo();
+    let r = client(
+        &server,
+        sa(
+            &gw,
+            "mailer@acme-app.iam.example.com",
+            "nobody@example.com",
+            &[SEND],
+        ),
+        json!([send(None, "x@example.org")]),
+    );
+    assert_eq!(r[0]["kind"], "RefreshError", "{}", r[0]);
+    assert_eq!(r[0]["body"]["error"], "invalid_grant");
+    assert_eq!(
+        r[0]["body"]["error_description"],
+        "Invalid email or User ID"
+    );
+    assert_eq!(
+        r[0]["body"]["mailgate"]["code"],
+        "delegation.subject_unknown"
+    );
+}
+
+#[test]
+fn token_without_a_send_scope_gets_insufficient_permissions() {
+    let (_gw, server) = demo();
+    let r = client(
+        &server,
+        user("alice@example.com", &[READONLY]),
+        json!([send(None, "x@example.org")]),
+    );
+    assert_refused(
+        &r[0],
+        403,
+        "Request had insufficient authentication scopes.",
+        "scope.insufficient",
+        "gmail.send",
+    );
+    assert!(
+        r[0]["www_authenticate"]
+            .as_str()
+            .unwrap()
+            .contains("error=\"insufficient_scope\""),
+        "{}",
+        r[0]
+    );
+    assert!(
+        r[0]["details"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["reason"] == "ACCESS_TOKEN_SCOPE_INSUFFICIENT")
+    );
+}
+
+#[test]
+fn api_not_enabled_for_the_project() {
+    let (gw, server) = demo();
+    let r = client(
+        &server,
+        sa(
+            &gw,
+            "legacy@legacy-app.iam.example.com",
+            "alice@example.com",
+            &[SEND],
+        ),
+        json!([send(None, "x@example.org")]),
+    );
+    assert_refused(
+        &r[0],
+        403,
+        "Gmail API has not been used in project 210987654321 before or it is disabled. Enable it by visiting https://console.developers.google.com/apis/api/gmail.googleapis.com/overview?project=210987654321 then retry. If you enabled this API recently, wait a few minutes for the action to propagate to our systems and retry.",
+        "project.api_disabled",
+        "legacy-app",
+    );
+    assert_eq!(
+        r[0]["body"]["error"]["errors"][0]["reason"],
+        "accessNotConfigured"
+    );
+}
+
+#[test]
+fn suspended_user_is_refused_at_once_without_restart() {
+    let (gw, server) = demo();
+    gw.ok(&["user", "suspend", "alice@example.com"]);
+    let token = gw.ok(&["admin-token", "create", "t"]).trim().to_owned();
+    assert!(eventually(Duration::from_secs(10), || {
+        let (_, b) = crate::harness::http_get(
+            &server.addr,
+            "/mailgate/v1/users/alice@example.com",
+            Some(&token),
+        );
+        b.contains("\"suspended\"")
+    }));
+    // A token obtained earlier would also stop working; a new delegated token is refused outright.
+    let r = client(
+        &server,
+        user("alice@example.com", &[SEND]),
+        json!([send(None, "x@example.org")]),
+    );
+    assert_eq!(r[0]["status"], 403, "{}", r[0]);
+    assert_eq!(mailgate_detail(&r[0])["reason"], "account.suspended");
+    assert!(
+        mailgate_detail(&r[0])["metadata"]["remedy"]
+            .as_str()
+            .unwrap()
+            .contains("mailgate user unsuspend alice@example.com")
+    );
+}
+
+#[test]
+fn mail_disabled_user_gets_mail_service_not_enabled() {
+    let (gw, server) = demo();
+    let r = client(
+        &server,
+        sa(
+            &gw,
+            "mailer@acme-app.iam.example.com",
+            "carol@example.com",
+            &[SEND],
+        ),
+        json!([send(None, "x@example.org")]),
+    );
+    assert_refused(
+        &r[0],
+        400,
+        "Mail service not enabled",
+        "account.mail_disabled",
+        "/frozen",
+    );
+}
+
+#[test]
+fn another_users_mailbox_is_delegation_denied() {
+    let (_gw, server) = demo();
+    let r = client(
+        &server,
+        user("alice@example.com", &[SEND]),
+        json!([{"do": "send", "user_id": "erin@example.com", "to": ["x@example.org"]}]),
+    );
+    assert_refused(
+        &r[0],
+        403,
+        "Delegation denied for alice@example.com",
+        "impersonation.denied",
+        "delegates",
+    );
+}
+
+#[test]
+fn unowned_from_is_refused() {
+    let (gw, server) = demo();
+    let r = client(
+        &server,
+        sa(
+            &gw,
+            "mailer@acme-app.iam.example.com",
+            "alice@example.com",
+            &[SEND],
+        ),
+        json!([send(Some("ceo@example.com"), "x@example.org")]),
+    );
+    assert_eq!(r[0]["status"], 403, "{}", r[0]);
+    assert_eq!(mailgate_detail(&r[0])["reason"], "sender.not_owned");
+    assert!(
+        mailgate_detail(&r[0])["metadata"]["remedy"]
+            .as_str()
+            .unwrap()
+            .contains("send_as")
+    );
+}
+
+#[test]
+fn pending_send_as_is_refused() {
+    let (gw, server) = demo();
+    let r = client(
+        &server,
+        sa(
+            &gw,
+            "mailer@acme-app.iam.example.com",
+            "alice@example.com",
+            &[SEND],
+        ),
+        json!([send(Some("alice@gmail.test"), "x@example.org")]),
+    );
+    assert_eq!(r[0]["status"], 403, "{}", r[0]);
+    assert_eq!(mailgate_detail(&r[0])["reason"], "sender.unverified");
+}
+
+#[test]
+fn daily_limit_gives_429_with_a_retry_time() {
+    let (gw, server) = demo();
+    // frank may send 3 messages a day.
+    let r = client(
+        &server,
+        sa(
+            &gw,
+            "mailer@acme-app.iam.example.com",
+            "frank@example.com",
+            &[SEND],
+        ),
+        json!([
+            send(None, "x@example.org"),
+            send(None, "x@example.org"),
+            send(None, "x@example.org"),
+            send(None, "x@example.org")
+        ]),
+    );
+    for x in &r[..3] {
+        assert_eq!(x["ok"], true, "{x}");
+    }
+    let denied = &r[3];
+    assert_eq!(denied["status"], 429, "{denied}");
+    let msg = denied["reason"].as_str().unwrap();
+    assert!(msg.contains("Retry after"), "{msg}");
+    assert!(
+        denied["retry_after"]
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            > 0
+    );
+    let d = mailgate_detail(denied);
+    assert_eq!(d["reason"], "limit.daily_messages");
+    assert!(
+        d["metadata"]["remedy"]
+            .as_str()
+            .unwrap()
+            .contains("used 3 of 3"),
+        "{d}"
+    );
+}
+
+#[test]
+fn tls_1_1_is_refused_and_1_2_and_1_3_work() {
+    let (_gw, server) = demo();
+    let s_client = |flag: &str| {
+        // SECLEVEL=0 lets the client offer TLS 1.1 at all, so the refusal is the server's.
+        std::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &server.https,
+                flag,
+                "-servername",
+                "localhost",
+                "-cipher",
+                "DEFAULT:@SECLEVEL=0",
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl is installed by scripts/test")
+    };
+    let old = s_client("-tls1_1");
+    let text =
+        String::from_utf8_lossy(&old.stdout).to_string() + &String::from_utf8_lossy(&old.stderr);
+    assert!(
+        text.contains("Cipher is (NONE)"),
+        "TLS 1.1 was accepted:\n{text}"
+    );
+    assert!(text.contains("alert handshake failure"), "{text}");
+    for (flag, proto) in [("-tls1_2", "TLSv1.2"), ("-tls1_3", "TLSv1.3")] {
+        let ok = s_client(flag);
+        let text = String::from_utf8_lossy(&ok.stdout);
+        assert!(
+            text.contains(&format!("Protocol  : {proto}"))
+                || text.contains(&format!("New, {proto}")),
+            "{flag}:\n{text}"
+        );
+    }
+    let (_, _, logs) = server.stop();
+    assert!(
+        logs.contains("TLS handshake refused"),
+        "the refusal is logged:\n{logs}"
+    );
+}
