@@ -37,7 +37,8 @@ fn client_at(
         .arg(spec.to_string());
     if let Some(ca) = ca {
         // httplib2 (under googleapiclient) and requests read their trust roots from these.
-        cmd.env("HTTPLIB2_CA_CERTS", ca).env("REQUESTS_CA_BUNDLE", ca);
+        cmd.env("HTTPLIB2_CA_CERTS", ca)
+            .env("REQUESTS_CA_BUNDLE", ca);
     }
     let out = cmd.output().expect("run python");
     assert!(
