@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, Guard};
 use mailgate_core::engine::{
-    CommitOutcome, Counters, Decision, DirectoryIndex, MemoryCounters, Mode, Outcome, SendAttempt,
-    Verdict, commit, decide,
+    CommitOutcome, Counters, Decision, DirectoryIndex, InjectedFault, MemoryCounters, Mode,
+    Outcome, SendAttempt, Verdict, apply_injected, commit, decide,
 };
 use mailgate_store::{NewMessage, Store, StoreError, StoredDecision, UsageEntry};
 use serde_json::{Value, json};
@@ -82,6 +82,8 @@ pub struct Gateway {
     store: Arc<dyn Store>,
     live: ArcSwap<Live>,
     counters: MemoryCounters,
+    /// Faults injected by `mailgate simulate` (see [`Gateway::set_injected_faults`]).
+    faults: ArcSwap<Vec<InjectedFault>>,
 }
 
 /// Unix milliseconds now.
@@ -104,6 +106,7 @@ impl Gateway {
                 index: DirectoryIndex::new(&snap.directory),
             }),
             counters,
+            faults: ArcSwap::from_pointee(Vec::new()),
         }))
     }
 
@@ -149,6 +152,11 @@ impl Gateway {
         })
     }
 
+    /// Replaces the injected faults in force (the server loads them from the store).
+    pub fn set_injected_faults(&self, faults: Vec<InjectedFault>) {
+        self.faults.store(Arc::new(faults));
+    }
+
     /// Decides a real attempt (enforcement) and keeps the decision under a new id.
     pub async fn decide(&self, door: &str, attempt: &SendAttempt) -> Result<Decided, GatewayError> {
         self.evaluate(door, attempt, Mode::Enforce).await
@@ -168,7 +176,9 @@ impl Gateway {
         let now = now_ms();
         let decision = {
             let live = self.live.load();
-            decide(attempt, &live.index, &self.counters, now, mode)
+            let mut d = decide(attempt, &live.index, &self.counters, now, mode);
+            apply_injected(&mut d, &self.faults.load(), now);
+            d
         };
         let id = new_decision_id(now);
         keep(self.store.as_ref(), &id, door, attempt, &decision, now).await?;

@@ -13,7 +13,7 @@ pub use oauth::{TokenRecord, TokenStore};
 pub use queue::{
     AttemptEntry, AttemptReport, CAPTURED_HEAD_BYTES, CapturedMessage, LeasedMessage,
     MessageStatus, QueueEntry, QueueFilter, QueueStore, RecipientOutcome, RecipientState,
-    RecipientStatus, Recorded, RetryOutcome, message_state,
+    RecipientStatus, Recorded, RetryOutcome, SimulatedFault, message_state,
 };
 pub use sqlite::SqliteStore;
 

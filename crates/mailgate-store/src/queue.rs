@@ -299,6 +299,31 @@ pub trait QueueStore: Send + Sync {
 
     /// One captured message, whole.
     async fn captured_message(&self, id: &str) -> Result<Option<CapturedMessage>, StoreError>;
+
+    /// Fault injection (`mailgate simulate`, for testing applications against capture mode):
+    /// makes `principal`'s sends fail with reason `code` until `until_ms` (replacing any earlier one).
+    async fn set_fault(&self, fault: &SimulatedFault) -> Result<(), StoreError>;
+
+    /// Removes `principal`'s injected fault; false when there was none.
+    async fn clear_fault(&self, principal: &str) -> Result<bool, StoreError>;
+
+    /// Injected faults still active at `now_ms` (expired ones are deleted on the way).
+    async fn active_faults(&self, now_ms: i64) -> Result<Vec<SimulatedFault>, StoreError>;
+}
+
+/// A fault injected by `mailgate simulate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SimulatedFault {
+    /// The principal (a user's primary address, ...).
+    pub principal: String,
+    /// The reason code its sends fail with.
+    pub code: String,
+    /// Until when (Unix ms).
+    pub until_ms: i64,
+    /// When set (Unix ms).
+    pub created_at_ms: i64,
+    /// Who set it (`cli:<user>`, `admin-token:<name>`).
+    pub actor: String,
 }
 
 fn decode_err(e: serde_json::Error) -> StoreError {
@@ -774,6 +799,52 @@ impl QueueStore for SqliteStore {
         .await?;
         row.as_ref().map(captured_of).transpose()
     }
+
+    async fn set_fault(&self, f: &SimulatedFault) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO simulated_faults (principal, code, until_ms, created_at_ms, actor) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (principal) DO UPDATE SET code = excluded.code, until_ms = excluded.until_ms,
+                 created_at_ms = excluded.created_at_ms, actor = excluded.actor",
+        )
+        .bind(f.principal.to_ascii_lowercase())
+        .bind(&f.code)
+        .bind(f.until_ms)
+        .bind(f.created_at_ms)
+        .bind(&f.actor)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn clear_fault(&self, principal: &str) -> Result<bool, StoreError> {
+        let n = sqlx::query("DELETE FROM simulated_faults WHERE principal = ?")
+            .bind(principal.to_ascii_lowercase())
+            .execute(self.pool())
+            .await?
+            .rows_affected();
+        Ok(n > 0)
+    }
+
+    async fn active_faults(&self, now_ms: i64) -> Result<Vec<SimulatedFault>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT principal, code, until_ms, created_at_ms, actor FROM simulated_faults
+             WHERE until_ms > ? ORDER BY principal",
+        )
+        .bind(now_ms)
+        .fetch_all(self.pool())
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push(SimulatedFault {
+                principal: r.try_get("principal")?,
+                code: r.try_get("code")?,
+                until_ms: r.try_get("until_ms")?,
+                created_at_ms: r.try_get("created_at_ms")?,
+                actor: r.try_get("actor")?,
+            });
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -987,6 +1058,27 @@ mod tests {
             s.retry_message("f", 3_000).await.unwrap(),
             RetryOutcome::NotFound
         );
+    }
+
+    #[tokio::test]
+    async fn faults_are_set_replaced_expire_and_clear() {
+        let s = SqliteStore::in_memory().await.unwrap();
+        let f = |code: &str, until_ms| SimulatedFault {
+            principal: "Alice@Example.com".into(),
+            code: code.into(),
+            until_ms,
+            created_at_ms: 1,
+            actor: "t".into(),
+        };
+        s.set_fault(&f("limit.rate", 100)).await.unwrap();
+        s.set_fault(&f("limit.daily_messages", 200)).await.unwrap();
+        let active = s.active_faults(150).await.unwrap();
+        assert_eq!(active.len(), 1);
+        assert_eq!(active[0].principal, "alice@example.com");
+        assert_eq!(active[0].code, "limit.daily_messages");
+        assert!(s.active_faults(200).await.unwrap().is_empty());
+        assert!(s.clear_fault("ALICE@example.com").await.unwrap());
+        assert!(!s.clear_fault("alice@example.com").await.unwrap());
     }
 
     #[test]

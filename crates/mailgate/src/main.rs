@@ -92,6 +92,9 @@ enum Cmd {
     /// Mail kept by capture mode: list, show.
     #[command(subcommand)]
     Captured(queue_cli::CapturedCmd),
+    /// Make a principal's next sends fail with a reason code, to test error handling (injected
+    /// faults are marked as such in every trace).
+    Simulate(queue_cli::SimulateArgs),
     /// Tokens for the admin HTTP API.
     #[command(subcommand, name = "admin-token")]
     AdminToken(AdminTokenCmd),
@@ -288,6 +291,7 @@ async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode>
         }
         Cmd::Explain { req, json } => {
             let gateway = mailgate_gateway::Gateway::open(store.clone()).await?;
+            relay_setup::load_faults(&gateway, store.as_ref()).await?;
             match explain::explain(&gateway, &req).await? {
                 Ok(d) => {
                     if json {
@@ -318,6 +322,7 @@ async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode>
         }
         Cmd::Queue(q) => return queue_cli::queue(store.as_ref(), q).await,
         Cmd::Captured(c) => return queue_cli::captured(store.as_ref(), c).await,
+        Cmd::Simulate(a) => return queue_cli::simulate(store.as_ref(), &actor, a).await,
         Cmd::AdminToken(AdminTokenCmd::Create { name }) => {
             let token = admin_token_create(store.as_ref(), &name).await?;
             println!("{token}");

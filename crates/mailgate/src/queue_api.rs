@@ -6,6 +6,8 @@
 //! - `GET /mailgate/v1/captured`: captured messages with from, to and subject.
 //! - `GET /mailgate/v1/captured/{id}`: raw and parsed (headers, parts); `?format=raw` returns the
 //!   message itself as `message/rfc822`.
+//! - `POST /mailgate/v1/simulate` `{"principal", "code", "for": "10m"}` (or `"clear": true`):
+//!   fault injection, as `mailgate simulate`.
 
 use std::sync::Arc;
 
@@ -147,6 +149,77 @@ pub async fn get_captured(
             Json(v).into_response()
         }
         Ok(None) => api_error(StatusCode::NOT_FOUND, format!("no captured message `{id}`")),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// Body of `POST /mailgate/v1/simulate`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulateRequest {
+    principal: String,
+    code: Option<String>,
+    #[serde(rename = "for")]
+    duration: Option<String>,
+    #[serde(default)]
+    clear: bool,
+}
+
+/// `POST /mailgate/v1/simulate`
+pub async fn post_simulate(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Json<SimulateRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let who = match admin(&state, &headers).await {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                format!("simulate: {}", e.body_text()),
+            );
+        }
+    };
+    let result = if req.clear {
+        state.queue.clear_fault(&req.principal).await.map(|_| None)
+    } else {
+        let Some(code) = req.code.as_deref() else {
+            return api_error(StatusCode::BAD_REQUEST, "simulate: `code` is required");
+        };
+        let f = match crate::queue_cli::new_fault(
+            &req.principal,
+            code,
+            req.duration.as_deref().unwrap_or("10m"),
+            &format!("admin-token:{who}"),
+        ) {
+            Ok(f) => f,
+            Err(e) => return api_error(StatusCode::BAD_REQUEST, format!("simulate: {e}")),
+        };
+        state.queue.set_fault(&f).await.map(|_| Some(f))
+    };
+    match result {
+        Ok(fault) => {
+            // In force at once on this node (other nodes poll the store).
+            if let Err(e) =
+                crate::relay_setup::load_faults(&state.gateway, state.queue.as_ref()).await
+            {
+                return unavailable(e);
+            }
+            Json(json!({
+                "principal": req.principal.to_ascii_lowercase(),
+                "cleared": req.clear,
+                "fault": fault.map(|f| json!({
+                    "code": f.code,
+                    "until": rfc3339(f.until_ms),
+                    "injected": true,
+                })),
+            }))
+            .into_response()
+        }
         Err(e) => unavailable(e),
     }
 }

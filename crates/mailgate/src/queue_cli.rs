@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use clap::Subcommand;
-use mailgate_store::{QueueFilter, QueueStore, RetryOutcome};
+use mailgate_store::{QueueFilter, QueueStore, RetryOutcome, SimulatedFault};
 
 use crate::queue_api::rfc3339;
 
@@ -213,4 +213,134 @@ pub async fn captured(store: &dyn QueueStore, cmd: CapturedCmd) -> anyhow::Resul
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `mailgate simulate PRINCIPAL CODE --for 10m` / `--clear` / `--list`.
+#[derive(clap::Args)]
+pub struct SimulateArgs {
+    /// The principal whose sends fail (a user's primary address, ...).
+    pub principal: Option<String>,
+    /// The reason code they fail with (e.g. limit.daily_messages; see docs/reasons.md).
+    pub code: Option<String>,
+    /// For how long: 30s, 10m, 2h, 1d.
+    #[arg(long = "for", default_value = "10m")]
+    pub duration: String,
+    /// Remove the principal's injected fault.
+    #[arg(long)]
+    pub clear: bool,
+    /// List the injected faults in force.
+    #[arg(long)]
+    pub list: bool,
+}
+
+/// Parses `30s`, `10m`, `2h`, `1d` (or plain seconds) to milliseconds.
+pub fn parse_duration_ms(s: &str) -> anyhow::Result<i64> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("`{s}` is not a duration (30s, 10m, 2h, 1d)"))?;
+    let mult = match unit {
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => bail!("`{s}` is not a duration (30s, 10m, 2h, 1d)"),
+    };
+    n.checked_mul(mult)
+        .filter(|ms| *ms > 0)
+        .ok_or_else(|| anyhow::anyhow!("`{s}` is not a positive duration"))
+}
+
+/// Checks that `code` is a refusal reason a send can fail with (not an `upstream.*` outcome).
+pub fn check_fault_code(code: &str) -> anyhow::Result<()> {
+    match mailgate_core::catalogue::Reason::from_code(code) {
+        Some(_) if !code.starts_with("upstream.") => Ok(()),
+        Some(_) => bail!("`{code}` is a delivery outcome, not a refusal: simulate a send refusal"),
+        None => bail!("unknown reason code `{code}` (see docs/reasons.md)"),
+    }
+}
+
+/// The fault a simulate request sets.
+pub fn new_fault(
+    principal: &str,
+    code: &str,
+    duration: &str,
+    actor: &str,
+) -> anyhow::Result<SimulatedFault> {
+    check_fault_code(code)?;
+    let now = mailgate_gateway::now_ms() as i64;
+    Ok(SimulatedFault {
+        principal: principal.to_ascii_lowercase(),
+        code: code.to_owned(),
+        until_ms: now.saturating_add(parse_duration_ms(duration)?),
+        created_at_ms: now,
+        actor: actor.to_owned(),
+    })
+}
+
+/// Runs `mailgate simulate`.
+pub async fn simulate(
+    store: &dyn QueueStore,
+    actor: &str,
+    a: SimulateArgs,
+) -> anyhow::Result<ExitCode> {
+    if a.list {
+        for f in store
+            .active_faults(mailgate_gateway::now_ms() as i64)
+            .await?
+        {
+            println!(
+                "{}\t{}\tuntil={}\tby={}",
+                f.principal,
+                f.code,
+                rfc3339(f.until_ms),
+                f.actor
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(principal) = a.principal else {
+        bail!(
+            "name a principal: mailgate simulate alice@example.com limit.daily_messages --for 10m"
+        );
+    };
+    if a.clear {
+        if store.clear_fault(&principal).await? {
+            println!("injected fault of {principal} cleared");
+        } else {
+            println!("{principal} had no injected fault");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(code) = a.code else {
+        bail!("name a reason code: mailgate simulate {principal} limit.daily_messages --for 10m");
+    };
+    let f = new_fault(&principal, &code, &a.duration, actor)?;
+    store.set_fault(&f).await?;
+    println!(
+        "sends of {} now fail with {} until {} (injected; marked as such in every trace)",
+        f.principal,
+        f.code,
+        rfc3339(f.until_ms)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_codes() -> anyhow::Result<()> {
+        assert_eq!(parse_duration_ms("10m")?, 600_000);
+        assert_eq!(parse_duration_ms("30")?, 30_000);
+        assert_eq!(parse_duration_ms("1d")?, 86_400_000);
+        assert!(parse_duration_ms("10x").is_err());
+        assert!(parse_duration_ms("0s").is_err());
+        check_fault_code("limit.daily_messages")?;
+        assert!(check_fault_code("upstream.refused").is_err());
+        assert!(check_fault_code("nope").is_err());
+        Ok(())
+    }
 }

@@ -1,10 +1,13 @@
-//! The `[relay]` section of the configuration and starting the delivery worker in `serve`.
+//! The `[relay]` section of the configuration, starting the delivery worker in `serve`, and
+//! keeping the gateway's injected faults (`mailgate simulate`) in step with the store.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use mailgate_core::catalogue::Reason;
+use mailgate_core::engine::InjectedFault;
 use mailgate_gateway::Gateway;
 use mailgate_relay::{Relay, RelayConfig};
 use mailgate_store::QueueStore;
@@ -78,6 +81,7 @@ pub fn spawn(
     queue: Arc<dyn QueueStore>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let cfg = relay_config(raw, demo)?;
+    let queue_for_faults = queue.clone();
     let g = gateway.clone();
     let relay = Relay::new(
         queue,
@@ -89,7 +93,48 @@ pub fn spawn(
             "delivery: capture mode (accepted mail is kept, listed by `mailgate captured list`, and not relayed)"
         );
     }
+    watch_faults(gateway.clone(), queue_for_faults);
     Ok(relay.spawn())
+}
+
+/// Loads the injected faults in force into the gateway.
+pub async fn load_faults(gateway: &Gateway, queue: &dyn QueueStore) -> anyhow::Result<usize> {
+    let now = mailgate_gateway::now_ms();
+    let faults: Vec<InjectedFault> = queue
+        .active_faults(now as i64)
+        .await?
+        .into_iter()
+        .filter_map(|f| {
+            Some(InjectedFault {
+                code: Reason::from_code(&f.code)?,
+                principal: f.principal,
+                until_ms: f.until_ms.max(0) as u64,
+            })
+        })
+        .collect();
+    let n = faults.len();
+    gateway.set_injected_faults(faults);
+    Ok(n)
+}
+
+/// Polls the store for faults injected by `mailgate simulate` (CLI or another node).
+fn watch_faults(gateway: Arc<Gateway>, queue: Arc<dyn QueueStore>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = 0;
+        loop {
+            tick.tick().await;
+            match load_faults(&gateway, queue.as_ref()).await {
+                Ok(n) if n != last => {
+                    tracing::warn!(active = n, "injected faults (mailgate simulate) in force");
+                    last = n;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot load injected faults"),
+            }
+        }
+    });
 }
 
 #[cfg(test)]

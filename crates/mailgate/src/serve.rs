@@ -50,6 +50,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/mailgate/v1/captured/{id}",
             get(crate::queue_api::get_captured),
         )
+        .route(
+            "/mailgate/v1/simulate",
+            post(crate::queue_api::post_simulate),
+        )
         .with_state(state)
 }
 

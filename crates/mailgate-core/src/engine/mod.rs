@@ -19,6 +19,7 @@
 mod checks;
 pub mod counters;
 pub mod index;
+mod inject;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -33,6 +34,7 @@ use crate::directory::{ExceedAction, LimitName};
 
 pub use counters::{Admission, Charge, Counters, CountersError, MemoryCounters, Usage};
 pub use index::{DirectoryIndex, Ownership};
+pub use inject::{InjectedFault, apply_injected};
 
 /// Scopes that allow `users.messages.send` (gmail-wire.md §1.5).
 pub const SEND_SCOPES: [&str; 5] = [

@@ -296,3 +296,92 @@ fn demo_mode_captures_mail_and_lists_it() {
     gw.ok(&["queue", "delete", &id]);
     assert!(!gw.ok(&["captured", "list"]).contains(&id));
 }
+
+#[test]
+fn simulate_makes_the_next_sends_fail_with_that_reason_marked_injected() {
+    let gw = Gateway::new();
+    let server = gw.serve_with("[relay]\npoll_interval_ms = 50\n", &["--demo"]);
+    let token = gw.ok(&["admin-token", "create", "it"]).trim().to_owned();
+    let explain = || {
+        let (code, body) = crate::harness::http_post(
+            &server.addr,
+            "/mailgate/v1/explain",
+            &token,
+            r#"{"as": "alice@example.com", "to": ["x@example.org"]}"#,
+        );
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<Value>(&body).unwrap()
+    };
+    assert_eq!(explain()["allowed"], true);
+
+    let out = gw.ok(&[
+        "simulate",
+        "alice@example.com",
+        "limit.daily_messages",
+        "--for",
+        "10m",
+    ]);
+    assert!(out.contains("limit.daily_messages"), "{out}");
+    assert!(gw.ok(&["simulate", "--list"]).contains("alice@example.com"));
+    // The running server picks it up; the trace says it is injected.
+    assert!(
+        eventually(Duration::from_secs(10), || explain()["allowed"] == false),
+        "the running server did not pick up the injected fault"
+    );
+    let d = explain();
+    assert_eq!(d["denial"]["code"], "limit.daily_messages", "{d}");
+    assert!(
+        d["denial"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("injected fault")
+    );
+    let injected = d["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["outcome"] == "fail")
+        .unwrap();
+    assert!(
+        injected["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("injected fault"),
+        "{injected}"
+    );
+    // The CLI's explain sees it too.
+    let out = gw.cmd(&[
+        "explain",
+        "--as",
+        "alice@example.com",
+        "--to",
+        "x@example.org",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("injected fault"));
+
+    // The admin API clears it (and sets others: a delivery outcome is refused).
+    let (code, body) = crate::harness::http_post(
+        &server.addr,
+        "/mailgate/v1/simulate",
+        &token,
+        r#"{"principal": "alice@example.com", "code": "upstream.refused"}"#,
+    );
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = crate::harness::http_post(
+        &server.addr,
+        "/mailgate/v1/simulate",
+        &token,
+        r#"{"principal": "alice@example.com", "clear": true}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(explain()["allowed"], true);
+    let (code, body) = crate::harness::http_post(
+        &server.addr,
+        "/mailgate/v1/simulate",
+        &token,
+        r#"{"principal": "alice@example.com", "code": "account.suspended", "for": "1m"}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(explain()["denial"]["code"], "account.suspended");
+}
