@@ -105,6 +105,18 @@ def main():
                 out = {"ok": True, "response": svc.users().getProfile(userId=act.get("user_id", "me")).execute()}
             elif act["do"] == "send_as":
                 out = {"ok": True, "response": svc.users().settings().sendAs().list(userId="me").execute()}
+            elif act["do"] == "send_as_create":
+                body = {"sendAsEmail": act["email"], "displayName": act.get("name", "")}
+                out = {"ok": True, "response": svc.users().settings().sendAs().create(userId="me", body=body).execute()}
+            elif act["do"] == "send_as_patch":
+                out = {"ok": True, "response": svc.users().settings().sendAs().patch(
+                    userId="me", sendAsEmail=act["email"], body={"displayName": act["name"]}).execute()}
+            elif act["do"] == "send_as_verify":
+                svc.users().settings().sendAs().verify(userId="me", sendAsEmail=act["email"]).execute()
+                out = {"ok": True}
+            elif act["do"] == "send_as_delete":
+                svc.users().settings().sendAs().delete(userId="me", sendAsEmail=act["email"]).execute()
+                out = {"ok": True}
             elif act["do"] == "refresh":
                 old = creds.token
                 creds.refresh(google.auth.transport.requests.Request())

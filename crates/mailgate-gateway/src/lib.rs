@@ -9,6 +9,10 @@
 //!    usage in one durable transaction. Only after it returns may a door say "accepted".
 //! 4. [`Gateway::explain`]: the same evaluation in explain mode, consuming nothing.
 
+
+mod edit;
+pub use edit::{EditError, edit_directory};
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -220,9 +220,10 @@ pub(crate) fn reason_response(
     args: &RenderArgs,
     method: &str,
     remedy: &str,
+    method_scopes: &[&str],
 ) -> Response {
     let headers = if reason == Reason::ScopeInsufficient {
-        insufficient_scope_header(crate::gmail::READ_SCOPES)
+        insufficient_scope_header(method_scopes)
     } else {
         HeaderMap::new()
     };

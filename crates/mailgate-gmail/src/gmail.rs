@@ -107,12 +107,34 @@ fn acting_address(st: &GmailState, a: &SendAttempt) -> Option<String> {
     }
 }
 
-/// For non-send methods: run the engine for who-may-act checks (every check that needs message
-/// facts stays pending), then check the method's own scopes.
+/// Scopes for changing send-as addresses (discovery: sendAs.create, delete, verify).
+pub(crate) const SHARING_SCOPES: &[&str] = &[
+    "https://mail.google.com/",
+    "https://www.googleapis.com/auth/gmail.settings.sharing",
+];
+
+/// Scopes for updating a send-as address (discovery: sendAs.update, patch).
+pub(crate) const BASIC_SCOPES: &[&str] = &[
+    "https://mail.google.com/",
+    "https://www.googleapis.com/auth/gmail.settings.basic",
+    "https://www.googleapis.com/auth/gmail.settings.sharing",
+];
+
 async fn authorize_read(
     st: &GmailState,
     attempt: &SendAttempt,
     method: &str,
+) -> Result<String, Response> {
+    authorize(st, attempt, method, READ_SCOPES).await
+}
+
+/// For non-send methods: run the engine for who-may-act checks (every check that needs message
+/// facts stays pending), then check the method's own scopes.
+async fn authorize(
+    st: &GmailState,
+    attempt: &SendAttempt,
+    method: &str,
+    method_scopes: &[&str],
 ) -> Result<String, Response> {
     let decided = st
         .gateway
@@ -139,7 +161,7 @@ async fn authorize_read(
         _ => None,
     };
     if let Some(scopes) = scopes
-        && !scopes.iter().any(|s| READ_SCOPES.contains(&s.as_str()))
+        && !scopes.iter().any(|s| method_scopes.contains(&s.as_str()))
     {
         return Err(reason_response(
             Reason::ScopeInsufficient,
@@ -147,8 +169,9 @@ async fn authorize_read(
             method,
             &format!(
                 "this method needs one of: {}; request it when obtaining the token",
-                READ_SCOPES.join(", ")
+                method_scopes.join(", ")
             ),
+            method_scopes,
         ));
     }
     acting_address(st, attempt).ok_or_else(|| internal("no acting address"))
@@ -242,6 +265,288 @@ pub(crate) async fn send_as_get(
             "notFound",
             "Requested entity was not found.",
         ),
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SendAsBody {
+    send_as_email: Option<String>,
+    display_name: Option<String>,
+    reply_to_address: Option<String>,
+}
+
+enum SendAsProblem {
+    NotFound,
+    Exists,
+    Primary,
+    NoUser,
+}
+
+impl SendAsProblem {
+    fn response(&self) -> Response {
+        match self {
+            SendAsProblem::NotFound => simple(
+                404,
+                "NOT_FOUND",
+                "notFound",
+                "Requested entity was not found.",
+            ),
+            SendAsProblem::Exists => simple(
+                409,
+                "ALREADY_EXISTS",
+                "duplicate",
+                "Requested entity already exists",
+            ),
+            SendAsProblem::Primary => {
+                invalid_argument("The primary send-as address cannot be deleted")
+            }
+            SendAsProblem::NoUser => simple(
+                400,
+                "FAILED_PRECONDITION",
+                "failedPrecondition",
+                "Precondition check failed.",
+            ),
+        }
+    }
+}
+
+/// Runs a send-as change for `addr` through the directory, then reloads it so it applies at once.
+async fn edit_send_as(
+    st: &GmailState,
+    addr: &str,
+    f: impl FnMut(&mut mailgate_core::directory::Directory) -> Result<serde_json::Value, SendAsProblem>,
+) -> Response {
+    let actor = format!("gmail-api:{addr}");
+    match mailgate_gateway::edit_directory(st.gateway.store(), &actor, f).await {
+        Ok(v) => {
+            if let Err(e) = st.gateway.refresh().await {
+                tracing::warn!(error = %e, "directory reload after a send-as change failed");
+            }
+            Json(v).into_response()
+        }
+        Err(mailgate_gateway::EditError::Refused(p)) => p.response(),
+        Err(mailgate_gateway::EditError::Invalid(issues)) => invalid_argument(
+            &issues
+                .first()
+                .map(|i| i.message.clone())
+                .unwrap_or_else(|| "Invalid send-as address".into()),
+        ),
+        Err(mailgate_gateway::EditError::Store(e)) => internal(&e.to_string()),
+        Err(mailgate_gateway::EditError::Busy) => simple(
+            503,
+            "UNAVAILABLE",
+            "backendError",
+            "The service is currently unavailable.",
+        ),
+    }
+}
+
+fn find_user<'a>(
+    d: &'a mut mailgate_core::directory::Directory,
+    addr: &str,
+) -> Result<&'a mut mailgate_core::directory::User, SendAsProblem> {
+    d.user_mut(addr).ok_or(SendAsProblem::NoUser)
+}
+
+fn resource_of(
+    user: &mailgate_core::directory::User,
+    email: &str,
+) -> Result<serde_json::Value, SendAsProblem> {
+    send_as_resources(user)
+        .into_iter()
+        .find(|r| {
+            r["sendAsEmail"]
+                .as_str()
+                .is_some_and(|e| e.eq_ignore_ascii_case(email))
+        })
+        .ok_or(SendAsProblem::NotFound)
+}
+
+/// `POST .../settings/sendAs`: a new send-as address; `accepted` when its domain is one of the
+/// organisation's verified domains, else `pending` until verified.
+pub(crate) async fn send_as_create(
+    State(st): State<Arc<GmailState>>,
+    conn: axum::Extension<ConnFacts>,
+    headers: HeaderMap,
+    Path(user_id): Path<String>,
+    Query(q): Query<CommonParams>,
+    body: Bytes,
+) -> Response {
+    let cred = credential(&st, &headers, &q).await;
+    let attempt = base_attempt(&conn, cred, &user_id, &headers);
+    let addr = match authorize(
+        &st,
+        &attempt,
+        "caribou.api.proto.MailboxService.CreateSendAs",
+        SHARING_SCOPES,
+    )
+    .await
+    {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let Ok(b) = serde_json::from_slice::<SendAsBody>(&body) else {
+        return invalid_argument("Invalid JSON payload received.");
+    };
+    let Some(email) = b.send_as_email.clone().map(|e| e.trim().to_owned()) else {
+        return invalid_argument("sendAsEmail is required");
+    };
+    edit_send_as(&st, &addr, |d| {
+        let domain = mailgate_core::validate::domain_of(&email).to_ascii_lowercase();
+        let verified = d.domains.iter().any(|x| x.name == domain && x.verified);
+        let user = find_user(d, &addr)?;
+        if user.email.eq_ignore_ascii_case(&email)
+            || user.aliases.iter().any(|a| a.eq_ignore_ascii_case(&email))
+            || user
+                .send_as
+                .iter()
+                .any(|s| s.email.eq_ignore_ascii_case(&email))
+        {
+            return Err(SendAsProblem::Exists);
+        }
+        user.send_as.push(mailgate_core::directory::SendAs {
+            email: email.clone(),
+            display_name: b.display_name.clone().filter(|s| !s.is_empty()),
+            reply_to: b.reply_to_address.clone().filter(|s| !s.is_empty()),
+            status: if verified {
+                mailgate_core::directory::SendAsStatus::Accepted
+            } else {
+                mailgate_core::directory::SendAsStatus::Pending
+            },
+        });
+        resource_of(user, &email)
+    })
+    .await
+}
+
+/// `PUT`/`PATCH .../settings/sendAs/{email}`: display name and reply-to.
+pub(crate) async fn send_as_update(
+    State(st): State<Arc<GmailState>>,
+    conn: axum::Extension<ConnFacts>,
+    headers: HeaderMap,
+    Path((user_id, email)): Path<(String, String)>,
+    Query(q): Query<CommonParams>,
+    body: Bytes,
+) -> Response {
+    let cred = credential(&st, &headers, &q).await;
+    let attempt = base_attempt(&conn, cred, &user_id, &headers);
+    let addr = match authorize(
+        &st,
+        &attempt,
+        "caribou.api.proto.MailboxService.UpdateSendAs",
+        BASIC_SCOPES,
+    )
+    .await
+    {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let Ok(b) = serde_json::from_slice::<SendAsBody>(&body) else {
+        return invalid_argument("Invalid JSON payload received.");
+    };
+    edit_send_as(&st, &addr, |d| {
+        let user = find_user(d, &addr)?;
+        if user.email.eq_ignore_ascii_case(&email) {
+            if let Some(n) = &b.display_name {
+                user.display_name = Some(n.clone()).filter(|s| !s.is_empty());
+            }
+        } else {
+            let s = user
+                .send_as
+                .iter_mut()
+                .find(|s| s.email.eq_ignore_ascii_case(&email))
+                .ok_or(SendAsProblem::NotFound)?;
+            if let Some(n) = &b.display_name {
+                s.display_name = Some(n.clone()).filter(|x| !x.is_empty());
+            }
+            if let Some(r) = &b.reply_to_address {
+                s.reply_to = Some(r.clone()).filter(|x| !x.is_empty());
+            }
+        }
+        resource_of(user, &email)
+    })
+    .await
+}
+
+/// `DELETE .../settings/sendAs/{email}`.
+pub(crate) async fn send_as_delete(
+    State(st): State<Arc<GmailState>>,
+    conn: axum::Extension<ConnFacts>,
+    headers: HeaderMap,
+    Path((user_id, email)): Path<(String, String)>,
+    Query(q): Query<CommonParams>,
+) -> Response {
+    let cred = credential(&st, &headers, &q).await;
+    let attempt = base_attempt(&conn, cred, &user_id, &headers);
+    let addr = match authorize(
+        &st,
+        &attempt,
+        "caribou.api.proto.MailboxService.DeleteSendAs",
+        SHARING_SCOPES,
+    )
+    .await
+    {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let r = edit_send_as(&st, &addr, |d| {
+        let user = find_user(d, &addr)?;
+        if user.email.eq_ignore_ascii_case(&email) {
+            return Err(SendAsProblem::Primary);
+        }
+        let before = user.send_as.len();
+        user.send_as
+            .retain(|s| !s.email.eq_ignore_ascii_case(&email));
+        if user.send_as.len() == before {
+            return Err(SendAsProblem::NotFound);
+        }
+        Ok(serde_json::Value::Null)
+    })
+    .await;
+    if r.status().is_success() {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        r
+    }
+}
+
+/// `POST .../settings/sendAs/{email}/verify`: asks for the verification again. Mailgate records
+/// the request; an administrator (or the address owner through the directory) accepts it.
+pub(crate) async fn send_as_verify(
+    State(st): State<Arc<GmailState>>,
+    conn: axum::Extension<ConnFacts>,
+    headers: HeaderMap,
+    Path((user_id, email)): Path<(String, String)>,
+    Query(q): Query<CommonParams>,
+) -> Response {
+    let cred = credential(&st, &headers, &q).await;
+    let attempt = base_attempt(&conn, cred, &user_id, &headers);
+    let addr = match authorize(
+        &st,
+        &attempt,
+        "caribou.api.proto.MailboxService.VerifySendAs",
+        SHARING_SCOPES,
+    )
+    .await
+    {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let live = st.gateway.live();
+    let pending = live.index.directory().user(&addr).and_then(|u| {
+        u.send_as
+            .iter()
+            .find(|s| s.email.eq_ignore_ascii_case(&email))
+            .map(|s| s.status == mailgate_core::directory::SendAsStatus::Pending)
+    });
+    match pending {
+        None => SendAsProblem::NotFound.response(),
+        Some(false) => invalid_argument("Send-as address is already verified"),
+        Some(true) => {
+            tracing::info!(user = %addr, send_as = %email, "send-as verification requested: accept it with users[].send_as[].status: accepted");
+            StatusCode::NO_CONTENT.into_response()
+        }
     }
 }
 

@@ -11,6 +11,8 @@ mod errors;
 mod gmail;
 mod oauth;
 
+pub use oauth::credential_for_access_token;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -139,11 +141,18 @@ pub fn router(state: Arc<GmailState>) -> Router {
         .route("/gmail/v1/users/{user_id}/profile", get(gmail::profile))
         .route(
             "/gmail/v1/users/{user_id}/settings/sendAs",
-            get(gmail::send_as_list),
+            get(gmail::send_as_list).post(gmail::send_as_create),
         )
         .route(
             "/gmail/v1/users/{user_id}/settings/sendAs/{email}",
-            get(gmail::send_as_get),
+            get(gmail::send_as_get)
+                .put(gmail::send_as_update)
+                .patch(gmail::send_as_update)
+                .delete(gmail::send_as_delete),
+        )
+        .route(
+            "/gmail/v1/users/{user_id}/settings/sendAs/{email}/verify",
+            post(gmail::send_as_verify),
         )
         .layer(DefaultBodyLimit::max(upload_limit))
         .with_state(state)

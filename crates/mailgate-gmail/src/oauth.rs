@@ -17,7 +17,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use mailgate_core::catalogue::Reason;
 use mailgate_core::engine::{Credential, CredentialState, Door, SendAttempt};
-use mailgate_store::TokenRecord;
+use mailgate_store::{TokenRecord, TokenStore};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -698,12 +698,22 @@ pub(crate) async fn tokeninfo(
 
 /// Resolves a bearer token to the credential the engine understands.
 pub(crate) async fn credential_for(st: &GmailState, token: &str) -> Credential {
+    credential_for_access_token(st.tokens.as_ref(), &st.gateway, token).await
+}
+
+/// Resolves an OAuth access token issued by this gateway's authorization server (a Gmail API
+/// bearer token, or the token of SMTP XOAUTH2 / OAUTHBEARER) to the credential the engine
+/// understands: unknown, expired and revoked tokens become [`Credential::Refused`].
+pub async fn credential_for_access_token(
+    tokens: &dyn TokenStore,
+    gateway: &mailgate_gateway::Gateway,
+    token: &str,
+) -> Credential {
     let refused = |state| Credential::Refused {
         state,
         presented: Some("OAuth access token".into()),
     };
-    let rec = match st
-        .tokens
+    let rec = match tokens
         .token(&mailgate_auth::sha256_hex(token.as_bytes()))
         .await
     {
@@ -720,7 +730,7 @@ pub(crate) async fn credential_for(st: &GmailState, token: &str) -> Credential {
     if rec.expires_at_ms <= mailgate_gateway::now_ms() as i64 {
         return refused(CredentialState::Expired);
     }
-    let live = st.gateway.live();
+    let live = gateway.live();
     match serde_json::from_value::<Grant>(rec.grant) {
         Ok(Grant::User { user, client_id }) => Credential::OauthUser {
             project: live

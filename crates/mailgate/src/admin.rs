@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, anyhow};
 use mailgate_core::directory::{Directory, Kind, Object};
 use mailgate_core::orgfile::{OrgFile, Problem};
 use mailgate_core::validate::validate;
@@ -142,35 +142,19 @@ pub async fn export(store: &dyn Store) -> anyhow::Result<String> {
 }
 
 /// Applies an imperative edit: reads the directory, lets `f` change it, validates the result and
-/// commits it, retrying if someone else changed the directory meanwhile.
+/// commits it, retrying if someone else changed the directory meanwhile (the gateway's one
+/// implementation, shared with the doors' settings APIs).
 pub async fn edit<T>(
     store: &dyn Store,
     actor: &str,
-    mut f: impl FnMut(&mut Directory) -> anyhow::Result<T>,
+    f: impl FnMut(&mut Directory) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
-    for _ in 0..CONFLICT_RETRIES {
-        let snap = store.snapshot().await?;
-        let mut dir = snap.directory.clone();
-        let out = f(&mut dir)?;
-        let issues = validate(&dir, &Default::default());
-        if !issues.is_empty() {
-            let lines: Vec<String> = issues
-                .iter()
-                .map(|i| format!("  {}: {}", i.path(), i.message))
-                .collect();
-            bail!(
-                "the change would leave the directory inconsistent:\n{}",
-                lines.join("\n")
-            );
-        }
-        let changes = Changeset::between(&snap.directory, &dir);
-        match store.commit(snap.generation, &changes, actor).await {
-            Ok(_) => return Ok(out),
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    bail!("the directory kept changing; try again")
+    mailgate_gateway::edit_directory(store, actor, f)
+        .await
+        .map_err(|e| match e {
+            mailgate_gateway::EditError::Refused(e) => e,
+            other => anyhow!(other.to_string()),
+        })
 }
 
 #[cfg(test)]

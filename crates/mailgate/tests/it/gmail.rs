@@ -516,3 +516,74 @@ fn tls_1_1_is_refused_and_1_2_and_1_3_work() {
         "the refusal is logged:\n{logs}"
     );
 }
+
+#[test]
+fn send_as_addresses_are_managed_through_the_api_and_apply_at_once() {
+    let (_gw, server) = demo();
+    const SHARING: &str = "https://www.googleapis.com/auth/gmail.settings.sharing";
+    let r = client(
+        &server,
+        user("alice@example.com", &[SEND, SHARING, SETTINGS]),
+        json!([
+            {"do": "send_as_create", "email": "alice.sales@example.com", "name": "Alice (Sales)"},
+            {"do": "send_as_create", "email": "alice@elsewhere.test"},
+            {"do": "send_as_create", "email": "alice@elsewhere.test"},
+            {"do": "send_as_patch", "email": "alice.sales@example.com", "name": "Alice from Sales"},
+            {"do": "send_as_verify", "email": "alice@elsewhere.test"},
+            send(Some("alice.sales@example.com"), "x@example.org"),
+            send(Some("alice@elsewhere.test"), "x@example.org"),
+            {"do": "send_as_delete", "email": "alice.sales@example.com"},
+            send(Some("alice.sales@example.com"), "x@example.org"),
+            {"do": "send_as_delete", "email": "alice@example.com"},
+        ]),
+    );
+    // In a verified domain of the organisation: accepted at once; elsewhere: pending.
+    assert_eq!(
+        r[0]["response"]["verificationStatus"], "accepted",
+        "{}",
+        r[0]
+    );
+    assert_eq!(
+        r[1]["response"]["verificationStatus"], "pending",
+        "{}",
+        r[1]
+    );
+    assert_eq!(r[2]["status"], 409, "{}", r[2]);
+    assert_eq!(
+        r[3]["response"]["displayName"], "Alice from Sales",
+        "{}",
+        r[3]
+    );
+    assert_eq!(r[4]["ok"], true, "{}", r[4]);
+    assert_eq!(
+        r[5]["ok"], true,
+        "a new accepted send-as sends at once: {}",
+        r[5]
+    );
+    assert_eq!(mailgate_detail(&r[6])["reason"], "sender.unverified");
+    assert_eq!(r[7]["ok"], true, "{}", r[7]);
+    assert_eq!(
+        mailgate_detail(&r[8])["reason"],
+        "sender.not_owned",
+        "{}",
+        r[8]
+    );
+    assert_eq!(
+        r[9]["status"], 400,
+        "the primary address cannot be deleted: {}",
+        r[9]
+    );
+    // A token without the settings scopes may not change them.
+    let r = client(
+        &server,
+        user("alice@example.com", &[SEND]),
+        json!([{"do": "send_as_create", "email": "x@example.com"}]),
+    );
+    assert_eq!(r[0]["status"], 403, "{}", r[0]);
+    assert!(
+        r[0]["www_authenticate"]
+            .as_str()
+            .unwrap()
+            .contains("gmail.settings.sharing")
+    );
+}
