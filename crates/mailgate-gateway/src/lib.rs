@@ -9,7 +9,6 @@
 //!    usage in one durable transaction. Only after it returns may a door say "accepted".
 //! 4. [`Gateway::explain`]: the same evaluation in explain mode, consuming nothing.
 
-
 mod edit;
 pub use edit::{EditError, edit_directory};
 
