@@ -1,0 +1,19 @@
+//! Mailgate's SMTP front doors: submission (STARTTLS), implicit TLS and the Workspace-style relay
+//! listener. A thin adapter like every door: it turns an SMTP conversation into `SendAttempt`s,
+//! asks the gateway at each moment a fact becomes known (AUTH, MAIL FROM, RCPT TO, end of data),
+//! and renders refusals as the catalogue's SMTP reply plus `[mailgate: <code>, decision <id>]`.
+//!
+//! * [`session`]: the sans-IO state machine on smtp-proto (bytes in, reply bytes out).
+//! * [`server`]: the tokio driver (accept loop, STARTTLS upgrade, idle timeout, connection cap).
+//! * [`sasl`]: AUTH decoding (PLAIN, LOGIN, XOAUTH2, OAUTHBEARER).
+//! * [`lockout`]: failed-AUTH lockout per login and per client IP.
+
+pub mod lockout;
+mod reply;
+pub mod sasl;
+pub mod server;
+pub mod session;
+
+pub use lockout::{Lockout, LockoutPolicy};
+pub use server::serve;
+pub use session::{Limits, Listener, Session, SmtpContext, Step};

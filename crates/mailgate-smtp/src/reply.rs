@@ -1,0 +1,74 @@
+//! SMTP replies: the catalogue's text (Google's, byte for byte) followed by Mailgate's reason code,
+//! decision id and, when the whole reply still fits one line, the remedy.
+
+use mailgate_core::catalogue::Reason;
+use mailgate_core::engine::{Denial, FaultKind};
+
+/// RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets with CRLF.
+const MAX_REPLY_LINE: usize = 510;
+
+/// One reply line with CRLF; CR and LF inside `text` become spaces.
+pub(crate) fn line(code: u16, enhanced: &str, text: &str) -> String {
+    let mut s = format!("{code} {enhanced} {text}");
+    clean(&mut s);
+    s.push_str("\r\n");
+    s
+}
+
+fn clean(s: &mut String) {
+    if s.contains(['\r', '\n']) {
+        *s = s.replace(['\r', '\n'], " ");
+    }
+    if s.len() > MAX_REPLY_LINE {
+        let mut cut = MAX_REPLY_LINE;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+}
+
+/// The reply for an engine denial:
+/// `553 5.7.1 <x@y>: Sender address rejected: not owned by user alice@example.com [mailgate: sender.not_owned, decision 01J...] Remedy: ...`.
+pub(crate) fn denial(d: &Denial, decision_id: &str) -> String {
+    let (code, enhanced, mut text) = match d.smtp() {
+        Some(r) => (r.code, r.enhanced, r.text),
+        None => (550, "5.7.1", d.message.clone()),
+    };
+    if matches!(
+        d.object_at_fault.kind,
+        FaultKind::Address | FaultKind::Recipient
+    ) {
+        text = format!("<{}>: {text}", d.object_at_fault.id);
+    }
+    if d.code == Reason::SenderNotOwned
+        && let Some(caller) = &d.args.caller
+    {
+        text.push(' ');
+        text.push_str(caller);
+    }
+    let mut s = format!(
+        "{code} {enhanced} {text} [mailgate: {}, decision {decision_id}]",
+        d.code.code()
+    );
+    let remedy = format!(" Remedy: {}", d.remedy);
+    if s.len() + remedy.len() <= MAX_REPLY_LINE {
+        s.push_str(&remedy);
+    }
+    clean(&mut s);
+    s.push_str("\r\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_single_and_bounded() {
+        let l = line(250, "2.0.0", &format!("a\r\nb{}", "x".repeat(600)));
+        assert!(l.ends_with("\r\n"));
+        assert_eq!(l.matches("\r\n").count(), 1);
+        assert!(l.len() <= 512);
+    }
+}

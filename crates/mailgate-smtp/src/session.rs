@@ -1,0 +1,1128 @@
+//! The SMTP session: a state machine that takes the client's bytes and produces the server's
+//! reply bytes. It performs no network I/O (the driver in [`crate::server`] reads and writes the
+//! socket and does the TLS handshake), so tests feed it bytes and read its replies.
+//!
+//! Parsing is smtp-proto's: [`RequestReceiver`] for commands (lines capped at 4096 bytes),
+//! [`DataReceiver`] for DATA (dot-unstuffing), [`BdatReceiver`] for CHUNKING. Every decision is
+//! the gateway's, asked at the moment its facts exist:
+//!
+//! | moment | facts added | typical refusals |
+//! |---|---|---|
+//! | AUTH | credential (password, API key, OAuth token) | `auth.*`, `key.*`, `scope.insufficient` |
+//! | MAIL FROM | envelope sender, declared SIZE | `tls.required`, `auth.missing`, `relay.ip_not_allowed`, `account.*`, `sender.*` |
+//! | RCPT TO | recipients so far | `policy.recipient_restricted`, `policy.too_many_recipients`, `limit.*` |
+//! | end of DATA / BDAT LAST | header From/Sender, validity, size | `sender.*` (header), `message.*`, `limit.*` |
+//!
+//! Input handling is total: no input panics, and buffers are bounded (command lines by
+//! smtp-proto, AUTH lines at 4096 bytes, message bodies at `Limits::max_message_bytes` + 1, after
+//! which the rest of the body is counted and discarded).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mailgate_core::catalogue::Stage;
+use mailgate_core::engine::{
+    Body, Credential, CredentialState, Door, SendAttempt, TlsVersion, Transport,
+};
+use mailgate_gateway::{Accepted, Decided, Gateway, Message};
+use mailgate_store::TokenStore;
+use smtp_proto::request::receiver::{
+    BdatReceiver, DataReceiver, DummyDataReceiver, LineReceiver, RequestReceiver,
+};
+use smtp_proto::{Error as ProtoError, Request};
+
+use crate::lockout::Lockout;
+use crate::reply;
+use crate::sasl::{self, Mechanism, SaslError};
+
+/// Which listener a session belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// Submission (587-style): STARTTLS required before AUTH and MAIL.
+    Submission,
+    /// Implicit TLS (465-style).
+    Smtps,
+    /// Workspace-style relay: IP allowlist and/or AUTH, as the directory's `smtp_relay` says.
+    Relay,
+}
+
+impl Listener {
+    /// The engine's door.
+    pub fn door(self) -> Door {
+        match self {
+            Listener::Relay => Door::SmtpRelay,
+            _ => Door::Smtp,
+        }
+    }
+
+    /// The door name decisions are kept under.
+    pub fn door_name(self) -> &'static str {
+        match self {
+            Listener::Relay => "smtp_relay",
+            _ => "smtp",
+        }
+    }
+
+    /// Name for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Listener::Submission => "submission",
+            Listener::Smtps => "smtps",
+            Listener::Relay => "relay",
+        }
+    }
+
+    /// Whether the listener itself requires TLS (the relay's TLS rule is `smtp_relay.require_tls`).
+    fn requires_tls(self) -> bool {
+        self != Listener::Relay
+    }
+}
+
+/// Protocol limits of every session.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest message accepted on the wire (advertised as SIZE); the directory's
+    /// `limits.max_message_bytes` may be lower per user.
+    pub max_message_bytes: usize,
+    /// Most RCPT TO per transaction, whatever the directory says (memory bound).
+    pub max_recipients: usize,
+    /// Most commands per connection.
+    pub max_commands: u32,
+    /// Most unknown or malformed commands per connection.
+    pub max_bad_commands: u32,
+    /// Most AUTH attempts per connection.
+    pub max_auth_attempts: u32,
+    /// Idle time before the server closes the connection.
+    pub idle: Duration,
+    /// Most concurrent connections per listener.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 36_700_160,
+            max_recipients: 1000,
+            max_commands: 10_000,
+            max_bad_commands: 20,
+            max_auth_attempts: 10,
+            idle: Duration::from_secs(300),
+            max_connections: 1000,
+        }
+    }
+}
+
+/// What every session of a gateway shares.
+pub struct SmtpContext {
+    /// The gateway (decisions, acceptance).
+    pub gateway: Arc<Gateway>,
+    /// OAuth tokens (XOAUTH2, OAUTHBEARER).
+    pub tokens: Arc<dyn TokenStore>,
+    /// Failed-AUTH lockout.
+    pub lockout: Lockout,
+    /// Name in the greeting and EHLO.
+    pub hostname: String,
+    /// Protocol limits.
+    pub limits: Limits,
+    /// Development only: offer AUTH on plaintext connections (the server refuses this mode on
+    /// non-loopback addresses and says so in its log).
+    pub auth_without_tls: bool,
+}
+
+/// What the driver must do after [`Session::ingest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Write the output and read more.
+    Continue,
+    /// Write the output (`220 2.0.0 Ready to start TLS`), then hand the socket to TLS. Input
+    /// after STARTTLS was discarded (RFC 3207 §4.2).
+    StartTls,
+    /// Write the output and close.
+    Close,
+}
+
+enum AuthWait {
+    Plain,
+    LoginUser,
+    LoginPassword {
+        login: String,
+    },
+    Bearer(Mechanism),
+    /// A failure challenge was sent (XOAUTH2 / OAUTHBEARER); the final reply follows the
+    /// client's (empty) answer.
+    Challenge {
+        reply: String,
+    },
+}
+
+/// After a discarded body: what to answer.
+enum AfterDiscard {
+    /// The message is over the size limit (end of DATA, or a BDAT chunk).
+    TooLarge,
+    /// A BDAT chunk outside a valid transaction: this reply.
+    Reply(String),
+}
+
+enum State {
+    Command,
+    /// The rest of an over-long command line is dropped.
+    SkipLine,
+    Data(DataReceiver),
+    Bdat {
+        rx: BdatReceiver,
+        last: bool,
+    },
+    Discard {
+        rx: DummyDataReceiver,
+        then: AfterDiscard,
+    },
+    Auth {
+        wait: AuthWait,
+        line: LineReceiver<()>,
+    },
+}
+
+#[derive(Default)]
+struct Transaction {
+    from: Option<String>,
+    rcpts: Vec<String>,
+    declared_size: Option<u64>,
+    body: Vec<u8>,
+    /// Bytes of a body too large to keep (counted, not stored).
+    oversize: Option<u64>,
+    bdat: bool,
+}
+
+/// One SMTP session.
+pub struct Session {
+    ctx: Arc<SmtpContext>,
+    listener: Listener,
+    peer: SocketAddr,
+    tls: Option<TlsVersion>,
+    tls_available: bool,
+    state: State,
+    requests: RequestReceiver,
+    out: Vec<u8>,
+    helo: Option<String>,
+    credential: Credential,
+    tx: Transaction,
+    commands: u32,
+    bad_commands: u32,
+    auth_attempts: u32,
+    closed: bool,
+}
+
+/// Longest command line (smtp-proto's own cap for buffered lines).
+const MAX_LINE: usize = smtp_proto::request::receiver::MAX_LINE_LENGTH;
+
+fn line_receiver() -> LineReceiver<()> {
+    LineReceiver::new(())
+}
+
+impl Session {
+    /// A session for a client at `peer`. `tls`: the version when TLS is already up (implicit
+    /// TLS); `tls_available`: whether STARTTLS can be offered.
+    pub fn new(
+        ctx: Arc<SmtpContext>,
+        listener: Listener,
+        peer: SocketAddr,
+        tls: Option<TlsVersion>,
+        tls_available: bool,
+    ) -> Session {
+        Session {
+            ctx,
+            listener,
+            peer,
+            tls,
+            tls_available,
+            state: State::Command,
+            requests: RequestReceiver::default(),
+            out: Vec::with_capacity(512),
+            helo: None,
+            credential: Credential::None,
+            tx: Transaction::default(),
+            commands: 0,
+            bad_commands: 0,
+            auth_attempts: 0,
+            closed: false,
+        }
+    }
+
+    /// Writes the greeting.
+    pub fn greeting(&mut self) {
+        let host = self.ctx.hostname.clone();
+        self.out
+            .extend_from_slice(format!("220 {host} ESMTP Mailgate ready\r\n").as_bytes());
+    }
+
+    /// The reply bytes produced so far (drains them).
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// True once the session wants the connection closed.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// The negotiated TLS version.
+    pub fn tls(&self) -> Option<TlsVersion> {
+        self.tls
+    }
+
+    /// The client was idle too long: writes the 421 and closes.
+    pub fn timed_out(&mut self) {
+        let host = self.ctx.hostname.clone();
+        self.push(&reply::line(
+            421,
+            "4.4.2",
+            &format!("{host} Error: timeout exceeded"),
+        ));
+        self.closed = true;
+    }
+
+    /// TLS is up after STARTTLS: everything learnt before is forgotten (RFC 3207 §4.2).
+    pub fn tls_started(&mut self, version: TlsVersion) {
+        self.tls = Some(version);
+        self.helo = None;
+        self.credential = Credential::None;
+        self.tx = Transaction::default();
+        self.requests = RequestReceiver::default();
+        self.state = State::Command;
+    }
+
+    fn push(&mut self, s: &str) {
+        self.out.extend_from_slice(s.as_bytes());
+    }
+
+    fn reply(&mut self, code: u16, enhanced: &str, text: &str) {
+        self.push(&reply::line(code, enhanced, text));
+    }
+
+    fn close_with(&mut self, code: u16, enhanced: &str, text: &str) -> Step {
+        self.reply(code, enhanced, text);
+        self.closed = true;
+        Step::Close
+    }
+
+    fn bad_command(&mut self, code: u16, enhanced: &str, text: &str) -> Step {
+        self.bad_commands = self.bad_commands.saturating_add(1);
+        if self.bad_commands > self.ctx.limits.max_bad_commands {
+            return self.close_with(
+                421,
+                "4.7.0",
+                "Too many invalid commands, closing connection.",
+            );
+        }
+        self.reply(code, enhanced, text);
+        Step::Continue
+    }
+
+    /// Feeds bytes received from the client; replies accumulate in the output.
+    pub async fn ingest(&mut self, bytes: &[u8]) -> Step {
+        let mut iter = bytes.iter();
+        loop {
+            if self.closed {
+                return Step::Close;
+            }
+            let state = std::mem::replace(&mut self.state, State::Command);
+            match state {
+                State::Command => {
+                    if iter.len() == 0 {
+                        return Step::Continue;
+                    }
+                    // Command lines are capped whether they arrive whole or in pieces.
+                    let rest = iter.as_slice();
+                    let newline = rest.iter().position(|b| *b == b'\n');
+                    let pending = self.requests.buf().len();
+                    let line_len = pending + newline.map_or(rest.len(), |p| p + 1);
+                    if line_len > MAX_LINE {
+                        self.requests.buf().clear();
+                        match newline {
+                            Some(p) => iter = rest.get(p + 1..).unwrap_or_default().iter(),
+                            None => {
+                                iter = [].iter();
+                                self.state = State::SkipLine;
+                            }
+                        }
+                        let step = self.bad_command(500, "5.5.2", "Line too long.");
+                        if step != Step::Continue {
+                            return step;
+                        }
+                        continue;
+                    }
+                    let before = iter.len();
+                    let parsed = self.requests.ingest(&mut iter).map(Request::into_owned);
+                    let step = match parsed {
+                        Ok(req) => self.command(req).await,
+                        Err(ProtoError::NeedsMoreData { .. }) => {
+                            if iter.len() == before && before > 0 {
+                                // No progress on non-empty input: drop it rather than spin.
+                                return self.bad_command(500, "5.5.2", "Syntax error.");
+                            }
+                            continue;
+                        }
+                        Err(e) => self.protocol_error(e),
+                    };
+                    if step != Step::Continue {
+                        return step;
+                    }
+                }
+                State::SkipLine => {
+                    let rest = iter.as_slice();
+                    match rest.iter().position(|b| *b == b'\n') {
+                        Some(p) => iter = rest.get(p + 1..).unwrap_or_default().iter(),
+                        None => {
+                            self.state = State::SkipLine;
+                            return Step::Continue;
+                        }
+                    }
+                }
+                State::Data(mut rx) => {
+                    let max = self.ctx.limits.max_message_bytes;
+                    let rest = iter.as_slice();
+                    let room = max.saturating_sub(self.tx.body.len()).saturating_add(1);
+                    let head = rest.get(..rest.len().min(room)).unwrap_or(rest);
+                    let mut sub = head.iter();
+                    let done = rx.ingest(&mut sub, &mut self.tx.body);
+                    let consumed = head.len() - sub.len();
+                    iter = rest.get(consumed..).unwrap_or_default().iter();
+                    if done {
+                        self.finish_message().await;
+                    } else if self.tx.body.len() > max {
+                        self.tx.oversize = Some(self.tx.body.len() as u64);
+                        self.tx.body = Vec::new();
+                        self.state = State::Discard {
+                            rx: DummyDataReceiver::new_data(&rx),
+                            then: AfterDiscard::TooLarge,
+                        };
+                    } else {
+                        self.state = State::Data(rx);
+                        return Step::Continue;
+                    }
+                }
+                State::Bdat { mut rx, last } => {
+                    if rx.ingest(&mut iter, &mut self.tx.body) {
+                        if last {
+                            self.finish_message().await;
+                        } else {
+                            let n = self.tx.body.len();
+                            self.reply(250, "2.0.0", &format!("{n} octets received"));
+                        }
+                    } else {
+                        self.state = State::Bdat { rx, last };
+                        return Step::Continue;
+                    }
+                }
+                State::Discard { mut rx, then } => {
+                    let before = iter.len();
+                    let done = rx.ingest(&mut iter);
+                    let n = (before - iter.len()) as u64;
+                    if let Some(o) = self.tx.oversize.as_mut() {
+                        *o = o.saturating_add(n);
+                    }
+                    if !done {
+                        self.state = State::Discard { rx, then };
+                        return Step::Continue;
+                    }
+                    match then {
+                        AfterDiscard::Reply(r) => self.push(&r),
+                        // Refused now (also for a BDAT chunk that is not the last: the later
+                        // chunks of this transaction then find none).
+                        AfterDiscard::TooLarge => self.finish_message().await,
+                    }
+                }
+                State::Auth { wait, mut line } => {
+                    if line.ingest(&mut iter) {
+                        let data = std::mem::take(&mut line.buf);
+                        let step = self.auth_continue(wait, &data).await;
+                        if step != Step::Continue {
+                            return step;
+                        }
+                    } else {
+                        self.state = State::Auth { wait, line };
+                        return Step::Continue;
+                    }
+                }
+            }
+        }
+    }
+
+    fn protocol_error(&mut self, e: ProtoError) -> Step {
+        match e {
+            ProtoError::ResponseTooLong => self.bad_command(500, "5.5.2", "Line too long."),
+            ProtoError::UnknownCommand => self.bad_command(502, "5.5.1", "Unrecognized command."),
+            ProtoError::InvalidSenderAddress => {
+                self.bad_command(501, "5.1.7", "Bad sender address syntax.")
+            }
+            ProtoError::InvalidRecipientAddress => {
+                self.bad_command(501, "5.1.3", "Bad recipient address syntax.")
+            }
+            ProtoError::SyntaxError { syntax } => {
+                self.bad_command(501, "5.5.4", &format!("Syntax: {syntax}"))
+            }
+            ProtoError::InvalidParameter { param } => {
+                self.bad_command(501, "5.5.4", &format!("Invalid parameter {param}."))
+            }
+            ProtoError::UnsupportedParameter { param } => {
+                let p: String = param.chars().take(64).collect();
+                self.bad_command(555, "5.5.4", &format!("Unsupported parameter {p}."))
+            }
+            ProtoError::NeedsMoreData { .. } | ProtoError::InvalidResponse { .. } => {
+                self.bad_command(500, "5.5.2", "Syntax error.")
+            }
+        }
+    }
+
+    async fn command(&mut self, req: Request<String>) -> Step {
+        self.commands = self.commands.saturating_add(1);
+        if self.commands > self.ctx.limits.max_commands {
+            return self.close_with(421, "4.7.0", "Too many commands, closing connection.");
+        }
+        match req {
+            Request::Ehlo { host } => {
+                self.helo = Some(host);
+                self.tx = Transaction::default();
+                self.ehlo();
+                Step::Continue
+            }
+            Request::Helo { host } => {
+                self.helo = Some(host);
+                self.tx = Transaction::default();
+                let text = format!("{} at your service", self.ctx.hostname);
+                self.push(&format!("250 {text}\r\n"));
+                Step::Continue
+            }
+            Request::StartTls => self.starttls(),
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, &initial_response).await,
+            Request::Mail { from } => {
+                self.mail(from.address, from.size).await;
+                Step::Continue
+            }
+            Request::Rcpt { to } => {
+                self.rcpt(to.address).await;
+                Step::Continue
+            }
+            Request::Data => {
+                self.data();
+                Step::Continue
+            }
+            Request::Bdat {
+                chunk_size,
+                is_last,
+            } => {
+                self.bdat(chunk_size, is_last);
+                Step::Continue
+            }
+            Request::Rset => {
+                self.tx = Transaction::default();
+                self.reply(250, "2.1.5", "Flushed");
+                Step::Continue
+            }
+            Request::Noop { .. } => {
+                self.reply(250, "2.0.0", "OK");
+                Step::Continue
+            }
+            Request::Quit => self.close_with(221, "2.0.0", "closing connection"),
+            Request::Vrfy { .. } => {
+                self.reply(252, "2.1.5", "Send some mail, I'll try my best");
+                Step::Continue
+            }
+            Request::Help { .. } => {
+                self.reply(214, "2.0.0", "See RFC 5321 and docs/smtp.md");
+                Step::Continue
+            }
+            Request::Lhlo { .. }
+            | Request::Expn { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. } => self.bad_command(502, "5.5.1", "Unrecognized command."),
+        }
+    }
+
+    fn auth_offered(&self) -> bool {
+        self.tls.is_some() || self.ctx.auth_without_tls
+    }
+
+    fn ehlo(&mut self) {
+        let mut caps = vec![
+            format!(
+                "{} at your service, [{}]",
+                self.ctx.hostname,
+                self.peer.ip()
+            ),
+            format!("SIZE {}", self.ctx.limits.max_message_bytes),
+            "8BITMIME".to_owned(),
+        ];
+        if self.tls.is_none() && self.tls_available {
+            caps.push("STARTTLS".to_owned());
+        }
+        caps.push("ENHANCEDSTATUSCODES".to_owned());
+        caps.push("PIPELINING".to_owned());
+        if self.auth_offered() {
+            caps.push(format!("AUTH {}", Mechanism::ADVERTISED));
+        }
+        caps.push("CHUNKING".to_owned());
+        caps.push("SMTPUTF8".to_owned());
+        let last = caps.len() - 1;
+        for (i, c) in caps.iter().enumerate() {
+            let sep = if i == last { ' ' } else { '-' };
+            self.out
+                .extend_from_slice(format!("250{sep}{c}\r\n").as_bytes());
+        }
+    }
+
+    fn starttls(&mut self) -> Step {
+        if self.tls.is_some() {
+            return self.bad_command(503, "5.5.1", "TLS already active.");
+        }
+        if !self.tls_available {
+            self.reply(454, "4.7.0", "TLS not available.");
+            return Step::Continue;
+        }
+        self.reply(220, "2.0.0", "Ready to start TLS");
+        Step::StartTls
+    }
+
+    /// The attempt with every fact known so far.
+    fn attempt(&self) -> SendAttempt {
+        let credential = match (&self.credential, self.listener) {
+            (Credential::None, Listener::Relay) => Credential::RelayIp,
+            (c, _) => c.clone(),
+        };
+        let mut a = SendAttempt::new(self.listener.door(), credential);
+        a.transport = Transport {
+            tls: self.tls,
+            listener_requires_tls: self.listener.requires_tls(),
+            client_ip: Some(self.peer.ip()),
+            referrer: None,
+        };
+        a.envelope_from.clone_from(&self.tx.from);
+        a.size = self.tx.declared_size;
+        if !self.tx.rcpts.is_empty() {
+            a.recipients = Some(self.tx.rcpts.clone());
+        }
+        a
+    }
+
+    async fn decide(&mut self, attempt: &SendAttempt) -> Option<Decided> {
+        match self
+            .ctx
+            .gateway
+            .decide(self.listener.door_name(), attempt)
+            .await
+        {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::error!(error = %e, listener = self.listener.name(), "decision failed");
+                self.reply(451, "4.3.0", "Temporary server error, try again later.");
+                None
+            }
+        }
+    }
+
+    /// Decides `attempt`; on a denial writes the reply and returns `None`.
+    async fn decide_or_refuse(&mut self, attempt: &SendAttempt) -> Option<Decided> {
+        let d = self.decide(attempt).await?;
+        if let Some(denial) = d.decision.denial() {
+            let line = reply::denial(denial, &d.id);
+            self.push(&line);
+            return None;
+        }
+        Some(d)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // AUTH
+
+    async fn auth(&mut self, mechanism: u64, initial: &str) -> Step {
+        if !matches!(self.credential, Credential::None) {
+            return self.bad_command(503, "5.5.1", "Already authenticated.");
+        }
+        if self.helo.is_none() {
+            return self.bad_command(503, "5.5.1", "EHLO/HELO first.");
+        }
+        if self.tx.from.is_some() {
+            return self.bad_command(
+                503,
+                "5.5.1",
+                "AUTH not permitted during a mail transaction.",
+            );
+        }
+        if !self.auth_offered() {
+            // The engine's `tls.required`: AUTH needs TLS on every listener.
+            let mut a = self.attempt();
+            a.credential = Credential::None;
+            a.transport.listener_requires_tls = true;
+            if self.decide_or_refuse(&a).await.is_some() {
+                self.reply(530, "5.7.0", "Must issue a STARTTLS command first.");
+            }
+            return Step::Continue;
+        }
+        let Some(mech) = Mechanism::from_bits(mechanism) else {
+            return self.bad_command(504, "5.7.4", "Unrecognized authentication type.");
+        };
+        self.auth_attempts = self.auth_attempts.saturating_add(1);
+        if self.auth_attempts > self.ctx.limits.max_auth_attempts {
+            return self.close_with(421, "4.7.0", "Too many AUTH attempts, closing connection.");
+        }
+        let initial = initial.as_bytes();
+        match mech {
+            Mechanism::Plain if initial.is_empty() => self.wait_auth(AuthWait::Plain, ""),
+            Mechanism::Plain => self.auth_plain(initial).await,
+            Mechanism::Login if initial.is_empty() => {
+                self.wait_auth(AuthWait::LoginUser, &sasl::encode("Username:"))
+            }
+            Mechanism::Login => match sasl::decode_text(initial) {
+                Ok(login) => self.wait_auth(
+                    AuthWait::LoginPassword { login },
+                    &sasl::encode("Password:"),
+                ),
+                Err(e) => self.sasl_error(e),
+            },
+            Mechanism::XOAuth2 | Mechanism::OAuthBearer if initial.is_empty() => {
+                self.wait_auth(AuthWait::Bearer(mech), "")
+            }
+            Mechanism::XOAuth2 | Mechanism::OAuthBearer => self.auth_bearer(mech, initial).await,
+        }
+    }
+
+    fn wait_auth(&mut self, wait: AuthWait, challenge: &str) -> Step {
+        self.push(&format!("334 {challenge}\r\n"));
+        self.state = State::Auth {
+            wait,
+            line: line_receiver(),
+        };
+        Step::Continue
+    }
+
+    fn sasl_error(&mut self, e: SaslError) -> Step {
+        match e {
+            SaslError::Cancelled => {
+                self.reply(501, "5.0.0", "Authentication cancelled.");
+                Step::Continue
+            }
+            _ => self.bad_command(501, "5.5.2", "Cannot decode the AUTH response."),
+        }
+    }
+
+    async fn auth_continue(&mut self, wait: AuthWait, data: &[u8]) -> Step {
+        match wait {
+            AuthWait::Plain => self.auth_plain(data).await,
+            AuthWait::LoginUser => match sasl::decode_text(data) {
+                Ok(login) => self.wait_auth(
+                    AuthWait::LoginPassword { login },
+                    &sasl::encode("Password:"),
+                ),
+                Err(e) => self.sasl_error(e),
+            },
+            AuthWait::LoginPassword { login } => match sasl::decode_text(data) {
+                Ok(password) => self.auth_password(login, password).await,
+                Err(e) => self.sasl_error(e),
+            },
+            AuthWait::Bearer(mech) => self.auth_bearer(mech, data).await,
+            AuthWait::Challenge { reply } => {
+                self.push(&reply);
+                Step::Continue
+            }
+        }
+    }
+
+    async fn auth_plain(&mut self, data: &[u8]) -> Step {
+        match sasl::decode_plain(data) {
+            Ok(p) => self.auth_password(p.login, p.password).await,
+            Err(e) => self.sasl_error(e),
+        }
+    }
+
+    /// A password: an API key (`SG.<id>.<secret>`, any login) or the user's own password.
+    async fn auth_password(&mut self, login: String, password: String) -> Step {
+        let now = Instant::now();
+        let ip = self.peer.ip();
+        let cred = if self.ctx.lockout.is_locked(Some(&login), ip, now) {
+            Credential::Refused {
+                state: CredentialState::Locked,
+                presented: Some(login.clone()),
+            }
+        } else if let Some(id) = mailgate_auth::api_key_id(&password) {
+            let live = self.ctx.gateway.live();
+            match live.index.key(id) {
+                Some(k)
+                    if mailgate_auth::ct_eq(
+                        mailgate_auth::sha256_hex(password.as_bytes()).as_bytes(),
+                        k.secret_sha256.as_bytes(),
+                    ) =>
+                {
+                    Credential::ApiKey {
+                        key_id: id.to_owned(),
+                    }
+                }
+                _ => Credential::Refused {
+                    state: CredentialState::Invalid,
+                    presented: Some(format!("API key {id}")),
+                },
+            }
+        } else {
+            self.password_credential(&login, password).await
+        };
+        self.finish_auth(cred, Some(login), None).await
+    }
+
+    async fn password_credential(&self, login: &str, password: String) -> Credential {
+        let found = {
+            let live = self.ctx.gateway.live();
+            live.index.user_by_address(login).map(|u| {
+                let user = live.index.user(u);
+                (user.email.clone(), user.password_hash.clone())
+            })
+        };
+        let refused = Credential::Refused {
+            state: CredentialState::Invalid,
+            presented: Some(login.to_owned()),
+        };
+        let Some((primary, Some(hash))) = found else {
+            return refused;
+        };
+        // argon2 is deliberately slow: off the async workers.
+        let ok =
+            tokio::task::spawn_blocking(move || mailgate_auth::verify_password(&password, &hash))
+                .await
+                .unwrap_or(false);
+        if ok {
+            Credential::SmtpLogin { user: primary }
+        } else {
+            refused
+        }
+    }
+
+    async fn auth_bearer(&mut self, mech: Mechanism, data: &[u8]) -> Step {
+        let decoded = match mech {
+            Mechanism::OAuthBearer => sasl::decode_oauthbearer(data),
+            _ => sasl::decode_xoauth2(data),
+        };
+        let b = match decoded {
+            Ok(b) => b,
+            Err(e) => return self.sasl_error(e),
+        };
+        let ip = self.peer.ip();
+        let login = (!b.user.is_empty()).then(|| b.user.clone());
+        let cred = if self
+            .ctx
+            .lockout
+            .is_locked(login.as_deref(), ip, Instant::now())
+        {
+            Credential::Refused {
+                state: CredentialState::Locked,
+                presented: login.clone(),
+            }
+        } else {
+            let c = mailgate_gmail::credential_for_access_token(
+                self.ctx.tokens.as_ref(),
+                &self.ctx.gateway,
+                &b.token,
+            )
+            .await;
+            let mismatch = |who: &str| !b.user.is_empty() && !who.eq_ignore_ascii_case(&b.user);
+            match c {
+                Credential::OauthUser { ref user, .. } if mismatch(user) => Credential::Refused {
+                    state: CredentialState::Invalid,
+                    presented: login.clone(),
+                },
+                Credential::ServiceAccount {
+                    subject: Some(ref s),
+                    ..
+                } if mismatch(s) => Credential::Refused {
+                    state: CredentialState::Invalid,
+                    presented: login.clone(),
+                },
+                c => c,
+            }
+        };
+        let challenge = match mech {
+            Mechanism::OAuthBearer => sasl::oauthbearer_challenge(),
+            _ => sasl::xoauth2_challenge(),
+        };
+        self.finish_auth(cred, login, Some(challenge)).await
+    }
+
+    async fn finish_auth(
+        &mut self,
+        cred: Credential,
+        login: Option<String>,
+        challenge: Option<String>,
+    ) -> Step {
+        let mut a = self.attempt();
+        a.credential = cred.clone();
+        let Some(d) = self.decide(&a).await else {
+            return Step::Continue;
+        };
+        let refusal = d.decision.denial().filter(|x| {
+            matches!(
+                x.stage,
+                Stage::Transport
+                    | Stage::Authn
+                    | Stage::Credential
+                    | Stage::Project
+                    | Stage::Grant
+                    | Stage::Delegation
+            )
+        });
+        let ip = self.peer.ip();
+        match refusal {
+            Some(denial) => {
+                let locked = matches!(
+                    cred,
+                    Credential::Refused {
+                        state: CredentialState::Locked,
+                        ..
+                    }
+                );
+                if !locked {
+                    self.ctx
+                        .lockout
+                        .failed(login.as_deref(), ip, Instant::now());
+                }
+                let line = reply::denial(denial, &d.id);
+                tracing::info!(
+                    listener = self.listener.name(),
+                    client = %ip,
+                    login = login.as_deref().unwrap_or(""),
+                    code = denial.code.code(),
+                    decision_id = %d.id,
+                    "AUTH refused"
+                );
+                match challenge {
+                    Some(ch) if !locked => {
+                        self.push(&format!("334 {ch}\r\n"));
+                        self.state = State::Auth {
+                            wait: AuthWait::Challenge { reply: line },
+                            line: line_receiver(),
+                        };
+                    }
+                    _ => self.push(&line),
+                }
+            }
+            None => {
+                if let Some(l) = &login {
+                    self.ctx.lockout.succeeded(l);
+                }
+                tracing::info!(
+                    listener = self.listener.name(),
+                    client = %ip,
+                    login = login.as_deref().unwrap_or(""),
+                    "AUTH accepted"
+                );
+                self.credential = cred;
+                self.reply(235, "2.7.0", "Accepted");
+            }
+        }
+        Step::Continue
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // MAIL, RCPT, DATA, BDAT
+
+    async fn mail(&mut self, from: String, size: usize) {
+        if self.helo.is_none() {
+            self.bad_command(503, "5.5.1", "EHLO/HELO first.");
+            return;
+        }
+        if self.tx.from.is_some() {
+            self.bad_command(503, "5.5.1", "Nested MAIL command.");
+            return;
+        }
+        let mut a = self.attempt();
+        a.envelope_from = Some(from.clone());
+        if size > 0 {
+            a.size = Some(size as u64);
+        }
+        if self.decide_or_refuse(&a).await.is_none() {
+            return;
+        }
+        if size > self.ctx.limits.max_message_bytes {
+            self.reply(552, "5.3.4", "Message size exceeds fixed limit.");
+            return;
+        }
+        self.tx = Transaction {
+            from: Some(from),
+            declared_size: (size > 0).then_some(size as u64),
+            ..Transaction::default()
+        };
+        self.reply(250, "2.1.0", "OK");
+    }
+
+    async fn rcpt(&mut self, to: String) {
+        if self.tx.from.is_none() {
+            self.bad_command(503, "5.5.1", "MAIL first.");
+            return;
+        }
+        if self.tx.rcpts.iter().any(|r| r.eq_ignore_ascii_case(&to)) {
+            self.reply(250, "2.1.5", "OK");
+            return;
+        }
+        if self.tx.rcpts.len() >= self.ctx.limits.max_recipients {
+            self.reply(452, "4.5.3", "Your message has too many recipients.");
+            return;
+        }
+        let mut a = self.attempt();
+        let mut rcpts = self.tx.rcpts.clone();
+        rcpts.push(to.clone());
+        a.recipients = Some(rcpts);
+        if self.decide_or_refuse(&a).await.is_none() {
+            return;
+        }
+        self.tx.rcpts.push(to);
+        self.reply(250, "2.1.5", "OK");
+    }
+
+    fn data(&mut self) {
+        if self.tx.from.is_none() {
+            self.bad_command(503, "5.5.1", "MAIL first.");
+            return;
+        }
+        if self.tx.rcpts.is_empty() {
+            self.bad_command(503, "5.5.1", "RCPT first.");
+            return;
+        }
+        if self.tx.bdat {
+            self.bad_command(503, "5.5.1", "DATA not permitted after BDAT.");
+            return;
+        }
+        self.push("354 Go ahead\r\n");
+        self.state = State::Data(DataReceiver::new());
+    }
+
+    fn bdat(&mut self, chunk_size: usize, last: bool) {
+        let refuse = |text: &str| reply::line(503, "5.5.1", text);
+        let problem = if self.tx.from.is_none() {
+            Some(refuse("MAIL first."))
+        } else if self.tx.rcpts.is_empty() {
+            Some(refuse("RCPT first."))
+        } else {
+            None
+        };
+        if let Some(r) = problem {
+            // The chunk is read and dropped, then refused (RFC 3030 §2).
+            self.bad_commands = self.bad_commands.saturating_add(1);
+            self.state = State::Discard {
+                rx: DummyDataReceiver::new_bdat(chunk_size),
+                then: AfterDiscard::Reply(r),
+            };
+            return;
+        }
+        self.tx.bdat = true;
+        let max = self.ctx.limits.max_message_bytes;
+        let total = (self.tx.body.len() as u64).saturating_add(chunk_size as u64);
+        if self.tx.oversize.is_some() || total > max as u64 {
+            let so_far = self.tx.oversize.unwrap_or(self.tx.body.len() as u64);
+            self.tx.oversize = Some(so_far);
+            self.tx.body = Vec::new();
+            self.state = State::Discard {
+                rx: DummyDataReceiver::new_bdat(chunk_size),
+                then: AfterDiscard::TooLarge,
+            };
+            return;
+        }
+        self.state = State::Bdat {
+            rx: BdatReceiver::new(chunk_size, last),
+            last,
+        };
+    }
+
+    /// The end of the message: the last checks, then durable acceptance and 250.
+    async fn finish_message(&mut self) {
+        let tx = std::mem::take(&mut self.tx);
+        let mut a = self.attempt();
+        a.envelope_from.clone_from(&tx.from);
+        a.recipients = Some(tx.rcpts.clone());
+        match tx.oversize {
+            Some(n) => {
+                a.size = Some(n);
+                a.body = Body::Valid;
+            }
+            None => {
+                a.size = Some(tx.body.len() as u64);
+                let h = headers(&tx.body);
+                a.header_from = h.from;
+                a.header_sender = h.sender;
+                a.body = h.body;
+            }
+        }
+        let Some(d) = self.decide_or_refuse(&a).await else {
+            return;
+        };
+        if tx.oversize.is_some() {
+            self.reply(552, "5.3.4", "Message size exceeds fixed limit.");
+            return;
+        }
+        if !d.decision.complete {
+            tracing::error!(decision_id = %d.id, "decision incomplete with every fact known");
+            self.reply(451, "4.3.0", "Temporary server error, try again later.");
+            return;
+        }
+        let message = Message {
+            envelope_from: tx.from.clone().unwrap_or_default(),
+            recipients: tx.rcpts.clone(),
+            raw: tx.body,
+        };
+        match self
+            .ctx
+            .gateway
+            .accept(self.listener.door_name(), &a, &d, message)
+            .await
+        {
+            Ok(Accepted::Stored { message_id, state }) => {
+                self.reply(
+                    250,
+                    "2.0.0",
+                    &format!("OK {message_id} {state} [mailgate: decision {}]", d.id),
+                );
+            }
+            Ok(Accepted::Refused(again)) => match again.decision.denial() {
+                Some(denial) => {
+                    let line = reply::denial(denial, &again.id);
+                    self.push(&line);
+                }
+                None => self.reply(451, "4.3.0", "Temporary server error, try again later."),
+            },
+            Err(e) => {
+                tracing::error!(error = %e, decision_id = %d.id, "accepting the message failed");
+                self.reply(451, "4.3.0", "Temporary server error, try again later.");
+            }
+        }
+    }
+}
+
+struct Headers {
+    from: Option<String>,
+    sender: Option<String>,
+    body: Body,
+}
+
+fn first_address(a: Option<&mail_parser::Address<'_>>) -> Option<String> {
+    a?.iter()
+        .find_map(|x| x.address().map(|s| s.trim().to_owned()))
+}
+
+/// Header From and Sender (addresses only) and whether the message parses.
+fn headers(raw: &[u8]) -> Headers {
+    match mail_parser::MessageParser::default().parse_headers(raw) {
+        Some(m) => Headers {
+            from: first_address(m.from()),
+            sender: first_address(m.sender()),
+            body: Body::Valid,
+        },
+        None => Headers {
+            from: None,
+            sender: None,
+            body: Body::Invalid {
+                detail: "Invalid RFC 5322 message".into(),
+                field: None,
+            },
+        },
+    }
+}

@@ -1,0 +1,533 @@
+//! The session state machine fed bytes directly (no sockets): pipelining, STARTTLS then AUTH,
+//! BDAT, every AUTH mechanism, the documented refusals, and arbitrary input never panicking.
+
+#![allow(clippy::unwrap_used, reason = "tests: a panic is a failed test")]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use mailgate_core::engine::TlsVersion;
+use mailgate_core::orgfile::OrgFile;
+use mailgate_gateway::Gateway;
+use mailgate_smtp::{Limits, Listener, Lockout, LockoutPolicy, Session, SmtpContext, Step};
+use mailgate_store::{Changeset, SqliteStore, Store, TokenRecord, TokenStore};
+
+const ORG: &str = r#"
+domains: [{name: example.com, verified: true}]
+users:
+  - email: alice@example.com
+    password: "pw-alice"
+    aliases: [al@example.com]
+  - email: bob@example.com
+    password: "pw-bob"
+    status: suspended
+oauth_clients:
+  - client_id: web
+    name: Web
+    secret: "s"
+    project: p
+    redirect_uris: [http://127.0.0.1:1/cb]
+projects:
+  - id: p
+    number: 1
+    enabled_apis: [gmail.googleapis.com]
+limits:
+  recipients_per_message: 3
+smtp_relay:
+  allowed_ips: [127.0.0.1/32]
+  allowed_senders: domain_addresses
+"#;
+
+struct T {
+    ctx: Arc<SmtpContext>,
+    store: Arc<SqliteStore>,
+}
+
+async fn setup(limits: Limits) -> T {
+    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    let mut dir = OrgFile::parse(ORG).unwrap().directory;
+    let issues = mailgate_auth::prepare_secrets(&mut dir, &Default::default()).unwrap();
+    assert!(issues.is_empty(), "{issues:?}");
+    store
+        .commit(0, &Changeset::between(&Default::default(), &dir), "t")
+        .await
+        .unwrap();
+    let gateway = Gateway::open(store.clone()).await.unwrap();
+    let ctx = Arc::new(SmtpContext {
+        gateway,
+        tokens: store.clone(),
+        lockout: Lockout::new(LockoutPolicy {
+            per_login: 3,
+            per_ip: 100,
+            window: Duration::from_secs(60),
+            max_entries: 1000,
+        }),
+        hostname: "mx.test".into(),
+        limits,
+        auth_without_tls: false,
+    });
+    T { ctx, store }
+}
+
+const PEER: &str = "127.0.0.1:40000";
+
+impl T {
+    fn session(&self, l: Listener, tls: Option<TlsVersion>) -> Session {
+        self.session_from(l, tls, PEER)
+    }
+    fn session_from(&self, l: Listener, tls: Option<TlsVersion>, peer: &str) -> Session {
+        let peer: SocketAddr = peer.parse().unwrap();
+        let mut s = Session::new(self.ctx.clone(), l, peer, tls, true);
+        s.greeting();
+        let g = out(&mut s);
+        assert!(g.starts_with("220 mx.test ESMTP"), "{g}");
+        s
+    }
+}
+
+fn out(s: &mut Session) -> String {
+    String::from_utf8(s.take_output()).unwrap()
+}
+
+async fn say(s: &mut Session, input: &str) -> String {
+    let step = s.ingest(input.as_bytes()).await;
+    assert_ne!(step, Step::StartTls, "unexpected STARTTLS");
+    out(s)
+}
+
+fn plain(user: &str, pw: &str) -> String {
+    STANDARD.encode(format!("\0{user}\0{pw}"))
+}
+
+fn codes(replies: &str) -> Vec<&str> {
+    replies
+        .lines()
+        .filter(|l| l.as_bytes().get(3) == Some(&b' '))
+        .map(|l| l.get(..3).unwrap_or(""))
+        .collect()
+}
+
+const MSG: &str =
+    "From: alice@example.com\r\nTo: x@example.org\r\nSubject: hi\r\n\r\nhello\r\n..dot\r\n.\r\n";
+
+#[tokio::test]
+async fn pipelined_submission_is_accepted_after_it_is_durable() {
+    let t = setup(Limits::default()).await;
+    let mut s = t.session(Listener::Smtps, Some(TlsVersion::Tls13));
+    let r = say(
+        &mut s,
+        &format!(
+            "EHLO c\r\nAUTH PLAIN {}\r\nMAIL FROM:<alice@example.com> SIZE=100\r\nRCPT TO:<x@example.org>\r\nRCPT TO:<y@example.org>\r\nDATA\r\n",
+            plain("alice@example.com", "pw-alice")
+        ),
+    )
+    .await;
+    assert_eq!(codes(&r), ["250", "235", "250", "250", "250", "354"], "{r}");
+    assert!(
+        r.contains("250-AUTH LOGIN PLAIN XOAUTH2 OAUTHBEARER"),
+        "{r}"
+    );
+    for cap in [
+        "SIZE 36700160",
+        "8BITMIME",
+        "PIPELINING",
+        "ENHANCEDSTATUSCODES",
+        "CHUNKING",
+        "SMTPUTF8",
+    ] {
+        assert!(r.contains(cap), "EHLO lacks {cap}: {r}");
+    }
+    assert!(!r.contains("STARTTLS"), "no STARTTLS once TLS is up: {r}");
+    let r = say(&mut s, MSG).await;
+    assert!(r.starts_with("250 2.0.0 OK "), "{r}");
+    let id = r.split_whitespace().nth(3).unwrap();
+    let m = t.store.message(id).await.unwrap().unwrap();
+    assert_eq!(m.envelope_from, "alice@example.com");
+    assert_eq!(m.recipients, ["x@example.org", "y@example.org"]);
+    assert_eq!(
+        m.size as usize,
+        MSG.len() - 4,
+        "dot-unstuffed, terminator removed"
+    );
+    let r = say(&mut s, "QUIT\r\n").await;
+    assert!(r.starts_with("221 2.0.0"), "{r}");
+    assert!(s.is_closed());
+}
+
+#[tokio::test]
+async fn starttls_is_required_before_auth_and_resets_the_session() {
+    let t = setup(Limits::default()).await;
+    let mut s = t.session(Listener::Submission, None);
+    let r = say(&mut s, "EHLO c\r\n").await;
+    assert!(r.contains("250-STARTTLS"), "{r}");
+    assert!(!r.contains("AUTH"), "AUTH only after TLS: {r}");
+    let r = say(
+        &mut s,
+        &format!("AUTH PLAIN {}\r\n", plain("alice@example.com", "pw-alice")),
+    )
+    .await;
+    assert!(
+        r.starts_with(
+            "530 5.7.0 Must issue a STARTTLS command first. [mailgate: tls.required, decision "
+        ),
+        "{r}"
+    );
+    let r = say(&mut s, "MAIL FROM:<alice@example.com>\r\n").await;
+    assert!(
+        r.starts_with("530 5.7.0 Must issue a STARTTLS command first."),
+        "{r}"
+    );
+    // Commands pipelined after STARTTLS are discarded (RFC 3207).
+    assert_eq!(
+        s.ingest(b"STARTTLS\r\nMAIL FROM:<evil@x>\r\n").await,
+        Step::StartTls
+    );
+    assert_eq!(out(&mut s), "220 2.0.0 Ready to start TLS\r\n");
+    s.tls_started(TlsVersion::Tls13);
+    let r = say(&mut s, "MAIL FROM:<alice@example.com>\r\n").await;
+    assert!(r.starts_with("503 5.5.1 EHLO/HELO first."), "{r}");
+    let r = say(&mut s, "EHLO c\r\n").await;
+    assert!(
+        r.contains("250-AUTH LOGIN PLAIN XOAUTH2 OAUTHBEARER") && !r.contains("STARTTLS"),
+        "{r}"
+    );
+    let r = say(&mut s, "MAIL FROM:<alice@example.com>\r\n").await;
+    assert!(
+        r.starts_with("530 5.7.0 Authentication Required. [mailgate: auth.missing"),
+        "{r}"
+    );
+    let r = say(&mut s, "AUTH LOGIN\r\n").await;
+    assert_eq!(r, "334 VXNlcm5hbWU6\r\n");
+    let r = say(
+        &mut s,
+        &format!("{}\r\n", STANDARD.encode("alice@example.com")),
+    )
+    .await;
+    assert_eq!(r, "334 UGFzc3dvcmQ6\r\n");
+    let r = say(&mut s, &format!("{}\r\n", STANDARD.encode("pw-alice"))).await;
+    assert!(r.starts_with("235 2.7.0"), "{r}");
+}
+
+#[tokio::test]
+async fn bdat_chunks_make_one_message() {
+    let t = setup(Limits::default()).await;
+    let mut s = t.session(Listener::Smtps, Some(TlsVersion::Tls12));
+    let r = say(
+        &mut s,
+        &format!(
+            "EHLO c\r\nAUTH PLAIN {}\r\nMAIL FROM:<al@example.com>\r\nRCPT TO:<x@example.org>\r\n",
+            plain("alice@example.com", "pw-alice")
+        ),
+    )
+    .await;
+    assert_eq!(codes(&r), ["250", "235", "250", "250"], "{r}");
+    let part1 = "From: al@example.com\r\nSubject: c\r\n";
+    let part2 = "\r\nbody\r\n.\r\n";
+    let r = say(&mut s, &format!("BDAT {}\r\n{part1}", part1.len())).await;
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    // The last chunk split across two reads.
+    let r = say(&mut s, &format!("BDAT {} LAST\r\n\r\nbo", part2.len())).await;
+    assert_eq!(r, "");
+    let r = say(&mut s, "dy\r\n.\r\n").await;
+    assert!(r.starts_with("250 2.0.0 OK "), "{r}");
+    let id = r.split_whitespace().nth(3).unwrap();
+    let m = t.store.message(id).await.unwrap().unwrap();
+    assert_eq!(
+        m.size as usize,
+        part1.len() + part2.len(),
+        "BDAT is not unstuffed"
+    );
+    // BDAT without a transaction: the chunk is consumed, then refused.
+    let r = say(&mut s, "BDAT 6 LAST\r\nQUIT\r\nNOOP\r\n").await;
+    assert_eq!(codes(&r), ["503", "250"], "{r}");
+}
+
+#[tokio::test]
+async fn refusals_carry_the_catalogue_text_the_code_and_the_decision() {
+    let t = setup(Limits::default()).await;
+    let mut s = t.session(Listener::Smtps, Some(TlsVersion::Tls13));
+    say(&mut s, "EHLO c\r\n").await;
+    let r = say(
+        &mut s,
+        &format!("AUTH PLAIN {}\r\n", plain("alice@example.com", "nope")),
+    )
+    .await;
+    assert!(
+        r.starts_with(
+            "535 5.7.8 Username and Password not accepted. [mailgate: auth.invalid, decision "
+        ),
+        "{r}"
+    );
+    let r = say(
+        &mut s,
+        &format!("AUTH PLAIN {}\r\n", plain("alice@example.com", "pw-alice")),
+    )
+    .await;
+    assert!(r.starts_with("235"), "{r}");
+    let r = say(&mut s, "MAIL FROM:<ceo@example.com>\r\n").await;
+    assert!(
+        r.starts_with("553 5.7.1 <ceo@example.com>: Sender address rejected: not owned by user alice@example.com [mailgate: sender.not_owned, decision "),
+        "{r}"
+    );
+    assert!(r.contains("Remedy: "), "{r}");
+    assert!(
+        r.len() <= 512 && r.ends_with("]\r\n") || r.contains("Remedy"),
+        "{r}"
+    );
+    // Header From not owned: refused after DATA.
+    let r = say(&mut s, "MAIL FROM:<alice@example.com>\r\nRCPT TO:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nRCPT TO:<c@example.org>\r\nRCPT TO:<d@example.org>\r\nDATA\r\n").await;
+    assert_eq!(codes(&r), ["250", "250", "250", "250", "452", "354"], "{r}");
+    assert!(
+        r.contains(
+            "452 4.5.3 Your message has too many recipients. [mailgate: policy.too_many_recipients"
+        ),
+        "{r}"
+    );
+    let r = say(&mut s, "From: ceo@example.com\r\n\r\nx\r\n.\r\n").await;
+    assert!(
+        r.starts_with("553 5.7.1 <ceo@example.com>: Sender address rejected: not owned by user alice@example.com [mailgate: sender.not_owned"),
+        "{r}"
+    );
+
+    // A suspended user authenticates, and is refused at MAIL FROM.
+    let mut s = t.session(Listener::Smtps, Some(TlsVersion::Tls13));
+    let r = say(
+        &mut s,
+        &format!(
+            "EHLO c\r\nAUTH PLAIN {}\r\nMAIL FROM:<bob@example.com>\r\n",
+            plain("bob@example.com", "pw-bob")
+        ),
+    )
+    .await;
+    assert_eq!(codes(&r), ["250", "235", "550"], "{r}");
+    assert!(
+        r.contains("550 5.7.0 Mail Sending denied [mailgate: account.suspended, decision "),
+        "{r}"
+    );
+}
+
+#[tokio::test]
+async fn failed_auth_locks_the_login() {
+    let t = setup(Limits::default()).await;
+    let mut s = t.session(Listener::Smtps, Some(TlsVersion::Tls13));
+    say(&mut s, "EHLO c\r\n").await;
+    for _ in 0..3 {
+        let r = say(
+            &mut s,
+            &format!("AUTH PLAIN {}\r\n", plain("alice@example.com", "bad")),
+        )
+        .await;
+        assert!(r.starts_with("535 5.7.8"), "{r}");
+    }
+    let r = say(
+        &mut s,
+        &format!("AUTH PLAIN {}\r\n", plain("alice@example.com", "pw-alice")),
+    )
+    .await;
+    assert!(
+        r.starts_with("454 4.7.0") && r.contains("[mailgate: auth.locked"),
+        "{r}"
+    );
+}
+
+#[tokio::test]
+async fn xoauth2_and_oauthbearer_with_access_tokens() {
+    let t = setup(Limits::default()).await;
+    let now = mailgate_gateway::now_ms() as i64;
+    let token = |scope: &str| TokenRecord {
+        token_sha256: mailgate_auth::sha256_hex(format!("tok-{scope}").as_bytes()),
+        kind: "access".into(),
+        grant: serde_json::json!({"type": "user", "user": "alice@example.com", "client_id": "web"}),
+        scopes: vec![scope.into()],
+        family: "f".into(),
+        created_at_ms: now,
+        expires_at_ms: now + 3_600_000,
+        revoked: false,
+        used: false,
+    };
+    t.store
+        .insert_token(&token("https://mail.google.com/"))
+        .await
+        .unwrap();
+    let xo = |tok: &str| {
+        STANDARD.encode(format!(
+            "user=alice@example.com\x01auth=Bearer {tok}\x01\x01"
+        ))
+    };
+
+    let mut s = t.session(Listener::Smtps, Some(TlsVersion::Tls13));
+    say(&mut s, "EHLO c\r\n").await;
+    let r = say(&mut s, &format!("AUTH XOAUTH2 {}\r\n", xo("wrong"))).await;
+    let challenge = r.strip_prefix("334 ").unwrap().trim();
+    assert_eq!(
+        String::from_utf8(STANDARD.decode(challenge).unwrap()).unwrap(),
+        r#"{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}"#
+    );
+    let r = say(&mut s, "\r\n").await;
+    assert!(
+        r.starts_with("535 5.7.8 Username and Password not accepted. [mailgate: auth.invalid"),
+        "{r}"
+    );
+    let r = say(&mut s, "AUTH XOAUTH2\r\n").await;
+    assert_eq!(r, "334 \r\n");
+    let r = say(
+        &mut s,
+        &format!("{}\r\n", xo("tok-https://mail.google.com/")),
+    )
+    .await;
+    assert!(r.starts_with("235 2.7.0"), "{r}");
+    let r = say(
+        &mut s,
+        &format!("MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@example.org>\r\nDATA\r\n{MSG}"),
+    )
+    .await;
+    assert_eq!(codes(&r), ["250", "250", "354", "250"], "{r}");
+
+    let mut s = t.session(Listener::Smtps, Some(TlsVersion::Tls13));
+    say(&mut s, "EHLO c\r\n").await;
+    let ob = STANDARD
+        .encode("n,a=alice@example.com,\x01auth=Bearer tok-https://mail.google.com/\x01\x01");
+    let r = say(&mut s, &format!("AUTH OAUTHBEARER {ob}\r\n")).await;
+    assert!(r.starts_with("235 2.7.0"), "{r}");
+}
+
+#[tokio::test]
+async fn relay_listener_trusts_registered_ips_for_organisation_senders() {
+    let t = setup(Limits::default()).await;
+    let mut s = t.session(Listener::Relay, None);
+    let r = say(&mut s, &format!("EHLO printer\r\nMAIL FROM:<scanner@example.com>\r\nRCPT TO:<x@example.org>\r\nDATA\r\n{MSG}")).await;
+    assert_eq!(codes(&r), ["250", "250", "250", "354", "250"], "{r}");
+    let r = say(&mut s, "MAIL FROM:<someone@else.org>\r\n").await;
+    assert!(
+        r.starts_with("550 5.7.1") || r.starts_with("553 5.7.1"),
+        "{r}"
+    );
+    assert!(
+        r.contains("[mailgate: sender.not_owned")
+            || r.contains("[mailgate: sender.domain_unverified"),
+        "{r}"
+    );
+
+    let mut s = t.session_from(Listener::Relay, None, "127.0.0.9:1234");
+    let r = say(
+        &mut s,
+        "EHLO printer\r\nMAIL FROM:<scanner@example.com>\r\n",
+    )
+    .await;
+    assert!(
+        r.contains("550 5.7.1 Invalid credentials for relay [127.0.0.9]. [mailgate: relay.ip_not_allowed, decision "),
+        "{r}"
+    );
+}
+
+#[tokio::test]
+async fn oversize_messages_are_counted_discarded_and_refused() {
+    let t = setup(Limits {
+        max_message_bytes: 1000,
+        ..Limits::default()
+    })
+    .await;
+    let mut s = t.session(Listener::Smtps, Some(TlsVersion::Tls13));
+    let r = say(
+        &mut s,
+        &format!(
+            "EHLO c\r\nAUTH PLAIN {}\r\nMAIL FROM:<alice@example.com> SIZE=5000\r\n",
+            plain("alice@example.com", "pw-alice")
+        ),
+    )
+    .await;
+    assert_eq!(codes(&r), ["250", "235", "552"], "{r}");
+    let r = say(
+        &mut s,
+        "MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@example.org>\r\nDATA\r\n",
+    )
+    .await;
+    assert_eq!(codes(&r), ["250", "250", "354"], "{r}");
+    let big = format!("Subject: x\r\n\r\n{}\r\n", "y".repeat(100));
+    for _ in 0..50 {
+        assert_eq!(say(&mut s, &big).await, "");
+    }
+    let r = say(&mut s, ".\r\nNOOP\r\n").await;
+    assert_eq!(codes(&r), ["552", "250"], "{r}");
+    // BDAT over the limit: the chunk is read and dropped, then refused.
+    let r = say(
+        &mut s,
+        "MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@example.org>\r\n",
+    )
+    .await;
+    assert_eq!(codes(&r), ["250", "250"], "{r}");
+    let r = say(&mut s, &format!("BDAT 2000 LAST\r\n{}", "z".repeat(2000))).await;
+    assert_eq!(codes(&r), ["552"], "{r}");
+}
+
+#[tokio::test]
+async fn protocol_limits_close_the_connection() {
+    let t = setup(Limits {
+        max_bad_commands: 3,
+        ..Limits::default()
+    })
+    .await;
+    let mut s = t.session(Listener::Submission, None);
+    let r = say(&mut s, "FOO\r\nBAR\r\nBAZ\r\n").await;
+    assert_eq!(codes(&r), ["502", "502", "502"], "{r}");
+    let step = s.ingest(b"QUUX\r\n").await;
+    assert_eq!(step, Step::Close);
+    assert!(out(&mut s).starts_with("421 4.7.0"));
+    // Over-long lines are refused, not buffered.
+    let t = setup(Limits::default()).await;
+    let mut s = t.session(Listener::Submission, None);
+    let long = format!("NOOP {}\r\nNOOP\r\n", "x".repeat(10_000));
+    let r = say(&mut s, &long).await;
+    assert!(r.contains("500 5.5.2 Line too long."), "{r}");
+}
+
+mod arbitrary_input {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn chunks() -> impl Strategy<Value = Vec<Vec<u8>>> {
+        let token = prop_oneof![
+            Just(b"EHLO x\r\n".to_vec()),
+            Just(b"STARTTLS\r\n".to_vec()),
+            Just(b"AUTH PLAIN\r\n".to_vec()),
+            Just(b"AUTH LOGIN\r\n".to_vec()),
+            Just(b"AUTH XOAUTH2 dXNlcj14AWF1dGg9QmVhcmVyIHkBAQ==\r\n".to_vec()),
+            Just(b"MAIL FROM:<alice@example.com>\r\n".to_vec()),
+            Just(b"RCPT TO:<x@example.org>\r\n".to_vec()),
+            Just(b"DATA\r\n".to_vec()),
+            Just(b"BDAT 7\r\n".to_vec()),
+            Just(b"BDAT 18446744073709551615 LAST\r\n".to_vec()),
+            Just(b"\r\n.\r\n".to_vec()),
+            Just(b".\r\n".to_vec()),
+            Just(b"RSET\r\n".to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..64),
+        ];
+        proptest::collection::vec(token, 0..24)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #[test]
+        fn never_panics_and_stays_bounded(input in chunks(), tls in any::<bool>()) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let t = setup(Limits { max_message_bytes: 4096, ..Limits::default() }).await;
+                let (l, v) = if tls { (Listener::Smtps, Some(TlsVersion::Tls13)) } else { (Listener::Submission, None) };
+                let mut s = t.session(l, v);
+                for c in &input {
+                    match s.ingest(c).await {
+                        Step::StartTls => s.tls_started(TlsVersion::Tls13),
+                        Step::Close => break,
+                        Step::Continue => {}
+                    }
+                    let o = s.take_output();
+                    prop_assert!(o.len() < 64 * 1024);
+                }
+                Ok(())
+            })?;
+        }
+    }
+}
