@@ -21,12 +21,15 @@ pub fn example_org() -> PathBuf {
 /// A temporary data directory and the commands that work on it.
 pub struct Gateway {
     pub dir: tempfile::TempDir,
+    /// Listener ports, chosen once so restarts and admin commands agree.
+    ports: (u16, u16),
 }
 
 impl Gateway {
     pub fn new() -> Self {
         Gateway {
             dir: tempfile::tempdir().expect("tempdir"),
+            ports: (free_port(), free_port()),
         }
     }
 
@@ -81,8 +84,8 @@ impl Gateway {
         let text = format!(
             "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{}\"\n[https]\nlisten = \"127.0.0.1:{}\"\n[directory]\nreload_interval_ms = 100\n{extra}",
             self.data_dir(),
-            free_port(),
-            free_port()
+            self.ports.0,
+            self.ports.1
         );
         std::fs::write(&path, text).expect("write config");
         path
@@ -159,6 +162,14 @@ pub struct Server {
 }
 
 impl Server {
+    /// Kills the server with SIGKILL (no chance to clean up) and waits for it to die.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Sends SIGTERM and waits (bounded) for exit; returns (success, stdout, stderr).
     pub fn stop(mut self) -> (bool, String, String) {
         let mut child = self.child.take().expect("running");

@@ -6,6 +6,7 @@
     reason = "test helpers may panic: a panic is a failed test"
 )]
 
+mod crash;
 mod directory;
 mod explain;
 mod gmail;
