@@ -31,6 +31,12 @@ fn clean(s: &mut String) {
 /// The reply for an engine denial:
 /// `553 5.7.1 <x@y>: Sender address rejected: not owned by user alice@example.com [mailgate: sender.not_owned, decision 01J...] Remedy: ...`.
 pub(crate) fn denial(d: &Denial, decision_id: &str) -> String {
+    denial_about(d, decision_id, None)
+}
+
+/// Same, naming `address` (the recipient of a RCPT TO) when the object at fault is not an
+/// address itself (e.g. the policy that bars it).
+pub(crate) fn denial_about(d: &Denial, decision_id: &str, address: Option<&str>) -> String {
     let (code, enhanced, mut text) = match d.smtp() {
         Some(r) => (r.code, r.enhanced, r.text),
         None => (550, "5.7.1", d.message.clone()),
@@ -40,6 +46,8 @@ pub(crate) fn denial(d: &Denial, decision_id: &str) -> String {
         FaultKind::Address | FaultKind::Recipient
     ) {
         text = format!("<{}>: {text}", d.object_at_fault.id);
+    } else if let Some(a) = address.filter(|_| d.code == Reason::PolicyRecipientRestricted) {
+        text = format!("<{a}>: {text}");
     }
     if d.code == Reason::SenderNotOwned
         && let Some(caller) = &d.args.caller

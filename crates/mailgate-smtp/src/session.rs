@@ -627,9 +627,18 @@ impl Session {
 
     /// Decides `attempt`; on a denial writes the reply and returns `None`.
     async fn decide_or_refuse(&mut self, attempt: &SendAttempt) -> Option<Decided> {
+        self.decide_or_refuse_about(attempt, None).await
+    }
+
+    /// Same; a refusal names `address` (RCPT TO) when its object at fault is not an address.
+    async fn decide_or_refuse_about(
+        &mut self,
+        attempt: &SendAttempt,
+        address: Option<&str>,
+    ) -> Option<Decided> {
         let d = self.decide(attempt).await?;
         if let Some(denial) = d.decision.denial() {
-            let line = reply::denial(denial, &d.id);
+            let line = reply::denial_about(denial, &d.id, address);
             self.push(&line);
             return None;
         }
@@ -972,7 +981,7 @@ impl Session {
         let mut rcpts = self.tx.rcpts.clone();
         rcpts.push(to.clone());
         a.recipients = Some(rcpts);
-        if self.decide_or_refuse(&a).await.is_none() {
+        if self.decide_or_refuse_about(&a, Some(&to)).await.is_none() {
             return;
         }
         self.tx.rcpts.push(to);

@@ -598,6 +598,7 @@ async fn serve(config: Config, store: Arc<SqliteStore>, demo: bool) -> anyhow::R
     }
     let tls = tls_material(&config, demo)?;
     let tokens: Arc<dyn mailgate_store::TokenStore> = store.clone();
+    let smtp_tokens = tokens.clone();
     let queue: Arc<dyn mailgate_store::QueueStore> = store.clone();
     let gateway = mailgate_gateway::Gateway::open(store).await?;
     let _relay = relay_setup::spawn(&config.relay, demo, &gateway, queue.clone())?;
@@ -616,7 +617,15 @@ async fn serve(config: Config, store: Arc<SqliteStore>, demo: bool) -> anyhow::R
     ));
     let state = std::sync::Arc::new(serve::AppState { gateway, queue });
     let cfg = config.clone();
-    serve::run(&config, state, gmail, tls, move |bound| {
+    let smtp = Arc::new(mailgate_smtp::SmtpContext {
+        gateway: state.gateway.clone(),
+        tokens: smtp_tokens,
+        lockout: mailgate_smtp::Lockout::new(Default::default()),
+        hostname: "mailgate".to_owned(),
+        limits: Default::default(),
+        auth_without_tls: false,
+    });
+    serve::run(&config, state, gmail, tls, smtp, move |bound| {
         print_banner(&cfg, &bound, demo, credentials_file.as_deref());
     })
     .await
@@ -690,9 +699,25 @@ fn print_banner(config: &Config, bound: &serve::Bound, demo: bool, credentials: 
     println!(
         "  admin API           http://{http}/mailgate/v1/  (Authorization: Bearer <admin token>)"
     );
+    match bound.smtps {
+        Some(a) => {
+            println!(
+                "  SMTP submission     {}   (STARTTLS required before AUTH and MAIL)",
+                bound.smtp_submission
+            );
+            println!("  SMTPS               {a}   (implicit TLS)");
+        }
+        None => {
+            println!(
+                "  SMTP submission     {}   (no certificate: STARTTLS unavailable, so every send is refused; set https.cert and https.key)",
+                bound.smtp_submission
+            );
+            println!("  SMTPS               off (set https.cert and https.key)");
+        }
+    }
     println!(
-        "  reserved, not yet served: SMTP submission {}, SMTPS {}, SMTP relay {}",
-        config.smtp_submission_listen, config.smtps_listen, config.smtp_relay_listen
+        "  SMTP relay          {}   (IP allowlist and/or AUTH, as the directory's smtp_relay says)",
+        bound.smtp_relay
     );
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
         println!(
@@ -715,6 +740,11 @@ fn print_banner(config: &Config, bound: &serve::Bound, demo: bool, credentials: 
     if let Some(a) = bound.https {
         println!("mailgate: listening https={a}");
     }
+    if let Some(a) = bound.smtps {
+        println!("mailgate: listening smtps={a}");
+    }
+    println!("mailgate: listening smtp={}", bound.smtp_submission);
+    println!("mailgate: listening smtp_relay={}", bound.smtp_relay);
     println!("mailgate: listening http={http}");
     let _ = std::io::stdout().flush();
 }

@@ -212,6 +212,12 @@ pub struct Bound {
     pub http: SocketAddr,
     /// HTTPS, when a certificate is configured (or generated in demo mode).
     pub https: Option<SocketAddr>,
+    /// SMTP submission (STARTTLS when a certificate is configured).
+    pub smtp_submission: SocketAddr,
+    /// SMTPS (implicit TLS), when a certificate is configured.
+    pub smtps: Option<SocketAddr>,
+    /// SMTP relay listener.
+    pub smtp_relay: SocketAddr,
 }
 
 /// Runs the gateway until SIGINT/SIGTERM. `tls` is the HTTPS certificate and key (PEM), if any.
@@ -220,6 +226,7 @@ pub async fn run(
     state: Arc<AppState>,
     gmail: Arc<mailgate_gmail::GmailState>,
     tls: Option<(Vec<u8>, Vec<u8>)>,
+    smtp: Arc<mailgate_smtp::SmtpContext>,
     ready: impl FnOnce(Bound),
 ) -> anyhow::Result<()> {
     let app = router(state.clone()).merge(mailgate_gmail::router(gmail));
@@ -232,9 +239,24 @@ pub async fn run(
         Some((cert, key)) => Some(crate::listen::https_acceptor(cert, key)?),
         None => None,
     };
+    // SMTP: the same certificate, no ALPN.
+    let smtp_tls = match &tls {
+        Some((cert, key)) => Some(mailgate_tls::server_config_from_pem(cert, key, &[])?),
+        None => None,
+    };
+    let submission =
+        crate::listen::bind(config.smtp_submission_listen, "smtp.submission_listen").await?;
+    let smtps = match &smtp_tls {
+        Some(_) => Some(crate::listen::bind(config.smtps_listen, "smtp.smtps_listen").await?),
+        None => None,
+    };
+    let smtp_relay = crate::listen::bind(config.smtp_relay_listen, "smtp.relay_listen").await?;
     ready(Bound {
         http: http.local_addr()?,
         https: https.as_ref().map(|l| l.local_addr()).transpose()?,
+        smtp_submission: submission.local_addr()?,
+        smtps: smtps.as_ref().map(|l| l.local_addr()).transpose()?,
+        smtp_relay: smtp_relay.local_addr()?,
     });
 
     let reloader = state
@@ -248,7 +270,29 @@ pub async fn run(
         stop_rx.clone(),
     ))];
     if let (Some(l), Some(a)) = (https, acceptor) {
-        tasks.push(tokio::spawn(crate::listen::serve(l, Some(a), app, stop_rx)));
+        tasks.push(tokio::spawn(crate::listen::serve(
+            l,
+            Some(a),
+            app,
+            stop_rx.clone(),
+        )));
+    }
+    use mailgate_smtp::Listener;
+    let mut smtp_listeners = vec![
+        (submission, Listener::Submission),
+        (smtp_relay, Listener::Relay),
+    ];
+    if let Some(l) = smtps {
+        smtp_listeners.push((l, Listener::Smtps));
+    }
+    for (l, kind) in smtp_listeners {
+        tasks.push(tokio::spawn(mailgate_smtp::serve(
+            l,
+            kind,
+            smtp.clone(),
+            smtp_tls.clone(),
+            stop_rx.clone(),
+        )));
     }
     shutdown_signal().await;
     let _ = stop_tx.send(true);

@@ -23,6 +23,8 @@ pub struct Gateway {
     pub dir: tempfile::TempDir,
     /// Listener ports, chosen once so restarts and admin commands agree.
     ports: (u16, u16),
+    /// SMTP listener ports: submission, implicit TLS, relay.
+    smtp_ports: [u16; 3],
 }
 
 impl Gateway {
@@ -30,6 +32,7 @@ impl Gateway {
         Gateway {
             dir: tempfile::tempdir().expect("tempdir"),
             ports: (free_port(), free_port()),
+            smtp_ports: [free_port(), free_port(), free_port()],
         }
     }
 
@@ -82,10 +85,13 @@ impl Gateway {
             return path;
         }
         let text = format!(
-            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{}\"\n[https]\nlisten = \"127.0.0.1:{}\"\n[directory]\nreload_interval_ms = 100\n{extra}",
+            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{}\"\n[https]\nlisten = \"127.0.0.1:{}\"\n[smtp]\nsubmission_listen = \"127.0.0.1:{}\"\nsmtps_listen = \"127.0.0.1:{}\"\nrelay_listen = \"127.0.0.1:{}\"\n[directory]\nreload_interval_ms = 100\n{extra}",
             self.data_dir(),
             self.ports.0,
-            self.ports.1
+            self.ports.1,
+            self.smtp_ports[0],
+            self.smtp_ports[1],
+            self.smtp_ports[2]
         );
         std::fs::write(&path, text).expect("write config");
         path
@@ -133,10 +139,14 @@ impl Gateway {
             .recv_timeout(Duration::from_secs(30))
             .expect("server did not report its listener within 30 s");
         let https = banner_https(&self.config(""));
+        let smtp = |key: &str| config_value(&self.config(""), "[smtp]", key);
         Server {
             child: Some(child),
             addr,
             https,
+            smtp: smtp("submission_listen"),
+            smtps: smtp("smtps_listen"),
+            smtp_relay: smtp("relay_listen"),
             banner: Some(banner),
             logs: Some(logs),
         }
@@ -152,11 +162,26 @@ fn banner_https(config: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// `key = "value"` in `section` of a TOML config file written by [`Gateway::config`].
+fn config_value(config: &Path, section: &str, key: &str) -> String {
+    let text = std::fs::read_to_string(config).unwrap_or_default();
+    let prefix = format!("{key} = \"");
+    text.lines()
+        .skip_while(|l| *l != section)
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map(|l| l.trim_end_matches('"').to_owned())
+        .unwrap_or_default()
+}
+
 pub struct Server {
     child: Option<Child>,
     pub addr: String,
     /// The HTTPS listener's address (from the config).
     pub https: String,
+    /// The SMTP listeners' addresses (from the config): submission, implicit TLS, relay.
+    pub smtp: String,
+    pub smtps: String,
+    pub smtp_relay: String,
     banner: Option<std::thread::JoinHandle<String>>,
     logs: Option<std::thread::JoinHandle<String>>,
 }

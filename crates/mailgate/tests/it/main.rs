@@ -13,3 +13,4 @@ mod gmail;
 mod harness;
 mod relay;
 mod serve;
+mod smtp;

@@ -1,0 +1,653 @@
+//! The SMTP doors driven by Python's smtplib over real sockets: submission with STARTTLS,
+//! implicit TLS, the relay listener; AUTH PLAIN, LOGIN and XOAUTH2 (token from the OAuth server);
+//! and the documented reply for every refusal, with Mailgate's code and decision id.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::harness::{Gateway, Server, eventually};
+
+fn python() -> String {
+    std::env::var("MAILGATE_PYTHON").expect(
+        "MAILGATE_PYTHON is not set: run ./scripts/test, which creates the venv the SMTP and Gmail client tests use",
+    )
+}
+
+const PW: &str = "correct horse battery staple";
+
+/// Runs tests/python/smtp_client.py; one JSON value per step.
+fn smtplib(gw: &Gateway, addr: &str, tls: &str, steps: Value) -> Vec<Value> {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let spec = json!({
+        "host": host, "port": port.parse::<u16>().unwrap(), "tls": tls,
+        "ca": gw.data_dir().join("tls/cert.pem"), "steps": steps,
+    });
+    let out = std::process::Command::new(python())
+        .arg(crate::harness::repo_root().join("tests/python/smtp_client.py"))
+        .arg(spec.to_string())
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "smtp client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+fn step<'a>(r: &'a [Value], name: &str) -> &'a Value {
+    r.iter()
+        .rev()
+        .find(|x| x["step"] == name)
+        .unwrap_or_else(|| panic!("no {name} step in {r:?}"))
+}
+
+fn last(r: &[Value]) -> &Value {
+    r.last().expect("at least one step")
+}
+
+/// Asserts a reply: code and the start of its text, then `[mailgate: <code>, decision <26 chars>]`.
+fn assert_reply(x: &Value, code: u16, text: &str, reason: &str) {
+    assert_eq!(x["code"], code, "{x}");
+    let m = x["message"].as_str().unwrap();
+    assert!(m.starts_with(text), "`{m}` does not start with `{text}`");
+    let tag = format!("[mailgate: {reason}, decision ");
+    let at = m
+        .find(&tag)
+        .unwrap_or_else(|| panic!("`{m}` lacks `{tag}`"));
+    let id = &m[at + tag.len()..];
+    assert!(
+        id.len() > 26 && id.as_bytes()[26] == b']',
+        "decision id in `{m}`"
+    );
+}
+
+fn auth(mechanism: &str, user: &str, secret: &str) -> Value {
+    json!({"do": "auth", "mechanism": mechanism, "user": user, "secret": secret})
+}
+
+fn send(from: &str, header_from: &str, to: &[&str]) -> Vec<Value> {
+    let mut v = vec![json!({"do": "mail", "from": from})];
+    for t in to {
+        v.push(json!({"do": "rcpt", "to": t}));
+    }
+    v.push(json!({"do": "data", "from": header_from, "to": to}));
+    v
+}
+
+fn steps(parts: Vec<Vec<Value>>) -> Value {
+    Value::Array(parts.into_iter().flatten().collect())
+}
+
+fn starttls() -> Vec<Value> {
+    vec![json!({"do": "starttls"})]
+}
+
+/// The message id of a `250 2.0.0 OK <id> ...` reply.
+fn accepted_id(x: &Value) -> String {
+    assert_eq!(x["code"], 250, "{x}");
+    let m = x["message"].as_str().unwrap();
+    assert!(m.starts_with("2.0.0 OK "), "{m}");
+    m.split_whitespace().nth(2).unwrap().to_owned()
+}
+
+fn captured(gw: &Gateway, id: &str) -> bool {
+    eventually(Duration::from_secs(20), || {
+        gw.ok(&["captured", "list"]).contains(id)
+    })
+}
+
+fn demo() -> (Gateway, Server) {
+    let gw = Gateway::new();
+    let server = gw.serve(&["--demo"]);
+    (gw, server)
+}
+
+#[test]
+fn smtplib_sends_over_starttls_and_implicit_tls_with_plain_login_and_xoauth2() {
+    let (gw, server) = demo();
+
+    // Submission: AUTH is offered only after STARTTLS; PLAIN; the message is captured.
+    let r = smtplib(
+        &gw,
+        &server.smtp,
+        "starttls",
+        steps(vec![
+            starttls(),
+            vec![auth("PLAIN", "alice@example.com", PW)],
+            send("alice@example.com", "alice@example.com", &["x@example.org"]),
+        ]),
+    );
+    let first_ehlo = &r[0]["features"];
+    assert!(
+        first_ehlo.as_array().unwrap().contains(&json!("starttls")),
+        "{r:?}"
+    );
+    assert!(
+        !first_ehlo.as_array().unwrap().contains(&json!("auth")),
+        "{r:?}"
+    );
+    let after = step(&r, "ehlo")["features"].as_array().unwrap().clone();
+    for f in [
+        "auth",
+        "size",
+        "8bitmime",
+        "smtputf8",
+        "pipelining",
+        "enhancedstatuscodes",
+        "chunking",
+    ] {
+        assert!(
+            after.contains(&json!(f)),
+            "EHLO after TLS lacks {f}: {after:?}"
+        );
+    }
+    assert_eq!(step(&r, "auth")["code"], 235, "{r:?}");
+    let id = accepted_id(last(&r));
+    assert!(captured(&gw, &id), "message {id} not captured");
+
+    // Implicit TLS with AUTH LOGIN and an alias as envelope sender.
+    let r = smtplib(
+        &gw,
+        &server.smtps,
+        "implicit",
+        steps(vec![
+            vec![auth("LOGIN", "alice@example.com", PW)],
+            send("al@example.com", "support@example.com", &["x@example.org"]),
+        ]),
+    );
+    let id = accepted_id(last(&r));
+    assert!(captured(&gw, &id));
+
+    // XOAUTH2 with an access token from Mailgate's OAuth server (auth code + PKCE).
+    let token = json!({"do": "oauth_token", "endpoint": format!("http://{}", server.addr),
+        "user": "alice@example.com", "password": PW, "client_id": "demo-web-client",
+        "client_secret": "demo-client-secret", "redirect_uri": "http://127.0.0.1:8765/callback",
+        "scopes": ["https://mail.google.com/"]});
+    let r = smtplib(
+        &gw,
+        &server.smtp,
+        "starttls",
+        steps(vec![
+            starttls(),
+            vec![
+                token,
+                json!({"do": "auth", "mechanism": "XOAUTH2", "user": "alice@example.com"}),
+            ],
+            send("alice@example.com", "alice@example.com", &["x@example.org"]),
+        ]),
+    );
+    assert_eq!(step(&r, "auth")["code"], 235, "{r:?}");
+    let id = accepted_id(last(&r));
+    assert!(captured(&gw, &id));
+
+    // A bad token: Google's JSON challenge, then 535 5.7.8.
+    let r = smtplib(
+        &gw,
+        &server.smtps,
+        "implicit",
+        json!([auth("XOAUTH2", "alice@example.com", "ya29.not-a-token")]),
+    );
+    let a = step(&r, "auth");
+    assert_eq!(
+        a["challenge"],
+        r#"{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}"#
+    );
+    assert_reply(
+        a,
+        535,
+        "5.7.8 Username and Password not accepted.",
+        "auth.invalid",
+    );
+
+    // The relay listener: 127.0.0.1 is registered in the demo; organisation senders need no AUTH.
+    let r = smtplib(
+        &gw,
+        &server.smtp_relay,
+        "none",
+        steps(vec![send(
+            "printer@example.com",
+            "printer@example.com",
+            &["x@example.org"],
+        )]),
+    );
+    let id = accepted_id(last(&r));
+    assert!(captured(&gw, &id));
+    let r = smtplib(
+        &gw,
+        &server.smtp_relay,
+        "none",
+        steps(vec![send(
+            "someone@elsewhere.org",
+            "someone@elsewhere.org",
+            &["x@example.org"],
+        )]),
+    );
+    assert_eq!(last(&r)["step"], "mail", "{r:?}");
+    assert!(last(&r)["code"].as_u64().unwrap() >= 550, "{r:?}");
+}
+
+#[test]
+fn smtplib_gets_the_documented_refusals() {
+    let (gw, server) = demo();
+    let alice = || auth("PLAIN", "alice@example.com", PW);
+
+    // AUTH before STARTTLS.
+    let r = smtplib(&gw, &server.smtp, "none", json!([alice()]));
+    assert_reply(
+        step(&r, "auth"),
+        530,
+        "5.7.0 Must issue a STARTTLS command first.",
+        "tls.required",
+    );
+    // Bad password.
+    let r = smtplib(
+        &gw,
+        &server.smtp,
+        "starttls",
+        steps(vec![
+            starttls(),
+            vec![auth("PLAIN", "alice@example.com", "wrong")],
+        ]),
+    );
+    assert_reply(
+        step(&r, "auth"),
+        535,
+        "5.7.8 Username and Password not accepted.",
+        "auth.invalid",
+    );
+    // Unowned envelope sender, at MAIL FROM.
+    let r = smtplib(
+        &gw,
+        &server.smtps,
+        "implicit",
+        steps(vec![
+            vec![alice()],
+            send("ceo@example.com", "ceo@example.com", &["x@example.org"]),
+        ]),
+    );
+    assert_reply(
+        step(&r, "mail"),
+        553,
+        "5.7.1 <ceo@example.com>: Sender address rejected: not owned by user alice@example.com",
+        "sender.not_owned",
+    );
+    assert!(
+        step(&r, "mail")["message"]
+            .as_str()
+            .unwrap()
+            .contains("Remedy: ")
+    );
+    // Unowned header From, after DATA.
+    let r = smtplib(
+        &gw,
+        &server.smtps,
+        "implicit",
+        steps(vec![
+            vec![alice()],
+            send("alice@example.com", "ceo@example.com", &["x@example.org"]),
+        ]),
+    );
+    assert_reply(
+        step(&r, "data"),
+        553,
+        "5.7.1 <ceo@example.com>: Sender address rejected: not owned by user alice@example.com",
+        "sender.not_owned",
+    );
+    // Pending send-as.
+    let r = smtplib(
+        &gw,
+        &server.smtps,
+        "implicit",
+        steps(vec![
+            vec![alice()],
+            send("alice@gmail.test", "alice@gmail.test", &["x@example.org"]),
+        ]),
+    );
+    assert_reply(
+        step(&r, "mail"),
+        553,
+        "5.7.1 <alice@gmail.test>: Sender address rejected: not verified",
+        "sender.unverified",
+    );
+    // A recipient barred by policy, at RCPT TO.
+    let r = smtplib(
+        &gw,
+        &server.smtps,
+        "implicit",
+        json!([alice(), {"do": "mail", "from": "alice@example.com"}, {"do": "rcpt", "to": "a@competitor.test"}]),
+    );
+    assert_reply(
+        step(&r, "rcpt"),
+        550,
+        "5.7.1 <a@competitor.test>: Recipient address rejected",
+        "policy.recipient_restricted",
+    );
+    // Suspended user: authenticates, refused at MAIL FROM.
+    let r = smtplib(
+        &gw,
+        &server.smtps,
+        "implicit",
+        steps(vec![
+            vec![auth("PLAIN", "bob@example.com", PW)],
+            send("bob@example.com", "bob@example.com", &["x@example.org"]),
+        ]),
+    );
+    assert_eq!(step(&r, "auth")["code"], 235, "{r:?}");
+    assert_reply(
+        step(&r, "mail"),
+        550,
+        "5.7.0 Mail Sending denied",
+        "account.suspended",
+    );
+    // Too many recipients: the organisation allows 100 per message.
+    let rcpts: Vec<String> = (0..101).map(|i| format!("r{i}@example.org")).collect();
+    let mut s = vec![alice(), json!({"do": "mail", "from": "alice@example.com"})];
+    s.extend(rcpts.iter().map(|t| json!({"do": "rcpt", "to": t})));
+    let r = smtplib(&gw, &server.smtps, "implicit", Value::Array(s));
+    let rcpt_codes: Vec<u64> = r
+        .iter()
+        .filter(|x| x["step"] == "rcpt")
+        .map(|x| x["code"].as_u64().unwrap())
+        .collect();
+    assert_eq!(rcpt_codes.len(), 101, "{r:?}");
+    assert!(
+        rcpt_codes[..100].iter().all(|c| *c == 250),
+        "{rcpt_codes:?}"
+    );
+    assert_reply(
+        last(&r),
+        452,
+        "4.5.3 Your message has too many recipients.",
+        "policy.too_many_recipients",
+    );
+    // Message too large: refused at MAIL FROM from its declared SIZE.
+    let r = smtplib(
+        &gw,
+        &server.smtps,
+        "implicit",
+        json!([alice(), {"do": "mail", "from": "alice@example.com", "size": 36_700_161}]),
+    );
+    assert_reply(step(&r, "mail"), 552, "5.3.4", "message.too_large");
+    // Daily limit: frank may send 3 messages a day.
+    let frank = || auth("PLAIN", "frank@example.com", PW);
+    for _ in 0..3 {
+        let r = smtplib(
+            &gw,
+            &server.smtps,
+            "implicit",
+            steps(vec![
+                vec![frank()],
+                send("frank@example.com", "frank@example.com", &["x@example.org"]),
+            ]),
+        );
+        accepted_id(last(&r));
+    }
+    let r = smtplib(
+        &gw,
+        &server.smtps,
+        "implicit",
+        steps(vec![
+            vec![frank()],
+            send("frank@example.com", "frank@example.com", &["x@example.org"]),
+        ]),
+    );
+    assert_reply(
+        last(&r),
+        550,
+        "5.4.5 Daily user sending limit exceeded.",
+        "limit.daily_messages",
+    );
+}
+
+#[test]
+fn relay_from_an_unlisted_ip_is_refused() {
+    let gw = Gateway::new();
+    let org = std::fs::read_to_string(crate::harness::example_org())
+        .unwrap()
+        .replace("allowed_ips: [127.0.0.1/32]", "allowed_ips: [192.0.2.0/24]");
+    let path = gw.dir.path().join("org.yaml");
+    std::fs::write(&path, org).unwrap();
+    gw.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let server = gw.serve(&["--demo"]);
+    let r = smtplib(
+        &gw,
+        &server.smtp_relay,
+        "none",
+        steps(vec![send(
+            "alice@example.com",
+            "alice@example.com",
+            &["x@example.org"],
+        )]),
+    );
+    assert_reply(
+        step(&r, "mail"),
+        550,
+        "5.7.1 Invalid credentials for relay [127.0.0.1].",
+        "relay.ip_not_allowed",
+    );
+    // Authenticated relay works from anywhere.
+    let r = smtplib(
+        &gw,
+        &server.smtp_relay,
+        "starttls",
+        steps(vec![
+            starttls(),
+            vec![auth("PLAIN", "alice@example.com", PW)],
+            send("alice@example.com", "alice@example.com", &["x@example.org"]),
+        ]),
+    );
+    accepted_id(last(&r));
+}
+
+#[test]
+fn the_same_denial_has_the_same_code_over_smtp_and_the_gmail_api() {
+    let (gw, server) = demo();
+    let spec = json!({
+        "endpoint": format!("http://{}", server.addr),
+        "auth": {"user": "alice@example.com", "password": PW, "client_id": "demo-web-client",
+                 "client_secret": "demo-client-secret", "redirect_uri": "http://127.0.0.1:8765/callback",
+                 "scopes": ["https://www.googleapis.com/auth/gmail.send"]},
+        "actions": [{"do": "send", "from": "ceo@example.com", "to": ["x@example.org"]}],
+    });
+    let out = std::process::Command::new(python())
+        .arg(crate::harness::repo_root().join("tests/python/gmail_client.py"))
+        .arg(spec.to_string())
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gmail: Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    let detail = gmail["details"]
+        .as_array()
+        .and_then(|d| d.iter().find(|x| x["domain"] == "mailgate"))
+        .unwrap_or_else(|| panic!("no mailgate detail in {gmail}"));
+    let gmail_code = detail["reason"].as_str().unwrap().to_owned();
+
+    let r = smtplib(
+        &gw,
+        &server.smtps,
+        "implicit",
+        steps(vec![
+            vec![auth("PLAIN", "alice@example.com", PW)],
+            send("alice@example.com", "ceo@example.com", &["x@example.org"]),
+        ]),
+    );
+    assert_eq!(gmail_code, "sender.not_owned");
+    assert_reply(step(&r, "data"), 553, "5.7.1", &gmail_code);
+}
+
+/// Runs Debian's swaks against `addr`; returns (success, transcript).
+fn swaks(addr: &str, args: &[&str]) -> (bool, String) {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let out = std::process::Command::new("swaks")
+        .args([
+            "--server",
+            host,
+            "--port",
+            port,
+            "--timeout",
+            "30",
+            "--helo",
+            "swaks.test",
+        ])
+        .args(args)
+        .output()
+        .expect(
+            "swaks is not installed: run ./scripts/test, which installs it from Debian's packages",
+        );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn swaks_sends_and_gets_the_documented_refusals() {
+    let (gw, server) = demo();
+    let alice = [
+        "--auth",
+        "PLAIN",
+        "--auth-user",
+        "alice@example.com",
+        "--auth-password",
+        PW,
+    ];
+    // STARTTLS + AUTH PLAIN: accepted and captured.
+    let mut args = vec![
+        "-tls",
+        "--from",
+        "alice@example.com",
+        "--to",
+        "x@example.org",
+    ];
+    args.extend(alice);
+    let (ok, t) = swaks(&server.smtp, &args);
+    assert!(ok, "{t}");
+    let line = t
+        .lines()
+        .find(|l| l.contains("<~  250 2.0.0 OK "))
+        .unwrap_or_else(|| panic!("{t}"));
+    let id = line.split_whitespace().nth(4).unwrap();
+    assert!(captured(&gw, id), "{id} not captured");
+    // Implicit TLS with AUTH LOGIN.
+    let (ok, t) = swaks(
+        &server.smtps,
+        &[
+            "--tls-on-connect",
+            "--from",
+            "alice@example.com",
+            "--to",
+            "x@example.org",
+            "--auth",
+            "LOGIN",
+            "--auth-user",
+            "alice@example.com",
+            "--auth-password",
+            PW,
+        ],
+    );
+    assert!(ok, "{t}");
+    // Without STARTTLS, AUTH is not offered (swaks then gives up on its own) and MAIL is refused.
+    let mut args = vec!["--from", "alice@example.com", "--to", "x@example.org"];
+    args.extend(alice);
+    let (ok, t) = swaks(&server.smtp, &args);
+    assert!(
+        !ok && t.contains("Host did not advertise authentication"),
+        "{t}"
+    );
+    let (ok, t) = swaks(
+        &server.smtp,
+        &["--from", "alice@example.com", "--to", "x@example.org"],
+    );
+    assert!(!ok);
+    assert!(
+        t.contains(
+            "530 5.7.0 Must issue a STARTTLS command first. [mailgate: tls.required, decision "
+        ),
+        "{t}"
+    );
+    // Bad password.
+    let (ok, t) = swaks(
+        &server.smtp,
+        &[
+            "-tls",
+            "--from",
+            "alice@example.com",
+            "--to",
+            "x@example.org",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "alice@example.com",
+            "--auth-password",
+            "wrong",
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        t.contains(
+            "535 5.7.8 Username and Password not accepted. [mailgate: auth.invalid, decision "
+        ),
+        "{t}"
+    );
+    // Unowned envelope sender.
+    let mut args = vec!["-tls", "--from", "ceo@example.com", "--to", "x@example.org"];
+    args.extend(alice);
+    let (ok, t) = swaks(&server.smtp, &args);
+    assert!(!ok);
+    assert!(t.contains("553 5.7.1 <ceo@example.com>: Sender address rejected: not owned by user alice@example.com [mailgate: sender.not_owned, decision "), "{t}");
+    // Unowned header From.
+    let mut args = vec![
+        "-tls",
+        "--from",
+        "alice@example.com",
+        "--to",
+        "x@example.org",
+        "--h-From",
+        "<ceo@example.com>",
+    ];
+    args.extend(alice);
+    let (ok, t) = swaks(&server.smtp, &args);
+    assert!(!ok);
+    assert!(t.contains("553 5.7.1 <ceo@example.com>: Sender address rejected: not owned by user alice@example.com [mailgate: sender.not_owned"), "{t}");
+    // Suspended user.
+    let (ok, t) = swaks(
+        &server.smtp,
+        &[
+            "-tls",
+            "--from",
+            "bob@example.com",
+            "--to",
+            "x@example.org",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "bob@example.com",
+            "--auth-password",
+            PW,
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        t.contains("550 5.7.0 Mail Sending denied [mailgate: account.suspended"),
+        "{t}"
+    );
+    // The relay listener without AUTH for an organisation sender.
+    let (ok, t) = swaks(
+        &server.smtp_relay,
+        &["--from", "scanner@example.com", "--to", "x@example.org"],
+    );
+    assert!(ok, "{t}");
+}
