@@ -229,7 +229,10 @@ pub async fn run(
     smtp: Arc<mailgate_smtp::SmtpContext>,
     ready: impl FnOnce(Bound),
 ) -> anyhow::Result<()> {
-    let app = router(state.clone()).merge(mailgate_gmail::router(gmail));
+    let sendgrid = Arc::new(mailgate_sendgrid::SendgridState::new(state.gateway.clone()));
+    let app = router(state.clone())
+        .merge(mailgate_gmail::router(gmail))
+        .merge(mailgate_sendgrid::router(sendgrid));
     let http = crate::listen::bind(config.http_listen, "http.listen").await?;
     let https = match &tls {
         Some(_) => Some(crate::listen::bind(config.https_listen, "https.listen").await?),

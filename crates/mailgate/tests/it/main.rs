@@ -12,5 +12,6 @@ mod explain;
 mod gmail;
 mod harness;
 mod relay;
+mod sendgrid;
 mod serve;
 mod smtp;

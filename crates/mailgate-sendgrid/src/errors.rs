@@ -1,0 +1,207 @@
+//! SendGrid's error envelope, `{"errors":[{"message","field","help"}]}`, byte-compatible with what
+//! SendGrid sends, plus Mailgate's explanation: in `help` (where SendGrid leaves it `null`) and in
+//! the `X-Mailgate-Decision` / `X-Mailgate-Code` headers. Every error has a JSON body and a real
+//! reason phrase, because sendgrid-python's `e.to_dict` parses the body and @sendgrid/client's
+//! `err.message` is the status text.
+
+use axum::Json;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use mailgate_core::directory::SEND_COST_UNITS;
+use mailgate_core::engine::{Denial, LimitState};
+use serde_json::{Value, json};
+
+/// Where SendGrid's validation errors point (`help`).
+pub(crate) const HELP_BASE: &str =
+    "http://sendgrid.com/docs/API_Reference/Web_API_v3/Mail/errors.html";
+
+/// One entry of `errors[]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FieldError {
+    pub(crate) message: String,
+    pub(crate) field: Option<String>,
+    pub(crate) help: Option<String>,
+}
+
+impl FieldError {
+    /// A validation error with SendGrid's help anchor (`#message.<path without indices>`).
+    pub(crate) fn at(field: &str, message: impl Into<String>) -> FieldError {
+        FieldError {
+            message: message.into(),
+            field: Some(field.to_owned()),
+            help: Some(help_for(field)),
+        }
+    }
+
+    /// An error without field or help.
+    pub(crate) fn plain(message: impl Into<String>) -> FieldError {
+        FieldError {
+            message: message.into(),
+            field: None,
+            help: None,
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({"message": self.message, "field": self.field, "help": self.help})
+    }
+}
+
+/// `personalizations.0.to.1.email` -> `...errors.html#message.personalizations.to`.
+pub(crate) fn help_for(field: &str) -> String {
+    let path: Vec<&str> = field
+        .split('.')
+        .filter(|s| !s.is_empty() && !s.bytes().all(|b| b.is_ascii_digit()) && *s != "email")
+        .collect();
+    format!("{HELP_BASE}#message.{}", path.join("."))
+}
+
+/// A response with SendGrid's envelope.
+pub(crate) fn envelope(status: u16, errors: &[FieldError]) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+    let body = json!({"errors": errors.iter().map(FieldError::to_json).collect::<Vec<_>>()});
+    let mut r = (status, Json(body)).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// A single plain error.
+pub(crate) fn simple(status: u16, message: &str) -> Response {
+    envelope(status, &[FieldError::plain(message)])
+}
+
+/// Mailgate's explanation of a denial, as it goes into `help`.
+pub(crate) fn explanation(denial: &Denial, decision_id: &str) -> String {
+    let mut remedy = denial.remedy.clone();
+    if let Some(l) = &denial.limit
+        && let Some(at) = l.reset_at_ms
+    {
+        remedy = format!(
+            "{remedy} (used {} of {}; resets at {})",
+            l.current,
+            l.limit,
+            mailgate_core::engine::rfc3339_ms(at)
+        );
+    }
+    format!(
+        "mailgate {}: {} Object at fault: {}. Remedy: {}. Decision: {}",
+        denial.code.code(),
+        denial.message,
+        denial.object_at_fault,
+        remedy,
+        decision_id
+    )
+}
+
+/// Adds the decision id and code headers.
+pub(crate) fn mark(headers: &mut HeaderMap, decision_id: &str, code: &str) {
+    if let Ok(v) = HeaderValue::from_str(decision_id) {
+        headers.insert("x-mailgate-decision", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(code) {
+        headers.insert("x-mailgate-code", v);
+    }
+}
+
+/// The `X-RateLimit-*` headers for a limit that ran out (sendgrid-go parses `Reset` with Atoi:
+/// integer Unix seconds).
+pub(crate) fn rate_limit_headers(headers: &mut HeaderMap, l: &LimitState, now_ms: u64) {
+    let per_minute = match l.name {
+        mailgate_core::directory::LimitName::Rate => l.limit / SEND_COST_UNITS,
+        _ => l.limit,
+    };
+    let reset_ms = l.reset_at_ms.unwrap_or(now_ms + 1000);
+    let pairs = [
+        ("x-ratelimit-limit", per_minute.to_string()),
+        ("x-ratelimit-remaining", "0".to_owned()),
+        ("x-ratelimit-reset", reset_ms.div_ceil(1000).to_string()),
+        (
+            "retry-after",
+            reset_ms
+                .saturating_sub(now_ms)
+                .div_ceil(1000)
+                .max(1)
+                .to_string(),
+        ),
+    ];
+    for (k, v) in pairs {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            headers.insert(k, v);
+        }
+    }
+}
+
+/// Renders an engine denial as SendGrid would answer it, with Mailgate's explanation in `help`.
+/// `validation`: the request's validation errors, rendered instead when the denial is
+/// `message.invalid` (SendGrid lists every problem at once).
+pub(crate) fn denial_response(
+    denial: &Denial,
+    decision_id: &str,
+    now_ms: u64,
+    validation: &[FieldError],
+) -> Response {
+    let code = denial.code.code();
+    let mut resp = if denial.code == mailgate_core::catalogue::Reason::MessageInvalid
+        && !validation.is_empty()
+    {
+        envelope(400, validation)
+    } else {
+        let (status, message, field) = match denial.sendgrid() {
+            Some(r) => (r.http_status, r.message, r.field),
+            None => (403, "access forbidden".to_owned(), None),
+        };
+        envelope(
+            status,
+            &[FieldError {
+                message,
+                field,
+                help: Some(explanation(denial, decision_id)),
+            }],
+        )
+    };
+    let headers = resp.headers_mut();
+    mark(headers, decision_id, code);
+    if resp.status() == StatusCode::TOO_MANY_REQUESTS
+        && let Some(l) = &denial.limit
+    {
+        rate_limit_headers(resp.headers_mut(), l, now_ms);
+    }
+    resp
+}
+
+/// A fault (store down): 500 with SendGrid's generic text.
+pub(crate) fn internal(detail: &str) -> Response {
+    tracing::error!(error = detail, "sendgrid door fault");
+    simple(500, "internal server error")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn help_anchor_drops_indices_and_email() {
+        assert_eq!(
+            help_for("personalizations.0.to.1.email"),
+            format!("{HELP_BASE}#message.personalizations.to")
+        );
+        assert_eq!(help_for("from.email"), format!("{HELP_BASE}#message.from"));
+        assert_eq!(
+            help_for("attachments.1.content"),
+            format!("{HELP_BASE}#message.attachments.content")
+        );
+    }
+
+    #[test]
+    fn envelope_has_all_three_keys_with_nulls() {
+        let r = simple(401, "Permission denied, wrong credentials");
+        assert_eq!(r.status(), 401);
+        assert_eq!(
+            r.headers().get(header::CONTENT_TYPE).unwrap(),
+            "application/json"
+        );
+    }
+}

@@ -1,0 +1,527 @@
+//! The SendGrid door, driven by the official PyPI `sendgrid` library (6.12.5), unchanged but for
+//! `host`: a message with an attachment arrives at a real SMTP sink intact, every refusal has
+//! SendGrid's exact status, exception and body plus Mailgate's explanation in `help`, key
+//! management works through the client's generic API, and the same principal refused for the
+//! same reason gets the same code on the Gmail door.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use mailgate_relay::testing::{Sink, SinkConfig};
+use serde_json::{Value, json};
+
+use crate::harness::{Gateway, Server, eventually, example_org};
+
+const CLIENT: &str = "tests/python/sendgrid_client.py";
+const BILLING: &str = "SG.demo-billing-key-0001.DJXH7OHOGpdQJ17xxtetayePcNZlkiB3g__n1YR0zAE";
+const REPORTS: &str = "SG.demo-reports-key-0001.fyYQT3enzkd1Rs0eqZtsmbXrB54-ySOFgzFOzOoARAo";
+const REVOKED: &str = "SG.it-revoked-key-0001.rEvOkEdrEvOkEdrEvOkEdrEvOkEdrEvOkEdrEvOkEd0";
+const DAVE: &str = "SG.it-dave-key-0001.dAvEdAvEdAvEdAvEdAvEdAvEdAvEdAvEdAvEdAvEdA0";
+const FRANK: &str = "SG.it-frank-key-0001.fRaNkfRaNkfRaNkfRaNkfRaNkfRaNkfRaNkfRaNkfR0";
+const ELSEWHERE: &str = "SG.it-elsewhere-key-0001.eLsEwHeReeLsEwHeReeLsEwHeReeLsEwHeReeLsEwH0";
+const RATEY: &str = "SG.it-ratey-key-0001.rAtEyrAtEyrAtEyrAtEyrAtEyrAtEyrAtEyrAtEyrA0";
+const ADMIN: &str = "SG.it-admin-key-0001.aDmInaDmInaDmInaDmInaDmInaDmInaDmInaDmInaD0";
+
+const NOT_AUTHORIZED: &str = "Authenticated user is not authorized to send mail";
+const GRANT_INVALID: &str = "The provided authorization grant is invalid, expired, or revoked";
+const SENDER_IDENTITY: &str = "The from address does not match a verified Sender Identity. Mail cannot be sent until this error is resolved. Visit https://sendgrid.com/docs/for-developers/sending-email/sender-identity/ to see the Sender Identity requirements";
+
+/// Keys and a rate-limited user added to the demo organisation for these tests.
+const EXTRA: &str = r#"
+users:
+  - email: ratey@example.com
+    limits: {rate_units_per_minute: 1000}
+api_keys:
+  - name: revoked
+    secret: "SG.it-revoked-key-0001.rEvOkEdrEvOkEdrEvOkEdrEvOkEdrEvOkEdrEvOkEd0"
+    owner: alice@example.com
+    permissions: [mail.send]
+    revoked: true
+  - name: dave
+    secret: "SG.it-dave-key-0001.dAvEdAvEdAvEdAvEdAvEdAvEdAvEdAvEdAvEdAvEdA0"
+    owner: dave@example.com
+    permissions: [mail.send]
+  - name: frank
+    secret: "SG.it-frank-key-0001.fRaNkfRaNkfRaNkfRaNkfRaNkfRaNkfRaNkfRaNkfR0"
+    owner: frank@example.com
+    permissions: [mail.send]
+  - name: only from 10/8
+    secret: "SG.it-elsewhere-key-0001.eLsEwHeReeLsEwHeReeLsEwHeReeLsEwHeReeLsEwH0"
+    owner: alice@example.com
+    permissions: [mail.send]
+    allowed_ips: [10.0.0.0/8]
+  - name: ratey
+    secret: "SG.it-ratey-key-0001.rAtEyrAtEyrAtEyrAtEyrAtEyrAtEyrAtEyrAtEyrA0"
+    owner: ratey@example.com
+    permissions: [mail.send]
+  - name: admin
+    secret: "SG.it-admin-key-0001.aDmInaDmInaDmInaDmInaDmInaDmInaDmInaDmInaD0"
+    owner: erin@example.com
+    permissions: [mail.send, api_keys.create, api_keys.read, api_keys.update, api_keys.delete,
+                  access_settings.whitelist.create, access_settings.whitelist.read,
+                  access_settings.whitelist.delete]
+"#;
+
+fn python() -> String {
+    std::env::var("MAILGATE_PYTHON").expect(
+        "MAILGATE_PYTHON is not set: run ./scripts/test, which creates the venv with the PyPI sendgrid library",
+    )
+}
+
+/// Runs the Python driver against `host`; one JSON value per action.
+fn client(host: &str, actions: Value) -> Vec<Value> {
+    let spec = json!({"host": host, "actions": actions});
+    let out = std::process::Command::new(python())
+        .arg(crate::harness::repo_root().join(CLIENT))
+        .arg(spec.to_string())
+        .env_remove("SENDGRID_API_KEY")
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "python client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+fn host(server: &Server) -> String {
+    format!("http://{}", server.addr)
+}
+
+fn send(key: Option<&str>, from: &str, to: &str) -> Value {
+    json!({"do": "send", "key": key, "from": from, "to": [to], "subject": "hi"})
+}
+
+/// A demo server with the extra keys applied (and loaded: the server polls every 100 ms).
+fn demo() -> (Gateway, Server) {
+    let gw = Gateway::new();
+    let server = gw.serve(&["--demo"]);
+    let file = gw.dir.path().join("extra.yaml");
+    std::fs::write(&file, EXTRA).unwrap();
+    gw.ok(&["apply", "-f", file.to_str().unwrap()]);
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let r = client(
+                &host(&server),
+                json!([{"do": "api", "key": ADMIN, "method": "get", "path": "scopes"}]),
+            );
+            r[0]["ok"] == true
+        }),
+        "the extra keys were not loaded"
+    );
+    (gw, server)
+}
+
+/// Asserts a SendGrid-exact refusal: exception class, status, the one error's message and field,
+/// and Mailgate's code and decision id in `help` and the headers.
+fn assert_refused(r: &Value, kind: &str, status: u16, message: &str, field: Value, code: &str) {
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["kind"], kind, "{r}");
+    assert_eq!(r["status"], status, "{r}");
+    let errors = r["body"]["errors"].as_array().expect("errors[]");
+    assert_eq!(errors.len(), 1, "{r}");
+    assert_eq!(errors[0]["message"], message, "{r}");
+    assert_eq!(errors[0]["field"], field, "{r}");
+    assert_eq!(r["to_dict"], r["body"], "to_dict parses the body");
+    let help = errors[0]["help"].as_str().expect("help");
+    assert!(help.starts_with(&format!("mailgate {code}: ")), "{help}");
+    let id = r["headers"]["x-mailgate-decision"]
+        .as_str()
+        .expect("decision header");
+    assert_eq!(id.len(), 26, "{r}");
+    assert!(help.contains(id), "{help}");
+    assert_eq!(r["headers"]["x-mailgate-code"], code);
+    assert_eq!(r["headers"]["content-type"], "application/json");
+}
+
+/// A fast-retrying relay for tests.
+const RELAY: &str = "[relay]\nretry_initial_ms = 200\nretry_max_ms = 400\npoll_interval_ms = 50\ntimeout_secs = 5\n";
+
+#[test]
+fn python_client_sends_an_attachment_that_arrives_at_the_sink_intact() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sink = rt
+        .block_on(Sink::start("127.0.0.1:0", SinkConfig::default()))
+        .unwrap();
+    let gw = Gateway::new();
+    gw.ok(&["apply", "-f", example_org().to_str().unwrap()]);
+    let file = gw.dir.path().join("smarthost.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "smarthosts:\n  - name: sink\n    host: 127.0.0.1\n    port: {}\n    tls: none\n",
+            sink.addr.port()
+        ),
+    )
+    .unwrap();
+    gw.ok(&["apply", "-f", file.to_str().unwrap()]);
+    let server = gw.serve_with(RELAY, &[]);
+
+    let payload: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 256) as u8).collect();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&payload);
+    let r = client(
+        &host(&server),
+        json!([
+            {"do": "send", "key": BILLING, "from": "alice@example.com", "to": ["x@example.org"],
+             "cc": ["y@example.org"], "subject": "Invoice", "text": "See attached.",
+             "html": "<p>See attached.</p>",
+             "attachment": {"content": b64, "filename": "invoice.bin", "type": "application/octet-stream"}},
+            // Sandbox: valid and allowed, nothing queued.
+            {"do": "send", "key": BILLING, "from": "alice@example.com", "to": ["z@example.org"], "sandbox": true},
+            // A host ending in "/": the library asks for //v3/mail/send.
+            {"do": "send", "key": BILLING, "from": "alice@example.com", "to": ["w@example.org"],
+             "subject": "second", "host_suffix": "/"},
+        ]),
+    );
+    assert_eq!(r[0]["status"], 202, "{}", r[0]);
+    assert_eq!(r[0]["body"], Value::Null);
+    let mid = r[0]["headers"]["x-message-id"].as_str().unwrap();
+    assert_eq!(mid.len(), 22, "{mid}");
+    assert_eq!(r[1]["status"], 200, "{}", r[1]);
+    assert!(r[1]["headers"].get("x-message-id").is_none());
+    assert_eq!(r[2]["status"], 202, "{}", r[2]);
+
+    assert!(
+        eventually(Duration::from_secs(20), || sink.received().len() == 2),
+        "not delivered: {}",
+        sink.received().len()
+    );
+    let got = sink.received();
+    let first = got
+        .iter()
+        .find(|m| String::from_utf8_lossy(&m.data).contains("Invoice"))
+        .expect("the invoice");
+    assert_eq!(first.from, "alice@example.com");
+    let mut rcpts = first.recipients.clone();
+    rcpts.sort();
+    assert_eq!(rcpts, vec!["x@example.org", "y@example.org"]);
+    let msg = mail_parser::MessageParser::default()
+        .parse(&first.data)
+        .unwrap();
+    use mail_parser::MimeHeaders as _;
+    let att = msg.attachments().next().expect("an attachment");
+    assert_eq!(att.attachment_name(), Some("invoice.bin"));
+    assert_eq!(att.contents(), payload.as_slice(), "attachment changed");
+    assert_eq!(msg.body_text(0).unwrap().trim(), "See attached.");
+    assert!(msg.body_html(0).unwrap().contains("<p>See attached.</p>"));
+    assert!(
+        !got.iter()
+            .any(|m| m.recipients.contains(&"z@example.org".to_owned())),
+        "the sandbox message was queued"
+    );
+    drop(server);
+    sink.stop();
+}
+
+#[test]
+fn every_refusal_is_sendgrid_exact_with_mailgates_explanation() {
+    let (_gw, server) = demo();
+    let r = client(
+        &host(&server),
+        json!([
+            {"do": "send", "key": BILLING, "from": "alice@example.com", "to": ["x@example.org"], "no_auth_header": true},
+            send(None, "alice@example.com", "x@example.org"),
+            send(Some(REVOKED), "alice@example.com", "x@example.org"),
+            send(Some(REPORTS), "alice@example.com", "x@example.org"),
+            send(Some(ELSEWHERE), "alice@example.com", "x@example.org"),
+            send(Some(BILLING), "ceo@example.com", "x@example.org"),
+            send(Some(DAVE), "dave@example.com", "x@example.org"),
+            {"do": "send_raw", "key": BILLING, "body": {
+                "from": {"email": "alice@example.com"}, "subject": "x",
+                "personalizations": [{"to": [{"email": "not an address"}]}, {"cc": [{"email": "c@example.org"}]}],
+                "content": [{"type": "text/plain", "value": "x"}]}},
+        ]),
+    );
+    assert_refused(
+        &r[0],
+        "UnauthorizedError",
+        401,
+        "Permission denied, wrong credentials",
+        Value::Null,
+        "auth.missing",
+    );
+    assert_refused(
+        &r[1],
+        "UnauthorizedError",
+        401,
+        GRANT_INVALID,
+        Value::Null,
+        "auth.invalid",
+    );
+    assert_refused(
+        &r[2],
+        "UnauthorizedError",
+        401,
+        GRANT_INVALID,
+        Value::Null,
+        "auth.revoked",
+    );
+    assert_refused(
+        &r[3],
+        "UnauthorizedError",
+        401,
+        NOT_AUTHORIZED,
+        Value::Null,
+        "permission.missing",
+    );
+    assert!(
+        r[3]["body"]["errors"][0]["help"]
+            .as_str()
+            .unwrap()
+            .contains("add mail.send to api_keys[demo-reports-key-0001].permissions")
+    );
+    assert_refused(
+        &r[4],
+        "UnauthorizedError",
+        401,
+        NOT_AUTHORIZED,
+        Value::Null,
+        "key.ip_blocked",
+    );
+    assert_refused(
+        &r[5],
+        "ForbiddenError",
+        403,
+        SENDER_IDENTITY,
+        json!("from"),
+        "sender.not_owned",
+    );
+    assert_refused(
+        &r[6],
+        "UnauthorizedError",
+        401,
+        NOT_AUTHORIZED,
+        Value::Null,
+        "account.under_review",
+    );
+    // Validation: every problem at once, SendGrid's field paths and help links.
+    let v = &r[7];
+    assert_eq!(v["kind"], "BadRequestsError", "{v}");
+    assert_eq!(v["status"], 400);
+    assert_eq!(
+        v["body"]["errors"],
+        json!([
+            {"message": "Does not contain a valid address.", "field": "personalizations.0.to.0.email",
+             "help": "http://sendgrid.com/docs/API_Reference/Web_API_v3/Mail/errors.html#message.personalizations.to"},
+            {"message": "The to array is required for all personalization objects, and must have at least one email object with a valid email address.",
+             "field": "personalizations.1.to",
+             "help": "http://sendgrid.com/docs/API_Reference/Web_API_v3/Mail/errors.html#message.personalizations.to"},
+        ]),
+        "{v}"
+    );
+    assert_eq!(v["headers"]["x-mailgate-code"], "message.invalid");
+}
+
+#[test]
+fn credits_run_out_and_the_rate_limit_answers_429_with_a_usable_reset() {
+    let (_gw, server) = demo();
+    // frank may send 3 messages a day: the 4th is SendGrid's "Maximum credits exceeded".
+    let r = client(
+        &host(&server),
+        json!([
+            send(Some(FRANK), "frank@example.com", "x@example.org"),
+            send(Some(FRANK), "frank@example.com", "x@example.org"),
+            send(Some(FRANK), "frank@example.com", "x@example.org"),
+            send(Some(FRANK), "frank@example.com", "x@example.org"),
+        ]),
+    );
+    for x in &r[..3] {
+        assert_eq!(x["status"], 202, "{x}");
+    }
+    assert_refused(
+        &r[3],
+        "UnauthorizedError",
+        401,
+        "Maximum credits exceeded",
+        Value::Null,
+        "limit.daily_messages",
+    );
+    assert!(
+        r[3]["body"]["errors"][0]["help"]
+            .as_str()
+            .unwrap()
+            .contains("used 3 of 3")
+    );
+
+    // ratey may send 10 a minute: the 11th gets 429; the library's exception carries the reset
+    // header as integer Unix seconds, and waiting until then lets the next send through.
+    let r = client(
+        &host(&server),
+        json!([{"do": "until_429", "key": RATEY, "from": "ratey@example.com", "to": ["x@example.org"],
+                "max": 30, "max_wait": 30}]),
+    );
+    let x = &r[0];
+    assert_eq!(x["ok"], true, "{x}");
+    assert_eq!(x["sent_before"], 10, "{x}");
+    let refusal = &x["refusal"];
+    assert_refused(
+        refusal,
+        "TooManyRequestsError",
+        429,
+        "too many requests",
+        Value::Null,
+        "limit.rate",
+    );
+    assert_eq!(refusal["headers"]["x-ratelimit-limit"], "10");
+    assert_eq!(refusal["headers"]["x-ratelimit-remaining"], "0");
+    let reset: u64 = refusal["headers"]["x-ratelimit-reset"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(reset + 60 > now && reset < now + 60, "{reset} vs {now}");
+    assert_eq!(x["retried"]["status"], 202, "{x}");
+}
+
+#[test]
+fn keys_and_the_ip_access_list_are_managed_through_the_sendgrid_api() {
+    let (_gw, server) = demo();
+    let h = host(&server);
+    let api = |key: &str, method: &str, path: &str, body: Value| json!({"do": "api", "key": key, "method": method, "path": path, "body": body});
+    let r = client(
+        &h,
+        json!([
+            api(
+                ADMIN,
+                "post",
+                "api_keys",
+                json!({"name": "ci", "scopes": ["mail.send"]})
+            ),
+            api(BILLING, "post", "api_keys", json!({"name": "nope"})),
+        ]),
+    );
+    assert_eq!(r[0]["status"], 201, "{}", r[0]);
+    let new_key = r[0]["body"]["api_key"].as_str().unwrap().to_owned();
+    let new_id = r[0]["body"]["api_key_id"].as_str().unwrap().to_owned();
+    assert!(new_key.starts_with(&format!("SG.{new_id}.")));
+    assert_eq!(r[0]["body"]["scopes"], json!(["mail.send"]));
+    assert_eq!(r[1]["status"], 403, "{}", r[1]);
+    assert_eq!(r[1]["kind"], "ForbiddenError");
+    assert_eq!(r[1]["body"]["errors"][0]["message"], "access forbidden");
+
+    let r = client(
+        &h,
+        json!([
+            send(Some(&new_key), "erin@example.com", "colleague@example.com"),
+            {"do": "api", "key": new_key, "method": "get", "path": "scopes"},
+            api(ADMIN, "patch", &format!("api_keys/{new_id}"), json!({"name": "renamed"})),
+            {"do": "api", "key": ADMIN, "method": "get", "path": "api_keys"},
+            {"do": "api", "key": ADMIN, "method": "get", "path": format!("api_keys/{new_id}")},
+            {"do": "api", "key": ADMIN, "method": "delete", "path": format!("api_keys/{new_id}")},
+            send(Some(&new_key), "erin@example.com", "colleague@example.com"),
+        ]),
+    );
+    assert_eq!(r[0]["status"], 202, "{}", r[0]);
+    assert_eq!(r[1]["body"], json!({"scopes": ["mail.send"]}));
+    assert_eq!(
+        r[2]["body"],
+        json!({"api_key_id": new_id, "name": "renamed"})
+    );
+    let listed = r[3]["body"]["result"].as_array().unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|k| k["api_key_id"] == new_id.as_str() && k["name"] == "renamed")
+    );
+    assert!(
+        listed.iter().all(|k| k.get("api_key").is_none()),
+        "no secrets listed"
+    );
+    assert_eq!(r[4]["body"]["result"][0]["scopes"], json!(["mail.send"]));
+    assert_eq!(r[5]["status"], 204, "{}", r[5]);
+    assert_refused(
+        &r[6],
+        "UnauthorizedError",
+        401,
+        GRANT_INVALID,
+        Value::Null,
+        "auth.revoked",
+    );
+
+    // IP Access Management: erin's account list lives in the allowed_ips of erin's keys.
+    let r = client(
+        &h,
+        json!([
+            api(ADMIN, "post", "access_settings/whitelist",
+                json!({"ips": [{"ip": "127.0.0.1"}, {"ip": "10.*.*.*"}]})),
+            {"do": "api", "key": ADMIN, "method": "get", "path": "access_settings/whitelist"},
+        ]),
+    );
+    assert_eq!(r[0]["status"], 201, "{}", r[0]);
+    let added = r[0]["body"]["result"].as_array().unwrap();
+    assert_eq!(added[0]["ip"], "127.0.0.1/32");
+    assert_eq!(added[1]["ip"], "10.0.0.0/8");
+    let ten = added[1]["id"].as_u64().unwrap();
+    let ips: Vec<&str> = r[1]["body"]["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["ip"].as_str().unwrap())
+        .collect();
+    assert_eq!(ips, vec!["10.0.0.0/8", "127.0.0.1/32"]);
+    let r = client(
+        &h,
+        json!([
+            {"do": "api", "key": ADMIN, "method": "delete", "path": format!("access_settings/whitelist/{ten}")},
+            {"do": "api", "key": ADMIN, "method": "get", "path": "access_settings/whitelist"},
+            // Only 127.0.0.1 now: the client (on loopback) may still send.
+            send(Some(ADMIN), "erin@example.com", "colleague@example.com"),
+        ]),
+    );
+    assert_eq!(r[0]["status"], 204, "{}", r[0]);
+    assert_eq!(r[1]["body"]["result"].as_array().unwrap().len(), 1);
+    assert_eq!(r[2]["status"], 202, "{}", r[2]);
+}
+
+#[test]
+fn the_same_principal_refused_for_the_same_reason_gets_the_same_code_on_sendgrid_and_gmail() {
+    let (gw, server) = demo();
+    let sg = client(
+        &host(&server),
+        json!([send(Some(DAVE), "dave@example.com", "x@example.org")]),
+    );
+    assert_eq!(sg[0]["headers"]["x-mailgate-code"], "account.under_review");
+
+    // dave through the Gmail door: the delegated service account acting as him.
+    let key = gw.dir.path().join("mailer.json");
+    gw.ok(&[
+        "sa",
+        "key",
+        "create",
+        "mailer@acme-app.iam.example.com",
+        "-o",
+        key.to_str().unwrap(),
+    ]);
+    let spec = json!({
+        "endpoint": host(&server),
+        "auth": {"service_account": key, "subject": "dave@example.com",
+                 "scopes": ["https://www.googleapis.com/auth/gmail.send"]},
+        "actions": [{"do": "send", "from": "dave@example.com", "to": ["x@example.org"]}],
+    });
+    let out = std::process::Command::new(python())
+        .arg(crate::harness::repo_root().join("tests/python/gmail_client.py"))
+        .arg(spec.to_string())
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gmail: Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    let code = gmail["details"]
+        .as_array()
+        .and_then(|d| d.iter().find(|x| x["domain"] == "mailgate"))
+        .map(|d| d["reason"].clone());
+    assert_eq!(code, Some(json!("account.under_review")), "{gmail}");
+}
