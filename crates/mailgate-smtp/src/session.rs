@@ -125,8 +125,9 @@ pub struct SmtpContext {
     pub hostname: String,
     /// Protocol limits.
     pub limits: Limits,
-    /// Development only: offer AUTH on plaintext connections (the server refuses this mode on
-    /// non-loopback addresses and says so in its log).
+    /// Development only: offer AUTH on plaintext connections. Not wired to the config yet
+    /// (`mailgate serve` always sets `false`); whoever wires it must allow it on loopback
+    /// listeners only and say so in the banner and the log.
     pub auth_without_tls: bool,
 }
 
