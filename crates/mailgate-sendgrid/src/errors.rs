@@ -86,13 +86,12 @@ pub(crate) fn explanation(denial: &Denial, decision_id: &str) -> String {
             mailgate_core::engine::rfc3339_ms(at)
         );
     }
+    let message = denial.message.trim_end_matches('.');
+    let remedy = remedy.trim_end_matches('.');
     format!(
-        "mailgate {}: {} Object at fault: {}. Remedy: {}. Decision: {}",
+        "mailgate {}: {message}. Object at fault: {}. Remedy: {remedy}. Decision: {decision_id}",
         denial.code.code(),
-        denial.message,
         denial.object_at_fault,
-        remedy,
-        decision_id
     )
 }
 

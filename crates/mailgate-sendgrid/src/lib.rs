@@ -145,3 +145,128 @@ pub fn router(state: Arc<SendgridState>) -> Router {
     r = both(r, "/v3/{*rest}", any(keys::not_found));
     r.layer(DefaultBodyLimit::disable()).with_state(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use mailgate_core::orgfile::OrgFile;
+    use mailgate_store::{Changeset, SqliteStore, Store as _};
+    use tower::ServiceExt as _;
+
+    const KEY: &str = "SG.unit-key-0001.c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2Vj";
+
+    async fn app() -> Router {
+        let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let org = format!(
+            "domains: [{{name: example.com, verified: true}}]\nusers:\n  - email: a@example.com\napi_keys:\n  - name: k\n    id: unit-key-0001\n    secret_sha256: {}\n    owner: a@example.com\n    permissions: [mail.send]\n",
+            mailgate_auth::sha256_hex(KEY.as_bytes())
+        );
+        let dir = OrgFile::parse(&org).unwrap().directory;
+        store
+            .commit(0, &Changeset::between(&Default::default(), &dir), "t")
+            .await
+            .unwrap();
+        let gw = Gateway::open(store).await.unwrap();
+        router(Arc::new(SendgridState::new(gw)))
+    }
+
+    fn req(method: &str, path: &str, key: Option<&str>, body: &str) -> Request<Body> {
+        let mut r = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json");
+        if let Some(k) = key {
+            r = r.header("authorization", format!("Bearer {k}"));
+        }
+        let mut r = r.body(Body::from(body.to_owned())).unwrap();
+        r.extensions_mut().insert(ConnFacts {
+            peer: "127.0.0.1:5000".parse().unwrap(),
+            tls: None,
+            listener_requires_tls: false,
+        });
+        r
+    }
+
+    async fn json_of(r: axum::response::Response) -> serde_json::Value {
+        let b = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        serde_json::from_slice(&b).unwrap()
+    }
+
+    const MAIL: &str = r#"{"from":{"email":"a@example.com"},"subject":"s","personalizations":[{"to":[{"email":"b@example.org"}]}],"content":[{"type":"text/plain","value":"x"}]}"#;
+
+    #[tokio::test]
+    async fn wrong_method_is_405_before_any_credential_check() {
+        let r = app()
+            .await
+            .oneshot(req("GET", "/v3/mail/send", None, ""))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405);
+        assert_eq!(
+            json_of(r).await,
+            serde_json::json!({"errors":[{"message":"POST method allowed only","field":null,"help":null}]})
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_key_is_sendgrids_401_with_an_explanation() {
+        let r = app()
+            .await
+            .oneshot(req("POST", "/v3/mail/send", None, MAIL))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        assert!(r.headers().contains_key("x-mailgate-decision"));
+        let v = json_of(r).await;
+        assert_eq!(
+            v["errors"][0]["message"],
+            "Permission denied, wrong credentials"
+        );
+        assert_eq!(v["errors"][0]["field"], serde_json::Value::Null);
+        assert!(
+            v["errors"][0]["help"]
+                .as_str()
+                .unwrap()
+                .starts_with("mailgate auth.missing: ")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_valid_send_is_202_also_on_a_doubled_slash() {
+        let app = app().await;
+        for path in ["/v3/mail/send", "//v3/mail/send"] {
+            let r = app
+                .clone()
+                .oneshot(req("POST", path, Some(KEY), MAIL))
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202, "{path}");
+            assert_eq!(r.headers()["x-message-id"].len(), 22);
+        }
+        let r = app
+            .clone()
+            .oneshot(req("GET", "/v3/nothing/here", Some(KEY), ""))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+    }
+
+    #[tokio::test]
+    async fn wrong_content_type_is_415_and_bad_json_400() {
+        let app = app().await;
+        let mut r = req("POST", "/v3/mail/send", Some(KEY), MAIL);
+        r.headers_mut()
+            .insert("content-type", "text/plain".parse().unwrap());
+        let resp = app.clone().oneshot(r).await.unwrap();
+        assert_eq!(resp.status(), 415);
+        let resp = app
+            .clone()
+            .oneshot(req("POST", "/v3/mail/send", Some(KEY), "{not json"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400);
+        assert_eq!(json_of(resp).await["errors"][0]["message"], "Bad Request");
+    }
+}
