@@ -483,7 +483,7 @@ fn keys_and_the_ip_access_list_are_managed_through_the_sendgrid_api() {
 }
 
 #[test]
-fn the_same_principal_refused_for_the_same_reason_gets_the_same_code_on_sendgrid_and_gmail() {
+fn the_same_principal_refused_for_the_same_reason_gets_the_same_code_on_sendgrid_gmail_and_smtp() {
     let (gw, server) = demo();
     let sg = client(
         &host(&server),
@@ -524,4 +524,31 @@ fn the_same_principal_refused_for_the_same_reason_gets_the_same_code_on_sendgrid
         .and_then(|d| d.iter().find(|x| x["domain"] == "mailgate"))
         .map(|d| d["reason"].clone());
     assert_eq!(code, Some(json!("account.under_review")), "{gmail}");
+
+    // And dave over SMTP submission (implicit TLS, AUTH PLAIN): refused at MAIL FROM.
+    use crate::smtp::{PW, auth, send as smtp_send, smtplib, steps};
+    let r = smtplib(
+        &gw,
+        &server.smtps,
+        "implicit",
+        steps(vec![
+            vec![auth("PLAIN", "dave@example.com", PW)],
+            smtp_send("dave@example.com", "dave@example.com", &["x@example.org"]),
+        ]),
+    );
+    let refused = r
+        .iter()
+        .find(|x| {
+            x["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("[mailgate: "))
+        })
+        .unwrap_or_else(|| panic!("no refusal over SMTP: {r:?}"));
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("[mailgate: account.under_review, decision "),
+        "{refused}"
+    );
 }

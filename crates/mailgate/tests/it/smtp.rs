@@ -14,10 +14,10 @@ fn python() -> String {
     )
 }
 
-const PW: &str = "correct horse battery staple";
+pub(crate) const PW: &str = "correct horse battery staple";
 
 /// Runs tests/python/smtp_client.py; one JSON value per step.
-fn smtplib(gw: &Gateway, addr: &str, tls: &str, steps: Value) -> Vec<Value> {
+pub(crate) fn smtplib(gw: &Gateway, addr: &str, tls: &str, steps: Value) -> Vec<Value> {
     let (host, port) = addr.rsplit_once(':').unwrap();
     let spec = json!({
         "host": host, "port": port.parse::<u16>().unwrap(), "tls": tls,
@@ -40,7 +40,7 @@ fn smtplib(gw: &Gateway, addr: &str, tls: &str, steps: Value) -> Vec<Value> {
         .collect()
 }
 
-fn step<'a>(r: &'a [Value], name: &str) -> &'a Value {
+pub(crate) fn step<'a>(r: &'a [Value], name: &str) -> &'a Value {
     r.iter()
         .rev()
         .find(|x| x["step"] == name)
@@ -67,11 +67,11 @@ fn assert_reply(x: &Value, code: u16, text: &str, reason: &str) {
     );
 }
 
-fn auth(mechanism: &str, user: &str, secret: &str) -> Value {
+pub(crate) fn auth(mechanism: &str, user: &str, secret: &str) -> Value {
     json!({"do": "auth", "mechanism": mechanism, "user": user, "secret": secret})
 }
 
-fn send(from: &str, header_from: &str, to: &[&str]) -> Vec<Value> {
+pub(crate) fn send(from: &str, header_from: &str, to: &[&str]) -> Vec<Value> {
     let mut v = vec![json!({"do": "mail", "from": from})];
     for t in to {
         v.push(json!({"do": "rcpt", "to": t}));
@@ -80,7 +80,7 @@ fn send(from: &str, header_from: &str, to: &[&str]) -> Vec<Value> {
     v
 }
 
-fn steps(parts: Vec<Vec<Value>>) -> Value {
+pub(crate) fn steps(parts: Vec<Vec<Value>>) -> Value {
     Value::Array(parts.into_iter().flatten().collect())
 }
 
