@@ -10,6 +10,7 @@
 //! 4. [`Gateway::explain`]: the same evaluation in explain mode, consuming nothing.
 
 mod edit;
+pub mod message;
 pub use edit::{EditError, edit_directory};
 
 use std::sync::Arc;

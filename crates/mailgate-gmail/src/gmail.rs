@@ -797,43 +797,6 @@ fn parse(raw: &[u8]) -> Parsed {
     }
 }
 
-/// Removes `Bcc:` headers (with continuation lines) and, when asked, replaces the From header.
-fn rewrite_headers(raw: &[u8], new_from: Option<&str>, add_from: Option<&str>) -> Vec<u8> {
-    let header_end = find(raw, b"\r\n\r\n")
-        .map(|i| i + 2)
-        .or_else(|| find(raw, b"\n\n").map(|i| i + 1))
-        .unwrap_or(raw.len());
-    let (head, body) = raw.split_at(header_end);
-    let mut out = Vec::with_capacity(raw.len() + 64);
-    if let Some(f) = add_from {
-        out.extend_from_slice(format!("From: {f}\r\n").as_bytes());
-    }
-    let mut skipping = false;
-    for line in head.split_inclusive(|b| *b == b'\n') {
-        let continuation = line.first().is_some_and(|b| *b == b' ' || *b == b'\t');
-        if continuation {
-            if !skipping {
-                out.extend_from_slice(line);
-            }
-            continue;
-        }
-        let lower = String::from_utf8_lossy(&line[..line.len().min(6)]).to_ascii_lowercase();
-        skipping = lower.starts_with("bcc:");
-        if lower.starts_with("from:")
-            && let Some(f) = new_from
-        {
-            out.extend_from_slice(format!("From: {f}\r\n").as_bytes());
-            skipping = true;
-            continue;
-        }
-        if !skipping {
-            out.extend_from_slice(line);
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
-
 async fn send(st: &GmailState, mut attempt: SendAttempt, raw: Result<Vec<u8>, String>) -> Response {
     let now = mailgate_gateway::now_ms();
     let mut raw = match raw {
@@ -899,7 +862,8 @@ async fn send(st: &GmailState, mut attempt: SendAttempt, raw: Result<Vec<u8>, St
         .iter()
         .find(|r| r.header == "From")
         .map(|r| r.replacement.clone());
-    raw = rewrite_headers(&raw, new_from.as_deref(), add_from.as_deref());
+    raw =
+        mailgate_gateway::message::rewrite_headers(&raw, new_from.as_deref(), add_from.as_deref());
     let envelope_from = new_from.or(from).unwrap_or_default();
     let self_addressed = parsed
         .recipients
@@ -959,17 +923,6 @@ pub(crate) type Uploads = Mutex<HashMap<String, String>>;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bcc_is_removed_and_from_rewritten() {
-        let raw = b"From: a@x.com\r\nBcc: secret@y.com,\r\n  other@y.com\r\nTo: b@y.com\r\n\r\nBcc: stays in body\r\n";
-        let out = rewrite_headers(raw, Some("p@x.com"), None);
-        let s = String::from_utf8(out).unwrap();
-        assert_eq!(
-            s,
-            "From: p@x.com\r\nTo: b@y.com\r\n\r\nBcc: stays in body\r\n"
-        );
-    }
 
     #[test]
     fn multipart_upload_yields_the_message() {

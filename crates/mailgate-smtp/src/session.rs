@@ -1074,10 +1074,17 @@ impl Session {
             self.reply(451, "4.3.0", "Temporary server error, try again later.");
             return;
         }
+        // Bcc never travels; with `on_unowned_from: rewrite` the decision names the From to put.
+        let new_from = d
+            .decision
+            .rewrites
+            .iter()
+            .find(|r| r.header == "From")
+            .map(|r| r.replacement.clone());
         let message = Message {
             envelope_from: tx.from.clone().unwrap_or_default(),
             recipients: tx.rcpts.clone(),
-            raw: tx.body,
+            raw: mailgate_gateway::message::rewrite_headers(&tx.body, new_from.as_deref(), None),
         };
         match self
             .ctx

@@ -181,7 +181,11 @@ fn service_account_key_file_has_googles_shape_and_points_here() {
     assert_eq!(key["client_email"], "mailer@acme-app.iam.example.com");
     assert_eq!(key["client_id"], "104500000000000000001");
     assert_eq!(key["project_id"], "acme-app");
-    assert_eq!(key["token_uri"], "http://127.0.0.1:7080/token");
+    assert_eq!(
+        key["token_uri"],
+        format!("http://{}/token", gw.http_addr()),
+        "token_uri is this gateway's token endpoint"
+    );
     assert!(
         key["private_key"]
             .as_str()

@@ -36,6 +36,11 @@ impl Gateway {
         }
     }
 
+    /// The plain-HTTP listener address in the config (what `http.public_url` defaults to).
+    pub fn http_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.ports.0)
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }

@@ -651,3 +651,30 @@ fn swaks_sends_and_gets_the_documented_refusals() {
     );
     assert!(ok, "{t}");
 }
+
+#[test]
+fn with_on_unowned_from_rewrite_the_from_header_is_replaced_and_bcc_dropped() {
+    let (gw, server) = demo();
+    let file = gw.dir.path().join("rewrite.yaml");
+    std::fs::write(
+        &file,
+        "organisation:\n  name: Example Corp\n  on_unowned_from: rewrite\n",
+    )
+    .unwrap();
+    gw.ok(&["apply", "-f", file.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_millis(600)); // the server's reload interval is 100 ms
+    let r = smtplib(
+        &gw,
+        &server.smtps,
+        "implicit",
+        steps(vec![
+            vec![auth("PLAIN", "alice@example.com", PW)],
+            send("alice@example.com", "ceo@example.com", &["x@example.org"]),
+        ]),
+    );
+    let id = accepted_id(last(&r));
+    assert!(captured(&gw, &id), "message {id} not captured");
+    let raw = gw.ok(&["captured", "show", &id, "--raw"]);
+    assert!(raw.contains("From: alice@example.com"), "{raw}");
+    assert!(!raw.contains("ceo@example.com"), "{raw}");
+}
