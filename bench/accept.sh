@@ -40,9 +40,12 @@ SINK_PID=$!
 
 # ---- Postfix ---------------------------------------------------------------------------------
 log "configuring Postfix: loopback only, relaying everything to the sink"
+# Debian's "No configuration" install leaves no main.cf.
+[ -f /etc/postfix/main.cf ] || cp /usr/share/postfix/main.cf.debian /etc/postfix/main.cf
+postconf -e "myhostname = bench.localdomain" "mydomain = localdomain" "myorigin = localdomain"
 postconf -e "inet_interfaces = 127.0.0.1" "inet_protocols = ipv4" "mydestination =" \
   "relayhost = [127.0.0.1]:$SINK_PORT" "mynetworks = 127.0.0.0/8" \
-  "smtpd_recipient_restrictions = permit_mynetworks, reject" "maillog_file = $WORK/postfix.log" \
+  "smtpd_recipient_restrictions = permit_mynetworks, reject" "maillog_file = /var/log/postfix-bench.log" \
   "default_process_limit = 200" "smtpd_client_connection_count_limit = 0" \
   "smtp_tls_security_level = none" "compatibility_level = 3.6"
 postfix stop >/dev/null 2>&1 || true
