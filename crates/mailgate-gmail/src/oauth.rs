@@ -142,61 +142,10 @@ async fn jwt_bearer(st: &GmailState, form: &TokenForm) -> Result<Response, Respo
             "Required parameter is missing: assertion",
         )
     })?;
-    let header = jsonwebtoken::decode_header(assertion)
-        .map_err(|_| token_error(400, "invalid_grant", "Invalid JWT: not a JWT"))?;
-    // RFC 8725: the algorithm is ours to choose, not the token's.
-    if header.alg != jsonwebtoken::Algorithm::RS256 {
-        return Err(token_error(400, "invalid_grant", BAD_SIGNATURE));
-    }
-    let unverified: JwtClaims = jsonwebtoken::dangerous::insecure_decode::<JwtClaims>(assertion)
-        .map(|d| d.claims)
-        .map_err(|_| token_error(400, "invalid_grant", "Invalid JWT: claims missing"))?;
-    let live = st.gateway.live();
-    let Some(sa) = live.index.service_account(&unverified.iss).cloned() else {
-        return Err(token_error(400, "invalid_grant", BAD_SIGNATURE));
+    let (claims, sa) = match verify_assertion(st, assertion) {
+        Ok(v) => v,
+        Err(refusal) => return Err(refused_credential(st, refusal).await),
     };
-    let keys: Vec<_> = sa
-        .keys
-        .iter()
-        .filter(|k| header.kid.as_deref().is_none_or(|kid| kid == k.id))
-        .collect();
-    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
-    validation.set_audience(&st.token_audiences());
-    validation.set_issuer(&[sa.email.as_str()]);
-    validation.set_required_spec_claims(&["exp", "iat", "aud", "iss"]);
-    validation.leeway = LEEWAY_S as u64;
-    let mut verified = None;
-    let mut last_err = None;
-    for k in keys {
-        let Ok(key) = jsonwebtoken::DecodingKey::from_rsa_pem(k.public_key_pem.as_bytes()) else {
-            continue;
-        };
-        match jsonwebtoken::decode::<JwtClaims>(assertion, &key, &validation) {
-            Ok(d) => {
-                verified = Some(d.claims);
-                break;
-            }
-            Err(e) => last_err = Some(e),
-        }
-    }
-    let Some(claims) = verified else {
-        use jsonwebtoken::errors::ErrorKind;
-        let msg = match last_err.as_ref().map(|e| e.kind()) {
-            Some(ErrorKind::ExpiredSignature | ErrorKind::ImmatureSignature) => SHORT_LIVED,
-            Some(ErrorKind::InvalidAudience) => {
-                "Invalid JWT: the audience must be this gateway's token endpoint"
-            }
-            _ => BAD_SIGNATURE,
-        };
-        return Err(token_error(400, "invalid_grant", msg));
-    };
-    let now_s = (mailgate_gateway::now_ms() / 1000) as i64;
-    if claims.exp < claims.iat
-        || claims.exp - claims.iat > MAX_LIFETIME_S
-        || claims.iat > now_s + LEEWAY_S
-    {
-        return Err(token_error(400, "invalid_grant", SHORT_LIVED));
-    }
     if claims.scope.contains(',') || claims.scope.trim().is_empty() {
         return Err(token_error(
             400,
@@ -217,8 +166,12 @@ async fn jwt_bearer(st: &GmailState, form: &TokenForm) -> Result<Response, Respo
             subject: claims.sub.clone(),
         },
     );
-    let grant_scopes = live.index.grant(&sa.client_id).map(|g| g.scopes.clone());
-    drop(live);
+    let grant_scopes = st
+        .gateway
+        .live()
+        .index
+        .grant(&sa.client_id)
+        .map(|g| g.scopes.clone());
     let (refusal, decision_id) = token_refusal(st, &attempt, claims.sub.is_some()).await?;
     if let Some(r) = refusal {
         return Err(r);
@@ -254,6 +207,134 @@ async fn jwt_bearer(st: &GmailState, form: &TokenForm) -> Result<Response, Respo
     )
     .await?;
     Ok(token_ok(&access, None, &scopes))
+}
+
+/// Why an assertion was not accepted: the credential state for the engine, who presented it, and
+/// Google's `error_description`.
+struct AssertionRefusal {
+    state: CredentialState,
+    presented: String,
+    description: &'static str,
+}
+
+/// Verifies a JWT-bearer assertion per RFC 8725 and finds its service account.
+fn verify_assertion(
+    st: &GmailState,
+    assertion: &str,
+) -> Result<(JwtClaims, mailgate_core::directory::ServiceAccount), AssertionRefusal> {
+    let refuse = |state, presented: &str, description| AssertionRefusal {
+        state,
+        presented: presented.to_owned(),
+        description,
+    };
+    let Ok(header) = jsonwebtoken::decode_header(assertion) else {
+        return Err(refuse(
+            CredentialState::Invalid,
+            "JWT assertion",
+            "Invalid JWT: not a JWT",
+        ));
+    };
+    // RFC 8725: the algorithm is ours to choose, not the token's.
+    if header.alg != jsonwebtoken::Algorithm::RS256 {
+        return Err(refuse(
+            CredentialState::Invalid,
+            "JWT assertion",
+            BAD_SIGNATURE,
+        ));
+    }
+    let Ok(unverified) =
+        jsonwebtoken::dangerous::insecure_decode::<JwtClaims>(assertion).map(|d| d.claims)
+    else {
+        return Err(refuse(
+            CredentialState::Invalid,
+            "JWT assertion",
+            "Invalid JWT: claims missing",
+        ));
+    };
+    let presented = format!("JWT assertion from {}", unverified.iss);
+    let live = st.gateway.live();
+    let Some(sa) = live.index.service_account(&unverified.iss).cloned() else {
+        return Err(refuse(CredentialState::Invalid, &presented, BAD_SIGNATURE));
+    };
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    validation.set_audience(&st.token_audiences());
+    validation.set_issuer(&[sa.email.as_str()]);
+    validation.set_required_spec_claims(&["exp", "iat", "aud", "iss"]);
+    validation.leeway = LEEWAY_S as u64;
+    let mut last_err = None;
+    for k in sa
+        .keys
+        .iter()
+        .filter(|k| header.kid.as_deref().is_none_or(|kid| kid == k.id))
+    {
+        let Ok(key) = jsonwebtoken::DecodingKey::from_rsa_pem(k.public_key_pem.as_bytes()) else {
+            continue;
+        };
+        match jsonwebtoken::decode::<JwtClaims>(assertion, &key, &validation) {
+            Ok(d) => {
+                let c = d.claims;
+                let now_s = (mailgate_gateway::now_ms() / 1000) as i64;
+                if c.exp < c.iat || c.exp - c.iat > MAX_LIFETIME_S || c.iat > now_s + LEEWAY_S {
+                    return Err(refuse(CredentialState::Expired, &presented, SHORT_LIVED));
+                }
+                return Ok((c, sa));
+            }
+            Err(e) => last_err = Some(e),
+        }
+    }
+    use jsonwebtoken::errors::ErrorKind;
+    Err(match last_err.as_ref().map(|e| e.kind()) {
+        Some(ErrorKind::ExpiredSignature | ErrorKind::ImmatureSignature) => {
+            refuse(CredentialState::Expired, &presented, SHORT_LIVED)
+        }
+        Some(ErrorKind::InvalidAudience) => refuse(
+            CredentialState::Invalid,
+            &presented,
+            "Invalid JWT: the audience must be this gateway's token endpoint",
+        ),
+        _ => refuse(CredentialState::Invalid, &presented, BAD_SIGNATURE),
+    })
+}
+
+/// A refused assertion, decided by the engine (so it is kept under a decision id like every
+/// refusal) and answered with Google's body plus Mailgate's explanation.
+async fn refused_credential(st: &GmailState, r: AssertionRefusal) -> Response {
+    let attempt = SendAttempt::new(
+        Door::Gmail,
+        Credential::Refused {
+            state: r.state,
+            presented: Some(r.presented),
+        },
+    );
+    let decided = match st.gateway.decide("token", &attempt).await {
+        Ok(d) => d,
+        Err(_) => return token_error(500, "internal_failure", "Backend Error"),
+    };
+    let Some(d) = decided.decision.denial() else {
+        return token_error(400, "invalid_grant", r.description);
+    };
+    let error = d.token().map(|t| t.error).unwrap_or("invalid_grant");
+    let mut resp = (
+        StatusCode::BAD_REQUEST,
+        Json(json!({
+            "error": error,
+            "error_description": r.description,
+            "mailgate": {
+                "code": d.code.code(),
+                "check": d.stage.as_str(),
+                "object_at_fault": d.object_at_fault.to_string(),
+                "remedy": d.remedy,
+                "decision_id": decided.id,
+            },
+        })),
+    )
+        .into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(v) = HeaderValue::from_str(&decided.id) {
+        resp.headers_mut().insert("x-mailgate-decision", v);
+    }
+    resp
 }
 
 /// The engine's verdict on a token request: the first denial the token endpoint renders.

@@ -587,3 +587,27 @@ fn send_as_addresses_are_managed_through_the_api_and_apply_at_once() {
             .contains("gmail.settings.sharing")
     );
 }
+
+#[test]
+fn an_assertion_signed_with_an_unknown_key_is_explained_too() {
+    let (gw, server) = demo();
+    let path = sa_key(&gw, "mailer@acme-app.iam.example.com");
+    let mut key: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    key["private_key_id"] = json!("0000000000000000000000000000000000000000");
+    std::fs::write(&path, key.to_string()).unwrap();
+    let r = client(
+        &server,
+        json!({"service_account": path, "subject": "alice@example.com", "scopes": [SEND]}),
+        json!([send(None, "x@example.org")]),
+    );
+    assert_eq!(r[0]["kind"], "RefreshError", "{}", r[0]);
+    assert_eq!(r[0]["body"]["error"], "invalid_grant");
+    assert_eq!(r[0]["body"]["error_description"], "Invalid JWT Signature.");
+    assert_eq!(r[0]["body"]["mailgate"]["code"], "auth.invalid");
+    assert_eq!(
+        r[0]["body"]["mailgate"]["decision_id"]
+            .as_str()
+            .map(str::len),
+        Some(26)
+    );
+}
