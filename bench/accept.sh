@@ -83,7 +83,7 @@ listen = "127.0.0.1:$HTTP_PORT"
 [log]
 level = "warn"
 [relay]
-poll_interval_ms = 50
+workers = 4
 TOML
 $MG --config "$WORK/mailgate.toml" apply -f docs/examples/org.yaml >/dev/null
 cat > "$WORK/bench.yaml" <<YAML

@@ -88,6 +88,8 @@ pub struct Gateway {
     counters: MemoryCounters,
     /// Faults injected by `mailgate simulate` (see [`Gateway::set_injected_faults`]).
     faults: ArcSwap<Vec<InjectedFault>>,
+    /// Notified once per stored message (wakes a delivery worker).
+    accepted: Arc<tokio::sync::Notify>,
 }
 
 /// Unix milliseconds now.
@@ -111,7 +113,14 @@ impl Gateway {
             }),
             counters,
             faults: ArcSwap::from_pointee(Vec::new()),
+            accepted: Arc::new(tokio::sync::Notify::new()),
         }))
+    }
+
+    /// Notified once per message stored by [`Gateway::accept`]: delivery workers wait on it
+    /// instead of polling.
+    pub fn accepted_signal(&self) -> Arc<tokio::sync::Notify> {
+        self.accepted.clone()
     }
 
     /// The store.
@@ -185,7 +194,20 @@ impl Gateway {
             d
         };
         let id = new_decision_id(now);
-        keep(self.store.as_ref(), &id, door, attempt, &decision, now).await?;
+        // Enforcement does not wait for the decision to be durable: an acceptance commits it
+        // (group commit keeps order), and a refusal's trace is seconds from disk at worst.
+        // Explanations are asked for one at a time and often from a CLI that exits at once.
+        let wait = mode == Mode::Explain;
+        keep(
+            self.store.as_ref(),
+            &id,
+            door,
+            attempt,
+            &decision,
+            now,
+            wait,
+        )
+        .await?;
         if let Some(d) = decision.denial() {
             tracing::info!(
                 decision_id = %id,
@@ -266,6 +288,7 @@ impl Gateway {
             self.counters.release(&principal);
         }
         stored?;
+        self.accepted.notify_one();
         tracing::info!(decision_id = %decided.id, message_id = %message_id, door, state, "message accepted");
         Ok(Accepted::Stored { message_id, state })
     }
@@ -369,6 +392,7 @@ async fn keep(
     attempt: &SendAttempt,
     decision: &Decision,
     now_ms: u64,
+    wait_until_durable: bool,
 ) -> Result<(), StoreError> {
     let verdict = match decision.verdict {
         Verdict::Allowed => "allowed",
@@ -379,24 +403,27 @@ async fn keep(
         .checks
         .iter()
         .any(|c| c.outcome == Outcome::Pending);
-    store
-        .record_decision(&StoredDecision {
-            id: id.to_owned(),
-            at_ms: now_ms as i64,
-            door: door.to_owned(),
-            principal: decision.principal.clone().unwrap_or_default(),
-            verdict: if pending && verdict != "denied" {
-                "pending".to_owned()
-            } else {
-                verdict.to_owned()
-            },
-            code: decision.denial().map(|d| d.code.code().to_owned()),
-            body: json!({
-                "attempt": attempt,
-                "decision": decision_json(decision, id),
-            }),
-        })
-        .await
+    let record = StoredDecision {
+        id: id.to_owned(),
+        at_ms: now_ms as i64,
+        door: door.to_owned(),
+        principal: decision.principal.clone().unwrap_or_default(),
+        verdict: if pending && verdict != "denied" {
+            "pending".to_owned()
+        } else {
+            verdict.to_owned()
+        },
+        code: decision.denial().map(|d| d.code.code().to_owned()),
+        body: json!({
+            "attempt": attempt,
+            "decision": decision_json(decision, id),
+        }),
+    };
+    if wait_until_durable {
+        store.record_decision(&record).await
+    } else {
+        store.enqueue_decision(record).await
+    }
 }
 
 #[cfg(test)]

@@ -217,6 +217,13 @@ impl Relay {
         self.wake.clone()
     }
 
+    /// Uses `wake` (shared by several workers, notified by the gateway on every acceptance)
+    /// instead of the worker's own.
+    pub fn with_waker(mut self, wake: Arc<Notify>) -> Relay {
+        self.wake = wake;
+        self
+    }
+
     /// True when messages are captured rather than relayed right now.
     pub fn capturing(&self) -> bool {
         self.config.capture || (self.smarthosts)().is_empty()

@@ -2,8 +2,10 @@
 //! is the embedded default. A PostgreSQL implementation is a second `impl Store`, with its own
 //! migrations folder, not a rewrite: nothing outside this crate names a database.
 
+mod group;
 mod oauth;
 mod queue;
+pub use group::GroupCommitStats;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -193,8 +195,16 @@ pub trait Store: Send + Sync {
     /// Finds the name of the admin token with this SHA-256 (hex).
     async fn admin_token(&self, token_sha256: &str) -> Result<Option<String>, StoreError>;
 
-    /// Keeps a decision and its trace under its id.
+    /// Keeps a decision and its trace under its id; returns once it is durable.
     async fn record_decision(&self, decision: &StoredDecision) -> Result<(), StoreError>;
+
+    /// Keeps a decision without waiting for it to be durable: it is committed before, or with,
+    /// any write this store accepts after it, and [`Store::decision`] finds it at once. For the
+    /// hot path, where the send's own acceptance makes it durable.
+    async fn enqueue_decision(&self, decision: StoredDecision) -> Result<(), StoreError>;
+
+    /// Waits until every write queued so far is durable (called at shutdown).
+    async fn flush(&self) -> Result<(), StoreError>;
 
     /// Finds a decision by id.
     async fn decision(&self, id: &str) -> Result<Option<StoredDecision>, StoreError>;
@@ -212,7 +222,8 @@ pub trait Store: Send + Sync {
     async fn usage_since(&self, since_ms: i64) -> Result<UsageReplay, StoreError>;
 
     /// Stores an accepted message and the usage it consumes in one durable transaction: when this
-    /// returns `Ok`, the message survives a crash and the door may answer "accepted".
+    /// returns `Ok`, the message survives a crash and the door may answer "accepted". Concurrent
+    /// calls share a transaction (group commit).
     async fn accept_message(
         &self,
         message: &NewMessage,

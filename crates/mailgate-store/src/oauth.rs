@@ -57,7 +57,7 @@ impl TokenStore for SqliteStore {
         .bind(t.expires_at_ms)
         .bind(t.revoked)
         .bind(t.used)
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         Ok(())
     }
@@ -90,7 +90,7 @@ impl TokenStore for SqliteStore {
     async fn use_token(&self, token_sha256: &str) -> Result<bool, StoreError> {
         let r = sqlx::query("UPDATE oauth_tokens SET used = 1 WHERE token_sha256 = ? AND used = 0")
             .bind(token_sha256)
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -98,7 +98,7 @@ impl TokenStore for SqliteStore {
     async fn revoke_family(&self, family: &str) -> Result<u64, StoreError> {
         let r = sqlx::query("UPDATE oauth_tokens SET revoked = 1 WHERE family = ?")
             .bind(family)
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         Ok(r.rows_affected())
     }

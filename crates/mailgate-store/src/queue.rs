@@ -395,29 +395,6 @@ async fn holds_lease(tx: &mut Tx, owner: &str, id: &str) -> Result<bool, StoreEr
     Ok(found.as_deref() == Some(owner))
 }
 
-async fn insert_message(tx: &mut Tx, m: &NewMessage) -> Result<(), StoreError> {
-    let recipients = serde_json::to_string(&m.recipients)
-        .map_err(|e| StoreError::Database(sqlx::Error::Encode(Box::new(e))))?;
-    sqlx::query(
-        "INSERT INTO messages (id, decision_id, accepted_at_ms, door, principal, envelope_from, recipients, size, raw, state, hold_until_ms)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&m.id)
-    .bind(&m.decision_id)
-    .bind(m.accepted_at_ms)
-    .bind(&m.door)
-    .bind(&m.principal)
-    .bind(&m.envelope_from)
-    .bind(recipients)
-    .bind(m.raw.len() as i64)
-    .bind(&m.raw)
-    .bind(&m.state)
-    .bind(m.hold_until_ms)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
 #[async_trait]
 impl QueueStore for SqliteStore {
     async fn release_held(&self, now_ms: i64) -> Result<u64, StoreError> {
@@ -428,7 +405,7 @@ impl QueueStore for SqliteStore {
         .bind(now_ms)
         .bind(now_ms)
         .bind(now_ms)
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         Ok(done.rows_affected())
     }
@@ -442,7 +419,7 @@ impl QueueStore for SqliteStore {
     ) -> Result<Vec<LeasedMessage>, StoreError> {
         let until = now_ms.saturating_add(lease_ms);
         // BEGIN IMMEDIATE takes the write lock first: two workers cannot lease the same row.
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
         let rows = sqlx::query(
             "SELECT id, decision_id, door, accepted_at_ms, envelope_from, recipients, attempts, raw
              FROM messages
@@ -529,7 +506,7 @@ impl QueueStore for SqliteStore {
         owner: &str,
         report: &AttemptReport,
     ) -> Result<Recorded, StoreError> {
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
         if !holds_lease(&mut tx, owner, &report.message_id).await? {
             return Ok(Recorded::LeaseLost);
         }
@@ -592,7 +569,7 @@ impl QueueStore for SqliteStore {
         .execute(&mut *tx)
         .await?;
         if let Some(dsn) = &report.dsn {
-            insert_message(&mut tx, dsn).await?;
+            crate::group::insert_message(&mut tx, dsn).await?;
         }
         tx.commit().await?;
         Ok(Recorded::State(state.to_owned()))
@@ -604,7 +581,7 @@ impl QueueStore for SqliteStore {
         id: &str,
         now_ms: i64,
     ) -> Result<Recorded, StoreError> {
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
         if !holds_lease(&mut tx, owner, id).await? {
             return Ok(Recorded::LeaseLost);
         }
@@ -721,7 +698,7 @@ impl QueueStore for SqliteStore {
     }
 
     async fn retry_message(&self, id: &str, now_ms: i64) -> Result<RetryOutcome, StoreError> {
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
         let state: Option<String> = sqlx::query_scalar("SELECT state FROM messages WHERE id = ?")
             .bind(id)
             .fetch_optional(&mut *tx)
@@ -757,7 +734,7 @@ impl QueueStore for SqliteStore {
     }
 
     async fn delete_message(&self, id: &str) -> Result<bool, StoreError> {
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
         let n = sqlx::query("DELETE FROM messages WHERE id = ?")
             .bind(id)
             .execute(&mut *tx)
@@ -811,7 +788,7 @@ impl QueueStore for SqliteStore {
         .bind(f.until_ms)
         .bind(f.created_at_ms)
         .bind(&f.actor)
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         Ok(())
     }
@@ -819,7 +796,7 @@ impl QueueStore for SqliteStore {
     async fn clear_fault(&self, principal: &str) -> Result<bool, StoreError> {
         let n = sqlx::query("DELETE FROM simulated_faults WHERE principal = ?")
             .bind(principal.to_ascii_lowercase())
-            .execute(self.pool())
+            .execute(self.writer())
             .await?
             .rows_affected();
         Ok(n > 0)

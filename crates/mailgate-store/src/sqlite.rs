@@ -11,15 +11,22 @@ use mailgate_core::directory::{Directory, Kind, Object};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
+use crate::group::{GroupCommit, GroupCommitStats, Op, insert_usage};
 use crate::{
     Changeset, MessageSummary, NewMessage, Snapshot, Store, StoreError, StoredDecision, UsageEntry,
     UsageReplay,
 };
 
 /// The embedded SQLite store.
+///
+/// Reads use a pool of connections (WAL readers never wait for the writer). Writes use one
+/// connection, so this process's writers queue in order instead of sleeping in SQLite's busy
+/// handler; the hot writes of a send are group-committed on it (see [`crate::group`]).
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    writer: SqlitePool,
+    group: GroupCommit,
 }
 
 fn now_secs() -> i64 {
@@ -44,27 +51,72 @@ impl SqliteStore {
 
     /// Opens a private in-memory database (tests).
     pub async fn in_memory() -> Result<Self, StoreError> {
+        // Every connection to `:memory:` is a database of its own: one connection does all.
         let options = SqliteConnectOptions::from_str("sqlite::memory:")?;
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore {
+            group: GroupCommit::start(pool.clone()),
+            writer: pool.clone(),
+            pool,
+        })
     }
 
     async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(options)
             .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore {
+            group: GroupCommit::start(writer.clone()),
+            writer,
+            pool,
+        })
     }
 
-    /// The connection pool, for the other tables later issues add.
+    async fn read_decision(&self, id: &str) -> Result<Option<StoredDecision>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, at_ms, door, principal, verdict, code, body FROM decisions WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let body: String = row.try_get("body")?;
+        Ok(Some(StoredDecision {
+            id: row.try_get("id")?,
+            at_ms: row.try_get("at_ms")?,
+            door: row.try_get("door")?,
+            principal: row.try_get("principal")?,
+            verdict: row.try_get("verdict")?,
+            code: row.try_get("code")?,
+            body: serde_json::from_str(&body)
+                .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))?,
+        }))
+    }
+
+    /// How many transactions group commit needed for how many writes so far.
+    pub fn group_commit_stats(&self) -> GroupCommitStats {
+        self.group.stats()
+    }
+
+    /// The read pool.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// The write connection (one, so writers in this process queue instead of contending).
+    pub fn writer(&self) -> &SqlitePool {
+        &self.writer
     }
 }
 
@@ -113,7 +165,7 @@ impl Store for SqliteStore {
         changes: &Changeset,
         actor: &str,
     ) -> Result<i64, StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let found: i64 =
             sqlx::query_scalar("SELECT value FROM meta WHERE key = 'directory_generation'")
                 .fetch_one(&mut *tx)
@@ -192,7 +244,7 @@ impl Store for SqliteStore {
         .bind(name)
         .bind(token_sha256)
         .bind(now_secs())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -207,40 +259,26 @@ impl Store for SqliteStore {
     }
 
     async fn record_decision(&self, d: &StoredDecision) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO decisions (id, at_ms, door, principal, verdict, code, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&d.id)
-        .bind(d.at_ms)
-        .bind(&d.door)
-        .bind(&d.principal)
-        .bind(&d.verdict)
-        .bind(&d.code)
-        .bind(d.body.to_string())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.group.submit(Op::Decision(d.clone())).await
+    }
+
+    async fn enqueue_decision(&self, d: StoredDecision) -> Result<(), StoreError> {
+        self.group.enqueue(Op::Decision(d)).await
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.group.submit(Op::Flush).await
     }
 
     async fn decision(&self, id: &str) -> Result<Option<StoredDecision>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, at_ms, door, principal, verdict, code, body FROM decisions WHERE id = ?",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let body: String = row.try_get("body")?;
-        Ok(Some(StoredDecision {
-            id: row.try_get("id")?,
-            at_ms: row.try_get("at_ms")?,
-            door: row.try_get("door")?,
-            principal: row.try_get("principal")?,
-            verdict: row.try_get("verdict")?,
-            code: row.try_get("code")?,
-            body: serde_json::from_str(&body)
-                .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))?,
-        }))
+        match self.read_decision(id).await? {
+            Some(d) => Ok(Some(d)),
+            // It may still be queued for the writer: read your own writes.
+            None => {
+                self.flush().await?;
+                self.read_decision(id).await
+            }
+        }
     }
 
     async fn record_usage(
@@ -249,7 +287,7 @@ impl Store for SqliteStore {
         entry: UsageEntry,
         rate_tat_ms: Option<i64>,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         insert_usage(&mut tx, principal, entry, rate_tat_ms).await?;
         tx.commit().await?;
         Ok(())
@@ -260,31 +298,12 @@ impl Store for SqliteStore {
         m: &NewMessage,
         usage: Option<(UsageEntry, Option<i64>)>,
     ) -> Result<(), StoreError> {
-        let recipients = serde_json::to_string(&m.recipients)
-            .map_err(|e| StoreError::Database(sqlx::Error::Encode(Box::new(e))))?;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
-            "INSERT INTO messages (id, decision_id, accepted_at_ms, door, principal, envelope_from, recipients, size, raw, state, hold_until_ms)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&m.id)
-        .bind(&m.decision_id)
-        .bind(m.accepted_at_ms)
-        .bind(&m.door)
-        .bind(&m.principal)
-        .bind(&m.envelope_from)
-        .bind(recipients)
-        .bind(m.raw.len() as i64)
-        .bind(&m.raw)
-        .bind(&m.state)
-        .bind(m.hold_until_ms)
-        .execute(&mut *tx)
-        .await?;
-        if let Some((entry, tat)) = usage {
-            insert_usage(&mut tx, &m.principal, entry, tat).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.group
+            .submit(Op::Accept {
+                message: m.clone(),
+                usage,
+            })
+            .await
     }
 
     async fn message(&self, id: &str) -> Result<Option<MessageSummary>, StoreError> {
@@ -311,7 +330,7 @@ impl Store for SqliteStore {
     async fn usage_since(&self, since_ms: i64) -> Result<UsageReplay, StoreError> {
         sqlx::query("DELETE FROM usage_log WHERE at_ms < ?")
             .bind(since_ms)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         let rows = sqlx::query(
             "SELECT principal, at_ms, recipients FROM usage_log WHERE at_ms >= ? ORDER BY at_ms, seq",
@@ -339,31 +358,6 @@ impl Store for SqliteStore {
         }
         Ok(replay)
     }
-}
-
-async fn insert_usage(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
-    principal: &str,
-    entry: UsageEntry,
-    rate_tat_ms: Option<i64>,
-) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO usage_log (principal, at_ms, recipients) VALUES (?, ?, ?)")
-        .bind(principal)
-        .bind(entry.at_ms)
-        .bind(entry.recipients)
-        .execute(&mut **tx)
-        .await?;
-    if let Some(tat) = rate_tat_ms {
-        sqlx::query(
-            "INSERT INTO rate_state (principal, tat_ms) VALUES (?, ?)
-             ON CONFLICT (principal) DO UPDATE SET tat_ms = MAX(tat_ms, excluded.tat_ms)",
-        )
-        .bind(principal)
-        .bind(tat)
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(())
 }
 
 async fn audit(

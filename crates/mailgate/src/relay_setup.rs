@@ -38,7 +38,13 @@ pub struct RawRelay {
     /// Smarthosts (by name) that authenticate with XOAUTH2.
     #[serde(default)]
     xoauth2_smarthosts: Vec<String>,
+    /// Delivery workers in this process (each with its own connections and leases).
+    workers: Option<u32>,
 }
+
+/// Delivery workers when `[relay] workers` is not set: enough to overlap one message's SMTP
+/// round trips and database write with another's.
+pub const DEFAULT_WORKERS: u32 = 4;
 
 /// Resolves `[relay]` (reading the CA file).
 pub fn relay_config(raw: &RawRelay, demo: bool) -> anyhow::Result<RelayConfig> {
@@ -73,28 +79,41 @@ pub fn relay_config(raw: &RawRelay, demo: bool) -> anyhow::Result<RelayConfig> {
     Ok(cfg)
 }
 
-/// Starts the delivery worker on the gateway's live directory (its smarthosts).
+/// Starts the delivery workers on the gateway's live directory (its smarthosts). They share
+/// the gateway's acceptance signal, so a stored message is picked up at once, not at the next poll.
 pub fn spawn(
     raw: &RawRelay,
     demo: bool,
     gateway: &Arc<Gateway>,
     queue: Arc<dyn QueueStore>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let cfg = relay_config(raw, demo)?;
-    let queue_for_faults = queue.clone();
-    let g = gateway.clone();
-    let relay = Relay::new(
-        queue,
-        Arc::new(move || g.live().index.directory().smarthosts.clone()),
-        cfg,
-    )?;
-    if relay.capturing() {
-        tracing::info!(
-            "delivery: capture mode (accepted mail is kept, listed by `mailgate captured list`, and not relayed)"
-        );
+    let workers = raw.workers.unwrap_or(DEFAULT_WORKERS);
+    anyhow::ensure!(
+        (1..=64).contains(&workers),
+        "relay.workers must be between 1 and 64"
+    );
+    watch_faults(gateway.clone(), queue.clone());
+    let mut handles = Vec::new();
+    for i in 0..workers {
+        let g = gateway.clone();
+        let relay = Relay::new(
+            queue.clone(),
+            Arc::new(move || g.live().index.directory().smarthosts.clone()),
+            RelayConfig {
+                worker_id: format!("{}-{i}", cfg.worker_id),
+                ..cfg.clone()
+            },
+        )?
+        .with_waker(gateway.accepted_signal());
+        if i == 0 && relay.capturing() {
+            tracing::info!(
+                "delivery: capture mode (accepted mail is kept, listed by `mailgate captured list`, and not relayed)"
+            );
+        }
+        handles.push(relay.spawn());
     }
-    watch_faults(gateway.clone(), queue_for_faults);
-    Ok(relay.spawn())
+    Ok(handles)
 }
 
 /// Loads the injected faults in force into the gateway.

@@ -303,6 +303,10 @@ pub async fn run(
         let _ = t.await;
     }
     reloader.abort();
+    // Decisions of refused sends are written behind the answer (group commit); keep them.
+    if let Err(e) = state.gateway.store().flush().await {
+        tracing::warn!(error = %e, "could not write the last decisions");
+    }
     tracing::info!("shut down cleanly");
     Ok(())
 }

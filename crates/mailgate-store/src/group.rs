@@ -1,0 +1,392 @@
+//! Group commit: the hot writes of a send (its decision, and the accepted message with its usage)
+//! go through one writer task that commits whatever has queued up in one transaction, so
+//! concurrent acceptances share one fsync instead of paying one each (and instead of sleeping in
+//! SQLite's busy handler while another connection holds the write lock).
+//!
+//! Invariants:
+//! - A caller of [`GroupCommit::submit`] hears `Ok` only after the transaction holding its write
+//!   is committed (with `synchronous=FULL`, on disk).
+//! - Jobs are committed in the order they were queued: a decision queued with
+//!   [`GroupCommit::enqueue`] before a message is durable no later than that message.
+//! - One failing write never fails its neighbours: when a batch fails, it is rolled back and its
+//!   jobs are run again one transaction each, so each caller gets its own outcome.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sqlx::{SqliteConnection, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{NewMessage, StoreError, StoredDecision, UsageEntry};
+
+/// Most jobs committed in one transaction.
+const MAX_BATCH: usize = 256;
+/// Jobs that may wait for the writer before senders wait for room (back-pressure).
+const QUEUE_DEPTH: usize = 4096;
+
+/// A write the group committer performs.
+#[derive(Debug)]
+pub(crate) enum Op {
+    /// Keep a decision.
+    Decision(StoredDecision),
+    /// Store an accepted message and the usage it consumes.
+    Accept {
+        message: NewMessage,
+        usage: Option<(UsageEntry, Option<i64>)>,
+    },
+    /// Nothing: completes once everything queued before it is committed.
+    Flush,
+}
+
+struct Job {
+    op: Op,
+    done: Option<oneshot::Sender<Result<(), StoreError>>>,
+}
+
+/// How much sharing group commit achieved (for tests and `docs/performance.md`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupCommitStats {
+    /// Transactions committed by the writer task.
+    pub transactions: u64,
+    /// Writes (decisions, acceptances) they carried.
+    pub writes: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    transactions: AtomicU64,
+    writes: AtomicU64,
+}
+
+/// The handle to the writer task.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupCommit {
+    jobs: mpsc::Sender<Job>,
+    counts: Arc<Counts>,
+}
+
+impl GroupCommit {
+    /// Starts the writer task on `writer` (a pool whose connections do the writing).
+    pub(crate) fn start(writer: SqlitePool) -> GroupCommit {
+        let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
+        let counts = Arc::new(Counts::default());
+        tokio::spawn(run(writer, rx, counts.clone()));
+        GroupCommit { jobs, counts }
+    }
+
+    pub(crate) fn stats(&self) -> GroupCommitStats {
+        GroupCommitStats {
+            transactions: self.counts.transactions.load(Ordering::Relaxed),
+            writes: self.counts.writes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Queues `op` and waits until it is committed.
+    pub(crate) async fn submit(&self, op: Op) -> Result<(), StoreError> {
+        let (done, rx) = oneshot::channel();
+        self.jobs
+            .send(Job {
+                op,
+                done: Some(done),
+            })
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Queues `op` without waiting for it to be committed (only for room in the queue). It is
+    /// committed before, or together with, anything queued after it.
+    pub(crate) async fn enqueue(&self, op: Op) -> Result<(), StoreError> {
+        self.jobs
+            .send(Job { op, done: None })
+            .await
+            .map_err(|_| stopped())
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::Database(sqlx::Error::WorkerCrashed)
+}
+
+async fn run(writer: SqlitePool, mut rx: mpsc::Receiver<Job>, counts: Arc<Counts>) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    loop {
+        batch.clear();
+        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return; // every handle is gone
+        }
+        let outcome = match writer.acquire().await {
+            Ok(mut conn) => commit_batch(&mut conn, &batch).await,
+            Err(e) => Err(StoreError::from(e)),
+        };
+        match outcome {
+            Ok(()) => {
+                let writes = batch.iter().filter(|j| !matches!(j.op, Op::Flush)).count();
+                if writes > 0 {
+                    counts.transactions.fetch_add(1, Ordering::Relaxed);
+                    counts.writes.fetch_add(writes as u64, Ordering::Relaxed);
+                }
+                for job in batch.drain(..) {
+                    if let Some(done) = job.done {
+                        let _ = done.send(Ok(()));
+                    }
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                log_unwaited(&batch, &e);
+                if let Some(done) = batch.pop().and_then(|j| j.done) {
+                    let _ = done.send(Err(e));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, jobs = batch.len(), "group commit failed; committing its writes one by one");
+                for job in batch.drain(..) {
+                    let one = std::slice::from_ref(&job);
+                    let r = match writer.acquire().await {
+                        Ok(mut conn) => commit_batch(&mut conn, one).await,
+                        Err(e) => Err(StoreError::from(e)),
+                    };
+                    if let Err(e) = &r {
+                        log_unwaited(one, e);
+                    }
+                    if let Some(done) = job.done {
+                        let _ = done.send(r);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A write nobody waits for can only be reported in the log.
+fn log_unwaited(jobs: &[Job], e: &StoreError) {
+    for job in jobs.iter().filter(|j| j.done.is_none()) {
+        if let Op::Decision(d) = &job.op {
+            tracing::error!(decision_id = %d.id, error = %e, "could not keep a decision");
+        }
+    }
+}
+
+async fn commit_batch(conn: &mut SqliteConnection, jobs: &[Job]) -> Result<(), StoreError> {
+    if jobs.iter().all(|j| matches!(j.op, Op::Flush)) {
+        return Ok(()); // everything before a flush was committed by earlier batches
+    }
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+    let mut result = Ok(());
+    for job in jobs {
+        result = apply(conn, &job.op).await;
+        if result.is_err() {
+            break;
+        }
+    }
+    match result {
+        Ok(()) => match sqlx::query("COMMIT").execute(&mut *conn).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+                Err(e.into())
+            }
+        },
+        Err(e) => {
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            Err(e)
+        }
+    }
+}
+
+async fn apply(conn: &mut SqliteConnection, op: &Op) -> Result<(), StoreError> {
+    match op {
+        Op::Decision(d) => insert_decision(conn, d).await,
+        Op::Accept { message, usage } => {
+            insert_message(conn, message).await?;
+            if let Some((entry, tat)) = usage {
+                insert_usage(conn, &message.principal, *entry, *tat).await?;
+            }
+            Ok(())
+        }
+        Op::Flush => Ok(()),
+    }
+}
+
+pub(crate) async fn insert_decision(
+    conn: &mut SqliteConnection,
+    d: &StoredDecision,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO decisions (id, at_ms, door, principal, verdict, code, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&d.id)
+    .bind(d.at_ms)
+    .bind(&d.door)
+    .bind(&d.principal)
+    .bind(&d.verdict)
+    .bind(&d.code)
+    .bind(d.body.to_string())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub(crate) async fn insert_message(
+    conn: &mut SqliteConnection,
+    m: &NewMessage,
+) -> Result<(), StoreError> {
+    let recipients = serde_json::to_string(&m.recipients)
+        .map_err(|e| StoreError::Database(sqlx::Error::Encode(Box::new(e))))?;
+    sqlx::query(
+        "INSERT INTO messages (id, decision_id, accepted_at_ms, door, principal, envelope_from, recipients, size, raw, state, hold_until_ms)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&m.id)
+    .bind(&m.decision_id)
+    .bind(m.accepted_at_ms)
+    .bind(&m.door)
+    .bind(&m.principal)
+    .bind(&m.envelope_from)
+    .bind(recipients)
+    .bind(m.raw.len() as i64)
+    .bind(&m.raw)
+    .bind(&m.state)
+    .bind(m.hold_until_ms)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub(crate) async fn insert_usage(
+    conn: &mut SqliteConnection,
+    principal: &str,
+    entry: UsageEntry,
+    rate_tat_ms: Option<i64>,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO usage_log (principal, at_ms, recipients) VALUES (?, ?, ?)")
+        .bind(principal)
+        .bind(entry.at_ms)
+        .bind(entry.recipients)
+        .execute(&mut *conn)
+        .await?;
+    if let Some(tat) = rate_tat_ms {
+        sqlx::query(
+            "INSERT INTO rate_state (principal, tat_ms) VALUES (?, ?)
+             ON CONFLICT (principal) DO UPDATE SET tat_ms = MAX(tat_ms, excluded.tat_ms)",
+        )
+        .bind(principal)
+        .bind(tat)
+        .execute(conn)
+        .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{NewMessage, QueueFilter, QueueStore, SqliteStore, Store, UsageEntry};
+    use std::sync::Arc;
+
+    fn message(id: &str) -> NewMessage {
+        NewMessage {
+            id: id.to_owned(),
+            decision_id: format!("d-{id}"),
+            accepted_at_ms: 1,
+            door: "gmail".into(),
+            principal: "a@example.com".into(),
+            envelope_from: "a@example.com".into(),
+            recipients: vec!["b@example.org".into()],
+            raw: vec![b'x'; 10 * 1024],
+            state: "queued".into(),
+            hold_until_ms: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_acceptances_share_transactions_and_all_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.db");
+        let store = Arc::new(SqliteStore::open(&path).await.unwrap());
+        let n = 200;
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let s = store.clone();
+                tokio::spawn(async move {
+                    let usage = UsageEntry {
+                        at_ms: 1,
+                        recipients: 1,
+                    };
+                    s.accept_message(&message(&format!("m{i:03}")), Some((usage, None)))
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let stats = store.group_commit_stats();
+        assert_eq!(stats.writes, n);
+        assert!(
+            stats.transactions < n,
+            "{n} concurrent acceptances took {} transactions: nothing was shared",
+            stats.transactions
+        );
+        drop(store);
+        let again = SqliteStore::open(&path).await.unwrap();
+        let listed = again
+            .list_queue(&QueueFilter {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), n as usize);
+        assert_eq!(again.usage_since(0).await.unwrap().sends.len(), n as usize);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_write_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("g.db")).await.unwrap());
+        store.accept_message(&message("dup"), None).await.unwrap();
+        // The same id again (a primary-key violation) among good writes in flight together.
+        let tasks: Vec<_> = (0..50)
+            .map(|i| {
+                let s = store.clone();
+                let id = if i == 25 {
+                    "dup".to_owned()
+                } else {
+                    format!("ok{i}")
+                };
+                tokio::spawn(
+                    async move { (id.clone(), s.accept_message(&message(&id), None).await) },
+                )
+            })
+            .collect();
+        for t in tasks {
+            let (id, r) = t.await.unwrap();
+            assert_eq!(r.is_err(), id == "dup", "{id}: {r:?}");
+        }
+        for i in (0..50).filter(|i| *i != 25) {
+            assert!(store.message(&format!("ok{i}")).await.unwrap().is_some());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_enqueued_decision_is_found_at_once_and_durable_after_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        let d = crate::StoredDecision {
+            id: "01TEST".into(),
+            at_ms: 1,
+            door: "smtp".into(),
+            principal: "a@example.com".into(),
+            verdict: "denied".into(),
+            code: Some("user.suspended".into()),
+            body: serde_json::json!({"x": 1}),
+        };
+        store.enqueue_decision(d.clone()).await.unwrap();
+        assert_eq!(store.decision("01TEST").await.unwrap(), Some(d.clone()));
+        store.flush().await.unwrap();
+        drop(store);
+        let again = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(again.decision("01TEST").await.unwrap(), Some(d));
+    }
+}
