@@ -66,11 +66,19 @@ pub(crate) struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Starts the writer task on `writer` (a pool whose connections do the writing).
-    pub(crate) fn start(writer: SqlitePool) -> GroupCommit {
+    /// Starts the writer task on `writer` (a pool whose connections do the writing). With
+    /// `checkpointer` (a pool of other connections to the same file), the write-ahead log is
+    /// checkpointed there, off the commit path (the writer connection's own automatic checkpoint
+    /// should then be a high backstop).
+    pub(crate) fn start(writer: SqlitePool, checkpointer: Option<SqlitePool>) -> GroupCommit {
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
         let counts = Arc::new(Counts::default());
-        tokio::spawn(run(writer, rx, counts.clone()));
+        let dirty = checkpointer.map(|pool| {
+            let (tx, rx) = mpsc::channel(1);
+            tokio::spawn(checkpoint(pool, rx));
+            tx
+        });
+        tokio::spawn(run(writer, rx, counts.clone(), dirty));
         GroupCommit { jobs, counts }
     }
 
@@ -108,7 +116,30 @@ fn stopped() -> StoreError {
     StoreError::Database(sqlx::Error::WorkerCrashed)
 }
 
-async fn run(writer: SqlitePool, mut rx: mpsc::Receiver<Job>, counts: Arc<Counts>) {
+/// Copies committed log frames into the database file a few times a second while writes go on.
+/// A PASSIVE checkpoint never blocks the writer; once the log is fully copied and unused, the
+/// writer starts it over from the beginning, so it stays small.
+async fn checkpoint(pool: SqlitePool, mut dirty: mpsc::Receiver<()>) {
+    while dirty.recv().await.is_some() {
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
+            tracing::warn!(error = %e, "WAL checkpoint failed; will try again");
+        }
+        tokio::time::sleep(CHECKPOINT_PAUSE).await;
+    }
+}
+
+/// Shortest pause between two checkpoints.
+const CHECKPOINT_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
+async fn run(
+    writer: SqlitePool,
+    mut rx: mpsc::Receiver<Job>,
+    counts: Arc<Counts>,
+    dirty: Option<mpsc::Sender<()>>,
+) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     loop {
         batch.clear();
@@ -125,6 +156,9 @@ async fn run(writer: SqlitePool, mut rx: mpsc::Receiver<Job>, counts: Arc<Counts
                 if writes > 0 {
                     counts.transactions.fetch_add(1, Ordering::Relaxed);
                     counts.writes.fetch_add(writes as u64, Ordering::Relaxed);
+                    if let Some(d) = &dirty {
+                        let _ = d.try_send(()); // full: a checkpoint is due anyway
+                    }
                 }
                 for job in batch.drain(..) {
                     if let Some(done) = job.done {

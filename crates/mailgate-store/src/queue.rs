@@ -11,7 +11,7 @@
 
 use async_trait::async_trait;
 use serde::Serialize;
-use sqlx::Row;
+use sqlx::{Connection, Row};
 
 use crate::{NewMessage, SqliteStore, StoreError};
 
@@ -381,15 +381,17 @@ fn captured_of(row: &sqlx::sqlite::SqliteRow) -> Result<CapturedMessage, StoreEr
     })
 }
 
-type Tx = sqlx::Transaction<'static, sqlx::Sqlite>;
-
 /// True when `owner` still holds the lease of message `id`.
-async fn holds_lease(tx: &mut Tx, owner: &str, id: &str) -> Result<bool, StoreError> {
+async fn holds_lease(
+    tx: &mut sqlx::SqliteConnection,
+    owner: &str,
+    id: &str,
+) -> Result<bool, StoreError> {
     let found: Option<String> = sqlx::query_scalar(
         "SELECT lease_owner FROM messages WHERE id = ? AND state IN ('queued', 'deferred')",
     )
     .bind(id)
-    .fetch_optional(&mut **tx)
+    .fetch_optional(tx)
     .await?
     .flatten();
     Ok(found.as_deref() == Some(owner))
@@ -419,7 +421,8 @@ impl QueueStore for SqliteStore {
     ) -> Result<Vec<LeasedMessage>, StoreError> {
         let until = now_ms.saturating_add(lease_ms);
         // BEGIN IMMEDIATE takes the write lock first: two workers cannot lease the same row.
-        let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
+        let mut conn = self.relaxed_writer().await?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
         let rows = sqlx::query(
             "SELECT id, decision_id, door, accepted_at_ms, envelope_from, recipients, attempts, raw
              FROM messages
@@ -506,7 +509,8 @@ impl QueueStore for SqliteStore {
         owner: &str,
         report: &AttemptReport,
     ) -> Result<Recorded, StoreError> {
-        let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
+        let mut conn = self.relaxed_writer().await?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
         if !holds_lease(&mut tx, owner, &report.message_id).await? {
             return Ok(Recorded::LeaseLost);
         }
@@ -581,7 +585,8 @@ impl QueueStore for SqliteStore {
         id: &str,
         now_ms: i64,
     ) -> Result<Recorded, StoreError> {
-        let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
+        let mut conn = self.relaxed_writer().await?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
         if !holds_lease(&mut tx, owner, id).await? {
             return Ok(Recorded::LeaseLost);
         }

@@ -59,7 +59,7 @@ impl SqliteStore {
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
         Ok(SqliteStore {
-            group: GroupCommit::start(pool.clone()),
+            group: GroupCommit::start(pool.clone(), None),
             writer: pool.clone(),
             pool,
         })
@@ -69,7 +69,19 @@ impl SqliteStore {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
-            .connect_with(options.clone())
+            // Every use starts durable, whatever a relaxed writer set last.
+            .before_acquire(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("PRAGMA synchronous = FULL")
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(true)
+                })
+            })
+            // Checkpoints run on a reader connection, off the commit path (see `group`); the
+            // writer's own (which blocks commits) is a backstop for a log that the background
+            // checkpoints cannot finish under sustained load: by then it has little left to copy.
+            .connect_with(options.clone().pragma("wal_autocheckpoint", "4000"))
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
         let pool = SqlitePoolOptions::new()
@@ -77,7 +89,7 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         Ok(SqliteStore {
-            group: GroupCommit::start(writer.clone()),
+            group: GroupCommit::start(writer.clone(), Some(pool.clone())),
             writer,
             pool,
         })
@@ -107,6 +119,20 @@ impl SqliteStore {
     /// How many transactions group commit needed for how many writes so far.
     pub fn group_commit_stats(&self) -> GroupCommitStats {
         self.group.stats()
+    }
+
+    /// The write connection for bookkeeping that must survive a crash of the process but not
+    /// necessarily a power cut (`synchronous = NORMAL`: no fsync of its own): delivery leases
+    /// and attempt records. Losing one to a power cut means a message is delivered again, never
+    /// lost; the next durable commit (an acceptance) syncs the log, and these records with it.
+    pub(crate) async fn relaxed_writer(
+        &self,
+    ) -> Result<sqlx::pool::PoolConnection<sqlx::Sqlite>, StoreError> {
+        let mut conn = self.writer.acquire().await?;
+        sqlx::query("PRAGMA synchronous = NORMAL")
+            .execute(&mut *conn)
+            .await?;
+        Ok(conn)
     }
 
     /// The read pool.
