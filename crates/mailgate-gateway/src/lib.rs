@@ -175,6 +175,25 @@ impl Gateway {
         self.evaluate(door, attempt, Mode::Enforce).await
     }
 
+    /// Screens an intermediate step of a send (SMTP's MAIL FROM and RCPT TO): returns the
+    /// refusal, kept under a new id like any decision, or `None` when the step may go on. An
+    /// allowance is not kept: no client ever sees its id, and the send's final decision (the one
+    /// [`Gateway::accept`] takes) is kept with the message.
+    pub async fn screen(
+        &self,
+        door: &str,
+        attempt: &SendAttempt,
+    ) -> Result<Option<Decided>, GatewayError> {
+        let now = now_ms();
+        let decision = self.enforce(attempt, now);
+        if decision.denial().is_none() {
+            return Ok(None);
+        }
+        self.keep_decided(door, attempt, decision, now, Mode::Enforce)
+            .await
+            .map(Some)
+    }
+
     /// Explains an attempt: every check, nothing consumed. Kept under a new id.
     pub async fn explain(&self, attempt: &SendAttempt) -> Result<Decided, GatewayError> {
         self.evaluate("explain", attempt, Mode::Explain).await
@@ -193,6 +212,24 @@ impl Gateway {
             apply_injected(&mut d, &self.faults.load(), now);
             d
         };
+        self.keep_decided(door, attempt, decision, now, mode).await
+    }
+
+    fn enforce(&self, attempt: &SendAttempt, now: u64) -> Decision {
+        let live = self.live.load();
+        let mut d = decide(attempt, &live.index, &self.counters, now, Mode::Enforce);
+        apply_injected(&mut d, &self.faults.load(), now);
+        d
+    }
+
+    async fn keep_decided(
+        &self,
+        door: &str,
+        attempt: &SendAttempt,
+        decision: Decision,
+        now: u64,
+        mode: Mode,
+    ) -> Result<Decided, GatewayError> {
         let id = new_decision_id(now);
         // Enforcement does not wait for the decision to be durable: an acceptance commits it
         // (group commit keeps order), and a refusal's trace is seconds from disk at worst.
@@ -494,6 +531,27 @@ mod tests {
         );
         // Every decision resolves by id.
         assert!(store.decision(&third.id).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn screening_keeps_refusals_only_and_consumes_nothing() {
+        let (gw, store) = gateway().await;
+        // Allowed: nothing kept, nothing counted (the daily limit of 1 is still there).
+        assert!(gw.screen("smtp", &attempt()).await.unwrap().is_none());
+        assert!(gw.screen("smtp", &attempt()).await.unwrap().is_none());
+        let d = gw.decide("smtp", &attempt()).await.unwrap();
+        assert!(matches!(
+            gw.accept("smtp", &attempt(), &d, msg()).await.unwrap(),
+            Accepted::Stored { .. }
+        ));
+        // Refused: the refusal is kept under its id.
+        let refused = gw.screen("smtp", &attempt()).await.unwrap().unwrap();
+        assert_eq!(
+            refused.decision.denial().unwrap().code.code(),
+            "limit.daily_messages"
+        );
+        let kept = store.decision(&refused.id).await.unwrap().unwrap();
+        assert_eq!(kept.code.as_deref(), Some("limit.daily_messages"));
     }
 
     #[tokio::test]

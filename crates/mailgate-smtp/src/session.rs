@@ -628,22 +628,39 @@ impl Session {
 
     /// Decides `attempt`; on a denial writes the reply and returns `None`.
     async fn decide_or_refuse(&mut self, attempt: &SendAttempt) -> Option<Decided> {
-        self.decide_or_refuse_about(attempt, None).await
-    }
-
-    /// Same; a refusal names `address` (RCPT TO) when its object at fault is not an address.
-    async fn decide_or_refuse_about(
-        &mut self,
-        attempt: &SendAttempt,
-        address: Option<&str>,
-    ) -> Option<Decided> {
         let d = self.decide(attempt).await?;
         if let Some(denial) = d.decision.denial() {
-            let line = reply::denial_about(denial, &d.id, address);
+            let line = reply::denial_about(denial, &d.id, None);
             self.push(&line);
             return None;
         }
         Some(d)
+    }
+
+    /// Screens an intermediate step (MAIL FROM, RCPT TO, AUTH's TLS check): on a denial writes
+    /// the reply (naming `address` when its object at fault is not an address) and returns
+    /// false. Allowed steps keep no decision (see [`Gateway::screen`]).
+    async fn screen_or_refuse(&mut self, attempt: &SendAttempt, address: Option<&str>) -> bool {
+        match self
+            .ctx
+            .gateway
+            .screen(self.listener.door_name(), attempt)
+            .await
+        {
+            Ok(None) => true,
+            Ok(Some(d)) => {
+                if let Some(denial) = d.decision.denial() {
+                    let line = reply::denial_about(denial, &d.id, address);
+                    self.push(&line);
+                }
+                false
+            }
+            Err(e) => {
+                tracing::error!(error = %e, listener = self.listener.name(), "decision failed");
+                self.reply(451, "4.3.0", "Temporary server error, try again later.");
+                false
+            }
+        }
     }
 
     // ---------------------------------------------------------------------------------------
@@ -668,7 +685,7 @@ impl Session {
             let mut a = self.attempt();
             a.credential = Credential::None;
             a.transport.listener_requires_tls = true;
-            if self.decide_or_refuse(&a).await.is_some() {
+            if self.screen_or_refuse(&a, None).await {
                 self.reply(530, "5.7.0", "Must issue a STARTTLS command first.");
             }
             return Step::Continue;
@@ -950,7 +967,7 @@ impl Session {
         if size > 0 {
             a.size = Some(size as u64);
         }
-        if self.decide_or_refuse(&a).await.is_none() {
+        if !self.screen_or_refuse(&a, None).await {
             return;
         }
         if size > self.ctx.limits.max_message_bytes {
@@ -982,7 +999,7 @@ impl Session {
         let mut rcpts = self.tx.rcpts.clone();
         rcpts.push(to.clone());
         a.recipients = Some(rcpts);
-        if self.decide_or_refuse_about(&a, Some(&to)).await.is_none() {
+        if !self.screen_or_refuse(&a, Some(&to)).await {
             return;
         }
         self.tx.rcpts.push(to);
