@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# SMTP acceptance: Postfix's own load generator, smtp-source, into Mailgate's SMTP relay listener
+# versus into Postfix, side by side in one run, same message size and concurrency. Both accept
+# durably (Mailgate: SQLite WAL, synchronous=FULL; Postfix: its fsync'd queue) and relay to the
+# same local smtp-sink. smtp-source opens a new session per message (as most applications do).
+#
+#   ./bench/smtp.sh [COUNT] [SIZE]     (default 2000 messages per row, 10240 bytes)
+#
+# Prints a markdown table for docs/performance.md. Loopback only; every loop is bounded.
+source "$(dirname "$0")/common.sh"
+COUNT=${1:-2000}
+SIZE=${2:-10240}
+bench_setup
+
+declare -A PF_RATE PF_DRAIN
+postfix_start
+for C in $CLIENTS; do
+  N=$(messages_for "$C")
+  t0=$(date +%s%N)
+  smtp-source -c -l "$SIZE" -m "$N" -s "$C" -f alice@example.com -t bench@example.org 127.0.0.1:25 >/dev/null
+  PF_RATE[$C]=$(rate_since "$N" "$t0")
+  PF_DRAIN[$C]=$(python3 -c "print(round($N/($(postfix_drained_after "$t0")/1e9),1))")
+  log "postfix C=$C: ${PF_RATE[$C]}/s accepted, ${PF_DRAIN[$C]}/s delivered"
+done
+postfix_stop
+
+mailgate_start
+echo
+echo "| clients | size | Postfix accepted/s | Mailgate accepted/s | ratio | Postfix delivered/s | Mailgate delivered/s |"
+echo "|---|---|---|---|---|---|---|"
+for C in $CLIENTS; do
+  N=$(messages_for "$C")
+  t0=$(date +%s%N)
+  smtp-source -c -l "$SIZE" -m "$N" -s "$C" -f alice@example.com -t bench@example.org \
+    127.0.0.1:"$SMTP_RELAY_PORT" >"$WORK/smtp-source.out" 2>&1 ||
+    { log "smtp-source against Mailgate failed:"; tail -5 "$WORK/smtp-source.out" >&2; exit 1; }
+  RATE=$(rate_since "$N" "$t0")
+  D=$(python3 -c "print(round($N/($(mailgate_drained_after "$t0")/1e9),1))")
+  ACCEPTED=$(curl -s -H "Authorization: Bearer $ADMIN" "http://127.0.0.1:$HTTP_PORT/mailgate/v1/messages?limit=100000" |
+    python3 -c "import json,sys; v=json.load(sys.stdin); print(len(v.get('messages', v) if isinstance(v, dict) else v))")
+  log "mailgate C=$C: $RATE/s accepted, $D/s delivered ($ACCEPTED messages in the store so far)"
+  python3 -c "pf=${PF_RATE[$C]}; mg=$RATE; print(f'| $C | $SIZE | {pf:.0f} | {mg:.0f} | {mg/pf:.2f}x | ${PF_DRAIN[$C]} | $D |')"
+done
