@@ -268,8 +268,8 @@ pub(crate) async fn insert_message(
     let recipients = serde_json::to_string(&m.recipients)
         .map_err(|e| StoreError::Database(sqlx::Error::Encode(Box::new(e))))?;
     sqlx::query(
-        "INSERT INTO messages (id, decision_id, accepted_at_ms, door, principal, envelope_from, recipients, size, raw, state, hold_until_ms)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO messages (id, decision_id, accepted_at_ms, door, principal, envelope_from, recipients, size, state, hold_until_ms)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(&m.id)
     .bind(&m.decision_id)
@@ -279,11 +279,15 @@ pub(crate) async fn insert_message(
     .bind(&m.envelope_from)
     .bind(recipients)
     .bind(m.raw.len() as i64)
-    .bind(&m.raw)
     .bind(&m.state)
     .bind(m.hold_until_ms)
-    .execute(conn)
+    .execute(&mut *conn)
     .await?;
+    sqlx::query("INSERT INTO message_bodies (message_id, raw) VALUES (?, ?)")
+        .bind(&m.id)
+        .bind(&m.raw)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 

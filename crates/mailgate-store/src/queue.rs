@@ -424,7 +424,8 @@ impl QueueStore for SqliteStore {
         let mut conn = self.relaxed_writer().await?;
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
         let rows = sqlx::query(
-            "SELECT id, decision_id, door, accepted_at_ms, envelope_from, recipients, attempts, raw
+            "SELECT id, decision_id, door, accepted_at_ms, envelope_from, recipients, attempts,
+                    (SELECT raw FROM message_bodies b WHERE b.message_id = messages.id) AS raw
              FROM messages
              WHERE state IN ('queued', 'deferred')
                AND COALESCE(next_attempt_ms, 0) <= ?
@@ -749,6 +750,10 @@ impl QueueStore for SqliteStore {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+        sqlx::query("DELETE FROM message_bodies WHERE message_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("DELETE FROM delivery_attempts WHERE message_id = ?")
             .bind(id)
             .execute(&mut *tx)
@@ -761,7 +766,7 @@ impl QueueStore for SqliteStore {
         let limit = if limit == 0 { 100 } else { limit };
         let rows = sqlx::query(
             "SELECT id, decision_id, accepted_at_ms, done_at_ms, envelope_from, recipients, size,
-                    substr(raw, 1, ?) AS raw
+                    (SELECT substr(raw, 1, ?) FROM message_bodies b WHERE b.message_id = messages.id) AS raw
              FROM messages WHERE state = 'captured' ORDER BY accepted_at_ms DESC, id DESC LIMIT ?",
         )
         .bind(CAPTURED_HEAD_BYTES)
@@ -773,7 +778,8 @@ impl QueueStore for SqliteStore {
 
     async fn captured_message(&self, id: &str) -> Result<Option<CapturedMessage>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, decision_id, accepted_at_ms, done_at_ms, envelope_from, recipients, size, raw
+            "SELECT id, decision_id, accepted_at_ms, done_at_ms, envelope_from, recipients, size,
+                    (SELECT raw FROM message_bodies b WHERE b.message_id = messages.id) AS raw
              FROM messages WHERE state = 'captured' AND id = ?",
         )
         .bind(id)
