@@ -187,6 +187,8 @@ pub struct Relay {
     settings: ConnectSettings,
     wake: Arc<Notify>,
     connections: HashMap<String, Connection>,
+    /// When held messages were last looked at (they are released at most once per poll interval).
+    held_checked_ms: Option<i64>,
 }
 
 impl Relay {
@@ -209,6 +211,7 @@ impl Relay {
             settings,
             wake: Arc::new(Notify::new()),
             connections: HashMap::new(),
+            held_checked_ms: None,
         })
     }
 
@@ -272,7 +275,11 @@ impl Relay {
     /// were handled.
     pub async fn run_once(&mut self) -> Result<usize, StoreError> {
         let now = now_ms();
-        self.store.release_held(now).await?;
+        let poll = self.config.poll_interval.as_millis() as i64;
+        if self.held_checked_ms.is_none_or(|t| now - t >= poll) {
+            self.store.release_held(now).await?;
+            self.held_checked_ms = Some(now);
+        }
         let batch = self
             .store
             .lease_due(
