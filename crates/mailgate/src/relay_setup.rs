@@ -79,6 +79,16 @@ pub fn relay_config(raw: &RawRelay, demo: bool) -> anyhow::Result<RelayConfig> {
     Ok(cfg)
 }
 
+/// `relay.workers`, checked.
+pub fn worker_count(raw: &RawRelay) -> anyhow::Result<u32> {
+    let workers = raw.workers.unwrap_or(DEFAULT_WORKERS);
+    anyhow::ensure!(
+        (1..=64).contains(&workers),
+        "relay.workers must be between 1 and 64 (found {workers})"
+    );
+    Ok(workers)
+}
+
 /// Starts the delivery workers on the gateway's live directory (its smarthosts). They share
 /// the gateway's acceptance signal, so a stored message is picked up at once, not at the next poll.
 pub fn spawn(
@@ -88,11 +98,7 @@ pub fn spawn(
     queue: Arc<dyn QueueStore>,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let cfg = relay_config(raw, demo)?;
-    let workers = raw.workers.unwrap_or(DEFAULT_WORKERS);
-    anyhow::ensure!(
-        (1..=64).contains(&workers),
-        "relay.workers must be between 1 and 64"
-    );
+    let workers = worker_count(raw)?;
     watch_faults(gateway.clone(), queue.clone());
     let mut handles = Vec::new();
     for i in 0..workers {
@@ -169,6 +175,16 @@ mod tests {
         assert!(!c.capture);
         assert_eq!(c.retry_initial, Duration::from_millis(5));
         assert_eq!(c.max_age, Duration::from_secs(5 * 24 * 3600));
+        Ok(())
+    }
+
+    #[test]
+    fn worker_count_defaults_and_bounds() -> anyhow::Result<()> {
+        assert_eq!(worker_count(&RawRelay::default())?, DEFAULT_WORKERS);
+        assert_eq!(worker_count(&toml::from_str("workers = 1")?)?, 1);
+        let zero = worker_count(&toml::from_str("workers = 0")?).unwrap_err();
+        assert!(zero.to_string().contains("relay.workers"), "{zero}");
+        assert!(worker_count(&toml::from_str("workers = 65")?).is_err());
         Ok(())
     }
 }
