@@ -1077,6 +1077,7 @@ impl Session {
                 a.header_from = h.from;
                 a.header_sender = h.sender;
                 a.body = h.body;
+                null_reverse_path(&mut a);
             }
         }
         let Some(d) = self.decide_or_refuse(&a).await else {
@@ -1131,6 +1132,34 @@ impl Session {
     }
 }
 
+/// A null reverse-path (`MAIL FROM:<>`, what bounces use) names no sender, so the header must:
+/// under the relay's IP trust, whose rule (`smtp_relay.allowed_senders`) is about the envelope
+/// sender, the header From (else Sender) stands for it; a message that names no sender anywhere
+/// is malformed (RFC 5322 §3.6.2 requires From). Without this the engine could never complete
+/// the decision, and the client heard `451 4.3.0` (try again) for good.
+fn null_reverse_path(a: &mut SendAttempt) {
+    if a.envelope_from.as_deref().is_some_and(|s| !s.is_empty()) || !matches!(a.body, Body::Valid) {
+        return;
+    }
+    let named = [&a.header_from, &a.header_sender]
+        .into_iter()
+        .flatten()
+        .find(|s| !s.is_empty())
+        .cloned();
+    match named {
+        Some(address) if matches!(a.credential, Credential::RelayIp) => {
+            a.envelope_from = Some(address);
+        }
+        Some(_) => {}
+        None => {
+            a.body = Body::Invalid {
+                detail: "null reverse-path (MAIL FROM:<>) and no From or Sender address".into(),
+                field: Some("From".into()),
+            };
+        }
+    }
+}
+
 struct Headers {
     from: Option<String>,
     sender: Option<String>,
@@ -1158,5 +1187,120 @@ fn headers(raw: &[u8]) -> Headers {
                 field: None,
             },
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use mailgate_core::orgfile::OrgFile;
+    use mailgate_store::{Changeset, SqliteStore, Store};
+
+    use super::*;
+    use crate::lockout::LockoutPolicy;
+
+    const KEY: &str = "SG.unit-key-0001.c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA";
+
+    async fn context() -> Arc<SmtpContext> {
+        let org = format!(
+            "domains: [{{name: example.com, verified: true}}]\nusers:\n  - email: alice@example.com\napi_keys:\n  - name: k\n    secret: \"{KEY}\"\n    owner: alice@example.com\n    permissions: [mail.send]\nsmtp_relay:\n  allowed_ips: [127.0.0.1/32]\n  allowed_senders: domain_addresses\n"
+        );
+        let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let mut dir = OrgFile::parse(&org).unwrap().directory;
+        let issues = mailgate_auth::prepare_secrets(&mut dir, &Default::default()).unwrap();
+        assert!(issues.is_empty(), "{issues:?}");
+        store
+            .commit(0, &Changeset::between(&Default::default(), &dir), "t")
+            .await
+            .unwrap();
+        Arc::new(SmtpContext {
+            gateway: Gateway::open(store.clone()).await.unwrap(),
+            tokens: store,
+            lockout: Lockout::new(LockoutPolicy {
+                per_login: 3,
+                per_ip: 100,
+                window: Duration::from_secs(60),
+                max_entries: 100,
+            }),
+            hostname: "mx.test".into(),
+            limits: Limits::default(),
+            auth_without_tls: false,
+        })
+    }
+
+    /// The replies to `input`, the greeting left out.
+    async fn converse(ctx: &Arc<SmtpContext>, l: Listener, input: &str) -> String {
+        let tls = (l == Listener::Smtps).then_some(TlsVersion::Tls13);
+        let peer = "127.0.0.1:40000".parse().unwrap();
+        let mut s = Session::new(ctx.clone(), l, peer, tls, false);
+        assert_eq!(s.ingest(input.as_bytes()).await, Step::Continue);
+        String::from_utf8(s.take_output()).unwrap()
+    }
+
+    fn last_reply(replies: &str) -> &str {
+        replies.trim_end().lines().last().unwrap_or_default()
+    }
+
+    /// Found by fuzz/fuzz_targets/smtp_session.rs: with `MAIL FROM:<>` the engine had no sender
+    /// to check (relay: never; authenticated: when the message has no From), so the end of the
+    /// message answered `451 4.3.0 Temporary server error` and clients retried forever.
+    #[tokio::test]
+    async fn null_reverse_path_is_decided_by_the_header_sender() {
+        let ctx = context().await;
+        let relay = |body: &str| {
+            format!("HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<x@example.org>\r\nDATA\r\n{body}\r\n.\r\n")
+        };
+
+        // Relay (trusted IP): a bounce from the organisation's domain goes, one from elsewhere
+        // is refused by smtp_relay.allowed_senders, one naming no sender is malformed.
+        let r = converse(
+            &ctx,
+            Listener::Relay,
+            &relay("From: MAILER-DAEMON@example.com\r\n\r\nbounce"),
+        )
+        .await;
+        assert!(last_reply(&r).starts_with("250 2.0.0 OK "), "{r}");
+        let r = converse(
+            &ctx,
+            Listener::Relay,
+            &relay("From: someone@other.example\r\n\r\nx"),
+        )
+        .await;
+        assert!(
+            last_reply(&r).contains("[mailgate: sender.not_owned"),
+            "{r}"
+        );
+        let r = converse(&ctx, Listener::Relay, &relay("Subject: no from\r\n\r\nx")).await;
+        assert!(last_reply(&r).starts_with("554 5.6.0"), "{r}");
+        assert!(last_reply(&r).contains("[mailgate: message.invalid"), "{r}");
+
+        // Authenticated: the header From is checked as before; no sender at all is malformed,
+        // after DATA and after BDAT alike.
+        let auth = format!(
+            "EHLO c\r\nAUTH PLAIN {}\r\nMAIL FROM:<>\r\nRCPT TO:<x@example.org>\r\n",
+            sasl::encode(&format!("\0k\0{KEY}"))
+        );
+        let r = converse(
+            &ctx,
+            Listener::Smtps,
+            &format!("{auth}DATA\r\nFrom: alice@example.com\r\n\r\nx\r\n.\r\n"),
+        )
+        .await;
+        assert!(last_reply(&r).starts_with("250 2.0.0 OK "), "{r}");
+        let r = converse(
+            &ctx,
+            Listener::Smtps,
+            &format!("{auth}DATA\r\nSubject: x\r\n\r\nx\r\n.\r\n"),
+        )
+        .await;
+        assert!(last_reply(&r).starts_with("554 5.6.0"), "{r}");
+        let r = converse(
+            &ctx,
+            Listener::Smtps,
+            &format!("{auth}BDAT 9 LAST\r\nFrom: x\r\n"),
+        )
+        .await;
+        assert!(last_reply(&r).starts_with("554 5.6.0"), "{r}");
     }
 }
