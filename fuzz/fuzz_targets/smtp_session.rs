@@ -21,8 +21,10 @@
 //! `MAILGATE_FUZZ_TRACE=1 fuzz/target/<triple>/release/smtp_session FILE`).
 //!
 //! Checked beyond "no panic": every reply is UTF-8, made of whole CRLF-terminated lines of at
-//! most 512 octets that start with a 3-digit code and ` ` or `-`; STARTTLS is granted only when
-//! offered and at most once; `Close` means closed.
+//! most 512 octets that start with a 3-digit code and ` ` or `-` and hold no control character;
+//! no `451 4.3.0` (the in-memory store never fails, so that reply would mean a decision the
+//! engine could not complete with every fact known); STARTTLS is granted only when offered and
+//! at most once; `Close` means closed.
 
 #![no_main]
 
@@ -321,7 +323,8 @@ fn reads(input: &[u8]) -> impl Iterator<Item = &[u8]> {
     .flat_map(|read| read.chunks(READ_BUF))
 }
 
-/// Replies are whole lines: `NNN` then ` ` or `-`, CRLF, at most 512 octets, UTF-8.
+/// Replies are whole lines: `NNN` then ` ` or `-`, printable, CRLF, at most 512 octets, UTF-8;
+/// none is the 451 of a fault.
 fn check_replies(out: &[u8]) {
     let text = match std::str::from_utf8(out) {
         Ok(t) => t,
@@ -340,8 +343,12 @@ fn check_replies(out: &[u8]) {
             && matches!(b.first(), Some(b'2'..=b'5'))
             && b.iter().take(3).all(u8::is_ascii_digit)
             && matches!(b.get(3), Some(b' ' | b'-'))
-            && !line.contains(['\r', '\n']);
+            && !line.contains(|c: char| c.is_ascii_control() && c != '\t');
         assert!(well_formed, "malformed reply line: {line:?}");
+        assert!(
+            !line.starts_with("451 4.3.0"),
+            "temporary failure without a fault: {line:?}"
+        );
         assert!(
             b.len() + 2 <= 512,
             "reply line of {} octets: {line:?}",

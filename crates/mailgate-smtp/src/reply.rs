@@ -7,7 +7,7 @@ use mailgate_core::engine::{Denial, FaultKind};
 /// RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets with CRLF.
 const MAX_REPLY_LINE: usize = 510;
 
-/// One reply line with CRLF; CR and LF inside `text` become spaces.
+/// One reply line with CRLF; control characters inside `text` (CR, LF, NUL, ...) become spaces.
 pub(crate) fn line(code: u16, enhanced: &str, text: &str) -> String {
     let mut s = format!("{code} {enhanced} {text}");
     clean(&mut s);
@@ -15,9 +15,15 @@ pub(crate) fn line(code: u16, enhanced: &str, text: &str) -> String {
     s
 }
 
+/// RFC 5321 §4.2: reply text is printable (and tab); client text echoed in a reply (a rejected
+/// parameter, an address) could carry anything.
+fn is_unprintable(c: char) -> bool {
+    c.is_ascii_control() && c != '\t'
+}
+
 fn clean(s: &mut String) {
-    if s.contains(['\r', '\n']) {
-        *s = s.replace(['\r', '\n'], " ");
+    if s.contains(is_unprintable) {
+        *s = s.replace(is_unprintable, " ");
     }
     if s.len() > MAX_REPLY_LINE {
         let mut cut = MAX_REPLY_LINE;
@@ -78,5 +84,8 @@ mod tests {
         assert!(l.ends_with("\r\n"));
         assert_eq!(l.matches("\r\n").count(), 1);
         assert!(l.len() <= 512);
+        // Found by fuzz/fuzz_targets/smtp_session.rs: a rejected parameter echoed a ^A.
+        let l = line(555, "5.5.4", "Unsupported parameter SI\u{1}Z\0\u{7f}\tx.");
+        assert_eq!(l, "555 5.5.4 Unsupported parameter SI Z  \tx.\r\n");
     }
 }
