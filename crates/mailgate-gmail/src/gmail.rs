@@ -742,7 +742,15 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// `raw` is base64url; Google also accepts standard base64 and missing padding.
 fn decode_raw(raw: &str) -> Result<Vec<u8>, String> {
-    let cleaned: String = raw.chars().filter(|c| !c.is_whitespace()).collect();
+    // Copy only when there is whitespace to drop (rare: clients send one line).
+    let cleaned: std::borrow::Cow<str> = if raw.chars().any(char::is_whitespace) {
+        raw.chars()
+            .filter(|c| !c.is_whitespace())
+            .collect::<String>()
+            .into()
+    } else {
+        raw.into()
+    };
     let trimmed = cleaned.trim_end_matches('=');
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(trimmed)
@@ -943,6 +951,7 @@ mod tests {
         assert_eq!(decode_raw("aGk_").unwrap(), vec![b'h', b'i', 0x3f]);
         assert_eq!(decode_raw("aGk=").unwrap(), b"hi");
         assert!(decode_raw("***").is_err());
+        assert_eq!(decode_raw("aG\r\nk=").unwrap(), b"hi");
     }
 
     #[test]

@@ -188,6 +188,12 @@ enum AdminTokenCmd {
     Create { name: String },
 }
 
+/// mimalloc: the send path allocates many small short-lived objects on two runtime threads and
+/// the SQLite worker threads; glibc's allocator spent about a tenth of the CPU time there
+/// (docs/performance.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref(), cli.data_dir.as_deref()) {
