@@ -19,7 +19,7 @@ pub mod testing;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mailgate_core::directory::Smarthost;
 use mailgate_store::{
@@ -176,6 +176,9 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Longest a finished attempt waits to be recorded with the others of its batch.
+const RECORD_EVERY: Duration = Duration::from_millis(100);
+
 /// Where the worker reads the smarthosts in force (the live directory).
 pub type SmarthostSource = Arc<dyn Fn() -> Vec<Smarthost> + Send + Sync>;
 
@@ -292,6 +295,8 @@ impl Relay {
         let n = batch.len();
         let smarthosts = (self.smarthosts)();
         let capture = self.config.capture || smarthosts.is_empty();
+        let mut pending: Vec<AttemptReport> = Vec::new();
+        let mut pending_since: Option<Instant> = None;
         for m in batch {
             if capture {
                 match self
@@ -307,9 +312,17 @@ impl Relay {
                     }
                 }
             } else {
-                self.deliver(&smarthosts, m).await?;
+                let report = self.deliver(&smarthosts, m).await?;
+                pending.push(report);
+                // Record in batches, but never sit long on finished attempts.
+                let since = *pending_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= RECORD_EVERY {
+                    self.record(&mut pending).await?;
+                    pending_since = None;
+                }
             }
         }
+        self.record(&mut pending).await?;
         Ok(n)
     }
 
@@ -328,11 +341,12 @@ impl Relay {
             .ok_or_else(|| ConnectError::Unavailable("connection vanished".into()))
     }
 
+    /// Makes one delivery attempt of `m`; the caller records the report.
     async fn deliver(
         &mut self,
         smarthosts: &[Smarthost],
         m: LeasedMessage,
-    ) -> Result<(), StoreError> {
+    ) -> Result<AttemptReport, StoreError> {
         let at = now_ms();
         // Group the remaining recipients by route.
         let mut groups: Vec<(Smarthost, Vec<String>)> = Vec::new();
@@ -501,37 +515,49 @@ impl Relay {
                 }
             }
         };
-        let dsn_id = dsn.as_ref().map(|d| d.id.clone());
-        let report = AttemptReport {
+        Ok(AttemptReport {
             message_id: m.id.clone(),
             at_ms: at,
             smarthost: (!smarthost_names.is_empty()).then(|| smarthost_names.join(",")),
             outcomes: outcomes.into_iter().map(|(o, _)| o).collect(),
             next_attempt_ms,
             dsn,
-        };
-        match self
+        })
+    }
+
+    /// Records the attempts made so far in one transaction (a crash before this means those
+    /// messages are delivered again once their lease expires: at-least-once, never lost).
+    async fn record(&mut self, reports: &mut Vec<AttemptReport>) -> Result<(), StoreError> {
+        if reports.is_empty() {
+            return Ok(());
+        }
+        let recorded = self
             .store
-            .record_attempt(&self.config.worker_id, &report)
-            .await?
-        {
-            Recorded::State(state) => {
-                tracing::info!(
-                    message_id = %m.id,
-                    state = %state,
-                    delivered = report.outcomes.iter().filter(|o| o.state == RecipientState::Delivered).count(),
-                    deferred = report.outcomes.iter().filter(|o| o.state == RecipientState::Deferred).count(),
-                    failed = report.outcomes.iter().filter(|o| o.state == RecipientState::Failed).count(),
-                    dsn = dsn_id.as_deref().unwrap_or("-"),
-                    "delivery attempt recorded"
-                );
-                if dsn_id.is_some() {
-                    self.wake.notify_one();
+            .record_attempts(&self.config.worker_id, reports)
+            .await?;
+        let mut dsn_queued = false;
+        for (report, r) in reports.drain(..).zip(recorded) {
+            let dsn_id = report.dsn.as_ref().map(|d| d.id.as_str());
+            match r {
+                Recorded::State(state) => {
+                    tracing::info!(
+                        message_id = %report.message_id,
+                        state = %state,
+                        delivered = report.outcomes.iter().filter(|o| o.state == RecipientState::Delivered).count(),
+                        deferred = report.outcomes.iter().filter(|o| o.state == RecipientState::Deferred).count(),
+                        failed = report.outcomes.iter().filter(|o| o.state == RecipientState::Failed).count(),
+                        dsn = dsn_id.unwrap_or("-"),
+                        "delivery attempt recorded"
+                    );
+                    dsn_queued |= dsn_id.is_some();
+                }
+                Recorded::LeaseLost => {
+                    tracing::warn!(message_id = %report.message_id, "lease lost during delivery; another worker owns the message now")
                 }
             }
-            Recorded::LeaseLost => {
-                tracing::warn!(message_id = %m.id, "lease lost during delivery; another worker owns the message now")
-            }
+        }
+        if dsn_queued {
+            self.wake.notify_one();
         }
         Ok(())
     }

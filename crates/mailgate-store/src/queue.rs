@@ -274,6 +274,20 @@ pub trait QueueStore: Send + Sync {
         report: &AttemptReport,
     ) -> Result<Recorded, StoreError>;
 
+    /// Records several attempts (one worker's batch) at once, as [`QueueStore::record_attempt`]
+    /// each; one transaction where the store can. Returns one outcome per report, in order.
+    async fn record_attempts(
+        &self,
+        owner: &str,
+        reports: &[AttemptReport],
+    ) -> Result<Vec<Recorded>, StoreError> {
+        let mut out = Vec::with_capacity(reports.len());
+        for r in reports {
+            out.push(self.record_attempt(owner, r).await?);
+        }
+        Ok(out)
+    }
+
     /// Capture mode: marks a leased message `captured` instead of relaying it.
     async fn mark_captured(
         &self,
@@ -397,6 +411,79 @@ async fn holds_lease(
     Ok(found.as_deref() == Some(owner))
 }
 
+/// Records one attempt inside the caller's transaction (see [`QueueStore::record_attempt`]).
+async fn record_in(
+    tx: &mut sqlx::SqliteConnection,
+    owner: &str,
+    report: &AttemptReport,
+) -> Result<Recorded, StoreError> {
+    if !holds_lease(&mut *tx, owner, &report.message_id).await? {
+        return Ok(Recorded::LeaseLost);
+    }
+    for o in &report.outcomes {
+        sqlx::query(
+                "UPDATE message_recipients
+                 SET state = ?, attempts = attempts + 1, code = ?, reply = ?, smarthost = ?, updated_at_ms = ?
+                 WHERE message_id = ? AND recipient = ?",
+            )
+            .bind(o.state.as_str())
+            .bind(&o.code)
+            .bind(&o.reply)
+            .bind(&report.smarthost)
+            .bind(report.at_ms)
+            .bind(&report.message_id)
+            .bind(&o.recipient)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+                "INSERT INTO delivery_attempts (message_id, at_ms, smarthost, recipient, outcome, code, reply, next_attempt_ms)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&report.message_id)
+            .bind(report.at_ms)
+            .bind(&report.smarthost)
+            .bind(&o.recipient)
+            .bind(o.state.as_str())
+            .bind(&o.code)
+            .bind(&o.reply)
+            .bind(if o.state.is_final() {
+                None
+            } else {
+                report.next_attempt_ms
+            })
+            .execute(&mut *tx)
+            .await?;
+    }
+    let states: Vec<String> =
+        sqlx::query_scalar("SELECT state FROM message_recipients WHERE message_id = ?")
+            .bind(&report.message_id)
+            .fetch_all(&mut *tx)
+            .await?;
+    let states: Vec<RecipientState> = states.iter().map(|s| RecipientState::parse(s)).collect();
+    let state = message_state(&states);
+    let (next, done) = if state == "deferred" {
+        (Some(report.next_attempt_ms.unwrap_or(report.at_ms)), None)
+    } else {
+        (None, Some(report.at_ms))
+    };
+    sqlx::query(
+            "UPDATE messages SET state = ?, attempts = attempts + 1, next_attempt_ms = ?, done_at_ms = ?,
+                 lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = ?
+             WHERE id = ?",
+        )
+        .bind(state)
+        .bind(next)
+        .bind(done)
+        .bind(report.at_ms)
+        .bind(&report.message_id)
+        .execute(&mut *tx)
+        .await?;
+    if let Some(dsn) = &report.dsn {
+        crate::group::insert_message(&mut *tx, dsn).await?;
+    }
+    Ok(Recorded::State(state.to_owned()))
+}
+
 #[async_trait]
 impl QueueStore for SqliteStore {
     async fn release_held(&self, now_ms: i64) -> Result<u64, StoreError> {
@@ -510,74 +597,25 @@ impl QueueStore for SqliteStore {
         owner: &str,
         report: &AttemptReport,
     ) -> Result<Recorded, StoreError> {
+        let mut out = self
+            .record_attempts(owner, std::slice::from_ref(report))
+            .await?;
+        Ok(out.pop().unwrap_or(Recorded::LeaseLost))
+    }
+
+    async fn record_attempts(
+        &self,
+        owner: &str,
+        reports: &[AttemptReport],
+    ) -> Result<Vec<Recorded>, StoreError> {
         let mut conn = self.relaxed_writer().await?;
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        if !holds_lease(&mut tx, owner, &report.message_id).await? {
-            return Ok(Recorded::LeaseLost);
-        }
-        for o in &report.outcomes {
-            sqlx::query(
-                "UPDATE message_recipients
-                 SET state = ?, attempts = attempts + 1, code = ?, reply = ?, smarthost = ?, updated_at_ms = ?
-                 WHERE message_id = ? AND recipient = ?",
-            )
-            .bind(o.state.as_str())
-            .bind(&o.code)
-            .bind(&o.reply)
-            .bind(&report.smarthost)
-            .bind(report.at_ms)
-            .bind(&report.message_id)
-            .bind(&o.recipient)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO delivery_attempts (message_id, at_ms, smarthost, recipient, outcome, code, reply, next_attempt_ms)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&report.message_id)
-            .bind(report.at_ms)
-            .bind(&report.smarthost)
-            .bind(&o.recipient)
-            .bind(o.state.as_str())
-            .bind(&o.code)
-            .bind(&o.reply)
-            .bind(if o.state.is_final() {
-                None
-            } else {
-                report.next_attempt_ms
-            })
-            .execute(&mut *tx)
-            .await?;
-        }
-        let states: Vec<String> =
-            sqlx::query_scalar("SELECT state FROM message_recipients WHERE message_id = ?")
-                .bind(&report.message_id)
-                .fetch_all(&mut *tx)
-                .await?;
-        let states: Vec<RecipientState> = states.iter().map(|s| RecipientState::parse(s)).collect();
-        let state = message_state(&states);
-        let (next, done) = if state == "deferred" {
-            (Some(report.next_attempt_ms.unwrap_or(report.at_ms)), None)
-        } else {
-            (None, Some(report.at_ms))
-        };
-        sqlx::query(
-            "UPDATE messages SET state = ?, attempts = attempts + 1, next_attempt_ms = ?, done_at_ms = ?,
-                 lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = ?
-             WHERE id = ?",
-        )
-        .bind(state)
-        .bind(next)
-        .bind(done)
-        .bind(report.at_ms)
-        .bind(&report.message_id)
-        .execute(&mut *tx)
-        .await?;
-        if let Some(dsn) = &report.dsn {
-            crate::group::insert_message(&mut tx, dsn).await?;
+        let mut out = Vec::with_capacity(reports.len());
+        for report in reports {
+            out.push(record_in(&mut tx, owner, report).await?);
         }
         tx.commit().await?;
-        Ok(Recorded::State(state.to_owned()))
+        Ok(out)
     }
 
     async fn mark_captured(
@@ -868,6 +906,49 @@ mod tests {
             },
             reply: Some(reply.into()),
         }
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_attempts_is_recorded_together_and_a_lost_lease_only_loses_its_own() {
+        let s = SqliteStore::in_memory().await.unwrap();
+        for id in ["m1", "m2", "m3"] {
+            s.accept_message(&msg(id, &["x@a.test"]), None)
+                .await
+                .unwrap();
+        }
+        assert_eq!(s.lease_due("w1", 2_000, 1_000, 10).await.unwrap().len(), 3);
+        // m2 was deleted meanwhile (an operator's `mailgate queue delete`).
+        assert!(s.delete_message("m2").await.unwrap());
+        let report = |id: &str, state, reply| AttemptReport {
+            message_id: id.into(),
+            at_ms: 2_100,
+            smarthost: Some("sink".into()),
+            outcomes: vec![outcome("x@a.test", state, reply)],
+            next_attempt_ms: Some(60_000),
+            dsn: None,
+        };
+        let got = s
+            .record_attempts(
+                "w1",
+                &[
+                    report("m1", RecipientState::Delivered, "250 ok"),
+                    report("m2", RecipientState::Delivered, "250 ok"),
+                    report("m3", RecipientState::Deferred, "451 later"),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Recorded::State("delivered".into()),
+                Recorded::LeaseLost,
+                Recorded::State("deferred".into()),
+            ]
+        );
+        let m3 = s.message_status("m3").await.unwrap().unwrap();
+        assert_eq!(m3.history.len(), 1);
+        assert_eq!(m3.history[0].reply.as_deref(), Some("451 later"));
     }
 
     #[tokio::test]
