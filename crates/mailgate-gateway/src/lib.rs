@@ -184,9 +184,21 @@ impl Gateway {
         door: &str,
         attempt: &SendAttempt,
     ) -> Result<Option<Decided>, GatewayError> {
+        self.screen_for(door, attempt, |_| true).await
+    }
+
+    /// [`Gateway::screen`] for a step that answers only some refusals (SMTP AUTH answers for the
+    /// credential, not for the account's later checks): a refusal `relevant` rejects is neither
+    /// kept nor logged, and the step goes on.
+    pub async fn screen_for(
+        &self,
+        door: &str,
+        attempt: &SendAttempt,
+        relevant: impl Fn(&mailgate_core::engine::Denial) -> bool,
+    ) -> Result<Option<Decided>, GatewayError> {
         let now = now_ms();
         let decision = self.enforce(attempt, now);
-        if decision.denial().is_none() {
+        if !decision.denial().is_some_and(relevant) {
             return Ok(None);
         }
         self.keep_decided(door, attempt, decision, now, Mode::Enforce)

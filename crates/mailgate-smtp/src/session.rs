@@ -884,23 +884,37 @@ impl Session {
     ) -> Step {
         let mut a = self.attempt();
         a.credential = cred.clone();
-        let Some(d) = self.decide(&a).await else {
-            return Step::Continue;
+        // AUTH answers for the credential only; the account's own checks (suspended, ...) are
+        // answered at MAIL FROM, and only then kept and logged.
+        let screened = self
+            .ctx
+            .gateway
+            .screen_for(self.listener.door_name(), &a, |x| {
+                matches!(
+                    x.stage,
+                    Stage::Transport
+                        | Stage::Authn
+                        | Stage::Credential
+                        | Stage::Project
+                        | Stage::Grant
+                        | Stage::Delegation
+                )
+            })
+            .await;
+        let d = match screened {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, listener = self.listener.name(), "decision failed");
+                self.reply(451, "4.3.0", "Temporary server error, try again later.");
+                return Step::Continue;
+            }
         };
-        let refusal = d.decision.denial().filter(|x| {
-            matches!(
-                x.stage,
-                Stage::Transport
-                    | Stage::Authn
-                    | Stage::Credential
-                    | Stage::Project
-                    | Stage::Grant
-                    | Stage::Delegation
-            )
-        });
+        let refusal = d
+            .as_ref()
+            .and_then(|d| d.decision.denial().map(|x| (x, d.id.as_str())));
         let ip = self.peer.ip();
         match refusal {
-            Some(denial) => {
+            Some((denial, decision_id)) => {
                 let locked = matches!(
                     cred,
                     Credential::Refused {
@@ -913,13 +927,13 @@ impl Session {
                         .lockout
                         .failed(login.as_deref(), ip, Instant::now());
                 }
-                let line = reply::denial(denial, &d.id);
+                let line = reply::denial(denial, decision_id);
                 tracing::info!(
                     listener = self.listener.name(),
                     client = %ip,
                     login = login.as_deref().unwrap_or(""),
                     code = denial.code.code(),
-                    decision_id = %d.id,
+                    decision_id = %decision_id,
                     "AUTH refused"
                 );
                 match challenge {
