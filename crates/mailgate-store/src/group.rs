@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use sqlx::{SqliteConnection, SqlitePool};
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{NewMessage, StoreError, StoredDecision, UsageEntry};
@@ -206,14 +206,7 @@ async fn commit_batch(conn: &mut SqliteConnection, jobs: &[Job]) -> Result<(), S
         return Ok(()); // everything before a flush was committed by earlier batches
     }
     sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
-    let mut result = Ok(());
-    for job in jobs {
-        result = apply(conn, &job.op).await;
-        if result.is_err() {
-            break;
-        }
-    }
-    match result {
+    match apply_all(conn, jobs).await {
         Ok(()) => match sqlx::query("COMMIT").execute(&mut *conn).await {
             Ok(_) => Ok(()),
             Err(e) => {
@@ -228,36 +221,108 @@ async fn commit_batch(conn: &mut SqliteConnection, jobs: &[Job]) -> Result<(), S
     }
 }
 
-async fn apply(conn: &mut SqliteConnection, op: &Op) -> Result<(), StoreError> {
-    match op {
-        Op::Decision(d) => insert_decision(conn, d).await,
-        Op::Accept { message, usage } => {
-            insert_message(conn, message).await?;
-            if let Some((entry, tat)) = usage {
-                insert_usage(conn, &message.principal, *entry, *tat).await?;
-            }
-            Ok(())
-        }
-        Op::Flush => Ok(()),
-    }
+/// Splits `n` rows into chunks of 64, 16, 4 and 1, so that a batch of any size is written with a
+/// few multi-row statements whose text (and so prepared statement) is one of four per table.
+fn chunk_sizes(mut n: usize) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        let size = [64, 16, 4, 1].into_iter().find(|s| *s <= n)?;
+        n -= size;
+        Some(size)
+    })
 }
 
-pub(crate) async fn insert_decision(
-    conn: &mut SqliteConnection,
-    d: &StoredDecision,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO decisions (id, at_ms, door, principal, verdict, code, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&d.id)
-    .bind(d.at_ms)
-    .bind(&d.door)
-    .bind(&d.principal)
-    .bind(&d.verdict)
-    .bind(&d.code)
-    .bind(d.body.to_string())
-    .execute(conn)
-    .await?;
+/// Writes every job of a batch with one multi-row `INSERT` per table and chunk (each statement is
+/// a round trip to SQLite's thread: per-row statements cost more than the rows).
+async fn apply_all(conn: &mut SqliteConnection, jobs: &[Job]) -> Result<(), StoreError> {
+    let mut decisions: Vec<(&StoredDecision, String)> = Vec::new();
+    let mut messages: Vec<(&NewMessage, String)> = Vec::new();
+    let mut usage: Vec<(&str, UsageEntry)> = Vec::new();
+    let mut rates: Vec<(&str, i64)> = Vec::new();
+    for job in jobs {
+        match &job.op {
+            Op::Decision(d) => decisions.push((d, d.body.to_string())),
+            Op::Accept { message, usage: u } => {
+                let recipients = serde_json::to_string(&message.recipients)
+                    .map_err(|e| StoreError::Database(sqlx::Error::Encode(Box::new(e))))?;
+                messages.push((message, recipients));
+                if let Some((entry, tat)) = u {
+                    usage.push((&message.principal, *entry));
+                    if let Some(t) = tat {
+                        rates.push((&message.principal, *t));
+                    }
+                }
+            }
+            Op::Flush => {}
+        }
+    }
+    let mut rest = decisions.as_slice();
+    for size in chunk_sizes(rest.len()) {
+        let (chunk, more) = rest.split_at(size);
+        rest = more;
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO decisions (id, at_ms, door, principal, verdict, code, body) ",
+        );
+        q.push_values(chunk, |mut b, (d, body)| {
+            b.push_bind(&d.id)
+                .push_bind(d.at_ms)
+                .push_bind(&d.door)
+                .push_bind(&d.principal)
+                .push_bind(&d.verdict)
+                .push_bind(&d.code)
+                .push_bind(body);
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+    let mut rest = messages.as_slice();
+    for size in chunk_sizes(rest.len()) {
+        let (chunk, more) = rest.split_at(size);
+        rest = more;
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO messages (id, decision_id, accepted_at_ms, door, principal, envelope_from, recipients, size, state, hold_until_ms) ",
+        );
+        q.push_values(chunk, |mut b, (m, recipients)| {
+            b.push_bind(&m.id)
+                .push_bind(&m.decision_id)
+                .push_bind(m.accepted_at_ms)
+                .push_bind(&m.door)
+                .push_bind(&m.principal)
+                .push_bind(&m.envelope_from)
+                .push_bind(recipients)
+                .push_bind(m.raw.len() as i64)
+                .push_bind(&m.state)
+                .push_bind(m.hold_until_ms);
+        });
+        q.build().execute(&mut *conn).await?;
+        let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO message_bodies (message_id, raw) ");
+        q.push_values(chunk, |mut b, (m, _)| {
+            b.push_bind(&m.id).push_bind(&m.raw);
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+    let mut rest = usage.as_slice();
+    for size in chunk_sizes(rest.len()) {
+        let (chunk, more) = rest.split_at(size);
+        rest = more;
+        let mut q =
+            QueryBuilder::<Sqlite>::new("INSERT INTO usage_log (principal, at_ms, recipients) ");
+        q.push_values(chunk, |mut b, (principal, e)| {
+            b.push_bind(*principal)
+                .push_bind(e.at_ms)
+                .push_bind(e.recipients);
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+    let mut rest = rates.as_slice();
+    for size in chunk_sizes(rest.len()) {
+        let (chunk, more) = rest.split_at(size);
+        rest = more;
+        let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO rate_state (principal, tat_ms) ");
+        q.push_values(chunk, |mut b, (principal, tat)| {
+            b.push_bind(*principal).push_bind(*tat);
+        });
+        q.push(" ON CONFLICT (principal) DO UPDATE SET tat_ms = MAX(tat_ms, excluded.tat_ms)");
+        q.build().execute(&mut *conn).await?;
+    }
     Ok(())
 }
 
@@ -350,7 +415,7 @@ mod tests {
                         at_ms: 1,
                         recipients: 1,
                     };
-                    s.accept_message(&message(&format!("m{i:03}")), Some((usage, None)))
+                    s.accept_message(&message(&format!("m{i:03}")), Some((usage, Some(i as i64))))
                         .await
                 })
             })
@@ -375,7 +440,23 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(listed.len(), n as usize);
-        assert_eq!(again.usage_since(0).await.unwrap().sends.len(), n as usize);
+        let replay = again.usage_since(0).await.unwrap();
+        assert_eq!(replay.sends.len(), n as usize);
+        // Many rate states of one principal in one statement: the latest (largest) wins.
+        assert_eq!(
+            replay.rate_tat_ms,
+            vec![("a@example.com".to_owned(), n as i64 - 1)]
+        );
+    }
+
+    #[test]
+    fn batches_are_cut_into_few_statement_shapes() {
+        let cut = |n| super::chunk_sizes(n).collect::<Vec<_>>();
+        assert_eq!(cut(0), Vec::<usize>::new());
+        assert_eq!(cut(1), vec![1]);
+        assert_eq!(cut(7), vec![4, 1, 1, 1]);
+        assert_eq!(cut(85), vec![64, 16, 4, 1]);
+        assert_eq!(cut(256).iter().sum::<usize>(), 256);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

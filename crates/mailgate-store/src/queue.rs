@@ -11,7 +11,8 @@
 
 use async_trait::async_trait;
 use serde::Serialize;
-use sqlx::{Connection, Row};
+use sqlx::{Connection, QueryBuilder, Row, Sqlite};
+use std::collections::HashMap;
 
 use crate::{NewMessage, SqliteStore, StoreError};
 
@@ -525,45 +526,68 @@ impl QueueStore for SqliteStore {
         .bind(i64::from(limit.max(1)))
         .fetch_all(&mut *tx)
         .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
+        // A few statements for the whole batch, whatever its size (each is a round trip).
+        let mut leased = Vec::with_capacity(rows.len());
+        for row in &rows {
             let id: String = row.try_get("id")?;
-            sqlx::query(
-                "UPDATE messages SET lease_owner = ?, lease_until_ms = ?, updated_at_ms = ? WHERE id = ?",
-            )
-            .bind(owner)
-            .bind(until)
-            .bind(now_ms)
-            .bind(&id)
-            .execute(&mut *tx)
-            .await?;
             let envelope: String = row.try_get("recipients")?;
-            let envelope = recipients_of(&envelope)?;
-            // Recipient rows are made on the first lease (acceptance stays one small insert).
-            for r in &envelope {
-                sqlx::query(
-                    "INSERT OR IGNORE INTO message_recipients (message_id, recipient, state, updated_at_ms)
-                     VALUES (?, ?, 'pending', ?)",
-                )
-                .bind(&id)
-                .bind(r)
-                .bind(now_ms)
-                .execute(&mut *tx)
-                .await?;
+            leased.push((id, recipients_of(&envelope)?));
+        }
+        let mut q = QueryBuilder::<Sqlite>::new("UPDATE messages SET lease_owner = ");
+        q.push_bind(owner)
+            .push(", lease_until_ms = ")
+            .push_bind(until)
+            .push(", updated_at_ms = ")
+            .push_bind(now_ms)
+            .push(" WHERE id IN (");
+        let mut ids = q.separated(", ");
+        for (id, _) in &leased {
+            ids.push_bind(id);
+        }
+        q.push(")");
+        q.build().persistent(false).execute(&mut *tx).await?;
+        // Recipient rows are made on the first lease (acceptance stays small).
+        let pairs: Vec<(&String, &String)> = leased
+            .iter()
+            .flat_map(|(id, rcpts)| rcpts.iter().map(move |r| (id, r)))
+            .collect();
+        for chunk in pairs.chunks(1000) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT OR IGNORE INTO message_recipients (message_id, recipient, state, updated_at_ms) ",
+            );
+            q.push_values(chunk, |mut b, (id, r)| {
+                b.push_bind(*id)
+                    .push_bind(*r)
+                    .push_bind("pending")
+                    .push_bind(now_ms);
+            });
+            q.build().persistent(false).execute(&mut *tx).await?;
+        }
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT message_id, recipient, state FROM message_recipients WHERE message_id IN (",
+        );
+        let mut ids = q.separated(", ");
+        for (id, _) in &leased {
+            ids.push_bind(id);
+        }
+        q.push(") ORDER BY rowid");
+        let states = q.build().persistent(false).fetch_all(&mut *tx).await?;
+        let mut open: HashMap<String, Vec<(String, RecipientState)>> = HashMap::new();
+        for s in states {
+            let state = RecipientState::parse(&s.try_get::<String, _>("state")?);
+            if !state.is_final() {
+                open.entry(s.try_get("message_id")?)
+                    .or_default()
+                    .push((s.try_get("recipient")?, state));
             }
-            let states = sqlx::query(
-                "SELECT recipient, state FROM message_recipients WHERE message_id = ? ORDER BY rowid",
-            )
-            .bind(&id)
-            .fetch_all(&mut *tx)
-            .await?;
-            let mut recipients = Vec::new();
-            for s in states {
-                let state = RecipientState::parse(&s.try_get::<String, _>("state")?);
-                if !state.is_final() {
-                    recipients.push((s.try_get("recipient")?, state));
-                }
-            }
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        for (row, (id, _)) in rows.iter().zip(leased) {
+            let recipients = open.remove(&id).unwrap_or_default();
             out.push(LeasedMessage {
                 id,
                 decision_id: row.try_get("decision_id")?,
