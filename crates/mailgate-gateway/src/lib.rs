@@ -383,8 +383,7 @@ pub fn new_decision_id(now_ms: u64) -> String {
 
 /// A message id in Gmail's style: 16 lower-case hex digits, time-ordered.
 pub fn new_message_id(now_ms: u64) -> String {
-    let r: [u8; 2] = mailgate_auth::random_bytes().unwrap_or([0; 2]);
-    format!("{:012x}{:02x}{:02x}", now_ms & 0xFFFF_FFFF_FFFF, r[0], r[1])
+    mailgate_store::new_message_id(now_ms)
 }
 
 /// The documented JSON shape of a decision:

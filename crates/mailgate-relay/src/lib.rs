@@ -574,11 +574,7 @@ fn deferred(rcpt: &str, reply: &str, code: &str) -> RecipientOutcome {
 
 /// A message id in the gateway's style: 16 lower-case hex digits, time-ordered.
 pub fn new_message_id(now_ms: i64) -> String {
-    format!(
-        "{:012x}{:04x}",
-        (now_ms.max(0) as u64) & 0xFFFF_FFFF_FFFF,
-        fastrand::u16(..)
-    )
+    mailgate_store::new_message_id(now_ms.max(0) as u64)
 }
 
 #[cfg(test)]

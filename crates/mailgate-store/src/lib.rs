@@ -171,6 +171,21 @@ pub struct MessageSummary {
     pub accepted_at_ms: i64,
 }
 
+/// A new message id in Gmail's style: 16 lower-case hex digits, time-ordered. The first 48 bits
+/// are the Unix milliseconds; the last 16 start at a random value and count up, and ids from one
+/// process strictly increase, so they never repeat here even at thousands per millisecond (two
+/// random 16-bit suffixes alone collided within seconds under load).
+pub fn new_message_id(now_ms: u64) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let fresh = ((now_ms & 0xFFFF_FFFF_FFFF) << 16) | u64::from(fastrand::u16(..));
+    let next = |last: u64| fresh.max(last.wrapping_add(1));
+    let id = match LAST.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| Some(next(l))) {
+        Ok(prev) | Err(prev) => next(prev),
+    };
+    format!("{id:016x}")
+}
+
 /// The storage interface every front door, the CLI and the server share.
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -232,4 +247,27 @@ pub trait Store: Send + Sync {
 
     /// A message's summary by id.
     async fn message(&self, id: &str) -> Result<Option<MessageSummary>, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::new_message_id;
+
+    #[test]
+    fn message_ids_never_repeat_within_one_millisecond_and_keep_gmail_shape() {
+        let ids: Vec<String> = (0..100_000)
+            .map(|_| new_message_id(1_795_000_000_000))
+            .collect();
+        let unique: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids are time-ordered");
+        assert!(ids.iter().all(|id| {
+            id.len() == 16
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        }));
+        // A later millisecond sorts after.
+        assert!(new_message_id(1_795_000_001_000) > ids[ids.len() - 1]);
+    }
 }
