@@ -176,6 +176,12 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// How long smarthost connections stay open without work.
+const IDLE_CLOSE: Duration = Duration::from_secs(2);
+
+/// How long a woken worker waits for more acceptances before leasing.
+const WAKE_COALESCE: Duration = Duration::from_millis(10);
+
 /// Longest a finished attempt waits to be recorded with the others of its batch.
 const RECORD_EVERY: Duration = Duration::from_millis(100);
 
@@ -243,6 +249,7 @@ impl Relay {
                 capture = self.capturing(),
                 "delivery worker started"
             );
+            let mut last_work = Instant::now();
             loop {
                 let worked = match self.run_once().await {
                     Ok(n) => n,
@@ -252,17 +259,27 @@ impl Relay {
                     }
                 };
                 if worked > 0 {
+                    last_work = Instant::now();
                     continue;
                 }
-                self.close_connections().await;
                 let sleep = match self.store.next_due_ms().await {
                     Ok(Some(due)) => Duration::from_millis((due - now_ms()).max(0) as u64),
                     _ => self.config.poll_interval,
                 }
                 .clamp(Duration::from_millis(10), self.config.poll_interval);
                 tokio::select! {
-                    _ = tokio::time::sleep(sleep) => {}
-                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(sleep) => {
+                        // Smarthost connections are kept while mail flows, closed when idle.
+                        if last_work.elapsed() >= IDLE_CLOSE {
+                            self.close_connections().await;
+                        }
+                    }
+                    _ = self.wake.notified() => {
+                        // Let a few more acceptances arrive: one lease and one record for
+                        // several messages instead of one each (the write connection is shared
+                        // with acceptance, so fewer transactions here is lower latency there).
+                        tokio::time::sleep(WAKE_COALESCE).await;
+                    }
                 }
             }
         })
