@@ -2,6 +2,7 @@
 # one smtp-sink as the common destination, and a Mailgate server with the same durability
 # (SQLite WAL, synchronous=FULL) relaying to that sink. Loopback only; every loop is bounded.
 #
+# RELAY_WORKERS sets Mailgate's `relay.workers` (default 4, the shipped default).
 # A script sets COUNT, SIZE and CLIENTS, then calls: bench_setup; postfix_start; ...;
 # postfix_stop; mailgate_start; ... Cleanup runs on exit.
 
@@ -85,7 +86,7 @@ relay_listen = "127.0.0.1:$SMTP_RELAY_PORT"
 [log]
 level = "warn"
 [relay]
-workers = 4
+workers = ${RELAY_WORKERS:-4}
 TOML
   $MG --config "$WORK/mailgate.toml" apply -f docs/examples/org.yaml >/dev/null
   cat >"$WORK/bench.yaml" <<YAML
