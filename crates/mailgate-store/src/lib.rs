@@ -186,6 +186,15 @@ pub fn new_message_id(now_ms: u64) -> String {
     format!("{id:016x}")
 }
 
+/// What [`Store::purge`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    /// Decisions deleted.
+    pub decisions: u64,
+    /// Messages deleted (with their bodies and delivery history).
+    pub messages: u64,
+}
+
 /// The storage interface every front door, the CLI and the server share.
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -247,6 +256,15 @@ pub trait Store: Send + Sync {
 
     /// A message's summary by id.
     async fn message(&self, id: &str) -> Result<Option<MessageSummary>, StoreError>;
+
+    /// Retention: deletes finished messages (delivered, failed, captured) that finished before
+    /// `messages_before_ms`, with their bodies and delivery history, then decisions taken before
+    /// `decisions_before_ms` that no remaining message names. `None` keeps that kind.
+    async fn purge(
+        &self,
+        decisions_before_ms: Option<i64>,
+        messages_before_ms: Option<i64>,
+    ) -> Result<Purged, StoreError>;
 }
 
 #[cfg(test)]

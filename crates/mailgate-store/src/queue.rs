@@ -933,6 +933,84 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn retention_deletes_old_finished_messages_and_unreferenced_decisions_only() {
+        use crate::{Purged, Store, StoredDecision};
+        let s = SqliteStore::in_memory().await.unwrap();
+        let decision = |id: &str, at_ms| StoredDecision {
+            id: id.into(),
+            at_ms,
+            door: "smtp".into(),
+            principal: "a@example.com".into(),
+            verdict: "denied".into(),
+            code: None,
+            body: serde_json::json!({}),
+        };
+        // Old: a refusal, and a delivered message with its decision. Old but still queued: a
+        // message (never deleted by age) with its decision. New: a refusal.
+        s.record_decision(&decision("d-old-refusal", 1_000))
+            .await
+            .unwrap();
+        s.record_decision(&decision("d-m1", 1_000)).await.unwrap();
+        s.record_decision(&decision("d-m2", 1_000)).await.unwrap();
+        s.record_decision(&decision("d-new", 90_000)).await.unwrap();
+        let mut m1 = msg("m1", &["x@a.test"]);
+        m1.decision_id = "d-m1".into();
+        let mut m2 = msg("m2", &["x@a.test"]);
+        m2.decision_id = "d-m2".into();
+        s.accept_message(&m1, None).await.unwrap();
+        s.accept_message(&m2, None).await.unwrap();
+        let leased = s.lease_due("w", 2_000, 1_000, 1).await.unwrap();
+        assert_eq!(leased[0].id, "m1");
+        let report = AttemptReport {
+            message_id: "m1".into(),
+            at_ms: 2_100,
+            smarthost: None,
+            outcomes: vec![outcome("x@a.test", RecipientState::Delivered, "250 ok")],
+            next_attempt_ms: None,
+            dsn: None,
+        };
+        s.record_attempt("w", &report).await.unwrap();
+
+        // Keeping everything deletes nothing.
+        assert_eq!(s.purge(None, None).await.unwrap(), Purged::default());
+        let purged = s.purge(Some(50_000), Some(50_000)).await.unwrap();
+        assert_eq!(
+            purged,
+            Purged {
+                decisions: 2,
+                messages: 1
+            }
+        );
+        assert!(s.message("m1").await.unwrap().is_none());
+        assert!(s.message_status("m1").await.unwrap().is_none());
+        assert!(
+            s.message("m2").await.unwrap().is_some(),
+            "queued messages stay"
+        );
+        assert!(
+            s.decision("d-m2").await.unwrap().is_some(),
+            "a kept message keeps its decision"
+        );
+        assert!(s.decision("d-new").await.unwrap().is_some());
+        assert!(s.decision("d-old-refusal").await.unwrap().is_none());
+        assert!(s.decision("d-m1").await.unwrap().is_none());
+        // Its body and history went with it.
+        let bodies: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM message_bodies")
+            .fetch_one(s.pool())
+            .await
+            .unwrap();
+        assert_eq!(bodies, 1);
+        let listed = s
+            .list_queue(&QueueFilter {
+                state: Some("delivered".into()),
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert!(listed.is_empty());
+    }
+
+    #[tokio::test]
     async fn a_batch_of_attempts_is_recorded_together_and_a_lost_lease_only_loses_its_own() {
         let s = SqliteStore::in_memory().await.unwrap();
         for id in ["m1", "m2", "m3"] {

@@ -9,12 +9,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use mailgate_core::directory::{Directory, Kind, Object};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{Connection, Row, SqlitePool};
 
 use crate::group::{GroupCommit, GroupCommitStats, Op, insert_usage};
 use crate::{
-    Changeset, MessageSummary, NewMessage, Snapshot, Store, StoreError, StoredDecision, UsageEntry,
-    UsageReplay,
+    Changeset, MessageSummary, NewMessage, Purged, Snapshot, Store, StoreError, StoredDecision,
+    UsageEntry, UsageReplay,
 };
 
 /// The embedded SQLite store.
@@ -351,6 +351,70 @@ impl Store for SqliteStore {
             size: row.try_get("size")?,
             accepted_at_ms: row.try_get("accepted_at_ms")?,
         }))
+    }
+
+    async fn purge(
+        &self,
+        decisions_before_ms: Option<i64>,
+        messages_before_ms: Option<i64>,
+    ) -> Result<Purged, StoreError> {
+        // In slices of 1,000 rows, each its own short transaction, so senders never wait long
+        // for the write connection. Deletions need no fsync of their own (relaxed writer).
+        const SLICE: i64 = 1000;
+        let mut purged = Purged::default();
+        if let Some(before) = messages_before_ms {
+            loop {
+                let mut conn = self.relaxed_writer().await?;
+                let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+                let ids: Vec<String> = sqlx::query_scalar(
+                    "SELECT id FROM messages
+                     WHERE state IN ('delivered', 'failed', 'captured')
+                       AND COALESCE(done_at_ms, accepted_at_ms) < ?
+                     LIMIT ?",
+                )
+                .bind(before)
+                .bind(SLICE)
+                .fetch_all(&mut *tx)
+                .await?;
+                for id in &ids {
+                    for table in [
+                        "DELETE FROM message_bodies WHERE message_id = ?",
+                        "DELETE FROM message_recipients WHERE message_id = ?",
+                        "DELETE FROM delivery_attempts WHERE message_id = ?",
+                        "DELETE FROM messages WHERE id = ?",
+                    ] {
+                        sqlx::query(table).bind(id).execute(&mut *tx).await?;
+                    }
+                }
+                tx.commit().await?;
+                purged.messages += ids.len() as u64;
+                if (ids.len() as i64) < SLICE {
+                    break;
+                }
+            }
+        }
+        if let Some(before) = decisions_before_ms {
+            loop {
+                let mut conn = self.relaxed_writer().await?;
+                let n = sqlx::query(
+                    "DELETE FROM decisions WHERE rowid IN (
+                         SELECT d.rowid FROM decisions d
+                         WHERE d.at_ms < ?
+                           AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.decision_id = d.id)
+                         LIMIT ?)",
+                )
+                .bind(before)
+                .bind(SLICE)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                purged.decisions += n;
+                if (n as i64) < SLICE {
+                    break;
+                }
+            }
+        }
+        Ok(purged)
     }
 
     async fn usage_since(&self, since_ms: i64) -> Result<UsageReplay, StoreError> {

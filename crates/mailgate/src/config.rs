@@ -28,7 +28,19 @@ pub struct RawConfig {
     log: RawLog,
     #[serde(default)]
     relay: crate::relay_setup::RawRelay,
+    #[serde(default)]
+    retention: RawRetention,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    decisions_days: Option<u64>,
+    messages_days: Option<u64>,
+}
+
+/// Days kept when `[retention]` does not say.
+pub const DEFAULT_RETENTION_DAYS: u64 = 30;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,6 +118,12 @@ pub struct Config {
     pub log_level: String,
     /// The delivery worker (`[relay]`), resolved when `serve` starts it.
     pub relay: crate::relay_setup::RawRelay,
+    /// Decisions older than this many days are deleted, unless a kept message names them
+    /// (0: kept forever).
+    pub retention_decisions_days: u64,
+    /// Finished messages (delivered, failed, captured) older than this many days are deleted
+    /// with their bodies and delivery history (0: kept forever).
+    pub retention_messages_days: u64,
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -169,6 +187,14 @@ impl Config {
             log_format: raw.log.format.unwrap_or_default(),
             log_level: raw.log.level.unwrap_or_else(|| "info".to_owned()),
             relay: raw.relay,
+            retention_decisions_days: raw
+                .retention
+                .decisions_days
+                .unwrap_or(DEFAULT_RETENTION_DAYS),
+            retention_messages_days: raw
+                .retention
+                .messages_days
+                .unwrap_or(DEFAULT_RETENTION_DAYS),
         })
     }
 
@@ -198,6 +224,19 @@ mod tests {
         let raw: RawConfig = toml::from_str("[http]\nlisten = \"0.0.0.0:7080\"\n").unwrap();
         let err = Config::resolve(raw).unwrap_err().to_string();
         assert!(err.contains("loopback"), "{err}");
+    }
+
+    #[test]
+    fn retention_defaults_to_thirty_days_and_zero_keeps_forever() {
+        let c = Config::resolve(toml::from_str("").unwrap()).unwrap();
+        assert_eq!(c.retention_decisions_days, DEFAULT_RETENTION_DAYS);
+        assert_eq!(c.retention_messages_days, DEFAULT_RETENTION_DAYS);
+        let raw = "[retention]\ndecisions_days = 0\nmessages_days = 7\n";
+        let c = Config::resolve(toml::from_str(raw).unwrap()).unwrap();
+        assert_eq!(
+            (c.retention_decisions_days, c.retention_messages_days),
+            (0, 7)
+        );
     }
 
     #[test]
@@ -232,6 +271,9 @@ mod tests {
             "relay.helo_name",
             "relay.ca_file",
             "relay.xoauth2_smarthosts",
+            "relay.workers",
+            "retention.decisions_days",
+            "retention.messages_days",
         ] {
             assert!(
                 doc.contains(&format!("`{key}`")),

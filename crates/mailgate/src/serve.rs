@@ -265,6 +265,11 @@ pub async fn run(
     let reloader = state
         .gateway
         .spawn_reloader(Duration::from_millis(config.reload_interval_ms));
+    let retention = spawn_retention(
+        state.gateway.clone(),
+        config.retention_decisions_days,
+        config.retention_messages_days,
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = vec![tokio::spawn(crate::listen::serve(
         http,
@@ -303,12 +308,48 @@ pub async fn run(
         let _ = t.await;
     }
     reloader.abort();
+    retention.abort();
     // Decisions of refused sends are written behind the answer (group commit); keep them.
     if let Err(e) = state.gateway.store().flush().await {
         tracing::warn!(error = %e, "could not write the last decisions");
     }
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// Applies `[retention]` at start and then hourly (days = 0 keeps that kind forever).
+fn spawn_retention(
+    gateway: Arc<Gateway>,
+    decisions_days: u64,
+    messages_days: u64,
+) -> tokio::task::JoinHandle<()> {
+    const DAY_MS: i64 = 24 * 3600 * 1000;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = mailgate_gateway::now_ms() as i64;
+            let cutoff = |days: u64| {
+                (days > 0).then(|| now.saturating_sub((days as i64).saturating_mul(DAY_MS)))
+            };
+            match gateway
+                .store()
+                .purge(cutoff(decisions_days), cutoff(messages_days))
+                .await
+            {
+                Ok(p) if p.decisions + p.messages > 0 => tracing::info!(
+                    decisions = p.decisions,
+                    messages = p.messages,
+                    decisions_days,
+                    messages_days,
+                    "retention: deleted old records"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "retention: purge failed; will retry"),
+            }
+        }
+    })
 }
 
 async fn shutdown_signal() {
