@@ -381,10 +381,7 @@ pub fn new_decision_id(now_ms: u64) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A message id in Gmail's style: 16 lower-case hex digits, time-ordered.
-pub fn new_message_id(now_ms: u64) -> String {
-    mailgate_store::new_message_id(now_ms)
-}
+pub use mailgate_store::new_message_id;
 
 /// The documented JSON shape of a decision:
 /// `{"allowed", "verdict", "decision_id", "denial", "denials", "checks": [{"check","code","outcome","detail","remedy"}]}`.

@@ -329,7 +329,7 @@ impl Relay {
                     }
                 }
             } else {
-                let report = self.deliver(&smarthosts, m).await?;
+                let report = self.deliver(&smarthosts, m).await;
                 pending.push(report);
                 // Record in batches, but never sit long on finished attempts.
                 let since = *pending_since.get_or_insert_with(Instant::now);
@@ -359,11 +359,7 @@ impl Relay {
     }
 
     /// Makes one delivery attempt of `m`; the caller records the report.
-    async fn deliver(
-        &mut self,
-        smarthosts: &[Smarthost],
-        m: LeasedMessage,
-    ) -> Result<AttemptReport, StoreError> {
+    async fn deliver(&mut self, smarthosts: &[Smarthost], m: LeasedMessage) -> AttemptReport {
         let at = now_ms();
         // Group the remaining recipients by route.
         let mut groups: Vec<(Smarthost, Vec<String>)> = Vec::new();
@@ -515,7 +511,7 @@ impl Relay {
                 original: &m.raw,
             }) {
                 Ok(raw) => Some(NewMessage {
-                    id: new_message_id(at),
+                    id: mailgate_store::new_message_id(at.max(0) as u64),
                     decision_id: m.decision_id.clone(),
                     accepted_at_ms: at,
                     door: "dsn".into(),
@@ -532,14 +528,14 @@ impl Relay {
                 }
             }
         };
-        Ok(AttemptReport {
+        AttemptReport {
             message_id: m.id.clone(),
             at_ms: at,
             smarthost: (!smarthost_names.is_empty()).then(|| smarthost_names.join(",")),
             outcomes: outcomes.into_iter().map(|(o, _)| o).collect(),
             next_attempt_ms,
             dsn,
-        })
+        }
     }
 
     /// Records the attempts made so far in one transaction (a crash before this means those
@@ -587,11 +583,6 @@ fn deferred(rcpt: &str, reply: &str, code: &str) -> RecipientOutcome {
         code: Some(code.to_owned()),
         reply: Some(reply.to_owned()),
     }
-}
-
-/// A message id in the gateway's style: 16 lower-case hex digits, time-ordered.
-pub fn new_message_id(now_ms: i64) -> String {
-    mailgate_store::new_message_id(now_ms.max(0) as u64)
 }
 
 #[cfg(test)]

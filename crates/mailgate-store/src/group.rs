@@ -234,17 +234,15 @@ fn chunk_sizes(mut n: usize) -> impl Iterator<Item = usize> {
 /// Writes every job of a batch with one multi-row `INSERT` per table and chunk (each statement is
 /// a round trip to SQLite's thread: per-row statements cost more than the rows).
 async fn apply_all(conn: &mut SqliteConnection, jobs: &[Job]) -> Result<(), StoreError> {
-    let mut decisions: Vec<(&StoredDecision, String)> = Vec::new();
-    let mut messages: Vec<(&NewMessage, String)> = Vec::new();
+    let mut decisions: Vec<&StoredDecision> = Vec::new();
+    let mut messages: Vec<&NewMessage> = Vec::new();
     let mut usage: Vec<(&str, UsageEntry)> = Vec::new();
     let mut rates: Vec<(&str, i64)> = Vec::new();
     for job in jobs {
         match &job.op {
-            Op::Decision(d) => decisions.push((d, d.body.to_string())),
+            Op::Decision(d) => decisions.push(d),
             Op::Accept { message, usage: u } => {
-                let recipients = serde_json::to_string(&message.recipients)
-                    .map_err(|e| StoreError::Database(sqlx::Error::Encode(Box::new(e))))?;
-                messages.push((message, recipients));
+                messages.push(message);
                 if let Some((entry, tat)) = u {
                     usage.push((&message.principal, *entry));
                     if let Some(t) = tat {
@@ -255,10 +253,27 @@ async fn apply_all(conn: &mut SqliteConnection, jobs: &[Job]) -> Result<(), Stor
             Op::Flush => {}
         }
     }
-    let mut rest = decisions.as_slice();
-    for size in chunk_sizes(rest.len()) {
-        let (chunk, more) = rest.split_at(size);
-        rest = more;
+    insert_decisions(conn, &decisions).await?;
+    insert_messages(conn, &messages).await?;
+    insert_usage(conn, &usage, &rates).await
+}
+
+/// Cuts `rows` into [`chunk_sizes`] slices.
+fn chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
+    chunk_sizes(rows.len()).map(move |size| {
+        let (chunk, rest) = rows.split_at(size);
+        rows = rest;
+        chunk
+    })
+}
+
+async fn insert_decisions(
+    conn: &mut SqliteConnection,
+    decisions: &[&StoredDecision],
+) -> Result<(), StoreError> {
+    let bodies: Vec<String> = decisions.iter().map(|d| d.body.to_string()).collect();
+    let rows: Vec<(&StoredDecision, &String)> = decisions.iter().copied().zip(&bodies).collect();
+    for chunk in chunks(&rows) {
         let mut q = QueryBuilder::<Sqlite>::new(
             "INSERT INTO decisions (id, at_ms, door, principal, verdict, code, body) ",
         );
@@ -269,14 +284,25 @@ async fn apply_all(conn: &mut SqliteConnection, jobs: &[Job]) -> Result<(), Stor
                 .push_bind(&d.principal)
                 .push_bind(&d.verdict)
                 .push_bind(&d.code)
-                .push_bind(body);
+                .push_bind(*body);
         });
         q.build().execute(&mut *conn).await?;
     }
-    let mut rest = messages.as_slice();
-    for size in chunk_sizes(rest.len()) {
-        let (chunk, more) = rest.split_at(size);
-        rest = more;
+    Ok(())
+}
+
+/// Inserts messages with their bodies (acceptances, and DSNs the delivery worker makes).
+pub(crate) async fn insert_messages(
+    conn: &mut SqliteConnection,
+    messages: &[&NewMessage],
+) -> Result<(), StoreError> {
+    let mut rows = Vec::with_capacity(messages.len());
+    for m in messages {
+        let recipients = serde_json::to_string(&m.recipients)
+            .map_err(|e| StoreError::Database(sqlx::Error::Encode(Box::new(e))))?;
+        rows.push((*m, recipients));
+    }
+    for chunk in chunks(&rows) {
         let mut q = QueryBuilder::<Sqlite>::new(
             "INSERT INTO messages (id, decision_id, accepted_at_ms, door, principal, envelope_from, recipients, size, state, hold_until_ms) ",
         );
@@ -299,10 +325,16 @@ async fn apply_all(conn: &mut SqliteConnection, jobs: &[Job]) -> Result<(), Stor
         });
         q.build().execute(&mut *conn).await?;
     }
-    let mut rest = usage.as_slice();
-    for size in chunk_sizes(rest.len()) {
-        let (chunk, more) = rest.split_at(size);
-        rest = more;
+    Ok(())
+}
+
+/// Appends sends to the usage log and moves rate states forward (never back).
+pub(crate) async fn insert_usage(
+    conn: &mut SqliteConnection,
+    usage: &[(&str, UsageEntry)],
+    rates: &[(&str, i64)],
+) -> Result<(), StoreError> {
+    for chunk in chunks(usage) {
         let mut q =
             QueryBuilder::<Sqlite>::new("INSERT INTO usage_log (principal, at_ms, recipients) ");
         q.push_values(chunk, |mut b, (principal, e)| {
@@ -312,71 +344,13 @@ async fn apply_all(conn: &mut SqliteConnection, jobs: &[Job]) -> Result<(), Stor
         });
         q.build().execute(&mut *conn).await?;
     }
-    let mut rest = rates.as_slice();
-    for size in chunk_sizes(rest.len()) {
-        let (chunk, more) = rest.split_at(size);
-        rest = more;
+    for chunk in chunks(rates) {
         let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO rate_state (principal, tat_ms) ");
         q.push_values(chunk, |mut b, (principal, tat)| {
             b.push_bind(*principal).push_bind(*tat);
         });
         q.push(" ON CONFLICT (principal) DO UPDATE SET tat_ms = MAX(tat_ms, excluded.tat_ms)");
         q.build().execute(&mut *conn).await?;
-    }
-    Ok(())
-}
-
-pub(crate) async fn insert_message(
-    conn: &mut SqliteConnection,
-    m: &NewMessage,
-) -> Result<(), StoreError> {
-    let recipients = serde_json::to_string(&m.recipients)
-        .map_err(|e| StoreError::Database(sqlx::Error::Encode(Box::new(e))))?;
-    sqlx::query(
-        "INSERT INTO messages (id, decision_id, accepted_at_ms, door, principal, envelope_from, recipients, size, state, hold_until_ms)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&m.id)
-    .bind(&m.decision_id)
-    .bind(m.accepted_at_ms)
-    .bind(&m.door)
-    .bind(&m.principal)
-    .bind(&m.envelope_from)
-    .bind(recipients)
-    .bind(m.raw.len() as i64)
-    .bind(&m.state)
-    .bind(m.hold_until_ms)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query("INSERT INTO message_bodies (message_id, raw) VALUES (?, ?)")
-        .bind(&m.id)
-        .bind(&m.raw)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-pub(crate) async fn insert_usage(
-    conn: &mut SqliteConnection,
-    principal: &str,
-    entry: UsageEntry,
-    rate_tat_ms: Option<i64>,
-) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO usage_log (principal, at_ms, recipients) VALUES (?, ?, ?)")
-        .bind(principal)
-        .bind(entry.at_ms)
-        .bind(entry.recipients)
-        .execute(&mut *conn)
-        .await?;
-    if let Some(tat) = rate_tat_ms {
-        sqlx::query(
-            "INSERT INTO rate_state (principal, tat_ms) VALUES (?, ?)
-             ON CONFLICT (principal) DO UPDATE SET tat_ms = MAX(tat_ms, excluded.tat_ms)",
-        )
-        .bind(principal)
-        .bind(tat)
-        .execute(conn)
-        .await?;
     }
     Ok(())
 }

@@ -480,7 +480,7 @@ async fn record_in(
         .execute(&mut *tx)
         .await?;
     if let Some(dsn) = &report.dsn {
-        crate::group::insert_message(&mut *tx, dsn).await?;
+        crate::group::insert_messages(&mut *tx, &[dsn]).await?;
     }
     Ok(Recorded::State(state.to_owned()))
 }

@@ -314,7 +314,8 @@ impl Store for SqliteStore {
         rate_tat_ms: Option<i64>,
     ) -> Result<(), StoreError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        insert_usage(&mut tx, principal, entry, rate_tat_ms).await?;
+        let rates: Vec<(&str, i64)> = rate_tat_ms.map(|t| (principal, t)).into_iter().collect();
+        insert_usage(&mut tx, &[(principal, entry)], &rates).await?;
         tx.commit().await?;
         Ok(())
     }
