@@ -140,9 +140,17 @@ impl Gateway {
             let _ = BufReader::new(stderr).read_to_string(&mut s);
             s
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("server did not report its listener within 30 s");
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "server did not report its listener within 30 s ({e}); its log:\n{}",
+                    logs.join().unwrap_or_default()
+                );
+            }
+        };
         let https = banner_https(&self.config(""));
         let smtp = |key: &str| config_value(&self.config(""), "[smtp]", key);
         Server {
@@ -240,12 +248,20 @@ impl Drop for Server {
     }
 }
 
-/// A free loopback port (bound, then released for the server to take).
+/// A free loopback port for a server to take later. Chosen below the kernel's ephemeral range
+/// (32768 and up here): a port the kernel hands out (`bind(0)`) can be taken meanwhile by any
+/// test's outgoing connection, which made a server fail to bind now and then under parallel load.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::hash::{BuildHasher, Hasher};
+    for _ in 0..1000 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let port = 20_000 + (h.finish() % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000-31999")
 }
 
 /// Polls `f` until it returns true or `timeout` passes.
