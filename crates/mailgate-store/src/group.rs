@@ -205,35 +205,6 @@ async fn commit_batch(conn: &mut SqliteConnection, jobs: &[Job]) -> Result<(), S
     if jobs.iter().all(|j| matches!(j.op, Op::Flush)) {
         return Ok(()); // everything before a flush was committed by earlier batches
     }
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
-    match apply_all(conn, jobs).await {
-        Ok(()) => match sqlx::query("COMMIT").execute(&mut *conn).await {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-                Err(e.into())
-            }
-        },
-        Err(e) => {
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-            Err(e)
-        }
-    }
-}
-
-/// Splits `n` rows into chunks of 64, 16, 4 and 1, so that a batch of any size is written with a
-/// few multi-row statements whose text (and so prepared statement) is one of four per table.
-fn chunk_sizes(mut n: usize) -> impl Iterator<Item = usize> {
-    std::iter::from_fn(move || {
-        let size = [64, 16, 4, 1].into_iter().find(|s| *s <= n)?;
-        n -= size;
-        Some(size)
-    })
-}
-
-/// Writes every job of a batch with one multi-row `INSERT` per table and chunk (each statement is
-/// a round trip to SQLite's thread: per-row statements cost more than the rows).
-async fn apply_all(conn: &mut SqliteConnection, jobs: &[Job]) -> Result<(), StoreError> {
     let mut decisions: Vec<&StoredDecision> = Vec::new();
     let mut messages: Vec<&NewMessage> = Vec::new();
     let mut usage: Vec<(&str, UsageEntry)> = Vec::new();
@@ -253,9 +224,48 @@ async fn apply_all(conn: &mut SqliteConnection, jobs: &[Job]) -> Result<(), Stor
             Op::Flush => {}
         }
     }
-    insert_decisions(conn, &decisions).await?;
-    insert_messages(conn, &messages).await?;
-    insert_usage(conn, &usage, &rates).await
+    let decisions = decision_rows(&decisions);
+    let messages = message_rows(&messages)?;
+    // The whole transaction is one multi-statement query: one round trip to SQLite's thread
+    // instead of one per statement (each costs two context switches or more).
+    let mut q = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE; ");
+    push_decisions(&mut q, &decisions);
+    push_messages(&mut q, &messages);
+    push_usage(&mut q, &usage, &rates);
+    q.push("COMMIT");
+    run_transaction(conn, q).await
+}
+
+/// Runs `q`, a multi-statement transaction (`BEGIN ...; ...; COMMIT`), in one round trip; when a
+/// statement fails, the transaction is rolled back (SQLite leaves it open) and the error returned.
+pub(crate) async fn run_transaction(
+    conn: &mut SqliteConnection,
+    mut q: QueryBuilder<Sqlite>,
+) -> Result<(), StoreError> {
+    match q.build().execute(&mut *conn).await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            rollback(conn).await;
+            Err(e.into())
+        }
+    }
+}
+
+/// Rolls back whatever transaction a failed multi-statement query left open (none is fine).
+pub(crate) async fn rollback(conn: &mut SqliteConnection) {
+    if let Err(e) = sqlx::query("ROLLBACK").execute(&mut *conn).await {
+        tracing::debug!(error = %e, "nothing to roll back");
+    }
+}
+
+/// Splits `n` rows into chunks of 64, 16, 4 and 1, so that a batch of any size is written with a
+/// few multi-row statements whose text (and so prepared statement) is one of four per table.
+fn chunk_sizes(mut n: usize) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        let size = [64, 16, 4, 1].into_iter().find(|s| *s <= n)?;
+        n -= size;
+        Some(size)
+    })
 }
 
 /// Cuts `rows` into [`chunk_sizes`] slices.
@@ -267,16 +277,15 @@ fn chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
     })
 }
 
-async fn insert_decisions(
-    conn: &mut SqliteConnection,
-    decisions: &[&StoredDecision],
-) -> Result<(), StoreError> {
-    let bodies: Vec<String> = decisions.iter().map(|d| d.body.to_string()).collect();
-    let rows: Vec<(&StoredDecision, &String)> = decisions.iter().copied().zip(&bodies).collect();
-    for chunk in chunks(&rows) {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO decisions (id, at_ms, door, principal, verdict, code, body) ",
-        );
+/// Decisions with their JSON bodies rendered (the rows [`push_decisions`] binds).
+fn decision_rows<'a>(decisions: &[&'a StoredDecision]) -> Vec<(&'a StoredDecision, String)> {
+    decisions.iter().map(|d| (*d, d.body.to_string())).collect()
+}
+
+/// Appends one multi-row `INSERT` per chunk of `rows` to `q`.
+fn push_decisions<'a>(q: &mut QueryBuilder<Sqlite>, rows: &'a [(&'a StoredDecision, String)]) {
+    for chunk in chunks(rows) {
+        q.push("INSERT INTO decisions (id, at_ms, door, principal, verdict, code, body) ");
         q.push_values(chunk, |mut b, (d, body)| {
             b.push_bind(&d.id)
                 .push_bind(d.at_ms)
@@ -284,28 +293,34 @@ async fn insert_decisions(
                 .push_bind(&d.principal)
                 .push_bind(&d.verdict)
                 .push_bind(&d.code)
-                .push_bind(*body);
+                .push_bind(body);
         });
-        q.build().execute(&mut *conn).await?;
+        q.push("; ");
     }
-    Ok(())
 }
 
-/// Inserts messages with their bodies (acceptances, and DSNs the delivery worker makes).
-pub(crate) async fn insert_messages(
-    conn: &mut SqliteConnection,
-    messages: &[&NewMessage],
-) -> Result<(), StoreError> {
-    let mut rows = Vec::with_capacity(messages.len());
-    for m in messages {
-        let recipients = serde_json::to_string(&m.recipients)
-            .map_err(|e| StoreError::Database(sqlx::Error::Encode(Box::new(e))))?;
-        rows.push((*m, recipients));
-    }
-    for chunk in chunks(&rows) {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO messages (id, decision_id, accepted_at_ms, door, principal, envelope_from, recipients, size, state, hold_until_ms) ",
-        );
+/// Messages with their recipient lists rendered as JSON (the rows [`push_messages`] binds).
+pub(crate) fn message_rows<'a>(
+    messages: &[&'a NewMessage],
+) -> Result<Vec<(&'a NewMessage, String)>, StoreError> {
+    messages
+        .iter()
+        .map(|m| {
+            serde_json::to_string(&m.recipients)
+                .map(|r| (*m, r))
+                .map_err(|e| StoreError::Database(sqlx::Error::Encode(Box::new(e))))
+        })
+        .collect()
+}
+
+/// Appends the `INSERT`s of messages with their bodies (acceptances, and DSNs the delivery
+/// worker makes) to `q`.
+pub(crate) fn push_messages<'a>(
+    q: &mut QueryBuilder<Sqlite>,
+    rows: &'a [(&'a NewMessage, String)],
+) {
+    for chunk in chunks(rows) {
+        q.push("INSERT INTO messages (id, decision_id, accepted_at_ms, door, principal, envelope_from, recipients, size, state, hold_until_ms) ");
         q.push_values(chunk, |mut b, (m, recipients)| {
             b.push_bind(&m.id)
                 .push_bind(&m.decision_id)
@@ -318,41 +333,36 @@ pub(crate) async fn insert_messages(
                 .push_bind(&m.state)
                 .push_bind(m.hold_until_ms);
         });
-        q.build().execute(&mut *conn).await?;
-        let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO message_bodies (message_id, raw) ");
+        q.push("; INSERT INTO message_bodies (message_id, raw) ");
         q.push_values(chunk, |mut b, (m, _)| {
             b.push_bind(&m.id).push_bind(&m.raw);
         });
-        q.build().execute(&mut *conn).await?;
+        q.push("; ");
     }
-    Ok(())
 }
 
 /// Appends sends to the usage log and moves rate states forward (never back).
-pub(crate) async fn insert_usage(
-    conn: &mut SqliteConnection,
-    usage: &[(&str, UsageEntry)],
-    rates: &[(&str, i64)],
-) -> Result<(), StoreError> {
+pub(crate) fn push_usage<'a>(
+    q: &mut QueryBuilder<Sqlite>,
+    usage: &'a [(&'a str, UsageEntry)],
+    rates: &'a [(&'a str, i64)],
+) {
     for chunk in chunks(usage) {
-        let mut q =
-            QueryBuilder::<Sqlite>::new("INSERT INTO usage_log (principal, at_ms, recipients) ");
+        q.push("INSERT INTO usage_log (principal, at_ms, recipients) ");
         q.push_values(chunk, |mut b, (principal, e)| {
             b.push_bind(*principal)
                 .push_bind(e.at_ms)
                 .push_bind(e.recipients);
         });
-        q.build().execute(&mut *conn).await?;
+        q.push("; ");
     }
     for chunk in chunks(rates) {
-        let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO rate_state (principal, tat_ms) ");
+        q.push("INSERT INTO rate_state (principal, tat_ms) ");
         q.push_values(chunk, |mut b, (principal, tat)| {
             b.push_bind(*principal).push_bind(*tat);
         });
-        q.push(" ON CONFLICT (principal) DO UPDATE SET tat_ms = MAX(tat_ms, excluded.tat_ms)");
-        q.build().execute(&mut *conn).await?;
+        q.push(" ON CONFLICT (principal) DO UPDATE SET tat_ms = MAX(tat_ms, excluded.tat_ms); ");
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use serde::Serialize;
 use sqlx::{Connection, QueryBuilder, Row, Sqlite};
 use std::collections::HashMap;
 
+use crate::sqlite::relaxed_transaction;
 use crate::{NewMessage, SqliteStore, StoreError};
 
 /// A recipient's delivery state.
@@ -412,77 +413,112 @@ async fn holds_lease(
     Ok(found.as_deref() == Some(owner))
 }
 
-/// Records one attempt inside the caller's transaction (see [`QueueStore::record_attempt`]).
-async fn record_in(
-    tx: &mut sqlx::SqliteConnection,
+/// Pushes the statements that record one attempt (see [`QueueStore::record_attempts`]) onto a
+/// relaxed transaction. Each statement checks that `owner` still holds the lease, so a lost lease
+/// records nothing; the message's update returns `(id, state)` when the attempt was recorded, and
+/// a DSN is queued only then.
+fn push_record(
+    q: &mut QueryBuilder<Sqlite>,
     owner: &str,
     report: &AttemptReport,
-) -> Result<Recorded, StoreError> {
-    if !holds_lease(&mut *tx, owner, &report.message_id).await? {
-        return Ok(Recorded::LeaseLost);
-    }
+    dsn: Option<&(&NewMessage, String)>,
+) {
+    let leased = |q: &mut QueryBuilder<Sqlite>| {
+        q.push(" EXISTS (SELECT 1 FROM messages WHERE id = ")
+            .push_bind(report.message_id.as_str())
+            .push(" AND lease_owner = ")
+            .push_bind(owner)
+            .push(" AND state IN ('queued', 'deferred'))");
+    };
     for o in &report.outcomes {
-        sqlx::query(
-                "UPDATE message_recipients
-                 SET state = ?, attempts = attempts + 1, code = ?, reply = ?, smarthost = ?, updated_at_ms = ?
-                 WHERE message_id = ? AND recipient = ?",
-            )
-            .bind(o.state.as_str())
-            .bind(&o.code)
-            .bind(&o.reply)
-            .bind(&report.smarthost)
-            .bind(report.at_ms)
-            .bind(&report.message_id)
-            .bind(&o.recipient)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-                "INSERT INTO delivery_attempts (message_id, at_ms, smarthost, recipient, outcome, code, reply, next_attempt_ms)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&report.message_id)
-            .bind(report.at_ms)
-            .bind(&report.smarthost)
-            .bind(&o.recipient)
-            .bind(o.state.as_str())
-            .bind(&o.code)
-            .bind(&o.reply)
-            .bind(if o.state.is_final() {
+        q.push("UPDATE message_recipients SET state = ")
+            .push_bind(o.state.as_str())
+            .push(", attempts = attempts + 1, code = ")
+            .push_bind(o.code.as_deref())
+            .push(", reply = ")
+            .push_bind(o.reply.as_deref())
+            .push(", smarthost = ")
+            .push_bind(report.smarthost.as_deref())
+            .push(", updated_at_ms = ")
+            .push_bind(report.at_ms)
+            .push(" WHERE message_id = ")
+            .push_bind(report.message_id.as_str())
+            .push(" AND recipient = ")
+            .push_bind(o.recipient.as_str())
+            .push(" AND");
+        leased(q);
+        q.push("; INSERT INTO delivery_attempts (message_id, at_ms, smarthost, recipient, outcome, code, reply, next_attempt_ms) SELECT ")
+            .push_bind(report.message_id.as_str())
+            .push(", ")
+            .push_bind(report.at_ms)
+            .push(", ")
+            .push_bind(report.smarthost.as_deref())
+            .push(", ")
+            .push_bind(o.recipient.as_str())
+            .push(", ")
+            .push_bind(o.state.as_str())
+            .push(", ")
+            .push_bind(o.code.as_deref())
+            .push(", ")
+            .push_bind(o.reply.as_deref())
+            .push(", ")
+            .push_bind(if o.state.is_final() {
                 None
             } else {
                 report.next_attempt_ms
             })
-            .execute(&mut *tx)
-            .await?;
+            .push(" WHERE");
+        leased(q);
+        q.push("; ");
     }
-    let states: Vec<String> =
-        sqlx::query_scalar("SELECT state FROM message_recipients WHERE message_id = ?")
-            .bind(&report.message_id)
-            .fetch_all(&mut *tx)
-            .await?;
-    let states: Vec<RecipientState> = states.iter().map(|s| RecipientState::parse(s)).collect();
-    let state = message_state(&states);
-    let (next, done) = if state == "deferred" {
-        (Some(report.next_attempt_ms.unwrap_or(report.at_ms)), None)
-    } else {
-        (None, Some(report.at_ms))
-    };
-    sqlx::query(
-            "UPDATE messages SET state = ?, attempts = attempts + 1, next_attempt_ms = ?, done_at_ms = ?,
-                 lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = ?
-             WHERE id = ?",
-        )
-        .bind(state)
-        .bind(next)
-        .bind(done)
-        .bind(report.at_ms)
-        .bind(&report.message_id)
-        .execute(&mut *tx)
-        .await?;
-    if let Some(dsn) = &report.dsn {
-        crate::group::insert_messages(&mut *tx, &[dsn]).await?;
+    // The message's state follows its recipients' (as `message_state` computes it).
+    const STATE: &str = "(CASE
+        WHEN EXISTS (SELECT 1 FROM message_recipients r WHERE r.message_id = messages.id AND r.state NOT IN ('delivered', 'failed')) THEN 'deferred'
+        WHEN EXISTS (SELECT 1 FROM message_recipients r WHERE r.message_id = messages.id AND r.state = 'failed') THEN 'failed'
+        ELSE 'delivered' END)";
+    q.push(format!(
+        "UPDATE messages SET state = {STATE}, attempts = attempts + 1, next_attempt_ms = CASE WHEN {STATE} = 'deferred' THEN "
+    ))
+    .push_bind(report.next_attempt_ms.unwrap_or(report.at_ms))
+    .push(format!(
+        " END, done_at_ms = CASE WHEN {STATE} = 'deferred' THEN NULL ELSE "
+    ))
+    .push_bind(report.at_ms)
+    .push(" END, lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = ")
+    .push_bind(report.at_ms)
+    .push(" WHERE id = ")
+    .push_bind(report.message_id.as_str())
+    .push(" AND lease_owner = ")
+    .push_bind(owner)
+    .push(" AND state IN ('queued', 'deferred') RETURNING id, state; ");
+    if let Some((m, recipients)) = dsn {
+        // Only if the attempt was recorded (the update above changed its row).
+        q.push("INSERT INTO messages (id, decision_id, accepted_at_ms, door, principal, envelope_from, recipients, size, state, hold_until_ms) SELECT ")
+            .push_bind(m.id.as_str())
+            .push(", ")
+            .push_bind(m.decision_id.as_str())
+            .push(", ")
+            .push_bind(m.accepted_at_ms)
+            .push(", ")
+            .push_bind(m.door.as_str())
+            .push(", ")
+            .push_bind(m.principal.as_str())
+            .push(", ")
+            .push_bind(m.envelope_from.as_str())
+            .push(", ")
+            .push_bind(recipients.as_str())
+            .push(", ")
+            .push_bind(m.raw.len() as i64)
+            .push(", ")
+            .push_bind(m.state.as_str())
+            .push(", ")
+            .push_bind(m.hold_until_ms)
+            .push(" WHERE changes() = 1; INSERT INTO message_bodies (message_id, raw) SELECT ")
+            .push_bind(m.id.as_str())
+            .push(", ")
+            .push_bind(m.raw.as_slice())
+            .push(" WHERE changes() = 1; ");
     }
-    Ok(Recorded::State(state.to_owned()))
 }
 
 #[async_trait]
@@ -508,100 +544,82 @@ impl QueueStore for SqliteStore {
         limit: u32,
     ) -> Result<Vec<LeasedMessage>, StoreError> {
         let until = now_ms.saturating_add(lease_ms);
-        // BEGIN IMMEDIATE takes the write lock first: two workers cannot lease the same row.
-        let mut conn = self.relaxed_writer().await?;
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let rows = sqlx::query(
-            "SELECT id, decision_id, door, accepted_at_ms, envelope_from, recipients, attempts,
-                    (SELECT raw FROM message_bodies b WHERE b.message_id = messages.id) AS raw
-             FROM messages
-             WHERE state IN ('queued', 'deferred')
-               AND COALESCE(next_attempt_ms, 0) <= ?
-               AND (lease_until_ms IS NULL OR lease_until_ms <= ?)
-             ORDER BY COALESCE(next_attempt_ms, accepted_at_ms), id
-             LIMIT ?",
-        )
-        .bind(now_ms)
-        .bind(now_ms)
-        .bind(i64::from(limit.max(1)))
-        .fetch_all(&mut *tx)
-        .await?;
-        if rows.is_empty() {
-            tx.commit().await?;
-            return Ok(Vec::new());
-        }
-        // A few statements for the whole batch, whatever its size (each is a round trip).
-        let mut leased = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let id: String = row.try_get("id")?;
-            let envelope: String = row.try_get("recipients")?;
-            leased.push((id, recipients_of(&envelope)?));
-        }
-        let mut q = QueryBuilder::<Sqlite>::new("UPDATE messages SET lease_owner = ");
-        q.push_bind(owner)
+        // One relaxed transaction, one round trip: make the recipient rows of the due messages
+        // (on their first lease: acceptance stays small), read their open recipients, and lease
+        // them. BEGIN IMMEDIATE holds the write lock throughout, so the due set is the same in
+        // every statement, and two workers cannot lease the same row.
+        let due = |q: &mut QueryBuilder<Sqlite>| {
+            q.push(
+                "SELECT id, recipients, COALESCE(next_attempt_ms, accepted_at_ms) AS due_at FROM messages
+                 WHERE state IN ('queued', 'deferred') AND COALESCE(next_attempt_ms, 0) <= ",
+            )
+            .push_bind(now_ms)
+            .push(" AND (lease_until_ms IS NULL OR lease_until_ms <= ")
+            .push_bind(now_ms)
+            .push(") ORDER BY due_at, id LIMIT ")
+            .push_bind(i64::from(limit.max(1)));
+        };
+        let mut q = relaxed_transaction();
+        q.push("INSERT OR IGNORE INTO message_recipients (message_id, recipient, state, updated_at_ms) SELECT d.id, j.value, 'pending', ")
+            .push_bind(now_ms)
+            .push(" FROM (");
+        due(&mut q);
+        q.push(") AS d, json_each(d.recipients) AS j ORDER BY d.due_at, d.id, j.key; ");
+        q.push("SELECT 'r' AS kind, message_id, recipient, state FROM message_recipients WHERE message_id IN (SELECT id FROM (");
+        due(&mut q);
+        q.push(")) ORDER BY rowid; UPDATE messages SET lease_owner = ")
+            .push_bind(owner)
             .push(", lease_until_ms = ")
             .push_bind(until)
             .push(", updated_at_ms = ")
             .push_bind(now_ms)
-            .push(" WHERE id IN (");
-        let mut ids = q.separated(", ");
-        for (id, _) in &leased {
-            ids.push_bind(id);
-        }
-        q.push(")");
-        q.build().persistent(false).execute(&mut *tx).await?;
-        // Recipient rows are made on the first lease (acceptance stays small).
-        let pairs: Vec<(&String, &String)> = leased
-            .iter()
-            .flat_map(|(id, rcpts)| rcpts.iter().map(move |r| (id, r)))
-            .collect();
-        for chunk in pairs.chunks(1000) {
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT OR IGNORE INTO message_recipients (message_id, recipient, state, updated_at_ms) ",
-            );
-            q.push_values(chunk, |mut b, (id, r)| {
-                b.push_bind(*id)
-                    .push_bind(*r)
-                    .push_bind("pending")
-                    .push_bind(now_ms);
-            });
-            q.build().persistent(false).execute(&mut *tx).await?;
-        }
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "SELECT message_id, recipient, state FROM message_recipients WHERE message_id IN (",
+            .push(" WHERE id IN (SELECT id FROM (");
+        due(&mut q);
+        q.push(
+            ")) RETURNING 'm' AS kind, id, decision_id, door, accepted_at_ms, envelope_from, attempts,
+                 COALESCE(next_attempt_ms, accepted_at_ms) AS due_at,
+                 (SELECT raw FROM message_bodies b WHERE b.message_id = messages.id) AS raw; ",
         );
-        let mut ids = q.separated(", ");
-        for (id, _) in &leased {
-            ids.push_bind(id);
-        }
-        q.push(") ORDER BY rowid");
-        let states = q.build().persistent(false).fetch_all(&mut *tx).await?;
+        let rows = self.run_relaxed(q).await?;
         let mut open: HashMap<String, Vec<(String, RecipientState)>> = HashMap::new();
-        for s in states {
-            let state = RecipientState::parse(&s.try_get::<String, _>("state")?);
-            if !state.is_final() {
-                open.entry(s.try_get("message_id")?)
-                    .or_default()
-                    .push((s.try_get("recipient")?, state));
+        let mut out = Vec::new();
+        for row in rows {
+            if row.try_get::<&str, _>("kind")? == "r" {
+                let state = RecipientState::parse(row.try_get("state")?);
+                if !state.is_final() {
+                    open.entry(row.try_get("message_id")?)
+                        .or_default()
+                        .push((row.try_get("recipient")?, state));
+                }
+                continue;
             }
+            let due_at: i64 = row.try_get("due_at")?;
+            out.push((
+                due_at,
+                LeasedMessage {
+                    id: row.try_get("id")?,
+                    decision_id: row.try_get("decision_id")?,
+                    door: row.try_get("door")?,
+                    accepted_at_ms: row.try_get("accepted_at_ms")?,
+                    envelope_from: row.try_get("envelope_from")?,
+                    recipients: Vec::new(),
+                    attempts: row.try_get("attempts")?,
+                    raw: row
+                        .try_get::<Option<Vec<u8>>, _>("raw")?
+                        .unwrap_or_default(),
+                    lease_until_ms: until,
+                },
+            ));
         }
-        let mut out = Vec::with_capacity(rows.len());
-        for (row, (id, _)) in rows.iter().zip(leased) {
-            let recipients = open.remove(&id).unwrap_or_default();
-            out.push(LeasedMessage {
-                id,
-                decision_id: row.try_get("decision_id")?,
-                door: row.try_get("door")?,
-                accepted_at_ms: row.try_get("accepted_at_ms")?,
-                envelope_from: row.try_get("envelope_from")?,
-                recipients,
-                attempts: row.try_get("attempts")?,
-                raw: row.try_get("raw")?,
-                lease_until_ms: until,
-            });
-        }
-        tx.commit().await?;
-        Ok(out)
+        // RETURNING gives rows in no promised order: oldest due first, as selected.
+        out.sort_by(|(a, x), (b, y)| a.cmp(b).then_with(|| x.id.cmp(&y.id)));
+        Ok(out
+            .into_iter()
+            .map(|(_, mut m)| {
+                m.recipients = open.remove(&m.id).unwrap_or_default();
+                m
+            })
+            .collect())
     }
 
     async fn next_due_ms(&self) -> Result<Option<i64>, StoreError> {
@@ -632,14 +650,36 @@ impl QueueStore for SqliteStore {
         owner: &str,
         reports: &[AttemptReport],
     ) -> Result<Vec<Recorded>, StoreError> {
-        let mut conn = self.relaxed_writer().await?;
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let mut out = Vec::with_capacity(reports.len());
-        for report in reports {
-            out.push(record_in(&mut tx, owner, report).await?);
+        if reports.is_empty() {
+            return Ok(Vec::new());
         }
-        tx.commit().await?;
-        Ok(out)
+        let dsns: Vec<Option<(&NewMessage, String)>> = reports
+            .iter()
+            .map(|r| {
+                r.dsn
+                    .as_ref()
+                    .map(|m| crate::group::message_rows(&[m]).map(|mut v| v.remove(0)))
+                    .transpose()
+            })
+            .collect::<Result<_, _>>()?;
+        // One relaxed transaction, one round trip, for the whole batch.
+        let mut q = relaxed_transaction();
+        for (report, dsn) in reports.iter().zip(&dsns) {
+            push_record(&mut q, owner, report, dsn.as_ref());
+        }
+        let mut recorded: Vec<(String, String)> = Vec::with_capacity(reports.len());
+        for row in self.run_relaxed(q).await? {
+            recorded.push((row.try_get("id")?, row.try_get("state")?));
+        }
+        Ok(reports
+            .iter()
+            .map(
+                |r| match recorded.iter().position(|(id, _)| *id == r.message_id) {
+                    Some(i) => Recorded::State(recorded.remove(i).1),
+                    None => Recorded::LeaseLost,
+                },
+            )
+            .collect())
     }
 
     async fn mark_captured(

@@ -4,14 +4,17 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use mailgate_core::directory::{Directory, Kind, Object};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Connection, Row, SqlitePool};
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqlitePool};
 
-use crate::group::{GroupCommit, GroupCommitStats, Op, insert_usage};
+use crate::group::{GroupCommit, GroupCommitStats, Op, push_usage, run_transaction};
 use crate::{
     Changeset, MessageSummary, NewMessage, Purged, Snapshot, Store, StoreError, StoredDecision,
     UsageEntry, UsageReplay,
@@ -26,6 +29,8 @@ use crate::{
 pub struct SqliteStore {
     pool: SqlitePool,
     writer: SqlitePool,
+    /// Set while the write connection may be left at `synchronous = NORMAL`.
+    relaxed: Arc<AtomicBool>,
     group: GroupCommit,
 }
 
@@ -34,6 +39,11 @@ fn now_secs() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// The start of a relaxed transaction for [`SqliteStore::run_relaxed`].
+pub(crate) fn relaxed_transaction() -> QueryBuilder<Sqlite> {
+    QueryBuilder::new("PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE; ")
 }
 
 impl SqliteStore {
@@ -62,19 +72,30 @@ impl SqliteStore {
             group: GroupCommit::start(pool.clone(), None),
             writer: pool.clone(),
             pool,
+            relaxed: Arc::new(AtomicBool::new(false)),
         })
     }
 
     async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+        let relaxed = Arc::new(AtomicBool::new(false));
+        let flag = relaxed.clone();
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
-            // Every use starts durable, whatever a relaxed writer set last.
-            .before_acquire(|conn, _| {
+            // Every use starts durable, whatever a relaxed writer set last (only a relaxed
+            // writer that did not restore `FULL` itself costs this extra round trip).
+            .before_acquire(move |conn, _| {
+                let flag = flag.clone();
                 Box::pin(async move {
-                    sqlx::query("PRAGMA synchronous = FULL")
-                        .execute(&mut *conn)
-                        .await?;
+                    if flag.swap(false, Ordering::AcqRel) {
+                        if let Err(e) = sqlx::query("PRAGMA synchronous = FULL")
+                            .execute(&mut *conn)
+                            .await
+                        {
+                            flag.store(true, Ordering::Release);
+                            return Err(e);
+                        }
+                    }
                     Ok(true)
                 })
             })
@@ -92,6 +113,7 @@ impl SqliteStore {
             group: GroupCommit::start(writer.clone(), Some(pool.clone())),
             writer,
             pool,
+            relaxed,
         })
     }
 
@@ -129,10 +151,32 @@ impl SqliteStore {
         &self,
     ) -> Result<sqlx::pool::PoolConnection<sqlx::Sqlite>, StoreError> {
         let mut conn = self.writer.acquire().await?;
+        self.relaxed.store(true, Ordering::Release);
         sqlx::query("PRAGMA synchronous = NORMAL")
             .execute(&mut *conn)
             .await?;
         Ok(conn)
+    }
+
+    /// A relaxed transaction (see [`SqliteStore::relaxed_writer`]) as one multi-statement query,
+    /// so it costs one round trip to SQLite's thread however many statements it has: push the
+    /// statements (each ending in `"; "`) onto [`relaxed_transaction`], then pass it here. Returns
+    /// the rows every statement produced, in order.
+    pub(crate) async fn run_relaxed(
+        &self,
+        mut q: QueryBuilder<Sqlite>,
+    ) -> Result<Vec<SqliteRow>, StoreError> {
+        q.push("COMMIT; PRAGMA synchronous = FULL");
+        let mut conn = self.writer.acquire().await?;
+        match q.build().fetch_all(&mut *conn).await {
+            Ok(rows) => Ok(rows),
+            Err(e) => {
+                // Possibly still relaxed: the next acquisition restores `FULL`.
+                self.relaxed.store(true, Ordering::Release);
+                crate::group::rollback(&mut conn).await;
+                Err(e.into())
+            }
+        }
     }
 
     /// The read pool.
@@ -313,11 +357,13 @@ impl Store for SqliteStore {
         entry: UsageEntry,
         rate_tat_ms: Option<i64>,
     ) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let rates: Vec<(&str, i64)> = rate_tat_ms.map(|t| (principal, t)).into_iter().collect();
-        insert_usage(&mut tx, &[(principal, entry)], &rates).await?;
-        tx.commit().await?;
-        Ok(())
+        let usage = [(principal, entry)];
+        let mut q = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE; ");
+        push_usage(&mut q, &usage, &rates);
+        q.push("COMMIT");
+        let mut conn = self.writer.acquire().await?;
+        run_transaction(&mut conn, q).await
     }
 
     async fn accept_message(
