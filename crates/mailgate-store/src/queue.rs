@@ -556,8 +556,9 @@ impl QueueStore for SqliteStore {
             .push_bind(now_ms)
             .push(" AND (lease_until_ms IS NULL OR lease_until_ms <= ")
             .push_bind(now_ms)
-            .push(") ORDER BY due_at, id LIMIT ")
-            .push_bind(i64::from(limit.max(1)));
+            // A literal, not a parameter: SQLite recompiles a statement whenever a parameter
+            // used as a LIMIT is bound again (it may change the plan).
+            .push(format!(") ORDER BY due_at, id LIMIT {}", limit.max(1)));
         };
         let mut q = relaxed_transaction();
         q.push("INSERT OR IGNORE INTO message_recipients (message_id, recipient, state, updated_at_ms) SELECT d.id, j.value, 'pending', ")

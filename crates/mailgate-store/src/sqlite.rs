@@ -663,3 +663,34 @@ mod tests {
         assert_eq!(b.snapshot().await.unwrap().directory, sample());
     }
 }
+#[cfg(test)]
+mod durability_tests {
+    use crate::QueueStore;
+
+    async fn level(store: &super::SqliteStore) -> i64 {
+        let mut c = store.writer().acquire().await.unwrap();
+        sqlx::query_scalar("PRAGMA synchronous")
+            .persistent(false)
+            .fetch_one(&mut *c)
+            .await
+            .unwrap()
+    }
+
+    /// Delivery bookkeeping runs at `synchronous = NORMAL`; whatever writes next (an acceptance,
+    /// a directory change) must find the connection back at `FULL` (2).
+    #[tokio::test]
+    async fn relaxed_bookkeeping_leaves_the_write_connection_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::SqliteStore::open(&dir.path().join("p.db")).await.unwrap();
+        assert_eq!(level(&store).await, 2);
+        store.lease_due("w", 0, 1000, 10).await.unwrap();
+        assert_eq!(level(&store).await, 2);
+        // A relaxed transaction that fails half-way (no such table) is rolled back, and the
+        // connection is made durable again before its next use.
+        let mut q = super::relaxed_transaction();
+        q.push("INSERT INTO no_such_table VALUES (1); ");
+        assert!(store.run_relaxed(q).await.is_err());
+        assert_eq!(level(&store).await, 2);
+        store.lease_due("w", 0, 1000, 10).await.unwrap();
+    }
+}
