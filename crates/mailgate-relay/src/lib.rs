@@ -343,19 +343,60 @@ impl Relay {
         Ok(n)
     }
 
-    async fn connection(&mut self, sh: &Smarthost) -> Result<&mut Connection, ConnectError> {
-        let reusable = match self.connections.get_mut(&sh.name) {
-            Some(c) => c.alive().await,
-            None => false,
+    /// The open connection to `sh`, or a new one. Returns with it whether it is known to work
+    /// (new, or answered a NOOP just now) rather than merely recently used.
+    async fn connection(
+        &mut self,
+        sh: &Smarthost,
+    ) -> Result<(&mut Connection, bool), ConnectError> {
+        let reuse = match self.connections.get_mut(&sh.name) {
+            Some(c) if c.recently_used() => Some(false),
+            Some(c) => c.alive().await.then_some(true),
+            None => None,
         };
-        if !reusable {
-            self.connections.remove(&sh.name);
-            let c = Connection::open(sh, &self.settings).await?;
-            self.connections.insert(sh.name.clone(), c);
-        }
-        self.connections
+        let checked = match reuse {
+            Some(checked) => checked,
+            None => {
+                self.connections.remove(&sh.name);
+                let c = Connection::open(sh, &self.settings).await?;
+                self.connections.insert(sh.name.clone(), c);
+                true
+            }
+        };
+        let c = self
+            .connections
             .get_mut(&sh.name)
-            .ok_or_else(|| ConnectError::Unavailable("connection vanished".into()))
+            .ok_or_else(|| ConnectError::Unavailable("connection vanished".into()))?;
+        Ok((c, checked))
+    }
+
+    /// Runs one SMTP transaction with `sh`. A connection reused without a probe that turns out
+    /// closed (it breaks at MAIL FROM, before the server took anything) is replaced once.
+    async fn transact(
+        &mut self,
+        sh: &Smarthost,
+        from: &str,
+        rcpts: &[String],
+        raw: &[u8],
+    ) -> Result<Vec<smtp::Outcome>, ConnectError> {
+        let mut retried = false;
+        loop {
+            let (conn, checked) = self.connection(sh).await?;
+            match conn.transaction(from, rcpts, raw).await {
+                Ok(list) => return Ok(list),
+                Err(b) if b.before_mail && !checked && !retried => {
+                    tracing::debug!(smarthost = %sh.name, reason = %b.reason, "idle connection was closed; reconnecting");
+                    self.connections.remove(&sh.name);
+                    retried = true;
+                }
+                Err(b) => {
+                    return Err(ConnectError::Unavailable(format!(
+                        "smarthost {} ({}:{}): connection lost: {}",
+                        sh.name, sh.host, sh.port, b.reason
+                    )));
+                }
+            }
+        }
     }
 
     /// Makes one delivery attempt of `m`; the caller records the report.
@@ -388,18 +429,9 @@ impl Relay {
         for (sh, rcpts) in groups {
             smarthost_names.push(sh.name.clone());
             let remote = Some(format!("{} ({})", sh.host, sh.name));
-            let result = match self.connection(&sh).await {
-                Ok(conn) => conn
-                    .transaction(&m.envelope_from, &rcpts, &m.raw)
-                    .await
-                    .map_err(|e| {
-                        ConnectError::Unavailable(format!(
-                            "smarthost {} ({}:{}): connection lost: {e}",
-                            sh.name, sh.host, sh.port
-                        ))
-                    }),
-                Err(e) => Err(e),
-            };
+            let result = self
+                .transact(&sh, &m.envelope_from, &rcpts, &m.raw)
+                .await;
             match result {
                 Ok(list) => {
                     for o in list {

@@ -3,7 +3,7 @@
 //! gives up on the first refused `RCPT TO`).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mail_send::smtp::message::Parameters;
 use mail_send::{Credentials, SmtpClient};
@@ -22,6 +22,23 @@ pub struct Connection {
     client: SmtpClient<Box<dyn Stream>>,
     /// Name of the smarthost.
     pub smarthost: String,
+    /// When it last completed a command (a connection in steady use is not probed with NOOP).
+    last_used: Instant,
+}
+
+/// A connection used this recently is reused without a NOOP first: under load that probe is one
+/// round trip in five per message. If the server closed it meanwhile, the transaction fails at
+/// MAIL FROM, before anything was handed over, and is retried once on a new connection.
+pub const REUSE_WITHOUT_PROBE: Duration = Duration::from_secs(1);
+
+/// The connection broke during a transaction.
+#[derive(Debug)]
+pub struct Broken {
+    /// What went wrong.
+    pub reason: String,
+    /// True when it broke at MAIL FROM: the server accepted nothing, so the transaction can be
+    /// run again on another connection without risk of a duplicate.
+    pub before_mail: bool,
 }
 
 /// Why a connection could not be used. Every one of these defers the recipients.
@@ -209,12 +226,20 @@ impl Connection {
         Ok(Connection {
             client,
             smarthost: sh.name.clone(),
+            last_used: Instant::now(),
         })
     }
 
     /// True if the connection still answers (checked before reusing it).
     pub async fn alive(&mut self) -> bool {
-        self.client.noop().await.is_ok()
+        let ok = self.client.noop().await.is_ok();
+        self.last_used = Instant::now();
+        ok
+    }
+
+    /// True when the connection completed a command within [`REUSE_WITHOUT_PROBE`].
+    pub fn recently_used(&self) -> bool {
+        self.last_used.elapsed() < REUSE_WITHOUT_PROBE
     }
 
     /// Ends the session politely.
@@ -230,7 +255,20 @@ impl Connection {
         from: &str,
         recipients: &[String],
         raw: &[u8],
-    ) -> Result<Vec<Outcome>, String> {
+    ) -> Result<Vec<Outcome>, Broken> {
+        let out = self.transaction_inner(from, recipients, raw).await;
+        if out.is_ok() {
+            self.last_used = Instant::now();
+        }
+        out
+    }
+
+    async fn transaction_inner(
+        &mut self,
+        from: &str,
+        recipients: &[String],
+        raw: &[u8],
+    ) -> Result<Vec<Outcome>, Broken> {
         let params = Parameters::default();
         let mut out = Vec::with_capacity(recipients.len());
         match self.client.mail_from(from, &params).await {
@@ -243,7 +281,12 @@ impl Connection {
                 let _ = self.client.rset().await;
                 return Ok(out);
             }
-            Err(e) => return Err(describe(&e)),
+            Err(e) => {
+                return Err(Broken {
+                    reason: describe(&e),
+                    before_mail: true,
+                });
+            }
         }
         let mut accepted = Vec::new();
         for rcpt in recipients {
@@ -256,7 +299,12 @@ impl Connection {
                         reply_text(r.code, r.esc, &r.message),
                     ));
                 }
-                Err(e) => return Err(describe(&e)),
+                Err(e) => {
+                    return Err(Broken {
+                        reason: describe(&e),
+                        before_mail: false,
+                    });
+                }
             }
         }
         if accepted.is_empty() {
@@ -281,7 +329,12 @@ impl Connection {
                 }
                 let _ = self.client.rset().await;
             }
-            Err(e) => return Err(describe(&e)),
+            Err(e) => {
+                return Err(Broken {
+                    reason: describe(&e),
+                    before_mail: false,
+                });
+            }
         }
         Ok(out)
     }

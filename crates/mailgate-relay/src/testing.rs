@@ -30,6 +30,9 @@ pub struct SinkConfig {
     pub tls: Option<TlsAcceptor>,
     /// Require AUTH with this user name and password.
     pub auth: Option<(String, String)>,
+    /// Close the connection, without a word, after this many messages (as servers with a
+    /// per-connection message limit do, or idle timeouts that strike between two messages).
+    pub messages_per_session: Option<usize>,
 }
 
 /// A running sink.
@@ -124,6 +127,7 @@ async fn session(
     let mut from: Option<String> = None;
     let mut rcpts: Vec<String> = Vec::new();
     let mut line = String::new();
+    let mut in_session = 0usize;
     loop {
         line.clear();
         if io.read_line(&mut line).await? == 0 {
@@ -256,7 +260,12 @@ async fn session(
                         data,
                     });
                 }
-                "250 2.0.0 ok: queued\r\n".into()
+                io.get_mut().write_all(b"250 2.0.0 ok: queued\r\n").await?;
+                in_session += 1;
+                if config.messages_per_session.is_some_and(|n| in_session >= n) {
+                    return Ok(());
+                }
+                continue;
             }
         } else if upper == "RSET" {
             from = None;

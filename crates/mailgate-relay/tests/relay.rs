@@ -303,3 +303,39 @@ async fn connections_are_reused_across_messages() {
     drive(&mut r, async || sink.received().len() == 5).await;
     assert_eq!(sink.sessions(), 1, "one connection for the whole batch");
 }
+
+/// A kept connection that the smarthost closed between two messages (here: after every message)
+/// is noticed at MAIL FROM, before anything was handed over, and replaced: no message is
+/// deferred for it, and none is delivered twice.
+#[tokio::test]
+async fn a_connection_closed_between_messages_is_replaced_without_deferring() {
+    let sink = Sink::start(
+        "127.0.0.1:0",
+        SinkConfig {
+            messages_per_session: Some(1),
+            ..SinkConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    for i in 0..3 {
+        store
+            .accept_message(&message(&format!("m{i}"), &["bob@example.org"]), None)
+            .await
+            .unwrap();
+    }
+    let mut r = relay(
+        &store,
+        vec![smarthost(sink.addr.port(), SmarthostTls::None)],
+        config(),
+    );
+    drive(&mut r, async || sink.received().len() >= 3).await;
+    for i in 0..3 {
+        let status = store.message_status(&format!("m{i}")).await.unwrap().unwrap();
+        assert_eq!(status.entry.state, "delivered");
+        assert_eq!(status.history.len(), 1, "m{i}: {:?}", status.history);
+    }
+    assert_eq!(sink.received().len(), 3, "nothing delivered twice");
+    assert_eq!(sink.sessions(), 3);
+}
