@@ -277,13 +277,16 @@ fn chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
     })
 }
 
-/// Decisions with their JSON bodies rendered (the rows [`push_decisions`] binds).
-fn decision_rows<'a>(decisions: &[&'a StoredDecision]) -> Vec<(&'a StoredDecision, String)> {
-    decisions.iter().map(|d| (*d, d.body.to_string())).collect()
+/// Decisions with their traces packed (the rows [`push_decisions`] binds).
+fn decision_rows<'a>(decisions: &[&'a StoredDecision]) -> Vec<(&'a StoredDecision, Vec<u8>)> {
+    decisions
+        .iter()
+        .map(|d| (*d, crate::packed::pack(&d.body)))
+        .collect()
 }
 
 /// Appends one multi-row `INSERT` per chunk of `rows` to `q`.
-fn push_decisions<'a>(q: &mut QueryBuilder<Sqlite>, rows: &'a [(&'a StoredDecision, String)]) {
+fn push_decisions<'a>(q: &mut QueryBuilder<Sqlite>, rows: &'a [(&'a StoredDecision, Vec<u8>)]) {
     for chunk in chunks(rows) {
         q.push("INSERT INTO decisions (id, at_ms, door, principal, verdict, code, body) ");
         q.push_values(chunk, |mut b, (d, body)| {

@@ -4,6 +4,7 @@
 
 mod group;
 mod oauth;
+mod packed;
 mod queue;
 pub use group::GroupCommitStats;
 mod sqlite;

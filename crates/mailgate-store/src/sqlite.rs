@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use mailgate_core::directory::{Directory, Kind, Object};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::sqlite::SqliteRow;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqlitePool};
 
 use crate::group::{GroupCommit, GroupCommitStats, Op, push_usage, run_transaction};
@@ -119,13 +119,16 @@ impl SqliteStore {
 
     async fn read_decision(&self, id: &str) -> Result<Option<StoredDecision>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, at_ms, door, principal, verdict, code, body FROM decisions WHERE id = ?",
+            "SELECT id, at_ms, door, principal, verdict, code, typeof(body) = 'blob' AS packed,
+                    CAST(body AS BLOB) AS body
+             FROM decisions WHERE id = ?",
         )
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else { return Ok(None) };
-        let body: String = row.try_get("body")?;
+        let body: Vec<u8> = row.try_get("body")?;
+        let body = crate::packed::unpack(&body, row.try_get("packed")?)?;
         Ok(Some(StoredDecision {
             id: row.try_get("id")?,
             at_ms: row.try_get("at_ms")?,
@@ -133,8 +136,7 @@ impl SqliteStore {
             principal: row.try_get("principal")?,
             verdict: row.try_get("verdict")?,
             code: row.try_get("code")?,
-            body: serde_json::from_str(&body)
-                .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))?,
+            body,
         }))
     }
 
@@ -603,8 +605,26 @@ mod tests {
             body: serde_json::json!({"checks": [1, 2]}),
         };
         store.record_decision(&d).await.unwrap();
-        assert_eq!(store.decision("01TEST").await.unwrap(), Some(d));
+        assert_eq!(store.decision("01TEST").await.unwrap(), Some(d.clone()));
         assert_eq!(store.decision("nope").await.unwrap(), None);
+        // Stored packed, not as JSON text.
+        let class: String =
+            sqlx::query_scalar("SELECT typeof(body) FROM decisions WHERE id = '01TEST'")
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        assert_eq!(class, "blob");
+        // A trace kept before packing (JSON text) still reads.
+        sqlx::query(
+            "INSERT INTO decisions (id, at_ms, door, principal, verdict, code, body)
+             VALUES ('01OLD', 5, 'smtp', 'alice@example.com', 'denied', 'account.suspended', ?)",
+        )
+        .bind(d.body.to_string())
+        .execute(store.writer())
+        .await
+        .unwrap();
+        let old = store.decision("01OLD").await.unwrap().unwrap();
+        assert_eq!(old.body, d.body);
     }
 
     #[tokio::test]
@@ -681,7 +701,9 @@ mod durability_tests {
     #[tokio::test]
     async fn relaxed_bookkeeping_leaves_the_write_connection_durable() {
         let dir = tempfile::tempdir().unwrap();
-        let store = super::SqliteStore::open(&dir.path().join("p.db")).await.unwrap();
+        let store = super::SqliteStore::open(&dir.path().join("p.db"))
+            .await
+            .unwrap();
         assert_eq!(level(&store).await, 2);
         store.lease_due("w", 0, 1000, 10).await.unwrap();
         assert_eq!(level(&store).await, 2);
