@@ -429,9 +429,7 @@ impl Relay {
         for (sh, rcpts) in groups {
             smarthost_names.push(sh.name.clone());
             let remote = Some(format!("{} ({})", sh.host, sh.name));
-            let result = self
-                .transact(&sh, &m.envelope_from, &rcpts, &m.raw)
-                .await;
+            let result = self.transact(&sh, &m.envelope_from, &rcpts, &m.raw).await;
             match result {
                 Ok(list) => {
                     for o in list {

@@ -332,7 +332,11 @@ async fn a_connection_closed_between_messages_is_replaced_without_deferring() {
     );
     drive(&mut r, async || sink.received().len() >= 3).await;
     for i in 0..3 {
-        let status = store.message_status(&format!("m{i}")).await.unwrap().unwrap();
+        let status = store
+            .message_status(&format!("m{i}"))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(status.entry.state, "delivered");
         assert_eq!(status.history.len(), 1, "m{i}: {:?}", status.history);
     }

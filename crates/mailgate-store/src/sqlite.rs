@@ -87,14 +87,13 @@ impl SqliteStore {
             .before_acquire(move |conn, _| {
                 let flag = flag.clone();
                 Box::pin(async move {
-                    if flag.swap(false, Ordering::AcqRel) {
-                        if let Err(e) = sqlx::query("PRAGMA synchronous = FULL")
+                    if flag.swap(false, Ordering::AcqRel)
+                        && let Err(e) = sqlx::query("PRAGMA synchronous = FULL")
                             .execute(&mut *conn)
                             .await
-                        {
-                            flag.store(true, Ordering::Release);
-                            return Err(e);
-                        }
+                    {
+                        flag.store(true, Ordering::Release);
+                        return Err(e);
                     }
                     Ok(true)
                 })
