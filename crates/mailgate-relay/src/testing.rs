@@ -33,6 +33,8 @@ pub struct SinkConfig {
     /// Close the connection, without a word, after this many messages (as servers with a
     /// per-connection message limit do, or idle timeouts that strike between two messages).
     pub messages_per_session: Option<usize>,
+    /// Do not offer PIPELINING (the client must wait for each reply).
+    pub without_pipelining: bool,
 }
 
 /// A running sink.
@@ -41,6 +43,7 @@ pub struct Sink {
     pub addr: std::net::SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
     sessions: Arc<std::sync::atomic::AtomicUsize>,
+    pipelined: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -54,13 +57,16 @@ impl Sink {
         let config = Arc::new(config);
         let sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let count = sessions.clone();
+        let pipelined = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let p = pipelined.clone();
         let task = tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
                 count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let r = r.clone();
                 let config = config.clone();
+                let p = p.clone();
                 tokio::spawn(async move {
-                    let _ = session(Box::new(sock), config, r).await;
+                    let _ = session(Box::new(sock), config, r, p).await;
                 });
             }
         });
@@ -68,6 +74,7 @@ impl Sink {
             addr,
             received,
             sessions,
+            pipelined,
             task,
         })
     }
@@ -80,6 +87,12 @@ impl Sink {
     /// How many connections it accepted.
     pub fn sessions(&self) -> usize {
         self.sessions.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// How many envelopes arrived pipelined (the next command was already there when MAIL FROM
+    /// was read).
+    pub fn pipelined_envelopes(&self) -> usize {
+        self.pipelined.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Stops listening (open sessions end with their clients).
@@ -119,6 +132,7 @@ async fn session(
     stream: Box<dyn Stream>,
     config: Arc<SinkConfig>,
     received: Arc<Mutex<Vec<Received>>>,
+    pipelined: Arc<std::sync::atomic::AtomicUsize>,
 ) -> std::io::Result<()> {
     let mut io = BufReader::new(stream);
     io.get_mut().write_all(b"220 sink ESMTP\r\n").await?;
@@ -136,7 +150,11 @@ async fn session(
         let cmd = line.trim_end().to_owned();
         let upper = cmd.to_ascii_uppercase();
         let reply: String = if upper.starts_with("EHLO") || upper.starts_with("HELO") {
-            let mut r = String::from("250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n");
+            let mut r = String::from("250-sink\r\n");
+            if !config.without_pipelining {
+                r.push_str("250-PIPELINING\r\n");
+            }
+            r.push_str("250-8BITMIME\r\n");
             if config.tls.is_some() && !tls_on {
                 r.push_str("250-STARTTLS\r\n");
             }
@@ -200,6 +218,9 @@ async fn session(
                 "535 5.7.8 Username and Password not accepted\r\n".into()
             }
         } else if upper.starts_with("MAIL FROM:") {
+            if !io.buffer().is_empty() {
+                pipelined.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             if !authed {
                 "530 5.7.0 Authentication required\r\n".into()
             } else {

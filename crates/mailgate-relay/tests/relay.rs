@@ -70,6 +70,21 @@ async fn drive(relay: &mut Relay, mut done: impl AsyncFnMut() -> bool) {
 
 #[tokio::test]
 async fn a_refused_recipient_fails_alone_and_the_sender_gets_a_dsn() {
+    let sink = a_refused_recipient_fails_alone(false).await;
+    assert_eq!(
+        sink.pipelined_envelopes(),
+        2,
+        "the message and its DSN, pipelined"
+    );
+}
+
+#[tokio::test]
+async fn without_pipelining_a_refused_recipient_fails_alone_too() {
+    let sink = a_refused_recipient_fails_alone(true).await;
+    assert_eq!(sink.pipelined_envelopes(), 0);
+}
+
+async fn a_refused_recipient_fails_alone(without_pipelining: bool) -> Sink {
     let sink = Sink::start(
         "127.0.0.1:0",
         SinkConfig {
@@ -77,6 +92,7 @@ async fn a_refused_recipient_fails_alone_and_the_sender_gets_a_dsn() {
                 "nobody@example.org".into(),
                 "550 5.1.1 <nobody@example.org>: no such user".into(),
             )],
+            without_pipelining,
             ..SinkConfig::default()
         },
     )
@@ -143,6 +159,70 @@ async fn a_refused_recipient_fails_alone_and_the_sender_gets_a_dsn() {
         !text.contains("bob@example.org>: "),
         "only failed recipients are reported"
     );
+    sink
+}
+
+/// Pipelined, every recipient refused: the server refuses DATA too, nothing is delivered, each
+/// recipient fails with its own RCPT reply.
+#[tokio::test]
+async fn every_recipient_refused_in_a_pipelined_envelope() {
+    let sink = Sink::start(
+        "127.0.0.1:0",
+        SinkConfig {
+            refuse: vec![
+                (
+                    "x@example.org".into(),
+                    "550 5.1.1 <x@example.org>: no such user".into(),
+                ),
+                (
+                    "y@example.org".into(),
+                    "450 4.2.1 <y@example.org>: try later".into(),
+                ),
+            ],
+            ..SinkConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    store
+        .accept_message(&message("m1", &["x@example.org", "y@example.org"]), None)
+        .await
+        .unwrap();
+    let mut r = relay(
+        &store,
+        vec![smarthost(sink.addr.port(), SmarthostTls::None)],
+        config(),
+    );
+    r.run_once().await.unwrap();
+    let st = store.message_status("m1").await.unwrap().unwrap();
+    let state = |who: &str| {
+        st.recipient_status
+            .iter()
+            .find(|r| r.recipient == who)
+            .map(|r| (r.state, r.last_reply.clone()))
+            .unwrap()
+    };
+    assert_eq!(
+        state("x@example.org"),
+        (
+            RecipientState::Failed,
+            Some("550 5.1.1 <x@example.org>: no such user".into())
+        )
+    );
+    assert_eq!(
+        state("y@example.org"),
+        (
+            RecipientState::Deferred,
+            Some("450 4.2.1 <y@example.org>: try later".into())
+        )
+    );
+    assert_eq!(st.entry.state, "deferred");
+    assert!(
+        sink.received().iter().all(|m| m.from.is_empty()),
+        "no message was delivered (a DSN at most)"
+    );
+    assert_eq!(sink.pipelined_envelopes(), 1);
 }
 
 #[tokio::test]
