@@ -10,11 +10,10 @@
 //! is due again, so a crashed worker's messages are picked up by the next one.
 
 use async_trait::async_trait;
+use rusqlite::OptionalExtension;
 use serde::Serialize;
-use sqlx::{Connection, QueryBuilder, Row, Sqlite};
-use std::collections::HashMap;
+use sqlx::Row;
 
-use crate::sqlite::relaxed_transaction;
 use crate::{NewMessage, SqliteStore, StoreError};
 
 /// A recipient's delivery state.
@@ -398,142 +397,170 @@ fn captured_of(row: &sqlx::sqlite::SqliteRow) -> Result<CapturedMessage, StoreEr
 }
 
 /// True when `owner` still holds the lease of message `id`.
-async fn holds_lease(
-    tx: &mut sqlx::SqliteConnection,
-    owner: &str,
-    id: &str,
-) -> Result<bool, StoreError> {
-    let found: Option<String> = sqlx::query_scalar(
-        "SELECT lease_owner FROM messages WHERE id = ? AND state IN ('queued', 'deferred')",
-    )
-    .bind(id)
-    .fetch_optional(tx)
-    .await?
-    .flatten();
-    Ok(found.as_deref() == Some(owner))
+fn holds_lease(conn: &rusqlite::Connection, owner: &str, id: &str) -> Result<bool, StoreError> {
+    let found: Option<Option<String>> = conn
+        .prepare_cached(
+            "SELECT lease_owner FROM messages WHERE id = ?1 AND state IN ('queued', 'deferred')",
+        )?
+        .query_row([id], |r| r.get(0))
+        .optional()?;
+    Ok(found.flatten().as_deref() == Some(owner))
 }
 
-/// Pushes the statements that record one attempt (see [`QueueStore::record_attempts`]) onto a
-/// relaxed transaction. Each statement checks that `owner` still holds the lease, so a lost lease
-/// records nothing; the message's update returns `(id, state)` when the attempt was recorded, and
-/// a DSN is queued only then.
-fn push_record(
-    q: &mut QueryBuilder<Sqlite>,
+/// Records one attempt inside the caller's transaction (see [`QueueStore::record_attempt`]).
+fn record_in(
+    conn: &rusqlite::Connection,
     owner: &str,
     report: &AttemptReport,
-    dsn: Option<&(&NewMessage, String)>,
-) {
-    let leased = |q: &mut QueryBuilder<Sqlite>| {
-        q.push(" EXISTS (SELECT 1 FROM messages WHERE id = ")
-            .push_bind(report.message_id.as_str())
-            .push(" AND lease_owner = ")
-            .push_bind(owner)
-            .push(" AND state IN ('queued', 'deferred'))");
-    };
+) -> Result<Recorded, StoreError> {
+    if !holds_lease(conn, owner, &report.message_id)? {
+        return Ok(Recorded::LeaseLost);
+    }
     for o in &report.outcomes {
-        q.push("UPDATE message_recipients SET state = ")
-            .push_bind(o.state.as_str())
-            .push(", attempts = attempts + 1, code = ")
-            .push_bind(o.code.as_deref())
-            .push(", reply = ")
-            .push_bind(o.reply.as_deref())
-            .push(", smarthost = ")
-            .push_bind(report.smarthost.as_deref())
-            .push(", updated_at_ms = ")
-            .push_bind(report.at_ms)
-            .push(" WHERE message_id = ")
-            .push_bind(report.message_id.as_str())
-            .push(" AND recipient = ")
-            .push_bind(o.recipient.as_str())
-            .push(" AND");
-        leased(q);
-        q.push("; INSERT INTO delivery_attempts (message_id, at_ms, smarthost, recipient, outcome, code, reply, next_attempt_ms) SELECT ")
-            .push_bind(report.message_id.as_str())
-            .push(", ")
-            .push_bind(report.at_ms)
-            .push(", ")
-            .push_bind(report.smarthost.as_deref())
-            .push(", ")
-            .push_bind(o.recipient.as_str())
-            .push(", ")
-            .push_bind(o.state.as_str())
-            .push(", ")
-            .push_bind(o.code.as_deref())
-            .push(", ")
-            .push_bind(o.reply.as_deref())
-            .push(", ")
-            .push_bind(if o.state.is_final() {
+        conn.prepare_cached(
+            "UPDATE message_recipients
+             SET state = ?1, attempts = attempts + 1, code = ?2, reply = ?3, smarthost = ?4, updated_at_ms = ?5
+             WHERE message_id = ?6 AND recipient = ?7",
+        )?
+        .execute(rusqlite::params![
+            o.state.as_str(),
+            o.code,
+            o.reply,
+            report.smarthost,
+            report.at_ms,
+            report.message_id,
+            o.recipient
+        ])?;
+        conn.prepare_cached(
+            "INSERT INTO delivery_attempts (message_id, at_ms, smarthost, recipient, outcome, code, reply, next_attempt_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?
+        .execute(rusqlite::params![
+            report.message_id,
+            report.at_ms,
+            report.smarthost,
+            o.recipient,
+            o.state.as_str(),
+            o.code,
+            o.reply,
+            if o.state.is_final() {
                 None
             } else {
                 report.next_attempt_ms
+            }
+        ])?;
+    }
+    let states = conn
+        .prepare_cached("SELECT state FROM message_recipients WHERE message_id = ?1")?
+        .query_map([&report.message_id], |r| r.get::<_, String>(0))?
+        .map(|s| s.map(|s| RecipientState::parse(&s)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let state = message_state(&states);
+    let (next, done) = if state == "deferred" {
+        (Some(report.next_attempt_ms.unwrap_or(report.at_ms)), None)
+    } else {
+        (None, Some(report.at_ms))
+    };
+    conn.prepare_cached(
+        "UPDATE messages SET state = ?1, attempts = attempts + 1, next_attempt_ms = ?2, done_at_ms = ?3,
+             lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = ?4
+         WHERE id = ?5",
+    )?
+    .execute(rusqlite::params![
+        state,
+        next,
+        done,
+        report.at_ms,
+        report.message_id
+    ])?;
+    if let Some(dsn) = &report.dsn {
+        crate::group::insert_message(conn, dsn)?;
+    }
+    Ok(Recorded::State(state.to_owned()))
+}
+
+/// Leases up to `limit` due messages to `owner` (see [`QueueStore::lease_due`]), inside the
+/// caller's `BEGIN IMMEDIATE` transaction: it holds the write lock, so two workers cannot lease
+/// the same row.
+fn lease_in(
+    conn: &rusqlite::Connection,
+    owner: &str,
+    now_ms: i64,
+    until: i64,
+    limit: u32,
+) -> Result<Vec<LeasedMessage>, StoreError> {
+    let mut due = conn.prepare_cached(&format!(
+        // A literal LIMIT: SQLite recompiles a statement whenever a parameter used as a LIMIT
+        // is bound again (it may change the plan).
+        "SELECT id, decision_id, door, accepted_at_ms, envelope_from, recipients, attempts,
+                (SELECT raw FROM message_bodies b WHERE b.message_id = messages.id) AS raw
+         FROM messages
+         WHERE state IN ('queued', 'deferred')
+           AND COALESCE(next_attempt_ms, 0) <= ?1
+           AND (lease_until_ms IS NULL OR lease_until_ms <= ?1)
+         ORDER BY COALESCE(next_attempt_ms, accepted_at_ms), id
+         LIMIT {}",
+        limit.max(1)
+    ))?;
+    let rows = due
+        .query_map([now_ms], |r| {
+            Ok(LeasedMessage {
+                id: r.get(0)?,
+                decision_id: r.get(1)?,
+                door: r.get(2)?,
+                accepted_at_ms: r.get(3)?,
+                envelope_from: r.get(4)?,
+                // The envelope's recipients, until the open ones are read below.
+                recipients: vec![(r.get::<_, String>(5)?, RecipientState::Pending)],
+                attempts: r.get(6)?,
+                raw: r.get::<_, Option<Vec<u8>>>(7)?.unwrap_or_default(),
+                lease_until_ms: until,
             })
-            .push(" WHERE");
-        leased(q);
-        q.push("; ");
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut out = Vec::with_capacity(rows.len());
+    for mut m in rows {
+        let envelope = m.recipients.pop().map(|(json, _)| json).unwrap_or_default();
+        conn.prepare_cached(
+            "UPDATE messages SET lease_owner = ?1, lease_until_ms = ?2, updated_at_ms = ?3 WHERE id = ?4",
+        )?
+        .execute(rusqlite::params![owner, until, now_ms, m.id])?;
+        // Recipient rows are made on the first lease (acceptance stays small).
+        for r in recipients_of(&envelope)? {
+            conn.prepare_cached(
+                "INSERT OR IGNORE INTO message_recipients (message_id, recipient, state, updated_at_ms)
+                 VALUES (?1, ?2, 'pending', ?3)",
+            )?
+            .execute(rusqlite::params![m.id, r, now_ms])?;
+        }
+        m.recipients = conn
+            .prepare_cached(
+                "SELECT recipient, state FROM message_recipients WHERE message_id = ?1 ORDER BY rowid",
+            )?
+            .query_map([&m.id], |r| {
+                Ok((r.get::<_, String>(0)?, RecipientState::parse(&r.get::<_, String>(1)?)))
+            })?
+            .filter(|r| r.as_ref().map_or(true, |(_, s)| !s.is_final()))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.push(m);
     }
-    // The message's state follows its recipients' (as `message_state` computes it).
-    const STATE: &str = "(CASE
-        WHEN EXISTS (SELECT 1 FROM message_recipients r WHERE r.message_id = messages.id AND r.state NOT IN ('delivered', 'failed')) THEN 'deferred'
-        WHEN EXISTS (SELECT 1 FROM message_recipients r WHERE r.message_id = messages.id AND r.state = 'failed') THEN 'failed'
-        ELSE 'delivered' END)";
-    q.push(format!(
-        "UPDATE messages SET state = {STATE}, attempts = attempts + 1, next_attempt_ms = CASE WHEN {STATE} = 'deferred' THEN "
-    ))
-    .push_bind(report.next_attempt_ms.unwrap_or(report.at_ms))
-    .push(format!(
-        " END, done_at_ms = CASE WHEN {STATE} = 'deferred' THEN NULL ELSE "
-    ))
-    .push_bind(report.at_ms)
-    .push(" END, lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = ")
-    .push_bind(report.at_ms)
-    .push(" WHERE id = ")
-    .push_bind(report.message_id.as_str())
-    .push(" AND lease_owner = ")
-    .push_bind(owner)
-    .push(" AND state IN ('queued', 'deferred') RETURNING id, state; ");
-    if let Some((m, recipients)) = dsn {
-        // Only if the attempt was recorded (the update above changed its row).
-        q.push("INSERT INTO messages (id, decision_id, accepted_at_ms, door, principal, envelope_from, recipients, size, state, hold_until_ms) SELECT ")
-            .push_bind(m.id.as_str())
-            .push(", ")
-            .push_bind(m.decision_id.as_str())
-            .push(", ")
-            .push_bind(m.accepted_at_ms)
-            .push(", ")
-            .push_bind(m.door.as_str())
-            .push(", ")
-            .push_bind(m.principal.as_str())
-            .push(", ")
-            .push_bind(m.envelope_from.as_str())
-            .push(", ")
-            .push_bind(recipients.as_str())
-            .push(", ")
-            .push_bind(m.raw.len() as i64)
-            .push(", ")
-            .push_bind(m.state.as_str())
-            .push(", ")
-            .push_bind(m.hold_until_ms)
-            .push(" WHERE changes() = 1; INSERT INTO message_bodies (message_id, raw) SELECT ")
-            .push_bind(m.id.as_str())
-            .push(", ")
-            .push_bind(m.raw.as_slice())
-            .push(" WHERE changes() = 1; ");
-    }
+    Ok(out)
 }
 
 #[async_trait]
 impl QueueStore for SqliteStore {
     async fn release_held(&self, now_ms: i64) -> Result<u64, StoreError> {
-        let done = sqlx::query(
-            "UPDATE messages SET state = 'queued', next_attempt_ms = ?, updated_at_ms = ?
-             WHERE state = 'held' AND COALESCE(hold_until_ms, 0) <= ?",
-        )
-        .bind(now_ms)
-        .bind(now_ms)
-        .bind(now_ms)
-        .execute(self.writer())
-        .await?;
-        Ok(done.rows_affected())
+        self.write_thread()
+            .call(true, move |conn| {
+                let n = conn
+                    .prepare_cached(
+                        "UPDATE messages SET state = 'queued', next_attempt_ms = ?1, updated_at_ms = ?1
+                         WHERE state = 'held' AND COALESCE(hold_until_ms, 0) <= ?1",
+                    )?
+                    .execute([now_ms])?;
+                Ok(n as u64)
+            })
+            .await
     }
 
     async fn lease_due(
@@ -544,83 +571,16 @@ impl QueueStore for SqliteStore {
         limit: u32,
     ) -> Result<Vec<LeasedMessage>, StoreError> {
         let until = now_ms.saturating_add(lease_ms);
-        // One relaxed transaction, one round trip: make the recipient rows of the due messages
-        // (on their first lease: acceptance stays small), read their open recipients, and lease
-        // them. BEGIN IMMEDIATE holds the write lock throughout, so the due set is the same in
-        // every statement, and two workers cannot lease the same row.
-        let due = |q: &mut QueryBuilder<Sqlite>| {
-            q.push(
-                "SELECT id, recipients, COALESCE(next_attempt_ms, accepted_at_ms) AS due_at FROM messages
-                 WHERE state IN ('queued', 'deferred') AND COALESCE(next_attempt_ms, 0) <= ",
-            )
-            .push_bind(now_ms)
-            .push(" AND (lease_until_ms IS NULL OR lease_until_ms <= ")
-            .push_bind(now_ms)
-            // A literal, not a parameter: SQLite recompiles a statement whenever a parameter
-            // used as a LIMIT is bound again (it may change the plan).
-            .push(format!(") ORDER BY due_at, id LIMIT {}", limit.max(1)));
-        };
-        let mut q = relaxed_transaction();
-        q.push("INSERT OR IGNORE INTO message_recipients (message_id, recipient, state, updated_at_ms) SELECT d.id, j.value, 'pending', ")
-            .push_bind(now_ms)
-            .push(" FROM (");
-        due(&mut q);
-        q.push(") AS d, json_each(d.recipients) AS j ORDER BY d.due_at, d.id, j.key; ");
-        q.push("SELECT 'r' AS kind, message_id, recipient, state FROM message_recipients WHERE message_id IN (SELECT id FROM (");
-        due(&mut q);
-        q.push(")) ORDER BY rowid; UPDATE messages SET lease_owner = ")
-            .push_bind(owner)
-            .push(", lease_until_ms = ")
-            .push_bind(until)
-            .push(", updated_at_ms = ")
-            .push_bind(now_ms)
-            .push(" WHERE id IN (SELECT id FROM (");
-        due(&mut q);
-        q.push(
-            ")) RETURNING 'm' AS kind, id, decision_id, door, accepted_at_ms, envelope_from, attempts,
-                 COALESCE(next_attempt_ms, accepted_at_ms) AS due_at,
-                 (SELECT raw FROM message_bodies b WHERE b.message_id = messages.id) AS raw; ",
-        );
-        let rows = self.run_relaxed(q).await?;
-        let mut open: HashMap<String, Vec<(String, RecipientState)>> = HashMap::new();
-        let mut out = Vec::new();
-        for row in rows {
-            if row.try_get::<&str, _>("kind")? == "r" {
-                let state = RecipientState::parse(row.try_get("state")?);
-                if !state.is_final() {
-                    open.entry(row.try_get("message_id")?)
-                        .or_default()
-                        .push((row.try_get("recipient")?, state));
-                }
-                continue;
-            }
-            let due_at: i64 = row.try_get("due_at")?;
-            out.push((
-                due_at,
-                LeasedMessage {
-                    id: row.try_get("id")?,
-                    decision_id: row.try_get("decision_id")?,
-                    door: row.try_get("door")?,
-                    accepted_at_ms: row.try_get("accepted_at_ms")?,
-                    envelope_from: row.try_get("envelope_from")?,
-                    recipients: Vec::new(),
-                    attempts: row.try_get("attempts")?,
-                    raw: row
-                        .try_get::<Option<Vec<u8>>, _>("raw")?
-                        .unwrap_or_default(),
-                    lease_until_ms: until,
-                },
-            ));
-        }
-        // RETURNING gives rows in no promised order: oldest due first, as selected.
-        out.sort_by(|(a, x), (b, y)| a.cmp(b).then_with(|| x.id.cmp(&y.id)));
-        Ok(out
-            .into_iter()
-            .map(|(_, mut m)| {
-                m.recipients = open.remove(&m.id).unwrap_or_default();
-                m
+        let owner = owner.to_owned();
+        self.write_thread()
+            .call(true, move |conn| {
+                let tx =
+                    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let out = lease_in(&tx, &owner, now_ms, until, limit)?;
+                tx.commit()?;
+                Ok(out)
             })
-            .collect())
+            .await
     }
 
     async fn next_due_ms(&self) -> Result<Option<i64>, StoreError> {
@@ -654,33 +614,20 @@ impl QueueStore for SqliteStore {
         if reports.is_empty() {
             return Ok(Vec::new());
         }
-        let dsns: Vec<Option<(&NewMessage, String)>> = reports
-            .iter()
-            .map(|r| {
-                r.dsn
-                    .as_ref()
-                    .map(|m| crate::group::message_rows(&[m]).map(|mut v| v.remove(0)))
-                    .transpose()
+        let owner = owner.to_owned();
+        let reports = reports.to_vec();
+        self.write_thread()
+            .call(true, move |conn| {
+                let tx =
+                    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let mut out = Vec::with_capacity(reports.len());
+                for report in &reports {
+                    out.push(record_in(&tx, &owner, report)?);
+                }
+                tx.commit()?;
+                Ok(out)
             })
-            .collect::<Result<_, _>>()?;
-        // One relaxed transaction, one round trip, for the whole batch.
-        let mut q = relaxed_transaction();
-        for (report, dsn) in reports.iter().zip(&dsns) {
-            push_record(&mut q, owner, report, dsn.as_ref());
-        }
-        let mut recorded: Vec<(String, String)> = Vec::with_capacity(reports.len());
-        for row in self.run_relaxed(q).await? {
-            recorded.push((row.try_get("id")?, row.try_get("state")?));
-        }
-        Ok(reports
-            .iter()
-            .map(
-                |r| match recorded.iter().position(|(id, _)| *id == r.message_id) {
-                    Some(i) => Recorded::State(recorded.remove(i).1),
-                    None => Recorded::LeaseLost,
-                },
-            )
-            .collect())
+            .await
     }
 
     async fn mark_captured(
@@ -689,23 +636,24 @@ impl QueueStore for SqliteStore {
         id: &str,
         now_ms: i64,
     ) -> Result<Recorded, StoreError> {
-        let mut conn = self.relaxed_writer().await?;
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        if !holds_lease(&mut tx, owner, id).await? {
-            return Ok(Recorded::LeaseLost);
-        }
-        sqlx::query(
-            "UPDATE messages SET state = 'captured', done_at_ms = ?, next_attempt_ms = NULL,
-                 lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = ?
-             WHERE id = ?",
-        )
-        .bind(now_ms)
-        .bind(now_ms)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Recorded::State("captured".to_owned()))
+        let owner = owner.to_owned();
+        let id = id.to_owned();
+        self.write_thread()
+            .call(true, move |conn| {
+                let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                if !holds_lease(&tx, &owner, &id)? {
+                    return Ok(Recorded::LeaseLost);
+                }
+                tx.prepare_cached(
+                    "UPDATE messages SET state = 'captured', done_at_ms = ?1, next_attempt_ms = NULL,
+                         lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = ?1
+                     WHERE id = ?2",
+                )?
+                .execute(rusqlite::params![now_ms, id])?;
+                tx.commit()?;
+                Ok(Recorded::State("captured".to_owned()))
+            })
+            .await
     }
 
     async fn list_queue(&self, filter: &QueueFilter) -> Result<Vec<QueueEntry>, StoreError> {

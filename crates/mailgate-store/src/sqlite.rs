@@ -2,19 +2,17 @@
 //! compiled into the binary. Several processes (a running server and the admin CLI) may use the
 //! same file at once: writers take the lock up front (`BEGIN IMMEDIATE`) and wait for each other.
 
-use std::path::Path;
-use std::str::FromStr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use mailgate_core::directory::{Directory, Kind, Object};
-use sqlx::sqlite::SqliteRow;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqlitePool};
+use sqlx::{Connection, Row, SqlitePool};
 
-use crate::group::{GroupCommit, GroupCommitStats, Op, push_usage, run_transaction};
+use crate::group::{GroupCommitStats, Op, Writer};
 use crate::{
     Changeset, MessageSummary, NewMessage, Purged, Snapshot, Store, StoreError, StoredDecision,
     UsageEntry, UsageReplay,
@@ -29,9 +27,11 @@ use crate::{
 pub struct SqliteStore {
     pool: SqlitePool,
     writer: SqlitePool,
-    /// Set while the write connection may be left at `synchronous = NORMAL`.
+    /// Set while the sqlx write connection may be left at `synchronous = NORMAL`.
     relaxed: Arc<AtomicBool>,
-    group: GroupCommit,
+    /// The writer thread: hot writes and delivery bookkeeping (see [`crate::group`]).
+    group: Writer,
+    path: PathBuf,
 }
 
 fn now_secs() -> i64 {
@@ -41,14 +41,31 @@ fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
-/// The start of a relaxed transaction for [`SqliteStore::run_relaxed`].
-pub(crate) fn relaxed_transaction() -> QueryBuilder<Sqlite> {
-    QueryBuilder::new("PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE; ")
-}
-
 impl SqliteStore {
     /// Opens (creating if needed) the database file `path` and brings its schema up to date.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::connect(path, Vec::new()).await
+    }
+
+    /// Opens a private store for tests: a database file of its own in the temporary directory,
+    /// deleted when the last handle is dropped. (SQLite's `:memory:` databases are private to
+    /// one connection, and the write connection is a connection of its own.)
+    pub async fn in_memory() -> Result<Self, StoreError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "mailgate-{}-{}-{}.db",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            fastrand::u64(..)
+        ));
+        let files = ["", "-wal", "-shm"]
+            .iter()
+            .map(|ext| PathBuf::from(format!("{}{ext}", path.display())))
+            .collect();
+        Self::connect(&path, files).await
+    }
+
+    async fn connect(path: &Path, remove_on_exit: Vec<PathBuf>) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -56,34 +73,15 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        Self::connect(options).await
-    }
-
-    /// Opens a private in-memory database (tests).
-    pub async fn in_memory() -> Result<Self, StoreError> {
-        // Every connection to `:memory:` is a database of its own: one connection does all.
-        let options = SqliteConnectOptions::from_str("sqlite::memory:")?;
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options)
-            .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(SqliteStore {
-            group: GroupCommit::start(pool.clone(), None),
-            writer: pool.clone(),
-            pool,
-            relaxed: Arc::new(AtomicBool::new(false)),
-        })
-    }
-
-    async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
         let relaxed = Arc::new(AtomicBool::new(false));
         let flag = relaxed.clone();
+        // The writes that are not hot (directory, tokens, admin, retention) use sqlx on a
+        // connection of their own; they are rare, and wait in SQLite's busy handler while the
+        // writer thread holds the write lock (and the other way round).
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
-            // Every use starts durable, whatever a relaxed writer set last (only a relaxed
-            // writer that did not restore `FULL` itself costs this extra round trip).
+            // Every use starts durable, whatever a relaxed writer set last.
             .before_acquire(move |conn, _| {
                 let flag = flag.clone();
                 Box::pin(async move {
@@ -98,10 +96,7 @@ impl SqliteStore {
                     Ok(true)
                 })
             })
-            // Checkpoints run on a reader connection, off the commit path (see `group`); the
-            // writer's own (which blocks commits) is a backstop for a log that the background
-            // checkpoints cannot finish under sustained load: by then it has little left to copy.
-            .connect_with(options.clone().pragma("wal_autocheckpoint", "4000"))
+            .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
         let pool = SqlitePoolOptions::new()
@@ -109,11 +104,22 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         Ok(SqliteStore {
-            group: GroupCommit::start(writer.clone(), Some(pool.clone())),
+            group: Writer::start(path, Some(pool.clone()), remove_on_exit)?,
             writer,
             pool,
             relaxed,
+            path: path.to_owned(),
         })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The write connection's thread (hot writes and delivery bookkeeping).
+    pub(crate) fn write_thread(&self) -> &Writer {
+        &self.group
     }
 
     async fn read_decision(&self, id: &str) -> Result<Option<StoredDecision>, StoreError> {
@@ -157,27 +163,6 @@ impl SqliteStore {
             .execute(&mut *conn)
             .await?;
         Ok(conn)
-    }
-
-    /// A relaxed transaction (see [`SqliteStore::relaxed_writer`]) as one multi-statement query,
-    /// so it costs one round trip to SQLite's thread however many statements it has: push the
-    /// statements (each ending in `"; "`) onto [`relaxed_transaction`], then pass it here. Returns
-    /// the rows every statement produced, in order.
-    pub(crate) async fn run_relaxed(
-        &self,
-        mut q: QueryBuilder<Sqlite>,
-    ) -> Result<Vec<SqliteRow>, StoreError> {
-        q.push("COMMIT; PRAGMA synchronous = FULL");
-        let mut conn = self.writer.acquire().await?;
-        match q.build().fetch_all(&mut *conn).await {
-            Ok(rows) => Ok(rows),
-            Err(e) => {
-                // Possibly still relaxed: the next acquisition restores `FULL`.
-                self.relaxed.store(true, Ordering::Release);
-                crate::group::rollback(&mut conn).await;
-                Err(e.into())
-            }
-        }
     }
 
     /// The read pool.
@@ -358,13 +343,16 @@ impl Store for SqliteStore {
         entry: UsageEntry,
         rate_tat_ms: Option<i64>,
     ) -> Result<(), StoreError> {
-        let rates: Vec<(&str, i64)> = rate_tat_ms.map(|t| (principal, t)).into_iter().collect();
-        let usage = [(principal, entry)];
-        let mut q = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE; ");
-        push_usage(&mut q, &usage, &rates);
-        q.push("COMMIT");
-        let mut conn = self.writer.acquire().await?;
-        run_transaction(&mut conn, q).await
+        let principal = principal.to_owned();
+        self.group
+            .call(false, move |conn| {
+                let tx =
+                    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                crate::group::insert_usage(&tx, &principal, entry, rate_tat_ms)?;
+                tx.commit()?;
+                Ok(())
+            })
+            .await
     }
 
     async fn accept_message(
@@ -684,34 +672,46 @@ mod tests {
 }
 #[cfg(test)]
 mod durability_tests {
-    use crate::QueueStore;
+    use crate::{QueueStore, StoreError};
 
-    async fn level(store: &super::SqliteStore) -> i64 {
-        let mut c = store.writer().acquire().await.unwrap();
-        sqlx::query_scalar("PRAGMA synchronous")
-            .persistent(false)
-            .fetch_one(&mut *c)
+    /// The writer thread's connection: its `synchronous` level and whether a transaction is open.
+    async fn state(store: &super::SqliteStore) -> (i64, bool) {
+        store
+            .write_thread()
+            .call(false, |c| {
+                let level: i64 = c.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+                Ok((level, c.is_autocommit()))
+            })
             .await
             .unwrap()
     }
 
-    /// Delivery bookkeeping runs at `synchronous = NORMAL`; whatever writes next (an acceptance,
-    /// a directory change) must find the connection back at `FULL` (2).
+    /// Delivery bookkeeping runs at `synchronous = NORMAL`; whatever writes next (an acceptance)
+    /// must find the connection back at `FULL` (2), with no transaction left open.
     #[tokio::test]
     async fn relaxed_bookkeeping_leaves_the_write_connection_durable() {
         let dir = tempfile::tempdir().unwrap();
         let store = super::SqliteStore::open(&dir.path().join("p.db"))
             .await
             .unwrap();
-        assert_eq!(level(&store).await, 2);
+        assert_eq!(state(&store).await, (2, true));
         store.lease_due("w", 0, 1000, 10).await.unwrap();
-        assert_eq!(level(&store).await, 2);
-        // A relaxed transaction that fails half-way (no such table) is rolled back, and the
-        // connection is made durable again before its next use.
-        let mut q = super::relaxed_transaction();
-        q.push("INSERT INTO no_such_table VALUES (1); ");
-        assert!(store.run_relaxed(q).await.is_err());
-        assert_eq!(level(&store).await, 2);
+        assert_eq!(state(&store).await, (2, true));
+        // A relaxed call that fails half-way through its transaction leaves nothing open and
+        // the connection durable.
+        let failed = store
+            .write_thread()
+            .call(true, |c| {
+                assert_eq!(
+                    c.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))?,
+                    1
+                );
+                c.execute_batch("BEGIN IMMEDIATE; INSERT INTO no_such_table VALUES (1)")?;
+                Ok::<_, StoreError>(())
+            })
+            .await;
+        assert!(failed.is_err());
+        assert_eq!(state(&store).await, (2, true));
         store.lease_due("w", 0, 1000, 10).await.unwrap();
     }
 }
