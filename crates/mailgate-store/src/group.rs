@@ -224,6 +224,13 @@ async fn checkpoint(pool: SqlitePool, mut dirty: mpsc::Receiver<()>) {
 /// Shortest pause between two checkpoints.
 const CHECKPOINT_PAUSE: Duration = Duration::from_millis(250);
 
+/// How long writes that nobody waits for (enforcement decisions) may wait for one that somebody
+/// does. A send's decision is queued a few tens of microseconds before its message: committed
+/// alone at once, it would cost a second fsync per send. A refusal's decision, with no message
+/// behind it, is committed after this at the latest (and is found before: `Store::decision`
+/// flushes on a miss).
+const DEFER_UNWAITED: Duration = Duration::from_millis(10);
+
 /// The writer thread: takes whatever has queued up, commits runs of group writes together and
 /// runs calls in between, in order.
 fn run(
@@ -232,20 +239,46 @@ fn run(
     counts: &Counts,
     dirty: Option<mpsc::Sender<()>>,
 ) {
+    // Only for timed waits on the queue (the thread is otherwise plain blocking code).
+    let timer = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            tracing::warn!(error = %e, "writer: no timer; decisions are committed without waiting for their message");
+            None
+        }
+    };
     let mut group: Vec<(Op, Done)> = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         let mut next = Some(first);
-        while let Some(job) = next.take() {
-            match job {
-                Job::Group { op, done } => group.push((op, done)),
-                Job::Call { f, relaxed } => {
-                    commit_group(&mut conn, &mut group, counts, dirty.as_ref());
-                    run_call(&mut conn, f, relaxed);
+        loop {
+            while let Some(job) = next.take() {
+                match job {
+                    Job::Group { op, done } => group.push((op, done)),
+                    Job::Call { f, relaxed } => {
+                        commit_group(&mut conn, &mut group, counts, dirty.as_ref());
+                        run_call(&mut conn, f, relaxed);
+                    }
+                }
+                if group.len() < MAX_BATCH {
+                    next = rx.try_recv().ok();
                 }
             }
-            if group.len() < MAX_BATCH {
-                next = rx.try_recv().ok();
+            let unwaited = !group.is_empty()
+                && group.len() < MAX_BATCH
+                && group.iter().all(|(_, done)| done.is_none());
+            if let (true, Some(rt)) = (unwaited, &timer) {
+                match rt.block_on(async { tokio::time::timeout(DEFER_UNWAITED, rx.recv()).await }) {
+                    Ok(Some(job)) => {
+                        next = Some(job);
+                        continue;
+                    }
+                    Ok(None) | Err(_) => {} // every handle is gone, or nothing came: commit
+                }
             }
+            break;
         }
         commit_group(&mut conn, &mut group, counts, dirty.as_ref());
     }
