@@ -270,12 +270,12 @@ fn run(
                 && group.len() < MAX_BATCH
                 && group.iter().all(|(_, done)| done.is_none());
             if let (true, Some(rt)) = (unwaited, &timer) {
-                match rt.block_on(async { tokio::time::timeout(DEFER_UNWAITED, rx.recv()).await }) {
-                    Ok(Some(job)) => {
-                        next = Some(job);
-                        continue;
-                    }
-                    Ok(None) | Err(_) => {} // every handle is gone, or nothing came: commit
+                // `None` (every handle is gone) or a timeout (nothing came): commit.
+                if let Ok(Some(job)) =
+                    rt.block_on(async { tokio::time::timeout(DEFER_UNWAITED, rx.recv()).await })
+                {
+                    next = Some(job);
+                    continue;
                 }
             }
             break;
