@@ -11,6 +11,7 @@
 
 mod edit;
 pub mod message;
+mod trace;
 pub use edit::{EditError, edit_directory};
 
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use mailgate_core::engine::{
     CommitOutcome, Counters, Decision, DirectoryIndex, InjectedFault, MemoryCounters, Mode,
     Outcome, SendAttempt, Verdict, apply_injected, commit, decide,
 };
-use mailgate_store::{NewMessage, Store, StoreError, StoredDecision, UsageEntry};
+use mailgate_store::{NewMessage, Store, StoreError, StoredDecision, TraceJson, UsageEntry};
 use serde_json::{Value, json};
 
 /// A fault (never a refusal: refusals are [`Decision`]s).
@@ -385,48 +386,13 @@ pub use mailgate_store::new_message_id;
 
 /// The documented JSON shape of a decision:
 /// `{"allowed", "verdict", "decision_id", "denial", "denials", "checks": [{"check","code","outcome","detail","remedy"}]}`.
+/// The same document is what the store keeps (see `trace.rs`).
 pub fn decision_json(decision: &Decision, decision_id: &str) -> Value {
-    let checks: Vec<Value> = decision
-        .checks
-        .iter()
-        .map(|c| {
-            let mut v = json!({
-                "check": c.stage.as_str(),
-                "code": c.code(),
-                "outcome": c.outcome,
-                "detail": c.detail,
-                "remedy": c.remedy(),
-            });
-            if let (Some(obj), Some(f)) = (v.as_object_mut(), c.object_at_fault()) {
-                obj.insert("object_at_fault".into(), json!(f.to_string()));
-                if let Some(l) = c.limit() {
-                    obj.insert("limit".into(), json!(l));
-                }
-            }
-            v
-        })
-        .collect();
-    let denial = |d: &mailgate_core::engine::Denial| {
-        json!({
-            "code": d.code.code(),
-            "check": d.stage.as_str(),
-            "object_at_fault": d.object_at_fault.to_string(),
-            "message": d.message,
-            "remedy": d.remedy,
-            "limit": d.limit,
-        })
-    };
-    json!({
-        "allowed": decision.accepted(),
-        "verdict": decision.verdict,
-        "complete": decision.complete,
-        "decision_id": decision_id,
-        "denial": decision.denial().map(denial),
-        "denials": decision.denials.iter().map(denial).collect::<Vec<_>>(),
-        "holds": decision.holds,
-        "rewrites": decision.rewrites,
-        "checks": checks,
+    serde_json::to_value(trace::DecisionView {
+        decision,
+        id: decision_id,
     })
+    .unwrap_or_else(|e| json!({"decision_id": decision_id, "error": e.to_string()}))
 }
 
 /// Stores a decision with its trace under `id`.
@@ -459,10 +425,13 @@ async fn keep(
             verdict.to_owned()
         },
         code: decision.denial().map(|d| d.code.code().to_owned()),
-        body: json!({
-            "attempt": attempt,
-            "decision": decision_json(decision, id),
-        }),
+        body: serde_json::to_vec(&trace::StoredView {
+            attempt,
+            decision: trace::DecisionView { decision, id },
+        })
+        .map(TraceJson)
+        // Cannot happen (string keys only); the decision is still kept, with the reason.
+        .unwrap_or_else(|e| TraceJson::from(json!({"error": e.to_string()}))),
     };
     if wait_until_durable {
         store.record_decision(&record).await
@@ -473,6 +442,51 @@ async fn keep(
 
 #[cfg(test)]
 mod tests {
+    /// The `Value`-tree implementation the views replaced (kept to prove they agree).
+    fn reference_decision_json(decision: &Decision, decision_id: &str) -> Value {
+        let checks: Vec<Value> = decision
+            .checks
+            .iter()
+            .map(|c| {
+                let mut v = json!({
+                    "check": c.stage.as_str(),
+                    "code": c.code(),
+                    "outcome": c.outcome,
+                    "detail": c.detail,
+                    "remedy": c.remedy(),
+                });
+                if let (Some(obj), Some(f)) = (v.as_object_mut(), c.object_at_fault()) {
+                    obj.insert("object_at_fault".into(), json!(f.to_string()));
+                    if let Some(l) = c.limit() {
+                        obj.insert("limit".into(), json!(l));
+                    }
+                }
+                v
+            })
+            .collect();
+        let denial = |d: &mailgate_core::engine::Denial| {
+            json!({
+                "code": d.code.code(),
+                "check": d.stage.as_str(),
+                "object_at_fault": d.object_at_fault.to_string(),
+                "message": d.message,
+                "remedy": d.remedy,
+                "limit": d.limit,
+            })
+        };
+        json!({
+            "allowed": decision.accepted(),
+            "verdict": decision.verdict,
+            "complete": decision.complete,
+            "decision_id": decision_id,
+            "denial": decision.denial().map(denial),
+            "denials": decision.denials.iter().map(denial).collect::<Vec<_>>(),
+            "holds": decision.holds,
+            "rewrites": decision.rewrites,
+            "checks": checks,
+        })
+    }
+
     use super::*;
     use mailgate_core::engine::{Credential, Door};
     use mailgate_core::orgfile::OrgFile;
@@ -573,6 +587,43 @@ mod tests {
             gw.accept("smtp", &a, &d, msg()).await,
             Err(GatewayError::NotAccepted(_))
         ));
+    }
+
+    /// The trace written straight from the engine's types (`trace.rs`) is, key for key and in
+    /// order, the document the `Value`-tree code built: allowed, denied with a limit, denied as
+    /// unowned sender, explained with several denials, and stored the same as served.
+    #[tokio::test]
+    async fn traces_are_the_documented_shape_whatever_the_decision() {
+        let (gw, store) = gateway().await;
+        let allowed = gw.decide("smtp", &attempt()).await.unwrap();
+        gw.accept("smtp", &attempt(), &allowed, msg())
+            .await
+            .unwrap();
+        let limited = gw.decide("smtp", &attempt()).await.unwrap();
+        let mut unowned = attempt();
+        unowned.envelope_from = Some("ceo@example.com".into());
+        let unowned = gw.decide("smtp", &unowned).await.unwrap();
+        let mut many = attempt();
+        many.envelope_from = Some("ceo@example.com".into());
+        let explained = gw.explain(&many).await.unwrap();
+        assert!(
+            explained.decision.denials.len() >= 2,
+            "{:?}",
+            explained.decision.denials
+        );
+        for d in [&allowed, &limited, &unowned, &explained] {
+            let expected = reference_decision_json(&d.decision, &d.id);
+            let served = decision_json(&d.decision, &d.id);
+            assert_eq!(
+                serde_json::to_string(&served).unwrap(),
+                serde_json::to_string(&expected).unwrap(),
+                "{}",
+                d.id
+            );
+            let kept = store.decision(&d.id).await.unwrap().unwrap();
+            let kept = kept.body.parse().unwrap();
+            assert_eq!(kept["decision"], expected);
+        }
     }
 
     #[test]

@@ -553,7 +553,7 @@ mod tests {
             principal: "a@example.com".into(),
             verdict: "denied".into(),
             code: Some("user.suspended".into()),
-            body: serde_json::json!({"x": 1}),
+            body: serde_json::json!({"x": 1}).into(),
         };
         store.enqueue_decision(d.clone()).await.unwrap();
         assert_eq!(store.decision("01TEST").await.unwrap(), Some(d.clone()));

@@ -110,7 +110,30 @@ pub struct StoredDecision {
     /// Reason code of a denial.
     pub code: Option<String>,
     /// The decision as JSON.
-    pub body: serde_json::Value,
+    pub body: TraceJson,
+}
+
+/// A decision's trace as JSON text: written once by the gateway (straight from the engine's
+/// types), stored packed, and parsed only by whoever reads it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceJson(pub Vec<u8>);
+
+impl TraceJson {
+    /// The JSON text.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Parses it.
+    pub fn parse(&self) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::from_slice(&self.0)
+    }
+}
+
+impl From<serde_json::Value> for TraceJson {
+    fn from(v: serde_json::Value) -> Self {
+        TraceJson(v.to_string().into_bytes())
+    }
 }
 
 /// One accepted send, as the usage counters record it.

@@ -6,22 +6,22 @@
 //! the client hears "accepted". Rows written before compression (JSON `TEXT`) still read: they are
 //! told apart by SQLite's storage class (`BLOB` for packed ones).
 
-use crate::StoreError;
+use crate::{StoreError, TraceJson};
 
 /// Largest trace a stored length may claim (a corrupt length must not allocate gigabytes).
 const MAX_UNPACKED: usize = 64 * 1024 * 1024;
 
 /// Packs a trace for storage.
-pub(crate) fn pack(body: &serde_json::Value) -> Vec<u8> {
-    lz4_flex::block::compress_prepend_size(body.to_string().as_bytes())
+pub(crate) fn pack(body: &TraceJson) -> Vec<u8> {
+    lz4_flex::block::compress_prepend_size(body.as_bytes())
 }
 
 /// Reads a stored trace: `packed` when its storage class is `BLOB`, else JSON text.
-pub(crate) fn unpack(bytes: &[u8], packed: bool) -> Result<serde_json::Value, StoreError> {
+pub(crate) fn unpack(bytes: Vec<u8>, packed: bool) -> Result<TraceJson, StoreError> {
     let corrupt =
         |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Database(sqlx::Error::Decode(e));
     if !packed {
-        return serde_json::from_slice(bytes).map_err(|e| corrupt(Box::new(e)));
+        return Ok(TraceJson(bytes));
     }
     let (len, rest) = bytes
         .split_first_chunk::<4>()
@@ -33,7 +33,7 @@ pub(crate) fn unpack(bytes: &[u8], packed: bool) -> Result<serde_json::Value, St
         ));
     }
     let json = lz4_flex::block::decompress(rest, len).map_err(|e| corrupt(Box::new(e)))?;
-    serde_json::from_slice(&json).map_err(|e| corrupt(Box::new(e)))
+    Ok(TraceJson(json))
 }
 
 #[cfg(test)]
@@ -45,24 +45,24 @@ mod tests {
         let checks: Vec<_> = (0..37)
             .map(|i| serde_json::json!({"check": "authn", "code": format!("auth.c{i}"), "outcome": "pass", "detail": "credential accepted", "remedy": null}))
             .collect();
-        let body = serde_json::json!({"decision": {"allowed": true, "checks": checks}});
+        let body =
+            TraceJson::from(serde_json::json!({"decision": {"allowed": true, "checks": checks}}));
         let packed = pack(&body);
         assert!(
-            packed.len() * 3 < body.to_string().len(),
+            packed.len() * 3 < body.as_bytes().len(),
             "{} bytes",
             packed.len()
         );
-        assert_eq!(unpack(&packed, true).unwrap(), body);
+        assert_eq!(unpack(packed, true).unwrap(), body);
         // Rows from before compression: plain JSON text.
-        assert_eq!(unpack(body.to_string().as_bytes(), false).unwrap(), body);
+        assert_eq!(unpack(body.as_bytes().to_vec(), false).unwrap(), body);
     }
 
     #[test]
-    fn corrupt_rows_are_errors_not_panics_or_huge_allocations() {
-        assert!(unpack(&[], true).is_err());
-        assert!(unpack(&[1, 2], true).is_err());
-        assert!(unpack(&[0xff, 0xff, 0xff, 0xff, 0], true).is_err());
-        assert!(unpack(&[10, 0, 0, 0, 0xf0, 1, 2], true).is_err());
-        assert!(unpack(b"{not json", false).is_err());
+    fn corrupt_packed_rows_are_errors_not_panics_or_huge_allocations() {
+        assert!(unpack(vec![], true).is_err());
+        assert!(unpack(vec![1, 2], true).is_err());
+        assert!(unpack(vec![0xff, 0xff, 0xff, 0xff, 0], true).is_err());
+        assert!(unpack(vec![10, 0, 0, 0, 0xf0, 1, 2], true).is_err());
     }
 }

@@ -932,7 +932,7 @@ mod tests {
             principal: "a@example.com".into(),
             verdict: "denied".into(),
             code: None,
-            body: serde_json::json!({}),
+            body: serde_json::json!({}).into(),
         };
         // Old: a refusal, and a delivered message with its decision. Old but still queued: a
         // message (never deleted by age) with its decision. New: a refusal.

@@ -133,7 +133,7 @@ impl SqliteStore {
         .await?;
         let Some(row) = row else { return Ok(None) };
         let body: Vec<u8> = row.try_get("body")?;
-        let body = crate::packed::unpack(&body, row.try_get("packed")?)?;
+        let body = crate::packed::unpack(body, row.try_get("packed")?)?;
         Ok(Some(StoredDecision {
             id: row.try_get("id")?,
             at_ms: row.try_get("at_ms")?,
@@ -589,7 +589,7 @@ mod tests {
             principal: "alice@example.com".into(),
             verdict: "denied".into(),
             code: Some("account.suspended".into()),
-            body: serde_json::json!({"checks": [1, 2]}),
+            body: serde_json::json!({"checks": [1, 2]}).into(),
         };
         store.record_decision(&d).await.unwrap();
         assert_eq!(store.decision("01TEST").await.unwrap(), Some(d.clone()));
@@ -606,12 +606,12 @@ mod tests {
             "INSERT INTO decisions (id, at_ms, door, principal, verdict, code, body)
              VALUES ('01OLD', 5, 'smtp', 'alice@example.com', 'denied', 'account.suspended', ?)",
         )
-        .bind(d.body.to_string())
+        .bind(String::from_utf8(d.body.0.clone()).unwrap())
         .execute(store.writer())
         .await
         .unwrap();
         let old = store.decision("01OLD").await.unwrap().unwrap();
-        assert_eq!(old.body, d.body);
+        assert_eq!(old.body.parse().unwrap(), d.body.parse().unwrap());
     }
 
     #[tokio::test]

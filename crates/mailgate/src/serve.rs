@@ -187,17 +187,23 @@ async fn get_decision(
         return r;
     }
     match state.gateway.store().decision(&id).await {
-        Ok(Some(d)) => Json(json!({
-            "decision_id": d.id,
-            "at_ms": d.at_ms,
-            "door": d.door,
-            "principal": d.principal,
-            "verdict": d.verdict,
-            "code": d.code,
-            "attempt": d.body.get("attempt"),
-            "decision": d.body.get("decision"),
-        }))
-        .into_response(),
+        Ok(Some(d)) => {
+            let body = d.body.parse().unwrap_or_else(|e| {
+                tracing::error!(decision_id = %d.id, error = %e, "stored decision trace does not parse");
+                serde_json::Value::Null
+            });
+            Json(json!({
+                "decision_id": d.id,
+                "at_ms": d.at_ms,
+                "door": d.door,
+                "principal": d.principal,
+                "verdict": d.verdict,
+                "code": d.code,
+                "attempt": body.get("attempt"),
+                "decision": body.get("decision"),
+            }))
+            .into_response()
+        }
         Ok(None) => api_error(StatusCode::NOT_FOUND, format!("no decision `{id}`")),
         Err(e) => {
             tracing::error!(error = %e, "decision lookup failed");
