@@ -20,6 +20,10 @@ log() { printf '==> %s\n' "$*" >&2; }
 # Messages per row: a quarter for one client (it is the slowest row).
 messages_for() { if [ "$1" = 1 ]; then echo $((COUNT / 4)); else echo "$COUNT"; fi; }
 
+# Before each measured row: the kernel writes back what the previous row left dirty (gigabytes
+# after a long row), so that neither system's fsyncs compete with the other's leftovers.
+settle() { sync; sleep 1; }
+
 # Prints N / seconds since START (nanoseconds), one decimal.
 rate_since() { python3 -c "print(round($1/(($(date +%s%N)-$2)/1e9),1))"; }
 

@@ -27,6 +27,7 @@ if [ "$WARMUP" -gt 0 ]; then
 fi
 for C in $CLIENTS; do
   N=$(messages_for "$C")
+  settle
   t0=$(date +%s%N)
   smtp-source -c -l "$SIZE" -m "$N" -s "$C" -f alice@example.com -t bench@example.org 127.0.0.1:25 >/dev/null
   PF_RATE[$C]=$(rate_since "$N" "$t0")
@@ -47,6 +48,7 @@ echo "| clients | size | Postfix accepted/s | Mailgate accepted/s | ratio | Post
 echo "|---|---|---|---|---|---|---|"
 for C in $CLIENTS; do
   N=$(messages_for "$C")
+  settle
   t0=$(date +%s%N)
   smtp-source -c -l "$SIZE" -m "$N" -s "$C" -f alice@example.com -t bench@example.org \
     127.0.0.1:"$SMTP_RELAY_PORT" >"$WORK/smtp-source.out" 2>&1 ||
