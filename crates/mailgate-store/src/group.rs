@@ -563,6 +563,33 @@ mod tests {
         assert_eq!(again.decision("01TEST").await.unwrap(), Some(d));
     }
 
+    /// A refusal's decision has no message to ride along with: it is committed by itself within
+    /// moments, visible to another process (here: another store on the same file).
+    #[tokio::test]
+    async fn a_decision_nobody_waits_for_is_committed_within_moments() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        let other = SqliteStore::open(&path).await.unwrap();
+        let d = crate::StoredDecision {
+            id: "01ALONE".into(),
+            at_ms: 1,
+            door: "smtp".into(),
+            principal: "a@example.com".into(),
+            verdict: "denied".into(),
+            code: Some("user.suspended".into()),
+            body: serde_json::json!({"x": 1}).into(),
+        };
+        store.enqueue_decision(d.clone()).await.unwrap();
+        for _ in 0..100 {
+            if other.decision("01ALONE").await.unwrap().is_some() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the decision was not committed within a second");
+    }
+
     #[tokio::test]
     async fn a_private_store_leaves_no_file_behind() {
         let store = SqliteStore::in_memory().await.unwrap();
