@@ -423,3 +423,60 @@ async fn a_connection_closed_between_messages_is_replaced_without_deferring() {
     assert_eq!(sink.received().len(), 3, "nothing delivered twice");
     assert_eq!(sink.sessions(), 3);
 }
+
+/// Workers sharing one wake (as `serve` runs them): only one gathers at a time, the others join
+/// when batches come full. Whatever the timing, every accepted message is delivered promptly by
+/// wakes alone (the poll interval here is far longer than the test), in bursts and after a pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_sharing_a_wake_deliver_every_message_in_bursts_and_after_pauses() {
+    let sink = Sink::start("127.0.0.1:0", SinkConfig::default())
+        .await
+        .unwrap();
+    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    let notify = Arc::new(tokio::sync::Notify::new());
+    let wake = mailgate_relay::Wake::new(notify.clone());
+    let mut handles = Vec::new();
+    for i in 0..3 {
+        let r = relay(
+            &store,
+            vec![smarthost(sink.addr.port(), SmarthostTls::None)],
+            RelayConfig {
+                worker_id: format!("w{i}"),
+                poll_interval: Duration::from_secs(60),
+                batch: 8,
+                ..config()
+            },
+        )
+        .with_waker(wake.clone());
+        handles.push(r.spawn());
+    }
+    let accept = async |from: usize, to: usize| {
+        for i in from..to {
+            store
+                .accept_message(&message(&format!("m{i}"), &["bob@example.org"]), None)
+                .await
+                .unwrap();
+            notify.notify_one();
+        }
+    };
+    let delivered = async |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sink.received().len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} delivered",
+                sink.received().len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    accept(0, 100).await;
+    delivered(100).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    accept(100, 101).await;
+    delivered(101).await;
+    assert_eq!(sink.received().len(), 101, "nothing delivered twice");
+    for h in handles {
+        h.abort();
+    }
+}

@@ -101,6 +101,7 @@ pub fn spawn(
     let workers = worker_count(raw)?;
     watch_faults(gateway.clone(), queue.clone());
     let mut handles = Vec::new();
+    let wake = mailgate_relay::Wake::new(gateway.accepted_signal());
     for i in 0..workers {
         let g = gateway.clone();
         let relay = Relay::new(
@@ -111,7 +112,7 @@ pub fn spawn(
                 ..cfg.clone()
             },
         )?
-        .with_waker(gateway.accepted_signal());
+        .with_waker(wake.clone());
         if i == 0 && relay.capturing() {
             tracing::info!(
                 "delivery: capture mode (accepted mail is kept, listed by `mailgate captured list`, and not relayed)"
