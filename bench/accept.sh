@@ -18,6 +18,7 @@ if [ -z "${MAILGATE_ONLY:-}" ]; then
   postfix_start
   for C in $CLIENTS; do
     N=$(messages_for "$C")
+    settle
     t0=$(date +%s%N)
     smtp-source -c -l $SIZE -m "$N" -s "$C" -f alice@example.com -t bench@example.org 127.0.0.1:25 >/dev/null
     PF_RATE[$C]=$(rate_since "$N" "$t0")
@@ -33,6 +34,7 @@ echo "| clients | Postfix accepted/s | Mailgate accepted/s | ratio | Mailgate p5
 echo "|---|---|---|---|---|---|---|---|"
 for C in $CLIENTS; do
   N=$(messages_for "$C")
+  settle
   t0=$(date +%s%N)
   R=$($LOADGEN "127.0.0.1:$HTTP_PORT" "$TOKEN" "$N" "$C" $SIZE)
   D=$(python3 -c "print(round($N/($(mailgate_drained_after "$t0")/1e9),1))")
