@@ -55,6 +55,27 @@ fn relay(store: &Arc<SqliteStore>, hosts: Vec<Smarthost>, config: RelayConfig) -
     Relay::new(store.clone(), Arc::new(move || hosts.clone()), config).unwrap()
 }
 
+/// A queue holding `n` messages (`m0`, `m1`, ...) to bob@example.org.
+async fn queue_of(n: usize) -> Arc<SqliteStore> {
+    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    for i in 0..n {
+        store
+            .accept_message(&message(&format!("m{i}"), &["bob@example.org"]), None)
+            .await
+            .unwrap();
+    }
+    store
+}
+
+/// A worker relaying `store`'s messages to `sink` without TLS.
+fn to_sink(store: &Arc<SqliteStore>, sink: &Sink) -> Relay {
+    relay(
+        store,
+        vec![smarthost(sink.addr.port(), SmarthostTls::None)],
+        config(),
+    )
+}
+
 /// Runs passes until `done` or 10 s.
 async fn drive(relay: &mut Relay, mut done: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -368,18 +389,8 @@ async fn connections_are_reused_across_messages() {
     let sink = Sink::start("127.0.0.1:0", SinkConfig::default())
         .await
         .unwrap();
-    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
-    for i in 0..5 {
-        store
-            .accept_message(&message(&format!("m{i}"), &["bob@example.org"]), None)
-            .await
-            .unwrap();
-    }
-    let mut r = relay(
-        &store,
-        vec![smarthost(sink.addr.port(), SmarthostTls::None)],
-        config(),
-    );
+    let store = queue_of(5).await;
+    let mut r = to_sink(&store, &sink);
     drive(&mut r, async || sink.received().len() == 5).await;
     assert_eq!(sink.sessions(), 1, "one connection for the whole batch");
 }
@@ -398,18 +409,8 @@ async fn a_connection_closed_between_messages_is_replaced_without_deferring() {
     )
     .await
     .unwrap();
-    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
-    for i in 0..3 {
-        store
-            .accept_message(&message(&format!("m{i}"), &["bob@example.org"]), None)
-            .await
-            .unwrap();
-    }
-    let mut r = relay(
-        &store,
-        vec![smarthost(sink.addr.port(), SmarthostTls::None)],
-        config(),
-    );
+    let store = queue_of(3).await;
+    let mut r = to_sink(&store, &sink);
     drive(&mut r, async || sink.received().len() >= 3).await;
     for i in 0..3 {
         let status = store

@@ -541,20 +541,25 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn an_enqueued_decision_is_found_at_once_and_durable_after_flush() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("g.db");
-        let store = SqliteStore::open(&path).await.unwrap();
-        let d = crate::StoredDecision {
-            id: "01TEST".into(),
+    /// A refusal's decision, as the gateway keeps it (nobody waits for it to be durable).
+    fn refusal(id: &str) -> crate::StoredDecision {
+        crate::StoredDecision {
+            id: id.into(),
             at_ms: 1,
             door: "smtp".into(),
             principal: "a@example.com".into(),
             verdict: "denied".into(),
             code: Some("user.suspended".into()),
             body: serde_json::json!({"x": 1}).into(),
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn an_enqueued_decision_is_found_at_once_and_durable_after_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        let d = refusal("01TEST");
         store.enqueue_decision(d.clone()).await.unwrap();
         assert_eq!(store.decision("01TEST").await.unwrap(), Some(d.clone()));
         store.flush().await.unwrap();
@@ -571,15 +576,7 @@ mod tests {
         let path = dir.path().join("g.db");
         let store = SqliteStore::open(&path).await.unwrap();
         let other = SqliteStore::open(&path).await.unwrap();
-        let d = crate::StoredDecision {
-            id: "01ALONE".into(),
-            at_ms: 1,
-            door: "smtp".into(),
-            principal: "a@example.com".into(),
-            verdict: "denied".into(),
-            code: Some("user.suspended".into()),
-            body: serde_json::json!({"x": 1}).into(),
-        };
+        let d = refusal("01ALONE");
         store.enqueue_decision(d.clone()).await.unwrap();
         for _ in 0..100 {
             if other.decision("01ALONE").await.unwrap().is_some() {
