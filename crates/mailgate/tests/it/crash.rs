@@ -98,13 +98,17 @@ fn acknowledged_messages_survive_sigkill() {
             let (acked, stop, addr) = (acked.clone(), stop.clone(), addr.clone());
             std::thread::spawn(move || {
                 let mut n = c * 1_000_000;
-                // Bounded in count and time.
+                // Bounded in count and time, and paced: continuous load through the kills, a
+                // few hundred sends per client (unpaced, the server acknowledges thousands a
+                // second, and delivering them all to the test sink is what the test then waits
+                // for).
                 while !stop.load(Ordering::Relaxed)
                     && Instant::now() < deadline
-                    && n < c * 1_000_000 + 5_000
+                    && n < c * 1_000_000 + 1_000
                 {
                     if send_one(&addr, n) {
                         acked.lock().unwrap().push(n);
+                        std::thread::sleep(Duration::from_millis(15));
                     } else {
                         std::thread::sleep(Duration::from_millis(20));
                     }
