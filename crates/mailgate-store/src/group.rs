@@ -143,7 +143,17 @@ impl Writer {
         std::thread::Builder::new()
             .name("mailgate-writer".into())
             .spawn(move || {
-                run(conn, rx, &c, dirty);
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(conn, rx, &c, dirty)
+                }));
+                if ran.is_err() {
+                    // A bug, not an I/O error (those are answered to each caller). Every write
+                    // from now on fails, so every door refuses temporarily: say why, loudly.
+                    tracing::error!(
+                        alert = "operator",
+                        "OPERATOR ALERT: the database write thread stopped after a panic; nothing can be accepted until Mailgate restarts"
+                    );
+                }
                 for f in remove_on_exit {
                     let _ = std::fs::remove_file(f);
                 }
@@ -585,6 +595,27 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         panic!("the decision was not committed within a second");
+    }
+
+    /// A bug that panics on the write thread must not leave callers waiting forever: the job's
+    /// caller and every later writer get an error at once (the doors then refuse temporarily).
+    #[tokio::test]
+    async fn a_panic_on_the_write_thread_fails_writers_instead_of_hanging_them() {
+        let store = SqliteStore::in_memory().await.unwrap();
+        let crashed = store
+            .write_thread()
+            .call(false, |_| -> Result<(), crate::StoreError> {
+                panic!("simulated bug on the write thread")
+            })
+            .await;
+        assert!(crashed.is_err());
+        let later = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            store.accept_message(&message("after"), None),
+        )
+        .await
+        .expect("a writer waited on a dead thread");
+        assert!(later.is_err());
     }
 
     #[tokio::test]
