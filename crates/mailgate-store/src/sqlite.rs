@@ -20,9 +20,10 @@ use crate::{
 
 /// The embedded SQLite store.
 ///
-/// Reads use a pool of connections (WAL readers never wait for the writer). Writes use one
-/// connection, so this process's writers queue in order instead of sleeping in SQLite's busy
-/// handler; the hot writes of a send are group-committed on it (see [`crate::group`]).
+/// Reads use a pool of connections (WAL readers never wait for the writer). The hot writes (a
+/// send's decision and message, delivery bookkeeping) run on the write thread, group-committed
+/// (see [`crate::group`]); the rare ones (directory, tokens, retention) on one sqlx connection of
+/// their own, which waits for the thread in SQLite's busy handler when both write at once.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -150,10 +151,9 @@ impl SqliteStore {
         self.group.stats()
     }
 
-    /// The write connection for bookkeeping that must survive a crash of the process but not
-    /// necessarily a power cut (`synchronous = NORMAL`: no fsync of its own): delivery leases
-    /// and attempt records. Losing one to a power cut means a message is delivered again, never
-    /// lost; the next durable commit (an acceptance) syncs the log, and these records with it.
+    /// The sqlx write connection at `synchronous = NORMAL`, for deletions that must survive a
+    /// crash of the process but not necessarily a power cut (retention: a purge lost to a power
+    /// cut is simply done again). The next acquire restores `FULL`.
     pub(crate) async fn relaxed_writer(
         &self,
     ) -> Result<sqlx::pool::PoolConnection<sqlx::Sqlite>, StoreError> {
@@ -170,7 +170,7 @@ impl SqliteStore {
         &self.pool
     }
 
-    /// The write connection (one, so writers in this process queue instead of contending).
+    /// The sqlx write connection, for the rare writes (the hot ones go to the write thread).
     pub fn writer(&self) -> &SqlitePool {
         &self.writer
     }
