@@ -130,11 +130,7 @@ async fn a_refused_recipient_fails_alone(without_pipelining: bool) -> Sink {
         )
         .await
         .unwrap();
-    let mut r = relay(
-        &store,
-        vec![smarthost(sink.addr.port(), SmarthostTls::None)],
-        config(),
-    );
+    let mut r = to_sink(&store, &sink);
     drive(&mut r, async || sink.received().len() >= 2).await;
 
     let got = sink.received();
@@ -210,11 +206,7 @@ async fn every_recipient_refused_in_a_pipelined_envelope() {
         .accept_message(&message("m1", &["x@example.org", "y@example.org"]), None)
         .await
         .unwrap();
-    let mut r = relay(
-        &store,
-        vec![smarthost(sink.addr.port(), SmarthostTls::None)],
-        config(),
-    );
+    let mut r = to_sink(&store, &sink);
     r.run_once().await.unwrap();
     let st = store.message_status("m1").await.unwrap().unwrap();
     let state = |who: &str| {
