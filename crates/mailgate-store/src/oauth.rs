@@ -39,7 +39,22 @@ pub trait TokenStore: Send + Sync {
     async fn use_token(&self, token_sha256: &str) -> Result<bool, StoreError>;
     /// Revokes every token of a family (revocation, refresh-token reuse).
     async fn revoke_family(&self, family: &str) -> Result<u64, StoreError>;
+    /// Records that a JWT-bearer assertion (`key`: its `iss` + `jti`, or its SHA-256) was
+    /// exchanged, to be remembered until `expires_at_ms`. Returns false when it was already
+    /// recorded and has not expired (a replay). Expired records are pruned on the way (a bounded
+    /// number per call), so the table holds at most the assertions of the last hour or so. Call
+    /// it only for assertions whose signature verified: this is a write on behalf of a client.
+    async fn use_assertion(
+        &self,
+        key: &str,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
 }
+
+/// Expired replay-cache rows pruned per insert: more than one, so the table shrinks under any
+/// steady load, and few enough that an insert stays one short transaction.
+const REPLAY_PRUNE_BATCH: i64 = 64;
 
 #[async_trait]
 impl TokenStore for SqliteStore {
@@ -102,6 +117,37 @@ impl TokenStore for SqliteStore {
             .await?;
         Ok(r.rows_affected())
     }
+
+    async fn use_assertion(
+        &self,
+        key: &str,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.writer().begin().await?;
+        sqlx::query(
+            "DELETE FROM jwt_replay WHERE assertion_key IN
+               (SELECT assertion_key FROM jwt_replay WHERE expires_at_ms < ? LIMIT ?)",
+        )
+        .bind(now_ms)
+        .bind(REPLAY_PRUNE_BATCH)
+        .execute(&mut *tx)
+        .await?;
+        // A row still here after the prune is live unless it expired after the batch limit: an
+        // expired one is replaced, a live one is a replay.
+        let r = sqlx::query(
+            "INSERT INTO jwt_replay (assertion_key, expires_at_ms) VALUES (?, ?)
+             ON CONFLICT (assertion_key) DO UPDATE SET expires_at_ms = excluded.expires_at_ms
+             WHERE jwt_replay.expires_at_ms < ?",
+        )
+        .bind(key)
+        .bind(expires_at_ms)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(r.rows_affected() == 1)
+    }
 }
 
 #[cfg(test)]
@@ -133,5 +179,34 @@ mod tests {
         assert_eq!(s.revoke_family("f").await.unwrap(), 2);
         assert!(s.token("b").await.unwrap().unwrap().revoked);
         assert_eq!(s.token("zz").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn an_assertion_is_used_once_until_it_expires_and_expired_rows_are_pruned() {
+        let s = SqliteStore::in_memory().await.unwrap();
+        assert!(s.use_assertion("k", 1_000, 0).await.unwrap());
+        assert!(!s.use_assertion("k", 1_000, 500).await.unwrap(), "replay");
+        assert!(
+            !s.use_assertion("k", 1_000, 1_000).await.unwrap(),
+            "until exp"
+        );
+        // Past its expiry the row no longer counts (the token endpoint refuses the expired
+        // assertion anyway) and is pruned.
+        assert!(s.use_assertion("k", 5_000, 1_001).await.unwrap());
+        for i in 0..100 {
+            assert!(s.use_assertion(&format!("old{i}"), 10, 0).await.unwrap());
+        }
+        assert!(s.use_assertion("new", 9_000, 2_000).await.unwrap());
+        assert!(s.use_assertion("new2", 9_000, 2_000).await.unwrap());
+        let left: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM jwt_replay WHERE expires_at_ms < 2000")
+                .fetch_one(s.pool())
+                .await
+                .unwrap();
+        assert!(
+            left < 100 - REPLAY_PRUNE_BATCH,
+            "expired rows pruned: {left} left"
+        );
+        assert!(!s.use_assertion("new", 9_000, 3_000).await.unwrap());
     }
 }
