@@ -10,6 +10,7 @@
 //! 4. [`Gateway::explain`]: the same evaluation in explain mode, consuming nothing.
 
 mod edit;
+pub mod lockout;
 pub mod message;
 mod trace;
 pub use edit::{EditError, edit_directory};
@@ -91,6 +92,8 @@ pub struct Gateway {
     faults: ArcSwap<Vec<InjectedFault>>,
     /// Notified once per stored message (wakes a delivery worker).
     accepted: Arc<tokio::sync::Notify>,
+    /// Failed-authentication lockout shared by every door (SMTP AUTH, the Gmail consent page).
+    lockout: lockout::Lockout,
 }
 
 /// Unix milliseconds now.
@@ -115,6 +118,7 @@ impl Gateway {
             counters,
             faults: ArcSwap::from_pointee(Vec::new()),
             accepted: Arc::new(tokio::sync::Notify::new()),
+            lockout: lockout::Lockout::default(),
         }))
     }
 
@@ -122,6 +126,12 @@ impl Gateway {
     /// instead of polling.
     pub fn accepted_signal(&self) -> Arc<tokio::sync::Notify> {
         self.accepted.clone()
+    }
+
+    /// The failed-authentication lockout every door shares (set its policy with
+    /// [`lockout::Lockout::set_policy`]).
+    pub fn lockout(&self) -> &lockout::Lockout {
+        &self.lockout
     }
 
     /// The store.
