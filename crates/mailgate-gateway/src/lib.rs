@@ -9,6 +9,7 @@
 //!    usage in one durable transaction. Only after it returns may a door say "accepted".
 //! 4. [`Gateway::explain`]: the same evaluation in explain mode, consuming nothing.
 
+pub mod budget;
 mod edit;
 pub mod lockout;
 pub mod message;
@@ -92,8 +93,21 @@ pub struct Gateway {
     faults: ArcSwap<Vec<InjectedFault>>,
     /// Notified once per stored message (wakes a delivery worker).
     accepted: Arc<tokio::sync::Notify>,
+    /// Resource budgets shared by every door and listener.
+    budget: budget::Budget,
+    /// The last write that failed, until one succeeds (`/healthz` says `degraded`).
+    write_fault: std::sync::Mutex<Option<String>>,
+    /// Refusals before authentication: kept here (bounded), never in the store.
+    unauthenticated: std::sync::Mutex<UnauthenticatedRing>,
     /// Failed-authentication lockout shared by every door (SMTP AUTH, the Gmail consent page).
     lockout: lockout::Lockout,
+}
+
+/// The last refusals of unauthenticated attempts, by id (oldest dropped first).
+#[derive(Default)]
+struct UnauthenticatedRing {
+    order: std::collections::VecDeque<String>,
+    by_id: std::collections::HashMap<String, StoredDecision>,
 }
 
 /// Unix milliseconds now.
@@ -107,6 +121,14 @@ pub fn now_ms() -> u64 {
 impl Gateway {
     /// Loads the directory and the last 24 h of usage from `store`.
     pub async fn open(store: Arc<dyn Store>) -> Result<Arc<Gateway>, GatewayError> {
+        Gateway::open_with_limits(store, budget::Limits::default()).await
+    }
+
+    /// [`Gateway::open`] with the configured resource budgets.
+    pub async fn open_with_limits(
+        store: Arc<dyn Store>,
+        limits: budget::Limits,
+    ) -> Result<Arc<Gateway>, GatewayError> {
         let snap = store.snapshot().await?;
         let counters = load_counters(store.as_ref(), now_ms()).await?;
         Ok(Arc::new(Gateway {
@@ -118,8 +140,75 @@ impl Gateway {
             counters,
             faults: ArcSwap::from_pointee(Vec::new()),
             accepted: Arc::new(tokio::sync::Notify::new()),
+            budget: budget::Budget::new(limits),
+            unauthenticated: Default::default(),
             lockout: lockout::Lockout::default(),
+            write_fault: std::sync::Mutex::new(None),
         }))
+    }
+
+    /// A kept decision by id: the store's, or a recent refusal before authentication (kept in
+    /// memory only).
+    pub async fn decision(&self, id: &str) -> Result<Option<StoredDecision>, GatewayError> {
+        let recent = self
+            .unauthenticated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_id
+            .get(id)
+            .cloned();
+        match recent {
+            Some(d) => Ok(Some(d)),
+            None => Ok(self.store.decision(id).await?),
+        }
+    }
+
+    /// Why the store cannot write, when the last write failed and none succeeded since.
+    pub fn write_fault(&self) -> Option<String> {
+        self.write_fault
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn write_failed(&self, e: &StoreError) {
+        let mut g = self.write_fault.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            tracing::error!(alert = "operator", error = %e, "the store cannot write: every door refuses temporarily (store.unavailable) until it can");
+        }
+        *g = Some(e.to_string());
+    }
+
+    fn write_ok(&self) {
+        let mut g = self.write_fault.lock().unwrap_or_else(|e| e.into_inner());
+        if g.take().is_some() {
+            tracing::warn!("the store writes again");
+        }
+    }
+
+    fn remember_unauthenticated(&self, record: StoredDecision) {
+        let max = self.budget.limits().unauthenticated_decisions_kept;
+        let mut g = self
+            .unauthenticated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        while g.order.len() >= max.max(1) {
+            match g.order.pop_front() {
+                Some(old) => {
+                    g.by_id.remove(&old);
+                }
+                None => break,
+            }
+        }
+        if max > 0 {
+            g.order.push_back(record.id.clone());
+            g.by_id.insert(record.id.clone(), record);
+        }
+    }
+
+    /// The resource budgets (connections, buffered bodies, password hashing, log lines).
+    pub fn budget(&self) -> &budget::Budget {
+        &self.budget
     }
 
     /// Notified once per message stored by [`Gateway::accept`]: delivery workers wait on it
@@ -254,20 +343,39 @@ impl Gateway {
         mode: Mode,
     ) -> Result<Decided, GatewayError> {
         let id = new_decision_id(now);
+        let record = record(&id, door, attempt, &decision, now);
+        if mode == Mode::Enforce && !authenticated(attempt, &decision) {
+            // Nothing unauthenticated writes to the store: anyone who reaches a port could fill
+            // it. The refusal is counted, kept in a bounded ring (its id still resolves for a
+            // while) and logged at a limited rate.
+            let code = decision.denial().map_or("allowed", |d| d.code.code());
+            self.budget.count_refusal(door, code);
+            if self.budget.log_limited("unauthenticated refusal") {
+                if let Some(d) = decision.denial() {
+                    tracing::info!(
+                        decision_id = %id,
+                        door,
+                        code = d.code.code(),
+                        object = %d.object_at_fault,
+                        "send refused before authentication (not stored; rate-limited log)"
+                    );
+                }
+            }
+            self.remember_unauthenticated(record);
+            return Ok(Decided { decision, id });
+        }
         // Enforcement does not wait for the decision to be durable: an acceptance commits it
         // (group commit keeps order), and a refusal's trace is seconds from disk at worst.
         // Explanations are asked for one at a time and often from a CLI that exits at once.
-        let wait = mode == Mode::Explain;
-        keep(
-            self.store.as_ref(),
-            &id,
-            door,
-            attempt,
-            &decision,
-            now,
-            wait,
-        )
-        .await?;
+        let kept = if mode == Mode::Explain {
+            self.store.record_decision(&record).await
+        } else {
+            self.store.enqueue_decision(record).await
+        };
+        if let Err(e) = kept {
+            self.write_failed(&e);
+            return Err(e.into());
+        }
         if let Some(d) = decision.denial() {
             tracing::info!(
                 decision_id = %id,
@@ -347,7 +455,11 @@ impl Gateway {
         if d.charge.is_some() {
             self.counters.release(&principal);
         }
-        stored?;
+        if let Err(e) = stored {
+            self.write_failed(&e);
+            return Err(e.into());
+        }
+        self.write_ok();
         self.accepted.notify_one();
         tracing::info!(decision_id = %decided.id, message_id = %message_id, door, state, "message accepted");
         Ok(Accepted::Stored { message_id, state })
@@ -405,16 +517,13 @@ pub fn decision_json(decision: &Decision, decision_id: &str) -> Value {
     .unwrap_or_else(|e| json!({"decision_id": decision_id, "error": e.to_string()}))
 }
 
-/// Stores a decision with its trace under `id`.
-async fn keep(
-    store: &dyn Store,
+fn record(
     id: &str,
     door: &str,
     attempt: &SendAttempt,
     decision: &Decision,
     now_ms: u64,
-    wait_until_durable: bool,
-) -> Result<(), StoreError> {
+) -> StoredDecision {
     let verdict = match decision.verdict {
         Verdict::Allowed => "allowed",
         Verdict::Held => "held",
@@ -424,7 +533,7 @@ async fn keep(
         .checks
         .iter()
         .any(|c| c.outcome == Outcome::Pending);
-    let record = StoredDecision {
+    StoredDecision {
         id: id.to_owned(),
         at_ms: now_ms as i64,
         door: door.to_owned(),
@@ -442,11 +551,21 @@ async fn keep(
         .map(TraceJson)
         // Cannot happen (string keys only); the decision is still kept, with the reason.
         .unwrap_or_else(|e| TraceJson::from(json!({"error": e.to_string()}))),
-    };
-    if wait_until_durable {
-        store.record_decision(&record).await
-    } else {
-        store.enqueue_decision(record).await
+    }
+}
+
+/// Whether an attempt came with a credential the door verified (a matching secret, a valid
+/// token, a login whose password matched, or a relay client from an allowed address). Only
+/// those decisions are stored.
+fn authenticated(attempt: &SendAttempt, decision: &Decision) -> bool {
+    use mailgate_core::engine::Credential;
+    match attempt.credential {
+        Credential::None | Credential::Refused { .. } => false,
+        Credential::RelayIp => !decision
+            .denials
+            .iter()
+            .any(|d| d.code.code() == "relay.ip_not_allowed"),
+        _ => true,
     }
 }
 
@@ -584,6 +703,37 @@ mod tests {
         );
         let kept = store.decision(&refused.id).await.unwrap().unwrap();
         assert_eq!(kept.code.as_deref(), Some("limit.daily_messages"));
+    }
+
+    #[tokio::test]
+    async fn refusals_before_authentication_are_counted_not_stored() {
+        let (gw, store) = gateway().await;
+        let mut ids = Vec::new();
+        for _ in 0..50 {
+            let mut a = attempt();
+            a.credential = Credential::None;
+            let d = gw.decide("smtp", &a).await.unwrap();
+            assert_eq!(d.decision.denial().unwrap().code.code(), "auth.missing");
+            ids.push(d.id);
+        }
+        store.flush().await.unwrap();
+        for id in &ids {
+            assert!(store.decision(id).await.unwrap().is_none(), "{id} stored");
+            // Still explained by id, from memory.
+            let kept = gw.decision(id).await.unwrap().unwrap();
+            assert_eq!(kept.code.as_deref(), Some("auth.missing"));
+        }
+        assert!(
+            gw.budget()
+                .refusal_counts()
+                .contains(&("smtp".into(), "auth.missing".into(), 50))
+        );
+        // An authenticated refusal is stored.
+        let mut a = attempt();
+        a.envelope_from = Some("ceo@example.com".into());
+        let d = gw.decide("smtp", &a).await.unwrap();
+        store.flush().await.unwrap();
+        assert!(store.decision(&d.id).await.unwrap().is_some());
     }
 
     #[tokio::test]
