@@ -39,6 +39,8 @@ pub enum Stage {
     Message,
     /// After acceptance: relaying to the smarthost.
     Delivery,
+    /// The gateway itself (its store): a temporary fault, not a rule.
+    Service,
 }
 
 impl Stage {
@@ -57,13 +59,14 @@ impl Stage {
             Stage::Limit => "limit",
             Stage::Message => "message",
             Stage::Delivery => "delivery",
+            Stage::Service => "service",
         }
     }
 }
 
 /// Every reason a send can be refused (or, for delivery, fail after acceptance).
 ///
-/// The declaration order is the evaluation order of the checks (causes.md rows 1–40).
+/// The declaration order is the evaluation order of the checks (causes.md rows 1–40), then the gateway's own temporary fault (41).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Reason {
     /// `tls.required`
@@ -146,6 +149,8 @@ pub enum Reason {
     UpstreamDeferred,
     /// `upstream.auth_failed`
     UpstreamAuthFailed,
+    /// `store.unavailable`
+    StoreUnavailable,
 }
 
 /// How the Gmail-compatible door answers (google.rpc error body, see gmail-wire.md §2).
@@ -332,7 +337,7 @@ const FORBIDDEN: &str = "PERMISSION_DENIED";
 const EXHAUSTED: &str = "RESOURCE_EXHAUSTED";
 
 /// The catalogue, in evaluation order. Index = `Reason as usize`.
-static CATALOGUE: [ReasonSpec; 40] = [
+static CATALOGUE: [ReasonSpec; 41] = [
     ReasonSpec {
         row: 1,
         code: "tls.required",
@@ -1079,11 +1084,33 @@ static CATALOGUE: [ReasonSpec; 40] = [
         smtp: DoorReply::AfterAcceptance("after acceptance: held, operator alert"),
         sendgrid: DoorReply::AfterAcceptance("event `deferred`"),
     },
+    ReasonSpec {
+        row: 41,
+        code: "store.unavailable",
+        stage: Stage::Service,
+        message: "Mailgate cannot write to its store (disk full, database locked or unreachable); nothing was accepted. Try again later.",
+        remedy: "retry later; an operator checks `/healthz` (it names the cause) and the server log, then frees disk space or the database",
+        gmail: g(
+            503,
+            "UNAVAILABLE",
+            "backendError",
+            "global",
+            None,
+            "The service is currently unavailable.",
+        ),
+        token: None,
+        smtp: s(
+            451,
+            "4.3.0",
+            "Temporary system problem. Try again later.",
+        ),
+        sendgrid: sg(503, "service unavailable"),
+    },
 ];
 
 impl Reason {
     /// Every reason, in evaluation order.
-    pub const ALL: [Reason; 40] = [
+    pub const ALL: [Reason; 41] = [
         Reason::TlsRequired,
         Reason::TlsVersion,
         Reason::AuthMissing,
@@ -1124,6 +1151,7 @@ impl Reason {
         Reason::UpstreamRefused,
         Reason::UpstreamDeferred,
         Reason::UpstreamAuthFailed,
+        Reason::StoreUnavailable,
     ];
 
     /// The catalogue row.
@@ -1414,7 +1442,7 @@ mod tests {
         let mut codes: Vec<_> = Reason::ALL.iter().map(|r| r.code()).collect();
         codes.sort_unstable();
         codes.dedup();
-        assert_eq!(codes.len(), 40);
+        assert_eq!(codes.len(), 41);
     }
 
     #[test]
