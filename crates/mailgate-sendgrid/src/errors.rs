@@ -7,6 +7,7 @@
 use axum::Json;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use mailgate_core::catalogue::Reason;
 use mailgate_core::directory::SEND_COST_UNITS;
 use mailgate_core::engine::{Denial, LimitState};
 use serde_json::{Value, json};
@@ -171,10 +172,99 @@ pub(crate) fn denial_response(
     resp
 }
 
-/// A fault (store down): 500 with SendGrid's generic text.
+/// A bug (a state the door should never reach): 500 with SendGrid's generic text.
 pub(crate) fn internal(detail: &str) -> Response {
     tracing::error!(error = detail, "sendgrid door fault");
     simple(500, "internal server error")
+}
+
+/// Seconds a client is told to wait after a temporary refusal (store fault, memory budget).
+pub(crate) const RETRY_AFTER_SECS: u32 = 5;
+
+/// A store (or counters) fault: the catalogue's `store.unavailable`, a temporary refusal:
+/// `503` with `Retry-After` in SendGrid's envelope, Mailgate's explanation in `help` and the code
+/// in `X-Mailgate-Code`. SendGrid's clients treat a 503 as retryable; nothing was stored.
+pub(crate) fn unavailable(detail: &str) -> Response {
+    tracing::error!(
+        error = detail,
+        "sendgrid door: the store cannot serve the request"
+    );
+    let reason = Reason::StoreUnavailable;
+    let spec = reason.spec();
+    let (status, message) = spec
+        .sendgrid
+        .reply()
+        .map_or((503, "service unavailable"), |r| (r.http_status, r.message));
+    let mut r = envelope(
+        status,
+        &[FieldError {
+            message: message.to_owned(),
+            field: None,
+            help: Some(format!(
+                "mailgate {}: {}. Remedy: {} (retry after {RETRY_AFTER_SECS} seconds).",
+                reason.code(),
+                spec.message.trim_end_matches('.'),
+                spec.remedy.trim_end_matches('.'),
+            )),
+        }],
+    );
+    let h = r.headers_mut();
+    h.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    h.insert("x-mailgate-code", HeaderValue::from_static(reason.code()));
+    r
+}
+
+/// A gateway fault (store or counters), rendered as [`unavailable`].
+pub(crate) fn fault(e: &mailgate_gateway::GatewayError) -> Response {
+    unavailable(&e.to_string())
+}
+
+/// The process holds as many message bodies in memory as its budget allows
+/// (`limits.data_memory_bytes`): a temporary refusal, `503` with `Retry-After`.
+pub(crate) fn busy(m: &mailgate_gateway::budget::MemoryBudget) -> Response {
+    tracing::warn!(
+        used = m.used(),
+        max = m.max(),
+        "sendgrid door: message memory budget spent; request refused for now"
+    );
+    let mut r = envelope(
+        503,
+        &[FieldError {
+            message: "service unavailable".into(),
+            field: None,
+            help: Some(format!(
+                "mailgate {SERVER_BUSY}: the gateway is holding as many message bodies in memory as it may ({} bytes) and took nothing from this request. Remedy: retry after {RETRY_AFTER_SECS} seconds; the operator can raise limits.data_memory_bytes.",
+                m.max()
+            )),
+        }],
+    );
+    let h = r.headers_mut();
+    h.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    if let Ok(v) = HeaderValue::from_str(SERVER_BUSY) {
+        h.insert("x-mailgate-code", v);
+    }
+    r
+}
+
+/// The reason code of a request refused because the process's memory budget is spent.
+pub(crate) const SERVER_BUSY: &str = "server.busy";
+
+/// `413` with SendGrid's text for a request over `limit` bytes, before or while it was read.
+pub(crate) fn too_large(limit: usize) -> Response {
+    let mut r = envelope(
+        413,
+        &[FieldError {
+            message: "content too large".into(),
+            field: None,
+            help: Some(format!(
+                "mailgate message.too_large: this endpoint takes request bodies up to {limit} bytes; the body was refused unread past that. Remedy: send a smaller request."
+            )),
+        }],
+    );
+    if let Ok(v) = HeaderValue::from_str("message.too_large") {
+        r.headers_mut().insert("x-mailgate-code", v);
+    }
+    r
 }
 
 #[cfg(test)]

@@ -15,10 +15,11 @@
 use std::sync::Arc;
 
 use axum::Extension;
+use axum::Json;
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::{Json, body::Bytes};
 use ipnet::IpNet;
 use mailgate_core::catalogue::Stage;
 use mailgate_core::directory::{ApiKey, Directory, permissions};
@@ -26,7 +27,8 @@ use mailgate_core::engine::{Door, SendAttempt};
 use mailgate_gateway::{EditError, edit_directory};
 use serde_json::{Value, json};
 
-use crate::errors::{FieldError, denial_response, envelope, internal, simple};
+use crate::body::KEYS_BODY_LIMIT;
+use crate::errors::{FieldError, denial_response, envelope, fault, internal, simple};
 use crate::{ConnFacts, SendgridState, transport};
 
 /// What `POST /v3/api_keys` without `scopes` grants: every permission Mailgate knows.
@@ -50,7 +52,7 @@ async fn authorize(
         .gateway
         .decide("sendgrid", &attempt)
         .await
-        .map_err(|e| internal(&e.to_string()))?;
+        .map_err(|e| fault(&e))?;
     if let Some(d) = decided
         .decision
         .denials
@@ -122,11 +124,15 @@ pub(crate) async fn method_not_allowed() -> Response {
     simple(405, "method not allowed")
 }
 
-fn json_body(body: &Bytes) -> Result<Value, Response> {
-    if body.is_empty() {
+/// The request's JSON, read only now that `caller` is authenticated, up to [`KEYS_BODY_LIMIT`].
+async fn json_body(caller: &ApiKey, headers: &HeaderMap, body: Body) -> Result<Value, Response> {
+    let read = crate::body::read(caller, headers, body, KEYS_BODY_LIMIT, None)
+        .await
+        .map_err(|e| e.response(KEYS_BODY_LIMIT))?;
+    if read.bytes.is_empty() {
         return Ok(json!({}));
     }
-    serde_json::from_slice(body).map_err(|_| simple(400, "invalid request"))
+    serde_json::from_slice(&read.bytes).map_err(|_| simple(400, "invalid request"))
 }
 
 /// Applies `f` to the directory as `caller`, then reloads the gateway's snapshot.
@@ -152,7 +158,7 @@ async fn edit<T>(
                     .collect::<Vec<_>>(),
             ),
             EditError::Busy => simple(503, "service unavailable"),
-            EditError::Store(e) => internal(&e.to_string()),
+            EditError::Store(e) => crate::errors::unavailable(&e.to_string()),
         })?;
     if let Err(e) = st.gateway.refresh().await {
         tracing::warn!(error = %e, "directory reload after a key change failed");
@@ -223,13 +229,13 @@ pub(crate) async fn create_key(
     State(st): State<Arc<SendgridState>>,
     Extension(conn): Extension<ConnFacts>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let caller = match authorize(&st, &conn, &headers, Some("api_keys.create")).await {
         Ok(k) => k,
         Err(r) => return r,
     };
-    let v = match json_body(&body) {
+    let v = match json_body(&caller, &headers, body).await {
         Ok(v) => v,
         Err(r) => return r,
     };
@@ -348,14 +354,14 @@ async fn update_key(
     conn: &ConnFacts,
     headers: &HeaderMap,
     id: &str,
-    body: &Bytes,
+    body: Body,
     with_scopes: bool,
 ) -> Response {
     let caller = match authorize(st, conn, headers, Some("api_keys.update")).await {
         Ok(k) => k,
         Err(r) => return r,
     };
-    let v = match json_body(body) {
+    let v = match json_body(&caller, headers, body).await {
         Ok(v) => v,
         Err(r) => return r,
     };
@@ -404,9 +410,9 @@ pub(crate) async fn patch_key(
     Extension(conn): Extension<ConnFacts>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    update_key(&st, &conn, &headers, &id, &body, false).await
+    update_key(&st, &conn, &headers, &id, body, false).await
 }
 
 /// `PUT /v3/api_keys/{id}`: rename and rescope.
@@ -415,9 +421,9 @@ pub(crate) async fn put_key(
     Extension(conn): Extension<ConnFacts>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    update_key(&st, &conn, &headers, &id, &body, true).await
+    update_key(&st, &conn, &headers, &id, body, true).await
 }
 
 /// `DELETE /v3/api_keys/{id}`: the key is revoked (kept, so a later use is refused as
@@ -515,7 +521,7 @@ pub(crate) async fn whitelist_add(
     State(st): State<Arc<SendgridState>>,
     Extension(conn): Extension<ConnFacts>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let caller = match authorize(
         &st,
@@ -528,7 +534,7 @@ pub(crate) async fn whitelist_add(
         Ok(k) => k,
         Err(r) => return r,
     };
-    let v = match json_body(&body) {
+    let v = match json_body(&caller, &headers, body).await {
         Ok(v) => v,
         Err(r) => return r,
     };
@@ -593,7 +599,7 @@ pub(crate) async fn whitelist_delete_many(
     State(st): State<Arc<SendgridState>>,
     Extension(conn): Extension<ConnFacts>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let caller = match authorize(
         &st,
@@ -606,7 +612,7 @@ pub(crate) async fn whitelist_delete_many(
         Ok(k) => k,
         Err(r) => return r,
     };
-    let v = match json_body(&body) {
+    let v = match json_body(&caller, &headers, body).await {
         Ok(v) => v,
         Err(r) => return r,
     };

@@ -13,9 +13,11 @@
     reason = "handlers return early with a ready `Response` as the error; its size is irrelevant next to network I/O"
 )]
 
+mod body;
 mod errors;
 mod keys;
 mod mail;
+mod wire;
 
 use std::sync::Arc;
 
@@ -23,9 +25,12 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderMap, header};
 use axum::routing::{MethodRouter, any, get, post};
+pub use body::KEYS_BODY_LIMIT;
+pub use mail::{MAX_EXPANDED_BYTES, MAX_MESSAGE_BYTES};
 use mailgate_core::engine::{Credential, CredentialState, Transport};
 use mailgate_gateway::Gateway;
 pub use mailgate_gmail::ConnFacts;
+pub use wire::PARSE_BUDGET_BYTES;
 
 /// The largest request SendGrid accepts (total message size, attachments included).
 pub const MAX_REQUEST_BYTES: usize = 30 * 1024 * 1024;
@@ -143,7 +148,10 @@ pub fn router(state: Arc<SendgridState>) -> Router {
         get(keys::whitelist_get).delete(keys::whitelist_delete_one),
     );
     r = both(r, "/v3/{*rest}", any(keys::not_found));
-    r.layer(DefaultBodyLimit::disable()).with_state(state)
+    // Handlers read bodies themselves, after the key (`body::read`, with each route's limit);
+    // this limit only guards any extractor added later.
+    r.layer(DefaultBodyLimit::max(KEYS_BODY_LIMIT))
+        .with_state(state)
 }
 
 #[cfg(test)]
@@ -156,12 +164,15 @@ mod tests {
     use tower::ServiceExt as _;
 
     const KEY: &str = "SG.unit-key-0001.c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2Vj";
+    /// A key that may manage keys.
+    const ADMIN_KEY: &str = "SG.unit-key-0002.YWRtaW5hZG1pbmFkbWluYWRtaW5hZG1pbmFkbWluYWRt";
 
     async fn app() -> Router {
         let store = Arc::new(SqliteStore::in_memory().await.unwrap());
         let org = format!(
-            "domains: [{{name: example.com, verified: true}}]\nusers:\n  - email: a@example.com\napi_keys:\n  - name: k\n    id: unit-key-0001\n    secret_sha256: {}\n    owner: a@example.com\n    permissions: [mail.send]\n",
-            mailgate_auth::sha256_hex(KEY.as_bytes())
+            "domains: [{{name: example.com, verified: true}}]\nusers:\n  - email: a@example.com\napi_keys:\n  - name: k\n    id: unit-key-0001\n    secret_sha256: {}\n    owner: a@example.com\n    permissions: [mail.send]\n  - name: admin\n    id: unit-key-0002\n    secret_sha256: {}\n    owner: a@example.com\n    permissions: [mail.send, api_keys.create, api_keys.read, api_keys.update, access_settings.whitelist.create]\n",
+            mailgate_auth::sha256_hex(KEY.as_bytes()),
+            mailgate_auth::sha256_hex(ADMIN_KEY.as_bytes())
         );
         let dir = OrgFile::parse(&org).unwrap().directory;
         store
@@ -268,5 +279,197 @@ mod tests {
             .unwrap();
         assert_eq!(resp.status(), 400);
         assert_eq!(json_of(resp).await["errors"][0]["message"], "Bad Request");
+    }
+
+    fn with_length(mut r: Request<Body>, len: u64) -> Request<Body> {
+        r.headers_mut()
+            .insert("content-length", len.to_string().parse().unwrap());
+        r
+    }
+
+    #[tokio::test]
+    async fn key_management_without_a_key_is_401_whatever_the_body() {
+        let app = app().await;
+        let big = "x".repeat(200_000);
+        for (method, path) in [
+            ("POST", "/v3/api_keys"),
+            ("PUT", "/v3/api_keys/unit-key-0001"),
+            ("PATCH", "/v3/api_keys/unit-key-0001"),
+            ("POST", "/v3/access_settings/whitelist"),
+            ("DELETE", "/v3/access_settings/whitelist"),
+        ] {
+            let r = app
+                .clone()
+                .oneshot(with_length(req(method, path, None, &big), 1 << 30))
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 401, "{method} {path}");
+            assert_eq!(
+                json_of(r).await["errors"][0]["message"],
+                "Permission denied, wrong credentials"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn key_management_bodies_are_limited_to_64_kib() {
+        let app = app().await;
+        // Announced over the limit: refused from the header.
+        let r = app
+            .clone()
+            .oneshot(with_length(
+                req("POST", "/v3/api_keys", Some(ADMIN_KEY), r#"{"name":"n"}"#),
+                (KEYS_BODY_LIMIT + 1) as u64,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 413);
+        let v = json_of(r).await;
+        assert_eq!(v["errors"][0]["message"], "content too large");
+        assert!(
+            v["errors"][0]["help"]
+                .as_str()
+                .unwrap()
+                .starts_with("mailgate message.too_large: ")
+        );
+        // Sent over the limit without a length (as chunked): refused while reading.
+        let body = format!(r#"{{"name":"{}"}}"#, "n".repeat(KEYS_BODY_LIMIT));
+        let r = app
+            .clone()
+            .oneshot(req("POST", "/v3/api_keys", Some(ADMIN_KEY), &body))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 413);
+        // Within it: the key is made.
+        let r = app
+            .clone()
+            .oneshot(req(
+                "POST",
+                "/v3/api_keys",
+                Some(ADMIN_KEY),
+                r#"{"name":"new","scopes":["mail.send"]}"#,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+
+    #[tokio::test]
+    async fn mail_send_over_30_mb_announced_is_413_before_reading() {
+        let app = app().await;
+        let r = app
+            .clone()
+            .oneshot(with_length(
+                req("POST", "/v3/mail/send", Some(KEY), MAIL),
+                MAX_REQUEST_BYTES as u64 + 1,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 413);
+        assert_eq!(
+            json_of(r).await["errors"][0]["message"],
+            "content too large"
+        );
+        // Without a key the answer is the 401, whatever the length.
+        let r = app
+            .clone()
+            .oneshot(with_length(
+                req("POST", "/v3/mail/send", None, MAIL),
+                MAX_REQUEST_BYTES as u64 + 1,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_content_type_without_a_key_is_still_401() {
+        let app = app().await;
+        let mut r = req("POST", "/v3/mail/send", None, "[0,0,0]");
+        r.headers_mut()
+            .insert("content-type", "text/plain".parse().unwrap());
+        let resp = app.clone().oneshot(r).await.unwrap();
+        assert_eq!(resp.status(), 401);
+    }
+
+    #[tokio::test]
+    async fn too_many_personalizations_are_counted_not_kept() {
+        let app = app().await;
+        let mut body = String::from(
+            r#"{"from":{"email":"a@example.com"},"subject":"s","content":[{"type":"text/plain","value":"x"}],"personalizations":[{}"#,
+        );
+        for _ in 0..20_000 {
+            body.push_str(",{}");
+        }
+        body.push_str("]}");
+        let r = app
+            .clone()
+            .oneshot(req("POST", "/v3/mail/send", Some(KEY), &body))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        let v = json_of(r).await;
+        assert!(
+            v["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("You have provided 20001 personalizations"),
+            "{v}"
+        );
+    }
+
+    #[tokio::test]
+    async fn substitutions_that_expand_too_far_are_refused_naming_the_field() {
+        let app = app().await;
+        let body = serde_json::json!({"from":{"email":"a@example.com"},"subject":"s",
+            "personalizations":[{"to":[{"email":"b@example.org"}],"substitutions":{"a":"y".repeat(1000)}}],
+            "content":[{"type":"text/plain","value":"a".repeat(40_000)}]})
+        .to_string();
+        let r = app
+            .clone()
+            .oneshot(req("POST", "/v3/mail/send", Some(KEY), &body))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        let v = json_of(r).await;
+        assert_eq!(v["errors"][0]["field"], "personalizations.0.substitutions");
+        // The same request size without the expansion goes through.
+        let body = serde_json::json!({"from":{"email":"a@example.com"},"subject":"s",
+            "personalizations":[{"to":[{"email":"b@example.org"}],"substitutions":{"a":"y"}}],
+            "content":[{"type":"text/plain","value":"a".repeat(40_000)}]})
+        .to_string();
+        let r = app
+            .clone()
+            .oneshot(req("POST", "/v3/mail/send", Some(KEY), &body))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+
+    #[tokio::test]
+    async fn copies_of_a_large_message_past_the_request_budget_are_refused_up_front() {
+        let app = app().await;
+        let pers: Vec<serde_json::Value> = (0..30)
+            .map(|i| serde_json::json!({"to":[{"email":format!("r{i}@example.org")}]}))
+            .collect();
+        let body = serde_json::json!({"from":{"email":"a@example.com"},"subject":"s",
+            "personalizations": pers,
+            "content":[{"type":"text/plain","value":"z".repeat(3 * 1024 * 1024)}]})
+        .to_string();
+        let r = app
+            .clone()
+            .oneshot(req("POST", "/v3/mail/send", Some(KEY), &body))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        let v = json_of(r).await;
+        assert_eq!(v["errors"][0]["field"], "personalizations");
+        assert!(
+            v["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("one message per personalization"),
+            "{v}"
+        );
     }
 }

@@ -3,15 +3,21 @@
 //! MIME message per personalization (mail-builder), decided by the engine and stored by the
 //! gateway before the `202`.
 //!
-//! The JSON is read as a `serde_json::Value` rather than typed structs: unknown and legacy keys
-//! (`sections`, `mail_settings.bcc`, `spam_check`, `ganalytics`, ...) are accepted and ignored, and a
-//! value of the wrong type becomes SendGrid's message for that field instead of a serde error.
+//! The body is read only once the key in the headers was accepted, and parsed (on the blocking
+//! pool) into the typed, size-capped slots of `wire.rs`, not a `Value` tree: unknown and legacy
+//! keys (`sections`, `mail_settings.bcc`, `spam_check`, `ganalytics`, ...) are skipped unread, and
+//! a value of the wrong type becomes SendGrid's message for that field instead of a serde error.
+//! Building the messages is bounded too: each personalization's message at most 30 MB with its
+//! substitutions applied (one linear pass per text), all of a request's at most 64 MiB, checked
+//! up front where the size is known before any is built.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
+use std::sync::Arc;
 
+use aho_corasick::{AhoCorasick, MatchKind};
 use axum::Extension;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -21,12 +27,19 @@ use mail_builder::headers::address::Address;
 use mail_builder::headers::content_type::ContentType;
 use mail_builder::headers::text::Text;
 use mail_builder::mime::{BodyPart, MimePart};
-use mailgate_core::catalogue::Reason;
-use mailgate_core::engine::{Body as MsgBody, Door, SendAttempt};
+use mailgate_core::catalogue::{Reason, Stage};
+use mailgate_core::engine::{Body as MsgBody, Credential, Door, SendAttempt};
+use mailgate_gateway::budget::MemoryLease;
 use mailgate_gateway::{Accepted, Decided, Message};
 use serde_json::Value;
 
-use crate::errors::{FieldError, denial_response, internal, mark, simple};
+use crate::body::ReadError;
+use crate::errors::{FieldError, busy, denial_response, fault, internal, mark, simple};
+use crate::wire::{
+    self, ATTACHMENTS_KEPT, CATEGORIES_KEPT, CONTENT_KEPT, Json, List, Loose,
+    MAX_TEMPLATE_DATA_NODES, Obj, PARSE_BUDGET_BYTES, ParseError, RawAddr, RawAttachment,
+    RawContent, RawMail, RawPersonalization, StrMap,
+};
 use crate::{ConnFacts, MAX_REQUEST_BYTES, SendgridState, transport};
 
 /// At most this many personalizations per request.
@@ -144,48 +157,48 @@ fn has_crlf(s: &str) -> bool {
     s.contains('\r') || s.contains('\n')
 }
 
-/// Reads `{email, name?}`; `None` with the problem when it is not one.
-fn addr(v: &Value) -> Result<Addr, &'static str> {
-    let email = v
-        .get("email")
-        .and_then(Value::as_str)
-        .ok_or("missing")?
-        .trim()
-        .to_owned();
+/// Reads `{email, name?}`; the problem when it is not one.
+fn addr(v: &Obj<RawAddr>) -> Result<Addr, &'static str> {
+    let a = v.get().ok_or("missing")?;
+    let email = a.email.as_str().ok_or("missing")?.trim().to_owned();
     if email.chars().count() > MAX_ADDRESS {
         return Err("long");
     }
     if !valid_address(&email) {
         return Err("invalid");
     }
-    let name = v
-        .get("name")
-        .and_then(Value::as_str)
+    let name = a
+        .name
+        .as_str()
         .filter(|n| !n.is_empty() && !has_crlf(n))
         .map(str::to_owned);
     Ok(Addr { email, name })
 }
 
-fn string_map(v: &Value) -> Option<Vec<(String, String)>> {
-    let m = v.as_object()?;
-    m.iter()
-        .map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
-        .collect()
-}
-
-fn check_headers(v: &Value, field: &str, errors: &mut Vec<FieldError>) -> Vec<(String, String)> {
-    let Some(map) = v.as_object() else {
+fn check_headers<const CAP: usize>(
+    v: StrMap<CAP>,
+    field: &str,
+    errors: &mut Vec<FieldError>,
+) -> Vec<(String, String)> {
+    let StrMap::Ok { entries, len, .. } = v else {
         errors.push(FieldError::at(field, "The header values must be strings."));
         return Vec::new();
     };
+    if len > CAP {
+        errors.push(FieldError::at(
+            field,
+            format!("Mailgate takes at most {CAP} headers here; you provided {len}."),
+        ));
+        return Vec::new();
+    }
     let mut out = Vec::new();
     let mut seen = HashSet::new();
-    for (k, val) in map {
-        let Some(s) = val.as_str() else {
+    for (k, val) in entries {
+        let Loose::Str(s) = val else {
             errors.push(FieldError::at(field, "The header values must be strings."));
             continue;
         };
-        if k.is_empty() || !k.is_ascii() || k.contains(' ') || k.contains(':') || has_crlf(k) {
+        if k.is_empty() || !k.is_ascii() || k.contains(' ') || k.contains(':') || has_crlf(&k) {
             errors.push(FieldError::at(
                 field,
                 "Header keys cannot contain non-ASCII characters and empty spaces.",
@@ -206,48 +219,51 @@ fn check_headers(v: &Value, field: &str, errors: &mut Vec<FieldError>) -> Vec<(S
             ));
             continue;
         }
-        if has_crlf(s) {
+        if has_crlf(&s) {
             errors.push(FieldError::at(field, "The header values must be strings."));
             continue;
         }
-        out.push((k.clone(), s.to_owned()));
+        out.push((k, s));
     }
     out
 }
 
-fn check_send_at(v: Option<&Value>, field: &str, now_secs: i64, errors: &mut Vec<FieldError>) {
-    let Some(v) = v else { return };
-    match v.as_i64() {
-        None => errors.push(FieldError::at(field, SEND_AT_INT)),
-        Some(t) if t > now_secs + MAX_SCHEDULE_SECS => errors.push(FieldError::at(
+fn check_send_at(v: &Loose, field: &str, now_secs: i64, errors: &mut Vec<FieldError>) {
+    match v {
+        Loose::Absent => {}
+        Loose::Int(t) if *t > now_secs + MAX_SCHEDULE_SECS => errors.push(FieldError::at(
             field,
             "Scheduling more than 72 hours in advance is forbidden.",
         )),
-        Some(_) => {}
+        Loose::Int(_) => {}
+        _ => errors.push(FieldError::at(field, SEND_AT_INT)),
     }
 }
 
-fn check_custom_args(v: Option<&Value>, field: &str, errors: &mut Vec<FieldError>) -> usize {
-    let Some(v) = v else { return 0 };
-    match string_map(v) {
-        Some(m) => m.iter().map(|(k, v)| k.len() + v.len()).sum(),
-        None => {
-            // SendGrid's OpenAPI types it as a string (a spec bug); clients send an object.
-            if !v.is_string() {
-                errors.push(FieldError::at(
-                    field,
-                    "All values of custom arguments object must be strings",
-                ));
-            }
+fn check_custom_args(v: &StrMap<0>, field: &str, errors: &mut Vec<FieldError>) -> usize {
+    match v {
+        StrMap::Absent => 0,
+        StrMap::Ok {
+            all_strings: true,
+            bytes,
+            ..
+        } => *bytes,
+        // SendGrid's OpenAPI types it as a string (a spec bug); clients send an object.
+        StrMap::Wrong(Loose::Str(_)) => 0,
+        _ => {
+            errors.push(FieldError::at(
+                field,
+                "All values of custom arguments object must be strings",
+            ));
             0
         }
     }
 }
 
-fn subject_of(v: Option<&Value>, field: &str, errors: &mut Vec<FieldError>) -> Option<String> {
-    let v = v?;
-    match v.as_str() {
-        Some(s) if !s.is_empty() => Some(s.to_owned()),
+fn subject_of(v: Loose, field: &str, errors: &mut Vec<FieldError>) -> Option<String> {
+    match v {
+        Loose::Absent => None,
+        Loose::Str(s) if !s.is_empty() => Some(s),
         _ => {
             errors.push(FieldError::at(field, SUBJECT_STRING));
             None
@@ -255,21 +271,17 @@ fn subject_of(v: Option<&Value>, field: &str, errors: &mut Vec<FieldError>) -> O
     }
 }
 
-/// Validates a request body: every problem SendGrid would name, with its field path.
-pub(crate) fn check(body: &Value, now_secs: i64) -> Checked {
+/// Validates a request body: every problem SendGrid would name, with its field path. Takes the
+/// parsed body by value: strings move into the result rather than being copied.
+pub(crate) fn check(body: RawMail, now_secs: i64) -> Checked {
     let mut errors = Vec::new();
     let mut mail = MailSend::default();
-    let Some(obj) = body.as_object() else {
-        return Checked {
-            mail,
-            errors: vec![FieldError::plain("Bad Request")],
-        };
-    };
 
     // from
-    match obj.get("from") {
-        None | Some(Value::Null) => errors.push(FieldError::at("from.email", FROM_REQUIRED)),
-        Some(v) => match addr(v) {
+    if body.from.is_none() {
+        errors.push(FieldError::at("from.email", FROM_REQUIRED));
+    } else {
+        match addr(&body.from) {
             Ok(a) => mail.from = Some(a),
             Err("missing") => errors.push(FieldError::at("from.email", FROM_REQUIRED)),
             Err("long") => errors.push(FieldError::at(
@@ -280,34 +292,36 @@ pub(crate) fn check(body: &Value, now_secs: i64) -> Checked {
                 "from.email",
                 "The from email does not contain a valid address.",
             )),
-        },
+        }
     }
 
     // personalizations
-    let global_args = check_custom_args(obj.get("custom_args"), "custom_args", &mut errors);
-    match obj.get("personalizations").and_then(Value::as_array) {
-        None => errors.push(FieldError {
-            message: "The personalizations field is required and must have at least one personalization.".into(),
-            field: Some("personalizations".into()),
-            help: Some(format!("{}#-Personalizations-Errors", crate::errors::HELP_BASE)),
-        }),
-        Some(list) if list.is_empty() => errors.push(FieldError {
-            message: "The personalizations field is required and must have at least one personalization.".into(),
-            field: Some("personalizations".into()),
-            help: Some(format!("{}#-Personalizations-Errors", crate::errors::HELP_BASE)),
-        }),
-        Some(list) if list.len() > MAX_PERSONALIZATIONS => errors.push(FieldError::at(
+    let global_args = check_custom_args(&body.custom_args, "custom_args", &mut errors);
+    let required = || FieldError {
+        message:
+            "The personalizations field is required and must have at least one personalization."
+                .into(),
+        field: Some("personalizations".into()),
+        help: Some(format!(
+            "{}#-Personalizations-Errors",
+            crate::errors::HELP_BASE
+        )),
+    };
+    let subject_present = !matches!(body.subject, Loose::Absent);
+    match body.personalizations {
+        List::Ok { len: 0, .. } | List::Absent | List::Wrong(_) => errors.push(required()),
+        List::Ok { len, .. } if len > MAX_PERSONALIZATIONS => errors.push(FieldError::at(
             "personalizations",
             format!(
-                "The personalization block is limited to 1000 personalizations per API request. You have provided {} personalizations. Please consider splitting this into multiple requests and resending your request.",
-                list.len()
+                "The personalization block is limited to 1000 personalizations per API request. You have provided {len} personalizations. Please consider splitting this into multiple requests and resending your request."
             ),
         )),
-        Some(list) => {
+        List::Ok { items, .. } => {
             let mut total = 0usize;
-            for (i, p) in list.iter().enumerate() {
-                let pers = check_personalization(p, i, now_secs, global_args, &mut errors);
-                total += pers.to.len() + pers.cc.len() + pers.bcc.len();
+            for (i, p) in items.into_iter().enumerate() {
+                let (pers, recipients) =
+                    check_personalization(p, i, now_secs, global_args, &mut errors);
+                total += recipients;
                 mail.personalizations.push(pers);
             }
             if total > MAX_RECIPIENTS {
@@ -320,16 +334,16 @@ pub(crate) fn check(body: &Value, now_secs: i64) -> Checked {
     }
 
     // reply_to / reply_to_list
-    let reply_to = obj.get("reply_to").filter(|v| !v.is_null());
-    let reply_to_list = obj.get("reply_to_list").filter(|v| !v.is_null());
-    if reply_to.is_some() && reply_to_list.is_some() {
+    let has_reply_to = !body.reply_to.is_none();
+    let has_reply_to_list = !body.reply_to_list.is_none();
+    if has_reply_to && has_reply_to_list {
         errors.push(FieldError::at(
             "reply_to_list",
             "The reply_to and reply_to_list parameters cannot be used together.",
         ));
     }
-    if let Some(v) = reply_to {
-        match addr(v) {
+    if has_reply_to {
+        match addr(&body.reply_to) {
             Ok(a) => mail.reply_to.push(a),
             Err("long") => errors.push(FieldError::at(
                 "reply_to.email",
@@ -338,10 +352,10 @@ pub(crate) fn check(body: &Value, now_secs: i64) -> Checked {
             Err(_) => errors.push(FieldError::at("reply_to.email", REPLY_TO_INVALID)),
         }
     }
-    if let Some(v) = reply_to_list {
-        match v.as_array() {
-            Some(list) if list.len() <= 1000 => {
-                for (i, r) in list.iter().enumerate() {
+    if has_reply_to_list {
+        match &body.reply_to_list {
+            List::Ok { items, len } if *len <= 1000 => {
+                for (i, r) in items.iter().enumerate() {
                     match addr(r) {
                         Ok(a) if mail.reply_to.iter().any(|x| x.email == a.email) => {
                             errors.push(FieldError::at(
@@ -365,21 +379,24 @@ pub(crate) fn check(body: &Value, now_secs: i64) -> Checked {
     }
 
     // template_id
-    match obj.get("template_id") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) if !s.is_empty() => mail.template_id = Some(s.clone()),
-        Some(other) => errors.push(FieldError::at(
+    match body.template_id {
+        Loose::Absent | Loose::Null => {}
+        Loose::Str(s) if !s.is_empty() => mail.template_id = Some(s),
+        other => errors.push(FieldError::at(
             "template_id",
-            format!("The template ID must be a string, you provided {other}."),
+            format!(
+                "The template ID must be a string, you provided {}.",
+                other.shown()
+            ),
         )),
     }
 
     // subject
-    mail.subject = subject_of(obj.get("subject"), "subject", &mut errors);
+    mail.subject = subject_of(body.subject, "subject", &mut errors);
     let every_has_subject = !mail.personalizations.is_empty()
         && mail.personalizations.iter().all(|p| p.subject.is_some());
     if mail.subject.is_none()
-        && obj.get("subject").is_none()
+        && !subject_present
         && mail.template_id.is_none()
         && !every_has_subject
     {
@@ -387,51 +404,55 @@ pub(crate) fn check(body: &Value, now_secs: i64) -> Checked {
     }
 
     // content
-    check_content(obj.get("content"), &mut mail, &mut errors);
+    check_content(body.content, &mut mail, &mut errors);
 
     // attachments
-    if let Some(v) = obj.get("attachments").filter(|v| !v.is_null()) {
-        match v.as_array() {
-            Some(list) => {
-                for (i, a) in list.iter().enumerate() {
-                    if let Some(att) = check_attachment(a, i, &mut errors) {
-                        mail.attachments.push(att);
-                    }
+    match body.attachments {
+        List::Absent | List::Wrong(Loose::Null) => {}
+        List::Ok { len, .. } if len > ATTACHMENTS_KEPT => errors.push(FieldError::at(
+            "attachments",
+            format!(
+                "Mailgate takes at most {ATTACHMENTS_KEPT} attachments per request; you provided {len}."
+            ),
+        )),
+        List::Ok { items, .. } => {
+            for (i, a) in items.into_iter().enumerate() {
+                if let Some(att) = check_attachment(a, i, &mut errors) {
+                    mail.attachments.push(att);
                 }
             }
-            None => errors.push(FieldError::at(
-                "attachments",
-                "The attachments must be an array of attachment objects.",
-            )),
         }
+        List::Wrong(_) => errors.push(FieldError::at(
+            "attachments",
+            "The attachments must be an array of attachment objects.",
+        )),
     }
 
     // headers
-    if let Some(v) = obj.get("headers").filter(|v| !v.is_null()) {
-        mail.headers = check_headers(v, "headers", &mut errors);
+    if !body.headers.is_none() {
+        mail.headers = check_headers(body.headers, "headers", &mut errors);
     }
 
     // categories
-    if let Some(v) = obj.get("categories").filter(|v| !v.is_null()) {
-        check_categories(v, &mut errors);
+    if !body.categories.is_none() {
+        check_categories(&body.categories, &mut errors);
     }
 
-    check_send_at(obj.get("send_at"), "send_at", now_secs, &mut errors);
-    if let Some(v) = obj.get("batch_id").filter(|v| !v.is_null())
-        && !v.is_string()
-    {
+    check_send_at(&body.send_at, "send_at", now_secs, &mut errors);
+    if !body.batch_id.is_none() && body.batch_id.as_str().is_none() {
         errors.push(FieldError::at("batch_id", "The batch_id must be a string."));
     }
-    if let Some(v) = obj.get("ip_pool_name").filter(|v| !v.is_null())
-        && !v.is_string()
-    {
+    if !body.ip_pool_name.is_none() && body.ip_pool_name.as_str().is_none() {
         errors.push(FieldError::at(
             "ip_pool_name",
             "The name of your IP pool must be a string.",
         ));
     }
-    if let Some(asm) = obj.get("asm").filter(|v| !v.is_null())
-        && !asm.get("group_id").is_some_and(Value::is_i64)
+    if !body.asm.is_none()
+        && !body
+            .asm
+            .get()
+            .is_some_and(|a| matches!(a.group_id, Loose::Int(_)))
     {
         errors.push(FieldError::at(
             "asm.group_id",
@@ -440,14 +461,11 @@ pub(crate) fn check(body: &Value, now_secs: i64) -> Checked {
     }
 
     // mail_settings.sandbox_mode
-    if let Some(s) = obj
-        .get("mail_settings")
-        .and_then(|m| m.get("sandbox_mode"))
-        .and_then(|s| s.get("enable"))
-    {
-        match s.as_bool() {
-            Some(b) => mail.sandbox = b,
-            None => errors.push(FieldError::at(
+    if let Some(s) = body.mail_settings.get().and_then(|m| m.sandbox_mode.get()) {
+        match s.enable {
+            Loose::Absent => {}
+            Loose::Bool(b) => mail.sandbox = b,
+            _ => errors.push(FieldError::at(
                 "mail_settings.sandbox_mode.enable",
                 "The sandbox mode enable param should be a boolean value.",
             )),
@@ -457,39 +475,43 @@ pub(crate) fn check(body: &Value, now_secs: i64) -> Checked {
     Checked { mail, errors }
 }
 
+/// One personalization, and how many recipients it names (valid or not).
 fn check_personalization(
-    p: &Value,
+    p: Obj<RawPersonalization>,
     i: usize,
     now_secs: i64,
     global_args: usize,
     errors: &mut Vec<FieldError>,
-) -> Personalization {
+) -> (Personalization, usize) {
     let mut out = Personalization::default();
     let base = format!("personalizations.{i}");
-    if !p.is_object() {
+    let Obj::Ok(p) = p else {
         errors.push(FieldError::at(&format!("{base}.to"), TO_REQUIRED));
-        return out;
-    }
+        return (out, 0);
+    };
+    let p = *p;
     let mut seen: HashSet<String> = HashSet::new();
     let mut duplicate_reported = false;
-    for kind in ["to", "cc", "bcc"] {
+    let mut named = 0usize;
+    for (kind, list) in [("to", &p.to), ("cc", &p.cc), ("bcc", &p.bcc)] {
         let field = format!("{base}.{kind}");
-        let list = match p.get(kind) {
-            None | Some(Value::Null) => {
+        let items = match list {
+            List::Absent | List::Wrong(Loose::Null) => {
                 if kind == "to" {
                     errors.push(FieldError::at(&field, TO_REQUIRED));
                 }
                 continue;
             }
-            Some(v) => match v.as_array() {
-                Some(l) if !l.is_empty() || kind != "to" => l,
-                _ => {
-                    errors.push(FieldError::at(&field, TO_REQUIRED));
-                    continue;
-                }
-            },
+            List::Ok { items, len } if *len > 0 || kind != "to" => {
+                named += len;
+                items
+            }
+            _ => {
+                errors.push(FieldError::at(&field, TO_REQUIRED));
+                continue;
+            }
         };
-        for (j, r) in list.iter().enumerate() {
+        for (j, r) in items.iter().enumerate() {
             let f = format!("{field}.{j}.email");
             match addr(r) {
                 Ok(a) => {
@@ -524,8 +546,8 @@ fn check_personalization(
             }
         }
     }
-    if let Some(v) = p.get("from").filter(|v| !v.is_null()) {
-        match addr(v) {
+    if !p.from.is_none() {
+        match addr(&p.from) {
             Ok(a) => out.from = Some(a),
             Err(_) => errors.push(FieldError::at(
                 &format!("{base}.from.email"),
@@ -533,84 +555,120 @@ fn check_personalization(
             )),
         }
     }
-    out.subject = subject_of(p.get("subject"), &format!("{base}.subject"), errors);
-    if let Some(v) = p.get("headers").filter(|v| !v.is_null()) {
-        out.headers = check_headers(v, &format!("{base}.headers"), errors);
+    out.subject = subject_of(p.subject, &format!("{base}.subject"), errors);
+    if !p.headers.is_none() {
+        out.headers = check_headers(p.headers, &format!("{base}.headers"), errors);
     }
-    if let Some(v) = p.get("substitutions").filter(|v| !v.is_null()) {
-        match string_map(v) {
-            Some(m) if m.len() <= 10_000 => out.substitutions = m,
-            Some(_) => errors.push(FieldError::at(
-                &format!("{base}.substitutions"),
+    if !p.substitutions.is_none() {
+        let field = format!("{base}.substitutions");
+        match p.substitutions {
+            StrMap::Ok { len, .. } if len > MAX_SUBSTITUTIONS => errors.push(FieldError::at(
+                &field,
                 "You are limited to 10,000 substitutions.",
             )),
-            None => errors.push(FieldError::at(
-                &format!("{base}.substitutions"),
+            StrMap::Ok { bytes, .. } if bytes > MAX_SUBSTITUTION_BYTES => {
+                errors.push(FieldError::at(
+                    &field,
+                    "Substitutions are limited to 50,000 bytes per personalization block.",
+                ))
+            }
+            StrMap::Ok {
+                entries,
+                all_strings: true,
+                ..
+            } => {
+                out.substitutions = entries
+                    .into_iter()
+                    .filter_map(|(k, v)| match v {
+                        Loose::Str(s) => Some((k, s)),
+                        _ => None,
+                    })
+                    .collect();
+            }
+            _ => errors.push(FieldError::at(
+                &field,
                 "The substitution values must be an object of key/value pairs, where the values are all strings.",
             )),
         }
     }
-    if let Some(v) = p.get("dynamic_template_data").filter(|v| !v.is_null()) {
-        out.dynamic_template_data = Some(v.clone());
+    match p.dynamic_template_data {
+        Json::Absent | Json::Value(Value::Null) => {}
+        Json::Value(v) => out.dynamic_template_data = Some(v),
+        Json::TooBig => errors.push(FieldError::at(
+            &format!("{base}.dynamic_template_data"),
+            format!(
+                "Mailgate takes dynamic_template_data of at most {MAX_TEMPLATE_DATA_NODES} values per personalization."
+            ),
+        )),
     }
-    let args = check_custom_args(p.get("custom_args"), &format!("{base}.custom_args"), errors);
+    let args = check_custom_args(&p.custom_args, &format!("{base}.custom_args"), errors);
     if args + global_args > 10_000 {
         errors.push(FieldError::at(
             &format!("{base}.custom_args"),
             "The combined size of both global and personalization custom arguments may not exceed 10,000 bytes per personalization.",
         ));
     }
-    check_send_at(
-        p.get("send_at"),
-        &format!("{base}.send_at"),
-        now_secs,
-        errors,
-    );
-    out
+    check_send_at(&p.send_at, &format!("{base}.send_at"), now_secs, errors);
+    (out, named)
 }
 
-fn check_content(v: Option<&Value>, mail: &mut MailSend, errors: &mut Vec<FieldError>) {
+fn check_content(
+    v: List<Obj<RawContent>, CONTENT_KEPT>,
+    mail: &mut MailSend,
+    errors: &mut Vec<FieldError>,
+) {
     let list = match v {
-        None | Some(Value::Null) => {
+        List::Absent | List::Wrong(Loose::Null) => {
             if mail.template_id.is_none() {
                 errors.push(FieldError::at("content", CONTENT_REQUIRED));
             }
             return;
         }
-        Some(v) => match v.as_array() {
-            Some(l) if !l.is_empty() => l,
-            Some(_) if mail.template_id.is_some() => return,
-            _ => {
-                errors.push(FieldError::at("content", CONTENT_REQUIRED));
-                return;
-            }
-        },
+        List::Ok { len, .. } if len > CONTENT_KEPT => {
+            errors.push(FieldError::at(
+                "content",
+                format!(
+                    "Mailgate takes at most {CONTENT_KEPT} content blocks; you provided {len}."
+                ),
+            ));
+            return;
+        }
+        List::Ok { items, .. } if !items.is_empty() => items,
+        List::Ok { .. } if mail.template_id.is_some() => return,
+        _ => {
+            errors.push(FieldError::at("content", CONTENT_REQUIRED));
+            return;
+        }
     };
-    for (i, c) in list.iter().enumerate() {
-        let ty = match c.get("type") {
-            None | Some(Value::Null) => {
+    for (i, c) in list.into_iter().enumerate() {
+        let c = match c {
+            Obj::Ok(c) => *c,
+            _ => RawContent::default(),
+        };
+        let ty = match c.kind {
+            Loose::Absent | Loose::Null => {
                 errors.push(FieldError::at(
                     &format!("content.{i}.type"),
                     "A content type is required, this tells email clients how to display the email.",
                 ));
                 None
             }
-            Some(Value::String(s)) if s.is_empty() => {
+            Loose::Str(s) if s.is_empty() => {
                 errors.push(FieldError::at(
                     &format!("content.{i}.type"),
                     "Your content type must be a string with length of at least one character.",
                 ));
                 None
             }
-            Some(Value::String(s)) if s.contains(';') || has_crlf(s) => {
+            Loose::Str(s) if s.contains(';') || has_crlf(&s) => {
                 errors.push(FieldError::at(
                     &format!("content.{i}.type"),
                     "Cannot contain ';', or CRLF characters.",
                 ));
                 None
             }
-            Some(Value::String(s)) => Some(s.to_ascii_lowercase()),
-            Some(_) => {
+            Loose::Str(s) => Some(s.to_ascii_lowercase()),
+            _ => {
                 errors.push(FieldError::at(
                     &format!("content.{i}.type"),
                     "Your content type must be a string with length of at least one character.",
@@ -618,8 +676,8 @@ fn check_content(v: Option<&Value>, mail: &mut MailSend, errors: &mut Vec<FieldE
                 None
             }
         };
-        let value = match c.get("value") {
-            Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        let value = match c.value {
+            Loose::Str(s) if !s.is_empty() => Some(s),
             _ => {
                 errors.push(FieldError::at(
                     &format!("content.{i}.value"),
@@ -655,13 +713,28 @@ fn check_content(v: Option<&Value>, mail: &mut MailSend, errors: &mut Vec<FieldE
     }
 }
 
-fn check_attachment(a: &Value, i: usize, errors: &mut Vec<FieldError>) -> Option<Attachment> {
+fn check_attachment(
+    a: Obj<RawAttachment>,
+    i: usize,
+    errors: &mut Vec<FieldError>,
+) -> Option<Attachment> {
     let f = |name: &str| format!("attachments.{i}.{name}");
     let before = errors.len();
-    let content = match a.get("content") {
-        Some(Value::String(s)) if !s.is_empty() => {
-            let compact: String = s.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-            match base64::engine::general_purpose::STANDARD.decode(compact.as_bytes()) {
+    let a = match a {
+        Obj::Ok(a) => *a,
+        _ => RawAttachment::default(),
+    };
+    let content = match a.content {
+        Loose::Str(s) if !s.is_empty() => {
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let decoded = if s.bytes().any(|c| c.is_ascii_whitespace()) {
+                let compact: Vec<u8> = s.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
+                drop(s);
+                b64.decode(&compact)
+            } else {
+                b64.decode(s.as_bytes())
+            };
+            match decoded {
                 Ok(b) => Some(b),
                 Err(_) => {
                     errors.push(FieldError::at(
@@ -680,20 +753,20 @@ fn check_attachment(a: &Value, i: usize, errors: &mut Vec<FieldError>) -> Option
             None
         }
     };
-    let filename = match a.get("filename") {
-        Some(Value::String(s)) if has_crlf(s) => {
+    let filename = match a.filename {
+        Loose::Str(s) if has_crlf(&s) => {
             errors.push(FieldError::at(
                 &f("filename"),
                 "The filename of your attachment cannot contain CRLF characters.",
             ));
             None
         }
-        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-        Some(Value::String(_)) | None | Some(Value::Null) => {
+        Loose::Str(s) if !s.is_empty() => Some(s),
+        Loose::Str(_) | Loose::Absent | Loose::Null => {
             errors.push(FieldError::at(&f("filename"), "filename is required."));
             None
         }
-        Some(_) => {
+        _ => {
             errors.push(FieldError::at(
                 &f("filename"),
                 "The filename of your attachment must be a string.",
@@ -701,17 +774,17 @@ fn check_attachment(a: &Value, i: usize, errors: &mut Vec<FieldError>) -> Option
             None
         }
     };
-    let content_type = match a.get("type") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.contains(';') || has_crlf(s) => {
+    let content_type = match a.kind {
+        Loose::Absent | Loose::Null => None,
+        Loose::Str(s) if s.contains(';') || has_crlf(&s) => {
             errors.push(FieldError::at(
                 &f("type"),
                 "The type cannot contain ';', or CRLF characters.",
             ));
             None
         }
-        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-        Some(_) => {
+        Loose::Str(s) if !s.is_empty() => Some(s),
+        _ => {
             errors.push(FieldError::at(
                 &f("type"),
                 "The attachment type must be a string and at least one character in length.",
@@ -719,12 +792,15 @@ fn check_attachment(a: &Value, i: usize, errors: &mut Vec<FieldError>) -> Option
             None
         }
     };
-    let inline = match a.get("disposition") {
-        None | Some(Value::Null) => false,
-        Some(Value::String(s)) if s == "attachment" => false,
-        Some(Value::String(s)) if s == "inline" => true,
-        Some(other) => {
-            let shown = other.as_str().map_or(other.to_string(), str::to_owned);
+    let inline = match a.disposition {
+        Loose::Absent | Loose::Null => false,
+        Loose::Str(s) if s == "attachment" => false,
+        Loose::Str(s) if s == "inline" => true,
+        other => {
+            let shown = match &other {
+                Loose::Str(s) => s.clone(),
+                o => o.shown(),
+            };
             errors.push(FieldError::at(
                 &f("disposition"),
                 format!(
@@ -734,21 +810,22 @@ fn check_attachment(a: &Value, i: usize, errors: &mut Vec<FieldError>) -> Option
             false
         }
     };
-    let content_id = match a.get("content_id") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if has_crlf(s) => {
+    let content_id = match a.content_id {
+        Loose::Absent | Loose::Null => None,
+        Loose::Str(s) if has_crlf(&s) => {
             errors.push(FieldError::at(
                 &f("content_id"),
                 "The content ID of your attachment cannot contain CRLF characters.",
             ));
             None
         }
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(other) => {
+        Loose::Str(s) => Some(s),
+        other => {
             errors.push(FieldError::at(
                 &f("content_id"),
                 format!(
-                    "The content ID of your attachment must be a string. You provided [{other}]."
+                    "The content ID of your attachment must be a string. You provided [{}].",
+                    other.shown()
                 ),
             ));
             None
@@ -766,25 +843,24 @@ fn check_attachment(a: &Value, i: usize, errors: &mut Vec<FieldError>) -> Option
     })
 }
 
-fn check_categories(v: &Value, errors: &mut Vec<FieldError>) {
-    let Some(list) = v.as_array() else {
+fn check_categories(v: &List<Loose, CATEGORIES_KEPT>, errors: &mut Vec<FieldError>) {
+    let List::Ok { items, len } = v else {
         errors.push(FieldError::at(
             "categories",
             "Categories must be an array of strings.",
         ));
         return;
     };
-    if list.len() > 10 {
+    if *len > 10 {
         errors.push(FieldError::at(
             "categories",
             format!(
-                "There is a limit of 10 categories for each email that is sent. You provided {} categories.",
-                list.len()
+                "There is a limit of 10 categories for each email that is sent. You provided {len} categories."
             ),
         ));
     }
     let mut seen = HashSet::new();
-    for c in list {
+    for c in items {
         let Some(s) = c.as_str() else {
             errors.push(FieldError::at(
                 "categories",
@@ -815,31 +891,104 @@ fn check_categories(v: &Value, errors: &mut Vec<FieldError>) {
     }
 }
 
-fn substitute(text: &str, subs: &[(String, String)]) -> String {
-    let mut out = text.to_owned();
-    for (k, v) in subs {
-        if !k.is_empty() {
-            out = out.replace(k.as_str(), v);
+/// Most substitutions per personalization (SendGrid's limit).
+pub(crate) const MAX_SUBSTITUTIONS: usize = 10_000;
+/// Bytes of substitution tags and values per personalization (SendGrid's documented limit).
+pub(crate) const MAX_SUBSTITUTION_BYTES: usize = 50_000;
+/// Largest message one personalization may make, substitutions applied (SendGrid's 30 MB).
+pub const MAX_MESSAGE_BYTES: usize = MAX_REQUEST_BYTES;
+/// Bytes of messages one request may make, all personalizations together (Mailgate's limit):
+/// each personalization is a message of its own, so a request's content and attachments are
+/// copied once per personalization, and its substitutions can make each copy larger.
+pub const MAX_EXPANDED_BYTES: usize = 64 * 1024 * 1024;
+
+/// One personalization's substitution tags, found in one pass over a text (Aho-Corasick,
+/// leftmost-longest), so the work is linear in the text whatever the tags. Substituted values are
+/// not searched again.
+pub(crate) struct Substituter<'a> {
+    finder: Option<AhoCorasick>,
+    values: Vec<&'a str>,
+}
+
+impl<'a> Substituter<'a> {
+    pub(crate) fn new(subs: &'a [(String, String)]) -> Result<Substituter<'a>, String> {
+        let pairs: Vec<&(String, String)> = subs.iter().filter(|(k, _)| !k.is_empty()).collect();
+        if pairs.is_empty() {
+            return Ok(Substituter {
+                finder: None,
+                values: Vec::new(),
+            });
         }
+        let finder = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(pairs.iter().map(|(k, _)| k.as_str()))
+            .map_err(|e| e.to_string())?;
+        Ok(Substituter {
+            finder: Some(finder),
+            values: pairs.iter().map(|(_, v)| v.as_str()).collect(),
+        })
     }
-    out
+
+    /// `text` with every tag replaced; `None` when the result would pass `room` bytes (else
+    /// `room` is reduced by its length). Stops writing at the limit: the cost of a refused
+    /// expansion is bounded by the limit, not by what it would have made.
+    pub(crate) fn apply<'t>(&self, text: &'t str, room: &mut usize) -> Option<Cow<'t, str>> {
+        let Some(finder) = &self.finder else {
+            *room = room.checked_sub(text.len())?;
+            return Some(Cow::Borrowed(text));
+        };
+        let mut out = String::new();
+        let mut last = 0;
+        let mut matched = false;
+        for m in finder.find_iter(text) {
+            matched = true;
+            let value = self
+                .values
+                .get(m.pattern().as_usize())
+                .copied()
+                .unwrap_or("");
+            let piece = text.get(last..m.start()).unwrap_or("");
+            *room = room.checked_sub(piece.len() + value.len())?;
+            out.push_str(piece);
+            out.push_str(value);
+            last = m.end();
+        }
+        let rest = text.get(last..).unwrap_or("");
+        *room = room.checked_sub(rest.len())?;
+        if !matched {
+            return Some(Cow::Borrowed(text));
+        }
+        out.push_str(rest);
+        Some(Cow::Owned(out))
+    }
 }
 
-fn to_address(a: &Addr) -> Address<'static> {
-    Address::new_address(a.name.clone(), a.email.clone())
+fn to_address(a: &Addr) -> Address<'_> {
+    Address::new_address(a.name.as_deref(), a.email.as_str())
 }
 
-fn list(addrs: &[Addr]) -> Address<'static> {
+fn list(addrs: &[Addr]) -> Address<'_> {
     Address::new_list(addrs.iter().map(to_address).collect())
 }
 
+/// Why a message could not be built.
+#[derive(Debug)]
+pub(crate) enum BuildError {
+    /// Substituted, it would pass the room it was given.
+    TooBig,
+    /// A bug (mail-builder's writer, the substitution automaton).
+    Fault(String),
+}
+
 /// The RFC 5322 message for personalization `p` (Bcc not written), with `from` as the sender.
+/// Substituted text may take at most `room` bytes (reduced by what it took).
 pub(crate) fn build_message(
     mail: &MailSend,
     p: &Personalization,
     from: &Addr,
-) -> std::io::Result<Vec<u8>> {
-    let subs = &p.substitutions;
+    room: &mut usize,
+) -> Result<Vec<u8>, BuildError> {
+    let subs = Substituter::new(&p.substitutions).map_err(BuildError::Fault)?;
     let mut b = MessageBuilder::new().from(to_address(from));
     if !p.to.is_empty() {
         b = b.to(list(&p.to));
@@ -851,27 +1000,25 @@ pub(crate) fn build_message(
         b = b.reply_to(list(&mail.reply_to));
     }
     if let Some(s) = p.subject.as_ref().or(mail.subject.as_ref()) {
-        b = b.subject(substitute(s, subs));
+        b = b.subject(Text::new(subs.apply(s, room).ok_or(BuildError::TooBig)?));
     }
     // Message headers, then the personalization's (which win on the same name).
     for (k, v) in &mail.headers {
         if !p.headers.iter().any(|(pk, _)| pk.eq_ignore_ascii_case(k)) {
-            b = b.header(k.clone(), Text::new(v.clone()));
+            b = b.header(k.as_str(), Text::new(v.as_str()));
         }
     }
     for (k, v) in &p.headers {
-        b = b.header(k.clone(), Text::new(v.clone()));
+        b = b.header(k.as_str(), Text::new(v.as_str()));
     }
-    let mut parts: Vec<MimePart<'static>> = mail
-        .content
-        .iter()
-        .map(|(t, v)| {
-            MimePart::new(
-                ContentType::new(t.clone()),
-                BodyPart::Text(Cow::Owned(substitute(v, subs))),
-            )
-        })
-        .collect();
+    let mut parts: Vec<MimePart<'_>> = Vec::with_capacity(mail.content.len() + 1);
+    for (t, v) in &mail.content {
+        let text = subs.apply(v, room).ok_or(BuildError::TooBig)?;
+        parts.push(MimePart::new(
+            ContentType::new(t.as_str()),
+            BodyPart::Text(text),
+        ));
+    }
     if parts.is_empty() {
         // A SendGrid template: Mailgate has no template store, so the message says which
         // template was asked for and carries its data (docs/sendgrid.md).
@@ -904,22 +1051,22 @@ pub(crate) fn build_message(
         for a in &mail.attachments {
             let ct = a
                 .content_type
-                .clone()
-                .unwrap_or_else(|| "application/octet-stream".into());
+                .as_deref()
+                .unwrap_or("application/octet-stream");
             let mut part = MimePart::new(
                 ContentType::new(ct),
-                BodyPart::Binary(Cow::Owned(a.content.clone())),
+                BodyPart::Binary(Cow::Borrowed(a.content.as_slice())),
             );
             if a.inline {
                 part = part.header(
                     "Content-Disposition",
-                    ContentType::new("inline").attribute("filename", a.filename.clone()),
+                    ContentType::new("inline").attribute("filename", a.filename.as_str()),
                 );
             } else {
-                part = part.attachment(a.filename.clone());
+                part = part.attachment(a.filename.as_str());
             }
             if let Some(cid) = &a.content_id {
-                part = part.cid(cid.clone());
+                part = part.cid(cid.as_str());
             }
             mixed.push(part);
         }
@@ -928,7 +1075,77 @@ pub(crate) fn build_message(
             BodyPart::Multipart(mixed),
         )
     };
-    b.body(body).write_to_vec()
+    b.body(body)
+        .write_to_vec()
+        .map_err(|e| BuildError::Fault(e.to_string()))
+}
+
+/// What the messages of a request will take at least, before substitution: each
+/// personalization copies the subject, the content and the attachments (base64, 4/3 of their
+/// size plus line breaks), plus a header allowance.
+pub(crate) fn expected_size(mail: &MailSend) -> usize {
+    let content: usize = mail
+        .subject
+        .as_ref()
+        .map_or(0, String::len)
+        .saturating_add(mail.content.iter().map(|(_, v)| v.len()).sum::<usize>());
+    let attachments: usize = mail
+        .attachments
+        .iter()
+        .map(|a| a.content.len() / 3 * 4 + a.content.len() / 57 * 2 + 512)
+        .sum();
+    let per_message = content.saturating_add(attachments).saturating_add(1024);
+    per_message.saturating_mul(mail.personalizations.len())
+}
+
+/// Why the messages of a request could not be built.
+pub(crate) enum BuildProblem {
+    /// Personalization `i` would pass [`MAX_MESSAGE_BYTES`] or the request [`MAX_EXPANDED_BYTES`].
+    TooBig(usize),
+    /// The process's memory budget is spent.
+    Busy,
+    Fault(String),
+}
+
+/// Every personalization's message, in order, each built with its own `from` (the request's
+/// unless it has one). Runs on the blocking pool. Charges each message to `lease`.
+pub(crate) fn build_all(
+    mail: &MailSend,
+    lease: &mut Option<MemoryLease>,
+) -> Result<Vec<Vec<u8>>, BuildProblem> {
+    let mut remaining = MAX_EXPANDED_BYTES;
+    let mut out = Vec::with_capacity(mail.personalizations.len());
+    for (i, p) in mail.personalizations.iter().enumerate() {
+        let Some(from) = p.from.as_ref().or(mail.from.as_ref()) else {
+            return Err(BuildProblem::Fault("validated request without from".into()));
+        };
+        let mut room = MAX_MESSAGE_BYTES.min(remaining);
+        let raw = match build_message(mail, p, from, &mut room) {
+            Ok(r) => r,
+            Err(BuildError::TooBig) => return Err(BuildProblem::TooBig(i)),
+            Err(BuildError::Fault(e)) => return Err(BuildProblem::Fault(e)),
+        };
+        remaining = remaining
+            .checked_sub(raw.len())
+            .ok_or(BuildProblem::TooBig(i))?;
+        if let Some(l) = lease.as_mut()
+            && !l.grow(raw.len())
+        {
+            return Err(BuildProblem::Busy);
+        }
+        out.push(raw);
+    }
+    Ok(out)
+}
+
+/// The refusal of a request whose substitutions make too much.
+fn expansion_error(i: usize) -> FieldError {
+    FieldError::at(
+        &format!("personalizations.{i}.substitutions"),
+        format!(
+            "With its substitutions applied, this personalization's message would pass Mailgate's limits ({MAX_MESSAGE_BYTES} bytes per message, {MAX_EXPANDED_BYTES} bytes for all the personalizations of one request). Use fewer or shorter substitution values, or split the request."
+        ),
+    )
 }
 
 /// 405 for any method but POST, before any credential check (as SendGrid does).
@@ -942,8 +1159,8 @@ enum Problem {
     Invalid(Vec<FieldError>),
     /// 415 with this message.
     Media(&'static str),
-    /// Over 30 MB.
-    TooLarge,
+    /// Over 30 MB, or (with an explanation) too costly to hold once parsed.
+    TooLarge(Option<String>),
 }
 
 /// 22 characters of base64url, like SendGrid's `X-Message-Id`.
@@ -952,6 +1169,40 @@ fn sendgrid_message_id() -> String {
         let n = mailgate_gateway::now_ms();
         format!("{n:022}")
     })
+}
+
+/// Parses and validates a body (on the blocking pool): the request, and the bytes its parsed
+/// form was charged.
+fn parse_body(bytes: Bytes, now_secs: i64) -> Result<(MailSend, usize), Problem> {
+    if std::str::from_utf8(&bytes).is_err() {
+        return Err(Problem::Media("Invalid UTF8 in request"));
+    }
+    let (raw, used) = match wire::parse(&bytes, PARSE_BUDGET_BYTES) {
+        Ok(x) => x,
+        Err(ParseError::Syntax) => {
+            return Err(Problem::Invalid(vec![FieldError::plain("Bad Request")]));
+        }
+        Err(ParseError::OverBudget) => {
+            return Err(Problem::TooLarge(Some(format!(
+                "mailgate message.too_large: this request holds so many small items that reading it would take more than {PARSE_BUDGET_BYTES} bytes of memory. Remedy: send fewer recipients, headers or substitutions per request."
+            ))));
+        }
+    };
+    drop(bytes);
+    let checked = check(raw, now_secs);
+    if !checked.errors.is_empty() {
+        return Err(Problem::Invalid(checked.errors));
+    }
+    let expected = expected_size(&checked.mail);
+    if expected > MAX_EXPANDED_BYTES {
+        return Err(Problem::Invalid(vec![FieldError::at(
+            "personalizations",
+            format!(
+                "Mailgate makes one message per personalization: this request would make at least {expected} bytes of messages, over its limit of {MAX_EXPANDED_BYTES} bytes per request. Send fewer personalizations per request, or a smaller message."
+            ),
+        )]));
+    }
+    Ok((checked.mail, used))
 }
 
 pub(crate) async fn send(
@@ -965,64 +1216,107 @@ pub(crate) async fn send(
     let mut base = SendAttempt::new(Door::Sendgrid, credential);
     base.transport = transport(&conn, &headers);
 
-    let problem = match axum::body::to_bytes(body, MAX_REQUEST_BYTES).await {
-        Err(_) => Err(Problem::TooLarge),
-        Ok(bytes) => {
-            let json_type = headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| {
-                    v.split(';')
-                        .next()
-                        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
-                });
-            if headers.contains_key(header::CONTENT_ENCODING) {
-                Err(Problem::Media("Content-Encoding is not supported."))
-            } else if !json_type {
-                Err(Problem::Media("Content-Type should be application/json."))
-            } else {
-                match std::str::from_utf8(&bytes) {
-                    Err(_) => Err(Problem::Media("Invalid UTF8 in request")),
-                    Ok(text) => match serde_json::from_str::<Value>(text) {
-                        Err(_) => Err(Problem::Invalid(vec![FieldError::plain("Bad Request")])),
-                        Ok(v) => {
-                            let checked = check(&v, (now / 1000) as i64);
-                            if checked.errors.is_empty() {
-                                Ok(checked.mail)
-                            } else {
-                                Err(Problem::Invalid(checked.errors))
-                            }
-                        }
-                    },
-                }
-            }
+    // Who may act is known from the headers alone: a refusal there (no key, a wrong, revoked
+    // or blocked key, a suspended account) is answered with the body unread and unparsed.
+    match st
+        .gateway
+        .screen_for("sendgrid", &base, |d| d.stage < Stage::Sender)
+        .await
+    {
+        Err(e) => return fault(&e),
+        Ok(Some(refused)) => {
+            return match refused.decision.denial() {
+                Some(d) => denial_response(d, &refused.id, now, &[]),
+                None => internal("refused without a denial"),
+            };
         }
+        Ok(None) => {}
+    }
+    let Credential::ApiKey { key_id } = &base.credential else {
+        return internal("a request without a matching key passed the credential checks");
     };
-    let mail = match problem {
-        Ok(m) => m,
-        Err(p) => return refuse_request(&st, base, p, now).await,
+    let key_id = key_id.clone();
+
+    let json_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if headers.contains_key(header::CONTENT_ENCODING) {
+        let p = Problem::Media("Content-Encoding is not supported.");
+        return refuse_request(&st, base, p, now).await;
+    }
+    if !json_type {
+        let p = Problem::Media("Content-Type should be application/json.");
+        return refuse_request(&st, base, p, now).await;
+    }
+
+    let memory = st.gateway.budget().data_memory().clone();
+    let read =
+        match crate::body::read(&key_id, &headers, body, MAX_REQUEST_BYTES, Some(&memory)).await {
+            Ok(r) => r,
+            Err(ReadError::TooLarge) => {
+                return refuse_request(&st, base, Problem::TooLarge(None), now).await;
+            }
+            Err(e) => return e.response(MAX_REQUEST_BYTES),
+        };
+    let mut lease = read.lease;
+    let bytes = read.bytes;
+    let now_secs = (now / 1000) as i64;
+    // Parsing 30 MB and building the messages are CPU work: off the async workers.
+    let (mail, used) = match tokio::task::spawn_blocking(move || parse_body(bytes, now_secs)).await
+    {
+        Ok(Ok(x)) => x,
+        Ok(Err(p)) => return refuse_request(&st, base, p, now).await,
+        Err(e) => return internal(&format!("parse task failed: {e}")),
+    };
+    if let Some(l) = lease.as_mut()
+        && !l.grow(used)
+    {
+        return busy(&memory);
+    }
+    let mail = Arc::new(mail);
+    let built = {
+        let mail = mail.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = build_all(&mail, &mut lease);
+            (r, lease)
+        })
+        .await
+    };
+    let (raws, _lease) = match built {
+        Ok((Ok(raws), lease)) => (raws, lease),
+        Ok((Err(BuildProblem::TooBig(i)), _)) => {
+            let p = Problem::Invalid(vec![expansion_error(i)]);
+            return refuse_request(&st, base, p, now).await;
+        }
+        Ok((Err(BuildProblem::Busy), _)) => return busy(&memory),
+        Ok((Err(BuildProblem::Fault(e)), _)) => return internal(&e),
+        Err(e) => return internal(&format!("build task failed: {e}")),
     };
 
     // One attempt, one message per personalization; all are decided before any is stored, so
     // a refusal stores nothing.
     let mut planned: Vec<(SendAttempt, Decided, Message)> = Vec::new();
-    for p in &mail.personalizations {
+    for (i, (p, raw)) in mail.personalizations.iter().zip(raws).enumerate() {
         let Some(from) = p.from.as_ref().or(mail.from.as_ref()) else {
             return internal("validated request without from");
         };
-        let mut raw = match build_message(&mail, p, from) {
-            Ok(r) => r,
-            Err(e) => return internal(&e.to_string()),
-        };
         let recipients = p.recipients();
-        let attempt = base
+        let mut attempt = base
             .clone()
             .from(from.email.clone())
             .to(recipients.clone())
             .parsed(raw.len() as u64);
+        // The From and Sender fields as built (a custom `Sender` header included): the engine
+        // checks every address of what will be sent.
+        attempt.header = Some(mailgate_gateway::message::originator_of(&raw));
         let decided = match st.gateway.decide("sendgrid", &attempt).await {
             Ok(d) => d,
-            Err(e) => return internal(&e.to_string()),
+            Err(e) => return fault(&e),
         };
         if let Some(d) = decided.decision.denial() {
             return denial_response(d, &decided.id, now, &[]);
@@ -1030,6 +1324,7 @@ pub(crate) async fn send(
         if !decided.decision.complete {
             return internal("decision incomplete with every fact known");
         }
+        let mut raw = raw;
         let mut envelope_from = from.email.clone();
         if let Some(r) = decided
             .decision
@@ -1041,9 +1336,24 @@ pub(crate) async fn send(
                 email: r.replacement.clone(),
                 name: from.name.clone(),
             };
-            raw = match build_message(&mail, p, &rewritten) {
-                Ok(r) => r,
-                Err(e) => return internal(&e.to_string()),
+            let (m, rw) = (mail.clone(), rewritten.clone());
+            let rebuilt = tokio::task::spawn_blocking(move || {
+                let p = m
+                    .personalizations
+                    .get(i)
+                    .ok_or_else(|| BuildError::Fault("personalization vanished".into()))?;
+                let mut room = MAX_MESSAGE_BYTES;
+                build_message(&m, p, &rw, &mut room)
+            })
+            .await;
+            raw = match rebuilt {
+                Ok(Ok(r)) => r,
+                Ok(Err(BuildError::TooBig)) => {
+                    let p = Problem::Invalid(vec![expansion_error(i)]);
+                    return refuse_request(&st, base, p, now).await;
+                }
+                Ok(Err(BuildError::Fault(e))) => return internal(&e),
+                Err(e) => return internal(&format!("build task failed: {e}")),
             };
             envelope_from = rewritten.email;
         }
@@ -1087,7 +1397,7 @@ pub(crate) async fn send(
                     None => internal("refused without a denial"),
                 };
             }
-            Err(e) => return internal(&e.to_string()),
+            Err(e) => return fault(&e),
         }
     }
     let mut r = StatusCode::ACCEPTED.into_response();
@@ -1108,8 +1418,8 @@ fn mark_many(h: &mut HeaderMap, ids: &[String]) {
     }
 }
 
-/// A request that could not be turned into messages: the engine still decides (so a bad key
-/// is refused as such, with a decision id), with the problem as the message's fact.
+/// A request that could not be turned into messages: the engine still decides (so a refusal
+/// has a decision id), with the problem as the message's fact.
 async fn refuse_request(
     st: &SendgridState,
     mut attempt: SendAttempt,
@@ -1123,10 +1433,10 @@ async fn refuse_request(
             errs.first().and_then(|e| e.field.clone()),
         ),
         Problem::Media(m) => ((*m).to_owned(), None),
-        Problem::TooLarge => (String::new(), None),
+        Problem::TooLarge(_) => (String::new(), None),
     };
     match &problem {
-        Problem::TooLarge => {
+        Problem::TooLarge(_) => {
             attempt.size = Some(MAX_REQUEST_BYTES as u64 + 1);
             attempt.body = MsgBody::Valid;
         }
@@ -1137,7 +1447,7 @@ async fn refuse_request(
     }
     let decided = match st.gateway.decide("sendgrid", &attempt).await {
         Ok(d) => d,
-        Err(e) => return internal(&e.to_string()),
+        Err(e) => return fault(&e),
     };
     let denial = decided.decision.denial();
     match (denial, problem) {
@@ -1158,18 +1468,22 @@ async fn refuse_request(
             mark(r.headers_mut(), &decided.id, d.code.code());
             r
         }
-        (Some(d), Problem::TooLarge) => denial_response(d, &decided.id, now, &[]),
-        (None, _) => {
+        (Some(d), Problem::TooLarge(_)) => denial_response(d, &decided.id, now, &[]),
+        (None, problem) => {
             // Within the organisation's own size limit but over SendGrid's 30 MB.
+            let help = match problem {
+                Problem::TooLarge(Some(h)) => format!("{h} Decision: {}", decided.id),
+                _ => format!(
+                    "mailgate message.too_large: the SendGrid-compatible API takes requests up to {MAX_REQUEST_BYTES} bytes (30 MB), attachments included. Remedy: send a smaller message or split it. Decision: {}",
+                    decided.id
+                ),
+            };
             let mut r = crate::errors::envelope(
                 413,
                 &[FieldError {
                     message: "content too large".into(),
                     field: None,
-                    help: Some(format!(
-                        "mailgate message.too_large: the SendGrid-compatible API takes requests up to {MAX_REQUEST_BYTES} bytes (30 MB), attachments included. Remedy: send a smaller message or split it. Decision: {}",
-                        decided.id
-                    )),
+                    help: Some(help),
                 }],
             );
             mark(r.headers_mut(), &decided.id, "message.too_large");
@@ -1197,11 +1511,22 @@ mod tests {
          "reply_to":{"name":"R","email":"r@example.com"}})
     }
 
+    /// Room without a limit, for tests that build one message.
+    fn unbounded() -> usize {
+        usize::MAX
+    }
+
     const NOW: i64 = 1_700_000_000;
+
+    /// Validates `v` as the door does: serialized, parsed into the typed slots, checked.
+    fn checked(v: &Value) -> Checked {
+        let bytes = serde_json::to_vec(v).unwrap();
+        check(wire::parse(&bytes, PARSE_BUDGET_BYTES).unwrap().0, NOW)
+    }
 
     #[test]
     fn the_python_helpers_full_output_is_valid() {
-        let c = check(&full(), NOW);
+        let c = checked(&full());
         assert!(c.errors.is_empty(), "{:?}", c.errors);
         assert!(c.mail.sandbox);
         assert_eq!(
@@ -1216,12 +1541,13 @@ mod tests {
         let v = json!({"from":{"email":"f@example.com"},
             "personalizations":[{"to":[{"email":"a@example.com"}],"dynamic_template_data":{"name":"A"}}],
             "template_id":"d-0123456789abcdef0123456789abcdef"});
-        let c = check(&v, NOW);
+        let c = checked(&v);
         assert!(c.errors.is_empty(), "{:?}", c.errors);
         let raw = build_message(
             &c.mail,
             &c.mail.personalizations[0],
             c.mail.from.as_ref().unwrap(),
+            &mut unbounded(),
         )
         .unwrap();
         let text = String::from_utf8(raw).unwrap();
@@ -1236,7 +1562,7 @@ mod tests {
             "content":[{"type":"text/html","value":"<p>x</p>"},{"type":"text/plain","value":"x"}],
             "attachments":[{"content":"aGVsbG8=","filename":"ok.txt"},{"content":"%%%","filename":"bad.txt","disposition":"sideways"}],
             "subject":"s"});
-        let c = check(&v, NOW);
+        let c = checked(&v);
         let got: Vec<(Option<&str>, &str)> = c
             .errors
             .iter()
@@ -1286,20 +1612,16 @@ mod tests {
 
     #[test]
     fn missing_pieces_get_sendgrids_messages() {
-        let c = check(
-            &json!({"personalizations":[{"to":[{"email":"a@example.com"}]}]}),
-            NOW,
-        );
+        let c = checked(&json!({"personalizations":[{"to":[{"email":"a@example.com"}]}]}));
         let msgs: Vec<&str> = c.errors.iter().map(|e| e.message.as_str()).collect();
         assert!(msgs.contains(&FROM_REQUIRED));
         assert!(msgs.contains(&SUBJECT_REQUIRED));
         assert!(msgs.contains(&CONTENT_REQUIRED));
-        let c = check(
+        let c = checked(
             &json!({"from":{"email":"a@example.com"},"subject":"x","content":[{"type":"text/plain","value":"x"}]}),
-            NOW,
         );
         assert_eq!(c.errors[0].field.as_deref(), Some("personalizations"));
-        assert_eq!(check(&json!([1]), NOW).errors[0].message, "Bad Request");
+        assert!(wire::parse(b"[1]", PARSE_BUDGET_BYTES).is_err());
     }
 
     #[test]
@@ -1308,7 +1630,7 @@ mod tests {
             .map(|i| json!({"to":[{"email":format!("r{i}@example.com")}]}))
             .collect();
         let v = json!({"from":{"email":"a@example.com"},"subject":"x","content":[{"type":"text/plain","value":"x"}],"personalizations":many});
-        let c = check(&v, NOW);
+        let c = checked(&v);
         assert!(
             c.errors[0]
                 .message
@@ -1318,7 +1640,7 @@ mod tests {
             .map(|i| json!({"email":format!("r{i}@example.com")}))
             .collect();
         let v = json!({"from":{"email":"a@example.com"},"subject":"x","content":[{"type":"text/plain","value":"x"}],"personalizations":[{"to":to}]});
-        let c = check(&v, NOW);
+        let c = checked(&v);
         assert!(c.errors.iter().any(|e| {
             e.message
                 .starts_with("There is a limit of 1000 total recipients")
@@ -1332,7 +1654,7 @@ mod tests {
         v["categories"] = json!(["a", "a"]);
         v["send_at"] = json!(NOW + 73 * 3600);
         v["reply_to_list"] = json!([{"email":"q@example.com"}]);
-        let c = check(&v, NOW);
+        let c = checked(&v);
         let msgs: Vec<&str> = c.errors.iter().map(|e| e.message.as_str()).collect();
         assert!(
             msgs.contains(&"Header can not be one of the reserved keys."),
@@ -1360,10 +1682,16 @@ mod tests {
             "content":[{"type":"text/plain","value":"Hello -name-"},{"type":"text/html","value":"<b>Hello -name-</b>"}],
             "attachments":[{"content":"AAEC/w==","filename":"bin.dat","type":"application/octet-stream"},
                            {"content":"aGVsbG8=","filename":"logo.png","type":"image/png","disposition":"inline","content_id":"logo"}]});
-        let c = check(&v, NOW);
+        let c = checked(&v);
         assert!(c.errors.is_empty(), "{:?}", c.errors);
         let from = c.mail.from.clone().unwrap();
-        let first = build_message(&c.mail, &c.mail.personalizations[0], &from).unwrap();
+        let first = build_message(
+            &c.mail,
+            &c.mail.personalizations[0],
+            &from,
+            &mut unbounded(),
+        )
+        .unwrap();
         let m = mail_parser::MessageParser::default().parse(&first).unwrap();
         assert_eq!(m.subject(), Some("Hi Ann"));
         assert!(m.bcc().is_none());
@@ -1379,7 +1707,13 @@ mod tests {
             c.mail.personalizations[0].recipients(),
             vec!["a@example.com", "hidden@example.com"]
         );
-        let second = build_message(&c.mail, &c.mail.personalizations[1], &from).unwrap();
+        let second = build_message(
+            &c.mail,
+            &c.mail.personalizations[1],
+            &from,
+            &mut unbounded(),
+        )
+        .unwrap();
         let m = mail_parser::MessageParser::default()
             .parse(&second)
             .unwrap();
@@ -1393,5 +1727,75 @@ mod tests {
         assert!(!valid_address("a example@x.com"));
         assert!(!valid_address("@x.com"));
         assert!(!valid_address("a@x.com\r\nBcc: y@z.com"));
+    }
+
+    #[test]
+    fn substitution_is_one_pass_longest_first_and_bounded() {
+        let subs = vec![
+            ("-n-".to_owned(), "-name-".to_owned()),
+            ("-name-".to_owned(), "Ann".to_owned()),
+            ("".to_owned(), "never".to_owned()),
+        ];
+        let s = Substituter::new(&subs).unwrap();
+        let mut room = usize::MAX;
+        // The longest tag wins; a substituted value is not searched again.
+        assert_eq!(
+            s.apply("Hi -name-, -n-!", &mut room).unwrap(),
+            "Hi Ann, -name-!"
+        );
+        assert_eq!(usize::MAX - room, "Hi Ann, -name-!".len());
+        // No tag: the text itself, not a copy.
+        assert!(matches!(
+            s.apply("plain", &mut room),
+            Some(Cow::Borrowed("plain"))
+        ));
+        // Over the room: refused, and the room is not spent past it.
+        let mut room = 10;
+        assert!(s.apply("-name--name--name--name-", &mut room).is_none());
+        let mut room = 12;
+        assert_eq!(
+            s.apply("-name--name--name--name-", &mut room).unwrap(),
+            "AnnAnnAnnAnn"
+        );
+        assert_eq!(room, 0);
+        // 10,000 tags over a long text: linear, whatever the tags.
+        let many: Vec<(String, String)> = (0..10_000)
+            .map(|i| (format!("{{{{t{i}}}}}"), "v".to_owned()))
+            .collect();
+        let s = Substituter::new(&many).unwrap();
+        let text = "{{t9999}} {{t1".repeat(100_000);
+        let t = std::time::Instant::now();
+        let out = s.apply(&text, &mut unbounded()).unwrap();
+        assert_eq!(out.len(), "v {{t1".len() * 100_000);
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn substitutions_are_limited_like_sendgrid() {
+        let mut v = full();
+        let big: serde_json::Map<String, Value> = (0..5000)
+            .map(|i| (format!("-tag{i:05}-"), json!("value")))
+            .collect();
+        v["personalizations"][0]["substitutions"] = Value::Object(big);
+        let c = checked(&v);
+        assert!(
+            c.errors.iter().any(
+                |e| e.field.as_deref() == Some("personalizations.0.substitutions")
+                    && e.message.contains("50,000 bytes")
+            ),
+            "{:?}",
+            c.errors
+        );
+        v["personalizations"][0]["substitutions"] = json!({"a": 1});
+        let c = checked(&v);
+        assert!(
+            c.errors
+                .iter()
+                .any(|e| e.message.contains("values are all strings"))
+        );
     }
 }
