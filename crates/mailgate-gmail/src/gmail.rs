@@ -16,7 +16,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use mailgate_core::catalogue::{Reason, RenderArgs};
-use mailgate_core::engine::{Body, Credential, Decision, Door, Mailbox, Outcome, SendAttempt};
+use mailgate_core::engine::{
+    Body, Credential, Decision, Door, Mailbox, Originator, Outcome, SendAttempt,
+};
 use mailgate_gateway::{Accepted, Message};
 use serde::Deserialize;
 use serde_json::json;
@@ -760,8 +762,8 @@ fn decode_raw(raw: &str) -> Result<Vec<u8>, String> {
 
 /// What the door learned from the message.
 struct Parsed {
-    from: Option<String>,
-    sender: Option<String>,
+    /// Every From and Sender field with every address (the engine checks them all).
+    originator: Originator,
     recipients: Vec<String>,
     problem: Option<(String, Option<String>)>,
 }
@@ -781,14 +783,12 @@ fn addresses(a: Option<&mail_parser::Address<'_>>) -> Vec<String> {
 fn parse(raw: &[u8]) -> Parsed {
     let Some(msg) = mail_parser::MessageParser::default().parse_headers(raw) else {
         return Parsed {
-            from: None,
-            sender: None,
+            originator: Originator::default(),
             recipients: vec![],
             problem: Some(("Invalid RFC 822 message".into(), None)),
         };
     };
-    let from = addresses(msg.from()).into_iter().next();
-    let sender = addresses(msg.sender()).into_iter().next();
+    let originator = mailgate_gateway::message::originator(&msg);
     let mut recipients = addresses(msg.to());
     recipients.extend(addresses(msg.cc()));
     recipients.extend(addresses(msg.bcc()));
@@ -798,8 +798,7 @@ fn parse(raw: &[u8]) -> Parsed {
         problem = Some(("Invalid To header".to_owned(), Some("to".to_owned())));
     }
     Parsed {
-        from,
-        sender,
+        originator,
         recipients,
         problem,
     }
@@ -834,18 +833,18 @@ async fn send(st: &GmailState, mut attempt: SendAttempt, raw: Result<Vec<u8>, St
     }
     let parsed = parse(&raw);
     let mut add_from = None;
-    let from = match parsed.from.clone() {
-        Some(f) => Some(f),
-        None => {
-            // Gmail fills a missing From with the sender's address.
-            let a = acting_address(st, &attempt);
-            add_from.clone_from(&a);
-            a
-        }
-    };
+    let mut originator = parsed.originator.clone();
+    if originator.from.is_empty() {
+        // Gmail fills a missing From with the sender's address.
+        add_from = acting_address(st, &attempt);
+        originator.from.extend(add_from.clone().map(|a| vec![a]));
+    }
+    let from = originator
+        .from_addresses()
+        .find(|a| !a.is_empty())
+        .map(str::to_owned);
     attempt.envelope_from.clone_from(&from);
-    attempt.header_from = from.clone();
-    attempt.header_sender = parsed.sender.clone();
+    attempt.header = Some(originator);
     attempt.recipients = Some(parsed.recipients.clone());
     attempt.body = match &parsed.problem {
         Some((detail, field)) => Body::Invalid {
@@ -957,7 +956,7 @@ mod tests {
     #[test]
     fn recipients_include_cc_and_bcc() {
         let p = parse(b"From: A <a@x.com>\r\nTo: b@y.com, C <c@y.com>\r\nCc: d@y.com\r\nBcc: e@y.com\r\n\r\nx");
-        assert_eq!(p.from.as_deref(), Some("a@x.com"));
+        assert_eq!(p.originator.single_from(), Some("a@x.com"));
         assert_eq!(p.recipients, ["b@y.com", "c@y.com", "d@y.com", "e@y.com"]);
         assert!(p.problem.is_none());
     }

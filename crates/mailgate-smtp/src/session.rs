@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use mailgate_core::catalogue::Stage;
 use mailgate_core::engine::{
-    Body, Credential, CredentialState, Door, SendAttempt, TlsVersion, Transport,
+    Body, Credential, CredentialState, Door, Originator, SendAttempt, TlsVersion, Transport,
 };
 use mailgate_gateway::{Accepted, Decided, Gateway, Message};
 use mailgate_store::TokenStore;
@@ -1088,8 +1088,7 @@ impl Session {
             None => {
                 a.size = Some(tx.body.len() as u64);
                 let h = headers(&tx.body);
-                a.header_from = h.from;
-                a.header_sender = h.sender;
+                a.header = h.originator;
                 a.body = h.body;
                 null_reverse_path(&mut a);
             }
@@ -1148,54 +1147,43 @@ impl Session {
 
 /// A null reverse-path (`MAIL FROM:<>`, what bounces use) names no sender, so the header must:
 /// under the relay's IP trust, whose rule (`smtp_relay.allowed_senders`) is about the envelope
-/// sender, the header From (else Sender) stands for it; a message that names no sender anywhere
-/// is malformed (RFC 5322 §3.6.2 requires From). Without this the engine could never complete
-/// the decision, and the client heard `451 4.3.0` (try again) for good.
+/// sender, the header From (else Sender) stands for it. A message that names no sender anywhere
+/// has no From field, which the engine refuses (`message.invalid`; RFC 5322 §3.6 requires one).
+/// Without this the engine could never complete the decision, and the client heard `451 4.3.0`
+/// (try again) for good.
 fn null_reverse_path(a: &mut SendAttempt) {
-    if a.envelope_from.as_deref().is_some_and(|s| !s.is_empty()) || !matches!(a.body, Body::Valid) {
+    if a.envelope_from.as_deref().is_some_and(|s| !s.is_empty())
+        || !matches!(a.body, Body::Valid)
+        || !matches!(a.credential, Credential::RelayIp)
+    {
         return;
     }
-    let named = [&a.header_from, &a.header_sender]
-        .into_iter()
-        .flatten()
-        .find(|s| !s.is_empty())
-        .cloned();
-    match named {
-        Some(address) if matches!(a.credential, Credential::RelayIp) => {
-            a.envelope_from = Some(address);
-        }
-        Some(_) => {}
-        None => {
-            a.body = Body::Invalid {
-                detail: "null reverse-path (MAIL FROM:<>) and no From or Sender address".into(),
-                field: Some("From".into()),
-            };
-        }
+    let named = a.header.as_ref().and_then(|h| {
+        h.from_addresses()
+            .chain(h.sender_addresses())
+            .find(|s| !s.is_empty())
+            .map(str::to_owned)
+    });
+    if let Some(address) = named {
+        a.envelope_from = Some(address);
     }
 }
 
 struct Headers {
-    from: Option<String>,
-    sender: Option<String>,
+    originator: Option<Originator>,
     body: Body,
 }
 
-fn first_address(a: Option<&mail_parser::Address<'_>>) -> Option<String> {
-    a?.iter()
-        .find_map(|x| x.address().map(|s| s.trim().to_owned()))
-}
-
-/// Header From and Sender (addresses only) and whether the message parses.
+/// Every header From and Sender field with every address (the engine checks their shape and
+/// each address), and whether the message parses.
 fn headers(raw: &[u8]) -> Headers {
     match mail_parser::MessageParser::default().parse_headers(raw) {
         Some(m) => Headers {
-            from: first_address(m.from()),
-            sender: first_address(m.sender()),
+            originator: Some(mailgate_gateway::message::originator(&m)),
             body: Body::Valid,
         },
         None => Headers {
-            from: None,
-            sender: None,
+            originator: None,
             body: Body::Invalid {
                 detail: "Invalid RFC 5322 message".into(),
                 field: None,
@@ -1318,3 +1306,57 @@ mod tests {
         assert!(last_reply(&r).starts_with("554 5.6.0"), "{r}");
     }
 }
+
+    /// Issue 12: every From field and address is read, on submission and on the relay alike.
+    #[tokio::test]
+    async fn every_from_field_and_address_is_decided() {
+        let ctx = context().await;
+        let auth = format!(
+            "EHLO c\r\nAUTH PLAIN {}\r\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<x@example.org>\r\nDATA\r\n",
+            sasl::encode(&format!("\0k\0{KEY}"))
+        );
+        let submit = |head: &str| format!("{auth}{head}\r\nhi\r\n.\r\n");
+        let r = converse(
+            &ctx,
+            Listener::Smtps,
+            &submit("From: ceo@example.com\r\nFrom: alice@example.com\r\n"),
+        )
+        .await;
+        let last = last_reply(&r);
+        assert!(last.starts_with("554 5.6.0"), "{r}");
+        assert!(last.contains("[mailgate: message.invalid"), "{r}");
+        assert!(last.contains("2 From header fields"), "{r}");
+        let r = converse(
+            &ctx,
+            Listener::Smtps,
+            &submit("From: alice@example.com, ceo@example.com\r\nSender: alice@example.com\r\n"),
+        )
+        .await;
+        assert!(last_reply(&r).starts_with("553 5.7.1"), "{r}");
+        assert!(last_reply(&r).contains("<ceo@example.com>"), "{r}");
+        let r = converse(&ctx, Listener::Smtps, &submit("Subject: no From\r\n")).await;
+        assert!(last_reply(&r).contains("[mailgate: message.invalid"), "{r}");
+        let r = converse(
+            &ctx,
+            Listener::Smtps,
+            &submit("From: alice@example.com\r\n"),
+        )
+        .await;
+        assert!(last_reply(&r).starts_with("250 2.0.0 OK "), "{r}");
+
+        // The relay (trusted IP) checks the header against smtp_relay.allowed_senders too.
+        let relay = |head: &str| {
+            format!(
+                "HELO c\r\nMAIL FROM:<support@example.com>\r\nRCPT TO:<x@example.org>\r\nDATA\r\n{head}\r\nhi\r\n.\r\n"
+            )
+        };
+        let r = converse(&ctx, Listener::Relay, &relay("From: ceo@evil.test\r\n")).await;
+        assert!(
+            last_reply(&r).contains("[mailgate: sender.not_owned"),
+            "{r}"
+        );
+        let r = converse(&ctx, Listener::Relay, &relay("Subject: no From\r\n")).await;
+        assert!(last_reply(&r).contains("[mailgate: message.invalid"), "{r}");
+        let r = converse(&ctx, Listener::Relay, &relay("From: alice@example.com\r\n")).await;
+        assert!(last_reply(&r).starts_with("250 2.0.0 OK "), "{r}");
+    }

@@ -30,6 +30,97 @@ pub struct RawConfig {
     relay: crate::relay_setup::RawRelay,
     #[serde(default)]
     retention: RawRetention,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+/// `[limits]`: the resource budgets (docs/security.md). Every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    http_max_connections: Option<usize>,
+    http_max_connections_per_ip: Option<usize>,
+    smtp_max_connections: Option<usize>,
+    smtp_max_connections_per_ip: Option<usize>,
+    header_timeout_secs: Option<u64>,
+    http_idle_timeout_secs: Option<u64>,
+    data_memory_mb: Option<usize>,
+    password_concurrency: Option<usize>,
+    password_queue: Option<usize>,
+    refusal_log_per_second: Option<u32>,
+    unauthenticated_decisions_kept: Option<usize>,
+}
+
+impl RawLimits {
+    fn resolve(self) -> anyhow::Result<mailgate_gateway::budget::Limits> {
+        use std::time::Duration;
+        let d = mailgate_gateway::budget::Limits::default();
+        let positive = |key: &str, v: Option<usize>, default: usize| -> anyhow::Result<usize> {
+            match v {
+                Some(0) => bail!("limits.{key} must be at least 1"),
+                Some(n) => Ok(n),
+                None => Ok(default),
+            }
+        };
+        let secs = |key: &str, v: Option<u64>, default: Duration| -> anyhow::Result<Duration> {
+            match v {
+                Some(0) => bail!("limits.{key} must be at least 1"),
+                Some(n) => Ok(Duration::from_secs(n)),
+                None => Ok(default),
+            }
+        };
+        Ok(mailgate_gateway::budget::Limits {
+            http_max_connections: positive(
+                "http_max_connections",
+                self.http_max_connections,
+                d.http_max_connections,
+            )?,
+            http_max_connections_per_ip: positive(
+                "http_max_connections_per_ip",
+                self.http_max_connections_per_ip,
+                d.http_max_connections_per_ip,
+            )?,
+            smtp_max_connections: positive(
+                "smtp_max_connections",
+                self.smtp_max_connections,
+                d.smtp_max_connections,
+            )?,
+            smtp_max_connections_per_ip: positive(
+                "smtp_max_connections_per_ip",
+                self.smtp_max_connections_per_ip,
+                d.smtp_max_connections_per_ip,
+            )?,
+            header_timeout: secs(
+                "header_timeout_secs",
+                self.header_timeout_secs,
+                d.header_timeout,
+            )?,
+            http_idle_timeout: secs(
+                "http_idle_timeout_secs",
+                self.http_idle_timeout_secs,
+                d.http_idle_timeout,
+            )?,
+            data_memory_bytes: positive(
+                "data_memory_mb",
+                self.data_memory_mb,
+                d.data_memory_bytes / (1024 * 1024),
+            )?
+            .saturating_mul(1024 * 1024),
+            password_concurrency: positive(
+                "password_concurrency",
+                self.password_concurrency,
+                d.password_concurrency,
+            )?,
+            password_queue: self.password_queue.unwrap_or(d.password_queue),
+            refusal_log_per_second: self
+                .refusal_log_per_second
+                .unwrap_or(d.refusal_log_per_second),
+            unauthenticated_decisions_kept: self
+                .unauthenticated_decisions_kept
+                .unwrap_or(d.unauthenticated_decisions_kept),
+            ..d
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -124,6 +215,8 @@ pub struct Config {
     /// Finished messages (delivered, failed, captured) older than this many days are deleted
     /// with their bodies and delivery history (0: kept forever).
     pub retention_messages_days: u64,
+    /// Resource budgets (`[limits]`).
+    pub limits: mailgate_gateway::budget::Limits,
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -195,6 +288,7 @@ impl Config {
                 .retention
                 .messages_days
                 .unwrap_or(DEFAULT_RETENTION_DAYS),
+            limits: raw.limits.resolve()?,
         })
     }
 
@@ -240,6 +334,27 @@ mod tests {
     }
 
     #[test]
+    fn limits_default_to_the_budget_and_zero_is_refused() {
+        let c = Config::resolve(toml::from_str("").unwrap()).unwrap();
+        let d = mailgate_gateway::budget::Limits::default();
+        assert_eq!(
+            c.limits.http_max_connections_per_ip,
+            d.http_max_connections_per_ip
+        );
+        let raw = "[limits]\nsmtp_max_connections_per_ip = 3\nheader_timeout_secs = 2\ndata_memory_mb = 16\n";
+        let c = Config::resolve(toml::from_str(raw).unwrap()).unwrap();
+        assert_eq!(c.limits.smtp_max_connections_per_ip, 3);
+        assert_eq!(c.limits.header_timeout.as_secs(), 2);
+        assert_eq!(c.limits.data_memory_bytes, 16 * 1024 * 1024);
+        let raw = "[limits]\nhttp_max_connections = 0\n";
+        let err = Config::resolve(toml::from_str(raw).unwrap()).unwrap_err();
+        assert!(
+            err.to_string().contains("limits.http_max_connections"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         assert!(toml::from_str::<RawConfig>("[http]\nlissten = \"127.0.0.1:1\"\n").is_err());
     }
@@ -274,6 +389,17 @@ mod tests {
             "relay.workers",
             "retention.decisions_days",
             "retention.messages_days",
+            "limits.http_max_connections",
+            "limits.http_max_connections_per_ip",
+            "limits.smtp_max_connections",
+            "limits.smtp_max_connections_per_ip",
+            "limits.header_timeout_secs",
+            "limits.http_idle_timeout_secs",
+            "limits.data_memory_mb",
+            "limits.password_concurrency",
+            "limits.password_queue",
+            "limits.refusal_log_per_second",
+            "limits.unauthenticated_decisions_kept",
         ] {
             assert!(
                 doc.contains(&format!("`{key}`")),

@@ -4,6 +4,7 @@
 mod admin;
 mod config;
 mod explain;
+mod files;
 mod listen;
 mod queue_api;
 mod queue_cli;
@@ -195,6 +196,8 @@ enum AdminTokenCmd {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    // Everything Mailgate creates (database, WAL, keys, credentials) is private to its owner.
+    files::private_umask();
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref(), cli.data_dir.as_deref()) {
         Ok(c) => c,
@@ -245,6 +248,7 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<SqliteStore>> {
         )
     })?;
     let path = config.database_path();
+    files::secure_data_dir(&config.data_dir, &path);
     let store = SqliteStore::open(&path)
         .await
         .with_context(|| format!("cannot open the store {}", path.display()))?;
@@ -551,20 +555,9 @@ async fn sa_key_create(
     Ok(())
 }
 
-/// Writes a file only its owner can read.
+/// Writes a file only its owner can read (see `files::write_private`).
 fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(data)?;
-    Ok(())
+    files::write_private(path, data)
 }
 
 async fn admin_token_create(store: &dyn Store, name: &str) -> anyhow::Result<String> {
@@ -606,7 +599,8 @@ async fn serve(config: Config, store: Arc<SqliteStore>, demo: bool) -> anyhow::R
     let tokens: Arc<dyn mailgate_store::TokenStore> = store.clone();
     let smtp_tokens = tokens.clone();
     let queue: Arc<dyn mailgate_store::QueueStore> = store.clone();
-    let gateway = mailgate_gateway::Gateway::open(store).await?;
+    let limits = files::fit_open_files(&config.limits);
+    let gateway = mailgate_gateway::Gateway::open_with_limits(store, limits).await?;
     let _relay = relay_setup::spawn(&config.relay, demo, &gateway, queue.clone())?;
     let mut token_urls = vec![format!("{}/token", config.public_url)];
     if tls.is_some() {
@@ -621,12 +615,15 @@ async fn serve(config: Config, store: Arc<SqliteStore>, demo: bool) -> anyhow::R
         tokens,
         token_urls,
     ));
-    let state = std::sync::Arc::new(serve::AppState { gateway, queue });
+    let state = std::sync::Arc::new(serve::AppState {
+        gateway,
+        queue,
+        data_dir: Some(config.data_dir.clone()),
+    });
     let cfg = config.clone();
     let smtp = Arc::new(mailgate_smtp::SmtpContext {
         gateway: state.gateway.clone(),
         tokens: smtp_tokens,
-        lockout: mailgate_smtp::Lockout::new(Default::default()),
         hostname: "mailgate".to_owned(),
         limits: Default::default(),
         auth_without_tls: false,

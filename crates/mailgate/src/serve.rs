@@ -25,6 +25,17 @@ pub struct AppState {
     pub gateway: Arc<Gateway>,
     /// The delivery queue (message status, captured mail).
     pub queue: Arc<dyn mailgate_store::QueueStore>,
+    /// The data directory (its free space is part of health), when the store is a file there.
+    pub data_dir: Option<std::path::PathBuf>,
+}
+
+/// Below this much free space in the data directory, `/healthz` says `degraded`.
+const MIN_FREE_BYTES: u64 = 64 * 1024 * 1024;
+
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    rustix::fs::statvfs(dir)
+        .ok()
+        .map(|v| v.f_bavail.saturating_mul(v.f_frsize))
 }
 
 /// The HTTP API's routes.
@@ -58,19 +69,39 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {
-    // Healthy means: the store answers.
+    // Healthy means: the store answers, its last write succeeded, and there is room to write.
     match state.gateway.store().generation().await {
-        Ok(generation) => Json(json!({
-            "status": "ok",
-            "directory_generation": state.gateway.live().generation,
-            "store_generation": generation,
-        }))
-        .into_response(),
+        Ok(generation) => {
+            let mut causes = Vec::new();
+            if let Some(fault) = state.gateway.write_fault() {
+                causes.push(format!("the store cannot write: {fault}"));
+            }
+            if let Some(free) = state.data_dir.as_deref().and_then(free_bytes)
+                && free < MIN_FREE_BYTES
+            {
+                causes.push(format!(
+                    "the data directory has {} MiB free (below {} MiB): free space or move it",
+                    free / (1024 * 1024),
+                    MIN_FREE_BYTES / (1024 * 1024)
+                ));
+            }
+            let mut body = json!({
+                "status": if causes.is_empty() { "ok" } else { "degraded" },
+                "directory_generation": state.gateway.live().generation,
+                "store_generation": generation,
+            });
+            if causes.is_empty() {
+                return Json(body).into_response();
+            }
+            body["reason"] = json!("store.unavailable");
+            body["causes"] = json!(causes);
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
         Err(e) => {
             tracing::error!(error = %e, "health check: store unavailable");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": "unavailable", "reason": "store unavailable"})),
+                Json(json!({"status": "unavailable", "reason": "store.unavailable", "causes": ["the store does not answer"]})),
             )
                 .into_response()
         }
@@ -186,7 +217,7 @@ async fn get_decision(
     if let Err(r) = admin(&state, &headers).await {
         return r;
     }
-    match state.gateway.store().decision(&id).await {
+    match state.gateway.decision(&id).await {
         Ok(Some(d)) => {
             let body = d.body.parse().unwrap_or_else(|e| {
                 tracing::error!(decision_id = %d.id, error = %e, "stored decision trace does not parse");
@@ -281,6 +312,7 @@ pub async fn run(
         http,
         None,
         app.clone(),
+        state.gateway.clone(),
         stop_rx.clone(),
     ))];
     if let (Some(l), Some(a)) = (https, acceptor) {
@@ -288,6 +320,7 @@ pub async fn run(
             l,
             Some(a),
             app,
+            state.gateway.clone(),
             stop_rx.clone(),
         )));
     }
