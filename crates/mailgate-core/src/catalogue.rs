@@ -801,7 +801,7 @@ static CATALOGUE: [ReasonSpec; 41] = [
         row: 25,
         code: "sender.not_owned",
         stage: Stage::Sender,
-        message: "The envelope sender or header From is not an address the caller may send as.",
+        message: "The envelope sender, an address of the header From or the Sender is not an address the caller may send as (on the IP-trusted relay: not one smtp_relay.allowed_senders accepts).",
         remedy: "send from the primary address, an alias or an accepted send-as address; or add it to users[<user>].send_as (status: accepted) in org.yaml and run `mailgate apply -f org.yaml`",
         gmail: g(
             403,
@@ -1099,11 +1099,7 @@ static CATALOGUE: [ReasonSpec; 41] = [
             "The service is currently unavailable.",
         ),
         token: None,
-        smtp: s(
-            451,
-            "4.3.0",
-            "Temporary system problem. Try again later.",
-        ),
+        smtp: s(451, "4.3.0", "Temporary system problem. Try again later."),
         sendgrid: sg(503, "service unavailable"),
     },
 ];
@@ -1425,8 +1421,47 @@ pub fn render_reasons_md() -> String {
             sendgrid_cell(&s.sendgrid),
         );
     }
+    out.push_str(SENDER_RULES);
     out
 }
+
+/// How the header's From and Sender fields are checked (issue 12), appended to
+/// `docs/reasons.md`.
+const SENDER_RULES: &str = "
+## The header From and Sender
+
+Every door hands the engine every From and Sender field of the message header with every
+address in it (the members of a group included); the SendGrid door's own From, a custom
+`Sender` header, and `mailgate explain --header-from` (repeatable) and `--header-sender` likewise.
+
+- **Shape (`message.invalid`).** RFC 5322 §3.6 allows exactly one From field and at most one
+  Sender field, and a From that names several mailboxes requires a Sender naming exactly one.
+  A message with no From field, several From or Sender fields, a From or Sender entry that is
+  not an address (a bare name, an empty group, two addresses run together), or several From
+  mailboxes without a Sender is refused with `message.invalid`; the detail and the remedy say
+  which (`the message has 2 From header fields; RFC 5322 allows exactly one: remove every From
+  header field but one ...`). The sender checks below look at a header only when its shape is
+  right, so a malformed header is refused as `message.invalid` even when an address in it is
+  also not owned. The Gmail-compatible door adds a From naming the sender to a message that has
+  none, as Gmail does; every other door refuses it.
+- **Ownership (`sender.not_owned`, `sender.unverified`, `sender.domain_unverified`).** The
+  envelope sender and *every* From and Sender address must be one the principal may send as
+  (primary, alias, accepted send-as, group with `members_can_send_as`, delegated mailbox).
+- **`organisation.on_unowned_from: rewrite`** replaces a From field that names exactly one
+  address (unowned, or a pending send-as address) with the sender's primary address. Nothing
+  else is rewritten: an unowned address in a From that names several, in Sender, or in the
+  envelope is refused.
+- **The relay listener under IP trust** (`smtp_relay.allowed_ips`, no AUTH) has no user to own
+  addresses: `smtp_relay.allowed_senders` decides, and it applies to the envelope sender *and*
+  to every header From and Sender address (`sender.not_owned`, object at fault
+  `smtp_relay.allowed_senders`). The relay sends as the users those addresses belong to, so
+  their account state applies as it does to a principal: a From naming a suspended,
+  under-review, mail-disabled or sending-revoked user's address (or an alias of it) is refused
+  with that state's code (`account.suspended`, `account.under_review`, `account.mail_disabled`,
+  `account.sending_revoked`), naming the user. An address in an unverified organisation domain
+  is refused with `sender.domain_unverified`. A relay client that authenticates (SMTP AUTH) is
+  a user principal and follows the ownership rules above.
+";
 
 #[cfg(test)]
 mod tests {

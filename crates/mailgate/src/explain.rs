@@ -9,8 +9,8 @@ use std::net::IpAddr;
 
 use clap::Args;
 use mailgate_core::engine::{
-    Body, Credential, Decision, DirectoryIndex, Door, Mailbox, Outcome, SendAttempt, TlsVersion,
-    Transport,
+    Body, Credential, Decision, DirectoryIndex, Door, Mailbox, Originator, Outcome, SendAttempt,
+    TlsVersion, Transport,
 };
 use mailgate_gateway::{Decided, Gateway, GatewayError};
 use serde::Deserialize;
@@ -58,10 +58,15 @@ pub(crate) struct ExplainRequest {
     #[arg(long, value_name = "ADDR")]
     #[serde(default)]
     pub(crate) from: Option<String>,
-    /// Header From, when it differs from the envelope sender.
+    /// Header From, when it differs from the envelope sender: repeat it for a From that names
+    /// several addresses (JSON: one address or a list).
+    #[arg(long, value_name = "ADDR")]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub(crate) header_from: Vec<String>,
+    /// Header Sender (RFC 5322 requires one when From names several addresses).
     #[arg(long, value_name = "ADDR")]
     #[serde(default)]
-    pub(crate) header_from: Option<String>,
+    pub(crate) header_sender: Option<String>,
     /// Recipient, repeatable.
     #[arg(long = "to", value_name = "ADDR")]
     #[serde(default)]
@@ -90,6 +95,21 @@ pub(crate) struct ExplainRequest {
     #[arg(long, value_name = "BYTES")]
     #[serde(default)]
     pub(crate) size: Option<u64>,
+}
+
+/// `"a@x"` or `["a@x", "b@x"]` (the JSON of `header_from` before it took a list still works).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) => v,
+    })
 }
 
 /// A request that cannot be turned into an attempt (the user's mistake, said plainly).
@@ -245,7 +265,15 @@ impl ExplainRequest {
             Some(m) => Mailbox::Address(m.clone()),
         };
         attempt.envelope_from = from.clone();
-        attempt.header_from = self.header_from.clone().or(from);
+        let header_from = if self.header_from.is_empty() {
+            from.into_iter().collect()
+        } else {
+            self.header_from.clone()
+        };
+        attempt.header = Some(Originator {
+            from: vec![header_from],
+            sender: self.header_sender.iter().map(|s| vec![s.clone()]).collect(),
+        });
         if !self.to.is_empty() {
             attempt.recipients = Some(self.to.clone());
         }

@@ -8,8 +8,8 @@ use super::counters::{Charge, Counters, Usage, exceeds};
 use super::index::{DirectoryIndex, Ownership};
 use super::{
     Body, CheckResult, Credential, CredentialState, Decision, Denial, Door, Fault, FaultKind,
-    Finding, LimitState, Mailbox, Mode, Outcome, Rewrite, SEND_SCOPES, SMTP_SCOPE, SendAttempt,
-    TlsVersion, Verdict, rfc3339_ms,
+    Finding, LimitState, Mailbox, Mode, Originator, OriginatorProblem, Outcome, Rewrite,
+    SEND_SCOPES, SMTP_SCOPE, SendAttempt, TlsVersion, Verdict, rfc3339_ms,
 };
 use crate::catalogue::{Reason, RenderArgs};
 use crate::directory::{
@@ -91,11 +91,35 @@ enum Own {
     Unowned,
 }
 
+/// Which sender address: the envelope's or a header field's.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Envelope,
+    From,
+    Sender,
+}
+
+impl Role {
+    fn what(self) -> &'static str {
+        match self {
+            Role::Envelope => "envelope sender",
+            Role::From => "From",
+            Role::Sender => "Sender",
+        }
+    }
+}
+
 /// Everything resolved once per decision.
 struct Ctx<'a> {
     a: &'a SendAttempt,
     ix: &'a DirectoryIndex,
     now: u64,
+    /// IP-trusted relay (no AUTH).
+    relay: bool,
+    /// The header's originator fields when they are well-formed (`None` too while unknown).
+    header: Option<&'a Originator>,
+    /// What is wrong with them, when something is.
+    header_problem: Option<OriginatorProblem>,
     auth_failure: Option<AuthFailure>,
     /// The principal is identified (authentication passed).
     authenticated: bool,
@@ -120,10 +144,14 @@ struct Ctx<'a> {
 
 impl<'a> Ctx<'a> {
     fn resolve(a: &'a SendAttempt, ix: &'a DirectoryIndex, now: u64) -> Ctx<'a> {
+        let header_problem = a.header.as_ref().and_then(Originator::problem);
         let mut c = Ctx {
             a,
             ix,
             now,
+            relay: matches!(a.credential, Credential::RelayIp),
+            header: a.header.as_ref().filter(|_| header_problem.is_none()),
+            header_problem,
             auth_failure: None,
             authenticated: false,
             user: None,
@@ -360,9 +388,20 @@ impl<'a> Ctx<'a> {
         self.user.map_or("<user>", |u| &self.ix.user(u).email)
     }
 
-    /// Users whose account state matters: the sender, and the mailbox acted for.
+    /// Users whose account state matters: the sender, and the mailbox acted for; on the relay
+    /// under IP trust, also every user a header From or Sender address belongs to (the relay
+    /// sends as them: a suspended or revoked user's address is refused with that state).
     fn accounts(&self) -> impl Iterator<Item = usize> + '_ {
-        self.user.into_iter().chain(self.mailbox.ok().flatten())
+        let named = self
+            .header
+            .filter(|_| self.relay && self.authenticated)
+            .into_iter()
+            .flat_map(|h| h.from_addresses().chain(h.sender_addresses()))
+            .filter_map(|addr| self.ix.user_by_address(addr));
+        self.user
+            .into_iter()
+            .chain(self.mailbox.ok().flatten())
+            .chain(named)
     }
 
     fn classify(&self, addr: &str) -> (Own, Option<&'a Ownership>) {
@@ -943,14 +982,23 @@ impl<'a> Ctx<'a> {
             | Reason::LimitDailyMessages
             | Reason::LimitDailyRecipients
             | Reason::LimitConcurrency => self.limit_check(r),
-            Reason::MessageInvalid => match &a.body {
-                Body::Unknown => pending("message not received yet"),
-                Body::Valid => pass("message parsed"),
-                Body::Invalid { detail, .. } => fail(
+            Reason::MessageInvalid => match (&a.body, &a.header, &self.header_problem) {
+                (Body::Unknown, _, _) => pending("message not received yet"),
+                (Body::Invalid { detail, .. }, _, _) => fail(
                     format!("message is malformed: {detail}"),
                     Fault::new(FaultKind::Message, detail.clone()),
                     Reason::MessageInvalid.spec().remedy.to_owned(),
                 ),
+                (Body::Valid, None, _) => pending("header From not known yet"),
+                (Body::Valid, Some(_), Some(p)) => {
+                    let detail = p.detail();
+                    fail(
+                        format!("message is malformed: {detail}"),
+                        Fault::new(FaultKind::Message, detail),
+                        p.remedy(),
+                    )
+                }
+                (Body::Valid, Some(_), None) => pass("message parsed; one From field"),
             },
             Reason::MessageNoRecipients => match &a.recipients {
                 None => pending("recipients not known yet"),
@@ -979,96 +1027,113 @@ impl<'a> Ctx<'a> {
             Reason::UpstreamRefused | Reason::UpstreamDeferred | Reason::UpstreamAuthFailed => {
                 na("delivery outcome, not a check")
             }
+            Reason::StoreUnavailable => na("a fault of the gateway, not a check"),
         }
     }
 
     fn account_check(&self, f: impl Fn(&Self, usize) -> Option<R>, ok: &'static str) -> R {
-        if self.user.is_none() {
-            return na("no user account");
-        }
+        let mut any = false;
         for u in self.accounts() {
+            any = true;
             if let Some(r) = f(self, u) {
                 return r;
             }
         }
-        pass(ok)
+        if any { pass(ok) } else { na("no user account") }
     }
 
-    /// The addresses to check: envelope, header From, header Sender (those known).
-    fn sender_addrs(&self) -> [(&'static str, Option<&'a str>); 3] {
-        let a = self.a;
-        [
-            (
-                "envelope sender",
-                a.envelope_from.as_deref().filter(|s| !s.is_empty()),
-            ),
-            ("From", a.header_from.as_deref()),
-            ("Sender", a.header_sender.as_deref()),
-        ]
+    /// The addresses to check, in order: the envelope sender (when not null), then every
+    /// address of the header's From field and of its Sender field. A header whose originator
+    /// fields are malformed contributes nothing here: `message.invalid` refuses it.
+    fn sender_addrs(&self) -> impl Iterator<Item = (Role, &'a str)> + 'a {
+        let env = self
+            .a
+            .envelope_from
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .map(|e| (Role::Envelope, e));
+        let header = self.header;
+        env.into_iter()
+            .chain(
+                header
+                    .into_iter()
+                    .flat_map(|h| h.from_addresses().map(|x| (Role::From, x))),
+            )
+            .chain(
+                header
+                    .into_iter()
+                    .flat_map(|h| h.sender_addresses().map(|x| (Role::Sender, x))),
+            )
+    }
+
+    fn no_sender(&self) -> bool {
+        self.sender_addrs().next().is_none()
     }
 
     fn rewrite_mode(&self) -> bool {
         self.ix.directory().organisation.on_unowned_from == UnownedFrom::Rewrite
     }
 
+    /// `on_unowned_from: rewrite` replaces a From field that names exactly one address, for a
+    /// user principal. Nothing else is rewritten: an unowned address in a From that names
+    /// several, in Sender, or in the envelope is refused.
+    fn rewritable(&self, role: Role) -> bool {
+        role == Role::From
+            && !self.relay
+            && self.rewrite_mode()
+            && self.header.is_some_and(|h| h.single_from().is_some())
+    }
+
     fn sender_owned(&self, rewrites: &mut Vec<Rewrite>) -> R {
         if !self.authenticated {
             return na("not authenticated");
         }
-        let addrs = self.sender_addrs();
-        if addrs.iter().all(|(_, a)| a.is_none()) {
+        if self.no_sender() {
             return pending("no sender known yet");
         }
-        if matches!(self.a.credential, Credential::RelayIp) {
-            let Some(env) = addrs[0].1 else {
-                return pending("envelope sender not known yet");
-            };
-            let rule = self.ix.directory().smtp_relay.allowed_senders;
-            let ok = match rule {
-                RelaySenders::Any => true,
-                RelaySenders::RegisteredUsers => self.ix.user_by_address(env).is_some(),
-                RelaySenders::DomainAddresses => self.ix.is_org_domain_or_sub(domain_of(env)),
-            };
-            return if ok {
-                pass("envelope sender allowed by smtp_relay.allowed_senders")
-            } else {
-                let what = match rule {
-                    RelaySenders::RegisteredUsers => "registered users only",
-                    _ => "addresses in the organisation's domains only",
-                };
-                fail(
-                    format!("envelope sender {env} is not allowed on the relay ({what})"),
-                    Fault::new(FaultKind::SmtpRelay, "allowed_senders"),
-                    format!(
-                        "send from an address the relay accepts, or change smtp_relay.allowed_senders {APPLY}"
-                    ),
-                )
-            };
+        if self.relay {
+            return self.relay_senders();
         }
         let Some(u) = self.user else {
             return na("no user principal");
         };
         let primary = &self.ix.user(u).email;
         let mut rewrote = false;
-        for (i, (what, addr)) in addrs.iter().enumerate() {
-            let Some(addr) = addr else { continue };
+        for (role, addr) in self.sender_addrs() {
             if self.classify(addr).0 != Own::Unowned {
                 continue;
             }
-            if i > 0 && self.rewrite_mode() {
+            if self.rewritable(role) {
                 rewrites.push(Rewrite {
-                    header: if i == 1 { "From" } else { "Sender" },
-                    original: (*addr).to_owned(),
+                    header: "From",
+                    original: addr.to_owned(),
                     replacement: primary.clone(),
                 });
                 rewrote = true;
                 continue;
             }
+            let why = match role {
+                Role::From if self.rewrite_mode() => {
+                    " (organisation.on_unowned_from: rewrite replaces only a From that names one address)"
+                }
+                Role::Sender if self.rewrite_mode() => {
+                    " (organisation.on_unowned_from: rewrite replaces only From, never Sender)"
+                }
+                _ => "",
+            };
+            let also = if self.rewrite_mode() {
+                ""
+            } else {
+                " (or set organisation.on_unowned_from: rewrite)"
+            };
             return fail(
-                format!("{what} {addr} is not an address {primary} may send as"),
-                Fault::new(FaultKind::Address, *addr),
                 format!(
-                    "send as {primary} or one of its aliases; or add {addr} to users[{primary}].send_as with status: accepted {APPLY} (or set organisation.on_unowned_from: rewrite)"
+                    "{} {addr} is not an address {primary} may send as{why}",
+                    role.what()
+                ),
+                Fault::new(FaultKind::Address, addr),
+                format!(
+                    "send as {primary} or one of its aliases; or add {addr} to users[{primary}].send_as with status: accepted {APPLY}{also}"
                 ),
             );
         }
@@ -1076,7 +1141,7 @@ impl<'a> Ctx<'a> {
             R {
                 outcome: Outcome::Pass,
                 detail: Cow::Owned(format!(
-                    "unowned header address rewritten to {primary} (organisation.on_unowned_from: rewrite)"
+                    "unowned header From rewritten to {primary} (organisation.on_unowned_from: rewrite)"
                 )),
                 remedy: None,
                 fault: None,
@@ -1087,36 +1152,69 @@ impl<'a> Ctx<'a> {
         }
     }
 
+    /// The relay under IP trust: the envelope sender and every header From and Sender address
+    /// must be allowed by `smtp_relay.allowed_senders`.
+    fn relay_senders(&self) -> R {
+        let Some(_) = self.a.envelope_from.as_deref().filter(|s| !s.is_empty()) else {
+            return pending("envelope sender not known yet");
+        };
+        let rule = self.ix.directory().smtp_relay.allowed_senders;
+        for (role, addr) in self.sender_addrs() {
+            let ok = match rule {
+                RelaySenders::Any => true,
+                RelaySenders::RegisteredUsers => self.ix.user_by_address(addr).is_some(),
+                RelaySenders::DomainAddresses => self.ix.is_org_domain_or_sub(domain_of(addr)),
+            };
+            if ok {
+                continue;
+            }
+            let what = match rule {
+                RelaySenders::RegisteredUsers => "registered users only",
+                _ => "addresses in the organisation's domains only",
+            };
+            return fail(
+                format!(
+                    "{} {addr} is not allowed on the relay ({what})",
+                    role.what()
+                ),
+                Fault::new(FaultKind::SmtpRelay, "allowed_senders"),
+                format!(
+                    "send from an address the relay accepts (envelope sender, From and Sender alike), or change smtp_relay.allowed_senders {APPLY}"
+                ),
+            );
+        }
+        pass("envelope sender and header addresses allowed by smtp_relay.allowed_senders")
+    }
+
     fn sender_unverified(&self, rewrites: &mut Vec<Rewrite>) -> R {
-        if !self.authenticated || matches!(self.a.credential, Credential::RelayIp) {
+        if !self.authenticated || self.relay {
             return na("no send-as addresses involved");
         }
         let Some(u) = self.user else {
             return na("no user principal");
         };
-        let addrs = self.sender_addrs();
-        if addrs.iter().all(|(_, a)| a.is_none()) {
+        if self.no_sender() {
             return pending("no sender known yet");
         }
         let primary = &self.ix.user(u).email;
-        for (i, (what, addr)) in addrs.iter().enumerate() {
-            let Some(addr) = addr else { continue };
+        for (role, addr) in self.sender_addrs() {
             if self.classify(addr).0 != Own::Pending {
                 continue;
             }
-            if i > 0 && self.rewrite_mode() {
+            if self.rewritable(role) {
                 rewrites.push(Rewrite {
-                    header: if i == 1 { "From" } else { "Sender" },
-                    original: (*addr).to_owned(),
+                    header: "From",
+                    original: addr.to_owned(),
                     replacement: primary.clone(),
                 });
                 continue;
             }
             return fail(
                 format!(
-                    "{what} {addr} is a send-as address of {primary} still pending verification"
+                    "{} {addr} is a send-as address of {primary} still pending verification",
+                    role.what()
                 ),
-                Fault::new(FaultKind::Address, *addr),
+                Fault::new(FaultKind::Address, addr),
                 format!("set users[{primary}].send_as[{addr}].status: accepted {APPLY}"),
             );
         }
@@ -1127,25 +1225,19 @@ impl<'a> Ctx<'a> {
         if !self.authenticated {
             return na("not authenticated");
         }
-        let addrs = self.sender_addrs();
-        if addrs.iter().all(|(_, a)| a.is_none()) {
+        if self.no_sender() {
             return pending("no sender known yet");
         }
-        let relay = matches!(self.a.credential, Credential::RelayIp);
-        if !relay && self.user.is_none() {
+        if !self.relay && self.user.is_none() {
             return na("no user principal");
         }
-        let rewrite = self.rewrite_mode();
-        for (i, (_, addr)) in addrs.iter().enumerate() {
-            let Some(addr) = addr else { continue };
-            if relay && i > 0 {
-                break;
-            }
+        for (role, addr) in self.sender_addrs() {
             // A header address that is rewritten is replaced by the primary address.
-            let effective = if !relay && i > 0 && rewrite && self.classify(addr).0 != Own::Owned {
-                self.user.map_or(*addr, |u| self.ix.user(u).email.as_str())
-            } else {
-                addr
+            let effective = match self.user {
+                Some(u) if self.rewritable(role) && self.classify(addr).0 != Own::Owned => {
+                    self.ix.user(u).email.as_str()
+                }
+                _ => addr,
             };
             let d = domain_of(effective);
             if self.ix.domain(d) == Some(false) {
@@ -1283,12 +1375,16 @@ impl<'a> Ctx<'a> {
                 Reason::MessageTooLarge => Some(self.limits.max_message_bytes.to_string()),
                 _ => r.limit.as_ref().map(|l| l.limit.to_string()),
             },
-            detail: match &a.body {
-                Body::Invalid { detail, .. } => Some(detail.clone()),
+            detail: match (&a.body, &self.header_problem) {
+                (Body::Invalid { detail, .. }, _) => Some(detail.clone()),
+                (_, Some(p)) if code == Reason::MessageInvalid => Some(p.detail()),
                 _ => None,
             },
-            field: match &a.body {
-                Body::Invalid { field, .. } => field.clone(),
+            field: match (&a.body, &self.header_problem) {
+                (Body::Invalid { field, .. }, _) => field.clone(),
+                (_, Some(p)) if code == Reason::MessageInvalid => {
+                    Some(p.header().to_ascii_lowercase())
+                }
                 _ => None,
             },
         }

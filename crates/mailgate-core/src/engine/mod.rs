@@ -223,10 +223,9 @@ pub struct SendAttempt {
     pub mailbox: Mailbox,
     /// SMTP `MAIL FROM` (for API doors: the From the door derives the envelope from).
     pub envelope_from: Option<String>,
-    /// Header From (address only).
-    pub header_from: Option<String>,
-    /// Header Sender (address only).
-    pub header_sender: Option<String>,
+    /// The header's From and Sender fields, every field and every address; `None` until the
+    /// message is known (SMTP before the end of DATA).
+    pub header: Option<Originator>,
     /// Every recipient (To, Cc, Bcc / RCPT TO); `None` until known.
     pub recipients: Option<Vec<String>>,
     /// Message size in bytes.
@@ -250,19 +249,19 @@ impl SendAttempt {
             credential,
             mailbox: Mailbox::Me,
             envelope_from: None,
-            header_from: None,
-            header_sender: None,
+            header: None,
             recipients: None,
             size: None,
             body: Body::Unknown,
         }
     }
 
-    /// Sets envelope sender and header From to the same address (API doors).
+    /// Sets envelope sender and header From to the same address (API doors): one From field
+    /// naming one address, no Sender.
     pub fn from(mut self, addr: impl Into<String>) -> Self {
         let a = addr.into();
         self.envelope_from = Some(a.clone());
-        self.header_from = Some(a);
+        self.header = Some(Originator::from_address(a));
         self
     }
 
@@ -277,6 +276,237 @@ impl SendAttempt {
         self.size = Some(size);
         self.body = Body::Valid;
         self
+    }
+}
+
+/// The originator fields of the message header (RFC 5322 §3.6.2) exactly as the door read
+/// them: one entry per field, in header order, each holding every address the field names
+/// (the members of a group flattened; an entry that names no address is kept as an empty
+/// string, so that it is refused rather than skipped).
+///
+/// RFC 5322 §3.6 allows exactly one From field and at most one Sender field, and a From that
+/// names several mailboxes requires a Sender naming one. The engine refuses any other shape
+/// (`message.invalid`, [`Originator::problem`]) and requires every address of a well-formed
+/// header to be one the principal may send as (`sender.*`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Originator {
+    /// Each From field's addresses.
+    pub from: Vec<Vec<String>>,
+    /// Each Sender field's addresses.
+    pub sender: Vec<Vec<String>>,
+}
+
+impl Originator {
+    /// One From field naming `addr`, no Sender (what the API doors build).
+    pub fn from_address(addr: impl Into<String>) -> Originator {
+        Originator {
+            from: vec![vec![addr.into()]],
+            sender: Vec::new(),
+        }
+    }
+
+    /// Every From address, over every field, in order.
+    pub fn from_addresses(&self) -> impl Iterator<Item = &str> {
+        self.from.iter().flatten().map(String::as_str)
+    }
+
+    /// Every Sender address, over every field, in order.
+    pub fn sender_addresses(&self) -> impl Iterator<Item = &str> {
+        self.sender.iter().flatten().map(String::as_str)
+    }
+
+    /// The From address when the header has one From field naming exactly one address.
+    pub fn single_from(&self) -> Option<&str> {
+        match self.from.as_slice() {
+            [one] => match one.as_slice() {
+                [a] => Some(a.as_str()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// The first thing wrong with the fields' shape (RFC 5322 §3.6), if any.
+    pub fn problem(&self) -> Option<OriginatorProblem> {
+        let bad_entry = |fields: &[Vec<String>], header| {
+            fields
+                .iter()
+                .flatten()
+                .find(|a| !plausible_address(a))
+                .map(|a| OriginatorProblem::NotAnAddress {
+                    header,
+                    value: shown(a),
+                })
+        };
+        match self.from.len() {
+            0 => return Some(OriginatorProblem::NoFrom),
+            1 => {}
+            n => return Some(OriginatorProblem::SeveralFrom { fields: n }),
+        }
+        if self.sender.len() > 1 {
+            return Some(OriginatorProblem::SeveralSender {
+                fields: self.sender.len(),
+            });
+        }
+        if let Some(p) = bad_entry(&self.from, "From").or_else(|| bad_entry(&self.sender, "Sender"))
+        {
+            return Some(p);
+        }
+        let from = self.from.first().map_or(0, Vec::len);
+        if from == 0 {
+            return Some(OriginatorProblem::EmptyFrom);
+        }
+        match self.sender.first().map(Vec::len) {
+            None if from > 1 => Some(OriginatorProblem::SenderRequired { addresses: from }),
+            Some(n) if n != 1 => Some(OriginatorProblem::SenderNotOneMailbox { addresses: n }),
+            _ => None,
+        }
+    }
+}
+
+/// At most 64 characters of a header value for a message (it may end up in an SMTP reply):
+/// anything but printable ASCII becomes `?`.
+fn shown(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    if s.chars().count() > 64 {
+        out.push_str("...");
+    }
+    out
+}
+
+/// Whether `s` has the shape of an addr-spec (`local@domain`) as a header parser returns it:
+/// no control characters, a non-empty local part that is quoted or has no whitespace and no
+/// specials (no second `@`), and a non-empty domain (a name, or an address literal in
+/// brackets).
+///
+/// It keeps out what a parser salvaged from a broken field (`a@x.com b@y.com`,
+/// `<a@x.com> b@y.com` read as one address) so that a mail client cannot show the reader an
+/// address the engine never checked.
+pub fn plausible_address(s: &str) -> bool {
+    if s.chars().any(char::is_control) {
+        return false;
+    }
+    let Some((local, domain)) = s.rsplit_once('@') else {
+        return false;
+    };
+    const SPECIALS: &[char] = &['@', '<', '>', '(', ')', '[', ']', ',', ';', ':', '\\', '"'];
+    let bare = |x: &str| !x.is_empty() && !x.contains(SPECIALS) && !x.contains(char::is_whitespace);
+    let quoted = local.len() >= 2 && local.starts_with('"') && local.ends_with('"');
+    let domain_ok = if domain.starts_with('[') && domain.ends_with(']') {
+        domain.len() > 2 && !domain[1..domain.len() - 1].contains(['[', ']', '\\', ' '])
+    } else {
+        bare(domain) && !domain.starts_with('.') && !domain.ends_with('.')
+    };
+    (quoted || bare(local)) && domain_ok
+}
+
+/// What is wrong with a header's originator fields (refused as `message.invalid`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "problem", rename_all = "snake_case")]
+pub enum OriginatorProblem {
+    /// No From field.
+    NoFrom,
+    /// Several From fields.
+    SeveralFrom {
+        /// How many.
+        fields: usize,
+    },
+    /// Several Sender fields.
+    SeveralSender {
+        /// How many.
+        fields: usize,
+    },
+    /// An entry of a From or Sender field that is not an address (a display name alone,
+    /// something a parser salvaged from a broken field).
+    NotAnAddress {
+        /// `From` or `Sender`.
+        header: &'static str,
+        /// The entry (at most 64 characters).
+        value: String,
+    },
+    /// The From field names no address (e.g. an empty group).
+    EmptyFrom,
+    /// The From field names several mailboxes and there is no Sender field.
+    SenderRequired {
+        /// How many mailboxes From names.
+        addresses: usize,
+    },
+    /// The Sender field names no mailbox or several.
+    SenderNotOneMailbox {
+        /// How many it names.
+        addresses: usize,
+    },
+}
+
+impl OriginatorProblem {
+    /// The header field at fault (`From` or `Sender`).
+    pub fn header(&self) -> &'static str {
+        match self {
+            OriginatorProblem::SeveralSender { .. }
+            | OriginatorProblem::SenderNotOneMailbox { .. } => "Sender",
+            OriginatorProblem::NotAnAddress { header, .. } => header,
+            _ => "From",
+        }
+    }
+
+    /// What is wrong, in the words of the Gmail door's `message` (`Invalid From header: ...`).
+    pub fn detail(&self) -> String {
+        format!("Invalid {} header: {}", self.header(), self.what())
+    }
+
+    /// What is wrong and what fixes it (`the message has 2 From header fields; RFC 5322
+    /// allows exactly one: remove ...`).
+    pub fn remedy(&self) -> String {
+        format!("{}: {}", self.what(), self.fix())
+    }
+
+    fn what(&self) -> String {
+        match self {
+            OriginatorProblem::NoFrom => {
+                "the message has no From header field; RFC 5322 requires exactly one".to_owned()
+            }
+            OriginatorProblem::SeveralFrom { fields } => {
+                format!("the message has {fields} From header fields; RFC 5322 allows exactly one")
+            }
+            OriginatorProblem::SeveralSender { fields } => format!(
+                "the message has {fields} Sender header fields; RFC 5322 allows at most one"
+            ),
+            OriginatorProblem::NotAnAddress { header, value } if value.is_empty() => {
+                format!("an entry of the {header} field names no address")
+            }
+            OriginatorProblem::NotAnAddress { header, value } => {
+                format!("`{value}` in the {header} field is not an address")
+            }
+            OriginatorProblem::EmptyFrom => "the From field names no address".to_owned(),
+            OriginatorProblem::SenderRequired { addresses } => format!(
+                "From names {addresses} mailboxes and there is no Sender field; RFC 5322 requires a Sender naming the one that sends"
+            ),
+            OriginatorProblem::SenderNotOneMailbox { addresses } => {
+                format!("the Sender field names {addresses} mailboxes; RFC 5322 allows exactly one")
+            }
+        }
+    }
+
+    fn fix(&self) -> String {
+        match self {
+            OriginatorProblem::NoFrom => "add one From header field naming the address you send as".to_owned(),
+            OriginatorProblem::SeveralFrom { .. } => "remove every From header field but one (one From field may name several authors, with a Sender field then)".to_owned(),
+            OriginatorProblem::SeveralSender { .. } => "remove every Sender header field but one".to_owned(),
+            OriginatorProblem::NotAnAddress { header, .. } => format!("write each entry of the {header} field as an address (local@domain, optionally `Name <local@domain>`), separated by commas"),
+            OriginatorProblem::EmptyFrom => "name the address you send as in the From field".to_owned(),
+            OriginatorProblem::SenderRequired { .. } => "add a Sender header field naming the one address that sends (one you may send as), or keep one address in From".to_owned(),
+            OriginatorProblem::SenderNotOneMailbox { .. } => "name exactly one address (one you may send as) in the Sender field".to_owned(),
+        }
     }
 }
 

@@ -6,7 +6,8 @@ use crate::catalogue::Reason;
 use crate::directory::*;
 use crate::engine::checks::CHECKS;
 use crate::engine::{
-    Body, Counters, Credential, CredentialState, Door, Mailbox, Outcome, SendAttempt, TlsVersion,
+    Body, Counters, Credential, CredentialState, Door, Mailbox, Originator, Outcome, SendAttempt,
+    TlsVersion,
 };
 
 use Outcome::{Fail, Hold, NotApplicable as Na, Pass, Pending};
@@ -66,6 +67,32 @@ fn api(door: Door) -> &'static str {
         Door::Sendgrid => SENDGRID_API,
         _ => "smtp",
     }
+}
+
+/// `local@domain`, nothing around it (the generator's malformed entries are a bare name, two
+/// addresses glued by a space, and a second `@`).
+fn looks_like_address(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('@').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| !p.is_empty())
+        && !s.contains(|c: char| c.is_whitespace() || "<>,;:\"()[]\\".contains(c))
+}
+
+/// RFC 5322 §3.6: one From field naming at least one address; at most one Sender field, naming
+/// exactly one; a Sender whenever From names several; every entry an address.
+fn well_formed(h: &Originator) -> bool {
+    h.from.len() == 1
+        && h.sender.len() <= 1
+        && h.from
+            .iter()
+            .chain(&h.sender)
+            .flatten()
+            .all(|x| looks_like_address(x))
+        && !h.from[0].is_empty()
+        && match h.sender.first() {
+            None => h.from[0].len() == 1,
+            Some(s) => s.len() == 1,
+        }
 }
 
 #[derive(PartialEq)]
@@ -249,15 +276,31 @@ pub(super) fn explain(
     let usage = counter_key.as_ref().map(|k| counters.usage(k, now));
     let nrcpt = a.recipients.as_ref().map_or(0, |r| r.len() as u64);
     let rewrite = dir.organisation.on_unowned_from == UnownedFrom::Rewrite;
-    let senders = [
-        a.envelope_from.as_deref().filter(|s| !s.is_empty()),
-        a.header_from.as_deref(),
-        a.header_sender.as_deref(),
-    ];
-    let no_sender = senders.iter().all(Option::is_none);
-    let accounts: Vec<&User> = user.into_iter().chain(mailbox.ok().flatten()).collect();
+    // The header counts only when its From/Sender fields are well-formed (else message.invalid).
+    let header = a.header.as_ref().filter(|h| well_formed(h));
+    let envelope = a.envelope_from.as_deref().filter(|s| !s.is_empty());
+    // (role, address): 0 envelope, 1 From, 2 Sender.
+    let mut senders: Vec<(u8, &str)> = envelope.into_iter().map(|e| (0, e)).collect();
+    if let Some(h) = header {
+        senders.extend(h.from.iter().flatten().map(|x| (1, x.as_str())));
+        senders.extend(h.sender.iter().flatten().map(|x| (2, x.as_str())));
+    }
+    let no_sender = senders.is_empty();
+    // Only a From naming one address is rewritten, and only for a user principal.
+    let rewritable =
+        |role: u8| role == 1 && rewrite && !relay && header.is_some_and(|h| h.from[0].len() == 1);
+    let mut accounts: Vec<&User> = user.into_iter().chain(mailbox.ok().flatten()).collect();
+    if relay && authed {
+        // The relay sends as every header address: their users' states count.
+        accounts.extend(
+            senders
+                .iter()
+                .filter(|(role, _)| *role > 0)
+                .filter_map(|(_, s)| user_by_address(dir, s)),
+        );
+    }
     let account = |bad: &dyn Fn(&User) -> bool| -> Outcome {
-        if user.is_none() {
+        if accounts.is_empty() {
             Na
         } else if accounts.iter().any(|u| bad(u)) {
             Fail
@@ -502,25 +545,29 @@ pub(super) fn explain(
                 } else if no_sender {
                     Pending
                 } else if relay {
-                    match senders[0] {
-                        None => Pending,
-                        Some(e) => {
-                            let ok = match dir.smtp_relay.allowed_senders {
-                                RelaySenders::Any => true,
-                                RelaySenders::RegisteredUsers => user_by_address(dir, e).is_some(),
-                                RelaySenders::DomainAddresses => org_domain_or_sub(dir, domain(e)),
-                            };
-                            if ok { Pass } else { Fail }
-                        }
+                    if envelope.is_none() {
+                        Pending
+                    } else {
+                        let ok =
+                            senders
+                                .iter()
+                                .all(|(_, e)| match dir.smtp_relay.allowed_senders {
+                                    RelaySenders::Any => true,
+                                    RelaySenders::RegisteredUsers => {
+                                        user_by_address(dir, e).is_some()
+                                    }
+                                    RelaySenders::DomainAddresses => {
+                                        org_domain_or_sub(dir, domain(e))
+                                    }
+                                });
+                        if ok { Pass } else { Fail }
                     }
                 } else {
                     match user {
                         None => Na,
                         Some(u) => {
-                            let bad = senders.iter().enumerate().any(|(i, s)| {
-                                s.is_some_and(|s| {
-                                    classify(dir, u, s) == Own::Unowned && !(i > 0 && rewrite)
-                                })
+                            let bad = senders.iter().any(|(role, s)| {
+                                classify(dir, u, s) == Own::Unowned && !rewritable(*role)
                             });
                             if bad { Fail } else { Pass }
                         }
@@ -535,10 +582,8 @@ pub(super) fn explain(
                         None => Na,
                         Some(_) if no_sender => Pending,
                         Some(u) => {
-                            let bad = senders.iter().enumerate().any(|(i, s)| {
-                                s.is_some_and(|s| {
-                                    classify(dir, u, s) == Own::Pending && !(i > 0 && rewrite)
-                                })
+                            let bad = senders.iter().any(|(role, s)| {
+                                classify(dir, u, s) == Own::Pending && !rewritable(*role)
                             });
                             if bad { Fail } else { Pass }
                         }
@@ -553,18 +598,9 @@ pub(super) fn explain(
                 } else if !relay && user.is_none() {
                     Na
                 } else {
-                    let bad = senders.iter().enumerate().any(|(i, s)| {
-                        let Some(s) = s else { return false };
-                        if relay && i > 0 {
-                            return false;
-                        }
+                    let bad = senders.iter().any(|(role, s)| {
                         let eff = match user {
-                            Some(u)
-                                if !relay
-                                    && i > 0
-                                    && rewrite
-                                    && classify(dir, u, s) != Own::Owned =>
-                            {
+                            Some(u) if rewritable(*role) && classify(dir, u, s) != Own::Owned => {
                                 u.email.as_str()
                             }
                             _ => s,
@@ -666,10 +702,17 @@ pub(super) fn explain(
                     LimitName::Concurrency,
                 ),
             },
-            Reason::MessageInvalid => match a.body {
-                Body::Unknown => Pending,
-                Body::Valid => Pass,
-                Body::Invalid { .. } => Fail,
+            Reason::MessageInvalid => match (&a.body, &a.header) {
+                (Body::Unknown, _) => Pending,
+                (Body::Invalid { .. }, _) => Fail,
+                (Body::Valid, None) => Pending,
+                (Body::Valid, Some(h)) => {
+                    if well_formed(h) {
+                        Pass
+                    } else {
+                        Fail
+                    }
+                }
             },
             Reason::MessageNoRecipients => match &a.recipients {
                 None => Pending,
