@@ -11,6 +11,9 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use mailgate_core::directory::{Directory, Kind};
 use mailgate_core::validate::Issue;
 
+pub mod redact;
+pub use redact::redact_login;
+
 /// A fault while producing credential material.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {

@@ -6,14 +6,13 @@
 //! * [`session`]: the sans-IO state machine on smtp-proto (bytes in, reply bytes out).
 //! * [`server`]: the tokio driver (accept loop, STARTTLS upgrade, idle timeout, connection cap).
 //! * [`sasl`]: AUTH decoding (PLAIN, LOGIN, XOAUTH2, OAUTHBEARER).
-//! * [`lockout`]: failed-AUTH lockout per login and per client IP.
+//! * The failed-AUTH lockout is the gateway's ([`mailgate_gateway::Gateway::lockout`]), shared
+//!   with the Gmail consent page.
 
-pub mod lockout;
 mod reply;
 pub mod sasl;
 pub mod server;
 pub mod session;
 
-pub use lockout::{Lockout, LockoutPolicy};
 pub use server::serve;
 pub use session::{Limits, Listener, Session, SmtpContext, Step};

@@ -32,8 +32,10 @@ use smtp_proto::request::receiver::{
 };
 use smtp_proto::{Error as ProtoError, Request};
 
-use crate::lockout::Lockout;
 use crate::reply;
+
+/// The reason code of an AUTH refused for now because the password pool is full.
+const SERVER_BUSY: &str = "server.busy";
 use crate::sasl::{self, Mechanism, SaslError};
 
 /// Which listener a session belongs to.
@@ -119,8 +121,6 @@ pub struct SmtpContext {
     pub gateway: Arc<Gateway>,
     /// OAuth tokens (XOAUTH2, OAUTHBEARER).
     pub tokens: Arc<dyn TokenStore>,
-    /// Failed-AUTH lockout.
-    pub lockout: Lockout,
     /// Name in the greeting and EHLO.
     pub hostname: String,
     /// Protocol limits.
@@ -770,10 +770,10 @@ impl Session {
     async fn auth_password(&mut self, login: String, password: String) -> Step {
         let now = Instant::now();
         let ip = self.peer.ip();
-        let cred = if self.ctx.lockout.is_locked(Some(&login), ip, now) {
+        let cred = if self.ctx.gateway.lockout().check(&login, ip, now).is_err() {
             Credential::Refused {
                 state: CredentialState::Locked,
-                presented: Some(login.clone()),
+                presented: Some(mailgate_auth::redact_login(&login).into_owned()),
             }
         } else if let Some(id) = mailgate_auth::api_key_id(&password) {
             let live = self.ctx.gateway.live();
@@ -794,12 +794,22 @@ impl Session {
                 },
             }
         } else {
-            self.password_credential(&login, password).await
+            match self.password_credential(&login, password).await {
+                Ok(c) => c,
+                Err(mailgate_gateway::budget::Busy) => return self.auth_busy(&login),
+            }
         };
         self.finish_auth(cred, Some(login), None).await
     }
 
-    async fn password_credential(&self, login: &str, password: String) -> Credential {
+    /// The user's password checked on the gateway's bounded password pool (argon2 is slow and
+    /// memory-hungry: never on the async workers). An unknown login, or one without a password,
+    /// is checked against a dummy hash, so that it takes as long as a known one.
+    async fn password_credential(
+        &self,
+        login: &str,
+        password: String,
+    ) -> Result<Credential, mailgate_gateway::budget::Busy> {
         let found = {
             let live = self.ctx.gateway.live();
             live.index.user_by_address(login).map(|u| {
@@ -807,23 +817,45 @@ impl Session {
                 (user.email.clone(), user.password_hash.clone())
             })
         };
-        let refused = Credential::Refused {
-            state: CredentialState::Invalid,
-            presented: Some(login.to_owned()),
-        };
-        let Some((primary, Some(hash))) = found else {
-            return refused;
-        };
-        // argon2 is deliberately slow: off the async workers.
-        let ok =
-            tokio::task::spawn_blocking(move || mailgate_auth::verify_password(&password, &hash))
-                .await
-                .unwrap_or(false);
-        if ok {
-            Credential::SmtpLogin { user: primary }
-        } else {
-            refused
+        let hash = found.as_ref().and_then(|(_, h)| h.clone());
+        let known = hash.is_some();
+        let ok = self
+            .ctx
+            .gateway
+            .budget()
+            .passwords()
+            .verify(hash, password)
+            .await?;
+        Ok(match found {
+            Some((primary, _)) if ok && known => Credential::SmtpLogin { user: primary },
+            _ => Credential::Refused {
+                state: CredentialState::Invalid,
+                presented: Some(mailgate_auth::redact_login(login).into_owned()),
+            },
+        })
+    }
+
+    /// The password pool is full: a temporary refusal (nothing was checked, nothing counted
+    /// against the login).
+    fn auth_busy(&mut self, login: &str) -> Step {
+        let budget = self.ctx.gateway.budget();
+        budget.count_refusal(self.listener.door_name(), SERVER_BUSY);
+        if budget.log_limited("smtp.auth_busy") {
+            tracing::warn!(
+                listener = self.listener.name(),
+                client = %self.peer.ip(),
+                login = %mailgate_auth::redact_login(login),
+                "AUTH refused for now: the password pool is full"
+            );
         }
+        self.reply(
+            454,
+            "4.7.0",
+            &format!(
+                "Temporary authentication failure [mailgate: {SERVER_BUSY}] Remedy: retry in a few seconds."
+            ),
+        );
+        Step::Continue
     }
 
     async fn auth_bearer(&mut self, mech: Mechanism, data: &[u8]) -> Step {
@@ -837,14 +869,19 @@ impl Session {
         };
         let ip = self.peer.ip();
         let login = (!b.user.is_empty()).then(|| b.user.clone());
+        let shown = login
+            .as_deref()
+            .map(|l| mailgate_auth::redact_login(l).into_owned());
         let cred = if self
             .ctx
-            .lockout
-            .is_locked(login.as_deref(), ip, Instant::now())
+            .gateway
+            .lockout()
+            .check(&b.user, ip, Instant::now())
+            .is_err()
         {
             Credential::Refused {
                 state: CredentialState::Locked,
-                presented: login.clone(),
+                presented: shown.clone(),
             }
         } else {
             let c = mailgate_gmail::credential_for_access_token(
@@ -857,14 +894,14 @@ impl Session {
             match c {
                 Credential::OauthUser { ref user, .. } if mismatch(user) => Credential::Refused {
                     state: CredentialState::Invalid,
-                    presented: login.clone(),
+                    presented: shown.clone(),
                 },
                 Credential::ServiceAccount {
                     subject: Some(ref s),
                     ..
                 } if mismatch(s) => Credential::Refused {
                     state: CredentialState::Invalid,
-                    presented: login.clone(),
+                    presented: shown.clone(),
                 },
                 c => c,
             }
@@ -913,6 +950,9 @@ impl Session {
             .as_ref()
             .and_then(|d| d.decision.denial().map(|x| (x, d.id.as_str())));
         let ip = self.peer.ip();
+        // The login as it may be logged: a secret typed into the login field is redacted.
+        let shown = mailgate_auth::redact_login(login.as_deref().unwrap_or("")).into_owned();
+        let lockout = self.ctx.gateway.lockout();
         match refusal {
             Some((denial, decision_id)) => {
                 let locked = matches!(
@@ -923,15 +963,13 @@ impl Session {
                     }
                 );
                 if !locked {
-                    self.ctx
-                        .lockout
-                        .failed(login.as_deref(), ip, Instant::now());
+                    lockout.failure(login.as_deref().unwrap_or(""), ip, Instant::now());
                 }
                 let line = reply::denial(denial, decision_id);
                 tracing::info!(
                     listener = self.listener.name(),
                     client = %ip,
-                    login = login.as_deref().unwrap_or(""),
+                    login = %shown,
                     code = denial.code.code(),
                     decision_id = %decision_id,
                     "AUTH refused"
@@ -948,13 +986,11 @@ impl Session {
                 }
             }
             None => {
-                if let Some(l) = &login {
-                    self.ctx.lockout.succeeded(l);
-                }
+                lockout.success(login.as_deref().unwrap_or(""), ip, Instant::now());
                 tracing::info!(
                     listener = self.listener.name(),
                     client = %ip,
-                    login = login.as_deref().unwrap_or(""),
+                    login = %shown,
                     "AUTH accepted"
                 );
                 self.credential = cred;
@@ -1200,7 +1236,7 @@ mod tests {
     use mailgate_store::{Changeset, SqliteStore, Store};
 
     use super::*;
-    use crate::lockout::LockoutPolicy;
+    use mailgate_gateway::lockout::LockoutPolicy;
 
     const KEY: &str = "SG.unit-key-0001.c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA";
 
@@ -1216,15 +1252,15 @@ mod tests {
             .commit(0, &Changeset::between(&Default::default(), &dir), "t")
             .await
             .unwrap();
+        let gateway = Gateway::open(store.clone()).await.unwrap();
+        gateway.lockout().set_policy(LockoutPolicy {
+            login_threshold: 3,
+            max_lock: Duration::from_secs(60),
+            ..LockoutPolicy::default()
+        });
         Arc::new(SmtpContext {
-            gateway: Gateway::open(store.clone()).await.unwrap(),
+            gateway,
             tokens: store,
-            lockout: Lockout::new(LockoutPolicy {
-                per_login: 3,
-                per_ip: 100,
-                window: Duration::from_secs(60),
-                max_entries: 100,
-            }),
             hostname: "mx.test".into(),
             limits: Limits::default(),
             auth_without_tls: false,

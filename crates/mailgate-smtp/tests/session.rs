@@ -12,7 +12,8 @@ use base64::engine::general_purpose::STANDARD;
 use mailgate_core::engine::TlsVersion;
 use mailgate_core::orgfile::OrgFile;
 use mailgate_gateway::Gateway;
-use mailgate_smtp::{Limits, Listener, Lockout, LockoutPolicy, Session, SmtpContext, Step};
+use mailgate_gateway::lockout::LockoutPolicy;
+use mailgate_smtp::{Limits, Listener, Session, SmtpContext, Step};
 use mailgate_store::{Changeset, SqliteStore, Store, TokenRecord, TokenStore};
 
 const ORG: &str = r#"
@@ -56,15 +57,14 @@ async fn setup(limits: Limits) -> T {
         .await
         .unwrap();
     let gateway = Gateway::open(store.clone()).await.unwrap();
+    gateway.lockout().set_policy(LockoutPolicy {
+        login_threshold: 3,
+        max_lock: Duration::from_secs(60),
+        ..LockoutPolicy::default()
+    });
     let ctx = Arc::new(SmtpContext {
         gateway,
         tokens: store.clone(),
-        lockout: Lockout::new(LockoutPolicy {
-            per_login: 3,
-            per_ip: 100,
-            window: Duration::from_secs(60),
-            max_entries: 1000,
-        }),
         hostname: "mx.test".into(),
         limits,
         auth_without_tls: false,
