@@ -109,8 +109,27 @@ impl Gateway {
 
     /// Same, with `extra_config` appended to the config file.
     pub fn serve_with(&self, extra_config: &str, extra_args: &[&str]) -> Server {
+        self.serve_wrapped(extra_config, extra_args, &[])
+    }
+
+    /// Same, started through `wrapper` (a command that execs the rest, such as
+    /// `prlimit --nofile=1024:1024 --`), so the server's process is still the child.
+    pub fn serve_wrapped(
+        &self,
+        extra_config: &str,
+        extra_args: &[&str],
+        wrapper: &[&str],
+    ) -> Server {
         let config = self.config(extra_config);
-        let mut child = Command::new(BIN)
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = cmd
             .arg("--config")
             .arg(&config)
             .arg("serve")
@@ -200,6 +219,47 @@ pub struct Server {
 }
 
 impl Server {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// A `kB` line of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in MB.
+    fn status_mb(&self, key: &str) -> f64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+
+    /// Resident memory now (MB).
+    pub fn rss_mb(&self) -> f64 {
+        self.status_mb("VmRSS:")
+    }
+
+    /// The most resident memory the server has had since it started (MB).
+    pub fn peak_rss_mb(&self) -> f64 {
+        self.status_mb("VmHWM:")
+    }
+
+    /// CPU time the server has used (user + system), from `/proc/<pid>/stat`.
+    pub fn cpu_time(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the command name (which is in parentheses and may hold spaces).
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+        let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+        Duration::from_millis(ticks * 10)
+    }
+
     /// Kills the server with SIGKILL (no chance to clean up) and waits for it to die.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

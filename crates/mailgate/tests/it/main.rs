@@ -11,6 +11,7 @@ mod directory;
 mod explain;
 mod gmail;
 mod harness;
+mod hostile;
 mod postfix;
 mod relay;
 mod sendgrid;

@@ -1,0 +1,310 @@
+//! HTTP listener budgets (issue 12 item 4), private files (item 15) and store faults in
+//! `/healthz` (item 17).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use super::{Probe, assert_budget, connect_from};
+use crate::harness::{Gateway, eventually, http_get};
+
+/// Opens `n` connections from `from` that send half a request head and never finish it.
+fn half_open(from: &str, to: &str, n: usize) -> Vec<TcpStream> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let Ok(mut s) = connect_from(from, to) else {
+            break;
+        };
+        let _ = s.write_all(b"POST /v3/api_keys HTTP/1.1\r\nHost: x\r\n");
+        v.push(s);
+    }
+    v
+}
+
+/// What the server answered on `s` (empty when it closed without a word), within `wait`.
+fn answer(s: &mut TcpStream, wait: Duration) -> String {
+    s.set_read_timeout(Some(wait)).ok();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Regression: ~1,000 connections that never finished their headers took every open file, and
+/// every listener (HTTP, SMTP submission, relay) stopped accepting. Now one address gets its
+/// per-IP share and then a JSON 503, the listener's total is capped below the open-file limit
+/// (the server runs with `ulimit -n 1024` here), silent connections are closed after the header
+/// timeout, and mail keeps flowing through the relay meanwhile.
+#[test]
+fn idle_connections_cannot_exhaust_the_listeners() {
+    let gw = Gateway::new();
+    let server = gw.serve_wrapped(
+        "[limits]\nheader_timeout_secs = 3\nhttp_max_connections_per_ip = 40\n",
+        &["--demo"],
+        &["prlimit", "--nofile=1024:1024", "--"],
+    );
+    let probe = Probe::relay(&server);
+    let started = Instant::now();
+    // One address: 40 admitted, the rest refused at once in JSON.
+    let mut held = half_open("127.0.0.2", &server.addr, 40);
+    assert_eq!(held.len(), 40);
+    let mut extra = connect_from("127.0.0.2", &server.addr).unwrap();
+    let refused = answer(&mut extra, Duration::from_secs(2));
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("application/json"), "{refused}");
+    assert!(
+        refused.contains("\"reason\":\"connection.limit\""),
+        "{refused}"
+    );
+    // Many addresses: 1,200 half-open connections in all, far more than 1,024 open files.
+    for i in 3..33 {
+        held.extend(half_open(&format!("127.0.0.{i}"), &server.addr, 40));
+    }
+    // A client that finishes its request still gets in somewhere, or is refused in JSON.
+    let (status, body) = http_get(&server.addr, "/healthz", None);
+    assert!(
+        status == 200 || (status == 503 && body.contains("connection.limit")),
+        "{status} {body}"
+    );
+    // Silent connections are closed after the header timeout (3 s here).
+    let mut closed = 0;
+    for s in held.iter_mut().take(50) {
+        let a = answer(s, Duration::from_secs(6));
+        // hyper answers a timed-out head with 408 or just closes.
+        assert!(a.is_empty() || a.starts_with("HTTP/1.1 408"), "{a}");
+        closed += 1;
+    }
+    assert_eq!(closed, 50);
+    assert!(started.elapsed() < Duration::from_secs(30));
+    drop(held);
+    assert!(
+        eventually(Duration::from_secs(10), || http_get(
+            &server.addr,
+            "/healthz",
+            None
+        )
+        .0 == 200),
+        "the HTTP listener did not recover"
+    );
+    let report = probe.finish();
+    assert_budget(&server, &report);
+    let (_, _, log) = server.stop();
+    assert!(!log.contains("Too many open files"), "{log}");
+}
+
+/// Regression: a client sending one byte of its request head every second held its connection
+/// forever. The head must be complete within the header timeout.
+#[test]
+fn slow_headers_are_cut_after_the_header_timeout() {
+    let gw = Gateway::new();
+    let server = gw.serve_with("[limits]\nheader_timeout_secs = 2\n", &["--demo"]);
+    let mut s = connect_from("127.0.0.2", &server.addr).unwrap();
+    let started = Instant::now();
+    let head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut cut = false;
+    for b in head {
+        if s.write_all(&[*b]).is_err() {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        if started.elapsed() > Duration::from_secs(8) {
+            break;
+        }
+    }
+    if !cut {
+        let a = answer(&mut s, Duration::from_secs(3));
+        cut = a.is_empty() || a.starts_with("HTTP/1.1 408");
+    }
+    assert!(cut, "the slow client was not cut off");
+    assert!(started.elapsed() < Duration::from_secs(8));
+}
+
+/// Regression: a connection that sent nothing after a response (or nothing at all) stayed open
+/// for ever; the idle timeout closes it.
+#[test]
+fn a_silent_connection_is_closed() {
+    let gw = Gateway::new();
+    let server = gw.serve_with("[limits]\nheader_timeout_secs = 2\n", &["--demo"]);
+    let mut s = connect_from("127.0.0.2", &server.addr).unwrap();
+    let started = Instant::now();
+    let a = answer(&mut s, Duration::from_secs(6));
+    assert!(a.is_empty() || a.starts_with("HTTP/1.1 408"), "{a}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// Regression: `mailgate.db`, `-wal` and `-shm` were created 0644 (message bodies, password
+/// hashes); `sa key create -o` wrote through an existing file (keeping its mode) and followed
+/// symlinks.
+#[test]
+fn database_and_keys_are_private_files() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let gw = Gateway::new();
+    let server = gw.serve(&["--demo"]);
+    // A send makes sure the write-ahead log exists.
+    super::sendgrid_send(&server.addr).unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&gw.data_dir()), 0o700);
+    for f in [
+        "mailgate.db",
+        "mailgate.db-wal",
+        "mailgate.db-shm",
+        "demo-credentials.txt",
+    ] {
+        let p = gw.data_dir().join(f);
+        assert!(p.exists(), "{f}");
+        assert_eq!(mode(&p), 0o600, "{f}");
+    }
+    drop(server);
+    // An existing world-readable file, and a symlink to another file.
+    let victim = gw.dir.path().join("victim.txt");
+    std::fs::write(&victim, "not a key").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let link = gw.dir.path().join("key-link.json");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    gw.ok(&[
+        "sa",
+        "key",
+        "create",
+        "mailer@acme-app.iam.example.com",
+        "-o",
+        link.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "not a key");
+    let meta = std::fs::symlink_metadata(&link).unwrap();
+    assert!(meta.is_file(), "the symlink was written through");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let existing = gw.dir.path().join("existing.json");
+    std::fs::write(&existing, "old").unwrap();
+    std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o644)).unwrap();
+    gw.ok(&[
+        "sa",
+        "key",
+        "create",
+        "mailer@acme-app.iam.example.com",
+        "-o",
+        existing.to_str().unwrap(),
+    ]);
+    assert_eq!(mode(&existing), 0o600);
+    assert!(
+        std::fs::read_to_string(&existing)
+            .unwrap()
+            .contains("private_key")
+    );
+}
+
+/// A small tmpfs mounted on a directory for the length of a test (root only, as the suite runs
+/// here and in CI): a disk that can really be filled.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, mb: u32) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mb}m,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "cannot mount a tmpfs on {} (the suite runs as root)",
+            dir.display()
+        );
+        Tmpfs(dir.to_owned())
+    }
+
+    fn free(&self) -> u64 {
+        let out = std::process::Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// One `POST /v3/mail/send` with an attachment of `bytes`: the status line and body.
+fn send_with_attachment(addr: &str, bytes: usize) -> String {
+    use base64::Engine as _;
+    let content = base64::engine::general_purpose::STANDARD.encode(vec![b'x'; bytes]);
+    let body = format!(
+        r#"{{"personalizations":[{{"to":[{{"email":"probe@example.org"}}]}}],"from":{{"email":"alice@example.com"}},"subject":"big","content":[{{"type":"text/plain","value":"x"}}],"attachments":[{{"content":"{content}","filename":"a.bin","type":"application/octet-stream"}}]}}"#
+    );
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    write!(
+        s,
+        "POST /v3/mail/send HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        super::DEMO_KEY,
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// Regression: with the disk full, the SendGrid door answered `500 internal server error` and
+/// `/healthz` still said `ok`. Now the send is a temporary refusal with the reason code
+/// (`503`, `Retry-After`, `store.unavailable`), `/healthz` says `degraded` with the cause, and
+/// both recover once there is room again. The data directory is a real 80 MB tmpfs, filled.
+#[test]
+fn a_full_disk_is_a_temporary_refusal_and_healthz_says_degraded() {
+    let gw = Gateway::new();
+    let disk = Tmpfs::mount(&gw.data_dir(), 80);
+    let server = gw.serve(&["--demo"]);
+    let (status, body) = http_get(&server.addr, "/healthz", None);
+    assert_eq!(status, 200, "{body}");
+    // Fill the disk but for 512 KiB.
+    let filler = gw.data_dir().join("filler");
+    let room = disk.free().saturating_sub(512 * 1024);
+    std::fs::write(&filler, vec![0u8; room as usize]).unwrap();
+    let (status, body) = http_get(&server.addr, "/healthz", None);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"status\":\"degraded\""), "{body}");
+    assert!(body.contains("MiB free"), "{body}");
+    // A 2 MB message cannot be written.
+    let answer = send_with_attachment(&server.addr, 2 * 1024 * 1024);
+    assert!(
+        answer.starts_with("HTTP/1.1 503"),
+        "{}",
+        &answer[..answer.len().min(600)]
+    );
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after:"),
+        "{answer}"
+    );
+    assert!(answer.contains("store.unavailable"), "{answer}");
+    let (status, body) = http_get(&server.addr, "/healthz", None);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("cannot write"), "{body}");
+    // Room again: sends succeed and health comes back.
+    std::fs::remove_file(&filler).unwrap();
+    super::sendgrid_send(&server.addr).unwrap();
+    let (status, body) = http_get(&server.addr, "/healthz", None);
+    assert_eq!(status, 200, "{body}");
+    drop(server);
+    drop(disk);
+}

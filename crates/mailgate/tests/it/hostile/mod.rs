@@ -1,0 +1,310 @@
+//! The hostile-client suite (issue 12): each test attacks a real `mailgate serve --demo` over
+//! loopback, without credentials unless the attack needs one, and asserts the defence: the right
+//! refusal in the door's dialect, nothing stored, the server's peak memory under
+//! [`MAX_RSS_MB`], and a legitimate client on another door (a [`Probe`]) keeping its p99 under
+//! [`MAX_P99_MS`] while the attack runs. Every loop is bounded in count and time.
+//!
+//! Attackers connect from 127.0.0.2 and up ([`connect_from`]); the probe sends from 127.0.0.1,
+//! the only address the demo's SendGrid key and relay allow, so per-IP caps are tested as they
+//! work: against the attacker's address, not the legitimate client's.
+//!
+//! These tests run on their own after the rest of the suite (`scripts/test`), one at a time, so
+//! the latency they measure is the attack's effect, not another test's.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::harness::Server;
+
+mod auth;
+mod gmail;
+mod http;
+mod sender;
+mod sendgrid;
+mod smtp;
+
+/// Peak resident memory the server may reach under any attack (issue 12).
+pub const MAX_RSS_MB: f64 = 300.0;
+/// The p99 a legitimate send keeps while an attack runs (issue 12).
+pub const MAX_P99_MS: f64 = 50.0;
+
+/// The demo's SendGrid key (owner alice@example.com, allowed from 127.0.0.1 only).
+pub const DEMO_KEY: &str = "SG.demo-billing-key-0001.DJXH7OHOGpdQJ17xxtetayePcNZlkiB3g__n1YR0zAE";
+/// The demo users' password.
+pub const DEMO_PASSWORD: &str = "correct horse battery staple";
+
+/// The demo admin token (from `demo-credentials.txt` in the data directory).
+pub fn admin_token(gw: &crate::harness::Gateway) -> String {
+    let creds = std::fs::read_to_string(gw.data_dir().join("demo-credentials.txt"))
+        .expect("demo credentials");
+    creds
+        .lines()
+        .find_map(|l| l.strip_prefix("admin_token = "))
+        .expect("admin token line")
+        .trim()
+        .to_owned()
+}
+
+/// A TCP connection to `to` from the loopback address `from` (127.0.0.2, ...), so a test can
+/// be "another client" to the per-IP limits.
+pub fn connect_from(from: &str, to: &str) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let to: SocketAddr = to.parse().map_err(std::io::Error::other)?;
+    let from: IpAddr = from.parse().map_err(std::io::Error::other)?;
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.bind(&SocketAddr::new(from, 0).into())?;
+    s.connect_timeout(&to.into(), Duration::from_secs(5))?;
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    Ok(s)
+}
+
+/// Bytes of the database and its write-ahead log (what a flood would grow).
+pub fn store_bytes(gw: &crate::harness::Gateway) -> u64 {
+    ["mailgate.db", "mailgate.db-wal"]
+        .iter()
+        .map(|f| {
+            std::fs::metadata(gw.data_dir().join(f))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// What a probe saw.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Sends answered with success.
+    pub sent: usize,
+    /// Sends refused or failed (with the first few answers).
+    pub failed: usize,
+    pub failures: Vec<String>,
+    /// Latency percentiles of the successful sends (ms).
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// A legitimate client sending in the background while an attack runs: one send every
+/// [`Probe::INTERVAL`], at most [`Probe::MAX_SENDS`], until [`Probe::finish`].
+pub struct Probe {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<(Vec<f64>, Vec<String>)>>,
+}
+
+impl Probe {
+    pub const INTERVAL: Duration = Duration::from_millis(25);
+    pub const MAX_SENDS: usize = 1200;
+
+    fn start(mut send: impl FnMut() -> Result<(), String> + Send + 'static) -> Probe {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut lat = Vec::new();
+            let mut failures = Vec::new();
+            for _ in 0..Self::MAX_SENDS {
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                let t = Instant::now();
+                match send() {
+                    Ok(()) => lat.push(t.elapsed().as_secs_f64() * 1000.0),
+                    Err(e) => failures.push(e),
+                }
+                std::thread::sleep(Self::INTERVAL);
+            }
+            (lat, failures)
+        });
+        // Let it take a few samples before the attack starts.
+        std::thread::sleep(Duration::from_millis(200));
+        Probe {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Sends through the SendGrid door (plain HTTP, the demo key) from 127.0.0.1.
+    pub fn sendgrid(server: &Server) -> Probe {
+        let addr = server.addr.clone();
+        Probe::start(move || sendgrid_send(&addr))
+    }
+
+    /// Sends through the SMTP relay listener (no AUTH: the demo allows 127.0.0.1) over one
+    /// connection kept open, one transaction per send.
+    pub fn relay(server: &Server) -> Probe {
+        let addr = server.smtp_relay.clone();
+        let mut conn: Option<SmtpConn> = None;
+        Probe::start(move || {
+            if conn.is_none() {
+                conn = Some(SmtpConn::open(&addr)?);
+            }
+            let c = conn.as_mut().ok_or("no connection")?;
+            let r = c.send_one();
+            if r.is_err() {
+                conn = None;
+            }
+            r
+        })
+    }
+
+    /// Stops the probe and reports.
+    pub fn finish(mut self) -> Report {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut lat, failures) = self
+            .thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        lat.sort_by(|a, b| a.total_cmp(b));
+        let pct = |p: f64| -> f64 {
+            if lat.is_empty() {
+                return f64::INFINITY;
+            }
+            let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+            lat[i]
+        };
+        Report {
+            sent: lat.len(),
+            failed: failures.len(),
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            max_ms: lat.last().copied().unwrap_or(f64::INFINITY),
+            failures: failures.into_iter().take(5).collect(),
+        }
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// One `POST /v3/mail/send` with the demo key; Ok on 202.
+pub fn sendgrid_send(addr: &str) -> Result<(), String> {
+    let body = r#"{"personalizations":[{"to":[{"email":"probe@example.org"}]}],"from":{"email":"alice@example.com"},"subject":"probe","content":[{"type":"text/plain","value":"a legitimate message"}]}"#;
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    // Long enough for a write that waits out SQLite's 10 s busy timeout (twice: a failed batch is replayed).
+    s.set_read_timeout(Some(Duration::from_secs(28))).ok();
+    s.set_nodelay(true).ok();
+    write!(
+        s,
+        "POST /v3/mail/send HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {DEMO_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).map_err(|e| format!("read: {e}"))?;
+    let status = String::from_utf8_lossy(&head);
+    if status.starts_with("HTTP/1.1 202") {
+        Ok(())
+    } else {
+        let mut rest = String::new();
+        let _ = s.read_to_string(&mut rest);
+        Err(format!(
+            "{status}{}",
+            rest.chars().take(300).collect::<String>()
+        ))
+    }
+}
+
+/// A plain SMTP client on the relay listener.
+pub struct SmtpConn {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl SmtpConn {
+    pub fn open(addr: &str) -> Result<SmtpConn, String> {
+        let s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        s.set_nodelay(true).ok();
+        let w = s.try_clone().map_err(|e| e.to_string())?;
+        let mut c = SmtpConn {
+            r: BufReader::new(s),
+            w,
+        };
+        c.expect("", "220")?;
+        c.expect("EHLO probe.example.com\r\n", "250")?;
+        Ok(c)
+    }
+
+    /// Reads one (multi-line) reply; returns its last line.
+    pub fn reply(&mut self) -> Result<String, String> {
+        loop {
+            let mut line = String::new();
+            let n = self
+                .r
+                .read_line(&mut line)
+                .map_err(|e| format!("read: {e}"))?;
+            if n == 0 {
+                return Err("connection closed".into());
+            }
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return Ok(line.trim_end().to_owned());
+            }
+        }
+    }
+
+    /// Sends `cmd` (may be empty) and checks the reply starts with `code`.
+    pub fn expect(&mut self, cmd: &str, code: &str) -> Result<String, String> {
+        if !cmd.is_empty() {
+            self.w
+                .write_all(cmd.as_bytes())
+                .map_err(|e| format!("write: {e}"))?;
+        }
+        let r = self.reply()?;
+        if r.starts_with(code) {
+            Ok(r)
+        } else {
+            Err(format!("{} -> {r}", cmd.trim_end()))
+        }
+    }
+
+    /// One message from alice@example.com; Ok on 250 after DATA.
+    pub fn send_one(&mut self) -> Result<(), String> {
+        self.expect("MAIL FROM:<alice@example.com>\r\n", "250")?;
+        self.expect("RCPT TO:<probe@example.org>\r\n", "250")?;
+        self.expect("DATA\r\n", "354")?;
+        self.expect(
+            "From: alice@example.com\r\nTo: probe@example.org\r\nSubject: probe\r\n\r\na legitimate message\r\n.\r\n",
+            "250",
+        )?;
+        Ok(())
+    }
+}
+
+/// The issue's bounds: peak RSS under [`MAX_RSS_MB`]; the probe sent enough, failed none, and
+/// kept its p99 under [`MAX_P99_MS`].
+pub fn assert_budget(server: &Server, report: &Report) {
+    let peak = server.peak_rss_mb();
+    eprintln!(
+        "budget: peak RSS {peak:.0} MB; probe sent {} failed {} p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
+        report.sent, report.failed, report.p50_ms, report.p99_ms, report.max_ms
+    );
+    assert!(
+        peak > 0.0 && peak < MAX_RSS_MB,
+        "server peak RSS {peak:.0} MB (bound {MAX_RSS_MB} MB)"
+    );
+    assert!(
+        report.sent >= 10,
+        "the legitimate probe sent only {} messages: {:?}",
+        report.sent,
+        report.failures
+    );
+    assert_eq!(
+        report.failed, 0,
+        "legitimate sends failed during the attack: {:?}",
+        report.failures
+    );
+    assert!(
+        report.p99_ms < MAX_P99_MS,
+        "legitimate send p99 {:.1} ms during the attack (bound {MAX_P99_MS} ms)",
+        report.p99_ms
+    );
+}
