@@ -840,9 +840,10 @@ async fn send(st: &GmailState, mut attempt: SendAttempt, raw: Result<Vec<u8>, St
         originator.from.extend(add_from.clone().map(|a| vec![a]));
     }
     let from = originator
-        .from_addresses()
-        .find(|a| !a.is_empty())
-        .map(str::to_owned);
+        .problem()
+        .is_none()
+        .then(|| originator.from_addresses().next().map(str::to_owned))
+        .flatten();
     attempt.envelope_from.clone_from(&from);
     attempt.header = Some(originator);
     attempt.recipients = Some(parsed.recipients.clone());
@@ -961,3 +962,6 @@ mod tests {
         assert!(p.problem.is_none());
     }
 }
+    // The envelope follows the From, when the header's From and Sender fields are well-formed
+    // (else `message.invalid` refuses the message, and a From that is not checked must not
+    // stand in for the envelope either).
