@@ -17,8 +17,8 @@
 //!   it: see [`LockoutPolicy`].
 //! * **Bounded memory that never forgets an active lock**: at most `max_entries` entries (logins
 //!   are kept as a keyed 64-bit hash, so an entry is a few dozen bytes whatever the login's
-//!   length). When the table is full, only entries that are not locked are evicted, forgotten
-//!   ones first, then the oldest. If every entry is an active lock, a failure that would need a
+//!   length). When the table is full, only entries that are not locked are evicted: forgotten
+//!   ones first, then those that never reached a lock, then the oldest. If every entry is an active lock, a failure that would need a
 //!   new entry is not recorded as a count but locks its whole network "by pressure" (a small
 //!   fixed-size side table keyed by network hash): the gateway fails closed for new attackers,
 //!   never open.
@@ -337,18 +337,19 @@ fn make_room(t: &mut Table, now: Instant) -> bool {
     t.entries
         .retain(|_, e| e.locked(now) || e.forget_at(forget_after) > now);
     // Then the oldest entries that are not locked, down to 90 % of the cap (so that the sort is
-    // paid once per tenth of the table, not once per failure).
+    // paid once per tenth of the table, not once per failure); entries that never reached a lock
+    // go first, so that a flood of new keys does not easily reset a pair's back-off.
     let target = cap - cap / 10;
     if t.entries.len() >= cap || t.entries.len() > target {
-        let mut unlocked: Vec<(Instant, Key)> = t
+        let mut unlocked: Vec<(bool, Instant, Key)> = t
             .entries
             .iter()
             .filter(|(_, e)| !e.locked(now))
-            .map(|(k, e)| (e.last, *k))
+            .map(|(k, e)| (e.locked_until.is_some(), e.last, *k))
             .collect();
-        unlocked.sort_unstable_by_key(|(last, _)| *last);
+        unlocked.sort_unstable_by_key(|(was_locked, last, _)| (*was_locked, *last));
         let excess = t.entries.len().saturating_sub(target);
-        for (_, k) in unlocked.into_iter().take(excess) {
+        for (_, _, k) in unlocked.into_iter().take(excess) {
             t.entries.remove(&k);
         }
     }
@@ -521,6 +522,7 @@ mod tests {
             }
         }
         assert!(l.len() <= 20_000, "bounded: {}", l.len());
+        assert!(l.len() > 10_000, "the table filled and was evicted from");
         let end = t + Duration::from_millis(5_100);
         for i in 0..5_100u32 {
             assert!(
