@@ -350,16 +350,16 @@ impl Gateway {
             // while) and logged at a limited rate.
             let code = decision.denial().map_or("allowed", |d| d.code.code());
             self.budget.count_refusal(door, code);
-            if self.budget.log_limited("unauthenticated refusal") {
-                if let Some(d) = decision.denial() {
-                    tracing::info!(
-                        decision_id = %id,
-                        door,
-                        code = d.code.code(),
-                        object = %d.object_at_fault,
-                        "send refused before authentication (not stored; rate-limited log)"
-                    );
-                }
+            if let Some(d) = decision.denial()
+                && self.budget.log_limited("unauthenticated refusal")
+            {
+                tracing::info!(
+                    decision_id = %id,
+                    door,
+                    code = d.code.code(),
+                    object = %d.object_at_fault,
+                    "send refused before authentication (not stored; rate-limited log)"
+                );
             }
             self.remember_unauthenticated(record);
             return Ok(Decided { decision, id });

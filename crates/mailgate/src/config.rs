@@ -49,9 +49,36 @@ struct RawLimits {
     password_queue: Option<usize>,
     refusal_log_per_second: Option<u32>,
     unauthenticated_decisions_kept: Option<usize>,
+    lockout_login_failures: Option<u32>,
+    lockout_network_failures: Option<u32>,
+    lockout_max_secs: Option<u64>,
 }
 
 impl RawLimits {
+    /// The failed-AUTH back-off (`limits.lockout_*`).
+    fn lockout(&self) -> anyhow::Result<mailgate_gateway::lockout::LockoutPolicy> {
+        let mut p = mailgate_gateway::lockout::LockoutPolicy::default();
+        if let Some(n) = self.lockout_login_failures {
+            if n == 0 {
+                bail!("limits.lockout_login_failures must be at least 1");
+            }
+            p.login_threshold = n;
+        }
+        if let Some(n) = self.lockout_network_failures {
+            if n == 0 {
+                bail!("limits.lockout_network_failures must be at least 1");
+            }
+            p.network_threshold = n;
+        }
+        if let Some(s) = self.lockout_max_secs {
+            if s == 0 {
+                bail!("limits.lockout_max_secs must be at least 1");
+            }
+            p.max_lock = std::time::Duration::from_secs(s);
+        }
+        Ok(p)
+    }
+
     fn resolve(self) -> anyhow::Result<mailgate_gateway::budget::Limits> {
         use std::time::Duration;
         let d = mailgate_gateway::budget::Limits::default();
@@ -217,6 +244,8 @@ pub struct Config {
     pub retention_messages_days: u64,
     /// Resource budgets (`[limits]`).
     pub limits: mailgate_gateway::budget::Limits,
+    /// Failed-AUTH back-off (`[limits] lockout_*`).
+    pub lockout: mailgate_gateway::lockout::LockoutPolicy,
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -288,6 +317,7 @@ impl Config {
                 .retention
                 .messages_days
                 .unwrap_or(DEFAULT_RETENTION_DAYS),
+            lockout: raw.limits.lockout()?,
             limits: raw.limits.resolve()?,
         })
     }
@@ -400,6 +430,9 @@ mod tests {
             "limits.password_queue",
             "limits.refusal_log_per_second",
             "limits.unauthenticated_decisions_kept",
+            "limits.lockout_login_failures",
+            "limits.lockout_network_failures",
+            "limits.lockout_max_secs",
         ] {
             assert!(
                 doc.contains(&format!("`{key}`")),

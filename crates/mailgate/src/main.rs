@@ -601,6 +601,7 @@ async fn serve(config: Config, store: Arc<SqliteStore>, demo: bool) -> anyhow::R
     let queue: Arc<dyn mailgate_store::QueueStore> = store.clone();
     let limits = files::fit_open_files(&config.limits);
     let gateway = mailgate_gateway::Gateway::open_with_limits(store, limits).await?;
+    gateway.lockout().set_policy(config.lockout);
     let _relay = relay_setup::spawn(&config.relay, demo, &gateway, queue.clone())?;
     let mut token_urls = vec![format!("{}/token", config.public_url)];
     if tls.is_some() {

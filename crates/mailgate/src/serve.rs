@@ -45,6 +45,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/mailgate/v1/users/{email}", get(get_user))
         .route("/mailgate/v1/explain", post(post_explain))
         .route("/mailgate/v1/decisions/{id}", get(get_decision))
+        .route("/mailgate/v1/budget", get(get_budget))
         .route(
             "/mailgate/v1/messages",
             get(crate::queue_api::list_messages),
@@ -207,6 +208,28 @@ async fn post_explain(
             api_error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
         }
     }
+}
+
+/// What the budgets refused and hold now: refusals before authentication by door and reason
+/// (counted, not stored), bytes of bodies buffered, password checks run.
+async fn get_budget(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(r) = admin(&state, &headers).await {
+        return r;
+    }
+    let b = state.gateway.budget();
+    let refusals: Vec<_> = b
+        .refusal_counts()
+        .into_iter()
+        .map(|(door, code, count)| json!({"door": door, "code": code, "count": count}))
+        .collect();
+    Json(json!({
+        "unauthenticated_refusals": refusals,
+        "data_memory": {"used_bytes": b.data_memory().used(), "max_bytes": b.data_memory().max()},
+        "password_checks": b.passwords().checks(),
+        "http_connections_refused": crate::listen::REFUSED_CONNECTIONS.load(std::sync::atomic::Ordering::Relaxed),
+        "tls_handshakes_refused": crate::listen::REFUSED_HANDSHAKES.load(std::sync::atomic::Ordering::Relaxed),
+    }))
+    .into_response()
 }
 
 async fn get_decision(

@@ -308,3 +308,89 @@ fn a_full_disk_is_a_temporary_refusal_and_healthz_says_degraded() {
     drop(server);
     drop(disk);
 }
+
+/// Rows in a table of the server's database (read with Python's sqlite3 beside the server).
+fn rows(gw: &Gateway, table: &str) -> u64 {
+    let db = gw.data_dir().join("mailgate.db");
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import sqlite3;print(sqlite3.connect({:?}).execute('SELECT count(*) FROM {table}').fetchone()[0])",
+                db.to_str().unwrap()
+            ),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// Regression: every refusal before authentication stored a decision (~1 KB) and logged a line,
+/// so anyone could fill the disk. Now such refusals are counted (`GET /mailgate/v1/budget`) and
+/// kept in memory only (their decision id still resolves), and nothing is written.
+#[test]
+fn refusals_before_authentication_are_counted_not_stored() {
+    let gw = Gateway::new();
+    let server = gw.serve(&["--demo"]);
+    let admin = super::admin_token(&gw);
+    // Let the demo's own writes settle.
+    std::thread::sleep(Duration::from_millis(300));
+    let before = rows(&gw, "decisions");
+    let mut last_id = String::new();
+    let body = r#"{"personalizations":[{"to":[{"email":"x@example.org"}]}],"from":{"email":"alice@example.com"},"subject":"s","content":[{"type":"text/plain","value":"x"}]}"#;
+    for i in 0..300 {
+        let mut s = TcpStream::connect(&server.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        let key = if i % 2 == 0 {
+            "SG.nope-0001.bm9wZQ"
+        } else {
+            "garbage"
+        };
+        write!(
+            s,
+            "POST /v3/mail/send HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 401"), "{out}");
+        if let Some(id) = out
+            .lines()
+            .find_map(|l| l.strip_prefix("x-mailgate-decision: "))
+        {
+            last_id = id.trim().to_owned();
+        }
+    }
+    assert!(!last_id.is_empty(), "no decision id on the refusals");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        rows(&gw, "decisions"),
+        before,
+        "unauthenticated refusals were stored"
+    );
+    // The explanation is still there, by id.
+    let (status, d) = http_get(
+        &server.addr,
+        &format!("/mailgate/v1/decisions/{last_id}"),
+        Some(&admin),
+    );
+    assert_eq!(status, 200, "{d}");
+    assert!(d.contains("auth.invalid"), "{d}");
+    // And counted.
+    let (status, b) = http_get(&server.addr, "/mailgate/v1/budget", Some(&admin));
+    assert_eq!(status, 200, "{b}");
+    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    let counted: u64 = v["unauthenticated_refusals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["door"] == "sendgrid")
+        .map(|r| r["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, 300, "{b}");
+    // The log holds a few lines, not 300.
+    let (_, _, log) = server.stop();
+    let lines = log.matches("before authentication").count();
+    assert!(lines < 60, "{lines} log lines for 300 refusals");
+}
