@@ -394,3 +394,33 @@ fn refusals_before_authentication_are_counted_not_stored() {
     let lines = log.matches("before authentication").count();
     assert!(lines < 60, "{lines} log lines for 300 refusals");
 }
+
+/// Regression: a refusal on an implicit-TLS port must come after the handshake, in the protocol
+/// the client speaks (here HTTP inside TLS), never as cleartext on a TLS port.
+#[test]
+fn https_refusal_comes_after_the_tls_handshake() {
+    let gw = Gateway::new();
+    let server = gw.serve_with("[limits]\nhttp_max_connections_per_ip = 5\n", &["--demo"]);
+    // Five plain TCP connections from 127.0.0.2 take that address's slots (no handshake yet).
+    let held: Vec<_> = (0..5)
+        .map(|_| connect_from("127.0.0.2", &server.https).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let script = format!(
+        "import socket,ssl\nh,p={:?}.rsplit(':',1)\ns=socket.create_connection((h,int(p)),timeout=10,source_address=('127.0.0.2',0))\nc=ssl.create_default_context();c.check_hostname=False;c.verify_mode=ssl.CERT_NONE\nt=c.wrap_socket(s)\nprint(t.version())\nb=b''\nwhile True:\n  d=t.recv(4096)\n  if not d: break\n  b+=d\nprint(b.decode())\n",
+        server.https
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("TLSv1.3") || text.starts_with("TLSv1.2"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("HTTP/1.1 503"), "{text}");
+    assert!(text.contains("connection.limit"), "{text}");
+    drop(held);
+}
