@@ -363,4 +363,23 @@ mod tests {
         );
         assert_eq!(full_scope("mail.google.com"), "https://mail.google.com/");
     }
+
+    /// `header_from` takes one address (as before) or a list (a From naming several).
+    #[test]
+    fn header_from_is_one_address_or_a_list() {
+        let one: ExplainRequest =
+            serde_json::from_str(r#"{"as": "alice@example.com", "header_from": "a@x.com"}"#)
+                .unwrap();
+        assert_eq!(one.header_from, vec!["a@x.com"]);
+        let many: ExplainRequest = serde_json::from_str(
+            r#"{"header_from": ["a@x.com", "b@x.com"], "header_sender": "a@x.com"}"#,
+        )
+        .unwrap();
+        assert_eq!(many.header_from, vec!["a@x.com", "b@x.com"]);
+        assert_eq!(many.header_sender.as_deref(), Some("a@x.com"));
+        let none: ExplainRequest = serde_json::from_str(r#"{"header_from": null}"#).unwrap();
+        assert!(none.header_from.is_empty());
+        let default: ExplainRequest = serde_json::from_str("{}").unwrap();
+        assert!(default.header_from.is_empty());
+    }
 }
