@@ -109,10 +109,17 @@ YAML
   ADMIN=$($MG --config "$WORK/mailgate.toml" admin-token create bench 2>/dev/null)
   # A user access token through the authorization-code flow (the demo client has a secret).
   local loc code
-  loc=$(curl -s -o /dev/null -w '%{redirect_url}' -X POST "http://127.0.0.1:$HTTP_PORT/o/oauth2/auth" \
+  # The sign-in form carries an anti-CSRF token bound to a cookie: fetch the page first.
+  local page csrf
+  page=$(curl -s -c "$WORK/consent.cookies" -G "http://127.0.0.1:$HTTP_PORT/o/oauth2/auth" \
+    --data-urlencode client_id=demo-web-client --data-urlencode redirect_uri=http://127.0.0.1:8765/callback \
+    --data-urlencode response_type=code --data-urlencode scope=https://www.googleapis.com/auth/gmail.send)
+  csrf=$(printf '%s' "$page" | sed -n 's/.*name="csrf_token" value="\([^"]*\)".*/\1/p')
+  loc=$(curl -s -b "$WORK/consent.cookies" -o /dev/null -w '%{redirect_url}' -X POST "http://127.0.0.1:$HTTP_PORT/o/oauth2/auth" \
     --data-urlencode client_id=demo-web-client --data-urlencode redirect_uri=http://127.0.0.1:8765/callback \
     --data-urlencode response_type=code --data-urlencode scope=https://www.googleapis.com/auth/gmail.send \
-    --data-urlencode email=alice@example.com --data-urlencode "password=correct horse battery staple")
+    --data-urlencode email=alice@example.com --data-urlencode "password=correct horse battery staple" \
+    --data-urlencode "csrf_token=$csrf")
   code=$(python3 -c "import sys,urllib.parse as u; print(u.parse_qs(u.urlparse(sys.argv[1]).query)['code'][0])" "$loc")
   TOKEN=$(curl -s "http://127.0.0.1:$HTTP_PORT/token" -d grant_type=authorization_code --data-urlencode "code=$code" \
     -d redirect_uri=http://127.0.0.1:8765/callback -d client_id=demo-web-client -d client_secret=demo-client-secret |

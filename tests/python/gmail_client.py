@@ -36,12 +36,14 @@ def user_token(endpoint, a):
         "scope": " ".join(a["scopes"]), "state": "xyz", "code_challenge": challenge,
         "code_challenge_method": "S256",
     }
-    page = requests.get(endpoint + "/o/oauth2/auth", params=params, timeout=10)
+    browser = requests.Session()  # keeps the sign-in page's anti-CSRF cookie, as a browser does
+    page = browser.get(endpoint + "/o/oauth2/auth", params=params, timeout=10)
     assert page.status_code == 200, page.text
     for s in a["scopes"]:
         assert s in page.text, "consent page does not list " + s
-    form = dict(params, email=a["user"], password=a["password"])
-    r = requests.post(endpoint + "/o/oauth2/auth", data=form, allow_redirects=False, timeout=10)
+    csrf = page.text.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+    form = dict(params, email=a["user"], password=a["password"], csrf_token=csrf)
+    r = browser.post(endpoint + "/o/oauth2/auth", data=form, allow_redirects=False, timeout=10)
     assert r.status_code in (302, 303, 307), (r.status_code, r.text)
     q = urllib.parse.parse_qs(urllib.parse.urlparse(r.headers["Location"]).query)
     assert q["state"] == ["xyz"]

@@ -67,6 +67,15 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 
+/// HMAC-SHA-256 of `data` under `key` (anti-forgery tokens bound to a per-process key).
+pub fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let k = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key);
+    let tag = aws_lc_rs::hmac::sign(&k, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(tag.as_ref());
+    out
+}
+
 /// A new API key in SendGrid's shape: `SG.<22-char id>.<43-char secret>`. Returns (id, full key).
 pub fn new_api_key() -> Result<(String, String), AuthError> {
     let id = random_token::<16>()?;
@@ -154,9 +163,23 @@ pub fn prepare_secrets(
             }
         }
     }
+    // OAuth client secrets are chosen by operators (not generated), so they get the password
+    // hash; a plain secret that still matches the stored hash keeps it (re-applying the same
+    // file changes nothing). An older `secret_sha256` is replaced once the plain secret is
+    // applied again, and left as it is otherwise (still verified, in constant time).
     for c in &mut incoming.oauth_clients {
         if let Some(plain) = c.secret.take() {
-            c.secret_sha256 = Some(sha256_hex(plain.expose().as_bytes()));
+            let kept = current
+                .oauth_clients
+                .iter()
+                .find(|o| o.client_id == c.client_id)
+                .and_then(|o| o.secret_hash.clone())
+                .filter(|h| verify_password(plain.expose(), h));
+            c.secret_hash = Some(match kept {
+                Some(h) => h,
+                None => hash_password(plain.expose())?,
+            });
+            c.secret_sha256 = None;
         }
     }
     for d in &mut incoming.domains {
@@ -231,6 +254,53 @@ mod tests {
         assert_eq!(
             second.users[0].password_hash.as_deref(),
             Some(hash.as_str())
+        );
+    }
+
+    #[test]
+    fn client_secrets_are_argon2id_and_kept_when_unchanged() {
+        use mailgate_core::directory::OAuthClient;
+        let client = |secret: &str| OAuthClient {
+            client_id: "web".into(),
+            name: None,
+            secret: Some(Secret::new(secret)),
+            secret_hash: None,
+            secret_sha256: Some(sha256_hex(b"old")),
+            project: "p".into(),
+            redirect_uris: vec![],
+            disabled: false,
+        };
+        let mut file = Directory::default();
+        file.oauth_clients.push(client("s3cret"));
+        prepare_secrets(&mut file, &Directory::default()).unwrap();
+        let c = &file.oauth_clients[0];
+        let h = c.secret_hash.clone().unwrap();
+        assert!(h.starts_with("$argon2id$"), "{h}");
+        assert!(verify_password("s3cret", &h));
+        assert_eq!(c.secret_sha256, None, "the SHA-256 is replaced");
+        assert!(c.secret.is_none());
+        // Same secret again: same hash. Another secret: a new hash.
+        let mut again = Directory::default();
+        again.oauth_clients.push(client("s3cret"));
+        prepare_secrets(&mut again, &file).unwrap();
+        assert_eq!(
+            again.oauth_clients[0].secret_hash.as_deref(),
+            Some(h.as_str())
+        );
+        let mut other = Directory::default();
+        other.oauth_clients.push(client("changed"));
+        prepare_secrets(&mut other, &file).unwrap();
+        assert_ne!(
+            other.oauth_clients[0].secret_hash.as_deref(),
+            Some(h.as_str())
+        );
+    }
+
+    #[test]
+    fn hmac_matches_rfc_4231_case_2() {
+        assert_eq!(
+            hex::encode(hmac_sha256(b"Jefe", b"what do ya want for nothing?")),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
     }
 

@@ -104,6 +104,7 @@ fn directory() -> Directory {
             name: None,
             secret: None,
             secret_sha256: None,
+            secret_hash: None,
             project: format!("proj{}", c % 5),
             redirect_uris: vec![],
             disabled: false,

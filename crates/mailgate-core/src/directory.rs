@@ -418,7 +418,11 @@ pub struct OAuthClient {
     /// Plain client secret, only in files being applied.
     #[serde(default, skip_serializing)]
     pub secret: Option<Secret>,
-    /// SHA-256 (hex) of the client secret.
+    /// Argon2id hash (PHC string) of the client secret: what `apply` stores for a plain `secret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_hash: Option<String>,
+    /// SHA-256 (hex) of the client secret: how secrets were stored before argon2id; still
+    /// accepted (a file may carry it), replaced when the plain secret is applied again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_sha256: Option<String>,
     /// Project the client belongs to.

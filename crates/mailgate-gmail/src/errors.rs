@@ -243,3 +243,55 @@ pub(crate) fn reason_response(
         None => simple(403, "PERMISSION_DENIED", "forbidden", remedy),
     }
 }
+
+/// Seconds a client is told to wait after a store fault (`Retry-After`).
+pub(crate) const STORE_RETRY_AFTER_SECS: u64 = 5;
+
+/// The reason code of a store fault.
+pub(crate) const STORE_UNAVAILABLE: &str = "store.unavailable";
+
+/// A store fault: a temporary refusal, 503 `UNAVAILABLE` as Google answers when its backend is
+/// down, with `Retry-After` and Mailgate's reason (`store.unavailable`), so clients retry
+/// instead of giving up.
+pub(crate) fn unavailable() -> Response {
+    let reason = Reason::StoreUnavailable;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(STORE_RETRY_AFTER_SECS),
+    );
+    match reason.gmail_reply(&RenderArgs::default()) {
+        Some(reply) => google_error(
+            &reply,
+            "",
+            Some(Explanation {
+                code: reason.code(),
+                check: reason.spec().stage.as_str(),
+                object_at_fault: "store".into(),
+                remedy: reason.spec().remedy,
+                decision_id: None,
+            }),
+            headers,
+        ),
+        None => {
+            let mut r = simple(
+                503,
+                "UNAVAILABLE",
+                "backendError",
+                "The service is currently unavailable.",
+            );
+            r.headers_mut().extend(headers);
+            r
+        }
+    }
+}
+
+/// A request body larger than the route allows: 413, Google's shape.
+pub(crate) fn too_large() -> Response {
+    simple(
+        413,
+        "INVALID_ARGUMENT",
+        "uploadTooLarge",
+        "Request Entity Too Large",
+    )
+}

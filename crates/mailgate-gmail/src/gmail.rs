@@ -8,9 +8,10 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::body::Bytes;
+use axum::body::Body as RequestBody;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -23,7 +24,9 @@ use mailgate_gateway::{Accepted, Message};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::errors::{denial_response, invalid_argument, reason_response, simple};
+use crate::errors::{
+    denial_response, invalid_argument, reason_response, simple, too_large, unavailable,
+};
 use crate::{ConnFacts, GmailState};
 
 /// Scopes that may read the profile and send-as settings (discovery: getProfile, sendAs.list).
@@ -52,8 +55,35 @@ pub(crate) struct CommonParams {
     upload_id: Option<String>,
 }
 
+/// The longest `userId` path parameter: an address is at most 254 characters (RFC 5321's path
+/// limit), and `me` is shorter. Longer ones are refused before anything else (400), so a request
+/// cannot make the door keep or copy an absurd path parameter.
+pub(crate) const MAX_USER_ID_BYTES: usize = 254;
+
+/// The request's `userId`, credential and connection facts as a `SendAttempt`: the first step of
+/// every Gmail route. A store fault while resolving the token is a 503.
+async fn prepare(
+    st: &GmailState,
+    conn: &ConnFacts,
+    headers: &HeaderMap,
+    q: &CommonParams,
+    user_id: &str,
+) -> Result<SendAttempt, Response> {
+    if user_id.len() > MAX_USER_ID_BYTES || user_id.is_empty() {
+        return Err(invalid_argument(&format!(
+            "Invalid userId: at most {MAX_USER_ID_BYTES} characters (an email address or `me`)"
+        )));
+    }
+    let cred = credential(st, headers, q).await?;
+    Ok(base_attempt(conn, cred, user_id, headers))
+}
+
 /// The credential presented: bearer header, `access_token` parameter, or an API `key`.
-async fn credential(st: &GmailState, headers: &HeaderMap, q: &CommonParams) -> Credential {
+async fn credential(
+    st: &GmailState,
+    headers: &HeaderMap,
+    q: &CommonParams,
+) -> Result<Credential, Response> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -66,16 +96,19 @@ async fn credential(st: &GmailState, headers: &HeaderMap, q: &CommonParams) -> C
         .map(str::to_owned)
         .or_else(|| q.access_token.clone());
     if let Some(token) = bearer {
-        return crate::oauth::credential_for(st, &token).await;
+        return crate::oauth::credential_for(st, &token).await.map_err(|e| {
+            tracing::error!(error = %e, "token lookup failed");
+            unavailable()
+        });
     }
     if let Some(key) = q
         .key
         .as_deref()
         .or_else(|| headers.get("x-goog-api-key").and_then(|v| v.to_str().ok()))
     {
-        return st.api_key_credential(key);
+        return Ok(st.api_key_credential(key));
     }
-    Credential::None
+    Ok(Credential::None)
 }
 
 fn base_attempt(
@@ -142,7 +175,7 @@ async fn authorize(
         .gateway
         .decide("gmail", attempt)
         .await
-        .map_err(|e| internal(&e.to_string()))?;
+        .map_err(|e| fault(&e))?;
     let d = &decided.decision;
     if let Some(denial) = d
         .denials
@@ -184,6 +217,18 @@ fn internal(msg: &str) -> Response {
     simple(500, "INTERNAL", "backendError", "Backend Error")
 }
 
+/// A gateway fault: the store's are temporary (503 + `Retry-After`, `store.unavailable`), the
+/// rest internal.
+fn fault(e: &mailgate_gateway::GatewayError) -> Response {
+    match e {
+        mailgate_gateway::GatewayError::Store(e) => {
+            tracing::error!(error = %e, "gmail door: store fault");
+            unavailable()
+        }
+        other => internal(&other.to_string()),
+    }
+}
+
 /// `GET /gmail/v1/users/{userId}/profile`.
 pub(crate) async fn profile(
     State(st): State<Arc<GmailState>>,
@@ -192,8 +237,10 @@ pub(crate) async fn profile(
     Path(user_id): Path<String>,
     Query(q): Query<CommonParams>,
 ) -> Response {
-    let cred = credential(&st, &headers, &q).await;
-    let attempt = base_attempt(&conn, cred, &user_id, &headers);
+    let attempt = match prepare(&st, &conn, &headers, &q, &user_id).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
     match authorize_read(&st, &attempt, PROFILE_METHOD).await {
         Ok(addr) => Json(json!({
             "emailAddress": addr,
@@ -214,8 +261,10 @@ pub(crate) async fn send_as_list(
     Path(user_id): Path<String>,
     Query(q): Query<CommonParams>,
 ) -> Response {
-    let cred = credential(&st, &headers, &q).await;
-    let attempt = base_attempt(&conn, cred, &user_id, &headers);
+    let attempt = match prepare(&st, &conn, &headers, &q, &user_id).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
     let addr = match authorize_read(&st, &attempt, SENDAS_METHOD).await {
         Ok(a) => a,
         Err(r) => return r,
@@ -240,8 +289,10 @@ pub(crate) async fn send_as_get(
     Path((user_id, email)): Path<(String, String)>,
     Query(q): Query<CommonParams>,
 ) -> Response {
-    let cred = credential(&st, &headers, &q).await;
-    let attempt = base_attempt(&conn, cred, &user_id, &headers);
+    let attempt = match prepare(&st, &conn, &headers, &q, &user_id).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
     let addr = match authorize_read(&st, &attempt, SENDAS_METHOD).await {
         Ok(a) => a,
         Err(r) => return r,
@@ -334,7 +385,10 @@ async fn edit_send_as(
                 .map(|i| i.message.clone())
                 .unwrap_or_else(|| "Invalid send-as address".into()),
         ),
-        Err(mailgate_gateway::EditError::Store(e)) => internal(&e.to_string()),
+        Err(mailgate_gateway::EditError::Store(e)) => {
+            tracing::error!(error = %e, "gmail door: store fault");
+            unavailable()
+        }
         Err(mailgate_gateway::EditError::Busy) => simple(
             503,
             "UNAVAILABLE",
@@ -373,10 +427,12 @@ pub(crate) async fn send_as_create(
     headers: HeaderMap,
     Path(user_id): Path<String>,
     Query(q): Query<CommonParams>,
-    body: Bytes,
+    body: RequestBody,
 ) -> Response {
-    let cred = credential(&st, &headers, &q).await;
-    let attempt = base_attempt(&conn, cred, &user_id, &headers);
+    let attempt = match prepare(&st, &conn, &headers, &q, &user_id).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
     let addr = match authorize(
         &st,
         &attempt,
@@ -386,6 +442,10 @@ pub(crate) async fn send_as_create(
     .await
     {
         Ok(a) => a,
+        Err(r) => return r,
+    };
+    let body = match read_body(&headers, body, MAX_SETTINGS_BODY_BYTES).await {
+        Ok(b) => b,
         Err(r) => return r,
     };
     let Ok(b) = serde_json::from_slice::<SendAsBody>(&body) else {
@@ -429,10 +489,12 @@ pub(crate) async fn send_as_update(
     headers: HeaderMap,
     Path((user_id, email)): Path<(String, String)>,
     Query(q): Query<CommonParams>,
-    body: Bytes,
+    body: RequestBody,
 ) -> Response {
-    let cred = credential(&st, &headers, &q).await;
-    let attempt = base_attempt(&conn, cred, &user_id, &headers);
+    let attempt = match prepare(&st, &conn, &headers, &q, &user_id).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
     let addr = match authorize(
         &st,
         &attempt,
@@ -442,6 +504,10 @@ pub(crate) async fn send_as_update(
     .await
     {
         Ok(a) => a,
+        Err(r) => return r,
+    };
+    let body = match read_body(&headers, body, MAX_SETTINGS_BODY_BYTES).await {
+        Ok(b) => b,
         Err(r) => return r,
     };
     let Ok(b) = serde_json::from_slice::<SendAsBody>(&body) else {
@@ -479,8 +545,10 @@ pub(crate) async fn send_as_delete(
     Path((user_id, email)): Path<(String, String)>,
     Query(q): Query<CommonParams>,
 ) -> Response {
-    let cred = credential(&st, &headers, &q).await;
-    let attempt = base_attempt(&conn, cred, &user_id, &headers);
+    let attempt = match prepare(&st, &conn, &headers, &q, &user_id).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
     let addr = match authorize(
         &st,
         &attempt,
@@ -522,8 +590,10 @@ pub(crate) async fn send_as_verify(
     Path((user_id, email)): Path<(String, String)>,
     Query(q): Query<CommonParams>,
 ) -> Response {
-    let cred = credential(&st, &headers, &q).await;
-    let attempt = base_attempt(&conn, cred, &user_id, &headers);
+    let attempt = match prepare(&st, &conn, &headers, &q, &user_id).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
     let addr = match authorize(
         &st,
         &attempt,
@@ -602,10 +672,19 @@ pub(crate) async fn send_json(
     headers: HeaderMap,
     Path(user_id): Path<String>,
     Query(q): Query<CommonParams>,
-    body: Bytes,
+    body: RequestBody,
 ) -> Response {
-    let cred = credential(&st, &headers, &q).await;
-    let attempt = base_attempt(&conn, cred, &user_id, &headers);
+    let attempt = match prepare(&st, &conn, &headers, &q, &user_id).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    if let Err(r) = screen_before_body(&st, &attempt).await {
+        return r;
+    }
+    let body = match read_body(&headers, body, MAX_UPLOAD_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let raw = match serde_json::from_slice::<MessageResource>(&body) {
         Ok(MessageResource { raw: Some(r), .. }) => decode_raw(&r),
         Ok(_) => Err(
@@ -614,6 +693,7 @@ pub(crate) async fn send_json(
         ),
         Err(e) => Err(format!("Invalid JSON payload received. {e}")),
     };
+    drop(body);
     send(&st, attempt, raw).await
 }
 
@@ -625,14 +705,26 @@ pub(crate) async fn send_upload(
     headers: HeaderMap,
     Path(user_id): Path<String>,
     Query(q): Query<CommonParams>,
-    body: Bytes,
+    body: RequestBody,
 ) -> Response {
-    let cred = credential(&st, &headers, &q).await;
-    let attempt = base_attempt(&conn, cred, &user_id, &headers);
+    let attempt = match prepare(&st, &conn, &headers, &q, &user_id).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    // Nothing is read, kept or opened for a request the engine refuses before the message.
+    if let Err(r) = screen_before_body(&st, &attempt).await {
+        return r;
+    }
+    let owner = principal_key(&attempt.credential);
     if let Some(id) = &q.upload_id {
-        // Second step of a resumable upload: the bytes of the message.
-        let known = st.uploads.lock().map(|mut u| u.remove(id)).unwrap_or(None);
-        if known.is_none() {
+        // Second step of a resumable upload: the bytes of the message. The session is the
+        // caller's own (same principal, same userId) or it does not exist.
+        let known = owner.as_deref().is_some_and(|o| {
+            st.uploads
+                .take(id, o, &user_id, std::time::Instant::now())
+                .is_some()
+        });
+        if !known {
             return simple(
                 404,
                 "NOT_FOUND",
@@ -640,47 +732,133 @@ pub(crate) async fn send_upload(
                 "Upload session not found or expired.",
             );
         }
-        return send(&st, attempt, Ok(body.to_vec())).await;
+        return match read_body(&headers, body, MAX_UPLOAD_BODY_BYTES).await {
+            Ok(b) => send(&st, attempt, Ok(b)).await,
+            Err(r) => r,
+        };
     }
     match q.upload_type.as_deref() {
-        Some("media") | None => send(&st, attempt, Ok(body.to_vec())).await,
+        Some("media") | None => match read_body(&headers, body, MAX_UPLOAD_BODY_BYTES).await {
+            Ok(b) => send(&st, attempt, Ok(b)).await,
+            Err(r) => r,
+        },
         Some("multipart") => {
             let ct = headers
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
-            send(&st, attempt, multipart_message(ct, &body)).await
+                .unwrap_or_default()
+                .to_owned();
+            match read_body(&headers, body, MAX_UPLOAD_BODY_BYTES).await {
+                Ok(b) => {
+                    let message = multipart_message(&ct, &b);
+                    drop(b);
+                    send(&st, attempt, message).await
+                }
+                Err(r) => r,
+            }
         }
         Some("resumable") => {
-            let id = match mailgate_auth::random_token::<18>() {
-                Ok(i) => i,
-                Err(_) => return internal("no randomness"),
+            let Some(owner) = owner else {
+                return internal("an authenticated attempt without a principal");
             };
-            if let Ok(mut u) = st.uploads.lock() {
-                // Bounded: drop the oldest half when too many sessions are open.
-                if u.len() > 10_000 {
-                    let keys: Vec<String> = u.keys().take(5_000).cloned().collect();
-                    for k in keys {
-                        u.remove(&k);
-                    }
-                }
-                u.insert(id.clone(), user_id.clone());
-            }
-            let host = headers
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("127.0.0.1");
-            let scheme = if conn.tls.is_some() { "https" } else { "http" };
-            let location = format!(
-                "{scheme}://{host}/upload/gmail/v1/users/{user_id}/messages/send?uploadType=resumable&upload_id={id}"
-            );
+            let id = match st.uploads.open(&owner, &user_id, std::time::Instant::now()) {
+                Ok(id) => id,
+                Err(full) => return full.response(),
+            };
+            let location = st.upload_location(&headers, &user_id, &id);
             let mut r = StatusCode::OK.into_response();
-            if let Ok(v) = HeaderValue::from_str(&location) {
+            if let Some(v) = location.and_then(|l| HeaderValue::from_str(&l).ok()) {
                 r.headers_mut().insert(header::LOCATION, v);
             }
             r
         }
         Some(other) => invalid_argument(&format!("Invalid uploadType: {other}")),
+    }
+}
+
+/// The largest request body of a send: Gmail's 35 MiB message plus 1 MiB for the JSON or
+/// multipart envelope around it.
+pub(crate) const MAX_UPLOAD_BODY_BYTES: usize = MAX_MESSAGE_BYTES + 1024 * 1024;
+
+/// The largest body of a settings request (a send-as resource is a few hundred bytes).
+pub(crate) const MAX_SETTINGS_BODY_BYTES: usize = 64 * 1024;
+
+/// Asks the engine about everything it can know before the message: transport, credential,
+/// project, scopes, delegation and the account's state (checks that read no message fact). A
+/// refusal there is answered without reading the body, so a request without a valid credential
+/// never makes the door buffer its body (up to 36 MiB), and a refused one costs no more than its
+/// headers. Only a refusal is kept (as a decision), an allowance is not: the send's own decision
+/// follows once the message is read.
+async fn screen_before_body(st: &GmailState, attempt: &SendAttempt) -> Result<(), Response> {
+    use mailgate_core::catalogue::Stage;
+    let before_body = |d: &mailgate_core::engine::Denial| {
+        matches!(
+            d.stage,
+            Stage::Transport
+                | Stage::Authn
+                | Stage::Credential
+                | Stage::Project
+                | Stage::Grant
+                | Stage::Delegation
+                | Stage::Account
+        )
+    };
+    match st.gateway.screen_for("gmail", attempt, before_body).await {
+        Ok(None) => Ok(()),
+        Ok(Some(decided)) => Err(match decided.decision.denial() {
+            Some(d) => denial_response(d, &decided.id, SEND_METHOD, mailgate_gateway::now_ms()),
+            None => internal("screened without a denial"),
+        }),
+        Err(e) => Err(fault(&e)),
+    }
+}
+
+/// Reads a request body of at most `limit` bytes (413 beyond, before reading any of it when
+/// `Content-Length` says so). Called only once the credential passed.
+async fn read_body(
+    headers: &HeaderMap,
+    mut body: RequestBody,
+    limit: usize,
+) -> Result<Vec<u8>, Response> {
+    use axum::body::HttpBody as _;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut out = Vec::with_capacity(declared.map_or(0, |n| n as usize).min(limit));
+    loop {
+        let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await;
+        match frame {
+            None => return Ok(out),
+            Some(Err(_)) => {
+                return Err(invalid_argument("The request body could not be read."));
+            }
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if out.len().saturating_add(data.len()) > limit {
+                        return Err(too_large());
+                    }
+                    out.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+}
+
+/// Whose upload session this is: one key per authenticated principal.
+fn principal_key(c: &Credential) -> Option<String> {
+    match c {
+        Credential::OauthUser { user, .. } => Some(format!("user:{}", user.to_ascii_lowercase())),
+        Credential::ServiceAccount { email, subject, .. } => Some(format!(
+            "sa:{}:{}",
+            email.to_ascii_lowercase(),
+            subject.as_deref().unwrap_or_default().to_ascii_lowercase()
+        )),
+        Credential::ApiKey { key_id } => Some(format!("key:{key_id}")),
+        _ => None,
     }
 }
 
@@ -839,6 +1017,9 @@ async fn send(st: &GmailState, mut attempt: SendAttempt, raw: Result<Vec<u8>, St
         add_from = acting_address(st, &attempt);
         originator.from.extend(add_from.clone().map(|a| vec![a]));
     }
+    // The envelope follows the From, when the header's From and Sender fields are well-formed
+    // (else `message.invalid` refuses the message, and a From that is not checked must not
+    // stand in for the envelope either).
     let from = originator
         .problem()
         .is_none()
@@ -856,7 +1037,7 @@ async fn send(st: &GmailState, mut attempt: SendAttempt, raw: Result<Vec<u8>, St
     };
     let decided = match st.gateway.decide("gmail", &attempt).await {
         Ok(d) => d,
-        Err(e) => return internal(&e.to_string()),
+        Err(e) => return fault(&e),
     };
     if let Some(denial) = decided.decision.denial() {
         return denial_response(denial, &decided.id, SEND_METHOD, now);
@@ -912,7 +1093,7 @@ async fn send(st: &GmailState, mut attempt: SendAttempt, raw: Result<Vec<u8>, St
             Some(d) => denial_response(d, &again.id, SEND_METHOD, now),
             None => internal("refused without a denial"),
         },
-        Err(e) => internal(&e.to_string()),
+        Err(e) => fault(&e),
     }
 }
 
@@ -925,8 +1106,161 @@ async fn decided_refusal(st: &GmailState, attempt: &SendAttempt, now: u64) -> Op
     Some(denial_response(denial, &decided.id, SEND_METHOD, now))
 }
 
-/// Open resumable-upload sessions: upload id -> userId.
-pub(crate) type Uploads = Mutex<HashMap<String, String>>;
+/// Open resumable-upload sessions per principal: beyond, a new one is refused (429), never
+/// another's evicted.
+pub(crate) const MAX_UPLOADS_PER_PRINCIPAL: usize = 16;
+/// Open resumable-upload sessions in the whole process (each a few hundred bytes).
+pub(crate) const MAX_UPLOADS: usize = 10_000;
+/// How long a resumable-upload session stays open (Google's last a week; a client here uploads
+/// right after opening one, and a short life keeps the table small).
+pub(crate) const UPLOAD_TTL: Duration = Duration::from_secs(3600);
+
+/// One open resumable upload.
+#[derive(Debug, Clone)]
+struct UploadSession {
+    owner: String,
+    user_id: String,
+    expires: Instant,
+}
+
+/// Open resumable-upload sessions: bounded per principal and in total, each expiring, opened
+/// only for an authenticated principal and usable only by it.
+#[derive(Debug, Default)]
+pub(crate) struct Uploads {
+    table: Mutex<UploadTable>,
+}
+
+#[derive(Debug, Default)]
+struct UploadTable {
+    sessions: HashMap<String, UploadSession>,
+    /// Open sessions per owner (only owners with at least one).
+    per_owner: HashMap<String, usize>,
+}
+
+impl UploadTable {
+    fn remove(&mut self, id: &str) -> Option<UploadSession> {
+        let s = self.sessions.remove(id)?;
+        if let Some(n) = self.per_owner.get_mut(&s.owner) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_owner.remove(&s.owner);
+            }
+        }
+        Some(s)
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        let expired: Vec<String> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.expires <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            self.remove(&id);
+        }
+    }
+
+    fn count(&self, owner: &str) -> usize {
+        self.per_owner.get(owner).copied().unwrap_or(0)
+    }
+
+    /// Seconds until the first session (of `owner`, or of anyone) expires.
+    fn wait(&self, owner: Option<&str>, now: Instant) -> u64 {
+        self.sessions
+            .values()
+            .filter(|s| owner.is_none_or(|o| s.owner == o))
+            .map(|s| s.expires.saturating_duration_since(now).as_secs())
+            .min()
+            .unwrap_or(1)
+    }
+}
+
+/// Why no session was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UploadsFull {
+    /// This principal holds its maximum; retry after this many seconds (its oldest expires).
+    Principal(u64),
+    /// The process holds its maximum.
+    Total(u64),
+}
+
+impl UploadsFull {
+    fn response(self) -> Response {
+        let (secs, msg) = match self {
+            UploadsFull::Principal(s) => (
+                s,
+                format!(
+                    "Too many open upload sessions for this user (at most {MAX_UPLOADS_PER_PRINCIPAL}): finish or abandon one first"
+                ),
+            ),
+            UploadsFull::Total(s) => (
+                s,
+                "Too many open upload sessions on this gateway: retry later".to_owned(),
+            ),
+        };
+        let mut r = simple(429, "RESOURCE_EXHAUSTED", "rateLimitExceeded", &msg);
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        r
+    }
+}
+
+impl Uploads {
+    fn table(&self) -> std::sync::MutexGuard<'_, UploadTable> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Opens a session for `owner` acting for `user_id`; its id.
+    pub(crate) fn open(
+        &self,
+        owner: &str,
+        user_id: &str,
+        now: Instant,
+    ) -> Result<String, UploadsFull> {
+        let id = mailgate_auth::random_token::<18>().map_err(|_| UploadsFull::Total(1))?;
+        let mut t = self.table();
+        if t.sessions.len() >= MAX_UPLOADS || t.count(owner) >= MAX_UPLOADS_PER_PRINCIPAL {
+            t.sweep(now);
+        }
+        if t.count(owner) >= MAX_UPLOADS_PER_PRINCIPAL {
+            return Err(UploadsFull::Principal(t.wait(Some(owner), now)));
+        }
+        if t.sessions.len() >= MAX_UPLOADS {
+            return Err(UploadsFull::Total(t.wait(None, now)));
+        }
+        *t.per_owner.entry(owner.to_owned()).or_insert(0) += 1;
+        t.sessions.insert(
+            id.clone(),
+            UploadSession {
+                owner: owner.to_owned(),
+                user_id: user_id.to_owned(),
+                expires: now + UPLOAD_TTL,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Takes (closes) session `id` if it is `owner`'s, for `user_id`, and has not expired.
+    fn take(&self, id: &str, owner: &str, user_id: &str, now: Instant) -> Option<()> {
+        let mut t = self.table();
+        let s = t.sessions.get(id)?;
+        if s.expires <= now {
+            t.remove(id);
+            return None;
+        }
+        if s.owner != owner || s.user_id != user_id {
+            return None;
+        }
+        t.remove(id).map(|_| ())
+    }
+
+    /// Sessions open now (expired ones not yet swept included).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.table().sessions.len()
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -955,6 +1289,53 @@ mod tests {
     }
 
     #[test]
+    fn upload_sessions_are_bounded_per_principal_and_in_total_and_expire() {
+        let u = Uploads::default();
+        let t0 = Instant::now();
+        let mut alice = Vec::new();
+        for _ in 0..MAX_UPLOADS_PER_PRINCIPAL {
+            alice.push(u.open("user:alice", "me", t0).unwrap());
+        }
+        // Alice is at her cap: refused, nobody evicted.
+        assert!(matches!(
+            u.open("user:alice", "me", t0),
+            Err(UploadsFull::Principal(s)) if s > 3000
+        ));
+        // Others fill the rest of the table; alice's sessions all survive.
+        let mut n = 0;
+        while u.open(&format!("user:{n}"), "me", t0).is_ok() {
+            n += 1;
+            assert!(n <= MAX_UPLOADS);
+        }
+        assert_eq!(u.len(), MAX_UPLOADS);
+        assert!(matches!(
+            u.open("user:bob", "me", t0),
+            Err(UploadsFull::Total(_))
+        ));
+        // Only the owner, for the same userId, can use a session, once.
+        assert!(u.take(&alice[0], "user:mallory", "me", t0).is_none());
+        assert!(
+            u.take(&alice[0], "user:alice", "bob@example.com", t0)
+                .is_none()
+        );
+        assert!(u.take(&alice[0], "user:alice", "me", t0).is_some());
+        assert!(u.take(&alice[0], "user:alice", "me", t0).is_none());
+        // Sessions expire; expired ones make room.
+        let later = t0 + UPLOAD_TTL + Duration::from_secs(1);
+        assert!(u.take(&alice[1], "user:alice", "me", later).is_none());
+        assert!(u.open("user:bob", "me", later).is_ok());
+        let mut opened = 1;
+        while u.open(&format!("user:new{opened}"), "me", later).is_ok() {
+            opened += 1;
+            assert!(opened <= MAX_UPLOADS);
+        }
+        assert_eq!(
+            opened, MAX_UPLOADS,
+            "expired sessions made room for new ones"
+        );
+    }
+
+    #[test]
     fn recipients_include_cc_and_bcc() {
         let p = parse(b"From: A <a@x.com>\r\nTo: b@y.com, C <c@y.com>\r\nCc: d@y.com\r\nBcc: e@y.com\r\n\r\nx");
         assert_eq!(p.originator.single_from(), Some("a@x.com"));
@@ -962,6 +1343,3 @@ mod tests {
         assert!(p.problem.is_none());
     }
 }
-    // The envelope follows the From, when the header's From and Sender fields are well-formed
-    // (else `message.invalid` refuses the message, and a From that is not checked must not
-    // stand in for the envelope either).

@@ -58,6 +58,8 @@ pub struct GmailState {
     tokens: Arc<dyn TokenStore>,
     audiences: Vec<String>,
     uploads: gmail::Uploads,
+    /// Key of the consent form's anti-CSRF tokens (random per process).
+    csrf_key: [u8; 32],
 }
 
 impl GmailState {
@@ -68,12 +70,57 @@ impl GmailState {
         tokens: Arc<dyn TokenStore>,
         token_urls: Vec<String>,
     ) -> Self {
+        // Without the OS random source nothing here is safe: a fixed key would make CSRF
+        // tokens forgeable, so fall back to a key nobody can learn (the time and address of
+        // this allocation are not secret enough, but the process also refuses every token
+        // minting without randomness, so the consent flow cannot complete anyway).
+        let csrf_key = mailgate_auth::random_bytes::<32>().unwrap_or_else(|_| {
+            tracing::error!("no randomness for the consent page's CSRF key");
+            let mut k = [0u8; 32];
+            let t = mailgate_gateway::now_ms().to_le_bytes();
+            k[..8].copy_from_slice(&t);
+            k
+        });
         GmailState {
             gateway,
             tokens,
             audiences: token_urls,
             uploads: Default::default(),
+            csrf_key,
         }
+    }
+
+    /// The `Location` of a new resumable upload session: never the request's `Host` header
+    /// (anyone can send any), but one of this gateway's configured URLs (`http.public_url`, and
+    /// the HTTPS listener's names): the one the request's `Host` names, else the public URL.
+    fn upload_location(&self, headers: &HeaderMap, user_id: &str, id: &str) -> Option<String> {
+        let host = headers
+            .get(axum::http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let bases: Vec<url::Url> = self
+            .audiences
+            .iter()
+            .filter_map(|t| t.strip_suffix("/token"))
+            .filter_map(|b| url::Url::parse(b).ok())
+            .collect();
+        let authority = |u: &url::Url| match (u.host_str(), u.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_owned(),
+            _ => String::new(),
+        };
+        let mut url = bases
+            .iter()
+            .find(|u| authority(u).eq_ignore_ascii_case(host))
+            .or_else(|| bases.first())?
+            .clone();
+        url.path_segments_mut().ok()?.pop_if_empty().extend([
+            "upload", "gmail", "v1", "users", user_id, "messages", "send",
+        ]);
+        url.query_pairs_mut()
+            .append_pair("uploadType", "resumable")
+            .append_pair("upload_id", id);
+        Some(url.into())
     }
 
     /// The `aud` values a JWT-bearer assertion may carry: this gateway's token URLs, and
@@ -113,10 +160,18 @@ impl GmailState {
     }
 }
 
+/// The largest body of an OAuth request (`/token`, `/revoke`, the consent form): a JWT
+/// assertion is a few KB.
+pub const MAX_OAUTH_BODY_BYTES: usize = 64 * 1024;
+
 /// The door's routes. Requests must carry a [`ConnFacts`] extension (the listener adds it).
+///
+/// Bodies: the OAuth routes' forms are read by axum's extractor, at most
+/// [`MAX_OAUTH_BODY_BYTES`]; the Gmail routes read theirs themselves, only once the engine passed
+/// the credential (at most 36 MiB for a send, 64 KiB for a setting), so no body is buffered for a
+/// request without a valid credential.
 pub fn router(state: Arc<GmailState>) -> Router {
-    let upload_limit = gmail::MAX_MESSAGE_BYTES + 1024 * 1024;
-    Router::new()
+    let oauth = Router::new()
         .route("/token", post(oauth::token))
         .route("/oauth2/v4/token", post(oauth::token))
         .route("/revoke", post(oauth::revoke))
@@ -126,6 +181,8 @@ pub fn router(state: Arc<GmailState>) -> Router {
             "/o/oauth2/auth",
             get(oauth::auth_page).post(oauth::auth_submit),
         )
+        .layer(DefaultBodyLimit::max(MAX_OAUTH_BODY_BYTES));
+    let gmail = Router::new()
         .route(
             "/gmail/v1/users/{user_id}/messages/send",
             post(gmail::send_json),
@@ -154,6 +211,7 @@ pub fn router(state: Arc<GmailState>) -> Router {
             "/gmail/v1/users/{user_id}/settings/sendAs/{email}/verify",
             post(gmail::send_as_verify),
         )
-        .layer(DefaultBodyLimit::max(upload_limit))
-        .with_state(state)
+        // Bodies are read by the handlers after authentication, with their own limits.
+        .layer(DefaultBodyLimit::max(gmail::MAX_SETTINGS_BODY_BYTES));
+    oauth.merge(gmail).with_state(state)
 }

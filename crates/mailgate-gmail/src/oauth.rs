@@ -6,7 +6,10 @@
 //!
 //! JWTs are verified per RFC 8725: the algorithm is pinned to RS256 (no `none`, no HMAC
 //! confusion), the key is the issuer's registered key (by `kid` when given), and `aud`, `iss`,
-//! `iat` and `exp` (at most one hour apart, 60 s clock skew) are all checked.
+//! `iat`, `exp` (at most one hour apart, 60 s clock skew) and `nbf` (same skew) are all checked;
+//! a `crit` header is refused (RFC 7515 §4.1.11: Mailgate understands no extension), and an
+//! assertion is exchanged once: its `jti` (or, without one, its SHA-256) is kept until its `exp`
+//! in the store (`jwt_replay`), after its signature verified.
 
 use std::sync::Arc;
 
@@ -35,6 +38,10 @@ const MAX_LIFETIME_S: i64 = 65 * 60;
 const SHORT_LIVED: &str = "Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe. Check your 'iat' and 'exp' values and use a clock with skew to account for clock differences between systems.";
 const BAD_SIGNATURE: &str = "Invalid JWT Signature.";
 const EXPIRED_OR_REVOKED: &str = "Token has been expired or revoked.";
+const REPLAYED: &str = "Invalid JWT: this assertion was already exchanged for a token. Sign a new assertion (a new 'iat'/'exp', or a new 'jti') for every token request.";
+const NOT_YET_VALID: &str = "Invalid JWT: Token is not valid yet ('nbf' is in the future). Check the clock of the system that signs the assertions.";
+const CRITICAL_HEADER: &str =
+    "Invalid JWT: the header lists critical extensions ('crit') this server does not understand.";
 
 /// Who a token speaks for (stored as the token's grant JSON).
 #[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq, Eq)]
@@ -65,6 +72,43 @@ fn token_error(status: u16, error: &str, description: &str) -> Response {
         .into_response();
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// A store fault at the token endpoint: a temporary refusal (RFC 6749's
+/// `temporarily_unavailable`, 503 + `Retry-After`) with Mailgate's reason code.
+fn token_unavailable() -> Response {
+    let mut r = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({
+            "error": "temporarily_unavailable",
+            "error_description": format!("The service is temporarily unavailable ({}); retry later.", crate::errors::STORE_UNAVAILABLE),
+            "mailgate": {
+                "code": crate::errors::STORE_UNAVAILABLE,
+                "check": "store",
+                "remedy": "the gateway cannot use its store (disk full or database fault): retry later",
+            },
+        })),
+    )
+        .into_response();
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(crate::errors::STORE_RETRY_AFTER_SECS),
+    );
+    r
+}
+
+/// The password pool is full (too many sign-ins or client secrets being checked at once).
+fn token_busy() -> Response {
+    let mut r = token_error(
+        503,
+        "temporarily_unavailable",
+        "Too many requests are being authenticated; retry in a second.",
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     r
 }
 
@@ -132,6 +176,8 @@ struct JwtClaims {
     sub: Option<String>,
     iat: i64,
     exp: i64,
+    #[serde(default)]
+    jti: Option<String>,
 }
 
 async fn jwt_bearer(st: &GmailState, form: &TokenForm) -> Result<Response, Response> {
@@ -146,6 +192,34 @@ async fn jwt_bearer(st: &GmailState, form: &TokenForm) -> Result<Response, Respo
         Ok(v) => v,
         Err(refusal) => return Err(refused_credential(st, refusal).await),
     };
+    // Replay: the signature verified, so this write is on behalf of a key holder only.
+    let key = match &claims.jti {
+        Some(jti) => format!(
+            "jti:{}",
+            mailgate_auth::sha256_hex(format!("{}\0{jti}", sa.email).as_bytes())
+        ),
+        None => format!("sha256:{}", mailgate_auth::sha256_hex(assertion.as_bytes())),
+    };
+    let now_ms = mailgate_gateway::now_ms() as i64;
+    let keep_until_ms = claims.exp.saturating_add(LEEWAY_S).saturating_mul(1000);
+    match st.tokens.use_assertion(&key, keep_until_ms, now_ms).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(refused_credential(
+                st,
+                AssertionRefusal {
+                    state: CredentialState::Invalid,
+                    presented: format!("JWT assertion from {}", sa.email),
+                    description: REPLAYED,
+                },
+            )
+            .await);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot record a JWT assertion");
+            return Err(token_unavailable());
+        }
+    }
     if claims.scope.contains(',') || claims.scope.trim().is_empty() {
         return Err(token_error(
             400,
@@ -234,6 +308,15 @@ fn verify_assertion(
             "Invalid JWT: not a JWT",
         ));
     };
+    // RFC 7515 §4.1.11: an extension the recipient does not understand makes the JWS invalid;
+    // Mailgate understands none.
+    if header.crit.is_some() {
+        return Err(refuse(
+            CredentialState::Invalid,
+            "JWT assertion",
+            CRITICAL_HEADER,
+        ));
+    }
     // RFC 8725: the algorithm is ours to choose, not the token's.
     if header.alg != jsonwebtoken::Algorithm::RS256 {
         return Err(refuse(
@@ -261,6 +344,7 @@ fn verify_assertion(
     validation.set_issuer(&[sa.email.as_str()]);
     validation.set_required_spec_claims(&["exp", "iat", "aud", "iss"]);
     validation.leeway = LEEWAY_S as u64;
+    validation.validate_nbf = true;
     let mut last_err = None;
     for k in sa
         .keys
@@ -284,8 +368,11 @@ fn verify_assertion(
     }
     use jsonwebtoken::errors::ErrorKind;
     Err(match last_err.as_ref().map(|e| e.kind()) {
-        Some(ErrorKind::ExpiredSignature | ErrorKind::ImmatureSignature) => {
+        Some(ErrorKind::ExpiredSignature) => {
             refuse(CredentialState::Expired, &presented, SHORT_LIVED)
+        }
+        Some(ErrorKind::ImmatureSignature) => {
+            refuse(CredentialState::Invalid, &presented, NOT_YET_VALID)
         }
         Some(ErrorKind::InvalidAudience) => refuse(
             CredentialState::Invalid,
@@ -308,7 +395,7 @@ async fn refused_credential(st: &GmailState, r: AssertionRefusal) -> Response {
     );
     let decided = match st.gateway.decide("token", &attempt).await {
         Ok(d) => d,
-        Err(_) => return token_error(500, "internal_failure", "Backend Error"),
+        Err(e) => return gateway_fault(&e),
     };
     let Some(d) = decided.decision.denial() else {
         return token_error(400, "invalid_grant", r.description);
@@ -347,7 +434,7 @@ async fn token_refusal(
         .gateway
         .decide("token", attempt)
         .await
-        .map_err(|_| token_error(500, "internal_failure", "Backend Error"))?;
+        .map_err(|e| gateway_fault(&e))?;
     for d in &decided.decision.denials {
         let applies = match d.code {
             // Without `sub` a service account acts as itself: Google issues the token and the
@@ -393,6 +480,26 @@ async fn token_refusal(
         }
     }
     Ok((None, decided.id))
+}
+
+/// A store fault at the token endpoint.
+fn store_fault(e: &mailgate_store::StoreError) -> Response {
+    tracing::error!(error = %e, "token endpoint: store fault");
+    token_unavailable()
+}
+
+/// A gateway fault at the token endpoint: the store's are temporary.
+fn gateway_fault(e: &mailgate_gateway::GatewayError) -> Response {
+    match e {
+        mailgate_gateway::GatewayError::Store(e) => {
+            tracing::error!(error = %e, "token endpoint: store fault");
+            token_unavailable()
+        }
+        other => {
+            tracing::error!(error = %other, "token endpoint fault");
+            token_error(500, "internal_failure", "Backend Error")
+        }
+    }
 }
 
 /// A token-endpoint refusal for a rule of token issuance itself, with Mailgate's explanation.
@@ -453,7 +560,7 @@ async fn issue(
         .await
         .map_err(|e| {
             tracing::error!(error = %e, "cannot store a token");
-            token_error(500, "internal_failure", "Backend Error")
+            token_unavailable()
         })?;
     Ok(token)
 }
@@ -474,8 +581,10 @@ fn token_ok(access: &str, refresh: Option<&str>, scopes: &[String]) -> Response 
     resp
 }
 
-/// Client authentication: HTTP Basic or form fields; the secret is compared by hash in constant time.
-fn client_auth(
+/// Client authentication: HTTP Basic or form fields. The secret is checked against its argon2id
+/// hash on the bounded password pool (never on the async workers), or, for a client applied
+/// before secrets were hashed that way, against its SHA-256 in constant time.
+async fn client_auth(
     st: &GmailState,
     headers: &HeaderMap,
     form: &TokenForm,
@@ -498,8 +607,10 @@ fn client_auth(
     }
     let not_found = || token_error(401, "invalid_client", "The OAuth client was not found.");
     let id = id.ok_or_else(not_found)?;
-    let live = st.gateway.live();
-    let client = live.index.client(&id).cloned().ok_or_else(not_found)?;
+    let client = {
+        let live = st.gateway.live();
+        live.index.client(&id).cloned().ok_or_else(not_found)?
+    };
     if client.disabled {
         return Err(token_error(
             401,
@@ -507,16 +618,37 @@ fn client_auth(
             "The OAuth client was disabled.",
         ));
     }
-    if let Some(expected) = &client.secret_sha256 {
+    let unauthorized = || token_error(401, "invalid_client", "Unauthorized");
+    if let Some(phc) = &client.secret_hash {
+        let Some(given) = secret else {
+            return Err(unauthorized());
+        };
+        match st
+            .gateway
+            .budget()
+            .passwords()
+            .verify(Some(phc.clone()), given)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return Err(unauthorized()),
+            Err(_) => return Err(token_busy()),
+        }
+    } else if let Some(expected) = &client.secret_sha256 {
         let given = secret
             .as_deref()
             .map(|s| mailgate_auth::sha256_hex(s.as_bytes()))
             .unwrap_or_default();
         if !mailgate_auth::ct_eq(given.as_bytes(), expected.as_bytes()) {
-            return Err(token_error(401, "invalid_client", "Unauthorized"));
+            return Err(unauthorized());
         }
     }
     Ok(client)
+}
+
+/// Whether a client has a secret (a confidential client); public clients must use PKCE.
+fn confidential(client: &mailgate_core::directory::OAuthClient) -> bool {
+    client.secret_hash.is_some() || client.secret_sha256.is_some()
 }
 
 async fn authorization_code(
@@ -524,7 +656,7 @@ async fn authorization_code(
     headers: &HeaderMap,
     form: &TokenForm,
 ) -> Result<Response, Response> {
-    let client = client_auth(st, headers, form)?;
+    let client = client_auth(st, headers, form).await?;
     let code = form
         .code
         .as_deref()
@@ -535,7 +667,7 @@ async fn authorization_code(
         .tokens
         .token(&sha)
         .await
-        .map_err(|_| bad())?
+        .map_err(|e| store_fault(&e))?
         .ok_or_else(bad)?;
     let Ok(Grant::Code {
         user,
@@ -565,7 +697,7 @@ async fn authorization_code(
                 return Err(token_error(400, "invalid_grant", "Invalid code verifier."));
             }
         }
-        None if client.secret_sha256.is_none() => {
+        None if !confidential(&client) => {
             return Err(token_error(
                 400,
                 "invalid_request",
@@ -575,7 +707,12 @@ async fn authorization_code(
         None => {}
     }
     // Single use: a replayed code revokes everything minted from it (RFC 6749 §10.5).
-    if !st.tokens.use_token(&sha).await.map_err(|_| bad())? {
+    if !st
+        .tokens
+        .use_token(&sha)
+        .await
+        .map_err(|e| store_fault(&e))?
+    {
         let _ = st.tokens.revoke_family(&rec.family).await;
         return Err(token_error(400, "invalid_grant", "Bad Request"));
     }
@@ -620,7 +757,7 @@ async fn refresh(
     headers: &HeaderMap,
     form: &TokenForm,
 ) -> Result<Response, Response> {
-    let client = client_auth(st, headers, form)?;
+    let client = client_auth(st, headers, form).await?;
     let token = form.refresh_token.as_deref().ok_or_else(|| {
         token_error(
             400,
@@ -634,7 +771,7 @@ async fn refresh(
         .tokens
         .token(&sha)
         .await
-        .map_err(|_| gone())?
+        .map_err(|e| store_fault(&e))?
         .ok_or_else(gone)?;
     let Ok(grant @ Grant::User { .. }) = serde_json::from_value::<Grant>(rec.grant.clone()) else {
         return Err(gone());
@@ -650,7 +787,12 @@ async fn refresh(
     }
     // Rotation: each refresh token works once; a reused one means it leaked, so the whole family
     // is revoked.
-    if !st.tokens.use_token(&sha).await.map_err(|_| gone())? {
+    if !st
+        .tokens
+        .use_token(&sha)
+        .await
+        .map_err(|e| store_fault(&e))?
+    {
         let _ = st.tokens.revoke_family(&rec.family).await;
         tracing::warn!(family = %rec.family, "refresh token reused: family revoked");
         return Err(gone());
@@ -717,11 +859,12 @@ pub(crate) async fn revoke(
     };
     let sha = mailgate_auth::sha256_hex(token.as_bytes());
     match st.tokens.token(&sha).await {
-        Ok(Some(rec)) if !rec.revoked => {
-            let _ = st.tokens.revoke_family(&rec.family).await;
-            Json(json!({})).into_response()
-        }
-        _ => token_error(400, "invalid_token", "Token expired or revoked"),
+        Ok(Some(rec)) if !rec.revoked => match st.tokens.revoke_family(&rec.family).await {
+            Ok(_) => Json(json!({})).into_response(),
+            Err(e) => store_fault(&e),
+        },
+        Ok(_) => token_error(400, "invalid_token", "Token expired or revoked"),
+        Err(e) => store_fault(&e),
     }
 }
 
@@ -746,7 +889,8 @@ pub(crate) async fn tokeninfo(
         .await
     {
         Ok(Some(r)) if r.kind == "access" && !r.revoked && r.expires_at_ms > now => r,
-        _ => return invalid(),
+        Ok(_) => return invalid(),
+        Err(e) => return store_fault(&e),
     };
     let live = st.gateway.live();
     let (azp, sub, email) = match serde_json::from_value::<Grant>(rec.grant.clone()) {
@@ -777,42 +921,60 @@ pub(crate) async fn tokeninfo(
     Json(body).into_response()
 }
 
-/// Resolves a bearer token to the credential the engine understands.
-pub(crate) async fn credential_for(st: &GmailState, token: &str) -> Credential {
-    credential_for_access_token(st.tokens.as_ref(), &st.gateway, token).await
+/// Resolves a bearer token to the credential the engine understands; `Err` is a store fault
+/// (answered as a temporary refusal, never as a bad credential).
+pub(crate) async fn credential_for(
+    st: &GmailState,
+    token: &str,
+) -> Result<Credential, mailgate_store::StoreError> {
+    resolve_access_token(st.tokens.as_ref(), &st.gateway, token).await
 }
 
 /// Resolves an OAuth access token issued by this gateway's authorization server (a Gmail API
 /// bearer token, or the token of SMTP XOAUTH2 / OAUTHBEARER) to the credential the engine
-/// understands: unknown, expired and revoked tokens become [`Credential::Refused`].
+/// understands: unknown, expired and revoked tokens become [`Credential::Refused`]. A store
+/// fault is logged and also refused.
 pub async fn credential_for_access_token(
     tokens: &dyn TokenStore,
     gateway: &mailgate_gateway::Gateway,
     token: &str,
 ) -> Credential {
+    match resolve_access_token(tokens, gateway, token).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "token lookup failed");
+            Credential::Refused {
+                state: CredentialState::Invalid,
+                presented: Some("OAuth access token".into()),
+            }
+        }
+    }
+}
+
+async fn resolve_access_token(
+    tokens: &dyn TokenStore,
+    gateway: &mailgate_gateway::Gateway,
+    token: &str,
+) -> Result<Credential, mailgate_store::StoreError> {
     let refused = |state| Credential::Refused {
         state,
         presented: Some("OAuth access token".into()),
     };
     let rec = match tokens
         .token(&mailgate_auth::sha256_hex(token.as_bytes()))
-        .await
+        .await?
     {
-        Ok(Some(r)) if r.kind == "access" => r,
-        Ok(_) => return refused(CredentialState::Invalid),
-        Err(e) => {
-            tracing::error!(error = %e, "token lookup failed");
-            return refused(CredentialState::Invalid);
-        }
+        Some(r) if r.kind == "access" => r,
+        _ => return Ok(refused(CredentialState::Invalid)),
     };
     if rec.revoked {
-        return refused(CredentialState::Revoked);
+        return Ok(refused(CredentialState::Revoked));
     }
     if rec.expires_at_ms <= mailgate_gateway::now_ms() as i64 {
-        return refused(CredentialState::Expired);
+        return Ok(refused(CredentialState::Expired));
     }
     let live = gateway.live();
-    match serde_json::from_value::<Grant>(rec.grant) {
+    Ok(match serde_json::from_value::<Grant>(rec.grant) {
         Ok(Grant::User { user, client_id }) => Credential::OauthUser {
             project: live
                 .index
@@ -834,11 +996,20 @@ pub async fn credential_for_access_token(
             subject,
         },
         _ => refused(CredentialState::Invalid),
-    }
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
 // Login + consent (authorization-code flow)
+//
+// Defences (docs/security.md): the sign-in form carries an anti-CSRF token (an HMAC, under a
+// per-process random key, of a random cookie, the time and every authorization parameter), so a
+// form posted from elsewhere, without the cookie, late or with other parameters is refused; the
+// page may not be framed and loads nothing (`X-Frame-Options`, CSP) and is never cached;
+// passwords are verified on the bounded password pool, unknown users against a dummy hash (same
+// time either way); failures count in the lockout every door shares (per login and client
+// network, exponential back-off); and the engine's account checks run before a code is issued, so
+// a suspended, revoked or under-review account gets its reason instead of a code.
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct AuthParams {
@@ -852,7 +1023,37 @@ pub(crate) struct AuthParams {
     // Form fields of the consent page.
     email: Option<String>,
     password: Option<String>,
+    csrf_token: Option<String>,
 }
+
+/// Scopes a client may ask for: Google's Gmail API scopes (its discovery document) and the
+/// sign-in scopes. Anything else is `invalid_scope`, as at Google.
+pub(crate) const KNOWN_SCOPES: &[&str] = &[
+    "https://mail.google.com/",
+    "https://www.googleapis.com/auth/gmail.send",
+    "https://www.googleapis.com/auth/gmail.compose",
+    "https://www.googleapis.com/auth/gmail.modify",
+    "https://www.googleapis.com/auth/gmail.readonly",
+    "https://www.googleapis.com/auth/gmail.metadata",
+    "https://www.googleapis.com/auth/gmail.insert",
+    "https://www.googleapis.com/auth/gmail.labels",
+    "https://www.googleapis.com/auth/gmail.settings.basic",
+    "https://www.googleapis.com/auth/gmail.settings.sharing",
+    "https://www.googleapis.com/auth/gmail.addons.current.action.compose",
+    "https://www.googleapis.com/auth/gmail.addons.current.message.action",
+    "https://www.googleapis.com/auth/gmail.addons.current.message.metadata",
+    "https://www.googleapis.com/auth/gmail.addons.current.message.readonly",
+    "openid",
+    "email",
+    "profile",
+    "https://www.googleapis.com/auth/userinfo.email",
+    "https://www.googleapis.com/auth/userinfo.profile",
+];
+
+/// The cookie the consent form's anti-CSRF token is bound to.
+const CSRF_COOKIE: &str = "mg_consent";
+/// How long a sign-in form stays valid.
+const CSRF_TTL_MS: u64 = 3_600_000;
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -861,15 +1062,87 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// The headers every response of the sign-in page carries: not framed (clickjacking), nothing
+/// loaded or run, forms posted only here (and, through the redirect that follows, to the
+/// client's registered redirect URI), never cached.
+fn harden(mut r: Response, redirect_uri: Option<&str>) -> Response {
+    let target = redirect_uri
+        .and_then(|u| url::Url::parse(u).ok())
+        .map(|u| match u.scheme() {
+            "http" | "https" => u.origin().ascii_serialization(),
+            other => format!("{other}:"),
+        })
+        .filter(|t| {
+            t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._:/[]".contains(&b))
+        })
+        .map(|t| format!(" {t}"))
+        .unwrap_or_default();
+    let csp = format!(
+        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'{target}; frame-ancestors 'none'; base-uri 'none'"
+    );
+    let h = r.headers_mut();
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    if let Ok(v) = HeaderValue::from_str(&csp) {
+        h.insert(header::CONTENT_SECURITY_POLICY, v);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
 fn error_page(status: StatusCode, msg: &str) -> Response {
-    (
-        status,
-        Html(format!(
-            "<!doctype html><title>Mailgate sign-in</title><h1>Authorization error</h1><p>{}</p>",
-            esc(msg)
-        )),
+    harden(
+        (
+            status,
+            Html(format!(
+                "<!doctype html><meta charset=utf-8><title>Mailgate sign-in</title><h1>Authorization error</h1><p>{}</p>",
+                esc(msg)
+            )),
+        )
+            .into_response(),
+        None,
     )
-        .into_response()
+}
+
+/// The scope list, each once, in order; unknown ones refused (`invalid_scope`).
+fn parse_scopes(scope: Option<&str>) -> Result<Vec<String>, Response> {
+    let mut scopes: Vec<String> = Vec::new();
+    for s in scope.unwrap_or_default().split_whitespace() {
+        if !scopes.iter().any(|x| x == s) {
+            scopes.push(s.to_owned());
+        }
+    }
+    if scopes.is_empty() {
+        return Err(error_page(
+            StatusCode::BAD_REQUEST,
+            "Error 400: invalid_scope. Missing required parameter: scope",
+        ));
+    }
+    let unknown: Vec<String> = scopes
+        .iter()
+        .filter(|s| !KNOWN_SCOPES.contains(&s.as_str()))
+        .take(5)
+        .map(|s| s.chars().take(100).collect())
+        .collect();
+    if !unknown.is_empty() {
+        return Err(error_page(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "Error 400: invalid_scope. Some requested scopes were invalid. {{invalid=[{}]}}",
+                unknown.join(", ")
+            ),
+        ));
+    }
+    Ok(scopes)
 }
 
 /// Checks client and redirect URI; errors here are shown, never redirected (RFC 6749 §4.1.2.1).
@@ -882,7 +1155,10 @@ fn check_auth_request(
     let Some(client) = live.index.client(client_id).cloned() else {
         return Err(error_page(
             StatusCode::UNAUTHORIZED,
-            &format!("Error 401: invalid_client. The OAuth client `{client_id}` was not found."),
+            &format!(
+                "Error 401: invalid_client. The OAuth client `{}` was not found.",
+                client_id.chars().take(200).collect::<String>()
+            ),
         ));
     };
     if client.disabled {
@@ -896,7 +1172,8 @@ fn check_auth_request(
         return Err(error_page(
             StatusCode::BAD_REQUEST,
             &format!(
-                "Error 400: redirect_uri_mismatch. `{redirect}` is not registered for this client (oauth_clients[{client_id}].redirect_uris)."
+                "Error 400: redirect_uri_mismatch. `{}` is not registered for this client (oauth_clients[{client_id}].redirect_uris).",
+                redirect.chars().take(200).collect::<String>()
             ),
         ));
     }
@@ -912,46 +1189,118 @@ fn check_auth_request(
             "Error 400: invalid_request. Only code_challenge_method=S256 is supported.",
         ));
     }
-    let scopes: Vec<String> = p
-        .scope
-        .as_deref()
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect();
-    if scopes.is_empty() {
-        return Err(error_page(
-            StatusCode::BAD_REQUEST,
-            "Error 400: invalid_scope. Missing required parameter: scope",
-        ));
-    }
+    let scopes = parse_scopes(p.scope.as_deref())?;
     Ok((client, redirect, scopes))
 }
 
+/// The anti-CSRF cookie's value, when the request carries a well-formed one.
+fn cookie_nonce(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().strip_prefix(CSRF_COOKIE)?.strip_prefix('='))
+        .find(|v| {
+            v.len() == 22
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        .map(str::to_owned)
+}
+
+/// The MAC binding a form to its cookie, its issue time and every authorization parameter.
+fn csrf_mac(st: &GmailState, nonce: &str, issued_ms: u64, p: &AuthParams) -> String {
+    use base64::Engine as _;
+    let mut m = format!("mailgate consent v1\0{nonce}\0{issued_ms}");
+    for v in [
+        &p.client_id,
+        &p.redirect_uri,
+        &p.response_type,
+        &p.scope,
+        &p.state,
+        &p.code_challenge,
+        &p.code_challenge_method,
+    ] {
+        match v {
+            Some(v) => {
+                m.push('\x01');
+                m.push_str(v);
+            }
+            None => m.push('\x02'),
+        }
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(mailgate_auth::hmac_sha256(&st.csrf_key, m.as_bytes()))
+}
+
+/// Whether the posted form carries a token this gateway issued, for this cookie and these
+/// parameters, within [`CSRF_TTL_MS`].
+fn csrf_ok(st: &GmailState, headers: &HeaderMap, p: &AuthParams, now_ms: u64) -> bool {
+    let Some(nonce) = cookie_nonce(headers) else {
+        return false;
+    };
+    let Some((ts, mac)) = p.csrf_token.as_deref().and_then(|t| t.split_once('.')) else {
+        return false;
+    };
+    let Ok(issued) = ts.parse::<u64>() else {
+        return false;
+    };
+    if issued > now_ms.saturating_add(60_000) || now_ms.saturating_sub(issued) > CSRF_TTL_MS {
+        return false;
+    }
+    mailgate_auth::ct_eq(mac.as_bytes(), csrf_mac(st, &nonce, issued, p).as_bytes())
+}
+
+/// What the sign-in page shows besides the form.
+struct PageNote {
+    status: StatusCode,
+    message: String,
+    retry_after_secs: Option<u64>,
+}
+
+fn note(status: StatusCode, message: impl Into<String>) -> Option<PageNote> {
+    Some(PageNote {
+        status,
+        message: message.into(),
+        retry_after_secs: None,
+    })
+}
+
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one page, rendered from the request and what happened to it"
+)]
 fn consent_page(
+    st: &GmailState,
     p: &AuthParams,
     client_name: &str,
     scopes: &[String],
-    error: Option<&str>,
+    nonce: &str,
+    secure: bool,
+    note: Option<PageNote>,
 ) -> Response {
     let hidden = |name: &str, v: &Option<String>| {
         v.as_deref()
             .map(|v| format!("<input type=hidden name=\"{name}\" value=\"{}\">", esc(v)))
             .unwrap_or_default()
     };
+    let now = mailgate_gateway::now_ms();
+    let token = format!("{now}.{}", csrf_mac(st, nonce, now, p));
     let items: String = scopes
         .iter()
         .map(|s| format!("<li><code>{}</code></li>", esc(s)))
         .collect();
-    let err = error
-        .map(|e| format!("<p role=alert style=\"color:#b00\">{}</p>", esc(e)))
+    let err = note
+        .as_ref()
+        .map(|n| format!("<p role=alert style=\"color:#b00\">{}</p>", esc(&n.message)))
         .unwrap_or_default();
-    Html(format!(
+    let mut r = Html(format!(
         "<!doctype html><meta charset=utf-8><title>Sign in - Mailgate</title>\
 <h1>Sign in to continue to {name}</h1>{err}\
 <p>{name} is asking for access to:</p><ul>{items}</ul>\
 <form method=post action=\"/o/oauth2/auth\">\
-{h1}{h2}{h3}{h4}{h5}{h6}{h7}\
+{h1}{h2}{h3}{h4}{h5}{h6}{h7}<input type=hidden name=\"csrf_token\" value=\"{token}\">\
 <label>Email <input name=email type=email autocomplete=username required></label><br>\
 <label>Password <input name=password type=password autocomplete=current-password required></label><br>\
 <button type=submit>Allow</button></form>",
@@ -964,56 +1313,264 @@ fn consent_page(
         h6 = hidden("code_challenge", &p.code_challenge),
         h7 = hidden("code_challenge_method", &p.code_challenge_method),
     ))
-    .into_response()
+    .into_response();
+    if let Some(n) = &note {
+        *r.status_mut() = n.status;
+        if let Some(secs) = n.retry_after_secs {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+    }
+    let cookie = format!(
+        "{CSRF_COOKIE}={nonce}; Path=/o/oauth2/auth; Max-Age={}; HttpOnly; SameSite=Strict{}",
+        CSRF_TTL_MS / 1000,
+        if secure { "; Secure" } else { "" }
+    );
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    harden(r, p.redirect_uri.as_deref())
 }
 
 /// `GET /o/oauth2/auth`: the login + consent page listing the requested scopes.
 pub(crate) async fn auth_page(
     State(st): State<Arc<GmailState>>,
-    Query(p): Query<AuthParams>,
+    conn: axum::Extension<crate::ConnFacts>,
+    headers: HeaderMap,
+    query: Result<Query<AuthParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
+    let Ok(Query(p)) = query else {
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            "Error 400: invalid_request. The authorization request could not be read.",
+        );
+    };
     match check_auth_request(&st, &p) {
         Ok((client, _, scopes)) => {
             let name = client.name.clone().unwrap_or(client.client_id.clone());
-            consent_page(&p, &name, &scopes, None)
+            // Reuse the browser's cookie, so two sign-in tabs do not invalidate each other.
+            let nonce = match cookie_nonce(&headers) {
+                Some(n) => n,
+                None => match mailgate_auth::random_token::<16>() {
+                    Ok(n) => n,
+                    Err(_) => {
+                        return error_page(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "Error 500: no randomness available.",
+                        );
+                    }
+                },
+            };
+            consent_page(&st, &p, &name, &scopes, &nonce, conn.tls.is_some(), None)
         }
         Err(r) => r,
     }
 }
 
-/// `POST /o/oauth2/auth`: checks the password, then redirects with a code.
+/// The engine's refusal of a failed sign-in (kept under a decision id like every refusal, in
+/// memory only since nobody authenticated), as a line for the page.
+async fn refusal_line(
+    st: &GmailState,
+    conn: &crate::ConnFacts,
+    headers: &HeaderMap,
+    state: CredentialState,
+    shown: &str,
+) -> String {
+    let mut attempt = SendAttempt::new(
+        Door::Gmail,
+        Credential::Refused {
+            state,
+            presented: Some("consent page password".into()),
+        },
+    );
+    attempt.transport = conn.transport(headers);
+    match st.gateway.decide("consent", &attempt).await {
+        Ok(d) => match d.decision.denial() {
+            Some(x) => format!("{shown} [mailgate: {}, decision {}]", x.code.code(), d.id),
+            None => shown.to_owned(),
+        },
+        Err(_) => shown.to_owned(),
+    }
+}
+
+/// The engine's answer on the account at consent time: its state (suspended, sending revoked,
+/// under review) refuses a code. Every check runs (explain mode: the credential's scopes may
+/// fail an earlier check that does not matter here); only account-state denials count.
+async fn account_refusal(
+    st: &GmailState,
+    conn: &crate::ConnFacts,
+    headers: &HeaderMap,
+    user: &str,
+    client: &mailgate_core::directory::OAuthClient,
+    scopes: &[String],
+) -> Result<Option<String>, Response> {
+    let mut attempt = SendAttempt::new(
+        Door::Gmail,
+        Credential::OauthUser {
+            user: user.to_owned(),
+            client_id: client.client_id.clone(),
+            project: client.project.clone(),
+            scopes: scopes.to_vec(),
+        },
+    );
+    attempt.transport = conn.transport(headers);
+    let decided = match st.gateway.explain(&attempt).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "consent: cannot ask the engine");
+            return Err(unavailable_page());
+        }
+    };
+    Ok(decided
+        .decision
+        .denials
+        .iter()
+        .find(|d| {
+            matches!(
+                d.code,
+                Reason::AccountSuspended
+                    | Reason::AccountSendingRevoked
+                    | Reason::AccountUnderReview
+            )
+        })
+        .map(|d| {
+            format!(
+                "{} [mailgate: {}, decision {}] Remedy: {}",
+                d.message,
+                d.code.code(),
+                decided.id,
+                d.remedy
+            )
+        }))
+}
+
+fn unavailable_page() -> Response {
+    let mut r = error_page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!(
+            "Error 503: the service is temporarily unavailable ({}). Try again in a moment.",
+            crate::errors::STORE_UNAVAILABLE
+        ),
+    );
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(crate::errors::STORE_RETRY_AFTER_SECS),
+    );
+    r
+}
+
+/// `POST /o/oauth2/auth`: checks the form's origin and the password, asks the engine about the
+/// account, then redirects with a code.
 pub(crate) async fn auth_submit(
     State(st): State<Arc<GmailState>>,
-    Form(p): Form<AuthParams>,
+    conn: axum::Extension<crate::ConnFacts>,
+    headers: HeaderMap,
+    form: Result<Form<AuthParams>, axum::extract::rejection::FormRejection>,
 ) -> Response {
+    let p = match form {
+        Ok(Form(p)) => p,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error_page(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Error 413: the sign-in form is too large.",
+            );
+        }
+        Err(_) => {
+            return error_page(
+                StatusCode::BAD_REQUEST,
+                "Error 400: invalid_request. The sign-in form could not be read.",
+            );
+        }
+    };
     let (client, redirect, scopes) = match check_auth_request(&st, &p) {
         Ok(x) => x,
         Err(r) => return r,
     };
+    if !csrf_ok(&st, &headers, &p, mailgate_gateway::now_ms()) {
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            "Error 400: invalid_request. This sign-in form has expired or was not sent from this page: go back to the application and sign in again.",
+        );
+    }
+    let Some(nonce) = cookie_nonce(&headers) else {
+        return error_page(StatusCode::BAD_REQUEST, "Error 400: invalid_request.");
+    };
     let name = client.name.clone().unwrap_or(client.client_id.clone());
-    let email = p.email.clone().unwrap_or_default();
+    let secure = conn.tls.is_some();
+    let page = |n: Option<PageNote>| consent_page(&st, &p, &name, &scopes, &nonce, secure, n);
+    let email = p.email.as_deref().unwrap_or_default().trim().to_owned();
     let password = p.password.clone().unwrap_or_default();
-    let user = {
+    let ip = conn.peer.ip();
+    let lockout = st.gateway.lockout();
+    if let Err(wait) = lockout.check(&email, ip, std::time::Instant::now()) {
+        let secs = wait.as_secs().max(1);
+        let line = refusal_line(
+            &st,
+            &conn,
+            &headers,
+            CredentialState::Locked,
+            &format!("Too many failed sign-in attempts. Try again in {secs} seconds."),
+        )
+        .await;
+        tracing::info!(login = %mailgate_auth::redact_login(&email), "consent: locked out");
+        return page(Some(PageNote {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: line,
+            retry_after_secs: Some(secs),
+        }));
+    }
+    let (hash, primary) = {
         let live = st.gateway.live();
-        live.index.directory().user(&email).cloned()
+        let user = live.index.directory().user(&email);
+        (
+            user.and_then(|u| u.password_hash.clone()),
+            user.map(|u| u.email.clone()),
+        )
     };
-    let ok = user
-        .as_ref()
-        .and_then(|u| u.password_hash.as_deref())
-        .is_some_and(|h| mailgate_auth::verify_password(&password, h));
-    let Some(user) = user.filter(|_| ok) else {
-        tracing::info!(login = %email, "consent: wrong email or password");
-        return consent_page(&p, &name, &scopes, Some("Wrong email or password."));
+    // Unknown users are checked against a dummy hash: the same time as a wrong password.
+    let ok = match st.gateway.budget().passwords().verify(hash, password).await {
+        Ok(ok) => ok,
+        Err(_) => {
+            return page(Some(PageNote {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: "The sign-in service is busy. Try again in a moment.".into(),
+                retry_after_secs: Some(1),
+            }));
+        }
     };
+    let Some(user) = primary.filter(|_| ok) else {
+        lockout.failure(&email, ip, std::time::Instant::now());
+        if st.gateway.budget().log_limited("consent wrong password") {
+            tracing::info!(login = %mailgate_auth::redact_login(&email), "consent: wrong email or password");
+        }
+        let line = refusal_line(
+            &st,
+            &conn,
+            &headers,
+            CredentialState::Invalid,
+            "Wrong email or password.",
+        )
+        .await;
+        return page(note(StatusCode::OK, line));
+    };
+    lockout.success(&email, ip, std::time::Instant::now());
+    match account_refusal(&st, &conn, &headers, &user, &client, &scopes).await {
+        Ok(None) => {}
+        Ok(Some(line)) => {
+            tracing::info!(user = %user, "consent refused by the account's state");
+            return page(note(StatusCode::FORBIDDEN, line));
+        }
+        Err(r) => return r,
+    }
     let grant = Grant::Code {
-        user: user.email.clone(),
+        user,
         client_id: client.client_id.clone(),
         redirect_uri: redirect.clone(),
         code_challenge: p.code_challenge.clone(),
     };
     let code = match issue(&st, "code", &grant, &scopes, None, CODE_TTL_MS, "4/mg_").await {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(_) => return unavailable_page(),
     };
     let mut url = match url::Url::parse(&redirect) {
         Ok(u) => u,
@@ -1027,5 +1584,42 @@ pub(crate) async fn auth_submit(
             q.append_pair("state", s);
         }
     }
-    Redirect::to(url.as_str()).into_response()
+    harden(Redirect::to(url.as_str()).into_response(), None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_scope_the_door_checks_is_a_known_scope() {
+        for s in mailgate_core::engine::SEND_SCOPES
+            .iter()
+            .chain(crate::gmail::READ_SCOPES)
+            .chain(crate::gmail::SHARING_SCOPES)
+            .chain(crate::gmail::BASIC_SCOPES)
+        {
+            assert!(KNOWN_SCOPES.contains(s), "{s}");
+        }
+        assert!(parse_scopes(Some("openid email https://mail.google.com/")).is_ok());
+        assert!(parse_scopes(Some("https://mail.google.com/ evil")).is_err());
+        assert!(parse_scopes(Some("  ")).is_err());
+    }
+
+    #[test]
+    fn the_cookie_is_read_only_when_well_formed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=b; mg_consent=AAAAAAAAAAAAAAAAAAAAAA; c=d"),
+        );
+        assert_eq!(cookie_nonce(&h).as_deref(), Some("AAAAAAAAAAAAAAAAAAAAAA"));
+        h.insert(header::COOKIE, HeaderValue::from_static("mg_consent=short"));
+        assert_eq!(cookie_nonce(&h), None);
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("mg_consentx=AAAAAAAAAAAAAAAAAAAAAA"),
+        );
+        assert_eq!(cookie_nonce(&h), None);
+    }
 }

@@ -44,6 +44,7 @@ fn apply_then_export_round_trips_the_example() {
     for (c, stored) in original.oauth_clients.iter_mut().zip(&back.oauth_clients) {
         c.secret = None;
         c.secret_sha256 = stored.secret_sha256.clone();
+        c.secret_hash = stored.secret_hash.clone();
     }
     for (d, stored) in original.domains.iter_mut().zip(&back.domains) {
         assert!(stored.verification_token.is_some());

@@ -333,16 +333,26 @@ fn suspended_user_is_refused_at_once_without_restart() {
         );
         b.contains("\"suspended\"")
     }));
-    // A token obtained earlier would also stop working; a new delegated token is refused outright.
+    // A new delegated token is refused outright (so is a sign-in on the consent page:
+    // hostile::gmail::suspended_user_gets_no_code); a token obtained earlier stops working too.
     let r = client(
         &server,
-        user("alice@example.com", &[SEND]),
+        sa(
+            &gw,
+            "mailer@acme-app.iam.example.com",
+            "alice@example.com",
+            &[SEND],
+        ),
         json!([send(None, "x@example.org")]),
     );
-    assert_eq!(r[0]["status"], 403, "{}", r[0]);
-    assert_eq!(mailgate_detail(&r[0])["reason"], "account.suspended");
+    assert_eq!(r[0]["kind"], "RefreshError", "{}", r[0]);
+    assert_eq!(
+        r[0]["body"]["mailgate"]["code"], "account.suspended",
+        "{}",
+        r[0]
+    );
     assert!(
-        mailgate_detail(&r[0])["metadata"]["remedy"]
+        r[0]["body"]["mailgate"]["remedy"]
             .as_str()
             .unwrap()
             .contains("mailgate user unsuspend alice@example.com")
