@@ -13,7 +13,10 @@ use mailgate_core::engine::Originator;
 /// refuses it (`message.invalid`) instead of never seeing it.
 ///
 /// Every field counts: mail-parser's `from()` returns one field only, and a mail client shows
-/// the reader another.
+/// the reader another. A field whose raw value holds a control character (a bare CR, a NUL;
+/// RFC 5322 allows neither) is kept as that raw value, which is no address: mail-parser reads
+/// `From: ceo@x\rFrom: alice@x` as one group holding alice@x, and a program that takes the bare
+/// CR for a line end sees ceo@x.
 pub fn originator(message: &mail_parser::Message<'_>) -> Originator {
     let mut o = Originator::default();
     for h in message.headers() {
@@ -22,9 +25,27 @@ pub fn originator(message: &mail_parser::Message<'_>) -> Originator {
             HeaderName::Sender => &mut o.sender,
             _ => continue,
         };
-        fields.push(addresses(&h.value));
+        let raw = message
+            .raw_message
+            .get(h.offset_start as usize..h.offset_end as usize)
+            .unwrap_or_default();
+        if stray_control(raw) {
+            fields.push(vec![String::from_utf8_lossy(raw).trim().to_owned()]);
+        } else {
+            fields.push(addresses(&h.value));
+        }
     }
     o
+}
+
+/// A control character other than a tab or a line end (CRLF, or LF alone as some clients
+/// write), or a CR not followed by LF.
+fn stray_control(raw: &[u8]) -> bool {
+    raw.iter().enumerate().any(|(i, b)| match b {
+        b'\t' | b'\n' => false,
+        b'\r' => raw.get(i + 1) != Some(&b'\n'),
+        _ => *b < 0x20 || *b == 0x7f,
+    })
 }
 
 fn addresses(v: &HeaderValue<'_>) -> Vec<String> {
@@ -163,6 +184,25 @@ mod tests {
         assert_eq!(o(b"From: <>\r\n\r\n").from, v(&[&[]]));
         assert_eq!(o(b"From: undisclosed:;\r\n\r\n").from, v(&[&[]]));
         assert_eq!(o(b"To: b@y.com\r\n\r\nFrom: body@x.com\r\n").from, v(&[]));
+        // A bare CR or a NUL in the field: kept raw, which the engine refuses as no address.
+        for raw in [
+            &b"From: ceo@x.com\rFrom: alice@x.com\r\n\r\n"[..],
+            b"From: ceo@x.com\x00From: alice@x.com\r\n\r\n",
+        ] {
+            let from = o(raw).from;
+            assert_eq!(from.len(), 1, "{from:?}");
+            assert!(from[0][0].starts_with("ceo@x.com"), "{from:?}");
+            assert!(!mailgate_core::engine::plausible_address(&from[0][0]));
+        }
+        // Folding and bare-LF messages are fine.
+        assert_eq!(
+            o(b"From: Alice\r\n <alice@x.com>\r\n\r\n").from,
+            v(&[&["alice@x.com"]])
+        );
+        assert_eq!(
+            o(b"From: alice@x.com\nTo: b@y.com\n\n").from,
+            v(&[&["alice@x.com"]])
+        );
         assert_eq!(o(b"").from, v(&[]));
     }
 }
