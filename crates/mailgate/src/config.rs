@@ -145,7 +145,6 @@ impl RawLimits {
             unauthenticated_decisions_kept: self
                 .unauthenticated_decisions_kept
                 .unwrap_or(d.unauthenticated_decisions_kept),
-            ..d
         })
     }
 }

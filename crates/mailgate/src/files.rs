@@ -22,10 +22,9 @@ pub fn secure_data_dir(dir: &Path, db: &Path) {
         if let Ok(meta) = std::fs::symlink_metadata(p)
             && meta.is_file() == (mode == 0o600)
             && meta.permissions().mode() & 0o077 != 0
+            && let Err(e) = std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
         {
-            if let Err(e) = std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)) {
-                tracing::warn!(path = %p.display(), error = %e, "cannot make this file private");
-            }
+            tracing::warn!(path = %p.display(), error = %e, "cannot make this file private");
         }
     };
     narrow(dir, 0o700);
@@ -85,7 +84,7 @@ pub fn fit_open_files(
         && cur < max
     {
         l.current = Some(max);
-        if let Err(e) = setrlimit(Resource::Nofile, l.clone()) {
+        if let Err(e) = setrlimit(Resource::Nofile, l) {
             tracing::warn!(error = %e, "cannot raise the open-file limit");
         }
     }

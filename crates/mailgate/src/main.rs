@@ -67,7 +67,7 @@ enum Cmd {
     /// Exit status: 0 allowed (or accepted and held), 3 denied, 1 error.
     Explain {
         #[command(flatten)]
-        req: explain::ExplainRequest,
+        req: Box<explain::ExplainRequest>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,

@@ -284,8 +284,13 @@ impl SmtpConn {
 pub fn assert_budget(server: &Server, report: &Report) {
     let peak = server.peak_rss_mb();
     eprintln!(
-        "budget: peak RSS {peak:.0} MB; probe sent {} failed {} p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
-        report.sent, report.failed, report.p50_ms, report.p99_ms, report.max_ms
+        "budget: peak RSS {peak:.0} MB (now {:.0} MB); probe sent {} failed {} p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
+        server.rss_mb(),
+        report.sent,
+        report.failed,
+        report.p50_ms,
+        report.p99_ms,
+        report.max_ms
     );
     assert!(
         peak > 0.0 && peak < MAX_RSS_MB,
