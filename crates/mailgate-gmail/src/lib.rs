@@ -11,7 +11,7 @@ mod errors;
 mod gmail;
 mod oauth;
 
-pub use oauth::credential_for_access_token;
+pub use oauth::{credential_for_access_token, resolve_access_token};
 
 use std::net::SocketAddr;
 use std::sync::Arc;

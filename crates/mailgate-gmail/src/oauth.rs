@@ -951,7 +951,10 @@ pub async fn credential_for_access_token(
     }
 }
 
-async fn resolve_access_token(
+/// [`credential_for_access_token`] with store faults kept apart: `Err` is a fault of the store
+/// (answer with a temporary refusal and do not count it as a failed authentication), never a
+/// verdict on the token.
+pub async fn resolve_access_token(
     tokens: &dyn TokenStore,
     gateway: &mailgate_gateway::Gateway,
     token: &str,

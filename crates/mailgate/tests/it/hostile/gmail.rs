@@ -1121,3 +1121,56 @@ fn gmail_store_fault_is_503_with_retry_after() {
     let r = create("second@example.com");
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Bodies are read only after authentication
+
+/// Sends the head of a request announcing `declared` body bytes and `sent` of them, then reads
+/// the answer without sending the rest.
+fn partial_upload(server: &Server, token: Option<&str>, declared: usize, sent: usize) -> Resp {
+    let mut s = connect_from("127.0.0.7", &server.addr).expect("connect");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "POST /upload/gmail/v1/users/me/messages/send?uploadType=media HTTP/1.1\r\nHost: {}\r\n{auth}Content-Type: message/rfc822\r\nContent-Length: {declared}\r\n\r\n",
+        server.addr
+    )
+    .unwrap();
+    let _ = s.write_all(&vec![b'x'; sent]);
+    read_response(&mut BufReader::new(s)).expect("an answer before the body is complete")
+}
+
+/// Regression: the Gmail routes buffered up to 36 MiB of body before looking at the credential.
+/// Now a request without a valid credential is answered from its headers (the body is never
+/// read), an announced body over the limit is a 413 at once, and a real upload still works.
+#[test]
+fn bodies_are_read_only_after_the_credential_passed() {
+    let gw = Gateway::new();
+    let server = gw.serve(&["--demo"]);
+    let alice = user_token(&server, "alice@example.com");
+    let t = Instant::now();
+    let r = partial_upload(&server, None, 30 * 1024 * 1024, 64 * 1024);
+    assert_eq!(r.status, 401, "{}", r.body);
+    let r = partial_upload(&server, Some("ya29.forged"), 30 * 1024 * 1024, 64 * 1024);
+    assert_eq!(r.status, 401, "{}", r.body);
+    let r = partial_upload(&server, Some(&alice), 40 * 1024 * 1024, 0);
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert_eq!(r.json()["error"]["errors"][0]["reason"], "uploadTooLarge");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "answers waited for bodies"
+    );
+    // A 2 MB message from a valid credential is read and accepted.
+    let big = format!("{MESSAGE}{}\r\n", "y".repeat(2 * 1024 * 1024));
+    let r = http(
+        &server.addr,
+        None,
+        "POST",
+        "/upload/gmail/v1/users/me/messages/send?uploadType=media",
+        &[bearer(&alice), ("Content-Type", "message/rfc822".into())],
+        big.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}
