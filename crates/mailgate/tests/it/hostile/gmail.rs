@@ -10,7 +10,7 @@
 //! with `openssl dgst` (as `scripts/test` installs it) using a key from `mailgate sa key create`.
 //! Every loop is bounded in count and time.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
