@@ -728,8 +728,6 @@ fn cases() -> Vec<Case> {
             },
         },
         Case {
-            code: Reason::MessageNoRecipients,
-        Case {
             code: Reason::MessageInvalid,
             fault: "message (Invalid From header: the message has 2 From header fields; RFC 5322 allows exactly one)",
             remedy: "RFC 5322 allows exactly one: remove every From header field but one",
@@ -816,6 +814,8 @@ fn cases() -> Vec<Case> {
                 a.transport.client_ip = Some(ip("192.0.2.7"));
             },
         },
+        Case {
+            code: Reason::MessageNoRecipients,
             fault: "message (recipients)",
             remedy: "add at least one recipient",
             setup: |a, _, _| a.recipients = Some(vec![]),
@@ -1044,8 +1044,6 @@ fn rewrite_mode_replaces_unowned_from_and_records_it() {
     assert_eq!(d.denial().map(|d| d.code), Some(Reason::SenderNotOwned));
 }
 
-#[test]
-fn smtp_mail_from_time_leaves_later_checks_pending() {
 #[test]
 fn rewrite_mode_rewrites_only_a_from_naming_one_address() {
     let mut dir = fixture();
@@ -1307,6 +1305,8 @@ fn relay_checks_every_header_address() {
     );
 }
 
+#[test]
+fn smtp_mail_from_time_leaves_later_checks_pending() {
     let ix = DirectoryIndex::new(&fixture());
     let c = MemoryCounters::new();
     let mut a = SendAttempt::new(Door::Smtp, login("alice@example.com"));
@@ -1660,9 +1660,6 @@ pub(super) fn random_directory(r: &mut Rng) -> Directory {
     d
 }
 
-pub(super) fn random_attempt(r: &mut Rng) -> SendAttempt {
-    let door = *r.pick(&[Door::Gmail, Door::Sendgrid, Door::Smtp, Door::SmtpRelay]);
-    let user = |r: &mut Rng| {
 /// Entries a broken From or Sender field yields: nothing, a bare name, two addresses a parser
 /// glued together, a second `@`.
 const NOT_ADDRESSES: &[&str] = &[
@@ -1709,6 +1706,9 @@ fn random_originator(r: &mut Rng, from: Option<&str>) -> Originator {
     }
 }
 
+pub(super) fn random_attempt(r: &mut Rng) -> SendAttempt {
+    let door = *r.pick(&[Door::Gmail, Door::Sendgrid, Door::Smtp, Door::SmtpRelay]);
+    let user = |r: &mut Rng| {
         r.pick(&[
             "u0@example.com",
             "u1@example.com",
@@ -1767,14 +1767,14 @@ fn random_originator(r: &mut Rng, from: Option<&str>) -> Originator {
     } else {
         r.chance(70).then(|| r.pick(ADDRS).to_string())
     };
-    SendAttempt {
-        door,
-        transport: Transport {
     let header = if r.chance(5) {
         None
     } else {
         Some(random_originator(r, from.as_deref()))
     };
+    SendAttempt {
+        door,
+        transport: Transport {
             tls: *r.pick(&[
                 None,
                 Some(TlsVersion::Tls11),
@@ -1850,10 +1850,11 @@ fn differential_against_reference_100k() {
     let mut cases = 0u64;
     let mut allowed = 0u64;
     let mut seen = std::collections::BTreeSet::new();
+    let (mut allowed_several_from, mut malformed_header) = (0u64, 0u64);
+    let mut checked_guarantee = 0u64;
     for _ in 0..1_000 {
         let dir = random_directory(&mut r);
         let ix = DirectoryIndex::new(&dir);
-    let (mut allowed_several_from, mut malformed_header) = (0u64, 0u64);
         for _ in 0..100 {
             let a = random_attempt(&mut r);
             let counters = random_counters(&mut r);
@@ -1881,9 +1882,24 @@ fn differential_against_reference_100k() {
             if d.verdict != Verdict::Denied {
                 allowed += 1;
             }
-            for c in &d.checks {
-                if c.outcome == Outcome::Fail {
-                    seen.insert(c.check);
+            // The send-as guarantee, stated directly: an accepted message has one well-formed
+            // From, and every From and Sender address is one the principal may send as (or the
+            // single From is rewritten).
+            if e.accepted() && e.complete {
+                let h = a.header.as_ref().expect("accepted without a header");
+                assert_eq!(h.problem(), None, "case {cases}: {a:#?}");
+                for addr in h.from_addresses().chain(h.sender_addresses()) {
+                    let rewritten = e
+                        .rewrites
+                        .iter()
+                        .any(|r| r.header == "From" && r.original == addr);
+                    assert!(
+                        rewritten || reference::header_address_allowed(&dir, &a, addr),
+                        "case {cases}: {addr} accepted: {a:#?}"
+                    );
+                }
+                checked_guarantee += 1;
+            }
             if let Some(h) = &a.header {
                 let several = h.from.len() == 1 && h.from[0].len() > 1;
                 if several && d.verdict != Verdict::Denied {
@@ -1895,6 +1911,9 @@ fn differential_against_reference_100k() {
                     malformed_header += 1;
                 }
             }
+            for c in &d.checks {
+                if c.outcome == Outcome::Fail {
+                    seen.insert(c.check);
                 }
             }
             cases += 1;
@@ -1912,6 +1931,10 @@ fn differential_against_reference_100k() {
     assert!(
         malformed_header > 50,
         "only {malformed_header} malformed headers refused"
+    );
+    assert!(
+        checked_guarantee > 100,
+        "the guarantee held on only {checked_guarantee} accepted cases"
     );
     let missing: Vec<_> = CHECKS.iter().filter(|c| !seen.contains(c)).collect();
     assert!(missing.is_empty(), "codes never produced: {missing:?}");
@@ -1983,9 +2006,6 @@ fn add_failure(dir: &mut Directory, a: &mut SendAttempt, how: u64) -> bool {
             }
             a.envelope_from = Some("intruder@evil.example".into());
         }
-        6 => dir.policies.push(Policy {
-            id: "stop".into(),
-            description: None,
         6 if how % 16 == 6 => {
             // A second From field: refused as malformed.
             a.body = Body::Valid;
@@ -2021,6 +2041,9 @@ fn add_failure(dir: &mut Directory, a: &mut SendAttempt, how: u64) -> bool {
                 sender: vec![vec![first]],
             });
         }
+        6 => dir.policies.push(Policy {
+            id: "stop".into(),
+            description: None,
             applies_to: PolicyScope::default(),
             rule: PolicyRule::DenySend,
         }),

@@ -146,6 +146,42 @@ fn policy_applies(dir: &Directory, p: &Policy, u: Option<&User>) -> bool {
     }
 }
 
+/// The send-as guarantee stated directly: may an accepted attempt carry `addr` in its header?
+/// A user principal: only an address it owns (primary, alias, accepted send-as, group, delegated
+/// mailbox). The IP-trusted relay: an address `smtp_relay.allowed_senders` accepts, whose user
+/// (if any) is active, has mail and may send.
+pub(super) fn header_address_allowed(dir: &Directory, a: &SendAttempt, addr: &str) -> bool {
+    if matches!(a.credential, Credential::RelayIp) {
+        let rule = match dir.smtp_relay.allowed_senders {
+            RelaySenders::Any => true,
+            RelaySenders::RegisteredUsers => user_by_address(dir, addr).is_some(),
+            RelaySenders::DomainAddresses => org_domain_or_sub(dir, domain(addr)),
+        };
+        let state_ok = user_by_address(dir, addr).is_none_or(|u| {
+            u.status == UserStatus::Active
+                && u.mail_enabled
+                && dir.effective_org_unit(&u.org_unit).mail_enabled
+                && u.abuse.state != AbuseState::Revoked
+        });
+        return rule && state_ok;
+    }
+    let user = match &a.credential {
+        Credential::OauthUser { user, .. } | Credential::SmtpLogin { user } => {
+            user_by_primary(dir, user)
+        }
+        Credential::ServiceAccount {
+            subject: Some(s), ..
+        } => user_by_address(dir, s),
+        Credential::ApiKey { key_id } => dir
+            .api_keys
+            .iter()
+            .find(|k| k.id == *key_id)
+            .and_then(|k| user_by_primary(dir, &k.owner)),
+        _ => None,
+    };
+    user.is_some_and(|u| classify(dir, u, addr) == Own::Owned)
+}
+
 /// The outcome of every check, in order.
 pub(super) fn explain(
     a: &SendAttempt,
