@@ -30,13 +30,13 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use mailgate_core::engine::TlsVersion;
 use mailgate_core::orgfile::OrgFile;
 use mailgate_gateway::Gateway;
-use mailgate_smtp::{Limits, Listener, Lockout, LockoutPolicy, Session, SmtpContext, Step};
+use mailgate_gateway::lockout::LockoutPolicy;
+use mailgate_smtp::{Limits, Listener, Session, SmtpContext, Step};
 use mailgate_store::{Changeset, SqliteStore, Store, TokenRecord, TokenStore};
 
 /// The driver's read buffer (`server.rs`).
@@ -149,8 +149,19 @@ impl World {
             })
             .await
             .expect("fixture token");
-        let gateway = Gateway::open(store.clone()).await.expect("gateway");
+        let gateway = World::gateway(&store).await;
         World { store, gateway }
+    }
+
+    /// A gateway over `store`, its failed-AUTH lockout empty (a login locks after 3 failures).
+    async fn gateway(store: &Arc<SqliteStore>) -> Arc<Gateway> {
+        let gateway = Gateway::open(store.clone()).await.expect("gateway");
+        gateway.lockout().set_policy(LockoutPolicy {
+            login_threshold: 3,
+            network_threshold: 100,
+            ..LockoutPolicy::default()
+        });
+        gateway
     }
 }
 
@@ -236,13 +247,6 @@ impl Fixture {
         let ctx = Arc::new(SmtpContext {
             gateway: world.gateway.clone(),
             tokens: world.store.clone(),
-            // Fresh per run: a lock from an earlier input would make runs differ.
-            lockout: Lockout::new(LockoutPolicy {
-                per_login: 3,
-                per_ip: 100,
-                window: Duration::from_secs(60),
-                max_entries: 1000,
-            }),
             hostname: "mx.fuzz".into(),
             limits: c.limits,
             auth_without_tls: c.auth_without_tls,
@@ -288,6 +292,15 @@ impl Fixture {
             check_replies(&out);
             assert!(out.starts_with(b"421 4.4.2 "));
             assert!(session.is_closed());
+        }
+        // A failed AUTH left lockout state in the gateway (where the lockout lives): a new
+        // gateway over the same store, so that an earlier input's lock does not change what a
+        // later one does.
+        if !world.gateway.lockout().is_empty() {
+            let gateway = self.rt.block_on(World::gateway(&world.store));
+            if let Some(w) = self.world.as_mut() {
+                w.gateway = gateway;
+            }
         }
     }
 }
