@@ -25,6 +25,7 @@ use mailgate_core::catalogue::Stage;
 use mailgate_core::engine::{
     Body, Credential, CredentialState, Door, Originator, SendAttempt, TlsVersion, Transport,
 };
+use mailgate_gateway::budget::{MemoryBudget, MemoryLease};
 use mailgate_gateway::{Accepted, Decided, Gateway, Message};
 use mailgate_store::TokenStore;
 use smtp_proto::request::receiver::{
@@ -81,24 +82,48 @@ impl Listener {
     }
 }
 
-/// Protocol limits of every session.
+/// Protocol limits of every session. Connection caps, the TLS handshake timeout and the
+/// process-wide DATA memory budget are the gateway's (`Gateway::budget().limits()`), shared with
+/// the HTTP doors.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Largest message accepted on the wire (advertised as SIZE); the directory's
     /// `limits.max_message_bytes` may be lower per user.
     pub max_message_bytes: usize,
-    /// Most RCPT TO per transaction, whatever the directory says (memory bound).
+    /// Most RCPT TO per transaction, whatever the directory says (memory bound). Each RCPT past
+    /// it is answered `452 4.5.3` and counts as an error.
     pub max_recipients: usize,
     /// Most commands per connection.
     pub max_commands: u32,
-    /// Most unknown or malformed commands per connection.
-    pub max_bad_commands: u32,
+    /// Most commands while no mail transaction is open (none started yet, or since the last
+    /// one ended); MAIL FROM accepted starts the count again. Beyond: `421 4.7.0` and closed.
+    pub max_commands_without_mail: u32,
+    /// Errors (replies 4xx/5xx: refusals, unknown or malformed commands, RCPTs past the limit)
+    /// after which every further error reply is delayed by `error_sleep` (Postfix's
+    /// `smtpd_soft_error_limit`).
+    pub soft_error_limit: u32,
+    /// Errors after which the session gets `421 4.7.0 ... Error: too many errors` and is closed
+    /// (Postfix's `smtpd_hard_error_limit`). A stored message starts the count again.
+    pub hard_error_limit: u32,
+    /// Delay of each error reply from the soft limit on (Postfix's `smtpd_error_sleep_time`);
+    /// the driver sleeps asynchronously, and at most `(hard - soft) * error_sleep` per session.
+    pub error_sleep: Duration,
     /// Most AUTH attempts per connection.
     pub max_auth_attempts: u32,
-    /// Idle time before the server closes the connection.
+    /// Idle time before the server closes a trusted connection (authenticated, or one that has
+    /// started a mail transaction).
     pub idle: Duration,
-    /// Most concurrent connections per listener.
-    pub max_connections: usize,
+    /// Idle time before the server closes a connection that is not trusted yet (greeting to
+    /// first command included).
+    pub idle_untrusted: Duration,
+    /// `idle_untrusted` while the listener holds `pressure_percent` % of its connections or
+    /// more (Postfix's stress-dependent `smtpd_timeout`).
+    pub idle_under_pressure: Duration,
+    /// Share of the listener's connection slots from which it is under pressure.
+    pub pressure_percent: usize,
+    /// Longest time a connection may stay untrusted, whatever it sends (slow senders that keep
+    /// an idle timer from firing with a byte now and then).
+    pub untrusted_lifetime: Duration,
 }
 
 impl Default for Limits {
@@ -107,10 +132,16 @@ impl Default for Limits {
             max_message_bytes: 36_700_160,
             max_recipients: 1000,
             max_commands: 10_000,
-            max_bad_commands: 20,
+            max_commands_without_mail: 100,
+            soft_error_limit: 10,
+            hard_error_limit: 20,
+            error_sleep: Duration::from_secs(1),
             max_auth_attempts: 10,
             idle: Duration::from_secs(300),
-            max_connections: 1000,
+            idle_untrusted: Duration::from_secs(30),
+            idle_under_pressure: Duration::from_secs(10),
+            pressure_percent: 80,
+            untrusted_lifetime: Duration::from_secs(120),
         }
     }
 }
@@ -163,6 +194,8 @@ enum AfterDiscard {
     TooLarge,
     /// A BDAT chunk outside a valid transaction: this reply.
     Reply(String),
+    /// The process's DATA memory budget was spent: `452 4.3.1`, transaction over.
+    NoStorage,
 }
 
 enum State {
@@ -173,6 +206,8 @@ enum State {
     Bdat {
         rx: BdatReceiver,
         last: bool,
+        /// Bytes of the chunk still to come.
+        left: usize,
     },
     Discard {
         rx: DummyDataReceiver,
@@ -189,10 +224,81 @@ struct Transaction {
     from: Option<String>,
     rcpts: Vec<String>,
     declared_size: Option<u64>,
-    body: Vec<u8>,
+    /// The message as received; its capacity never exceeds `lease` (see
+    /// [`Session::make_room`]).
+    body: BodyBuf,
+    /// The bytes `body` holds from the process's DATA memory budget.
+    lease: Option<MemoryLease>,
     /// Bytes of a body too large to keep (counted, not stored).
     oversize: Option<u64>,
     bdat: bool,
+}
+
+/// A message body as it arrives, in chunks that never move once allocated. One growing buffer
+/// would be copied at every growth (for a 30 MB message, some 60 MB of copying on the async
+/// workers, with the old and the new buffer alive at once); chunks are reserved from the DATA
+/// memory budget one at a time and copied once, into one buffer, when the message is complete.
+#[derive(Default)]
+struct BodyBuf {
+    full: Vec<Vec<u8>>,
+    /// The chunk being written; its spare capacity is made by [`Session::make_room`].
+    tail: Vec<u8>,
+}
+
+impl BodyBuf {
+    /// The smallest chunk; chunks double up to [`BodyBuf::MAX_CHUNK`].
+    const FIRST_CHUNK: usize = 64 * 1024;
+    const MAX_CHUNK: usize = 1024 * 1024;
+
+    fn len(&self) -> usize {
+        self.full.iter().map(Vec::len).sum::<usize>() + self.tail.len()
+    }
+
+    fn capacity(&self) -> usize {
+        self.full.iter().map(Vec::capacity).sum::<usize>() + self.tail.capacity()
+    }
+
+    fn spare(&self) -> usize {
+        self.tail.capacity() - self.tail.len()
+    }
+
+    /// The size of the next chunk for `more` bytes (one more: see [`BodyBuf::start_chunk`]),
+    /// the body's whole capacity staying within `ceiling` when `more` allows.
+    fn next_chunk(&self, more: usize, ceiling: usize) -> usize {
+        self.tail
+            .capacity()
+            .saturating_mul(2)
+            .clamp(Self::FIRST_CHUNK, Self::MAX_CHUNK)
+            .min(ceiling.saturating_sub(self.capacity()))
+            .max(more.saturating_add(1))
+    }
+
+    /// Starts a chunk of `capacity` bytes. A CR ending the last chunk moves to the new one:
+    /// the end of DATA (CR LF . CR LF) removes the CR it wrote last.
+    fn start_chunk(&mut self, capacity: usize) {
+        let mut next = Vec::with_capacity(capacity);
+        if self.tail.last() == Some(&b'\r') {
+            self.tail.pop();
+            next.push(b'\r');
+        }
+        let done = std::mem::replace(&mut self.tail, next);
+        if !done.is_empty() {
+            self.full.push(done);
+        }
+    }
+
+    /// The body in one buffer (a copy only when it spans chunks).
+    fn into_vec(self) -> Vec<u8> {
+        if self.full.is_empty() {
+            return self.tail;
+        }
+        let mut out = Vec::with_capacity(self.len());
+        for chunk in self.full {
+            out.extend_from_slice(&chunk);
+        }
+        out.extend_from_slice(&self.tail);
+        out
+    }
 }
 
 /// One SMTP session.
@@ -209,7 +315,15 @@ pub struct Session {
     credential: Credential,
     tx: Transaction,
     commands: u32,
-    bad_commands: u32,
+    /// Commands since the last mail transaction started (or since the greeting).
+    commands_without_mail: u32,
+    /// Error replies since the greeting or the last stored message.
+    errors: u32,
+    /// How long the driver must wait before writing the output (error replies past the soft
+    /// error limit).
+    delay: Duration,
+    /// A mail transaction was started on this session (MAIL FROM accepted).
+    started_mail: bool,
     auth_attempts: u32,
     closed: bool,
 }
@@ -244,7 +358,10 @@ impl Session {
             credential: Credential::None,
             tx: Transaction::default(),
             commands: 0,
-            bad_commands: 0,
+            commands_without_mail: 0,
+            errors: 0,
+            delay: Duration::ZERO,
+            started_mail: false,
             auth_attempts: 0,
             closed: false,
         }
@@ -272,6 +389,19 @@ impl Session {
         self.tls
     }
 
+    /// How long the driver must wait before writing the output (drains it): one
+    /// `Limits::error_sleep` per error reply from the soft error limit on. The driver sleeps
+    /// asynchronously (other connections go on) and reads nothing meanwhile.
+    pub fn take_delay(&mut self) -> Duration {
+        std::mem::take(&mut self.delay)
+    }
+
+    /// Whether the client has authenticated or started a mail transaction (the relay's IP
+    /// trust is decided at MAIL FROM). Untrusted sessions get the short idle timeouts.
+    pub fn trusted(&self) -> bool {
+        self.started_mail || !matches!(self.credential, Credential::None)
+    }
+
     /// The client was idle too long: writes the 421 and closes.
     pub fn timed_out(&mut self) {
         let host = self.ctx.hostname.clone();
@@ -293,8 +423,49 @@ impl Session {
         self.state = State::Command;
     }
 
+    /// Writes a reply; every error reply (4xx/5xx but the closing 421) counts against the
+    /// error limits.
     fn push(&mut self, s: &str) {
         self.out.extend_from_slice(s.as_bytes());
+        let b = s.as_bytes();
+        if matches!(b.first(), Some(b'4' | b'5')) && !b.starts_with(b"421") {
+            self.error();
+        }
+    }
+
+    /// One more error: past the soft limit the reply waits `error_sleep`; at the hard limit
+    /// the session is closed with `421 4.7.0` (Postfix's `smtpd_soft_error_limit`,
+    /// `smtpd_error_sleep_time`, `smtpd_hard_error_limit`).
+    fn error(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.errors = self.errors.saturating_add(1);
+        let limits = self.ctx.limits;
+        if self.errors >= limits.hard_error_limit {
+            if self
+                .ctx
+                .gateway
+                .budget()
+                .log_limited("smtp.too_many_errors")
+            {
+                tracing::info!(
+                    listener = self.listener.name(),
+                    client = %self.peer.ip(),
+                    errors = self.errors,
+                    "SMTP connection closed: too many errors (rate-limited log)"
+                );
+            }
+            let host = self.ctx.hostname.clone();
+            self.push(&reply::line(
+                421,
+                "4.7.0",
+                &format!("{host} Error: too many errors"),
+            ));
+            self.closed = true;
+        } else if self.errors >= limits.soft_error_limit {
+            self.delay = self.delay.saturating_add(limits.error_sleep);
+        }
     }
 
     fn reply(&mut self, code: u16, enhanced: &str, text: &str) {
@@ -307,17 +478,14 @@ impl Session {
         Step::Close
     }
 
+    /// An error reply (counted by [`Session::push`]); `Close` when it reached the hard limit.
     fn bad_command(&mut self, code: u16, enhanced: &str, text: &str) -> Step {
-        self.bad_commands = self.bad_commands.saturating_add(1);
-        if self.bad_commands > self.ctx.limits.max_bad_commands {
-            return self.close_with(
-                421,
-                "4.7.0",
-                "Too many invalid commands, closing connection.",
-            );
-        }
         self.reply(code, enhanced, text);
-        Step::Continue
+        if self.closed {
+            Step::Close
+        } else {
+            Step::Continue
+        }
     }
 
     /// Feeds bytes received from the client; replies accumulate in the output.
@@ -385,15 +553,24 @@ impl Session {
                     let rest = iter.as_slice();
                     let room = max.saturating_sub(self.tx.body.len()).saturating_add(1);
                     let head = rest.get(..rest.len().min(room)).unwrap_or(rest);
+                    // Dot-unstuffing never writes more than it reads.
+                    if !self.make_room(head.len()) {
+                        self.state = State::Discard {
+                            rx: DummyDataReceiver::new_data(&rx),
+                            then: AfterDiscard::NoStorage,
+                        };
+                        continue;
+                    }
                     let mut sub = head.iter();
-                    let done = rx.ingest(&mut sub, &mut self.tx.body);
+                    let done = rx.ingest(&mut sub, &mut self.tx.body.tail);
                     let consumed = head.len() - sub.len();
                     iter = rest.get(consumed..).unwrap_or_default().iter();
                     if done {
                         self.finish_message().await;
                     } else if self.tx.body.len() > max {
                         self.tx.oversize = Some(self.tx.body.len() as u64);
-                        self.tx.body = Vec::new();
+                        self.tx.body = BodyBuf::default();
+                        self.tx.lease = None;
                         self.state = State::Discard {
                             rx: DummyDataReceiver::new_data(&rx),
                             then: AfterDiscard::TooLarge,
@@ -403,8 +580,17 @@ impl Session {
                         return Step::Continue;
                     }
                 }
-                State::Bdat { mut rx, last } => {
-                    if rx.ingest(&mut iter, &mut self.tx.body) {
+                State::Bdat { mut rx, last, left } => {
+                    let n = iter.len().min(left);
+                    if !self.make_room(n) {
+                        self.state = State::Discard {
+                            rx: DummyDataReceiver::new_bdat(left),
+                            then: AfterDiscard::NoStorage,
+                        };
+                        continue;
+                    }
+                    let left = left - n;
+                    if rx.ingest(&mut iter, &mut self.tx.body.tail) {
                         if last {
                             self.finish_message().await;
                         } else {
@@ -412,7 +598,7 @@ impl Session {
                             self.reply(250, "2.0.0", &format!("{n} octets received"));
                         }
                     } else {
-                        self.state = State::Bdat { rx, last };
+                        self.state = State::Bdat { rx, last, left };
                         return Step::Continue;
                     }
                 }
@@ -429,6 +615,10 @@ impl Session {
                     }
                     match then {
                         AfterDiscard::Reply(r) => self.push(&r),
+                        AfterDiscard::NoStorage => {
+                            self.tx = Transaction::default();
+                            self.reply(452, "4.3.1", NO_STORAGE);
+                        }
                         // Refused now (also for a BDAT chunk that is not the last: the later
                         // chunks of this transaction then find none).
                         AfterDiscard::TooLarge => self.finish_message().await,
@@ -480,6 +670,16 @@ impl Session {
         self.commands = self.commands.saturating_add(1);
         if self.commands > self.ctx.limits.max_commands {
             return self.close_with(421, "4.7.0", "Too many commands, closing connection.");
+        }
+        if self.tx.from.is_none() {
+            self.commands_without_mail = self.commands_without_mail.saturating_add(1);
+            if self.commands_without_mail > self.ctx.limits.max_commands_without_mail {
+                return self.close_with(
+                    421,
+                    "4.7.0",
+                    "Too many commands without a mail transaction, closing connection.",
+                );
+            }
         }
         match req {
             Request::Ehlo { host } => {
@@ -1029,6 +1229,8 @@ impl Session {
             declared_size: (size > 0).then_some(size as u64),
             ..Transaction::default()
         };
+        self.started_mail = true;
+        self.commands_without_mail = 0;
         self.reply(250, "2.1.0", "OK");
     }
 
@@ -1083,8 +1285,7 @@ impl Session {
             None
         };
         if let Some(r) = problem {
-            // The chunk is read and dropped, then refused (RFC 3030 §2).
-            self.bad_commands = self.bad_commands.saturating_add(1);
+            // The chunk is read and dropped, then refused (RFC 3030 §2), an error.
             self.state = State::Discard {
                 rx: DummyDataReceiver::new_bdat(chunk_size),
                 then: AfterDiscard::Reply(r),
@@ -1097,7 +1298,8 @@ impl Session {
         if self.tx.oversize.is_some() || total > max as u64 {
             let so_far = self.tx.oversize.unwrap_or(self.tx.body.len() as u64);
             self.tx.oversize = Some(so_far);
-            self.tx.body = Vec::new();
+            self.tx.body = BodyBuf::default();
+            self.tx.lease = None;
             self.state = State::Discard {
                 rx: DummyDataReceiver::new_bdat(chunk_size),
                 then: AfterDiscard::TooLarge,
@@ -1107,12 +1309,106 @@ impl Session {
         self.state = State::Bdat {
             rx: BdatReceiver::new(chunk_size, last),
             last,
+            left: chunk_size,
         };
+    }
+
+    /// Makes room in the body for `more` bytes: a new chunk when the current one is full,
+    /// reserved from the process's DATA memory budget before it is allocated (the body's
+    /// capacity never exceeds its lease; past 1 MiB a body may not take the budget's last
+    /// eighth, kept for small messages). False when the budget is spent: the body and its
+    /// lease are dropped, and the message will be refused.
+    fn make_room(&mut self, more: usize) -> bool {
+        if self.tx.body.spare() >= more {
+            return true;
+        }
+        let ceiling = self.ctx.limits.max_message_bytes.saturating_add(2);
+        let next = self.tx.body.next_chunk(more, ceiling);
+        let total = self.tx.body.capacity().saturating_add(next);
+        if !reserve(
+            self.ctx.gateway.budget().data_memory(),
+            &mut self.tx.lease,
+            total,
+        ) {
+            self.memory_spent();
+            self.tx.body = BodyBuf::default();
+            self.tx.lease = None;
+            return false;
+        }
+        self.tx.body.start_chunk(next);
+        true
+    }
+
+    /// Logs (rate-limited) that a message was refused because the DATA memory budget is spent.
+    fn memory_spent(&self) {
+        let b = self.ctx.gateway.budget();
+        if b.log_limited("smtp.data_memory_spent") {
+            tracing::warn!(
+                listener = self.listener.name(),
+                client = %self.peer.ip(),
+                used = b.data_memory().used(),
+                max = b.data_memory().max(),
+                "message refused with 452 4.3.1: the process's DATA memory budget is spent (limits.data_memory_mb; rate-limited log)"
+            );
+        }
+    }
+
+    /// The body ready for the store, Bcc removed and From replaced as `new_from` says, in its
+    /// own buffer when the header does not grow (the usual case): a large message is not
+    /// copied again.
+    fn final_body(mut body: Vec<u8>, new_from: Option<&str>) -> Vec<u8> {
+        let mut at = 0;
+        for line in body.split_inclusive(|b| *b == b'\n') {
+            if line == b"\n" || line == b"\r\n" {
+                break;
+            }
+            at += line.len();
+        }
+        let Some(head) = body.get(..at) else {
+            return body;
+        };
+        let header = mailgate_gateway::message::rewrite_headers(head, new_from, None);
+        if header == head {
+            return body;
+        }
+        if header.len() <= at {
+            body.splice(..at, header);
+            return body;
+        }
+        let rest = body.get(at..).unwrap_or_default();
+        let mut out = Vec::with_capacity(header.len() + rest.len());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(rest);
+        out
     }
 
     /// The end of the message: the last checks, then durable acceptance and 250.
     async fn finish_message(&mut self) {
-        let tx = std::mem::take(&mut self.tx);
+        let mut tx = std::mem::take(&mut self.tx);
+        // The body in one buffer: the copy is reserved until the chunks are freed.
+        let cap = tx.body.capacity();
+        let len = tx.body.len();
+        let budget = self.ctx.gateway.budget().data_memory();
+        if !tx.body.full.is_empty() && !reserve(budget, &mut tx.lease, cap.saturating_add(len)) {
+            self.memory_spent();
+            self.reply(452, "4.3.1", NO_STORAGE);
+            return;
+        }
+        let body = std::mem::take(&mut tx.body);
+        let raw = if len > SMALL_BODY {
+            // Copying megabytes is work for a blocking thread, not for an async worker that
+            // other connections wait on.
+            match tokio::task::spawn_blocking(move || body.into_vec()).await {
+                Ok(raw) => raw,
+                Err(e) => {
+                    tracing::error!(error = %e, "joining the body copy failed");
+                    self.reply(451, "4.3.0", "Temporary server error, try again later.");
+                    return;
+                }
+            }
+        } else {
+            body.into_vec()
+        };
         let mut a = self.attempt();
         a.envelope_from.clone_from(&tx.from);
         a.recipients = Some(tx.rcpts.clone());
@@ -1122,8 +1418,8 @@ impl Session {
                 a.body = Body::Valid;
             }
             None => {
-                a.size = Some(tx.body.len() as u64);
-                let h = headers(&tx.body);
+                a.size = Some(raw.len() as u64);
+                let h = headers(&raw);
                 a.header = h.originator;
                 a.body = h.body;
                 null_reverse_path(&mut a);
@@ -1148,10 +1444,23 @@ impl Session {
             .iter()
             .find(|r| r.header == "From")
             .map(|r| r.replacement.clone());
+        // Storing copies the body twice more (SQLite binds its own copy, then builds the row
+        // from it): that is reserved too, and the lease (dropped with `tx`) holds until the
+        // message is stored.
+        let copies = cap.saturating_add(raw.len().saturating_mul(2));
+        if !reserve(
+            self.ctx.gateway.budget().data_memory(),
+            &mut tx.lease,
+            copies,
+        ) {
+            self.memory_spent();
+            self.reply(452, "4.3.1", NO_STORAGE);
+            return;
+        }
         let message = Message {
             envelope_from: tx.from.clone().unwrap_or_default(),
             recipients: tx.rcpts.clone(),
-            raw: mailgate_gateway::message::rewrite_headers(&tx.body, new_from.as_deref(), None),
+            raw: Self::final_body(raw, new_from.as_deref()),
         };
         match self
             .ctx
@@ -1160,6 +1469,8 @@ impl Session {
             .await
         {
             Ok(Accepted::Stored { message_id, state }) => {
+                // Delivering mail is what a client is for: its error count starts again.
+                self.errors = 0;
                 self.reply(
                     250,
                     "2.0.0",
@@ -1178,6 +1489,30 @@ impl Session {
                 self.reply(451, "4.3.0", "Temporary server error, try again later.");
             }
         }
+    }
+}
+
+/// The `452 4.3.1` text when the DATA memory budget is spent (RFC 3463: mail system full).
+const NO_STORAGE: &str = "Insufficient system storage, try again later.";
+
+/// Bodies up to this size may use the whole DATA memory budget; larger ones leave its last
+/// eighth to small messages, so that a few large messages cannot make every small one wait.
+const SMALL_BODY: usize = 1024 * 1024;
+
+/// Makes `lease` hold at least `total` bytes of `budget` (nothing taken when it cannot).
+fn reserve(budget: &Arc<MemoryBudget>, lease: &mut Option<MemoryLease>, total: usize) -> bool {
+    let held = lease.as_ref().map_or(0, MemoryLease::bytes);
+    let more = total.saturating_sub(held);
+    if more == 0 {
+        return true;
+    }
+    let headroom = budget.max() - budget.max() / 8;
+    if total > SMALL_BODY && budget.used().saturating_add(more) > headroom {
+        return false;
+    }
+    match lease {
+        Some(l) => l.grow(more),
+        None => budget.try_reserve(more).map(|l| *lease = Some(l)).is_some(),
     }
 }
 
@@ -1341,7 +1676,6 @@ mod tests {
         .await;
         assert!(last_reply(&r).starts_with("554 5.6.0"), "{r}");
     }
-}
 
     /// Issue 12: every From field and address is read, on submission and on the relay alike.
     #[tokio::test]
@@ -1396,3 +1730,4 @@ mod tests {
         let r = converse(&ctx, Listener::Relay, &relay("From: alice@example.com\r\n")).await;
         assert!(last_reply(&r).starts_with("250 2.0.0 OK "), "{r}");
     }
+}

@@ -466,7 +466,7 @@ async fn oversize_messages_are_counted_discarded_and_refused() {
 #[tokio::test]
 async fn protocol_limits_close_the_connection() {
     let t = setup(Limits {
-        max_bad_commands: 3,
+        hard_error_limit: 4,
         ..Limits::default()
     })
     .await;
@@ -475,7 +475,12 @@ async fn protocol_limits_close_the_connection() {
     assert_eq!(codes(&r), ["502", "502", "502"], "{r}");
     let step = s.ingest(b"QUUX\r\n").await;
     assert_eq!(step, Step::Close);
-    assert!(out(&mut s).starts_with("421 4.7.0"));
+    let r = out(&mut s);
+    assert_eq!(codes(&r), ["502", "421"], "{r}");
+    assert!(
+        r.ends_with("421 4.7.0 mx.test Error: too many errors\r\n"),
+        "{r}"
+    );
     // Over-long lines are refused, not buffered.
     let t = setup(Limits::default()).await;
     let mut s = t.session(Listener::Submission, None);
