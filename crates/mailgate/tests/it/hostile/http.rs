@@ -37,9 +37,9 @@ fn answer(s: &mut TcpStream, wait: Duration) -> String {
 #[test]
 fn idle_connections_cannot_exhaust_the_listeners() {
     let gw = Gateway::new();
-    let server = gw.serve_wrapped(
+    let server = super::serve_demo_wrapped(
+        &gw,
         "[limits]\nheader_timeout_secs = 3\nhttp_max_connections_per_ip = 40\n",
-        &["--demo"],
         &["prlimit", "--nofile=1024:1024", "--"],
     );
     let probe = Probe::relay(&server);
@@ -96,7 +96,7 @@ fn idle_connections_cannot_exhaust_the_listeners() {
 #[test]
 fn slow_headers_are_cut_after_the_header_timeout() {
     let gw = Gateway::new();
-    let server = gw.serve_with("[limits]\nheader_timeout_secs = 2\n", &["--demo"]);
+    let server = super::serve_demo(&gw, "[limits]\nheader_timeout_secs = 2\n");
     let mut s = connect_from("127.0.0.2", &server.addr).unwrap();
     let started = Instant::now();
     let head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
@@ -124,7 +124,7 @@ fn slow_headers_are_cut_after_the_header_timeout() {
 #[test]
 fn a_silent_connection_is_closed() {
     let gw = Gateway::new();
-    let server = gw.serve_with("[limits]\nheader_timeout_secs = 2\n", &["--demo"]);
+    let server = super::serve_demo(&gw, "[limits]\nheader_timeout_secs = 2\n");
     let mut s = connect_from("127.0.0.2", &server.addr).unwrap();
     let started = Instant::now();
     let a = answer(&mut s, Duration::from_secs(6));
@@ -143,7 +143,7 @@ fn a_silent_connection_is_closed() {
 fn database_and_keys_are_private_files() {
     use std::os::unix::fs::PermissionsExt as _;
     let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let server = super::serve_demo(&gw, "");
     // A send makes sure the write-ahead log exists.
     super::sendgrid_send(&server.addr).unwrap();
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -274,7 +274,7 @@ fn send_with_attachment(addr: &str, bytes: usize) -> String {
 fn a_full_disk_is_a_temporary_refusal_and_healthz_says_degraded() {
     let gw = Gateway::new();
     let disk = Tmpfs::mount(&gw.data_dir(), 80);
-    let server = gw.serve(&["--demo"]);
+    let server = super::serve_demo(&gw, "");
     let (status, body) = http_get(&server.addr, "/healthz", None);
     assert_eq!(status, 200, "{body}");
     // Fill the disk but for 512 KiB.
@@ -331,7 +331,7 @@ fn rows(gw: &Gateway, table: &str) -> u64 {
 #[test]
 fn refusals_before_authentication_are_counted_not_stored() {
     let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let server = super::serve_demo(&gw, "");
     let admin = super::admin_token(&gw);
     // Let the demo's own writes settle.
     std::thread::sleep(Duration::from_millis(300));
@@ -400,7 +400,7 @@ fn refusals_before_authentication_are_counted_not_stored() {
 #[test]
 fn https_refusal_comes_after_the_tls_handshake() {
     let gw = Gateway::new();
-    let server = gw.serve_with("[limits]\nhttp_max_connections_per_ip = 5\n", &["--demo"]);
+    let server = super::serve_demo(&gw, "[limits]\nhttp_max_connections_per_ip = 5\n");
     // Five plain TCP connections from 127.0.0.2 take that address's slots (no handshake yet).
     let held: Vec<_> = (0..5)
         .map(|_| connect_from("127.0.0.2", &server.https).unwrap())

@@ -34,6 +34,47 @@ pub const MAX_P99_MS: f64 = 50.0;
 
 /// The demo's SendGrid key (owner alice@example.com, allowed from 127.0.0.1 only).
 pub const DEMO_KEY: &str = "SG.demo-billing-key-0001.DJXH7OHOGpdQJ17xxtetayePcNZlkiB3g__n1YR0zAE";
+
+/// The legitimate probe's key (owner probe@example.com, limits out of the way: the demo's
+/// alice may send 150 messages a minute, which a probe sending every 25 ms would exhaust).
+pub const PROBE_KEY: &str = "SG.hostile-probe-0001.cHJvYmVwcm9iZXByb2JlcHJvYmVwcm9iZXByb2JlcHI";
+
+/// The probe's principal, added to the demo organisation by [`serve_demo`].
+const PROBE_ORG: &str = r#"
+users:
+  - email: probe@example.com
+    password: "correct horse battery staple"
+    limits:
+      rate_units_per_minute: 100000000
+      messages_per_day: 100000000
+      recipients_per_day: 100000000
+api_keys:
+  - name: hostile-suite probe
+    secret: "SG.hostile-probe-0001.cHJvYmVwcm9iZXByb2JlcHJvYmVwcm9iZXByb2JlcHI"
+    owner: probe@example.com
+    project: acme-app
+    permissions: [mail.send]
+"#;
+
+/// `mailgate serve --demo` (with `extra_config` appended to the config) on the demo
+/// organisation plus the probe's principal.
+pub fn serve_demo(gw: &crate::harness::Gateway, extra_config: &str) -> Server {
+    serve_demo_wrapped(gw, extra_config, &[])
+}
+
+/// [`serve_demo`] started through `wrapper` (e.g. `prlimit --nofile=1024:1024 --`).
+pub fn serve_demo_wrapped(
+    gw: &crate::harness::Gateway,
+    extra_config: &str,
+    wrapper: &[&str],
+) -> Server {
+    let org = crate::harness::example_org();
+    gw.ok(&["apply", "-f", org.to_str().expect("utf-8 path")]);
+    let probe = gw.dir.path().join("probe.yaml");
+    std::fs::write(&probe, PROBE_ORG).expect("write probe.yaml");
+    gw.ok(&["apply", "-f", probe.to_str().expect("utf-8 path")]);
+    gw.serve_wrapped(extra_config, &["--demo"], wrapper)
+}
 /// The demo users' password.
 pub const DEMO_PASSWORD: &str = "correct horse battery staple";
 
@@ -185,16 +226,16 @@ impl Drop for Probe {
     }
 }
 
-/// One `POST /v3/mail/send` with the demo key; Ok on 202.
+/// One `POST /v3/mail/send` as the probe (needs [`serve_demo`]); Ok on 202.
 pub fn sendgrid_send(addr: &str) -> Result<(), String> {
-    let body = r#"{"personalizations":[{"to":[{"email":"probe@example.org"}]}],"from":{"email":"alice@example.com"},"subject":"probe","content":[{"type":"text/plain","value":"a legitimate message"}]}"#;
+    let body = r#"{"personalizations":[{"to":[{"email":"probe@example.org"}]}],"from":{"email":"probe@example.com"},"subject":"probe","content":[{"type":"text/plain","value":"a legitimate message"}]}"#;
     let mut s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
     // Long enough for a write that waits out SQLite's 10 s busy timeout (twice: a failed batch is replayed).
     s.set_read_timeout(Some(Duration::from_secs(28))).ok();
     s.set_nodelay(true).ok();
     write!(
         s,
-        "POST /v3/mail/send HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {DEMO_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST /v3/mail/send HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {PROBE_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .map_err(|e| format!("write: {e}"))?;
@@ -266,13 +307,13 @@ impl SmtpConn {
         }
     }
 
-    /// One message from alice@example.com; Ok on 250 after DATA.
+    /// One message from probe@example.com; Ok on 250 after DATA.
     pub fn send_one(&mut self) -> Result<(), String> {
-        self.expect("MAIL FROM:<alice@example.com>\r\n", "250")?;
+        self.expect("MAIL FROM:<probe@example.com>\r\n", "250")?;
         self.expect("RCPT TO:<probe@example.org>\r\n", "250")?;
         self.expect("DATA\r\n", "354")?;
         self.expect(
-            "From: alice@example.com\r\nTo: probe@example.org\r\nSubject: probe\r\n\r\na legitimate message\r\n.\r\n",
+            "From: probe@example.com\r\nTo: probe@example.org\r\nSubject: probe\r\n\r\na legitimate message\r\n.\r\n",
             "250",
         )?;
         Ok(())
@@ -312,4 +353,17 @@ pub fn assert_budget(server: &Server, report: &Report) {
         "legitimate send p99 {:.1} ms during the attack (bound {MAX_P99_MS} ms)",
         report.p99_ms
     );
+}
+
+/// The control: with no attack, each probe is well inside the budget. When an attack test
+/// fails its latency bound, this one says whether the machine, not the attack, is the cause.
+#[test]
+fn the_probes_alone_are_within_budget() {
+    let gw = crate::harness::Gateway::new();
+    let server = serve_demo(&gw, "");
+    for probe in [Probe::sendgrid(&server), Probe::relay(&server)] {
+        std::thread::sleep(Duration::from_secs(3));
+        let report = probe.finish();
+        assert_budget(&server, &report);
+    }
 }
