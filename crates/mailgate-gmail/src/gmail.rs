@@ -761,6 +761,12 @@ pub(crate) async fn send_upload(
             let Some(owner) = owner else {
                 return internal("an authenticated attempt without a principal");
             };
+            // The start carries the message's metadata (JSON, tiny), unused here: read it
+            // anyway, so the connection can carry the upload that follows (an unread body
+            // makes the server close it, and clients reuse it for the PUT).
+            if let Err(r) = read_body(&headers, body, MAX_SETTINGS_BODY_BYTES).await {
+                return r;
+            }
             let id = match st.uploads.open(&owner, &user_id, std::time::Instant::now()) {
                 Ok(id) => id,
                 Err(full) => return full.response(),

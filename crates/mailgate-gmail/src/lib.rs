@@ -160,6 +160,32 @@ impl GmailState {
     }
 }
 
+/// A refusal may leave the request's body unread (refused from its headers): the connection
+/// cannot carry another request then, and the server closes it. Saying so (`Connection: close`
+/// on HTTP/1, for a request that had a body) makes clients open a new one instead of reusing a
+/// closed one.
+async fn close_after_error(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let http1 = req.version() <= axum::http::Version::HTTP_11;
+    let has_body = req
+        .headers()
+        .contains_key(axum::http::header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    let mut r = next.run(req).await;
+    if http1 && has_body && (r.status().is_client_error() || r.status().is_server_error()) {
+        r.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    r
+}
+
 /// The largest body of an OAuth request (`/token`, `/revoke`, the consent form): a JWT
 /// assertion is a few KB.
 pub const MAX_OAUTH_BODY_BYTES: usize = 64 * 1024;
@@ -212,6 +238,7 @@ pub fn router(state: Arc<GmailState>) -> Router {
             post(gmail::send_as_verify),
         )
         // Bodies are read by the handlers after authentication, with their own limits.
-        .layer(DefaultBodyLimit::max(gmail::MAX_SETTINGS_BODY_BYTES));
+        .layer(DefaultBodyLimit::max(gmail::MAX_SETTINGS_BODY_BYTES))
+        .layer(axum::middleware::from_fn(close_after_error));
     oauth.merge(gmail).with_state(state)
 }

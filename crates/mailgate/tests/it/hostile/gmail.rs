@@ -1153,6 +1153,8 @@ fn bodies_are_read_only_after_the_credential_passed() {
     let t = Instant::now();
     let r = partial_upload(&server, None, 30 * 1024 * 1024, 64 * 1024);
     assert_eq!(r.status, 401, "{}", r.body);
+    // The body stays unread, so the connection cannot be reused: the client is told.
+    assert_eq!(r.header("connection"), Some("close"));
     let r = partial_upload(&server, Some("ya29.forged"), 30 * 1024 * 1024, 64 * 1024);
     assert_eq!(r.status, 401, "{}", r.body);
     let r = partial_upload(&server, Some(&alice), 40 * 1024 * 1024, 0);
