@@ -69,6 +69,10 @@ async fn prepare(
     q: &CommonParams,
     user_id: &str,
 ) -> Result<SendAttempt, Response> {
+    // One connection's pipelined requests would otherwise run back to back on one worker
+    // without ever waiting (a refusal touches no socket or store): let the worker's other
+    // tasks in between, so a flood on one connection does not stall the others.
+    tokio::task::yield_now().await;
     if user_id.len() > MAX_USER_ID_BYTES || user_id.is_empty() {
         return Err(invalid_argument(&format!(
             "Invalid userId: at most {MAX_USER_ID_BYTES} characters (an email address or `me`)"

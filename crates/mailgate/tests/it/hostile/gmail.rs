@@ -485,7 +485,7 @@ fn pipelined(server: &Server, from: &str, n: usize, req: impl Fn(bool) -> Vec<u8
 #[test]
 fn resumable_upload_needs_a_credential_and_cannot_evict_others() {
     let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let server = super::serve_demo(&gw, "");
     let alice = user_token(&server, "alice@example.com");
     let erin = user_token(&server, "erin@example.com");
     let mine: Vec<String> = (0..5)
@@ -501,6 +501,7 @@ fn resumable_upload_needs_a_credential_and_cannot_evict_others() {
     // 10,000 unauthenticated starts, 100 per connection.
     let addr = server.addr.clone();
     let mut statuses = Vec::new();
+    let (cpu0, wall0) = (server.cpu_time(), Instant::now());
     for _ in 0..100 {
         if Instant::now() > deadline {
             break;
@@ -516,6 +517,11 @@ fn resumable_upload_needs_a_credential_and_cannot_evict_others() {
             )
         }));
     }
+    eprintln!(
+        "flood: 10,000 unauthenticated starts in {:?}, server CPU {:?}",
+        wall0.elapsed(),
+        server.cpu_time() - cpu0
+    );
     // 200 starts with a 20 KB userId, with a valid token.
     let long = "a".repeat(20_000);
     let bad_user: Vec<u16> = pipelined(&server, "127.0.0.3", 200, |last| {
