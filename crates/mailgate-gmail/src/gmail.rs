@@ -175,9 +175,7 @@ async fn authorize(
     method: &str,
     method_scopes: &[&str],
 ) -> Result<String, Response> {
-    let decided = st
-        .gateway
-        .decide("gmail", attempt)
+    let decided = every_check(&st.gateway, "gmail", attempt)
         .await
         .map_err(|e| fault(&e))?;
     let d = &decided.decision;
@@ -214,6 +212,26 @@ async fn authorize(
         ));
     }
     acting_address(st, attempt).ok_or_else(|| internal("no acting address"))
+}
+
+/// The engine's decision with every check that applies run: enforcement stops at the first
+/// failure, so when that is the send-scope check (which a non-send method or a token request
+/// does not answer for: its own scopes are checked apart), the attempt is explained too, which
+/// runs the later checks (delegation, the account's state) instead of leaving them unseen.
+pub(crate) async fn every_check(
+    gateway: &mailgate_gateway::Gateway,
+    door: &str,
+    attempt: &SendAttempt,
+) -> Result<mailgate_gateway::Decided, mailgate_gateway::GatewayError> {
+    let decided = gateway.decide(door, attempt).await?;
+    if decided
+        .decision
+        .denial()
+        .is_some_and(|d| d.code == Reason::ScopeInsufficient)
+    {
+        return gateway.explain(attempt).await;
+    }
+    Ok(decided)
 }
 
 fn internal(msg: &str) -> Response {

@@ -430,9 +430,7 @@ async fn token_refusal(
     attempt: &SendAttempt,
     delegated: bool,
 ) -> Result<(Option<Response>, String), Response> {
-    let decided = st
-        .gateway
-        .decide("token", attempt)
+    let decided = crate::gmail::every_check(&st.gateway, "token", attempt)
         .await
         .map_err(|e| gateway_fault(&e))?;
     for d in &decided.decision.denials {

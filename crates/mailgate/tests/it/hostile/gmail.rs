@@ -1182,3 +1182,65 @@ fn bodies_are_read_only_after_the_credential_passed() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+/// A token without the send scope (read or settings only) must not outlive its user's
+/// suspension: the engine stopped at the send-scope check (which such a token fails, and which
+/// these methods do not answer for) and never reached the account's state, so a suspended user
+/// kept reading the profile and refreshing the token. Now the later checks run too.
+#[test]
+fn suspension_stops_a_token_without_the_send_scope() {
+    let gw = Gateway::new();
+    let server = gw.serve(&["--demo"]);
+    let readonly = "https://www.googleapis.com/auth/gmail.readonly";
+    let r = sign_in_for(&server, None, "alice@example.com", DEMO_PASSWORD, readonly);
+    let t = exchange(&server, &code_of(&r).unwrap(), CLIENT_SECRET);
+    assert_eq!(t.status, 200, "{}", t.body);
+    let access = t.json()["access_token"].as_str().unwrap().to_owned();
+    let refresh = t.json()["refresh_token"].as_str().unwrap().to_owned();
+    let profile = || {
+        http(
+            &server.addr,
+            None,
+            "GET",
+            "/gmail/v1/users/me/profile",
+            &[bearer(&access)],
+            b"",
+        )
+    };
+    assert_eq!(profile().status, 200);
+    gw.ok(&["user", "suspend", "alice@example.com"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = profile();
+        if r.status != 200 || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("account.suspended"), "{}", r.body);
+    let r = http(
+        &server.addr,
+        None,
+        "POST",
+        "/token",
+        &[(
+            "Content-Type",
+            "application/x-www-form-urlencoded".to_owned(),
+        )],
+        form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", &refresh),
+            ("client_id", CLIENT_ID),
+            ("client_secret", CLIENT_SECRET),
+        ])
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(
+        r.json()["mailgate"]["code"],
+        "account.suspended",
+        "{}",
+        r.body
+    );
+}
