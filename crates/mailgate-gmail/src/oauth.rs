@@ -192,34 +192,6 @@ async fn jwt_bearer(st: &GmailState, form: &TokenForm) -> Result<Response, Respo
         Ok(v) => v,
         Err(refusal) => return Err(refused_credential(st, refusal).await),
     };
-    // Replay: the signature verified, so this write is on behalf of a key holder only.
-    let key = match &claims.jti {
-        Some(jti) => format!(
-            "jti:{}",
-            mailgate_auth::sha256_hex(format!("{}\0{jti}", sa.email).as_bytes())
-        ),
-        None => format!("sha256:{}", mailgate_auth::sha256_hex(assertion.as_bytes())),
-    };
-    let now_ms = mailgate_gateway::now_ms() as i64;
-    let keep_until_ms = claims.exp.saturating_add(LEEWAY_S).saturating_mul(1000);
-    match st.tokens.use_assertion(&key, keep_until_ms, now_ms).await {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err(refused_credential(
-                st,
-                AssertionRefusal {
-                    state: CredentialState::Invalid,
-                    presented: format!("JWT assertion from {}", sa.email),
-                    description: REPLAYED,
-                },
-            )
-            .await);
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot record a JWT assertion");
-            return Err(token_unavailable());
-        }
-    }
     if claims.scope.contains(',') || claims.scope.trim().is_empty() {
         return Err(token_error(
             400,
@@ -265,6 +237,36 @@ async fn jwt_bearer(st: &GmailState, form: &TokenForm) -> Result<Response, Respo
             ),
             &decision_id,
         ));
+    }
+    // Replay: recorded only now, when a token is about to be issued (a refused request can be
+    // sent again as it was, and google-auth resends the same assertion when it retries), and
+    // only after the signature verified: this write is on behalf of a key holder only.
+    let key = match &claims.jti {
+        Some(jti) => format!(
+            "jti:{}",
+            mailgate_auth::sha256_hex(format!("{}\0{jti}", sa.email).as_bytes())
+        ),
+        None => format!("sha256:{}", mailgate_auth::sha256_hex(assertion.as_bytes())),
+    };
+    let now_ms = mailgate_gateway::now_ms() as i64;
+    let keep_until_ms = claims.exp.saturating_add(LEEWAY_S).saturating_mul(1000);
+    match st.tokens.use_assertion(&key, keep_until_ms, now_ms).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(refused_credential(
+                st,
+                AssertionRefusal {
+                    state: CredentialState::Invalid,
+                    presented: format!("JWT assertion from {}", sa.email),
+                    description: REPLAYED,
+                },
+            )
+            .await);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot record a JWT assertion");
+            return Err(token_unavailable());
+        }
     }
     let grant = Grant::ServiceAccount {
         email: sa.email.clone(),
