@@ -38,12 +38,42 @@ pub const MAX_REQUEST_BYTES: usize = 30 * 1024 * 1024;
 /// The door's state.
 pub struct SendgridState {
     gateway: Arc<Gateway>,
+    /// Parses and builds of mail/send bodies running at once (on the blocking pool): half the
+    /// cores, at least one, so large sends never take every core from the async workers
+    /// (which serve every other request and door).
+    heavy: Arc<tokio::sync::Semaphore>,
 }
 
 impl SendgridState {
     /// A door on `gateway`.
     pub fn new(gateway: Arc<Gateway>) -> Self {
-        SendgridState { gateway }
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        SendgridState {
+            gateway,
+            heavy: Arc::new(tokio::sync::Semaphore::new((cores / 2).max(1))),
+        }
+    }
+
+    /// Runs CPU-heavy `job` (parsing, MIME building) on the blocking pool, at most
+    /// [`SendgridState::heavy`] at once; `None` if the job panicked (a bug, logged).
+    pub(crate) async fn heavy<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let permit = self.heavy.clone().acquire_owned().await.ok()?;
+        match tokio::task::spawn_blocking(move || {
+            let out = job();
+            drop(permit);
+            out
+        })
+        .await
+        {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(error = %e, "sendgrid door: a blocking job failed");
+                None
+            }
+        }
     }
 
     /// The credential an `Authorization` header presents: nothing, a key whose secret matched

@@ -908,6 +908,8 @@ pub const MAX_EXPANDED_BYTES: usize = 64 * 1024 * 1024;
 pub(crate) struct Substituter<'a> {
     finder: Option<AhoCorasick>,
     values: Vec<&'a str>,
+    /// Whether a substituted text can be longer than the text (a value longer than a tag).
+    can_grow: bool,
 }
 
 impl<'a> Substituter<'a> {
@@ -917,8 +919,11 @@ impl<'a> Substituter<'a> {
             return Ok(Substituter {
                 finder: None,
                 values: Vec::new(),
+                can_grow: false,
             });
         }
+        let shortest_tag = pairs.iter().map(|(k, _)| k.len()).min().unwrap_or(0);
+        let longest_value = pairs.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
         let finder = AhoCorasick::builder()
             .match_kind(MatchKind::LeftmostLongest)
             .build(pairs.iter().map(|(k, _)| k.as_str()))
@@ -926,7 +931,30 @@ impl<'a> Substituter<'a> {
         Ok(Substituter {
             finder: Some(finder),
             values: pairs.iter().map(|(_, v)| v.as_str()).collect(),
+            can_grow: longest_value > shortest_tag,
         })
+    }
+
+    /// The length of `text` substituted, without writing it; `None` as soon as it passes
+    /// `room`. One pass, like [`Substituter::apply`], but no copying: what a refusal costs.
+    pub(crate) fn measure(&self, text: &str, room: usize) -> Option<usize> {
+        let Some(finder) = self.finder.as_ref().filter(|_| self.can_grow) else {
+            return (text.len() <= room).then_some(text.len());
+        };
+        let mut len = text.len();
+        for m in finder.find_iter(text) {
+            let value = self
+                .values
+                .get(m.pattern().as_usize())
+                .map_or(0, |v| v.len());
+            len = len
+                .saturating_sub(m.end() - m.start())
+                .saturating_add(value);
+            if len > room {
+                return None;
+            }
+        }
+        (len <= room).then_some(len)
     }
 
     /// `text` with every tag replaced; `None` when the result would pass `room` bytes (else
@@ -1202,7 +1230,40 @@ fn parse_body(bytes: Bytes, now_secs: i64) -> Result<(MailSend, usize), Problem>
             ),
         )]));
     }
+    if let Err(i) = measure_expansion(&checked.mail) {
+        return Err(Problem::Invalid(vec![expansion_error(i)]));
+    }
     Ok((checked.mail, used))
+}
+
+/// Checks, before anything is built, that no personalization's substituted text passes
+/// [`MAX_MESSAGE_BYTES`] and all of them together (with their attachments) stay within
+/// [`MAX_EXPANDED_BYTES`]: one counting pass per text whose substitutions can lengthen it (a
+/// value longer than a tag), none otherwise. `Err(i)`: personalization `i` is the one over.
+pub(crate) fn measure_expansion(mail: &MailSend) -> Result<(), usize> {
+    let attachments: usize = mail
+        .attachments
+        .iter()
+        .map(|a| a.content.len() / 3 * 4 + a.content.len() / 57 * 2)
+        .sum();
+    let mut total = 0usize;
+    for (i, p) in mail.personalizations.iter().enumerate() {
+        let subs = Substituter::new(&p.substitutions).map_err(|_| i)?;
+        let room = MAX_MESSAGE_BYTES.min(MAX_EXPANDED_BYTES.saturating_sub(total));
+        let subject = p.subject.as_ref().or(mail.subject.as_ref());
+        let mut used = 0usize;
+        for text in subject
+            .into_iter()
+            .chain(mail.content.iter().map(|(_, v)| v))
+        {
+            used += subs.measure(text, room.saturating_sub(used)).ok_or(i)?;
+        }
+        total = total.saturating_add(used).saturating_add(attachments);
+        if used > room || total > MAX_EXPANDED_BYTES {
+            return Err(i);
+        }
+    }
+    Ok(())
 }
 
 pub(crate) async fn send(
@@ -1267,11 +1328,10 @@ pub(crate) async fn send(
     let bytes = read.bytes;
     let now_secs = (now / 1000) as i64;
     // Parsing 30 MB and building the messages are CPU work: off the async workers.
-    let (mail, used) = match tokio::task::spawn_blocking(move || parse_body(bytes, now_secs)).await
-    {
-        Ok(Ok(x)) => x,
-        Ok(Err(p)) => return refuse_request(&st, base, p, now).await,
-        Err(e) => return internal(&format!("parse task failed: {e}")),
+    let (mail, used) = match st.heavy(move || parse_body(bytes, now_secs)).await {
+        Some(Ok(x)) => x,
+        Some(Err(p)) => return refuse_request(&st, base, p, now).await,
+        None => return internal("the parse task failed"),
     };
     if let Some(l) = lease.as_mut()
         && !l.grow(used)
@@ -1281,21 +1341,21 @@ pub(crate) async fn send(
     let mail = Arc::new(mail);
     let built = {
         let mail = mail.clone();
-        tokio::task::spawn_blocking(move || {
+        st.heavy(move || {
             let r = build_all(&mail, &mut lease);
             (r, lease)
         })
         .await
     };
     let (raws, _lease) = match built {
-        Ok((Ok(raws), lease)) => (raws, lease),
-        Ok((Err(BuildProblem::TooBig(i)), _)) => {
+        Some((Ok(raws), lease)) => (raws, lease),
+        Some((Err(BuildProblem::TooBig(i)), _)) => {
             let p = Problem::Invalid(vec![expansion_error(i)]);
             return refuse_request(&st, base, p, now).await;
         }
-        Ok((Err(BuildProblem::Busy), _)) => return busy(&memory),
-        Ok((Err(BuildProblem::Fault(e)), _)) => return internal(&e),
-        Err(e) => return internal(&format!("build task failed: {e}")),
+        Some((Err(BuildProblem::Busy), _)) => return busy(&memory),
+        Some((Err(BuildProblem::Fault(e)), _)) => return internal(&e),
+        None => return internal("the build task failed"),
     };
 
     // One attempt, one message per personalization; all are decided before any is stored, so
@@ -1324,6 +1384,9 @@ pub(crate) async fn send(
         if !decided.decision.complete {
             return internal("decision incomplete with every fact known");
         }
+        // Up to 1,000 decisions in a row complete without waiting for anything: let the
+        // worker serve other requests between them.
+        tokio::task::yield_now().await;
         let mut raw = raw;
         let mut envelope_from = from.email.clone();
         if let Some(r) = decided
@@ -1337,23 +1400,24 @@ pub(crate) async fn send(
                 name: from.name.clone(),
             };
             let (m, rw) = (mail.clone(), rewritten.clone());
-            let rebuilt = tokio::task::spawn_blocking(move || {
-                let p = m
-                    .personalizations
-                    .get(i)
-                    .ok_or_else(|| BuildError::Fault("personalization vanished".into()))?;
-                let mut room = MAX_MESSAGE_BYTES;
-                build_message(&m, p, &rw, &mut room)
-            })
-            .await;
+            let rebuilt = st
+                .heavy(move || {
+                    let p = m
+                        .personalizations
+                        .get(i)
+                        .ok_or_else(|| BuildError::Fault("personalization vanished".into()))?;
+                    let mut room = MAX_MESSAGE_BYTES;
+                    build_message(&m, p, &rw, &mut room)
+                })
+                .await;
             raw = match rebuilt {
-                Ok(Ok(r)) => r,
-                Ok(Err(BuildError::TooBig)) => {
+                Some(Ok(r)) => r,
+                Some(Err(BuildError::TooBig)) => {
                     let p = Problem::Invalid(vec![expansion_error(i)]);
                     return refuse_request(&st, base, p, now).await;
                 }
-                Ok(Err(BuildError::Fault(e))) => return internal(&e),
-                Err(e) => return internal(&format!("build task failed: {e}")),
+                Some(Err(BuildError::Fault(e))) => return internal(&e),
+                None => return internal("the build task failed"),
             };
             envelope_from = rewritten.email;
         }
@@ -1744,6 +1808,12 @@ mod tests {
             "Hi Ann, -name-!"
         );
         assert_eq!(usize::MAX - room, "Hi Ann, -name-!".len());
+        // Measuring agrees with applying, without writing.
+        let grow = vec![("a".to_owned(), "xyz".to_owned())];
+        let g = Substituter::new(&grow).unwrap();
+        assert_eq!(g.measure("banana", usize::MAX), Some(12));
+        assert_eq!(g.measure("banana", 11), None);
+        assert_eq!(s.measure("Hi -name-, -n-!", usize::MAX), Some(15));
         // No tag: the text itself, not a copy.
         assert!(matches!(
             s.apply("plain", &mut room),
