@@ -258,7 +258,8 @@ fn wait_limit(session: &Session, shared: &Shared, started: Instant) -> Duration 
 }
 
 /// Reads within the session's wait limit, checked again every [`RECHECK`]: a listener that
-/// comes under pressure shortens the wait of connections already waiting. `Err` on timeout.
+/// comes under pressure shortens the wait of connections already waiting (and a wait never
+/// grows back). `Err` on timeout.
 async fn read_within<S: AsyncRead + Unpin>(
     s: &mut S,
     buf: &mut [u8],
@@ -267,8 +268,12 @@ async fn read_within<S: AsyncRead + Unpin>(
     started: Instant,
 ) -> Result<std::io::Result<usize>, ()> {
     let since = Instant::now();
+    // A wait only gets shorter: pressure easing (connections cut for it closing) does not
+    // give back the time of one that was already past its shortened limit.
+    let mut limit = wait_limit(session, shared, started);
     loop {
-        let left = wait_limit(session, shared, started).saturating_sub(since.elapsed());
+        limit = limit.min(wait_limit(session, shared, started));
+        let left = limit.saturating_sub(since.elapsed());
         if left.is_zero() {
             return Err(());
         }

@@ -15,7 +15,11 @@
 //!
 //! Input handling is total: no input panics, and buffers are bounded (command lines by
 //! smtp-proto, AUTH lines at 4096 bytes, message bodies at `Limits::max_message_bytes` + 1, after
-//! which the rest of the body is counted and discarded).
+//! which the rest of the body is counted and discarded). Bodies are also reserved, chunk by
+//! chunk, from the process-wide DATA memory budget (`452 4.3.1` when it is spent), and the
+//! session counts errors and commands the way Postfix's smtpd does (`Limits`): past the soft
+//! error limit each error reply is delayed ([`Session::take_delay`], the driver sleeps), at the
+//! hard limit the session is closed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

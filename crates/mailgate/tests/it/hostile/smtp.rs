@@ -10,26 +10,8 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
 
-use super::{Probe, SmtpConn, assert_budget, connect_from, store_bytes};
+use super::{Probe, SmtpConn, assert_budget, connect_from, serve_demo, store_bytes};
 use crate::harness::{Gateway, Server};
-
-/// Raises the demo organisation's sending limits so that the legitimate probe (one send every
-/// 25 ms) is not rate-limited during an attack that lasts more than a few seconds.
-fn roomy_limits(gw: &Gateway) {
-    let org = std::fs::read_to_string(crate::harness::example_org()).unwrap();
-    let org = org
-        .replace(
-            "rate_units_per_minute: 15000",
-            "rate_units_per_minute: 100000000",
-        )
-        .replace("messages_per_day: 2000", "messages_per_day: 1000000")
-        .replace("recipients_per_day: 10000", "recipients_per_day: 1000000");
-    let file = gw.dir.path().join("roomy.yaml");
-    std::fs::write(&file, org).unwrap();
-    gw.ok(&["apply", "-f", file.to_str().unwrap()]);
-    // The server reloads the directory every 100 ms.
-    std::thread::sleep(Duration::from_millis(600));
-}
 
 /// Reads everything the server sends until it closes the connection (or `limit`).
 fn read_to_close(s: &mut TcpStream, limit: Duration) -> (bool, String) {
@@ -100,8 +82,7 @@ fn flood(from: &str, to: &str, per_write: usize, writes: usize, limit: Duration)
 #[test]
 fn refusal_flood_before_auth_stores_nothing_and_is_cut_off() {
     let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
-    roomy_limits(&gw);
+    let server = serve_demo(&gw, "");
     let before = store_bytes(&gw);
     let probe = Probe::sendgrid(&server);
     let started = Instant::now();
@@ -202,7 +183,7 @@ fn refusal_flood_before_auth_stores_nothing_and_is_cut_off() {
 #[test]
 fn one_ip_cannot_take_every_slot() {
     let gw = Gateway::new();
-    let server = gw.serve_with("[limits]\nsmtp_max_connections_per_ip = 20\n", &["--demo"]);
+    let server = serve_demo(&gw, "[limits]\nsmtp_max_connections_per_ip = 20\n");
     let probe = Probe::sendgrid(&server);
     let mut held = Vec::new();
     let mut refused = Vec::new();
@@ -275,7 +256,7 @@ fn tls_first_line(cfg: &Arc<rustls::ClientConfig>, tcp: TcpStream) -> String {
 #[test]
 fn smtps_refusal_comes_after_tls() {
     let gw = Gateway::new();
-    let server = gw.serve_with("[limits]\nsmtp_max_connections_per_ip = 2\n", &["--demo"]);
+    let server = serve_demo(&gw, "[limits]\nsmtp_max_connections_per_ip = 2\n");
     let cfg = tls_client(&gw);
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -317,8 +298,7 @@ fn smtps_refusal_comes_after_tls() {
 #[test]
 fn idle_preauth_connection_is_closed_quickly() {
     let gw = Gateway::new();
-    let server: Server = gw.serve_with("[limits]\nsmtp_max_connections = 10\n", &["--demo"]);
-    roomy_limits(&gw);
+    let server: Server = serve_demo(&gw, "[limits]\nsmtp_max_connections = 10\n");
     let probe = Probe::sendgrid(&server);
     // A trusted relay client (127.0.0.1, in a transaction).
     let mut trusted = SmtpConn::open(&server.smtp_relay).unwrap();
@@ -359,8 +339,7 @@ fn idle_preauth_connection_is_closed_quickly() {
 #[test]
 fn data_memory_is_bounded_for_the_process() {
     let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
-    roomy_limits(&gw);
+    let server = serve_demo(&gw, "");
     let probe = Probe::sendgrid(&server);
     let started = Instant::now();
     let mut senders = Vec::new();
