@@ -130,6 +130,31 @@ fn transport(conn: &ConnFacts, headers: &HeaderMap) -> Transport {
     }
 }
 
+/// A refusal may leave the request's body unread (refused from its headers): the connection
+/// cannot carry another request then, and the server closes it. Saying so (`Connection: close`
+/// on HTTP/1, for a request that had a body, as the Gmail door does) makes clients with a
+/// keep-alive pool (Node's default agent, for @sendgrid/client) open a new connection instead of
+/// reusing a closed one.
+async fn close_after_error(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let http1 = req.version() <= axum::http::Version::HTTP_11;
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    let mut r = next.run(req).await;
+    if http1 && has_body && (r.status().is_client_error() || r.status().is_server_error()) {
+        r.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    r
+}
+
 /// Each route, also with a doubled leading slash: sendgrid-python given a host ending in `/`
 /// requests `//v3/mail/send`.
 fn both(
@@ -181,6 +206,7 @@ pub fn router(state: Arc<SendgridState>) -> Router {
     // Handlers read bodies themselves, after the key (`body::read`, with each route's limit);
     // this limit only guards any extractor added later.
     r.layer(DefaultBodyLimit::max(KEYS_BODY_LIMIT))
+        .layer(axum::middleware::from_fn(close_after_error))
         .with_state(state)
 }
 
@@ -339,6 +365,28 @@ mod tests {
                 "Permission denied, wrong credentials"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_refusal_of_a_request_with_a_body_closes_the_connection() {
+        let app = app().await;
+        let r = app
+            .clone()
+            .oneshot(with_length(req("POST", "/v3/api_keys", None, "{}"), 2))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        assert_eq!(r.headers()["connection"], "close");
+        let r = app
+            .clone()
+            .oneshot(with_length(
+                req("POST", "/v3/mail/send", Some(KEY), MAIL),
+                MAIL.len() as u64,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        assert!(!r.headers().contains_key("connection"));
     }
 
     #[tokio::test]
