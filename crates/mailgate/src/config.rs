@@ -52,9 +52,62 @@ struct RawLimits {
     lockout_login_failures: Option<u32>,
     lockout_network_failures: Option<u32>,
     lockout_max_secs: Option<u64>,
+    smtp_soft_error_limit: Option<u32>,
+    smtp_hard_error_limit: Option<u32>,
+    smtp_commands_without_mail: Option<u32>,
+    smtp_idle_secs: Option<u64>,
+    smtp_idle_untrusted_secs: Option<u64>,
+    smtp_untrusted_lifetime_secs: Option<u64>,
 }
 
 impl RawLimits {
+    /// The SMTP session limits (`limits.smtp_*`).
+    fn smtp(&self) -> anyhow::Result<mailgate_smtp::Limits> {
+        use std::time::Duration;
+        let mut l = mailgate_smtp::Limits::default();
+        let at_least_one = |key: &str, v: Option<u64>| -> anyhow::Result<Option<u64>> {
+            match v {
+                Some(0) => bail!("limits.{key} must be at least 1"),
+                v => Ok(v),
+            }
+        };
+        if let Some(n) = at_least_one(
+            "smtp_soft_error_limit",
+            self.smtp_soft_error_limit.map(u64::from),
+        )? {
+            l.soft_error_limit = n as u32;
+        }
+        if let Some(n) = at_least_one(
+            "smtp_hard_error_limit",
+            self.smtp_hard_error_limit.map(u64::from),
+        )? {
+            l.hard_error_limit = n as u32;
+        }
+        if l.soft_error_limit > l.hard_error_limit {
+            bail!("limits.smtp_soft_error_limit must not be above limits.smtp_hard_error_limit");
+        }
+        if let Some(n) = at_least_one(
+            "smtp_commands_without_mail",
+            self.smtp_commands_without_mail.map(u64::from),
+        )? {
+            l.max_commands_without_mail = n as u32;
+        }
+        if let Some(s) = at_least_one("smtp_idle_secs", self.smtp_idle_secs)? {
+            l.idle = Duration::from_secs(s);
+        }
+        if let Some(s) = at_least_one("smtp_idle_untrusted_secs", self.smtp_idle_untrusted_secs)? {
+            l.idle_untrusted = Duration::from_secs(s);
+            l.idle_under_pressure = l.idle_under_pressure.min(l.idle_untrusted);
+        }
+        if let Some(s) = at_least_one(
+            "smtp_untrusted_lifetime_secs",
+            self.smtp_untrusted_lifetime_secs,
+        )? {
+            l.untrusted_lifetime = Duration::from_secs(s);
+        }
+        Ok(l)
+    }
+
     /// The failed-AUTH back-off (`limits.lockout_*`).
     fn lockout(&self) -> anyhow::Result<mailgate_gateway::lockout::LockoutPolicy> {
         let mut p = mailgate_gateway::lockout::LockoutPolicy::default();
@@ -245,6 +298,8 @@ pub struct Config {
     pub limits: mailgate_gateway::budget::Limits,
     /// Failed-AUTH back-off (`[limits] lockout_*`).
     pub lockout: mailgate_gateway::lockout::LockoutPolicy,
+    /// SMTP session limits (`[limits] smtp_*`).
+    pub smtp_limits: mailgate_smtp::Limits,
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -317,6 +372,7 @@ impl Config {
                 .messages_days
                 .unwrap_or(DEFAULT_RETENTION_DAYS),
             lockout: raw.limits.lockout()?,
+            smtp_limits: raw.limits.smtp()?,
             limits: raw.limits.resolve()?,
         })
     }
@@ -432,6 +488,12 @@ mod tests {
             "limits.lockout_login_failures",
             "limits.lockout_network_failures",
             "limits.lockout_max_secs",
+            "limits.smtp_soft_error_limit",
+            "limits.smtp_hard_error_limit",
+            "limits.smtp_commands_without_mail",
+            "limits.smtp_idle_secs",
+            "limits.smtp_idle_untrusted_secs",
+            "limits.smtp_untrusted_lifetime_secs",
         ] {
             assert!(
                 doc.contains(&format!("`{key}`")),

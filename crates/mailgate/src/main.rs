@@ -626,7 +626,7 @@ async fn serve(config: Config, store: Arc<SqliteStore>, demo: bool) -> anyhow::R
         gateway: state.gateway.clone(),
         tokens: smtp_tokens,
         hostname: "mailgate".to_owned(),
-        limits: Default::default(),
+        limits: config.smtp_limits,
         auth_without_tls: false,
     });
     serve::run(&config, state, gmail, tls, smtp, move |bound| {

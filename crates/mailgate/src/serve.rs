@@ -292,7 +292,8 @@ pub async fn run(
     let sendgrid = Arc::new(mailgate_sendgrid::SendgridState::new(state.gateway.clone()));
     let app = router(state.clone())
         .merge(mailgate_gmail::router(gmail))
-        .merge(mailgate_sendgrid::router(sendgrid));
+        .merge(mailgate_sendgrid::router(sendgrid))
+        .layer(axum::middleware::from_fn(yield_first));
     let http = crate::listen::bind(config.http_listen, "http.listen").await?;
     let https = match &tls {
         Some(_) => Some(crate::listen::bind(config.https_listen, "https.listen").await?),
@@ -377,6 +378,15 @@ pub async fn run(
     }
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// Every request gives the worker thread up once before it runs: requests pipelined on one
+/// connection (refusals are quick and always ready) otherwise ran back to back and delayed every
+/// other task of that worker (measured by the Gmail door's flood test: probe p99 44-135 ms
+/// without, 7-25 ms with).
+async fn yield_first(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    tokio::task::yield_now().await;
+    next.run(req).await
 }
 
 /// Applies `[retention]` at start and then hourly (days = 0 keeps that kind forever).

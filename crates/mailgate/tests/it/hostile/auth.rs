@@ -103,7 +103,7 @@ fn is_wrong_password(s: &Seen) -> bool {
 /// A server for these tests, with one legitimate send done (the first send on a fresh server
 /// warms its store and pools; its latency is no attack's effect).
 fn serve(gw: &Gateway) -> Server {
-    let server = gw.serve(&["--demo"]);
+    let server = super::serve_demo(gw, "");
     sendgrid_send(&server.addr).expect("a warm-up send");
     server
 }
@@ -170,7 +170,7 @@ fn attacker_cannot_lock_out_a_user_from_another_network() {
 #[test]
 fn lockout_backs_off_exponentially() {
     let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let server = super::serve_demo(&gw, "");
     let user = "frank@example.com";
     let mut attempts: Vec<Value> = (0..5).map(|_| plain(user, "wrong")).collect();
     // 5 failures: locked for 1 s.
@@ -210,7 +210,7 @@ fn decision_id(message: &str) -> String {
 #[test]
 fn secret_in_login_field_is_redacted_in_log_and_decision() {
     let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let server = super::serve_demo(&gw, "");
     let jwt = "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJ0ZXN0In0.c2lnbmF0dXJlLXNlY3JldA";
     let token = "ya29.a0AfH6SMBsecret-access-token-value-0123456789";
     let seen = probe(
@@ -272,7 +272,7 @@ fn secret_in_login_field_is_redacted_in_log_and_decision() {
 #[test]
 fn smtp_auth_timing_does_not_reveal_users() {
     let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let server = super::serve_demo(&gw, "");
     // Known (frank, wrong password) and unknown users, interleaved; each attempt from its own
     // /24 so the lockout never answers early.
     let mut attempts = Vec::new();
@@ -330,9 +330,9 @@ fn wrong_passwords_do_not_stall_other_listeners() {
 fn a_full_password_pool_is_a_temporary_refusal() {
     let gw = Gateway::new();
     // One hash at a time and no queue: concurrent AUTHs find the pool full.
-    let server = gw.serve_with(
+    let server = super::serve_demo(
+        &gw,
         "\n[limits]\npassword_concurrency = 1\npassword_queue = 0\n",
-        &["--demo"],
     );
     let attempts: Vec<Value> = (0..3)
         .map(|i| plain("frank@example.com", &format!("wrong {i}")))

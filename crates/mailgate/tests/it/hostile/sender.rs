@@ -367,7 +367,7 @@ const MAX_ROUNDS: usize = 300;
 #[test]
 fn two_from_fields_are_refused_on_every_door() {
     let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let server = super::serve_demo(&gw, "");
     let probe = Probe::relay(&server);
 
     let mut smtp = Submission::open(&gw, &server, "alice@example.com");
@@ -460,7 +460,7 @@ fn two_from_fields_are_refused_on_every_door() {
 #[test]
 fn from_with_an_unowned_second_address_is_refused() {
     let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let server = super::serve_demo(&gw, "");
     let probe = Probe::relay(&server);
 
     let mut smtp = Submission::open(&gw, &server, "alice@example.com");
@@ -585,7 +585,7 @@ fn from_with_an_unowned_second_address_is_refused() {
 #[test]
 fn relay_checks_header_from() {
     let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let server = super::serve_demo(&gw, "");
     let probe = Probe::sendgrid(&server);
 
     let mut relay = SmtpConn::open(&server.smtp_relay).unwrap();
