@@ -66,7 +66,7 @@ impl Stage {
 
 /// Every reason a send can be refused (or, for delivery, fail after acceptance).
 ///
-/// The declaration order is the evaluation order of the checks (causes.md rows 1–40), then the gateway's own temporary fault (41).
+/// The declaration order is the evaluation order of the checks (causes.md rows 1–40), then the gateway's own temporary faults (41-42).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Reason {
     /// `tls.required`
@@ -151,6 +151,8 @@ pub enum Reason {
     UpstreamAuthFailed,
     /// `store.unavailable`
     StoreUnavailable,
+    /// `server.busy`
+    ServerBusy,
 }
 
 /// How the Gmail-compatible door answers (google.rpc error body, see gmail-wire.md §2).
@@ -337,7 +339,7 @@ const FORBIDDEN: &str = "PERMISSION_DENIED";
 const EXHAUSTED: &str = "RESOURCE_EXHAUSTED";
 
 /// The catalogue, in evaluation order. Index = `Reason as usize`.
-static CATALOGUE: [ReasonSpec; 41] = [
+static CATALOGUE: [ReasonSpec; 42] = [
     ReasonSpec {
         row: 1,
         code: "tls.required",
@@ -1102,11 +1104,33 @@ static CATALOGUE: [ReasonSpec; 41] = [
         smtp: s(451, "4.3.0", "Temporary system problem. Try again later."),
         sendgrid: sg(503, "service unavailable"),
     },
+    ReasonSpec {
+        row: 42,
+        code: "server.busy",
+        stage: Stage::Service,
+        message: "A resource budget of the gateway is spent for the moment (password checks waiting, or memory for message bodies in use by other transfers); nothing was accepted. Try again shortly.",
+        remedy: "retry in a few seconds; if it persists, an operator raises [limits] password_concurrency / password_queue or data_memory_mb (docs/security.md), or finds the client flooding the gateway",
+        gmail: g(
+            503,
+            "UNAVAILABLE",
+            "backendError",
+            "global",
+            None,
+            "The service is currently unavailable.",
+        ),
+        token: None,
+        smtp: s(
+            452,
+            "4.3.1",
+            "Insufficient system resources, try again later (AUTH: 454 4.7.0 Temporary authentication failure)",
+        ),
+        sendgrid: sg(503, "service unavailable"),
+    },
 ];
 
 impl Reason {
     /// Every reason, in evaluation order.
-    pub const ALL: [Reason; 41] = [
+    pub const ALL: [Reason; 42] = [
         Reason::TlsRequired,
         Reason::TlsVersion,
         Reason::AuthMissing,
@@ -1148,6 +1172,7 @@ impl Reason {
         Reason::UpstreamDeferred,
         Reason::UpstreamAuthFailed,
         Reason::StoreUnavailable,
+        Reason::ServerBusy,
     ];
 
     /// The catalogue row.
@@ -1477,7 +1502,7 @@ mod tests {
         let mut codes: Vec<_> = Reason::ALL.iter().map(|r| r.code()).collect();
         codes.sort_unstable();
         codes.dedup();
-        assert_eq!(codes.len(), 41);
+        assert_eq!(codes.len(), 42);
     }
 
     #[test]

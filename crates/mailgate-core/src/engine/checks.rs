@@ -1027,7 +1027,9 @@ impl<'a> Ctx<'a> {
             Reason::UpstreamRefused | Reason::UpstreamDeferred | Reason::UpstreamAuthFailed => {
                 na("delivery outcome, not a check")
             }
-            Reason::StoreUnavailable => na("a fault of the gateway, not a check"),
+            Reason::StoreUnavailable | Reason::ServerBusy => {
+                na("a fault of the gateway, not a check")
+            }
         }
     }
 
