@@ -266,8 +266,8 @@ fn send_with_attachment(addr: &str, bytes: usize) -> String {
     out
 }
 
-/// Regression: with the disk full, the SendGrid door answered `500 internal server error` and
-/// `/healthz` still said `ok`. Now the send is a temporary refusal with the reason code
+/// Regression: with the disk full, the SendGrid door answered `500 internal server error`, SMTP
+/// a `451` without a reason, and `/healthz` still said `ok`. Now the send is a temporary refusal with the reason code
 /// (`503`, `Retry-After`, `store.unavailable`), `/healthz` says `degraded` with the cause, and
 /// both recover once there is room again. The data directory is a real 80 MB tmpfs, filled.
 #[test]
@@ -300,6 +300,21 @@ fn a_full_disk_is_a_temporary_refusal_and_healthz_says_degraded() {
     let (status, body) = http_get(&server.addr, "/healthz", None);
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("cannot write"), "{body}");
+    // The SMTP door says the same in its dialect: 451 4.3.0 with the reason code.
+    let mut smtp = super::SmtpConn::open(&server.smtp_relay).unwrap();
+    smtp.expect("MAIL FROM:<alice@example.com>\r\n", "250").unwrap();
+    smtp.expect("RCPT TO:<x@example.org>\r\n", "250").unwrap();
+    smtp.expect("DATA\r\n", "354").unwrap();
+    let big = "x".repeat(998);
+    let mut msg = String::from("From: alice@example.com\r\nTo: x@example.org\r\nSubject: big\r\n\r\n");
+    for _ in 0..2100 {
+        msg.push_str(&big);
+        msg.push_str("\r\n");
+    }
+    msg.push_str(".\r\n");
+    let reply = smtp.expect(&msg, "451").unwrap();
+    assert!(reply.starts_with("451 4.3.0"), "{reply}");
+    assert!(reply.contains("store.unavailable"), "{reply}");
     // Room again: sends succeed and health comes back.
     std::fs::remove_file(&filler).unwrap();
     super::sendgrid_send(&server.addr).unwrap();
