@@ -4,7 +4,8 @@
 //! and renders refusals as the catalogue's SMTP reply plus `[mailgate: <code>, decision <id>]`.
 //!
 //! * [`session`]: the sans-IO state machine on smtp-proto (bytes in, reply bytes out).
-//! * [`server`]: the tokio driver (accept loop, STARTTLS upgrade, idle timeout, connection cap).
+//! * [`server`]: the tokio driver (accept loop, STARTTLS upgrade; connection caps per listener
+//!   and per client IP, TLS handshake and idle timeouts, the session's error delays).
 //! * [`sasl`]: AUTH decoding (PLAIN, LOGIN, XOAUTH2, OAUTHBEARER).
 //! * The failed-AUTH lockout is the gateway's ([`mailgate_gateway::Gateway::lockout`]), shared
 //!   with the Gmail consent page.
