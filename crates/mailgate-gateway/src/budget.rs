@@ -210,8 +210,10 @@ impl ConnTracker {
         })
     }
 
-    /// Admits a connection from `ip`, or says why not.
+    /// Admits a connection from `ip`, or says why not. IPv6 clients count per /64 (one host
+    /// usually holds a whole /64), IPv4-mapped IPv6 addresses as the IPv4 address.
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnGuard, ConnRefusal> {
+        let ip = client_key(ip);
         let mut g = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         if self.total.load(Ordering::Relaxed) >= self.max_total {
             return Err(ConnRefusal::Total);
@@ -241,6 +243,21 @@ impl ConnTracker {
     /// Whether the listener is above `percent` % of its slots (listeners shorten timeouts then).
     pub fn under_pressure(&self, percent: usize) -> bool {
         self.open().saturating_mul(100) >= self.max_total.saturating_mul(percent)
+    }
+}
+
+/// The address a client is counted under: IPv4 as is, IPv6 by its /64.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut seg = v6.segments();
+                seg[4..].fill(0);
+                IpAddr::V6(std::net::Ipv6Addr::from(seg))
+            }
+        },
     }
 }
 
@@ -445,6 +462,21 @@ mod tests {
         drop(g1);
         assert!(t.try_acquire(a).is_ok());
         assert!(t.under_pressure(80) || t.open() < 3);
+    }
+
+    #[test]
+    fn ipv6_clients_count_per_64() {
+        let t = ConnTracker::new(10, 1);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _g = t.try_acquire(a).unwrap();
+        assert_eq!(t.try_acquire(b).unwrap_err(), ConnRefusal::PerIp);
+        assert!(t.try_acquire(c).is_ok());
+        let v4: IpAddr = "10.0.0.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        let _h = t.try_acquire(v4).unwrap();
+        assert_eq!(t.try_acquire(mapped).unwrap_err(), ConnRefusal::PerIp);
     }
 
     #[test]

@@ -39,6 +39,9 @@ use smtp_proto::{Error as ProtoError, Request};
 
 use crate::reply;
 
+/// The reply when the store cannot write (catalogue `store.unavailable`): nothing was accepted.
+const STORE_UNAVAILABLE: &str = "Temporary system problem. Try again later. [mailgate: store.unavailable] Remedy: retry later; the operator's /healthz names the cause.";
+
 /// The reason code of an AUTH refused for now because the password pool is full.
 const SERVER_BUSY: &str = "server.busy";
 use crate::sasl::{self, Mechanism, SaslError};
@@ -824,7 +827,7 @@ impl Session {
             Ok(d) => Some(d),
             Err(e) => {
                 tracing::error!(error = %e, listener = self.listener.name(), "decision failed");
-                self.reply(451, "4.3.0", "Temporary server error, try again later.");
+                self.reply(451, "4.3.0", STORE_UNAVAILABLE);
                 None
             }
         }
@@ -861,7 +864,7 @@ impl Session {
             }
             Err(e) => {
                 tracing::error!(error = %e, listener = self.listener.name(), "decision failed");
-                self.reply(451, "4.3.0", "Temporary server error, try again later.");
+                self.reply(451, "4.3.0", STORE_UNAVAILABLE);
                 false
             }
         }
@@ -1146,7 +1149,7 @@ impl Session {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, listener = self.listener.name(), "decision failed");
-                self.reply(451, "4.3.0", "Temporary server error, try again later.");
+                self.reply(451, "4.3.0", STORE_UNAVAILABLE);
                 return Step::Continue;
             }
         };
@@ -1438,7 +1441,7 @@ impl Session {
         }
         if !d.decision.complete {
             tracing::error!(decision_id = %d.id, "decision incomplete with every fact known");
-            self.reply(451, "4.3.0", "Temporary server error, try again later.");
+            self.reply(451, "4.3.0", STORE_UNAVAILABLE);
             return;
         }
         // Bcc never travels; with `on_unowned_from: rewrite` the decision names the From to put.
@@ -1486,18 +1489,18 @@ impl Session {
                     let line = reply::denial(denial, &again.id);
                     self.push(&line);
                 }
-                None => self.reply(451, "4.3.0", "Temporary server error, try again later."),
+                None => self.reply(451, "4.3.0", STORE_UNAVAILABLE),
             },
             Err(e) => {
                 tracing::error!(error = %e, decision_id = %d.id, "accepting the message failed");
-                self.reply(451, "4.3.0", "Temporary server error, try again later.");
+                self.reply(451, "4.3.0", STORE_UNAVAILABLE);
             }
         }
     }
 }
 
 /// The `452 4.3.1` text when the DATA memory budget is spent (RFC 3463: mail system full).
-const NO_STORAGE: &str = "Insufficient system storage, try again later.";
+const NO_STORAGE: &str = "Insufficient system storage, try again later. [mailgate: server.busy] Remedy: retry in a few seconds; other transfers hold the memory for message bodies (limits.data_memory_mb).";
 
 /// Bodies up to this size may use the whole DATA memory budget; larger ones leave its last
 /// eighth to small messages, so that a few large messages cannot make every small one wait.

@@ -327,7 +327,7 @@ async fn storing_a_message_reserves_its_copy() {
     s.ingest(b".\r\n").await;
     let r = out(&mut s);
     assert!(
-        r.ends_with("452 4.3.1 Insufficient system storage, try again later.\r\n"),
+        r.contains("452 4.3.1 Insufficient system storage, try again later. [mailgate: server.busy]"),
         "{r}"
     );
     assert_eq!(ctx.gateway.budget().data_memory().used(), 0);
