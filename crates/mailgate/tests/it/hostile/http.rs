@@ -302,11 +302,13 @@ fn a_full_disk_is_a_temporary_refusal_and_healthz_says_degraded() {
     assert!(body.contains("cannot write"), "{body}");
     // The SMTP door says the same in its dialect: 451 4.3.0 with the reason code.
     let mut smtp = super::SmtpConn::open(&server.smtp_relay).unwrap();
-    smtp.expect("MAIL FROM:<alice@example.com>\r\n", "250").unwrap();
+    smtp.expect("MAIL FROM:<alice@example.com>\r\n", "250")
+        .unwrap();
     smtp.expect("RCPT TO:<x@example.org>\r\n", "250").unwrap();
     smtp.expect("DATA\r\n", "354").unwrap();
     let big = "x".repeat(998);
-    let mut msg = String::from("From: alice@example.com\r\nTo: x@example.org\r\nSubject: big\r\n\r\n");
+    let mut msg =
+        String::from("From: alice@example.com\r\nTo: x@example.org\r\nSubject: big\r\n\r\n");
     for _ in 0..2100 {
         msg.push_str(&big);
         msg.push_str("\r\n");
