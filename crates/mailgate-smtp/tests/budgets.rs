@@ -327,7 +327,9 @@ async fn storing_a_message_reserves_its_copy() {
     s.ingest(b".\r\n").await;
     let r = out(&mut s);
     assert!(
-        r.contains("452 4.3.1 Insufficient system storage, try again later. [mailgate: server.busy]"),
+        r.contains(
+            "452 4.3.1 Insufficient system storage, try again later. [mailgate: server.busy]"
+        ),
         "{r}"
     );
     assert_eq!(ctx.gateway.budget().data_memory().used(), 0);

@@ -12,14 +12,14 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::State;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use mailgate_store::{CapturedMessage, QueueFilter};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::serve::{AppState, admin, api_error};
+use crate::serve::{Admin, ApiPath, ApiQuery, AppState, api_error};
 
 /// Query of the listings.
 #[derive(Debug, Default, Deserialize)]
@@ -48,12 +48,9 @@ pub fn rfc3339(ms: i64) -> String {
 /// `GET /mailgate/v1/messages`
 pub async fn list_messages(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Query(q): Query<ListQuery>,
+    _admin: Admin,
+    ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Response {
-    if let Err(r) = admin(&state, &headers).await {
-        return r;
-    }
     let filter = QueueFilter {
         state: q.state,
         limit: q.limit.unwrap_or(100).min(1000),
@@ -67,12 +64,9 @@ pub async fn list_messages(
 /// `GET /mailgate/v1/messages/{id}`
 pub async fn get_message(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    _admin: Admin,
+    ApiPath(id): ApiPath<String>,
 ) -> Response {
-    if let Err(r) = admin(&state, &headers).await {
-        return r;
-    }
     match state.queue.message_status(&id).await {
         Ok(Some(s)) => {
             let mut v = serde_json::to_value(&s).unwrap_or(Value::Null);
@@ -109,12 +103,9 @@ fn captured_json(c: &CapturedMessage) -> Value {
 /// `GET /mailgate/v1/captured`
 pub async fn list_captured(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Query(q): Query<ListQuery>,
+    _admin: Admin,
+    ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Response {
-    if let Err(r) = admin(&state, &headers).await {
-        return r;
-    }
     match state
         .queue
         .list_captured(q.limit.unwrap_or(100).min(1000))
@@ -129,13 +120,10 @@ pub async fn list_captured(
 /// `GET /mailgate/v1/captured/{id}`
 pub async fn get_captured(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Query(q): Query<ListQuery>,
+    _admin: Admin,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Response {
-    if let Err(r) = admin(&state, &headers).await {
-        return r;
-    }
     match state.queue.captured_message(&id).await {
         Ok(Some(c)) => {
             if q.format.as_deref() == Some("raw") {
@@ -168,18 +156,14 @@ pub struct SimulateRequest {
 /// `POST /mailgate/v1/simulate`
 pub async fn post_simulate(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Admin(who): Admin,
     body: Result<Json<SimulateRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let who = match admin(&state, &headers).await {
-        Ok(n) => n,
-        Err(r) => return r,
-    };
     let Json(req) = match body {
         Ok(b) => b,
         Err(e) => {
             return api_error(
-                StatusCode::BAD_REQUEST,
+                crate::serve::json_rejection_status(&e),
                 format!("simulate: {}", e.body_text()),
             );
         }

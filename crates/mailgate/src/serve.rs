@@ -38,6 +38,18 @@ fn free_bytes(dir: &std::path::Path) -> Option<u64> {
         .map(|v| v.f_bavail.saturating_mul(v.f_frsize))
 }
 
+/// The status for a refused JSON body: 413 past the admin API's body limit, 415 without a JSON
+/// content type, 400 for anything else (bad JSON or the wrong shape).
+pub(crate) fn json_rejection_status(e: &JsonRejection) -> StatusCode {
+    match e.status() {
+        s @ (StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) => s,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// Largest admin API request body.
+const ADMIN_BODY_LIMIT: usize = 64 * 1024;
+
 /// The HTTP API's routes.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -66,6 +78,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/mailgate/v1/simulate",
             post(crate::queue_api::post_simulate),
         )
+        // Admin requests are small JSON documents; the token is checked before the body is read.
+        .layer(axum::extract::DefaultBodyLimit::max(ADMIN_BODY_LIMIT))
         .with_state(state)
 }
 
@@ -129,8 +143,67 @@ pub(crate) fn api_error(code: StatusCode, message: impl Into<String>) -> Respons
     resp
 }
 
+/// An admin API caller whose bearer token matched (the token's name). Extracted from the request
+/// head before any other extractor, so an unauthenticated request never has its body read.
+pub(crate) struct Admin(pub(crate) String);
+
+impl axum::extract::FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Response> {
+        admin(state, &parts.headers).await.map(Admin)
+    }
+}
+
+/// `Query` whose rejection (a malformed query string) is the admin API's JSON error, not axum's
+/// plain text.
+pub(crate) struct ApiQuery<T>(pub(crate) T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Response> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(q)| ApiQuery(q))
+            .map_err(|e| api_error(StatusCode::BAD_REQUEST, e.body_text()))
+    }
+}
+
+/// `Path` whose rejection (e.g. a segment that is not UTF-8 once decoded) is the admin API's JSON
+/// error.
+pub(crate) struct ApiPath<T>(pub(crate) T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Response> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(p)| ApiPath(p))
+            .map_err(|e| api_error(StatusCode::BAD_REQUEST, e.body_text()))
+    }
+}
+
 /// Checks the admin bearer token; returns the token's name.
-pub(crate) async fn admin(state: &AppState, headers: &HeaderMap) -> Result<String, Response> {
+async fn admin(state: &AppState, headers: &HeaderMap) -> Result<String, Response> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -162,12 +235,9 @@ pub(crate) async fn admin(state: &AppState, headers: &HeaderMap) -> Result<Strin
 
 async fn get_user(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path(email): Path<String>,
+    _admin: Admin,
+    ApiPath(email): ApiPath<String>,
 ) -> Response {
-    if let Err(r) = admin(&state, &headers).await {
-        return r;
-    }
     let snap = state.gateway.live();
     match snap.index.directory().user(&email) {
         Some(u) => {
@@ -185,17 +255,14 @@ async fn get_user(
 
 async fn post_explain(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
     body: Result<Json<crate::explain::ExplainRequest>, JsonRejection>,
 ) -> Response {
-    if let Err(r) = admin(&state, &headers).await {
-        return r;
-    }
     let Json(req) = match body {
         Ok(b) => b,
         Err(e) => {
             return api_error(
-                StatusCode::BAD_REQUEST,
+                crate::serve::json_rejection_status(&e),
                 format!("explain: {}", e.body_text()),
             );
         }
@@ -212,10 +279,7 @@ async fn post_explain(
 
 /// What the budgets refused and hold now: refusals before authentication by door and reason
 /// (counted, not stored), bytes of bodies buffered, password checks run.
-async fn get_budget(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin(&state, &headers).await {
-        return r;
-    }
+async fn get_budget(State(state): State<Arc<AppState>>, _admin: Admin) -> Response {
     let b = state.gateway.budget();
     let refusals: Vec<_> = b
         .refusal_counts()
@@ -234,12 +298,9 @@ async fn get_budget(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
 
 async fn get_decision(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    _admin: Admin,
+    ApiPath(id): ApiPath<String>,
 ) -> Response {
-    if let Err(r) = admin(&state, &headers).await {
-        return r;
-    }
     match state.gateway.decision(&id).await {
         Ok(Some(d)) => {
             let body = d.body.parse().unwrap_or_else(|e| {

@@ -441,3 +441,39 @@ fn https_refusal_comes_after_the_tls_handshake() {
     assert!(text.contains("connection.limit"), "{text}");
     drop(held);
 }
+
+/// Regression: the admin API read (up to 2 MB of) a JSON body before checking the token, and a
+/// malformed query string got axum's plain-text error. Now the token comes first (a refusal
+/// does not wait for the body), bodies are capped at 64 KiB, and every error is JSON.
+#[test]
+fn admin_api_checks_the_token_before_the_body_and_answers_in_json() {
+    let gw = Gateway::new();
+    let server = super::serve_demo(&gw, "");
+    let admin = super::admin_token(&gw);
+    // 10 MB announced, none sent: the 401 comes back at once.
+    let mut s = connect_from("127.0.0.2", &server.addr).unwrap();
+    write!(
+        s,
+        "POST /mailgate/v1/explain HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n\r\n{{"
+    )
+    .unwrap();
+    let started = Instant::now();
+    let a = answer(&mut s, Duration::from_secs(5));
+    assert!(a.starts_with("HTTP/1.1 401"), "{a}");
+    assert!(a.contains("\"code\":401"), "{a}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // With the token, a body over 64 KiB is 413 in JSON.
+    let big = format!("{{\"as\":\"{}\"}}", "a".repeat(100_000));
+    let (status, body) =
+        crate::harness::http_post(&server.addr, "/mailgate/v1/explain", &admin, &big);
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("\"code\":413"), "{body}");
+    // A malformed query string is a JSON 400, not axum's plain text.
+    let (status, body) = http_get(
+        &server.addr,
+        "/mailgate/v1/messages?limit=many",
+        Some(&admin),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.starts_with("{\"error\""), "{body}");
+}
