@@ -105,6 +105,28 @@ pub fn connect_from(from: &str, to: &str) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
+/// A TLS client that trusts the demo's self-signed certificate (generated under the data
+/// directory), for SMTP STARTTLS and SMTPS.
+pub fn tls_client(gw: &crate::harness::Gateway) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(gw.data_dir().join("tls/cert.pem")).expect("demo certificate");
+    for c in CertificateDer::pem_slice_iter(&pem) {
+        roots
+            .add(c.expect("a PEM certificate"))
+            .expect("a usable root");
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS 1.2 and 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
 /// Bytes of the database and its write-ahead log (what a flood would grow).
 pub fn store_bytes(gw: &crate::harness::Gateway) -> u64 {
     ["mailgate.db", "mailgate.db-wal"]

@@ -13,12 +13,10 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use serde_json::{Value, json};
 
 use super::{DEMO_PASSWORD, Probe, SmtpConn, assert_budget};
@@ -34,22 +32,6 @@ fn message(head: &str, subject: &str) -> String {
 
 // ---------------------------------------------------------------------------------------------
 // SMTP submission over STARTTLS
-
-fn tls_config(gw: &Gateway) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(gw.data_dir().join("tls/cert.pem")).unwrap();
-    for c in CertificateDer::pem_slice_iter(&pem) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
-}
 
 /// An SMTP session on the submission port: STARTTLS, then AUTH PLAIN as `user`.
 struct Submission {
@@ -82,7 +64,7 @@ impl Submission {
         w.write_all(b"STARTTLS\r\n").unwrap();
         assert!(reply(&mut plain).starts_with("220"));
         let conn = rustls::ClientConnection::new(
-            tls_config(gw),
+            super::tls_client(gw),
             ServerName::try_from("localhost").unwrap(),
         )
         .unwrap();

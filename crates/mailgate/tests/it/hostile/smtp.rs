@@ -7,8 +7,7 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 
 use super::{Probe, SmtpConn, assert_budget, connect_from, serve_demo, store_bytes};
 use crate::harness::{Gateway, Server};
@@ -223,22 +222,6 @@ fn one_ip_cannot_take_every_slot() {
     assert_budget(&server, &report);
 }
 
-fn tls_client(gw: &Gateway) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(gw.data_dir().join("tls/cert.pem")).unwrap();
-    for c in CertificateDer::pem_slice_iter(&pem) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
-}
-
 /// The first reply line over TLS.
 fn tls_first_line(cfg: &Arc<rustls::ClientConfig>, tcp: TcpStream) -> String {
     tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -257,7 +240,7 @@ fn tls_first_line(cfg: &Arc<rustls::ClientConfig>, tcp: TcpStream) -> String {
 fn smtps_refusal_comes_after_tls() {
     let gw = Gateway::new();
     let server = serve_demo(&gw, "[limits]\nsmtp_max_connections_per_ip = 2\n");
-    let cfg = tls_client(&gw);
+    let cfg = super::tls_client(&gw);
     let mut held = Vec::new();
     for _ in 0..2 {
         let tcp = connect_from("127.0.0.2", &server.smtps).unwrap();
