@@ -1173,14 +1173,18 @@ impl Session {
                     lockout.failure(login.as_deref().unwrap_or(""), ip, Instant::now());
                 }
                 let line = reply::denial(denial, decision_id);
-                tracing::info!(
-                    listener = self.listener.name(),
-                    client = %ip,
-                    login = %shown,
-                    code = denial.code.code(),
-                    decision_id = %decision_id,
-                    "AUTH refused"
-                );
+                // Before authentication: anyone can cause these, so a few lines a second (the
+                // gateway counts every refusal).
+                if self.ctx.gateway.budget().log_limited("smtp.auth_refused") {
+                    tracing::info!(
+                        listener = self.listener.name(),
+                        client = %ip,
+                        login = %shown,
+                        code = denial.code.code(),
+                        decision_id = %decision_id,
+                        "AUTH refused (rate-limited log)"
+                    );
+                }
                 match challenge {
                     Some(ch) if !locked => {
                         self.push(&format!("334 {ch}\r\n"));

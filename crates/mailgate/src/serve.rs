@@ -354,6 +354,7 @@ pub async fn run(
     let app = router(state.clone())
         .merge(mailgate_gmail::router(gmail))
         .merge(mailgate_sendgrid::router(sendgrid))
+        .layer(axum::middleware::from_fn(framework_errors_in_json))
         .layer(axum::middleware::from_fn(yield_first));
     let http = crate::listen::bind(config.http_listen, "http.listen").await?;
     let https = match &tls {
@@ -439,6 +440,84 @@ pub async fn run(
     }
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// No framework error reaches a client as plain text or an empty body: axum's own answers (an
+/// unknown route, a wrong method, a path segment that is not UTF-8 once decoded) are rewritten
+/// into the JSON of the door the path belongs to (SendGrid's `errors[]`, Google's `error`
+/// object, OAuth's `error`/`error_description`, or the admin API's). The doors' own errors are
+/// JSON (or the consent page's HTML) already and pass untouched.
+async fn framework_errors_in_json(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path().to_owned();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let plain = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|ct| ct.starts_with("text/plain"));
+    if !plain {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        match status {
+            StatusCode::NOT_FOUND => format!("no such route: {path}"),
+            StatusCode::METHOD_NOT_ALLOWED => {
+                let allow = parts
+                    .headers
+                    .get(header::ALLOW)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                format!("method not allowed on {path} (allowed: {allow})")
+            }
+            s => s.canonical_reason().unwrap_or("error").to_owned(),
+        }
+    } else {
+        text
+    };
+    let p = path.trim_start_matches('/');
+    let body = if p.starts_with("v3/") {
+        json!({"errors": [{"message": message, "field": null, "help": null}]})
+    } else if p.starts_with("gmail/") || p.starts_with("upload/") || p.starts_with("resumable/") {
+        let google_status = match status {
+            StatusCode::NOT_FOUND => "NOT_FOUND",
+            StatusCode::METHOD_NOT_ALLOWED => "METHOD_NOT_ALLOWED",
+            StatusCode::UNAUTHORIZED => "UNAUTHENTICATED",
+            StatusCode::FORBIDDEN => "PERMISSION_DENIED",
+            StatusCode::TOO_MANY_REQUESTS => "RESOURCE_EXHAUSTED",
+            s if s.is_server_error() => "INTERNAL",
+            _ => "INVALID_ARGUMENT",
+        };
+        json!({"error": {"code": status.as_u16(), "message": message, "status": google_status}})
+    } else if matches!(
+        p,
+        "token" | "revoke" | "tokeninfo" | "oauth2/v4/token" | "oauth2/v3/tokeninfo"
+    ) {
+        json!({"error": "invalid_request", "error_description": message})
+    } else {
+        json!({"error": {
+            "code": status.as_u16(),
+            "status": status.canonical_reason().unwrap_or(""),
+            "message": message,
+        }})
+    };
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body.to_string()))
 }
 
 /// Every request gives the worker thread up once before it runs: requests pipelined on one

@@ -477,3 +477,82 @@ fn admin_api_checks_the_token_before_the_body_and_answers_in_json() {
     assert_eq!(status, 400, "{body}");
     assert!(body.starts_with("{\"error\""), "{body}");
 }
+
+/// One raw request: (status line, content type, body).
+fn raw(addr: &str, method: &str, path: &str, auth: Option<&str>) -> (String, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let auth = auth
+        .map(|a| format!("Authorization: Bearer {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    let ct = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-type")
+                .then(|| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    (status, ct, body.to_owned())
+}
+
+/// Regression: axum's own answers reached clients as plain text or empty bodies (an unknown
+/// route, a wrong method, `Invalid URL: Invalid UTF-8 in `user_id`` for `%FF` in a path). Each is
+/// now JSON in the dialect of the door the path belongs to.
+#[test]
+fn framework_errors_are_json_in_each_doors_dialect() {
+    let gw = Gateway::new();
+    let server = super::serve_demo(&gw, "");
+    let cases: [(&str, &str, Option<&str>, &str, &str); 5] = [
+        (
+            "GET",
+            "/no/such/route",
+            None,
+            "404",
+            "{\"error\":{\"code\":404",
+        ),
+        (
+            "DELETE",
+            "/healthz",
+            None,
+            "405",
+            "{\"error\":{\"code\":405",
+        ),
+        (
+            "GET",
+            "/gmail/v1/users/%FF/profile",
+            None,
+            "400",
+            "\"status\":\"INVALID_ARGUMENT\"",
+        ),
+        (
+            "GET",
+            "/v3/api_keys/%FF",
+            Some(super::DEMO_KEY),
+            "400",
+            "{\"errors\":[{\"message\":",
+        ),
+        (
+            "GET",
+            "/token",
+            None,
+            "405",
+            "\"error\":\"invalid_request\"",
+        ),
+    ];
+    for (method, path, auth, status, shape) in cases {
+        let (line, ct, body) = raw(&server.addr, method, path, auth);
+        assert!(line.contains(status), "{method} {path}: {line} {body}");
+        assert_eq!(ct, "application/json", "{method} {path}: {body}");
+        assert!(body.contains(shape), "{method} {path}: {body}");
+    }
+}
