@@ -1515,7 +1515,9 @@ pub(crate) async fn auth_submit(
             &format!("Too many failed sign-in attempts. Try again in {secs} seconds."),
         )
         .await;
-        tracing::info!(login = %mailgate_auth::redact_login(&email), "consent: locked out");
+        if st.gateway.budget().log_limited("consent locked out") {
+            tracing::info!(login = %mailgate_auth::redact_login(&email), "consent: locked out");
+        }
         return page(Some(PageNote {
             status: StatusCode::TOO_MANY_REQUESTS,
             message: line,
@@ -1536,7 +1538,9 @@ pub(crate) async fn auth_submit(
         Err(_) => {
             return page(Some(PageNote {
                 status: StatusCode::SERVICE_UNAVAILABLE,
-                message: "The sign-in service is busy. Try again in a moment.".into(),
+                message:
+                    "The sign-in service is busy. Try again in a moment. [mailgate: server.busy]"
+                        .into(),
                 retry_after_secs: Some(1),
             }));
         }
