@@ -1156,10 +1156,10 @@ impl<'a> Ctx<'a> {
 
     /// The relay under IP trust: the envelope sender and every header From and Sender address
     /// must be allowed by `smtp_relay.allowed_senders`.
+    ///
+    /// Every address known is judged, so a header address the relay refuses is refused even
+    /// while the envelope sender is still unknown (adding a failure never allows).
     fn relay_senders(&self) -> R {
-        let Some(_) = self.a.envelope_from.as_deref().filter(|s| !s.is_empty()) else {
-            return pending("envelope sender not known yet");
-        };
         let rule = self.ix.directory().smtp_relay.allowed_senders;
         for (role, addr) in self.sender_addrs() {
             let ok = match rule {
@@ -1184,6 +1184,9 @@ impl<'a> Ctx<'a> {
                     "send from an address the relay accepts (envelope sender, From and Sender alike), or change smtp_relay.allowed_senders {APPLY}"
                 ),
             );
+        }
+        if self.a.envelope_from.as_deref().is_none_or(|s| s.is_empty()) {
+            return pending("envelope sender not known yet");
         }
         pass("envelope sender and header addresses allowed by smtp_relay.allowed_senders")
     }

@@ -581,22 +581,19 @@ pub(super) fn explain(
                 } else if no_sender {
                     Pending
                 } else if relay {
-                    if envelope.is_none() {
+                    let ok = senders
+                        .iter()
+                        .all(|(_, e)| match dir.smtp_relay.allowed_senders {
+                            RelaySenders::Any => true,
+                            RelaySenders::RegisteredUsers => user_by_address(dir, e).is_some(),
+                            RelaySenders::DomainAddresses => org_domain_or_sub(dir, domain(e)),
+                        });
+                    if !ok {
+                        Fail
+                    } else if envelope.is_none() {
                         Pending
                     } else {
-                        let ok =
-                            senders
-                                .iter()
-                                .all(|(_, e)| match dir.smtp_relay.allowed_senders {
-                                    RelaySenders::Any => true,
-                                    RelaySenders::RegisteredUsers => {
-                                        user_by_address(dir, e).is_some()
-                                    }
-                                    RelaySenders::DomainAddresses => {
-                                        org_domain_or_sub(dir, domain(e))
-                                    }
-                                });
-                        if ok { Pass } else { Fail }
+                        Pass
                     }
                 } else {
                     match user {
