@@ -54,23 +54,18 @@ impl SendgridState {
         }
     }
 
-    /// Runs CPU-heavy `job` (parsing, MIME building) on the blocking pool, at most
-    /// [`SendgridState::heavy`] at once; `None` if the job panicked (a bug, logged).
+    /// Runs CPU-heavy `job` (parsing, MIME building) on the gateway's low-priority heavy-work
+    /// threads, at most [`SendgridState::heavy`] at once; `None` if the job panicked (a bug,
+    /// logged) or the heavy-work queue is full.
     pub(crate) async fn heavy<T: Send + 'static>(
         &self,
         job: impl FnOnce() -> T + Send + 'static,
     ) -> Option<T> {
-        let permit = self.heavy.clone().acquire_owned().await.ok()?;
-        match tokio::task::spawn_blocking(move || {
-            let out = job();
-            drop(permit);
-            out
-        })
-        .await
-        {
+        let _permit = self.heavy.clone().acquire_owned().await.ok()?;
+        match self.gateway.budget().heavy().run(job).await {
             Ok(t) => Some(t),
             Err(e) => {
-                tracing::error!(error = %e, "sendgrid door: a blocking job failed");
+                tracing::error!(error = %e, "sendgrid door: a heavy job did not run");
                 None
             }
         }
