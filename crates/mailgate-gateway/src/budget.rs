@@ -364,7 +364,7 @@ type HeavyJob = Box<dyn FnOnce() + Send>;
 /// Threads for CPU-heavy request work, at a lower scheduling priority (nice 10) than the async
 /// workers: a large request shares the CPU with everything else but never delays a small one
 /// behind it (measured: a legitimate send's p99 while four 28 MB SendGrid bodies were parsed
-/// went from 58-65 ms on tokio's blocking pool to the figure in docs/security.md). At most
+/// went from 58-65 ms on tokio's blocking pool to 10-38 ms here). At most
 /// `threads` jobs run at once; the rest wait in a queue of [`HeavyPool::QUEUE`].
 pub struct HeavyPool {
     jobs: std::sync::mpsc::SyncSender<HeavyJob>,

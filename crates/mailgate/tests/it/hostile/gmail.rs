@@ -463,7 +463,7 @@ fn pipelined(server: &Server, from: &str, n: usize, req: impl Fn(bool) -> Vec<u8
     for i in 0..n {
         bytes.extend_from_slice(&req(i + 1 == n));
     }
-    let writer = std::thread::spawn(move || {
+    let writer = super::attacker(move || {
         let _ = w.write_all(&bytes);
     });
     let mut r = BufReader::new(s);

@@ -105,6 +105,17 @@ pub fn connect_from(from: &str, to: &str) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
+/// Starts an attacker thread. It runs at the lowest scheduling priority (nice 19): on this one
+/// machine the attacker's own CPU (building and writing its bytes) competes with the server and
+/// the legitimate probe, which a real attacker on another machine does not; the server's work
+/// for the attack still runs at the server's priority, and that is what the suite measures.
+pub fn attacker<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+    std::thread::spawn(move || {
+        let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
+        f()
+    })
+}
+
 /// A TLS client that trusts the demo's self-signed certificate (generated under the data
 /// directory), for SMTP STARTTLS and SMTPS.
 pub fn tls_client(gw: &crate::harness::Gateway) -> Arc<rustls::ClientConfig> {

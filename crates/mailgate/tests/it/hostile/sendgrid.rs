@@ -44,7 +44,7 @@ fn stream_request(s: TcpStream, head: &str, chunked: bool, total: usize, piece: 
     let writer = {
         let (written, stop) = (written.clone(), stop.clone());
         let piece = piece.to_vec();
-        std::thread::spawn(move || {
+        super::attacker(move || {
             while written.load(Ordering::Relaxed) < total && !stop.load(Ordering::Relaxed) {
                 let n = piece.len().min(total - written.load(Ordering::Relaxed));
                 let data = piece.get(..n).unwrap_or_default();
@@ -291,7 +291,7 @@ fn four_concurrent_28mb_sends_with_a_valid_key_stay_bounded() {
     let threads: Vec<_> = (0..4)
         .map(|_| {
             let (addr, body) = (server.addr.clone(), body.clone());
-            std::thread::spawn(move || send_with_key(&addr, &body))
+            super::attacker(move || send_with_key(&addr, &body))
         })
         .collect();
     for t in threads {

@@ -56,7 +56,7 @@ fn flood(from: &str, to: &str, per_write: usize, writes: usize, limit: Duration)
         return (false, String::new());
     };
     let burst = "MAIL FROM:<alice@example.com>\r\n".repeat(per_write);
-    let writer = std::thread::spawn(move || {
+    let writer = super::attacker(move || {
         let t = Instant::now();
         let _ = w.write_all(b"EHLO attacker.example\r\n");
         for _ in 0..writes {
@@ -94,7 +94,7 @@ fn refusal_flood_before_auth_stores_nothing_and_is_cut_off() {
         } else {
             server.smtp_relay.clone()
         };
-        attackers.push(std::thread::spawn(move || {
+        attackers.push(super::attacker(move || {
             let mut replies = Vec::new();
             // Connection after connection, bounded in count and time.
             for _ in 0..3 {
@@ -328,7 +328,7 @@ fn data_memory_is_bounded_for_the_process() {
     let mut senders = Vec::new();
     for i in 0..20 {
         let addr = server.smtp_relay.clone();
-        senders.push(std::thread::spawn(move || -> Result<String, String> {
+        senders.push(super::attacker(move || -> Result<String, String> {
             let mut c = SmtpConn::open(&addr)?;
             c.expect("MAIL FROM:<alice@example.com>\r\n", "250")?;
             c.expect("RCPT TO:<big@example.org>\r\n", "250")?;
