@@ -66,7 +66,7 @@ impl Stage {
 
 /// Every reason a send can be refused (or, for delivery, fail after acceptance).
 ///
-/// The declaration order is the evaluation order of the checks (causes.md rows 1–40), then the gateway's own temporary faults (41-42).
+/// The declaration order is the evaluation order of the checks (rows 1–40 of docs/reasons.md), then the gateway's own temporary faults (41-42).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Reason {
     /// `tls.required`
@@ -234,7 +234,7 @@ impl<T> DoorReply<T> {
 /// One catalogue row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReasonSpec {
-    /// Row number in causes.md.
+    /// Row number in docs/reasons.md.
     pub row: u8,
     /// Stable code, e.g. `account.suspended`.
     pub code: &'static str,
