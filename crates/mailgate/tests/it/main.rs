@@ -6,8 +6,10 @@
     reason = "test helpers may panic: a panic is a failed test"
 )]
 
+mod admin_api;
 mod crash;
 mod directory;
+mod docs;
 mod explain;
 mod gmail;
 mod harness;
