@@ -434,6 +434,8 @@ pub async fn run(
     }
     reloader.abort();
     retention.abort();
+    // Writers (the CLI, other nodes' settings APIs) stop waiting for this node.
+    state.gateway.leave().await;
     // Decisions of refused sends are written behind the answer (group commit); keep them.
     if let Err(e) = state.gateway.store().flush().await {
         tracing::warn!(error = %e, "could not write the last decisions");
