@@ -66,7 +66,7 @@ impl Stage {
 
 /// Every reason a send can be refused (or, for delivery, fail after acceptance).
 ///
-/// The declaration order is the evaluation order of the checks (rows 1–40 of docs/reasons.md), then the gateway's own temporary faults (41-42).
+/// The declaration order is the evaluation order of the checks (rows 1–40 of docs/reasons.md), then the gateway's own temporary faults (41-42), then refusals a door makes on its own as the message arrives (43). New codes are added at the end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Reason {
     /// `tls.required`
@@ -153,6 +153,8 @@ pub enum Reason {
     StoreUnavailable,
     /// `server.busy`
     ServerBusy,
+    /// `message.bare_newline`
+    MessageBareNewline,
 }
 
 /// How the Gmail-compatible door answers (google.rpc error body, see gmail-wire.md §2).
@@ -339,7 +341,7 @@ const FORBIDDEN: &str = "PERMISSION_DENIED";
 const EXHAUSTED: &str = "RESOURCE_EXHAUSTED";
 
 /// The catalogue, in evaluation order. Index = `Reason as usize`.
-static CATALOGUE: [ReasonSpec; 42] = [
+static CATALOGUE: [ReasonSpec; 43] = [
     ReasonSpec {
         row: 1,
         code: "tls.required",
@@ -600,7 +602,7 @@ static CATALOGUE: [ReasonSpec; 42] = [
         code: "scope.insufficient",
         stage: Stage::Grant,
         message: "The token has none of the scopes that allow sending.",
-        remedy: "request one of the send scopes (https://www.googleapis.com/auth/gmail.send is enough) and obtain a new token",
+        remedy: "request a send scope and obtain a new token: on the HTTP API https://www.googleapis.com/auth/gmail.send is enough; SMTP (XOAUTH2, OAUTHBEARER) needs https://mail.google.com/. For a service account, its domain_wide_delegation entry must grant that scope too (domain_wide_delegation[<client_id>].scopes in org.yaml, then `mailgate apply -f org.yaml`)",
         gmail: DoorReply::Reply(GmailSpec {
             http_status: 403,
             status: FORBIDDEN,
@@ -814,7 +816,11 @@ static CATALOGUE: [ReasonSpec; 42] = [
             "Sender address rejected: not owned by user {caller}",
         ),
         token: None,
-        smtp: s(553, "5.7.1", "Sender address rejected: not owned by user"),
+        smtp: s(
+            553,
+            "5.7.1",
+            "Sender address rejected: not owned by user {caller}",
+        ),
         sendgrid: sg_field(403, SG_SENDER_IDENTITY, "from"),
     },
     ReasonSpec {
@@ -1069,7 +1075,7 @@ static CATALOGUE: [ReasonSpec; 42] = [
         code: "upstream.deferred",
         stage: Stage::Delivery,
         message: "The smarthost answered 4xx or was unreachable; retrying with backoff.",
-        remedy: "nothing to do unless it persists; check the smarthost with `mailgate doctor`",
+        remedy: "nothing to do unless it persists; `mailgate queue show <id>` shows every attempt with the smarthost's reply, and `mailgate queue retry <id>` tries again now once the smarthost is back",
         gmail: DoorReply::AfterAcceptance("message status `deferred`, next attempt time"),
         token: None,
         smtp: DoorReply::AfterAcceptance("after acceptance: delayed DSN when it persists"),
@@ -1080,7 +1086,7 @@ static CATALOGUE: [ReasonSpec; 42] = [
         code: "upstream.auth_failed",
         stage: Stage::Delivery,
         message: "The smarthost rejected Mailgate's credentials.",
-        remedy: "fix smarthosts[<name>].username / password_ref and check with `mailgate doctor`",
+        remedy: "fix smarthosts[<name>].username / password_ref in org.yaml and run `mailgate apply -f org.yaml`, then `mailgate queue retry <id>` (`mailgate queue list --state held` lists the messages waiting)",
         gmail: DoorReply::AfterAcceptance("message status `deferred`, operator alert"),
         token: None,
         smtp: DoorReply::AfterAcceptance("after acceptance: held, operator alert"),
@@ -1126,11 +1132,29 @@ static CATALOGUE: [ReasonSpec; 42] = [
         ),
         sendgrid: sg(503, "service unavailable"),
     },
+    ReasonSpec {
+        row: 43,
+        code: "message.bare_newline",
+        stage: Stage::Message,
+        message: "A line of the message ended in a bare LF or a bare CR instead of CRLF (RFC 5321 §2.3.8). Servers that disagree on line endings can be made to see a second message inside this one (SMTP smuggling, CVE-2023-51764), so Mailgate refuses it on SMTP and closes the connection, as Postfix does with smtpd_forbid_bare_newline = reject. The HTTP doors never refuse for this (they carry no SMTP framing, and the delivery worker sends every line ending as CRLF); they render it only for an injected fault.",
+        remedy: "make the client end every line with CRLF; for a legacy client that cannot, an operator sets [smtp] bare_newline = \"normalize\" in mailgate.toml (docs/config.md), which turns each bare LF or CR into CRLF",
+        gmail: g(
+            400,
+            "INVALID_ARGUMENT",
+            "invalidArgument",
+            "global",
+            None,
+            "Error: bare {detail} received",
+        ),
+        token: None,
+        smtp: s(521, "5.5.2", "Error: bare {detail} received"),
+        sendgrid: sg(400, "Error: bare {detail} received"),
+    },
 ];
 
 impl Reason {
     /// Every reason, in evaluation order.
-    pub const ALL: [Reason; 42] = [
+    pub const ALL: [Reason; 43] = [
         Reason::TlsRequired,
         Reason::TlsVersion,
         Reason::AuthMissing,
@@ -1173,6 +1197,7 @@ impl Reason {
         Reason::UpstreamAuthFailed,
         Reason::StoreUnavailable,
         Reason::ServerBusy,
+        Reason::MessageBareNewline,
     ];
 
     /// The catalogue row.
@@ -1343,6 +1368,17 @@ impl Reason {
         })
     }
 
+    /// The SMTP refusal for a client the relay listener trusts by its address
+    /// (`smtp_relay.allowed_ips`, no AUTH): where the usual text names a user, this one names
+    /// the relay's clients, since there is no user (only `{ip}`).
+    pub fn smtp_reply_relay_ip(self, args: &RenderArgs) -> Option<SmtpReply> {
+        let mut reply = self.smtp_reply(args)?;
+        if let Some(text) = relay_ip_text(self) {
+            reply.text = fill(text, args);
+        }
+        Some(reply)
+    }
+
     /// The SendGrid-door refusal, or `None` when this reason never produces a reply there.
     pub fn sendgrid_reply(self, args: &RenderArgs) -> Option<SendGridReply> {
         let spec = *self.spec().sendgrid.reply()?;
@@ -1353,6 +1389,25 @@ impl Reason {
         })
     }
 }
+
+/// SMTP reply texts for a client the relay listener trusts by its address, where the usual text
+/// names a user (issue 13: "not owned by user 127.0.0.1" read as if the IP were a user). The
+/// reply keeps Postfix's shape (`553 5.7.1 <addr>: Sender address rejected: ...`).
+const SMTP_RELAY_IP_TEXTS: &[(Reason, &str)] = &[(
+    Reason::SenderNotOwned,
+    "Sender address rejected: not an address relay clients from {ip} may send as",
+)];
+
+fn relay_ip_text(r: Reason) -> Option<&'static str> {
+    SMTP_RELAY_IP_TEXTS
+        .iter()
+        .find(|(x, _)| *x == r)
+        .map(|(_, t)| *t)
+}
+
+/// The remedy of `scope.insufficient` on the SMTP doors (XOAUTH2, OAUTHBEARER): both steps, the
+/// token's scope and the domain-wide delegation that must grant it (issue 13, item 9).
+pub const SMTP_SCOPE_REMEDY: &str = "request a token with the scope https://mail.google.com/ (SMTP needs it; gmail.send is not enough); for a service account, its domain-wide delegation must grant that scope too: add it to domain_wide_delegation[<client_id>].scopes in org.yaml, run `mailgate apply -f org.yaml`, then request a new token";
 
 fn cell(s: &str) -> String {
     s.replace('|', "\\|").replace('\n', " ")
@@ -1389,9 +1444,19 @@ fn token_cell(t: &Option<TokenSpec>) -> String {
     }
 }
 
-fn smtp_cell(r: &DoorReply<SmtpSpec>) -> String {
+fn smtp_cell(reason: Reason, r: &DoorReply<SmtpSpec>) -> String {
     match r {
-        DoorReply::Reply(s) => cell(&format!("{} {} {}", s.code, s.enhanced, s.text)),
+        DoorReply::Reply(s) => {
+            let mut c = format!("{} {} {}", s.code, s.enhanced, s.text);
+            if let Some(t) = relay_ip_text(reason) {
+                let _ = write!(
+                    c,
+                    " (IP-trusted relay client: {} {} {t})",
+                    s.code, s.enhanced
+                );
+            }
+            cell(&c)
+        }
         DoorReply::HandshakeRefused => "handshake refused".to_owned(),
         DoorReply::AfterAcceptance(d) => cell(&format!("({d})")),
     }
@@ -1442,7 +1507,7 @@ pub fn render_reasons_md() -> String {
             cell(s.remedy),
             gmail_cell(&s.gmail),
             token_cell(&s.token),
-            smtp_cell(&s.smtp),
+            smtp_cell(r, &s.smtp),
             sendgrid_cell(&s.sendgrid),
         );
     }
@@ -1502,7 +1567,7 @@ mod tests {
         let mut codes: Vec<_> = Reason::ALL.iter().map(|r| r.code()).collect();
         codes.sort_unstable();
         codes.dedup();
-        assert_eq!(codes.len(), 42);
+        assert_eq!(codes.len(), 43);
     }
 
     #[test]
@@ -1533,6 +1598,69 @@ mod tests {
             (550, "5.7.0", "Mail Sending denied")
         );
         assert!(Reason::TlsVersion.smtp_reply(&a).is_none());
+    }
+
+    /// Issue 13, item 11: a relay client trusted by its IP is not a user.
+    #[test]
+    fn relay_clients_are_not_called_users() {
+        let a = RenderArgs {
+            caller: Some("127.0.0.1".into()),
+            ip: Some("127.0.0.1".into()),
+            ..Default::default()
+        };
+        let r = Reason::SenderNotOwned.smtp_reply_relay_ip(&a).unwrap();
+        assert_eq!((r.code, r.enhanced), (553, "5.7.1"));
+        assert_eq!(
+            r.text,
+            "Sender address rejected: not an address relay clients from 127.0.0.1 may send as"
+        );
+        let a = RenderArgs {
+            caller: Some("alice@example.com".into()),
+            ..Default::default()
+        };
+        let r = Reason::SenderNotOwned.smtp_reply(&a).unwrap();
+        assert_eq!(
+            r.text,
+            "Sender address rejected: not owned by user alice@example.com"
+        );
+        // Other reasons read the same for relay clients.
+        assert_eq!(
+            Reason::PolicyDenied.smtp_reply_relay_ip(&a),
+            Reason::PolicyDenied.smtp_reply(&a)
+        );
+    }
+
+    /// Issue 13, item 9: the SMTP scope remedy names the token's scope and the delegation.
+    #[test]
+    fn scope_remedies_name_the_token_scope_and_the_delegation() {
+        for remedy in [SMTP_SCOPE_REMEDY, Reason::ScopeInsufficient.spec().remedy] {
+            assert!(remedy.contains("https://mail.google.com/"), "{remedy}");
+            assert!(
+                remedy.contains("domain_wide_delegation[<client_id>].scopes"),
+                "{remedy}"
+            );
+        }
+    }
+
+    /// Issue 13, item 5: the bare-newline refusal reads as Postfix's does.
+    #[test]
+    fn bare_newline_reads_as_postfix() {
+        let a = RenderArgs {
+            detail: Some("<LF>".into()),
+            ..Default::default()
+        };
+        let r = Reason::MessageBareNewline.smtp_reply(&a).unwrap();
+        assert_eq!(
+            (r.code, r.enhanced, r.text.as_str()),
+            (521, "5.5.2", "Error: bare <LF> received")
+        );
+        assert_eq!(Reason::MessageBareNewline.stage(), Stage::Message);
+        assert!(
+            Reason::MessageBareNewline
+                .spec()
+                .remedy
+                .contains("bare_newline = \"normalize\"")
+        );
     }
 
     #[test]

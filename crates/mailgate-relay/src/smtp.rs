@@ -260,10 +260,13 @@ impl Connection {
         recipients: &[String],
         raw: &[u8],
     ) -> Result<Vec<Outcome>, Broken> {
+        // Never a bare LF or CR on the wire (SMTP smuggling, CVE-2023-51764): whatever a door
+        // stored (the HTTP doors keep a message's own line endings), every line ends in CRLF.
+        let raw = crlf_lines(raw);
         let out = if self.pipelining {
-            self.pipelined(from, recipients, raw).await
+            self.pipelined(from, recipients, &raw).await
         } else {
-            self.transaction_inner(from, recipients, raw).await
+            self.transaction_inner(from, recipients, &raw).await
         };
         if out.is_ok() {
             self.last_used = Instant::now();
@@ -480,8 +483,48 @@ fn boxed<T: Stream + 'static>(c: SmtpClient<T>) -> SmtpClient<Box<dyn Stream>> {
     }
 }
 
+/// `raw` with every bare LF and every bare CR made CRLF (borrowed when there is none, the usual
+/// case). mail-send then dot-stuffs each line that starts with a dot.
+pub fn crlf_lines(raw: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let bare = |i: usize, b: u8| match b {
+        b'\n' => i == 0 || raw.get(i - 1) != Some(&b'\r'),
+        b'\r' => raw.get(i + 1) != Some(&b'\n'),
+        _ => false,
+    };
+    let count = raw
+        .iter()
+        .enumerate()
+        .filter(|(i, b)| matches!(b, b'\r' | b'\n') && bare(*i, **b))
+        .count();
+    if count == 0 {
+        return std::borrow::Cow::Borrowed(raw);
+    }
+    let mut out = Vec::with_capacity(raw.len() + count);
+    for (i, b) in raw.iter().enumerate() {
+        if matches!(b, b'\r' | b'\n') && bare(i, *b) {
+            out.extend_from_slice(b"\r\n");
+        } else {
+            out.push(*b);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bare_newlines_become_crlf_on_the_wire() {
+        use super::crlf_lines;
+        assert!(matches!(
+            crlf_lines(b"a\r\nb\r\n"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            &*crlf_lines(b"\na\n.\nMAIL FROM:<x>\r\n\r.\rb\r"),
+            b"\r\na\r\n.\r\nMAIL FROM:<x>\r\n\r\n.\r\nb\r\n"
+        );
+    }
+
     use super::*;
 
     #[test]

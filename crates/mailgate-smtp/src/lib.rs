@@ -16,4 +16,4 @@ pub mod server;
 pub mod session;
 
 pub use server::serve;
-pub use session::{Limits, Listener, Session, SmtpContext, Step};
+pub use session::{BareNewline, Limits, Listener, Session, SmtpContext, Step};

@@ -1,7 +1,7 @@
 //! SMTP replies: the catalogue's text (Google's, byte for byte) followed by Mailgate's reason code,
 //! decision id and, when the whole reply still fits one line, the remedy.
 
-use mailgate_core::catalogue::Reason;
+use mailgate_core::catalogue::{Reason, RenderArgs, SMTP_SCOPE_REMEDY};
 use mailgate_core::engine::{Denial, FaultKind};
 
 /// RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets with CRLF.
@@ -34,6 +34,37 @@ fn clean(s: &mut String) {
     }
 }
 
+/// A refusal the door makes itself, before any decision (no decision id):
+/// `521 5.5.2 Error: bare <LF> received [mailgate: message.bare_newline] Remedy: ...`.
+pub(crate) fn refusal(reason: Reason, args: &RenderArgs) -> String {
+    let (code, enhanced, text) = match reason.smtp_reply(args) {
+        Some(r) => (r.code, r.enhanced, r.text),
+        None => (550, "5.7.1", reason.spec().message.to_owned()),
+    };
+    finish(
+        format!("{code} {enhanced} {text} [mailgate: {}]", reason.code()),
+        reason.spec().remedy,
+    )
+}
+
+/// Appends the remedy when the whole reply still fits one line, cleans and ends the line.
+fn finish(mut s: String, remedy: &str) -> String {
+    let remedy = format!(" Remedy: {remedy}");
+    if s.len() + remedy.len() <= MAX_REPLY_LINE {
+        s.push_str(&remedy);
+    }
+    clean(&mut s);
+    s.push_str("\r\n");
+    s
+}
+
+/// The address a relay refusal under IP trust is about: the engine's message reads
+/// "<role> <address> is not allowed on the relay (...)".
+fn relay_sender(message: &str) -> Option<&str> {
+    let (before, _) = message.split_once(" is not allowed on the relay")?;
+    before.rsplit(' ').next().filter(|a| a.contains('@'))
+}
+
 /// The reply for an engine denial:
 /// `553 5.7.1 <x@y>: Sender address rejected: not owned by user alice@example.com [mailgate: sender.not_owned, decision 01J...] Remedy: ...`.
 pub(crate) fn denial(d: &Denial, decision_id: &str) -> String {
@@ -43,7 +74,16 @@ pub(crate) fn denial(d: &Denial, decision_id: &str) -> String {
 /// Same, naming `address` (the recipient of a RCPT TO) when the object at fault is not an
 /// address itself (e.g. the policy that bars it).
 pub(crate) fn denial_about(d: &Denial, decision_id: &str, address: Option<&str>) -> String {
-    let (code, enhanced, mut text) = match d.smtp() {
+    // The relay listener's IP trust has no user: `smtp_relay.allowed_senders` is at fault, and
+    // the reply speaks of the relay's clients (the catalogue's relay text).
+    let relay_ip =
+        d.code == Reason::SenderNotOwned && d.object_at_fault.kind == FaultKind::SmtpRelay;
+    let reply = if relay_ip {
+        d.code.smtp_reply_relay_ip(&d.args)
+    } else {
+        d.smtp()
+    };
+    let (code, enhanced, mut text) = match reply {
         Some(r) => (r.code, r.enhanced, r.text),
         None => (550, "5.7.1", d.message.clone()),
     };
@@ -54,24 +94,23 @@ pub(crate) fn denial_about(d: &Denial, decision_id: &str, address: Option<&str>)
         text = format!("<{}>: {text}", d.object_at_fault.id);
     } else if let Some(a) = address.filter(|_| d.code == Reason::PolicyRecipientRestricted) {
         text = format!("<{a}>: {text}");
+    } else if let Some(a) = relay_sender(&d.message).filter(|_| relay_ip) {
+        text = format!("<{a}>: {text}");
     }
-    if d.code == Reason::SenderNotOwned
-        && let Some(caller) = &d.args.caller
-    {
-        text.push(' ');
-        text.push_str(caller);
-    }
-    let mut s = format!(
-        "{code} {enhanced} {text} [mailgate: {}, decision {decision_id}]",
-        d.code.code()
-    );
-    let remedy = format!(" Remedy: {}", d.remedy);
-    if s.len() + remedy.len() <= MAX_REPLY_LINE {
-        s.push_str(&remedy);
-    }
-    clean(&mut s);
-    s.push_str("\r\n");
-    s
+    // On SMTP the scope is https://mail.google.com/, and a service account's delegation must
+    // grant it too (the engine's remedy names only the token's scope).
+    let remedy = if d.code == Reason::ScopeInsufficient {
+        SMTP_SCOPE_REMEDY
+    } else {
+        d.remedy.as_str()
+    };
+    finish(
+        format!(
+            "{code} {enhanced} {text} [mailgate: {}, decision {decision_id}]",
+            d.code.code()
+        ),
+        remedy,
+    )
 }
 
 #[cfg(test)]
@@ -87,5 +126,33 @@ mod tests {
         // Found by fuzz/fuzz_targets/smtp_session.rs: a rejected parameter echoed a ^A.
         let l = line(555, "5.5.4", "Unsupported parameter SI\u{1}Z\0\u{7f}\tx.");
         assert_eq!(l, "555 5.5.4 Unsupported parameter SI Z  \tx.\r\n");
+    }
+
+    #[test]
+    fn the_relay_refusal_names_the_address_from_the_engine_message() {
+        assert_eq!(
+            relay_sender(
+                "From ceo@evil.test is not allowed on the relay (addresses in the organisation's domains only)"
+            ),
+            Some("ceo@evil.test")
+        );
+        assert_eq!(relay_sender("something else"), None);
+    }
+
+    #[test]
+    fn refusals_carry_the_code_and_the_remedy_on_one_line() {
+        let args = RenderArgs {
+            detail: Some("<LF>".into()),
+            ..RenderArgs::default()
+        };
+        let l = refusal(Reason::MessageBareNewline, &args);
+        assert!(
+            l.starts_with(
+                "521 5.5.2 Error: bare <LF> received [mailgate: message.bare_newline] Remedy: "
+            ),
+            "{l}"
+        );
+        assert!(l.len() <= 512 && l.ends_with("\r\n"), "{l}");
+        assert!(l.contains("bare_newline = \"normalize\""), "{l}");
     }
 }

@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mailgate_core::catalogue::Stage;
+use mailgate_core::catalogue::{Reason, RenderArgs, Stage};
 use mailgate_core::engine::{
     Body, Credential, CredentialState, Door, Originator, SendAttempt, TlsVersion, Transport,
 };
@@ -131,6 +131,25 @@ pub struct Limits {
     /// Longest time a connection may stay untrusted, whatever it sends (slow senders that keep
     /// an idle timer from firing with a byte now and then).
     pub untrusted_lifetime: Duration,
+    /// What a bare LF or bare CR in a message does (`[smtp] bare_newline`).
+    pub bare_newline: BareNewline,
+}
+
+/// What the SMTP doors do with a line of a message (DATA or BDAT) that ends in a bare LF or a
+/// bare CR instead of CRLF (`[smtp] bare_newline` in mailgate.toml). Either way the end of DATA
+/// is only CR LF . CR LF, and a bare LF or CR is never stored or relayed. This is what Postfix
+/// settled on after the SMTP smuggling disclosures (CVE-2023-51764,
+/// `smtpd_forbid_bare_newline`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BareNewline {
+    /// `521 5.5.2 Error: bare <LF> received [mailgate: message.bare_newline] ...` as soon as one
+    /// arrives, and the connection is closed, so nothing after it is read as a command (Postfix's
+    /// `reject` with its disconnecting code 521). The default.
+    #[default]
+    Reject,
+    /// Each bare LF or CR becomes CRLF, as if the client had sent CRLF (Postfix's `normalize`),
+    /// and a dot opening a line after one is a stuffing dot, removed as after CRLF (DATA only).
+    Normalize,
 }
 
 impl Default for Limits {
@@ -149,6 +168,7 @@ impl Default for Limits {
             idle_under_pressure: Duration::from_secs(10),
             pressure_percent: 80,
             untrusted_lifetime: Duration::from_secs(120),
+            bare_newline: BareNewline::Reject,
         }
     }
 }
@@ -239,6 +259,103 @@ struct Transaction {
     /// Bytes of a body too large to keep (counted, not stored).
     oversize: Option<u64>,
     bdat: bool,
+    /// Bare LF / CR seen in the body as it arrived.
+    newlines: NewlineScan,
+}
+
+/// The body as it arrives on the wire, watched for a bare LF or a bare CR. A CR that ends one
+/// read waits for the next byte.
+#[derive(Default)]
+struct NewlineScan {
+    /// The last byte scanned was a CR.
+    cr: bool,
+    /// The first bare newline of the message (`<LF>` or `<CR>`).
+    bare: Option<&'static str>,
+}
+
+const BARE_LF: &str = "<LF>";
+const BARE_CR: &str = "<CR>";
+
+impl NewlineScan {
+    /// Scans the next bytes of the message; the first bare newline among them, if any.
+    fn scan(&mut self, bytes: &[u8]) -> Option<&'static str> {
+        let mut first = None;
+        let mut rest = bytes;
+        loop {
+            if self.cr {
+                match rest.first() {
+                    None => break,
+                    Some(b'\n') => {
+                        self.cr = false;
+                        rest = rest.get(1..).unwrap_or_default();
+                        continue;
+                    }
+                    Some(_) => {
+                        self.cr = false;
+                        first.get_or_insert(BARE_CR);
+                    }
+                }
+            }
+            let Some(p) = rest.iter().position(|b| matches!(b, b'\r' | b'\n')) else {
+                break;
+            };
+            if rest.get(p) == Some(&b'\n') {
+                first.get_or_insert(BARE_LF);
+            } else {
+                self.cr = true;
+            }
+            rest = rest.get(p + 1..).unwrap_or_default();
+        }
+        if self.bare.is_none() {
+            self.bare = first;
+        }
+        first
+    }
+
+    /// The message is complete: a CR still waiting is bare.
+    fn finish(&mut self) -> Option<&'static str> {
+        if std::mem::take(&mut self.cr) {
+            self.bare.get_or_insert(BARE_CR);
+            Some(BARE_CR)
+        } else {
+            None
+        }
+    }
+}
+
+/// The body with every bare LF and bare CR made CRLF (`bare_newline = normalize`). With
+/// `unstuff` (DATA), a dot opening a line after a bare newline is removed: smtp-proto removes
+/// stuffing dots only after CRLF, and a client that ends lines with LF stuffed its own lines.
+fn normalize_newlines(raw: &[u8], unstuff: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(normalized_len(raw));
+    let mut rest = raw;
+    while let Some(p) = rest.iter().position(|b| matches!(b, b'\r' | b'\n')) {
+        out.extend_from_slice(rest.get(..p).unwrap_or_default());
+        let crlf = rest.get(p..p + 2) == Some(b"\r\n");
+        out.extend_from_slice(b"\r\n");
+        rest = rest.get(p + if crlf { 2 } else { 1 }..).unwrap_or_default();
+        if !crlf && unstuff && rest.first() == Some(&b'.') {
+            rest = rest.get(1..).unwrap_or_default();
+        }
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+/// The length of [`normalize_newlines`]' result at most (one byte more per bare newline).
+fn normalized_len(raw: &[u8]) -> usize {
+    let mut n = raw.len();
+    let mut prev = 0u8;
+    for (i, b) in raw.iter().enumerate() {
+        let bare = match b {
+            b'\n' => prev != b'\r',
+            b'\r' => raw.get(i + 1) != Some(&b'\n'),
+            _ => false,
+        };
+        n += usize::from(bare);
+        prev = *b;
+    }
+    n
 }
 
 /// A message body as it arrives, in chunks that never move once allocated. One growing buffer
@@ -263,6 +380,14 @@ impl BodyBuf {
 
     fn capacity(&self) -> usize {
         self.full.iter().map(Vec::capacity).sum::<usize>() + self.tail.capacity()
+    }
+
+    /// The last byte of the body.
+    fn last(&self) -> Option<u8> {
+        self.tail
+            .last()
+            .or_else(|| self.full.last().and_then(|c| c.last()))
+            .copied()
     }
 
     fn spare(&self) -> usize {
@@ -572,6 +697,21 @@ impl Session {
                     let done = rx.ingest(&mut sub, &mut self.tx.body.tail);
                     let consumed = head.len() - sub.len();
                     iter = rest.get(consumed..).unwrap_or_default().iter();
+                    let bare = self
+                        .tx
+                        .newlines
+                        .scan(head.get(..consumed).unwrap_or_default());
+                    if let Some(kind) = bare
+                        && self.ctx.limits.bare_newline == BareNewline::Reject
+                    {
+                        return self.refuse_bare_newline(kind);
+                    }
+                    if done && self.tx.body.last() == Some(b'\r') {
+                        // smtp-proto also ends DATA at CR LF . CR CR LF (the CRs before the
+                        // last LF are kept, but for one): not the standard end, and what a
+                        // server behind could read as content. Refused whatever the setting.
+                        return self.refuse_bare_newline(BARE_CR);
+                    }
                     if done {
                         self.finish_message().await;
                     } else if self.tx.body.len() > max {
@@ -597,7 +737,22 @@ impl Session {
                         continue;
                     }
                     let left = left - n;
-                    if rx.ingest(&mut iter, &mut self.tx.body.tail) {
+                    let chunk = iter.as_slice();
+                    let done = rx.ingest(&mut iter, &mut self.tx.body.tail);
+                    let consumed = chunk.len() - iter.len();
+                    let mut bare = self
+                        .tx
+                        .newlines
+                        .scan(chunk.get(..consumed).unwrap_or_default());
+                    if done && last {
+                        bare = bare.or(self.tx.newlines.finish());
+                    }
+                    if let Some(kind) = bare
+                        && self.ctx.limits.bare_newline == BareNewline::Reject
+                    {
+                        return self.refuse_bare_newline(kind);
+                    }
+                    if done {
                         if last {
                             self.finish_message().await;
                         } else {
@@ -645,6 +800,34 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// A bare LF or CR in a message (`bare_newline = reject`, or an end of DATA that was not
+    /// CR LF . CR LF): `521 5.5.2` with the reason code, the transaction dropped and the
+    /// connection closed, so that nothing the client sent after it is read as a command.
+    fn refuse_bare_newline(&mut self, kind: &'static str) -> Step {
+        let reason = Reason::MessageBareNewline;
+        let budget = self.ctx.gateway.budget();
+        budget.count_refusal(self.listener.door_name(), reason.code());
+        if budget.log_limited("smtp.bare_newline") {
+            tracing::info!(
+                listener = self.listener.name(),
+                client = %self.peer.ip(),
+                code = reason.code(),
+                "message refused: bare {kind} received; connection closed (rate-limited log)"
+            );
+        }
+        let args = RenderArgs {
+            detail: Some(kind.to_owned()),
+            ..RenderArgs::default()
+        };
+        let line = reply::refusal(reason, &args);
+        self.tx = Transaction::default();
+        self.state = State::Command;
+        // Closed before the reply is written: the error count cannot add a 421 after it.
+        self.closed = true;
+        self.out.extend_from_slice(line.as_bytes());
+        Step::Close
     }
 
     fn protocol_error(&mut self, e: ProtoError) -> Step {
@@ -1419,6 +1602,23 @@ impl Session {
             }
         } else {
             body.into_vec()
+        };
+        // `bare_newline = normalize` (under `reject` the connection is closed already).
+        let raw = if tx.newlines.bare.is_some() && tx.oversize.is_none() {
+            let grown = normalized_len(&raw);
+            let budget = self.ctx.gateway.budget().data_memory();
+            if !reserve(
+                budget,
+                &mut tx.lease,
+                cap.saturating_add(len).saturating_add(grown),
+            ) {
+                self.memory_spent();
+                self.reply(452, "4.3.1", NO_STORAGE);
+                return;
+            }
+            normalize_newlines(&raw, !tx.bdat)
+        } else {
+            raw
         };
         let mut a = self.attempt();
         a.envelope_from.clone_from(&tx.from);

@@ -13,8 +13,8 @@ use mailgate_core::engine::TlsVersion;
 use mailgate_core::orgfile::OrgFile;
 use mailgate_gateway::Gateway;
 use mailgate_gateway::lockout::LockoutPolicy;
-use mailgate_smtp::{Limits, Listener, Session, SmtpContext, Step};
-use mailgate_store::{Changeset, SqliteStore, Store, TokenRecord, TokenStore};
+use mailgate_smtp::{BareNewline, Limits, Listener, Session, SmtpContext, Step};
+use mailgate_store::{Changeset, QueueStore, SqliteStore, Store, TokenRecord, TokenStore};
 
 const ORG: &str = r#"
 domains: [{name: example.com, verified: true}]
@@ -535,4 +535,267 @@ mod arbitrary_input {
             })?;
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 13, item 5: bare LF / bare CR in a message (SMTP smuggling, CVE-2023-51764).
+
+/// Feeds `input`; the replies and the driver's next step.
+async fn say_step(s: &mut Session, input: &[u8]) -> (String, Step) {
+    let step = s.ingest(input).await;
+    (out(s), step)
+}
+
+/// Every message stored so far, as stored (leased from the queue).
+async fn stored(t: &T) -> Vec<Vec<u8>> {
+    let now = mailgate_gateway::now_ms() as i64 + 60_000;
+    t.store
+        .lease_due("test", now, 60_000, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.raw)
+        .collect()
+}
+
+fn bare_newline_in(raw: &[u8]) -> bool {
+    raw.iter().enumerate().any(|(i, b)| match b {
+        b'\n' => i == 0 || raw.get(i - 1) != Some(&b'\r'),
+        b'\r' => raw.get(i + 1) != Some(&b'\n'),
+        _ => false,
+    })
+}
+
+/// A session on `l` inside a transaction, ready for DATA or BDAT.
+async fn in_transaction(t: &T, l: Listener) -> Session {
+    let (mut s, head) = match l {
+        Listener::Relay => (
+            t.session(l, None),
+            "EHLO c\r\nMAIL FROM:<scanner@example.com>\r\nRCPT TO:<x@example.org>\r\n".to_owned(),
+        ),
+        _ => (
+            t.session(l, Some(TlsVersion::Tls13)),
+            format!(
+                "EHLO c\r\nAUTH PLAIN {}\r\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<x@example.org>\r\n",
+                plain("alice@example.com", "pw-alice")
+            ),
+        ),
+    };
+    let r = say(&mut s, &head).await;
+    assert!(codes(&r).iter().all(|c| c.starts_with('2')), "{l:?}: {r}");
+    s
+}
+
+const FROM_RELAY: &str = "From: scanner@example.com\r\n";
+const FROM_ALICE: &str = "From: alice@example.com\r\n";
+
+#[tokio::test]
+async fn a_bare_lf_or_cr_is_refused_with_521_and_nothing_after_it_is_a_command() {
+    let t = setup(Limits::default()).await;
+    for l in [Listener::Submission, Listener::Smtps, Listener::Relay] {
+        let from = if l == Listener::Relay {
+            FROM_RELAY
+        } else {
+            FROM_ALICE
+        };
+        let cases = [
+            // A line ended by LF alone.
+            (format!("{from}\r\nline one\nline two\r\n.\r\n"), "<LF>"),
+            // The smuggling patterns: LF . LF, and CR LF . LF, then a second transaction.
+            (
+                format!(
+                    "{from}\r\nhi\n.\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<y@example.org>\r\nDATA\r\n{from}\r\nsmuggled\r\n.\r\n"
+                ),
+                "<LF>",
+            ),
+            (
+                format!(
+                    "{from}\r\nhi\r\n.\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<y@example.org>\r\nDATA\r\n{from}\r\nsmuggled\r\n.\r\n"
+                ),
+                "<LF>",
+            ),
+            // A CR alone, and CR LF . CR (no LF).
+            (format!("{from}\r\nhi\rthere\r\n.\r\n"), "<CR>"),
+            (
+                format!("{from}\r\nhi\r\n.\rMAIL FROM:<alice@example.com>\r\n.\r\n"),
+                "<CR>",
+            ),
+        ];
+        for (body, kind) in cases {
+            let mut s = in_transaction(&t, l).await;
+            let (r, step) = say_step(&mut s, format!("DATA\r\n{body}QUIT\r\n").as_bytes()).await;
+            assert_eq!(step, Step::Close, "{l:?} {body:?}: {r}");
+            assert_eq!(codes(&r), ["354", "521"], "{l:?} {body:?}: {r}");
+            let last = r.lines().last().unwrap();
+            assert!(
+                last.starts_with(&format!(
+                    "521 5.5.2 Error: bare {kind} received [mailgate: message.bare_newline] Remedy: "
+                )),
+                "{l:?} {body:?}: {r}"
+            );
+            assert!(s.is_closed());
+        }
+        // Split across reads: the CR at the end of one read and the LF at the start of the next
+        // are one CRLF.
+        let mut s = in_transaction(&t, l).await;
+        let (r, _) = say_step(&mut s, format!("DATA\r\n{from}\r\nhello\r").as_bytes()).await;
+        assert_eq!(codes(&r), ["354"], "{r}");
+        let (r, step) = say_step(&mut s, b"\nworld\r\n.\r\n").await;
+        assert_eq!((codes(&r), step), (vec!["250"], Step::Continue), "{r}");
+    }
+    // BDAT: the same, as the chunk arrives.
+    let mut s = in_transaction(&t, Listener::Smtps).await;
+    let chunk = format!("{FROM_ALICE}\r\nbody\nmore\r\n");
+    let (r, step) = say_step(
+        &mut s,
+        format!("BDAT {} LAST\r\n{chunk}", chunk.len()).as_bytes(),
+    )
+    .await;
+    assert_eq!(step, Step::Close, "{r}");
+    assert!(
+        r.starts_with("521 5.5.2 Error: bare <LF> received [mailgate: message.bare_newline]"),
+        "{r}"
+    );
+    // A bare CR ending the last chunk.
+    let mut s = in_transaction(&t, Listener::Smtps).await;
+    let chunk = format!("{FROM_ALICE}\r\nbody\r");
+    let (r, step) = say_step(
+        &mut s,
+        format!("BDAT {} LAST\r\n{chunk}", chunk.len()).as_bytes(),
+    )
+    .await;
+    assert_eq!(step, Step::Close, "{r}");
+    assert!(r.starts_with("521 5.5.2 Error: bare <CR> received"), "{r}");
+    // Only the CRLF messages of the split-read case were stored, without a bare newline.
+    let kept = stored(&t).await;
+    assert_eq!(kept.len(), 3, "{kept:?}");
+    assert!(kept.iter().all(|m| !bare_newline_in(m)), "{kept:?}");
+}
+
+#[tokio::test]
+async fn with_normalize_bare_newlines_become_crlf_and_the_message_does_not_end_early() {
+    let t = setup(Limits {
+        bare_newline: BareNewline::Normalize,
+        ..Limits::default()
+    })
+    .await;
+    // LF-only lines, a stuffed dot after LF, and the smuggling pattern LF . LF followed by a
+    // second transaction: one message, whose content it all is.
+    let mut s = in_transaction(&t, Listener::Relay).await;
+    let body = "From: scanner@example.com\nSubject: legacy\n\nline\n..dotted\n.\nMAIL FROM:<scanner@example.com>\r\nRCPT TO:<y@example.org>\r\nDATA\r\nsmuggled\r\n.\r\n";
+    let (r, step) = say_step(&mut s, format!("DATA\r\n{body}").as_bytes()).await;
+    assert_eq!(step, Step::Continue, "{r}");
+    assert_eq!(codes(&r), ["354", "250"], "{r}");
+    let kept = stored(&t).await;
+    assert_eq!(kept.len(), 1);
+    assert_eq!(
+        String::from_utf8_lossy(&kept[0]),
+        "From: scanner@example.com\r\nSubject: legacy\r\n\r\nline\r\n.dotted\r\n\r\nMAIL FROM:<scanner@example.com>\r\nRCPT TO:<y@example.org>\r\nDATA\r\nsmuggled\r\n"
+    );
+    // CR LF . LF is not the end either; a bare CR becomes CRLF.
+    let (r, _) = say_step(
+        &mut s,
+        b"MAIL FROM:<scanner@example.com>\r\nRCPT TO:<x@example.org>\r\nDATA\r\nFrom: scanner@example.com\r\n\r\na\r\n.\nb\rc\r\n.\r\n",
+    )
+    .await;
+    assert_eq!(codes(&r), ["250", "250", "354", "250"], "{r}");
+    let kept = stored(&t).await;
+    assert_eq!(
+        String::from_utf8_lossy(&kept[0]),
+        "From: scanner@example.com\r\n\r\na\r\n\r\nb\r\nc\r\n"
+    );
+    // BDAT: made CRLF, not unstuffed (BDAT has no dot-stuffing).
+    let chunk = "From: scanner@example.com\nSubject: b\n\nx\n.y\r";
+    let (r, _) = say_step(
+        &mut s,
+        format!(
+            "MAIL FROM:<scanner@example.com>\r\nRCPT TO:<x@example.org>\r\nBDAT {} LAST\r\n{chunk}",
+            chunk.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(codes(&r), ["250", "250", "250"], "{r}");
+    let kept = stored(&t).await;
+    assert_eq!(
+        String::from_utf8_lossy(&kept[0]),
+        "From: scanner@example.com\r\nSubject: b\r\n\r\nx\r\n.y\r\n"
+    );
+    // An end of DATA that is not CR LF . CR LF (CR LF . CR CR LF, which smtp-proto would take as
+    // the end) is refused whatever the setting.
+    let (r, step) = say_step(
+        &mut s,
+        b"MAIL FROM:<scanner@example.com>\r\nRCPT TO:<x@example.org>\r\nDATA\r\nFrom: scanner@example.com\r\n\r\nhi\r\n.\r\r\nQUIT\r\n",
+    )
+    .await;
+    assert_eq!(step, Step::Close, "{r}");
+    assert_eq!(codes(&r), ["250", "250", "354", "521"], "{r}");
+    assert!(stored(&t).await.is_empty());
+}
+
+/// Issue 13, item 11: a relay client trusted by its IP is not a user.
+#[tokio::test]
+async fn relay_refusals_speak_of_relay_clients_not_users() {
+    let t = setup(Limits::default()).await;
+    let mut s = t.session(Listener::Relay, None);
+    let r = say(&mut s, "EHLO printer\r\nMAIL FROM:<someone@else.org>\r\n").await;
+    let last = r.lines().last().unwrap();
+    assert!(
+        last.starts_with("553 5.7.1 <someone@else.org>: Sender address rejected: not an address relay clients from 127.0.0.1 may send as [mailgate: sender.not_owned, decision "),
+        "{r}"
+    );
+    assert!(!last.contains("not owned by user"), "{r}");
+    let r = say(
+        &mut s,
+        "MAIL FROM:<scanner@example.com>\r\nRCPT TO:<x@example.org>\r\nDATA\r\nFrom: ceo@evil.test\r\n\r\nhi\r\n.\r\n",
+    )
+    .await;
+    let last = r.lines().last().unwrap();
+    assert!(
+        last.starts_with("553 5.7.1 <ceo@evil.test>: Sender address rejected: not an address relay clients from 127.0.0.1 may send as [mailgate: sender.not_owned"),
+        "{r}"
+    );
+}
+
+/// Issue 13, item 9: a token without https://mail.google.com/ is told both steps.
+#[tokio::test]
+async fn xoauth2_scope_refusal_names_the_scope_and_the_delegation() {
+    let t = setup(Limits::default()).await;
+    let now = mailgate_gateway::now_ms() as i64;
+    t.store
+        .insert_token(&TokenRecord {
+            token_sha256: mailgate_auth::sha256_hex(b"tok-send-only"),
+            kind: "access".into(),
+            grant: serde_json::json!({"type": "user", "user": "alice@example.com", "client_id": "web"}),
+            scopes: vec!["https://www.googleapis.com/auth/gmail.send".into()],
+            family: "f".into(),
+            created_at_ms: now,
+            expires_at_ms: now + 3_600_000,
+            revoked: false,
+            used: false,
+        })
+        .await
+        .unwrap();
+    let mut s = t.session(Listener::Smtps, Some(TlsVersion::Tls13));
+    say(&mut s, "EHLO c\r\n").await;
+    let xo = STANDARD.encode("user=alice@example.com\x01auth=Bearer tok-send-only\x01\x01");
+    let r = say(&mut s, &format!("AUTH XOAUTH2 {xo}\r\n")).await;
+    assert!(r.starts_with("334 "), "{r}");
+    let r = say(&mut s, "\r\n").await;
+    assert!(
+        r.starts_with(
+            "535 5.7.8 Username and Password not accepted. [mailgate: scope.insufficient, decision "
+        ),
+        "{r}"
+    );
+    let remedy = r.split_once("Remedy: ").map(|(_, x)| x).unwrap_or_default();
+    assert!(remedy.contains("https://mail.google.com/"), "{r}");
+    assert!(
+        remedy.contains("domain-wide delegation must grant that scope too"),
+        "{r}"
+    );
+    assert!(
+        remedy.contains("domain_wide_delegation[<client_id>].scopes"),
+        "{r}"
+    );
 }

@@ -1030,6 +1030,7 @@ impl<'a> Ctx<'a> {
             Reason::StoreUnavailable | Reason::ServerBusy => {
                 na("a fault of the gateway, not a check")
             }
+            Reason::MessageBareNewline => na("refused by the SMTP door as the message arrives"),
         }
     }
 
