@@ -34,7 +34,8 @@ fn issues_text(issues: &[Issue]) -> String {
         .join("; ")
 }
 
-/// Applies `f` to the directory and commits the result in one transaction.
+/// Applies `f` to the directory and commits the result in one transaction; returns once the
+/// change is live on every running gateway node ([`crate::nodes::wait_until_live`]).
 pub async fn edit_directory<T, E>(
     store: &dyn Store,
     actor: &str,
@@ -50,7 +51,10 @@ pub async fn edit_directory<T, E>(
         }
         let changes = Changeset::between(&snap.directory, &dir);
         match store.commit(snap.generation, &changes, actor).await {
-            Ok(_) => return Ok(out),
+            Ok(generation) => {
+                crate::nodes::wait_and_report(store, generation).await;
+                return Ok(out);
+            }
             Err(StoreError::Conflict { .. }) => continue,
             Err(e) => return Err(e.into()),
         }

@@ -13,6 +13,7 @@ pub mod budget;
 mod edit;
 pub mod lockout;
 pub mod message;
+pub mod nodes;
 mod trace;
 pub use edit::{EditError, edit_directory};
 
@@ -101,6 +102,8 @@ pub struct Gateway {
     unauthenticated: std::sync::Mutex<UnauthenticatedRing>,
     /// Failed-authentication lockout shared by every door (SMTP AUTH, the Gmail consent page).
     lockout: lockout::Lockout,
+    /// This process as a node of the store ([`nodes`]).
+    node: nodes::NodeIdentity,
 }
 
 /// The last refusals of unauthenticated attempts, by id (oldest dropped first).
@@ -144,6 +147,7 @@ impl Gateway {
             unauthenticated: Default::default(),
             lockout: lockout::Lockout::default(),
             write_fault: std::sync::Mutex::new(None),
+            node: nodes::NodeIdentity::current(),
         }))
     }
 
@@ -250,19 +254,56 @@ impl Gateway {
         Ok(generation)
     }
 
-    /// Polls the store every `interval` and swaps in directory changes.
+    /// Polls the store every `interval` and swaps in directory changes; writes this node's row
+    /// (the generation in force) on each change and every [`nodes::HEARTBEAT`], so writers can
+    /// wait until a change is live here ([`nodes::wait_until_live`]). Call [`Gateway::leave`]
+    /// when the server stops.
     pub fn spawn_reloader(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut written: Option<(i64, std::time::Instant)> = None;
             loop {
                 tick.tick().await;
-                if let Err(e) = me.refresh().await {
-                    tracing::warn!(error = %e, "directory reload failed; keeping the last good one");
+                let generation = match me.refresh().await {
+                    Ok(g) => g,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "directory reload failed; keeping the last good one");
+                        continue;
+                    }
+                };
+                let due = written.is_none_or(|(g, at)| {
+                    g != generation || at.elapsed() >= nodes::HEARTBEAT
+                });
+                if due {
+                    let row = mailgate_store::NodeState {
+                        id: me.node.id.clone(),
+                        host: me.node.host.clone(),
+                        pid: me.node.pid,
+                        generation,
+                        seen_ms: now_ms() as i64,
+                        interval_ms: interval.as_millis() as i64,
+                    };
+                    match me.store.node_seen(&row).await {
+                        Ok(()) => written = Some((generation, std::time::Instant::now())),
+                        Err(e) => tracing::warn!(error = %e, "could not record this node's directory generation"),
+                    }
                 }
             }
         })
+    }
+
+    /// This process as a node of the store.
+    pub fn node(&self) -> &nodes::NodeIdentity {
+        &self.node
+    }
+
+    /// Deletes this node's row (the server is stopping): writers stop waiting for it.
+    pub async fn leave(&self) {
+        if let Err(e) = self.store.node_gone(&self.node.id).await {
+            tracing::warn!(error = %e, "could not remove this node's row");
+        }
     }
 
     /// Replaces the injected faults in force (the server loads them from the store).

@@ -222,6 +222,22 @@ pub struct Purged {
     pub messages: u64,
 }
 
+/// A running gateway process as the store knows it: the directory generation it has in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeState {
+    /// Unique per process run.
+    pub id: String,
+    /// Host name and process id (to tell a node that died without saying so).
+    pub host: String,
+    pub pid: u32,
+    /// Directory generation in force.
+    pub generation: i64,
+    /// When the node last wrote this row (Unix ms).
+    pub seen_ms: i64,
+    /// How often the node polls the directory generation (ms).
+    pub interval_ms: i64,
+}
+
 /// The storage interface every front door, the CLI and the server share.
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -239,6 +255,15 @@ pub trait Store: Send + Sync {
         changes: &Changeset,
         actor: &str,
     ) -> Result<i64, StoreError>;
+
+    /// Writes (inserts or replaces) a running node's row.
+    async fn node_seen(&self, node: &NodeState) -> Result<(), StoreError>;
+
+    /// Deletes a node's row (it stopped).
+    async fn node_gone(&self, id: &str) -> Result<(), StoreError>;
+
+    /// Every node row.
+    async fn nodes(&self) -> Result<Vec<NodeState>, StoreError>;
 
     /// Registers an admin API token by the SHA-256 (hex) of its secret.
     async fn add_admin_token(&self, name: &str, token_sha256: &str) -> Result<(), StoreError>;

@@ -14,8 +14,8 @@ use sqlx::{Connection, Row, SqlitePool};
 
 use crate::group::{GroupCommitStats, Op, Writer};
 use crate::{
-    Changeset, MessageSummary, NewMessage, Purged, Snapshot, Store, StoreError, StoredDecision,
-    UsageEntry, UsageReplay,
+    Changeset, MessageSummary, NewMessage, NodeState, Purged, Snapshot, Store, StoreError,
+    StoredDecision, UsageEntry, UsageReplay,
 };
 
 /// The embedded SQLite store.
@@ -205,6 +205,53 @@ impl Store for SqliteStore {
             directory: Directory::from_objects(objects)?,
             generation,
         })
+    }
+
+    async fn node_seen(&self, node: &NodeState) -> Result<(), StoreError> {
+        // Not worth an fsync: a row lost to a power cut is written again within seconds.
+        let mut conn = self.relaxed_writer().await?;
+        sqlx::query(
+            "INSERT OR REPLACE INTO nodes (id, host, pid, generation, seen_ms, interval_ms)
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&node.id)
+        .bind(&node.host)
+        .bind(i64::from(node.pid))
+        .bind(node.generation)
+        .bind(node.seen_ms)
+        .bind(node.interval_ms)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn node_gone(&self, id: &str) -> Result<(), StoreError> {
+        let mut conn = self.relaxed_writer().await?;
+        sqlx::query("DELETE FROM nodes WHERE id = ?")
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeState>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, host, pid, generation, seen_ms, interval_ms FROM nodes ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(NodeState {
+                    id: r.try_get("id")?,
+                    host: r.try_get("host")?,
+                    pid: u32::try_from(r.try_get::<i64, _>("pid")?).unwrap_or(0),
+                    generation: r.try_get("generation")?,
+                    seen_ms: r.try_get("seen_ms")?,
+                    interval_ms: r.try_get("interval_ms")?,
+                })
+            })
+            .collect()
     }
 
     async fn generation(&self) -> Result<i64, StoreError> {

@@ -89,8 +89,14 @@ impl Gateway {
         if path.exists() && extra.is_empty() {
             return path;
         }
+        // A test that sets its own [directory] section gets no default one.
+        let directory = if extra.contains("[directory]") {
+            ""
+        } else {
+            "[directory]\nreload_interval_ms = 100\n"
+        };
         let text = format!(
-            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{}\"\n[https]\nlisten = \"127.0.0.1:{}\"\n[smtp]\nsubmission_listen = \"127.0.0.1:{}\"\nsmtps_listen = \"127.0.0.1:{}\"\nrelay_listen = \"127.0.0.1:{}\"\n[directory]\nreload_interval_ms = 100\n{extra}",
+            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{}\"\n[https]\nlisten = \"127.0.0.1:{}\"\n[smtp]\nsubmission_listen = \"127.0.0.1:{}\"\nsmtps_listen = \"127.0.0.1:{}\"\nrelay_listen = \"127.0.0.1:{}\"\n{directory}{extra}",
             self.data_dir(),
             self.ports.0,
             self.ports.1,

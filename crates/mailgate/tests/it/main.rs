@@ -14,6 +14,7 @@ mod explain;
 mod gmail;
 mod harness;
 mod hostile;
+mod live;
 mod postfix;
 mod relay;
 mod sendgrid;
