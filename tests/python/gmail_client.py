@@ -72,6 +72,41 @@ def error_of(e):
     raise e
 
 
+def padded(raw, size):
+    """`raw` grown to `size` bytes with 78-byte lines of text (a large message, as a big
+    attachment would make it)."""
+    line = b"x" * 76 + b"\r\n"
+    missing = max(0, size - len(raw))
+    return raw + line * (missing // len(line)) + b"y" * (missing % len(line))
+
+
+def raw_http(endpoint, creds, act):
+    """A send the client library would not make (it refuses media over 35 MiB itself): the
+    message, `body_bytes` long, POSTed (or PUT to a resumable session) with the credential, as
+    one body with a Content-Length or, with "chunked", in 1 MiB chunks without one."""
+    session = google.auth.transport.requests.AuthorizedSession(creds)
+    head = "From: {}\r\nTo: {}\r\nSubject: big\r\n\r\n".format(act["from"], ", ".join(act["to"]))
+    raw = padded(head.encode(), act["body_bytes"])
+    data = raw
+    if act.get("chunked"):
+        data = (raw[i:i + (1 << 20)] for i in range(0, len(raw), 1 << 20))
+    url = endpoint + "/upload/gmail/v1/users/me/messages/send?uploadType=" + act.get("upload", "media")
+    method = "POST"
+    if act.get("upload") == "resumable":
+        start = session.post(url, json={}, timeout=30)
+        assert start.status_code == 200, (start.status_code, start.text)
+        url, method = start.headers["Location"], "PUT"
+    r = session.request(method, url, data=data, headers={"Content-Type": "message/rfc822"}, timeout=120)
+    try:
+        body = r.json()
+    except ValueError:
+        body = {"text": r.text[:500]}
+    details = body.get("error", {}).get("details") if isinstance(body.get("error"), dict) else None
+    return {"ok": r.status_code < 300, "kind": "http", "status": r.status_code, "body": body,
+            "details": details, "content_type": r.headers.get("content-type"),
+            "decision": r.headers.get("x-mailgate-decision")}
+
+
 def main():
     spec = json.loads(sys.argv[1])
     endpoint = spec["endpoint"]
@@ -92,6 +127,8 @@ def main():
                 lines.append("To: " + ", ".join(act["to"]))
                 lines.append("Subject: " + act.get("subject", "hello"))
                 raw = ("\r\n".join(lines) + "\r\n\r\n" + act.get("body", "hello from the test") + "\r\n").encode()
+                if act.get("body_bytes"):
+                    raw = padded(raw, act["body_bytes"])
                 upload = act.get("upload", "json")
                 users = svc.users().messages()
                 if upload == "json":
@@ -103,6 +140,8 @@ def main():
                     req = users.send(userId=act.get("user_id", "me"),
                                      body={} if upload != "media" else None, media_body=media)
                 out = {"ok": True, "response": req.execute()}
+            elif act["do"] == "http":
+                out = raw_http(endpoint, creds, act)
             elif act["do"] == "profile":
                 out = {"ok": True, "response": svc.users().getProfile(userId=act.get("user_id", "me")).execute()}
             elif act["do"] == "send_as":
@@ -130,6 +169,8 @@ def main():
                 raise ValueError("unknown action " + act["do"])
         except (HttpError, RefreshError) as e:
             out = error_of(e)
+        except OSError as e:  # e.g. BrokenPipeError: the server closed while the client wrote
+            out = {"ok": False, "kind": type(e).__name__, "message": str(e)}
         print(json.dumps(out), flush=True)
 
 

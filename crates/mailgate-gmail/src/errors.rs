@@ -286,12 +286,34 @@ pub(crate) fn unavailable() -> Response {
     }
 }
 
-/// A request body larger than the route allows: 413, Google's shape.
-pub(crate) fn too_large() -> Response {
-    simple(
-        413,
-        "INVALID_ARGUMENT",
-        "uploadTooLarge",
-        "Request Entity Too Large",
-    )
+/// A request body larger than the route allows (`limit` bytes) that is not a message (a setting,
+/// a resumable upload's metadata): 413 in Google's shape with the reason code
+/// `message.too_large` and its remedy. No decision: the engine judges messages, not these.
+pub(crate) fn too_large(limit: usize) -> Response {
+    let reason = Reason::MessageTooLarge;
+    let args = RenderArgs {
+        limit: Some(limit.to_string()),
+        ..RenderArgs::default()
+    };
+    let remedy = format!("this request takes a body of at most {limit} bytes: send a smaller one");
+    match reason.gmail_reply(&args) {
+        Some(reply) => google_error(
+            &reply,
+            "",
+            Some(Explanation {
+                code: reason.code(),
+                check: reason.spec().stage.as_str(),
+                object_at_fault: "request body".into(),
+                remedy: &remedy,
+                decision_id: None,
+            }),
+            HeaderMap::new(),
+        ),
+        None => simple(
+            413,
+            "INVALID_ARGUMENT",
+            "uploadTooLarge",
+            "Request Entity Too Large",
+        ),
+    }
 }

@@ -24,6 +24,7 @@ use mailgate_gateway::{Accepted, Message};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::body::ReadFail;
 use crate::errors::{
     denial_response, invalid_argument, reason_response, simple, too_large, unavailable,
 };
@@ -466,7 +467,7 @@ pub(crate) async fn send_as_create(
         Ok(a) => a,
         Err(r) => return r,
     };
-    let body = match read_body(&headers, body, MAX_SETTINGS_BODY_BYTES).await {
+    let body = match read_small(&headers, body).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -528,7 +529,7 @@ pub(crate) async fn send_as_update(
         Ok(a) => a,
         Err(r) => return r,
     };
-    let body = match read_body(&headers, body, MAX_SETTINGS_BODY_BYTES).await {
+    let body = match read_small(&headers, body).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -683,8 +684,11 @@ fn send_as_resources(user: &mailgate_core::directory::User) -> Vec<serde_json::V
 }
 
 #[derive(Debug, Deserialize)]
-struct MessageResource {
-    raw: Option<String>,
+struct MessageResource<'a> {
+    /// Borrowed from the body when it has no escapes (base64url has none): a 47 MiB `raw` is
+    /// not copied once more before it is decoded.
+    #[serde(borrow)]
+    raw: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// `POST /gmail/v1/users/{userId}/messages/send` (JSON body with `raw`).
@@ -703,11 +707,13 @@ pub(crate) async fn send_json(
     if let Err(r) = screen_before_body(&st, &attempt).await {
         return r;
     }
-    let body = match read_body(&headers, body, MAX_UPLOAD_BODY_BYTES).await {
+    let body = match crate::body::read(&headers, body, MAX_JSON_BODY_BYTES).await {
         Ok(b) => b,
-        Err(r) => return r,
+        // base64 makes 3 bytes of message 4 bytes of `raw`.
+        Err(ReadFail::TooLarge(n)) => return oversize(&st, attempt, n / 4 * 3).await,
+        Err(ReadFail::Broken) => return unreadable(),
     };
-    let raw = match serde_json::from_slice::<MessageResource>(&body) {
+    let raw = match serde_json::from_slice::<MessageResource<'_>>(&body) {
         Ok(MessageResource { raw: Some(r), .. }) => decode_raw(&r),
         Ok(_) => Err(
             "'raw' RFC822 payload message string or uploading message via /upload/* URL required"
@@ -754,29 +760,34 @@ pub(crate) async fn send_upload(
                 "Upload session not found or expired.",
             );
         }
-        return match read_body(&headers, body, MAX_UPLOAD_BODY_BYTES).await {
+        return match crate::body::read(&headers, body, MAX_UPLOAD_BODY_BYTES).await {
             Ok(b) => send(&st, attempt, Ok(b)).await,
-            Err(r) => r,
+            Err(ReadFail::TooLarge(n)) => oversize(&st, attempt, n).await,
+            Err(ReadFail::Broken) => unreadable(),
         };
     }
     match q.upload_type.as_deref() {
-        Some("media") | None => match read_body(&headers, body, MAX_UPLOAD_BODY_BYTES).await {
-            Ok(b) => send(&st, attempt, Ok(b)).await,
-            Err(r) => r,
-        },
+        Some("media") | None => {
+            match crate::body::read(&headers, body, MAX_UPLOAD_BODY_BYTES).await {
+                Ok(b) => send(&st, attempt, Ok(b)).await,
+                Err(ReadFail::TooLarge(n)) => oversize(&st, attempt, n).await,
+                Err(ReadFail::Broken) => unreadable(),
+            }
+        }
         Some("multipart") => {
             let ct = headers
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_owned();
-            match read_body(&headers, body, MAX_UPLOAD_BODY_BYTES).await {
+            match crate::body::read(&headers, body, MAX_UPLOAD_BODY_BYTES).await {
                 Ok(b) => {
                     let message = multipart_message(&ct, &b);
                     drop(b);
                     send(&st, attempt, message).await
                 }
-                Err(r) => r,
+                Err(ReadFail::TooLarge(n)) => oversize(&st, attempt, n).await,
+                Err(ReadFail::Broken) => unreadable(),
             }
         }
         Some("resumable") => {
@@ -786,7 +797,7 @@ pub(crate) async fn send_upload(
             // The start carries the message's metadata (JSON, tiny), unused here: read it
             // anyway, so the connection can carry the upload that follows (an unread body
             // makes the server close it, and clients reuse it for the PUT).
-            if let Err(r) = read_body(&headers, body, MAX_SETTINGS_BODY_BYTES).await {
+            if let Err(r) = read_small(&headers, body).await {
                 return r;
             }
             let id = match st.uploads.open(&owner, &user_id, std::time::Instant::now()) {
@@ -804,9 +815,13 @@ pub(crate) async fn send_upload(
     }
 }
 
-/// The largest request body of a send: Gmail's 35 MiB message plus 1 MiB for the JSON or
-/// multipart envelope around it.
+/// The largest request body of an upload: Gmail's 35 MiB message plus 1 MiB for the multipart
+/// envelope around it.
 pub(crate) const MAX_UPLOAD_BODY_BYTES: usize = MAX_MESSAGE_BYTES + 1024 * 1024;
+
+/// The largest body of `messages.send` with JSON: a 35 MiB message is 4/3 as much base64url in
+/// `raw`, plus 1 MiB for the rest of the JSON (line breaks some encoders add included).
+pub(crate) const MAX_JSON_BODY_BYTES: usize = MAX_MESSAGE_BYTES.div_ceil(3) * 4 + 1024 * 1024;
 
 /// The largest body of a settings request (a send-as resource is a few hundred bytes).
 pub(crate) const MAX_SETTINGS_BODY_BYTES: usize = 64 * 1024;
@@ -841,36 +856,60 @@ async fn screen_before_body(st: &GmailState, attempt: &SendAttempt) -> Result<()
     }
 }
 
-/// Reads a request body of at most `limit` bytes (413 beyond, before reading any of it when
-/// `Content-Length` says so). Called only once the credential passed.
-async fn read_body(
-    headers: &HeaderMap,
-    mut body: RequestBody,
-    limit: usize,
-) -> Result<Vec<u8>, Response> {
-    use axum::body::HttpBody as _;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
-    }
-    let mut out = Vec::with_capacity(declared.map_or(0, |n| n as usize).min(limit));
-    loop {
-        let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await;
-        match frame {
-            None => return Ok(out),
-            Some(Err(_)) => {
-                return Err(invalid_argument("The request body could not be read."));
-            }
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    if out.len().saturating_add(data.len()) > limit {
-                        return Err(too_large());
-                    }
-                    out.extend_from_slice(&data);
-                }
+/// Reads the body of a settings request or of a resumable upload's start (JSON metadata, at
+/// most [`MAX_SETTINGS_BODY_BYTES`]). Called only once the credential passed.
+async fn read_small(headers: &HeaderMap, body: RequestBody) -> Result<Vec<u8>, Response> {
+    crate::body::read(headers, body, MAX_SETTINGS_BODY_BYTES)
+        .await
+        .map_err(|e| match e {
+            ReadFail::TooLarge(_) => too_large(MAX_SETTINGS_BODY_BYTES),
+            ReadFail::Broken => unreadable(),
+        })
+}
+
+/// A body that broke off (the client went away or sent a broken chunk).
+fn unreadable() -> Response {
+    invalid_argument("The request body could not be read.")
+}
+
+/// A send whose message (or whose request body, `size` being the message it would hold) is over
+/// Gmail's 35 MiB: the engine decides it with that size, so the refusal is `message.too_large`
+/// with its remedy and a decision id like every other. When the organisation allows larger
+/// messages (`limits.max_message_bytes`), the door's own limit still answers, with the same
+/// code and that decision's id.
+async fn oversize(st: &GmailState, mut attempt: SendAttempt, size: u64) -> Response {
+    let now = mailgate_gateway::now_ms();
+    attempt.size = Some(size);
+    attempt.body = Body::Valid;
+    let decided = match st.gateway.decide("gmail", &attempt).await {
+        Ok(d) => d,
+        Err(e) => return fault(&e),
+    };
+    match decided.decision.denial() {
+        Some(d) => denial_response(d, &decided.id, SEND_METHOD, now),
+        None => {
+            let limit = MAX_MESSAGE_BYTES.to_string();
+            let args = RenderArgs {
+                limit: Some(limit),
+                ..RenderArgs::default()
+            };
+            let remedy = format!(
+                "send a smaller message: the Gmail API takes messages up to {MAX_MESSAGE_BYTES} bytes (35 MiB), attachments included, whatever limits.max_message_bytes allows (use SMTP for larger ones)"
+            );
+            match Reason::MessageTooLarge.gmail_reply(&args) {
+                Some(reply) => crate::errors::google_error(
+                    &reply,
+                    SEND_METHOD,
+                    Some(crate::errors::Explanation {
+                        code: Reason::MessageTooLarge.code(),
+                        check: Reason::MessageTooLarge.spec().stage.as_str(),
+                        object_at_fault: "the Gmail API's message size limit".into(),
+                        remedy: &remedy,
+                        decision_id: Some(&decided.id),
+                    }),
+                    HeaderMap::new(),
+                ),
+                None => too_large(MAX_UPLOAD_BODY_BYTES),
             }
         }
     }
@@ -1027,15 +1066,7 @@ async fn send(st: &GmailState, mut attempt: SendAttempt, raw: Result<Vec<u8>, St
     };
     attempt.size = Some(raw.len() as u64);
     if raw.len() > MAX_MESSAGE_BYTES {
-        attempt.body = Body::Valid;
-        return decided_refusal(st, &attempt, now).await.unwrap_or_else(|| {
-            simple(
-                413,
-                "INVALID_ARGUMENT",
-                "uploadTooLarge",
-                "Request Entity Too Large",
-            )
-        });
+        return oversize(st, attempt, raw.len() as u64).await;
     }
     let parsed = parse(&raw);
     let mut add_from = None;

@@ -7,6 +7,7 @@
     reason = "handlers return early with a ready `Response` as the error; its size is irrelevant next to network I/O"
 )]
 
+pub mod body;
 mod errors;
 mod gmail;
 mod oauth;
@@ -194,8 +195,9 @@ pub const MAX_OAUTH_BODY_BYTES: usize = 64 * 1024;
 ///
 /// Bodies: the OAuth routes' forms are read by axum's extractor, at most
 /// [`MAX_OAUTH_BODY_BYTES`]; the Gmail routes read theirs themselves, only once the engine passed
-/// the credential (at most 36 MiB for a send, 64 KiB for a setting), so no body is buffered for a
-/// request without a valid credential.
+/// the credential (a 35 MiB message: at most 36 MiB for an upload, 48 MiB of JSON with `raw`;
+/// 64 KiB for a setting), so no body is buffered for a request without a valid credential. A
+/// body past its limit is read on and dropped ([`body::discard_rest`], bounded) before the `413`.
 pub fn router(state: Arc<GmailState>) -> Router {
     let oauth = Router::new()
         .route("/token", post(oauth::token))

@@ -1,0 +1,169 @@
+//! Reading request bodies after the credential passed, and what happens to a body that is too
+//! large: it is read on and thrown away (never buffered), up to [`DISCARD_MAX_BYTES`] and
+//! [`DISCARD_MAX_TIME`], before the refusal is sent. HTTP/1.1 clients (httplib2 under
+//! google-api-python-client, Python's urllib under sendgrid-python) write the whole body before
+//! they read an answer: a server that answers and closes while they still write leaves them with
+//! `BrokenPipeError` or a reset instead of the `413` and its reason code.
+//!
+//! Discarding happens only for a caller whose credential the engine passed (the doors screen the
+//! request from its headers first), costs no memory (each chunk is dropped as it arrives) and is
+//! bounded in bytes and time; a client that announced more than the cap, or that asked
+//! `Expect: 100-continue` (it waits for the server before sending the body), gets the answer at
+//! once.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use axum::body::{Body, HttpBody as _};
+use axum::http::{HeaderMap, header};
+
+/// Most bytes of a refused body read and thrown away before the answer (whatever was read before
+/// the refusal included).
+pub const DISCARD_MAX_BYTES: u64 = 128 * 1024 * 1024;
+
+/// Longest time spent throwing a refused body away before the answer.
+pub const DISCARD_MAX_TIME: Duration = Duration::from_secs(30);
+
+/// The `Content-Length` the client announced, if any and valid.
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether the client waits for `100 Continue` before it sends the body.
+fn expects_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
+}
+
+/// Reads the rest of a refused `body` and drops it, chunk by chunk, when that is worth it:
+/// `seen` bytes were read already. Returns the body's size as far as it is known: exact when
+/// the body was read to its end, else the larger of what was announced and what was counted.
+pub async fn discard_rest(headers: &HeaderMap, body: &mut Body, seen: u64) -> u64 {
+    let announced = content_length(headers);
+    let mut total = seen;
+    let known = |total: u64| announced.map_or(total, |n| n.max(total));
+    // Nothing sent yet and the client waits for our word: it gets the answer instead.
+    if seen == 0 && expects_continue(headers) {
+        return known(total);
+    }
+    if announced.is_some_and(|n| n > DISCARD_MAX_BYTES) {
+        return known(total);
+    }
+    let deadline = tokio::time::Instant::now() + DISCARD_MAX_TIME;
+    while total <= DISCARD_MAX_BYTES {
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx));
+        match tokio::time::timeout_at(deadline, frame).await {
+            Ok(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    total = total.saturating_add(data.len() as u64);
+                }
+            }
+            // The end of the body (exact size), or a client that went away or stalled.
+            Ok(None) => return total,
+            Ok(Some(Err(_))) | Err(_) => return known(total),
+        }
+    }
+    known(total)
+}
+
+/// Why a body was not read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadFail {
+    /// More than the limit; the body's size as far as it is known (the rest was discarded).
+    TooLarge(u64),
+    /// The client went away or sent a broken chunk.
+    Broken,
+}
+
+/// Reads a request body of at most `limit` bytes. Beyond it, the rest is discarded (see
+/// [`discard_rest`]) and the size reported. Called only once the credential passed.
+pub(crate) async fn read(
+    headers: &HeaderMap,
+    mut body: Body,
+    limit: usize,
+) -> Result<Vec<u8>, ReadFail> {
+    let declared = content_length(headers);
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ReadFail::TooLarge(
+            discard_rest(headers, &mut body, 0).await,
+        ));
+    }
+    let mut out = Vec::with_capacity(declared.map_or(0, |n| n as usize).min(limit));
+    loop {
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        match frame {
+            None => return Ok(out),
+            Some(Err(_)) => return Err(ReadFail::Broken),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if out.len().saturating_add(data.len()) > limit {
+                        let seen = (out.len() + data.len()) as u64;
+                        // Free what was buffered before reading on.
+                        drop(out);
+                        drop(data);
+                        return Err(ReadFail::TooLarge(
+                            discard_rest(headers, &mut body, seen).await,
+                        ));
+                    }
+                    out.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_read_to_its_end_and_its_size_reported() {
+        let body = Body::from(vec![b'x'; 5000]);
+        assert_eq!(
+            read(&HeaderMap::new(), body, 1000).await,
+            Err(ReadFail::TooLarge(5000))
+        );
+        let body = Body::from(vec![b'x'; 5000]);
+        let h = headers(&[("content-length", "5000")]);
+        assert_eq!(read(&h, body, 1000).await, Err(ReadFail::TooLarge(5000)));
+        let body = Body::from(vec![b'x'; 1000]);
+        assert_eq!(
+            read(&HeaderMap::new(), body, 1000).await.unwrap().len(),
+            1000
+        );
+    }
+
+    #[tokio::test]
+    async fn nothing_is_read_for_100_continue_or_an_announced_size_past_the_cap() {
+        let h = headers(&[("content-length", "5000"), ("expect", "100-continue")]);
+        let mut body = Body::from(vec![b'x'; 5000]);
+        assert_eq!(discard_rest(&h, &mut body, 0).await, 5000);
+        assert!(!body.is_end_stream(), "the body was left unread");
+        let huge = (DISCARD_MAX_BYTES + 1).to_string();
+        let h = headers(&[("content-length", huge.as_str())]);
+        let mut body = Body::from(vec![b'x'; 5000]);
+        assert_eq!(discard_rest(&h, &mut body, 0).await, DISCARD_MAX_BYTES + 1);
+        assert!(!body.is_end_stream(), "the body was left unread");
+        // Otherwise it is read to its end.
+        let h = headers(&[("content-length", "5000")]);
+        let mut body = Body::from(vec![b'x'; 5000]);
+        assert_eq!(discard_rest(&h, &mut body, 0).await, 5000);
+        assert!(body.is_end_stream());
+    }
+}
