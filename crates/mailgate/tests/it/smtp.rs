@@ -678,3 +678,256 @@ fn with_on_unowned_from_rewrite_the_from_header_is_replaced_and_bcc_dropped() {
     assert!(raw.contains("From: alice@example.com"), "{raw}");
     assert!(!raw.contains("ceo@example.com"), "{raw}");
 }
+
+/// The demo's API keys (docs/examples/org.yaml): `billing` may send (from 127.0.0.1), the
+/// read-only one lacks `mail.send`. Both belong to alice@example.com.
+const BILLING_KEY: &str = "SG.demo-billing-key-0001.DJXH7OHOGpdQJ17xxtetayePcNZlkiB3g__n1YR0zAE";
+const READ_ONLY_KEY: &str = "SG.demo-reports-key-0001.fyYQT3enzkd1Rs0eqZtsmbXrB54-ySOFgzFOzOoARAo";
+
+/// docs/smtp.md: an API key is an SMTP password with the user `apikey`, as on SendGrid's SMTP
+/// service; it sends as its owner, with its permissions.
+#[test]
+fn an_api_key_is_the_smtp_password_of_user_apikey() {
+    let (gw, server) = demo();
+    // STARTTLS, AUTH PLAIN: accepted and captured.
+    let r = smtplib(
+        &gw,
+        &server.smtp,
+        "starttls",
+        steps(vec![
+            starttls(),
+            vec![auth("PLAIN", "apikey", BILLING_KEY)],
+            send("alice@example.com", "alice@example.com", &["x@example.org"]),
+        ]),
+    );
+    assert_eq!(step(&r, "auth")["code"], 235, "{r:?}");
+    let id = accepted_id(last(&r));
+    assert!(captured(&gw, &id), "message {id} not captured");
+    // Implicit TLS, AUTH LOGIN, the owner's alias.
+    let r = smtplib(
+        &gw,
+        &server.smtps,
+        "implicit",
+        steps(vec![
+            vec![auth("LOGIN", "apikey", BILLING_KEY)],
+            send("al@example.com", "alice@example.com", &["x@example.org"]),
+        ]),
+    );
+    accepted_id(last(&r));
+    // The key sends as its owner: another user's address is not alice's.
+    let r = smtplib(
+        &gw,
+        &server.smtps,
+        "implicit",
+        steps(vec![
+            vec![auth("PLAIN", "apikey", BILLING_KEY)],
+            send("bob@example.com", "bob@example.com", &["x@example.org"]),
+        ]),
+    );
+    assert_reply(
+        step(&r, "mail"),
+        553,
+        "5.7.1 <bob@example.com>: Sender address rejected: not owned by user alice@example.com",
+        "sender.not_owned",
+    );
+    // A key without mail.send is refused at AUTH.
+    let r = smtplib(
+        &gw,
+        &server.smtps,
+        "implicit",
+        json!([auth("PLAIN", "apikey", READ_ONLY_KEY)]),
+    );
+    assert_reply(
+        step(&r, "auth"),
+        550,
+        "5.7.1 The user is not permitted to send mail.",
+        "permission.missing",
+    );
+    // A wrong secret for a real key id.
+    let r = smtplib(
+        &gw,
+        &server.smtps,
+        "implicit",
+        json!([auth(
+            "PLAIN",
+            "apikey",
+            "SG.demo-billing-key-0001.not-the-secret-of-this-key-0000000000000"
+        )]),
+    );
+    assert_reply(
+        step(&r, "auth"),
+        535,
+        "5.7.8 Username and Password not accepted.",
+        "auth.invalid",
+    );
+}
+
+/// docs/smtp.md: the key's `allowed_ips` apply over SMTP too.
+#[test]
+fn an_api_key_used_over_smtp_from_outside_its_allowed_ips_is_refused() {
+    let gw = Gateway::new();
+    let org = std::fs::read_to_string(crate::harness::example_org())
+        .unwrap()
+        .replace(
+            "    allowed_ips: [127.0.0.1/32]\n  - name: reports",
+            "    allowed_ips: [192.0.2.0/24]\n  - name: reports",
+        );
+    assert!(org.contains("[192.0.2.0/24]\n  - name: reports"), "{org}");
+    let path = gw.dir.path().join("org.yaml");
+    std::fs::write(&path, org).unwrap();
+    gw.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let server = gw.serve(&["--demo"]);
+    let r = smtplib(
+        &gw,
+        &server.smtps,
+        "implicit",
+        json!([auth("PLAIN", "apikey", BILLING_KEY)]),
+    );
+    assert_reply(
+        step(&r, "auth"),
+        550,
+        "5.7.1 The IP you're using to send mail is not authorized to use this key.",
+        "key.ip_blocked",
+    );
+}
+
+/// An access token for `key` (a service-account key file) acting for `subject`, from Mailgate's
+/// token endpoint through google-auth, as docs/smtp.md does: `{"token"}` or `{"error": body}`.
+fn service_account_token(key: &std::path::Path, scope: &str, subject: &str) -> Value {
+    const SCRIPT: &str = r#"
+import json, sys
+from google.auth.exceptions import RefreshError
+from google.auth.transport.requests import Request
+from google.oauth2 import service_account
+creds = service_account.Credentials.from_service_account_file(
+    sys.argv[1], scopes=[sys.argv[2]], subject=sys.argv[3])
+try:
+    creds.refresh(Request())
+    print(json.dumps({"token": creds.token}))
+except RefreshError as e:
+    print(json.dumps({"error": e.args[1] if len(e.args) > 1 else str(e)}))
+"#;
+    let out = std::process::Command::new(python())
+        .args(["-c", SCRIPT])
+        .arg(key)
+        .args([scope, subject])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "google-auth failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON line")
+}
+
+/// docs/smtp.md: XOAUTH2 with a delegated service-account token for `https://mail.google.com/`
+/// (the demo's delegation grants it); `gmail.send` alone is refused on SMTP, as on Gmail; the
+/// login must be the token's subject; a delegation without the scope gets no token.
+#[test]
+fn xoauth2_with_a_delegated_service_account_token_for_mail_google_com() {
+    let (gw, server) = demo();
+    let key = gw.dir.path().join("key.json");
+    gw.ok(&[
+        "sa",
+        "key",
+        "create",
+        "mailer@acme-app.iam.example.com",
+        "-o",
+        key.to_str().unwrap(),
+    ]);
+    const MAIL: &str = "https://mail.google.com/";
+    // The new key is live once the server has reloaded the directory.
+    let mut token = Value::Null;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            token = service_account_token(&key, MAIL, "alice@example.com");
+            token["error"]["mailgate"]["code"] != "auth.invalid"
+        }),
+        "{token}"
+    );
+    let token = token["token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no token for {MAIL}: {token}"))
+        .to_owned();
+    let r = smtplib(
+        &gw,
+        &server.smtp,
+        "starttls",
+        steps(vec![
+            starttls(),
+            vec![auth("XOAUTH2", "alice@example.com", &token)],
+            send("alice@example.com", "alice@example.com", &["x@example.org"]),
+        ]),
+    );
+    assert_eq!(step(&r, "auth")["code"], 235, "{r:?}");
+    let id = accepted_id(last(&r));
+    assert!(captured(&gw, &id), "message {id} not captured");
+
+    // The login is the token's subject, nobody else.
+    let r = smtplib(
+        &gw,
+        &server.smtps,
+        "implicit",
+        json!([auth("XOAUTH2", "bob@example.com", &token)]),
+    );
+    assert_reply(
+        step(&r, "auth"),
+        535,
+        "5.7.8 Username and Password not accepted.",
+        "auth.invalid",
+    );
+
+    // A gmail.send token is refused at AUTH, after Google's JSON challenge.
+    let send_only = service_account_token(
+        &key,
+        "https://www.googleapis.com/auth/gmail.send",
+        "alice@example.com",
+    );
+    let send_only = send_only["token"].as_str().expect("gmail.send token");
+    let r = smtplib(
+        &gw,
+        &server.smtps,
+        "implicit",
+        json!([auth("XOAUTH2", "alice@example.com", send_only)]),
+    );
+    let a = step(&r, "auth");
+    assert_eq!(
+        a["challenge"],
+        r#"{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}"#
+    );
+    assert_reply(
+        a,
+        535,
+        "5.7.8 Username and Password not accepted.",
+        "scope.insufficient",
+    );
+
+    // A delegation that grants only gmail.send (the demo's `legacy` account) gets no token for
+    // https://mail.google.com/.
+    let legacy = gw.dir.path().join("legacy.json");
+    gw.ok(&[
+        "sa",
+        "key",
+        "create",
+        "legacy@legacy-app.iam.example.com",
+        "-o",
+        legacy.to_str().unwrap(),
+    ]);
+    let mut refused = Value::Null;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            refused = service_account_token(&legacy, MAIL, "alice@example.com");
+            refused["error"]["mailgate"]["code"] != "auth.invalid"
+        }),
+        "{refused}"
+    );
+    assert_eq!(
+        refused["error"]["error"], "unauthorized_client",
+        "{refused}"
+    );
+    assert_eq!(
+        refused["error"]["mailgate"]["code"], "delegation.scope_not_granted",
+        "{refused}"
+    );
+}
