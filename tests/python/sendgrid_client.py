@@ -79,6 +79,20 @@ def main():
                 out = ok_of(client(host, act).send(message(act)))
             elif act["do"] == "send_raw":
                 out = ok_of(client(host, act).send(act["body"]))
+            elif act["do"] == "send_text":
+                # A body sent as it is (malformed JSON, another Content-Type): the library
+                # encodes a string as it is when the Content-Type is not exactly
+                # application/json.
+                sg = client(host, act)
+                sg.client.request_headers["Content-Type"] = act["content_type"]
+                c = sg.client
+                for seg in act.get("path", "mail/send").split("/"):
+                    c = c._(seg)
+                out = ok_of(c.post(request_body=act["body"]))
+            elif act["do"] == "send_big":
+                # A valid request whose text is `text_bytes` long (past 30 MB: refused).
+                m = message(dict(act, text="x" * act["text_bytes"]))
+                out = ok_of(client(host, act).send(m))
             elif act["do"] == "until_429":
                 # Send until the rate limit answers 429, then do what an application does with the
                 # reset header: wait until then (bounded) and send again.
@@ -115,6 +129,8 @@ def main():
                 raise ValueError("unknown action " + act["do"])
         except HTTPError as e:
             out = error_of(e)
+        except OSError as e:  # e.g. BrokenPipeError: the server closed while the client wrote
+            out = {"ok": False, "kind": type(e).__name__, "message": str(e)}
         print(json.dumps(out), flush=True)
 
 

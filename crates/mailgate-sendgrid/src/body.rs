@@ -4,9 +4,11 @@
 //! Every handler that reads a body takes it as a raw [`Body`] and calls [`read`] with the caller
 //! it authenticated from the headers, so no body is read (or parsed) for a request without a
 //! valid key: the `401` goes out with the body unread (hyper then closes the connection rather
-//! than drain it). A `Content-Length` above the limit is refused before reading anything; a
-//! chunked body is refused as soon as it passes the limit. Either way: `413` in SendGrid's
-//! envelope.
+//! than drain it). A `Content-Length` above the limit is refused before anything is kept; a
+//! chunked body as soon as it passes the limit. Either way: `413` in SendGrid's envelope, sent
+//! once the rest of the body was read and dropped (bounded, as the Gmail door does:
+//! `mailgate_gmail::body::discard_rest`), so a client that writes the whole body before it reads
+//! (sendgrid-python) gets it rather than a broken pipe.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -78,6 +80,7 @@ pub(crate) async fn read<C>(
 ) -> Result<Read, ReadError> {
     let announced = content_length(headers);
     if announced.is_some_and(|n| n > limit as u64) {
+        mailgate_gmail::body::discard_rest(headers, &mut body, 0).await;
         return Err(ReadError::TooLarge);
     }
     // Reserve what was announced at once (it is within the limit), else step by step.
@@ -100,6 +103,10 @@ pub(crate) async fn read<C>(
             continue; // trailers
         };
         if buf.len() + data.len() > limit {
+            let seen = (buf.len() + data.len()) as u64;
+            // Give the memory back before reading on.
+            drop((buf, data, lease));
+            mailgate_gmail::body::discard_rest(headers, &mut body, seen).await;
             return Err(ReadError::TooLarge);
         }
         let needed = buf.len() + data.len();

@@ -76,7 +76,13 @@ pub(crate) fn simple(status: u16, message: &str) -> Response {
 
 /// Mailgate's explanation of a denial, as it goes into `help`.
 pub(crate) fn explanation(denial: &Denial, decision_id: &str) -> String {
-    let mut remedy = denial.remedy.clone();
+    explanation_with(denial, decision_id, &denial.remedy)
+}
+
+/// The same with the door's own remedy: the engine's `message.invalid` remedy speaks of Gmail's
+/// `raw`, which means nothing to a SendGrid client whose request was not JSON.
+pub(crate) fn explanation_with(denial: &Denial, decision_id: &str, remedy: &str) -> String {
+    let mut remedy = remedy.to_owned();
     if let Some(l) = &denial.limit
         && let Some(at) = l.reset_at_ms
     {
@@ -172,6 +178,52 @@ pub(crate) fn denial_response(
     resp
 }
 
+/// A key-management body that is not JSON: 400 with what is wrong with it (line and column) and
+/// the reason code `message.invalid` (no decision: the engine judges sends, not these).
+pub(crate) fn invalid_json(e: &serde_json::Error) -> Response {
+    let detail = crate::wire::json_problem(e);
+    let mut r = envelope(
+        400,
+        &[FieldError {
+            message: format!("invalid request: {detail}"),
+            field: None,
+            help: Some(format!(
+                "mailgate message.invalid: {detail}. Remedy: send the body as one JSON object, with Content-Type: application/json."
+            )),
+        }],
+    );
+    r.headers_mut().insert(
+        "x-mailgate-code",
+        HeaderValue::from_static("message.invalid"),
+    );
+    r
+}
+
+/// `policy.too_many_recipients` on this door: the directory's `limits.recipients_per_message`
+/// caps each message, and each personalization is one message, so the refusal names the
+/// personalization and that limit (the catalogue's text speaks of a per-request limit, which on
+/// this door is SendGrid's 1000 across all personalizations, checked apart).
+pub(crate) fn too_many_recipients(
+    denial: &Denial,
+    decision_id: &str,
+    personalization: usize,
+    recipients: usize,
+) -> Response {
+    let limit = denial.args.limit.as_deref().unwrap_or("?");
+    let mut r = envelope(
+        400,
+        &[FieldError {
+            message: format!(
+                "There is a limit of {limit} recipients (to + cc + bcc) per personalization: Mailgate makes one message per personalization, and limits.recipients_per_message allows {limit} recipients per message; this personalization has {recipients}."
+            ),
+            field: Some(format!("personalizations.{personalization}")),
+            help: Some(explanation(denial, decision_id)),
+        }],
+    );
+    mark(r.headers_mut(), decision_id, denial.code.code());
+    r
+}
+
 /// A bug (a state the door should never reach): 500 with SendGrid's generic text.
 pub(crate) fn internal(detail: &str) -> Response {
     tracing::error!(error = detail, "sendgrid door fault");
@@ -257,7 +309,7 @@ pub(crate) fn too_large(limit: usize) -> Response {
             message: "content too large".into(),
             field: None,
             help: Some(format!(
-                "mailgate message.too_large: this endpoint takes request bodies up to {limit} bytes; the body was refused unread past that. Remedy: send a smaller request."
+                "mailgate message.too_large: this endpoint takes request bodies up to {limit} bytes; nothing past that was kept. Remedy: send a smaller request."
             )),
         }],
     );

@@ -132,7 +132,7 @@ async fn json_body(caller: &ApiKey, headers: &HeaderMap, body: Body) -> Result<V
     if read.bytes.is_empty() {
         return Ok(json!({}));
     }
-    serde_json::from_slice(&read.bytes).map_err(|_| simple(400, "invalid request"))
+    serde_json::from_slice(&read.bytes).map_err(|e| crate::errors::invalid_json(&e))
 }
 
 /// Applies `f` to the directory as `caller`, then reloads the gateway's snapshot.

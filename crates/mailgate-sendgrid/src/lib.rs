@@ -323,13 +323,37 @@ mod tests {
             .insert("content-type", "text/plain".parse().unwrap());
         let resp = app.clone().oneshot(r).await.unwrap();
         assert_eq!(resp.status(), 415);
+        assert_eq!(resp.headers()["x-mailgate-code"], "message.invalid");
+        let v = json_of(resp).await;
+        assert_eq!(
+            v["errors"][0]["message"],
+            "Content-Type should be application/json."
+        );
+        let help = v["errors"][0]["help"].as_str().unwrap();
+        assert!(
+            help.contains("Remedy: send Content-Type: application/json"),
+            "{help}"
+        );
+        assert!(!help.contains("base64url"), "{help}");
         let resp = app
             .clone()
             .oneshot(req("POST", "/v3/mail/send", Some(KEY), "{not json"))
             .await
             .unwrap();
         assert_eq!(resp.status(), 400);
-        assert_eq!(json_of(resp).await["errors"][0]["message"], "Bad Request");
+        assert_eq!(resp.headers()["x-mailgate-code"], "message.invalid");
+        let v = json_of(resp).await;
+        assert_eq!(
+            v["errors"][0]["message"],
+            "Bad Request: the body is not valid JSON: key must be a string at line 1 column 2"
+        );
+        let help = v["errors"][0]["help"].as_str().unwrap();
+        assert!(help.starts_with("mailgate message.invalid: "), "{help}");
+        assert!(
+            help.contains("Remedy: send the body as one JSON object"),
+            "{help}"
+        );
+        assert!(!help.contains("raw"), "{help}");
     }
 
     fn with_length(mut r: Request<Body>, len: u64) -> Request<Body> {

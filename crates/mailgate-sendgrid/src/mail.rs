@@ -1185,8 +1185,10 @@ pub(crate) async fn method_not_allowed() -> Response {
 enum Problem {
     /// Validation errors (400), all of them.
     Invalid(Vec<FieldError>),
-    /// 415 with this message.
-    Media(&'static str),
+    /// 415 with this message, and the remedy Mailgate adds in `help`.
+    Media(&'static str, &'static str),
+    /// 400: the body is not JSON (what is wrong with it, with line and column).
+    Syntax(String),
     /// Over 30 MB, or (with an explanation) too costly to hold once parsed.
     TooLarge(Option<String>),
 }
@@ -1203,13 +1205,14 @@ fn sendgrid_message_id() -> String {
 /// form was charged.
 fn parse_body(bytes: Bytes, now_secs: i64) -> Result<(MailSend, usize), Problem> {
     if std::str::from_utf8(&bytes).is_err() {
-        return Err(Problem::Media("Invalid UTF8 in request"));
+        return Err(Problem::Media(
+            "Invalid UTF8 in request",
+            "send the body as UTF-8 JSON",
+        ));
     }
     let (raw, used) = match wire::parse(&bytes, PARSE_BUDGET_BYTES) {
         Ok(x) => x,
-        Err(ParseError::Syntax) => {
-            return Err(Problem::Invalid(vec![FieldError::plain("Bad Request")]));
-        }
+        Err(ParseError::Syntax(detail)) => return Err(Problem::Syntax(detail)),
         Err(ParseError::OverBudget) => {
             return Err(Problem::TooLarge(Some(format!(
                 "mailgate message.too_large: this request holds so many small items that reading it would take more than {PARSE_BUDGET_BYTES} bytes of memory. Remedy: send fewer recipients, headers or substitutions per request."
@@ -1307,11 +1310,17 @@ pub(crate) async fn send(
                 .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
         });
     if headers.contains_key(header::CONTENT_ENCODING) {
-        let p = Problem::Media("Content-Encoding is not supported.");
+        let p = Problem::Media(
+            "Content-Encoding is not supported.",
+            "send the body uncompressed, without a Content-Encoding header",
+        );
         return refuse_request(&st, base, p, now).await;
     }
     if !json_type {
-        let p = Problem::Media("Content-Type should be application/json.");
+        let p = Problem::Media(
+            "Content-Type should be application/json.",
+            "send Content-Type: application/json with a JSON body (docs/sendgrid.md)",
+        );
         return refuse_request(&st, base, p, now).await;
     }
 
@@ -1379,6 +1388,9 @@ pub(crate) async fn send(
             Err(e) => return fault(&e),
         };
         if let Some(d) = decided.decision.denial() {
+            if d.code == Reason::PolicyTooManyRecipients {
+                return crate::errors::too_many_recipients(d, &decided.id, i, recipients.len());
+            }
             return denial_response(d, &decided.id, now, &[]);
         }
         if !decided.decision.complete {
@@ -1496,7 +1508,8 @@ async fn refuse_request(
                 .map_or("Bad Request".to_owned(), |e| e.message.clone()),
             errs.first().and_then(|e| e.field.clone()),
         ),
-        Problem::Media(m) => ((*m).to_owned(), None),
+        Problem::Media(m, _) => ((*m).to_owned(), None),
+        Problem::Syntax(detail) => (detail.clone(), None),
         Problem::TooLarge(_) => (String::new(), None),
     };
     match &problem {
@@ -1520,13 +1533,30 @@ async fn refuse_request(
             denial_response(d, &decided.id, now, &[])
         }
         (Some(d), Problem::Invalid(errs)) => denial_response(d, &decided.id, now, &errs),
-        (Some(d), Problem::Media(m)) => {
+        (Some(d), Problem::Media(m, remedy)) => {
             let mut r = crate::errors::envelope(
                 415,
                 &[FieldError {
                     message: m.to_owned(),
                     field: None,
-                    help: Some(crate::errors::explanation(d, &decided.id)),
+                    help: Some(crate::errors::explanation_with(d, &decided.id, remedy)),
+                }],
+            );
+            mark(r.headers_mut(), &decided.id, d.code.code());
+            r
+        }
+        (Some(d), Problem::Syntax(detail)) => {
+            // SendGrid says only "Bad Request"; what is wrong, and where, follows it.
+            let mut r = crate::errors::envelope(
+                400,
+                &[FieldError {
+                    message: format!("Bad Request: {detail}"),
+                    field: None,
+                    help: Some(crate::errors::explanation_with(
+                        d,
+                        &decided.id,
+                        "send the body as one JSON object, with Content-Type: application/json (docs/sendgrid.md)",
+                    )),
                 }],
             );
             mark(r.headers_mut(), &decided.id, d.code.code());

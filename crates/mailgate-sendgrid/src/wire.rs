@@ -61,8 +61,8 @@ fn charge<E: de::Error>(n: usize) -> Result<(), E> {
 /// Why a body did not parse.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum ParseError {
-    /// Not JSON, or JSON that is not an object.
-    Syntax,
+    /// Not JSON, or JSON that is not an object: what is wrong, with serde's line and column.
+    Syntax(String),
     /// Keeping it would pass the parse budget.
     OverBudget,
 }
@@ -87,7 +87,24 @@ pub(crate) fn parse(bytes: &[u8], budget: usize) -> Result<(RawMail, usize), Par
     let left = REMAINING.with(Cell::get).unwrap_or(0);
     match parsed {
         Ok(Obj::Ok(m)) => Ok((*m, budget.saturating_sub(left))),
-        _ => Err(ParseError::Syntax),
+        Ok(_) => Err(ParseError::Syntax(
+            "the body is JSON but not an object: send one JSON object".into(),
+        )),
+        Err(e) => Err(ParseError::Syntax(json_problem(&e))),
+    }
+}
+
+/// What is wrong with a body that is not JSON, as a client can act on it: serde's words with
+/// the line and column.
+pub(crate) fn json_problem(e: &serde_json::Error) -> String {
+    match e.classify() {
+        serde_json::error::Category::Eof => {
+            format!("the JSON ends too early ({e}): send the whole body")
+        }
+        serde_json::error::Category::Io => format!("the body could not be read ({e})"),
+        serde_json::error::Category::Syntax | serde_json::error::Category::Data => {
+            format!("the body is not valid JSON: {e}")
+        }
     }
 }
 
@@ -692,8 +709,23 @@ mod tests {
             }
         );
         assert_eq!(m.template_id, Loose::Absent);
-        assert_eq!(parse(b"[1]", 1 << 20).unwrap_err(), ParseError::Syntax);
-        assert_eq!(parse(b"{", 1 << 20).unwrap_err(), ParseError::Syntax);
+        assert_eq!(
+            parse(b"[1]", 1 << 20).unwrap_err(),
+            ParseError::Syntax("the body is JSON but not an object: send one JSON object".into())
+        );
+        assert_eq!(
+            parse(b"{", 1 << 20).unwrap_err(),
+            ParseError::Syntax(
+                "the JSON ends too early (EOF while parsing an object at line 1 column 1): send the whole body"
+                    .into()
+            )
+        );
+        assert_eq!(
+            parse(b"{\n  \"from\": x}", 1 << 20).unwrap_err(),
+            ParseError::Syntax(
+                "the body is not valid JSON: expected value at line 2 column 11".into()
+            )
+        );
     }
 
     #[test]

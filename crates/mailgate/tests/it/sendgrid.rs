@@ -552,3 +552,125 @@ fn the_same_principal_refused_for_the_same_reason_gets_the_same_code_on_sendgrid
         "{refused}"
     );
 }
+
+/// A request the door cannot read gets SendGrid's envelope with a message that says what is
+/// wrong (serde's line and column for JSON), Mailgate's code (`message.invalid`) and a remedy in
+/// SendGrid's terms, never Gmail's (`raw`, base64url); a request over 30 MB gets `413` with
+/// `message.too_large` as an `HTTPError`, once the server read the rest of the body (no broken
+/// pipe in the client while it still writes).
+#[test]
+fn unreadable_requests_are_explained_in_sendgrids_terms() {
+    let (_gw, server) = demo();
+    let bad_json = "{\"from\": {\"email\": \"alice@example.com\"},\n \"subject\": oops}";
+    let r = client(
+        &host(&server),
+        json!([
+            {"do": "send_text", "key": BILLING, "content_type": "application/json; charset=utf-8", "body": bad_json},
+            {"do": "send_text", "key": BILLING, "content_type": "text/plain", "body": "hello"},
+            {"do": "send_text", "key": ADMIN, "content_type": "application/json; charset=utf-8",
+             "path": "api_keys", "body": "{\"name\": "},
+            {"do": "send_big", "key": BILLING, "from": "alice@example.com", "to": ["x@example.org"],
+             "text_bytes": 32_000_000},
+        ]),
+    );
+    assert_refused(
+        &r[0],
+        "BadRequestsError",
+        400,
+        "Bad Request: the body is not valid JSON: expected value at line 2 column 13",
+        Value::Null,
+        "message.invalid",
+    );
+    let help = r[0]["body"]["errors"][0]["help"].as_str().unwrap();
+    assert!(
+        help.contains("Remedy: send the body as one JSON object"),
+        "{help}"
+    );
+    assert!(
+        !help.contains("raw") && !help.contains("base64url"),
+        "{help}"
+    );
+    assert_refused(
+        &r[1],
+        "UnsupportedMediaTypeError",
+        415,
+        "Content-Type should be application/json.",
+        Value::Null,
+        "message.invalid",
+    );
+    let help = r[1]["body"]["errors"][0]["help"].as_str().unwrap();
+    assert!(
+        help.contains("Remedy: send Content-Type: application/json"),
+        "{help}"
+    );
+    assert!(
+        !help.contains("raw") && !help.contains("base64url"),
+        "{help}"
+    );
+    // Key management: no decision (the engine judges sends), the same code and words.
+    assert_eq!(r[2]["status"], 400, "{}", r[2]);
+    assert_eq!(
+        r[2]["body"]["errors"][0]["message"],
+        "invalid request: the JSON ends too early (EOF while parsing a value at line 1 column 9): send the whole body",
+        "{}",
+        r[2]
+    );
+    assert_eq!(r[2]["headers"]["x-mailgate-code"], "message.invalid");
+    // Over 30 MB: an HTTPError with the answer, not a broken pipe.
+    let short: String = r[3].to_string().chars().take(600).collect();
+    assert_eq!(r[3]["kind"], "PayloadTooLargeError", "{short}");
+    assert_eq!(r[3]["status"], 413, "{short}");
+    assert_eq!(r[3]["headers"]["x-mailgate-code"], "message.too_large");
+    let help = r[3]["body"]["errors"][0]["help"].as_str().unwrap();
+    assert!(help.starts_with("mailgate message.too_large: "), "{help}");
+    server.stop();
+}
+
+/// Item 6 of issue 13: one personalization is one message, so the directory's
+/// `limits.recipients_per_message` (100 in the demo, the default) caps each personalization's
+/// recipients, and the refusal says so, naming the personalization and the code; SendGrid's own
+/// limit (1000 recipients per request, across personalizations) is another check, with
+/// SendGrid's words.
+#[test]
+fn recipients_are_limited_per_personalization_by_the_directory_and_per_request_by_sendgrid() {
+    let (_gw, server) = demo();
+    let to = |from: usize, n: usize| -> Vec<Value> {
+        (from..from + n)
+            .map(|i| json!({"email": format!("r{i}@example.org")}))
+            .collect()
+    };
+    let body = |personalizations: Vec<Value>| {
+        json!({"from": {"email": "alice@example.com"}, "subject": "x",
+               "personalizations": personalizations,
+               "content": [{"type": "text/plain", "value": "x"}]})
+    };
+    let r = client(
+        &host(&server),
+        json!([
+            {"do": "send_raw", "key": BILLING, "body": body(vec![json!({"to": to(0, 60)}), json!({"to": to(60, 60)})])},
+            {"do": "send_raw", "key": BILLING, "body": body(vec![json!({"to": to(0, 1)}), json!({"to": to(0, 100), "cc": to(100, 1)})])},
+            {"do": "send_raw", "key": BILLING, "body": body((0..11).map(|i| json!({"to": to(i * 100, 91)})).collect())},
+        ]),
+    );
+    assert_eq!(r[0]["status"], 202, "{}", r[0]);
+    assert_refused(
+        &r[1],
+        "BadRequestsError",
+        400,
+        "There is a limit of 100 recipients (to + cc + bcc) per personalization: Mailgate makes one message per personalization, and limits.recipients_per_message allows 100 recipients per message; this personalization has 101.",
+        json!("personalizations.1"),
+        "policy.too_many_recipients",
+    );
+    let help = r[1]["body"]["errors"][0]["help"].as_str().unwrap();
+    assert!(help.contains("limits.recipients_per_message"), "{help}");
+    // 11 x 91 = 1001 across personalizations: SendGrid's per-request limit.
+    assert_eq!(r[2]["status"], 400, "{}", r[2]);
+    assert_eq!(
+        r[2]["body"]["errors"][0]["message"],
+        "There is a limit of 1000 total recipients (to + cc + bcc) per request.",
+        "{}",
+        r[2]
+    );
+    assert_eq!(r[2]["headers"]["x-mailgate-code"], "message.invalid");
+    server.stop();
+}
