@@ -233,6 +233,15 @@ struct RawSmtp {
     submission_listen: Option<SocketAddr>,
     smtps_listen: Option<SocketAddr>,
     relay_listen: Option<SocketAddr>,
+    bare_newline: Option<BareNewline>,
+}
+
+/// `smtp.bare_newline`: what a bare LF or CR in a message does (`mailgate_smtp::BareNewline`).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum BareNewline {
+    Reject,
+    Normalize,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -372,7 +381,13 @@ impl Config {
                 .messages_days
                 .unwrap_or(DEFAULT_RETENTION_DAYS),
             lockout: raw.limits.lockout()?,
-            smtp_limits: raw.limits.smtp()?,
+            smtp_limits: mailgate_smtp::Limits {
+                bare_newline: match raw.smtp.bare_newline {
+                    None | Some(BareNewline::Reject) => mailgate_smtp::BareNewline::Reject,
+                    Some(BareNewline::Normalize) => mailgate_smtp::BareNewline::Normalize,
+                },
+                ..raw.limits.smtp()?
+            },
             limits: raw.limits.resolve()?,
         })
     }
@@ -440,6 +455,22 @@ mod tests {
     }
 
     #[test]
+    fn bare_newlines_are_refused_unless_normalize_is_set() {
+        let c = Config::resolve(toml::from_str("").unwrap()).unwrap();
+        assert_eq!(
+            c.smtp_limits.bare_newline,
+            mailgate_smtp::BareNewline::Reject
+        );
+        let raw = "[smtp]\nbare_newline = \"normalize\"\n";
+        let c = Config::resolve(toml::from_str(raw).unwrap()).unwrap();
+        assert_eq!(
+            c.smtp_limits.bare_newline,
+            mailgate_smtp::BareNewline::Normalize
+        );
+        assert!(toml::from_str::<RawConfig>("[smtp]\nbare_newline = \"yes\"\n").is_err());
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         assert!(toml::from_str::<RawConfig>("[http]\nlissten = \"127.0.0.1:1\"\n").is_err());
     }
@@ -458,6 +489,7 @@ mod tests {
             "smtp.submission_listen",
             "smtp.smtps_listen",
             "smtp.relay_listen",
+            "smtp.bare_newline",
             "directory.reload_interval_ms",
             "log.format",
             "log.level",

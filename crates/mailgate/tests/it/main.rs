@@ -17,6 +17,7 @@ mod hostile;
 mod live;
 mod postfix;
 mod relay;
+mod remedies;
 mod sendgrid;
 mod serve;
 mod smtp;

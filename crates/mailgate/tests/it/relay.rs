@@ -38,6 +38,15 @@ fn with_smarthost(gw: &Gateway, port: u16) {
 
 /// Accepts a message from alice through the gateway, as a door would; returns its id.
 fn accept(rt: &tokio::runtime::Runtime, data_dir: &Path, to: &[&str], subject: &str) -> String {
+    let raw = format!(
+        "From: alice@example.com\r\nTo: {}\r\nSubject: {subject}\r\n\r\nHello.\r\n",
+        to.join(", ")
+    );
+    accept_raw(rt, data_dir, to, raw)
+}
+
+/// Accepts `raw` from alice through the gateway, as a door would; returns its id.
+fn accept_raw(rt: &tokio::runtime::Runtime, data_dir: &Path, to: &[&str], raw: String) -> String {
     rt.block_on(async {
         let store = std::sync::Arc::new(
             mailgate_store::SqliteStore::open(&data_dir.join("mailgate.db"))
@@ -45,10 +54,6 @@ fn accept(rt: &tokio::runtime::Runtime, data_dir: &Path, to: &[&str], subject: &
                 .unwrap(),
         );
         let gw = mailgate_gateway::Gateway::open(store).await.unwrap();
-        let raw = format!(
-            "From: alice@example.com\r\nTo: {}\r\nSubject: {subject}\r\n\r\nHello.\r\n",
-            to.join(", ")
-        );
         let attempt = SendAttempt::new(
             Door::Smtp,
             Credential::SmtpLogin {
@@ -384,4 +389,44 @@ fn simulate_makes_the_next_sends_fail_with_that_reason_marked_injected() {
     );
     assert_eq!(code, 200, "{body}");
     assert_eq!(explain()["denial"]["code"], "account.suspended");
+}
+
+/// Issue 13, item 5: whatever a door stored (the HTTP doors keep a message's own line endings),
+/// the delivery worker never writes a bare LF or CR to the smarthost.
+#[test]
+fn a_message_stored_with_bare_newlines_is_relayed_with_crlf_only() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sink = rt
+        .block_on(Sink::start("127.0.0.1:0", SinkConfig::default()))
+        .unwrap();
+    let gw = Gateway::new();
+    with_smarthost(&gw, sink.addr.port());
+    let server = gw.serve_with(RELAY, &[]);
+    let raw = "From: alice@example.com\nTo: bob@example.org\nSubject: lf\n\nline\n.\nMAIL FROM:<alice@example.com>\r\nstray\rcr\n";
+    accept_raw(&rt, &gw.data_dir(), &["bob@example.org"], raw.to_owned());
+    assert!(
+        eventually(Duration::from_secs(20), || !sink.received().is_empty()),
+        "not delivered"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let got = sink.received();
+    // The sink takes LF . LF as the end of data, as the servers smuggling abuses do: one
+    // message arrived, whole.
+    assert_eq!(got.len(), 1, "{got:?}");
+    let data = &got[0].data;
+    let bare = data.iter().enumerate().any(|(i, b)| match b {
+        b'\n' => i == 0 || data.get(i - 1) != Some(&b'\r'),
+        b'\r' => data.get(i + 1) != Some(&b'\n'),
+        _ => false,
+    });
+    assert!(!bare, "{:?}", String::from_utf8_lossy(data));
+    assert!(
+        data.starts_with(
+            b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: lf\r\n\r\nline\r\n.\r\nMAIL FROM:<alice@example.com>\r\nstray\r\ncr\r\n"
+        ),
+        "{:?}",
+        String::from_utf8_lossy(data)
+    );
+    let (clean, _, logs) = server.stop();
+    assert!(clean, "{logs}");
 }

@@ -931,3 +931,120 @@ fn xoauth2_with_a_delegated_service_account_token_for_mail_google_com() {
         "{refused}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 13, items 5 and 11, over a real socket to the relay listener (127.0.0.1 is allowlisted in
+// the demo organisation, so no TLS or AUTH is needed to reach DATA).
+
+/// A raw SMTP conversation over a real socket: reads the greeting, writes `input` at once (as a
+/// smuggler pipelines it), then reads every reply until the server closes the connection or is
+/// quiet for 3 s. Returns the transcript and whether the server closed the connection.
+fn raw_conversation(addr: &str, input: &[u8]) -> (String, bool) {
+    use std::io::{ErrorKind, Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    got.extend_from_slice(buf.get(..n).unwrap());
+    s.write_all(input).unwrap();
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got.extend_from_slice(buf.get(..n).unwrap()),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                break false;
+            }
+            Err(_) => break true,
+        }
+    };
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+fn bare_newline_in(raw: &[u8]) -> bool {
+    raw.iter().enumerate().any(|(i, b)| match b {
+        b'\n' => i == 0 || raw.get(i - 1) != Some(&b'\r'),
+        b'\r' => raw.get(i + 1) != Some(&b'\n'),
+        _ => false,
+    })
+}
+
+/// The smuggling attempt: a message ended by LF . LF, then a second transaction that a server
+/// taking LF . LF as the end would run.
+const SMUGGLE: &str = "EHLO smuggler.test\r\nMAIL FROM:<scanner@example.com>\r\nRCPT TO:<x@example.org>\r\nDATA\r\nFrom: scanner@example.com\nSubject: first\n\nhi\n.\nMAIL FROM:<scanner@example.com>\r\nRCPT TO:<smuggled@example.org>\r\nDATA\r\nFrom: scanner@example.com\r\nSubject: second\r\n\r\nsmuggled\r\n.\r\nQUIT\r\n";
+
+#[test]
+fn a_bare_lf_is_refused_with_521_and_the_smuggled_transaction_never_runs() {
+    let (gw, server) = demo();
+    let (t, closed) = raw_conversation(&server.smtp_relay, SMUGGLE.as_bytes());
+    assert!(
+        t.contains("\r\n354 ")
+            && t.contains(
+                "\r\n521 5.5.2 Error: bare <LF> received [mailgate: message.bare_newline] Remedy: "
+            ),
+        "{t}"
+    );
+    assert!(t.contains("bare_newline = \"normalize\""), "{t}");
+    assert!(closed, "the connection stays open after the 521: {t}");
+    // Nothing after the bare LF was read as a command, and nothing was accepted.
+    assert!(!t.contains("250 2.0.0 OK"), "{t}");
+    assert!(!t.contains("221 "), "{t}");
+    assert_eq!(t.matches("\r\n354 ").count(), 1, "{t}");
+    std::thread::sleep(Duration::from_millis(500));
+    let list = gw.ok(&["captured", "list"]);
+    assert!(!list.contains("scanner@example.com"), "{list}");
+}
+
+#[test]
+fn with_bare_newline_normalize_the_message_is_kept_with_crlf_only_and_not_split() {
+    let gw = Gateway::new();
+    let config = gw.config("");
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "[smtp]\n",
+        "[smtp]\nbare_newline = \"normalize\"\n",
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let server = gw.serve(&["--demo"]);
+    let (t, closed) = raw_conversation(&server.smtp_relay, SMUGGLE.as_bytes());
+    assert!(closed && t.contains("\r\n221 "), "{t}");
+    // One message: LF . LF did not end it, so the "second transaction" is its content.
+    assert_eq!(t.matches("250 2.0.0 OK ").count(), 1, "{t}");
+    assert_eq!(t.matches("\r\n354 ").count(), 1, "{t}");
+    let id = t
+        .lines()
+        .find(|l| l.starts_with("250 2.0.0 OK "))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap()
+        .to_owned();
+    assert!(captured(&gw, &id), "{id} not captured");
+    let out = gw.cmd(&["captured", "show", &id, "--raw"]);
+    assert!(out.status.success());
+    let raw = out.stdout;
+    assert!(
+        !bare_newline_in(&raw),
+        "{:?}",
+        String::from_utf8_lossy(&raw)
+    );
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(
+        raw.starts_with("From: scanner@example.com\r\nSubject: first\r\n\r\nhi\r\n\r\nMAIL FROM:<scanner@example.com>\r\nRCPT TO:<smuggled@example.org>\r\n"),
+        "{raw:?}"
+    );
+    let list = gw.ok(&["captured", "list"]);
+    assert!(!list.contains("smuggled@example.org"), "{list}");
+}
+
+#[test]
+fn a_relay_client_is_not_called_a_user_in_a_refusal() {
+    let (_gw, server) = demo();
+    let (t, _) = raw_conversation(
+        &server.smtp_relay,
+        b"EHLO printer.test\r\nMAIL FROM:<someone@else.org>\r\nQUIT\r\n",
+    );
+    assert!(
+        t.contains("\r\n553 5.7.1 <someone@else.org>: Sender address rejected: not an address relay clients from 127.0.0.1 may send as [mailgate: sender.not_owned, decision "),
+        "{t}"
+    );
+    assert!(!t.contains("not owned by user"), "{t}");
+}
