@@ -273,9 +273,8 @@ impl Gateway {
                         continue;
                     }
                 };
-                let due = written.is_none_or(|(g, at)| {
-                    g != generation || at.elapsed() >= nodes::HEARTBEAT
-                });
+                let due = written
+                    .is_none_or(|(g, at)| g != generation || at.elapsed() >= nodes::HEARTBEAT);
                 if due {
                     let row = mailgate_store::NodeState {
                         id: me.node.id.clone(),
@@ -287,7 +286,9 @@ impl Gateway {
                     };
                     match me.store.node_seen(&row).await {
                         Ok(()) => written = Some((generation, std::time::Instant::now())),
-                        Err(e) => tracing::warn!(error = %e, "could not record this node's directory generation"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not record this node's directory generation")
+                        }
                     }
                 }
             }

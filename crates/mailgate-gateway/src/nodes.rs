@@ -76,7 +76,10 @@ fn running(node: &NodeState, now: i64, host: &str) -> bool {
 }
 
 fn process_exists(pid: u32) -> bool {
-    let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
         return false;
     };
     // EPERM: it exists but belongs to someone else.
@@ -137,7 +140,9 @@ pub async fn wait_and_report(store: &dyn Store, generation: i64) {
                 );
             }
         }
-        Err(e) => tracing::warn!(error = %e, "could not check that running gateways picked up the change"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not check that running gateways picked up the change")
+        }
     }
 }
 
@@ -164,9 +169,17 @@ mod tests {
         // Stale: beyond three heartbeats plus the poll interval.
         assert!(!running(&node("here", me, 1, now - 7_000), now, "here"));
         // Another host: trusted while fresh (its process cannot be checked from here).
-        assert!(running(&node("there", 999_999_999, 1, now - 100), now, "here"));
+        assert!(running(
+            &node("there", 999_999_999, 1, now - 100),
+            now,
+            "here"
+        ));
         // This host, a pid that does not exist.
-        assert!(!running(&node("here", 999_999_999, 1, now - 100), now, "here"));
+        assert!(!running(
+            &node("here", 999_999_999, 1, now - 100),
+            now,
+            "here"
+        ));
     }
 
     #[tokio::test]
@@ -196,8 +209,14 @@ mod tests {
         store.node_seen(&row(2)).await.unwrap();
         let t = std::time::Instant::now();
         let got = wait_until_live(&store, 3).await.unwrap();
-        assert!(matches!(got, Propagation::Lagging(ref n) if n.len() == 1), "{got:?}");
-        assert!(t.elapsed() >= Duration::from_millis(1_000), "waited its bound");
+        assert!(
+            matches!(got, Propagation::Lagging(ref n) if n.len() == 1),
+            "{got:?}"
+        );
+        assert!(
+            t.elapsed() >= Duration::from_millis(1_000),
+            "waited its bound"
+        );
         store.node_gone(&me.id).await.unwrap();
         assert!(store.nodes().await.unwrap().is_empty());
     }
