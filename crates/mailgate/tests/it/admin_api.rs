@@ -497,3 +497,122 @@ fn every_example_of_the_doc_answers_as_documented() {
     }
     assert!(checked >= 15, "only {checked} examples with answers");
 }
+
+/// The request-body table of `route`'s section: the backticked names in the first column of the
+/// first `| field |` table before the section's first example.
+fn documented_body_fields(doc: &str, route: &str) -> BTreeSet<String> {
+    let heading = format!("### {route}");
+    let section = doc
+        .split_once(&heading)
+        .unwrap_or_else(|| panic!("no `{heading}` in docs/admin-api.md"))
+        .1;
+    let before_example = section.split("```sh").next().unwrap_or_default();
+    let table = before_example
+        .split_once("| field |")
+        .unwrap_or_else(|| panic!("no body table under `{heading}`"))
+        .1;
+    table
+        .lines()
+        .skip(2) // the rest of the header line, the separator
+        .take_while(|l| l.starts_with('|'))
+        .filter_map(|l| l.split('|').nth(1))
+        .map(|c| c.trim().trim_matches('`').to_owned())
+        .collect()
+}
+
+/// The fields a route's JSON body may have, from the server's own refusal of an unknown one
+/// (serde's "unknown field `x`, expected one of `a`, `b`, ...").
+fn accepted_body_fields(server: &Server, token: &str, path: &str) -> BTreeSet<String> {
+    let (status, raw) = request(
+        &server.addr,
+        "POST",
+        path,
+        Some(token),
+        Some(r#"{"no_such_field": 1}"#),
+    );
+    assert_eq!(status, 400, "{raw}");
+    let expected = raw
+        .split_once("expected ")
+        .unwrap_or_else(|| panic!("no field list in {raw}"))
+        .1;
+    let expected = expected.split(" at line").next().unwrap_or(expected);
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The body tables of `explain` and `simulate` name every field the server accepts, and no other.
+#[test]
+fn the_documented_body_fields_are_the_ones_the_server_accepts() {
+    let doc = doc();
+    let gw = Gateway::new();
+    let server = gw.serve(&["--demo"]);
+    let credentials = std::fs::read_to_string(gw.data_dir().join("demo-credentials.txt")).unwrap();
+    let token = credentials
+        .lines()
+        .find_map(|l| l.strip_prefix("admin_token = "))
+        .expect("admin_token line")
+        .trim()
+        .to_owned();
+    for (route, path) in [
+        ("POST /mailgate/v1/explain", "/mailgate/v1/explain"),
+        ("POST /mailgate/v1/simulate", "/mailgate/v1/simulate"),
+    ] {
+        let accepted = accepted_body_fields(&server, &token, path);
+        assert!(accepted.len() >= 4, "{route}: {accepted:?}");
+        assert_eq!(
+            documented_body_fields(&doc, route),
+            accepted,
+            "{route}: the body table of docs/admin-api.md and the fields the server accepts differ"
+        );
+    }
+}
+
+/// The check outcomes docs/admin-api.md lists are the engine's (`Outcome`, snake_case).
+#[test]
+fn the_documented_check_outcomes_are_the_engines() {
+    let src = std::fs::read_to_string(repo_root().join("crates/mailgate-core/src/engine/mod.rs"))
+        .expect("engine source");
+    let body = src
+        .split_once("pub enum Outcome {")
+        .expect("enum Outcome")
+        .1
+        .split_once("\n}")
+        .expect("end of enum Outcome")
+        .0;
+    let engine: BTreeSet<String> = body
+        .lines()
+        .map(str::trim)
+        .filter_map(|l| l.strip_suffix(','))
+        .filter(|v| v.chars().all(|c| c.is_ascii_alphanumeric()))
+        .map(|v| {
+            let mut s = String::new();
+            for (i, c) in v.chars().enumerate() {
+                if c.is_ascii_uppercase() && i > 0 {
+                    s.push('_');
+                }
+                s.push(c.to_ascii_lowercase());
+            }
+            s
+        })
+        .collect();
+    assert!(engine.len() >= 5, "{engine:?}");
+    let doc = doc();
+    let listed = doc
+        .split_once("`outcome` (")
+        .expect("the outcome list in docs/admin-api.md")
+        .1
+        .split_once(')')
+        .expect("end of the outcome list")
+        .0;
+    let documented: BTreeSet<String> = listed
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(documented, engine);
+}
