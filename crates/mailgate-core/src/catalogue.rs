@@ -8,7 +8,7 @@
 //! SendGrid), the rendering uses it byte for byte; Mailgate's own explanation travels beside it
 //! (Gmail: an extra ErrorInfo with domain `mailgate`; SMTP: text after the reply; SendGrid: `help`),
 //! never instead of it. Templates may contain placeholders filled by [`fill`]: `{caller}`,
-//! `{project}`, `{ip}`, `{referrer}`, `{retry_at}`, `{limit}`, `{detail}`.
+//! `{project}`, `{ip}`, `{referrer}`, `{retry_at}`, `{limit}`, `{detail}`, `{newline}`.
 
 use std::fmt::Write as _;
 
@@ -1144,11 +1144,11 @@ static CATALOGUE: [ReasonSpec; 43] = [
             "invalidArgument",
             "global",
             None,
-            "Error: bare {detail} received",
+            "Error: bare {newline} received",
         ),
         token: None,
-        smtp: s(521, "5.5.2", "Error: bare {detail} received"),
-        sendgrid: sg(400, "Error: bare {detail} received"),
+        smtp: s(521, "5.5.2", "Error: bare {newline} received"),
+        sendgrid: sg(400, "Error: bare {newline} received"),
     },
 ];
 
@@ -1271,6 +1271,9 @@ pub fn fill(template: &str, args: &RenderArgs) -> String {
             "retry_at" => Some(args.retry_at.as_deref().unwrap_or("later")),
             "limit" => Some(args.limit.as_deref().unwrap_or("the")),
             "detail" => Some(args.detail.as_deref().unwrap_or("Invalid message")),
+            // `message.bare_newline`: `<LF>` or `<CR>`, given as the detail (an injected fault
+            // has none and reads as Postfix's `bare <LF>`).
+            "newline" => Some(args.detail.as_deref().unwrap_or("<LF>")),
             "field" => Some(args.field.as_deref().unwrap_or("")),
             _ => None,
         };
@@ -1487,7 +1490,7 @@ pub fn render_reasons_md() -> String {
     out.push_str(
         "Every refusal names exactly one of these codes; `mailgate explain` lists every failing one. \
          Checks run in table order. Placeholders in braces (`{caller}`, `{project}`, `{ip}`, \
-         `{referrer}`, `{retry_at}`, `{limit}`, `{detail}`, `{field}`) are filled per refusal. \
+         `{referrer}`, `{retry_at}`, `{limit}`, `{detail}`, `{field}`, `{newline}`) are filled per refusal. \
          Gmail cells read: HTTP status, `status` / legacy `errors[].reason` (`errors[].domain`), \
          the `google.rpc.ErrorInfo` reason where Google sends one, and the exact `message`. \
          Mailgate's own explanation (code, object at fault, remedy) travels beside these texts: \
@@ -1544,7 +1547,9 @@ address in it (the members of a group included); the SendGrid door's own From, a
 - **The relay listener under IP trust** (`smtp_relay.allowed_ips`, no AUTH) has no user to own
   addresses: `smtp_relay.allowed_senders` decides, and it applies to the envelope sender *and*
   to every header From and Sender address (`sender.not_owned`, object at fault
-  `smtp_relay.allowed_senders`). The relay sends as the users those addresses belong to, so
+  `smtp_relay.allowed_senders`; the SMTP reply names the relay's clients, not a user:
+  `553 5.7.1 <addr>: Sender address rejected: not an address relay clients from <ip> may send
+  as`). The relay sends as the users those addresses belong to, so
   their account state applies as it does to a principal: a From naming a suspended,
   under-review, mail-disabled or sending-revoked user's address (or an alias of it) is refused
   with that state's code (`account.suspended`, `account.under_review`, `account.mail_disabled`,
@@ -1655,6 +1660,11 @@ mod tests {
             (521, "5.5.2", "Error: bare <LF> received")
         );
         assert_eq!(Reason::MessageBareNewline.stage(), Stage::Message);
+        // An injected fault has no detail: it reads as Postfix's.
+        let r = Reason::MessageBareNewline
+            .gmail_reply(&RenderArgs::default())
+            .unwrap();
+        assert_eq!(r.message, "Error: bare <LF> received");
         assert!(
             Reason::MessageBareNewline
                 .spec()
