@@ -41,7 +41,37 @@ impl fmt::Display for Problem {
             Some(l) => write!(f, "line {}, column {}: ", l.line, l.column)?,
             None => f.write_str("(stored directory): ")?,
         }
-        write!(f, "{}: {}", self.path, self.message)
+        self.fmt_what(f)
+    }
+}
+
+impl Problem {
+    /// The problem in a file, the way compilers write it so editors can jump there:
+    /// `org.yaml:3:5: users[x].status: unknown variant ...` (`org.yaml: ...` without a
+    /// position).
+    pub fn in_file(&self, file: &str) -> String {
+        match self.location {
+            Some(l) => format!("{file}:{}:{}: {}", l.line, l.column, What(self)),
+            None => format!("{file}: {}", What(self)),
+        }
+    }
+
+    /// `path: message`, or the message alone when the problem concerns no field (a YAML
+    /// syntax error).
+    fn fmt_what(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+struct What<'a>(&'a Problem);
+
+impl fmt::Display for What<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt_what(f)
     }
 }
 
@@ -348,28 +378,84 @@ impl OrgFile {
                         serde_path_to_error::Segment::Unknown => None,
                     })
                     .collect();
-                let message = e.to_string();
-                // "unknown field `x`": point at x itself.
+                let mut message = e.to_string();
+                // "unknown field `x`, expected ...": the problem is the entry holding x (its
+                // path), the position is x itself, and the message names the field meant.
+                let mut unknown = None;
                 if let Some(rest) = message.strip_prefix("unknown field `")
-                    && let Some(name) = rest.split('`').next()
+                    && let Some((name, expected)) = rest.split_once('`')
                 {
-                    segments.push(name.to_owned());
+                    if segments.last().map(String::as_str) == Some(name) {
+                        segments.pop();
+                    }
+                    unknown = Some(name.to_owned());
+                    message = unknown_field_message(name, expected);
                 }
+                let shown = if segments.is_empty() {
+                    label.to_owned()
+                } else {
+                    format!("{label}.{}", segments.join("."))
+                };
+                segments.extend(unknown);
                 let rel = segments.join("/");
                 let full = if rel.is_empty() {
                     pointer.to_owned()
                 } else {
                     format!("{pointer}/{rel}")
                 };
-                let shown = if segments.is_empty() {
-                    label.to_owned()
-                } else {
-                    format!("{label}.{}", segments.join("."))
-                };
                 Err(self.problem_at(&full, shown, message))
             }
         }
     }
+}
+
+/// `unknown field "stauts" (did you mean "status"?)`, from serde's `, expected one of `a`,
+/// `b`` tail; without a close name, the fields that exist.
+fn unknown_field_message(name: &str, expected: &str) -> String {
+    let known: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    let closest = known
+        .iter()
+        .map(|k| (edit_distance(&name.to_ascii_lowercase(), k), *k))
+        .filter(|(d, k)| *d <= 2.min(k.len().saturating_sub(1)).max(1))
+        .min_by_key(|(d, _)| *d);
+    match closest {
+        Some((_, k)) => format!("unknown field \"{name}\" (did you mean \"{k}\"?)"),
+        None if known.is_empty() => {
+            format!("unknown field \"{name}\" (this entry takes no fields)")
+        }
+        None => format!(
+            "unknown field \"{name}\"; the fields are: {}",
+            known.join(", ")
+        ),
+    }
+}
+
+/// Edit distance counting a swap of two neighbouring letters as one edit (optimal string
+/// alignment): `stauts` is one edit from `status`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    if let Some(first) = d.first_mut() {
+        for (j, cell) in first.iter_mut().enumerate() {
+            *cell = j;
+        }
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut v = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                v = v.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = v;
+        }
+    }
+    d[a.len()][b.len()]
 }
 
 fn loc(m: &saphyr::Marker) -> Location {
@@ -572,7 +658,14 @@ mod tests {
         assert_eq!(problems[0].location.unwrap().line, 3);
         assert!(problems[0].path.ends_with("status"), "{:?}", problems[0]);
         assert_eq!(problems[1].location.unwrap().line, 5);
-        assert!(problems[1].message.contains("unknown field `colour`"));
+        assert!(
+            problems[1]
+                .message
+                .starts_with("unknown field \"colour\"; the fields are: email, "),
+            "{:?}",
+            problems[1]
+        );
+        assert_eq!(problems[1].path, "users[b@example.com]");
         assert_eq!(problems[2].location.unwrap().line, 7);
         assert!(problems[2].message.contains("missing field `number`"));
     }
@@ -590,6 +683,46 @@ mod tests {
     fn yaml_syntax_errors_have_a_line() {
         let problems = OrgFile::parse("users:\n  - email: [a\n").unwrap_err();
         assert!(problems[0].location.is_some());
+        // No empty field path before the message, and the parser's own words after it.
+        let shown = problems[0].in_file("org.yaml");
+        assert!(shown.starts_with("org.yaml:"), "{shown}");
+        assert!(!shown.contains(": :"), "{shown}");
+        let (_, msg) = shown.split_once(": not valid YAML: ").expect(&shown);
+        assert!(msg.len() > 5, "{shown}");
+    }
+
+    /// A misspelt field names the entry once and the field meant, at the misspelt key.
+    #[test]
+    fn unknown_fields_suggest_the_field_meant() {
+        let src = "users:\n  - email: x@example.com\n    stauts: suspended\n    limits:\n      messages_per_dya: 5\n";
+        let problems = OrgFile::parse(src).unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        let p = &problems[0];
+        assert_eq!(p.path, "users[x@example.com]");
+        assert_eq!(
+            p.message,
+            "unknown field \"stauts\" (did you mean \"status\"?)"
+        );
+        assert_eq!(p.location, Some(Location { line: 3, column: 5 }));
+        assert_eq!(
+            p.in_file("org.yaml"),
+            "org.yaml:3:5: users[x@example.com]: unknown field \"stauts\" (did you mean \"status\"?)"
+        );
+        let nested = OrgFile::parse(
+            "users:\n  - email: x@example.com\n    limits:\n      messages_per_dya: 5\n",
+        )
+        .unwrap_err();
+        assert_eq!(nested[0].path, "users[x@example.com].limits");
+        assert!(
+            nested[0]
+                .message
+                .contains("did you mean \"messages_per_day\""),
+            "{:?}",
+            nested[0]
+        );
+        assert_eq!(nested[0].location.map(|l| l.line), Some(4));
+        assert_eq!(edit_distance("stauts", "status"), 1);
+        assert!(edit_distance("colour", "email") > 2);
     }
 
     #[test]

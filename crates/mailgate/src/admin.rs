@@ -31,7 +31,8 @@ impl From<anyhow::Error> for ApplyError {
 /// What `apply` did (or would do, with `dry_run`).
 #[derive(Debug, Default)]
 pub struct ApplyReport {
-    /// `create`/`update`/`delete` lines, e.g. `update users/alice@example.com`.
+    /// `create`/`update`/`delete` lines, e.g. `update user alice@example.com (status: active ->
+    /// suspended)`.
     pub changes: Vec<String>,
     /// The directory generation after the change.
     pub generation: i64,
@@ -62,7 +63,7 @@ pub async fn apply(
             return Err(ApplyError::Problems(problems));
         }
         let changes = Changeset::between(&snap.directory, &merged);
-        let report_lines = describe(&changes);
+        let report_lines = describe(&snap.directory, &changes);
         if dry_run {
             return Ok(ApplyReport {
                 changes: report_lines,
@@ -71,6 +72,8 @@ pub async fn apply(
         }
         match store.commit(snap.generation, &changes, actor).await {
             Ok(generation) => {
+                // Live on every running server before `apply` returns.
+                mailgate_gateway::nodes::wait_and_report(store, generation).await;
                 return Ok(ApplyReport {
                     changes: report_lines,
                     generation,
@@ -124,15 +127,96 @@ fn merge(
     Directory::from_objects(objects).context("merging the file into the stored directory")
 }
 
-fn describe(changes: &Changeset) -> Vec<String> {
+/// One line per change, saying whether it creates, updates or deletes, and for an update which
+/// fields change: `create org_unit /staff`, `update user x@example.com (status: active ->
+/// suspended)`, `delete api_key k1`.
+fn describe(current: &Directory, changes: &Changeset) -> Vec<String> {
+    let old = current.to_objects();
     let mut out = Vec::new();
     for o in &changes.upserts {
-        out.push(format!("upsert {}/{}", o.kind.section(), o.id));
+        let what = object_name(o.kind, &o.id);
+        match old.iter().find(|p| p.kind == o.kind && p.id == o.id) {
+            None => out.push(format!("create {what}")),
+            Some(prev) => {
+                let fields = field_changes(&prev.body, &o.body);
+                if fields.is_empty() {
+                    out.push(format!("update {what}"));
+                } else {
+                    out.push(format!("update {what} ({})", fields.join(", ")));
+                }
+            }
+        }
     }
     for (k, id) in &changes.deletes {
-        out.push(format!("delete {}/{}", k.section(), id));
+        out.push(format!("delete {}", object_name(*k, id)));
     }
     out
+}
+
+/// `user alice@example.com`, `org_unit /staff`, `organisation` (a singleton has no id).
+fn object_name(kind: Kind, id: &str) -> String {
+    let singular = match kind {
+        Kind::Organisation => "organisation",
+        Kind::Domain => "domain",
+        Kind::OrgUnit => "org_unit",
+        Kind::User => "user",
+        Kind::Group => "group",
+        Kind::Project => "project",
+        Kind::OAuthClient => "oauth_client",
+        Kind::ServiceAccount => "service_account",
+        Kind::DelegationGrant => "domain_wide_delegation",
+        Kind::ApiKey => "api_key",
+        Kind::Role => "role",
+        Kind::Policy => "policy",
+        Kind::Limits => "limits",
+        Kind::SmtpRelay => "smtp_relay",
+        Kind::Smarthost => "smarthost",
+    };
+    if id.is_empty() {
+        singular.to_owned()
+    } else {
+        format!("{singular} {id}")
+    }
+}
+
+/// `field: old -> new` for each top-level field that differs (in the new object's order, then
+/// the fields removed). Secrets and their hashes show as `(changed)`, never their values.
+fn field_changes(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    let (Some(old), Some(new)) = (old.as_object(), new.as_object()) else {
+        return Vec::new();
+    };
+    let keys = new
+        .keys()
+        .chain(old.keys().filter(|k| !new.contains_key(*k)));
+    let mut out = Vec::new();
+    for k in keys {
+        let (a, b) = (old.get(k), new.get(k));
+        if a == b {
+            continue;
+        }
+        let secret = k.contains("secret") || k.contains("password") || k.contains("hash");
+        if secret {
+            out.push(format!("{k}: (changed)"));
+        } else {
+            out.push(format!("{k}: {} -> {}", shown(a), shown(b)));
+        }
+    }
+    out
+}
+
+/// A field's value on one line: strings bare, lists and maps as compact JSON, long ones cut.
+fn shown(v: Option<&serde_json::Value>) -> String {
+    let s = match v {
+        None => return "(not set)".to_owned(),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    };
+    if s.chars().count() > 60 {
+        let cut: String = s.chars().take(57).collect();
+        format!("{cut}...")
+    } else {
+        s
+    }
 }
 
 /// Prints the directory in the directory-file format (secrets as hashes only).
@@ -213,7 +297,7 @@ mod tests {
         let ok = "domains: [{name: example.com}]\nusers: [{email: a@example.com}]\n";
         let r = apply(&store, ok, true, false, "t").await.unwrap();
         assert!(
-            r.changes.iter().any(|c| c == "delete users/b@example.com"),
+            r.changes.iter().any(|c| c == "delete user b@example.com"),
             "{:?}",
             r.changes
         );

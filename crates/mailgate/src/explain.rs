@@ -79,11 +79,12 @@ pub(crate) struct ExplainRequest {
     #[arg(long, value_name = "VERSION")]
     #[serde(default)]
     pub(crate) tls: Option<String>,
-    /// Client IP address.
+    /// Client IP address (without it, what depends on it, such as a key's allowed_ips, is
+    /// shown as not checked).
     #[arg(long, value_name = "IP")]
     #[serde(default)]
     pub(crate) ip: Option<IpAddr>,
-    /// HTTP Referer.
+    /// HTTP Referer (without it, a key's allowed_referrers is shown as not checked).
     #[arg(long, value_name = "URL")]
     #[serde(default)]
     pub(crate) referrer: Option<String>,
@@ -131,7 +132,21 @@ fn full_scope(s: &str) -> String {
     }
 }
 
+/// What `explain` says when the request names no principal (the engine answers as a door would,
+/// `auth.missing`; this says how to ask the question meant).
+pub(crate) const NO_PRINCIPAL: &str = "no principal given: name the one that sends with --as EMAIL (a user: SMTP login, or an OAuth user with --door gmail), --service-account EMAIL (with --subject EMAIL to act for a user), --api-key-name NAME or --api-key-id ID (an API key), or --relay (the SMTP relay trusting --ip IP)";
+
 impl ExplainRequest {
+    /// [`NO_PRINCIPAL`] when the request names no principal.
+    pub(crate) fn principal_hint(&self) -> Option<&'static str> {
+        let named = self.as_user.is_some()
+            || self.service_account.is_some()
+            || self.api_key_name.is_some()
+            || self.api_key_id.is_some()
+            || self.relay;
+        (!named).then_some(NO_PRINCIPAL)
+    }
+
     /// Builds the attempt the engine evaluates.
     pub(crate) fn attempt(&self, index: &DirectoryIndex) -> Result<SendAttempt, BadRequest> {
         let dir = index.directory();
@@ -270,10 +285,13 @@ impl ExplainRequest {
         } else {
             self.header_from.clone()
         };
-        attempt.header = Some(Originator {
-            from: vec![header_from],
-            sender: self.header_sender.iter().map(|s| vec![s.clone()]).collect(),
-        });
+        // No From known (no principal and no --from): the header is not described, so the
+        // message check waits for it rather than refusing an empty From nobody wrote.
+        attempt.header =
+            (!header_from.is_empty() || self.header_sender.is_some()).then(|| Originator {
+                from: vec![header_from],
+                sender: self.header_sender.iter().map(|s| vec![s.clone()]).collect(),
+            });
         if !self.to.is_empty() {
             attempt.recipients = Some(self.to.clone());
         }
@@ -296,15 +314,38 @@ pub(crate) async fn explain(
     Ok(Ok(gateway.explain(&attempt).await?))
 }
 
-/// The human table: every check with ✔ / ✘ / – / …, then each failure's remedy.
+/// The human table: every check with ✔ / ✘ / ⏸ / – / … / ?, then each failure's remedy. A
+/// check marked `?` was not evaluated because the request did not give its fact (`--ip`,
+/// `--referrer`): it neither passes nor fails, and the verdict says so.
 pub(crate) fn to_text(decision: &Decision, decision_id: &str) -> String {
+    use mailgate_core::engine::Verdict;
     let mut out = String::new();
+    let unchecked = decision
+        .checks
+        .iter()
+        .filter(|c| c.outcome == Outcome::NotChecked)
+        .count();
+    let unchecked_note = match unchecked {
+        0 => String::new(),
+        1 => "1 check not checked: give the fact it names".to_owned(),
+        n => format!("{n} checks not checked: give the facts they name"),
+    };
     let verdict = match decision.verdict {
-        mailgate_core::engine::Verdict::Allowed => "ALLOWED".to_owned(),
-        mailgate_core::engine::Verdict::Held => "ACCEPTED, delivery HELD".to_owned(),
-        mailgate_core::engine::Verdict::Denied => {
-            format!("DENIED ({} problem(s))", decision.denials.len())
+        Verdict::Allowed | Verdict::Held if unchecked > 0 => {
+            let what = if decision.verdict == Verdict::Held {
+                "ACCEPTED, delivery HELD"
+            } else {
+                "ALLOWED"
+            };
+            format!("{what} if what was not checked holds ({unchecked_note})")
         }
+        Verdict::Allowed => "ALLOWED".to_owned(),
+        Verdict::Held => "ACCEPTED, delivery HELD".to_owned(),
+        Verdict::Denied if unchecked > 0 => format!(
+            "DENIED ({} problem(s); {unchecked_note})",
+            decision.denials.len()
+        ),
+        Verdict::Denied => format!("DENIED ({} problem(s))", decision.denials.len()),
     };
     out.push_str(&format!("{verdict}   decision {decision_id}\n\n"));
     let width = decision
@@ -320,6 +361,7 @@ pub(crate) fn to_text(decision: &Decision, decision_id: &str) -> String {
             Outcome::Hold => "⏸",
             Outcome::NotApplicable => "–",
             Outcome::Pending => "…",
+            Outcome::NotChecked => "?",
         };
         out.push_str(&format!(
             "{mark} {:<w$}  {}\n",

@@ -1,6 +1,26 @@
 //! The `mailgate` binary: the gateway (`serve`) and every admin command, all working on the same
 //! store (`--data-dir` or `--config`), safely while a server runs on it.
 
+// Standard output for every command. These shadow std's `println!` and `print!` in the whole
+// crate (a `macro_rules!` defined before the modules is in scope in all of them), so no command
+// can forget: a closed standard output (`mailgate captured list | head -1`) ends the command
+// normally, exit 0 and no message, where std's macros panic (exit 101). ARCHITECTURE.md says
+// why this rather than restoring SIGPIPE's default action.
+macro_rules! println {
+    () => {
+        $crate::stdout::write(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::stdout::write(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+macro_rules! print {
+    ($($arg:tt)*) => {
+        $crate::stdout::write(format_args!($($arg)*))
+    };
+}
+
 mod admin;
 mod config;
 mod explain;
@@ -189,6 +209,44 @@ enum AdminTokenCmd {
     Create { name: String },
 }
 
+/// Writing to standard output, where a reader that went away is a normal end.
+mod stdout {
+    use std::io::Write;
+
+    /// Writes to standard output (see `println!` above).
+    pub(crate) fn write(args: std::fmt::Arguments<'_>) {
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = out.write_fmt(args) {
+            closed(&e);
+        }
+    }
+
+    /// Writes bytes as they are (`captured show --raw`).
+    pub(crate) fn write_bytes(bytes: &[u8]) {
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = out.write_all(bytes) {
+            closed(&e);
+        }
+    }
+
+    /// Flushes what is buffered (a last line without a newline).
+    pub(crate) fn flush() {
+        if let Err(e) = std::io::stdout().lock().flush() {
+            closed(&e);
+        }
+    }
+
+    /// The reader closed the pipe: the command ends normally (nothing more can be said, and
+    /// the work asked for is done or not needed). Any other write error is one.
+    fn closed(e: &std::io::Error) -> ! {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("mailgate: cannot write to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// mimalloc: the send path allocates many small short-lived objects on two runtime threads and
 /// the SQLite worker threads; glibc's allocator spent about a tenth of the CPU time there
 /// (docs/performance.md).
@@ -220,7 +278,10 @@ fn main() -> std::process::ExitCode {
         }
     };
     match runtime.block_on(run(cli.cmd, config)) {
-        Ok(code) => code,
+        Ok(code) => {
+            stdout::flush();
+            code
+        }
         Err(e) => {
             eprintln!("mailgate: {e:#}");
             std::process::ExitCode::FAILURE
@@ -286,13 +347,14 @@ async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode>
                     );
                 }
                 Err(admin::ApplyError::Problems(problems)) => {
-                    eprintln!(
-                        "{}: {} problem(s); nothing was changed",
-                        file.display(),
-                        problems.len()
-                    );
+                    let name = if file == Path::new("-") {
+                        "(stdin)".to_owned()
+                    } else {
+                        file.display().to_string()
+                    };
+                    eprintln!("{name}: {} problem(s); nothing was changed", problems.len());
                     for p in &problems {
-                        eprintln!("  {}: {p}", file.display());
+                        eprintln!("  {}", p.in_file(&name));
                     }
                     return Ok(std::process::ExitCode::from(1));
                 }
@@ -304,11 +366,18 @@ async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode>
             relay_setup::load_faults(&gateway, store.as_ref()).await?;
             match explain::explain(&gateway, &req).await? {
                 Ok(d) => {
+                    let hint = req.principal_hint();
                     if json {
-                        let v = mailgate_gateway::decision_json(&d.decision, &d.id);
+                        let mut v = mailgate_gateway::decision_json(&d.decision, &d.id);
+                        if let (Some(h), Some(o)) = (hint, v.as_object_mut()) {
+                            o.insert("hint".into(), h.into());
+                        }
                         println!("{}", serde_json::to_string_pretty(&v)?);
                     } else {
                         print!("{}", explain::to_text(&d.decision, &d.id));
+                        if let Some(h) = hint {
+                            println!("\n{h}");
+                        }
                     }
                     if !d.decision.accepted() {
                         return Ok(std::process::ExitCode::from(3));
@@ -364,6 +433,11 @@ async fn user_cmd(store: &dyn Store, actor: &str, cmd: UserCmd) -> anyhow::Resul
     match cmd {
         UserCmd::List => {
             let snap = store.snapshot().await?;
+            if snap.directory.users.is_empty() {
+                queue_cli::empty(
+                    "no user in the directory (add some with `mailgate apply -f org.yaml`)",
+                );
+            }
             for u in &snap.directory.users {
                 let status = serde_json::to_value(u.status)?;
                 let mut notes = Vec::new();
@@ -485,6 +559,9 @@ async fn key_cmd(store: &dyn Store, actor: &str, cmd: KeyCmd) -> anyhow::Result<
         }
         KeyCmd::List => {
             let snap = store.snapshot().await?;
+            if snap.directory.api_keys.is_empty() {
+                queue_cli::empty("no API key (create one with `mailgate key create`)");
+            }
             for k in &snap.directory.api_keys {
                 println!(
                     "{}\t{}\t{}\t[{}]{}",
@@ -661,94 +738,139 @@ fn tls_material(config: &Config, demo: bool) -> anyhow::Result<Option<(Vec<u8>, 
 
 fn demo_credentials(admin_token: &str) -> String {
     // The demo passwords and keys are the ones in docs/examples/org.yaml: public, for trying out.
+    // Each secret is named as the client library calls it (`api_key`, `client_secret`).
     let mut out = String::from(
         "# Mailgate demo credentials (development only: these come from docs/examples/org.yaml)\n",
     );
     out.push_str(&format!("admin_token = {admin_token}\n"));
     out.push_str("# users (password for every demo user): correct horse battery staple\n");
-    for line in DEMO_ORG.lines() {
-        let t = line.trim();
-        if let Some(rest) = t.strip_prefix("secret: ") {
-            out.push_str(&format!("api_key = {}\n", rest.trim_matches('"')));
+    let dir = match mailgate_core::orgfile::OrgFile::parse(DEMO_ORG) {
+        Ok(f) => f.directory,
+        Err(_) => return out,
+    };
+    for k in &dir.api_keys {
+        if let Some(secret) = &k.secret {
+            out.push_str(&format!(
+                "# API key `{}` of {} (SendGrid door: Authorization: Bearer; SMTP: user apikey)\n",
+                k.name, k.owner
+            ));
+            out.push_str(&format!("api_key = {}\n", secret.expose()));
+        }
+    }
+    for c in &dir.oauth_clients {
+        if let Some(secret) = &c.secret {
+            out.push_str(&format!(
+                "# OAuth client `{}` (authorization-code flow, redirect {})\n",
+                c.name.as_deref().unwrap_or(&c.client_id),
+                c.redirect_uris.join(", ")
+            ));
+            out.push_str(&format!("client_id = {}\n", c.client_id));
+            out.push_str(&format!("client_secret = {}\n", secret.expose()));
         }
     }
     out
 }
 
 fn print_banner(config: &Config, bound: &serve::Bound, demo: bool, credentials: Option<&Path>) {
+    use std::fmt::Write as _;
+    // Written in one piece, and a closed standard output does not stop the server.
+    let mut b = String::new();
     let http = bound.http;
     let mode = if demo { " (demo mode)" } else { "" };
-    println!("Mailgate {}{mode}", env!("CARGO_PKG_VERSION"));
-    println!(
+    let _ = writeln!(b, "Mailgate {}{mode}", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(
+        b,
         "  store               SQLite {}",
         config.database_path().display()
     );
-    println!(
+    let _ = writeln!(
+        b,
         "  HTTP API            http://{http}   (plain HTTP, loopback only: a development listener)"
     );
     match bound.https {
         Some(a) => {
-            println!("  HTTPS API           https://{a}   (TLS 1.2 minimum, HTTP/1.1 and HTTP/2)")
+            let _ = writeln!(
+                b,
+                "  HTTPS API           https://{a}   (TLS 1.2 minimum, HTTP/1.1 and HTTP/2)"
+            );
         }
-        None => println!("  HTTPS API           off (set https.cert and https.key)"),
+        None => {
+            let _ = writeln!(
+                b,
+                "  HTTPS API           off (set https.cert and https.key)"
+            );
+        }
     }
-    println!(
+    let _ = writeln!(
+        b,
         "  Gmail API           http://{http}/gmail/v1/users/me/messages/send  (api_endpoint http://{http})"
     );
-    println!(
+    let _ = writeln!(
+        b,
         "  OAuth token URL     {}/token   (sign-in: http://{http}/o/oauth2/auth)",
         config.public_url
     );
-    println!("  health              http://{http}/healthz");
-    println!(
+    let _ = writeln!(b, "  health              http://{http}/healthz");
+    let _ = writeln!(
+        b,
         "  admin API           http://{http}/mailgate/v1/  (Authorization: Bearer <admin token>)"
     );
     match bound.smtps {
         Some(a) => {
-            println!(
+            let _ = writeln!(
+                b,
                 "  SMTP submission     {}   (STARTTLS required before AUTH and MAIL)",
                 bound.smtp_submission
             );
-            println!("  SMTPS               {a}   (implicit TLS)");
+            let _ = writeln!(b, "  SMTPS               {a}   (implicit TLS)");
         }
         None => {
-            println!(
+            let _ = writeln!(
+                b,
                 "  SMTP submission     {}   (no certificate: STARTTLS unavailable, so every send is refused; set https.cert and https.key)",
                 bound.smtp_submission
             );
-            println!("  SMTPS               off (set https.cert and https.key)");
+            let _ = writeln!(
+                b,
+                "  SMTPS               off (set https.cert and https.key)"
+            );
         }
     }
-    println!(
+    let _ = writeln!(
+        b,
         "  SMTP relay          {}   (IP allowlist and/or AUTH, as the directory's smtp_relay says)",
         bound.smtp_relay
     );
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
-        println!(
+        let _ = writeln!(
+            b,
             "  TLS certificate     {} (key {})",
             cert.display(),
             key.display()
         );
     }
     if let Some(c) = credentials {
-        println!(
+        let _ = writeln!(
+            b,
             "  demo organisation   docs/examples/org.yaml (example.com verified, example.net not)"
         );
-        println!("  demo credentials    {}", c.display());
-        println!(
+        let _ = writeln!(b, "  demo credentials    {}", c.display());
+        let _ = writeln!(
+            b,
             "  try                 mailgate --data-dir {} user list",
             config.data_dir.display()
         );
     }
     // Stable lines for scripts and tests.
     if let Some(a) = bound.https {
-        println!("mailgate: listening https={a}");
+        let _ = writeln!(b, "mailgate: listening https={a}");
     }
     if let Some(a) = bound.smtps {
-        println!("mailgate: listening smtps={a}");
+        let _ = writeln!(b, "mailgate: listening smtps={a}");
     }
-    println!("mailgate: listening smtp={}", bound.smtp_submission);
-    println!("mailgate: listening smtp_relay={}", bound.smtp_relay);
-    println!("mailgate: listening http={http}");
-    let _ = std::io::stdout().flush();
+    let _ = writeln!(b, "mailgate: listening smtp={}", bound.smtp_submission);
+    let _ = writeln!(b, "mailgate: listening smtp_relay={}", bound.smtp_relay);
+    let _ = writeln!(b, "mailgate: listening http={http}");
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(b.as_bytes()).and_then(|()| out.flush());
 }

@@ -36,13 +36,8 @@ fn unavailable(e: impl std::fmt::Display) -> Response {
 
 /// RFC 3339 of Unix milliseconds.
 pub fn rfc3339(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
+    // One format everywhere (CLI, admin API, refusals): RFC 3339 UTC with milliseconds.
+    mailgate_core::engine::rfc3339_ms(ms.max(0) as u64)
 }
 
 /// `GET /mailgate/v1/messages`

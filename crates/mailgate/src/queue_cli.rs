@@ -55,6 +55,12 @@ pub enum CapturedCmd {
     },
 }
 
+/// Says that a list is empty, on standard error: standard output stays one line per item
+/// (nothing at all for none), so `| wc -l` and scripts read it as before.
+pub fn empty(what: &str) {
+    eprintln!("{what}");
+}
+
 fn opt_time(ms: Option<i64>) -> String {
     ms.map(rfc3339).unwrap_or_else(|| "-".into())
 }
@@ -63,7 +69,19 @@ fn opt_time(ms: Option<i64>) -> String {
 pub async fn queue(store: &dyn QueueStore, cmd: QueueCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         QueueCmd::List { state, limit } => {
-            for e in store.list_queue(&QueueFilter { state, limit }).await? {
+            let entries = store
+                .list_queue(&QueueFilter {
+                    state: state.clone(),
+                    limit,
+                })
+                .await?;
+            if entries.is_empty() {
+                match &state {
+                    Some(s) => empty(&format!("no message in the queue is {s}")),
+                    None => empty("queue is empty"),
+                }
+            }
+            for e in entries {
                 println!(
                     "{}\t{}\t{}\tattempts={}\tnext={}\tfrom=<{}>\tto={}",
                     e.id,
@@ -145,7 +163,11 @@ pub async fn queue(store: &dyn QueueStore, cmd: QueueCmd) -> anyhow::Result<Exit
 pub async fn captured(store: &dyn QueueStore, cmd: CapturedCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         CapturedCmd::List { limit } => {
-            for c in store.list_captured(limit).await? {
+            let list = store.list_captured(limit).await?;
+            if list.is_empty() {
+                empty("no captured message");
+            }
+            for c in list {
                 let s = mailgate_relay::capture::summary(&c.raw);
                 let to = if s.to.is_empty() {
                     c.recipients.join(",")
@@ -167,8 +189,7 @@ pub async fn captured(store: &dyn QueueStore, cmd: CapturedCmd) -> anyhow::Resul
                 bail!("no captured message `{id}` (see `mailgate captured list`)");
             };
             if raw {
-                use std::io::Write;
-                std::io::stdout().write_all(&c.raw)?;
+                crate::stdout::write_bytes(&c.raw);
                 return Ok(ExitCode::SUCCESS);
             }
             let parsed = mailgate_relay::capture::parsed(&c.raw);
@@ -186,10 +207,12 @@ pub async fn captured(store: &dyn QueueStore, cmd: CapturedCmd) -> anyhow::Resul
             );
             println!("headers");
             for h in parsed["headers"].as_array().into_iter().flatten() {
-                println!(
-                    "  {}: {}",
-                    h["name"].as_str().unwrap_or(""),
-                    h["value"].as_str().unwrap_or("")
+                print!(
+                    "{}",
+                    header_lines(
+                        h["name"].as_str().unwrap_or(""),
+                        h["value"].as_str().unwrap_or("")
+                    )
                 );
             }
             println!("parts");
@@ -213,6 +236,19 @@ pub async fn captured(store: &dyn QueueStore, cmd: CapturedCmd) -> anyhow::Resul
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A header field as written, indented under `headers`: a folded field keeps each continuation
+/// line with its own leading whitespace (RFC 5322 §2.2.3), one line per line, without the CRs.
+fn header_lines(name: &str, value: &str) -> String {
+    let mut lines = value.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+    let mut out = format!("  {name}: {}\n", lines.next().unwrap_or(""));
+    for l in lines {
+        out.push_str("  ");
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
 }
 
 /// `mailgate simulate PRINCIPAL CODE --for 10m` / `--clear` / `--list`.
@@ -286,10 +322,13 @@ pub async fn simulate(
     a: SimulateArgs,
 ) -> anyhow::Result<ExitCode> {
     if a.list {
-        for f in store
+        let faults = store
             .active_faults(mailgate_gateway::now_ms() as i64)
-            .await?
-        {
+            .await?;
+        if faults.is_empty() {
+            empty("no injected fault in force");
+        }
+        for f in faults {
             println!(
                 "{}\t{}\tuntil={}\tby={}",
                 f.principal,
@@ -330,6 +369,23 @@ pub async fn simulate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One timestamp format everywhere: RFC 3339 UTC with milliseconds, always three digits.
+    #[test]
+    fn timestamps_have_one_precision() {
+        assert_eq!(rfc3339(1_800_000_000_000), "2027-01-15T08:00:00.000Z");
+        assert_eq!(rfc3339(1_800_000_000_500), "2027-01-15T08:00:00.500Z");
+        assert_eq!(rfc3339(1_800_000_000_123), "2027-01-15T08:00:00.123Z");
+    }
+
+    #[test]
+    fn folded_headers_keep_their_continuation_lines() {
+        assert_eq!(
+            header_lines("Subject", "one\r\n two\r\n\tthree"),
+            "  Subject: one\n   two\n  \tthree\n"
+        );
+        assert_eq!(header_lines("To", "b@example.org"), "  To: b@example.org\n");
+    }
 
     #[test]
     fn durations_and_codes() -> anyhow::Result<()> {

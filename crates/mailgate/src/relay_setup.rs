@@ -113,14 +113,48 @@ pub fn spawn(
             },
         )?
         .with_waker(wake.clone());
-        if i == 0 && relay.capturing() {
-            tracing::info!(
-                "delivery: capture mode (accepted mail is kept, listed by `mailgate captured list`, and not relayed)"
-            );
-        }
         handles.push(relay.spawn());
     }
+    if cfg.capture {
+        tracing::info!(
+            "delivery: capture mode (relay.capture = true): accepted mail is kept, listed by `mailgate captured list`, and never relayed"
+        );
+    } else {
+        watch_delivery_mode(gateway.clone());
+    }
     Ok(handles)
+}
+
+/// What the delivery workers do with the directory's smarthosts (`relay.capture` off): capture
+/// while there is none, relay once there is one.
+fn delivery_mode(smarthosts: &[mailgate_core::directory::Smarthost]) -> String {
+    if smarthosts.is_empty() {
+        "delivery: capture mode (the directory has no smarthost): accepted mail is kept, listed by `mailgate captured list`, and not relayed; add a smarthost to relay".to_owned()
+    } else {
+        let names: Vec<&str> = smarthosts.iter().map(|s| s.name.as_str()).collect();
+        format!(
+            "delivery: relaying through the directory's smarthosts ({})",
+            names.join(", ")
+        )
+    }
+}
+
+/// Logs the delivery mode at start and again whenever a directory change moves it (a smarthost
+/// added or the last one removed), so the log never says "capture mode" while mail is relayed.
+fn watch_delivery_mode(gateway: Arc<Gateway>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last: Option<String> = None;
+        loop {
+            tick.tick().await;
+            let now = delivery_mode(&gateway.live().index.directory().smarthosts);
+            if last.as_deref() != Some(now.as_str()) {
+                tracing::info!("{now}");
+                last = Some(now);
+            }
+        }
+    });
 }
 
 /// Loads the injected faults in force into the gateway.
@@ -176,6 +210,18 @@ mod tests {
         assert!(!c.capture);
         assert_eq!(c.retry_initial, Duration::from_millis(5));
         assert_eq!(c.max_age, Duration::from_secs(5 * 24 * 3600));
+        Ok(())
+    }
+
+    #[test]
+    fn delivery_mode_follows_the_smarthosts() -> anyhow::Result<()> {
+        assert!(delivery_mode(&[]).contains("capture mode"));
+        let hosts: Vec<mailgate_core::directory::Smarthost> = serde_json::from_value(
+            serde_json::json!([{"name": "sink", "host": "127.0.0.1", "port": 25, "tls": "none"}]),
+        )?;
+        let relaying = delivery_mode(&hosts);
+        assert!(!relaying.contains("capture"), "{relaying}");
+        assert!(relaying.contains("(sink)"), "{relaying}");
         Ok(())
     }
 

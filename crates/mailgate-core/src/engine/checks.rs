@@ -65,6 +65,18 @@ fn pending(detail: &'static str) -> R {
     }
 }
 
+/// Explain mode: the fact the check needs was not given (`give` names the request field, e.g.
+/// `--ip`), so nothing was evaluated.
+fn not_checked(detail: String) -> R {
+    R {
+        outcome: Outcome::NotChecked,
+        detail: Cow::Owned(detail),
+        remedy: None,
+        fault: None,
+        limit: None,
+    }
+}
+
 fn fail(detail: String, fault: Fault, remedy: String) -> R {
     R {
         outcome: Outcome::Fail,
@@ -114,6 +126,9 @@ struct Ctx<'a> {
     a: &'a SendAttempt,
     ix: &'a DirectoryIndex,
     now: u64,
+    /// Explain mode: a fact the request did not give is "not checked" rather than a failure
+    /// (in enforcement every door knows its facts, and an absent one fails).
+    explain: bool,
     /// IP-trusted relay (no AUTH).
     relay: bool,
     /// The header's originator fields when they are well-formed (`None` too while unknown).
@@ -143,12 +158,13 @@ struct Ctx<'a> {
 }
 
 impl<'a> Ctx<'a> {
-    fn resolve(a: &'a SendAttempt, ix: &'a DirectoryIndex, now: u64) -> Ctx<'a> {
+    fn resolve(a: &'a SendAttempt, ix: &'a DirectoryIndex, now: u64, mode: Mode) -> Ctx<'a> {
         let header_problem = a.header.as_ref().and_then(Originator::problem);
         let mut c = Ctx {
             a,
             ix,
             now,
+            explain: mode == Mode::Explain,
             relay: matches!(a.credential, Credential::RelayIp),
             header: a.header.as_ref().filter(|_| header_problem.is_none()),
             header_problem,
@@ -458,7 +474,7 @@ impl<'a> Ctx<'a> {
             Reason::TlsVersion => match a.transport.tls {
                 None => na("plaintext"),
                 Some(v) if v < TlsVersion::Tls12 => fail(
-                    format!("client negotiated TLS {v:?}, older than TLS 1.2"),
+                    format!("client negotiated {v}, older than TLS 1.2"),
                     Fault::new(FaultKind::Connection, "TLS version"),
                     Reason::TlsVersion.spec().remedy.to_owned(),
                 ),
@@ -489,6 +505,15 @@ impl<'a> Ctx<'a> {
                         return pass("key has no IP restriction");
                     }
                     match a.transport.client_ip {
+                        None if self.explain => not_checked(format!(
+                            "not checked: give --ip (api_keys[{}].allowed_ips: {})",
+                            k.id,
+                            k.allowed_ips
+                                .iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )),
                         Some(ip) if k.allowed_ips.iter().any(|n| n.contains(&ip)) => {
                             pass("client IP within the key's allowed ranges")
                         }
@@ -515,6 +540,12 @@ impl<'a> Ctx<'a> {
                         return pass("key has no referrer restriction");
                     }
                     match a.transport.referrer.as_deref() {
+                        // Only HTTP requests carry a Referer: on SMTP its absence is a fact.
+                        None if self.explain && a.door.is_api() => not_checked(format!(
+                            "not checked: give --referrer (api_keys[{}].allowed_referrers: {})",
+                            k.id,
+                            k.allowed_referrers.join(", ")
+                        )),
                         Some(rf) if k.allowed_referrers.iter().any(|p| referrer_matches(p, rf)) => {
                             pass("referrer matches the key's patterns")
                         }
@@ -554,6 +585,9 @@ impl<'a> Ctx<'a> {
                     return na("not IP-authenticated relay");
                 }
                 match a.transport.client_ip {
+                    None if self.explain => {
+                        not_checked("not checked: give --ip (smtp_relay.allowed_ips decides)".into())
+                    }
                     Some(ip)
                         if ix
                             .directory()
@@ -1482,8 +1516,10 @@ impl Trace {
     #[inline(always)]
     fn record(&mut self, ctx: &Ctx<'_>, r: Reason, res: R) -> bool {
         match res.outcome {
-            Outcome::Pass | Outcome::NotApplicable | Outcome::Pending if res.remedy.is_none() => {
-                if res.outcome == Outcome::Pending {
+            Outcome::Pass | Outcome::NotApplicable | Outcome::Pending | Outcome::NotChecked
+                if res.remedy.is_none() =>
+            {
+                if matches!(res.outcome, Outcome::Pending | Outcome::NotChecked) {
                     self.complete = false;
                 }
                 self.checks.push(CheckResult {
@@ -1510,7 +1546,7 @@ impl Trace {
                     self.holds.push(l.clone());
                 }
             }
-            Outcome::Pending => self.complete = false,
+            Outcome::Pending | Outcome::NotChecked => self.complete = false,
             Outcome::Pass | Outcome::NotApplicable => {}
         }
         let finding = match (res.remedy, res.fault) {
@@ -1554,7 +1590,7 @@ pub(super) fn run(
     now: u64,
     mode: Mode,
 ) -> Decision {
-    let mut ctx = Ctx::resolve(a, ix, now);
+    let mut ctx = Ctx::resolve(a, ix, now, mode);
     let mut st = Trace {
         checks: Vec::with_capacity(CHECKS.len()),
         denials: Vec::new(),

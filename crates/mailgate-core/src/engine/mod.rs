@@ -12,6 +12,10 @@
 //!   [`Mode::Explain`] runs every check and gives every failure its own remedy.
 //! * A check whose input is not known yet (no header From at SMTP `MAIL FROM`, no recipients yet)
 //!   is [`Outcome::Pending`]; the door calls `decide` again when it knows more.
+//! * In [`Mode::Explain`], a check whose fact the request did not give (no client IP, no
+//!   referrer) is [`Outcome::NotChecked`]: neither pass nor fail, and the decision is not
+//!   complete. In [`Mode::Enforce`] the same absence fails the check: a door always knows the
+//!   client IP, and an HTTP request without a Referer has none.
 //! * A denial is a value ([`Denial`]), never an `Err`: it names the code, the object at fault, a
 //!   message, a remedy and (for limits) the counts and reset time, and renders itself for each
 //!   door ([`Denial::gmail`], [`Denial::smtp`], [`Denial::sendgrid`], [`Denial::token`]).
@@ -86,7 +90,7 @@ impl Door {
     }
 }
 
-/// Negotiated TLS version.
+/// Negotiated TLS version (displayed as `TLS 1.2`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum TlsVersion {
     /// TLS 1.0
@@ -101,6 +105,24 @@ pub enum TlsVersion {
     /// TLS 1.3
     #[serde(rename = "1.3")]
     Tls13,
+}
+
+impl TlsVersion {
+    /// The version number as people write it (`1.2`).
+    pub fn number(self) -> &'static str {
+        match self {
+            TlsVersion::Tls10 => "1.0",
+            TlsVersion::Tls11 => "1.1",
+            TlsVersion::Tls12 => "1.2",
+            TlsVersion::Tls13 => "1.3",
+        }
+    }
+}
+
+impl fmt::Display for TlsVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TLS {}", self.number())
+    }
 }
 
 /// Connection facts.
@@ -534,6 +556,10 @@ pub enum Outcome {
     NotApplicable,
     /// Needs a fact the door does not have yet; decide again later.
     Pending,
+    /// Explain mode only: the fact this check needs was not given (e.g. `--ip`), so it was not
+    /// evaluated. Neither pass nor fail: it denies nothing by itself, and it leaves the decision
+    /// incomplete, so it can never let a send through.
+    NotChecked,
 }
 
 /// What an object at fault is.

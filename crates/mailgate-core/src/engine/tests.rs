@@ -1360,6 +1360,101 @@ fn explain_lists_every_failure_with_its_remedy() {
     assert_eq!(enforce.denials.len(), 1);
 }
 
+/// `explain` without the client IP or referrer does not guess: a key restricted by IP or
+/// referrer is "not checked" (neither pass nor fail, the verdict not denied by it), while a
+/// real send without them is refused.
+#[test]
+fn explain_without_a_fact_does_not_check_what_needs_it() {
+    let ix = DirectoryIndex::new(&fixture());
+    let c = MemoryCounters::new();
+    let a = as_user(base(), Door::Sendgrid, api_key("k2"), "alice@example.com");
+    assert_eq!(a.transport.client_ip, None);
+    let x = decide(&a, &ix, &c, NOW, Mode::Explain);
+    let outcome = |d: &Decision, r: Reason| d.checks.iter().find(|c| c.check == r).unwrap().clone();
+    for (r, give) in [
+        (Reason::KeyIpBlocked, "give --ip"),
+        (Reason::KeyReferrerBlocked, "give --referrer"),
+    ] {
+        let ch = outcome(&x, r);
+        assert_eq!(ch.outcome, Outcome::NotChecked, "{ch:?}");
+        assert!(ch.detail.starts_with("not checked: "), "{}", ch.detail);
+        assert!(ch.detail.contains(give), "{}", ch.detail);
+        assert!(ch.finding.is_none());
+    }
+    assert_eq!(x.verdict, Verdict::Allowed, "{:#?}", x.denials);
+    assert!(x.denials.is_empty());
+    assert!(!x.complete, "an explain with facts missing is not complete");
+    let json = serde_json::to_value(&x).unwrap();
+    let ipc = json["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "key.ip_blocked")
+        .unwrap()
+        .clone();
+    assert_eq!(ipc["outcome"], "not_checked");
+
+    // A real send without the facts is refused at the first of them.
+    let e = decide(&a, &ix, &c, NOW, Mode::Enforce);
+    assert_eq!(e.verdict, Verdict::Denied);
+    assert_eq!(e.denial().map(|d| d.code), Some(Reason::KeyIpBlocked));
+    assert_eq!(commit(&e, &c, NOW).unwrap(), CommitOutcome::NotAccepted);
+
+    // Given, they are checked in explain too.
+    let mut given = a.clone();
+    given.transport.client_ip = Some(ip("203.0.113.5"));
+    given.transport.referrer = Some("https://app.example.com/x".into());
+    let x = decide(&given, &ix, &c, NOW, Mode::Explain);
+    assert_eq!(outcome(&x, Reason::KeyIpBlocked).outcome, Outcome::Fail);
+    assert_eq!(
+        outcome(&x, Reason::KeyReferrerBlocked).outcome,
+        Outcome::Pass
+    );
+    assert!(x.complete);
+
+    // No Referer exists on SMTP: its absence is a fact there, not a missing one.
+    let mut smtp = as_user(base(), Door::Smtp, api_key("k2"), "alice@example.com");
+    smtp.transport.client_ip = Some(ip("10.1.1.1"));
+    let x = decide(&smtp, &ix, &c, NOW, Mode::Explain);
+    assert_eq!(
+        outcome(&x, Reason::KeyReferrerBlocked).outcome,
+        Outcome::Fail
+    );
+
+    // The IP-trusted relay without an IP: not checked either.
+    let relay = as_user(
+        base(),
+        Door::SmtpRelay,
+        Credential::RelayIp,
+        "alice@example.com",
+    );
+    let x = decide(&relay, &ix, &c, NOW, Mode::Explain);
+    assert_eq!(
+        outcome(&x, Reason::RelayIpNotAllowed).outcome,
+        Outcome::NotChecked
+    );
+    let e = decide(&relay, &ix, &c, NOW, Mode::Enforce);
+    assert_eq!(e.denial().map(|d| d.code), Some(Reason::RelayIpNotAllowed));
+}
+
+/// TLS versions read as people write them.
+#[test]
+fn tls_versions_display_as_numbers() {
+    assert_eq!(TlsVersion::Tls11.to_string(), "TLS 1.1");
+    let ix = DirectoryIndex::new(&fixture());
+    let mut a = base();
+    a.transport.tls = Some(TlsVersion::Tls11);
+    let d = decide(&a, &ix, &MemoryCounters::new(), NOW, Mode::Enforce);
+    assert!(
+        d.denial()
+            .unwrap()
+            .message
+            .contains("TLS 1.1, older than TLS 1.2"),
+        "{}",
+        d.denial().unwrap().message
+    );
+}
+
 #[test]
 fn referrer_globs() {
     use super::checks::referrer_matches as m;
@@ -1852,6 +1947,7 @@ fn differential_against_reference_100k() {
     let mut seen = std::collections::BTreeSet::new();
     let (mut allowed_several_from, mut malformed_header) = (0u64, 0u64);
     let mut checked_guarantee = 0u64;
+    let mut not_checked = 0u64;
     for _ in 0..1_000 {
         let dir = random_directory(&mut r);
         let ix = DirectoryIndex::new(&dir);
@@ -1872,13 +1968,23 @@ fn differential_against_reference_100k() {
                         .collect::<Vec<_>>()
                 );
             }
-            // Enforcement agrees with the first failure of the explain trace.
+            // Enforcement agrees with the first failure of the explain trace, where a check
+            // explain could not evaluate (a fact not given) counts as failing: enforcement never
+            // lets an absent fact through.
             let e = decide(&a, &ix, &counters, NOW, Mode::Enforce);
             assert_eq!(
                 e.denial().map(|d| d.code),
-                d.first_failure().map(|c| c.check)
+                first_failure_or_unchecked(&d),
+                "case {cases}"
             );
-            assert_eq!(e.verdict, d.verdict);
+            assert!(e.checks.iter().all(|c| c.outcome != Outcome::NotChecked));
+            if d.checks.iter().any(|c| c.outcome == Outcome::NotChecked) {
+                not_checked += 1;
+                assert_eq!(e.verdict, Verdict::Denied, "case {cases}");
+                assert!(!d.complete || d.verdict == Verdict::Denied, "case {cases}");
+            } else {
+                assert_eq!(e.verdict, d.verdict);
+            }
             if d.verdict != Verdict::Denied {
                 allowed += 1;
             }
@@ -1936,8 +2042,21 @@ fn differential_against_reference_100k() {
         checked_guarantee > 100,
         "the guarantee held on only {checked_guarantee} accepted cases"
     );
+    assert!(
+        not_checked > 1_000,
+        "only {not_checked} explains with a fact not given"
+    );
     let missing: Vec<_> = CHECKS.iter().filter(|c| !seen.contains(c)).collect();
     assert!(missing.is_empty(), "codes never produced: {missing:?}");
+}
+
+/// The first check of an explain trace that failed or could not be evaluated: where
+/// enforcement, which has every fact a door knows, stops.
+fn first_failure_or_unchecked(d: &Decision) -> Option<Reason> {
+    d.checks
+        .iter()
+        .find(|c| matches!(c.outcome, Outcome::Fail | Outcome::NotChecked))
+        .map(|c| c.check)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2055,7 +2174,7 @@ fn add_failure(dir: &mut Directory, a: &mut SendAttempt, how: u64) -> bool {
 mod props {
     use super::Rng;
     use super::*;
-    use proptest::prelude::{ProptestConfig, any, prop_assert_eq, proptest};
+    use proptest::prelude::{ProptestConfig, any, prop_assert, prop_assert_eq, proptest};
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(1_000))]
@@ -2088,9 +2207,46 @@ mod props {
             let ix = DirectoryIndex::new(&dir);
             let e = decide(&a, &ix, &counters, NOW, Mode::Enforce);
             let x = decide(&a, &ix, &counters, NOW, Mode::Explain);
-            prop_assert_eq!(e.first_failure().map(|c| c.check), x.first_failure().map(|c| c.check));
-            prop_assert_eq!(e.denial(), x.denial());
-            prop_assert_eq!(&x.checks[..e.checks.len()], &e.checks[..]);
+            prop_assert_eq!(e.first_failure().map(|c| c.check), first_failure_or_unchecked(&x));
+            if x.checks.iter().all(|c| c.outcome != Outcome::NotChecked) {
+                prop_assert_eq!(e.denial(), x.denial());
+                prop_assert_eq!(&x.checks[..e.checks.len()], &e.checks[..]);
+            } else {
+                // What explain could not check, enforcement refuses (the same check, failed).
+                prop_assert_eq!(e.verdict, Verdict::Denied);
+                for (xc, ec) in x.checks.iter().zip(&e.checks) {
+                    if xc.outcome == Outcome::NotChecked {
+                        prop_assert_eq!(ec.outcome, Outcome::Fail);
+                        prop_assert_eq!(ec.check, xc.check);
+                    } else {
+                        prop_assert_eq!(xc, ec);
+                    }
+                }
+            }
+        }
+
+        /// (d) "Not checked" exists only in explain, never denies by itself, and never lets a
+        /// send through: an explain decision with a check not evaluated is incomplete (a door
+        /// would not accept it), and enforcement of the same attempt is denied.
+        #[test]
+        fn not_checked_never_allows_a_send(seed in any::<u64>()) {
+            let mut r = Rng::new(seed);
+            let dir = random_directory(&mut r);
+            let a = random_attempt(&mut r);
+            let counters = random_counters(&mut r);
+            let ix = DirectoryIndex::new(&dir);
+            let e = decide(&a, &ix, &counters, NOW, Mode::Enforce);
+            prop_assert!(e.checks.iter().all(|c| c.outcome != Outcome::NotChecked));
+            let x = decide(&a, &ix, &counters, NOW, Mode::Explain);
+            if x.checks.iter().any(|c| c.outcome == Outcome::NotChecked) {
+                prop_assert_eq!(e.verdict, Verdict::Denied);
+                let fails = x.checks.iter().filter(|c| c.outcome == Outcome::Fail).count();
+                prop_assert_eq!(x.verdict == Verdict::Denied, fails > 0);
+                if x.verdict != Verdict::Denied {
+                    prop_assert!(!x.complete);
+                    prop_assert_eq!(commit(&x, &counters, NOW).unwrap(), CommitOutcome::NotAccepted);
+                }
+            }
         }
 
         /// (c) Adding a failing condition to an allowed attempt never yields allowed.

@@ -87,20 +87,23 @@ api_keys:
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("3 problem(s); nothing was changed"), "{err}");
+    let f = path.display();
     assert!(
-        err.contains("line 3, column 5: users[zoe@example.com].status: unknown variant `suspnded`"),
+        err.contains(&format!(
+            "{f}:3:5: users[zoe@example.com].status: unknown variant `suspnded`"
+        )),
         "{err}"
     );
     assert!(
-        err.contains(
-            "line 5, column 5: users[yann@example.com].org_unit: org unit `/nowhere` does not exist"
-        ),
+        err.contains(&format!(
+            "{f}:5:5: users[yann@example.com].org_unit: org unit `/nowhere` does not exist"
+        )),
         "{err}"
     );
     assert!(
-        err.contains(
-            "line 10, column 19: api_keys[zz].permissions.0: unknown permission `mail.sned`"
-        ),
+        err.contains(&format!(
+            "{f}:10:19: api_keys[zz].permissions.0: unknown permission `mail.sned`"
+        )),
         "{err}"
     );
     assert_eq!(
@@ -317,4 +320,83 @@ fn docs_directory_md_documents_every_field() {
             kind.section()
         );
     }
+}
+
+/// A misspelt field names its entry once and the field meant, at file:line:column; a YAML
+/// syntax error gives file:line:column and the parser's own message (no empty `: ` before it).
+#[test]
+fn apply_problems_read_like_compiler_errors() {
+    let gw = Gateway::new();
+    let path = gw.dir.path().join("typo.yaml");
+    std::fs::write(
+        &path,
+        "domains: [{name: example.com}]\nusers:\n  - email: x@example.com\n    stauts: suspended\n",
+    )
+    .unwrap();
+    let out = gw.cmd(&["apply", "-f", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "  {}:4:5: users[x@example.com]: unknown field \"stauts\" (did you mean \"status\"?)\n",
+            path.display()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("stauts.stauts"), "{err}");
+
+    std::fs::write(&path, "users:\n  - email: [a\n").unwrap();
+    let out = gw.cmd(&["apply", "-f", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.contains("not valid YAML"))
+        .unwrap_or_else(|| panic!("{err}"));
+    let prefix = format!("  {}:3:1: not valid YAML: ", path.display());
+    assert!(line.starts_with(&prefix), "{line}");
+    assert!(
+        line.len() > prefix.len() + 10,
+        "the parser's message is missing: {line}"
+    );
+    assert!(!err.contains(": :"), "{err}");
+}
+
+/// `apply` says what each change is: created or updated (with the fields and their old and new
+/// values), in `--dry-run` too, and names objects without a doubled slash.
+#[test]
+fn apply_tells_create_from_update() {
+    let gw = Gateway::new();
+    gw.ok(&["apply", "-f", example_org().to_str().unwrap()]);
+    let path = gw.dir.path().join("change.yaml");
+    std::fs::write(
+        &path,
+        "org_units:\n  - path: /staff\nusers:\n  - email: zoe@example.com\n    org_unit: /staff\n",
+    )
+    .unwrap();
+    let first = gw.ok(&["apply", "--dry-run", "-f", path.to_str().unwrap()]);
+    assert!(!first.contains("//"), "{first}");
+    assert!(
+        first.lines().any(|l| l == "create org_unit /staff"),
+        "{first}"
+    );
+    assert!(
+        first.lines().any(|l| l == "create user zoe@example.com"),
+        "{first}"
+    );
+    assert!(first.contains("2 object(s) would change"), "{first}");
+    gw.ok(&["apply", "-f", path.to_str().unwrap()]);
+    std::fs::write(
+        &path,
+        "users:\n  - email: zoe@example.com\n    org_unit: /staff\n    status: suspended\n",
+    )
+    .unwrap();
+    let dry = gw.ok(&["apply", "--dry-run", "-f", path.to_str().unwrap()]);
+    assert!(
+        dry.lines()
+            .any(|l| l == "update user zoe@example.com (status: active -> suspended)"),
+        "{dry}"
+    );
+    // A dry run changed nothing.
+    assert!(gw.ok(&["user", "list"]).contains("zoe@example.com\tactive"));
 }

@@ -216,3 +216,138 @@ fn readme_tour_rows_hold() {
     }
     assert!(rows >= 10, "README tour table not found");
 }
+
+/// `explain` does not guess a fact it was not given: a key restricted by IP, explained without
+/// `--ip`, is "not checked" (neither pass nor fail) in text and JSON, and denies nothing by
+/// itself; with `--ip` it is checked.
+#[test]
+fn a_fact_not_given_is_not_checked_rather_than_failed() {
+    let gw = Gateway::new();
+    gw.ok(&["apply", "-f", example_org().to_str().unwrap()]);
+    let args = [
+        "explain",
+        "--api-key-name",
+        "billing",
+        "--to",
+        "x@example.org",
+    ];
+    let out = gw.cmd(&args);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "not denied by itself:\n{text}");
+    assert!(!text.contains("(unknown)"), "{text}");
+    assert!(!text.starts_with("DENIED"), "{text}");
+    assert!(
+        text.starts_with("ALLOWED if what was not checked holds (1 check not checked"),
+        "{text}"
+    );
+    let line = text
+        .lines()
+        .find(|l| l.contains("key.ip_blocked"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.starts_with("? key.ip_blocked"), "{line}");
+    assert!(line.contains("not checked: give --ip"), "{line}");
+    assert!(!text.contains("To fix:"), "nothing failed:\n{text}");
+
+    let json: Vec<&str> = args.iter().copied().chain(["--json"]).collect();
+    let out = gw.cmd(&json);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["verdict"], "allowed");
+    assert_eq!(
+        v["complete"], false,
+        "a decision with a check not made is not complete"
+    );
+    assert!(v["denial"].is_null(), "{v}");
+    let check = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["code"] == "key.ip_blocked")
+        .unwrap();
+    assert_eq!(check["outcome"], "not_checked", "{check}");
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("not checked: give --ip"),
+        "{check}"
+    );
+
+    // Given, the fact is checked: allowed from 127.0.0.1, refused from elsewhere.
+    let ok = gw.ok(&[
+        "explain",
+        "--api-key-name",
+        "billing",
+        "--ip",
+        "127.0.0.1",
+        "--to",
+        "x@example.org",
+    ]);
+    assert!(ok.starts_with("ALLOWED   decision"), "{ok}");
+    let out = gw.cmd(&[
+        "explain",
+        "--api-key-name",
+        "billing",
+        "--ip",
+        "10.1.2.3",
+        "--to",
+        "x@example.org",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("✘ key.ip_blocked"), "{text}");
+    assert!(text.contains("client IP 10.1.2.3 is outside"), "{text}");
+}
+
+/// `explain` with no principal says which flags name one; TLS versions read `TLS 1.1`.
+#[test]
+fn explain_without_a_principal_names_the_flags_and_tls_reads_as_a_number() {
+    let gw = Gateway::new();
+    gw.ok(&["apply", "-f", example_org().to_str().unwrap()]);
+    let out = gw.cmd(&["explain", "--to", "x@example.org"]);
+    assert_eq!(out.status.code(), Some(3));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("✘ auth.missing"), "{text}");
+    let hint = text
+        .lines()
+        .find(|l| l.starts_with("no principal given"))
+        .unwrap_or_else(|| panic!("no hint:\n{text}"));
+    for flag in [
+        "--as",
+        "--service-account",
+        "--api-key-name",
+        "--api-key-id",
+        "--relay",
+    ] {
+        assert!(hint.contains(flag), "{flag}: {hint}");
+    }
+    // Only the missing principal is wrong: no From nobody wrote is refused.
+    assert!(text.starts_with("DENIED (1 problem(s))"), "{text}");
+    let out = gw.cmd(&["explain", "--to", "x@example.org", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["hint"].as_str().unwrap().contains("--api-key-name"),
+        "{v}"
+    );
+    // A principal given: no hint.
+    let text = gw.ok(&[
+        "explain",
+        "--as",
+        "alice@example.com",
+        "--to",
+        "x@example.org",
+    ]);
+    assert!(!text.contains("no principal given"), "{text}");
+
+    let out = gw.cmd(&[
+        "explain",
+        "--as",
+        "alice@example.com",
+        "--tls",
+        "1.1",
+        "--to",
+        "x@example.org",
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("client negotiated TLS 1.1,"), "{text}");
+    assert!(!text.contains("Tls11"), "{text}");
+}

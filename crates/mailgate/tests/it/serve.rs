@@ -83,3 +83,214 @@ fn demo_banner_tells_a_newcomer_where_everything_is() {
     let creds = std::fs::read_to_string(gw.data_dir().join("demo-credentials.txt")).unwrap();
     assert!(creds.contains("admin_token = mga_"), "{creds}");
 }
+
+/// Every command treats a closed standard output as a normal end: `| head -1` gets exit 0 and
+/// no panic message (std's `println!` panicked with "Broken pipe", exit 101).
+#[test]
+fn a_closed_stdout_ends_a_command_normally() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let gw = Gateway::new();
+    gw.ok(&[
+        "apply",
+        "-f",
+        crate::harness::example_org().to_str().unwrap(),
+    ]);
+    let config = gw.config("");
+    for args in [
+        &["export"][..],
+        &["user", "list"],
+        &["key", "list"],
+        &[
+            "explain",
+            "--as",
+            "alice@example.com",
+            "--to",
+            "x@example.org",
+        ],
+        &["--help"],
+    ] {
+        let mut child = Command::new(crate::harness::BIN)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env_remove("MAILGATE_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader goes away before the command writes: every write meets a closed pipe.
+        drop(child.stdout.take());
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "{args:?}: {status}\n{err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(!err.contains("Broken pipe"), "{args:?}: {err}");
+    }
+}
+
+/// Empty lists say so (on standard error: standard output stays one line per item).
+#[test]
+fn empty_lists_say_they_are_empty() {
+    let gw = Gateway::new();
+    for (args, says) in [
+        (&["queue", "list"][..], "queue is empty"),
+        (
+            &["queue", "list", "--state", "deferred"],
+            "no message in the queue is deferred",
+        ),
+        (&["captured", "list"], "no captured message"),
+        (&["user", "list"], "no user in the directory"),
+        (&["key", "list"], "no API key"),
+        (&["simulate", "--list"], "no injected fault in force"),
+    ] {
+        let out = gw.cmd(args);
+        assert!(out.status.success(), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
+/// The delivery mode logged at start is kept true: adding a smarthost to a capturing server
+/// logs that it now relays.
+#[test]
+fn the_delivery_mode_log_follows_the_directory() {
+    let gw = Gateway::new();
+    let server = gw.serve(&[]);
+    std::thread::sleep(Duration::from_millis(500));
+    let file = gw.dir.path().join("smarthost.yaml");
+    std::fs::write(
+        &file,
+        "smarthosts:\n  - name: sink\n    host: 127.0.0.1\n    port: 2525\n    tls: none\n",
+    )
+    .unwrap();
+    gw.ok(&["apply", "-f", file.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_millis(1_500));
+    let (_, _, logs) = server.stop();
+    let capture = logs
+        .find("delivery: capture mode")
+        .unwrap_or_else(|| panic!("{logs}"));
+    let relaying = logs
+        .find("delivery: relaying through the directory's smarthosts (sink)")
+        .unwrap_or_else(|| panic!("no relaying line after the smarthost was added:\n{logs}"));
+    assert!(capture < relaying, "{logs}");
+}
+
+/// docs/config.md describes `https.listen` as what it is: served (not "reserved").
+#[test]
+fn config_doc_says_https_is_served() {
+    let doc = std::fs::read_to_string(crate::harness::repo_root().join("docs/config.md")).unwrap();
+    let row = doc
+        .lines()
+        .find(|l| l.starts_with("| `https.listen`"))
+        .unwrap();
+    assert!(!row.to_ascii_lowercase().contains("reserved"), "{row}");
+    assert!(row.contains("https.cert"), "{row}");
+    // ...and it is: the demo banner lists the HTTPS listener.
+    let gw = Gateway::new();
+    let server = gw.serve(&["--demo"]);
+    let https = server.https.clone();
+    let (_, banner, _) = server.stop();
+    assert!(
+        banner.contains(&format!("HTTPS API           https://{https}")),
+        "{banner}"
+    );
+}
+
+/// demo-credentials.txt names each secret as client libraries call it: the OAuth client's is a
+/// `client_secret` (beside its `client_id`), the SendGrid keys are `api_key`s.
+#[test]
+fn demo_credentials_name_each_secret() {
+    let gw = Gateway::new();
+    let server = gw.serve(&["--demo"]);
+    drop(server);
+    let creds = std::fs::read_to_string(gw.data_dir().join("demo-credentials.txt")).unwrap();
+    let value = |key: &str| -> Vec<String> {
+        creds
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key} = ")))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(value("client_id"), ["demo-web-client"], "{creds}");
+    assert_eq!(value("client_secret"), ["demo-client-secret"], "{creds}");
+    let keys = value("api_key");
+    assert_eq!(keys.len(), 2, "{creds}");
+    assert!(keys.iter().all(|k| k.starts_with("SG.")), "{creds}");
+}
+
+/// Accepts `raw` from alice through the gateway, as a door would; returns its id.
+fn accept_raw(data_dir: &std::path::Path, to: &str, raw: &str) -> String {
+    use mailgate_core::engine::{Credential, Door, SendAttempt};
+    use mailgate_gateway::{Accepted, Message};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = std::sync::Arc::new(
+            mailgate_store::SqliteStore::open(&data_dir.join("mailgate.db"))
+                .await
+                .unwrap(),
+        );
+        let gw = mailgate_gateway::Gateway::open(store).await.unwrap();
+        let attempt = SendAttempt::new(
+            Door::Smtp,
+            Credential::SmtpLogin {
+                user: "alice@example.com".into(),
+            },
+        )
+        .from("alice@example.com")
+        .to([to])
+        .parsed(raw.len() as u64);
+        let d = gw.decide("smtp", &attempt).await.unwrap();
+        assert!(d.decision.accepted(), "{:?}", d.decision.denial());
+        let msg = Message {
+            envelope_from: "alice@example.com".into(),
+            recipients: vec![to.to_owned()],
+            raw: raw.as_bytes().to_vec(),
+        };
+        match gw.accept("smtp", &attempt, &d, msg).await.unwrap() {
+            Accepted::Stored { message_id, .. } => message_id,
+            Accepted::Refused(r) => panic!("refused: {:?}", r.decision.denial()),
+        }
+    })
+}
+
+/// `captured show` prints a folded header with its continuation lines (indented, no CR), and
+/// the listings print one timestamp format (RFC 3339 UTC, milliseconds).
+#[test]
+fn captured_show_keeps_folded_headers_and_times_have_one_format() {
+    let gw = Gateway::new();
+    let server = gw.serve_with("[relay]\npoll_interval_ms = 50\n", &["--demo"]);
+    let raw = "From: alice@example.com\r\nTo: bob@example.org\r\nSubject: a subject long enough\r\n  to be folded\r\n\tagain\r\n\r\nHello.\r\n";
+    let id = accept_raw(&gw.data_dir(), "bob@example.org", raw);
+    assert!(
+        eventually(Duration::from_secs(10), || gw
+            .ok(&["captured", "list"])
+            .contains(&id)),
+        "not captured"
+    );
+    let show = gw.ok(&["captured", "show", &id]);
+    assert!(!show.contains('\r'), "{show:?}");
+    assert!(
+        show.contains("  Subject: a subject long enough\n    to be folded\n  \tagain\n"),
+        "{show}"
+    );
+    let ms = |line: &str| {
+        line.split(|c: char| c.is_whitespace())
+            .filter(|w| w.len() >= 20 && w.as_bytes()[4] == b'-' && w.ends_with('Z'))
+            .all(|w| w.len() == "2027-01-15T08:00:00.000Z".len() && w.as_bytes()[19] == b'.')
+    };
+    let list = gw.ok(&["captured", "list"]);
+    assert!(list.lines().all(ms), "{list}");
+    let queue = gw.ok(&["queue", "list"]);
+    assert!(queue.lines().all(ms), "{queue}");
+    assert!(show.lines().all(ms), "{show}");
+    drop(server);
+}

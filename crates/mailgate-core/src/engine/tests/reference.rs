@@ -10,7 +10,7 @@ use crate::engine::{
     TlsVersion,
 };
 
-use Outcome::{Fail, Hold, NotApplicable as Na, Pass, Pending};
+use Outcome::{Fail, Hold, NotApplicable as Na, NotChecked, Pass, Pending};
 
 fn same(a: &str, b: &str) -> bool {
     a.eq_ignore_ascii_case(b)
@@ -182,7 +182,8 @@ pub(super) fn header_address_allowed(dir: &Directory, a: &SendAttempt, addr: &st
     user.is_some_and(|u| classify(dir, u, addr) == Own::Owned)
 }
 
-/// The outcome of every check, in order.
+/// The outcome of every check, in order, in explain mode: a restriction whose fact the attempt
+/// does not carry (no client IP; no referrer on an HTTP door) is not checked.
 pub(super) fn explain(
     a: &SendAttempt,
     dir: &Directory,
@@ -399,12 +400,27 @@ pub(super) fn explain(
                 Some(_) if a.door == Door::Gmail => Fail,
                 Some(_) => Pass,
             },
-            Reason::KeyIpBlocked => key_rule(&|k| {
-                k.allowed_ips.is_empty()
-                    || a.transport
-                        .client_ip
-                        .is_some_and(|ip| k.allowed_ips.iter().any(|n| n.contains(&ip)))
-            }),
+            Reason::KeyIpBlocked => match key {
+                Some(k)
+                    if authed && !k.allowed_ips.is_empty() && a.transport.client_ip.is_none() =>
+                {
+                    NotChecked
+                }
+                _ => key_rule(&|k| {
+                    k.allowed_ips.is_empty()
+                        || a.transport
+                            .client_ip
+                            .is_some_and(|ip| k.allowed_ips.iter().any(|n| n.contains(&ip)))
+                }),
+            },
+            Reason::KeyReferrerBlocked
+                if key.is_some_and(|k| !k.allowed_referrers.is_empty())
+                    && authed
+                    && a.transport.referrer.is_none()
+                    && matches!(a.door, Door::Gmail | Door::Sendgrid) =>
+            {
+                NotChecked
+            }
             Reason::KeyReferrerBlocked => key_rule(&|k| {
                 k.allowed_referrers.is_empty()
                     || a.transport.referrer.as_deref().is_some_and(|rf| {
@@ -423,7 +439,9 @@ pub(super) fn explain(
                 k.allowed_apis.is_empty() || k.allowed_apis.iter().any(|x| x == api(a.door))
             }),
             Reason::RelayIpNotAllowed => {
-                if authed && relay {
+                if authed && relay && a.transport.client_ip.is_none() {
+                    NotChecked
+                } else if authed && relay {
                     let ok = a.transport.client_ip.is_some_and(|ip| {
                         dir.smtp_relay.allowed_ips.iter().any(|n| n.contains(&ip))
                     });
