@@ -903,6 +903,14 @@ fn xoauth2_with_a_delegated_service_account_token_for_mail_google_com() {
         "scope.insufficient",
     );
 
+    // The remedy names both steps: the token's scope and the delegation that must grant it.
+    let remedy = a["message"].as_str().unwrap();
+    assert!(
+        remedy.contains("Remedy: request a token with the scope https://mail.google.com/")
+            && remedy.contains("domain_wide_delegation[<client_id>].scopes"),
+        "{remedy}"
+    );
+
     // A delegation that grants only gmail.send (the demo's `legacy` account) gets no token for
     // https://mail.google.com/.
     let legacy = gw.dir.path().join("legacy.json");
