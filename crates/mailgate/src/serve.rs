@@ -445,10 +445,15 @@ pub async fn run(
 }
 
 /// No framework error reaches a client as plain text or an empty body: axum's own answers (an
-/// unknown route, a wrong method, a path segment that is not UTF-8 once decoded) are rewritten
-/// into the JSON of the door the path belongs to (SendGrid's `errors[]`, Google's `error`
-/// object, OAuth's `error`/`error_description`, or the admin API's). The doors' own errors are
-/// JSON (or the consent page's HTML) already and pass untouched.
+/// unknown route, a wrong method, and the extractors' rejections: a path segment that is not
+/// UTF-8 once decoded, a query string that does not deserialize, a body past a limit) are
+/// rewritten into the JSON of the door the path belongs to (SendGrid's `errors[]` with
+/// Mailgate's explanation in `help` and `X-Mailgate-Code`, Google's `error` object with
+/// `errors[]` and Mailgate's `details[]` entry, OAuth's `error`/`error_description`, or the admin
+/// API's with `reason`). A rejection of the request's form carries a reason code: `413` is
+/// `message.too_large`, any other `4xx` but `404`/`405` (an unknown route or method, which is no
+/// message's fault) is `message.invalid`. The doors' own errors are JSON (or the consent page's
+/// HTML) already and pass untouched.
 async fn framework_errors_in_json(
     req: axum::extract::Request,
     next: axum::middleware::Next,
@@ -481,7 +486,11 @@ async fn framework_errors_in_json(
                     .get(header::ALLOW)
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("");
-                format!("method not allowed on {path} (allowed: {allow})")
+                if allow.is_empty() {
+                    format!("method not allowed on {path}")
+                } else {
+                    format!("method not allowed on {path} (allowed: {allow})")
+                }
             }
             s => s.canonical_reason().unwrap_or("error").to_owned(),
         }
@@ -489,30 +498,71 @@ async fn framework_errors_in_json(
         text
     };
     let p = path.trim_start_matches('/');
+    let code = framework_reason(status);
+    let remedy = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "send a smaller request body",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            "send the Content-Type this route takes (docs/gmail.md, docs/sendgrid.md, docs/admin-api.md)"
+        }
+        _ => {
+            "fix the request as the message says (docs/gmail.md, docs/sendgrid.md, docs/admin-api.md)"
+        }
+    };
+    if let Some(code) = code {
+        parts.headers.insert(
+            header::HeaderName::from_static("x-mailgate-code"),
+            header::HeaderValue::from_static(code),
+        );
+    }
     let body = if p.starts_with("v3/") {
-        json!({"errors": [{"message": message, "field": null, "help": null}]})
+        let help = code.map(|c| {
+            format!(
+                "mailgate {c}: {}. Remedy: {remedy}.",
+                message.trim_end_matches('.')
+            )
+        });
+        json!({"errors": [{"message": message, "field": null, "help": help}]})
     } else if p.starts_with("gmail/") || p.starts_with("upload/") || p.starts_with("resumable/") {
-        let google_status = match status {
-            StatusCode::NOT_FOUND => "NOT_FOUND",
-            StatusCode::METHOD_NOT_ALLOWED => "METHOD_NOT_ALLOWED",
-            StatusCode::UNAUTHORIZED => "UNAUTHENTICATED",
-            StatusCode::FORBIDDEN => "PERMISSION_DENIED",
-            StatusCode::TOO_MANY_REQUESTS => "RESOURCE_EXHAUSTED",
-            s if s.is_server_error() => "INTERNAL",
-            _ => "INVALID_ARGUMENT",
+        let (google_status, reason) = match status {
+            StatusCode::NOT_FOUND => ("NOT_FOUND", "notFound"),
+            StatusCode::METHOD_NOT_ALLOWED => ("METHOD_NOT_ALLOWED", "httpMethodNotAllowed"),
+            StatusCode::UNAUTHORIZED => ("UNAUTHENTICATED", "authError"),
+            StatusCode::FORBIDDEN => ("PERMISSION_DENIED", "forbidden"),
+            StatusCode::TOO_MANY_REQUESTS => ("RESOURCE_EXHAUSTED", "rateLimitExceeded"),
+            StatusCode::PAYLOAD_TOO_LARGE => ("INVALID_ARGUMENT", "uploadTooLarge"),
+            s if s.is_server_error() => ("INTERNAL", "backendError"),
+            _ => ("INVALID_ARGUMENT", "badRequest"),
         };
-        json!({"error": {"code": status.as_u16(), "message": message, "status": google_status}})
+        let mut error = json!({
+            "code": status.as_u16(),
+            "message": message,
+            "errors": [{"message": message, "domain": "global", "reason": reason}],
+            "status": google_status,
+        });
+        if let Some(c) = code {
+            error["details"] = json!([{
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": c,
+                "domain": "mailgate",
+                "metadata": {"code": c, "check": "request", "object_at_fault": "request", "remedy": remedy},
+            }]);
+        }
+        json!({ "error": error })
     } else if matches!(
         p,
         "token" | "revoke" | "tokeninfo" | "oauth2/v4/token" | "oauth2/v3/tokeninfo"
     ) {
         json!({"error": "invalid_request", "error_description": message})
     } else {
-        json!({"error": {
+        let mut error = json!({
             "code": status.as_u16(),
             "status": status.canonical_reason().unwrap_or(""),
             "message": message,
-        }})
+        });
+        if let Some(c) = code {
+            error["reason"] = json!(c);
+        }
+        json!({ "error": error })
     };
     parts.headers.insert(
         header::CONTENT_TYPE,
@@ -520,6 +570,18 @@ async fn framework_errors_in_json(
     );
     parts.headers.remove(header::CONTENT_LENGTH);
     Response::from_parts(parts, axum::body::Body::from(body.to_string()))
+}
+
+/// The reason code of a framework rejection with `status`: `message.too_large` for a body past a
+/// limit, `message.invalid` for any other request the route could not read, none for an unknown
+/// route or method or a fault.
+fn framework_reason(status: StatusCode) -> Option<&'static str> {
+    match status {
+        StatusCode::PAYLOAD_TOO_LARGE => Some("message.too_large"),
+        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => None,
+        s if s.is_client_error() => Some("message.invalid"),
+        _ => None,
+    }
 }
 
 /// Every request gives the worker thread up once before it runs: requests pipelined on one

@@ -689,3 +689,37 @@ fn messages_up_to_35_mib_pass_on_every_upload_and_larger_get_googles_413() {
     }
     server.stop();
 }
+
+/// A request the framework refuses before the door sees it (a path segment that is not UTF-8
+/// once decoded, a query string that does not deserialize) gets Google's error shape, with
+/// `errors[]` and Mailgate's `details[]` entry carrying `message.invalid` and a remedy, never
+/// axum's plain text.
+#[test]
+fn framework_rejections_get_googles_shape_with_a_reason_code() {
+    let (_gw, server) = demo();
+    for path in [
+        "/gmail/v1/users/%FF/profile",
+        "/gmail/v1/users/me/profile?uploadType=a&uploadType=b",
+        "/gmail/v1/users/me/settings/sendAs?access_token=a&access_token=b",
+    ] {
+        let (status, body) = crate::harness::http_get(&server.addr, path, None);
+        assert_eq!(status, 400, "{path}: {body}");
+        let v: Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
+        let e = &v["error"];
+        assert_eq!(e["code"], 400, "{body}");
+        assert_eq!(e["status"], "INVALID_ARGUMENT", "{body}");
+        assert_eq!(e["errors"][0]["reason"], "badRequest", "{body}");
+        assert_eq!(e["errors"][0]["domain"], "global", "{body}");
+        let d = &e["details"][0];
+        assert_eq!(d["domain"], "mailgate", "{body}");
+        assert_eq!(d["metadata"]["code"], "message.invalid", "{body}");
+        assert!(
+            d["metadata"]["remedy"]
+                .as_str()
+                .is_some_and(|r| !r.is_empty()),
+            "{body}"
+        );
+    }
+    server.stop();
+}

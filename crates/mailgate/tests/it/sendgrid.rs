@@ -674,3 +674,41 @@ fn recipients_are_limited_per_personalization_by_the_directory_and_per_request_b
     assert_eq!(r[2]["headers"]["x-mailgate-code"], "message.invalid");
     server.stop();
 }
+
+/// Rejections the framework makes before the door's handler runs (a query string that does not
+/// deserialize, a path segment that is not UTF-8 once decoded) answer in SendGrid's envelope with
+/// Mailgate's code in `help` and `X-Mailgate-Code`.
+#[test]
+fn framework_rejections_get_sendgrids_envelope_with_a_reason_code() {
+    let (_gw, server) = demo();
+    let r = client(
+        &host(&server),
+        json!([{"do": "api", "key": ADMIN, "method": "get", "path": "api_keys", "query": {"limit": "many"}}]),
+    );
+    assert_eq!(r[0]["kind"], "BadRequestsError", "{}", r[0]);
+    assert_eq!(r[0]["status"], 400, "{}", r[0]);
+    assert_eq!(r[0]["headers"]["x-mailgate-code"], "message.invalid");
+    let e = &r[0]["body"]["errors"][0];
+    assert!(
+        e["message"].as_str().is_some_and(|m| m.contains("limit")),
+        "{}",
+        r[0]
+    );
+    assert!(
+        e["help"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("mailgate message.invalid: ") && h.contains("Remedy: ")),
+        "{}",
+        r[0]
+    );
+    let (status, body) = crate::harness::http_get(&server.addr, "/v3/api_keys/%FF", Some(ADMIN));
+    assert_eq!(status, 400, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["errors"][0]["help"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("mailgate message.invalid: ")),
+        "{body}"
+    );
+    server.stop();
+}
