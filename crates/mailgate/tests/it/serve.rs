@@ -182,6 +182,19 @@ fn the_delivery_mode_log_follows_the_directory() {
         .find("delivery: relaying through the directory's smarthosts (sink)")
         .unwrap_or_else(|| panic!("no relaying line after the smarthost was added:\n{logs}"));
     assert!(capture < relaying, "{logs}");
+    // Log lines carry the one time format (RFC 3339 UTC, milliseconds), no colour codes in a
+    // pipe.
+    let line = logs
+        .lines()
+        .find(|l| l.contains("delivery: relaying"))
+        .unwrap();
+    let stamp = line.split(' ').next().unwrap();
+    assert_eq!(stamp.len(), "2027-01-15T08:00:00.000Z".len(), "{line:?}");
+    assert!(
+        stamp.ends_with('Z') && stamp.as_bytes()[19] == b'.',
+        "{line:?}"
+    );
+    assert!(!logs.contains('\u{1b}'), "ANSI escapes in a piped log");
 }
 
 /// docs/config.md describes `https.listen` as what it is: served (not "reserved").
