@@ -353,9 +353,10 @@ impl Session {
         let child = self
             .command(BIN)
             .args(["serve", "--demo"])
+            .env("MAILGATE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(self.server_log()).expect("server log"))
             .spawn()
             .expect("spawn mailgate serve --demo");
         self.server = Some(child);
@@ -370,6 +371,18 @@ impl Session {
             up,
             "mailgate serve --demo did not listen on 7080 within 30 s"
         );
+    }
+
+    /// Where the demo server's log goes (shown with a failing block).
+    fn server_log(&self) -> PathBuf {
+        self.tools.join("server.log")
+    }
+
+    /// The last lines of the server's log.
+    fn server_log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.server_log()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
     }
 
     /// A command in the working directory with the session's environment.
@@ -551,7 +564,11 @@ fn run_file(file: &str) -> Result<(), String> {
             Ok(()) => report.push(format!("{what}: ran")),
             Err(why) => {
                 report.push(format!("{what}: FAILED"));
-                failures.push(format!("{what}:\n{}--- {why}", block.code));
+                failures.push(format!(
+                    "{what}:\n{}--- {why}\n--- the server's log, last lines:\n{}",
+                    block.code,
+                    session.server_log_tail()
+                ));
             }
         }
     }
