@@ -148,6 +148,26 @@ fn explain_over_http_and_the_decision_trace_by_id() {
     assert_eq!(t["code"], "account.mail_disabled");
     assert_eq!(t["decision"]["checks"], v["checks"]);
 
+    // Over HTTP too, a fact not given is not checked: the admin client's own address is not
+    // taken for the sender's.
+    let (status, resp) = crate::harness::http_post(
+        &server.addr,
+        "/mailgate/v1/explain",
+        &token,
+        r#"{"api_key_name": "billing", "to": ["x@example.org"]}"#,
+    );
+    assert_eq!(status, 200, "{resp}");
+    let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
+    assert_eq!(v["verdict"], "allowed", "{v}");
+    assert_eq!(v["complete"], false, "{v}");
+    let ip = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["code"] == "key.ip_blocked")
+        .unwrap();
+    assert_eq!(ip["outcome"], "not_checked", "{ip}");
+
     // Bad input: a clear 400 in the admin API's JSON shape.
     let (status, resp) =
         crate::harness::http_post(&server.addr, "/mailgate/v1/explain", &token, r#"{"as": 5}"#);
