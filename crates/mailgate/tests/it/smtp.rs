@@ -1056,3 +1056,56 @@ fn a_relay_client_is_not_called_a_user_in_a_refusal() {
     );
     assert!(!t.contains("not owned by user"), "{t}");
 }
+
+/// Issue 13, item 9: the 535 for a token without https://mail.google.com/ names both steps, the
+/// token's scope and the domain-wide delegation that must grant it, as smtplib reports it.
+#[test]
+fn the_xoauth2_scope_refusal_names_the_token_scope_and_the_delegation() {
+    let (gw, server) = demo();
+    let key = gw.dir.path().join("key.json");
+    gw.ok(&[
+        "sa",
+        "key",
+        "create",
+        "mailer@acme-app.iam.example.com",
+        "-o",
+        key.to_str().unwrap(),
+    ]);
+    const SEND: &str = "https://www.googleapis.com/auth/gmail.send";
+    let mut token = Value::Null;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            token = service_account_token(&key, SEND, "alice@example.com");
+            token["error"]["mailgate"]["code"] != "auth.invalid"
+        }),
+        "{token}"
+    );
+    let token = token["token"]
+        .as_str()
+        .expect("gmail.send token")
+        .to_owned();
+    let r = smtplib(
+        &gw,
+        &server.smtps,
+        "implicit",
+        json!([auth("XOAUTH2", "alice@example.com", &token)]),
+    );
+    let a = step(&r, "auth");
+    assert_reply(
+        a,
+        535,
+        "5.7.8 Username and Password not accepted.",
+        "scope.insufficient",
+    );
+    let m = a["message"].as_str().unwrap();
+    let remedy = m.split_once("Remedy: ").map(|(_, x)| x).unwrap_or_default();
+    assert!(
+        remedy.contains("request a token with the scope https://mail.google.com/"),
+        "{m}"
+    );
+    assert!(
+        remedy.contains("its domain-wide delegation must grant that scope too")
+            && remedy.contains("domain_wide_delegation[<client_id>].scopes"),
+        "{m}"
+    );
+}
