@@ -190,6 +190,39 @@ pub(crate) fn invalid_argument(message: &str) -> Response {
     simple(400, "INVALID_ARGUMENT", "invalidArgument", message)
 }
 
+/// A request the door cannot read (not JSON, an unknown `uploadType`, a `userId` too long, a body
+/// that broke off): 400 `invalidArgument` in Google's shape, with Mailgate's `message.invalid`
+/// and `remedy` in the `details[]` entry. No decision: nothing was asked of the engine.
+pub(crate) fn invalid_request(message: &str, remedy: &str) -> Response {
+    let reply = GmailReply {
+        spec: mailgate_core::catalogue::GmailSpec {
+            http_status: 400,
+            status: "INVALID_ARGUMENT",
+            reason: "invalidArgument",
+            domain: "global",
+            errors_message: None,
+            location: None,
+            error_info: None,
+            message: "",
+        },
+        message: message.to_owned(),
+        errors_message: message.to_owned(),
+    };
+    let reason = Reason::MessageInvalid;
+    google_error(
+        &reply,
+        "",
+        Some(Explanation {
+            code: reason.code(),
+            check: reason.spec().stage.as_str(),
+            object_at_fault: "request".into(),
+            remedy,
+            decision_id: None,
+        }),
+        HeaderMap::new(),
+    )
+}
+
 /// Any other plain Google error.
 pub(crate) fn simple(
     code: u16,

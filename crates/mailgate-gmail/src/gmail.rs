@@ -26,7 +26,8 @@ use serde_json::json;
 
 use crate::body::ReadFail;
 use crate::errors::{
-    denial_response, invalid_argument, reason_response, simple, too_large, unavailable,
+    denial_response, invalid_argument, invalid_request, reason_response, simple, too_large,
+    unavailable,
 };
 use crate::{ConnFacts, GmailState};
 
@@ -75,9 +76,12 @@ async fn prepare(
     // tasks in between, so a flood on one connection does not stall the others.
     tokio::task::yield_now().await;
     if user_id.len() > MAX_USER_ID_BYTES || user_id.is_empty() {
-        return Err(invalid_argument(&format!(
-            "Invalid userId: at most {MAX_USER_ID_BYTES} characters (an email address or `me`)"
-        )));
+        return Err(invalid_request(
+            &format!(
+                "Invalid userId: at most {MAX_USER_ID_BYTES} characters (an email address or `me`)"
+            ),
+            "use `me` or the address the credential acts for",
+        ));
     }
     let cred = credential(st, headers, q).await?;
     Ok(base_attempt(conn, cred, user_id, headers))
@@ -471,8 +475,14 @@ pub(crate) async fn send_as_create(
         Ok(b) => b,
         Err(r) => return r,
     };
-    let Ok(b) = serde_json::from_slice::<SendAsBody>(&body) else {
-        return invalid_argument("Invalid JSON payload received.");
+    let b = match serde_json::from_slice::<SendAsBody>(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return invalid_request(
+                &format!("Invalid JSON payload received. {e}"),
+                "send a SendAs resource as one JSON object (docs/gmail.md)",
+            );
+        }
     };
     let Some(email) = b.send_as_email.clone().map(|e| e.trim().to_owned()) else {
         return invalid_argument("sendAsEmail is required");
@@ -533,8 +543,14 @@ pub(crate) async fn send_as_update(
         Ok(b) => b,
         Err(r) => return r,
     };
-    let Ok(b) = serde_json::from_slice::<SendAsBody>(&body) else {
-        return invalid_argument("Invalid JSON payload received.");
+    let b = match serde_json::from_slice::<SendAsBody>(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return invalid_request(
+                &format!("Invalid JSON payload received. {e}"),
+                "send a SendAs resource as one JSON object (docs/gmail.md)",
+            );
+        }
     };
     edit_send_as(&st, &addr, |d| {
         let user = find_user(d, &addr)?;
@@ -811,7 +827,10 @@ pub(crate) async fn send_upload(
             }
             r
         }
-        Some(other) => invalid_argument(&format!("Invalid uploadType: {other}")),
+        Some(other) => invalid_request(
+            &format!("Invalid uploadType: {other}"),
+            "use uploadType=media, multipart or resumable (or send JSON with raw to /gmail/v1/users/{userId}/messages/send)",
+        ),
     }
 }
 
@@ -869,7 +888,10 @@ async fn read_small(headers: &HeaderMap, body: RequestBody) -> Result<Vec<u8>, R
 
 /// A body that broke off (the client went away or sent a broken chunk).
 fn unreadable() -> Response {
-    invalid_argument("The request body could not be read.")
+    invalid_request(
+        "The request body could not be read.",
+        "send the whole body (the connection broke off or a chunk was malformed)",
+    )
 }
 
 /// A send whose message (or whose request body, `size` being the message it would hold) is over
