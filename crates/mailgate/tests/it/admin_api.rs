@@ -165,6 +165,11 @@ fn the_doc_lists_exactly_the_routes_the_server_registers_and_serves() {
         let (status, body) = request(&server.addr, method, &concrete, None, None);
         let want = if path == "/healthz" { 200 } else { 401 };
         assert_eq!(status, want, "{method} {concrete}: {body}");
+        // "Every `GET` route also answers `HEAD`."
+        if method == "GET" {
+            let (status, head) = request(&server.addr, "HEAD", &concrete, None, None);
+            assert_eq!(status, want, "HEAD {concrete}: {head}");
+        }
     }
     // The check above can fail: an undocumented path is 404, a wrong method 405.
     assert_eq!(

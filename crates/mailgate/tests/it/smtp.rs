@@ -864,6 +864,36 @@ fn xoauth2_with_a_delegated_service_account_token_for_mail_google_com() {
     let id = accepted_id(last(&r));
     assert!(captured(&gw, &id), "message {id} not captured");
 
+    // The same token with OAUTHBEARER (RFC 7628), over implicit TLS, with smtplib.
+    const OAUTHBEARER: &str = r#"
+import smtplib, ssl, sys
+host, port, ca, token = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+tls = ssl.create_default_context(cafile=ca)
+with smtplib.SMTP_SSL(host, port, context=tls) as smtp:
+    smtp.ehlo()
+    code, _ = smtp.auth("OAUTHBEARER",
+                        lambda c=None: "" if c is not None else
+                        "n,a=alice@example.com,\x01auth=Bearer %s\x01\x01" % token,
+                        initial_response_ok=True)
+    print(code)
+    smtp.sendmail("alice@example.com", ["x@example.org"],
+                  "From: alice@example.com\r\nSubject: oauthbearer\r\n\r\nhi\r\n")
+    print("sent")
+"#;
+    let (host, port) = server.smtps.rsplit_once(':').unwrap();
+    let out = std::process::Command::new(python())
+        .args(["-c", OAUTHBEARER, host, port])
+        .arg(gw.data_dir().join("tls/cert.pem"))
+        .arg(&token)
+        .output()
+        .expect("run python");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && printed == "235\nsent\n",
+        "{printed}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // The login is the token's subject, nobody else.
     let r = smtplib(
         &gw,
