@@ -281,6 +281,10 @@ struct Session {
     work: PathBuf,
     tools: PathBuf,
     server: Option<Child>,
+    /// Held while the demo runs on the fixed ports: another test process on this machine (a
+    /// second `cargo nextest` run) waits for it. Released after the server stopped (fields drop
+    /// after `Drop::drop`).
+    _ports_lock: Option<std::fs::File>,
     /// Variables exported by the shell blocks run so far.
     carried: BTreeMap<String, String>,
 }
@@ -336,6 +340,7 @@ impl Session {
             work,
             tools,
             server: None,
+            _ports_lock: None,
             carried: BTreeMap::new(),
         }
     }
@@ -343,9 +348,21 @@ impl Session {
     /// `mailgate serve --demo` in the working directory, with no config file: the documented
     /// defaults. Waits until the HTTP listener answers.
     fn start_demo(&mut self) {
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(std::env::temp_dir().join("mailgate-docs-tests.lock"))
+            .expect("open the docs tests' lock file");
+        lock.lock().expect("lock the docs tests' lock file");
+        self._ports_lock = Some(lock);
         for port in DEMO_PORTS {
+            // A server of another test that just stopped may hold a port for a moment.
+            let free = eventually(Duration::from_secs(15), || {
+                std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            });
             assert!(
-                std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+                free,
                 "port {port} is in use: the docs tests start `mailgate serve --demo` on the documented ports \
                  (7080, 7443, 7587, 7465, 7525); stop the server that holds it"
             );
