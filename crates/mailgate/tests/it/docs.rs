@@ -22,7 +22,8 @@
 //!   default ports (HTTP 7080, HTTPS 7443, SMTP submission 7587, SMTPS 7465, relay 7525) and data
 //!   directory `./mailgate-data` (demo credentials in `mailgate-data/demo-credentials.txt`, the
 //!   demo certificate in `mailgate-data/tls/cert.pem`). So the docs tests run one at a time (the
-//!   nextest group `docs`, `.config/nextest.toml`). The blocks of a file run in order and share that
+//!   nextest group `docs`, `.config/nextest.toml`; across test processes, a lock file in the
+//!   temporary directory). The blocks of a file run in order and share that
 //!   directory and its files (a block may use `key.json` that an earlier block wrote). The working
 //!   directory also holds `docs` (a link to the repository's `docs/`, so `docs/examples/org.yaml`
 //!   works as from a checkout) and `node_modules` (a link to `tests/node/node_modules`).
