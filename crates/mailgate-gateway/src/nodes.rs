@@ -72,7 +72,7 @@ pub enum Propagation {
 /// Whether `node`'s row says it is running at `now`.
 fn running(node: &NodeState, now: i64, host: &str) -> bool {
     let fresh = node.seen_ms + 3 * HEARTBEAT.as_millis() as i64 + node.interval_ms >= now;
-    fresh && !(node.host == host && !process_exists(node.pid))
+    fresh && (node.host != host || process_exists(node.pid))
 }
 
 fn process_exists(pid: u32) -> bool {
