@@ -621,3 +621,100 @@ fn the_documented_check_outcomes_are_the_engines() {
         .collect();
     assert_eq!(documented, engine);
 }
+
+/// The statuses of the error table of docs/admin-api.md, each provoked, each in the documented
+/// `{"error": {"code", "status", "message"}}` shape.
+#[test]
+fn the_documented_error_statuses_are_the_servers() {
+    use std::io::{Read, Write};
+    let gw = Gateway::new();
+    let server = gw.serve(&["--demo"]);
+    let credentials = std::fs::read_to_string(gw.data_dir().join("demo-credentials.txt")).unwrap();
+    let token = credentials
+        .lines()
+        .find_map(|l| l.strip_prefix("admin_token = "))
+        .expect("admin_token line")
+        .trim()
+        .to_owned();
+    let send = |head: &str, body: &str| -> (u16, String) {
+        let mut s = std::net::TcpStream::connect(&server.addr).expect("connect");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .ok();
+        write!(
+            s,
+            "{head}\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            server.addr,
+            body.len()
+        )
+        .expect("write");
+        let mut raw = String::new();
+        let _ = s.read_to_string(&mut raw);
+        let status = raw
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, raw)
+    };
+    let json = "\r\nContent-Type: application/json";
+    let big = format!("{{\"as\": \"{}\"}}", "a".repeat(70 * 1024));
+    let cases: Vec<(u16, String, String)> = vec![
+        (
+            400,
+            format!("POST /mailgate/v1/explain HTTP/1.1{json}"),
+            "{".into(),
+        ),
+        (
+            400,
+            format!("POST /mailgate/v1/explain HTTP/1.1{json}"),
+            r#"{"to": "not a list"}"#.into(),
+        ),
+        (
+            400,
+            "GET /mailgate/v1/messages?limit=many HTTP/1.1".into(),
+            String::new(),
+        ),
+        (
+            400,
+            "GET /mailgate/v1/users/%FF HTTP/1.1".into(),
+            String::new(),
+        ),
+        (
+            404,
+            "GET /mailgate/v1/decisions/nope HTTP/1.1".into(),
+            String::new(),
+        ),
+        (
+            404,
+            "GET /mailgate/v1/nothing HTTP/1.1".into(),
+            String::new(),
+        ),
+        (
+            405,
+            "DELETE /mailgate/v1/users/alice@example.com HTTP/1.1".into(),
+            String::new(),
+        ),
+        (
+            413,
+            format!("POST /mailgate/v1/explain HTTP/1.1{json}"),
+            big,
+        ),
+        (
+            415,
+            "POST /mailgate/v1/simulate HTTP/1.1".into(),
+            r#"{"principal": "alice@example.com", "clear": true}"#.into(),
+        ),
+    ];
+    for (want, head, body) in cases {
+        let (status, raw) = send(&head, &body);
+        assert_eq!(status, want, "{head}: {raw}");
+        let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{head}: {e}: {raw}"));
+        assert_eq!(v["error"]["code"], want, "{head}: {raw}");
+        assert!(v["error"]["status"].is_string(), "{head}: {raw}");
+        assert!(v["error"]["message"].is_string(), "{head}: {raw}");
+        if want == 405 {
+            assert!(raw.to_ascii_lowercase().contains("\r\nallow: "), "{raw}");
+        }
+    }
+}
