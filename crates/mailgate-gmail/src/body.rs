@@ -7,9 +7,9 @@
 //!
 //! Discarding happens only for a caller whose credential the engine passed (the doors screen the
 //! request from its headers first), costs no memory (each chunk is dropped as it arrives) and is
-//! bounded in bytes and time; a client that announced more than the cap, or that asked
-//! `Expect: 100-continue` (it waits for the server before sending the body), gets the answer at
-//! once.
+//! bounded in bytes and time ([`DISCARD_IDLE`] without a byte ends it too); a client that
+//! announced more than the cap, or that asked `Expect: 100-continue` (it waits for the server
+//! before sending the body), gets the answer at once.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -23,6 +23,10 @@ pub const DISCARD_MAX_BYTES: u64 = 128 * 1024 * 1024;
 
 /// Longest time spent throwing a refused body away before the answer.
 pub const DISCARD_MAX_TIME: Duration = Duration::from_secs(30);
+
+/// A client that sends nothing for this long while its refused body is thrown away gets the
+/// answer then (it may be waiting for one, without `Expect: 100-continue`).
+pub const DISCARD_IDLE: Duration = Duration::from_secs(2);
 
 /// The `Content-Length` the client announced, if any and valid.
 pub fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -60,7 +64,8 @@ pub async fn discard_rest(headers: &HeaderMap, body: &mut Body, seen: u64) -> u6
     let deadline = tokio::time::Instant::now() + DISCARD_MAX_TIME;
     while total <= DISCARD_MAX_BYTES {
         let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx));
-        match tokio::time::timeout_at(deadline, frame).await {
+        let until = deadline.min(tokio::time::Instant::now() + DISCARD_IDLE);
+        match tokio::time::timeout_at(until, frame).await {
             Ok(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     total = total.saturating_add(data.len() as u64);

@@ -181,7 +181,8 @@ fn unauthenticated_gigabyte_api_keys_post_is_refused_without_reading() {
         );
         assert!(got.elapsed < Duration::from_secs(3), "{:?}", got.elapsed);
     }
-    // With the key, a body announced over the limit is refused before it is read.
+    // With the key, a body announced over the limit is refused, once the rest of it was read and
+    // dropped (bounded; nothing kept), so a client that writes it all first gets the answer.
     let s = TcpStream::connect(&server.addr).unwrap();
     let head = format!(
         "POST /v3/mail/send HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {DEMO_KEY}\r\nContent-Type: application/json",
@@ -193,7 +194,11 @@ fn unauthenticated_gigabyte_api_keys_post_is_refused_without_reading() {
         body_json(&got.answer)["errors"][0]["message"],
         "content too large"
     );
-    assert!(got.written_at_answer < 16 * MB, "{}", got.written_at_answer);
+    assert!(
+        got.written_at_answer >= 30 * MB,
+        "{}",
+        got.written_at_answer
+    );
     let report = probe.finish();
     assert_budget(&server, &report);
 }
