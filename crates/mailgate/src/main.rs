@@ -84,6 +84,9 @@ enum Cmd {
     },
     /// Dry-run a send against the live directory and counters: every check, every remedy.
     ///
+    /// A check whose fact was not given (--ip, --referrer) is shown `?` "not checked": it
+    /// neither passes nor fails, and the verdict says so.
+    ///
     /// Exit status: 0 allowed (or accepted and held), 3 denied, 1 error.
     Explain {
         #[command(flatten)]

@@ -65,8 +65,8 @@ fn pending(detail: &'static str) -> R {
     }
 }
 
-/// Explain mode: the fact the check needs was not given (`give` names the request field, e.g.
-/// `--ip`), so nothing was evaluated.
+/// Explain mode: the fact the check needs was not given, so nothing was evaluated; `detail`
+/// says which request field gives it (`not checked: give --ip ...`).
 fn not_checked(detail: String) -> R {
     R {
         outcome: Outcome::NotChecked,
