@@ -1139,3 +1139,22 @@ fn the_xoauth2_scope_refusal_names_the_token_scope_and_the_delegation() {
         "{m}"
     );
 }
+
+/// docs/smtp.md: the login of AUTH PLAIN/LOGIN is the user's primary address or an alias; either
+/// way the session sends as the user.
+#[test]
+fn an_alias_is_a_login_for_the_users_password() {
+    let (gw, server) = demo();
+    let r = smtplib(
+        &gw,
+        &server.smtps,
+        "implicit",
+        steps(vec![
+            vec![auth("LOGIN", "al@example.com", PW)],
+            send("alice@example.com", "alice@example.com", &["x@example.org"]),
+        ]),
+    );
+    assert_eq!(step(&r, "auth")["code"], 235, "{r:?}");
+    let id = accepted_id(last(&r));
+    assert!(captured(&gw, &id), "message {id} not captured");
+}
