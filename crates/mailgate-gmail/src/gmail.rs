@@ -701,11 +701,15 @@ fn send_as_resources(user: &mailgate_core::directory::User) -> Vec<serde_json::V
 
 #[derive(Debug, Deserialize)]
 struct MessageResource<'a> {
-    /// Borrowed from the body when it has no escapes (base64url has none): a 47 MiB `raw` is
-    /// not copied once more before it is decoded.
     #[serde(borrow)]
-    raw: Option<std::borrow::Cow<'a, str>>,
+    raw: Option<RawField<'a>>,
 }
+
+/// `raw`, borrowed from the body when it has no escapes (base64url has none): a 47 MiB `raw` is
+/// not copied once more before it is decoded. (serde borrows a `Cow` only as a field of its
+/// own, not inside an `Option`, hence the newtype.)
+#[derive(Debug, Deserialize)]
+struct RawField<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
 
 /// `POST /gmail/v1/users/{userId}/messages/send` (JSON body with `raw`).
 pub(crate) async fn send_json(
@@ -730,7 +734,7 @@ pub(crate) async fn send_json(
         Err(ReadFail::Broken) => return unreadable(),
     };
     let raw = match serde_json::from_slice::<MessageResource<'_>>(&body) {
-        Ok(MessageResource { raw: Some(r), .. }) => decode_raw(&r),
+        Ok(MessageResource { raw: Some(r), .. }) => decode_raw(&r.0),
         Ok(_) => Err(
             "'raw' RFC822 payload message string or uploading message via /upload/* URL required"
                 .to_owned(),
@@ -1359,6 +1363,17 @@ mod tests {
         let body = b"--b\nContent-Type: application/json\nMIME-Version: 1.0\n\n{}\n--b\nContent-Type: message/rfc822\n\nTo: a@b.com\r\n\r\nhi\r\n\n--b--\n";
         let m = multipart_message("multipart/related; boundary=b", body).unwrap();
         assert_eq!(m, b"To: a@b.com\r\n\r\nhi\r\n");
+    }
+
+    #[test]
+    fn raw_is_borrowed_from_the_body_unless_escaped() {
+        let m: MessageResource<'_> = serde_json::from_slice(br#"{"raw":"aGk_"}"#).unwrap();
+        assert!(matches!(
+            m.raw,
+            Some(RawField(std::borrow::Cow::Borrowed("aGk_")))
+        ));
+        let m: MessageResource<'_> = serde_json::from_slice(br#"{"raw":"aGk\/"}"#).unwrap();
+        assert_eq!(m.raw.unwrap().0, "aGk/");
     }
 
     #[test]
