@@ -46,7 +46,12 @@ fn a_key_created_with_the_cli_sends_at_once() {
     // The server has loaded the directory; wait past its first poll so the next one is 1.5 s away.
     std::thread::sleep(Duration::from_millis(300));
     let key = new_key(&gw, "alice@example.com", "made by a script");
-    let (status, body) = http_post(&server.addr, "/v3/mail/send", &key, &mail("alice@example.com"));
+    let (status, body) = http_post(
+        &server.addr,
+        "/v3/mail/send",
+        &key,
+        &mail("alice@example.com"),
+    );
     assert_eq!(status, 202, "the new key was refused: {body}");
 }
 
@@ -55,14 +60,29 @@ fn a_suspension_made_with_the_cli_refuses_the_next_send() {
     let gw = Gateway::new();
     let server = serve(&gw);
     let key = new_key(&gw, "alice@example.com", "before the suspension");
-    let (status, body) = http_post(&server.addr, "/v3/mail/send", &key, &mail("alice@example.com"));
+    let (status, body) = http_post(
+        &server.addr,
+        "/v3/mail/send",
+        &key,
+        &mail("alice@example.com"),
+    );
     assert_eq!(status, 202, "{body}");
     gw.ok(&["user", "suspend", "alice@example.com"]);
-    let (status, body) = http_post(&server.addr, "/v3/mail/send", &key, &mail("alice@example.com"));
+    let (status, body) = http_post(
+        &server.addr,
+        "/v3/mail/send",
+        &key,
+        &mail("alice@example.com"),
+    );
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("account.suspended"), "{body}");
     gw.ok(&["user", "unsuspend", "alice@example.com"]);
-    let (status, body) = http_post(&server.addr, "/v3/mail/send", &key, &mail("alice@example.com"));
+    let (status, body) = http_post(
+        &server.addr,
+        "/v3/mail/send",
+        &key,
+        &mail("alice@example.com"),
+    );
     assert_eq!(status, 202, "{body}");
 }
 

@@ -231,11 +231,14 @@ impl Drop for Canary {
     }
 }
 
+/// One successful probe send: when it started and how long it took.
+type Sample = (Instant, Duration);
+
 /// A legitimate client sending in the background while an attack runs: one send every
 /// [`Probe::INTERVAL`], at most [`Probe::MAX_SENDS`], until [`Probe::finish`].
 pub struct Probe {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<(Vec<(Instant, Duration)>, Vec<String>)>>,
+    thread: Option<JoinHandle<(Vec<Sample>, Vec<String>)>>,
     canary: Option<Canary>,
 }
 
