@@ -449,8 +449,8 @@ pub async fn run(
 /// UTF-8 once decoded, a query string that does not deserialize, a body past a limit) are
 /// rewritten into the JSON of the door the path belongs to (SendGrid's `errors[]` with
 /// Mailgate's explanation in `help` and `X-Mailgate-Code`, Google's `error` object with
-/// `errors[]` and Mailgate's `details[]` entry, OAuth's `error`/`error_description`, or the admin
-/// API's with `reason`). A rejection of the request's form carries a reason code: `413` is
+/// `errors[]` and Mailgate's `details[]` entry, OAuth's `error`/`error_description` with a
+/// `mailgate` object, or the admin API's with `reason`). A rejection of the request's form carries a reason code: `413` is
 /// `message.too_large`, any other `4xx` but `404`/`405` (an unknown route or method, which is no
 /// message's fault) is `message.invalid`. The doors' own errors are JSON (or the consent page's
 /// HTML) already and pass untouched.
@@ -552,7 +552,12 @@ async fn framework_errors_in_json(
         p,
         "token" | "revoke" | "tokeninfo" | "oauth2/v4/token" | "oauth2/v3/tokeninfo"
     ) {
-        json!({"error": "invalid_request", "error_description": message})
+        let mut body = json!({"error": "invalid_request", "error_description": message});
+        if let Some(c) = code {
+            // As the token endpoint's own refusals carry it.
+            body["mailgate"] = json!({"code": c, "check": "request", "remedy": remedy});
+        }
+        body
     } else {
         let mut error = json!({
             "code": status.as_u16(),

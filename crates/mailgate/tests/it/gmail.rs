@@ -727,5 +727,15 @@ fn framework_rejections_get_googles_shape_with_a_reason_code() {
             "{body}"
         );
     }
+    // The OAuth endpoints answer in OAuth's shape, with the code as their own refusals carry it.
+    let (status, body) = crate::harness::http_get(
+        &server.addr,
+        "/tokeninfo?access_token=a&access_token=b",
+        None,
+    );
+    assert_eq!(status, 400, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "invalid_request", "{body}");
+    assert_eq!(v["mailgate"]["code"], "message.invalid", "{body}");
     server.stop();
 }
