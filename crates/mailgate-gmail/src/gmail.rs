@@ -842,9 +842,15 @@ pub(crate) async fn send_upload(
 /// envelope around it.
 pub(crate) const MAX_UPLOAD_BODY_BYTES: usize = MAX_MESSAGE_BYTES + 1024 * 1024;
 
-/// The largest body of `messages.send` with JSON: a 35 MiB message is 4/3 as much base64url in
-/// `raw`, plus 1 MiB for the rest of the JSON (line breaks some encoders add included).
-pub(crate) const MAX_JSON_BODY_BYTES: usize = MAX_MESSAGE_BYTES.div_ceil(3) * 4 + 1024 * 1024;
+/// A 35 MiB message as base64url in `raw`: 4/3 as large.
+const MAX_RAW_BASE64_BYTES: usize = MAX_MESSAGE_BYTES.div_ceil(3) * 4;
+
+/// The largest body of `messages.send` with JSON: `raw` for a 35 MiB message, with room for line
+/// breaks every 76 characters (some encoders wrap base64; JSON escapes each `\r\n` as 4
+/// characters: 80/76), plus 1 MiB for the rest of the JSON. The decoded message is held to
+/// 35 MiB whatever its encoding.
+pub(crate) const MAX_JSON_BODY_BYTES: usize =
+    MAX_RAW_BASE64_BYTES + MAX_RAW_BASE64_BYTES / 19 + 1024 * 1024;
 
 /// The largest body of a settings request (a send-as resource is a few hundred bytes).
 pub(crate) const MAX_SETTINGS_BODY_BYTES: usize = 64 * 1024;
@@ -1363,6 +1369,14 @@ mod tests {
         let body = b"--b\nContent-Type: application/json\nMIME-Version: 1.0\n\n{}\n--b\nContent-Type: message/rfc822\n\nTo: a@b.com\r\n\r\nhi\r\n\n--b--\n";
         let m = multipart_message("multipart/related; boundary=b", body).unwrap();
         assert_eq!(m, b"To: a@b.com\r\n\r\nhi\r\n");
+    }
+
+    #[test]
+    fn a_35_mib_message_fits_as_json_raw_even_wrapped_at_76_columns() {
+        let lines = MAX_RAW_BASE64_BYTES.div_ceil(76);
+        let wrapped = MAX_RAW_BASE64_BYTES + lines * r"\r\n".len();
+        assert!(wrapped + r#"{"raw":""}"#.len() <= MAX_JSON_BODY_BYTES);
+        assert!(MAX_UPLOAD_BODY_BYTES > MAX_MESSAGE_BYTES);
     }
 
     #[test]

@@ -195,7 +195,7 @@ pub const MAX_OAUTH_BODY_BYTES: usize = 64 * 1024;
 ///
 /// Bodies: the OAuth routes' forms are read by axum's extractor, at most
 /// [`MAX_OAUTH_BODY_BYTES`]; the Gmail routes read theirs themselves, only once the engine passed
-/// the credential (a 35 MiB message: at most 36 MiB for an upload, 48 MiB of JSON with `raw`;
+/// the credential (a 35 MiB message: at most 36 MiB for an upload, 50 MiB of JSON with `raw`;
 /// 64 KiB for a setting), so no body is buffered for a request without a valid credential. A
 /// body past its limit is read on and dropped ([`body::discard_rest`], bounded) before the `413`.
 pub fn router(state: Arc<GmailState>) -> Router {
