@@ -1,7 +1,7 @@
 //! SMTP replies: the catalogue's text (Google's, byte for byte) followed by Mailgate's reason code,
 //! decision id and, when the whole reply still fits one line, the remedy.
 
-use mailgate_core::catalogue::{Reason, RenderArgs, SMTP_SCOPE_REMEDY};
+use mailgate_core::catalogue::{Reason, RenderArgs};
 use mailgate_core::engine::{Denial, FaultKind};
 
 /// RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets with CRLF.
@@ -97,13 +97,9 @@ pub(crate) fn denial_about(d: &Denial, decision_id: &str, address: Option<&str>)
     } else if let Some(a) = relay_sender(&d.message).filter(|_| relay_ip) {
         text = format!("<{a}>: {text}");
     }
-    // On SMTP the scope is https://mail.google.com/, and a service account's delegation must
-    // grant it too (the engine's remedy names only the token's scope).
-    let remedy = if d.code == Reason::ScopeInsufficient {
-        SMTP_SCOPE_REMEDY
-    } else {
-        d.remedy.as_str()
-    };
+    // The engine's remedy (on SMTP, scope.insufficient names https://mail.google.com/ and the
+    // delegation that must grant it: catalogue::SMTP_SCOPE_REMEDY).
+    let remedy = d.remedy.as_str();
     finish(
         format!(
             "{code} {enhanced} {text} [mailgate: {}, decision {decision_id}]",

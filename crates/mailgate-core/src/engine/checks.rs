@@ -668,10 +668,12 @@ impl<'a> Ctx<'a> {
                     if has_send_scope(scopes, a.door) {
                         pass("token has a send scope")
                     } else {
-                        let need = if a.door.is_smtp() {
-                            SMTP_SCOPE
+                        // SMTP needs https://mail.google.com/, which a service account's
+                        // delegation must grant too: the remedy names both steps.
+                        let remedy = if a.door.is_smtp() {
+                            crate::catalogue::SMTP_SCOPE_REMEDY.to_owned()
                         } else {
-                            "https://www.googleapis.com/auth/gmail.send"
+                            "request the scope https://www.googleapis.com/auth/gmail.send and obtain a new token".to_owned()
                         };
                         fail(
                             format!(
@@ -679,7 +681,7 @@ impl<'a> Ctx<'a> {
                                 scopes.join(" ")
                             ),
                             Fault::new(FaultKind::Credential, self.caller.to_string()),
-                            format!("request the scope {need} and obtain a new token"),
+                            remedy,
                         )
                     }
                 }
@@ -754,11 +756,12 @@ impl<'a> Ctx<'a> {
                     let Some(g) = ix.grant(&sa.client_id) else {
                         return na("no delegation grant");
                     };
-                    let mut wanted = scopes.iter().filter(|s| is_send_scope(s, a.door)).peekable();
-                    if wanted.peek().is_none() {
+                    let wanted: Vec<&String> =
+                        scopes.iter().filter(|s| is_send_scope(s, a.door)).collect();
+                    let Some(first) = wanted.first() else {
                         return na("token has no send scope");
-                    }
-                    if wanted.any(|s| g.scopes.iter().any(|x| x == s)) {
+                    };
+                    if wanted.iter().any(|s| g.scopes.iter().any(|x| x == *s)) {
                         pass("delegation grants the send scope")
                     } else {
                         fail(
@@ -767,8 +770,10 @@ impl<'a> Ctx<'a> {
                                 sa.client_id
                             ),
                             Fault::new(FaultKind::DelegationGrant, sa.client_id.clone()),
+                            // The scope the token asked for (on SMTP, https://mail.google.com/:
+                            // a grant of gmail.send alone does not cover it).
                             format!(
-                                "add https://www.googleapis.com/auth/gmail.send to domain_wide_delegation[{}].scopes {APPLY}",
+                                "add {first} to domain_wide_delegation[{}].scopes {APPLY}",
                                 sa.client_id
                             ),
                         )

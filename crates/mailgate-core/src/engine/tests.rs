@@ -505,7 +505,9 @@ fn cases() -> Vec<Case> {
         Case {
             code: Reason::DelegationScopeNotGranted,
             fault: "domain_wide_delegation[999]",
-            remedy: "domain_wide_delegation[999].scopes",
+            // The scope the token asked for, not gmail.send (regression: the remedy always
+            // named gmail.send, already granted, for a token asking for mail.google.com).
+            remedy: "add https://mail.google.com/ to domain_wide_delegation[999].scopes",
             setup: |a, _, _| {
                 a.credential = sa(Some("alice@example.com"), "https://mail.google.com/")
             },

@@ -968,6 +968,14 @@ with smtplib.SMTP_SSL(host, port, context=tls) as smtp:
         refused["error"]["mailgate"]["code"], "delegation.scope_not_granted",
         "{refused}"
     );
+    // The remedy names the scope the token asked for, not gmail.send (already granted).
+    let remedy = refused["error"]["mailgate"]["remedy"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        remedy.contains("https://mail.google.com/") && !remedy.contains("gmail.send"),
+        "{refused}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
