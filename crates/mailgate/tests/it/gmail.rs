@@ -739,3 +739,33 @@ fn framework_rejections_get_googles_shape_with_a_reason_code() {
     assert_eq!(v["mailgate"]["code"], "message.invalid", "{body}");
     server.stop();
 }
+
+/// A settings body past its 64 KiB limit (a send-as resource is a few hundred bytes) gets
+/// Google's 413 with `message.too_large` and a remedy as an `HttpError` from the real client,
+/// and the next request works.
+#[test]
+fn a_settings_body_past_its_limit_is_googles_413_with_a_reason_code() {
+    let (_gw, server) = demo();
+    const SHARING: &str = "https://www.googleapis.com/auth/gmail.settings.sharing";
+    let r = client(
+        &server,
+        user("alice@example.com", &[SHARING, SETTINGS]),
+        json!([
+            {"do": "send_as_create", "email": "alice.big@example.com", "name": "n".repeat(100_000)},
+            {"do": "send_as_create", "email": "alice.small@example.com", "name": "Small"},
+        ]),
+    );
+    let short: String = r[0].to_string().chars().take(600).collect();
+    assert_eq!(r[0]["kind"], "HttpError", "{short}");
+    assert_eq!(r[0]["status"], 413, "{short}");
+    let d = mailgate_detail(&r[0]);
+    assert_eq!(d["metadata"]["code"], "message.too_large", "{short}");
+    assert!(
+        d["metadata"]["remedy"]
+            .as_str()
+            .is_some_and(|s| s.contains("65536")),
+        "{short}"
+    );
+    assert_eq!(r[1]["ok"], true, "{}", r[1]);
+    server.stop();
+}
