@@ -499,14 +499,19 @@ async fn framework_errors_in_json(
     };
     let p = path.trim_start_matches('/');
     let code = framework_reason(status);
+    let doc = if p.starts_with("v3/") {
+        "docs/sendgrid.md"
+    } else if p.starts_with("mailgate/") {
+        "docs/admin-api.md"
+    } else {
+        "docs/gmail.md"
+    };
     let remedy = match status {
-        StatusCode::PAYLOAD_TOO_LARGE => "send a smaller request body",
+        StatusCode::PAYLOAD_TOO_LARGE => format!("send a smaller request body ({doc})"),
         StatusCode::UNSUPPORTED_MEDIA_TYPE => {
-            "send the Content-Type this route takes (docs/gmail.md, docs/sendgrid.md, docs/admin-api.md)"
+            format!("send the Content-Type this route takes ({doc})")
         }
-        _ => {
-            "fix the request as the message says (docs/gmail.md, docs/sendgrid.md, docs/admin-api.md)"
-        }
+        _ => format!("fix the request as the message says ({doc})"),
     };
     if let Some(code) = code {
         parts.headers.insert(
