@@ -575,12 +575,21 @@ fn record(
         .checks
         .iter()
         .any(|c| c.outcome == Outcome::Pending);
+    // Explain without a fact (no --ip): not "allowed" on the record either.
+    let not_checked = decision
+        .checks
+        .iter()
+        .any(|c| c.outcome == Outcome::NotChecked);
     StoredDecision {
         id: id.to_owned(),
         at_ms: now_ms as i64,
         door: door.to_owned(),
         principal: decision.principal.clone().unwrap_or_default(),
-        verdict: if pending && verdict != "denied" {
+        verdict: if verdict == "denied" {
+            verdict.to_owned()
+        } else if not_checked {
+            "not_checked".to_owned()
+        } else if pending {
             "pending".to_owned()
         } else {
             verdict.to_owned()

@@ -167,6 +167,16 @@ fn explain_over_http_and_the_decision_trace_by_id() {
         .find(|c| c["code"] == "key.ip_blocked")
         .unwrap();
     assert_eq!(ip["outcome"], "not_checked", "{ip}");
+    // Kept on the record as not checked, not as allowed.
+    let id = v["decision_id"].as_str().unwrap();
+    let (status, kept) = crate::harness::http_get(
+        &server.addr,
+        &format!("/mailgate/v1/decisions/{id}"),
+        Some(&token),
+    );
+    assert_eq!(status, 200, "{kept}");
+    let kept: serde_json::Value = serde_json::from_str(&kept).unwrap();
+    assert_eq!(kept["verdict"], "not_checked", "{kept}");
 
     // Bad input: a clear 400 in the admin API's JSON shape.
     let (status, resp) =
