@@ -136,6 +136,9 @@ fn full_scope(s: &str) -> String {
 /// `auth.missing`; this says how to ask the question meant).
 pub(crate) const NO_PRINCIPAL: &str = "no principal given: name the one that sends with --as EMAIL (a user: SMTP login, or an OAuth user with --door gmail), --service-account EMAIL (with --subject EMAIL to act for a user), --api-key-name NAME or --api-key-id ID (an API key), or --relay (the SMTP relay trusting --ip IP)";
 
+/// [`NO_PRINCIPAL`] for `POST /mailgate/v1/explain`, in the body's field names.
+pub(crate) const NO_PRINCIPAL_JSON: &str = "no principal given: name the one that sends with \"as\" (a user: SMTP login, or an OAuth user with \"door\": \"gmail\"), \"service_account\" (with \"subject\" to act for a user), \"api_key_name\" or \"api_key_id\" (an API key), or \"relay\": true (the SMTP relay trusting \"ip\")";
+
 impl ExplainRequest {
     /// [`NO_PRINCIPAL`] when the request names no principal.
     pub(crate) fn principal_hint(&self) -> Option<&'static str> {

@@ -268,7 +268,13 @@ async fn post_explain(
         }
     };
     match crate::explain::explain(&state.gateway, &req).await {
-        Ok(Ok(d)) => Json(mailgate_gateway::decision_json(&d.decision, &d.id)).into_response(),
+        Ok(Ok(d)) => {
+            let mut v = mailgate_gateway::decision_json(&d.decision, &d.id);
+            if let (Some(_), Some(o)) = (req.principal_hint(), v.as_object_mut()) {
+                o.insert("hint".into(), crate::explain::NO_PRINCIPAL_JSON.into());
+            }
+            Json(v).into_response()
+        }
         Ok(Err(bad)) => api_error(StatusCode::BAD_REQUEST, bad.to_string()),
         Err(e) => {
             tracing::error!(error = %e, "explain failed");

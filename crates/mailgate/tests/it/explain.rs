@@ -177,6 +177,27 @@ fn explain_over_http_and_the_decision_trace_by_id() {
     assert_eq!(status, 200, "{kept}");
     let kept: serde_json::Value = serde_json::from_str(&kept).unwrap();
     assert_eq!(kept["verdict"], "not_checked", "{kept}");
+    assert!(v.get("hint").is_none(), "a principal was named: {v}");
+
+    // No principal: the answer says which body fields name one.
+    let (status, resp) = crate::harness::http_post(
+        &server.addr,
+        "/mailgate/v1/explain",
+        &token,
+        r#"{"to": ["x@example.org"]}"#,
+    );
+    assert_eq!(status, 200, "{resp}");
+    let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
+    assert_eq!(v["denial"]["code"], "auth.missing", "{v}");
+    let hint = v["hint"].as_str().unwrap_or_else(|| panic!("no hint: {v}"));
+    for field in [
+        "\"as\"",
+        "\"service_account\"",
+        "\"api_key_name\"",
+        "\"relay\"",
+    ] {
+        assert!(hint.contains(field), "{field}: {hint}");
+    }
 
     // Bad input: a clear 400 in the admin API's JSON shape.
     let (status, resp) =
