@@ -38,6 +38,14 @@ const MAX_LIFETIME_S: i64 = 65 * 60;
 const SHORT_LIVED: &str = "Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe. Check your 'iat' and 'exp' values and use a clock with skew to account for clock differences between systems.";
 const BAD_SIGNATURE: &str = "Invalid JWT Signature.";
 const EXPIRED_OR_REVOKED: &str = "Token has been expired or revoked.";
+/// How long after its `iat` the very same assertion without a `jti` may be exchanged again.
+/// google-auth (Python and Node) and Go's oauth2 sign `iat` in whole seconds and no `jti`, so two
+/// workers of one application that ask for a token with the same key, subject and scopes in
+/// the same second send byte-identical assertions; Google exchanges both. Refusing the second
+/// would refuse a legitimate client (found running the docs' examples side by side); after
+/// these few seconds a repeat is a replay and refused. An assertion with a `jti` is exchanged
+/// once, always (RFC 7523 §3 item 7).
+const SAME_SECOND_GRACE_S: i64 = 10;
 const REPLAYED: &str = "Invalid JWT: this assertion was already exchanged for a token. Sign a new assertion (a new 'iat'/'exp', or a new 'jti') for every token request.";
 const NOT_YET_VALID: &str = "Invalid JWT: Token is not valid yet ('nbf' is in the future). Check the clock of the system that signs the assertions.";
 const CRITICAL_HEADER: &str =
@@ -250,8 +258,11 @@ async fn jwt_bearer(st: &GmailState, form: &TokenForm) -> Result<Response, Respo
     };
     let now_ms = mailgate_gateway::now_ms() as i64;
     let keep_until_ms = claims.exp.saturating_add(LEEWAY_S).saturating_mul(1000);
+    let twin_of_a_fresh_one =
+        claims.jti.is_none() && now_ms / 1000 <= claims.iat + SAME_SECOND_GRACE_S;
     match st.tokens.use_assertion(&key, keep_until_ms, now_ms).await {
         Ok(true) => {}
+        Ok(false) if twin_of_a_fresh_one => {}
         Ok(false) => {
             return Err(refused_credential(
                 st,

@@ -951,7 +951,10 @@ fn jwt_assertion_cannot_be_replayed() {
     let gw = Gateway::new();
     let server = gw.serve(&["--demo"]);
     let (pem, kid) = sa_key(&gw);
-    let a = jwt(&pem, &header(&kid), &claims());
+    // Signed 30 s ago (past the same-second grace: see the next test).
+    let mut signed_earlier = claims();
+    signed_earlier["iat"] = json!(now_s() - 30);
+    let a = jwt(&pem, &header(&kid), &signed_earlier);
     let first = jwt_exchange(&server, &a);
     assert_eq!(first.status, 200, "{}", first.body);
     assert!(first.json()["access_token"].is_string());
@@ -978,6 +981,32 @@ fn jwt_assertion_cannot_be_replayed() {
     let server = gw.serve(&["--demo"]);
     assert_invalid_grant(&jwt_exchange(&server, &a), "already exchanged");
     assert_eq!(jwt_exchange(&server, &fresh).status, 200);
+}
+
+/// Regression: two workers of one application asking for a token in the same second with the
+/// same key, subject and scopes send byte-identical assertions (google-auth signs `iat` in whole
+/// seconds and no `jti`); the second was refused as a replay, which Google does not do. Within a
+/// few seconds of its `iat` the twin is exchanged too, each for a token of its own.
+#[test]
+fn identical_assertions_from_two_workers_in_the_same_second_both_get_a_token() {
+    let gw = Gateway::new();
+    let server = gw.serve(&["--demo"]);
+    let (pem, kid) = sa_key(&gw);
+    let a = jwt(&pem, &header(&kid), &claims());
+    let (one, two) = std::thread::scope(|s| {
+        let one = s.spawn(|| jwt_exchange(&server, &a));
+        let two = s.spawn(|| jwt_exchange(&server, &a));
+        (one.join().unwrap(), two.join().unwrap())
+    });
+    assert_eq!(one.status, 200, "{}", one.body);
+    assert_eq!(two.status, 200, "{}", two.body);
+    assert_ne!(one.json()["access_token"], two.json()["access_token"]);
+    // With a jti, once only, even in the same second.
+    let mut c = claims();
+    c["jti"] = json!("worker-shared-id");
+    let b = jwt(&pem, &header(&kid), &c);
+    assert_eq!(jwt_exchange(&server, &b).status, 200);
+    assert_invalid_grant(&jwt_exchange(&server, &b), "already exchanged");
 }
 
 /// Regression: an unknown `crit` header was accepted (RFC 7515 §4.1.11: it must be refused).
