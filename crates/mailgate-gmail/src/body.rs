@@ -12,10 +12,12 @@
 //! before sending the body), gets the answer at once.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, HttpBody as _};
 use axum::http::{HeaderMap, header};
+use mailgate_gateway::budget::{MemoryBudget, MemoryLease};
 
 /// Most bytes of a refused body read and thrown away before the answer (whatever was read before
 /// the refusal included).
@@ -86,37 +88,92 @@ pub(crate) enum ReadFail {
     TooLarge(u64),
     /// The client went away or sent a broken chunk.
     Broken,
+    /// The process's memory budget for message bodies is spent (`server.busy`, 503): nothing
+    /// was kept; the client may retry.
+    Busy,
 }
 
+/// A message body read in full, with the memory it holds reserved from the process budget
+/// (released when this is dropped: keep it until the message is stored).
+pub(crate) struct Held {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) lease: Option<MemoryLease>,
+}
+
+/// Memory is reserved in steps of this size while a body of unknown length arrives.
+const RESERVE_STEP: usize = 1024 * 1024;
+
 /// Reads a request body of at most `limit` bytes. Beyond it, the rest is discarded (see
-/// [`discard_rest`]) and the size reported. Called only once the credential passed.
+/// [`discard_rest`]) and the size reported. Called only once the credential passed. With
+/// `memory`, what is buffered is reserved from that budget (the one SMTP and the SendGrid door
+/// share) times `factor` (the copies the caller makes while it decodes, e.g. 2 for JSON `raw`:
+/// the body and the decoded message), and refused as [`ReadFail::Busy`] when it is spent.
 pub(crate) async fn read(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Vec<u8>, ReadFail> {
+    read_held(headers, body, limit, None, 1)
+        .await
+        .map(|h| h.bytes)
+}
+
+/// [`read`] within the memory budget.
+pub(crate) async fn read_held(
     headers: &HeaderMap,
     mut body: Body,
     limit: usize,
-) -> Result<Vec<u8>, ReadFail> {
+    memory: Option<&Arc<MemoryBudget>>,
+    factor: usize,
+) -> Result<Held, ReadFail> {
     let declared = content_length(headers);
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ReadFail::TooLarge(
             discard_rest(headers, &mut body, 0).await,
         ));
     }
+    let first = declared.map_or(RESERVE_STEP.min(limit), |n| n as usize);
+    let mut lease = match memory {
+        Some(m) => match m.try_reserve(first.saturating_mul(factor)) {
+            Some(l) => Some(l),
+            None => {
+                // Read and drop the body (bounded) so the client gets the 503 to retry on
+                // rather than a broken pipe.
+                discard_rest(headers, &mut body, 0).await;
+                return Err(ReadFail::Busy);
+            }
+        },
+        None => None,
+    };
     let mut out = Vec::with_capacity(declared.map_or(0, |n| n as usize).min(limit));
     loop {
         let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
         match frame {
-            None => return Ok(out),
+            None => {
+                return Ok(Held { bytes: out, lease });
+            }
             Some(Err(_)) => return Err(ReadFail::Broken),
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     if out.len().saturating_add(data.len()) > limit {
                         let seen = (out.len() + data.len()) as u64;
-                        // Free what was buffered before reading on.
-                        drop(out);
-                        drop(data);
+                        // Free what was buffered (and its reservation) before reading on.
+                        drop((out, data, lease));
                         return Err(ReadFail::TooLarge(
                             discard_rest(headers, &mut body, seen).await,
                         ));
+                    }
+                    let needed = (out.len() + data.len()).saturating_mul(factor);
+                    if let Some(l) = lease.as_mut()
+                        && needed > l.bytes()
+                    {
+                        let more = (needed - l.bytes()).max(RESERVE_STEP.saturating_mul(factor));
+                        if !l.grow(more) {
+                            let seen = (out.len() + data.len()) as u64;
+                            drop((out, data, lease));
+                            discard_rest(headers, &mut body, seen).await;
+                            return Err(ReadFail::Busy);
+                        }
                     }
                     out.extend_from_slice(&data);
                 }

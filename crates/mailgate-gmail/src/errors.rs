@@ -287,12 +287,20 @@ pub(crate) const STORE_UNAVAILABLE: &str = "store.unavailable";
 /// down, with `Retry-After` and Mailgate's reason (`store.unavailable`), so clients retry
 /// instead of giving up.
 pub(crate) fn unavailable() -> Response {
-    let reason = Reason::StoreUnavailable;
+    temporary(Reason::StoreUnavailable, "store", STORE_RETRY_AFTER_SECS)
+}
+
+/// The process holds as many message bodies in memory as its budget allows
+/// (`limits.data_memory_bytes`): 503 `UNAVAILABLE` with `Retry-After` and `server.busy`; nothing
+/// of the request was kept.
+pub(crate) fn busy() -> Response {
+    temporary(Reason::ServerBusy, "limits.data_memory_bytes", 2)
+}
+
+/// A temporary refusal that is not a decision (the service's state, not the caller's rules).
+fn temporary(reason: Reason, object_at_fault: &str, retry_after_secs: u64) -> Response {
     let mut headers = HeaderMap::new();
-    headers.insert(
-        header::RETRY_AFTER,
-        HeaderValue::from(STORE_RETRY_AFTER_SECS),
-    );
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
     match reason.gmail_reply(&RenderArgs::default()) {
         Some(reply) => google_error(
             &reply,
@@ -300,7 +308,7 @@ pub(crate) fn unavailable() -> Response {
             Some(Explanation {
                 code: reason.code(),
                 check: reason.spec().stage.as_str(),
-                object_at_fault: "store".into(),
+                object_at_fault: object_at_fault.into(),
                 remedy: reason.spec().remedy,
                 decision_id: None,
             }),

@@ -727,12 +727,17 @@ pub(crate) async fn send_json(
     if let Err(r) = screen_before_body(&st, &attempt).await {
         return r;
     }
-    let body = match crate::body::read(&headers, body, MAX_JSON_BODY_BYTES).await {
-        Ok(b) => b,
-        // base64 makes 3 bytes of message 4 bytes of `raw`.
-        Err(ReadFail::TooLarge(n)) => return oversize(&st, attempt, n / 4 * 3).await,
-        Err(ReadFail::Broken) => return unreadable(),
-    };
+    // Reserved twice over: the JSON and the message decoded from it live together.
+    let memory = st.gateway.budget().data_memory().clone();
+    let held =
+        match crate::body::read_held(&headers, body, MAX_JSON_BODY_BYTES, Some(&memory), 2).await {
+            Ok(b) => b,
+            // base64 makes 3 bytes of message 4 bytes of `raw`.
+            Err(ReadFail::TooLarge(n)) => return oversize(&st, attempt, n / 4 * 3).await,
+            Err(ReadFail::Broken) => return unreadable(),
+            Err(ReadFail::Busy) => return crate::errors::busy(),
+        };
+    let crate::body::Held { bytes: body, lease } = held;
     let raw = match serde_json::from_slice::<MessageResource<'_>>(&body) {
         Ok(MessageResource { raw: Some(r), .. }) => decode_raw(&r.0),
         Ok(_) => Err(
@@ -742,7 +747,9 @@ pub(crate) async fn send_json(
         Err(e) => Err(format!("Invalid JSON payload received. {e}")),
     };
     drop(body);
-    send(&st, attempt, raw).await
+    let answer = send(&st, attempt, raw).await;
+    drop(lease);
+    answer
 }
 
 /// `POST /upload/gmail/v1/users/{userId}/messages/send` (media, multipart or resumable start),
@@ -780,34 +787,37 @@ pub(crate) async fn send_upload(
                 "Upload session not found or expired.",
             );
         }
-        return match crate::body::read(&headers, body, MAX_UPLOAD_BODY_BYTES).await {
-            Ok(b) => send(&st, attempt, Ok(b)).await,
+        return match read_message(&st, &headers, body).await {
+            Ok(b) => send_held(&st, attempt, b).await,
             Err(ReadFail::TooLarge(n)) => oversize(&st, attempt, n).await,
             Err(ReadFail::Broken) => unreadable(),
+            Err(ReadFail::Busy) => crate::errors::busy(),
         };
     }
     match q.upload_type.as_deref() {
-        Some("media") | None => {
-            match crate::body::read(&headers, body, MAX_UPLOAD_BODY_BYTES).await {
-                Ok(b) => send(&st, attempt, Ok(b)).await,
-                Err(ReadFail::TooLarge(n)) => oversize(&st, attempt, n).await,
-                Err(ReadFail::Broken) => unreadable(),
-            }
-        }
+        Some("media") | None => match read_message(&st, &headers, body).await {
+            Ok(b) => send_held(&st, attempt, b).await,
+            Err(ReadFail::TooLarge(n)) => oversize(&st, attempt, n).await,
+            Err(ReadFail::Broken) => unreadable(),
+            Err(ReadFail::Busy) => crate::errors::busy(),
+        },
         Some("multipart") => {
             let ct = headers
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_owned();
-            match crate::body::read(&headers, body, MAX_UPLOAD_BODY_BYTES).await {
-                Ok(b) => {
-                    let message = multipart_message(&ct, &b);
-                    drop(b);
-                    send(&st, attempt, message).await
+            match read_message(&st, &headers, body).await {
+                Ok(held) => {
+                    let message = multipart_message(&ct, &held.bytes);
+                    let lease = held.lease;
+                    let answer = send(&st, attempt, message).await;
+                    drop(lease);
+                    answer
                 }
                 Err(ReadFail::TooLarge(n)) => oversize(&st, attempt, n).await,
                 Err(ReadFail::Broken) => unreadable(),
+                Err(ReadFail::Busy) => crate::errors::busy(),
             }
         }
         Some("resumable") => {
@@ -893,6 +903,7 @@ async fn read_small(headers: &HeaderMap, body: RequestBody) -> Result<Vec<u8>, R
         .map_err(|e| match e {
             ReadFail::TooLarge(_) => too_large(MAX_SETTINGS_BODY_BYTES),
             ReadFail::Broken => unreadable(),
+            ReadFail::Busy => crate::errors::busy(),
         })
 }
 
@@ -1079,6 +1090,25 @@ fn parse(raw: &[u8]) -> Parsed {
         recipients,
         problem,
     }
+}
+
+/// Reads an uploaded message within the process's memory budget for message bodies (reserved
+/// twice over: the body and what is built from it while the message is stored).
+async fn read_message(
+    st: &GmailState,
+    headers: &HeaderMap,
+    body: RequestBody,
+) -> Result<crate::body::Held, ReadFail> {
+    let memory = st.gateway.budget().data_memory().clone();
+    crate::body::read_held(headers, body, MAX_UPLOAD_BODY_BYTES, Some(&memory), 2).await
+}
+
+/// [`send`] of an uploaded message, its memory reservation held until the answer.
+async fn send_held(st: &GmailState, attempt: SendAttempt, held: crate::body::Held) -> Response {
+    let crate::body::Held { bytes, lease } = held;
+    let answer = send(st, attempt, Ok(bytes)).await;
+    drop(lease);
+    answer
 }
 
 async fn send(st: &GmailState, mut attempt: SendAttempt, raw: Result<Vec<u8>, String>) -> Response {

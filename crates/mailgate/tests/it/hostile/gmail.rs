@@ -12,6 +12,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -1287,4 +1288,58 @@ fn suspension_stops_a_token_without_the_send_scope() {
         "{}",
         r.body
     );
+}
+
+/// Regression (issue 13 review): the Gmail door's message bodies (up to 35 MiB of message, 47 MiB
+/// as JSON `raw`) were not reserved from the process's budget for message bodies, so a few
+/// concurrent authenticated sends held some 85 MiB each. Now each is reserved twice over (the
+/// JSON and the decoded message) before it is buffered, and a send the budget cannot take gets
+/// Google's 503 with `Retry-After` and `server.busy`, after its body was read and dropped.
+#[test]
+fn four_concurrent_34mib_json_sends_stay_within_the_body_budget() {
+    let gw = Gateway::new();
+    let server = super::serve_demo(&gw, "");
+    let token = user_token(&server, "alice@example.com");
+    // A From alice may not use: the message is read and decoded, then refused; nothing stored.
+    let mut msg = b"From: ceo@evil.test\r\nTo: x@example.org\r\nSubject: big\r\n\r\n".to_vec();
+    let line = format!("{}\r\n", "z".repeat(998));
+    while msg.len() < 34 * 1024 * 1024 {
+        msg.extend_from_slice(line.as_bytes());
+    }
+    let body = Arc::new(format!(r#"{{"raw":"{}"}}"#, b64(&msg)).into_bytes());
+    drop(msg);
+    let probe = Probe::relay(&server);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, body, token) = (server.addr.clone(), body.clone(), token.clone());
+            super::attacker(move || {
+                http(
+                    &addr,
+                    None,
+                    "POST",
+                    "/gmail/v1/users/me/messages/send",
+                    &[
+                        bearer(&token),
+                        ("Content-Type", "application/json".to_owned()),
+                    ],
+                    &body,
+                )
+            })
+        })
+        .collect();
+    let mut busy = 0;
+    for t in threads {
+        let r = t.join().unwrap();
+        let code = r.json()["error"]["details"][0]["reason"].clone();
+        if r.status == 503 {
+            assert_eq!(code, "server.busy", "{}", r.body);
+            assert!(r.header("retry-after").is_some(), "{r:?}");
+            busy += 1;
+        } else {
+            assert_eq!(code, "sender.not_owned", "{} {}", r.status, r.body);
+        }
+    }
+    assert!(busy > 0, "four 94 MiB reservations fit a 128 MiB budget?");
+    let report = probe.finish();
+    assert_budget(&server, &report);
 }
