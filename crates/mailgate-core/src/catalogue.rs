@@ -917,7 +917,7 @@ static CATALOGUE: [ReasonSpec; 43] = [
         smtp: s(452, "4.5.3", "Your message has too many recipients."),
         sendgrid: sg_field(
             400,
-            "There is a limit of {limit} total recipients (to + cc + bcc) per request.",
+            "There is a limit of {limit} recipients (to + cc + bcc) per personalization: Mailgate makes one message per personalization, and limits.recipients_per_message allows {limit} recipients per message.",
             "personalizations",
         ),
     },
