@@ -95,6 +95,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// What an error message means: paste one (or a whole error body) from Google's Gmail API
+    /// or token endpoint, SendGrid, an SMTP server or Mailgate, and get its causes, most likely
+    /// first, each with how to confirm it, the remedy and the reason code (docs/why.md).
+    ///
+    /// Needs no server and no store. Exit status: 0 understood, 3 unknown (the questions that
+    /// narrow it down are printed), 1 error.
+    Why {
+        /// The error text; `-` reads standard input.
+        text: String,
+        /// Machine-readable output (the same JSON as `POST /mailgate/v1/why`).
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the directory in the directory-file format (secrets only as hashes).
     Export {
         /// Write to this file instead of standard output.
@@ -260,6 +273,19 @@ fn main() -> std::process::ExitCode {
     // Everything Mailgate creates (database, WAL, keys, credentials) is private to its owner.
     files::private_umask();
     let cli = Cli::parse();
+    // `why` reads no configuration and opens no store: it works where nothing else is set up.
+    if let Cmd::Why { text, json } = &cli.cmd {
+        return match why(text, *json) {
+            Ok(code) => {
+                stdout::flush();
+                code
+            }
+            Err(e) => {
+                eprintln!("mailgate: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let config = match Config::load(cli.config.as_deref(), cli.data_dir.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -405,6 +431,7 @@ async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode>
                 Err(bad) => bail!("explain: {bad}"),
             }
         }
+        Cmd::Why { text, json } => return why(&text, json),
         Cmd::Export { output } => {
             let yaml = admin::export(store.as_ref()).await?;
             match output {
@@ -428,6 +455,25 @@ async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode>
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// `mailgate why`: exit 0 when the text is understood, 3 when it is unknown.
+fn why(text: &str, json: bool) -> anyhow::Result<std::process::ExitCode> {
+    let text = if text == "-" {
+        read_input(Path::new("-"))?
+    } else {
+        text.to_owned()
+    };
+    let understood = !mailgate_core::why::why(&text).is_empty();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&mailgate_core::why::why_json(&text))?
+        );
+    } else {
+        print!("{}", mailgate_core::why::why_text(&text));
+    }
+    Ok(std::process::ExitCode::from(if understood { 0 } else { 3 }))
 }
 
 fn read_input(path: &Path) -> anyhow::Result<String> {

@@ -56,6 +56,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/mailgate/v1/users/{email}", get(get_user))
         .route("/mailgate/v1/explain", post(post_explain))
+        .route("/mailgate/v1/why", post(post_why))
         .route("/mailgate/v1/decisions/{id}", get(get_decision))
         .route("/mailgate/v1/budget", get(get_budget))
         .route(
@@ -280,6 +281,23 @@ async fn post_explain(
             tracing::error!(error = %e, "explain failed");
             api_error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
         }
+    }
+}
+
+/// The body of `POST /mailgate/v1/why`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WhyRequest {
+    /// The error text or body to explain.
+    text: String,
+}
+
+/// What an error text means (`mailgate why --json`, docs/why.md): always `200`, with
+/// `understood: false` and the questions for a text the table does not know.
+async fn post_why(_admin: Admin, body: Result<Json<WhyRequest>, JsonRejection>) -> Response {
+    match body {
+        Ok(Json(req)) => Json(mailgate_core::why::why_json(&req.text)).into_response(),
+        Err(e) => api_error(json_rejection_status(&e), format!("why: {}", e.body_text())),
     }
 }
 

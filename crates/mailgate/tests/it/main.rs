@@ -21,3 +21,4 @@ mod remedies;
 mod sendgrid;
 mod serve;
 mod smtp;
+mod why;
