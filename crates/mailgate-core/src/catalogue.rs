@@ -157,7 +157,7 @@ pub enum Reason {
     MessageBareNewline,
 }
 
-/// How the Gmail-compatible door answers (google.rpc error body, see gmail-wire.md §2).
+/// How the Gmail-compatible door answers (google.rpc error body, see docs/gmail.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GmailSpec {
     /// HTTP status.
@@ -178,7 +178,7 @@ pub struct GmailSpec {
     pub message: &'static str,
 }
 
-/// How the OAuth token endpoint answers (`{"error", "error_description"}`, gmail-wire.md §4).
+/// How the OAuth token endpoint answers (`{"error", "error_description"}`, docs/gmail.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TokenSpec {
     /// HTTP status.
@@ -189,7 +189,7 @@ pub struct TokenSpec {
     pub description: &'static str,
 }
 
-/// How the SMTP doors answer (gmail-wire.md §8).
+/// How the SMTP doors answer (docs/smtp.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SmtpSpec {
     /// Basic reply code.
@@ -200,7 +200,7 @@ pub struct SmtpSpec {
     pub text: &'static str,
 }
 
-/// How the SendGrid-compatible door answers (sendgrid-wire.md §3).
+/// How the SendGrid-compatible door answers (docs/sendgrid.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SendGridSpec {
     /// HTTP status.

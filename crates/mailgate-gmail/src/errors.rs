@@ -19,7 +19,7 @@ pub(crate) struct Explanation<'a> {
     pub(crate) decision_id: Option<&'a str>,
 }
 
-/// Renders a Google error body (the shape of gmail-wire.md §2).
+/// Renders a Google error body (the shape of docs/gmail.md).
 pub(crate) fn google_error(
     reply: &GmailReply,
     method: &str,

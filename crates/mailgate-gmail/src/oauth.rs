@@ -2,7 +2,7 @@
 //! accounts with domain-wide delegation, `authorization_code` with PKCE, rotating
 //! `refresh_token`), `POST /revoke`, `GET /tokeninfo`, and a minimal login + consent page at
 //! `/o/oauth2/auth`. Tokens are opaque; only their SHA-256 is stored, so revocation is immediate.
-//! Errors use Google's `{"error", "error_description"}` bodies and statuses (gmail-wire.md §4).
+//! Errors use Google's `{"error", "error_description"}` bodies and statuses (docs/gmail.md).
 //!
 //! JWTs are verified per RFC 8725: the algorithm is pinned to RS256 (no `none`, no HMAC
 //! confusion), the key is the issuer's registered key (by `kid` when given), and `aud`, `iss`,

@@ -1,4 +1,4 @@
-//! `POST /v3/mail/send`: the request as the official clients emit it (sendgrid-wire.md §1–2),
+//! `POST /v3/mail/send`: the request as the official clients emit it (docs/sendgrid.md),
 //! validated with SendGrid's messages and field paths (every problem at once), turned into one
 //! MIME message per personalization (mail-builder), decided by the engine and stored by the
 //! gateway before the `202`.

@@ -168,7 +168,7 @@ fn bearer_token(auth: &str) -> Option<String> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| token.to_owned())
 }
 
-/// The XOAUTH2 failure challenge Google sends before its 535 (gmail-wire.md §8.2), base64.
+/// The XOAUTH2 failure challenge Google sends before its 535 (docs/smtp.md), base64.
 pub fn xoauth2_challenge() -> String {
     STANDARD.encode(br#"{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}"#)
 }

@@ -1,4 +1,4 @@
-//! The checks of causes.md rows 1–37, in order. Each check is a pure function of the resolved
+//! The checks of the catalogue's rows (docs/reasons.md), in order. Each check is a pure function of the resolved
 //! context ([`Ctx`]), never of an earlier check's outcome, so enforcement (stop at the first
 //! failure) and explain (run all) agree on the first failure by construction.
 

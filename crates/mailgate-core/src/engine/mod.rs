@@ -6,7 +6,7 @@
 //!                                                      door accepts? --> commit(&decision, counters, now)
 //! ```
 //!
-//! * The checks are the rows 1–37 of `causes.md`, evaluated in that order; each check is named by
+//! * The checks are the rows of the catalogue (docs/reasons.md), evaluated in that order; each check is named by
 //!   the reason code it can produce ([`Reason`]).
 //! * [`Mode::Enforce`] stops at the first failing check (the trace holds the checks run so far);
 //!   [`Mode::Explain`] runs every check and gives every failure its own remedy.
@@ -40,7 +40,7 @@ pub use counters::{Admission, Charge, Counters, CountersError, MemoryCounters, U
 pub use index::{DirectoryIndex, Ownership};
 pub use inject::{InjectedFault, apply_injected};
 
-/// Scopes that allow `users.messages.send` (gmail-wire.md §1.5).
+/// Scopes that allow `users.messages.send` (docs/gmail.md).
 pub const SEND_SCOPES: [&str; 5] = [
     "https://mail.google.com/",
     "https://www.googleapis.com/auth/gmail.modify",
@@ -49,7 +49,7 @@ pub const SEND_SCOPES: [&str; 5] = [
     "https://www.googleapis.com/auth/gmail.addons.current.action.compose",
 ];
 
-/// The only scope XOAUTH2 on SMTP accepts (gmail-wire.md §5).
+/// The only scope XOAUTH2 on SMTP accepts (docs/smtp.md).
 pub const SMTP_SCOPE: &str = "https://mail.google.com/";
 
 /// The API name of the SMTP doors in `api_keys[].allowed_apis`.
