@@ -15,6 +15,16 @@ fn mail(from: &str) -> String {
     )
 }
 
+/// One SendGrid send from alice@example.com with `key`: (status, body).
+fn send_as_alice(server: &crate::harness::Server, key: &str) -> (u16, String) {
+    http_post(
+        &server.addr,
+        "/v3/mail/send",
+        key,
+        &mail("alice@example.com"),
+    )
+}
+
 fn serve(gw: &Gateway) -> crate::harness::Server {
     gw.ok(&["apply", "-f", example_org().to_str().expect("utf-8 path")]);
     gw.serve_with(SLOW_POLL, &["--demo"])
@@ -46,12 +56,7 @@ fn a_key_created_with_the_cli_sends_at_once() {
     // The server has loaded the directory; wait past its first poll so the next one is 1.5 s away.
     std::thread::sleep(Duration::from_millis(300));
     let key = new_key(&gw, "alice@example.com", "made by a script");
-    let (status, body) = http_post(
-        &server.addr,
-        "/v3/mail/send",
-        &key,
-        &mail("alice@example.com"),
-    );
+    let (status, body) = send_as_alice(&server, &key);
     assert_eq!(status, 202, "the new key was refused: {body}");
 }
 
@@ -60,60 +65,45 @@ fn a_suspension_made_with_the_cli_refuses_the_next_send() {
     let gw = Gateway::new();
     let server = serve(&gw);
     let key = new_key(&gw, "alice@example.com", "before the suspension");
-    let (status, body) = http_post(
-        &server.addr,
-        "/v3/mail/send",
-        &key,
-        &mail("alice@example.com"),
-    );
+    let (status, body) = send_as_alice(&server, &key);
     assert_eq!(status, 202, "{body}");
     gw.ok(&["user", "suspend", "alice@example.com"]);
-    let (status, body) = http_post(
-        &server.addr,
-        "/v3/mail/send",
-        &key,
-        &mail("alice@example.com"),
-    );
+    let (status, body) = send_as_alice(&server, &key);
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("account.suspended"), "{body}");
     gw.ok(&["user", "unsuspend", "alice@example.com"]);
-    let (status, body) = http_post(
-        &server.addr,
-        "/v3/mail/send",
-        &key,
-        &mail("alice@example.com"),
-    );
+    let (status, body) = send_as_alice(&server, &key);
     assert_eq!(status, 202, "{body}");
+}
+
+/// Times `mailgate user suspend` once `stop` has ended the server: it must not wait for it.
+fn assert_cli_does_not_wait_after(stop: impl FnOnce(crate::harness::Server), how: &str) {
+    let gw = Gateway::new();
+    let server = serve(&gw);
+    // Its row is written at start.
+    std::thread::sleep(Duration::from_millis(300));
+    stop(server);
+    let t = Instant::now();
+    gw.ok(&["user", "suspend", "bob@example.com"]);
+    assert!(
+        t.elapsed() < Duration::from_millis(1_000),
+        "the CLI waited {:?} for a server that was {how}",
+        t.elapsed()
+    );
 }
 
 #[test]
 fn a_killed_server_does_not_make_the_cli_wait() {
-    let gw = Gateway::new();
-    let mut server = serve(&gw);
-    // Its row is written at start.
-    std::thread::sleep(Duration::from_millis(300));
-    server.kill9();
-    let t = Instant::now();
-    gw.ok(&["user", "suspend", "bob@example.com"]);
-    assert!(
-        t.elapsed() < Duration::from_millis(1_000),
-        "the CLI waited {:?} for a server that is gone",
-        t.elapsed()
-    );
+    assert_cli_does_not_wait_after(|mut s| s.kill9(), "killed");
 }
 
 #[test]
 fn a_stopped_server_does_not_make_the_cli_wait() {
-    let gw = Gateway::new();
-    let server = serve(&gw);
-    std::thread::sleep(Duration::from_millis(300));
-    let (clean, _, stderr) = server.stop();
-    assert!(clean, "{stderr}");
-    let t = Instant::now();
-    gw.ok(&["user", "suspend", "bob@example.com"]);
-    assert!(
-        t.elapsed() < Duration::from_millis(1_000),
-        "the CLI waited {:?} for a server that stopped",
-        t.elapsed()
+    assert_cli_does_not_wait_after(
+        |s| {
+            let (clean, _, stderr) = s.stop();
+            assert!(clean, "{stderr}");
+        },
+        "stopped",
     );
 }
