@@ -1101,6 +1101,18 @@ pub fn why(text: &str) -> Vec<Match> {
             }],
         }];
     }
+    table_matches(&norm)
+}
+
+/// Every matching row of [`TABLE`] for `text`, ignoring a Mailgate reason code it may carry:
+/// what the text would mean had a real Google, SendGrid or SMTP server sent it (`mailgate
+/// doctor` diagnoses from this, so it reads Mailgate's answers as it reads the real services').
+pub fn why_table(text: &str) -> Vec<Match> {
+    table_matches(&normalize(text))
+}
+
+fn table_matches(norm: &str) -> Vec<Match> {
+    let norm = norm.to_owned();
     // Each matching row with the places its patterns occur.
     let hits: Vec<Hit<'_>> = TABLE
         .iter()

@@ -101,6 +101,38 @@ pub fn self_signed(names: &[&str]) -> Result<(String, String), TlsError> {
     Ok((cert.cert.pem(), cert.signing_key.serialize_pem()))
 }
 
+/// A client configuration with Mailgate's policy (TLS 1.3 and 1.2 only, aws-lc-rs): the public
+/// web PKI roots (webpki-roots, so the result does not depend on the machine's store) plus every
+/// certificate of `extra_roots_pem` (a private CA or a self-signed server certificate), offering
+/// `alpn`. Smarthost connections and `mailgate doctor` use it.
+pub fn client_config(
+    extra_roots_pem: Option<&[u8]>,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(pem) = extra_roots_pem {
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            roots.add(cert.map_err(|e| pem_err("CA certificate", "(PEM)", e))?)?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(TlsError::Pem {
+                what: "CA certificate",
+                path: "(PEM)".into(),
+                reason: "no CERTIFICATE block".into(),
+            });
+        }
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
 /// The negotiated version as Mailgate names it (`1.2`, `1.3`).
 pub fn version_name(v: rustls::ProtocolVersion) -> &'static str {
     match v {

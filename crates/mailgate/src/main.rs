@@ -23,6 +23,7 @@ macro_rules! print {
 
 mod admin;
 mod config;
+mod doctor;
 mod explain;
 mod files;
 mod listen;
@@ -108,6 +109,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Diagnose a real set-up step by step: Google's Gmail API (service account or user
+    /// consent), SendGrid, an SMTP server, or a Mailgate speaking any of them (docs/doctor.md).
+    ///
+    /// Needs no server and no store. Every problem found is named with its reason code and
+    /// remedy; secrets are never printed. Exit status: 0 all good, 3 problems found, 1 could
+    /// not run.
+    #[command(subcommand)]
+    Doctor(doctor::DoctorCmd),
     /// Print the directory in the directory-file format (secrets only as hashes).
     Export {
         /// Write to this file instead of standard output.
@@ -286,6 +295,16 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
+    // Neither does `doctor`: it probes someone else's set-up.
+    if let Cmd::Doctor(cmd) = cli.cmd {
+        return match doctor::run(cmd) {
+            Ok(code) => std::process::ExitCode::from(code),
+            Err(e) => {
+                eprintln!("mailgate doctor: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let config = match Config::load(cli.config.as_deref(), cli.data_dir.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -432,6 +451,7 @@ async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode>
             }
         }
         Cmd::Why { text, json } => return why(&text, json),
+        Cmd::Doctor(_) => bail!("doctor runs before the configuration is read"),
         Cmd::Export { output } => {
             let yaml = admin::export(store.as_ref()).await?;
             match output {
