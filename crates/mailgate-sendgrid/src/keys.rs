@@ -37,7 +37,7 @@ pub(crate) fn full_access() -> Vec<String> {
 }
 
 /// The calling key, once the engine accepted the credential and it holds `scope`.
-async fn authorize(
+pub(crate) async fn authorize(
     st: &SendgridState,
     conn: &ConnFacts,
     headers: &HeaderMap,

@@ -1,6 +1,7 @@
 //! The SendGrid-compatible front door: `POST /v3/mail/send` as the official clients
 //! (sendgrid-python, @sendgrid/mail, sendgrid-go) call it, the API key management API
-//! (`/v3/api_keys`, `/v3/scopes`) and IP Access Management (`/v3/access_settings/whitelist`).
+//! (`/v3/api_keys`, `/v3/scopes`), IP Access Management (`/v3/access_settings/whitelist`) and,
+//! read-only, the sender identities (`/v3/verified_senders`, `/v3/whitelabel/domains`).
 //!
 //! A thin adapter like the Gmail door: it authenticates the `Bearer` key (SHA-256 lookup), turns
 //! each personalization into a `SendAttempt`, asks the gateway, and renders the decision exactly as
@@ -17,6 +18,7 @@ mod body;
 mod errors;
 mod keys;
 mod mail;
+mod senders;
 mod wire;
 
 use std::sync::Arc;
@@ -197,6 +199,8 @@ pub fn router(state: Arc<SendgridState>) -> Router {
         "/v3/access_settings/whitelist/{rule_id}",
         get(keys::whitelist_get).delete(keys::whitelist_delete_one),
     );
+    r = both(r, "/v3/verified_senders", get(senders::verified_senders));
+    r = both(r, "/v3/whitelabel/domains", get(senders::domains));
     r = both(r, "/v3/{*rest}", any(keys::not_found));
     // Handlers read bodies themselves, after the key (`body::read`, with each route's limit);
     // this limit only guards any extractor added later.

@@ -89,7 +89,7 @@ pub(crate) struct SendgridArgs {
     #[arg(long)]
     from: Option<String>,
     /// The SendGrid API (default SendGrid's; point it at a Mailgate to diagnose that).
-    #[arg(long, default_value = "https://api.sendgrid.com")]
+    #[arg(long, default_value = sendgrid::SENDGRID_ENDPOINT)]
     endpoint: String,
     #[command(flatten)]
     common: Common,

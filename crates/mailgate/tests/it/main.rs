@@ -10,6 +10,7 @@ mod admin_api;
 mod crash;
 mod directory;
 mod docs;
+mod doctor_sendgrid;
 mod explain;
 mod gmail;
 mod harness;
