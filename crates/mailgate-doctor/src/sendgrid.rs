@@ -1066,6 +1066,62 @@ mod tests {
     }
 
     #[test]
+    fn limits_are_named_and_their_headers_shown() {
+        let scopes = KeyState::Scopes(vec!["mail.send".into()]);
+        let credits = answer(
+            401,
+            r#"{"errors":[{"message":"Maximum credits exceeded","field":null,"help":null}]}"#,
+        );
+        assert_eq!(
+            send_step(&credits, "a@b.test", &scopes, SenderFinding::Fine)
+                .diagnosis
+                .map(|d| d.code),
+            Some(Reason::LimitDailyMessages)
+        );
+        let many = answer(
+            429,
+            r#"{"errors":[{"message":"too many requests","field":null,"help":null}]}"#,
+        );
+        assert_eq!(
+            send_step(&many, "a@b.test", &scopes, SenderFinding::Fine)
+                .diagnosis
+                .map(|d| d.code),
+            Some(Reason::LimitRate)
+        );
+        let mut p = Probe {
+            client: Client::new(None, Duration::from_secs(1)).unwrap(),
+            base: String::new(),
+            auth: String::new(),
+            rate: Vec::new(),
+        };
+        assert_eq!(rate_step(&p).status, crate::Status::Skip);
+        for (n, v) in [
+            ("limit", "600"),
+            ("remaining", "0"),
+            ("reset", "1700000000"),
+        ] {
+            p.rate.push((
+                "POST /v3/mail/send".into(),
+                format!("x-ratelimit-{n}"),
+                v.into(),
+            ));
+        }
+        let s = rate_step(&p);
+        assert_eq!(s.status, crate::Status::Warn);
+        assert_eq!(
+            s.evidence,
+            vec!["POST /v3/mail/send: limit 600, remaining 0, reset 1700000000".to_owned()]
+        );
+    }
+
+    #[test]
+    fn an_unexpected_202_is_a_warning_not_a_pass() {
+        let scopes = KeyState::Scopes(vec!["mail.send".into()]);
+        let s = send_step(&answer(202, ""), "a@b.test", &scopes, SenderFinding::Fine);
+        assert_eq!(s.status, crate::Status::Warn);
+    }
+
+    #[test]
     fn covering_domain_prefers_the_longest() {
         let d = vec![
             ("example.com".to_owned(), true),

@@ -113,6 +113,21 @@ pub struct StoredDecision {
     pub body: TraceJson,
 }
 
+/// A stored decision without its trace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecisionSummary {
+    /// The decision id.
+    pub id: String,
+    /// When it was made (Unix ms).
+    pub at_ms: i64,
+    /// Which door asked.
+    pub door: String,
+    /// Who asked (principal key).
+    pub principal: String,
+    /// Reason code of a denial.
+    pub code: Option<String>,
+}
+
 /// A decision's trace as JSON text: written once by the gateway (straight from the engine's
 /// types), stored packed, and parsed only by whoever reads it back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -284,6 +299,10 @@ pub trait Store: Send + Sync {
 
     /// Finds a decision by id.
     async fn decision(&self, id: &str) -> Result<Option<StoredDecision>, StoreError>;
+
+    /// The most recent stored refusals (`denied`), newest first, at most `limit`, looked for
+    /// among the last 100,000 decisions (`mailgate support-bundle` lists them). Summaries only.
+    async fn recent_refusals(&self, limit: u32) -> Result<Vec<DecisionSummary>, StoreError>;
 
     /// Records an accepted send for the usage counters, with the principal's new rate state.
     async fn record_usage(

@@ -14,8 +14,8 @@ use sqlx::{Connection, Row, SqlitePool};
 
 use crate::group::{GroupCommitStats, Op, Writer};
 use crate::{
-    Changeset, MessageSummary, NewMessage, NodeState, Purged, Snapshot, Store, StoreError,
-    StoredDecision, UsageEntry, UsageReplay,
+    Changeset, DecisionSummary, MessageSummary, NewMessage, NodeState, Purged, Snapshot, Store,
+    StoreError, StoredDecision, UsageEntry, UsageReplay,
 };
 
 /// The embedded SQLite store.
@@ -384,6 +384,31 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn recent_refusals(&self, limit: u32) -> Result<Vec<DecisionSummary>, StoreError> {
+        // Queued refusals first; then a bounded walk down the time index.
+        self.flush().await?;
+        let rows = sqlx::query(
+            "SELECT id, at_ms, door, principal, code FROM
+               (SELECT id, at_ms, door, principal, verdict, code FROM decisions
+                ORDER BY at_ms DESC LIMIT 100000)
+             WHERE verdict = 'denied' ORDER BY at_ms DESC LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DecisionSummary {
+                    id: row.try_get("id")?,
+                    at_ms: row.try_get("at_ms")?,
+                    door: row.try_get("door")?,
+                    principal: row.try_get("principal")?,
+                    code: row.try_get("code")?,
+                })
+            })
+            .collect()
+    }
+
     async fn record_usage(
         &self,
         principal: &str,
@@ -624,6 +649,38 @@ mod tests {
         );
         store.commit(1, &cs, "t").await.unwrap();
         assert!(store.snapshot().await.unwrap().directory.users.is_empty());
+    }
+
+    #[tokio::test]
+    async fn recent_refusals_are_the_newest_denials_first() {
+        let store = SqliteStore::in_memory().await.unwrap();
+        for (i, verdict) in ["denied", "allowed", "denied", "denied"].iter().enumerate() {
+            let denied = *verdict == "denied";
+            store
+                .enqueue_decision(StoredDecision {
+                    id: format!("01D{i}"),
+                    at_ms: 10 + i as i64,
+                    door: "sendgrid".into(),
+                    principal: "alice@example.com".into(),
+                    verdict: (*verdict).into(),
+                    code: denied.then(|| "sender.not_owned".into()),
+                    body: serde_json::json!({}).into(),
+                })
+                .await
+                .unwrap();
+        }
+        // Queued, not yet durable: still listed.
+        let ids: Vec<String> = store
+            .recent_refusals(2)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(ids, ["01D3", "01D2"]);
+        let all = store.recent_refusals(10).await.unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[2].code.as_deref(), Some("sender.not_owned"));
     }
 
     #[tokio::test]

@@ -22,6 +22,7 @@ macro_rules! print {
 }
 
 mod admin;
+mod bundle;
 mod config;
 mod doctor;
 mod explain;
@@ -144,6 +145,10 @@ enum Cmd {
     /// Tokens for the admin HTTP API.
     #[command(subcommand, name = "admin-token")]
     AdminToken(AdminTokenCmd),
+    /// Write a .tar.gz for a support ticket: a decision's trace, the directory objects it
+    /// touched, the effective configuration, the version, a doctor report; secrets removed
+    /// (README.txt inside says what is in it). Without --decision: the recent refusals.
+    SupportBundle(bundle::BundleArgs),
 }
 
 #[derive(Subcommand)]
@@ -468,6 +473,7 @@ async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode>
         Cmd::Queue(q) => return queue_cli::queue(store.as_ref(), q).await,
         Cmd::Captured(c) => return queue_cli::captured(store.as_ref(), c).await,
         Cmd::Simulate(a) => return queue_cli::simulate(store.as_ref(), &actor, a).await,
+        Cmd::SupportBundle(a) => bundle::run(store.as_ref(), &config, &a).await?,
         Cmd::AdminToken(AdminTokenCmd::Create { name }) => {
             let token = admin_token_create(store.as_ref(), &name).await?;
             println!("{token}");

@@ -6,7 +6,7 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
-use crate::harness::{BIN, Gateway, free_port, http_get};
+use crate::harness::{BIN, Gateway, free_port, http_get, http_post};
 
 /// The demo keys (docs/examples/org.yaml).
 const BILLING: &str = "SG.demo-billing-key-0001.DJXH7OHOGpdQJ17xxtetayePcNZlkiB3g__n1YR0zAE";
@@ -385,6 +385,34 @@ fn doctor_sendgrid_names_every_demo_key_state() {
         &["project.api_disabled"],
         "legacy-app key",
     );
+
+    // frank's daily limit (3 messages), used up by three real sends: SendGrid's "Maximum
+    // credits exceeded".
+    let (frank, _) = create_key(
+        &gw,
+        &[
+            "--owner",
+            "frank@example.com",
+            "--name",
+            "frank",
+            "--permission",
+            "mail.send",
+        ],
+    );
+    let mail = r#"{"personalizations":[{"to":[{"email":"alice@example.com"}]}],"from":{"email":"frank@example.com"},"subject":"s","content":[{"type":"text/plain","value":"x"}]}"#;
+    for i in 0..3 {
+        let (status, body) = http_post(&server.addr, "/v3/mail/send", &frank, mail);
+        assert_eq!(status, 202, "send {i}: {body}");
+    }
+    let v = check(
+        &frank,
+        &endpoint,
+        &[],
+        3,
+        &["limit.daily_messages"],
+        "daily limit used up",
+    );
+    assert_eq!(step(&v, "sender")["status"], "pass");
 
     drop(server);
 }

@@ -7,6 +7,7 @@
 )]
 
 mod admin_api;
+mod bundle;
 mod crash;
 mod directory;
 mod docs;

@@ -1,0 +1,1198 @@
+//! `mailgate support-bundle`: what a support ticket needs, in one `.tar.gz` the user can read
+//! before sending it (docs/doctor.md, "Support bundle").
+//!
+//! With `--decision ID`: the decision's trace (the same JSON as `GET /mailgate/v1/decisions/{id}`),
+//! the directory objects it touched, the effective configuration and the version. Without it: the
+//! configuration, the version, a directory summary (counts and names) and the most recent
+//! refusals, so the user can pick one. `--doctor-json FILE` adds a doctor report. A `README.txt`
+//! inside says what is there, what was removed and how to read it.
+//!
+//! Secrets are removed three ways. Structurally: the fields that hold them (password hashes, key
+//! hashes, client-secret hashes, domain verification tokens) are replaced before anything is
+//! written. By value: every secret Mailgate can know of here (the hashes themselves, the demo
+//! credentials file, the smarthost passwords their `password_ref` points to, the values of
+//! secret-named fields of the doctor report) is collected into the doctor's [`Secrets`] and
+//! redacted from every file. By shape: in the doctor report, which is free text from elsewhere,
+//! every word that looks like a secret ([`mailgate_auth::redact::secret_kind`]) is replaced.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use mailgate_core::directory::Directory;
+use mailgate_doctor::Secrets;
+use mailgate_store::{Store, StoredDecision};
+use serde_json::{Value, json};
+
+use crate::config::Config;
+
+/// Refusals listed in a bundle made without `--decision`.
+const RECENT_REFUSALS: u32 = 20;
+
+/// Largest doctor report read (a real one is a few KB).
+const MAX_DOCTOR_JSON: u64 = 16 * 1024 * 1024;
+
+/// What a removed secret field says instead.
+const REMOVED: &str = "(removed)";
+
+/// The directory inside the archive every file is under.
+const TOP: &str = "mailgate-support";
+
+/// `mailgate support-bundle` arguments.
+#[derive(Debug, Args)]
+pub(crate) struct BundleArgs {
+    /// The decision to include (from a refusal: the `X-Mailgate-Decision` header, the
+    /// `Decision:` at the end of its explanation, or `decision_id` in JSON). Without it, the
+    /// bundle lists the most recent refusals to pick one from.
+    #[arg(long, value_name = "ID")]
+    decision: Option<String>,
+    /// A `mailgate doctor ... --json` report to include (its secrets are removed again on the
+    /// way in).
+    #[arg(long = "doctor-json", value_name = "FILE")]
+    doctor_json: Option<PathBuf>,
+    /// Where to write the bundle (`.tar.gz`, readable by its owner only).
+    #[arg(short, long, value_name = "FILE")]
+    output: PathBuf,
+}
+
+/// The JSON of a stored decision, as `GET /mailgate/v1/decisions/{id}` answers it (`body`: the
+/// parsed trace, `Null` when it does not parse).
+pub(crate) fn decision_document(d: &StoredDecision, body: &Value) -> Value {
+    json!({
+        "decision_id": d.id,
+        "at_ms": d.at_ms,
+        "door": d.door,
+        "principal": d.principal,
+        "verdict": d.verdict,
+        "code": d.code,
+        "attempt": body.get("attempt"),
+        "decision": body.get("decision"),
+    })
+}
+
+/// One file of the bundle.
+struct File {
+    name: &'static str,
+    /// What it is, for README.txt.
+    about: String,
+    text: String,
+}
+
+/// Makes the bundle and writes it to `args.output` (mode 0600).
+pub(crate) async fn run(
+    store: &dyn Store,
+    config: &Config,
+    args: &BundleArgs,
+) -> anyhow::Result<()> {
+    let now_ms = mailgate_gateway::now_ms();
+    let snap = store.snapshot().await?;
+    let dir = &snap.directory;
+    let mut secrets = known_secrets(dir, config);
+    let mut files = Vec::new();
+    let mut summary = String::new();
+
+    match &args.decision {
+        Some(id) => {
+            let d = store.decision(id).await?.with_context(|| {
+                format!(
+                    "no decision `{id}` in the store {}: check the id (the `X-Mailgate-Decision` \
+                     header, or the `Decision:` at the end of a refusal). Refusals whose credential \
+                     was missing or refused are kept only in the memory of the server that answered \
+                     (GET /mailgate/v1/decisions/{id} on that server), and decisions older than \
+                     retention.decisions_days ({}) are deleted. `mailgate support-bundle -o FILE` \
+                     without --decision lists the most recent refusals",
+                    config.database_path().display(),
+                    config.retention_decisions_days
+                )
+            })?;
+            let (body, parse_note) = match d.body.parse() {
+                Ok(v) => (v, None),
+                Err(e) => (
+                    Value::Null,
+                    Some(format!("the stored trace does not parse: {e}")),
+                ),
+            };
+            let doc = decision_document(&d, &body);
+            summary = decision_summary(&d, &doc, parse_note.as_deref());
+            files.push(File {
+                name: "decision.json",
+                about:
+                    "the decision and its trace: the same JSON as `GET /mailgate/v1/decisions/{id}`"
+                        .into(),
+                text: pretty(&doc),
+            });
+            let touched = redacted(touched(dir, &doc));
+            files.push(File {
+                name: "directory.yaml",
+                about: "the directory objects this decision touched, in the directory-file format \
+                        (docs/directory.md), secrets removed"
+                    .into(),
+                text: format!(
+                    "# The directory objects decision {} touched (directory generation {}).\n\
+                     # Secrets removed: password hashes, API key hashes, OAuth client secret hashes,\n\
+                     # domain verification tokens (each shown as {REMOVED}).\n{}",
+                    d.id,
+                    snap.generation,
+                    strip_export_header(&mailgate_core::orgfile::to_yaml(&touched))
+                ),
+            });
+        }
+        None => {
+            files.push(File {
+                name: "directory-summary.txt",
+                about: "how many of each kind of directory object there are, and their names \
+                        (no secrets, no settings)"
+                    .into(),
+                text: directory_summary(dir, snap.generation),
+            });
+            let refusals = store.recent_refusals(RECENT_REFUSALS).await?;
+            files.push(File {
+                name: "refusals.txt",
+                about: format!(
+                    "the {RECENT_REFUSALS} most recent stored refusals, newest first: pick one for \
+                     `mailgate support-bundle --decision ID -o FILE`"
+                ),
+                text: refusals_text(&refusals),
+            });
+        }
+    }
+
+    files.push(File {
+        name: "config.json",
+        about: "the effective configuration (docs/config.md's keys, defaults filled in) and the \
+                directory's smarthosts (their password_ref only)"
+            .into(),
+        text: pretty(&effective_config(config, dir)),
+    });
+    files.push(File {
+        name: "version.txt",
+        about: "Mailgate's version, the platform, the directory generation, when this was made"
+            .into(),
+        text: format!(
+            "mailgate {}\nplatform: {} {}\ndirectory generation: {}\nbundle made: {}\n",
+            env!("CARGO_PKG_VERSION"),
+            std::env::consts::OS,
+            std::env::consts::ARCH,
+            snap.generation,
+            mailgate_core::engine::rfc3339_ms(now_ms)
+        ),
+    });
+    if let Some(path) = &args.doctor_json {
+        let report = read_doctor_json(path, &mut secrets)?;
+        files.push(File {
+            name: "doctor.json",
+            about: format!(
+                "the doctor report given with --doctor-json ({}), secrets removed again",
+                path.display()
+            ),
+            text: pretty(&report),
+        });
+    }
+
+    let readme = readme(args.decision.as_deref(), &summary, &files, config, now_ms);
+    files.insert(
+        0,
+        File {
+            name: "README.txt",
+            about: "this file".into(),
+            text: readme,
+        },
+    );
+    // Last line of defence: every secret known here, out of every file.
+    for f in &mut files {
+        f.text = secrets.redact(&f.text);
+    }
+    let archive = archive(&files, now_ms)?;
+    crate::files::write_private(&args.output, &archive)?;
+    println!(
+        "support bundle written to {} ({} files; README.txt inside says what is in it and what was removed)",
+        args.output.display(),
+        files.len()
+    );
+    Ok(())
+}
+
+fn pretty(v: &Value) -> String {
+    let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+/// `to_yaml`'s first line says secrets appear as hashes: here they do not appear at all.
+fn strip_export_header(yaml: &str) -> &str {
+    match yaml.split_once('\n') {
+        Some((first, rest)) if first.starts_with('#') => rest,
+        _ => yaml,
+    }
+}
+
+/// The lines of README.txt that say what the decision was.
+fn decision_summary(d: &StoredDecision, doc: &Value, note: Option<&str>) -> String {
+    let mut s = String::new();
+    let at = mailgate_core::engine::rfc3339_ms(u64::try_from(d.at_ms).unwrap_or(0));
+    let _ = writeln!(s, "Decision {} at {at}", d.id);
+    let _ = writeln!(
+        s,
+        "  door {}, principal {}, verdict {}{}",
+        d.door,
+        if d.principal.is_empty() {
+            "(none)"
+        } else {
+            &d.principal
+        },
+        d.verdict,
+        d.code
+            .as_deref()
+            .map(|c| format!(", reason {c}"))
+            .unwrap_or_default()
+    );
+    let denial = doc.pointer("/decision/denial");
+    let field = |k: &str| denial.and_then(|x| x.get(k)).and_then(Value::as_str);
+    if let Some(m) = field("message") {
+        let _ = writeln!(s, "  why: {m}");
+    }
+    if let Some(o) = field("object_at_fault") {
+        let _ = writeln!(s, "  object at fault: {o}");
+    }
+    if let Some(r) = field("remedy") {
+        let _ = writeln!(s, "  remedy: {r}");
+    }
+    if let Some(n) = note {
+        let _ = writeln!(s, "  note: {n}");
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// The directory objects a decision touched.
+
+/// The objects of `dir` that the decision `doc` names (its principal, credential, addresses,
+/// object at fault, ...), with what they depend on (a key's owner and project, a user's org
+/// units, roles and groups, a service account's delegation grants, every address's domain), and
+/// the organisation-wide settings every decision reads (organisation, limits, policies, the SMTP
+/// relay's rules).
+fn touched(dir: &Directory, doc: &Value) -> Directory {
+    // Every word of the decision except its recipients, of which only the domains matter.
+    let mut words = BTreeSet::new();
+    let mut without_recipients = doc.clone();
+    let mut recipient_domains = BTreeSet::new();
+    if let Some(r) = without_recipients
+        .pointer_mut("/attempt/recipients")
+        .map(Value::take)
+    {
+        let mut rw = BTreeSet::new();
+        collect_words(&r, &mut rw);
+        for w in rw {
+            if let Some((_, domain)) = w.rsplit_once('@') {
+                recipient_domains.insert(domain.to_ascii_lowercase());
+            }
+        }
+    }
+    collect_words(&without_recipients, &mut words);
+    let mut domains: BTreeSet<String> = recipient_domains;
+    for w in &words {
+        if let Some((_, domain)) = w.rsplit_once('@') {
+            domains.insert(domain.to_ascii_lowercase());
+        }
+    }
+    let has = |s: &str| words.contains(&s.to_ascii_lowercase());
+
+    let mut out = Directory {
+        organisation: dir.organisation.clone(),
+        limits: dir.limits.clone(),
+        policies: dir.policies.clone(),
+        smtp_relay: dir.smtp_relay.clone(),
+        ..Directory::default()
+    };
+    let mut users: BTreeSet<String> = BTreeSet::new();
+    let mut projects: BTreeSet<String> = BTreeSet::new();
+    let mut sa_client_ids: BTreeSet<String> = BTreeSet::new();
+
+    for k in &dir.api_keys {
+        if has(&k.id) {
+            users.insert(k.owner.to_ascii_lowercase());
+            projects.extend(k.project.clone());
+            out.api_keys.push(k.clone());
+        }
+    }
+    for c in &dir.oauth_clients {
+        if has(&c.client_id) {
+            projects.insert(c.project.clone());
+            out.oauth_clients.push(c.clone());
+        }
+    }
+    for g in &dir.domain_wide_delegation {
+        if has(&g.client_id) {
+            sa_client_ids.insert(g.client_id.clone());
+        }
+    }
+    for sa in &dir.service_accounts {
+        if has(&sa.email) || sa_client_ids.contains(&sa.client_id) {
+            sa_client_ids.insert(sa.client_id.clone());
+            projects.insert(sa.project.clone());
+            out.service_accounts.push(sa.clone());
+        }
+    }
+    out.domain_wide_delegation = dir
+        .domain_wide_delegation
+        .iter()
+        .filter(|g| sa_client_ids.contains(&g.client_id))
+        .cloned()
+        .collect();
+    for u in &dir.users {
+        let named = has(&u.email)
+            || u.aliases.iter().any(|a| has(a))
+            || u.send_as.iter().any(|s| has(&s.email));
+        if named {
+            users.insert(u.email.to_ascii_lowercase());
+        }
+    }
+    let mut groups: BTreeSet<String> = dir
+        .groups
+        .iter()
+        .filter(|g| has(&g.email))
+        .map(|g| g.email.to_ascii_lowercase())
+        .collect();
+    let mut org_units: BTreeSet<String> = dir
+        .org_units
+        .iter()
+        .filter(|o| o.path != "/" && has(&o.path))
+        .map(|o| o.path.clone())
+        .collect();
+    let mut roles = BTreeSet::new();
+    for u in dir
+        .users
+        .iter()
+        .filter(|u| users.contains(&u.email.to_ascii_lowercase()))
+    {
+        org_units.extend(ancestors(&u.org_unit));
+        roles.extend(u.roles.iter().cloned());
+        for a in std::iter::once(&u.email)
+            .chain(&u.aliases)
+            .chain(u.send_as.iter().map(|s| &s.email))
+        {
+            if let Some((_, d)) = a.rsplit_once('@') {
+                domains.insert(d.to_ascii_lowercase());
+            }
+        }
+        for g in &dir.groups {
+            if g.members.iter().any(|m| m.eq_ignore_ascii_case(&u.email)) {
+                groups.insert(g.email.to_ascii_lowercase());
+            }
+        }
+        out.users.push(u.clone());
+    }
+    for p in org_units.clone() {
+        org_units.extend(ancestors(&p));
+    }
+    for g in &dir.groups {
+        if groups.contains(&g.email.to_ascii_lowercase()) {
+            if let Some((_, d)) = g.email.rsplit_once('@') {
+                domains.insert(d.to_ascii_lowercase());
+            }
+            out.groups.push(g.clone());
+        }
+    }
+    out.org_units = dir
+        .org_units
+        .iter()
+        .filter(|o| org_units.contains(&o.path))
+        .cloned()
+        .collect();
+    out.roles = dir
+        .roles
+        .iter()
+        .filter(|r| roles.contains(&r.name))
+        .cloned()
+        .collect();
+    out.projects = dir
+        .projects
+        .iter()
+        .filter(|p| projects.contains(&p.id) || has(&p.id) || has(&p.number))
+        .cloned()
+        .collect();
+    out.domains = dir
+        .domains
+        .iter()
+        .filter(|d| domains.contains(&d.name.to_ascii_lowercase()) || has(&d.name))
+        .cloned()
+        .collect();
+    out
+}
+
+/// `/a/b` -> `/`, `/a`, `/a/b`.
+fn ancestors(path: &str) -> Vec<String> {
+    let mut out = vec!["/".to_owned()];
+    let mut cur = String::new();
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        cur.push('/');
+        cur.push_str(part);
+        out.push(cur.clone());
+    }
+    out
+}
+
+/// Every word of every string in `v` (lower case), split at spaces and the punctuation that
+/// surrounds names in messages (`API key `x``, `users[alice@example.com]`, `(acme-app)`).
+fn collect_words(v: &Value, out: &mut BTreeSet<String>) {
+    match v {
+        Value::String(s) => {
+            for w in s.split(|c: char| {
+                c.is_whitespace()
+                    || matches!(
+                        c,
+                        '`' | '"'
+                            | '\''
+                            | ','
+                            | ';'
+                            | '('
+                            | ')'
+                            | '['
+                            | ']'
+                            | '<'
+                            | '>'
+                            | '{'
+                            | '}'
+                    )
+            }) {
+                let w = w.trim_end_matches(['.', ':']);
+                if !w.is_empty() {
+                    out.insert(w.to_ascii_lowercase());
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| collect_words(x, out)),
+        Value::Object(m) => m.values().for_each(|x| collect_words(x, out)),
+        _ => {}
+    }
+}
+
+/// `dir` with every stored secret replaced by [`REMOVED`]: password hashes, API key hashes,
+/// OAuth client secret hashes, domain verification tokens. Service-account public keys stay.
+fn redacted(mut dir: Directory) -> Directory {
+    let removed = |o: &mut Option<String>| {
+        if o.is_some() {
+            *o = Some(REMOVED.to_owned());
+        }
+    };
+    for u in &mut dir.users {
+        u.password = None;
+        removed(&mut u.password_hash);
+    }
+    for k in &mut dir.api_keys {
+        k.secret = None;
+        k.secret_sha256 = REMOVED.to_owned();
+    }
+    for c in &mut dir.oauth_clients {
+        c.secret = None;
+        removed(&mut c.secret_hash);
+        removed(&mut c.secret_sha256);
+    }
+    for d in &mut dir.domains {
+        removed(&mut d.verification_token);
+    }
+    dir
+}
+
+// ---------------------------------------------------------------------------------------------
+// Without a decision: a summary of the directory and the recent refusals.
+
+fn directory_summary(dir: &Directory, generation: i64) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Directory generation {generation}{}",
+        if dir.organisation.name.is_empty() {
+            String::new()
+        } else {
+            format!(", organisation {}", dir.organisation.name)
+        }
+    );
+    let mut section = |title: &str, names: Vec<String>| {
+        let _ = writeln!(s, "\n{title}: {}", names.len());
+        for n in names {
+            let _ = writeln!(s, "  {n}");
+        }
+    };
+    section(
+        "domains",
+        dir.domains
+            .iter()
+            .map(|d| {
+                format!(
+                    "{}{}",
+                    d.name,
+                    if d.verified { "" } else { " (not verified)" }
+                )
+            })
+            .collect(),
+    );
+    section(
+        "org units",
+        dir.org_units.iter().map(|o| o.path.clone()).collect(),
+    );
+    section(
+        "users",
+        dir.users
+            .iter()
+            .map(|u| format!("{} ({}, {})", u.email, word(u.status), u.org_unit))
+            .collect(),
+    );
+    section(
+        "groups",
+        dir.groups
+            .iter()
+            .map(|g| format!("{} ({} members)", g.email, g.members.len()))
+            .collect(),
+    );
+    section(
+        "projects",
+        dir.projects
+            .iter()
+            .map(|p| format!("{} ({})", p.id, p.number))
+            .collect(),
+    );
+    section(
+        "OAuth clients",
+        dir.oauth_clients
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} ({}){}",
+                    c.client_id,
+                    c.project,
+                    if c.disabled { " disabled" } else { "" }
+                )
+            })
+            .collect(),
+    );
+    section(
+        "service accounts",
+        dir.service_accounts
+            .iter()
+            .map(|a| {
+                format!(
+                    "{} (client id {}, {} key(s)){}",
+                    a.email,
+                    a.client_id,
+                    a.keys.len(),
+                    if a.disabled { " disabled" } else { "" }
+                )
+            })
+            .collect(),
+    );
+    section(
+        "domain-wide delegation grants",
+        dir.domain_wide_delegation
+            .iter()
+            .map(|g| format!("{}: {}", g.client_id, g.scopes.join(" ")))
+            .collect(),
+    );
+    section(
+        "API keys",
+        dir.api_keys
+            .iter()
+            .map(|k| {
+                format!(
+                    "{} \"{}\" of {}{}",
+                    k.id,
+                    k.name,
+                    k.owner,
+                    if k.revoked { " (revoked)" } else { "" }
+                )
+            })
+            .collect(),
+    );
+    section("roles", dir.roles.iter().map(|r| r.name.clone()).collect());
+    section(
+        "policies",
+        dir.policies.iter().map(|p| p.id.clone()).collect(),
+    );
+    section(
+        "smarthosts",
+        dir.smarthosts
+            .iter()
+            .map(|h| format!("{} ({}:{})", h.name, h.host, h.port))
+            .collect(),
+    );
+    s
+}
+
+/// A serde enum's word (`active`, `suspended`, `starttls`).
+fn word(v: impl serde::Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(Value::String(s)) => s,
+        _ => "?".to_owned(),
+    }
+}
+
+fn refusals_text(refusals: &[mailgate_store::DecisionSummary]) -> String {
+    if refusals.is_empty() {
+        return "No refusal is stored (refusals whose credential was missing or refused are kept \
+                only in the memory of the server that answered).\n"
+            .to_owned();
+    }
+    let mut s = String::from("# decision id\ttime (UTC)\tdoor\tprincipal\treason\n");
+    for r in refusals {
+        let _ = writeln!(
+            s,
+            "{}\t{}\t{}\t{}\t{}",
+            r.id,
+            mailgate_core::engine::rfc3339_ms(u64::try_from(r.at_ms).unwrap_or(0)),
+            r.door,
+            if r.principal.is_empty() {
+                "-"
+            } else {
+                &r.principal
+            },
+            r.code.as_deref().unwrap_or("-")
+        );
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// The effective configuration.
+
+fn effective_config(c: &Config, dir: &Directory) -> Value {
+    let secs = |d: std::time::Duration| d.as_secs();
+    let relay = match (
+        crate::relay_setup::relay_config(&c.relay, false),
+        crate::relay_setup::relay_config(&c.relay, true),
+    ) {
+        (Ok(r), Ok(demo)) => json!({
+            "capture": if r.capture == demo.capture {
+                json!(r.capture)
+            } else {
+                json!("not set: on with `serve --demo`, off otherwise (and always on when the directory has no smarthost)")
+            },
+            "max_age_secs": secs(r.max_age),
+            "retry_initial_ms": r.retry_initial.as_millis() as u64,
+            "retry_max_ms": r.retry_max.as_millis() as u64,
+            "lease_ms": r.lease.as_millis() as u64,
+            "poll_interval_ms": r.poll_interval.as_millis() as u64,
+            "timeout_secs": secs(r.timeout),
+            "helo_name": r.helo_name,
+            "ca_file": r.ca_pem.as_ref().map(|p| format!("set ({} bytes of PEM)", p.len())),
+            "xoauth2_smarthosts": r.xoauth2_smarthosts,
+        }),
+        (Err(e), _) | (_, Err(e)) => json!({ "error": format!("{e:#}") }),
+    };
+    let l = &c.limits;
+    let smtp = &c.smtp_limits;
+    json!({
+        "data_dir": c.data_dir,
+        "http": { "listen": c.http_listen.to_string(), "public_url": c.public_url },
+        "https": {
+            "listen": c.https_listen.to_string(),
+            "cert": c.tls_cert,
+            "key": c.tls_key,
+        },
+        "smtp": {
+            "submission_listen": c.smtp_submission_listen.to_string(),
+            "smtps_listen": c.smtps_listen.to_string(),
+            "relay_listen": c.smtp_relay_listen.to_string(),
+            "bare_newline": match smtp.bare_newline {
+                mailgate_smtp::BareNewline::Reject => "reject",
+                mailgate_smtp::BareNewline::Normalize => "normalize",
+            },
+        },
+        "directory": { "reload_interval_ms": c.reload_interval_ms },
+        "log": {
+            "format": match c.log_format {
+                crate::config::LogFormat::Text => "text",
+                crate::config::LogFormat::Json => "json",
+            },
+            "level": c.log_level,
+            "destination": "standard error (no log file)",
+        },
+        "relay": relay,
+        "retention": {
+            "decisions_days": c.retention_decisions_days,
+            "messages_days": c.retention_messages_days,
+        },
+        "limits": {
+            "http_max_connections": l.http_max_connections,
+            "http_max_connections_per_ip": l.http_max_connections_per_ip,
+            "smtp_max_connections": l.smtp_max_connections,
+            "smtp_max_connections_per_ip": l.smtp_max_connections_per_ip,
+            "header_timeout_secs": secs(l.header_timeout),
+            "http_idle_timeout_secs": secs(l.http_idle_timeout),
+            "data_memory_mb": l.data_memory_bytes / (1024 * 1024),
+            "password_concurrency": l.password_concurrency,
+            "password_queue": l.password_queue,
+            "refusal_log_per_second": l.refusal_log_per_second,
+            "unauthenticated_decisions_kept": l.unauthenticated_decisions_kept,
+            "lockout_login_failures": c.lockout.login_threshold,
+            "lockout_network_failures": c.lockout.network_threshold,
+            "lockout_max_secs": secs(c.lockout.max_lock),
+            "smtp_soft_error_limit": smtp.soft_error_limit,
+            "smtp_hard_error_limit": smtp.hard_error_limit,
+            "smtp_commands_without_mail": smtp.max_commands_without_mail,
+            "smtp_idle_secs": secs(smtp.idle),
+            "smtp_idle_untrusted_secs": secs(smtp.idle_untrusted),
+            "smtp_untrusted_lifetime_secs": secs(smtp.untrusted_lifetime),
+        },
+        // From the directory, where smarthosts live: where each password comes from, never
+        // the password.
+        "smarthosts": dir.smarthosts.iter().map(|h| json!({
+            "name": h.name,
+            "host": h.host,
+            "port": h.port,
+            "tls": word(h.tls),
+            "domains": h.domains,
+            "username": h.username,
+            "password_ref": h.password_ref.as_deref().map(password_ref_shown),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// A smarthost's `password_ref` as shown: `env:VAR` and `file:/path` say where the password is
+/// (validation allows nothing else); anything else is removed.
+fn password_ref_shown(r: &str) -> String {
+    if r.starts_with("env:") || r.starts_with("file:") {
+        r.to_owned()
+    } else {
+        REMOVED.to_owned()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Secrets.
+
+/// Every secret this command can know of: the stored hashes and tokens (so that none survives
+/// in any file, whatever field it hid in), the demo credentials file in the data directory, and
+/// the smarthost passwords (read only to be redacted; never written).
+fn known_secrets(dir: &Directory, config: &Config) -> Secrets {
+    let mut s = Secrets::default();
+    for u in &dir.users {
+        if let Some(h) = &u.password_hash {
+            s.add(h);
+        }
+    }
+    for k in &dir.api_keys {
+        s.add(&k.secret_sha256);
+    }
+    for c in &dir.oauth_clients {
+        for h in [&c.secret_hash, &c.secret_sha256].into_iter().flatten() {
+            s.add(h);
+        }
+    }
+    for d in &dir.domains {
+        if let Some(t) = &d.verification_token {
+            s.add(t);
+        }
+    }
+    for h in &dir.smarthosts {
+        let r = h.password_ref.as_deref().unwrap_or_default();
+        let pw = if let Some(var) = r.strip_prefix("env:") {
+            std::env::var(var).ok()
+        } else if let Some(path) = r.strip_prefix("file:") {
+            std::fs::read_to_string(path)
+                .ok()
+                .map(|p| p.trim_end_matches(['\r', '\n']).to_owned())
+        } else {
+            None
+        };
+        if let Some(pw) = pw {
+            s.add(&pw);
+        }
+    }
+    // `serve --demo` writes the demo secrets here (main.rs, `demo_credentials`).
+    if let Ok(text) = std::fs::read_to_string(config.data_dir.join("demo-credentials.txt")) {
+        for line in text.lines() {
+            if let Some((_, v)) = line.split_once(" = ") {
+                s.add(v);
+            } else if let Some((_, v)) = line.split_once("): ") {
+                s.add(v);
+            }
+        }
+    }
+    s
+}
+
+/// Field names whose value is a secret, whatever it looks like.
+fn secret_field(name: &str) -> bool {
+    let n = name.to_ascii_lowercase().replace('-', "_");
+    [
+        "password",
+        "passwd",
+        "secret",
+        "client_secret",
+        "token",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "admin_token",
+        "api_key",
+        "apikey",
+        "private_key",
+        "authorization",
+        "assertion",
+        "xoauth2_token",
+    ]
+    .contains(&n.as_str())
+        || n.ends_with("_password")
+        || n.ends_with("_secret")
+        || n.ends_with("_token")
+}
+
+/// Reads a doctor report and removes its secrets again: the values of secret-named fields
+/// (which are also added to `secrets`, so they are removed from every file), credentials in
+/// URLs, and every word that looks like a secret.
+fn read_doctor_json(path: &Path, secrets: &mut Secrets) -> anyhow::Result<Value> {
+    use std::io::Read as _;
+    let f = std::fs::File::open(path)
+        .with_context(|| format!("cannot read --doctor-json {}", path.display()))?;
+    let mut text = String::new();
+    f.take(MAX_DOCTOR_JSON + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("cannot read --doctor-json {}", path.display()))?;
+    if text.len() as u64 > MAX_DOCTOR_JSON {
+        bail!(
+            "--doctor-json {} is larger than {} MiB: not a doctor report",
+            path.display(),
+            MAX_DOCTOR_JSON / (1024 * 1024)
+        );
+    }
+    let mut v: Value = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "--doctor-json {} is not JSON (write it with `mailgate doctor ... --json > FILE`)",
+            path.display()
+        )
+    })?;
+    take_secret_fields(&mut v, secrets);
+    scrub_value(&mut v, secrets);
+    Ok(v)
+}
+
+fn take_secret_fields(v: &mut Value, secrets: &mut Secrets) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                if secret_field(k) {
+                    match x {
+                        Value::String(s) if !s.is_empty() && !s.starts_with("[redacted") => {
+                            secrets.add(s);
+                            *x = Value::String(mailgate_doctor::REDACTED.to_owned());
+                        }
+                        Value::Number(_) | Value::Array(_) | Value::Object(_) => {
+                            *x = Value::String(mailgate_doctor::REDACTED.to_owned());
+                        }
+                        _ => {}
+                    }
+                } else {
+                    take_secret_fields(x, secrets);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| take_secret_fields(x, secrets)),
+        _ => {}
+    }
+}
+
+fn scrub_value(v: &mut Value, secrets: &Secrets) {
+    match v {
+        Value::String(s) => *s = scrub_text(&secrets.redact(s)),
+        Value::Array(a) => a.iter_mut().for_each(|x| scrub_value(x, secrets)),
+        Value::Object(m) => m.values_mut().for_each(|x| scrub_value(x, secrets)),
+        _ => {}
+    }
+}
+
+/// Free text with every secret-looking word replaced: what `secret_kind` recognises (API keys,
+/// OAuth tokens, JWTs, password hashes, PEM blocks, long random strings), base64 that decodes to
+/// an SMTP AUTH PLAIN blob, the word after `password`/`--password`/`secret`/`token`, the value
+/// of `password=...`-style pairs, and the user:password of a URL. Decision ids stay.
+pub(crate) fn scrub_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut redact_next = false;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let ws_end = rest
+            .find(|c: char| !c.is_whitespace())
+            .unwrap_or(rest.len());
+        out.push_str(&rest[..ws_end]);
+        rest = &rest[ws_end..];
+        if rest.is_empty() {
+            break;
+        }
+        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+        let word = &rest[..end];
+        rest = &rest[end..];
+        let core = word.trim_matches(|c: char| {
+            matches!(
+                c,
+                '"' | '\'' | '`' | ',' | ';' | '(' | ')' | '[' | ']' | '<' | '>' | '{' | '}'
+            )
+        });
+        let core = core.trim_end_matches('.');
+        let (pre, post) = match word.find(core) {
+            Some(i) if !core.is_empty() => (&word[..i], &word[i + core.len()..]),
+            _ => (word, ""),
+        };
+        let replaced = if core.is_empty() {
+            None
+        } else if redact_next && !core.contains('[') {
+            Some(mailgate_doctor::REDACTED.to_owned())
+        } else {
+            scrub_word(core)
+        };
+        redact_next = is_secret_keyword(core);
+        match replaced {
+            Some(r) => {
+                out.push_str(pre);
+                out.push_str(&r);
+                out.push_str(post);
+            }
+            None => out.push_str(word),
+        }
+    }
+    out
+}
+
+/// A secret's name as a flag or a label (`--password`, `--client-secret`, `password:`,
+/// `token=`): the next word is the secret. A name in prose (`Username and Password not
+/// accepted`) is not one.
+fn is_secret_keyword(word: &str) -> bool {
+    let word: String = word.chars().filter(|c| !matches!(c, '"' | '\'')).collect();
+    let flag = word.starts_with("--");
+    let label = word.ends_with([':', '=']);
+    let w = word.trim_start_matches('-').trim_end_matches([':', '=']);
+    (flag || label) && !w.is_empty() && secret_field(w)
+}
+
+/// A secret's name in a `name=value` or `name:value` word.
+fn is_secret_name(name: &str) -> bool {
+    let w = name.trim_start_matches('-');
+    !w.is_empty() && secret_field(w)
+}
+
+/// One word's replacement, when it is or holds a secret.
+fn scrub_word(w: &str) -> Option<String> {
+    if w.contains("[redacted") {
+        return None;
+    }
+    // `name=value` / `name:value` with a secret name.
+    for sep in ['=', ':'] {
+        if let Some((name, value)) = w.split_once(sep)
+            && !value.is_empty()
+            && !value.starts_with("//")
+            && is_secret_name(name)
+        {
+            return Some(format!("{name}{sep}{}", mailgate_doctor::REDACTED));
+        }
+    }
+    // `scheme://user:password@host/...`
+    if let Some(i) = w.find("://") {
+        let after = &w[i + 3..];
+        let auth_end = after.find('/').unwrap_or(after.len());
+        if let Some(at) = after[..auth_end].rfind('@') {
+            return Some(format!(
+                "{}{}@{}",
+                &w[..i + 3],
+                mailgate_doctor::REDACTED,
+                &after[at + 1..]
+            ));
+        }
+        return None;
+    }
+    if is_decision_id(w) {
+        return None;
+    }
+    if let Some(kind) = mailgate_auth::redact::secret_kind(w) {
+        return Some(format!("[redacted: {kind}]"));
+    }
+    if auth_plain_blob(w) {
+        return Some("[redacted: looks like SMTP AUTH credentials]".to_owned());
+    }
+    None
+}
+
+/// A decision id: 26 characters of Crockford's base32, as Mailgate makes them. An id, not a
+/// secret, and what support needs to find the decision.
+fn is_decision_id(w: &str) -> bool {
+    w.len() == 26
+        && w.starts_with('0')
+        && w.bytes()
+            .all(|b| b"0123456789ABCDEFGHJKMNPQRSTVWXYZ".contains(&b))
+}
+
+/// Base64 of `authzid NUL login NUL password` (SMTP AUTH PLAIN): two NULs, the rest text.
+fn auth_plain_blob(w: &str) -> bool {
+    use base64::Engine as _;
+    if w.len() < 8 {
+        return false;
+    }
+    let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(w) else {
+        return false;
+    };
+    bytes.iter().filter(|b| **b == 0).count() == 2
+        && std::str::from_utf8(&bytes)
+            .is_ok_and(|t| t.chars().all(|c| c == '\0' || !c.is_control()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// README.txt and the archive.
+
+fn readme(
+    decision: Option<&str>,
+    summary: &str,
+    files: &[File],
+    config: &Config,
+    now_ms: u64,
+) -> String {
+    let mut s = String::new();
+    let mut lines = |ls: &[&str]| {
+        for l in ls {
+            s.push_str(l);
+            s.push('\n');
+        }
+    };
+    lines(&[&format!(
+        "Mailgate support bundle, made {} by mailgate {}.",
+        mailgate_core::engine::rfc3339_ms(now_ms),
+        env!("CARGO_PKG_VERSION")
+    )]);
+    match decision {
+        Some(_) => lines(&["", summary.trim_end()]),
+        None => lines(&[
+            "",
+            "No decision was named: refusals.txt lists the most recent refusals. Make a bundle",
+            "for one with `mailgate support-bundle --decision ID -o bundle.tar.gz`.",
+        ]),
+    }
+    lines(&["", "What is in it", "  README.txt             this file"]);
+    for f in files {
+        lines(&[&format!("  {:<22} {}", f.name, f.about)]);
+    }
+    lines(&[
+        "",
+        "What was removed",
+        "- Password hashes of users, SHA-256 hashes of API keys, hashes of OAuth client secrets",
+        &format!("  and domain verification tokens: each shown as {REMOVED}."),
+        "- Smarthost passwords: only their password_ref (env:VARIABLE or file:/path) is shown.",
+        "- Never included: plain passwords and keys (Mailgate stores none), admin tokens, OAuth",
+        "  access and refresh tokens, service-account private keys (Mailgate keeps only the",
+        "  public keys, which are shown), message bodies and headers.",
+        "- The doctor report (if any): the values of secret-named fields (password, token,",
+        "  client_secret, ...), the word after such a name used as a flag or label",
+        "  (--password X, password: X), credentials in URLs, and every word that looks like a",
+        "  secret (API keys, OAuth tokens, JWTs, password hashes, PEM blocks, SMTP AUTH blobs,",
+        "  long random strings) are replaced by [redacted...].",
+        "- Every secret this command could know of (the stored hashes, the demo credentials, the",
+        "  smarthost passwords and the secrets found in the doctor report) was then removed from",
+        "  every file once more.",
+        "Not removed: addresses, names, client IP addresses, host names and the organisation's",
+        "settings, which support needs. Read the files before you send them.",
+    ]);
+    let id = decision.unwrap_or("<decision id>");
+    let at = summary
+        .lines()
+        .next()
+        .and_then(|l| l.rsplit_once(" at "))
+        .map(|(_, t)| format!(" (the decision was made at {t})"))
+        .unwrap_or_default();
+    lines(&[
+        "",
+        "Log lines",
+        "Mailgate writes its log to standard error only (the journal under systemd, or wherever",
+        "its service manager sends it) and keeps no log file this command could read, so this",
+        &format!("bundle holds no log lines. To add the lines about a decision{at}:"),
+        &format!(
+            "  journalctl -u mailgate --since \"<10 minutes before>\" --until \"<10 minutes after>\" | grep {id}"
+        ),
+        "Log lines hold no secrets by design; read them before you send them too.",
+        "",
+        "How to read it",
+        "- decision.json: `verdict` and `code` say what happened; `decision.denial` names the",
+        "  failed check, the object at fault, the message and the remedy; `decision.checks`",
+        "  lists every check in the order the engine ran them, each with its outcome (pass,",
+        "  fail, not_applicable, ...) and detail; `attempt` holds the facts the door gathered",
+        "  (door, TLS, client IP, the credential by id, senders, recipients, size). Reason codes",
+        "  are in docs/reasons.md; `mailgate explain` re-runs a send against today's directory.",
+        "- directory.yaml: the objects as `mailgate export` writes them (docs/directory.md).",
+        "- directory-summary.txt, refusals.txt: one line per object or refusal.",
+        "- config.json: the configuration in force under docs/config.md's key names, defaults",
+        &format!(
+            "  filled in (data directory {}).",
+            config.data_dir.display()
+        ),
+        "- doctor.json: the doctor's steps with their evidence and diagnosis (reason code, cause,",
+        "  remedy), and the problems found (docs/doctor.md).",
+    ]);
+    s
+}
+
+/// A gzipped tar of `files` under `mailgate-support/`, each 0600.
+fn archive(files: &[File], now_ms: u64) -> anyhow::Result<Vec<u8>> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut tar = tar::Builder::new(gz);
+    for f in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(f.text.len() as u64);
+        h.set_mode(0o600);
+        h.set_mtime(now_ms / 1000);
+        h.set_cksum();
+        tar.append_data(&mut h, format!("{TOP}/{}", f.name), f.text.as_bytes())
+            .context("cannot build the archive")?;
+    }
+    let gz = tar.into_inner().context("cannot build the archive")?;
+    gz.finish().context("cannot compress the archive")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_looking_words_are_scrubbed_and_ids_stay() {
+        let text = "AUTH PLAIN AGFsaWNlQGV4YW1wbGUuY29tAGh1bnRlcjI= failed; key \
+                    SG.demo-billing-key-0001.DJXH7OHOGpdQJ17xxtetayePcNZlkiB3g__n1YR0zAE refused; \
+                    --password hunter2hunter2 and client_secret=s3cr3t-value \
+                    https://bob:pw123456@smtp.example.com/x Decision 01M8P4RMVSJ21JXVJAWP60ZA8R \
+                    for alice@example.com";
+        let out = scrub_text(text);
+        for secret in [
+            "AGFsaWNlQGV4YW1wbGUuY29tAGh1bnRlcjI=",
+            "DJXH7OHOGpdQJ17xxtetayePcNZlkiB3g__n1YR0zAE",
+            "hunter2hunter2",
+            "s3cr3t-value",
+            "pw123456",
+        ] {
+            assert!(!out.contains(secret), "{secret} in {out}");
+        }
+        for kept in [
+            "01M8P4RMVSJ21JXVJAWP60ZA8R",
+            "alice@example.com",
+            "smtp.example.com/x",
+            "refused;",
+        ] {
+            assert!(out.contains(kept), "{kept} missing from {out}");
+        }
+    }
+
+    #[test]
+    fn secret_fields_are_taken_and_redacted_everywhere() {
+        let mut secrets = Secrets::default();
+        let mut v = json!({
+            "target": "smtp.example.com:587",
+            "options": {"password": "correct horse battery staple", "user": "alice@example.com"},
+            "steps": [{"evidence": ["AUTH with correct horse battery staple refused"]}],
+        });
+        take_secret_fields(&mut v, &mut secrets);
+        scrub_value(&mut v, &secrets);
+        let text = v.to_string();
+        assert!(!text.contains("horse"), "{text}");
+        assert!(text.contains("alice@example.com"), "{text}");
+    }
+
+    #[test]
+    fn ancestors_of_an_org_unit() {
+        assert_eq!(ancestors("/a/b"), ["/", "/a", "/a/b"]);
+        assert_eq!(ancestors("/"), ["/"]);
+    }
+}
