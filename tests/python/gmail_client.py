@@ -162,6 +162,9 @@ def main():
                 old = creds.token
                 creds.refresh(google.auth.transport.requests.Request())
                 out = {"ok": True, "rotated": creds.token != old}
+            elif act["do"] == "refresh_token":
+                # For `mailgate doctor oauth` tests: the user's refresh token, as an app stores it.
+                out = {"ok": True, "refresh_token": creds.refresh_token}
             elif act["do"] == "tokeninfo":
                 r = requests.get(endpoint + "/tokeninfo", params={"access_token": creds.token}, timeout=10)
                 out = {"ok": r.status_code == 200, "response": r.json()}

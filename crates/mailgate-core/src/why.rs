@@ -549,6 +549,27 @@ pub static TABLE: &[Row] = &[
             "Enable it again (a deleted one can be undeleted for 30 days), or create a new one.",
         )],
     },
+    Row {
+        id: "token.invalid_client",
+        service: Service::GoogleToken,
+        text: r#"{"error": "invalid_client", "error_description": "Unauthorized"}"#,
+        patterns: &[&["invalid_client"]],
+        source: "https://datatracker.ietf.org/doc/html/rfc6749#section-5.2 (invalid_client: client authentication failed); Google answers a wrong client_secret with error_description \"Unauthorized\" and an unknown client_id with \"The OAuth client was not found.\"",
+        causes: &[
+            c(
+                Reason::AuthInvalid,
+                "The client_secret does not belong to the client_id: it was reset, or copied from another client.",
+                "Google Cloud console > APIs & Services > Credentials > the OAuth client: compare the client ID, and the secret's creation date with when the app's copy was made.",
+                "Copy the current client secret (or add a new one) into the app's configuration.",
+            ),
+            c(
+                Reason::ClientDisabled,
+                "The client_id names no OAuth client (\"The OAuth client was not found.\"): it was deleted, or belongs to another project.",
+                "Google Cloud console > APIs & Services > Credentials: is the client ID listed in the project the app uses?",
+                "Use an existing client's ID and secret, or undelete the client (possible for 30 days).",
+            ),
+        ],
+    },
     // ---------------------------------------------------------------- SendGrid
     Row {
         id: "sendgrid.wrong_credentials",
@@ -682,6 +703,19 @@ pub static TABLE: &[Row] = &[
                 "Turn off the mail scanning of that middlebox, or use port 465.",
             ),
         ],
+    },
+    Row {
+        id: "postfix.authentication_failed",
+        service: Service::Postfix,
+        text: "535 5.7.8 Error: authentication failed: authentication failure",
+        patterns: &[&["error: authentication failed"]],
+        source: "https://www.postfix.org/SASL_README.html; Postfix's src/smtpd/smtpd_sasl_glue.c (smtpd_sasl_authenticate: \"535 5.7.8 Error: authentication failed: %s\", the SASL back-end's reason)",
+        causes: &[c(
+            Reason::AuthInvalid,
+            "The server's SASL back-end (Cyrus SASL or Dovecot) refused the user name or password: a wrong password, or the user name in another form than the back-end stores (with or without @domain).",
+            "The server's mail log has `SASL PLAIN authentication failed` (or LOGIN) with the sasl_username it tried; `doveadm auth test <user>` or `testsaslauthd -u <user> -p <password>` on the server checks the same credentials.",
+            "Use the right password, and the user name as the server stores it (often the full address).",
+        )],
     },
     Row {
         id: "smtp.bad_credentials",
@@ -946,6 +980,19 @@ pub static TABLE: &[Row] = &[
             "The MAIL FROM address is not one the authenticated login may use (Postfix `smtpd_sender_login_maps`).",
             "`postmap -q <address> <smtpd_sender_login_maps table>` on the server names the logins that own it.",
             "Send from an address the login owns, or add the login to the address's entry in that table.",
+        )],
+    },
+    Row {
+        id: "postfix.recipient_rejected",
+        service: Service::Postfix,
+        text: "554 5.7.1 <bob@external.test>: Recipient address rejected: Access denied",
+        patterns: &[&["recipient address rejected", "5.7.1"]],
+        source: "https://www.postfix.org/access.5.html (REJECT in a check_recipient_access table); Postfix's src/smtpd/smtpd_check.c (\"Access denied\" when the table gives no text)",
+        causes: &[c(
+            Reason::PolicyRecipientRestricted,
+            "The server's policy refuses this recipient for this client or sender (Postfix: a check_recipient_access table or a policy service rejects it; the 5.7.1 says it is policy, not an unknown mailbox).",
+            "The reply names the recipient; the server's mail log has `NOQUEUE: reject: RCPT ... Recipient address rejected` with the sender and recipient; on Postfix `postmap -q <recipient> <table>` shows the entry.",
+            "Send to a recipient the policy allows, or ask the server's operator to change the rule that bars it (the access table entry or the policy).",
         )],
     },
 ];
@@ -1452,6 +1499,10 @@ mod tests {
         "policy.denied"
     )]
     #[case::postfix_relay("554 5.7.1 <bob@example.org>: Relay access denied", "auth.missing")]
+    #[case::postfix_recipient_access(
+        "554 5.7.1 <bob@external.test>: Recipient address rejected: Access denied",
+        "policy.recipient_restricted"
+    )]
     fn each_real_string_maps_to_its_most_likely_cause(#[case] text: &str, #[case] code: &str) {
         assert_eq!(first_code(text), Some(code), "{text}: {:?}", why(text));
     }

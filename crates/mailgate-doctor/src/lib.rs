@@ -93,6 +93,8 @@ pub struct Diagnosis {
     pub cause: String,
     /// What fixes it.
     pub remedy: String,
+    /// How to see for yourself that this is the cause (where to look), when known.
+    pub confirm: Option<String>,
 }
 
 impl Diagnosis {
@@ -102,12 +104,16 @@ impl Diagnosis {
             code,
             cause: cause.into(),
             remedy: remedy.into(),
+            confirm: None,
         }
     }
 
     /// A cause of `why`'s table.
     pub fn from_cause(c: &mailgate_core::why::Cause) -> Self {
-        Diagnosis::new(c.code, c.cause, c.remedy)
+        Diagnosis {
+            confirm: Some(c.confirm.to_owned()),
+            ..Diagnosis::new(c.code, c.cause, c.remedy)
+        }
     }
 
     /// The catalogue's own message and remedy for `code` (Mailgate's terms).
@@ -202,6 +208,9 @@ impl Step {
         if let Some(d) = &mut self.diagnosis {
             d.cause = secrets.redact(&d.cause);
             d.remedy = secrets.redact(&d.remedy);
+            if let Some(c) = &mut d.confirm {
+                *c = secrets.redact(c);
+            }
         }
         if let Some(n) = &mut self.note {
             *n = secrets.redact(n);
@@ -219,6 +228,7 @@ impl Step {
                 "code": d.code.code(),
                 "cause": d.cause,
                 "remedy": d.remedy,
+                "confirm": d.confirm,
             })),
             "note": self.note,
         })
@@ -244,6 +254,9 @@ impl Step {
         if let Some(d) = &self.diagnosis {
             let _ = writeln!(out, "        cause:  {}: {}", d.code.code(), d.cause);
             let _ = writeln!(out, "        remedy: {}", d.remedy);
+            if let Some(c) = &d.confirm {
+                let _ = writeln!(out, "        check:  {c}");
+            }
         }
         if let Some(n) = &self.note {
             let _ = writeln!(out, "        note:   {n}");
@@ -317,6 +330,23 @@ impl Report {
         self.steps.iter().filter(|s| s.status == Status::Fail)
     }
 
+    /// The problems, one per cause: a later step failing for the same reason code as an
+    /// earlier one (a disabled mailbox refuses the profile, the settings and the send alike)
+    /// is the same problem, seen again. Each with the ids of the later steps that saw it.
+    fn distinct_problems(&self) -> Vec<(&Step, Vec<&str>)> {
+        let mut out: Vec<(&Step, Vec<&str>)> = Vec::new();
+        for s in self.problems() {
+            let code = s.diagnosis.as_ref().map(|d| d.code);
+            match out.iter_mut().find(|(first, _)| {
+                code.is_some() && first.diagnosis.as_ref().map(|d| d.code) == code
+            }) {
+                Some((_, also)) => also.push(&s.id),
+                None => out.push((s, Vec::new())),
+            }
+        }
+        out
+    }
+
     /// 0 all good, 3 problems found.
     pub fn exit_code(&self) -> u8 {
         if self.problems().next().is_some() {
@@ -337,10 +367,12 @@ impl Report {
     /// "remedy"}], "steps": [{"id", "title", "status", "evidence", "diagnosis", "note"}]}`.
     pub fn to_json(&self) -> Value {
         let problems: Vec<Value> = self
-            .problems()
-            .map(|s| {
+            .distinct_problems()
+            .into_iter()
+            .map(|(s, also)| {
                 json!({
                     "step": s.id,
+                    "also_seen_in": also,
                     "title": s.title,
                     "code": s.diagnosis.as_ref().map(|d| d.code.code()),
                     "cause": s.diagnosis.as_ref().map(|d| d.cause.clone()).or_else(|| s.note.clone()),
@@ -363,7 +395,7 @@ impl Report {
     /// The closing summary printed after the steps.
     pub fn summary(&self, colour: bool) -> String {
         let mut out = String::new();
-        let problems: Vec<&Step> = self.problems().collect();
+        let problems = self.distinct_problems();
         let ran = self
             .steps
             .iter()
@@ -392,10 +424,13 @@ impl Report {
         } else {
             let _ = writeln!(out, "\n{head}");
         }
-        for (i, s) in problems.iter().enumerate() {
+        for (i, (s, also)) in problems.iter().enumerate() {
             match &s.diagnosis {
                 Some(d) => {
                     let _ = writeln!(out, "  {}. {} ({})", i + 1, d.code.code(), s.title);
+                    if !also.is_empty() {
+                        let _ = writeln!(out, "     also seen in: {}", also.join(", "));
+                    }
                     let _ = writeln!(out, "     remedy: {}", d.remedy);
                 }
                 None => {

@@ -353,6 +353,16 @@ impl Gateway {
         self.evaluate("explain", attempt, Mode::Explain).await
     }
 
+    /// A door's dry run of a send: decided with every fact, as [`Gateway::explain`] (nothing
+    /// consumed), kept under the door's name.
+    pub async fn dry_run(
+        &self,
+        door: &str,
+        attempt: &SendAttempt,
+    ) -> Result<Decided, GatewayError> {
+        self.evaluate(door, attempt, Mode::Explain).await
+    }
+
     async fn evaluate(
         &self,
         door: &str,

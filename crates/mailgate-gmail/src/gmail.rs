@@ -747,7 +747,7 @@ pub(crate) async fn send_json(
         Err(e) => Err(format!("Invalid JSON payload received. {e}")),
     };
     drop(body);
-    let answer = send(&st, attempt, raw).await;
+    let answer = send(&st, attempt, raw, dry_run(&headers)).await;
     drop(lease);
     answer
 }
@@ -788,7 +788,7 @@ pub(crate) async fn send_upload(
             );
         }
         return match read_message(&st, &headers, body).await {
-            Ok(b) => send_held(&st, attempt, b).await,
+            Ok(b) => send_held(&st, attempt, b, dry_run(&headers)).await,
             Err(ReadFail::TooLarge(n)) => oversize(&st, attempt, n).await,
             Err(ReadFail::Broken) => unreadable(),
             Err(ReadFail::Busy) => crate::errors::busy(),
@@ -796,7 +796,7 @@ pub(crate) async fn send_upload(
     }
     match q.upload_type.as_deref() {
         Some("media") | None => match read_message(&st, &headers, body).await {
-            Ok(b) => send_held(&st, attempt, b).await,
+            Ok(b) => send_held(&st, attempt, b, dry_run(&headers)).await,
             Err(ReadFail::TooLarge(n)) => oversize(&st, attempt, n).await,
             Err(ReadFail::Broken) => unreadable(),
             Err(ReadFail::Busy) => crate::errors::busy(),
@@ -811,7 +811,7 @@ pub(crate) async fn send_upload(
                 Ok(held) => {
                     let message = multipart_message(&ct, &held.bytes);
                     let lease = held.lease;
-                    let answer = send(&st, attempt, message).await;
+                    let answer = send(&st, attempt, message, dry_run(&headers)).await;
                     drop(lease);
                     answer
                 }
@@ -1104,14 +1104,36 @@ async fn read_message(
 }
 
 /// [`send`] of an uploaded message, its memory reservation held until the answer.
-async fn send_held(st: &GmailState, attempt: SendAttempt, held: crate::body::Held) -> Response {
+async fn send_held(
+    st: &GmailState,
+    attempt: SendAttempt,
+    held: crate::body::Held,
+    dry_run: bool,
+) -> Response {
     let crate::body::Held { bytes, lease } = held;
-    let answer = send(st, attempt, Ok(bytes)).await;
+    let answer = send(st, attempt, Ok(bytes), dry_run).await;
     drop(lease);
     answer
 }
 
-async fn send(st: &GmailState, mut attempt: SendAttempt, raw: Result<Vec<u8>, String>) -> Response {
+/// The request asks for a dry run (`X-Mailgate-Dry-Run: true`, Mailgate's own header): the send
+/// is decided with every fact of the message, as a real send would be, and the answer is the
+/// same refusal, or a `200` saying it would have been accepted; nothing is queued and no limit
+/// is charged (the engine's explain mode). `mailgate doctor gmail` probes with it when the
+/// endpoint is a Mailgate (Google's API has no dry run).
+fn dry_run(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-mailgate-dry-run")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true") || v.trim() == "1")
+}
+
+async fn send(
+    st: &GmailState,
+    mut attempt: SendAttempt,
+    raw: Result<Vec<u8>, String>,
+    dry_run: bool,
+) -> Response {
     let now = mailgate_gateway::now_ms();
     let mut raw = match raw {
         Ok(r) => r,
@@ -1156,6 +1178,25 @@ async fn send(st: &GmailState, mut attempt: SendAttempt, raw: Result<Vec<u8>, St
         },
         None => Body::Valid,
     };
+    if dry_run {
+        let decided = match st.gateway.dry_run("gmail", &attempt).await {
+            Ok(d) => d,
+            Err(e) => return fault(&e),
+        };
+        if let Some(denial) = decided.decision.denial() {
+            return denial_response(denial, &decided.id, SEND_METHOD, now);
+        }
+        let mut r = Json(json!({
+            "dryRun": true,
+            "decision": decided.id,
+            "held": decided.decision.verdict == mailgate_core::engine::Verdict::Held,
+        }))
+        .into_response();
+        if let Ok(v) = HeaderValue::from_str(&decided.id) {
+            r.headers_mut().insert("x-mailgate-decision", v);
+        }
+        return r;
+    }
     let decided = match st.gateway.decide("gmail", &attempt).await {
         Ok(d) => d,
         Err(e) => return fault(&e),

@@ -102,6 +102,8 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
                 ));
             }
             let mut body = json!({
+                "service": "mailgate",
+                "version": env!("CARGO_PKG_VERSION"),
                 "status": if causes.is_empty() { "ok" } else { "degraded" },
                 "directory_generation": state.gateway.live().generation,
                 "store_generation": generation,
@@ -117,7 +119,7 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
             tracing::error!(error = %e, "health check: store unavailable");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": "unavailable", "reason": "store.unavailable", "causes": ["the store does not answer"]})),
+                Json(json!({"service": "mailgate", "version": env!("CARGO_PKG_VERSION"), "status": "unavailable", "reason": "store.unavailable", "causes": ["the store does not answer"]})),
             )
                 .into_response()
         }

@@ -11,6 +11,7 @@ mod bundle;
 mod crash;
 mod directory;
 mod docs;
+mod doctor_gmail;
 mod doctor_sendgrid;
 mod explain;
 mod gmail;
