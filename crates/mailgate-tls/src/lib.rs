@@ -101,14 +101,8 @@ pub fn self_signed(names: &[&str]) -> Result<(String, String), TlsError> {
     Ok((cert.cert.pem(), cert.signing_key.serialize_pem()))
 }
 
-/// A client configuration with Mailgate's policy (TLS 1.3 and 1.2 only, aws-lc-rs): the public
-/// web PKI roots (webpki-roots, so the result does not depend on the machine's store) plus every
-/// certificate of `extra_roots_pem` (a private CA or a self-signed server certificate), offering
-/// `alpn`. Smarthost connections and `mailgate doctor` use it.
-pub fn client_config(
-    extra_roots_pem: Option<&[u8]>,
-    alpn: &[&[u8]],
-) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+/// The web PKI roots plus every certificate of `extra_roots_pem`.
+fn root_store(extra_roots_pem: Option<&[u8]>) -> Result<rustls::RootCertStore, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(pem) = extra_roots_pem {
@@ -125,12 +119,131 @@ pub fn client_config(
             });
         }
     }
+    Ok(roots)
+}
+
+/// A client configuration with Mailgate's policy (TLS 1.3 and 1.2 only, aws-lc-rs): the public
+/// web PKI roots (webpki-roots, so the result does not depend on the machine's store) plus every
+/// certificate of `extra_roots_pem` (a private CA or a self-signed server certificate), offering
+/// `alpn`. Smarthost connections and `mailgate doctor` use it.
+pub fn client_config(
+    extra_roots_pem: Option<&[u8]>,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let roots = root_store(extra_roots_pem)?;
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
+}
+
+/// What the certificate check of a [`client_config_recording`] handshake found: `None` until the
+/// server's certificate was seen, then `Ok` (the chain leads to a trusted root and names the
+/// server) or rustls' error (unknown issuer, expired, another name...).
+#[derive(Debug, Default)]
+pub struct CertCheck(std::sync::Mutex<Option<CertVerdict>>);
+
+/// One certificate check's result.
+#[derive(Debug, Clone)]
+pub struct CertVerdict {
+    /// `Ok`, or why the certificate would be refused.
+    pub result: Result<(), rustls::Error>,
+    /// How many certificates the server sent (its own first).
+    pub chain_len: usize,
+}
+
+impl CertCheck {
+    /// The last check's result (`None`: the handshake did not get that far).
+    pub fn verdict(&self) -> Option<CertVerdict> {
+        self.0
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+}
+
+/// Checks like webpki's verifier, records the result in a [`CertCheck`], and lets the handshake
+/// go on whatever it found (handshake signatures are still verified).
+#[derive(Debug)]
+struct RecordingVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    check: Arc<CertCheck>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for RecordingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let result = self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .map(|_| ());
+        let verdict = CertVerdict {
+            result,
+            chain_len: 1 + intermediates.len(),
+        };
+        match self.check.0.lock() {
+            Ok(mut g) => *g = Some(verdict),
+            Err(e) => *e.into_inner() = Some(verdict),
+        }
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Like [`client_config`] (same policy, same roots), but a certificate that fails the check does
+/// not end the handshake: the result is recorded in the returned [`CertCheck`] instead, so a
+/// diagnostic tool (`mailgate doctor smtp`) can report a bad certificate *and* probe the rest.
+/// Never use it to send anything that matters.
+pub fn client_config_recording(
+    extra_roots_pem: Option<&[u8]>,
+    alpn: &[&[u8]],
+) -> Result<(Arc<rustls::ClientConfig>, Arc<CertCheck>), TlsError> {
+    let roots = root_store(extra_roots_pem)?;
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+    let check = Arc::new(CertCheck::default());
+    let verifier = RecordingVerifier {
+        inner,
+        check: check.clone(),
+    };
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok((Arc::new(cfg), check))
 }
 
 /// The negotiated version as Mailgate names it (`1.2`, `1.3`).

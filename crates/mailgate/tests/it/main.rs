@@ -13,6 +13,7 @@ mod directory;
 mod docs;
 mod doctor_gmail;
 mod doctor_sendgrid;
+mod doctor_smtp;
 mod explain;
 mod gmail;
 mod harness;
