@@ -57,6 +57,42 @@ pub(crate) struct BundleArgs {
     output: PathBuf,
 }
 
+/// Finds a stored decision. A refusal the server made a moment ago may not be written yet
+/// (refusals are written behind the answer, group commit): when the id's own time is under
+/// 10 s old, it is looked for again for up to 3 s.
+async fn find_decision(
+    store: &dyn Store,
+    id: &str,
+    now_ms: u64,
+) -> anyhow::Result<Option<StoredDecision>> {
+    let recent = decision_time_ms(id).is_some_and(|t| now_ms.abs_diff(t) < 10_000);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        if let Some(d) = store.decision(id).await? {
+            return Ok(Some(d));
+        }
+        if !recent || std::time::Instant::now() >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The Unix milliseconds at the start of a decision id (`mailgate_gateway::new_decision_id`:
+/// 48 bits of time, then 80 random bits, in Crockford's base32).
+fn decision_time_ms(id: &str) -> Option<u64> {
+    const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    if id.len() != 26 {
+        return None;
+    }
+    let mut v: u128 = 0;
+    for b in id.bytes() {
+        let digit = CROCKFORD.iter().position(|c| *c == b)?;
+        v = (v << 5) | digit as u128;
+    }
+    u64::try_from(v >> 80).ok()
+}
+
 /// The JSON of a stored decision, as `GET /mailgate/v1/decisions/{id}` answers it (`body`: the
 /// parsed trace, `Null` when it does not parse).
 pub(crate) fn decision_document(d: &StoredDecision, body: &Value) -> Value {
@@ -95,7 +131,7 @@ pub(crate) async fn run(
 
     match &args.decision {
         Some(id) => {
-            let d = store.decision(id).await?.with_context(|| {
+            let d = find_decision(store, id, now_ms).await?.with_context(|| {
                 format!(
                     "no decision `{id}` in the store {}: check the id (the `X-Mailgate-Decision` \
                      header, or the `Decision:` at the end of a refusal). Refusals whose credential \
@@ -126,15 +162,17 @@ pub(crate) async fn run(
             let touched = redacted(touched(dir, &doc));
             files.push(File {
                 name: "directory.yaml",
-                about: "the directory objects this decision touched, in the directory-file format \
-                        (docs/directory.md), secrets removed"
+                about: "the directory objects this decision touched, as they are now, in the \
+                        directory-file format (docs/directory.md), secrets removed"
                     .into(),
                 text: format!(
-                    "# The directory objects decision {} touched (directory generation {}).\n\
+                    "# The directory objects decision {} touched, as they are now (directory\n\
+                     # generation {}): they may have changed since the decision ({}).\n\
                      # Secrets removed: password hashes, API key hashes, OAuth client secret hashes,\n\
                      # domain verification tokens (each shown as {REMOVED}).\n{}",
                     d.id,
                     snap.generation,
+                    mailgate_core::engine::rfc3339_ms(u64::try_from(d.at_ms).unwrap_or(0)),
                     strip_export_header(&mailgate_core::orgfile::to_yaml(&touched))
                 ),
             });
@@ -1188,6 +1226,63 @@ mod tests {
         let text = v.to_string();
         assert!(!text.contains("horse"), "{text}");
         assert!(text.contains("alice@example.com"), "{text}");
+    }
+
+    /// A delegated send by a service account touches the account, its grant and project, the
+    /// subject with its units, and not the users it did not name.
+    #[test]
+    fn a_delegated_send_touches_the_account_its_grant_and_the_subject() {
+        let dir = mailgate_core::orgfile::OrgFile::parse(crate::DEMO_ORG)
+            .unwrap()
+            .directory;
+        let doc = json!({
+            "principal": "carol@example.com",
+            "attempt": {
+                "credential": {
+                    "kind": "service_account",
+                    "email": "mailer@acme-app.iam.example.com",
+                    "project": "acme-app",
+                    "scopes": ["https://www.googleapis.com/auth/gmail.send"],
+                    "subject": "carol@example.com",
+                },
+                "recipients": ["alice@example.com", "x@competitor.test"],
+            },
+            "decision": {"denial": {"code": "account.mail_disabled", "object_at_fault": "org unit /frozen"}},
+        });
+        let t = redacted(touched(&dir, &doc));
+        let emails = |v: Vec<&str>| v.join(" ");
+        assert_eq!(
+            emails(t.users.iter().map(|u| u.email.as_str()).collect()),
+            "carol@example.com"
+        );
+        assert_eq!(t.service_accounts.len(), 1);
+        assert_eq!(t.domain_wide_delegation.len(), 1);
+        assert_eq!(
+            t.domain_wide_delegation[0].client_id,
+            "104500000000000000001"
+        );
+        assert_eq!(
+            emails(t.org_units.iter().map(|o| o.path.as_str()).collect()),
+            "/ /frozen"
+        );
+        assert_eq!(
+            emails(t.projects.iter().map(|p| p.id.as_str()).collect()),
+            "acme-app"
+        );
+        assert!(t.api_keys.is_empty() && t.oauth_clients.is_empty());
+        assert_eq!(
+            t.users[0].password_hash, None,
+            "the demo file holds plain passwords only"
+        );
+        assert!(t.users[0].password.is_none());
+    }
+
+    #[test]
+    fn a_decision_id_tells_its_time() {
+        let id = mailgate_gateway::new_decision_id(1_796_039_529_337);
+        assert_eq!(decision_time_ms(&id), Some(1_796_039_529_337));
+        assert_eq!(decision_time_ms("not-an-id"), None);
+        assert_eq!(decision_time_ms("01M8P4RMVSJ21JXVJAWP60ZA8!"), None);
     }
 
     #[test]
