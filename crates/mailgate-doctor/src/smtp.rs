@@ -83,6 +83,12 @@ const MAX_LINE: usize = 4096;
 /// Most lines in one reply.
 const MAX_LINES: usize = 200;
 
+const NO_STARTTLS_CAUSE: &str = "The server does not offer STARTTLS after EHLO: the password and every message would cross the network in plaintext, and clients that require TLS (most do) refuse to send.";
+const NO_STARTTLS_REMEDY: &str = "Turn STARTTLS on on the server (Postfix: smtpd_tls_cert_file, smtpd_tls_key_file and smtpd_tls_security_level = may, or encrypt on the submission port), or use port 465 with implicit TLS (--tls implicit). If other machines see STARTTLS, something between this machine and the server (antivirus or firewall mail scanning) removes it.";
+const XOAUTH2_CAUSE: &str = "The OAuth access token was refused: it expired (Google's last an hour), was revoked, was issued for another user than --user, or lacks the https://mail.google.com/ scope that SMTP needs.";
+const XOAUTH2_REMEDY: &str = "Get a fresh access token for this user with the https://mail.google.com/ scope (`mailgate doctor oauth` checks the refresh token and client behind it).";
+const XOAUTH2_CONFIRM: &str = "Google's token information endpoint (https://oauth2.googleapis.com/tokeninfo?access_token=<token>) shows the token's email, scope and expiry, or says it is invalid.";
+
 /// Runs every probe.
 pub async fn run(opts: &Options, output: Output) -> Result<Report, DoctorError> {
     let (host, port) = split_server(&opts.server)?;
@@ -333,6 +339,41 @@ impl Conn {
     }
 }
 
+/// What a refused certificate means, and what to do.
+fn certificate_problem(e: &rustls::Error, host: &str, roots: &str) -> String {
+    use rustls::CertificateError as C;
+    let rustls::Error::InvalidCertificate(c) = e else {
+        return format!("the certificate was refused ({e})");
+    };
+    match c {
+        C::UnknownIssuer => format!(
+            "the certificate is not issued by a CA in {roots} (self-signed, or a private CA): \
+             clients refuse it. Install a certificate from a public CA on the server (e.g. \
+             Let's Encrypt), or, for a private CA, give its certificate with --ca-file to check \
+             the rest"
+        ),
+        C::NotValidForName | C::NotValidForNameContext { .. } => format!(
+            "the certificate does not name {host}: connect with the name the certificate \
+             carries (the server's documented host name), or get a certificate for {host}"
+        ),
+        C::Expired | C::ExpiredContext { .. } => {
+            "the certificate has expired: renew it on the server".to_owned()
+        }
+        C::NotValidYet | C::NotValidYetContext { .. } => {
+            "the certificate is not valid yet: check this machine's clock and the \
+             certificate's dates"
+                .to_owned()
+        }
+        _ if e.to_string().contains("CaUsedAsEndEntity") => {
+            "the server presents a CA certificate as its own (typical of `openssl req -x509` \
+             without a server profile): clients refuse it; make a server certificate \
+             (basicConstraints CA:FALSE) for the host name"
+                .to_owned()
+        }
+        _ => format!("the certificate was refused ({e})"),
+    }
+}
+
 /// Control characters out (a hostile server's bytes are printed).
 fn printable(s: &str) -> String {
     s.chars()
@@ -466,7 +507,11 @@ impl Probe<'_> {
                 self.run.finish(Step::fail_unexplained(
                     "connect",
                     format!("resolve {}", self.host),
-                    format!("the name does not resolve ({e}): check the host name (the server's documentation names it, e.g. smtp.gmail.com, smtp.office365.com) and this machine's DNS"),
+                    format!(
+                        "the name does not resolve ({e}): check the host name (the server's \
+                         documentation names it, e.g. smtp.gmail.com, smtp.office365.com) and \
+                         this machine's DNS"
+                    ),
                 ));
                 return false;
             }
@@ -669,15 +714,7 @@ impl Probe<'_> {
                 self.host
             )),
             Err(e) => {
-                use rustls::CertificateError as C;
-                let why = match &e {
-                    rustls::Error::InvalidCertificate(C::UnknownIssuer) => format!("the certificate is not issued by a CA in {roots} (self-signed, or a private CA): clients refuse it. Install a certificate from a public CA on the server (e.g. Let's Encrypt), or, for a private CA, give its certificate with --ca-file to check the rest"),
-                    rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => format!("the certificate does not name {}: connect with the name the certificate carries (the server's documented host name), or get a certificate for {}", self.host, self.host),
-                    rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "the certificate has expired: renew it on the server".to_owned(),
-                    rustls::Error::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => "the certificate is not valid yet: check this machine's clock and the certificate's dates".to_owned(),
-                    _ if e.to_string().contains("CaUsedAsEndEntity") => "the server presents a CA certificate as its own (typical of `openssl req -x509` without a server profile): clients refuse it; make a server certificate (basicConstraints CA:FALSE) for the host name".to_owned(),
-                    _ => format!("the certificate was refused ({e})"),
-                };
+                let why = certificate_problem(&e, &self.host, roots);
                 Step::fail_unexplained(id, title, why)
                     .evidence(chain)
                     .evidence(format!("verification: {e}"))
@@ -836,15 +873,17 @@ impl Probe<'_> {
             return;
         }
         if !self.starttls_offered {
-            self.run.finish(Step::fail(
-                id,
-                "STARTTLS offered",
-                Diagnosis::new(
-                    Reason::TlsRequired,
-                    "The server does not offer STARTTLS after EHLO: the password and every message would cross the network in plaintext, and clients that require TLS (most do) refuse to send.",
-                    "Turn STARTTLS on on the server (Postfix: smtpd_tls_cert_file, smtpd_tls_key_file and smtpd_tls_security_level = may, or encrypt on the submission port), or use port 465 with implicit TLS (--tls implicit). If other machines see STARTTLS, something between this machine and the server (antivirus or firewall mail scanning) removes it.",
-                ),
-            ).note("the remaining probes go on in plaintext"));
+            let confirm = format!(
+                "the EHLO reply above lists no STARTTLS; `openssl s_client -starttls smtp -connect {}:{}` says so too (\"didn't find starttls in server response\")",
+                self.host, self.port
+            );
+            let diagnosis = Diagnosis {
+                confirm: Some(confirm),
+                ..Diagnosis::new(Reason::TlsRequired, NO_STARTTLS_CAUSE, NO_STARTTLS_REMEDY)
+            };
+            let step = Step::fail(id, "STARTTLS offered", diagnosis);
+            self.run
+                .finish(step.note("the remaining probes go on in plaintext"));
             return;
         }
         self.run.begin("STARTTLS");
@@ -857,7 +896,9 @@ impl Probe<'_> {
                 }
             }
             Ok(r) => {
-                let step = self.refused(id, "STARTTLS", &r, &[], "the server refuses to start TLS (454: its TLS set-up is broken, e.g. an unreadable certificate or key)");
+                let hint = "the server refuses to start TLS (454: its TLS set-up is broken, \
+                            e.g. an unreadable certificate or key)";
+                let step = self.refused(id, "STARTTLS", &r, &[], hint);
                 self.run
                     .finish(step.note_if_none("the remaining probes go on in plaintext"));
             }
@@ -921,7 +962,9 @@ impl Probe<'_> {
     async fn auth(&mut self) {
         let id = "auth";
         let Some((user, secret)) = self.creds.clone() else {
-            self.run.finish(Step::skip(id, "AUTH", "no --user with --password or --xoauth2-token given: MAIL FROM shows whether the server takes mail without AUTH"));
+            let note = "no --user with --password or --xoauth2-token given: MAIL FROM shows \
+                        whether the server takes mail without AUTH";
+            self.run.finish(Step::skip(id, "AUTH", note));
             return;
         };
         if self.skip_gone(id, "AUTH") {
@@ -1012,11 +1055,10 @@ impl Probe<'_> {
                         .is_some_and(|d| d.code == Reason::AuthInvalid)
                 {
                     // The table's causes for a 535 speak of passwords.
-                    step.diagnosis = Some(Diagnosis::new(
-                        Reason::AuthInvalid,
-                        "The OAuth access token was refused: it expired (Google's last an hour), was revoked, was issued for another user than --user, or lacks the https://mail.google.com/ scope that SMTP needs.",
-                        "Get a fresh access token for this user with the https://mail.google.com/ scope (`mailgate doctor oauth` checks the refresh token and client behind it).",
-                    ));
+                    step.diagnosis = Some(Diagnosis {
+                        confirm: Some(XOAUTH2_CONFIRM.to_owned()),
+                        ..Diagnosis::new(Reason::AuthInvalid, XOAUTH2_CAUSE, XOAUTH2_REMEDY)
+                    });
                 }
                 step
             }
