@@ -947,6 +947,7 @@ fn scrub_value(v: &mut Value, secrets: &Secrets) {
 pub(crate) fn scrub_text(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut redact_next = false;
+    let mut id_next = false;
     let mut rest = text;
     while !rest.is_empty() {
         let ws_end = rest
@@ -976,9 +977,12 @@ pub(crate) fn scrub_text(text: &str) -> String {
         } else if redact_next && !core.contains('[') {
             Some(mailgate_doctor::REDACTED.to_owned())
         } else {
-            scrub_word(core)
+            // After `id`, `key id`, `kid`: an identifier (a service-account key's id is 40
+            // hex digits), kept unless it has a secret's own shape (a key, a token, a hash).
+            scrub_word(core).filter(|r| !(id_next && r == ENTROPY_ONLY))
         };
         redact_next = is_secret_keyword(core);
+        id_next = is_id_label(core);
         match replaced {
             Some(r) => {
                 out.push_str(pre);
@@ -989,6 +993,15 @@ pub(crate) fn scrub_text(text: &str) -> String {
         }
     }
     out
+}
+
+/// What `secret_kind` says of a word that is only random-looking (no secret's own shape).
+const ENTROPY_ONLY: &str = "[redacted: looks like a secret]";
+
+/// `id`, `id:`, `kid`, `key_id`, `private_key_id`, `client_id`: the next word is an identifier.
+fn is_id_label(word: &str) -> bool {
+    let w = word.trim_end_matches([':', '=']).to_ascii_lowercase();
+    ["id", "kid", "key_id", "private_key_id", "client_id"].contains(&w.as_str())
 }
 
 /// A secret's name as a flag or a label (`--password`, `--client-secret`, `password:`,
@@ -1010,6 +1023,10 @@ fn is_secret_name(name: &str) -> bool {
 
 /// One word's replacement, when it is or holds a secret.
 fn scrub_word(w: &str) -> Option<String> {
+    // `scheme://user:password@host/...?token=...`
+    if let Some(i) = w.find("://") {
+        return scrub_url(w, i);
+    }
     if w.contains("[redacted") {
         return None;
     }
@@ -1017,36 +1034,95 @@ fn scrub_word(w: &str) -> Option<String> {
     for sep in ['=', ':'] {
         if let Some((name, value)) = w.split_once(sep)
             && !value.is_empty()
-            && !value.starts_with("//")
             && is_secret_name(name)
         {
             return Some(format!("{name}{sep}{}", mailgate_doctor::REDACTED));
         }
     }
-    // `scheme://user:password@host/...`
-    if let Some(i) = w.find("://") {
-        let after = &w[i + 3..];
-        let auth_end = after.find('/').unwrap_or(after.len());
-        if let Some(at) = after[..auth_end].rfind('@') {
-            return Some(format!(
-                "{}{}@{}",
-                &w[..i + 3],
-                mailgate_doctor::REDACTED,
-                &after[at + 1..]
-            ));
-        }
+    // Placeholders (`SG.<id>.<secret>`) are no secrets; decision ids are no secrets, also
+    // inside a path (`/mailgate/v1/decisions/01M8...`), but what is around them may be.
+    if w.contains('<') || constant_name(w) {
         return None;
     }
-    if is_decision_id(w) {
-        return None;
-    }
-    if let Some(kind) = mailgate_auth::redact::secret_kind(w) {
+    let masked = mask_decision_ids(w);
+    if let Some(kind) = mailgate_auth::redact::secret_kind(&masked) {
         return Some(format!("[redacted: {kind}]"));
     }
     if auth_plain_blob(w) {
         return Some("[redacted: looks like SMTP AUTH credentials]".to_owned());
     }
     None
+}
+
+/// A URL with its `user:password@` and the values of secret-named query parameters redacted.
+fn scrub_url(w: &str, scheme_end: usize) -> Option<String> {
+    let (head, after) = w.split_at(scheme_end + 3);
+    let auth_end = after.find(['/', '?', '#']).unwrap_or(after.len());
+    let (authority, rest) = after.split_at(auth_end);
+    let mut out = head.to_owned();
+    let mut changed = false;
+    match authority.rfind('@') {
+        Some(at) => {
+            out.push_str(mailgate_doctor::REDACTED);
+            out.push_str(&authority[at..]);
+            changed = true;
+        }
+        None => out.push_str(authority),
+    }
+    match rest.split_once('?') {
+        Some((path, query)) => {
+            out.push_str(path);
+            out.push('?');
+            let params: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, v)) if !v.is_empty() && is_secret_name(k) => {
+                        changed = true;
+                        format!("{k}={}", mailgate_doctor::REDACTED)
+                    }
+                    _ => p.to_owned(),
+                })
+                .collect();
+            out.push_str(&params.join("&"));
+        }
+        None => out.push_str(rest),
+    }
+    changed.then_some(out)
+}
+
+/// A constant's name such as a cipher suite (`TLS13_AES_256_GCM_SHA384`): short upper-case
+/// parts joined by `_`.
+fn constant_name(w: &str) -> bool {
+    w.contains('_')
+        && w.split('_').all(|p| {
+            (1..=8).contains(&p.len())
+                && p.bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        })
+}
+
+/// `w` with every decision id in it replaced by `ID`.
+fn mask_decision_ids(w: &str) -> String {
+    let mut out = String::with_capacity(w.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if is_decision_id(run) {
+            out.push_str("ID");
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in w.chars() {
+        if c.is_ascii_digit() || c.is_ascii_uppercase() {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
 }
 
 /// A decision id: 26 characters of Crockford's base32, as Mailgate makes them. An id, not a
@@ -1192,7 +1268,9 @@ mod tests {
                     SG.demo-billing-key-0001.DJXH7OHOGpdQJ17xxtetayePcNZlkiB3g__n1YR0zAE refused; \
                     --password hunter2hunter2 and client_secret=s3cr3t-value \
                     https://bob:pw123456@smtp.example.com/x Decision 01M8P4RMVSJ21JXVJAWP60ZA8R \
-                    for alice@example.com";
+                    for alice@example.com; GET /mailgate/v1/decisions/01M8P4RMVSJ21JXVJAWP60ZA8R) \
+                    (SG.<id>.<secret>) cipher TLS13_AES_256_GCM_SHA384 key id \
+                    2b93812ead4be5c3853e68659204b6089197fbe9, key id SG.abcdefgh.ijklmnopqrstuvwxyz https://oauth2.example/token?client_id=x&refresh_token=1//0gRfq9";
         let out = scrub_text(text);
         for secret in [
             "AGFsaWNlQGV4YW1wbGUuY29tAGh1bnRlcjI=",
@@ -1200,6 +1278,8 @@ mod tests {
             "hunter2hunter2",
             "s3cr3t-value",
             "pw123456",
+            "1//0gRfq9",
+            "ijklmnopqrstuvwxyz",
         ] {
             assert!(!out.contains(secret), "{secret} in {out}");
         }
@@ -1208,6 +1288,11 @@ mod tests {
             "alice@example.com",
             "smtp.example.com/x",
             "refused;",
+            "GET /mailgate/v1/decisions/01M8P4RMVSJ21JXVJAWP60ZA8R)",
+            "(SG.<id>.<secret>)",
+            "TLS13_AES_256_GCM_SHA384",
+            "key id 2b93812ead4be5c3853e68659204b6089197fbe9,",
+            "https://oauth2.example/token?client_id=x&refresh_token=[redacted]",
         ] {
             assert!(out.contains(kept), "{kept} missing from {out}");
         }

@@ -168,28 +168,50 @@ fn a_bundle_for_a_refusal_holds_its_trace_the_objects_it_touched_and_no_secret()
         .unwrap()
         .to_owned();
 
-    // A doctor report that (wrongly) holds every demo secret, in fields and in free text.
-    let doctor = json!({
-        "doctor": "smtp",
-        "target": format!("smtp://alice@example.com:{PASSWORD}@127.0.0.1:587"),
-        "ok": false,
-        "options": {"password": PASSWORD, "key": REPORTS_KEY, "client_secret": CLIENT_SECRET},
-        "steps": [{
-            "id": "auth",
-            "title": "AUTH PLAIN",
-            "status": "fail",
-            "evidence": [
-                format!("Authorization: Bearer {BILLING_KEY}"),
-                format!("password: {PASSWORD}"),
-                format!("--client-secret {CLIENT_SECRET} and admin token {admin_token}"),
-                format!("smarthost {SMARTHOST_FILE_PW} / {SMARTHOST_ENV_PW}"),
-                "535 5.7.8 Username and Password not accepted".to_owned(),
-                format!("Decision: {id}"),
-            ],
-            "diagnosis": {"code": "auth.invalid", "cause": "wrong password", "remedy": "fix it"},
-        }],
-        "problems": [{"step": "auth", "code": "auth.invalid"}],
-    });
+    // A real doctor report for the same key (`mailgate doctor sendgrid --json` against this
+    // server), plus a step that (wrongly) holds every demo secret, in fields and in free text.
+    let out = Command::new(BIN)
+        .args([
+            "doctor",
+            "sendgrid",
+            "--key",
+            BILLING_KEY,
+            "--from",
+            "ceo@example.net",
+        ])
+        .args(["--endpoint", &format!("http://{}", server.addr), "--json"])
+        .env_remove("SENDGRID_API_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let real: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        real["problems"].as_array().is_some_and(|p| !p.is_empty()),
+        "{real}"
+    );
+    let mut doctor = real.clone();
+    doctor["options"] =
+        json!({"password": PASSWORD, "key": REPORTS_KEY, "client_secret": CLIENT_SECRET});
+    doctor["target"] = json!(format!("smtp://alice@example.com:{PASSWORD}@127.0.0.1:587"));
+    doctor["steps"].as_array_mut().unwrap().push(json!({
+        "id": "auth",
+        "title": "AUTH PLAIN",
+        "status": "fail",
+        "evidence": [
+            format!("Authorization: Bearer {BILLING_KEY}"),
+            format!("password: {PASSWORD}"),
+            format!("--client-secret {CLIENT_SECRET} and admin token {admin_token}"),
+            format!("smarthost {SMARTHOST_FILE_PW} / {SMARTHOST_ENV_PW}"),
+            "535 5.7.8 Username and Password not accepted".to_owned(),
+            format!("Decision: {id}"),
+        ],
+        "diagnosis": {"code": "auth.invalid", "cause": "wrong password", "remedy": "fix it"},
+    }));
     let doctor_file = gw.dir.path().join("doctor.json");
     std::fs::write(&doctor_file, serde_json::to_string_pretty(&doctor).unwrap()).unwrap();
 
@@ -321,13 +343,20 @@ fn a_bundle_for_a_refusal_holds_its_trace_the_objects_it_touched_and_no_secret()
         text(&files, "version.txt")
     );
 
-    // The doctor report is there, readable, with its secrets gone.
-    let report: Value = serde_json::from_str(text(&files, "doctor.json")).unwrap();
-    assert_eq!(report["steps"][0]["diagnosis"]["code"], "auth.invalid");
-    let evidence = report["steps"][0]["evidence"].as_array().unwrap();
+    // The doctor report is there, readable, with its secrets gone: the real report word for
+    // word (it holds none), the added step without them.
+    let mut report: Value = serde_json::from_str(text(&files, "doctor.json")).unwrap();
+    let added = report["steps"].as_array_mut().unwrap().pop().unwrap();
+    assert_eq!(added["diagnosis"]["code"], "auth.invalid");
+    let evidence = added["evidence"].as_array().unwrap();
     assert_eq!(evidence[4], "535 5.7.8 Username and Password not accepted");
     assert_eq!(evidence[5], format!("Decision: {id}").as_str());
     assert_eq!(report["options"]["password"], "[redacted]");
+    assert_eq!(report["target"], "smtp://[redacted]@127.0.0.1:587");
+    let obj = report.as_object_mut().unwrap();
+    obj.remove("options");
+    obj["target"] = real["target"].clone();
+    assert_eq!(report, real, "the real report is unchanged");
 
     let mut secrets: Vec<String> = [
         PASSWORD,
