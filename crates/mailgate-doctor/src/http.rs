@@ -220,3 +220,78 @@ where
         body,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that answers one request with `head` and then `body_len` bytes of `x`, slowly
+    /// if `stall`.
+    async fn server(head: String, body_len: usize, stall: bool) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(head.as_bytes()).await;
+            if stall {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut left = body_len;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                if s.write_all(&chunk[..n]).await.is_err() {
+                    return;
+                }
+                left -= n;
+            }
+        });
+        format!("http://{addr}/")
+    }
+
+    #[tokio::test]
+    async fn a_hostile_server_cannot_make_the_doctor_read_without_bound() {
+        let client = Client::new(None, Duration::from_secs(2)).unwrap();
+        // 64 MiB announced and sent: refused at 4 MiB.
+        let n = 64 * 1024 * 1024;
+        let url = server(
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n"),
+            n,
+            false,
+        )
+        .await;
+        let err = client.get(&url, &[]).await.unwrap_err();
+        assert!(err.contains("reading the answer"), "{err}");
+        // Headers, then nothing: the deadline ends it.
+        let url = server(
+            "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n".into(),
+            10,
+            true,
+        )
+        .await;
+        let t = std::time::Instant::now();
+        let err = client.get(&url, &[]).await.unwrap_err();
+        assert!(err.contains("no answer within"), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn an_answer_is_read_with_its_status_headers_and_body() {
+        let client = Client::new(None, Duration::from_secs(5)).unwrap();
+        let url = server(
+            "HTTP/1.1 403 Forbidden\r\nContent-Length: 5\r\nX-RateLimit-Remaining: 0\r\n\r\n"
+                .into(),
+            5,
+            false,
+        )
+        .await;
+        let a = client.get(&url, &[]).await.unwrap();
+        assert_eq!(a.status, 403);
+        assert_eq!(a.header("x-ratelimit-remaining"), Some("0"));
+        assert_eq!(a.text(), "xxxxx");
+        assert!(!a.ok());
+    }
+}
