@@ -626,9 +626,8 @@ impl Probe<'_> {
         match res {
             Ok(Ok(tls)) => {
                 let (_, session) = tls.get_ref();
-                let version = session
-                    .protocol_version()
-                    .map_or("?", mailgate_tls::version_name);
+                let version = mailgate_tls::tls_version(session.protocol_version())
+                    .map_or("?", mailgate_core::engine::TlsVersion::number);
                 let cipher = session
                     .negotiated_cipher_suite()
                     .map(|c| format!("{:?}", c.suite()))

@@ -27,9 +27,6 @@ use mailgate_store::{
     AttemptReport, LeasedMessage, NewMessage, QueueStore, RecipientOutcome, RecipientState,
     Recorded, StoreError,
 };
-use rustls::RootCertStore;
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use tokio::sync::Notify;
 use tokio_rustls::TlsConnector;
 
@@ -48,17 +45,10 @@ pub mod codes {
 /// A fault that stops the worker from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    /// The private CA file cannot be read or holds no certificate.
-    #[error("relay.ca_file {path}: {reason}")]
-    CaFile {
-        /// The file.
-        path: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// The TLS client configuration cannot be built.
-    #[error("cannot build the TLS client configuration: {0}")]
-    Tls(#[from] rustls::Error),
+    /// The TLS client configuration for smarthosts cannot be built: most often `relay.ca_file`
+    /// holds no certificate, or one rustls refuses.
+    #[error("relay.ca_file: cannot build the TLS client configuration for smarthosts: {0}")]
+    Tls(#[from] mailgate_tls::TlsError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -112,34 +102,12 @@ impl Default for RelayConfig {
     }
 }
 
-/// The TLS client configuration for smarthosts: TLS 1.2 minimum, aws-lc-rs, the public web PKI
-/// roots plus the configured private CA.
+/// The TLS client configuration for smarthosts: `mailgate_tls::client_config` (Mailgate's policy:
+/// TLS 1.3 and 1.2, aws-lc-rs, the public web PKI roots) plus the certificates of `ca_pem`
+/// (`relay.ca_file`, a private CA), no ALPN (SMTP has none).
 pub fn tls_connector(ca_pem: Option<&[u8]>) -> Result<TlsConnector, RelayError> {
-    let mut roots = RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(pem) = ca_pem {
-        let mut added = 0;
-        for cert in CertificateDer::pem_slice_iter(pem) {
-            let cert = cert.map_err(|e| RelayError::CaFile {
-                path: "(PEM)".into(),
-                reason: e.to_string(),
-            })?;
-            roots.add(cert)?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(RelayError::CaFile {
-                path: "(PEM)".into(),
-                reason: "no CERTIFICATE block".into(),
-            });
-        }
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
+    let config = mailgate_tls::client_config(ca_pem, &[])?;
+    Ok(TlsConnector::from(config))
 }
 
 /// The smarthost for a recipient: the one listing its domain, else the default route (a smarthost
@@ -695,6 +663,19 @@ mod tests {
     #[test]
     fn tls_connector_needs_a_certificate_in_the_ca_file() {
         assert!(tls_connector(None).is_ok());
-        assert!(tls_connector(Some(b"not a pem")).is_err());
+        let (cert, _) = mailgate_tls::self_signed(&["smarthost.test"]).unwrap();
+        assert!(tls_connector(Some(cert.as_bytes())).is_ok());
+        // The operator learns which setting is wrong and what is wrong with it.
+        let err = tls_connector(Some(b"not a pem")).err().unwrap().to_string();
+        assert!(
+            err.contains("relay.ca_file") && err.contains("no CERTIFICATE block"),
+            "{err}"
+        );
+        let broken = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        let err = tls_connector(Some(broken.as_bytes()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("relay.ca_file"), "{err}");
     }
 }

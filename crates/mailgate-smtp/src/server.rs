@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mailgate_core::engine::TlsVersion;
 use mailgate_gateway::budget::{ConnGuard, ConnRefusal, ConnTracker};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -37,14 +36,6 @@ const LINGER_BYTES: usize = 1024 * 1024;
 /// Refused connections being answered at once per listener (on the implicit-TLS listener the
 /// `421` waits for a TLS handshake). Beyond, a refused connection is closed without a reply.
 const REFUSALS_IN_FLIGHT: usize = 64;
-
-fn version(v: Option<rustls::ProtocolVersion>) -> Option<TlsVersion> {
-    match v? {
-        rustls::ProtocolVersion::TLSv1_3 => Some(TlsVersion::Tls13),
-        rustls::ProtocolVersion::TLSv1_2 => Some(TlsVersion::Tls12),
-        _ => None,
-    }
-}
 
 /// What every connection of one listener shares.
 struct Shared {
@@ -171,7 +162,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: &Shared, _slot:
         let Some(mut tls) = handshake(acc, stream, peer, shared).await else {
             return;
         };
-        let v = version(tls.get_ref().1.protocol_version());
+        let v = mailgate_tls::tls_version(tls.get_ref().1.protocol_version());
         let mut session = Session::new(ctx, kind, peer, v, false);
         session.greeting();
         drive(&mut tls, &mut session, shared, started).await;
@@ -189,7 +180,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: &Shared, _slot:
     let Some(mut tls) = handshake(acc, stream, peer, shared).await else {
         return;
     };
-    match version(tls.get_ref().1.protocol_version()) {
+    match mailgate_tls::tls_version(tls.get_ref().1.protocol_version()) {
         Some(v) => session.tls_started(v),
         None => return,
     }

@@ -1,11 +1,14 @@
 //! The one place Mailgate builds TLS configurations, so the policy holds everywhere: rustls with
 //! the aws-lc-rs provider, TLS 1.3 and 1.2 only (rustls has no code for older versions, so a TLS
 //! 1.1 client fails the handshake), PEM files loaded with `rustls-pki-types` (not the unmaintained
-//! `rustls-pemfile`), and self-signed certificates for development made with rcgen.
+//! `rustls-pemfile`), and self-signed certificates for development made with rcgen. Servers (HTTPS,
+//! SMTP), the delivery worker's smarthost connections and `mailgate doctor` all get their configs
+//! here, and [`tls_version`] is the one translation of a negotiated rustls version into the
+//! engine's [`TlsVersion`].
 
-use std::path::Path;
 use std::sync::Arc;
 
+use mailgate_core::engine::TlsVersion;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -32,14 +35,15 @@ pub enum TlsError {
 }
 
 /// The protocol versions Mailgate speaks: TLS 1.3 and 1.2, never older.
-pub static VERSIONS: &[&rustls::SupportedProtocolVersion] =
+static VERSIONS: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// Installs aws-lc-rs as the process-wide provider (first thing in `main`); harmless if repeated.
+/// Installs aws-lc-rs as the process-wide default provider, for code that builds a rustls config
+/// without naming one; harmless if repeated.
 pub fn install_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
@@ -68,22 +72,6 @@ pub fn server_config_from_pem(
         .with_single_cert(certs, key)?;
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
-}
-
-/// Same, reading the two PEM files.
-pub fn server_config_from_files(
-    cert: &Path,
-    key: &Path,
-    alpn: &[&[u8]],
-) -> Result<Arc<ServerConfig>, TlsError> {
-    let read = |what, p: &Path| {
-        std::fs::read(p).map_err(|e| TlsError::Pem {
-            what,
-            path: p.display().to_string(),
-            reason: e.to_string(),
-        })
-    };
-    server_config_from_pem(&read("certificate", cert)?, &read("key", key)?, alpn)
 }
 
 fn pem_err(what: &'static str, path: &str, e: rustls_pki_types::pem::Error) -> TlsError {
@@ -246,12 +234,15 @@ pub fn client_config_recording(
     Ok((Arc::new(cfg), check))
 }
 
-/// The negotiated version as Mailgate names it (`1.2`, `1.3`).
-pub fn version_name(v: rustls::ProtocolVersion) -> &'static str {
-    match v {
-        rustls::ProtocolVersion::TLSv1_3 => "1.3",
-        rustls::ProtocolVersion::TLSv1_2 => "1.2",
-        _ => "older",
+/// The negotiated version as the engine knows it (`SendAttempt`'s transport facts, the
+/// `tls.version` check): `None` before a handshake finished, or for a version rustls cannot
+/// negotiate here (only 1.3 and 1.2 are enabled). Every listener and the
+/// doctor read a connection's version through this one function.
+pub fn tls_version(negotiated: Option<rustls::ProtocolVersion>) -> Option<TlsVersion> {
+    match negotiated? {
+        rustls::ProtocolVersion::TLSv1_3 => Some(TlsVersion::Tls13),
+        rustls::ProtocolVersion::TLSv1_2 => Some(TlsVersion::Tls12),
+        _ => None,
     }
 }
 
@@ -270,5 +261,103 @@ mod tests {
     fn garbage_pem_is_a_clear_error() {
         let err = server_config_from_pem(b"nope", b"nope", &[]).unwrap_err();
         assert!(err.to_string().contains("certificate"), "{err}");
+        let err = client_config(Some(b"nope"), &[]).unwrap_err();
+        assert!(err.to_string().contains("no CERTIFICATE block"), "{err}");
+    }
+
+    /// Runs a handshake in memory between `client` and a server holding `cert`/`key`; the
+    /// negotiated version as the engine names it, or the client's error.
+    fn handshake(
+        client: Arc<rustls::ClientConfig>,
+        cert: &str,
+        key: &str,
+    ) -> Result<Option<TlsVersion>, rustls::Error> {
+        let server = server_config_from_pem(cert.as_bytes(), key.as_bytes(), &[]).unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::ClientConnection::new(client, name)?;
+        let mut s = rustls::ServerConnection::new(server)?;
+        for _ in 0..20 {
+            if !c.is_handshaking() && !s.is_handshaking() {
+                break;
+            }
+            let mut buf = Vec::new();
+            c.write_tls(&mut buf).unwrap();
+            s.read_tls(&mut buf.as_slice()).unwrap();
+            if s.process_new_packets().is_err() {
+                // The server's alert (if any) goes back; the client says why.
+                let mut alert = Vec::new();
+                let _ = s.write_tls(&mut alert);
+                let _ = c.read_tls(&mut alert.as_slice());
+                c.process_new_packets()?;
+            }
+            let mut buf = Vec::new();
+            s.write_tls(&mut buf).unwrap();
+            c.read_tls(&mut buf.as_slice()).unwrap();
+            c.process_new_packets()?;
+        }
+        assert_eq!(
+            tls_version(c.protocol_version()),
+            tls_version(s.protocol_version())
+        );
+        Ok(tls_version(c.protocol_version()))
+    }
+
+    #[test]
+    fn client_config_trusts_the_extra_roots_and_only_them_beyond_the_web_pki() {
+        let (cert, key) = self_signed(&["localhost"]).unwrap();
+        let trusting = client_config(Some(cert.as_bytes()), &[]).unwrap();
+        assert_eq!(
+            handshake(trusting, &cert, &key).unwrap(),
+            Some(TlsVersion::Tls13)
+        );
+        let public_only = client_config(None, &[]).unwrap();
+        let err = handshake(public_only, &cert, &key).unwrap_err();
+        assert!(
+            matches!(err, rustls::Error::InvalidCertificate(_)),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_tls12_only_client_is_seen_as_tls12() {
+        let (cert, key) = self_signed(&["localhost"]).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(cert.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let tls12 = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        assert_eq!(
+            handshake(Arc::new(tls12), &cert, &key).unwrap(),
+            Some(TlsVersion::Tls12)
+        );
+    }
+
+    #[test]
+    fn versions_mailgate_never_negotiates_map_to_none() {
+        assert_eq!(tls_version(None), None);
+        assert_eq!(tls_version(Some(rustls::ProtocolVersion::TLSv1_1)), None);
+        assert_eq!(tls_version(Some(rustls::ProtocolVersion::TLSv1_0)), None);
+    }
+
+    #[test]
+    fn recording_config_lets_a_bad_certificate_through_and_says_why() {
+        let (cert, key) = self_signed(&["localhost"]).unwrap();
+        let (cfg, check) = client_config_recording(None, &[]).unwrap();
+        assert!(check.verdict().is_none());
+        assert_eq!(
+            handshake(cfg, &cert, &key).unwrap(),
+            Some(TlsVersion::Tls13)
+        );
+        let v = check.verdict().expect("the certificate was checked");
+        assert_eq!(v.chain_len, 1);
+        assert!(
+            matches!(v.result, Err(rustls::Error::InvalidCertificate(_))),
+            "{:?}",
+            v.result
+        );
     }
 }

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use mailgate_core::engine::TlsVersion;
 use mailgate_gateway::budget::{ConnRefusal, ConnTracker, Limits};
 use mailgate_gmail::ConnFacts;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
@@ -45,14 +44,6 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// Most concurrent HTTP/2 streams per connection.
 const MAX_H2_STREAMS: u32 = 100;
-
-fn tls_version(v: Option<rustls::ProtocolVersion>) -> Option<TlsVersion> {
-    match v? {
-        rustls::ProtocolVersion::TLSv1_3 => Some(TlsVersion::Tls13),
-        rustls::ProtocolVersion::TLSv1_2 => Some(TlsVersion::Tls12),
-        _ => None,
-    }
-}
 
 /// Serves `router` on `listener` until `shutdown` flips, then drains connections (bounded).
 pub(crate) async fn serve(
@@ -106,7 +97,7 @@ pub(crate) async fn serve(
                         }
                         Some(acceptor) => match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
                             Ok(Ok(s)) => {
-                                let version = tls_version(s.get_ref().1.protocol_version());
+                                let version = mailgate_tls::tls_version(s.get_ref().1.protocol_version());
                                 let facts = ConnFacts { peer, tls: version, listener_requires_tls: true };
                                 serve_one(s, router, facts, watcher, &limits).await;
                             }
