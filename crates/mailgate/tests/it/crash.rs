@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use mailgate_relay::testing::{Sink, SinkConfig};
+use mailgate_relay::testing::SinkConfig;
 use mailgate_store::{TokenRecord, TokenStore};
 
-use crate::harness::{Gateway, eventually, example_org};
+use crate::harness::{FAST_RELAY, Gateway, eventually, example_org, smarthost_yaml, start_sink};
 
 const TOKEN: &str = "ya29.crash-test-token";
 
@@ -69,26 +69,21 @@ fn send_one(addr: &str, n: u64) -> bool {
 #[test]
 fn acknowledged_messages_survive_sigkill() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let sink = rt
-        .block_on(Sink::start("127.0.0.1:0", SinkConfig::default()))
-        .unwrap();
+    let sink = start_sink(&rt, SinkConfig::default());
     let gw = Gateway::new();
     gw.ok(&["apply", "-f", example_org().to_str().unwrap()]);
     // A generous daily limit: this test sends a few hundred messages as alice.
-    let file = gw.dir.path().join("crash.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "smarthosts:\n  - name: sink\n    host: 127.0.0.1\n    port: {}\n    tls: none\nlimits:\n  messages_per_day: 100000\n  recipients_per_day: 100000\n  rate_units_per_minute: 100000000\n  concurrent_sends: 1000\n",
-            sink.addr.port()
+    gw.apply(
+        "crash.yaml",
+        &format!(
+            "{}limits:\n  messages_per_day: 100000\n  recipients_per_day: 100000\n  rate_units_per_minute: 100000000\n  concurrent_sends: 1000\n",
+            smarthost_yaml(sink.addr.port())
         ),
-    )
-    .unwrap();
-    gw.ok(&["apply", "-f", file.to_str().unwrap()]);
+    );
     mint_token(&rt, &gw);
-    let relay = "[relay]\nretry_initial_ms = 200\nretry_max_ms = 400\npoll_interval_ms = 50\ntimeout_secs = 5\nlease_ms = 2000\n";
+    let relay = format!("{FAST_RELAY}lease_ms = 2000\n");
 
-    let mut server = gw.serve_with(relay, &[]);
+    let mut server = gw.serve_with(&relay, &[]);
     let addr = server.addr.clone();
     let acked: Arc<Mutex<Vec<u64>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -122,7 +117,7 @@ fn acknowledged_messages_survive_sigkill() {
         std::thread::sleep(Duration::from_millis(1500));
         server.kill9();
         std::thread::sleep(Duration::from_millis(200));
-        server = gw.serve_with(relay, &[]);
+        server = gw.serve_with(&relay, &[]);
         assert_eq!(server.addr, addr, "restarted on the same port");
     }
     std::thread::sleep(Duration::from_millis(1000));

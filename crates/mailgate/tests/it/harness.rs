@@ -1,11 +1,15 @@
 //! Running the real binary: admin commands to completion, and a server in the background that is
-//! stopped (SIGTERM, then SIGKILL) when the handle drops.
+//! stopped (SIGTERM, then SIGKILL) when the handle drops. Also the set-ups several test modules
+//! share, one helper per job: a directory file applied ([`Gateway::apply`]) and a test SMTP sink
+//! as the smarthost ([`start_sink`], [`smarthost_yaml`], [`FAST_RELAY`]).
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use mailgate_relay::testing::{Sink, SinkConfig};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mailgate");
 
@@ -80,6 +84,14 @@ impl Gateway {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    /// Writes `yaml` to the file `name` in the temp dir and applies it (`mailgate apply -f`),
+    /// which must succeed.
+    pub fn apply(&self, name: &str, yaml: &str) {
+        let file = self.dir.path().join(name);
+        std::fs::write(&file, yaml).expect("write directory file");
+        self.ok(&["apply", "-f", file.to_str().expect("utf-8 path")]);
     }
 
     /// Writes a config file in the temp dir with every listener on a free loopback port (the
@@ -392,4 +404,21 @@ pub fn http_post(addr: &str, path: &str, bearer: &str, json: &str) -> (u16, Stri
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// A `[relay]` config section that retries fast (200-400 ms, polling every 50 ms, a 5 s
+/// timeout), so a delivery test waits seconds, not minutes.
+pub const FAST_RELAY: &str = "[relay]\nretry_initial_ms = 200\nretry_max_ms = 400\npoll_interval_ms = 50\ntimeout_secs = 5\n";
+
+/// Starts a test SMTP server (`mailgate_relay::testing::Sink`) on a free loopback port, on `rt`
+/// (which must outlive it): the smarthost a delivery test relays to and reads back from.
+pub fn start_sink(rt: &tokio::runtime::Runtime, config: SinkConfig) -> Sink {
+    rt.block_on(Sink::start("127.0.0.1:0", config))
+        .expect("start the sink")
+}
+
+/// Directory YAML naming one smarthost, `sink`, at `127.0.0.1:<port>` without TLS (where a
+/// [`start_sink`] sink listens); give it to [`Gateway::apply`].
+pub fn smarthost_yaml(port: u16) -> String {
+    format!("smarthosts:\n  - name: sink\n    host: 127.0.0.1\n    port: {port}\n    tls: none\n")
 }

@@ -52,9 +52,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use mailgate_relay::testing::{Received, Sink, SinkConfig};
+use mailgate_relay::testing::{Received, SinkConfig};
 
-use crate::harness::{Gateway, eventually, example_org, free_port};
+use crate::harness::{
+    FAST_RELAY, Gateway, eventually, example_org, free_port, smarthost_yaml, start_sink,
+};
 use crate::smtp::PW;
 
 const POSTFIX: &str = "/usr/sbin/postfix";
@@ -436,9 +438,7 @@ fn postfix_relays_through_submission_with_sasl_and_gets_the_documented_refusals(
     require_postfix();
     let started = Instant::now();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let sink = rt
-        .block_on(Sink::start("127.0.0.1:0", SinkConfig::default()))
-        .unwrap();
+    let sink = start_sink(&rt, SinkConfig::default());
 
     // Mailgate: the demo organisation with 127.0.0.1 not allowlisted on the relay listener,
     // relaying to the sink; `--demo` for its self-signed certificate (the directory is applied
@@ -448,23 +448,9 @@ fn postfix_relays_through_submission_with_sasl_and_gets_the_documented_refusals(
     let listed = "smtp_relay:\n  allowed_ips: [127.0.0.1/32]";
     assert!(org.contains(listed), "the demo organisation changed");
     let org = org.replace(listed, "smtp_relay:\n  allowed_ips: [192.0.2.0/24]");
-    let file = gw.dir.path().join("org.yaml");
-    std::fs::write(&file, org).unwrap();
-    gw.ok(&["apply", "-f", file.to_str().unwrap()]);
-    let file = gw.dir.path().join("smarthost.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "smarthosts:\n  - name: sink\n    host: 127.0.0.1\n    port: {}\n    tls: none\n",
-            sink.addr.port()
-        ),
-    )
-    .unwrap();
-    gw.ok(&["apply", "-f", file.to_str().unwrap()]);
-    let server = gw.serve_with(
-        "[relay]\ncapture = false\nretry_initial_ms = 200\nretry_max_ms = 400\npoll_interval_ms = 50\ntimeout_secs = 5\n",
-        &["--demo"],
-    );
+    gw.apply("org.yaml", &org);
+    gw.apply("smarthost.yaml", &smarthost_yaml(sink.addr.port()));
+    let server = gw.serve_with(&format!("{FAST_RELAY}capture = false\n"), &["--demo"]);
     let ca = gw.data_dir().join("tls/cert.pem");
     let port = |addr: &str| addr.rsplit_once(':').unwrap().1.to_owned();
     let (submission, relay) = (port(&server.smtp), port(&server.smtp_relay));

@@ -10,7 +10,9 @@ use mailgate_gateway::{Accepted, Message};
 use mailgate_relay::testing::{Sink, SinkConfig};
 use serde_json::Value;
 
-use crate::harness::{Gateway, Server, eventually, example_org, http_get};
+use crate::harness::{
+    FAST_RELAY, Gateway, Server, eventually, example_org, http_get, smarthost_yaml, start_sink,
+};
 
 /// A free loopback port (bound, then released: the smarthost that is down until a sink takes it).
 fn free_port() -> u16 {
@@ -20,20 +22,10 @@ fn free_port() -> u16 {
         .unwrap()
 }
 
-/// A fast-retrying relay for tests.
-const RELAY: &str = "[relay]\nretry_initial_ms = 200\nretry_max_ms = 400\npoll_interval_ms = 50\ntimeout_secs = 5\n";
-
+/// The example organisation, relaying through the smarthost `sink` at 127.0.0.1:`port`.
 fn with_smarthost(gw: &Gateway, port: u16) {
     gw.ok(&["apply", "-f", example_org().to_str().unwrap()]);
-    let file = gw.dir.path().join("smarthost.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "smarthosts:\n  - name: sink\n    host: 127.0.0.1\n    port: {port}\n    tls: none\n"
-        ),
-    )
-    .unwrap();
-    gw.ok(&["apply", "-f", file.to_str().unwrap()]);
+    gw.apply("smarthost.yaml", &smarthost_yaml(port));
 }
 
 /// Accepts a message from alice through the gateway, as a door would; returns its id.
@@ -102,7 +94,7 @@ fn smarthost_down_then_up_messages_wait_then_are_delivered_and_each_deferral_is_
     let port = free_port();
     let gw = Gateway::new();
     with_smarthost(&gw, port);
-    let server = gw.serve_with(RELAY, &[]);
+    let server = gw.serve_with(FAST_RELAY, &[]);
     let token = gw.ok(&["admin-token", "create", "it"]).trim().to_owned();
 
     let ids: Vec<String> = (0..3)
@@ -173,21 +165,19 @@ fn smarthost_down_then_up_messages_wait_then_are_delivered_and_each_deferral_is_
 #[test]
 fn a_550_fails_that_recipient_only_bounces_to_the_sender_and_delivers_the_others() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let sink = rt
-        .block_on(Sink::start(
-            "127.0.0.1:0",
-            SinkConfig {
-                refuse: vec![(
-                    "nobody@example.org".into(),
-                    "550 5.1.1 <nobody@example.org>: Recipient address rejected".into(),
-                )],
-                ..SinkConfig::default()
-            },
-        ))
-        .unwrap();
+    let sink = start_sink(
+        &rt,
+        SinkConfig {
+            refuse: vec![(
+                "nobody@example.org".into(),
+                "550 5.1.1 <nobody@example.org>: Recipient address rejected".into(),
+            )],
+            ..SinkConfig::default()
+        },
+    );
     let gw = Gateway::new();
     with_smarthost(&gw, sink.addr.port());
-    let server = gw.serve_with(RELAY, &[]);
+    let server = gw.serve_with(FAST_RELAY, &[]);
     let token = gw.ok(&["admin-token", "create", "it"]).trim().to_owned();
     let id = accept(
         &rt,
@@ -396,12 +386,10 @@ fn simulate_makes_the_next_sends_fail_with_that_reason_marked_injected() {
 #[test]
 fn a_message_stored_with_bare_newlines_is_relayed_with_crlf_only() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let sink = rt
-        .block_on(Sink::start("127.0.0.1:0", SinkConfig::default()))
-        .unwrap();
+    let sink = start_sink(&rt, SinkConfig::default());
     let gw = Gateway::new();
     with_smarthost(&gw, sink.addr.port());
-    let server = gw.serve_with(RELAY, &[]);
+    let server = gw.serve_with(FAST_RELAY, &[]);
     let raw = "From: alice@example.com\nTo: bob@example.org\nSubject: lf\n\nline\n.\nMAIL FROM:<alice@example.com>\r\nstray\rcr\n";
     accept_raw(&rt, &gw.data_dir(), &["bob@example.org"], raw.to_owned());
     assert!(

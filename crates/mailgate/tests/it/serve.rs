@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{Gateway, eventually, http_get};
+use crate::harness::{Gateway, eventually, http_get, smarthost_yaml};
 
 #[test]
 fn demo_serves_health_and_sees_a_suspension_without_restart() {
@@ -166,13 +166,7 @@ fn the_delivery_mode_log_follows_the_directory() {
     let gw = Gateway::new();
     let server = gw.serve(&[]);
     std::thread::sleep(Duration::from_millis(500));
-    let file = gw.dir.path().join("smarthost.yaml");
-    std::fs::write(
-        &file,
-        "smarthosts:\n  - name: sink\n    host: 127.0.0.1\n    port: 2525\n    tls: none\n",
-    )
-    .unwrap();
-    gw.ok(&["apply", "-f", file.to_str().unwrap()]);
+    gw.apply("smarthost.yaml", &smarthost_yaml(2525));
     // The server reloads within 100 ms here and the mode is looked at every 250 ms; the logs are
     // read when the server stops, so leave it ample time on a loaded machine.
     std::thread::sleep(Duration::from_millis(3_000));
