@@ -49,7 +49,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::harness::{BIN, Gateway, eventually, repo_root};
+use crate::harness::{BIN, demo, eventually, python, repo_root};
 
 /// The documented default listeners of `mailgate serve --demo` (docs/config.md).
 const DEMO_PORTS: [u16; 5] = [7080, 7443, 7587, 7465, 7525];
@@ -305,12 +305,6 @@ impl Drop for Session {
             }
         }
     }
-}
-
-fn python() -> String {
-    std::env::var("MAILGATE_PYTHON").expect(
-        "MAILGATE_PYTHON is not set: run ./scripts/test, which creates the venv from tests/python/requirements.txt",
-    )
 }
 
 fn node_modules() -> PathBuf {
@@ -795,8 +789,7 @@ fn the_guard_refuses_every_address_but_loopback() {
 /// docs/gmail.md can drop the interceptor.
 #[test]
 fn node_google_auth_ignores_the_key_files_token_uri() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (gw, server) = demo();
     let session = Session::new();
     let key = session.work.join("key.json");
     gw.ok(&[

@@ -7,7 +7,7 @@ use std::process::Output;
 
 use serde_json::{Value, json};
 
-use crate::harness::{BIN, Gateway, Server, free_port, http_post};
+use crate::harness::{BIN, Gateway, demo, free_port, http_post, stdout_json};
 
 const SEND: &str = "https://www.googleapis.com/auth/gmail.send";
 const SETTINGS: &str = "https://www.googleapis.com/auth/gmail.settings.basic";
@@ -29,14 +29,15 @@ fn doctor_json(args: &[&str]) -> (i32, Value, String) {
     let mut a = args.to_vec();
     a.push("--json");
     let out = doctor(&a);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let v: Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("doctor {args:?}: not JSON ({e}):\n{stdout}\n{stderr}"));
+    let v = stdout_json(&out, &format!("doctor {args:?}"));
     (
         out.status.code().unwrap_or(-1),
         v,
-        format!("{stdout}{stderr}"),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     )
 }
 
@@ -48,12 +49,6 @@ fn codes(v: &Value) -> Vec<String> {
         .iter()
         .map(|p| p["code"].as_str().unwrap_or("unexplained").to_owned())
         .collect()
-}
-
-fn sa_key(gw: &Gateway, email: &str) -> String {
-    let path = gw.dir.path().join(format!("{email}.json"));
-    gw.ok(&["sa", "key", "create", email, "-o", path.to_str().unwrap()]);
-    path.to_str().unwrap().to_owned()
 }
 
 /// Every line of the key file's private key, and the key itself: none may be printed.
@@ -88,19 +83,13 @@ fn assert_no_secret(output: &str, secrets: &[String], what: &str) {
     );
 }
 
-fn demo() -> (Gateway, Server) {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
-    (gw, server)
-}
-
 #[test]
 fn doctor_gmail_names_the_cause_for_every_demo_persona_and_alice_is_all_good() {
     let (gw, server) = demo();
     let endpoint = format!("http://{}", server.addr);
-    let mailer = sa_key(&gw, "mailer@acme-app.iam.example.com");
-    let reporter = sa_key(&gw, "reporter@acme-app.iam.example.com");
-    let legacy = sa_key(&gw, "legacy@legacy-app.iam.example.com");
+    let mailer = gw.sa_key("mailer@acme-app.iam.example.com");
+    let reporter = gw.sa_key("reporter@acme-app.iam.example.com");
+    let legacy = gw.sa_key("legacy@legacy-app.iam.example.com");
     let mut secrets = key_secrets(&mailer);
     secrets.extend(key_secrets(&reporter));
     secrets.extend(key_secrets(&legacy));
@@ -291,20 +280,12 @@ fn doctor_oauth_checks_a_users_refresh_token_and_its_scopes() {
     let endpoint = format!("http://{}", server.addr);
     let token_uri = format!("{endpoint}/token");
     let refresh_token = |scopes: &[&str]| -> String {
-        let spec = json!({"endpoint": endpoint, "auth": {"user": "alice@example.com",
-            "password": "correct horse battery staple", "client_id": "demo-web-client",
-            "client_secret": "demo-client-secret", "redirect_uri": "http://127.0.0.1:8765/callback",
-            "scopes": scopes}, "actions": [{"do": "refresh_token"}]});
-        let python =
-            std::env::var("MAILGATE_PYTHON").expect("MAILGATE_PYTHON (./scripts/test sets it)");
-        let out = std::process::Command::new(python)
-            .arg(crate::harness::repo_root().join("tests/python/gmail_client.py"))
-            .arg(spec.to_string())
-            .output()
-            .unwrap();
-        let line: Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
-        line["refresh_token"].as_str().unwrap().to_owned()
+        let r = crate::gmail::client(
+            &server,
+            crate::gmail::user("alice@example.com", scopes),
+            json!([{"do": "refresh_token"}]),
+        );
+        r[0]["refresh_token"].as_str().unwrap().to_owned()
     };
     let oauth = |refresh: &str, secret: &str| {
         doctor_json(&[
@@ -490,7 +471,7 @@ fn assertion_has_sub(form: &str) -> bool {
 
 /// A key file for `fake` (a real RSA key from `mailgate sa key create`, token_uri moved).
 fn key_for(gw: &Gateway, fake: &str) -> String {
-    let path = sa_key(gw, "reporter@acme-app.iam.example.com");
+    let path = gw.sa_key("reporter@acme-app.iam.example.com");
     let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     v["token_uri"] = json!(format!("{fake}/token"));
     std::fs::write(&path, v.to_string()).unwrap();

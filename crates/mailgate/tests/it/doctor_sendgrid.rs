@@ -6,7 +6,7 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
-use crate::harness::{BIN, Gateway, free_port, http_get, http_post};
+use crate::harness::{BIN, Gateway, demo, free_port, http_get, http_post, stdout_json};
 
 /// The demo keys (docs/examples/org.yaml).
 const BILLING: &str = "SG.demo-billing-key-0001.DJXH7OHOGpdQJ17xxtetayePcNZlkiB3g__n1YR0zAE";
@@ -74,8 +74,7 @@ fn check(
         String::from_utf8_lossy(&out.stderr)
     );
     assert_no_secret(&out, key, what);
-    let v: Value =
-        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{what}: {e}\n{stdout}"));
+    let v = stdout_json(&out, what);
     assert_eq!(v["doctor"], "sendgrid", "{what}");
     assert_eq!(v["ok"], exit == 0, "{what}: {stdout}");
     let found: Vec<&str> = v["problems"]
@@ -140,8 +139,7 @@ fn create_key(gw: &Gateway, args: &[&str]) -> (String, String) {
 
 #[test]
 fn doctor_sendgrid_names_every_demo_key_state() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (gw, server) = demo();
     let endpoint = format!("http://{}", server.addr);
 
     // The door serves the sender identities the doctor reads, in SendGrid's shapes.
@@ -424,7 +422,7 @@ fn doctor_sendgrid_without_a_server_or_with_a_malformed_key() {
     let out = doctor(BILLING, &endpoint, &["--json"]);
     assert_eq!(out.status.code(), Some(3));
     assert_no_secret(&out, BILLING, "no server");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = stdout_json(&out, "doctor sendgrid --json");
     let scopes = step(&v, "scopes");
     assert_eq!(scopes["status"], "fail");
     assert!(
@@ -437,7 +435,7 @@ fn doctor_sendgrid_without_a_server_or_with_a_malformed_key() {
     let out = doctor(bad, &endpoint, &["--json"]);
     assert_eq!(out.status.code(), Some(3));
     assert_no_secret(&out, bad, "quoted key");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = stdout_json(&out, "doctor sendgrid --json");
     assert_eq!(step(&v, "key")["diagnosis"]["code"], "auth.invalid");
 
     // A bad endpoint is a usage error: exit 1.

@@ -30,7 +30,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::Value;
 
-use crate::harness::{BIN, Gateway, eventually, free_port};
+use crate::harness::{BIN, demo, eventually, free_port, stdout_json};
 use crate::smtp::PW;
 
 /// One doctor run: exit status, the JSON report, and both outputs as text.
@@ -104,7 +104,7 @@ fn secret_forms(user: &str, secret: &str) -> Vec<String> {
     ]
 }
 
-fn output(out: Output) -> (i32, String, String) {
+fn output(out: &Output) -> (i32, String, String) {
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -123,13 +123,12 @@ fn doctor(args: &[&str], secrets: &[String]) -> Doctor {
         .stdin(Stdio::null())
         .output()
         .expect("run mailgate doctor smtp");
-    let (status, stdout, stderr) = output(out);
+    let (status, stdout, stderr) = output(&out);
     let all = format!("{stdout}\n{stderr}");
     for s in secrets {
         assert!(!all.contains(s.as_str()), "secret `{s}` printed:\n{all}");
     }
-    let json: Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}), exit {status}:\n{all}"));
+    let json = stdout_json(&out, &format!("doctor smtp {args:?}"));
     Doctor {
         status,
         json,
@@ -139,8 +138,7 @@ fn doctor(args: &[&str], secrets: &[String]) -> Doctor {
 
 #[test]
 fn doctor_smtp_against_mailgate_names_each_cause() {
-    let gw = Gateway::new();
-    let srv = gw.serve(&["--demo"]);
+    let (gw, srv) = demo();
     let ca = gw.data_dir().join("tls/cert.pem");
     assert!(ca.exists(), "serve --demo wrote no certificate at {ca:?}");
     let ca = ca.to_str().unwrap().to_owned();
@@ -222,7 +220,7 @@ fn doctor_smtp_against_mailgate_names_each_cause() {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    let (status, stdout, stderr) = output(out);
+    let (status, stdout, stderr) = output(&out);
     assert_eq!(status, 0, "{stdout}{stderr}");
     assert!(stdout.contains("All good: "), "{stdout}");
     assert!(

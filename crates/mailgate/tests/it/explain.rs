@@ -2,7 +2,7 @@
 
 use mailgate_store::{SqliteStore, Store, UsageEntry};
 
-use crate::harness::{Gateway, example_org, http_get};
+use crate::harness::{Gateway, demo, example_org, http_get, stdout_json};
 
 /// Records `n` accepted sends for `principal` in the store, as a door does on acceptance.
 fn record_sends(gw: &Gateway, principal: &str, n: usize) {
@@ -78,7 +78,7 @@ fn explain_lists_every_failure_with_its_remedy() {
     let json_args: Vec<&str> = args.iter().copied().chain(["--json"]).collect();
     let out = gw.cmd(&json_args);
     assert_eq!(out.status.code(), Some(3));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = stdout_json(&out, "explain --json");
     assert_eq!(v["allowed"], false);
     assert_eq!(v["denial"]["code"], "account.suspended");
     let failed: Vec<&str> = v["checks"]
@@ -123,8 +123,7 @@ fn explain_lists_every_failure_with_its_remedy() {
 
 #[test]
 fn explain_over_http_and_the_decision_trace_by_id() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (gw, server) = demo();
     let token = gw.ok(&["admin-token", "create", "it"]).trim().to_owned();
     let body = r#"{"as": "carol@example.com", "to": ["x@example.org"], "door": "gmail"}"#;
     let (status, resp) =
@@ -259,8 +258,7 @@ fn readme_tour_rows_hold() {
             .collect();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = gw.cmd(&args);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("{cmd}: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+        let v = stdout_json(&out, cmd);
         let got = v["denial"]["code"].as_str().map(str::to_owned);
         assert_eq!(got, expected, "README row `{cmd}`");
         rows += 1;
@@ -301,7 +299,7 @@ fn a_fact_not_given_is_not_checked_rather_than_failed() {
 
     let json: Vec<&str> = args.iter().copied().chain(["--json"]).collect();
     let out = gw.cmd(&json);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = stdout_json(&out, "explain --json");
     assert_eq!(v["verdict"], "allowed");
     assert_eq!(
         v["complete"], false,
@@ -374,7 +372,7 @@ fn explain_without_a_principal_names_the_flags_and_tls_reads_as_a_number() {
     // Only the missing principal is wrong: no From nobody wrote is refused.
     assert!(text.starts_with("DENIED (1 problem(s))"), "{text}");
     let out = gw.cmd(&["explain", "--to", "x@example.org", "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = stdout_json(&out, "explain --json");
     assert!(
         v["hint"].as_str().unwrap().contains("--api-key-name"),
         "{v}"

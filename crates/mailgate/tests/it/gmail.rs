@@ -5,22 +5,16 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::harness::{Gateway, Server, eventually};
+use crate::harness::{Gateway, Server, demo, eventually, json_lines, python_driver};
 
-const CLIENT: &str = "tests/python/gmail_client.py";
+const CLIENT: &str = "gmail_client.py";
 const SEND: &str = "https://www.googleapis.com/auth/gmail.send";
 const READONLY: &str = "https://www.googleapis.com/auth/gmail.readonly";
 const SETTINGS: &str = "https://www.googleapis.com/auth/gmail.settings.basic";
 
-fn python() -> String {
-    std::env::var("MAILGATE_PYTHON").expect(
-        "MAILGATE_PYTHON is not set: run ./scripts/test, which creates the venv with google-auth and google-api-python-client",
-    )
-}
-
-/// Runs the Python client with `spec`; one JSON value per action.
-/// Runs the Python client with `spec` against the plain loopback listener.
-fn client(server: &Server, auth: Value, actions: Value) -> Vec<Value> {
+/// Runs the Python client with `spec` against the plain loopback listener; one JSON value per
+/// action.
+pub(crate) fn client(server: &Server, auth: Value, actions: Value) -> Vec<Value> {
     client_at(&format!("http://{}", server.addr), None, auth, actions)
 }
 
@@ -31,39 +25,25 @@ fn client_at(
     auth: Value,
     actions: Value,
 ) -> Vec<Value> {
-    let spec = json!({"endpoint": endpoint, "auth": auth, "actions": actions});
-    let mut cmd = std::process::Command::new(python());
-    cmd.arg(crate::harness::repo_root().join(CLIENT))
-        .arg(spec.to_string());
+    let mut cmd = python_driver(
+        CLIENT,
+        &json!({"endpoint": endpoint, "auth": auth, "actions": actions}),
+    );
     if let Some(ca) = ca {
         // httplib2 (under googleapiclient) and requests read their trust roots from these.
         cmd.env("HTTPLIB2_CA_CERTS", ca)
             .env("REQUESTS_CA_BUNDLE", ca);
     }
-    let out = cmd.output().expect("run python");
-    assert!(
-        out.status.success(),
-        "python client failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect()
+    json_lines(&mut cmd)
 }
 
-fn sa_key(gw: &Gateway, email: &str) -> String {
-    let path = gw.dir.path().join(format!("{email}.json"));
-    gw.ok(&["sa", "key", "create", email, "-o", path.to_str().unwrap()]);
-    path.to_str().unwrap().to_owned()
+/// The client's auth for the service account `email` (a new key file) acting for `subject`.
+pub(crate) fn sa(gw: &Gateway, email: &str, subject: &str, scopes: &[&str]) -> Value {
+    json!({"service_account": gw.sa_key(email), "subject": subject, "scopes": scopes})
 }
 
-fn sa(gw: &Gateway, email: &str, subject: &str, scopes: &[&str]) -> Value {
-    json!({"service_account": sa_key(gw, email), "subject": subject, "scopes": scopes})
-}
-
-fn user(email: &str, scopes: &[&str]) -> Value {
+/// The client's auth for the demo user `email` signing in to the demo web client (OAuth consent).
+pub(crate) fn user(email: &str, scopes: &[&str]) -> Value {
     json!({"user": email, "password": "correct horse battery staple",
            "client_id": "demo-web-client", "client_secret": "demo-client-secret",
            "redirect_uri": "http://127.0.0.1:8765/callback", "scopes": scopes})
@@ -96,12 +76,6 @@ fn assert_refused(r: &Value, status: u16, message: &str, code: &str, remedy: &st
             .is_some_and(|s| s.len() == 26)
     );
     assert_eq!(r["decision"], d["metadata"]["decision_id"]);
-}
-
-fn demo() -> (Gateway, Server) {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
-    (gw, server)
 }
 
 #[test]
@@ -601,7 +575,7 @@ fn send_as_addresses_are_managed_through_the_api_and_apply_at_once() {
 #[test]
 fn an_assertion_signed_with_an_unknown_key_is_explained_too() {
     let (gw, server) = demo();
-    let path = sa_key(&gw, "mailer@acme-app.iam.example.com");
+    let path = gw.sa_key("mailer@acme-app.iam.example.com");
     let mut key: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     key["private_key_id"] = json!("0000000000000000000000000000000000000000");
     std::fs::write(&path, key.to_string()).unwrap();

@@ -1,7 +1,10 @@
 //! Running the real binary: admin commands to completion, and a server in the background that is
 //! stopped (SIGTERM, then SIGKILL) when the handle drops. Also the set-ups several test modules
-//! share, one helper per job: a directory file applied ([`Gateway::apply`]) and a test SMTP sink
-//! as the smarthost ([`start_sink`], [`smarthost_yaml`], [`FAST_RELAY`]).
+//! share, one helper per job: a demo server ([`demo`]), a service-account key file
+//! ([`Gateway::sa_key`]), a directory file applied ([`Gateway::apply`]), the Python drivers in
+//! `tests/python/` ([`python`], [`python_driver`], [`json_lines`]), a command's `--json` report
+//! ([`stdout_json`]), and a test SMTP sink as the smarthost ([`start_sink`], [`smarthost_yaml`],
+//! [`FAST_RELAY`]).
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -10,6 +13,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use mailgate_relay::testing::{Sink, SinkConfig};
+use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mailgate");
 
@@ -92,6 +96,15 @@ impl Gateway {
         let file = self.dir.path().join(name);
         std::fs::write(&file, yaml).expect("write directory file");
         self.ok(&["apply", "-f", file.to_str().expect("utf-8 path")]);
+    }
+
+    /// Creates a key for the service account `email` (`mailgate sa key create`) in the file
+    /// `<email>.json` in the temp dir; returns the file's path.
+    pub fn sa_key(&self, email: &str) -> String {
+        let path = self.dir.path().join(format!("{email}.json"));
+        let path = path.to_str().expect("utf-8 path").to_owned();
+        self.ok(&["sa", "key", "create", email, "-o", &path]);
+        path
     }
 
     /// Writes a config file in the temp dir with every listener on a free loopback port (the
@@ -201,6 +214,14 @@ impl Gateway {
             logs: Some(logs),
         }
     }
+}
+
+/// A fresh gateway running `mailgate serve --demo` (the demo organisation, its credentials and a
+/// self-signed certificate in `<data dir>/tls/cert.pem`).
+pub fn demo() -> (Gateway, Server) {
+    let gw = Gateway::new();
+    let server = gw.serve(&["--demo"]);
+    (gw, server)
 }
 
 fn banner_https(config: &Path) -> String {
@@ -404,6 +425,55 @@ pub fn http_post(addr: &str, path: &str, bearer: &str, json: &str) -> (u16, Stri
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// The Python interpreter of the venv `./scripts/test` makes from `tests/python/requirements.txt`
+/// (the real client libraries: google-auth, google-api-python-client, sendgrid), from
+/// `$MAILGATE_PYTHON`.
+pub fn python() -> String {
+    std::env::var("MAILGATE_PYTHON").expect(
+        "MAILGATE_PYTHON is not set: run ./scripts/test, which creates the venv from tests/python/requirements.txt",
+    )
+}
+
+/// `python tests/python/<script> <spec>`: one of the drivers in `tests/python/`, given its JSON
+/// spec (what to connect to and which actions to take), ready to run with [`json_lines`].
+pub fn python_driver(script: &str, spec: &Value) -> Command {
+    let mut cmd = Command::new(python());
+    cmd.arg(repo_root().join("tests/python").join(script))
+        .arg(spec.to_string());
+    cmd
+}
+
+/// Runs `cmd`, which must succeed; parses each line of its standard output as one JSON value
+/// (the drivers print one per action).
+pub fn json_lines(cmd: &mut Command) -> Vec<Value> {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{:?} failed ({}):\n{}\n{}",
+        cmd.get_program(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect()
+}
+
+/// The one JSON document a command printed on standard output (a `--json` report), whatever its
+/// exit status; panics with `what`, the status and both outputs if it is not JSON.
+pub fn stdout_json(out: &Output, what: &str) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{what}: standard output is not JSON ({e}), exit {}:\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 /// A `[relay]` config section that retries fast (200-400 ms, polling every 50 ms, a 5 s

@@ -7,12 +7,15 @@
 use std::time::Duration;
 
 use base64::Engine as _;
-use mailgate_relay::testing::{Sink, SinkConfig};
+use mailgate_relay::testing::SinkConfig;
 use serde_json::{Value, json};
 
-use crate::harness::{Gateway, Server, eventually, example_org};
+use crate::harness::{
+    FAST_RELAY, Gateway, Server, eventually, example_org, json_lines, python_driver,
+    smarthost_yaml, start_sink,
+};
 
-const CLIENT: &str = "tests/python/sendgrid_client.py";
+const CLIENT: &str = "sendgrid_client.py";
 const BILLING: &str = "SG.demo-billing-key-0001.DJXH7OHOGpdQJ17xxtetayePcNZlkiB3g__n1YR0zAE";
 const REPORTS: &str = "SG.demo-reports-key-0001.fyYQT3enzkd1Rs0eqZtsmbXrB54-ySOFgzFOzOoARAo";
 const REVOKED: &str = "SG.it-revoked-key-0001.rEvOkEdrEvOkEdrEvOkEdrEvOkEdrEvOkEdrEvOkEd0";
@@ -62,31 +65,12 @@ api_keys:
                   access_settings.whitelist.delete]
 "#;
 
-fn python() -> String {
-    std::env::var("MAILGATE_PYTHON").expect(
-        "MAILGATE_PYTHON is not set: run ./scripts/test, which creates the venv with the PyPI sendgrid library",
-    )
-}
-
 /// Runs the Python driver against `host`; one JSON value per action.
 fn client(host: &str, actions: Value) -> Vec<Value> {
-    let spec = json!({"host": host, "actions": actions});
-    let out = std::process::Command::new(python())
-        .arg(crate::harness::repo_root().join(CLIENT))
-        .arg(spec.to_string())
-        .env_remove("SENDGRID_API_KEY")
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "python client failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect()
+    json_lines(
+        python_driver(CLIENT, &json!({"host": host, "actions": actions}))
+            .env_remove("SENDGRID_API_KEY"),
+    )
 }
 
 fn host(server: &Server) -> String {
@@ -99,11 +83,8 @@ fn send(key: Option<&str>, from: &str, to: &str) -> Value {
 
 /// A demo server with the extra keys applied (and loaded: the server polls every 100 ms).
 fn demo() -> (Gateway, Server) {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
-    let file = gw.dir.path().join("extra.yaml");
-    std::fs::write(&file, EXTRA).unwrap();
-    gw.ok(&["apply", "-f", file.to_str().unwrap()]);
+    let (gw, server) = crate::harness::demo();
+    gw.apply("extra.yaml", EXTRA);
     assert!(
         eventually(Duration::from_secs(10), || {
             let r = client(
@@ -139,28 +120,14 @@ fn assert_refused(r: &Value, kind: &str, status: u16, message: &str, field: Valu
     assert_eq!(r["headers"]["content-type"], "application/json");
 }
 
-/// A fast-retrying relay for tests.
-const RELAY: &str = "[relay]\nretry_initial_ms = 200\nretry_max_ms = 400\npoll_interval_ms = 50\ntimeout_secs = 5\n";
-
 #[test]
 fn python_client_sends_an_attachment_that_arrives_at_the_sink_intact() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let sink = rt
-        .block_on(Sink::start("127.0.0.1:0", SinkConfig::default()))
-        .unwrap();
+    let sink = start_sink(&rt, SinkConfig::default());
     let gw = Gateway::new();
     gw.ok(&["apply", "-f", example_org().to_str().unwrap()]);
-    let file = gw.dir.path().join("smarthost.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "smarthosts:\n  - name: sink\n    host: 127.0.0.1\n    port: {}\n    tls: none\n",
-            sink.addr.port()
-        ),
-    )
-    .unwrap();
-    gw.ok(&["apply", "-f", file.to_str().unwrap()]);
-    let server = gw.serve_with(RELAY, &[]);
+    gw.apply("smarthost.yaml", &smarthost_yaml(sink.addr.port()));
+    let server = gw.serve_with(FAST_RELAY, &[]);
 
     let payload: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 256) as u8).collect();
     let b64 = base64::engine::general_purpose::STANDARD.encode(&payload);
@@ -492,33 +459,16 @@ fn the_same_principal_refused_for_the_same_reason_gets_the_same_code_on_sendgrid
     assert_eq!(sg[0]["headers"]["x-mailgate-code"], "account.under_review");
 
     // dave through the Gmail door: the delegated service account acting as him.
-    let key = gw.dir.path().join("mailer.json");
-    gw.ok(&[
-        "sa",
-        "key",
-        "create",
-        "mailer@acme-app.iam.example.com",
-        "-o",
-        key.to_str().unwrap(),
-    ]);
-    let spec = json!({
-        "endpoint": host(&server),
-        "auth": {"service_account": key, "subject": "dave@example.com",
-                 "scopes": ["https://www.googleapis.com/auth/gmail.send"]},
-        "actions": [{"do": "send", "from": "dave@example.com", "to": ["x@example.org"]}],
-    });
-    let out = std::process::Command::new(python())
-        .arg(crate::harness::repo_root().join("tests/python/gmail_client.py"))
-        .arg(spec.to_string())
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let gmail: Value =
-        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    let gmail = &crate::gmail::client(
+        &server,
+        crate::gmail::sa(
+            &gw,
+            "mailer@acme-app.iam.example.com",
+            "dave@example.com",
+            &["https://www.googleapis.com/auth/gmail.send"],
+        ),
+        json!([{"do": "send", "from": "dave@example.com", "to": ["x@example.org"]}]),
+    )[0];
     let code = gmail["details"]
         .as_array()
         .and_then(|d| d.iter().find(|x| x["domain"] == "mailgate"))

@@ -6,13 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::harness::{Gateway, Server, eventually};
-
-fn python() -> String {
-    std::env::var("MAILGATE_PYTHON").expect(
-        "MAILGATE_PYTHON is not set: run ./scripts/test, which creates the venv the SMTP and Gmail client tests use",
-    )
-}
+use crate::harness::{Gateway, demo, eventually, json_lines, python, python_driver};
 
 pub(crate) const PW: &str = "correct horse battery staple";
 
@@ -23,21 +17,7 @@ pub(crate) fn smtplib(gw: &Gateway, addr: &str, tls: &str, steps: Value) -> Vec<
         "host": host, "port": port.parse::<u16>().unwrap(), "tls": tls,
         "ca": gw.data_dir().join("tls/cert.pem"), "steps": steps,
     });
-    let out = std::process::Command::new(python())
-        .arg(crate::harness::repo_root().join("tests/python/smtp_client.py"))
-        .arg(spec.to_string())
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "smtp client failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect()
+    json_lines(&mut python_driver("smtp_client.py", &spec))
 }
 
 pub(crate) fn step<'a>(r: &'a [Value], name: &str) -> &'a Value {
@@ -100,12 +80,6 @@ fn captured(gw: &Gateway, id: &str) -> bool {
     eventually(Duration::from_secs(20), || {
         gw.ok(&["captured", "list"]).contains(id)
     })
-}
-
-fn demo() -> (Gateway, Server) {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
-    (gw, server)
 }
 
 #[test]
@@ -411,9 +385,7 @@ fn relay_from_an_unlisted_ip_is_refused() {
     let org = std::fs::read_to_string(crate::harness::example_org())
         .unwrap()
         .replace("allowed_ips: [127.0.0.1/32]", "allowed_ips: [192.0.2.0/24]");
-    let path = gw.dir.path().join("org.yaml");
-    std::fs::write(&path, org).unwrap();
-    gw.ok(&["apply", "-f", path.to_str().unwrap()]);
+    gw.apply("org.yaml", &org);
     let server = gw.serve(&["--demo"]);
     let r = smtplib(
         &gw,
@@ -448,25 +420,14 @@ fn relay_from_an_unlisted_ip_is_refused() {
 #[test]
 fn the_same_denial_has_the_same_code_over_smtp_and_the_gmail_api() {
     let (gw, server) = demo();
-    let spec = json!({
-        "endpoint": format!("http://{}", server.addr),
-        "auth": {"user": "alice@example.com", "password": PW, "client_id": "demo-web-client",
-                 "client_secret": "demo-client-secret", "redirect_uri": "http://127.0.0.1:8765/callback",
-                 "scopes": ["https://www.googleapis.com/auth/gmail.send"]},
-        "actions": [{"do": "send", "from": "ceo@example.com", "to": ["x@example.org"]}],
-    });
-    let out = std::process::Command::new(python())
-        .arg(crate::harness::repo_root().join("tests/python/gmail_client.py"))
-        .arg(spec.to_string())
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let gmail: Value =
-        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    let gmail = &crate::gmail::client(
+        &server,
+        crate::gmail::user(
+            "alice@example.com",
+            &["https://www.googleapis.com/auth/gmail.send"],
+        ),
+        json!([{"do": "send", "from": "ceo@example.com", "to": ["x@example.org"]}]),
+    )[0];
     let detail = gmail["details"]
         .as_array()
         .and_then(|d| d.iter().find(|x| x["domain"] == "mailgate"))
@@ -655,13 +616,10 @@ fn swaks_sends_and_gets_the_documented_refusals() {
 #[test]
 fn with_on_unowned_from_rewrite_the_from_header_is_replaced_and_bcc_dropped() {
     let (gw, server) = demo();
-    let file = gw.dir.path().join("rewrite.yaml");
-    std::fs::write(
-        &file,
+    gw.apply(
+        "rewrite.yaml",
         "organisation:\n  name: Example Corp\n  on_unowned_from: rewrite\n",
-    )
-    .unwrap();
-    gw.ok(&["apply", "-f", file.to_str().unwrap()]);
+    );
     std::thread::sleep(Duration::from_millis(600)); // the server's reload interval is 100 ms
     let r = smtplib(
         &gw,
@@ -773,9 +731,7 @@ fn an_api_key_used_over_smtp_from_outside_its_allowed_ips_is_refused() {
             "    allowed_ips: [192.0.2.0/24]\n  - name: reports",
         );
     assert!(org.contains("[192.0.2.0/24]\n  - name: reports"), "{org}");
-    let path = gw.dir.path().join("org.yaml");
-    std::fs::write(&path, org).unwrap();
-    gw.ok(&["apply", "-f", path.to_str().unwrap()]);
+    gw.apply("org.yaml", &org);
     let server = gw.serve(&["--demo"]);
     let r = smtplib(
         &gw,
@@ -793,7 +749,7 @@ fn an_api_key_used_over_smtp_from_outside_its_allowed_ips_is_refused() {
 
 /// An access token for `key` (a service-account key file) acting for `subject`, from Mailgate's
 /// token endpoint through google-auth, as docs/smtp.md does: `{"token"}` or `{"error": body}`.
-fn service_account_token(key: &std::path::Path, scope: &str, subject: &str) -> Value {
+fn service_account_token(key: &str, scope: &str, subject: &str) -> Value {
     const SCRIPT: &str = r#"
 import json, sys
 from google.auth.exceptions import RefreshError
@@ -807,18 +763,14 @@ try:
 except RefreshError as e:
     print(json.dumps({"error": e.args[1] if len(e.args) > 1 else str(e)}))
 "#;
-    let out = std::process::Command::new(python())
-        .args(["-c", SCRIPT])
-        .arg(key)
-        .args([scope, subject])
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "google-auth failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let answer = json_lines(
+        std::process::Command::new(python())
+            .args(["-c", SCRIPT])
+            .args([key, scope, subject]),
     );
-    serde_json::from_slice(&out.stdout).expect("one JSON line")
+    let [answer] =
+        <[Value; 1]>::try_from(answer).unwrap_or_else(|a| panic!("not one JSON line: {a:?}"));
+    answer
 }
 
 /// docs/smtp.md: XOAUTH2 with a delegated service-account token for `https://mail.google.com/`
@@ -827,15 +779,7 @@ except RefreshError as e:
 #[test]
 fn xoauth2_with_a_delegated_service_account_token_for_mail_google_com() {
     let (gw, server) = demo();
-    let key = gw.dir.path().join("key.json");
-    gw.ok(&[
-        "sa",
-        "key",
-        "create",
-        "mailer@acme-app.iam.example.com",
-        "-o",
-        key.to_str().unwrap(),
-    ]);
+    let key = gw.sa_key("mailer@acme-app.iam.example.com");
     const MAIL: &str = "https://mail.google.com/";
     // The new key is live once the server has reloaded the directory.
     let mut token = Value::Null;
@@ -943,15 +887,7 @@ with smtplib.SMTP_SSL(host, port, context=tls) as smtp:
 
     // A delegation that grants only gmail.send (the demo's `legacy` account) gets no token for
     // https://mail.google.com/.
-    let legacy = gw.dir.path().join("legacy.json");
-    gw.ok(&[
-        "sa",
-        "key",
-        "create",
-        "legacy@legacy-app.iam.example.com",
-        "-o",
-        legacy.to_str().unwrap(),
-    ]);
+    let legacy = gw.sa_key("legacy@legacy-app.iam.example.com");
     let mut refused = Value::Null;
     assert!(
         eventually(Duration::from_secs(10), || {
@@ -1100,15 +1036,7 @@ fn a_relay_client_is_not_called_a_user_in_a_refusal() {
 #[test]
 fn the_xoauth2_scope_refusal_names_the_token_scope_and_the_delegation() {
     let (gw, server) = demo();
-    let key = gw.dir.path().join("key.json");
-    gw.ok(&[
-        "sa",
-        "key",
-        "create",
-        "mailer@acme-app.iam.example.com",
-        "-o",
-        key.to_str().unwrap(),
-    ]);
+    let key = gw.sa_key("mailer@acme-app.iam.example.com");
     const SEND: &str = "https://www.googleapis.com/auth/gmail.send";
     let mut token = Value::Null;
     assert!(
