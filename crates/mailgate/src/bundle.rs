@@ -942,11 +942,13 @@ fn scrub_value(v: &mut Value, secrets: &Secrets) {
 
 /// Free text with every secret-looking word replaced: what `secret_kind` recognises (API keys,
 /// OAuth tokens, JWTs, password hashes, PEM blocks, long random strings), base64 that decodes to
-/// an SMTP AUTH PLAIN blob, the word after `password`/`--password`/`secret`/`token`, the value
-/// of `password=...`-style pairs, and the user:password of a URL. Decision ids stay.
+/// an SMTP AUTH PLAIN blob, the value of `name=value` pairs with a secret's name, the rest of the
+/// line after a secret's label (`password: ...`, `Authorization: ...`), the argument of a
+/// secret's flag (`--password X`, `--password 'a b c'`), and the user:password of a URL.
+/// Decision ids stay.
 pub(crate) fn scrub_text(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    let mut redact_next = false;
+    let mut after = After::Nothing;
     let mut id_next = false;
     let mut rest = text;
     while !rest.is_empty() {
@@ -958,30 +960,91 @@ pub(crate) fn scrub_text(text: &str) -> String {
         if rest.is_empty() {
             break;
         }
+        match after {
+            // A label's value: up to the end of the line or of the phrase around it (a closing
+            // bracket or quote, `, `, `; `). A placeholder (`Bearer <key>`) or the scheme alone
+            // (`(Authorization: Bearer)`) is no secret.
+            After::Label => {
+                after = After::Nothing;
+                let eol = rest.find('\n').unwrap_or(rest.len());
+                let line = &rest[..eol];
+                let end = [")", "'", "\"", "`", ", ", "; "]
+                    .iter()
+                    .filter_map(|d| line.find(d))
+                    .min()
+                    .unwrap_or(line.len());
+                let value = line[..end].trim_end();
+                let scheme_only =
+                    ["bearer", "basic"].contains(&value.to_ascii_lowercase().as_str());
+                if !value.is_empty() && !value.contains('<') && !scheme_only {
+                    out.push_str(mailgate_doctor::REDACTED);
+                    rest = &rest[value.len()..];
+                    continue;
+                }
+            }
+            // A flag's argument: one word, or a quoted phrase; not another flag, a placeholder
+            // or the prose around a flag's name (`--password or --xoauth2-token`).
+            After::Flag => {
+                after = After::Nothing;
+                let q = rest.chars().next().filter(|c| matches!(c, '\'' | '"'));
+                let end = match q {
+                    Some(q) => rest[1..].find(q).map_or(rest.len(), |i| i + 2),
+                    None => rest.find(char::is_whitespace).unwrap_or(rest.len()),
+                };
+                let arg = &rest[..end];
+                let prose = [
+                    "or", "and", "with", "without", "is", "are", "was", "not", "given", "to",
+                    "the", "a", "an", "set", "flag", "option", "too", "nor",
+                ]
+                .contains(&arg.trim_end_matches([',', '.', ':', ';', ')']));
+                if !arg.starts_with(['-', '<', '[']) && !prose {
+                    out.push_str(mailgate_doctor::REDACTED);
+                    rest = &rest[end..];
+                    continue;
+                }
+            }
+            After::Nothing => {}
+        }
         let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
         let word = &rest[..end];
         rest = &rest[end..];
-        let core = word.trim_matches(|c: char| {
-            matches!(
-                c,
-                '"' | '\'' | '`' | ',' | ';' | '(' | ')' | '[' | ']' | '<' | '>' | '{' | '}'
-            )
-        });
-        let core = core.trim_end_matches('.');
+        let mut core = word;
+        loop {
+            let t = core
+                .trim_matches(|c: char| {
+                    matches!(
+                        c,
+                        '"' | '\''
+                            | '`'
+                            | ','
+                            | ';'
+                            | '('
+                            | ')'
+                            | '['
+                            | ']'
+                            | '<'
+                            | '>'
+                            | '{'
+                            | '}'
+                    )
+                })
+                .trim_end_matches('.');
+            if t == core {
+                break;
+            }
+            core = t;
+        }
         let (pre, post) = match word.find(core) {
             Some(i) if !core.is_empty() => (&word[..i], &word[i + core.len()..]),
             _ => (word, ""),
         };
-        let replaced = if core.is_empty() {
-            None
-        } else if redact_next && !core.contains('[') {
-            Some(mailgate_doctor::REDACTED.to_owned())
-        } else {
-            // After `id`, `key id`, `kid`: an identifier (a service-account key's id is 40
-            // hex digits), kept unless it has a secret's own shape (a key, a token, a hash).
-            scrub_word(core).filter(|r| !(id_next && r == ENTROPY_ONLY))
-        };
-        redact_next = is_secret_keyword(core);
+        // After `id`, `key id`, `kid`: an identifier (a service-account key's id is 40 hex
+        // digits), kept unless it has a secret's own shape (a key, a token, a hash).
+        let replaced = (!core.is_empty())
+            .then(|| scrub_word(core))
+            .flatten()
+            .filter(|r| !(id_next && r == ENTROPY_ONLY));
+        after = secret_keyword(core);
         id_next = is_id_label(core);
         match replaced {
             Some(r) => {
@@ -995,6 +1058,16 @@ pub(crate) fn scrub_text(text: &str) -> String {
     out
 }
 
+/// What follows a word.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum After {
+    Nothing,
+    /// A secret's label (`password:`): its value is the rest of the line.
+    Label,
+    /// A secret's flag (`--password`): its value is the next word or quoted phrase.
+    Flag,
+}
+
 /// What `secret_kind` says of a word that is only random-looking (no secret's own shape).
 const ENTROPY_ONLY: &str = "[redacted: looks like a secret]";
 
@@ -1005,14 +1078,20 @@ fn is_id_label(word: &str) -> bool {
 }
 
 /// A secret's name as a flag or a label (`--password`, `--client-secret`, `password:`,
-/// `token=`): the next word is the secret. A name in prose (`Username and Password not
+/// `token=`): what follows is the secret. A name in prose (`Username and Password not
 /// accepted`) is not one.
-fn is_secret_keyword(word: &str) -> bool {
+fn secret_keyword(word: &str) -> After {
     let word: String = word.chars().filter(|c| !matches!(c, '"' | '\'')).collect();
-    let flag = word.starts_with("--");
-    let label = word.ends_with([':', '=']);
     let w = word.trim_start_matches('-').trim_end_matches([':', '=']);
-    (flag || label) && !w.is_empty() && secret_field(w)
+    if w.is_empty() || !secret_field(w) {
+        After::Nothing
+    } else if word.starts_with("--") {
+        After::Flag
+    } else if word.ends_with([':', '=']) {
+        After::Label
+    } else {
+        After::Nothing
+    }
 }
 
 /// A secret's name in a `name=value` or `name:value` word.
@@ -1192,10 +1271,10 @@ fn readme(
         "  access and refresh tokens, service-account private keys (Mailgate keeps only the",
         "  public keys, which are shown), message bodies and headers.",
         "- The doctor report (if any): the values of secret-named fields (password, token,",
-        "  client_secret, ...), the word after such a name used as a flag or label",
-        "  (--password X, password: X), credentials in URLs, and every word that looks like a",
-        "  secret (API keys, OAuth tokens, JWTs, password hashes, PEM blocks, SMTP AUTH blobs,",
-        "  long random strings) are replaced by [redacted...].",
+        "  client_secret, ...), what follows such a name as a label (password: ... to the end",
+        "  of the line) or a flag (--password X), credentials in URLs, and every word that",
+        "  looks like a secret (API keys, OAuth tokens, JWTs, password hashes, PEM blocks, SMTP",
+        "  AUTH blobs, long random strings) are replaced by [redacted...].",
         "- Every secret this command could know of (the stored hashes, the demo credentials, the",
         "  smarthost passwords and the secrets found in the doctor report) was then removed from",
         "  every file once more.",
@@ -1270,7 +1349,8 @@ mod tests {
                     https://bob:pw123456@smtp.example.com/x Decision 01M8P4RMVSJ21JXVJAWP60ZA8R \
                     for alice@example.com; GET /mailgate/v1/decisions/01M8P4RMVSJ21JXVJAWP60ZA8R) \
                     (SG.<id>.<secret>) cipher TLS13_AES_256_GCM_SHA384 key id \
-                    2b93812ead4be5c3853e68659204b6089197fbe9, key id SG.abcdefgh.ijklmnopqrstuvwxyz https://oauth2.example/token?client_id=x&refresh_token=1//0gRfq9";
+                    2b93812ead4be5c3853e68659204b6089197fbe9, key id SG.abcdefgh.ijklmnopqrstuvwxyz \
+                    --password 'two words' then https://oauth2.example/token?client_id=x&refresh_token=1//0gRfq9";
         let out = scrub_text(text);
         for secret in [
             "AGFsaWNlQGV4YW1wbGUuY29tAGh1bnRlcjI=",
@@ -1280,6 +1360,7 @@ mod tests {
             "pw123456",
             "1//0gRfq9",
             "ijklmnopqrstuvwxyz",
+            "two words",
         ] {
             assert!(!out.contains(secret), "{secret} in {out}");
         }
@@ -1292,6 +1373,7 @@ mod tests {
             "(SG.<id>.<secret>)",
             "TLS13_AES_256_GCM_SHA384",
             "key id 2b93812ead4be5c3853e68659204b6089197fbe9,",
+            "--password [redacted] then",
             "https://oauth2.example/token?client_id=x&refresh_token=[redacted]",
         ] {
             assert!(out.contains(kept), "{kept} missing from {out}");
@@ -1368,6 +1450,34 @@ mod tests {
         assert_eq!(decision_time_ms(&id), Some(1_796_039_529_337));
         assert_eq!(decision_time_ms("not-an-id"), None);
         assert_eq!(decision_time_ms("01M8P4RMVSJ21JXVJAWP60ZA8!"), None);
+    }
+
+    /// The doctor's own prose about flags and headers stays as written.
+    #[test]
+    fn prose_about_secrets_is_no_secret() {
+        for text in [
+            "no --user with --password or --xoauth2-token given: MAIL FROM shows whether",
+            "send a credential: an OAuth access token (Authorization: Bearer), an API key, or SMTP AUTH",
+            "`curl -H 'Authorization: Bearer <key>' https://api.sendgrid.com/v3/scopes`: `mail.send`",
+            "the first characters of its id (the part after `SG.`).",
+        ] {
+            assert_eq!(scrub_text(text), text);
+        }
+        assert_eq!(
+            scrub_text("curl -H 'Authorization: Bearer SG.x.y' https://api.sendgrid.com"),
+            "curl -H 'Authorization: [redacted]' https://api.sendgrid.com"
+        );
+    }
+
+    #[test]
+    fn a_labels_value_is_redacted_to_the_end_of_the_line() {
+        let out = scrub_text(
+            "password: my long pass phrase\nAuthorization: Basic YWxpY2U6c2VjcmV0\n535 5.7.8 Username and Password not accepted",
+        );
+        assert_eq!(
+            out,
+            "password: [redacted]\nAuthorization: [redacted]\n535 5.7.8 Username and Password not accepted"
+        );
     }
 
     #[test]
