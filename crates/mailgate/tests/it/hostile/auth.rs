@@ -12,11 +12,7 @@
 use serde_json::{Value, json};
 
 use super::{DEMO_KEY, DEMO_PASSWORD, Probe, admin_token, assert_budget, sendgrid_send};
-use crate::harness::{Gateway, Server, http_get};
-
-fn python() -> String {
-    std::env::var("MAILGATE_PYTHON").unwrap_or_else(|_| "python3".into())
-}
+use crate::harness::{Gateway, Server, http_get, json_lines, python_driver};
 
 /// One AUTH attempt for the helper.
 fn plain(user: &str, secret: &str) -> Value {
@@ -51,30 +47,19 @@ fn probe(
         "ca": gw.data_dir().join("tls/cert.pem"), "source": source,
         "threads": threads, "per_connection": 5, "attempts": attempts,
     });
-    let out = std::process::Command::new(python())
-        .arg(crate::harness::repo_root().join("tests/python/smtp_auth_probe.py"))
-        .arg(spec.to_string())
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "smtp_auth_probe failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut seen: Vec<(u64, u64, Seen)> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).expect("json line");
-            let s = Seen {
-                thread: v["thread"].as_u64().unwrap(),
-                code: v["code"].as_u64().unwrap(),
-                message: v["message"].as_str().unwrap().to_owned(),
-                ms: v["ms"].as_f64().unwrap(),
-            };
-            (s.thread, v["i"].as_u64().unwrap(), s)
-        })
-        .collect();
+    let mut seen: Vec<(u64, u64, Seen)> =
+        json_lines(&mut python_driver("smtp_auth_probe.py", &spec))
+            .into_iter()
+            .map(|v| {
+                let s = Seen {
+                    thread: v["thread"].as_u64().unwrap(),
+                    code: v["code"].as_u64().unwrap(),
+                    message: v["message"].as_str().unwrap().to_owned(),
+                    ms: v["ms"].as_f64().unwrap(),
+                };
+                (s.thread, v["i"].as_u64().unwrap(), s)
+            })
+            .collect();
     seen.sort_by_key(|(t, i, _)| (*t, *i));
     let seen: Vec<Seen> = seen.into_iter().map(|(_, _, s)| s).collect();
     assert_eq!(

@@ -19,7 +19,7 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 
 use super::{DEMO_PASSWORD, Probe, assert_budget, connect_from};
-use crate::harness::{Gateway, Server};
+use crate::harness::{Gateway, Server, json_lines, python_driver};
 
 const CLIENT_ID: &str = "demo-web-client";
 const CLIENT_SECRET: &str = "demo-client-secret";
@@ -686,18 +686,11 @@ fn consent_page_locks_out_and_shares_smtp_lockout() {
         "ca": gw.data_dir().join("tls/cert.pem"), "source": "127.0.0.5",
         "threads": 1, "per_connection": 10, "attempts": attempts,
     });
-    let python = std::env::var("MAILGATE_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = std::process::Command::new(python)
-        .arg(crate::harness::repo_root().join("tests/python/smtp_auth_probe.py"))
-        .arg(spec.to_string())
-        .output()
-        .expect("run python");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
+    let seen = json_lines(&mut python_driver("smtp_auth_probe.py", &spec));
     assert_eq!(
-        text.lines().filter(|l| l.contains("\"code\": 535")).count(),
+        seen.iter().filter(|v| v["code"] == 535).count(),
         7,
-        "{text}"
+        "{seen:?}"
     );
     let r = sign_in(
         &server,
