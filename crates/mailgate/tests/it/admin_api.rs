@@ -13,7 +13,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::harness::{Gateway, Server, repo_root};
+use crate::harness::{Gateway, Server, demo, repo_root};
 
 const METHODS: [&str; 7] = ["get", "post", "put", "patch", "delete", "head", "options"];
 
@@ -156,8 +156,7 @@ fn the_doc_lists_exactly_the_routes_the_server_registers_and_serves() {
 
     // And the real server serves each with that method: no token gets 401 (the admin token is
     // checked first), `/healthz` answers 200; never "no such route" or "method not allowed".
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (_gw, server) = demo();
     for (method, path) in &documented {
         let concrete = path
             .replace("{email}", "alice@example.com")
@@ -399,8 +398,7 @@ fn run_shell_blocks(gw: &Gateway, server: &Server, shell: &[&Block]) -> Vec<Stri
 fn every_example_of_the_doc_answers_as_documented() {
     let doc = doc();
     let all = blocks(&doc);
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (gw, server) = demo();
 
     // Each shell block with the answer shown after it (before the next shell block), if any.
     let shell: Vec<&Block> = all.iter().filter(|b| b.lang == "sh").collect();
@@ -553,8 +551,7 @@ fn accepted_body_fields(server: &Server, token: &str, path: &str) -> BTreeSet<St
 #[test]
 fn the_documented_body_fields_are_the_ones_the_server_accepts() {
     let doc = doc();
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (gw, server) = demo();
     let credentials = std::fs::read_to_string(gw.data_dir().join("demo-credentials.txt")).unwrap();
     let token = credentials
         .lines()
@@ -627,8 +624,7 @@ fn the_documented_check_outcomes_are_the_engines() {
 #[test]
 fn the_documented_error_statuses_are_the_servers() {
     use std::io::{Read, Write};
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (gw, server) = demo();
     let credentials = std::fs::read_to_string(gw.data_dir().join("demo-credentials.txt")).unwrap();
     let token = credentials
         .lines()

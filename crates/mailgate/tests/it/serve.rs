@@ -2,12 +2,11 @@
 
 use std::time::Duration;
 
-use crate::harness::{Gateway, eventually, http_get, smarthost_yaml};
+use crate::harness::{Gateway, demo, eventually, http_get, smarthost_yaml};
 
 #[test]
 fn demo_serves_health_and_sees_a_suspension_without_restart() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (gw, server) = demo();
     let (status, body) = http_get(&server.addr, "/healthz", None);
     assert_eq!(status, 200, "{body}");
     let health: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -41,8 +40,7 @@ fn demo_serves_health_and_sees_a_suspension_without_restart() {
 
 #[test]
 fn admin_api_requires_a_known_token() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (_gw, server) = demo();
     let (status, body) = http_get(&server.addr, "/mailgate/v1/users/alice@example.com", None);
     assert_eq!(status, 401);
     assert!(body.contains("admin-token create"), "{body}");
@@ -71,8 +69,7 @@ fn plain_http_refuses_a_non_loopback_address() {
 
 #[test]
 fn demo_banner_tells_a_newcomer_where_everything_is() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (gw, server) = demo();
     let addr = server.addr.clone();
     let (_, banner, _) = server.stop();
     assert!(
@@ -204,8 +201,7 @@ fn config_doc_says_https_is_served() {
     assert!(!row.to_ascii_lowercase().contains("reserved"), "{row}");
     assert!(row.contains("https.cert"), "{row}");
     // ...and it is: the demo banner lists the HTTPS listener.
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (_gw, server) = demo();
     let https = server.https.clone();
     let (_, banner, _) = server.stop();
     assert!(
@@ -218,8 +214,7 @@ fn config_doc_says_https_is_served() {
 /// `client_secret` (beside its `client_id`), the SendGrid keys are `api_key`s.
 #[test]
 fn demo_credentials_name_each_secret() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (gw, server) = demo();
     drop(server);
     let creds = std::fs::read_to_string(gw.data_dir().join("demo-credentials.txt")).unwrap();
     let value = |key: &str| -> Vec<String> {

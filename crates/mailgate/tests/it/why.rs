@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::harness::{BIN, Gateway, http_post};
+use crate::harness::{BIN, demo, http_post};
 
 /// Runs `mailgate why args...` with no configuration at all (`why` needs none): (exit code,
 /// stdout).
@@ -111,8 +111,7 @@ fn the_cli_maps_mailgates_own_refusal_to_its_code() {
 /// real refusal of the running server's SendGrid door is understood as its own code.
 #[test]
 fn the_http_api_answers_as_the_cli_does() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (gw, server) = demo();
     let creds = std::fs::read_to_string(gw.data_dir().join("demo-credentials.txt")).unwrap();
     let token = creds
         .lines()
