@@ -8,13 +8,23 @@
 //! 3. [`Gateway::accept`]: charges the usage counters atomically and stores the message and the
 //!    usage in one durable transaction. Only after it returns may a door say "accepted".
 //! 4. [`Gateway::explain`]: the same evaluation in explain mode, consuming nothing.
+//!
+//! It is also the floor the doors share, so that no door depends on another: who a presented
+//! secret speaks for ([`credentials`]: API keys, OAuth access tokens), the facts of the
+//! connection a request came over ([`conn`]), and how HTTP request bodies are read and refused
+//! ([`body`]).
 
+pub mod body;
 pub mod budget;
+pub mod conn;
+pub mod credentials;
 mod edit;
 pub mod lockout;
 pub mod message;
 pub mod nodes;
 mod trace;
+pub use conn::ConnFacts;
+pub use credentials::{ApiKeyMatch, Grant};
 pub use edit::{EditError, edit_directory};
 
 use std::sync::Arc;

@@ -24,12 +24,13 @@ use mailgate_gateway::{Accepted, Message};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::body::ReadFail;
+use crate::GmailState;
 use crate::errors::{
     denial_response, invalid_argument, invalid_request, reason_response, simple, too_large,
     unavailable,
 };
-use crate::{ConnFacts, GmailState};
+use mailgate_gateway::ConnFacts;
+use mailgate_gateway::body::{self, ReadFail};
 
 /// Scopes that may read the profile and send-as settings (discovery: getProfile, sendAs.list).
 pub(crate) const READ_SCOPES: &[&str] = &[
@@ -729,15 +730,14 @@ pub(crate) async fn send_json(
     }
     // Reserved twice over: the JSON and the message decoded from it live together.
     let memory = st.gateway.budget().data_memory().clone();
-    let held =
-        match crate::body::read_held(&headers, body, MAX_JSON_BODY_BYTES, Some(&memory), 2).await {
-            Ok(b) => b,
-            // base64 makes 3 bytes of message 4 bytes of `raw`.
-            Err(ReadFail::TooLarge(n)) => return oversize(&st, attempt, n / 4 * 3).await,
-            Err(ReadFail::Broken) => return unreadable(),
-            Err(ReadFail::Busy) => return crate::errors::busy(),
-        };
-    let crate::body::Held { bytes: body, lease } = held;
+    let held = match body::read_held(&headers, body, MAX_JSON_BODY_BYTES, Some(&memory), 2).await {
+        Ok(b) => b,
+        // base64 makes 3 bytes of message 4 bytes of `raw`.
+        Err(ReadFail::TooLarge(n)) => return oversize(&st, attempt, n / 4 * 3).await,
+        Err(ReadFail::Broken) => return unreadable(),
+        Err(ReadFail::Busy) => return crate::errors::busy(),
+    };
+    let body::Held { bytes: body, lease } = held;
     let raw = match serde_json::from_slice::<MessageResource<'_>>(&body) {
         Ok(MessageResource { raw: Some(r), .. }) => decode_raw(&r.0),
         Ok(_) => Err(
@@ -898,7 +898,7 @@ async fn screen_before_body(st: &GmailState, attempt: &SendAttempt) -> Result<()
 /// Reads the body of a settings request or of a resumable upload's start (JSON metadata, at
 /// most [`MAX_SETTINGS_BODY_BYTES`]). Called only once the credential passed.
 async fn read_small(headers: &HeaderMap, body: RequestBody) -> Result<Vec<u8>, Response> {
-    crate::body::read(headers, body, MAX_SETTINGS_BODY_BYTES)
+    body::read(headers, body, MAX_SETTINGS_BODY_BYTES)
         .await
         .map_err(|e| match e {
             ReadFail::TooLarge(_) => too_large(MAX_SETTINGS_BODY_BYTES),
@@ -1098,19 +1098,19 @@ async fn read_message(
     st: &GmailState,
     headers: &HeaderMap,
     body: RequestBody,
-) -> Result<crate::body::Held, ReadFail> {
+) -> Result<body::Held, ReadFail> {
     let memory = st.gateway.budget().data_memory().clone();
-    crate::body::read_held(headers, body, MAX_UPLOAD_BODY_BYTES, Some(&memory), 2).await
+    body::read_held(headers, body, MAX_UPLOAD_BODY_BYTES, Some(&memory), 2).await
 }
 
 /// [`send`] of an uploaded message, its memory reservation held until the answer.
 async fn send_held(
     st: &GmailState,
     attempt: SendAttempt,
-    held: crate::body::Held,
+    held: body::Held,
     dry_run: bool,
 ) -> Response {
-    let crate::body::Held { bytes, lease } = held;
+    let body::Held { bytes, lease } = held;
     let answer = send(st, attempt, Ok(bytes), dry_run).await;
     drop(lease);
     answer

@@ -7,51 +7,22 @@
     reason = "handlers return early with a ready `Response` as the error; its size is irrelevant next to network I/O"
 )]
 
-pub mod body;
 mod errors;
 mod gmail;
 mod oauth;
 
-pub use oauth::{credential_for_access_token, resolve_access_token};
-
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
-use mailgate_core::engine::{Credential, CredentialState, TlsVersion, Transport};
+use mailgate_core::engine::Credential;
 use mailgate_gateway::Gateway;
 use mailgate_store::TokenStore;
 
 /// Google's token endpoint, the audience google-auth puts in every service-account assertion.
 pub const GOOGLE_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
-
-/// Facts about the connection a request came over, inserted by the listener.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnFacts {
-    /// The client's address.
-    pub peer: SocketAddr,
-    /// Negotiated TLS version; `None` on the plain loopback listener.
-    pub tls: Option<TlsVersion>,
-    /// Whether the listener requires TLS (false only for the explicit loopback dev listener).
-    pub listener_requires_tls: bool,
-}
-
-impl ConnFacts {
-    fn transport(&self, headers: &HeaderMap) -> Transport {
-        Transport {
-            tls: self.tls,
-            listener_requires_tls: self.listener_requires_tls,
-            client_ip: Some(self.peer.ip()),
-            referrer: headers
-                .get(axum::http::header::REFERER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
-        }
-    }
-}
 
 /// The door's state.
 pub struct GmailState {
@@ -137,27 +108,7 @@ impl GmailState {
     /// An API key given as `key=`: Gmail needs OAuth, and the engine says so (`key.unsupported`)
     /// once it knows which key it is.
     fn api_key_credential(&self, key: &str) -> Credential {
-        let refused = Credential::Refused {
-            state: CredentialState::Invalid,
-            presented: Some("API key".into()),
-        };
-        let Some(id) = mailgate_auth::api_key_id(key) else {
-            return refused;
-        };
-        let live = self.gateway.live();
-        match live.index.key(id) {
-            Some(k)
-                if mailgate_auth::ct_eq(
-                    mailgate_auth::sha256_hex(key.as_bytes()).as_bytes(),
-                    k.secret_sha256.as_bytes(),
-                ) =>
-            {
-                Credential::ApiKey {
-                    key_id: id.to_owned(),
-                }
-            }
-            _ => refused,
-        }
+        self.gateway.api_key(key).credential(|_| "API key".into())
     }
 }
 
@@ -191,13 +142,15 @@ async fn close_after_error(
 /// assertion is a few KB.
 pub const MAX_OAUTH_BODY_BYTES: usize = 64 * 1024;
 
-/// The door's routes. Requests must carry a [`ConnFacts`] extension (the listener adds it).
+/// The door's routes. Requests must carry a [`mailgate_gateway::ConnFacts`] extension (the
+/// listener adds it).
 ///
 /// Bodies: the OAuth routes' forms are read by axum's extractor, at most
 /// [`MAX_OAUTH_BODY_BYTES`]; the Gmail routes read theirs themselves, only once the engine passed
 /// the credential (a 35 MiB message: at most 36 MiB for an upload, 50 MiB of JSON with `raw`;
 /// 64 KiB for a setting), so no body is buffered for a request without a valid credential. A
-/// body past its limit is read on and dropped ([`body::discard_rest`], bounded) before the `413`.
+/// body past its limit is read on and dropped ([`mailgate_gateway::body::discard_rest`],
+/// bounded) before the `413`.
 pub fn router(state: Arc<GmailState>) -> Router {
     let oauth = Router::new()
         .route("/token", post(oauth::token))

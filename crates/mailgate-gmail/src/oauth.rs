@@ -20,7 +20,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use mailgate_core::catalogue::Reason;
 use mailgate_core::engine::{Credential, CredentialState, Door, SendAttempt};
-use mailgate_store::{TokenRecord, TokenStore};
+use mailgate_store::TokenRecord;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -51,25 +51,8 @@ const NOT_YET_VALID: &str = "Invalid JWT: Token is not valid yet ('nbf' is in th
 const CRITICAL_HEADER: &str =
     "Invalid JWT: the header lists critical extensions ('crit') this server does not understand.";
 
-/// Who a token speaks for (stored as the token's grant JSON).
-#[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub(crate) enum Grant {
-    /// A user through an OAuth client.
-    User { user: String, client_id: String },
-    /// A service account, acting as itself or as `subject`.
-    ServiceAccount {
-        email: String,
-        subject: Option<String>,
-    },
-    /// An authorization code waiting to be exchanged.
-    Code {
-        user: String,
-        client_id: String,
-        redirect_uri: String,
-        code_challenge: Option<String>,
-    },
-}
+/// Who a token speaks for: one stored form for every door ([`mailgate_gateway::Grant`]).
+pub(crate) use mailgate_gateway::Grant;
 
 fn token_error(status: u16, error: &str, description: &str) -> Response {
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
@@ -938,79 +921,9 @@ pub(crate) async fn credential_for(
     st: &GmailState,
     token: &str,
 ) -> Result<Credential, mailgate_store::StoreError> {
-    resolve_access_token(st.tokens.as_ref(), &st.gateway, token).await
-}
-
-/// Resolves an OAuth access token issued by this gateway's authorization server (a Gmail API
-/// bearer token, or the token of SMTP XOAUTH2 / OAUTHBEARER) to the credential the engine
-/// understands: unknown, expired and revoked tokens become [`Credential::Refused`]. A store
-/// fault is logged and also refused.
-pub async fn credential_for_access_token(
-    tokens: &dyn TokenStore,
-    gateway: &mailgate_gateway::Gateway,
-    token: &str,
-) -> Credential {
-    match resolve_access_token(tokens, gateway, token).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "token lookup failed");
-            Credential::Refused {
-                state: CredentialState::Invalid,
-                presented: Some("OAuth access token".into()),
-            }
-        }
-    }
-}
-
-/// [`credential_for_access_token`] with store faults kept apart: `Err` is a fault of the store
-/// (answer with a temporary refusal and do not count it as a failed authentication), never a
-/// verdict on the token.
-pub async fn resolve_access_token(
-    tokens: &dyn TokenStore,
-    gateway: &mailgate_gateway::Gateway,
-    token: &str,
-) -> Result<Credential, mailgate_store::StoreError> {
-    let refused = |state| Credential::Refused {
-        state,
-        presented: Some("OAuth access token".into()),
-    };
-    let rec = match tokens
-        .token(&mailgate_auth::sha256_hex(token.as_bytes()))
-        .await?
-    {
-        Some(r) if r.kind == "access" => r,
-        _ => return Ok(refused(CredentialState::Invalid)),
-    };
-    if rec.revoked {
-        return Ok(refused(CredentialState::Revoked));
-    }
-    if rec.expires_at_ms <= mailgate_gateway::now_ms() as i64 {
-        return Ok(refused(CredentialState::Expired));
-    }
-    let live = gateway.live();
-    Ok(match serde_json::from_value::<Grant>(rec.grant) {
-        Ok(Grant::User { user, client_id }) => Credential::OauthUser {
-            project: live
-                .index
-                .client(&client_id)
-                .map(|c| c.project.clone())
-                .unwrap_or_default(),
-            user,
-            client_id,
-            scopes: rec.scopes,
-        },
-        Ok(Grant::ServiceAccount { email, subject }) => Credential::ServiceAccount {
-            project: live
-                .index
-                .service_account(&email)
-                .map(|s| s.project.clone())
-                .unwrap_or_default(),
-            email,
-            scopes: rec.scopes,
-            subject,
-        },
-        _ => refused(CredentialState::Invalid),
-    })
+    st.gateway
+        .resolve_access_token(st.tokens.as_ref(), token)
+        .await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1349,7 +1262,7 @@ fn consent_page(
 /// `GET /o/oauth2/auth`: the login + consent page listing the requested scopes.
 pub(crate) async fn auth_page(
     State(st): State<Arc<GmailState>>,
-    conn: axum::Extension<crate::ConnFacts>,
+    conn: axum::Extension<mailgate_gateway::ConnFacts>,
     headers: HeaderMap,
     query: Result<Query<AuthParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
@@ -1385,7 +1298,7 @@ pub(crate) async fn auth_page(
 /// memory only since nobody authenticated), as a line for the page.
 async fn refusal_line(
     st: &GmailState,
-    conn: &crate::ConnFacts,
+    conn: &mailgate_gateway::ConnFacts,
     headers: &HeaderMap,
     state: CredentialState,
     shown: &str,
@@ -1412,7 +1325,7 @@ async fn refusal_line(
 /// fail an earlier check that does not matter here); only account-state denials count.
 async fn account_refusal(
     st: &GmailState,
-    conn: &crate::ConnFacts,
+    conn: &mailgate_gateway::ConnFacts,
     headers: &HeaderMap,
     user: &str,
     client: &mailgate_core::directory::OAuthClient,
@@ -1477,7 +1390,7 @@ fn unavailable_page() -> Response {
 /// account, then redirects with a code.
 pub(crate) async fn auth_submit(
     State(st): State<Arc<GmailState>>,
-    conn: axum::Extension<crate::ConnFacts>,
+    conn: axum::Extension<mailgate_gateway::ConnFacts>,
     headers: HeaderMap,
     form: Result<Form<AuthParams>, axum::extract::rejection::FormRejection>,
 ) -> Response {

@@ -7,15 +7,16 @@
 //! than drain it). A `Content-Length` above the limit is refused before anything is kept; a
 //! chunked body as soon as it passes the limit. Either way: `413` in SendGrid's envelope, sent
 //! once the rest of the body was read and dropped (bounded, as the Gmail door does:
-//! `mailgate_gmail::body::discard_rest`), so a client that writes the whole body before it reads
+//! [`mailgate_gateway::body::discard_rest`]), so a client that writes the whole body before it reads
 //! (sendgrid-python) gets it rather than a broken pipe.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes, HttpBody as _};
-use axum::http::{HeaderMap, header};
+use axum::http::HeaderMap;
 use axum::response::Response;
+use mailgate_gateway::body::{content_length, discard_rest};
 use mailgate_gateway::budget::{MemoryBudget, MemoryLease};
 
 use crate::errors::{busy, simple, too_large};
@@ -27,17 +28,6 @@ pub const KEYS_BODY_LIMIT: usize = 64 * 1024;
 /// Memory is reserved from the process budget in steps of this size while a body of unknown
 /// length arrives.
 const RESERVE_STEP: usize = 1024 * 1024;
-
-/// The `Content-Length` the client announced, if any and valid.
-pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
 
 /// A body read in full, with the memory it holds reserved.
 pub(crate) struct Read {
@@ -80,7 +70,7 @@ pub(crate) async fn read<C>(
 ) -> Result<Read, ReadError> {
     let announced = content_length(headers);
     if announced.is_some_and(|n| n > limit as u64) {
-        mailgate_gmail::body::discard_rest(headers, &mut body, 0).await;
+        discard_rest(headers, &mut body, 0).await;
         return Err(ReadError::TooLarge);
     }
     // Reserve what was announced at once (it is within the limit), else step by step.
@@ -106,7 +96,7 @@ pub(crate) async fn read<C>(
             let seen = (buf.len() + data.len()) as u64;
             // Give the memory back before reading on.
             drop((buf, data, lease));
-            mailgate_gmail::body::discard_rest(headers, &mut body, seen).await;
+            discard_rest(headers, &mut body, seen).await;
             return Err(ReadError::TooLarge);
         }
         let needed = buf.len() + data.len();

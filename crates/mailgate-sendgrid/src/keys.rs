@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 
 use crate::body::KEYS_BODY_LIMIT;
 use crate::errors::{FieldError, denial_response, envelope, fault, internal, simple};
-use crate::{ConnFacts, SendgridState, transport};
+use crate::{ConnFacts, SendgridState};
 
 /// What `POST /v3/api_keys` without `scopes` grants: every permission Mailgate knows.
 pub(crate) fn full_access() -> Vec<String> {
@@ -45,7 +45,7 @@ pub(crate) async fn authorize(
 ) -> Result<ApiKey, Response> {
     let credential = st.credential(headers);
     let mut attempt = SendAttempt::new(Door::Sendgrid, credential);
-    attempt.transport = transport(conn, headers);
+    attempt.transport = conn.transport(headers);
     // Who-may-act checks only: message facts are unknown, so the send checks stay pending; a
     // key without mail.send may still manage keys if it holds the scope.
     let decided = st

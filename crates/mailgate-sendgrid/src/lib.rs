@@ -29,9 +29,8 @@ use axum::http::{HeaderMap, header};
 use axum::routing::{MethodRouter, any, get, post};
 pub use body::KEYS_BODY_LIMIT;
 pub use mail::{MAX_EXPANDED_BYTES, MAX_MESSAGE_BYTES};
-use mailgate_core::engine::{Credential, CredentialState, Transport};
-use mailgate_gateway::Gateway;
-pub use mailgate_gmail::ConnFacts;
+use mailgate_core::engine::Credential;
+use mailgate_gateway::{ConnFacts, Gateway};
 pub use wire::PARSE_BUDGET_BYTES;
 
 /// The largest request SendGrid accepts (total message size, attachments included).
@@ -90,40 +89,10 @@ impl SendgridState {
         if token.is_empty() {
             return Credential::None;
         }
-        let refused = |presented: Option<String>| Credential::Refused {
-            state: CredentialState::Invalid,
-            presented,
-        };
-        let Some(id) = mailgate_auth::api_key_id(token) else {
-            return refused(Some("API key (not SG.<id>.<secret>)".into()));
-        };
-        let live = self.gateway.live();
-        match live.index.key(id) {
-            Some(k)
-                if mailgate_auth::ct_eq(
-                    mailgate_auth::sha256_hex(token.as_bytes()).as_bytes(),
-                    k.secret_sha256.as_bytes(),
-                ) =>
-            {
-                Credential::ApiKey {
-                    key_id: id.to_owned(),
-                }
-            }
-            _ => refused(Some(format!("API key `{id}`"))),
-        }
-    }
-}
-
-/// Connection facts for the engine.
-fn transport(conn: &ConnFacts, headers: &HeaderMap) -> Transport {
-    Transport {
-        tls: conn.tls,
-        listener_requires_tls: conn.listener_requires_tls,
-        client_ip: Some(conn.peer.ip()),
-        referrer: headers
-            .get(header::REFERER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
+        self.gateway.api_key(token).credential(|id| match id {
+            Some(id) => format!("API key `{id}`"),
+            None => "API key (not SG.<id>.<secret>)".into(),
+        })
     }
 }
 
@@ -162,7 +131,8 @@ fn both(
     r.route(path, m.clone()).route(&format!("/{path}"), m)
 }
 
-/// The door's routes. Requests must carry a [`ConnFacts`] extension (the listener adds it).
+/// The door's routes. Requests must carry a [`ConnFacts`] extension (the listener adds it; the
+/// type is the gateway's, shared with the Gmail door).
 pub fn router(state: Arc<SendgridState>) -> Router {
     let mut r = Router::new();
     r = both(

@@ -40,7 +40,7 @@ use crate::wire::{
     MAX_TEMPLATE_DATA_NODES, Obj, PARSE_BUDGET_BYTES, ParseError, RawAddr, RawAttachment,
     RawContent, RawMail, RawPersonalization, StrMap,
 };
-use crate::{ConnFacts, MAX_REQUEST_BYTES, SendgridState, transport};
+use crate::{ConnFacts, MAX_REQUEST_BYTES, SendgridState};
 
 /// At most this many personalizations per request.
 pub(crate) const MAX_PERSONALIZATIONS: usize = 1000;
@@ -1278,7 +1278,7 @@ pub(crate) async fn send(
     let now = mailgate_gateway::now_ms();
     let credential = st.credential(&headers);
     let mut base = SendAttempt::new(Door::Sendgrid, credential);
-    base.transport = transport(&conn, &headers);
+    base.transport = conn.transport(&headers);
 
     // Who may act is known from the headers alone: a refusal there (no key, a wrong, revoked
     // or blocked key, a suspended account) is answered with the body unread and unparsed.

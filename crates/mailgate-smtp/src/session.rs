@@ -1165,24 +1165,11 @@ impl Session {
                 state: CredentialState::Locked,
                 presented: Some(mailgate_auth::redact_login(&login).into_owned()),
             }
-        } else if let Some(id) = mailgate_auth::api_key_id(&password) {
-            let live = self.ctx.gateway.live();
-            match live.index.key(id) {
-                Some(k)
-                    if mailgate_auth::ct_eq(
-                        mailgate_auth::sha256_hex(password.as_bytes()).as_bytes(),
-                        k.secret_sha256.as_bytes(),
-                    ) =>
-                {
-                    Credential::ApiKey {
-                        key_id: id.to_owned(),
-                    }
-                }
-                _ => Credential::Refused {
-                    state: CredentialState::Invalid,
-                    presented: Some(format!("API key {id}")),
-                },
-            }
+        } else if mailgate_auth::api_key_id(&password).is_some() {
+            self.ctx
+                .gateway
+                .api_key(&password)
+                .credential(|id| format!("API key {}", id.unwrap_or_default()))
         } else {
             match self.password_credential(&login, password).await {
                 Ok(c) => c,
@@ -1274,12 +1261,11 @@ impl Session {
                 presented: shown.clone(),
             }
         } else {
-            let c = mailgate_gmail::credential_for_access_token(
-                self.ctx.tokens.as_ref(),
-                &self.ctx.gateway,
-                &b.token,
-            )
-            .await;
+            let c = self
+                .ctx
+                .gateway
+                .credential_for_access_token(self.ctx.tokens.as_ref(), &b.token)
+                .await;
             let mismatch = |who: &str| !b.user.is_empty() && !who.eq_ignore_ascii_case(&b.user);
             match c {
                 Credential::OauthUser { ref user, .. } if mismatch(user) => Credential::Refused {

@@ -12,7 +12,7 @@ pub struct TokenRecord {
     pub token_sha256: String,
     /// `access`, `refresh` or `code`.
     pub kind: String,
-    /// Who the token is for and how it was granted (JSON; the OAuth crate defines the shape).
+    /// Who the token is for and how it was granted (JSON; `mailgate_gateway::Grant` is its shape).
     pub grant: serde_json::Value,
     /// Granted scopes.
     pub scopes: Vec<String>,

@@ -21,7 +21,7 @@ use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use mailgate_gateway::budget::{ConnRefusal, ConnTracker, Limits};
-use mailgate_gmail::ConnFacts;
+use mailgate_gateway::ConnFacts;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};

@@ -1,5 +1,5 @@
-//! Reading request bodies after the credential passed, and what happens to a body that is too
-//! large: it is read on and thrown away (never buffered), up to [`DISCARD_MAX_BYTES`] and
+//! Reading HTTP request bodies after the credential passed (the Gmail and SendGrid doors), and
+//! what happens to a body that is too large: it is read on and thrown away (never buffered), up to [`DISCARD_MAX_BYTES`] and
 //! [`DISCARD_MAX_TIME`], before the refusal is sent. HTTP/1.1 clients (httplib2 under
 //! google-api-python-client, Python's urllib under sendgrid-python) write the whole body before
 //! they read an answer: a server that answers and closes while they still write leaves them with
@@ -15,9 +15,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::budget::{MemoryBudget, MemoryLease};
 use axum::body::{Body, HttpBody as _};
 use axum::http::{HeaderMap, header};
-use mailgate_gateway::budget::{MemoryBudget, MemoryLease};
 
 /// Most bytes of a refused body read and thrown away before the answer (whatever was read before
 /// the refusal included).
@@ -83,7 +83,7 @@ pub async fn discard_rest(headers: &HeaderMap, body: &mut Body, seen: u64) -> u6
 
 /// Why a body was not read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ReadFail {
+pub enum ReadFail {
     /// More than the limit; the body's size as far as it is known (the rest was discarded).
     TooLarge(u64),
     /// The client went away or sent a broken chunk.
@@ -95,9 +95,11 @@ pub(crate) enum ReadFail {
 
 /// A message body read in full, with the memory it holds reserved from the process budget
 /// (released when this is dropped: keep it until the message is stored).
-pub(crate) struct Held {
-    pub(crate) bytes: Vec<u8>,
-    pub(crate) lease: Option<MemoryLease>,
+pub struct Held {
+    /// The body.
+    pub bytes: Vec<u8>,
+    /// Its reservation from the memory budget (`None` without a budget).
+    pub lease: Option<MemoryLease>,
 }
 
 /// Memory is reserved in steps of this size while a body of unknown length arrives.
@@ -108,18 +110,14 @@ const RESERVE_STEP: usize = 1024 * 1024;
 /// `memory`, what is buffered is reserved from that budget (the one SMTP and the SendGrid door
 /// share) times `factor` (the copies the caller makes while it decodes, e.g. 2 for JSON `raw`:
 /// the body and the decoded message), and refused as [`ReadFail::Busy`] when it is spent.
-pub(crate) async fn read(
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-) -> Result<Vec<u8>, ReadFail> {
+pub async fn read(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, ReadFail> {
     read_held(headers, body, limit, None, 1)
         .await
         .map(|h| h.bytes)
 }
 
 /// [`read`] within the memory budget.
-pub(crate) async fn read_held(
+pub async fn read_held(
     headers: &HeaderMap,
     mut body: Body,
     limit: usize,
