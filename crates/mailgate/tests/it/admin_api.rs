@@ -552,13 +552,7 @@ fn accepted_body_fields(server: &Server, token: &str, path: &str) -> BTreeSet<St
 fn the_documented_body_fields_are_the_ones_the_server_accepts() {
     let doc = doc();
     let (gw, server) = demo();
-    let credentials = std::fs::read_to_string(gw.data_dir().join("demo-credentials.txt")).unwrap();
-    let token = credentials
-        .lines()
-        .find_map(|l| l.strip_prefix("admin_token = "))
-        .expect("admin_token line")
-        .trim()
-        .to_owned();
+    let token = gw.demo_admin_token();
     for (route, path) in [
         ("POST /mailgate/v1/explain", "/mailgate/v1/explain"),
         ("POST /mailgate/v1/simulate", "/mailgate/v1/simulate"),
@@ -625,13 +619,7 @@ fn the_documented_check_outcomes_are_the_engines() {
 fn the_documented_error_statuses_are_the_servers() {
     use std::io::{Read, Write};
     let (gw, server) = demo();
-    let credentials = std::fs::read_to_string(gw.data_dir().join("demo-credentials.txt")).unwrap();
-    let token = credentials
-        .lines()
-        .find_map(|l| l.strip_prefix("admin_token = "))
-        .expect("admin_token line")
-        .trim()
-        .to_owned();
+    let token = gw.demo_admin_token();
     let send = |head: &str, body: &str| -> (u16, String) {
         let mut s = std::net::TcpStream::connect(&server.addr).expect("connect");
         s.set_read_timeout(Some(std::time::Duration::from_secs(10)))

@@ -1,6 +1,7 @@
 //! Running the real binary: admin commands to completion, and a server in the background that is
 //! stopped (SIGTERM, then SIGKILL) when the handle drops. Also the set-ups several test modules
-//! share, one helper per job: a demo server ([`demo`]), a service-account key file
+//! share, one helper per job: a demo server ([`demo`]) and its admin token
+//! ([`Gateway::demo_admin_token`]), a service-account key file
 //! ([`Gateway::sa_key`]), a directory file applied ([`Gateway::apply`]), the Python drivers in
 //! `tests/python/` ([`python`], [`python_driver`], [`json_lines`]), a command's `--json` report
 //! ([`stdout_json`]), and a test SMTP sink as the smarthost ([`start_sink`], [`smarthost_yaml`],
@@ -96,6 +97,18 @@ impl Gateway {
         let file = self.dir.path().join(name);
         std::fs::write(&file, yaml).expect("write directory file");
         self.ok(&["apply", "-f", file.to_str().expect("utf-8 path")]);
+    }
+
+    /// The admin token `serve --demo` wrote to `demo-credentials.txt` in the data directory.
+    pub fn demo_admin_token(&self) -> String {
+        let creds = std::fs::read_to_string(self.data_dir().join("demo-credentials.txt"))
+            .expect("demo credentials");
+        creds
+            .lines()
+            .find_map(|l| l.strip_prefix("admin_token = "))
+            .expect("admin token line")
+            .trim()
+            .to_owned()
     }
 
     /// Creates a key for the service account `email` (`mailgate sa key create`) in the file

@@ -112,13 +112,7 @@ fn the_cli_maps_mailgates_own_refusal_to_its_code() {
 #[test]
 fn the_http_api_answers_as_the_cli_does() {
     let (gw, server) = demo();
-    let creds = std::fs::read_to_string(gw.data_dir().join("demo-credentials.txt")).unwrap();
-    let token = creds
-        .lines()
-        .find_map(|l| l.strip_prefix("admin_token = "))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let token = gw.demo_admin_token();
 
     for text in [
         "535-5.7.8 Username and Password not accepted.",

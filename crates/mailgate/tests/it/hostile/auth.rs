@@ -11,7 +11,7 @@
 
 use serde_json::{Value, json};
 
-use super::{DEMO_KEY, DEMO_PASSWORD, Probe, admin_token, assert_budget, sendgrid_send};
+use super::{DEMO_KEY, DEMO_PASSWORD, Probe, assert_budget, sendgrid_send};
 use crate::harness::{Gateway, Server, http_get, json_lines, python_driver};
 
 /// One AUTH attempt for the helper.
@@ -211,7 +211,7 @@ fn secret_in_login_field_is_redacted_in_log_and_decision() {
         ],
     );
     let secret_part = DEMO_KEY.rsplit('.').next().unwrap();
-    let admin = admin_token(&gw);
+    let admin = gw.demo_admin_token();
     for (s, kind, secret) in [
         (&seen[0], "looks like an API key", secret_part),
         (&seen[1], "looks like a JWT", "c2lnbmF0dXJlLXNlY3JldA"),

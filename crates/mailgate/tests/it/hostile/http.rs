@@ -372,7 +372,7 @@ fn rows(gw: &Gateway, table: &str) -> u64 {
 fn refusals_before_authentication_are_counted_not_stored() {
     let gw = Gateway::new();
     let server = super::serve_demo(&gw, "");
-    let admin = super::admin_token(&gw);
+    let admin = gw.demo_admin_token();
     // Let the demo's own writes settle.
     std::thread::sleep(Duration::from_millis(300));
     let before = rows(&gw, "decisions");
@@ -472,7 +472,7 @@ fn https_refusal_comes_after_the_tls_handshake() {
 fn admin_api_checks_the_token_before_the_body_and_answers_in_json() {
     let gw = Gateway::new();
     let server = super::serve_demo(&gw, "");
-    let admin = super::admin_token(&gw);
+    let admin = gw.demo_admin_token();
     // 10 MB announced, none sent: the 401 comes back at once.
     let mut s = connect_from("127.0.0.2", &server.addr).unwrap();
     write!(

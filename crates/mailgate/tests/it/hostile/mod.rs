@@ -80,18 +80,6 @@ pub fn serve_demo_wrapped(
 /// The demo users' password.
 pub const DEMO_PASSWORD: &str = "correct horse battery staple";
 
-/// The demo admin token (from `demo-credentials.txt` in the data directory).
-pub fn admin_token(gw: &crate::harness::Gateway) -> String {
-    let creds = std::fs::read_to_string(gw.data_dir().join("demo-credentials.txt"))
-        .expect("demo credentials");
-    creds
-        .lines()
-        .find_map(|l| l.strip_prefix("admin_token = "))
-        .expect("admin token line")
-        .trim()
-        .to_owned()
-}
-
 /// A TCP connection to `to` from the loopback address `from` (127.0.0.2, ...), so a test can
 /// be "another client" to the per-IP limits.
 pub fn connect_from(from: &str, to: &str) -> std::io::Result<TcpStream> {
