@@ -19,7 +19,7 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 
 use super::{DEMO_PASSWORD, Probe, assert_budget, connect_from};
-use crate::harness::{Gateway, Server, json_lines, python_driver};
+use crate::harness::{Gateway, Server, demo, json_lines, python_driver};
 
 const CLIENT_ID: &str = "demo-web-client";
 const CLIENT_SECRET: &str = "demo-client-secret";
@@ -592,8 +592,7 @@ fn resumable_upload_needs_a_credential_and_cannot_evict_others() {
 /// URL (or the HTTPS listener's name the request used), whatever `Host` says.
 #[test]
 fn location_does_not_copy_host() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (gw, server) = demo();
     let alice = user_token(&server, "alice@example.com");
     let public = format!("http://{}/", gw.http_addr());
     for host in [
@@ -638,8 +637,7 @@ fn assert_page_has_no_code(r: &Resp) {
 /// with the reason and no code, while the same user signs in from another network.
 #[test]
 fn consent_page_locks_out_and_shares_smtp_lockout() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (gw, server) = demo();
     // Consent page alone: 5 wrong passwords lock erin on this network (for 1 s, then 2 s, ...).
     let from = Some("127.0.0.3");
     let (page, cookie, csrf) = consent_get(&server, from, SEND);
@@ -715,8 +713,7 @@ fn consent_page_locks_out_and_shares_smtp_lockout() {
 /// gives no code.
 #[test]
 fn consent_page_refuses_without_csrf_token() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (_gw, server) = demo();
     let (page, cookie, csrf) = consent_get(&server, None, SEND);
     assert_eq!(page.status, 200);
     assert!(cookie.starts_with("mg_consent="), "{cookie}");
@@ -785,8 +782,7 @@ fn consent_page_refuses_without_csrf_token() {
 /// cached. Every answer of the page now forbids framing, loads nothing and is `no-store`.
 #[test]
 fn consent_page_sets_frame_and_csp_headers() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (_gw, server) = demo();
     let (page, cookie, csrf) = consent_get(&server, None, SEND);
     let wrong = consent_post(
         &server,
@@ -837,8 +833,7 @@ fn consent_page_sets_frame_and_csp_headers() {
 /// remedy, and no code is issued.
 #[test]
 fn suspended_user_gets_no_code() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (_gw, server) = demo();
     for (user, code) in [
         ("bob@example.com", "account.suspended"),
         ("mallory@example.com", "account.sending_revoked"),
@@ -858,8 +853,7 @@ fn suspended_user_gets_no_code() {
 /// `invalid_scope` (400, shown on the page, no code); Gmail's and the sign-in scopes work.
 #[test]
 fn unknown_scope_is_invalid_scope() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (_gw, server) = demo();
     let bad = format!("{SEND} https://www.googleapis.com/auth/everything");
     let (page, _, _) = consent_get(&server, None, &bad);
     assert_eq!(page.status, 400, "{}", page.body);
@@ -896,8 +890,7 @@ fn unknown_scope_is_invalid_scope() {
 /// so the lockout (which answers at once) never steps in.
 #[test]
 fn consent_timing_does_not_reveal_users() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (_gw, server) = demo();
     let (_, cookie, csrf) = consent_get(&server, None, SEND);
     let mut known = Vec::new();
     let mut unknown = Vec::new();
@@ -942,8 +935,7 @@ fn consent_timing_does_not_reveal_users() {
 /// `jti` when present), and the record survives a restart.
 #[test]
 fn jwt_assertion_cannot_be_replayed() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (gw, server) = demo();
     let (pem, kid) = sa_key(&gw);
     // Signed 30 s ago (past the same-second grace: see the next test).
     let mut signed_earlier = claims();
@@ -983,8 +975,7 @@ fn jwt_assertion_cannot_be_replayed() {
 /// few seconds of its `iat` the twin is exchanged too, each for a token of its own.
 #[test]
 fn identical_assertions_from_two_workers_in_the_same_second_both_get_a_token() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (gw, server) = demo();
     let (pem, kid) = sa_key(&gw);
     let a = jwt(&pem, &header(&kid), &claims());
     let (one, two) = std::thread::scope(|s| {
@@ -1006,8 +997,7 @@ fn identical_assertions_from_two_workers_in_the_same_second_both_get_a_token() {
 /// Regression: an unknown `crit` header was accepted (RFC 7515 §4.1.11: it must be refused).
 #[test]
 fn jwt_with_unknown_crit_is_refused() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (gw, server) = demo();
     let (pem, kid) = sa_key(&gw);
     let mut h = header(&kid);
     h["crit"] = json!(["https://example.com/must-understand"]);
@@ -1023,8 +1013,7 @@ fn jwt_with_unknown_crit_is_refused() {
 /// 60 s leeway as `exp`).
 #[test]
 fn jwt_nbf_in_future_is_refused() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (gw, server) = demo();
     let (pem, kid) = sa_key(&gw);
     let mut c = claims();
     c["nbf"] = json!(now_s() + 600);
@@ -1043,8 +1032,7 @@ fn jwt_nbf_in_future_is_refused() {
 /// `secret_sha256` still works.
 #[test]
 fn client_secret_stored_as_argon2id() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (gw, server) = demo();
     let exported = gw.ok(&["export"]);
     let clients = exported
         .split("\noauth_clients:")
@@ -1117,8 +1105,7 @@ fn lock_database(db: &std::path::Path, secs: u64) -> std::process::Child {
 /// thread replays a failed batch one write at a time, another busy timeout.)
 #[test]
 fn gmail_store_fault_is_503_with_retry_after() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (gw, server) = demo();
     let alice = user_token_for(
         &server,
         "alice@example.com",
@@ -1177,8 +1164,7 @@ fn partial_upload(server: &Server, token: Option<&str>, declared: usize, sent: u
 /// real upload still works.
 #[test]
 fn bodies_are_read_only_after_the_credential_passed() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (_gw, server) = demo();
     let alice = user_token(&server, "alice@example.com");
     let t = Instant::now();
     let r = partial_upload(&server, None, 30 * 1024 * 1024, 64 * 1024);
@@ -1227,8 +1213,7 @@ fn bodies_are_read_only_after_the_credential_passed() {
 /// kept reading the profile and refreshing the token. Now the later checks run too.
 #[test]
 fn suspension_stops_a_token_without_the_send_scope() {
-    let gw = Gateway::new();
-    let server = gw.serve(&["--demo"]);
+    let (gw, server) = demo();
     let readonly = "https://www.googleapis.com/auth/gmail.readonly";
     let r = sign_in_for(&server, None, "alice@example.com", DEMO_PASSWORD, readonly);
     let t = exchange(&server, &code_of(&r).unwrap(), CLIENT_SECRET);
