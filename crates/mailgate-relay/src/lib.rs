@@ -9,8 +9,9 @@
 //! - AUTH refused by the smarthost: `deferred` with `upstream.auth_failed`, and an error-level
 //!   operator alert in the log.
 //!
-//! Connections are reused across messages (checked with NOOP before reuse) and closed when the
-//! queue runs dry.
+//! Connections are reused across messages (one idle for a while is checked with NOOP first; one
+//! used just now is not, and if the server closed it meanwhile the transaction runs again on a new
+//! connection) and closed after 2 s without work (`IDLE_CLOSE`).
 
 pub mod capture;
 pub mod dsn;
@@ -32,7 +33,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::smtp::{ConnectError, ConnectSettings, Connection};
 
-/// Reason codes of delivery outcomes (causes rows 38-40).
+/// Reason codes of delivery outcomes (rows 38-40 of docs/reasons.md).
 pub mod codes {
     /// The smarthost refused (5xx).
     pub const REFUSED: &str = "upstream.refused";

@@ -18,7 +18,7 @@ use crate::directory::{
 };
 use crate::gcra::{Gcra, GcraOutcome};
 
-/// The checks, in evaluation order (rows 1–37; 38–40 are delivery outcomes).
+/// The checks, in evaluation order (rows 1–37 of docs/reasons.md; 38–40 are delivery outcomes).
 pub(super) const CHECKS: &[Reason] = {
     let (checks, _) = Reason::ALL.split_at(37);
     checks

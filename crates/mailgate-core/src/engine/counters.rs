@@ -1,5 +1,9 @@
-//! Usage counters behind a small trait, so that limits can live in memory (single node, tests) or
-//! in the SQLite store (limits survive restarts) without the engine knowing which.
+//! Usage counters behind a small trait, so the engine does not know where usage is kept. The one
+//! implementation is [`MemoryCounters`] (one process). Limits survive a restart through the store,
+//! not through the counters: each acceptance writes its usage (`usage_log`, `rate_state`) in the
+//! same transaction as the message, and at start the gateway replays the last 24 h into a fresh
+//! `MemoryCounters` (`mailgate_gateway::load_counters`). Counters shared by several nodes would be
+//! a second implementation of [`Counters`].
 //!
 //! The protocol is read, decide, admit:
 //! 1. [`decide`](super::decide) reads a [`Usage`] snapshot for the principal and evaluates every
@@ -78,7 +82,8 @@ pub enum Admission {
     Raced(LimitName),
 }
 
-/// A counters backend failed (the SQLite implementation's I/O errors end up here).
+/// A counters backend failed. [`MemoryCounters`] never fails; the error is there for a backend
+/// that does I/O.
 #[derive(Debug, thiserror::Error)]
 pub enum CountersError {
     /// The backing store could not be read or written.

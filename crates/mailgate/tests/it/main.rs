@@ -22,6 +22,7 @@ mod live;
 mod postfix;
 mod relay;
 mod remedies;
+mod repository;
 mod sendgrid;
 mod serve;
 mod smtp;
