@@ -21,7 +21,6 @@ macro_rules! print {
     };
 }
 
-mod admin;
 mod bundle;
 mod config;
 mod doctor;
@@ -39,7 +38,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
-use mailgate_core::directory::{AbuseState, ApiKey, Directory, ServiceAccountKey, UserStatus};
+use mailgate_core::directory::{AbuseState, Directory, UserStatus};
 use mailgate_store::{SqliteStore, Store};
 
 use crate::config::{Config, LogFormat};
@@ -403,7 +402,7 @@ async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode>
             dry_run,
         } => {
             let src = read_input(&file)?;
-            match admin::apply(store.as_ref(), &src, prune, dry_run, &actor).await {
+            match mailgate_admin::apply(store.as_ref(), &src, prune, dry_run, &actor).await {
                 Ok(report) => {
                     for line in &report.changes {
                         println!("{line}");
@@ -415,7 +414,7 @@ async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode>
                         report.generation
                     );
                 }
-                Err(admin::ApplyError::Problems(problems)) => {
+                Err(mailgate_admin::ApplyError::Problems(problems)) => {
                     let name = if file == Path::new("-") {
                         "(stdin)".to_owned()
                     } else {
@@ -427,7 +426,7 @@ async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode>
                     }
                     return Ok(std::process::ExitCode::from(1));
                 }
-                Err(admin::ApplyError::Other(e)) => return Err(e),
+                Err(mailgate_admin::ApplyError::Other(e)) => return Err(e),
             }
         }
         Cmd::Explain { req, json } => {
@@ -458,7 +457,7 @@ async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode>
         Cmd::Why { text, json } => return why(&text, json),
         Cmd::Doctor(_) => bail!("doctor runs before the configuration is read"),
         Cmd::Export { output } => {
-            let yaml = admin::export(store.as_ref()).await?;
+            let yaml = mailgate_admin::export(store.as_ref()).await?;
             match output {
                 Some(p) => std::fs::write(&p, yaml)
                     .with_context(|| format!("cannot write {}", p.display()))?,
@@ -475,7 +474,8 @@ async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode>
         Cmd::Simulate(a) => return queue_cli::simulate(store.as_ref(), &actor, a).await,
         Cmd::SupportBundle(a) => bundle::run(store.as_ref(), &config, &a).await?,
         Cmd::AdminToken(AdminTokenCmd::Create { name }) => {
-            let token = admin_token_create(store.as_ref(), &name).await?;
+            let token =
+                mailgate_admin::directory::create_admin_token(store.as_ref(), &name).await?;
             println!("{token}");
             eprintln!("admin token `{name}` created; it is shown only now");
         }
@@ -512,24 +512,17 @@ fn read_input(path: &Path) -> anyhow::Result<String> {
     }
 }
 
-fn user_mut<'a>(
-    d: &'a mut Directory,
-    email: &str,
-) -> anyhow::Result<&'a mut mailgate_core::directory::User> {
-    d.user_mut(email)
-        .ok_or_else(|| anyhow!("no user `{email}` in the directory (see `mailgate user list`)"))
-}
-
 async fn user_cmd(store: &dyn Store, actor: &str, cmd: UserCmd) -> anyhow::Result<()> {
+    use mailgate_admin::directory as dir;
     match cmd {
         UserCmd::List => {
-            let snap = store.snapshot().await?;
-            if snap.directory.users.is_empty() {
+            let users = dir::users(store).await?;
+            if users.is_empty() {
                 queue_cli::empty(
                     "no user in the directory (add some with `mailgate apply -f org.yaml`)",
                 );
             }
-            for u in &snap.directory.users {
+            for u in &users {
                 let status = serde_json::to_value(u.status)?;
                 let mut notes = Vec::new();
                 if !u.mail_enabled {
@@ -549,65 +542,34 @@ async fn user_cmd(store: &dyn Store, actor: &str, cmd: UserCmd) -> anyhow::Resul
             }
         }
         UserCmd::Show { email } => {
-            let snap = store.snapshot().await?;
-            let mut u = snap
-                .directory
-                .user(&email)
-                .cloned()
+            let u = dir::user(store, &email)
+                .await?
                 .ok_or_else(|| anyhow!("no user `{email}` in the directory"))?;
-            u.password_hash = u.password_hash.map(|_| "(set)".to_owned());
             let mut d = Directory::default();
             d.users.push(u);
             print!("{}", mailgate_core::orgfile::to_yaml(&d));
         }
         UserCmd::Suspend { email } => {
-            admin::edit(store, actor, |d| {
-                user_mut(d, &email)?.status = UserStatus::Suspended;
-                Ok(())
-            })
-            .await?;
+            dir::set_user_status(store, actor, &email, UserStatus::Suspended).await?;
             println!("{email} suspended");
         }
         UserCmd::Unsuspend { email } | UserCmd::Approve { email } => {
-            admin::edit(store, actor, |d| {
-                user_mut(d, &email)?.status = UserStatus::Active;
-                Ok(())
-            })
-            .await?;
+            dir::set_user_status(store, actor, &email, UserStatus::Active).await?;
             println!("{email} active");
         }
         UserCmd::SetPassword { email } => {
             let mut line = String::new();
             std::io::stdin().read_line(&mut line)?;
             let plain = line.trim_end_matches(['\r', '\n']);
-            if plain.len() < 8 {
-                bail!("a password needs at least 8 characters");
-            }
-            let hash = mailgate_auth::hash_password(plain)?;
-            admin::edit(store, actor, |d| {
-                user_mut(d, &email)?.password_hash = Some(hash.clone());
-                Ok(())
-            })
-            .await?;
+            dir::set_password(store, actor, &email, plain).await?;
             println!("password of {email} set");
         }
         UserCmd::RevokeSending { email, evidence } => {
-            admin::edit(store, actor, |d| {
-                let u = user_mut(d, &email)?;
-                u.abuse.state = AbuseState::Revoked;
-                u.abuse.evidence = Some(evidence.clone());
-                Ok(())
-            })
-            .await?;
+            dir::revoke_sending(store, actor, &email, &evidence).await?;
             println!("sending revoked for {email}");
         }
         UserCmd::RestoreSending { email } => {
-            admin::edit(store, actor, |d| {
-                let u = user_mut(d, &email)?;
-                u.abuse = Default::default();
-                Ok(())
-            })
-            .await?;
+            dir::restore_sending(store, actor, &email).await?;
             println!("sending restored for {email}");
         }
     }
@@ -615,45 +577,32 @@ async fn user_cmd(store: &dyn Store, actor: &str, cmd: UserCmd) -> anyhow::Resul
 }
 
 async fn key_cmd(store: &dyn Store, actor: &str, cmd: KeyCmd) -> anyhow::Result<()> {
+    use mailgate_admin::directory as dir;
     match cmd {
         KeyCmd::Create(c) => {
-            let (id, full) = mailgate_auth::new_api_key()?;
-            let expires = c
-                .expires
-                .as_deref()
-                .map(|s| {
-                    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-                        .with_context(|| format!("--expires `{s}` is not RFC 3339"))
-                })
-                .transpose()?;
-            let key = ApiKey {
-                id: id.clone(),
-                name: c.name,
-                secret: None,
-                secret_sha256: mailgate_auth::sha256_hex(full.as_bytes()),
+            let new = dir::NewApiKey {
                 owner: c.owner,
-                project: c.project,
+                name: c.name,
                 permissions: c.permissions,
                 allowed_ips: c.allow_ips,
                 allowed_referrers: c.allow_referrers,
                 allowed_apis: c.allow_apis,
-                expires,
-                revoked: false,
+                project: c.project,
+                expires: c.expires,
             };
-            admin::edit(store, actor, |d| {
-                d.api_keys.push(key.clone());
-                Ok(())
-            })
-            .await?;
-            println!("{full}");
-            eprintln!("API key {id} created; the secret above is shown only now");
+            let key = dir::create_api_key(store, actor, new).await?;
+            println!("{}", key.secret);
+            eprintln!(
+                "API key {} created; the secret above is shown only now",
+                key.id
+            );
         }
         KeyCmd::List => {
-            let snap = store.snapshot().await?;
-            if snap.directory.api_keys.is_empty() {
+            let keys = dir::api_keys(store).await?;
+            if keys.is_empty() {
                 queue_cli::empty("no API key (create one with `mailgate key create`)");
             }
-            for k in &snap.directory.api_keys {
+            for k in &keys {
                 println!(
                     "{}\t{}\t{}\t[{}]{}",
                     k.id,
@@ -665,14 +614,7 @@ async fn key_cmd(store: &dyn Store, actor: &str, cmd: KeyCmd) -> anyhow::Result<
             }
         }
         KeyCmd::Revoke { id } => {
-            admin::edit(store, actor, |d| {
-                let k = d.api_keys.iter_mut().find(|k| k.id == id).ok_or_else(|| {
-                    anyhow!("no API key with id `{id}` (see `mailgate key list`)")
-                })?;
-                k.revoked = true;
-                Ok(())
-            })
-            .await?;
+            dir::revoke_api_key(store, actor, &id).await?;
             println!("API key {id} revoked");
         }
     }
@@ -686,38 +628,13 @@ async fn sa_key_create(
     email: &str,
     output: &Path,
 ) -> anyhow::Result<()> {
-    let pair = mailgate_auth::generate_service_account_key()?;
-    let (project, client_id) = admin::edit(store, actor, |d| {
-        let sa = d
-            .service_accounts
-            .iter_mut()
-            .find(|s| s.email.eq_ignore_ascii_case(email))
-            .ok_or_else(|| anyhow!("no service account `{email}` in the directory"))?;
-        sa.keys.push(ServiceAccountKey {
-            id: pair.id.clone(),
-            public_key_pem: pair.public_key_pem.clone(),
-        });
-        Ok((sa.project.clone(), sa.client_id.clone()))
-    })
-    .await?;
     let base = &config.public_url;
-    let file = serde_json::json!({
-        "type": "service_account",
-        "project_id": project,
-        "private_key_id": pair.id,
-        "private_key": pair.private_key_pem,
-        "client_email": email,
-        "client_id": client_id,
-        "auth_uri": format!("{base}/o/oauth2/auth"),
-        "token_uri": format!("{base}/token"),
-        "auth_provider_x509_cert_url": format!("{base}/oauth2/v1/certs"),
-        "client_x509_cert_url": format!("{base}/service_accounts/v1/metadata/x509/{email}"),
-        "universe_domain": "googleapis.com",
-    });
-    write_private(output, serde_json::to_string_pretty(&file)?.as_bytes())?;
+    let key =
+        mailgate_admin::directory::create_service_account_key(store, actor, email, base).await?;
+    write_private(output, key.key_file.as_bytes())?;
     println!(
         "key {} of {email} written to {} (token_uri {base}/token)",
-        pair.id,
+        key.id,
         output.display()
     );
     Ok(())
@@ -728,29 +645,21 @@ fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     files::write_private(path, data)
 }
 
-async fn admin_token_create(store: &dyn Store, name: &str) -> anyhow::Result<String> {
-    let token = format!("mga_{}", mailgate_auth::random_token::<32>()?);
-    store
-        .add_admin_token(name, &mailgate_auth::sha256_hex(token.as_bytes()))
-        .await?;
-    Ok(token)
-}
-
 async fn serve(config: Config, store: Arc<SqliteStore>, demo: bool) -> anyhow::Result<()> {
     let mut credentials_file = None;
     if demo {
         if store.generation().await? == 0 {
-            let report = admin::apply(store.as_ref(), DEMO_ORG, false, false, "demo")
+            let report = mailgate_admin::apply(store.as_ref(), DEMO_ORG, false, false, "demo")
                 .await
                 .map_err(|e| match e {
-                    admin::ApplyError::Problems(p) => anyhow!(
+                    mailgate_admin::ApplyError::Problems(p) => anyhow!(
                         "the embedded demo organisation is invalid: {}",
                         p.iter()
                             .map(|p| p.to_string())
                             .collect::<Vec<_>>()
                             .join("; ")
                     ),
-                    admin::ApplyError::Other(e) => e,
+                    mailgate_admin::ApplyError::Other(e) => e,
                 })?;
             tracing::info!(objects = report.changes.len(), "demo organisation applied");
         } else {
@@ -758,7 +667,7 @@ async fn serve(config: Config, store: Arc<SqliteStore>, demo: bool) -> anyhow::R
                 "data directory already holds a directory; demo organisation not re-applied"
             );
         }
-        let token = admin_token_create(store.as_ref(), "demo").await?;
+        let token = mailgate_admin::directory::create_admin_token(store.as_ref(), "demo").await?;
         let path = config.data_dir.join("demo-credentials.txt");
         write_private(&path, demo_credentials(&token).as_bytes())?;
         credentials_file = Some(path);
