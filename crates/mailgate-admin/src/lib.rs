@@ -5,8 +5,13 @@
 //!
 //! - [`directory`]: `apply`, `export`, the imperative edits (users, API keys, service-account
 //!   keys) and admin tokens, all validated and committed in one transaction.
+//! - [`queue`]: the delivery queue (list, show, retry, delete) and captured mail.
+//! - [`faults`]: fault injection (`mailgate simulate`), and loading the faults in force into a
+//!   gateway.
 
 pub mod directory;
+pub mod faults;
+pub mod queue;
 
 pub use directory::{ApplyError, ApplyReport, apply, edit, export};
 

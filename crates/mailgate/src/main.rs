@@ -21,6 +21,7 @@ macro_rules! print {
     };
 }
 
+mod api;
 mod bundle;
 mod config;
 mod doctor;
@@ -431,7 +432,7 @@ async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode>
         }
         Cmd::Explain { req, json } => {
             let gateway = mailgate_gateway::Gateway::open(store.clone()).await?;
-            relay_setup::load_faults(&gateway, store.as_ref()).await?;
+            mailgate_admin::faults::load(&gateway, store.as_ref()).await?;
             match explain::explain(&gateway, &req).await? {
                 Ok(d) => {
                     let hint = req.principal_hint();
@@ -693,7 +694,7 @@ async fn serve(config: Config, store: Arc<SqliteStore>, demo: bool) -> anyhow::R
         tokens,
         token_urls,
     ));
-    let state = std::sync::Arc::new(serve::AppState {
+    let state = std::sync::Arc::new(api::AppState {
         gateway,
         queue,
         data_dir: Some(config.data_dir.clone()),

@@ -15,11 +15,13 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use mailgate_store::{CapturedMessage, QueueFilter};
+use mailgate_admin::AdminError;
+use mailgate_admin::faults;
+use mailgate_admin::queue::{self, CapturedSummary, rfc3339};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::serve::{Admin, ApiPath, ApiQuery, AppState, api_error};
+use crate::api::{Admin, ApiPath, ApiQuery, AppState, api_error, json_rejection_status};
 
 /// Query of the listings.
 #[derive(Debug, Default, Deserialize)]
@@ -34,23 +36,14 @@ fn unavailable(e: impl std::fmt::Display) -> Response {
     api_error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
 }
 
-/// RFC 3339 of Unix milliseconds.
-pub fn rfc3339(ms: i64) -> String {
-    // One format everywhere (CLI, admin API, refusals): RFC 3339 UTC with milliseconds.
-    mailgate_core::engine::rfc3339_ms(ms.max(0) as u64)
-}
-
 /// `GET /mailgate/v1/messages`
 pub async fn list_messages(
     State(state): State<Arc<AppState>>,
     _admin: Admin,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Response {
-    let filter = QueueFilter {
-        state: q.state,
-        limit: q.limit.unwrap_or(100).min(1000),
-    };
-    match state.queue.list_queue(&filter).await {
+    let limit = q.limit.unwrap_or(100).min(1000);
+    match queue::messages(state.queue.as_ref(), q.state, limit).await {
         Ok(list) => Json(json!({"messages": list})).into_response(),
         Err(e) => unavailable(e),
     }
@@ -62,7 +55,7 @@ pub async fn get_message(
     _admin: Admin,
     ApiPath(id): ApiPath<String>,
 ) -> Response {
-    match state.queue.message_status(&id).await {
+    match queue::message(state.queue.as_ref(), &id).await {
         Ok(Some(s)) => {
             let mut v = serde_json::to_value(&s).unwrap_or(Value::Null);
             if let Some(o) = v.as_object_mut() {
@@ -79,35 +72,15 @@ pub async fn get_message(
     }
 }
 
-fn captured_json(c: &CapturedMessage) -> Value {
-    let s = mailgate_relay::capture::summary(&c.raw);
-    json!({
-        "id": c.id,
-        "decision_id": c.decision_id,
-        "accepted_at": rfc3339(c.accepted_at_ms),
-        "captured_at": c.captured_at_ms.map(rfc3339),
-        "envelope_from": c.envelope_from,
-        "recipients": c.recipients,
-        "size": c.size,
-        "from": s.from,
-        "to": s.to,
-        "subject": s.subject,
-    })
-}
-
 /// `GET /mailgate/v1/captured`
 pub async fn list_captured(
     State(state): State<Arc<AppState>>,
     _admin: Admin,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Response {
-    match state
-        .queue
-        .list_captured(q.limit.unwrap_or(100).min(1000))
-        .await
-    {
-        Ok(list) => Json(json!({"messages": list.iter().map(captured_json).collect::<Vec<_>>()}))
-            .into_response(),
+    let limit = q.limit.unwrap_or(100).min(1000);
+    match queue::captured_list(state.queue.as_ref(), limit).await {
+        Ok(list) => Json(json!({ "messages": list })).into_response(),
         Err(e) => unavailable(e),
     }
 }
@@ -119,15 +92,15 @@ pub async fn get_captured(
     ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Response {
-    match state.queue.captured_message(&id).await {
+    match queue::captured(state.queue.as_ref(), &id).await {
         Ok(Some(c)) => {
             if q.format.as_deref() == Some("raw") {
                 return ([(header::CONTENT_TYPE, "message/rfc822")], c.raw).into_response();
             }
-            let mut v = captured_json(&c);
+            let mut v = json!(CapturedSummary::of(&c));
             if let Some(o) = v.as_object_mut() {
                 o.insert("raw".into(), json!(String::from_utf8_lossy(&c.raw)));
-                o.insert("parsed".into(), mailgate_relay::capture::parsed(&c.raw));
+                o.insert("parsed".into(), queue::parsed(&c));
             }
             Json(v).into_response()
         }
@@ -158,34 +131,28 @@ pub async fn post_simulate(
         Ok(b) => b,
         Err(e) => {
             return api_error(
-                crate::serve::json_rejection_status(&e),
+                json_rejection_status(&e),
                 format!("simulate: {}", e.body_text()),
             );
         }
     };
+    let q = state.queue.as_ref();
     let result = if req.clear {
-        state.queue.clear_fault(&req.principal).await.map(|_| None)
+        faults::clear(q, &req.principal).await.map(|_| None)
     } else {
         let Some(code) = req.code.as_deref() else {
             return api_error(StatusCode::BAD_REQUEST, "simulate: `code` is required");
         };
-        let f = match crate::queue_cli::new_fault(
-            &req.principal,
-            code,
-            req.duration.as_deref().unwrap_or("10m"),
-            &format!("admin-token:{who}"),
-        ) {
-            Ok(f) => f,
-            Err(e) => return api_error(StatusCode::BAD_REQUEST, format!("simulate: {e}")),
-        };
-        state.queue.set_fault(&f).await.map(|_| Some(f))
+        let duration = req.duration.as_deref().unwrap_or("10m");
+        let actor = format!("admin-token:{who}");
+        faults::inject(q, &req.principal, code, duration, &actor)
+            .await
+            .map(Some)
     };
     match result {
         Ok(fault) => {
             // In force at once on this node (other nodes poll the store).
-            if let Err(e) =
-                crate::relay_setup::load_faults(&state.gateway, state.queue.as_ref()).await
-            {
+            if let Err(e) = faults::load(&state.gateway, q).await {
                 return unavailable(e);
             }
             Json(json!({
@@ -199,6 +166,7 @@ pub async fn post_simulate(
             }))
             .into_response()
         }
+        Err(AdminError::Invalid(e)) => api_error(StatusCode::BAD_REQUEST, format!("simulate: {e}")),
         Err(e) => unavailable(e),
     }
 }

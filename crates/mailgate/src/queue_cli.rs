@@ -5,9 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use clap::Subcommand;
-use mailgate_store::{QueueFilter, QueueStore, RetryOutcome, SimulatedFault};
-
-use crate::queue_api::rfc3339;
+use mailgate_admin::faults;
+use mailgate_admin::queue::{self, rfc3339};
+use mailgate_store::QueueStore;
 
 /// The delivery queue.
 #[derive(Subcommand)]
@@ -69,12 +69,7 @@ fn opt_time(ms: Option<i64>) -> String {
 pub async fn queue(store: &dyn QueueStore, cmd: QueueCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         QueueCmd::List { state, limit } => {
-            let entries = store
-                .list_queue(&QueueFilter {
-                    state: state.clone(),
-                    limit,
-                })
-                .await?;
+            let entries = queue::messages(store, state.clone(), limit).await?;
             if entries.is_empty() {
                 match &state {
                     Some(s) => empty(&format!("no message in the queue is {s}")),
@@ -95,7 +90,7 @@ pub async fn queue(store: &dyn QueueStore, cmd: QueueCmd) -> anyhow::Result<Exit
             }
         }
         QueueCmd::Show { id, json } => {
-            let Some(s) = store.message_status(&id).await? else {
+            let Some(s) = queue::message(store, &id).await? else {
                 bail!("no message `{id}` (see `mailgate queue list`)");
             };
             if json {
@@ -139,20 +134,12 @@ pub async fn queue(store: &dyn QueueStore, cmd: QueueCmd) -> anyhow::Result<Exit
                 }
             }
         }
-        QueueCmd::Retry { id } => match store
-            .retry_message(&id, mailgate_gateway::now_ms() as i64)
-            .await?
-        {
-            RetryOutcome::Requeued => println!("{id} queued for an attempt now"),
-            RetryOutcome::NotFound => bail!("no message `{id}`"),
-            RetryOutcome::Final(state) => {
-                bail!("message `{id}` is {state}: nothing to retry")
-            }
-        },
+        QueueCmd::Retry { id } => {
+            queue::retry(store, &id).await?;
+            println!("{id} queued for an attempt now");
+        }
         QueueCmd::Delete { id } => {
-            if !store.delete_message(&id).await? {
-                bail!("no message `{id}`");
-            }
+            queue::delete(store, &id).await?;
             println!("{id} deleted");
         }
     }
@@ -163,36 +150,35 @@ pub async fn queue(store: &dyn QueueStore, cmd: QueueCmd) -> anyhow::Result<Exit
 pub async fn captured(store: &dyn QueueStore, cmd: CapturedCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         CapturedCmd::List { limit } => {
-            let list = store.list_captured(limit).await?;
+            let list = queue::captured_list(store, limit).await?;
             if list.is_empty() {
                 empty("no captured message");
             }
             for c in list {
-                let s = mailgate_relay::capture::summary(&c.raw);
-                let to = if s.to.is_empty() {
+                let to = if c.to.is_empty() {
                     c.recipients.join(",")
                 } else {
-                    s.to.join(",")
+                    c.to.join(",")
                 };
                 println!(
                     "{}\t{}\tfrom={}\tto={}\tsubject={}",
                     c.id,
-                    rfc3339(c.captured_at_ms.unwrap_or(c.accepted_at_ms)),
-                    s.from.unwrap_or_else(|| c.envelope_from.clone()),
+                    c.captured_at.unwrap_or(c.accepted_at),
+                    c.from.unwrap_or(c.envelope_from),
                     to,
-                    s.subject.unwrap_or_default()
+                    c.subject.unwrap_or_default()
                 );
             }
         }
         CapturedCmd::Show { id, raw, json } => {
-            let Some(c) = store.captured_message(&id).await? else {
+            let Some(c) = queue::captured(store, &id).await? else {
                 bail!("no captured message `{id}` (see `mailgate captured list`)");
             };
             if raw {
                 crate::stdout::write_bytes(&c.raw);
                 return Ok(ExitCode::SUCCESS);
             }
-            let parsed = mailgate_relay::capture::parsed(&c.raw);
+            let parsed = queue::parsed(&c);
             if json {
                 println!("{}", serde_json::to_string_pretty(&parsed)?);
                 return Ok(ExitCode::SUCCESS);
@@ -269,52 +255,6 @@ pub struct SimulateArgs {
     pub list: bool,
 }
 
-/// Parses `30s`, `10m`, `2h`, `1d` (or plain seconds) to milliseconds.
-pub fn parse_duration_ms(s: &str) -> anyhow::Result<i64> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: i64 = num
-        .parse()
-        .map_err(|_| anyhow::anyhow!("`{s}` is not a duration (30s, 10m, 2h, 1d)"))?;
-    let mult = match unit {
-        "" | "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => bail!("`{s}` is not a duration (30s, 10m, 2h, 1d)"),
-    };
-    n.checked_mul(mult)
-        .filter(|ms| *ms > 0)
-        .ok_or_else(|| anyhow::anyhow!("`{s}` is not a positive duration"))
-}
-
-/// Checks that `code` is a refusal reason a send can fail with (not an `upstream.*` outcome).
-pub fn check_fault_code(code: &str) -> anyhow::Result<()> {
-    match mailgate_core::catalogue::Reason::from_code(code) {
-        Some(_) if !code.starts_with("upstream.") => Ok(()),
-        Some(_) => bail!("`{code}` is a delivery outcome, not a refusal: simulate a send refusal"),
-        None => bail!("unknown reason code `{code}` (see docs/reasons.md)"),
-    }
-}
-
-/// The fault a simulate request sets.
-pub fn new_fault(
-    principal: &str,
-    code: &str,
-    duration: &str,
-    actor: &str,
-) -> anyhow::Result<SimulatedFault> {
-    check_fault_code(code)?;
-    let now = mailgate_gateway::now_ms() as i64;
-    Ok(SimulatedFault {
-        principal: principal.to_ascii_lowercase(),
-        code: code.to_owned(),
-        until_ms: now.saturating_add(parse_duration_ms(duration)?),
-        created_at_ms: now,
-        actor: actor.to_owned(),
-    })
-}
-
 /// Runs `mailgate simulate`.
 pub async fn simulate(
     store: &dyn QueueStore,
@@ -322,13 +262,11 @@ pub async fn simulate(
     a: SimulateArgs,
 ) -> anyhow::Result<ExitCode> {
     if a.list {
-        let faults = store
-            .active_faults(mailgate_gateway::now_ms() as i64)
-            .await?;
-        if faults.is_empty() {
+        let active = faults::active(store).await?;
+        if active.is_empty() {
             empty("no injected fault in force");
         }
-        for f in faults {
+        for f in active {
             println!(
                 "{}\t{}\tuntil={}\tby={}",
                 f.principal,
@@ -345,7 +283,7 @@ pub async fn simulate(
         );
     };
     if a.clear {
-        if store.clear_fault(&principal).await? {
+        if faults::clear(store, &principal).await? {
             println!("injected fault of {principal} cleared");
         } else {
             println!("{principal} had no injected fault");
@@ -355,8 +293,7 @@ pub async fn simulate(
     let Some(code) = a.code else {
         bail!("name a reason code: mailgate simulate {principal} limit.daily_messages --for 10m");
     };
-    let f = new_fault(&principal, &code, &a.duration, actor)?;
-    store.set_fault(&f).await?;
+    let f = faults::inject(store, &principal, &code, &a.duration, actor).await?;
     println!(
         "sends of {} now fail with {} until {} (injected; marked as such in every trace)",
         f.principal,
@@ -370,14 +307,6 @@ pub async fn simulate(
 mod tests {
     use super::*;
 
-    /// One timestamp format everywhere: RFC 3339 UTC with milliseconds, always three digits.
-    #[test]
-    fn timestamps_have_one_precision() {
-        assert_eq!(rfc3339(1_800_000_000_000), "2027-01-15T08:00:00.000Z");
-        assert_eq!(rfc3339(1_800_000_000_500), "2027-01-15T08:00:00.500Z");
-        assert_eq!(rfc3339(1_800_000_000_123), "2027-01-15T08:00:00.123Z");
-    }
-
     #[test]
     fn folded_headers_keep_their_continuation_lines() {
         assert_eq!(
@@ -385,18 +314,5 @@ mod tests {
             "  Subject: one\n   two\n  \tthree\n"
         );
         assert_eq!(header_lines("To", "b@example.org"), "  To: b@example.org\n");
-    }
-
-    #[test]
-    fn durations_and_codes() -> anyhow::Result<()> {
-        assert_eq!(parse_duration_ms("10m")?, 600_000);
-        assert_eq!(parse_duration_ms("30")?, 30_000);
-        assert_eq!(parse_duration_ms("1d")?, 86_400_000);
-        assert!(parse_duration_ms("10x").is_err());
-        assert!(parse_duration_ms("0s").is_err());
-        check_fault_code("limit.daily_messages")?;
-        assert!(check_fault_code("upstream.refused").is_err());
-        assert!(check_fault_code("nope").is_err());
-        Ok(())
     }
 }

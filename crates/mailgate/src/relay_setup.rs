@@ -6,8 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use mailgate_core::catalogue::Reason;
-use mailgate_core::engine::InjectedFault;
 use mailgate_gateway::Gateway;
 use mailgate_relay::{Relay, RelayConfig};
 use mailgate_store::QueueStore;
@@ -157,26 +155,6 @@ fn watch_delivery_mode(gateway: Arc<Gateway>) {
     });
 }
 
-/// Loads the injected faults in force into the gateway.
-pub async fn load_faults(gateway: &Gateway, queue: &dyn QueueStore) -> anyhow::Result<usize> {
-    let now = mailgate_gateway::now_ms();
-    let faults: Vec<InjectedFault> = queue
-        .active_faults(now as i64)
-        .await?
-        .into_iter()
-        .filter_map(|f| {
-            Some(InjectedFault {
-                code: Reason::from_code(&f.code)?,
-                principal: f.principal,
-                until_ms: f.until_ms.max(0) as u64,
-            })
-        })
-        .collect();
-    let n = faults.len();
-    gateway.set_injected_faults(faults);
-    Ok(n)
-}
-
 /// Polls the store for faults injected by `mailgate simulate` (CLI or another node).
 fn watch_faults(gateway: Arc<Gateway>, queue: Arc<dyn QueueStore>) {
     tokio::spawn(async move {
@@ -185,7 +163,7 @@ fn watch_faults(gateway: Arc<Gateway>, queue: Arc<dyn QueueStore>) {
         let mut last = 0;
         loop {
             tick.tick().await;
-            match load_faults(&gateway, queue.as_ref()).await {
+            match mailgate_admin::faults::load(&gateway, queue.as_ref()).await {
                 Ok(n) if n != last => {
                     tracing::warn!(active = n, "injected faults (mailgate simulate) in force");
                     last = n;
