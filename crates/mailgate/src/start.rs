@@ -1,0 +1,107 @@
+//! `mailgate serve`: opens the gateway on the store, applies the demo organisation in demo mode,
+//! finds the TLS material, starts the delivery workers and the doors, and prints the banner.
+
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow};
+use mailgate_store::{SqliteStore, Store};
+
+use crate::config::Config;
+use crate::{api, banner, demo, files, relay_setup, serve};
+
+/// Runs the gateway until SIGINT/SIGTERM.
+pub(crate) async fn serve(
+    config: Config,
+    store: Arc<SqliteStore>,
+    demo: bool,
+) -> anyhow::Result<()> {
+    let mut credentials_file = None;
+    if demo {
+        if store.generation().await? == 0 {
+            let report =
+                mailgate_admin::apply(store.as_ref(), demo::DEMO_ORG, false, false, "demo")
+                    .await
+                    .map_err(|e| match e {
+                        mailgate_admin::ApplyError::Problems(p) => anyhow!(
+                            "the embedded demo organisation is invalid: {}",
+                            p.iter()
+                                .map(|p| p.to_string())
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        ),
+                        mailgate_admin::ApplyError::Other(e) => e,
+                    })?;
+            tracing::info!(objects = report.changes.len(), "demo organisation applied");
+        } else {
+            tracing::info!(
+                "data directory already holds a directory; demo organisation not re-applied"
+            );
+        }
+        let token = mailgate_admin::directory::create_admin_token(store.as_ref(), "demo").await?;
+        let path = config.data_dir.join("demo-credentials.txt");
+        files::write_private(&path, demo::demo_credentials(&token).as_bytes())?;
+        credentials_file = Some(path);
+    }
+    let tls = tls_material(&config, demo)?;
+    let tokens: Arc<dyn mailgate_store::TokenStore> = store.clone();
+    let smtp_tokens = tokens.clone();
+    let queue: Arc<dyn mailgate_store::QueueStore> = store.clone();
+    let limits = files::fit_open_files(&config.limits);
+    let gateway = mailgate_gateway::Gateway::open_with_limits(store, limits).await?;
+    gateway.lockout().set_policy(config.lockout);
+    let _relay = relay_setup::spawn(&config.relay, demo, &gateway, queue.clone())?;
+    let mut token_urls = vec![format!("{}/token", config.public_url)];
+    if tls.is_some() {
+        token_urls.push(format!("https://{}/token", config.https_listen));
+        token_urls.push(format!(
+            "https://localhost:{}/token",
+            config.https_listen.port()
+        ));
+    }
+    let gmail = Arc::new(mailgate_gmail::GmailState::new(
+        gateway.clone(),
+        tokens,
+        token_urls,
+    ));
+    let state = std::sync::Arc::new(api::AppState {
+        gateway,
+        queue,
+        data_dir: Some(config.data_dir.clone()),
+    });
+    let cfg = config.clone();
+    let smtp = Arc::new(mailgate_smtp::SmtpContext {
+        gateway: state.gateway.clone(),
+        tokens: smtp_tokens,
+        hostname: "mailgate".to_owned(),
+        limits: config.smtp_limits,
+        auth_without_tls: false,
+    });
+    serve::run(&config, state, gmail, tls, smtp, move |bound| {
+        banner::print_banner(&cfg, &bound, demo, credentials_file.as_deref());
+    })
+    .await
+}
+
+/// The HTTPS certificate and key: the configured files, or in demo mode a self-signed pair kept
+/// under the data directory (generated once).
+fn tls_material(config: &Config, demo: bool) -> anyhow::Result<Option<(Vec<u8>, Vec<u8>)>> {
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        let c = std::fs::read(cert)
+            .with_context(|| format!("cannot read https.cert {}", cert.display()))?;
+        let k = std::fs::read(key)
+            .with_context(|| format!("cannot read https.key {}", key.display()))?;
+        return Ok(Some((c, k)));
+    }
+    if !demo {
+        return Ok(None);
+    }
+    let dir = config.data_dir.join("tls");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    if !cert.exists() || !key.exists() {
+        std::fs::create_dir_all(&dir)?;
+        let (c, k) = mailgate_tls::self_signed(&["localhost", "127.0.0.1"])?;
+        std::fs::write(&cert, c)?;
+        files::write_private(&key, k.as_bytes())?;
+    }
+    Ok(Some((std::fs::read(&cert)?, std::fs::read(&key)?)))
+}
