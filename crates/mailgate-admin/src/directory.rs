@@ -11,12 +11,10 @@ use mailgate_core::directory::{
 };
 use mailgate_core::orgfile::{OrgFile, Problem};
 use mailgate_core::validate::validate;
+use mailgate_gateway::CONFLICT_RETRIES;
 use mailgate_store::{Changeset, Store, StoreError};
 
 use crate::AdminError;
-
-/// How often a change computed against a stale directory is recomputed before giving up.
-const CONFLICT_RETRIES: usize = 5;
 
 /// Why `apply` refused a file.
 #[derive(Debug)]

@@ -6,8 +6,9 @@ use mailgate_core::directory::Directory;
 use mailgate_core::validate::{Issue, validate};
 use mailgate_store::{Changeset, Store, StoreError};
 
-/// How often a change computed against a stale directory is recomputed before giving up.
-const CONFLICT_RETRIES: usize = 5;
+/// How often a change computed against a stale directory is recomputed before giving up: the one
+/// bound for every directory writer (`edit_directory` here, `mailgate apply` in mailgate-admin).
+pub const CONFLICT_RETRIES: usize = 5;
 
 /// Why an edit did not happen.
 #[derive(Debug, thiserror::Error)]

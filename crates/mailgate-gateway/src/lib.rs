@@ -25,7 +25,7 @@ pub mod nodes;
 mod trace;
 pub use conn::ConnFacts;
 pub use credentials::{ApiKeyMatch, Grant};
-pub use edit::{EditError, edit_directory};
+pub use edit::{CONFLICT_RETRIES, EditError, edit_directory};
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
