@@ -6,10 +6,12 @@
 //! - [`directory`]: `apply`, `export`, the imperative edits (users, API keys, service-account
 //!   keys) and admin tokens, all validated and committed in one transaction.
 //! - [`queue`]: the delivery queue (list, show, retry, delete) and captured mail.
+//! - [`explain`]: explain requests, a dry run of the engine that evaluates every check.
 //! - [`faults`]: fault injection (`mailgate simulate`), and loading the faults in force into a
 //!   gateway.
 
 pub mod directory;
+pub mod explain;
 pub mod faults;
 pub mod queue;
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{bundle, doctor, explain, queue_cli};
+use crate::{bundle, doctor, queue_cli};
 
 /// The command line.
 #[derive(Parser)]
@@ -53,7 +53,7 @@ pub(crate) enum Cmd {
     /// Exit status: 0 allowed (or accepted and held), 3 denied, 1 error.
     Explain {
         #[command(flatten)]
-        req: Box<explain::ExplainRequest>,
+        req: Box<mailgate_admin::explain::ExplainRequest>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,

@@ -131,7 +131,7 @@ async fn get_user(
 async fn post_explain(
     State(state): State<Arc<AppState>>,
     _admin: Admin,
-    body: Result<Json<crate::explain::ExplainRequest>, JsonRejection>,
+    body: Result<Json<mailgate_admin::explain::ExplainRequest>, JsonRejection>,
 ) -> Response {
     let Json(req) = match body {
         Ok(b) => b,
@@ -142,11 +142,14 @@ async fn post_explain(
             );
         }
     };
-    match crate::explain::explain(&state.gateway, &req).await {
+    match mailgate_admin::explain::explain(&state.gateway, &req).await {
         Ok(Ok(d)) => {
             let mut v = mailgate_gateway::decision_json(&d.decision, &d.id);
             if let (Some(_), Some(o)) = (req.principal_hint(), v.as_object_mut()) {
-                o.insert("hint".into(), crate::explain::NO_PRINCIPAL_JSON.into());
+                o.insert(
+                    "hint".into(),
+                    mailgate_admin::explain::NO_PRINCIPAL_JSON.into(),
+                );
             }
             Json(v).into_response()
         }
