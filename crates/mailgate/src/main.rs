@@ -21,6 +21,7 @@ macro_rules! print {
     };
 }
 
+mod admin_api;
 mod api;
 mod banner;
 mod bundle;
