@@ -13,7 +13,7 @@ use axum::body::Body;
 use axum::http::{Request, Response};
 use mailgate_core::orgfile::OrgFile;
 use mailgate_gateway::Gateway;
-use mailgate_gmail::ConnFacts;
+use mailgate_gateway::ConnFacts;
 use mailgate_store::{Changeset, SqliteStore, Store, TokenRecord, TokenStore};
 use tower::ServiceExt as _;
 
