@@ -7,9 +7,11 @@
 //!   keys) and admin tokens, all validated and committed in one transaction.
 //! - [`queue`]: the delivery queue (list, show, retry, delete) and captured mail.
 //! - [`explain`]: explain requests, a dry run of the engine that evaluates every check.
+//! - [`decisions`]: a stored decision as the admin API and the support bundle show it.
 //! - [`faults`]: fault injection (`mailgate simulate`), and loading the faults in force into a
 //!   gateway.
 
+pub mod decisions;
 pub mod directory;
 pub mod explain;
 pub mod faults;

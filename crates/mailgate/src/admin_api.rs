@@ -202,17 +202,7 @@ async fn get_decision(
                 tracing::error!(decision_id = %d.id, error = %e, "stored decision trace does not parse");
                 serde_json::Value::Null
             });
-            Json(json!({
-                "decision_id": d.id,
-                "at_ms": d.at_ms,
-                "door": d.door,
-                "principal": d.principal,
-                "verdict": d.verdict,
-                "code": d.code,
-                "attempt": body.get("attempt"),
-                "decision": body.get("decision"),
-            }))
-            .into_response()
+            Json(mailgate_admin::decisions::document(&d, &body)).into_response()
         }
         Ok(None) => api_error(StatusCode::NOT_FOUND, format!("no decision `{id}`")),
         Err(e) => {

@@ -93,21 +93,6 @@ fn decision_time_ms(id: &str) -> Option<u64> {
     u64::try_from(v >> 80).ok()
 }
 
-/// The JSON of a stored decision, as `GET /mailgate/v1/decisions/{id}` answers it (`body`: the
-/// parsed trace, `Null` when it does not parse).
-pub(crate) fn decision_document(d: &StoredDecision, body: &Value) -> Value {
-    json!({
-        "decision_id": d.id,
-        "at_ms": d.at_ms,
-        "door": d.door,
-        "principal": d.principal,
-        "verdict": d.verdict,
-        "code": d.code,
-        "attempt": body.get("attempt"),
-        "decision": body.get("decision"),
-    })
-}
-
 /// One file of the bundle.
 struct File {
     name: &'static str,
@@ -150,7 +135,7 @@ pub(crate) async fn run(
                     Some(format!("the stored trace does not parse: {e}")),
                 ),
             };
-            let doc = decision_document(&d, &body);
+            let doc = mailgate_admin::decisions::document(&d, &body);
             summary = decision_summary(&d, &doc, parse_note.as_deref());
             files.push(File {
                 name: "decision.json",
