@@ -169,15 +169,7 @@ pub async fn run(opts: &Options, output: Output) -> Result<Report, DoctorError> 
     {
         run.secret(k);
     }
-    let mut p = Probe {
-        run,
-        http: client(opts.ca_file.as_ref(), opts.timeout)?,
-        endpoint,
-        mailgate: false,
-        quota: Vec::new(),
-    };
-    p.server().await;
-    p.clock().await;
+    let mut p = Probe::start(run, client(opts.ca_file.as_ref(), opts.timeout)?, endpoint).await;
     let key = p.key_file(&raw, &opts.key_file.display().to_string());
     let from = opts.from.clone().unwrap_or_else(|| opts.subject.clone());
 
@@ -340,15 +332,7 @@ pub async fn run_oauth(opts: &OauthOptions, output: Output) -> Result<Report, Do
     );
     run.secret(&opts.client_secret);
     run.secret(&opts.refresh_token);
-    let mut p = Probe {
-        run,
-        http: client(opts.ca_file.as_ref(), opts.timeout)?,
-        endpoint,
-        mailgate: false,
-        quota: Vec::new(),
-    };
-    p.server().await;
-    p.clock().await;
+    let mut p = Probe::start(run, client(opts.ca_file.as_ref(), opts.timeout)?, endpoint).await;
 
     // The refresh token.
     p.run.begin("refresh token → access token");
@@ -544,6 +528,20 @@ fn now_s() -> i64 {
 }
 
 impl Probe {
+    /// A probe of `endpoint`, with the first two steps run: is it a Mailgate, and the clock.
+    async fn start(run: Run, http: Client, endpoint: String) -> Self {
+        let mut p = Probe {
+            run,
+            http,
+            endpoint,
+            mailgate: false,
+            quota: Vec::new(),
+        };
+        p.server().await;
+        p.clock().await;
+        p
+    }
+
     fn end(self) -> Report {
         self.run.end()
     }
