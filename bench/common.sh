@@ -13,7 +13,7 @@ SINK_PORT=${SINK_PORT:-2525}
 HTTP_PORT=${HTTP_PORT:-7180}
 SMTP_RELAY_PORT=${SMTP_RELAY_PORT:-7625}
 CLIENTS=${CLIENTS:-"1 16 64"}
-MG=target/release/mailgate
+MG=${MG:-target/release/mailgate}
 LOADGEN=target/release/mailgate-loadgen
 log() { printf '==> %s\n' "$*" >&2; }
 
@@ -79,8 +79,8 @@ postfix_drained_after() {
 # Mailgate on the demo organisation with limits out of the way and the sink as smarthost; sets
 # MG_PID, ADMIN (admin token) and TOKEN (a Gmail-scope user access token for alice@example.com).
 mailgate_start() {
-  log "starting Mailgate (SQLite, durable acceptance, relaying to the same sink)"
-  local data=$WORK/mailgate
+  log "starting $MG (SQLite, durable acceptance, relaying to the same sink)"
+  local data=${MG_DATA:-$WORK/mailgate}
   cat >"$WORK/mailgate.toml" <<TOML
 data_dir = "$data"
 [http]
@@ -129,6 +129,15 @@ YAML
   TOKEN=$(curl -s "http://127.0.0.1:$HTTP_PORT/token" -d grant_type=authorization_code --data-urlencode "code=$code" \
     -d redirect_uri=http://127.0.0.1:8765/callback -d client_id=demo-web-client -d client_secret=demo-client-secret |
     python3 -c "import json,sys; print(json.load(sys.stdin)['access_token'])")
+}
+
+# Stops the Mailgate that mailgate_start started (a script measuring two builds starts the next
+# one with another MG and MG_DATA).
+mailgate_stop() {
+  [ -n "${MG_PID:-}" ] || return 0
+  kill "$MG_PID" 2>/dev/null || true
+  wait "$MG_PID" 2>/dev/null || true
+  MG_PID=
 }
 
 # Waits (at most 120 s) until no message is queued or deferred in Mailgate; prints nanoseconds
