@@ -1215,6 +1215,12 @@ impl Reason {
         self.spec().stage
     }
 
+    /// The name of the check that produces it, as answers show it (`"check": "account"`): the
+    /// stage's name. Doors render this; they never inspect the stage.
+    pub fn check_name(self) -> &'static str {
+        self.spec().stage.as_str()
+    }
+
     /// The reason for a code.
     pub fn from_code(code: &str) -> Option<Reason> {
         Reason::ALL.into_iter().find(|r| r.code() == code)

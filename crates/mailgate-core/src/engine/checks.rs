@@ -7,9 +7,9 @@ use std::borrow::Cow;
 use super::counters::{Charge, Counters, Usage, exceeds};
 use super::index::{DirectoryIndex, Ownership};
 use super::{
-    Body, CheckResult, Credential, CredentialState, Decision, Denial, Door, Fault, FaultKind,
-    Finding, LimitState, Mailbox, Mode, Originator, OriginatorProblem, Outcome, Rewrite,
-    SEND_SCOPES, SMTP_SCOPE, SendAttempt, TlsVersion, Verdict, rfc3339_ms,
+    Action, Body, CheckResult, Credential, CredentialState, Decision, Denial, Door, Fault,
+    FaultKind, Finding, LimitState, Mailbox, Mode, Originator, OriginatorProblem, Outcome, Rewrite,
+    SendAttempt, TlsVersion, Verdict, rfc3339_ms,
 };
 use crate::catalogue::{Reason, RenderArgs};
 use crate::directory::{
@@ -43,6 +43,28 @@ fn pass(detail: &'static str) -> R {
         fault: None,
         limit: None,
     }
+}
+
+fn pass_owned(detail: String) -> R {
+    R {
+        outcome: Outcome::Pass,
+        detail: Cow::Owned(detail),
+        remedy: None,
+        fault: None,
+        limit: None,
+    }
+}
+
+/// What a check that does not apply to the attempt's action says.
+fn not_for(action: Action) -> R {
+    na(match action {
+        Action::Send => "applies to sends",
+        Action::Authenticate => "answered by the send that follows, not when authenticating",
+        Action::ReadSettings | Action::UpdateSettings | Action::ManageSendAs => {
+            "a settings method sends nothing"
+        }
+        Action::Manage { .. } => "a management call sends nothing",
+    })
 }
 
 fn na(detail: &'static str) -> R {
@@ -131,6 +153,11 @@ struct Ctx<'a> {
     explain: bool,
     /// IP-trusted relay (no AUTH).
     relay: bool,
+    /// The envelope sender as the checks see it: the attempt's, except for a null
+    /// reverse-path (`MAIL FROM:<>`, what bounces use) on the IP-trusted relay, which names no
+    /// sender: once the message is known, the header's first From (else Sender) address stands
+    /// for it ([`null_sender`]).
+    envelope: Option<&'a str>,
     /// The header's originator fields when they are well-formed (`None` too while unknown).
     header: Option<&'a Originator>,
     /// What is wrong with them, when something is.
@@ -166,6 +193,7 @@ impl<'a> Ctx<'a> {
             now,
             explain: mode == Mode::Explain,
             relay: matches!(a.credential, Credential::RelayIp),
+            envelope: null_sender(a),
             header: a.header.as_ref().filter(|_| header_problem.is_none()),
             header_problem,
             auth_failure: None,
@@ -358,7 +386,7 @@ impl<'a> Ctx<'a> {
                             "authenticate with SMTP AUTH, or set smtp_relay.require_auth: false {APPLY}"
                         ),
                     });
-                } else if let Some(env) = a.envelope_from.as_deref() {
+                } else if let Some(env) = c.envelope {
                     c.user = ix.user_by_address(env);
                 }
             }
@@ -388,7 +416,7 @@ impl<'a> Ctx<'a> {
             } else if let Some(sa) = c.sa {
                 c.counter_key = Some(Cow::Owned(format!("sa:{}", sa.email.to_ascii_lowercase())));
             } else if matches!(a.credential, Credential::RelayIp) {
-                c.counter_key = match (&a.envelope_from, a.transport.client_ip) {
+                c.counter_key = match (c.envelope, a.transport.client_ip) {
                     (Some(env), _) if !env.is_empty() => {
                         Some(Cow::Owned(format!("relay:{}", env.to_ascii_lowercase())))
                     }
@@ -664,8 +692,26 @@ impl<'a> Ctx<'a> {
                 }
             }
             Reason::ScopeInsufficient => match self.scopes {
+                Some(scopes) if self.authenticated && !a.action.is_send() => {
+                    let wanted = a.action.scopes(a.door);
+                    if scopes.iter().any(|s| wanted.contains(&s.as_str())) {
+                        pass("token has a scope this method takes")
+                    } else {
+                        fail(
+                            format!(
+                                "token scopes [{}] include none of the scopes this method takes",
+                                scopes.join(" ")
+                            ),
+                            Fault::new(FaultKind::Credential, self.caller.to_string()),
+                            format!(
+                                "this method needs one of: {}; request it when obtaining the token",
+                                wanted.join(", ")
+                            ),
+                        )
+                    }
+                }
                 Some(scopes) if self.authenticated => {
-                    if has_send_scope(scopes, a.door) {
+                    if has_scope_for(scopes, a) {
                         pass("token has a send scope")
                     } else {
                         // SMTP needs https://mail.google.com/, which a service account's
@@ -691,14 +737,28 @@ impl<'a> Ctx<'a> {
                 if !self.authenticated {
                     return na("not authenticated");
                 }
-                if let Some(k) = self.key
-                    && !k.permissions.iter().any(|p| p == "mail.send")
+                let needed = a.action.permission();
+                if let (Some(k), Some(p)) = (self.key, needed)
+                    && !k.permissions.iter().any(|x| x == p)
                 {
                     return fail(
-                        format!("API key `{}` lacks the mail.send permission", k.id),
+                        format!("API key `{}` lacks the {p} permission", k.id),
                         Fault::new(FaultKind::ApiKey, k.id.clone()),
-                        format!("add mail.send to api_keys[{}].permissions {APPLY}", k.id),
+                        if a.action.is_send() {
+                            format!("add {p} to api_keys[{}].permissions {APPLY}", k.id)
+                        } else {
+                            format!(
+                                "add {p} to api_keys[{}].permissions {APPLY}, or use a key that has it",
+                                k.id
+                            )
+                        },
                     );
+                }
+                if let Action::Manage { .. } = a.action {
+                    return match (self.key, needed) {
+                        (Some(_), Some(p)) => pass_owned(format!("the key holds {p}")),
+                        _ => pass("no permission needed"),
+                    };
                 }
                 match self.user {
                     Some(u) => match &ix.facts(u).send_permission {
@@ -757,7 +817,7 @@ impl<'a> Ctx<'a> {
                         return na("no delegation grant");
                     };
                     let wanted: Vec<&String> =
-                        scopes.iter().filter(|s| is_send_scope(s, a.door)).collect();
+                        scopes.iter().filter(|s| scope_for(s, a)).collect();
                     let Some(first) = wanted.first() else {
                         return na("token has no send scope");
                     };
@@ -1089,9 +1149,7 @@ impl<'a> Ctx<'a> {
     /// fields are malformed contributes nothing here: `message.invalid` refuses it.
     fn sender_addrs(&self) -> impl Iterator<Item = (Role, &'a str)> + 'a {
         let env = self
-            .a
-            .envelope_from
-            .as_deref()
+            .envelope
             .filter(|s| !s.is_empty())
             .map(|e| (Role::Envelope, e));
         let header = self.header;
@@ -1225,7 +1283,7 @@ impl<'a> Ctx<'a> {
                 ),
             );
         }
-        if self.a.envelope_from.as_deref().is_none_or(|s| s.is_empty()) {
+        if self.envelope.is_none_or(|s| s.is_empty()) {
             return pending("envelope sender not known yet");
         }
         pass("envelope sender and header addresses allowed by smtp_relay.allowed_senders")
@@ -1445,16 +1503,39 @@ fn limit_key(n: LimitName) -> &'static str {
     }
 }
 
-pub(crate) fn is_send_scope(s: &str, door: Door) -> bool {
-    if door.is_smtp() {
-        s == SMTP_SCOPE
-    } else {
-        SEND_SCOPES.contains(&s)
-    }
+/// `s` is one of the scopes the attempt's action takes at its door ([`Action::scopes`]).
+fn scope_for(s: &str, a: &SendAttempt) -> bool {
+    a.action.scopes(a.door).contains(&s)
 }
 
-fn has_send_scope(scopes: &[String], door: Door) -> bool {
-    scopes.iter().any(|s| is_send_scope(s, door))
+fn has_scope_for(scopes: &[String], a: &SendAttempt) -> bool {
+    scopes.iter().any(|s| scope_for(s, a))
+}
+
+/// The null-sender rule for bounces. A null reverse-path (`MAIL FROM:<>`) names no sender, so
+/// the header must: on the IP-trusted relay, whose rule (`smtp_relay.allowed_senders`) is about
+/// the envelope sender, the header's first From (else Sender) address stands for the envelope
+/// sender once the message is known (and is the user and the counter the relay sends as). A
+/// message that names no sender anywhere has no From field, which `message.invalid` refuses
+/// (RFC 5322 §3.6 requires one): without this rule the decision could never complete. An
+/// authenticated principal needs no stand-in: the null envelope sender is skipped and every
+/// header address is checked (`sender_addrs`).
+fn null_sender(a: &SendAttempt) -> Option<&str> {
+    let env = a.envelope_from.as_deref();
+    if env != Some("")
+        || !matches!(a.body, Body::Valid)
+        || !matches!(a.credential, Credential::RelayIp)
+    {
+        return env;
+    }
+    a.header
+        .as_ref()
+        .and_then(|h| {
+            h.from_addresses()
+                .chain(h.sender_addresses())
+                .find(|s| !s.is_empty())
+        })
+        .or(env)
 }
 
 /// The domain part of an address (after the last `@`); a byte scan, as this runs several times
@@ -1610,12 +1691,16 @@ pub(super) fn run(
         ($($r:ident)*) => {
             'checks: {
                 $(
-                    if Reason::$r == Reason::LimitRate
-                        && let Some(k) = &ctx.counter_key
-                    {
-                        ctx.usage = Some(counters.usage(k, now));
-                    }
-                    let res = ctx.check(Reason::$r, &mut rewrites);
+                    let res = if !a.action.applies(Reason::$r) {
+                        not_for(a.action)
+                    } else {
+                        if Reason::$r == Reason::LimitRate
+                            && let Some(k) = &ctx.counter_key
+                        {
+                            ctx.usage = Some(counters.usage(k, now));
+                        }
+                        ctx.check(Reason::$r, &mut rewrites)
+                    };
                     if st.record(&ctx, Reason::$r, res) {
                         break 'checks;
                     }
@@ -1650,7 +1735,7 @@ pub(super) fn run(
         Verdict::Allowed
     };
     let charge = match (&ctx.counter_key, verdict) {
-        (Some(k), Verdict::Allowed | Verdict::Held) => {
+        (Some(k), Verdict::Allowed | Verdict::Held) if a.action.is_send() => {
             let l = ctx.limits;
             let action = |n: LimitName| l.on_exceed.get(&n).copied().unwrap_or_default();
             Some(Charge {
@@ -1683,6 +1768,7 @@ pub(super) fn run(
             })
     );
     Decision {
+        action: a.action,
         verdict,
         mode,
         complete: complete || verdict == Verdict::Denied,

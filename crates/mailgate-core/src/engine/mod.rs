@@ -52,6 +52,128 @@ pub const SEND_SCOPES: [&str; 5] = [
 /// The only scope XOAUTH2 on SMTP accepts (docs/smtp.md).
 pub const SMTP_SCOPE: &str = "https://mail.google.com/";
 
+/// Scopes that may read the profile and the send-as settings (Google's discovery document:
+/// `users.getProfile`, `users.settings.sendAs.list` and `get`; docs/gmail.md).
+pub const READ_SCOPES: &[&str] = &[
+    "https://mail.google.com/",
+    "https://www.googleapis.com/auth/gmail.modify",
+    "https://www.googleapis.com/auth/gmail.compose",
+    "https://www.googleapis.com/auth/gmail.readonly",
+    "https://www.googleapis.com/auth/gmail.metadata",
+    "https://www.googleapis.com/auth/gmail.settings.basic",
+];
+
+/// Scopes that may update a send-as address (discovery: `sendAs.update`, `patch`).
+pub const BASIC_SCOPES: &[&str] = &[
+    "https://mail.google.com/",
+    "https://www.googleapis.com/auth/gmail.settings.basic",
+    "https://www.googleapis.com/auth/gmail.settings.sharing",
+];
+
+/// Scopes that may create, delete or verify a send-as address (discovery: `sendAs.create`,
+/// `delete`, `verify`).
+pub const SHARING_SCOPES: &[&str] = &[
+    "https://mail.google.com/",
+    "https://www.googleapis.com/auth/gmail.settings.sharing",
+];
+
+/// What the caller is trying to do. Every call a door serves is one [`SendAttempt`] with its
+/// action, and the engine decides which checks apply to it: a door never picks refusals out of a
+/// decision by their stage.
+///
+/// | action | checks that apply | OAuth scopes ([`Action::scopes`]) | permission ([`Action::permission`]) |
+/// |---|---|---|---|
+/// | `Send` | every check | the send scopes of the door | `mail.send` |
+/// | `Authenticate` | transport, authentication, credential, project, grant, delegation (rows 1–20) | the send scopes of the door | `mail.send` |
+/// | `ReadSettings`, `UpdateSettings`, `ManageSendAs` | rows 1–24 (through the account's state) and `policy.denied` | the method's ([`READ_SCOPES`], [`BASIC_SCOPES`], [`SHARING_SCOPES`]) | `mail.send` |
+/// | `Manage { permission }` | transport, authentication, credential (rows 1–12) and `permission.missing` | none (API keys) | `permission` (none: any valid key) |
+///
+/// For every action but `Send`, the checks that need a message fact (sender, recipients, limits,
+/// the message) do not apply: they are `not_applicable`, never `pending`, so the decision is
+/// complete; nothing is charged ([`Decision::charge`] is `None`) and [`commit`] and the
+/// gateway's `accept` refuse it: a non-send action never produces a send acceptance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Send a message (every door's send).
+    #[default]
+    Send,
+    /// Show a credential before any send (SMTP `AUTH`): only who is calling is decided; the
+    /// account's state and everything about a message are answered by the send that follows.
+    Authenticate,
+    /// Read the mailbox's profile or send-as settings (Gmail `getProfile`, `sendAs.list`/`get`).
+    ReadSettings,
+    /// Update a send-as address's display name or reply-to (Gmail `sendAs.update`/`patch`).
+    UpdateSettings,
+    /// Create, delete or verify a send-as address (Gmail `sendAs.create`/`delete`/`verify`).
+    ManageSendAs,
+    /// A management call of an API-key door (SendGrid `/v3/api_keys`, IP access management,
+    /// verified senders) that needs `permission` among the key's permissions (`None`: any key
+    /// that passed the credential checks).
+    Manage {
+        /// The key permission (SendGrid scope) the call needs, e.g. `api_keys.read`.
+        permission: Option<&'static str>,
+    },
+}
+
+impl Action {
+    fn is_send_ref(&self) -> bool {
+        self.is_send()
+    }
+
+    /// Whether this is a send.
+    pub fn is_send(self) -> bool {
+        self == Action::Send
+    }
+
+    /// The OAuth scopes of which a token needs one for this action at `door` (empty: no
+    /// OAuth token can do it).
+    pub fn scopes(self, door: Door) -> &'static [&'static str] {
+        match self {
+            Action::Send | Action::Authenticate if door.is_smtp() => &[SMTP_SCOPE],
+            Action::Send | Action::Authenticate => &SEND_SCOPES,
+            Action::ReadSettings => READ_SCOPES,
+            Action::UpdateSettings => BASIC_SCOPES,
+            Action::ManageSendAs => SHARING_SCOPES,
+            Action::Manage { .. } => &[],
+        }
+    }
+
+    /// The permission this action needs: of the API key for every action, and of the user
+    /// (from `organisation.default_permissions` or a role) for all but `Manage`.
+    pub fn permission(self) -> Option<&'static str> {
+        match self {
+            Action::Manage { permission } => permission,
+            _ => Some(crate::directory::permissions::MAIL_SEND),
+        }
+    }
+
+    /// Whether check `r` applies to this action (the table above). A check that does not
+    /// apply is recorded as `not_applicable`.
+    pub fn applies(self, r: Reason) -> bool {
+        match self {
+            Action::Send => true,
+            Action::Authenticate => r <= Reason::ImpersonationDenied,
+            Action::ReadSettings | Action::UpdateSettings | Action::ManageSendAs => {
+                r <= Reason::AccountSendingRevoked || r == Reason::PolicyDenied
+            }
+            Action::Manage { .. } => r <= Reason::ClientDisabled || r == Reason::PermissionMissing,
+        }
+    }
+
+    /// How the trace names it (`send`, `read_settings`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Send => "send",
+            Action::Authenticate => "authenticate",
+            Action::ReadSettings => "read_settings",
+            Action::UpdateSettings => "update_settings",
+            Action::ManageSendAs => "manage_send_as",
+            Action::Manage { .. } => "manage",
+        }
+    }
+}
+
 /// The API name of the SMTP doors in `api_keys[].allowed_apis`.
 pub const SMTP_API: &str = "smtp";
 
@@ -237,6 +359,10 @@ pub enum Body {
 pub struct SendAttempt {
     /// The door.
     pub door: Door,
+    /// What the caller is trying to do (a send unless the door says otherwise). Kept in the
+    /// trace only when it is not a send, so send traces are as they were.
+    #[serde(skip_serializing_if = "Action::is_send_ref")]
+    pub action: Action,
     /// Connection facts.
     pub transport: Transport,
     /// The resolved credential.
@@ -262,6 +388,7 @@ impl SendAttempt {
     pub fn new(door: Door, credential: Credential) -> SendAttempt {
         SendAttempt {
             door,
+            action: Action::Send,
             transport: Transport {
                 tls: Some(TlsVersion::Tls13),
                 listener_requires_tls: true,
@@ -276,6 +403,12 @@ impl SendAttempt {
             size: None,
             body: Body::Unknown,
         }
+    }
+
+    /// The same attempt for `action` (every other fact unchanged).
+    pub fn for_action(mut self, action: Action) -> Self {
+        self.action = action;
+        self
     }
 
     /// Sets envelope sender and header From to the same address (API doors): one From field
@@ -734,6 +867,10 @@ pub struct Denial {
 }
 
 impl Denial {
+    /// The name of the failed check as answers show it (`"check": "grant"`).
+    pub fn check(&self) -> &'static str {
+        self.code.check_name()
+    }
     /// The Gmail-door answer (`None` for reasons that never answer there, e.g. TLS version).
     pub fn gmail(&self) -> Option<GmailReply> {
         self.code.gmail_reply(&self.args)
@@ -783,6 +920,8 @@ pub struct Rewrite {
 /// The engine's answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Decision {
+    /// What was decided: a send, or another action ([`Action`]).
+    pub action: Action,
     /// Allowed, held or denied.
     pub verdict: Verdict,
     /// The mode it was evaluated in.
@@ -805,14 +944,31 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// True when the send may be accepted (allowed or held).
+    /// True when the call may go on: a send may be accepted (allowed or held); another action
+    /// may be served (it is never a send acceptance: see [`Action`]).
     pub fn accepted(&self) -> bool {
         self.verdict != Verdict::Denied
     }
 
-    /// The enforcement answer: the first failure.
+    /// The enforcement answer: the first failure. For a non-send action this is the one refusal
+    /// the door renders (its checks are only those that apply to it).
     pub fn denial(&self) -> Option<&Denial> {
         self.denials.first()
+    }
+
+    /// The refusal that no fact still to come can change: the first denial, when no check
+    /// before it (in catalogue order) is pending. A door asks this before it reads a message
+    /// (an HTTP body): an earlier check still waiting for the message (the sender's, say) could
+    /// fail once the message is known and would then be the answer, so a later failure
+    /// (a limit) is answered only with the message. An injected fault counts at its reason's
+    /// place.
+    pub fn settled_denial(&self) -> Option<&Denial> {
+        let d = self.denials.first()?;
+        let earlier_pending = self
+            .checks
+            .iter()
+            .any(|c| c.outcome == Outcome::Pending && c.check < d.code);
+        (!earlier_pending).then_some(d)
     }
 
     /// The first failing check of the trace.
@@ -857,13 +1013,13 @@ pub enum CommitOutcome {
     NotAccepted,
 }
 
-/// Records an accepted decision in the counters, atomically re-checking the `reject` limits.
+/// Records an accepted send decision in the counters (a non-send action is never counted), atomically re-checking the `reject` limits.
 pub fn commit(
     decision: &Decision,
     counters: &dyn Counters,
     now_ms: u64,
 ) -> Result<CommitOutcome, CountersError> {
-    if !decision.accepted() || !decision.complete {
+    if !decision.accepted() || !decision.complete || !decision.action.is_send() {
         return Ok(CommitOutcome::NotAccepted);
     }
     let Some(charge) = &decision.charge else {

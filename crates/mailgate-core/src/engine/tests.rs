@@ -1871,6 +1871,7 @@ pub(super) fn random_attempt(r: &mut Rng) -> SendAttempt {
     };
     SendAttempt {
         door,
+        action: Action::Send,
         transport: Transport {
             tls: *r.pick(&[
                 None,
