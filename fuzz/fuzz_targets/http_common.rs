@@ -12,8 +12,8 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, Response};
 use mailgate_core::orgfile::OrgFile;
-use mailgate_gateway::Gateway;
 use mailgate_gateway::ConnFacts;
+use mailgate_gateway::Gateway;
 use mailgate_store::{Changeset, SqliteStore, Store, TokenRecord, TokenStore};
 use tower::ServiceExt as _;
 
@@ -83,7 +83,7 @@ impl World {
         store
             .insert_token(&TokenRecord {
                 token_sha256: mailgate_auth::sha256_hex(GMAIL_TOKEN.as_bytes()),
-                kind: "access".into(),
+                kind: mailgate_store::TokenKind::Access,
                 grant: serde_json::json!({"type": "user", "user": "alice@example.com", "client_id": "web"}),
                 scopes: vec!["https://mail.google.com/".into()],
                 family: "fuzz".into(),
@@ -198,7 +198,11 @@ pub fn call(
     req: Request<Body>,
 ) -> (Response<()>, Vec<u8>) {
     rt.block_on(async {
-        let resp = router.clone().oneshot(req).await.expect("infallible router");
+        let resp = router
+            .clone()
+            .oneshot(req)
+            .await
+            .expect("infallible router");
         let (parts, body) = resp.into_parts();
         let bytes = axum::body::to_bytes(body, RESPONSE_LIMIT)
             .await

@@ -138,7 +138,7 @@ impl World {
         store
             .insert_token(&TokenRecord {
                 token_sha256: mailgate_auth::sha256_hex(TOKEN.as_bytes()),
-                kind: "access".into(),
+                kind: mailgate_store::TokenKind::Access,
                 grant: serde_json::json!({"type": "user", "user": "alice@example.com", "client_id": "web"}),
                 scopes: vec!["https://mail.google.com/".into()],
                 family: "fuzz".into(),

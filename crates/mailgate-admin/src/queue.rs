@@ -3,7 +3,7 @@
 //! safe while it runs.
 
 use mailgate_store::{
-    CapturedMessage, MessageStatus, QueueEntry, QueueFilter, QueueStore, RetryOutcome,
+    CapturedMessage, MessageState, MessageStatus, QueueEntry, QueueFilter, QueueStore, RetryOutcome,
 };
 use serde::Serialize;
 
@@ -15,12 +15,18 @@ pub fn rfc3339(ms: i64) -> String {
     mailgate_core::engine::rfc3339_ms(ms.max(0) as u64)
 }
 
-/// Messages in the queue, newest first: only those in `state` if given, at most `limit`.
+/// Messages in the queue, newest first: only those in `state` if given, at most `limit`. A
+/// state that is not a message state (`bogus`) matches no message.
 pub async fn messages(
     queue: &dyn QueueStore,
     state: Option<String>,
     limit: u32,
 ) -> Result<Vec<QueueEntry>, AdminError> {
+    let state = match state.as_deref().map(|s| MessageState::parse(s).ok_or(s)) {
+        None => None,
+        Some(Ok(state)) => Some(state),
+        Some(Err(_)) => return Ok(Vec::new()),
+    };
     Ok(queue.list_queue(&QueueFilter { state, limit }).await?)
 }
 

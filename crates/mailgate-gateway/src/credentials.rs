@@ -7,7 +7,7 @@
 //! engine's to decide, so every door answers the same thing with the same code.
 
 use mailgate_core::engine::{Credential, CredentialState};
-use mailgate_store::{StoreError, TokenStore};
+use mailgate_store::{StoreError, TokenKind, TokenStore};
 use serde::{Deserialize, Serialize};
 
 use crate::{Gateway, now_ms};
@@ -124,7 +124,7 @@ impl Gateway {
             .token(&mailgate_auth::sha256_hex(token.as_bytes()))
             .await?
         {
-            Some(r) if r.kind == "access" => r,
+            Some(r) if r.kind == TokenKind::Access => r,
             _ => return Ok(refused(CredentialState::Invalid)),
         };
         if rec.revoked {
@@ -335,14 +335,14 @@ api_keys:
 
     fn token(
         secret: &str,
-        kind: &str,
+        kind: TokenKind,
         grant: serde_json::Value,
         expires_in_ms: i64,
     ) -> TokenRecord {
         let now = now_ms() as i64;
         TokenRecord {
             token_sha256: mailgate_auth::sha256_hex(secret.as_bytes()),
-            kind: kind.into(),
+            kind,
             grant,
             scopes: vec!["https://www.googleapis.com/auth/gmail.send".into()],
             family: format!("family-{secret}"),
@@ -387,18 +387,23 @@ api_keys:
         let sa = json!({"type": "service_account", "email": "sa@app.iam.example.com", "subject": "a@example.com"});
         let hour = 3_600_000;
         for t in [
-            token("ya29.user", "access", user.clone(), hour),
-            token("ya29.sa", "access", sa, hour),
-            token("ya29.expired", "access", user.clone(), -1),
-            token("1//refresh", "refresh", user.clone(), hour),
+            token("ya29.user", TokenKind::Access, user.clone(), hour),
+            token("ya29.sa", TokenKind::Access, sa, hour),
+            token("ya29.expired", TokenKind::Access, user.clone(), -1),
+            token("1//refresh", TokenKind::Refresh, user.clone(), hour),
             token(
                 "ya29.code-grant",
-                "access",
+                TokenKind::Access,
                 json!({"type": "code", "user": "a@example.com", "client_id": "web", "redirect_uri": "x", "code_challenge": null}),
                 hour,
             ),
-            token("ya29.garbage", "access", json!({"type": "nobody"}), hour),
-            token("ya29.revoked", "access", user, hour),
+            token(
+                "ya29.garbage",
+                TokenKind::Access,
+                json!({"type": "nobody"}),
+                hour,
+            ),
+            token("ya29.revoked", TokenKind::Access, user, hour),
         ] {
             store.insert_token(&t).await.unwrap();
         }

@@ -35,7 +35,10 @@ use mailgate_core::engine::{
     CommitOutcome, Counters, Decision, DirectoryIndex, InjectedFault, MemoryCounters, Mode,
     Outcome, SendAttempt, Verdict, apply_injected, commit, decide,
 };
-use mailgate_store::{NewMessage, Store, StoreError, StoredDecision, TraceJson, UsageEntry};
+use mailgate_store::{
+    MessageState, NewMessage, Store, StoreError, StoredDecision, StoredVerdict, TraceJson,
+    UsageEntry,
+};
 use serde_json::{Value, json};
 
 /// A fault (never a refusal: refusals are [`Decision`]s).
@@ -494,7 +497,11 @@ impl Gateway {
             )
         });
         let message_id = new_message_id(now);
-        let state = if held { "held" } else { "queued" };
+        let state = if held {
+            MessageState::Held
+        } else {
+            MessageState::Queued
+        };
         let stored = self
             .store
             .accept_message(
@@ -507,7 +514,7 @@ impl Gateway {
                     envelope_from: message.envelope_from,
                     recipients: message.recipients,
                     raw: message.raw,
-                    state: state.to_owned(),
+                    state,
                     hold_until_ms: hold_until.filter(|_| held),
                 },
                 usage,
@@ -523,6 +530,7 @@ impl Gateway {
         }
         self.write_ok();
         self.accepted.notify_one();
+        let state = state.as_str();
         tracing::info!(decision_id = %decided.id, message_id = %message_id, door, state, "message accepted");
         Ok(Accepted::Stored { message_id, state })
     }
@@ -587,9 +595,9 @@ fn record(
     now_ms: u64,
 ) -> StoredDecision {
     let verdict = match decision.verdict {
-        Verdict::Allowed => "allowed",
-        Verdict::Held => "held",
-        Verdict::Denied => "denied",
+        Verdict::Allowed => StoredVerdict::Allowed,
+        Verdict::Held => StoredVerdict::Held,
+        Verdict::Denied => StoredVerdict::Denied,
     };
     let pending = decision
         .checks
@@ -605,14 +613,14 @@ fn record(
         at_ms: now_ms as i64,
         door: door.to_owned(),
         principal: decision.principal.clone().unwrap_or_default(),
-        verdict: if verdict == "denied" {
-            verdict.to_owned()
+        verdict: if verdict == StoredVerdict::Denied {
+            verdict
         } else if not_checked {
-            "not_checked".to_owned()
+            StoredVerdict::NotChecked
         } else if pending {
-            "pending".to_owned()
+            StoredVerdict::Pending
         } else {
-            verdict.to_owned()
+            verdict
         },
         code: decision.denial().map(|d| d.code.code().to_owned()),
         body: serde_json::to_vec(&trace::StoredView {

@@ -20,7 +20,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use mailgate_core::catalogue::Reason;
 use mailgate_core::engine::{Credential, CredentialState, Door, SendAttempt};
-use mailgate_store::TokenRecord;
+use mailgate_store::{TokenKind, TokenRecord};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -268,7 +268,7 @@ async fn jwt_bearer(st: &GmailState, form: &TokenForm) -> Result<Response, Respo
     };
     let access = issue(
         st,
-        "access",
+        TokenKind::Access,
         &grant,
         &scopes,
         None,
@@ -526,7 +526,7 @@ fn explained_token_error(
 
 async fn issue(
     st: &GmailState,
-    kind: &str,
+    kind: TokenKind,
     grant: &Grant,
     scopes: &[String],
     family: Option<&str>,
@@ -542,7 +542,7 @@ async fn issue(
     st.tokens
         .insert_token(&TokenRecord {
             token_sha256: mailgate_auth::sha256_hex(token.as_bytes()),
-            kind: kind.to_owned(),
+            kind,
             grant: serde_json::to_value(grant).unwrap_or_default(),
             scopes: scopes.to_vec(),
             family,
@@ -672,7 +672,7 @@ async fn authorization_code(
     else {
         return Err(bad());
     };
-    if rec.kind != "code" || client_id != client.client_id {
+    if rec.kind != TokenKind::Code || client_id != client.client_id {
         return Err(bad());
     }
     if rec.expires_at_ms < mailgate_gateway::now_ms() as i64 || rec.revoked {
@@ -716,7 +716,7 @@ async fn authorization_code(
     };
     let access = issue(
         st,
-        "access",
+        TokenKind::Access,
         &grant,
         &rec.scopes,
         Some(&rec.family),
@@ -726,7 +726,7 @@ async fn authorization_code(
     .await?;
     let refresh = issue(
         st,
-        "refresh",
+        TokenKind::Refresh,
         &grant,
         &rec.scopes,
         Some(&rec.family),
@@ -773,7 +773,7 @@ async fn refresh(
     let Grant::User { client_id, .. } = &grant else {
         return Err(gone());
     };
-    if rec.kind != "refresh" || *client_id != client.client_id {
+    if rec.kind != TokenKind::Refresh || *client_id != client.client_id {
         return Err(token_error(401, "unauthorized_client", "Unauthorized"));
     }
     if rec.revoked || rec.expires_at_ms < mailgate_gateway::now_ms() as i64 {
@@ -815,7 +815,7 @@ async fn refresh(
     }
     let access = issue(
         st,
-        "access",
+        TokenKind::Access,
         &grant,
         &rec.scopes,
         Some(&rec.family),
@@ -825,7 +825,7 @@ async fn refresh(
     .await?;
     let new_refresh = issue(
         st,
-        "refresh",
+        TokenKind::Refresh,
         &grant,
         &rec.scopes,
         Some(&rec.family),
@@ -882,7 +882,7 @@ pub(crate) async fn tokeninfo(
         .token(&mailgate_auth::sha256_hex(token.as_bytes()))
         .await
     {
-        Ok(Some(r)) if r.kind == "access" && !r.revoked && r.expires_at_ms > now => r,
+        Ok(Some(r)) if r.kind == TokenKind::Access && !r.revoked && r.expires_at_ms > now => r,
         Ok(_) => return invalid(),
         Err(e) => return store_fault(&e),
     };
@@ -1499,7 +1499,17 @@ pub(crate) async fn auth_submit(
         redirect_uri: redirect.clone(),
         code_challenge: p.code_challenge.clone(),
     };
-    let code = match issue(&st, "code", &grant, &scopes, None, CODE_TTL_MS, "4/mg_").await {
+    let code = match issue(
+        &st,
+        TokenKind::Code,
+        &grant,
+        &scopes,
+        None,
+        CODE_TTL_MS,
+        "4/mg_",
+    )
+    .await
+    {
         Ok(c) => c,
         Err(_) => return unavailable_page(),
     };

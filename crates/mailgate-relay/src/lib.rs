@@ -555,7 +555,7 @@ impl Relay {
                     envelope_from: String::new(),
                     recipients: vec![m.envelope_from.clone()],
                     raw,
-                    state: "queued".into(),
+                    state: mailgate_store::MessageState::Queued,
                     hold_until_ms: None,
                 }),
                 Err(e) => {

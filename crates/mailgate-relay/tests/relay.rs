@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use mailgate_core::directory::{Smarthost, SmarthostTls};
 use mailgate_relay::testing::{Sink, SinkConfig};
 use mailgate_relay::{Relay, RelayConfig};
-use mailgate_store::{NewMessage, QueueStore, RecipientState, SqliteStore, Store};
+use mailgate_store::{MessageState, NewMessage, QueueStore, RecipientState, SqliteStore, Store};
 
 fn message(id: &str, rcpts: &[&str]) -> NewMessage {
     NewMessage {
@@ -24,7 +24,7 @@ fn message(id: &str, rcpts: &[&str]) -> NewMessage {
         recipients: rcpts.iter().map(|s| (*s).to_owned()).collect(),
         raw: b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: hello\r\n\r\nHi.\r\n.leading dot\r\n"
             .to_vec(),
-        state: "queued".into(),
+        state: MessageState::Queued,
         hold_until_ms: None,
     }
 }
@@ -141,7 +141,7 @@ async fn a_refused_recipient_fails_alone(without_pipelining: bool) -> Sink {
     assert_eq!(got[0].from, "alice@example.com");
     assert!(String::from_utf8_lossy(&got[0].data).contains("\r\n.leading dot\r\n"));
     let st = store.message_status("m1").await.unwrap().unwrap();
-    assert_eq!(st.entry.state, "failed");
+    assert_eq!(st.entry.state, MessageState::Failed);
     let nobody = st
         .recipient_status
         .iter()
@@ -230,7 +230,7 @@ async fn every_recipient_refused_in_a_pipelined_envelope() {
             Some("450 4.2.1 <y@example.org>: try later".into())
         )
     );
-    assert_eq!(st.entry.state, "deferred");
+    assert_eq!(st.entry.state, MessageState::Deferred);
     assert!(
         sink.received().iter().all(|m| m.from.is_empty()),
         "no message was delivered (a DSN at most)"
@@ -264,10 +264,10 @@ async fn a_smarthost_down_for_a_while_defers_then_delivers() {
     })
     .await;
     let st = store.message_status("m1").await.unwrap().unwrap();
-    assert_eq!(st.entry.state, "deferred");
+    assert_eq!(st.entry.state, MessageState::Deferred);
     assert!(st.entry.next_attempt_ms.is_some());
     for h in &st.history {
-        assert_eq!(h.outcome, "deferred");
+        assert_eq!(h.outcome, RecipientState::Deferred);
         assert_eq!(h.code.as_deref(), Some("upstream.deferred"));
         assert!(h.reply.as_deref().unwrap().contains("unreachable"), "{h:?}");
         assert!(h.next_attempt_ms.is_some());
@@ -278,8 +278,11 @@ async fn a_smarthost_down_for_a_while_defers_then_delivers() {
         .unwrap();
     drive(&mut r, async || sink.received().len() == 1).await;
     let st = store.message_status("m1").await.unwrap().unwrap();
-    assert_eq!(st.entry.state, "delivered");
-    assert_eq!(st.history.last().unwrap().outcome, "delivered");
+    assert_eq!(st.entry.state, MessageState::Delivered);
+    assert_eq!(
+        st.history.last().unwrap().outcome,
+        RecipientState::Delivered
+    );
 }
 
 #[tokio::test]
@@ -313,7 +316,7 @@ async fn starttls_with_a_private_ca_and_auth() {
     let mut untrusted = relay(&store, vec![good.clone()], config());
     untrusted.run_once().await.unwrap();
     let st = store.message_status("m1").await.unwrap().unwrap();
-    assert_eq!(st.entry.state, "deferred");
+    assert_eq!(st.entry.state, MessageState::Deferred);
     let reply = st.history[0].reply.clone().unwrap();
     assert!(reply.contains("STARTTLS"), "{reply}");
     assert!(sink.received().is_empty());
@@ -352,7 +355,7 @@ async fn starttls_with_a_private_ca_and_auth() {
             .unwrap()
             .entry
             .state,
-        "delivered"
+        MessageState::Delivered
     );
 }
 
@@ -410,7 +413,7 @@ async fn a_connection_closed_between_messages_is_replaced_without_deferring() {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(status.entry.state, "delivered");
+        assert_eq!(status.entry.state, MessageState::Delivered);
         assert_eq!(status.history.len(), 1, "m{i}: {:?}", status.history);
     }
     assert_eq!(sink.received().len(), 3, "nothing delivered twice");

@@ -339,7 +339,7 @@ async fn xoauth2_and_oauthbearer_with_access_tokens() {
     let now = mailgate_gateway::now_ms() as i64;
     let token = |scope: &str| TokenRecord {
         token_sha256: mailgate_auth::sha256_hex(format!("tok-{scope}").as_bytes()),
-        kind: "access".into(),
+        kind: mailgate_store::TokenKind::Access,
         grant: serde_json::json!({"type": "user", "user": "alice@example.com", "client_id": "web"}),
         scopes: vec![scope.into()],
         family: "f".into(),
@@ -765,7 +765,7 @@ async fn xoauth2_scope_refusal_names_the_scope_and_the_delegation() {
     t.store
         .insert_token(&TokenRecord {
             token_sha256: mailgate_auth::sha256_hex(b"tok-send-only"),
-            kind: "access".into(),
+            kind: mailgate_store::TokenKind::Access,
             grant: serde_json::json!({"type": "user", "user": "alice@example.com", "client_id": "web"}),
             scopes: vec!["https://www.googleapis.com/auth/gmail.send".into()],
             family: "f".into(),

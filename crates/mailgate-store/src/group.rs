@@ -29,6 +29,7 @@ use rusqlite::{Connection, OpenFlags, params};
 use sqlx::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::sqlite::OrStore;
 use crate::{NewMessage, StoreError, StoredDecision, UsageEntry};
 
 /// Most group writes committed in one transaction.
@@ -108,8 +109,9 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(Duration::from_secs(10))?;
+    )
+    .or_store()?;
+    conn.busy_timeout(Duration::from_secs(10)).or_store()?;
     // WAL is a property of the file (set when it was created); the rest is per connection.
     // Checkpoints run on a reader connection, off the commit path (see `checkpoint`); this
     // connection's own (which blocks commits) is a backstop for a log that the background
@@ -117,7 +119,8 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;
          PRAGMA wal_autocheckpoint = 4000;",
-    )?;
+    )
+    .or_store()?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
@@ -158,7 +161,7 @@ impl Writer {
                     let _ = std::fs::remove_file(f);
                 }
             })
-            .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+            .map_err(crate::sqlite::thread_gone)?;
         Ok(Writer { jobs, counts })
     }
 
@@ -213,7 +216,7 @@ impl Writer {
 }
 
 fn stopped() -> StoreError {
-    StoreError::Database(sqlx::Error::WorkerCrashed)
+    crate::sqlite::thread_gone("the database write thread has stopped")
 }
 
 /// Copies committed log frames into the database file a few times a second while writes go on.
@@ -374,7 +377,9 @@ fn commit_batch(conn: &mut Connection, ops: &[&Op]) -> Result<usize, StoreError>
     if writes == 0 {
         return Ok(0); // everything before a flush was committed by earlier batches
     }
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .or_store()?;
     for op in ops {
         match op {
             Op::Decision(d) => insert_decision(&tx, d)?,
@@ -387,7 +392,7 @@ fn commit_batch(conn: &mut Connection, ops: &[&Op]) -> Result<usize, StoreError>
             Op::Flush => {}
         }
     }
-    tx.commit()?;
+    tx.commit().or_store()?;
     Ok(writes)
 }
 
@@ -395,28 +400,31 @@ fn insert_decision(conn: &Connection, d: &StoredDecision) -> Result<(), StoreErr
     conn.prepare_cached(
         "INSERT INTO decisions (id, at_ms, door, principal, verdict, code, body)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?
+    )
+    .or_store()?
     .execute(params![
         d.id,
         d.at_ms,
         d.door,
         d.principal,
-        d.verdict,
+        d.verdict.as_str(),
         d.code,
         crate::packed::pack(&d.body)
-    ])?;
+    ])
+    .or_store()?;
     Ok(())
 }
 
 /// Inserts a message with its body (acceptances, and DSNs the delivery worker makes).
 pub(crate) fn insert_message(conn: &Connection, m: &NewMessage) -> Result<(), StoreError> {
-    let recipients = serde_json::to_string(&m.recipients)
-        .map_err(|e| StoreError::Database(sqlx::Error::Encode(Box::new(e))))?;
+    let recipients =
+        serde_json::to_string(&m.recipients).map_err(|e| StoreError::Other(e.to_string()))?;
     conn.prepare_cached(
         "INSERT INTO messages (id, decision_id, accepted_at_ms, door, principal, envelope_from,
                                recipients, size, state, hold_until_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-    )?
+    )
+    .or_store()?
     .execute(params![
         m.id,
         m.decision_id,
@@ -426,11 +434,14 @@ pub(crate) fn insert_message(conn: &Connection, m: &NewMessage) -> Result<(), St
         m.envelope_from,
         recipients,
         m.raw.len() as i64,
-        m.state,
+        m.state.as_str(),
         m.hold_until_ms
-    ])?;
-    conn.prepare_cached("INSERT INTO message_bodies (message_id, raw) VALUES (?1, ?2)")?
-        .execute(params![m.id, m.raw])?;
+    ])
+    .or_store()?;
+    conn.prepare_cached("INSERT INTO message_bodies (message_id, raw) VALUES (?1, ?2)")
+        .or_store()?
+        .execute(params![m.id, m.raw])
+        .or_store()?;
     Ok(())
 }
 
@@ -441,16 +452,18 @@ pub(crate) fn insert_usage(
     entry: UsageEntry,
     rate_tat_ms: Option<i64>,
 ) -> Result<(), StoreError> {
-    conn.prepare_cached(
-        "INSERT INTO usage_log (principal, at_ms, recipients) VALUES (?1, ?2, ?3)",
-    )?
-    .execute(params![principal, entry.at_ms, entry.recipients])?;
+    conn.prepare_cached("INSERT INTO usage_log (principal, at_ms, recipients) VALUES (?1, ?2, ?3)")
+        .or_store()?
+        .execute(params![principal, entry.at_ms, entry.recipients])
+        .or_store()?;
     if let Some(tat) = rate_tat_ms {
         conn.prepare_cached(
             "INSERT INTO rate_state (principal, tat_ms) VALUES (?1, ?2)
              ON CONFLICT (principal) DO UPDATE SET tat_ms = MAX(tat_ms, excluded.tat_ms)",
-        )?
-        .execute(params![principal, tat])?;
+        )
+        .or_store()?
+        .execute(params![principal, tat])
+        .or_store()?;
     }
     Ok(())
 }
@@ -470,7 +483,7 @@ mod tests {
             envelope_from: "a@example.com".into(),
             recipients: vec!["b@example.org".into()],
             raw: vec![b'x'; 10 * 1024],
-            state: "queued".into(),
+            state: crate::MessageState::Queued,
             hold_until_ms: None,
         }
     }
@@ -558,7 +571,7 @@ mod tests {
             at_ms: 1,
             door: "smtp".into(),
             principal: "a@example.com".into(),
-            verdict: "denied".into(),
+            verdict: crate::StoredVerdict::Denied,
             code: Some("user.suspended".into()),
             body: serde_json::json!({"x": 1}).into(),
         }

@@ -2,51 +2,27 @@
 //! is the embedded default. A PostgreSQL implementation is a second `impl Store`, with its own
 //! migrations folder, not a rewrite: nothing outside this crate names a database.
 
+mod error;
 mod group;
 mod oauth;
 mod packed;
 mod queue;
-pub use group::GroupCommitStats;
 mod sqlite;
+mod states;
+pub use group::GroupCommitStats;
 
 use async_trait::async_trait;
 use mailgate_core::directory::{Directory, Kind, Object};
 
+pub use error::StoreError;
 pub use oauth::{TokenRecord, TokenStore};
 pub use queue::{
     AttemptEntry, AttemptReport, CAPTURED_HEAD_BYTES, CapturedMessage, LeasedMessage,
-    MessageStatus, QueueEntry, QueueFilter, QueueStore, RecipientOutcome, RecipientState,
-    RecipientStatus, Recorded, RetryOutcome, SimulatedFault, message_state,
+    MessageStatus, QueueEntry, QueueFilter, QueueStore, RecipientOutcome, RecipientStatus,
+    Recorded, RetryOutcome, SimulatedFault,
 };
 pub use sqlite::SqliteStore;
-
-/// A fault in the store (not a refusal: refusals are values of the decision engine).
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The database could not be reached or answered with an error.
-    #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
-    /// The write connection's database answered with an error.
-    #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    /// Schema migrations failed.
-    #[error("cannot migrate the database: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    /// Someone else changed the directory since it was read; read it again and retry.
-    #[error("the directory changed concurrently (expected generation {expected}, found {found})")]
-    Conflict {
-        /// The generation the writer read.
-        expected: i64,
-        /// The generation found at write time.
-        found: i64,
-    },
-    /// A stored object does not parse.
-    #[error(transparent)]
-    Corrupt(#[from] mailgate_core::directory::ObjectError),
-    /// A stored object names an unknown kind.
-    #[error("stored object of unknown kind `{0}`")]
-    UnknownKind(String),
-}
+pub use states::{MessageState, RecipientState, StoredVerdict, TokenKind, message_state};
 
 /// A directory with the generation it was read at.
 #[derive(Debug, Clone)]
@@ -105,8 +81,8 @@ pub struct StoredDecision {
     pub door: String,
     /// Who asked (principal key).
     pub principal: String,
-    /// `allowed`, `denied` or `held`.
-    pub verdict: String,
+    /// What it concluded.
+    pub verdict: StoredVerdict,
     /// Reason code of a denial.
     pub code: Option<String>,
     /// The decision as JSON.
@@ -188,8 +164,8 @@ pub struct NewMessage {
     pub recipients: Vec<String>,
     /// The RFC 5322 message as sent on.
     pub raw: Vec<u8>,
-    /// `queued` or `held`.
-    pub state: String,
+    /// [`MessageState::Queued`] or [`MessageState::Held`].
+    pub state: MessageState,
     /// For held messages: when the limit resets.
     pub hold_until_ms: Option<i64>,
 }
@@ -202,7 +178,7 @@ pub struct MessageSummary {
     /// The accepting decision.
     pub decision_id: String,
     /// State.
-    pub state: String,
+    pub state: MessageState,
     /// Envelope sender.
     pub envelope_from: String,
     /// Envelope recipients.

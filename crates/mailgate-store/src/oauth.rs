@@ -3,15 +3,16 @@
 use async_trait::async_trait;
 use sqlx::Row;
 
-use crate::{SqliteStore, StoreError};
+use crate::sqlite::OrStore;
+use crate::{SqliteStore, StoreError, TokenKind};
 
 /// One issued token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenRecord {
     /// SHA-256 (hex) of the token.
     pub token_sha256: String,
-    /// `access`, `refresh` or `code`.
-    pub kind: String,
+    /// Access token, refresh token or authorization code.
+    pub kind: TokenKind,
     /// Who the token is for and how it was granted (JSON; `mailgate_gateway::Grant` is its shape).
     pub grant: serde_json::Value,
     /// Granted scopes.
@@ -64,7 +65,7 @@ impl TokenStore for SqliteStore {
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&t.token_sha256)
-        .bind(&t.kind)
+        .bind(t.kind.as_str())
         .bind(t.grant.to_string())
         .bind(t.scopes.join(" "))
         .bind(&t.family)
@@ -73,7 +74,7 @@ impl TokenStore for SqliteStore {
         .bind(t.revoked)
         .bind(t.used)
         .execute(self.writer())
-        .await?;
+        .await.or_store()?;
         Ok(())
     }
 
@@ -84,21 +85,24 @@ impl TokenStore for SqliteStore {
         )
         .bind(token_sha256)
         .fetch_optional(self.pool())
-        .await?;
+        .await.or_store()?;
         let Some(row) = row else { return Ok(None) };
-        let grant: String = row.try_get("grant_body")?;
-        let scopes: String = row.try_get("scopes")?;
+        let grant: String = row.try_get("grant_body").or_store()?;
+        let scopes: String = row.try_get("scopes").or_store()?;
         Ok(Some(TokenRecord {
-            token_sha256: row.try_get("token_sha256")?,
-            kind: row.try_get("kind")?,
-            grant: serde_json::from_str(&grant)
-                .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))?,
+            token_sha256: row.try_get("token_sha256").or_store()?,
+            kind: {
+                let kind: String = row.try_get("kind").or_store()?;
+                TokenKind::parse(&kind)
+                    .ok_or_else(|| StoreError::corrupt(format!("unknown token kind `{kind}`")))?
+            },
+            grant: serde_json::from_str(&grant).or_store()?,
             scopes: scopes.split_whitespace().map(str::to_owned).collect(),
-            family: row.try_get("family")?,
-            created_at_ms: row.try_get("created_at_ms")?,
-            expires_at_ms: row.try_get("expires_at_ms")?,
-            revoked: row.try_get("revoked")?,
-            used: row.try_get("used")?,
+            family: row.try_get("family").or_store()?,
+            created_at_ms: row.try_get("created_at_ms").or_store()?,
+            expires_at_ms: row.try_get("expires_at_ms").or_store()?,
+            revoked: row.try_get("revoked").or_store()?,
+            used: row.try_get("used").or_store()?,
         }))
     }
 
@@ -106,7 +110,8 @@ impl TokenStore for SqliteStore {
         let r = sqlx::query("UPDATE oauth_tokens SET used = 1 WHERE token_sha256 = ? AND used = 0")
             .bind(token_sha256)
             .execute(self.writer())
-            .await?;
+            .await
+            .or_store()?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -114,7 +119,8 @@ impl TokenStore for SqliteStore {
         let r = sqlx::query("UPDATE oauth_tokens SET revoked = 1 WHERE family = ?")
             .bind(family)
             .execute(self.writer())
-            .await?;
+            .await
+            .or_store()?;
         Ok(r.rows_affected())
     }
 
@@ -124,7 +130,7 @@ impl TokenStore for SqliteStore {
         expires_at_ms: i64,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.writer().begin().await?;
+        let mut tx = self.writer().begin().await.or_store()?;
         sqlx::query(
             "DELETE FROM jwt_replay WHERE assertion_key IN
                (SELECT assertion_key FROM jwt_replay WHERE expires_at_ms < ? LIMIT ?)",
@@ -132,7 +138,8 @@ impl TokenStore for SqliteStore {
         .bind(now_ms)
         .bind(REPLAY_PRUNE_BATCH)
         .execute(&mut *tx)
-        .await?;
+        .await
+        .or_store()?;
         // A row still here after the prune is live unless it expired after the batch limit: an
         // expired one is replaced, a live one is a replay.
         let r = sqlx::query(
@@ -144,8 +151,9 @@ impl TokenStore for SqliteStore {
         .bind(expires_at_ms)
         .bind(now_ms)
         .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        .await
+        .or_store()?;
+        tx.commit().await.or_store()?;
         Ok(r.rows_affected() == 1)
     }
 }
@@ -157,7 +165,7 @@ mod tests {
     fn rec(sha: &str, family: &str) -> TokenRecord {
         TokenRecord {
             token_sha256: sha.into(),
-            kind: "code".into(),
+            kind: TokenKind::Code,
             grant: serde_json::json!({"user": "a@example.com"}),
             scopes: vec!["s1".into(), "s2".into()],
             family: family.into(),

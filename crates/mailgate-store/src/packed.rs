@@ -18,8 +18,7 @@ pub(crate) fn pack(body: &TraceJson) -> Vec<u8> {
 
 /// Reads a stored trace: `packed` when its storage class is `BLOB`, else JSON text.
 pub(crate) fn unpack(bytes: Vec<u8>, packed: bool) -> Result<TraceJson, StoreError> {
-    let corrupt =
-        |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Database(sqlx::Error::Decode(e));
+    let corrupt = |e: Box<dyn std::error::Error + Send + Sync>| StoreError::corrupt(e);
     if !packed {
         return Ok(TraceJson(bytes));
     }

@@ -14,47 +14,8 @@ use rusqlite::OptionalExtension;
 use serde::Serialize;
 use sqlx::Row;
 
-use crate::{NewMessage, SqliteStore, StoreError};
-
-/// A recipient's delivery state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RecipientState {
-    /// Not tried yet.
-    Pending,
-    /// Tried, waiting for the next attempt.
-    Deferred,
-    /// Accepted by the smarthost.
-    Delivered,
-    /// Refused for good (or given up after the maximum age).
-    Failed,
-}
-
-impl RecipientState {
-    /// The stored spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RecipientState::Pending => "pending",
-            RecipientState::Deferred => "deferred",
-            RecipientState::Delivered => "delivered",
-            RecipientState::Failed => "failed",
-        }
-    }
-
-    fn parse(s: &str) -> RecipientState {
-        match s {
-            "deferred" => RecipientState::Deferred,
-            "delivered" => RecipientState::Delivered,
-            "failed" => RecipientState::Failed,
-            _ => RecipientState::Pending,
-        }
-    }
-
-    /// True when nothing more will be tried for this recipient.
-    pub fn is_final(self) -> bool {
-        matches!(self, RecipientState::Delivered | RecipientState::Failed)
-    }
-}
+use crate::sqlite::OrStore;
+use crate::{MessageState, NewMessage, RecipientState, SqliteStore, StoreError, message_state};
 
 /// A message leased to a worker, with the recipients still to deliver.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,7 +74,7 @@ pub struct AttemptReport {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Recorded {
     /// Recorded; the message is now in this state.
-    State(String),
+    State(MessageState),
     /// The lease was lost (expired and taken by another worker, or the message was deleted):
     /// nothing was recorded.
     LeaseLost,
@@ -127,7 +88,7 @@ pub enum RetryOutcome {
     /// No such message.
     NotFound,
     /// Nothing to retry: every recipient was delivered (or the message was captured).
-    Final(String),
+    Final(MessageState),
 }
 
 /// One line of the queue listing.
@@ -136,7 +97,7 @@ pub struct QueueEntry {
     /// Message id.
     pub id: String,
     /// State.
-    pub state: String,
+    pub state: MessageState,
     /// When accepted (Unix ms).
     pub accepted_at_ms: i64,
     /// Envelope sender.
@@ -157,7 +118,7 @@ pub struct QueueEntry {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueFilter {
     /// Only this state (`None`: every state but `captured`).
-    pub state: Option<String>,
+    pub state: Option<MessageState>,
     /// At most this many, newest first (0 means 100).
     pub limit: u32,
 }
@@ -188,8 +149,8 @@ pub struct AttemptEntry {
     pub smarthost: Option<String>,
     /// Recipient.
     pub recipient: String,
-    /// `delivered`, `deferred` or `failed`.
-    pub outcome: String,
+    /// Delivered, deferred or failed.
+    pub outcome: RecipientState,
     /// Reason code.
     pub code: Option<String>,
     /// Upstream reply, verbatim.
@@ -341,23 +302,20 @@ pub struct SimulatedFault {
     pub actor: String,
 }
 
-fn decode_err(e: serde_json::Error) -> StoreError {
-    StoreError::Database(sqlx::Error::Decode(Box::new(e)))
-}
-
 fn recipients_of(json: &str) -> Result<Vec<String>, StoreError> {
-    serde_json::from_str(json).map_err(decode_err)
+    serde_json::from_str(json).or_store()
 }
 
-/// The state a message is in once its recipients are in these states.
-pub fn message_state(recipients: &[RecipientState]) -> &'static str {
-    if recipients.iter().any(|r| !r.is_final()) {
-        "deferred"
-    } else if recipients.contains(&RecipientState::Failed) {
-        "failed"
-    } else {
-        "delivered"
-    }
+/// A stored message state read back.
+fn message_state_of(s: &str) -> Result<MessageState, StoreError> {
+    MessageState::parse(s)
+        .ok_or_else(|| StoreError::corrupt(format!("unknown message state `{s}`")))
+}
+
+/// A stored recipient state read back.
+fn recipient_state_of(s: &str) -> Result<RecipientState, StoreError> {
+    RecipientState::parse(s)
+        .ok_or_else(|| StoreError::corrupt(format!("unknown recipient state `{s}`")))
 }
 
 /// The columns [`entry_of`] reads (a macro so queries stay `&'static str`).
@@ -368,31 +326,31 @@ macro_rules! entry_columns {
 }
 
 fn entry_of(row: &sqlx::sqlite::SqliteRow) -> Result<QueueEntry, StoreError> {
-    let recipients: String = row.try_get("recipients")?;
+    let recipients: String = row.try_get("recipients").or_store()?;
     Ok(QueueEntry {
-        id: row.try_get("id")?,
-        state: row.try_get("state")?,
-        accepted_at_ms: row.try_get("accepted_at_ms")?,
-        envelope_from: row.try_get("envelope_from")?,
+        id: row.try_get("id").or_store()?,
+        state: message_state_of(&row.try_get::<String, _>("state").or_store()?)?,
+        accepted_at_ms: row.try_get("accepted_at_ms").or_store()?,
+        envelope_from: row.try_get("envelope_from").or_store()?,
         recipients: recipients_of(&recipients)?,
-        size: row.try_get("size")?,
-        attempts: row.try_get("attempts")?,
-        next_attempt_ms: row.try_get("next_attempt_ms")?,
-        decision_id: row.try_get("decision_id")?,
+        size: row.try_get("size").or_store()?,
+        attempts: row.try_get("attempts").or_store()?,
+        next_attempt_ms: row.try_get("next_attempt_ms").or_store()?,
+        decision_id: row.try_get("decision_id").or_store()?,
     })
 }
 
 fn captured_of(row: &sqlx::sqlite::SqliteRow) -> Result<CapturedMessage, StoreError> {
-    let recipients: String = row.try_get("recipients")?;
+    let recipients: String = row.try_get("recipients").or_store()?;
     Ok(CapturedMessage {
-        id: row.try_get("id")?,
-        decision_id: row.try_get("decision_id")?,
-        accepted_at_ms: row.try_get("accepted_at_ms")?,
-        captured_at_ms: row.try_get("done_at_ms")?,
-        envelope_from: row.try_get("envelope_from")?,
+        id: row.try_get("id").or_store()?,
+        decision_id: row.try_get("decision_id").or_store()?,
+        accepted_at_ms: row.try_get("accepted_at_ms").or_store()?,
+        captured_at_ms: row.try_get("done_at_ms").or_store()?,
+        envelope_from: row.try_get("envelope_from").or_store()?,
         recipients: recipients_of(&recipients)?,
-        size: row.try_get("size")?,
-        raw: row.try_get("raw")?,
+        size: row.try_get("size").or_store()?,
+        raw: row.try_get("raw").or_store()?,
     })
 }
 
@@ -401,9 +359,11 @@ fn holds_lease(conn: &rusqlite::Connection, owner: &str, id: &str) -> Result<boo
     let found: Option<Option<String>> = conn
         .prepare_cached(
             "SELECT lease_owner FROM messages WHERE id = ?1 AND state IN ('queued', 'deferred')",
-        )?
+        )
+        .or_store()?
         .query_row([id], |r| r.get(0))
-        .optional()?;
+        .optional()
+        .or_store()?;
     Ok(found.flatten().as_deref() == Some(owner))
 }
 
@@ -421,7 +381,7 @@ fn record_in(
             "UPDATE message_recipients
              SET state = ?1, attempts = attempts + 1, code = ?2, reply = ?3, smarthost = ?4, updated_at_ms = ?5
              WHERE message_id = ?6 AND recipient = ?7",
-        )?
+        ).or_store()?
         .execute(rusqlite::params![
             o.state.as_str(),
             o.code,
@@ -430,11 +390,11 @@ fn record_in(
             report.at_ms,
             report.message_id,
             o.recipient
-        ])?;
+        ]).or_store()?;
         conn.prepare_cached(
             "INSERT INTO delivery_attempts (message_id, at_ms, smarthost, recipient, outcome, code, reply, next_attempt_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )?
+        ).or_store()?
         .execute(rusqlite::params![
             report.message_id,
             report.at_ms,
@@ -448,15 +408,20 @@ fn record_in(
             } else {
                 report.next_attempt_ms
             }
-        ])?;
+        ]).or_store()?;
     }
     let states = conn
-        .prepare_cached("SELECT state FROM message_recipients WHERE message_id = ?1")?
-        .query_map([&report.message_id], |r| r.get::<_, String>(0))?
-        .map(|s| s.map(|s| RecipientState::parse(&s)))
+        .prepare_cached("SELECT state FROM message_recipients WHERE message_id = ?1")
+        .or_store()?
+        .query_map([&report.message_id], |r| r.get::<_, String>(0))
+        .or_store()?
+        .collect::<Result<Vec<_>, _>>()
+        .or_store()?
+        .iter()
+        .map(|s| recipient_state_of(s))
         .collect::<Result<Vec<_>, _>>()?;
     let state = message_state(&states);
-    let (next, done) = if state == "deferred" {
+    let (next, done) = if state == MessageState::Deferred {
         (Some(report.next_attempt_ms.unwrap_or(report.at_ms)), None)
     } else {
         (None, Some(report.at_ms))
@@ -465,18 +430,18 @@ fn record_in(
         "UPDATE messages SET state = ?1, attempts = attempts + 1, next_attempt_ms = ?2, done_at_ms = ?3,
              lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = ?4
          WHERE id = ?5",
-    )?
+    ).or_store()?
     .execute(rusqlite::params![
-        state,
+        state.as_str(),
         next,
         done,
         report.at_ms,
         report.message_id
-    ])?;
+    ]).or_store()?;
     if let Some(dsn) = &report.dsn {
         crate::group::insert_message(conn, dsn)?;
     }
-    Ok(Recorded::State(state.to_owned()))
+    Ok(Recorded::State(state))
 }
 
 /// Leases up to `limit` due messages to `owner` (see [`QueueStore::lease_due`]), inside the
@@ -489,10 +454,11 @@ fn lease_in(
     until: i64,
     limit: u32,
 ) -> Result<Vec<LeasedMessage>, StoreError> {
-    let mut due = conn.prepare_cached(&format!(
-        // A literal LIMIT: SQLite recompiles a statement whenever a parameter used as a LIMIT
-        // is bound again (it may change the plan).
-        "SELECT id, decision_id, door, accepted_at_ms, envelope_from, recipients, attempts,
+    let mut due = conn
+        .prepare_cached(&format!(
+            // A literal LIMIT: SQLite recompiles a statement whenever a parameter used as a LIMIT
+            // is bound again (it may change the plan).
+            "SELECT id, decision_id, door, accepted_at_ms, envelope_from, recipients, attempts,
                 (SELECT raw FROM message_bodies b WHERE b.message_id = messages.id) AS raw
          FROM messages
          WHERE state IN ('queued', 'deferred')
@@ -500,8 +466,9 @@ fn lease_in(
            AND (lease_until_ms IS NULL OR lease_until_ms <= ?1)
          ORDER BY COALESCE(next_attempt_ms, accepted_at_ms), id
          LIMIT {}",
-        limit.max(1)
-    ))?;
+            limit.max(1)
+        ))
+        .or_store()?;
     let rows = due
         .query_map([now_ms], |r| {
             Ok(LeasedMessage {
@@ -516,32 +483,35 @@ fn lease_in(
                 raw: r.get::<_, Option<Vec<u8>>>(7)?.unwrap_or_default(),
                 lease_until_ms: until,
             })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
+        })
+        .or_store()?
+        .collect::<Result<Vec<_>, _>>()
+        .or_store()?;
     let mut out = Vec::with_capacity(rows.len());
     for mut m in rows {
         let envelope = m.recipients.pop().map(|(json, _)| json).unwrap_or_default();
         conn.prepare_cached(
             "UPDATE messages SET lease_owner = ?1, lease_until_ms = ?2, updated_at_ms = ?3 WHERE id = ?4",
-        )?
-        .execute(rusqlite::params![owner, until, now_ms, m.id])?;
+        ).or_store()?
+        .execute(rusqlite::params![owner, until, now_ms, m.id]).or_store()?;
         // Recipient rows are made on the first lease (acceptance stays small).
         for r in recipients_of(&envelope)? {
             conn.prepare_cached(
                 "INSERT OR IGNORE INTO message_recipients (message_id, recipient, state, updated_at_ms)
                  VALUES (?1, ?2, 'pending', ?3)",
-            )?
-            .execute(rusqlite::params![m.id, r, now_ms])?;
+            ).or_store()?
+            .execute(rusqlite::params![m.id, r, now_ms]).or_store()?;
         }
         m.recipients = conn
             .prepare_cached(
                 "SELECT recipient, state FROM message_recipients WHERE message_id = ?1 ORDER BY rowid",
-            )?
-            .query_map([&m.id], |r| {
-                Ok((r.get::<_, String>(0)?, RecipientState::parse(&r.get::<_, String>(1)?)))
-            })?
-            .filter(|r| r.as_ref().map_or(true, |(_, s)| !s.is_final()))
-            .collect::<Result<Vec<_>, _>>()?;
+            ).or_store()?
+            .query_map([&m.id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).or_store()?
+            .collect::<Result<Vec<_>, _>>().or_store()?
+            .into_iter()
+            .map(|(r, s)| Ok((r, recipient_state_of(&s)?)))
+            .filter(|r| r.as_ref().map_or(true, |(_, s): &(String, RecipientState)| !s.is_final()))
+            .collect::<Result<Vec<_>, StoreError>>()?;
         out.push(m);
     }
     Ok(out)
@@ -556,8 +526,8 @@ impl QueueStore for SqliteStore {
                     .prepare_cached(
                         "UPDATE messages SET state = 'queued', next_attempt_ms = ?1, updated_at_ms = ?1
                          WHERE state = 'held' AND COALESCE(hold_until_ms, 0) <= ?1",
-                    )?
-                    .execute([now_ms])?;
+                    ).or_store()?
+                    .execute([now_ms]).or_store()?;
                 Ok(n as u64)
             })
             .await
@@ -574,10 +544,11 @@ impl QueueStore for SqliteStore {
         let owner = owner.to_owned();
         self.write_thread()
             .call(true, move |conn| {
-                let tx =
-                    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let tx = conn
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .or_store()?;
                 let out = lease_in(&tx, &owner, now_ms, until, limit)?;
-                tx.commit()?;
+                tx.commit().or_store()?;
                 Ok(out)
             })
             .await
@@ -592,7 +563,7 @@ impl QueueStore for SqliteStore {
              FROM messages WHERE state IN ('queued', 'deferred', 'held')",
         )
         .fetch_one(self.pool())
-        .await?)
+        .await.or_store()?)
     }
 
     async fn record_attempt(
@@ -618,13 +589,14 @@ impl QueueStore for SqliteStore {
         let reports = reports.to_vec();
         self.write_thread()
             .call(true, move |conn| {
-                let tx =
-                    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let tx = conn
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .or_store()?;
                 let mut out = Vec::with_capacity(reports.len());
                 for report in &reports {
                     out.push(record_in(&tx, &owner, report)?);
                 }
-                tx.commit()?;
+                tx.commit().or_store()?;
                 Ok(out)
             })
             .await
@@ -640,7 +612,7 @@ impl QueueStore for SqliteStore {
         let id = id.to_owned();
         self.write_thread()
             .call(true, move |conn| {
-                let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).or_store()?;
                 if !holds_lease(&tx, &owner, &id)? {
                     return Ok(Recorded::LeaseLost);
                 }
@@ -648,10 +620,10 @@ impl QueueStore for SqliteStore {
                     "UPDATE messages SET state = 'captured', done_at_ms = ?1, next_attempt_ms = NULL,
                          lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = ?1
                      WHERE id = ?2",
-                )?
-                .execute(rusqlite::params![now_ms, id])?;
-                tx.commit()?;
-                Ok(Recorded::State("captured".to_owned()))
+                ).or_store()?
+                .execute(rusqlite::params![now_ms, id]).or_store()?;
+                tx.commit().or_store()?;
+                Ok(Recorded::State(MessageState::Captured))
             })
             .await
     }
@@ -661,16 +633,16 @@ impl QueueStore for SqliteStore {
         let rows = match &filter.state {
             Some(state) => {
                 sqlx::query(concat!("SELECT ", entry_columns!(), " FROM messages WHERE state = ? ORDER BY accepted_at_ms DESC, id DESC LIMIT ?"))
-                .bind(state)
+                .bind(state.as_str())
                 .bind(i64::from(limit))
                 .fetch_all(self.pool())
-                .await?
+                .await.or_store()?
             }
             None => {
                 sqlx::query(concat!("SELECT ", entry_columns!(), " FROM messages WHERE state <> 'captured' ORDER BY accepted_at_ms DESC, id DESC LIMIT ?"))
                 .bind(i64::from(limit))
                 .fetch_all(self.pool())
-                .await?
+                .await.or_store()?
             }
         };
         rows.iter().map(entry_of).collect()
@@ -685,7 +657,8 @@ impl QueueStore for SqliteStore {
         ))
         .bind(id)
         .fetch_optional(self.pool())
-        .await?
+        .await
+        .or_store()?
         else {
             return Ok(None);
         };
@@ -697,15 +670,16 @@ impl QueueStore for SqliteStore {
         )
         .bind(id)
         .fetch_all(self.pool())
-        .await?
+        .await
+        .or_store()?
         {
             recipient_status.push(RecipientStatus {
-                recipient: r.try_get("recipient")?,
-                state: RecipientState::parse(&r.try_get::<String, _>("state")?),
-                attempts: r.try_get("attempts")?,
-                code: r.try_get("code")?,
-                last_reply: r.try_get("reply")?,
-                smarthost: r.try_get("smarthost")?,
+                recipient: r.try_get("recipient").or_store()?,
+                state: recipient_state_of(&r.try_get::<String, _>("state").or_store()?)?,
+                attempts: r.try_get("attempts").or_store()?,
+                code: r.try_get("code").or_store()?,
+                last_reply: r.try_get("reply").or_store()?,
+                smarthost: r.try_get("smarthost").or_store()?,
             });
         }
         if recipient_status.is_empty() {
@@ -729,42 +703,51 @@ impl QueueStore for SqliteStore {
         )
         .bind(id)
         .fetch_all(self.pool())
-        .await?
+        .await
+        .or_store()?
         {
             history.push(AttemptEntry {
-                at_ms: r.try_get("at_ms")?,
-                smarthost: r.try_get("smarthost")?,
-                recipient: r.try_get("recipient")?,
-                outcome: r.try_get("outcome")?,
-                code: r.try_get("code")?,
-                reply: r.try_get("reply")?,
-                next_attempt_ms: r.try_get("next_attempt_ms")?,
+                at_ms: r.try_get("at_ms").or_store()?,
+                smarthost: r.try_get("smarthost").or_store()?,
+                recipient: r.try_get("recipient").or_store()?,
+                outcome: recipient_state_of(&r.try_get::<String, _>("outcome").or_store()?)?,
+                code: r.try_get("code").or_store()?,
+                reply: r.try_get("reply").or_store()?,
+                next_attempt_ms: r.try_get("next_attempt_ms").or_store()?,
             });
         }
         Ok(Some(MessageStatus {
             entry,
-            door: row.try_get("door")?,
-            principal: row.try_get("principal")?,
-            hold_until_ms: row.try_get("hold_until_ms")?,
-            lease_owner: row.try_get("lease_owner")?,
-            lease_until_ms: row.try_get("lease_until_ms")?,
-            done_at_ms: row.try_get("done_at_ms")?,
+            door: row.try_get("door").or_store()?,
+            principal: row.try_get("principal").or_store()?,
+            hold_until_ms: row.try_get("hold_until_ms").or_store()?,
+            lease_owner: row.try_get("lease_owner").or_store()?,
+            lease_until_ms: row.try_get("lease_until_ms").or_store()?,
+            done_at_ms: row.try_get("done_at_ms").or_store()?,
             recipient_status,
             history,
         }))
     }
 
     async fn retry_message(&self, id: &str, now_ms: i64) -> Result<RetryOutcome, StoreError> {
-        let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self
+            .writer()
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .or_store()?;
         let state: Option<String> = sqlx::query_scalar("SELECT state FROM messages WHERE id = ?")
             .bind(id)
             .fetch_optional(&mut *tx)
-            .await?;
+            .await
+            .or_store()?;
         let Some(state) = state else {
             return Ok(RetryOutcome::NotFound);
         };
-        match state.as_str() {
-            "queued" | "deferred" | "held" | "failed" => {
+        match message_state_of(&state)? {
+            MessageState::Queued
+            | MessageState::Deferred
+            | MessageState::Held
+            | MessageState::Failed => {
                 sqlx::query(
                     "UPDATE message_recipients SET state = 'pending', updated_at_ms = ?
                      WHERE message_id = ? AND state = 'failed'",
@@ -772,7 +755,8 @@ impl QueueStore for SqliteStore {
                 .bind(now_ms)
                 .bind(id)
                 .execute(&mut *tx)
-                .await?;
+                .await
+                .or_store()?;
                 sqlx::query(
                     "UPDATE messages SET state = 'queued', next_attempt_ms = ?, hold_until_ms = NULL,
                          done_at_ms = NULL, updated_at_ms = ?
@@ -782,34 +766,42 @@ impl QueueStore for SqliteStore {
                 .bind(now_ms)
                 .bind(id)
                 .execute(&mut *tx)
-                .await?;
-                tx.commit().await?;
+                .await.or_store()?;
+                tx.commit().await.or_store()?;
                 Ok(RetryOutcome::Requeued)
             }
-            _ => Ok(RetryOutcome::Final(state)),
+            final_state => Ok(RetryOutcome::Final(final_state)),
         }
     }
 
     async fn delete_message(&self, id: &str) -> Result<bool, StoreError> {
-        let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self
+            .writer()
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .or_store()?;
         let n = sqlx::query("DELETE FROM messages WHERE id = ?")
             .bind(id)
             .execute(&mut *tx)
-            .await?
+            .await
+            .or_store()?
             .rows_affected();
         sqlx::query("DELETE FROM message_recipients WHERE message_id = ?")
             .bind(id)
             .execute(&mut *tx)
-            .await?;
+            .await
+            .or_store()?;
         sqlx::query("DELETE FROM message_bodies WHERE message_id = ?")
             .bind(id)
             .execute(&mut *tx)
-            .await?;
+            .await
+            .or_store()?;
         sqlx::query("DELETE FROM delivery_attempts WHERE message_id = ?")
             .bind(id)
             .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+            .await
+            .or_store()?;
+        tx.commit().await.or_store()?;
         Ok(n > 0)
     }
 
@@ -823,7 +815,7 @@ impl QueueStore for SqliteStore {
         .bind(CAPTURED_HEAD_BYTES)
         .bind(i64::from(limit))
         .fetch_all(self.pool())
-        .await?;
+        .await.or_store()?;
         rows.iter().map(captured_of).collect()
     }
 
@@ -835,7 +827,8 @@ impl QueueStore for SqliteStore {
         )
         .bind(id)
         .fetch_optional(self.pool())
-        .await?;
+        .await
+        .or_store()?;
         row.as_ref().map(captured_of).transpose()
     }
 
@@ -851,7 +844,7 @@ impl QueueStore for SqliteStore {
         .bind(f.created_at_ms)
         .bind(&f.actor)
         .execute(self.writer())
-        .await?;
+        .await.or_store()?;
         Ok(())
     }
 
@@ -859,7 +852,8 @@ impl QueueStore for SqliteStore {
         let n = sqlx::query("DELETE FROM simulated_faults WHERE principal = ?")
             .bind(principal.to_ascii_lowercase())
             .execute(self.writer())
-            .await?
+            .await
+            .or_store()?
             .rows_affected();
         Ok(n > 0)
     }
@@ -871,15 +865,16 @@ impl QueueStore for SqliteStore {
         )
         .bind(now_ms)
         .fetch_all(self.pool())
-        .await?;
+        .await
+        .or_store()?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             out.push(SimulatedFault {
-                principal: r.try_get("principal")?,
-                code: r.try_get("code")?,
-                until_ms: r.try_get("until_ms")?,
-                created_at_ms: r.try_get("created_at_ms")?,
-                actor: r.try_get("actor")?,
+                principal: r.try_get("principal").or_store()?,
+                code: r.try_get("code").or_store()?,
+                until_ms: r.try_get("until_ms").or_store()?,
+                created_at_ms: r.try_get("created_at_ms").or_store()?,
+                actor: r.try_get("actor").or_store()?,
             });
         }
         Ok(out)
@@ -903,7 +898,7 @@ mod tests {
             envelope_from: "a@example.com".into(),
             recipients: rcpts.iter().map(|s| (*s).to_owned()).collect(),
             raw: b"Subject: hi\r\n\r\nbody\r\n".to_vec(),
-            state: "queued".into(),
+            state: MessageState::Queued,
             hold_until_ms: None,
         }
     }
@@ -930,7 +925,7 @@ mod tests {
             at_ms,
             door: "smtp".into(),
             principal: "a@example.com".into(),
-            verdict: "denied".into(),
+            verdict: crate::StoredVerdict::Denied,
             code: None,
             body: serde_json::json!({}).into(),
         };
@@ -991,7 +986,7 @@ mod tests {
         assert_eq!(bodies, 1);
         let listed = s
             .list_queue(&QueueFilter {
-                state: Some("delivered".into()),
+                state: Some(MessageState::Delivered),
                 limit: 10,
             })
             .await
@@ -1032,9 +1027,9 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                Recorded::State("delivered".into()),
+                Recorded::State(MessageState::Delivered),
                 Recorded::LeaseLost,
-                Recorded::State("deferred".into()),
+                Recorded::State(MessageState::Deferred),
             ]
         );
         let m3 = s.message_status("m3").await.unwrap().unwrap();
@@ -1079,7 +1074,7 @@ mod tests {
         );
         assert_eq!(
             s.record_attempt("w2", &late).await.unwrap(),
-            Recorded::State("delivered".into())
+            Recorded::State(MessageState::Delivered)
         );
         assert!(
             s.lease_due("w3", 99_000, 1_000, 10)
@@ -1125,7 +1120,7 @@ mod tests {
             )
             .await
             .unwrap();
-        assert_eq!(r, Recorded::State("deferred".into()));
+        assert_eq!(r, Recorded::State(MessageState::Deferred));
         // Not due before next_attempt_ms; then only the deferred recipient is left.
         assert!(s.lease_due("w", 9_999, 60_000, 10).await.unwrap().len() == 1); // the DSN
         let again = s.lease_due("w", 10_000, 60_000, 10).await.unwrap();
@@ -1135,7 +1130,7 @@ mod tests {
             vec![("later@a.test".to_owned(), RecipientState::Deferred)]
         );
         let st = s.message_status("m1").await.unwrap().unwrap();
-        assert_eq!(st.entry.state, "deferred");
+        assert_eq!(st.entry.state, MessageState::Deferred);
         assert_eq!(st.history.len(), 3);
         let no = st
             .recipient_status
@@ -1154,7 +1149,7 @@ mod tests {
     async fn held_messages_are_released_at_hold_until() {
         let s = SqliteStore::in_memory().await.unwrap();
         let mut m = msg("h", &["x@a.test"]);
-        m.state = "held".into();
+        m.state = MessageState::Held;
         m.hold_until_ms = Some(5_000);
         s.accept_message(&m, None).await.unwrap();
         assert_eq!(s.next_due_ms().await.unwrap(), Some(5_000));
@@ -1176,7 +1171,7 @@ mod tests {
         s.lease_due("w", 2_000, 1_000, 10).await.unwrap();
         assert_eq!(
             s.mark_captured("w", "c", 2_000).await.unwrap(),
-            Recorded::State("captured".into())
+            Recorded::State(MessageState::Captured)
         );
         s.record_attempt(
             "w",
@@ -1198,10 +1193,10 @@ mod tests {
         assert!(s.captured_message("f").await.unwrap().is_none());
         let listed = s.list_queue(&QueueFilter::default()).await.unwrap();
         assert_eq!(listed.len(), 1);
-        assert_eq!(listed[0].state, "failed");
+        assert_eq!(listed[0].state, MessageState::Failed);
         assert_eq!(
             s.retry_message("c", 3_000).await.unwrap(),
-            RetryOutcome::Final("captured".into())
+            RetryOutcome::Final(MessageState::Captured)
         );
         assert_eq!(
             s.retry_message("f", 3_000).await.unwrap(),
@@ -1239,13 +1234,5 @@ mod tests {
         assert!(s.active_faults(200).await.unwrap().is_empty());
         assert!(s.clear_fault("ALICE@example.com").await.unwrap());
         assert!(!s.clear_fault("alice@example.com").await.unwrap());
-    }
-
-    #[test]
-    fn message_state_follows_recipients() {
-        use RecipientState::*;
-        assert_eq!(message_state(&[Delivered, Pending]), "deferred");
-        assert_eq!(message_state(&[Delivered, Failed]), "failed");
-        assert_eq!(message_state(&[Delivered]), "delivered");
     }
 }

@@ -27,7 +27,7 @@ fn mint_token(rt: &tokio::runtime::Runtime, gw: &Gateway) {
         store
             .insert_token(&TokenRecord {
                 token_sha256: mailgate_auth::sha256_hex(TOKEN.as_bytes()),
-                kind: "access".into(),
+                kind: mailgate_store::TokenKind::Access,
                 grant: serde_json::json!({"type": "user", "user": "alice@example.com", "client_id": "demo-web-client"}),
                 scopes: vec!["https://www.googleapis.com/auth/gmail.send".into()],
                 family: "crash".into(),

@@ -14,9 +14,12 @@ use sqlx::{Connection, Row, SqlitePool};
 
 use crate::group::{GroupCommitStats, Op, Writer};
 use crate::{
-    Changeset, DecisionSummary, MessageSummary, NewMessage, NodeState, Purged, Snapshot, Store,
-    StoreError, StoredDecision, UsageEntry, UsageReplay,
+    Changeset, DecisionSummary, MessageState, MessageSummary, NewMessage, NodeState, Purged,
+    Snapshot, Store, StoreError, StoredDecision, StoredVerdict, UsageEntry, UsageReplay,
 };
+
+mod error;
+pub(crate) use error::{OrStore, thread_gone};
 
 /// The embedded SQLite store.
 ///
@@ -98,12 +101,17 @@ impl SqliteStore {
                 })
             })
             .connect_with(options.clone())
-            .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
+            .await
+            .or_store()?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&writer)
+            .await
+            .or_store()?;
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(options)
-            .await?;
+            .await
+            .or_store()?;
         Ok(SqliteStore {
             group: Writer::start(path, Some(pool.clone()), remove_on_exit)?,
             writer,
@@ -131,17 +139,22 @@ impl SqliteStore {
         )
         .bind(id)
         .fetch_optional(&self.pool)
-        .await?;
+        .await
+        .or_store()?;
         let Some(row) = row else { return Ok(None) };
-        let body: Vec<u8> = row.try_get("body")?;
-        let body = crate::packed::unpack(body, row.try_get("packed")?)?;
+        let body: Vec<u8> = row.try_get("body").or_store()?;
+        let body = crate::packed::unpack(body, row.try_get("packed").or_store()?)?;
         Ok(Some(StoredDecision {
-            id: row.try_get("id")?,
-            at_ms: row.try_get("at_ms")?,
-            door: row.try_get("door")?,
-            principal: row.try_get("principal")?,
-            verdict: row.try_get("verdict")?,
-            code: row.try_get("code")?,
+            id: row.try_get("id").or_store()?,
+            at_ms: row.try_get("at_ms").or_store()?,
+            door: row.try_get("door").or_store()?,
+            principal: row.try_get("principal").or_store()?,
+            verdict: {
+                let v: String = row.try_get("verdict").or_store()?;
+                StoredVerdict::parse(&v)
+                    .ok_or_else(|| StoreError::corrupt(format!("unknown verdict `{v}`")))?
+            },
+            code: row.try_get("code").or_store()?,
             body,
         }))
     }
@@ -157,11 +170,12 @@ impl SqliteStore {
     pub(crate) async fn relaxed_writer(
         &self,
     ) -> Result<sqlx::pool::PoolConnection<sqlx::Sqlite>, StoreError> {
-        let mut conn = self.writer.acquire().await?;
+        let mut conn = self.writer.acquire().await.or_store()?;
         self.relaxed.store(true, Ordering::Release);
         sqlx::query("PRAGMA synchronous = NORMAL")
             .execute(&mut *conn)
-            .await?;
+            .await
+            .or_store()?;
         Ok(conn)
     }
 
@@ -180,25 +194,28 @@ impl SqliteStore {
 impl Store for SqliteStore {
     async fn snapshot(&self) -> Result<Snapshot, StoreError> {
         // One read transaction so the objects and the generation agree.
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin().await.or_store()?;
         let generation: i64 =
             sqlx::query_scalar("SELECT value FROM meta WHERE key = 'directory_generation'")
                 .fetch_one(&mut *tx)
-                .await?;
+                .await
+                .or_store()?;
         let rows = sqlx::query("SELECT kind, id, body FROM directory_objects ORDER BY rowid")
             .fetch_all(&mut *tx)
-            .await?;
-        tx.commit().await?;
+            .await
+            .or_store()?;
+        tx.commit().await.or_store()?;
         let mut objects = Vec::with_capacity(rows.len());
         for row in rows {
-            let kind: String = row.try_get("kind")?;
-            let kind = Kind::from_section(&kind).ok_or(StoreError::UnknownKind(kind))?;
-            let body: String = row.try_get("body")?;
+            let kind: String = row.try_get("kind").or_store()?;
+            let kind = Kind::from_section(&kind).ok_or_else(|| {
+                StoreError::corrupt(format!("stored object of unknown kind `{kind}`"))
+            })?;
+            let body: String = row.try_get("body").or_store()?;
             objects.push(Object {
                 kind,
-                id: row.try_get("id")?,
-                body: serde_json::from_str(&body)
-                    .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))?,
+                id: row.try_get("id").or_store()?,
+                body: serde_json::from_str(&body).or_store()?,
             });
         }
         Ok(Snapshot {
@@ -221,7 +238,8 @@ impl Store for SqliteStore {
         .bind(node.seen_ms)
         .bind(node.interval_ms)
         .execute(&mut *conn)
-        .await?;
+        .await
+        .or_store()?;
         Ok(())
     }
 
@@ -230,7 +248,8 @@ impl Store for SqliteStore {
         sqlx::query("DELETE FROM nodes WHERE id = ?")
             .bind(id)
             .execute(&mut *conn)
-            .await?;
+            .await
+            .or_store()?;
         Ok(())
     }
 
@@ -239,16 +258,17 @@ impl Store for SqliteStore {
             "SELECT id, host, pid, generation, seen_ms, interval_ms FROM nodes ORDER BY id",
         )
         .fetch_all(&self.pool)
-        .await?;
+        .await
+        .or_store()?;
         rows.iter()
             .map(|r| {
                 Ok(NodeState {
-                    id: r.try_get("id")?,
-                    host: r.try_get("host")?,
-                    pid: u32::try_from(r.try_get::<i64, _>("pid")?).unwrap_or(0),
-                    generation: r.try_get("generation")?,
-                    seen_ms: r.try_get("seen_ms")?,
-                    interval_ms: r.try_get("interval_ms")?,
+                    id: r.try_get("id").or_store()?,
+                    host: r.try_get("host").or_store()?,
+                    pid: u32::try_from(r.try_get::<i64, _>("pid").or_store()?).unwrap_or(0),
+                    generation: r.try_get("generation").or_store()?,
+                    seen_ms: r.try_get("seen_ms").or_store()?,
+                    interval_ms: r.try_get("interval_ms").or_store()?,
                 })
             })
             .collect()
@@ -258,7 +278,8 @@ impl Store for SqliteStore {
         Ok(
             sqlx::query_scalar("SELECT value FROM meta WHERE key = 'directory_generation'")
                 .fetch_one(&self.pool)
-                .await?,
+                .await
+                .or_store()?,
         )
     }
 
@@ -268,11 +289,12 @@ impl Store for SqliteStore {
         changes: &Changeset,
         actor: &str,
     ) -> Result<i64, StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.or_store()?;
         let found: i64 =
             sqlx::query_scalar("SELECT value FROM meta WHERE key = 'directory_generation'")
                 .fetch_one(&mut *tx)
-                .await?;
+                .await
+                .or_store()?;
         if found != expected_generation {
             return Err(StoreError::Conflict {
                 expected: expected_generation,
@@ -290,7 +312,8 @@ impl Store for SqliteStore {
                     .bind(o.kind.section())
                     .bind(&o.id)
                     .fetch_optional(&mut *tx)
-                    .await?;
+                    .await
+                    .or_store()?;
             sqlx::query(
                 "INSERT INTO directory_objects (kind, id, body, updated_at) VALUES (?, ?, ?, ?)
                  ON CONFLICT (kind, id) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at",
@@ -300,7 +323,7 @@ impl Store for SqliteStore {
             .bind(o.body.to_string())
             .bind(now)
             .execute(&mut *tx)
-            .await?;
+            .await.or_store()?;
             audit(
                 &mut tx,
                 now,
@@ -321,14 +344,16 @@ impl Store for SqliteStore {
                 .bind(kind.section())
                 .bind(id)
                 .execute(&mut *tx)
-                .await?;
+                .await
+                .or_store()?;
             audit(&mut tx, now, actor, "delete", *kind, id, generation).await?;
         }
         sqlx::query("UPDATE meta SET value = ? WHERE key = 'directory_generation'")
             .bind(generation)
             .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+            .await
+            .or_store()?;
+        tx.commit().await.or_store()?;
         tracing::info!(
             generation,
             actor,
@@ -348,7 +373,7 @@ impl Store for SqliteStore {
         .bind(token_sha256)
         .bind(now_secs())
         .execute(&self.writer)
-        .await?;
+        .await.or_store()?;
         Ok(())
     }
 
@@ -357,7 +382,8 @@ impl Store for SqliteStore {
             sqlx::query_scalar("SELECT name FROM admin_tokens WHERE token_sha256 = ?")
                 .bind(token_sha256)
                 .fetch_optional(&self.pool)
-                .await?,
+                .await
+                .or_store()?,
         )
     }
 
@@ -395,15 +421,16 @@ impl Store for SqliteStore {
         )
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
-        .await?;
+        .await
+        .or_store()?;
         rows.iter()
             .map(|row| {
                 Ok(DecisionSummary {
-                    id: row.try_get("id")?,
-                    at_ms: row.try_get("at_ms")?,
-                    door: row.try_get("door")?,
-                    principal: row.try_get("principal")?,
-                    code: row.try_get("code")?,
+                    id: row.try_get("id").or_store()?,
+                    at_ms: row.try_get("at_ms").or_store()?,
+                    door: row.try_get("door").or_store()?,
+                    principal: row.try_get("principal").or_store()?,
+                    code: row.try_get("code").or_store()?,
                 })
             })
             .collect()
@@ -418,10 +445,11 @@ impl Store for SqliteStore {
         let principal = principal.to_owned();
         self.group
             .call(false, move |conn| {
-                let tx =
-                    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let tx = conn
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .or_store()?;
                 crate::group::insert_usage(&tx, &principal, entry, rate_tat_ms)?;
-                tx.commit()?;
+                tx.commit().or_store()?;
                 Ok(())
             })
             .await
@@ -446,18 +474,21 @@ impl Store for SqliteStore {
         )
         .bind(id)
         .fetch_optional(&self.pool)
-        .await?;
+        .await.or_store()?;
         let Some(row) = row else { return Ok(None) };
-        let recipients: String = row.try_get("recipients")?;
+        let recipients: String = row.try_get("recipients").or_store()?;
         Ok(Some(MessageSummary {
-            id: row.try_get("id")?,
-            decision_id: row.try_get("decision_id")?,
-            state: row.try_get("state")?,
-            envelope_from: row.try_get("envelope_from")?,
-            recipients: serde_json::from_str(&recipients)
-                .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))?,
-            size: row.try_get("size")?,
-            accepted_at_ms: row.try_get("accepted_at_ms")?,
+            id: row.try_get("id").or_store()?,
+            decision_id: row.try_get("decision_id").or_store()?,
+            state: {
+                let s: String = row.try_get("state").or_store()?;
+                MessageState::parse(&s)
+                    .ok_or_else(|| StoreError::corrupt(format!("unknown message state `{s}`")))?
+            },
+            envelope_from: row.try_get("envelope_from").or_store()?,
+            recipients: serde_json::from_str(&recipients).or_store()?,
+            size: row.try_get("size").or_store()?,
+            accepted_at_ms: row.try_get("accepted_at_ms").or_store()?,
         }))
     }
 
@@ -473,7 +504,7 @@ impl Store for SqliteStore {
         if let Some(before) = messages_before_ms {
             loop {
                 let mut conn = self.relaxed_writer().await?;
-                let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+                let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.or_store()?;
                 let ids: Vec<String> = sqlx::query_scalar(
                     "SELECT id FROM messages
                      WHERE state IN ('delivered', 'failed', 'captured')
@@ -483,7 +514,8 @@ impl Store for SqliteStore {
                 .bind(before)
                 .bind(SLICE)
                 .fetch_all(&mut *tx)
-                .await?;
+                .await
+                .or_store()?;
                 for id in &ids {
                     for table in [
                         "DELETE FROM message_bodies WHERE message_id = ?",
@@ -491,10 +523,14 @@ impl Store for SqliteStore {
                         "DELETE FROM delivery_attempts WHERE message_id = ?",
                         "DELETE FROM messages WHERE id = ?",
                     ] {
-                        sqlx::query(table).bind(id).execute(&mut *tx).await?;
+                        sqlx::query(table)
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await
+                            .or_store()?;
                     }
                 }
-                tx.commit().await?;
+                tx.commit().await.or_store()?;
                 purged.messages += ids.len() as u64;
                 if (ids.len() as i64) < SLICE {
                     break;
@@ -514,7 +550,8 @@ impl Store for SqliteStore {
                 .bind(before)
                 .bind(SLICE)
                 .execute(&mut *conn)
-                .await?
+                .await
+                .or_store()?
                 .rows_affected();
                 purged.decisions += n;
                 if (n as i64) < SLICE {
@@ -529,30 +566,33 @@ impl Store for SqliteStore {
         sqlx::query("DELETE FROM usage_log WHERE at_ms < ?")
             .bind(since_ms)
             .execute(&self.writer)
-            .await?;
+            .await
+            .or_store()?;
         let rows = sqlx::query(
             "SELECT principal, at_ms, recipients FROM usage_log WHERE at_ms >= ? ORDER BY at_ms, seq",
         )
         .bind(since_ms)
         .fetch_all(&self.pool)
-        .await?;
+        .await.or_store()?;
         let mut replay = UsageReplay::default();
         for row in rows {
             replay.sends.push((
-                row.try_get("principal")?,
+                row.try_get("principal").or_store()?,
                 UsageEntry {
-                    at_ms: row.try_get("at_ms")?,
-                    recipients: row.try_get("recipients")?,
+                    at_ms: row.try_get("at_ms").or_store()?,
+                    recipients: row.try_get("recipients").or_store()?,
                 },
             ));
         }
         for row in sqlx::query("SELECT principal, tat_ms FROM rate_state")
             .fetch_all(&self.pool)
-            .await?
+            .await
+            .or_store()?
         {
-            replay
-                .rate_tat_ms
-                .push((row.try_get("principal")?, row.try_get("tat_ms")?));
+            replay.rate_tat_ms.push((
+                row.try_get("principal").or_store()?,
+                row.try_get("tat_ms").or_store()?,
+            ));
         }
         Ok(replay)
     }
@@ -577,7 +617,7 @@ async fn audit(
     .bind(id)
     .bind(generation)
     .execute(&mut **tx)
-    .await?;
+    .await.or_store()?;
     Ok(())
 }
 
@@ -662,7 +702,7 @@ mod tests {
                     at_ms: 10 + i as i64,
                     door: "sendgrid".into(),
                     principal: "alice@example.com".into(),
-                    verdict: (*verdict).into(),
+                    verdict: StoredVerdict::parse(verdict).unwrap(),
                     code: denied.then(|| "sender.not_owned".into()),
                     body: serde_json::json!({}).into(),
                 })
@@ -691,7 +731,7 @@ mod tests {
             at_ms: 5,
             door: "smtp".into(),
             principal: "alice@example.com".into(),
-            verdict: "denied".into(),
+            verdict: StoredVerdict::Denied,
             code: Some("account.suspended".into()),
             body: serde_json::json!({"checks": [1, 2]}).into(),
         };
@@ -776,6 +816,7 @@ mod tests {
 }
 #[cfg(test)]
 mod durability_tests {
+    use super::OrStore;
     use crate::{QueueStore, StoreError};
 
     /// The writer thread's connection: its `synchronous` level and whether a transaction is open.
@@ -783,7 +824,9 @@ mod durability_tests {
         store
             .write_thread()
             .call(false, |c| {
-                let level: i64 = c.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+                let level: i64 = c
+                    .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                    .or_store()?;
                 Ok((level, c.is_autocommit()))
             })
             .await
@@ -807,10 +850,12 @@ mod durability_tests {
             .write_thread()
             .call(true, |c| {
                 assert_eq!(
-                    c.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))?,
+                    c.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))
+                        .or_store()?,
                     1
                 );
-                c.execute_batch("BEGIN IMMEDIATE; INSERT INTO no_such_table VALUES (1)")?;
+                c.execute_batch("BEGIN IMMEDIATE; INSERT INTO no_such_table VALUES (1)")
+                    .or_store()?;
                 Ok::<_, StoreError>(())
             })
             .await;
