@@ -11,6 +11,7 @@
 //! - [`faults`]: fault injection (`mailgate simulate`), and loading the faults in force into a
 //!   gateway.
 
+pub mod bundle;
 pub mod decisions;
 pub mod directory;
 pub mod explain;

@@ -52,10 +52,6 @@ use crate::cli::{AdminTokenCmd, Cli, Cmd, SaCmd, SaKeyCmd};
 use crate::config::Config;
 use crate::logging::init_logging;
 
-/// The demo organisation (support-bundle's tests read it as `crate::DEMO_ORG`).
-#[cfg(test)]
-use crate::demo::DEMO_ORG;
-
 /// mimalloc: the send path allocates many small short-lived objects on two runtime threads and
 /// the SQLite worker threads; glibc's allocator spent about a tenth of the CPU time there
 /// (docs/performance.md).
