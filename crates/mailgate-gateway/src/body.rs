@@ -30,6 +30,13 @@ pub const DISCARD_MAX_TIME: Duration = Duration::from_secs(30);
 /// answer then (it may be waiting for one, without `Expect: 100-continue`).
 pub const DISCARD_IDLE: Duration = Duration::from_secs(2);
 
+/// The remedy of a request body past its route's limit (`limit` bytes) that is not a message (a
+/// setting, a key-management request, an upload's metadata): no decision is made about these,
+/// and every door says the same.
+pub fn too_large_remedy(limit: usize) -> String {
+    format!("this request takes a body of at most {limit} bytes: send a smaller one")
+}
+
 /// The `Content-Length` the client announced, if any and valid.
 pub fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers

@@ -83,8 +83,8 @@ pub enum Accepted {
         state: &'static str,
     },
     /// A concurrent send used the last of a limit since the decision. Nothing was stored; this
-    /// is the new decision (a denial) to answer with.
-    Refused(Decided),
+    /// is the new decision (a denial) to answer with (boxed: a decision carries its trace).
+    Refused(Box<Decided>),
 }
 
 /// A message to accept.
@@ -135,7 +135,7 @@ pub fn now_ms() -> u64 {
 }
 
 impl Gateway {
-    /// Loads the directory and the last 24 h of usage from `store`.
+    /// Loads the directory, the last 24 h of usage and the injected faults in force from `store`.
     pub async fn open(store: Arc<dyn Store>) -> Result<Arc<Gateway>, GatewayError> {
         Gateway::open_with_limits(store, budget::Limits::default()).await
     }
@@ -147,7 +147,7 @@ impl Gateway {
     ) -> Result<Arc<Gateway>, GatewayError> {
         let snap = store.snapshot().await?;
         let counters = load_counters(store.as_ref(), now_ms()).await?;
-        Ok(Arc::new(Gateway {
+        let gateway = Arc::new(Gateway {
             store,
             live: ArcSwap::from_pointee(Live {
                 generation: snap.generation,
@@ -161,7 +161,9 @@ impl Gateway {
             lockout: lockout::Lockout::default(),
             write_fault: std::sync::Mutex::new(None),
             node: nodes::NodeIdentity::current(),
-        }))
+        });
+        gateway.reload_faults().await?;
+        Ok(gateway)
     }
 
     /// A kept decision by id: the store's, or a recent refusal before authentication (kept in
@@ -267,18 +269,47 @@ impl Gateway {
         Ok(generation)
     }
 
-    /// Polls the store every `interval` and swaps in directory changes; writes this node's row
-    /// (the generation in force) on each change and every [`nodes::HEARTBEAT`], so writers can
-    /// wait until a change is live here ([`nodes::wait_until_live`]). Call [`Gateway::leave`]
-    /// when the server stops.
+    /// Reads the faults injected by `mailgate simulate` (the CLI, the admin API, any node) that
+    /// are in force now from the store, and puts them in force here; returns how many. A fault
+    /// whose code this binary does not know is skipped.
+    pub async fn reload_faults(&self) -> Result<usize, GatewayError> {
+        let stored = self.store.active_faults(now_ms() as i64).await?;
+        let faults: Vec<InjectedFault> = stored
+            .into_iter()
+            .filter_map(|f| {
+                Some(InjectedFault {
+                    code: mailgate_core::catalogue::Reason::from_code(&f.code)?,
+                    principal: f.principal,
+                    until_ms: f.until_ms.max(0) as u64,
+                })
+            })
+            .collect();
+        let n = faults.len();
+        self.faults.store(Arc::new(faults));
+        Ok(n)
+    }
+
+    /// Polls the store every `interval` and swaps in directory changes and the injected faults
+    /// in force ([`Gateway::reload_faults`]); writes this node's row (the generation in force)
+    /// on each change and every [`nodes::HEARTBEAT`], so writers can wait until a change is live
+    /// here ([`nodes::wait_until_live`]). Call [`Gateway::leave`] when the server stops.
     pub fn spawn_reloader(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut written: Option<(i64, std::time::Instant)> = None;
+            let mut faults_in_force = 0;
             loop {
                 tick.tick().await;
+                match me.reload_faults().await {
+                    Ok(n) if n != faults_in_force => {
+                        tracing::warn!(active = n, "injected faults (mailgate simulate) in force");
+                        faults_in_force = n;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot load injected faults"),
+                }
                 let generation = match me.refresh().await {
                     Ok(g) => g,
                     Err(e) => {
@@ -320,7 +351,8 @@ impl Gateway {
         }
     }
 
-    /// Replaces the injected faults in force (the server loads them from the store).
+    /// Replaces the injected faults in force (the reload loop reads them from the store:
+    /// [`Gateway::reload_faults`]).
     pub fn set_injected_faults(&self, faults: Vec<InjectedFault>) {
         self.faults.store(Arc::new(faults));
     }
@@ -342,9 +374,33 @@ impl Gateway {
         self.screen_for(door, attempt, |_| true).await
     }
 
-    /// [`Gateway::screen`] for a step that answers only some refusals (SMTP AUTH answers for the
-    /// credential, not for the account's later checks): a refusal `relevant` rejects is neither
-    /// kept nor logged, and the step goes on.
+    /// A send before its message is read (an HTTP door, from the request's headers): returns
+    /// the refusal that no message fact can change ([`Decision::settled_denial`]: transport,
+    /// credential, project, scope, delegation, the account's state), kept under a new id, or
+    /// `None` when the door should read the message and [`Gateway::decide`] the send. So a
+    /// request without a valid credential never makes the door buffer its body, and a refusal
+    /// that the message could still change (a limit, when the sender is not known yet) is
+    /// answered with the message, as the send's decision.
+    pub async fn screen_before_message(
+        &self,
+        door: &str,
+        attempt: &SendAttempt,
+    ) -> Result<Option<Decided>, GatewayError> {
+        let now = now_ms();
+        let decision = self.enforce(attempt, now);
+        if decision.settled_denial().is_none() {
+            return Ok(None);
+        }
+        self.keep_decided(door, attempt, decision, now, Mode::Enforce)
+            .await
+            .map(Some)
+    }
+
+    /// [`Gateway::screen`] for a step that answers only some refusals: a refusal `relevant`
+    /// rejects is neither kept nor logged, and the step goes on. Doors do not use it (which
+    /// checks apply to a call is the engine's business: give the attempt its
+    /// [`mailgate_core::engine::Action`], and use [`Gateway::screen_before_message`] before a
+    /// body); kept for tools that screen on their own terms.
     pub async fn screen_for(
         &self,
         door: &str,
@@ -464,14 +520,16 @@ impl Gateway {
         message: Message,
     ) -> Result<Accepted, GatewayError> {
         let d = &decided.decision;
-        if !d.accepted() || !d.complete {
+        // Only a send is ever accepted: a decision on another action (a settings read, AUTH, a
+        // key management call) allows that call, never a message.
+        if !d.accepted() || !d.complete || !d.action.is_send() || !attempt.action.is_send() {
             return Err(GatewayError::NotAccepted(decided.id.clone()));
         }
         let now = now_ms();
         match commit(d, &self.counters, now)? {
             CommitOutcome::Raced(_) => {
                 let again = self.decide(door, attempt).await?;
-                return Ok(Accepted::Refused(again));
+                return Ok(Accepted::Refused(Box::new(again)));
             }
             CommitOutcome::NotAccepted => {
                 return Err(GatewayError::NotAccepted(decided.id.clone()));
@@ -813,6 +871,59 @@ mod tests {
         let d = gw.decide("smtp", &a).await.unwrap();
         store.flush().await.unwrap();
         assert!(store.decision(&d.id).await.unwrap().is_some());
+    }
+
+    /// A decision on another action than a send (a settings read, AUTH) allows that call and is
+    /// never a send acceptance: nothing is stored or counted, whatever the verdict.
+    #[tokio::test]
+    async fn a_non_send_decision_cannot_be_accepted() {
+        let (gw, _) = gateway().await;
+        let auth = attempt().for_action(mailgate_core::engine::Action::Authenticate);
+        let d = gw.decide("smtp", &auth).await.unwrap();
+        assert!(d.decision.accepted() && d.decision.charge.is_none());
+        assert!(matches!(
+            gw.accept("smtp", &auth, &d, msg()).await,
+            Err(GatewayError::NotAccepted(_))
+        ));
+        // The daily limit of 1 is untouched: the send that follows is allowed and stored.
+        let send = gw.decide("smtp", &attempt()).await.unwrap();
+        assert!(matches!(
+            gw.accept("smtp", &attempt(), &send, msg()).await.unwrap(),
+            Accepted::Stored { .. }
+        ));
+    }
+
+    /// Before its message, a send is refused only for what the message cannot change: a used-up
+    /// limit waits for the message (its sender's checks come first), a refused credential does
+    /// not.
+    #[tokio::test]
+    async fn screening_before_the_message_answers_settled_refusals_only() {
+        let (gw, _) = gateway().await;
+        let mut early = attempt();
+        early.envelope_from = None;
+        early.header = None;
+        early.recipients = None;
+        early.size = None;
+        early.body = mailgate_core::engine::Body::Unknown;
+        let d = gw.decide("smtp", &attempt()).await.unwrap();
+        gw.accept("smtp", &attempt(), &d, msg()).await.unwrap();
+        assert!(gw.screen("smtp", &early).await.unwrap().is_some());
+        assert!(
+            gw.screen_before_message("smtp", &early)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        early.credential = Credential::None;
+        let refused = gw
+            .screen_before_message("smtp", &early)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            refused.decision.denial().unwrap().code.code(),
+            "auth.missing"
+        );
     }
 
     #[tokio::test]

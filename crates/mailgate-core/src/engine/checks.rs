@@ -692,7 +692,10 @@ impl<'a> Ctx<'a> {
                 }
             }
             Reason::ScopeInsufficient => match self.scopes {
-                Some(scopes) if self.authenticated && !a.action.is_send() => {
+                Some(scopes)
+                    if self.authenticated
+                        && !matches!(a.action, Action::Send | Action::Authenticate) =>
+                {
                     let wanted = a.action.scopes(a.door);
                     if scopes.iter().any(|s| wanted.contains(&s.as_str())) {
                         pass("token has a scope this method takes")
@@ -744,7 +747,7 @@ impl<'a> Ctx<'a> {
                     return fail(
                         format!("API key `{}` lacks the {p} permission", k.id),
                         Fault::new(FaultKind::ApiKey, k.id.clone()),
-                        if a.action.is_send() {
+                        if matches!(a.action, Action::Send | Action::Authenticate) {
                             format!("add {p} to api_keys[{}].permissions {APPLY}", k.id)
                         } else {
                             format!(
@@ -1121,6 +1124,16 @@ impl<'a> Ctx<'a> {
                         self.user_remedy_name()
                     ),
                 ),
+                Some(n) if a.door.max_message_bytes().is_some_and(|d| n > d) => {
+                    let d = a.door.max_message_bytes().unwrap_or_default();
+                    fail(
+                        format!("message is {n} bytes, over the Gmail API's {d} byte limit"),
+                        Fault::new(FaultKind::DoorLimit, "the Gmail API's message size limit"),
+                        format!(
+                            "send a smaller message: the Gmail API takes messages up to {d} bytes (35 MiB), attachments included, whatever limits.max_message_bytes allows (use SMTP for larger ones)"
+                        ),
+                    )
+                }
                 Some(_) => pass("size within the limit"),
             },
             Reason::UpstreamRefused | Reason::UpstreamDeferred | Reason::UpstreamAuthFailed => {
@@ -1475,7 +1488,13 @@ impl<'a> Ctx<'a> {
                 Reason::PolicyTooManyRecipients => {
                     Some(self.limits.recipients_per_message.to_string())
                 }
-                Reason::MessageTooLarge => Some(self.limits.max_message_bytes.to_string()),
+                Reason::MessageTooLarge => Some(
+                    match a.door.max_message_bytes() {
+                        Some(d) if a.size.is_some_and(|n| n <= self.limits.max_message_bytes) => d,
+                        _ => self.limits.max_message_bytes,
+                    }
+                    .to_string(),
+                ),
                 _ => r.limit.as_ref().map(|l| l.limit.to_string()),
             },
             detail: match (&a.body, &self.header_problem) {

@@ -33,14 +33,16 @@ fn matches(principal: &str, fault: &str) -> bool {
 
 /// Applies the first active fault for the decision's principal: the send is denied with that
 /// reason (ahead of any real denial in enforcement order only when there is none).
+/// Only a fault whose reason is a check of the decision's action counts ([`super::Action::applies`]:
+/// a simulated limit does not refuse a settings read, a simulated account state does not refuse
+/// SMTP AUTH, which answers for the credential only).
 pub fn apply_injected(decision: &mut Decision, faults: &[InjectedFault], now_ms: u64) {
     let Some(principal) = decision.principal.clone() else {
         return;
     };
-    let Some(f) = faults
-        .iter()
-        .find(|f| f.until_ms > now_ms && matches(&principal, &f.principal))
-    else {
+    let Some(f) = faults.iter().find(|f| {
+        f.until_ms > now_ms && matches(&principal, &f.principal) && decision.action.applies(f.code)
+    }) else {
         return;
     };
     let until = rfc3339_ms(f.until_ms);

@@ -86,7 +86,7 @@ pub const SHARING_SCOPES: &[&str] = &[
 /// | `Send` | every check | the send scopes of the door | `mail.send` |
 /// | `Authenticate` | transport, authentication, credential, project, grant, delegation (rows 1–20) | the send scopes of the door | `mail.send` |
 /// | `ReadSettings`, `UpdateSettings`, `ManageSendAs` | rows 1–24 (through the account's state) and `policy.denied` | the method's ([`READ_SCOPES`], [`BASIC_SCOPES`], [`SHARING_SCOPES`]) | `mail.send` |
-/// | `Manage { permission }` | transport, authentication, credential (rows 1–12) and `permission.missing` | none (API keys) | `permission` (none: any valid key) |
+/// | `Manage { permission }` | transport, authentication, credential (rows 1–13) and `permission.missing` | none (API keys) | `permission` (none: any valid key) |
 ///
 /// For every action but `Send`, the checks that need a message fact (sender, recipients, limits,
 /// the message) do not apply: they are `not_applicable`, never `pending`, so the decision is
@@ -174,6 +174,9 @@ impl Action {
     }
 }
 
+/// The Gmail API's upload limit, 35 MiB, attachments included ([`Door::max_message_bytes`]).
+pub const GMAIL_MAX_MESSAGE_BYTES: u64 = 36_700_160;
+
 /// The API name of the SMTP doors in `api_keys[].allowed_apis`.
 pub const SMTP_API: &str = "smtp";
 
@@ -209,6 +212,16 @@ impl Door {
     /// SMTP doors.
     pub fn is_smtp(self) -> bool {
         matches!(self, Door::Smtp | Door::SmtpRelay)
+    }
+
+    /// The largest message the door's own protocol takes, whatever `limits.max_message_bytes`
+    /// allows: the Gmail API's 35 MiB (docs/gmail.md); `None` for the others (their limit is the
+    /// directory's, and SMTP advertises it as SIZE).
+    pub fn max_message_bytes(self) -> Option<u64> {
+        match self {
+            Door::Gmail => Some(GMAIL_MAX_MESSAGE_BYTES),
+            _ => None,
+        }
     }
 }
 
@@ -733,6 +746,8 @@ pub enum FaultKind {
     Recipient,
     /// The message.
     Message,
+    /// A limit of the door's own protocol (the Gmail API's message size), displayed as its id.
+    DoorLimit,
 }
 
 /// The object at fault: kind and identity, displayed like a path in org.yaml.
@@ -762,6 +777,7 @@ impl fmt::Display for Fault {
             FaultKind::Address => return write!(f, "address {}", self.id),
             FaultKind::Recipient => return write!(f, "recipient {}", self.id),
             FaultKind::Message => return write!(f, "message ({})", self.id),
+            FaultKind::DoorLimit => return f.write_str(&self.id),
             FaultKind::SmtpRelay => return write!(f, "smtp_relay.{}", self.id),
             FaultKind::Limit => return write!(f, "limits.{}", self.id),
             FaultKind::User => "users",
@@ -886,6 +902,20 @@ impl Denial {
     /// The SendGrid-door answer (put the remedy in `help`).
     pub fn sendgrid(&self) -> Option<SendGridReply> {
         self.code.sendgrid_reply(&self.args)
+    }
+    /// The remedy as answers show it: for a limit with a reset time, followed by the usage
+    /// (`... (used 3 of 3; resets at 2026-...Z)`).
+    pub fn remedy_with_usage(&self) -> Cow<'_, str> {
+        match &self.limit {
+            Some(l) if let Some(at) = l.reset_at_ms => Cow::Owned(format!(
+                "{} (used {} of {}; resets at {})",
+                self.remedy,
+                l.current,
+                l.limit,
+                rfc3339_ms(at)
+            )),
+            _ => Cow::Borrowed(&self.remedy),
+        }
     }
     /// `Retry-After` in seconds at `now_ms`, for limits with a reset time.
     pub fn retry_after_secs(&self, now_ms: u64) -> Option<u64> {

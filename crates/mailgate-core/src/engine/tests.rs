@@ -1861,6 +1861,9 @@ pub(super) fn random_attempt(r: &mut Rng) -> SendAttempt {
     let from = r.chance(85).then(|| r.pick(ADDRS).to_string());
     let envelope_from = if r.chance(80) {
         from.clone()
+    } else if r.chance(35) {
+        // A null reverse-path (`MAIL FROM:<>`, a bounce).
+        Some(String::new())
     } else {
         r.chance(70).then(|| r.pick(ADDRS).to_string())
     };
@@ -1916,6 +1919,33 @@ pub(super) fn random_attempt(r: &mut Rng) -> SendAttempt {
     }
 }
 
+/// A random action other than a send (the key permissions are those the generator's keys may
+/// hold, and one no key holds).
+pub(super) fn random_non_send(r: &mut Rng) -> Action {
+    *r.pick(&[
+        Action::Authenticate,
+        Action::ReadSettings,
+        Action::UpdateSettings,
+        Action::ManageSendAs,
+        Action::Manage { permission: None },
+        Action::Manage {
+            permission: Some("mail.send"),
+        },
+        Action::Manage {
+            permission: Some("api_keys.read"),
+        },
+    ])
+}
+
+/// The checks whose outcome depends on the action itself (its scopes and permission), not only on
+/// the facts.
+fn action_dependent(r: Reason) -> bool {
+    matches!(
+        r,
+        Reason::ScopeInsufficient | Reason::PermissionMissing | Reason::DelegationScopeNotGranted
+    )
+}
+
 /// Random usage for the principals the attempt may resolve to.
 pub(super) fn random_counters(r: &mut Rng) -> MemoryCounters {
     let c = MemoryCounters::new();
@@ -1951,11 +1981,16 @@ fn differential_against_reference_100k() {
     let (mut allowed_several_from, mut malformed_header) = (0u64, 0u64);
     let mut checked_guarantee = 0u64;
     let mut not_checked = 0u64;
+    // Bounces on the relay decided with the header's sender; non-send actions refused and not.
+    let (mut null_sender, mut non_send_refused, mut non_send_allowed) = (0u64, 0u64, 0u64);
     for _ in 0..1_000 {
         let dir = random_directory(&mut r);
         let ix = DirectoryIndex::new(&dir);
         for _ in 0..100 {
-            let a = random_attempt(&mut r);
+            let mut a = random_attempt(&mut r);
+            if r.chance(20) {
+                a.action = random_non_send(&mut r);
+            }
             let counters = random_counters(&mut r);
             let d = decide(&a, &ix, &counters, NOW, Mode::Explain);
             let got: Vec<(Reason, Outcome)> =
@@ -1991,10 +2026,25 @@ fn differential_against_reference_100k() {
             if d.verdict != Verdict::Denied {
                 allowed += 1;
             }
+            if matches!(a.credential, Credential::RelayIp)
+                && a.envelope_from.as_deref() == Some("")
+                && a.body == Body::Valid
+                && a.header.is_some()
+                && e.complete
+            {
+                null_sender += 1;
+            }
+            if !a.action.is_send() {
+                if e.accepted() {
+                    non_send_allowed += 1;
+                } else {
+                    non_send_refused += 1;
+                }
+            }
             // The send-as guarantee, stated directly: an accepted message has one well-formed
             // From, and every From and Sender address is one the principal may send as (or the
             // single From is rewritten).
-            if e.accepted() && e.complete {
+            if e.accepted() && e.complete && e.action.is_send() {
                 let h = a.header.as_ref().expect("accepted without a header");
                 assert_eq!(h.problem(), None, "case {cases}: {a:#?}");
                 for addr in h.from_addresses().chain(h.sender_addresses()) {
@@ -2049,6 +2099,11 @@ fn differential_against_reference_100k() {
         not_checked > 1_000,
         "only {not_checked} explains with a fact not given"
     );
+    assert!(null_sender > 50, "only {null_sender} relay bounces decided");
+    assert!(
+        non_send_allowed > 100 && non_send_refused > 1_000,
+        "non-send actions: {non_send_allowed} allowed, {non_send_refused} refused"
+    );
     let missing: Vec<_> = CHECKS.iter().filter(|c| !seen.contains(c)).collect();
     assert!(missing.is_empty(), "codes never produced: {missing:?}");
 }
@@ -2060,6 +2115,305 @@ fn first_failure_or_unchecked(d: &Decision) -> Option<Reason> {
         .iter()
         .find(|c| matches!(c.outcome, Outcome::Fail | Outcome::NotChecked))
         .map(|c| c.check)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Actions other than a send, and the null-sender rule (issue 15 item 2).
+
+fn with_scopes(c: Credential, scopes: &[&str]) -> Credential {
+    match c {
+        Credential::OauthUser {
+            user,
+            client_id,
+            project,
+            ..
+        } => Credential::OauthUser {
+            user,
+            client_id,
+            project,
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        },
+        other => other,
+    }
+}
+
+/// What a Gmail settings method, SMTP AUTH or a key-management call gets, for the same facts.
+fn decide_action(a: &SendAttempt, dir: &Directory, c: &MemoryCounters) -> Decision {
+    decide(a, &DirectoryIndex::new(dir), c, NOW, Mode::Enforce)
+}
+
+#[test]
+fn settings_methods_take_their_own_scopes_and_are_never_a_send() {
+    const READONLY: &str = "https://www.googleapis.com/auth/gmail.readonly";
+    const SEND: &str = "https://www.googleapis.com/auth/gmail.send";
+    let dir = fixture();
+    let c = MemoryCounters::new();
+    let attempt = |scope: &str, action: Action| {
+        SendAttempt::new(
+            Door::Gmail,
+            with_scopes(oauth("alice@example.com"), &[scope]),
+        )
+        .for_action(action)
+    };
+    // A send-only token reads no profile: scope.insufficient, the method's scopes in the remedy.
+    let d = decide_action(&attempt(SEND, Action::ReadSettings), &dir, &c);
+    let denial = d.denial().expect("refused");
+    assert_eq!(denial.code, Reason::ScopeInsufficient);
+    assert_eq!(denial.check(), "grant");
+    assert!(denial.remedy.contains(READONLY), "{}", denial.remedy);
+    assert_eq!(
+        denial.object_at_fault.to_string(),
+        "credential alice@example.com"
+    );
+    assert!(denial.gmail().is_some());
+    // A read-only token reads it, and that decision is complete, charges nothing and cannot be
+    // committed as a send; no check is pending and no limit is looked at.
+    let d = decide_action(&attempt(READONLY, Action::ReadSettings), &dir, &c);
+    assert_eq!(d.verdict, Verdict::Allowed, "{:?}", d.denial());
+    assert!(d.complete && d.charge.is_none() && d.holds.is_empty());
+    assert!(d.checks.iter().all(|x| x.outcome != Outcome::Pending));
+    assert_eq!(
+        commit(&d, &c, NOW).unwrap(),
+        CommitOutcome::NotAccepted,
+        "a settings read is never a send acceptance"
+    );
+    // ... but it cannot create a send-as address (settings.sharing), nor send.
+    for action in [Action::ManageSendAs, Action::UpdateSettings, Action::Send] {
+        let mut a = attempt(READONLY, action);
+        if action == Action::Send {
+            a = a.from("alice@example.com").to(["x@example.org"]).parsed(10);
+        }
+        let d = decide_action(&a, &dir, &c);
+        assert_eq!(
+            d.denial().map(|x| x.code),
+            Some(Reason::ScopeInsufficient),
+            "{action:?}"
+        );
+    }
+    // The account's state still refuses a settings read (a suspended user reads nothing).
+    let mut a = attempt(READONLY, Action::ReadSettings);
+    a.credential = with_scopes(oauth("carol@example.com"), &[READONLY]);
+    let d = decide_action(&a, &dir, &c);
+    assert_eq!(d.denial().map(|x| x.code), Some(Reason::AccountSuspended));
+    // A used-up limit does not (limits count sends).
+    let mut limited = fixture();
+    limited.users[0].limits.messages_per_day = Some(0);
+    let d = decide_action(&attempt(READONLY, Action::ReadSettings), &limited, &c);
+    assert_eq!(d.verdict, Verdict::Allowed, "{:?}", d.denial());
+    let mut send = attempt(SEND, Action::Send);
+    send = send
+        .from("alice@example.com")
+        .to(["x@example.org"])
+        .parsed(10);
+    assert_eq!(
+        decide_action(&send, &limited, &c).denial().map(|x| x.code),
+        Some(Reason::LimitDailyMessages)
+    );
+    // An injected limit fault refuses the send but not the settings read.
+    let fault = InjectedFault {
+        principal: "alice@example.com".into(),
+        code: Reason::LimitDailyMessages,
+        until_ms: NOW + 1,
+    };
+    let mut d = decide_action(&attempt(READONLY, Action::ReadSettings), &dir, &c);
+    apply_injected(&mut d, std::slice::from_ref(&fault), NOW);
+    assert_eq!(d.verdict, Verdict::Allowed);
+    let mut d = decide_action(&send, &dir, &c);
+    apply_injected(&mut d, std::slice::from_ref(&fault), NOW);
+    assert_eq!(d.denial().map(|x| x.code), Some(Reason::LimitDailyMessages));
+}
+
+#[test]
+fn authenticate_answers_for_the_credential_only() {
+    let dir = fixture();
+    let c = MemoryCounters::new();
+    // A suspended user's valid password passes AUTH (the refusal comes at MAIL FROM) ...
+    let a =
+        SendAttempt::new(Door::Smtp, login("carol@example.com")).for_action(Action::Authenticate);
+    let d = decide_action(&a, &dir, &c);
+    assert_eq!(d.verdict, Verdict::Allowed, "{:?}", d.denial());
+    assert!(d.complete && d.charge.is_none());
+    let mut mail_from = SendAttempt::new(Door::Smtp, login("carol@example.com"));
+    mail_from.envelope_from = Some("carol@example.com".into());
+    assert_eq!(
+        decide_action(&mail_from, &dir, &c).denial().map(|x| x.code),
+        Some(Reason::AccountSuspended)
+    );
+    // ... a key without mail.send and a token without https://mail.google.com/ do not.
+    let a = SendAttempt::new(Door::Smtp, api_key("k-noperm")).for_action(Action::Authenticate);
+    assert_eq!(
+        decide_action(&a, &dir, &c).denial().map(|x| x.code),
+        Some(Reason::PermissionMissing)
+    );
+    let a =
+        SendAttempt::new(Door::Smtp, oauth("alice@example.com")).for_action(Action::Authenticate);
+    let d = decide_action(&a, &dir, &c);
+    assert_eq!(d.denial().map(|x| x.code), Some(Reason::ScopeInsufficient));
+    assert!(
+        d.denial()
+            .unwrap()
+            .remedy
+            .contains("https://mail.google.com/"),
+        "{:?}",
+        d.denial()
+    );
+}
+
+#[test]
+fn key_management_needs_the_keys_permission_not_mail_send() {
+    let dir = fixture();
+    let c = MemoryCounters::new();
+    let manage = |key: &str, permission| {
+        SendAttempt::new(Door::Sendgrid, api_key(key)).for_action(Action::Manage { permission })
+    };
+    // k1 holds mail.send only.
+    let d = decide_action(&manage("k1", Some("api_keys.read")), &dir, &c);
+    let denial = d.denial().expect("refused");
+    assert_eq!(denial.code, Reason::PermissionMissing);
+    assert_eq!(denial.object_at_fault.to_string(), "api_keys[k1]");
+    assert!(
+        denial
+            .remedy
+            .starts_with("add api_keys.read to api_keys[k1].permissions")
+            && denial.remedy.ends_with("or use a key that has it"),
+        "{}",
+        denial.remedy
+    );
+    assert!(denial.sendgrid().is_some());
+    assert!(decide_action(&manage("k1", Some("mail.send")), &dir, &c).accepted());
+    // A key without mail.send may still call what needs no permission; a revoked one may not.
+    let d = decide_action(&manage("k-noperm", None), &dir, &c);
+    assert!(d.accepted() && d.charge.is_none(), "{:?}", d.denial());
+    assert_eq!(
+        decide_action(&manage("k-rev", None), &dir, &c)
+            .denial()
+            .map(|x| x.code),
+        Some(Reason::AuthRevoked)
+    );
+}
+
+#[test]
+fn a_refusal_is_settled_before_the_message_only_when_nothing_before_it_waits() {
+    let c = MemoryCounters::new();
+    // Before the body: no sender, no recipients. A suspended account is settled ...
+    let early = SendAttempt::new(Door::Gmail, oauth("carol@example.com"));
+    let d = decide_action(&early, &fixture(), &c);
+    assert_eq!(
+        d.settled_denial().map(|x| x.code),
+        Some(Reason::AccountSuspended)
+    );
+    // ... a used-up limit is not: the sender's checks, still waiting for the message, come
+    // first, and the message decides which refusal is the answer.
+    let mut limited = fixture();
+    limited.users[0].limits.messages_per_day = Some(0);
+    let early = SendAttempt::new(Door::Gmail, oauth("alice@example.com"));
+    let d = decide_action(&early, &limited, &c);
+    assert_eq!(d.denial().map(|x| x.code), Some(Reason::LimitDailyMessages));
+    assert_eq!(d.settled_denial(), None);
+    let unowned = early
+        .clone()
+        .from("ceo@evil.example")
+        .to(["x@example.org"])
+        .parsed(5);
+    assert_eq!(
+        decide_action(&unowned, &limited, &c)
+            .denial()
+            .map(|x| x.code),
+        Some(Reason::SenderNotOwned)
+    );
+}
+
+#[test]
+fn the_gmail_api_limit_is_the_engines_whatever_the_organisation_allows() {
+    let mut dir = fixture();
+    dir.limits.max_message_bytes = Some(100 * 1024 * 1024);
+    let c = MemoryCounters::new();
+    let big = base().parsed(GMAIL_MAX_MESSAGE_BYTES + 1);
+    let d = decide_action(&big, &dir, &c);
+    let denial = d.denial().expect("refused");
+    assert_eq!(denial.code, Reason::MessageTooLarge);
+    assert_eq!(
+        denial.object_at_fault.to_string(),
+        "the Gmail API's message size limit"
+    );
+    assert!(denial.remedy.contains("use SMTP for larger ones"));
+    assert_eq!(
+        denial.args.limit.as_deref(),
+        Some(GMAIL_MAX_MESSAGE_BYTES.to_string().as_str())
+    );
+    // SMTP takes what the organisation allows.
+    let smtp = as_user(
+        big,
+        Door::Smtp,
+        login("alice@example.com"),
+        "alice@example.com",
+    );
+    assert!(decide_action(&smtp, &dir, &c).accepted());
+    // Under the organisation's own lower limit, its remedy answers.
+    let d = decide_action(&base().parsed(GMAIL_MAX_MESSAGE_BYTES + 1), &fixture(), &c);
+    assert_eq!(
+        d.denial().unwrap().object_at_fault.to_string(),
+        "limits.max_message_bytes"
+    );
+}
+
+/// The null-sender rule for bounces: `MAIL FROM:<>` on the IP-trusted relay is decided by the
+/// header's sender once the message is known, never left pending (which made the SMTP door
+/// answer `451` for good), and an authenticated principal's header From is checked as always.
+#[test]
+fn a_null_reverse_path_is_decided_by_the_header_sender() {
+    let mut dir = fixture();
+    dir.smtp_relay.allowed_senders = RelaySenders::DomainAddresses;
+    let c = MemoryCounters::new();
+    let bounce = |header: Option<Originator>, body: Body| {
+        let mut a = SendAttempt::new(Door::SmtpRelay, Credential::RelayIp);
+        a.transport.client_ip = Some(ip("192.0.2.7"));
+        a.envelope_from = Some(String::new());
+        a.recipients = Some(vec!["x@example.org".into()]);
+        a.size = Some(100);
+        a.header = header;
+        a.body = body;
+        a
+    };
+    // MAIL FROM:<>: nothing refused, the sender is still to come.
+    let d = decide_action(&bounce(None, Body::Unknown), &dir, &c);
+    assert!(d.accepted() && !d.complete, "{:?}", d.denial());
+    // The organisation's bounce goes, counted as the header's sender.
+    let from = |a: &str| Some(Originator::from_address(a));
+    let d = decide_action(
+        &bounce(from("MAILER-DAEMON@example.com"), Body::Valid),
+        &dir,
+        &c,
+    );
+    assert!(d.accepted() && d.complete, "{:?}", d.denial());
+    assert_eq!(
+        d.principal.as_deref(),
+        Some("relay:mailer-daemon@example.com")
+    );
+    // One from elsewhere is refused by smtp_relay.allowed_senders; one naming no sender is
+    // malformed (RFC 5322 requires a From).
+    let d = decide_action(
+        &bounce(from("someone@other.example"), Body::Valid),
+        &dir,
+        &c,
+    );
+    assert_eq!(d.denial().map(|x| x.code), Some(Reason::SenderNotOwned));
+    let d = decide_action(&bounce(Some(Originator::default()), Body::Valid), &dir, &c);
+    assert_eq!(d.denial().map(|x| x.code), Some(Reason::MessageInvalid));
+    // Authenticated: the null envelope is skipped and the header From is checked.
+    let mut a = as_user(
+        base(),
+        Door::Smtp,
+        login("alice@example.com"),
+        "ceo@evil.example",
+    );
+    a.envelope_from = Some(String::new());
+    assert_eq!(
+        decide_action(&a, &dir, &c).denial().map(|x| x.code),
+        Some(Reason::SenderNotOwned)
+    );
+    a.header = from("alice@example.com");
+    assert!(decide_action(&a, &dir, &c).accepted());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2249,6 +2603,58 @@ mod props {
                     prop_assert!(!x.complete);
                     prop_assert_eq!(commit(&x, &counters, NOW).unwrap(), CommitOutcome::NotAccepted);
                 }
+            }
+        }
+
+        /// (e) An action other than a send is never a send acceptance: nothing pending, nothing
+        /// held or charged, and `commit` refuses it, whatever the facts.
+        #[test]
+        fn non_send_actions_never_accept_a_send(seed in any::<u64>()) {
+            let mut r = Rng::new(seed);
+            let dir = random_directory(&mut r);
+            let mut a = random_attempt(&mut r);
+            a.action = random_non_send(&mut r);
+            let counters = random_counters(&mut r);
+            let ix = DirectoryIndex::new(&dir);
+            for mode in [Mode::Enforce, Mode::Explain] {
+                let d = decide(&a, &ix, &counters, NOW, mode);
+                prop_assert!(d.charge.is_none());
+                prop_assert!(d.holds.is_empty());
+                prop_assert!(d.verdict != Verdict::Held);
+                prop_assert!(d.checks.iter().all(|c| c.outcome != Outcome::Pending));
+                prop_assert_eq!(commit(&d, &counters, NOW).unwrap(), CommitOutcome::NotAccepted);
+                for c in &d.checks {
+                    if !a.action.applies(c.check) {
+                        prop_assert_eq!(c.outcome, Outcome::NotApplicable);
+                    }
+                }
+            }
+        }
+
+        /// (f) The same facts get the same refusal whatever is asked: the refusal of an action is
+        /// the first failure, among the checks that action runs, of the send with the same facts
+        /// (only the checks that read the action's own scopes and permission may differ).
+        #[test]
+        fn same_facts_same_refusal_for_every_action(seed in any::<u64>()) {
+            let mut r = Rng::new(seed);
+            let dir = random_directory(&mut r);
+            let a = random_attempt(&mut r);
+            let counters = random_counters(&mut r);
+            let ix = DirectoryIndex::new(&dir);
+            let send = decide(&a, &ix, &counters, NOW, Mode::Explain);
+            let action = random_non_send(&mut r);
+            let d = decide(&a.clone().for_action(action), &ix, &counters, NOW, Mode::Enforce);
+            let want = send
+                .checks
+                .iter()
+                .filter(|c| action.applies(c.check) && !action_dependent(c.check))
+                .find(|c| matches!(c.outcome, Outcome::Fail | Outcome::NotChecked))
+                .map(|c| c.check);
+            match d.denial().map(|x| x.code) {
+                Some(got) if action_dependent(got) => {
+                    prop_assert!(want.is_none_or(|w| w > got), "{:?} before {:?}", want, got);
+                }
+                got => prop_assert_eq!(got, want),
             }
         }
 

@@ -6,8 +6,8 @@ use crate::catalogue::Reason;
 use crate::directory::*;
 use crate::engine::checks::CHECKS;
 use crate::engine::{
-    Body, Counters, Credential, CredentialState, Door, Mailbox, Originator, Outcome, SendAttempt,
-    TlsVersion,
+    Action, Body, Counters, Credential, CredentialState, Door, Mailbox, Originator, Outcome,
+    SendAttempt, TlsVersion,
 };
 
 use Outcome::{Fail, Hold, NotApplicable as Na, NotChecked, Pass, Pending};
@@ -47,17 +47,50 @@ fn org_domain_or_sub(dir: &Directory, d: &str) -> bool {
     dir.domains.iter().any(|x| within(d, &x.name))
 }
 
-fn send_scope(s: &str, door: Door) -> bool {
-    match door {
-        Door::Smtp | Door::SmtpRelay => s == "https://mail.google.com/",
-        _ => [
-            "https://mail.google.com/",
-            "https://www.googleapis.com/auth/gmail.modify",
-            "https://www.googleapis.com/auth/gmail.compose",
-            "https://www.googleapis.com/auth/gmail.send",
-            "https://www.googleapis.com/auth/gmail.addons.current.action.compose",
-        ]
-        .contains(&s),
+/// Whether scope `s` lets a token do `action` at `door` (Google's discovery document).
+fn scope_for(s: &str, door: Door, action: Action) -> bool {
+    const FULL: &str = "https://mail.google.com/";
+    const G: &str = "https://www.googleapis.com/auth/gmail.";
+    let short = s.strip_prefix(G);
+    match action {
+        Action::Send | Action::Authenticate => match door {
+            Door::Smtp | Door::SmtpRelay => s == FULL,
+            _ => {
+                s == FULL
+                    || matches!(
+                        short,
+                        Some("modify" | "compose" | "send" | "addons.current.action.compose")
+                    )
+            }
+        },
+        Action::ReadSettings => {
+            s == FULL
+                || matches!(
+                    short,
+                    Some("modify" | "compose" | "readonly" | "metadata" | "settings.basic")
+                )
+        }
+        Action::UpdateSettings => {
+            s == FULL || matches!(short, Some("settings.basic" | "settings.sharing"))
+        }
+        Action::ManageSendAs => s == FULL || short == Some("settings.sharing"),
+        Action::Manage { .. } => false,
+    }
+}
+
+/// The checks each action runs, written out by row (docs/reasons.md): every check for a send;
+/// rows 1-20 (transport to delegation) for AUTH; rows 1-24 (through the account's state) and
+/// `policy.denied` for the Gmail settings methods; transport, authentication and the
+/// credential's restrictions (rows 1-13) and `permission.missing` for a key-management call.
+fn runs(action: Action, r: Reason) -> bool {
+    let row = r.spec().row;
+    match action {
+        Action::Send => true,
+        Action::Authenticate => row <= 20,
+        Action::ReadSettings | Action::UpdateSettings | Action::ManageSendAs => {
+            row <= 24 || r == Reason::PolicyDenied
+        }
+        Action::Manage { .. } => row <= 13 || r == Reason::PermissionMissing,
     }
 }
 
@@ -199,6 +232,23 @@ pub(super) fn explain(
     let mut scopes: Option<&Vec<String>> = None;
     let mut project: Option<&str> = None;
     let mut subject_unknown = false;
+    let send_scope = |s: &str, door: Door| scope_for(s, door, a.action);
+    // The null-sender rule: `MAIL FROM:<>` on the IP-trusted relay, once the message is known,
+    // stands for the header's first From (else Sender) address, malformed header or not.
+    let relay_null = a.envelope_from.as_deref() == Some("")
+        && a.body == Body::Valid
+        && matches!(a.credential, Credential::RelayIp);
+    let envelope_from: Option<&str> = match &a.header {
+        Some(h) if relay_null => h
+            .from
+            .iter()
+            .flatten()
+            .chain(h.sender.iter().flatten())
+            .map(String::as_str)
+            .find(|x| !x.is_empty())
+            .or(Some("")),
+        _ => a.envelope_from.as_deref(),
+    };
     match &a.credential {
         Credential::None => failure = Some(Reason::AuthMissing),
         Credential::Refused { state, .. } => {
@@ -270,7 +320,7 @@ pub(super) fn explain(
         Credential::RelayIp => {
             if a.door != Door::SmtpRelay || dir.smtp_relay.require_auth {
                 failure = Some(Reason::AuthMissing);
-            } else if let Some(e) = &a.envelope_from {
+            } else if let Some(e) = envelope_from {
                 user = user_by_address(dir, e);
             }
         }
@@ -302,7 +352,7 @@ pub(super) fn explain(
     } else if let Some(s) = sa {
         Some(format!("sa:{}", s.email.to_ascii_lowercase()))
     } else if relay {
-        match (&a.envelope_from, a.transport.client_ip) {
+        match (envelope_from, a.transport.client_ip) {
             (Some(e), _) if !e.is_empty() => Some(format!("relay:{}", e.to_ascii_lowercase())),
             (_, Some(ip)) => Some(format!("relay-ip:{ip}")),
             _ => None,
@@ -315,7 +365,7 @@ pub(super) fn explain(
     let rewrite = dir.organisation.on_unowned_from == UnownedFrom::Rewrite;
     // The header counts only when its From/Sender fields are well-formed (else message.invalid).
     let header = a.header.as_ref().filter(|h| well_formed(h));
-    let envelope = a.envelope_from.as_deref().filter(|s| !s.is_empty());
+    let envelope = envelope_from.filter(|s| !s.is_empty());
     // (role, address): 0 envelope, 1 From, 2 Sender.
     let mut senders: Vec<(u8, &str)> = envelope.into_iter().map(|e| (0, e)).collect();
     if let Some(h) = header {
@@ -496,6 +546,11 @@ pub(super) fn explain(
             Reason::PermissionMissing => {
                 if !authed {
                     Na
+                } else if let Action::Manage { permission } = a.action {
+                    match (key, permission) {
+                        (Some(k), Some(p)) if !k.permissions.iter().any(|x| x == p) => Fail,
+                        _ => Pass,
+                    }
                 } else if key.is_some_and(|k| !k.permissions.iter().any(|p| p == "mail.send")) {
                     Fail
                 } else {
@@ -773,10 +828,12 @@ pub(super) fn explain(
             Reason::MessageTooLarge => match a.size {
                 None => Pending,
                 Some(n) if n > limits.max_message_bytes => Fail,
+                Some(n) if a.door == Door::Gmail && n > 35 * 1024 * 1024 => Fail,
                 Some(_) => Pass,
             },
             _ => Na,
         };
+        let o = if runs(a.action, r) { o } else { Na };
         out.push((r, o));
     }
     out
