@@ -7,7 +7,7 @@ use axum::Json;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use mailgate_core::catalogue::{GmailReply, Reason, RenderArgs};
-use mailgate_core::engine::{Denial, SEND_SCOPES, rfc3339_ms};
+use mailgate_core::engine::Denial;
 use serde_json::{Value, json};
 
 /// What Mailgate adds to a refusal.
@@ -111,11 +111,14 @@ pub(crate) fn insufficient_scope_header(scopes: &[&str]) -> HeaderMap {
     h
 }
 
-/// Renders an engine denial as Google would answer it, with Mailgate's explanation.
+/// Renders an engine denial as Google would answer it, with Mailgate's explanation. `scopes`:
+/// the scopes the method takes (`Action::scopes`), named in `WWW-Authenticate` when the token
+/// has none of them.
 pub(crate) fn denial_response(
     denial: &Denial,
     decision_id: &str,
     method: &str,
+    scopes: &[&str],
     now_ms: u64,
 ) -> Response {
     let Some(reply) = denial.gmail() else {
@@ -124,30 +127,20 @@ pub(crate) fn denial_response(
     };
     let mut headers = HeaderMap::new();
     if denial.code == Reason::ScopeInsufficient {
-        headers = insufficient_scope_header(&SEND_SCOPES);
+        headers = insufficient_scope_header(scopes);
     }
     if let Some(secs) = denial.retry_after_secs(now_ms)
         && let Ok(v) = HeaderValue::from_str(&secs.to_string())
     {
         headers.insert(header::RETRY_AFTER, v);
     }
-    let mut remedy = denial.remedy.clone();
-    if let Some(l) = &denial.limit
-        && let Some(at) = l.reset_at_ms
-    {
-        remedy = format!(
-            "{remedy} (used {} of {}; resets at {})",
-            l.current,
-            l.limit,
-            rfc3339_ms(at)
-        );
-    }
+    let remedy = denial.remedy_with_usage();
     google_error(
         &reply,
         method,
         Some(Explanation {
             code: denial.code.code(),
-            check: denial.stage.as_str(),
+            check: denial.check(),
             object_at_fault: denial.object_at_fault.to_string(),
             remedy: &remedy,
             decision_id: Some(decision_id),
@@ -176,7 +169,7 @@ fn internal_denial(denial: &Denial, decision_id: &str) -> Response {
         "",
         Some(Explanation {
             code: denial.code.code(),
-            check: denial.stage.as_str(),
+            check: denial.check(),
             object_at_fault: denial.object_at_fault.to_string(),
             remedy: &denial.remedy,
             decision_id: Some(decision_id),
@@ -214,7 +207,7 @@ pub(crate) fn invalid_request(message: &str, remedy: &str) -> Response {
         "",
         Some(Explanation {
             code: reason.code(),
-            check: reason.spec().stage.as_str(),
+            check: reason.check_name(),
             object_at_fault: "request".into(),
             remedy,
             decision_id: None,
@@ -247,36 +240,6 @@ pub(crate) fn simple(
     google_error(&reply, "", None, HeaderMap::new())
 }
 
-/// A reason rendered without an engine decision (non-send methods' own scope checks).
-pub(crate) fn reason_response(
-    reason: Reason,
-    args: &RenderArgs,
-    method: &str,
-    remedy: &str,
-    method_scopes: &[&str],
-) -> Response {
-    let headers = if reason == Reason::ScopeInsufficient {
-        insufficient_scope_header(method_scopes)
-    } else {
-        HeaderMap::new()
-    };
-    match reason.gmail_reply(args) {
-        Some(reply) => google_error(
-            &reply,
-            method,
-            Some(Explanation {
-                code: reason.code(),
-                check: reason.spec().stage.as_str(),
-                object_at_fault: "credential".into(),
-                remedy,
-                decision_id: None,
-            }),
-            headers,
-        ),
-        None => simple(403, "PERMISSION_DENIED", "forbidden", remedy),
-    }
-}
-
 /// Seconds a client is told to wait after a store fault (`Retry-After`).
 pub(crate) const STORE_RETRY_AFTER_SECS: u64 = 5;
 
@@ -307,7 +270,7 @@ fn temporary(reason: Reason, object_at_fault: &str, retry_after_secs: u64) -> Re
             "",
             Some(Explanation {
                 code: reason.code(),
-                check: reason.spec().stage.as_str(),
+                check: reason.check_name(),
                 object_at_fault: object_at_fault.into(),
                 remedy: reason.spec().remedy,
                 decision_id: None,
@@ -336,14 +299,14 @@ pub(crate) fn too_large(limit: usize) -> Response {
         limit: Some(limit.to_string()),
         ..RenderArgs::default()
     };
-    let remedy = format!("this request takes a body of at most {limit} bytes: send a smaller one");
+    let remedy = mailgate_gateway::body::too_large_remedy(limit);
     match reason.gmail_reply(&args) {
         Some(reply) => google_error(
             &reply,
             "",
             Some(Explanation {
                 code: reason.code(),
-                check: reason.spec().stage.as_str(),
+                check: reason.check_name(),
                 object_at_fault: "request body".into(),
                 remedy: &remedy,
                 decision_id: None,

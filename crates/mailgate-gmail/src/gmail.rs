@@ -2,9 +2,10 @@
 //! `users.messages.send` (JSON `raw`, media, multipart and resumable uploads), `users.getProfile`
 //! and `users.settings.sendAs` (list, get).
 //!
-//! The door gathers facts into a `SendAttempt` and asks the gateway; it never decides a send
-//! itself. Non-send methods reuse the engine for authentication, account and mailbox checks and
-//! check their own (different) scope lists, as Google's discovery document defines them.
+//! The door gathers facts into a `SendAttempt` and asks the gateway; it never decides. Every
+//! handler states the method it serves in its signature ([`Caller<M>`](crate::caller::Caller)):
+//! the engine decides that method's action (a send, or reading or changing settings, with the
+//! scopes Google's discovery document gives each method) and the door renders the answer.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,238 +17,52 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use mailgate_core::catalogue::{Reason, RenderArgs};
 use mailgate_core::engine::{
-    Body, Credential, Decision, Door, Mailbox, Originator, Outcome, SendAttempt,
+    Body, Credential, Decision, GMAIL_MAX_MESSAGE_BYTES, Originator, Outcome, SEND_SCOPES,
+    SendAttempt,
 };
 use mailgate_gateway::{Accepted, Message};
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::GmailState;
-use crate::errors::{
-    denial_response, invalid_argument, invalid_request, reason_response, simple, too_large,
-    unavailable,
+use crate::caller::{
+    Caller, CreateSendAs, DeleteSendAs, GetProfile, ListSendAs, Method as _, SendMessage,
+    UpdateSendAs, VerifySendAs, acting_address,
 };
-use mailgate_gateway::ConnFacts;
+use crate::errors::{
+    denial_response, invalid_argument, invalid_request, simple, too_large, unavailable,
+};
 use mailgate_gateway::body::{self, ReadFail};
 
-/// Scopes that may read the profile and send-as settings (discovery: getProfile, sendAs.list).
-pub(crate) const READ_SCOPES: &[&str] = &[
-    "https://mail.google.com/",
-    "https://www.googleapis.com/auth/gmail.modify",
-    "https://www.googleapis.com/auth/gmail.compose",
-    "https://www.googleapis.com/auth/gmail.readonly",
-    "https://www.googleapis.com/auth/gmail.metadata",
-    "https://www.googleapis.com/auth/gmail.settings.basic",
-];
-
 /// Gmail's upload limit: 35 MiB.
-pub(crate) const MAX_MESSAGE_BYTES: usize = 36_700_160;
-
-const SEND_METHOD: &str = "caribou.api.proto.MailboxService.SendMessage";
-const PROFILE_METHOD: &str = "caribou.api.proto.MailboxService.GetProfile";
-const SENDAS_METHOD: &str = "caribou.api.proto.MailboxService.ListSendAs";
+pub(crate) const MAX_MESSAGE_BYTES: usize = GMAIL_MAX_MESSAGE_BYTES as usize;
 
 #[derive(Debug, Deserialize, Default)]
 pub(crate) struct CommonParams {
     #[serde(rename = "uploadType")]
     upload_type: Option<String>,
-    access_token: Option<String>,
-    key: Option<String>,
+    pub(crate) access_token: Option<String>,
+    pub(crate) key: Option<String>,
     upload_id: Option<String>,
 }
+
+/// Google's name of `users.messages.send`, in its refusals' `ErrorInfo`.
+const SEND_METHOD: &str = SendMessage::RPC;
 
 /// The longest `userId` path parameter: an address is at most 254 characters (RFC 5321's path
 /// limit), and `me` is shorter. Longer ones are refused before anything else (400), so a request
 /// cannot make the door keep or copy an absurd path parameter.
 pub(crate) const MAX_USER_ID_BYTES: usize = 254;
 
-/// The request's `userId`, credential and connection facts as a `SendAttempt`: the first step of
-/// every Gmail route. A store fault while resolving the token is a 503.
-async fn prepare(
-    st: &GmailState,
-    conn: &ConnFacts,
-    headers: &HeaderMap,
-    q: &CommonParams,
-    user_id: &str,
-) -> Result<SendAttempt, Response> {
-    // One connection's pipelined requests would otherwise run back to back on one worker
-    // without ever waiting (a refusal touches no socket or store): let the worker's other
-    // tasks in between, so a flood on one connection does not stall the others.
-    tokio::task::yield_now().await;
-    if user_id.len() > MAX_USER_ID_BYTES || user_id.is_empty() {
-        return Err(invalid_request(
-            &format!(
-                "Invalid userId: at most {MAX_USER_ID_BYTES} characters (an email address or `me`)"
-            ),
-            "use `me` or the address the credential acts for",
-        ));
-    }
-    let cred = credential(st, headers, q).await?;
-    Ok(base_attempt(conn, cred, user_id, headers))
-}
-
-/// The credential presented: bearer header, `access_token` parameter, or an API `key`.
-async fn credential(
-    st: &GmailState,
-    headers: &HeaderMap,
-    q: &CommonParams,
-) -> Result<Credential, Response> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .map(str::to_owned)
-        .or_else(|| q.access_token.clone());
-    if let Some(token) = bearer {
-        return crate::oauth::credential_for(st, &token).await.map_err(|e| {
-            tracing::error!(error = %e, "token lookup failed");
-            unavailable()
-        });
-    }
-    if let Some(key) = q
-        .key
-        .as_deref()
-        .or_else(|| headers.get("x-goog-api-key").and_then(|v| v.to_str().ok()))
-    {
-        return Ok(st.api_key_credential(key));
-    }
-    Ok(Credential::None)
-}
-
-fn base_attempt(
-    conn: &ConnFacts,
-    credential: Credential,
-    user_id: &str,
-    headers: &HeaderMap,
-) -> SendAttempt {
-    let mut a = SendAttempt::new(Door::Gmail, credential);
-    a.transport = conn.transport(headers);
-    a.mailbox = if user_id == "me" {
-        Mailbox::Me
-    } else {
-        Mailbox::Address(user_id.to_owned())
-    };
-    a
-}
-
-/// The address the request acts for, once authentication passed.
-fn acting_address(st: &GmailState, a: &SendAttempt) -> Option<String> {
-    if let Mailbox::Address(m) = &a.mailbox {
-        return Some(m.clone());
-    }
-    match &a.credential {
-        Credential::OauthUser { user, .. } => Some(user.clone()),
-        Credential::ServiceAccount { subject, .. } => subject.clone(),
-        Credential::ApiKey { key_id } => {
-            st.gateway.live().index.key(key_id).map(|k| k.owner.clone())
-        }
-        _ => None,
-    }
-}
-
-/// Scopes for changing send-as addresses (discovery: sendAs.create, delete, verify).
-pub(crate) const SHARING_SCOPES: &[&str] = &[
-    "https://mail.google.com/",
-    "https://www.googleapis.com/auth/gmail.settings.sharing",
-];
-
-/// Scopes for updating a send-as address (discovery: sendAs.update, patch).
-pub(crate) const BASIC_SCOPES: &[&str] = &[
-    "https://mail.google.com/",
-    "https://www.googleapis.com/auth/gmail.settings.basic",
-    "https://www.googleapis.com/auth/gmail.settings.sharing",
-];
-
-async fn authorize_read(
-    st: &GmailState,
-    attempt: &SendAttempt,
-    method: &str,
-) -> Result<String, Response> {
-    authorize(st, attempt, method, READ_SCOPES).await
-}
-
-/// For non-send methods: run the engine for who-may-act checks (every check that needs message
-/// facts stays pending), then check the method's own scopes.
-async fn authorize(
-    st: &GmailState,
-    attempt: &SendAttempt,
-    method: &str,
-    method_scopes: &[&str],
-) -> Result<String, Response> {
-    let decided = every_check(&st.gateway, "gmail", attempt)
-        .await
-        .map_err(|e| fault(&e))?;
-    let d = &decided.decision;
-    if let Some(denial) = d
-        .denials
-        .iter()
-        .find(|x| x.code != Reason::ScopeInsufficient && x.code.spec().stage.as_str() != "limit")
-    {
-        return Err(denial_response(
-            denial,
-            &decided.id,
-            method,
-            mailgate_gateway::now_ms(),
-        ));
-    }
-    let scopes = match &attempt.credential {
-        Credential::OauthUser { scopes, .. } | Credential::ServiceAccount { scopes, .. } => {
-            Some(scopes)
-        }
-        _ => None,
-    };
-    if let Some(scopes) = scopes
-        && !scopes.iter().any(|s| method_scopes.contains(&s.as_str()))
-    {
-        return Err(reason_response(
-            Reason::ScopeInsufficient,
-            &RenderArgs::default(),
-            method,
-            &format!(
-                "this method needs one of: {}; request it when obtaining the token",
-                method_scopes.join(", ")
-            ),
-            method_scopes,
-        ));
-    }
-    acting_address(st, attempt).ok_or_else(|| internal("no acting address"))
-}
-
-/// The engine's decision with every check that applies run: enforcement stops at the first
-/// failure, so when that is the send-scope check (which a non-send method or a token request
-/// does not answer for: its own scopes are checked apart), the attempt is explained too, which
-/// runs the later checks (delegation, the account's state) instead of leaving them unseen.
-pub(crate) async fn every_check(
-    gateway: &mailgate_gateway::Gateway,
-    door: &str,
-    attempt: &SendAttempt,
-) -> Result<mailgate_gateway::Decided, mailgate_gateway::GatewayError> {
-    let decided = gateway.decide(door, attempt).await?;
-    if decided
-        .decision
-        .denial()
-        .is_some_and(|d| d.code == Reason::ScopeInsufficient)
-    {
-        return gateway.explain(attempt).await;
-    }
-    Ok(decided)
-}
-
-fn internal(msg: &str) -> Response {
+pub(crate) fn internal(msg: &str) -> Response {
     tracing::error!(error = msg, "gmail door fault");
     simple(500, "INTERNAL", "backendError", "Backend Error")
 }
 
 /// A gateway fault: the store's are temporary (503 + `Retry-After`, `store.unavailable`), the
 /// rest internal.
-fn fault(e: &mailgate_gateway::GatewayError) -> Response {
+pub(crate) fn fault(e: &mailgate_gateway::GatewayError) -> Response {
     match e {
         mailgate_gateway::GatewayError::Store(e) => {
             tracing::error!(error = %e, "gmail door: store fault");
@@ -260,16 +75,9 @@ fn fault(e: &mailgate_gateway::GatewayError) -> Response {
 /// `GET /gmail/v1/users/{userId}/profile`.
 pub(crate) async fn profile(
     State(st): State<Arc<GmailState>>,
-    conn: axum::Extension<ConnFacts>,
-    headers: HeaderMap,
-    Path(user_id): Path<String>,
-    Query(q): Query<CommonParams>,
+    caller: Caller<GetProfile>,
 ) -> Response {
-    let attempt = match prepare(&st, &conn, &headers, &q, &user_id).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    match authorize_read(&st, &attempt, PROFILE_METHOD).await {
+    match caller.address(&st) {
         Ok(addr) => Json(json!({
             "emailAddress": addr,
             "messagesTotal": 0,
@@ -284,16 +92,9 @@ pub(crate) async fn profile(
 /// `GET /gmail/v1/users/{userId}/settings/sendAs`.
 pub(crate) async fn send_as_list(
     State(st): State<Arc<GmailState>>,
-    conn: axum::Extension<ConnFacts>,
-    headers: HeaderMap,
-    Path(user_id): Path<String>,
-    Query(q): Query<CommonParams>,
+    caller: Caller<ListSendAs>,
 ) -> Response {
-    let attempt = match prepare(&st, &conn, &headers, &q, &user_id).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    let addr = match authorize_read(&st, &attempt, SENDAS_METHOD).await {
+    let addr = match caller.address(&st) {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -312,16 +113,10 @@ pub(crate) async fn send_as_list(
 /// `GET /gmail/v1/users/{userId}/settings/sendAs/{sendAsEmail}`.
 pub(crate) async fn send_as_get(
     State(st): State<Arc<GmailState>>,
-    conn: axum::Extension<ConnFacts>,
-    headers: HeaderMap,
-    Path((user_id, email)): Path<(String, String)>,
-    Query(q): Query<CommonParams>,
+    caller: Caller<ListSendAs>,
+    Path((_, email)): Path<(String, String)>,
 ) -> Response {
-    let attempt = match prepare(&st, &conn, &headers, &q, &user_id).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    let addr = match authorize_read(&st, &attempt, SENDAS_METHOD).await {
+    let addr = match caller.address(&st) {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -451,24 +246,11 @@ fn resource_of(
 /// organisation's verified domains, else `pending` until verified.
 pub(crate) async fn send_as_create(
     State(st): State<Arc<GmailState>>,
-    conn: axum::Extension<ConnFacts>,
+    caller: Caller<CreateSendAs>,
     headers: HeaderMap,
-    Path(user_id): Path<String>,
-    Query(q): Query<CommonParams>,
     body: RequestBody,
 ) -> Response {
-    let attempt = match prepare(&st, &conn, &headers, &q, &user_id).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    let addr = match authorize(
-        &st,
-        &attempt,
-        "caribou.api.proto.MailboxService.CreateSendAs",
-        SHARING_SCOPES,
-    )
-    .await
-    {
+    let addr = match caller.address(&st) {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -519,24 +301,12 @@ pub(crate) async fn send_as_create(
 /// `PUT`/`PATCH .../settings/sendAs/{email}`: display name and reply-to.
 pub(crate) async fn send_as_update(
     State(st): State<Arc<GmailState>>,
-    conn: axum::Extension<ConnFacts>,
+    caller: Caller<UpdateSendAs>,
     headers: HeaderMap,
-    Path((user_id, email)): Path<(String, String)>,
-    Query(q): Query<CommonParams>,
+    Path((_, email)): Path<(String, String)>,
     body: RequestBody,
 ) -> Response {
-    let attempt = match prepare(&st, &conn, &headers, &q, &user_id).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    let addr = match authorize(
-        &st,
-        &attempt,
-        "caribou.api.proto.MailboxService.UpdateSendAs",
-        BASIC_SCOPES,
-    )
-    .await
-    {
+    let addr = match caller.address(&st) {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -580,23 +350,10 @@ pub(crate) async fn send_as_update(
 /// `DELETE .../settings/sendAs/{email}`.
 pub(crate) async fn send_as_delete(
     State(st): State<Arc<GmailState>>,
-    conn: axum::Extension<ConnFacts>,
-    headers: HeaderMap,
-    Path((user_id, email)): Path<(String, String)>,
-    Query(q): Query<CommonParams>,
+    caller: Caller<DeleteSendAs>,
+    Path((_, email)): Path<(String, String)>,
 ) -> Response {
-    let attempt = match prepare(&st, &conn, &headers, &q, &user_id).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    let addr = match authorize(
-        &st,
-        &attempt,
-        "caribou.api.proto.MailboxService.DeleteSendAs",
-        SHARING_SCOPES,
-    )
-    .await
-    {
+    let addr = match caller.address(&st) {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -625,23 +382,10 @@ pub(crate) async fn send_as_delete(
 /// the request; an administrator (or the address owner through the directory) accepts it.
 pub(crate) async fn send_as_verify(
     State(st): State<Arc<GmailState>>,
-    conn: axum::Extension<ConnFacts>,
-    headers: HeaderMap,
-    Path((user_id, email)): Path<(String, String)>,
-    Query(q): Query<CommonParams>,
+    caller: Caller<VerifySendAs>,
+    Path((_, email)): Path<(String, String)>,
 ) -> Response {
-    let attempt = match prepare(&st, &conn, &headers, &q, &user_id).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    let addr = match authorize(
-        &st,
-        &attempt,
-        "caribou.api.proto.MailboxService.VerifySendAs",
-        SHARING_SCOPES,
-    )
-    .await
-    {
+    let addr = match caller.address(&st) {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -715,19 +459,11 @@ struct RawField<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
 /// `POST /gmail/v1/users/{userId}/messages/send` (JSON body with `raw`).
 pub(crate) async fn send_json(
     State(st): State<Arc<GmailState>>,
-    conn: axum::Extension<ConnFacts>,
+    caller: Caller<SendMessage>,
     headers: HeaderMap,
-    Path(user_id): Path<String>,
-    Query(q): Query<CommonParams>,
     body: RequestBody,
 ) -> Response {
-    let attempt = match prepare(&st, &conn, &headers, &q, &user_id).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    if let Err(r) = screen_before_body(&st, &attempt).await {
-        return r;
-    }
+    let attempt = caller.attempt;
     // Reserved twice over: the JSON and the message decoded from it live together.
     let memory = st.gateway.budget().data_memory().clone();
     let held = match body::read_held(&headers, body, MAX_JSON_BODY_BYTES, Some(&memory), 2).await {
@@ -756,20 +492,14 @@ pub(crate) async fn send_json(
 /// and the resumable variant's `PUT` with `upload_id`.
 pub(crate) async fn send_upload(
     State(st): State<Arc<GmailState>>,
-    conn: axum::Extension<ConnFacts>,
+    // Nothing is read, kept or opened for a request the engine refuses before the message.
+    caller: Caller<SendMessage>,
     headers: HeaderMap,
     Path(user_id): Path<String>,
     Query(q): Query<CommonParams>,
     body: RequestBody,
 ) -> Response {
-    let attempt = match prepare(&st, &conn, &headers, &q, &user_id).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    // Nothing is read, kept or opened for a request the engine refuses before the message.
-    if let Err(r) = screen_before_body(&st, &attempt).await {
-        return r;
-    }
+    let attempt = caller.attempt;
     let owner = principal_key(&attempt.credential);
     if let Some(id) = &q.upload_id {
         // Second step of a resumable upload: the bytes of the message. The session is the
@@ -865,36 +595,6 @@ pub(crate) const MAX_JSON_BODY_BYTES: usize =
 /// The largest body of a settings request (a send-as resource is a few hundred bytes).
 pub(crate) const MAX_SETTINGS_BODY_BYTES: usize = 64 * 1024;
 
-/// Asks the engine about everything it can know before the message: transport, credential,
-/// project, scopes, delegation and the account's state (checks that read no message fact). A
-/// refusal there is answered without reading the body, so a request without a valid credential
-/// never makes the door buffer its body (up to 36 MiB), and a refused one costs no more than its
-/// headers. Only a refusal is kept (as a decision), an allowance is not: the send's own decision
-/// follows once the message is read.
-async fn screen_before_body(st: &GmailState, attempt: &SendAttempt) -> Result<(), Response> {
-    use mailgate_core::catalogue::Stage;
-    let before_body = |d: &mailgate_core::engine::Denial| {
-        matches!(
-            d.stage,
-            Stage::Transport
-                | Stage::Authn
-                | Stage::Credential
-                | Stage::Project
-                | Stage::Grant
-                | Stage::Delegation
-                | Stage::Account
-        )
-    };
-    match st.gateway.screen_for("gmail", attempt, before_body).await {
-        Ok(None) => Ok(()),
-        Ok(Some(decided)) => Err(match decided.decision.denial() {
-            Some(d) => denial_response(d, &decided.id, SEND_METHOD, mailgate_gateway::now_ms()),
-            None => internal("screened without a denial"),
-        }),
-        Err(e) => Err(fault(&e)),
-    }
-}
-
 /// Reads the body of a settings request or of a resumable upload's start (JSON metadata, at
 /// most [`MAX_SETTINGS_BODY_BYTES`]). Called only once the credential passed.
 async fn read_small(headers: &HeaderMap, body: RequestBody) -> Result<Vec<u8>, Response> {
@@ -917,9 +617,9 @@ fn unreadable() -> Response {
 
 /// A send whose message (or whose request body, `size` being the message it would hold) is over
 /// Gmail's 35 MiB: the engine decides it with that size, so the refusal is `message.too_large`
-/// with its remedy and a decision id like every other. When the organisation allows larger
-/// messages (`limits.max_message_bytes`), the door's own limit still answers, with the same
-/// code and that decision's id.
+/// with its remedy and a decision id like every other (the engine knows the Gmail API's own
+/// limit, `Door::max_message_bytes`, which answers when the organisation allows larger
+/// messages).
 async fn oversize(st: &GmailState, mut attempt: SendAttempt, size: u64) -> Response {
     let now = mailgate_gateway::now_ms();
     attempt.size = Some(size);
@@ -929,32 +629,8 @@ async fn oversize(st: &GmailState, mut attempt: SendAttempt, size: u64) -> Respo
         Err(e) => return fault(&e),
     };
     match decided.decision.denial() {
-        Some(d) => denial_response(d, &decided.id, SEND_METHOD, now),
-        None => {
-            let limit = MAX_MESSAGE_BYTES.to_string();
-            let args = RenderArgs {
-                limit: Some(limit),
-                ..RenderArgs::default()
-            };
-            let remedy = format!(
-                "send a smaller message: the Gmail API takes messages up to {MAX_MESSAGE_BYTES} bytes (35 MiB), attachments included, whatever limits.max_message_bytes allows (use SMTP for larger ones)"
-            );
-            match Reason::MessageTooLarge.gmail_reply(&args) {
-                Some(reply) => crate::errors::google_error(
-                    &reply,
-                    SEND_METHOD,
-                    Some(crate::errors::Explanation {
-                        code: Reason::MessageTooLarge.code(),
-                        check: Reason::MessageTooLarge.spec().stage.as_str(),
-                        object_at_fault: "the Gmail API's message size limit".into(),
-                        remedy: &remedy,
-                        decision_id: Some(&decided.id),
-                    }),
-                    HeaderMap::new(),
-                ),
-                None => too_large(MAX_UPLOAD_BODY_BYTES),
-            }
-        }
+        Some(d) => denial_response(d, &decided.id, SEND_METHOD, &SEND_SCOPES, now),
+        None => internal("a message over the Gmail API's limit was not refused"),
     }
 }
 
@@ -1184,7 +860,7 @@ async fn send(
             Err(e) => return fault(&e),
         };
         if let Some(denial) = decided.decision.denial() {
-            return denial_response(denial, &decided.id, SEND_METHOD, now);
+            return denial_response(denial, &decided.id, SEND_METHOD, &SEND_SCOPES, now);
         }
         let mut r = Json(json!({
             "dryRun": true,
@@ -1202,7 +878,7 @@ async fn send(
         Err(e) => return fault(&e),
     };
     if let Some(denial) = decided.decision.denial() {
-        return denial_response(denial, &decided.id, SEND_METHOD, now);
+        return denial_response(denial, &decided.id, SEND_METHOD, &SEND_SCOPES, now);
     }
     if !decided.decision.complete {
         return internal("decision incomplete with every fact known");
@@ -1252,7 +928,7 @@ async fn send(
             r
         }
         Ok(Accepted::Refused(again)) => match again.decision.denial() {
-            Some(d) => denial_response(d, &again.id, SEND_METHOD, now),
+            Some(d) => denial_response(d, &again.id, SEND_METHOD, &SEND_SCOPES, now),
             None => internal("refused without a denial"),
         },
         Err(e) => fault(&e),
@@ -1265,7 +941,13 @@ async fn decided_refusal(st: &GmailState, attempt: &SendAttempt, now: u64) -> Op
     let d: &Decision = &decided.decision;
     let denial = d.denial()?;
     let _ = d.checks.iter().any(|c| c.outcome == Outcome::Fail);
-    Some(denial_response(denial, &decided.id, SEND_METHOD, now))
+    Some(denial_response(
+        denial,
+        &decided.id,
+        SEND_METHOD,
+        &SEND_SCOPES,
+        now,
+    ))
 }
 
 /// Open resumable-upload sessions per principal: beyond, a new one is refused (429), never

@@ -7,6 +7,7 @@
     reason = "handlers return early with a ready `Response` as the error; its size is irrelevant next to network I/O"
 )]
 
+mod caller;
 mod errors;
 mod gmail;
 mod oauth;

@@ -404,7 +404,7 @@ async fn refused_credential(st: &GmailState, r: AssertionRefusal) -> Response {
             "error_description": r.description,
             "mailgate": {
                 "code": d.code.code(),
-                "check": d.stage.as_str(),
+                "check": d.check(),
                 "object_at_fault": d.object_at_fault.to_string(),
                 "remedy": d.remedy,
                 "decision_id": decided.id,
@@ -420,13 +420,33 @@ async fn refused_credential(st: &GmailState, r: AssertionRefusal) -> Response {
     resp
 }
 
+/// The engine's decision with every check that applies run: enforcement stops at the first
+/// failure, so when that is the send-scope check (which a token request does not answer for),
+/// the attempt is explained too, which runs the later checks (delegation, the account's state)
+/// instead of leaving them unseen.
+async fn every_check(
+    gateway: &mailgate_gateway::Gateway,
+    door: &str,
+    attempt: &SendAttempt,
+) -> Result<mailgate_gateway::Decided, mailgate_gateway::GatewayError> {
+    let decided = gateway.decide(door, attempt).await?;
+    if decided
+        .decision
+        .denial()
+        .is_some_and(|d| d.code == Reason::ScopeInsufficient)
+    {
+        return gateway.explain(attempt).await;
+    }
+    Ok(decided)
+}
+
 /// The engine's verdict on a token request: the first denial the token endpoint renders.
 async fn token_refusal(
     st: &GmailState,
     attempt: &SendAttempt,
     delegated: bool,
 ) -> Result<(Option<Response>, String), Response> {
-    let decided = crate::gmail::every_check(&st.gateway, "token", attempt)
+    let decided = every_check(&st.gateway, "token", attempt)
         .await
         .map_err(|e| gateway_fault(&e))?;
     for d in &decided.decision.denials {
@@ -457,7 +477,7 @@ async fn token_refusal(
                     "error_description": reply.description,
                     "mailgate": {
                         "code": d.code.code(),
-                        "check": d.stage.as_str(),
+                        "check": d.check(),
                         "object_at_fault": d.object_at_fault.to_string(),
                         "remedy": d.remedy,
                         "decision_id": decided.id,
@@ -514,7 +534,7 @@ fn explained_token_error(
             "error_description": reply.description,
             "mailgate": {
                 "code": reason.code(),
-                "check": reason.spec().stage.as_str(),
+                "check": reason.check_name(),
                 "object_at_fault": object_at_fault,
                 "remedy": remedy,
                 "decision_id": decision_id,
@@ -1536,9 +1556,9 @@ mod tests {
     fn every_scope_the_door_checks_is_a_known_scope() {
         for s in mailgate_core::engine::SEND_SCOPES
             .iter()
-            .chain(crate::gmail::READ_SCOPES)
-            .chain(crate::gmail::SHARING_SCOPES)
-            .chain(crate::gmail::BASIC_SCOPES)
+            .chain(mailgate_core::engine::READ_SCOPES)
+            .chain(mailgate_core::engine::SHARING_SCOPES)
+            .chain(mailgate_core::engine::BASIC_SCOPES)
         {
             assert!(KNOWN_SCOPES.contains(s), "{s}");
         }

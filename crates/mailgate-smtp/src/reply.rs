@@ -49,9 +49,9 @@ pub(crate) fn refusal(reason: Reason, args: &RenderArgs) -> String {
 
 /// Appends the remedy when the whole reply still fits one line, cleans and ends the line.
 fn finish(mut s: String, remedy: &str) -> String {
-    let remedy = format!(" Remedy: {remedy}");
-    if s.len() + remedy.len() <= MAX_REPLY_LINE {
-        s.push_str(&remedy);
+    let tail = format!(" Remedy: {remedy}");
+    if s.len() + tail.len() <= MAX_REPLY_LINE {
+        s.push_str(&tail);
     }
     clean(&mut s);
     s.push_str("\r\n");

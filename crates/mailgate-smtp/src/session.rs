@@ -25,9 +25,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mailgate_core::catalogue::{Reason, RenderArgs, Stage};
+use mailgate_core::catalogue::{Reason, RenderArgs};
 use mailgate_core::engine::{
-    Body, Credential, CredentialState, Door, Originator, SendAttempt, TlsVersion, Transport,
+    Action, Body, Credential, CredentialState, Door, Originator, SendAttempt, TlsVersion, Transport,
 };
 use mailgate_gateway::budget::{MemoryBudget, MemoryLease};
 use mailgate_gateway::{Accepted, Decided, Gateway, Message};
@@ -1295,25 +1295,12 @@ impl Session {
         login: Option<String>,
         challenge: Option<String>,
     ) -> Step {
-        let mut a = self.attempt();
+        // AUTH answers for the credential only (the engine's `Action::Authenticate`); the
+        // account's own checks (suspended, ...) are answered at MAIL FROM, and only then kept
+        // and logged.
+        let mut a = self.attempt().for_action(Action::Authenticate);
         a.credential = cred.clone();
-        // AUTH answers for the credential only; the account's own checks (suspended, ...) are
-        // answered at MAIL FROM, and only then kept and logged.
-        let screened = self
-            .ctx
-            .gateway
-            .screen_for(self.listener.door_name(), &a, |x| {
-                matches!(
-                    x.stage,
-                    Stage::Transport
-                        | Stage::Authn
-                        | Stage::Credential
-                        | Stage::Project
-                        | Stage::Grant
-                        | Stage::Delegation
-                )
-            })
-            .await;
+        let screened = self.ctx.gateway.screen(self.listener.door_name(), &a).await;
         let d = match screened {
             Ok(d) => d,
             Err(e) => {
@@ -1617,9 +1604,10 @@ impl Session {
             None => {
                 a.size = Some(raw.len() as u64);
                 let h = headers(&raw);
+                // A null reverse-path (a bounce) is decided by the engine: on the relay the
+                // header's sender stands for it (the null-sender rule, engine/checks.rs).
                 a.header = h.originator;
                 a.body = h.body;
-                null_reverse_path(&mut a);
             }
         }
         let Some(d) = self.decide_or_refuse(&a).await else {
@@ -1710,30 +1698,6 @@ fn reserve(budget: &Arc<MemoryBudget>, lease: &mut Option<MemoryLease>, total: u
     match lease {
         Some(l) => l.grow(more),
         None => budget.try_reserve(more).map(|l| *lease = Some(l)).is_some(),
-    }
-}
-
-/// A null reverse-path (`MAIL FROM:<>`, what bounces use) names no sender, so the header must:
-/// under the relay's IP trust, whose rule (`smtp_relay.allowed_senders`) is about the envelope
-/// sender, the header From (else Sender) stands for it. A message that names no sender anywhere
-/// has no From field, which the engine refuses (`message.invalid`; RFC 5322 §3.6 requires one).
-/// Without this the engine could never complete the decision, and the client heard `451 4.3.0`
-/// (try again) for good.
-fn null_reverse_path(a: &mut SendAttempt) {
-    if a.envelope_from.as_deref().is_some_and(|s| !s.is_empty())
-        || !matches!(a.body, Body::Valid)
-        || !matches!(a.credential, Credential::RelayIp)
-    {
-        return;
-    }
-    let named = a.header.as_ref().and_then(|h| {
-        h.from_addresses()
-            .chain(h.sender_addresses())
-            .find(|s| !s.is_empty())
-            .map(str::to_owned)
-    });
-    if let Some(address) = named {
-        a.envelope_from = Some(address);
     }
 }
 

@@ -1321,3 +1321,127 @@ fn four_concurrent_34mib_json_sends_stay_within_the_body_budget() {
     let report = probe.finish();
     assert_budget(&server, &report);
 }
+
+/// Issue 15 item 2: the Gmail methods that send nothing are decided by the engine with their own
+/// scopes (`Action::ReadSettings` and friends), and the answers stay Google's: a token with only
+/// the send scope reading the profile or the send-as list, or a read-only token creating a
+/// send-as address, gets Google's `403 insufficientPermissions` body with the method's
+/// `ErrorInfo`, a `WWW-Authenticate` naming that method's scopes, and Mailgate's
+/// `scope.insufficient` explanation (check, remedy naming the scopes, object at fault, decision
+/// id), as the same refusal of a send does.
+#[test]
+fn non_send_methods_refuse_a_token_without_their_scope_in_googles_words() {
+    let (_gw, server) = demo();
+    let send_only = user_token_for(&server, "alice@example.com", SEND);
+    let readonly = user_token_for(
+        &server,
+        "alice@example.com",
+        "https://www.googleapis.com/auth/gmail.readonly",
+    );
+    let cases = [
+        (
+            &send_only,
+            "GET",
+            "/gmail/v1/users/me/profile",
+            "caribou.api.proto.MailboxService.GetProfile",
+            "https://www.googleapis.com/auth/gmail.readonly",
+        ),
+        (
+            &send_only,
+            "GET",
+            "/gmail/v1/users/me/settings/sendAs",
+            "caribou.api.proto.MailboxService.ListSendAs",
+            "https://www.googleapis.com/auth/gmail.metadata",
+        ),
+        (
+            &readonly,
+            "POST",
+            "/gmail/v1/users/me/settings/sendAs",
+            "caribou.api.proto.MailboxService.CreateSendAs",
+            "https://www.googleapis.com/auth/gmail.settings.sharing",
+        ),
+        (
+            &readonly,
+            "POST",
+            "/gmail/v1/users/me/messages/send",
+            "caribou.api.proto.MailboxService.SendMessage",
+            SEND,
+        ),
+    ];
+    for (token, method, path, rpc, scope) in cases {
+        let body: &[u8] = if method == "POST" {
+            br#"{"sendAsEmail":"x@example.com","raw":"eA"}"#
+        } else {
+            b""
+        };
+        let r = http(
+            &server.addr,
+            None,
+            method,
+            path,
+            &[
+                bearer(token),
+                ("Content-Type", "application/json".to_owned()),
+            ],
+            body,
+        );
+        assert_eq!(r.status, 403, "{path}: {}", r.body);
+        let v = r.json();
+        let e = &v["error"];
+        assert_eq!(e["code"], 403, "{path}: {v}");
+        assert_eq!(e["status"], "PERMISSION_DENIED", "{path}: {v}");
+        assert_eq!(
+            e["message"], "Request had insufficient authentication scopes.",
+            "{path}: {v}"
+        );
+        assert_eq!(
+            e["errors"],
+            json!([{"message": "Insufficient Permission", "domain": "global", "reason": "insufficientPermissions"}]),
+            "{path}: {v}"
+        );
+        assert_eq!(
+            e["details"][0],
+            json!({
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "ACCESS_TOKEN_SCOPE_INSUFFICIENT",
+                "domain": "googleapis.com",
+                "metadata": {"method": rpc, "service": "gmail.googleapis.com"},
+            }),
+            "{path}: {v}"
+        );
+        let www = r.header("www-authenticate").unwrap_or_default();
+        assert!(
+            www.contains("error=\"insufficient_scope\"") && www.contains(scope),
+            "{path}: {www}"
+        );
+        let m = &e["details"][1];
+        assert_eq!(m["domain"], "mailgate", "{path}: {v}");
+        assert_eq!(m["reason"], "scope.insufficient", "{path}: {v}");
+        assert_eq!(m["metadata"]["code"], "scope.insufficient");
+        assert_eq!(m["metadata"]["check"], "grant", "{path}: {v}");
+        assert!(
+            m["metadata"]["remedy"]
+                .as_str()
+                .is_some_and(|x| x.contains(scope)),
+            "{path}: {v}"
+        );
+        assert_eq!(
+            m["metadata"]["object_at_fault"], "credential alice@example.com",
+            "{path}: {v}"
+        );
+        let id = m["metadata"]["decision_id"].as_str().unwrap_or_default();
+        assert_eq!(id.len(), 26, "{path}: {v}");
+        assert_eq!(r.header("x-mailgate-decision"), Some(id), "{path}");
+    }
+    // The scope a method takes is enough for it, and reads nothing it should not.
+    let r = http(
+        &server.addr,
+        None,
+        "GET",
+        "/gmail/v1/users/me/profile",
+        &[bearer(&readonly)],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["emailAddress"], "alice@example.com");
+}
