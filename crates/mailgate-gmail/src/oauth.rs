@@ -19,7 +19,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use mailgate_core::catalogue::Reason;
-use mailgate_core::engine::{Credential, CredentialState, Door, SendAttempt};
+use mailgate_core::engine::{Action, Credential, CredentialState, Door, SendAttempt};
 use mailgate_store::{TokenKind, TokenRecord};
 use serde::Deserialize;
 use serde_json::json;
@@ -191,9 +191,10 @@ async fn jwt_bearer(st: &GmailState, form: &TokenForm) -> Result<Response, Respo
         ));
     }
     let scopes: Vec<String> = claims.scope.split_whitespace().map(str::to_owned).collect();
-    // Ask the engine about the credential, delegation and account (the send-time facts are
-    // unknown, so those checks stay pending). Only the reasons the token endpoint answers for
-    // refuse a token; the rest (e.g. API not enabled) surface when the token is used, as at Google.
+    // The engine decides the issuance (`Action::IssueToken`): the credential, its client, the
+    // delegation when the token acts for a user (every requested scope granted) and the
+    // account's state; the rest (e.g. the API not enabled) surfaces when the token is used, as
+    // at Google.
     let attempt = SendAttempt::new(
         Door::Gmail,
         Credential::ServiceAccount {
@@ -202,32 +203,10 @@ async fn jwt_bearer(st: &GmailState, form: &TokenForm) -> Result<Response, Respo
             scopes: scopes.clone(),
             subject: claims.sub.clone(),
         },
-    );
-    let grant_scopes = st
-        .gateway
-        .live()
-        .index
-        .grant(&sa.client_id)
-        .map(|g| g.scopes.clone());
-    let (refusal, decision_id) = token_refusal(st, &attempt, claims.sub.is_some()).await?;
-    if let Some(r) = refusal {
+    )
+    .for_action(Action::IssueToken);
+    if let Some(r) = token_refusal(st, &attempt).await? {
         return Err(r);
-    }
-    // With `sub`, every requested scope must be in the delegation grant (Google's rule for
-    // issuing a delegated token; the engine checks the send scopes again at every send).
-    if claims.sub.is_some()
-        && let Some(granted) = grant_scopes
-        && let Some(missing) = scopes.iter().find(|s| !granted.contains(s))
-    {
-        return Err(explained_token_error(
-            Reason::DelegationScopeNotGranted,
-            &format!("domain_wide_delegation[{}]", sa.client_id),
-            &format!(
-                "scope {missing} is not in domain_wide_delegation[{}].scopes: add it there and run `mailgate apply`, or request only granted scopes",
-                sa.client_id
-            ),
-            &decision_id,
-        ));
     }
     // Replay: recorded only now, when a token is about to be issued (a refused request can be
     // sent again as it was, and google-auth resends the same assertion when it retries), and
@@ -420,80 +399,47 @@ async fn refused_credential(st: &GmailState, r: AssertionRefusal) -> Response {
     resp
 }
 
-/// The engine's decision with every check that applies run: enforcement stops at the first
-/// failure, so when that is the send-scope check (which a token request does not answer for),
-/// the attempt is explained too, which runs the later checks (delegation, the account's state)
-/// instead of leaving them unseen.
-async fn every_check(
-    gateway: &mailgate_gateway::Gateway,
-    door: &str,
-    attempt: &SendAttempt,
-) -> Result<mailgate_gateway::Decided, mailgate_gateway::GatewayError> {
-    let decided = gateway.decide(door, attempt).await?;
-    if decided
-        .decision
-        .denial()
-        .is_some_and(|d| d.code == Reason::ScopeInsufficient)
-    {
-        return gateway.explain(attempt).await;
-    }
-    Ok(decided)
-}
-
-/// The engine's verdict on a token request: the first denial the token endpoint renders.
+/// The engine's refusal of a token request (the attempt's action is `Action::IssueToken`), in
+/// the token endpoint's words: Google's two fields, plus Mailgate's explanation in a field
+/// clients ignore (google-auth hands the whole body to the caller in `RefreshError.args[1]`).
 async fn token_refusal(
     st: &GmailState,
     attempt: &SendAttempt,
-    delegated: bool,
-) -> Result<(Option<Response>, String), Response> {
-    let decided = every_check(&st.gateway, "token", attempt)
+) -> Result<Option<Response>, Response> {
+    let decided = st
+        .gateway
+        .decide("token", attempt)
         .await
         .map_err(|e| gateway_fault(&e))?;
-    for d in &decided.decision.denials {
-        let applies = match d.code {
-            // Without `sub` a service account acts as itself: Google issues the token and the
-            // API answers "Precondition check failed." later.
-            Reason::DelegationNotConfigured
-            | Reason::DelegationScopeNotGranted
-            | Reason::DelegationSubjectUnknown => delegated,
-            Reason::ClientDisabled
-            | Reason::AccountSuspended
-            | Reason::AccountSendingRevoked
-            | Reason::PolicyDenied
-            | Reason::AuthInvalid
-            | Reason::AuthExpired
-            | Reason::AuthRevoked
-            | Reason::AuthLocked => true,
-            _ => false,
-        };
-        if applies && let Some(reply) = d.token() {
-            // Google's two fields, plus Mailgate's explanation in a field clients ignore
-            // (google-auth hands the whole body to the caller in `RefreshError.args[1]`).
-            let status = StatusCode::from_u16(reply.http_status).unwrap_or(StatusCode::BAD_REQUEST);
-            let mut r = (
-                status,
-                Json(json!({
-                    "error": reply.error,
-                    "error_description": reply.description,
-                    "mailgate": {
-                        "code": d.code.code(),
-                        "check": d.check(),
-                        "object_at_fault": d.object_at_fault.to_string(),
-                        "remedy": d.remedy,
-                        "decision_id": decided.id,
-                    },
-                })),
-            )
-                .into_response();
-            r.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            if let Ok(v) = HeaderValue::from_str(&decided.id) {
-                r.headers_mut().insert("x-mailgate-decision", v);
-            }
-            return Ok((Some(r), decided.id));
-        }
+    let Some((d, reply)) = decided
+        .decision
+        .denial()
+        .and_then(|d| Some((d, d.token()?)))
+    else {
+        return Ok(None);
+    };
+    let status = StatusCode::from_u16(reply.http_status).unwrap_or(StatusCode::BAD_REQUEST);
+    let mut r = (
+        status,
+        Json(json!({
+            "error": reply.error,
+            "error_description": reply.description,
+            "mailgate": {
+                "code": d.code.code(),
+                "check": d.check(),
+                "object_at_fault": d.object_at_fault.to_string(),
+                "remedy": d.remedy,
+                "decision_id": decided.id,
+            },
+        })),
+    )
+        .into_response();
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(v) = HeaderValue::from_str(&decided.id) {
+        r.headers_mut().insert("x-mailgate-decision", v);
     }
-    Ok((None, decided.id))
+    Ok(Some(r))
 }
 
 /// A store fault at the token endpoint.
@@ -514,34 +460,6 @@ fn gateway_fault(e: &mailgate_gateway::GatewayError) -> Response {
             token_error(500, "internal_failure", "Backend Error")
         }
     }
-}
-
-/// A token-endpoint refusal for a rule of token issuance itself, with Mailgate's explanation.
-fn explained_token_error(
-    reason: Reason,
-    object_at_fault: &str,
-    remedy: &str,
-    decision_id: &str,
-) -> Response {
-    let Some(reply) = reason.token_reply(&Default::default()) else {
-        return token_error(400, "invalid_request", remedy);
-    };
-    let status = StatusCode::from_u16(reply.http_status).unwrap_or(StatusCode::BAD_REQUEST);
-    (
-        status,
-        Json(json!({
-            "error": reply.error,
-            "error_description": reply.description,
-            "mailgate": {
-                "code": reason.code(),
-                "check": reason.check_name(),
-                "object_at_fault": object_at_fault,
-                "remedy": remedy,
-                "decision_id": decision_id,
-            },
-        })),
-    )
-        .into_response()
 }
 
 async fn issue(
@@ -828,8 +746,9 @@ async fn refresh(
                 project,
                 scopes: rec.scopes.clone(),
             },
-        );
-        if let (Some(r), _) = token_refusal(st, &attempt, false).await? {
+        )
+        .for_action(Action::IssueToken);
+        if let Some(r) = token_refusal(st, &attempt).await? {
             return Err(r);
         }
     }

@@ -64,6 +64,7 @@ fn not_for(action: Action) -> R {
             "a settings method sends nothing"
         }
         Action::Manage { .. } => "a management call sends nothing",
+        Action::IssueToken => "answered when the token is used, not when it is issued",
     })
 }
 
@@ -784,6 +785,9 @@ impl<'a> Ctx<'a> {
             }
             Reason::DelegationNotConfigured => match (self.sa, &a.credential) {
                 (Some(sa), Credential::ServiceAccount { subject, .. }) if self.authenticated => {
+                    if subject.is_none() && a.action == Action::IssueToken {
+                        return na("acts as itself: no delegation to issue its token");
+                    }
                     if subject.is_none() {
                         return fail(
                             format!(
@@ -819,6 +823,24 @@ impl<'a> Ctx<'a> {
                     let Some(g) = ix.grant(&sa.client_id) else {
                         return na("no delegation grant");
                     };
+                    if a.action == Action::IssueToken {
+                        // Google's rule for issuing a delegated token: every requested scope is
+                        // granted (each use checks its own scopes again).
+                        return match scopes.iter().find(|s| !g.scopes.contains(s)) {
+                            None => pass("delegation grants every requested scope"),
+                            Some(missing) => fail(
+                                format!(
+                                    "scope {missing} is not in domain_wide_delegation[{}].scopes",
+                                    sa.client_id
+                                ),
+                                Fault::new(FaultKind::DelegationGrant, sa.client_id.clone()),
+                                format!(
+                                    "add {missing} to domain_wide_delegation[{}].scopes {APPLY}, or request only granted scopes",
+                                    sa.client_id
+                                ),
+                            ),
+                        };
+                    }
                     let wanted: Vec<&String> =
                         scopes.iter().filter(|s| scope_for(s, a)).collect();
                     let Some(first) = wanted.first() else {

@@ -87,6 +87,7 @@ pub const SHARING_SCOPES: &[&str] = &[
 /// | `Authenticate` | transport, authentication, credential, project, grant, delegation (rows 1–20) | the send scopes of the door | `mail.send` |
 /// | `ReadSettings`, `UpdateSettings`, `ManageSendAs` | rows 1–24 (through the account's state) and `policy.denied` | the method's ([`READ_SCOPES`], [`BASIC_SCOPES`], [`SHARING_SCOPES`]) | `mail.send` |
 /// | `Manage { permission }` | transport, authentication, credential (rows 1–13) and `permission.missing` | none (API keys) | `permission` (none: any valid key) |
+/// | `IssueToken` | authentication, `client.disabled`, delegation (only with a `sub`: every requested scope must be in the grant), `account.suspended`, `account.sending_revoked`, `policy.denied` | any (the grant decides) | none |
 ///
 /// For every action but `Send`, the checks that need a message fact (sender, recipients, limits,
 /// the message) do not apply: they are `not_applicable`, never `pending`, so the decision is
@@ -114,6 +115,11 @@ pub enum Action {
         /// The key permission (SendGrid scope) the call needs, e.g. `api_keys.read`.
         permission: Option<&'static str>,
     },
+    /// Issue an OAuth token (the token endpoint, for a service account's assertion or a
+    /// refresh): who is asking, their client, the domain-wide delegation when the token acts for
+    /// a user (`sub`), and the account's state. The rest (the API enabled for the project, the
+    /// scopes a method takes) is answered when the token is used, as at Google.
+    IssueToken,
 }
 
 impl Action {
@@ -135,7 +141,7 @@ impl Action {
             Action::ReadSettings => READ_SCOPES,
             Action::UpdateSettings => BASIC_SCOPES,
             Action::ManageSendAs => SHARING_SCOPES,
-            Action::Manage { .. } => &[],
+            Action::Manage { .. } | Action::IssueToken => &[],
         }
     }
 
@@ -144,6 +150,7 @@ impl Action {
     pub fn permission(self) -> Option<&'static str> {
         match self {
             Action::Manage { permission } => permission,
+            Action::IssueToken => None,
             _ => Some(crate::directory::permissions::MAIL_SEND),
         }
     }
@@ -158,6 +165,21 @@ impl Action {
                 r <= Reason::AccountSendingRevoked || r == Reason::PolicyDenied
             }
             Action::Manage { .. } => r <= Reason::ClientDisabled || r == Reason::PermissionMissing,
+            Action::IssueToken => matches!(
+                r,
+                Reason::AuthMissing
+                    | Reason::AuthInvalid
+                    | Reason::AuthExpired
+                    | Reason::AuthRevoked
+                    | Reason::AuthLocked
+                    | Reason::ClientDisabled
+                    | Reason::DelegationNotConfigured
+                    | Reason::DelegationScopeNotGranted
+                    | Reason::DelegationSubjectUnknown
+                    | Reason::AccountSuspended
+                    | Reason::AccountSendingRevoked
+                    | Reason::PolicyDenied
+            ),
         }
     }
 
@@ -170,6 +192,7 @@ impl Action {
             Action::UpdateSettings => "update_settings",
             Action::ManageSendAs => "manage_send_as",
             Action::Manage { .. } => "manage",
+            Action::IssueToken => "issue_token",
         }
     }
 }

@@ -1934,6 +1934,7 @@ pub(super) fn random_non_send(r: &mut Rng) -> Action {
         Action::Manage {
             permission: Some("api_keys.read"),
         },
+        Action::IssueToken,
     ])
 }
 
@@ -1942,7 +1943,10 @@ pub(super) fn random_non_send(r: &mut Rng) -> Action {
 fn action_dependent(r: Reason) -> bool {
     matches!(
         r,
-        Reason::ScopeInsufficient | Reason::PermissionMissing | Reason::DelegationScopeNotGranted
+        Reason::ScopeInsufficient
+            | Reason::PermissionMissing
+            | Reason::DelegationNotConfigured
+            | Reason::DelegationScopeNotGranted
     )
 }
 
@@ -2355,6 +2359,51 @@ fn the_gmail_api_limit_is_the_engines_whatever_the_organisation_allows() {
         d.denial().unwrap().object_at_fault.to_string(),
         "limits.max_message_bytes"
     );
+}
+
+#[test]
+fn issuing_a_token_checks_what_google_checks_then() {
+    const SEND: &str = "https://www.googleapis.com/auth/gmail.send";
+    const SETTINGS: &str = "https://www.googleapis.com/auth/gmail.settings.basic";
+    let dir = fixture();
+    let c = MemoryCounters::new();
+    let token =
+        |cred: Credential| SendAttempt::new(Door::Gmail, cred).for_action(Action::IssueToken);
+    // A delegated token for a granted scope is issued; a scope the grant lacks is refused with
+    // the grant at fault and the scope in the remedy.
+    assert!(decide_action(&token(sa(Some("alice@example.com"), SEND)), &dir, &c).accepted());
+    let d = decide_action(&token(sa(Some("alice@example.com"), SETTINGS)), &dir, &c);
+    let denial = d.denial().expect("refused");
+    assert_eq!(denial.code, Reason::DelegationScopeNotGranted);
+    assert_eq!(
+        denial.object_at_fault.to_string(),
+        "domain_wide_delegation[999]"
+    );
+    assert!(
+        denial.remedy.starts_with(&format!(
+            "add {SETTINGS} to domain_wide_delegation[999].scopes"
+        )),
+        "{}",
+        denial.remedy
+    );
+    assert!(denial.token().is_some());
+    // A service account acting as itself gets its token (the API answers later); an unknown
+    // subject and a suspended one do not.
+    assert!(decide_action(&token(sa(None, SETTINGS)), &dir, &c).accepted());
+    for (subject, code) in [
+        ("nobody@example.com", Reason::DelegationSubjectUnknown),
+        ("carol@example.com", Reason::AccountSuspended),
+    ] {
+        let d = decide_action(&token(sa(Some(subject), SEND)), &dir, &c);
+        assert_eq!(d.denial().map(|x| x.code), Some(code), "{subject}");
+    }
+    // A user token without a send scope, or for a project without the Gmail API, is still
+    // issued: those are answered when it is used.
+    let mut dir_off = fixture();
+    dir_off.oauth_clients[0].project = "proj-off".into();
+    let user = with_scopes(oauth("alice@example.com"), &[SETTINGS]);
+    let d = decide_action(&token(user), &dir_off, &c);
+    assert!(d.accepted() && d.charge.is_none(), "{:?}", d.denial());
 }
 
 /// The null-sender rule for bounces: `MAIL FROM:<>` on the IP-trusted relay is decided by the

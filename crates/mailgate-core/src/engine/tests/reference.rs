@@ -74,14 +74,15 @@ fn scope_for(s: &str, door: Door, action: Action) -> bool {
             s == FULL || matches!(short, Some("settings.basic" | "settings.sharing"))
         }
         Action::ManageSendAs => s == FULL || short == Some("settings.sharing"),
-        Action::Manage { .. } => false,
+        Action::Manage { .. } | Action::IssueToken => false,
     }
 }
 
 /// The checks each action runs, written out by row (docs/reasons.md): every check for a send;
 /// rows 1-20 (transport to delegation) for AUTH; rows 1-24 (through the account's state) and
 /// `policy.denied` for the Gmail settings methods; transport, authentication and the
-/// credential's restrictions (rows 1-13) and `permission.missing` for a key-management call.
+/// credential's restrictions (rows 1-13) and `permission.missing` for a key-management call;
+/// for issuing a token, what Google checks then.
 fn runs(action: Action, r: Reason) -> bool {
     let row = r.spec().row;
     match action {
@@ -91,6 +92,9 @@ fn runs(action: Action, r: Reason) -> bool {
             row <= 24 || r == Reason::PolicyDenied
         }
         Action::Manage { .. } => row <= 13 || r == Reason::PermissionMissing,
+        // The token endpoint: who asks (3-7), the client (13), the delegation (17-19), the
+        // states that stop an account for good (21, 24) and policy.denied (28).
+        Action::IssueToken => matches!(row, 3..=7 | 13 | 17..=19 | 21 | 24 | 28),
     }
 }
 
@@ -579,7 +583,9 @@ pub(super) fn explain(
                         .domain_wide_delegation
                         .iter()
                         .any(|g| g.client_id == s.client_id);
-                    if subject.is_none() || !grant {
+                    if subject.is_none() && a.action == Action::IssueToken {
+                        Na
+                    } else if subject.is_none() || !grant {
                         Fail
                     } else {
                         Pass
@@ -602,6 +608,14 @@ pub(super) fn explain(
                         .find(|g| g.client_id == s.client_id)
                     {
                         None => Na,
+                        Some(g) if a.action == Action::IssueToken => {
+                            // Issuing a delegated token: every requested scope is granted.
+                            if scopes.iter().all(|x| g.scopes.contains(x)) {
+                                Pass
+                            } else {
+                                Fail
+                            }
+                        }
                         Some(g) => {
                             let wanted: Vec<_> =
                                 scopes.iter().filter(|x| send_scope(x, a.door)).collect();
