@@ -482,26 +482,34 @@ pub async fn create_admin_token(store: &dyn Store, name: &str) -> Result<String,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mailgate_store::SqliteStore;
+    use std::sync::Arc;
 
     const BASE: &str = "domains: [{name: example.com, verified: true}]\nusers:\n  - email: a@example.com\n    password: \"pw-a-123456\"\n  - email: b@example.com\n";
 
     #[tokio::test]
     async fn apply_is_idempotent() {
-        let store = SqliteStore::in_memory().await.unwrap();
-        let first = apply(&store, BASE, false, false, "t").await.unwrap();
+        let store = mailgate_store::in_memory().await.unwrap().directory;
+        let first = apply(store.as_ref(), BASE, false, false, "t")
+            .await
+            .unwrap();
         assert_eq!(first.generation, 1);
-        let second = apply(&store, BASE, false, false, "t").await.unwrap();
+        let second = apply(store.as_ref(), BASE, false, false, "t")
+            .await
+            .unwrap();
         assert!(second.changes.is_empty(), "{:?}", second.changes);
         assert_eq!(second.generation, 1);
     }
 
     #[tokio::test]
     async fn apply_without_prune_keeps_what_the_file_does_not_name() {
-        let store = SqliteStore::in_memory().await.unwrap();
-        apply(&store, BASE, false, false, "t").await.unwrap();
+        let store = mailgate_store::in_memory().await.unwrap().directory;
+        apply(store.as_ref(), BASE, false, false, "t")
+            .await
+            .unwrap();
         let only_a = "users:\n  - email: a@example.com\n    status: suspended\n";
-        apply(&store, only_a, false, false, "t").await.unwrap();
+        apply(store.as_ref(), only_a, false, false, "t")
+            .await
+            .unwrap();
         let d = store.snapshot().await.unwrap().directory;
         assert_eq!(d.users.len(), 2);
         assert_eq!(
@@ -513,11 +521,13 @@ mod tests {
 
     #[tokio::test]
     async fn prune_removes_and_checks_references() {
-        let store = SqliteStore::in_memory().await.unwrap();
-        apply(&store, BASE, false, false, "t").await.unwrap();
+        let store = mailgate_store::in_memory().await.unwrap().directory;
+        apply(store.as_ref(), BASE, false, false, "t")
+            .await
+            .unwrap();
         // Pruning the domain away leaves users whose domain is unknown: refused, nothing changes.
         let err = apply(
-            &store,
+            store.as_ref(),
             "users: [{email: a@example.com}]\n",
             true,
             false,
@@ -532,7 +542,7 @@ mod tests {
         assert_eq!(p[0].location.unwrap().line, 1);
         assert_eq!(store.generation().await.unwrap(), 1);
         let ok = "domains: [{name: example.com}]\nusers: [{email: a@example.com}]\n";
-        let r = apply(&store, ok, true, false, "t").await.unwrap();
+        let r = apply(store.as_ref(), ok, true, false, "t").await.unwrap();
         assert!(
             r.changes.iter().any(|c| c == "delete user b@example.com"),
             "{:?}",
@@ -542,26 +552,28 @@ mod tests {
 
     const WITH_SA: &str = "domains: [{name: example.com, verified: true}]\nusers:\n  - email: a@example.com\nprojects: [{id: p1, number: 1}]\nservice_accounts:\n  - email: robot@p1.iam.gserviceaccount.com\n    project: p1\n    client_id: \"1045\"\n";
 
-    async fn store_with(src: &str) -> SqliteStore {
-        let store = SqliteStore::in_memory().await.unwrap();
-        apply(&store, src, false, false, "t").await.unwrap();
+    async fn store_with(src: &str) -> Arc<dyn Store> {
+        let store = mailgate_store::in_memory().await.unwrap().directory;
+        apply(store.as_ref(), src, false, false, "t").await.unwrap();
         store
     }
 
     #[tokio::test]
     async fn unknown_names_are_errors_naming_the_list_command() {
         let store = store_with(BASE).await;
-        let e = revoke_api_key(&store, "t", "nope").await.unwrap_err();
+        let e = revoke_api_key(store.as_ref(), "t", "nope")
+            .await
+            .unwrap_err();
         assert!(
             matches!(e, AdminError::NoApiKey(ref id) if id == "nope"),
             "{e:?}"
         );
         assert!(e.to_string().contains("`mailgate key list`"), "{e}");
-        let e = set_user_status(&store, "t", "x@example.com", UserStatus::Suspended)
+        let e = set_user_status(store.as_ref(), "t", "x@example.com", UserStatus::Suspended)
             .await
             .unwrap_err();
         assert!(e.to_string().contains("`mailgate user list`"), "{e}");
-        let e = create_service_account_key(&store, "t", "x@example.com", "http://h")
+        let e = create_service_account_key(store.as_ref(), "t", "x@example.com", "http://h")
             .await
             .unwrap_err();
         assert!(matches!(e, AdminError::NoServiceAccount(_)), "{e:?}");
@@ -572,10 +584,10 @@ mod tests {
     #[tokio::test]
     async fn user_verbs_change_only_what_they_name() {
         let store = store_with(BASE).await;
-        set_user_status(&store, "t", "A@example.com", UserStatus::Suspended)
+        set_user_status(store.as_ref(), "t", "A@example.com", UserStatus::Suspended)
             .await
             .unwrap();
-        revoke_sending(&store, "t", "b@example.com", "spam run")
+        revoke_sending(store.as_ref(), "t", "b@example.com", "spam run")
             .await
             .unwrap();
         let d = store.snapshot().await.unwrap().directory;
@@ -588,8 +600,10 @@ mod tests {
         assert_eq!(b.status, UserStatus::Active);
         assert_eq!(b.abuse.state, AbuseState::Revoked);
         assert_eq!(b.abuse.evidence.as_deref(), Some("spam run"));
-        restore_sending(&store, "t", "b@example.com").await.unwrap();
-        set_user_status(&store, "t", "a@example.com", UserStatus::Active)
+        restore_sending(store.as_ref(), "t", "b@example.com")
+            .await
+            .unwrap();
+        set_user_status(store.as_ref(), "t", "a@example.com", UserStatus::Active)
             .await
             .unwrap();
         let d = store.snapshot().await.unwrap().directory;
@@ -604,20 +618,28 @@ mod tests {
     #[tokio::test]
     async fn passwords_are_checked_and_never_shown() {
         let store = store_with(BASE).await;
-        let e = set_password(&store, "t", "b@example.com", "short")
+        let e = set_password(store.as_ref(), "t", "b@example.com", "short")
             .await
             .unwrap_err();
         assert!(matches!(e, AdminError::Invalid(_)), "{e:?}");
         assert_eq!(store.generation().await.unwrap(), 1);
-        set_password(&store, "t", "b@example.com", "long enough pw")
+        set_password(store.as_ref(), "t", "b@example.com", "long enough pw")
             .await
             .unwrap();
         let stored = store.snapshot().await.unwrap().directory;
         let hash = stored.user("b@example.com").unwrap().password_hash.clone();
         assert!(hash.is_some_and(|h| h.starts_with("$argon2")));
-        let shown = user(&store, "b@example.com").await.unwrap().unwrap();
+        let shown = user(store.as_ref(), "b@example.com")
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(shown.password_hash.as_deref(), Some("(set)"));
-        assert!(user(&store, "x@example.com").await.unwrap().is_none());
+        assert!(
+            user(store.as_ref(), "x@example.com")
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[tokio::test]
@@ -629,10 +651,10 @@ mod tests {
             expires: Some("tomorrow".into()),
             ..Default::default()
         };
-        let e = create_api_key(&store, "t", bad).await.unwrap_err();
+        let e = create_api_key(store.as_ref(), "t", bad).await.unwrap_err();
         assert!(e.to_string().contains("not RFC 3339"), "{e}");
         let created = create_api_key(
-            &store,
+            store.as_ref(),
             "t",
             NewApiKey {
                 owner: "a@example.com".into(),
@@ -643,7 +665,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let keys = api_keys(&store).await.unwrap();
+        let keys = api_keys(store.as_ref()).await.unwrap();
         assert_eq!(keys.len(), 1);
         assert_eq!(keys[0].id, created.id);
         assert_eq!(
@@ -651,16 +673,23 @@ mod tests {
             mailgate_auth::sha256_hex(created.secret.as_bytes())
         );
         assert!(keys[0].secret.is_none());
-        assert!(!export(&store).await.unwrap().contains(&created.secret));
-        revoke_api_key(&store, "t", &created.id).await.unwrap();
-        assert!(api_keys(&store).await.unwrap()[0].revoked);
+        assert!(
+            !export(store.as_ref())
+                .await
+                .unwrap()
+                .contains(&created.secret)
+        );
+        revoke_api_key(store.as_ref(), "t", &created.id)
+            .await
+            .unwrap();
+        assert!(api_keys(store.as_ref()).await.unwrap()[0].revoked);
     }
 
     #[tokio::test]
     async fn service_account_key_files_point_at_this_gateway() {
         let store = store_with(WITH_SA).await;
         let k = create_service_account_key(
-            &store,
+            store.as_ref(),
             "t",
             "robot@p1.iam.gserviceaccount.com",
             "https://mail.example",
@@ -680,15 +709,15 @@ mod tests {
 
     #[tokio::test]
     async fn admin_tokens_are_stored_as_hashes() {
-        let store = SqliteStore::in_memory().await.unwrap();
-        let t = create_admin_token(&store, "ops").await.unwrap();
+        let store = mailgate_store::in_memory().await.unwrap().directory;
+        let t = create_admin_token(store.as_ref(), "ops").await.unwrap();
         assert!(t.starts_with("mga_"));
         let hash = mailgate_auth::sha256_hex(t.as_bytes());
         assert_eq!(
             store.admin_token(&hash).await.unwrap().as_deref(),
             Some("ops")
         );
-        let again = create_admin_token(&store, "ops").await.unwrap();
+        let again = create_admin_token(store.as_ref(), "ops").await.unwrap();
         assert_ne!(again, t);
     }
 }

@@ -1,11 +1,10 @@
 //! Fault injection (`mailgate simulate`, `POST /mailgate/v1/simulate`): a principal's next sends
 //! fail with a chosen reason code for a while, to test a client's error handling. Injected faults
-//! are kept in the store (so every node sees them) and marked as such in every trace.
+//! are kept in the store (so every node sees them: each gateway reads them when it reloads,
+//! `Gateway::reload_faults`) and marked as such in every trace.
 
 use mailgate_core::catalogue::Reason;
-use mailgate_core::engine::InjectedFault;
-use mailgate_gateway::Gateway;
-use mailgate_store::{QueueStore, SimulatedFault};
+use mailgate_store::{FaultStore, SimulatedFault};
 
 use crate::AdminError;
 
@@ -64,45 +63,27 @@ pub fn new_fault(
 
 /// Injects a fault (replacing the principal's previous one) and returns it.
 pub async fn inject(
-    queue: &dyn QueueStore,
+    faults: &dyn FaultStore,
     principal: &str,
     code: &str,
     duration: &str,
     actor: &str,
 ) -> Result<SimulatedFault, AdminError> {
     let f = new_fault(principal, code, duration, actor)?;
-    queue.set_fault(&f).await?;
+    faults.set_fault(&f).await?;
     Ok(f)
 }
 
 /// Removes a principal's injected fault; false when it had none.
-pub async fn clear(queue: &dyn QueueStore, principal: &str) -> Result<bool, AdminError> {
-    Ok(queue.clear_fault(principal).await?)
+pub async fn clear(faults: &dyn FaultStore, principal: &str) -> Result<bool, AdminError> {
+    Ok(faults.clear_fault(principal).await?)
 }
 
 /// The injected faults in force now.
-pub async fn active(queue: &dyn QueueStore) -> Result<Vec<SimulatedFault>, AdminError> {
-    Ok(queue
+pub async fn active(faults: &dyn FaultStore) -> Result<Vec<SimulatedFault>, AdminError> {
+    Ok(faults
         .active_faults(mailgate_gateway::now_ms() as i64)
         .await?)
-}
-
-/// Loads the injected faults in force into the gateway; returns how many.
-pub async fn load(gateway: &Gateway, queue: &dyn QueueStore) -> Result<usize, AdminError> {
-    let faults: Vec<InjectedFault> = active(queue)
-        .await?
-        .into_iter()
-        .filter_map(|f| {
-            Some(InjectedFault {
-                code: Reason::from_code(&f.code)?,
-                principal: f.principal,
-                until_ms: f.until_ms.max(0) as u64,
-            })
-        })
-        .collect();
-    let n = faults.len();
-    gateway.set_injected_faults(faults);
-    Ok(n)
 }
 
 #[cfg(test)]
@@ -124,14 +105,15 @@ mod tests {
 
     #[tokio::test]
     async fn faults_are_stored_listed_and_cleared() {
-        let store = mailgate_store::SqliteStore::in_memory().await.unwrap();
-        let e = inject(&store, "a@example.com", "nope", "10m", "t")
+        let stores = mailgate_store::in_memory().await.unwrap();
+        let store = stores.directory.as_ref();
+        let e = inject(store, "a@example.com", "nope", "10m", "t")
             .await
             .unwrap_err();
         assert!(matches!(e, AdminError::Invalid(_)), "{e:?}");
-        assert!(active(&store).await.unwrap().is_empty());
+        assert!(active(store).await.unwrap().is_empty());
         let f = inject(
-            &store,
+            store,
             "A@Example.com",
             "limit.daily_messages",
             "10m",
@@ -141,12 +123,12 @@ mod tests {
         .unwrap();
         assert_eq!(f.principal, "a@example.com");
         assert_eq!(f.until_ms - f.created_at_ms, 600_000);
-        let now = active(&store).await.unwrap();
+        let now = active(store).await.unwrap();
         assert_eq!(now.len(), 1);
         assert_eq!(now[0].code, "limit.daily_messages");
         assert_eq!(now[0].actor, "cli:t");
-        assert!(clear(&store, "a@example.com").await.unwrap());
-        assert!(!clear(&store, "a@example.com").await.unwrap());
-        assert!(active(&store).await.unwrap().is_empty());
+        assert!(clear(store, "a@example.com").await.unwrap());
+        assert!(!clear(store, "a@example.com").await.unwrap());
+        assert!(active(store).await.unwrap().is_empty());
     }
 }

@@ -170,20 +170,21 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_messages_are_named() {
-        let store = mailgate_store::SqliteStore::in_memory().await.unwrap();
-        let e = retry(&store, "m-1").await.unwrap_err();
+        let stores = mailgate_store::in_memory().await.unwrap();
+        let store = stores.queue.as_ref();
+        let e = retry(store, "m-1").await.unwrap_err();
         assert!(
             matches!(e, MessageError::NotFound(ref id) if id == "m-1"),
             "{e:?}"
         );
         assert_eq!(e.to_string(), "no message `m-1`");
         assert!(matches!(
-            delete(&store, "m-1").await,
+            delete(store, "m-1").await,
             Err(MessageError::NotFound(_))
         ));
-        assert!(message(&store, "m-1").await.unwrap().is_none());
-        assert!(captured(&store, "m-1").await.unwrap().is_none());
-        assert!(messages(&store, None, 10).await.unwrap().is_empty());
-        assert!(captured_list(&store, 10).await.unwrap().is_empty());
+        assert!(message(store, "m-1").await.unwrap().is_none());
+        assert!(captured(store, "m-1").await.unwrap().is_none());
+        assert!(messages(store, None, 10).await.unwrap().is_empty());
+        assert!(captured_list(store, 10).await.unwrap().is_empty());
     }
 }

@@ -351,6 +351,11 @@ impl Gateway {
         }
     }
 
+    /// The injected faults in force here.
+    pub fn injected_faults(&self) -> Arc<Vec<InjectedFault>> {
+        self.faults.load_full()
+    }
+
     /// Replaces the injected faults in force (the reload loop reads them from the store:
     /// [`Gateway::reload_faults`]).
     pub fn set_injected_faults(&self, faults: Vec<InjectedFault>) {

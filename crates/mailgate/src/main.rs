@@ -42,11 +42,10 @@ mod start;
 mod stdout;
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use mailgate_store::SqliteStore;
+use mailgate_store::Stores;
 
 use crate::cli::{AdminTokenCmd, Cli, Cmd, SaCmd, SaKeyCmd};
 use crate::config::Config;
@@ -117,7 +116,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn open_store(config: &Config) -> anyhow::Result<Arc<SqliteStore>> {
+async fn open_store(config: &Config) -> anyhow::Result<Stores> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
@@ -126,10 +125,9 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<SqliteStore>> {
     })?;
     let path = config.database_path();
     files::secure_data_dir(&config.data_dir, &path);
-    let store = SqliteStore::open(&path)
+    mailgate_store::open_path(&path)
         .await
-        .with_context(|| format!("cannot open the store {}", path.display()))?;
-    Ok(Arc::new(store))
+        .with_context(|| format!("cannot open the store {}", path.display()))
 }
 
 fn cli_actor() -> String {
@@ -140,10 +138,11 @@ fn cli_actor() -> String {
 }
 
 async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode> {
-    let store = open_store(&config).await?;
+    let stores = open_store(&config).await?;
+    let store = stores.directory.clone();
     let actor = cli_actor();
     match cmd {
-        Cmd::Serve { demo } => start::serve(config, store, demo).await?,
+        Cmd::Serve { demo } => start::serve(config, stores, demo).await?,
         Cmd::Apply {
             file,
             prune,
@@ -158,8 +157,8 @@ async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode>
         Cmd::Sa(SaCmd::Key(SaKeyCmd::Create { email, output })) => {
             directory_cli::sa_key_create(store.as_ref(), &actor, &config, &email, &output).await?
         }
-        Cmd::Queue(q) => return queue_cli::queue(store.as_ref(), q).await,
-        Cmd::Captured(c) => return queue_cli::captured(store.as_ref(), c).await,
+        Cmd::Queue(q) => return queue_cli::queue(stores.queue.as_ref(), q).await,
+        Cmd::Captured(c) => return queue_cli::captured(stores.queue.as_ref(), c).await,
         Cmd::Simulate(a) => return queue_cli::simulate(store.as_ref(), &actor, a).await,
         Cmd::SupportBundle(a) => bundle::run(store.as_ref(), &config, &a).await?,
         Cmd::AdminToken(AdminTokenCmd::Create { name }) => {

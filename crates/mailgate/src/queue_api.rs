@@ -136,7 +136,7 @@ pub async fn post_simulate(
             );
         }
     };
-    let q = state.queue.as_ref();
+    let q = state.gateway.store();
     let result = if req.clear {
         faults::clear(q, &req.principal).await.map(|_| None)
     } else {
@@ -151,8 +151,8 @@ pub async fn post_simulate(
     };
     match result {
         Ok(fault) => {
-            // In force at once on this node (other nodes poll the store).
-            if let Err(e) = faults::load(&state.gateway, q).await {
+            // In force at once on this node (other nodes read it when they reload).
+            if let Err(e) = state.gateway.reload_faults().await {
                 return unavailable(e);
             }
             Json(json!({

@@ -7,7 +7,7 @@ use anyhow::bail;
 use clap::Subcommand;
 use mailgate_admin::faults;
 use mailgate_admin::queue::{self, rfc3339};
-use mailgate_store::QueueStore;
+use mailgate_store::{FaultStore, QueueStore};
 
 /// The delivery queue.
 #[derive(Subcommand)]
@@ -257,7 +257,7 @@ pub struct SimulateArgs {
 
 /// Runs `mailgate simulate`.
 pub async fn simulate(
-    store: &dyn QueueStore,
+    store: &dyn FaultStore,
     actor: &str,
     a: SimulateArgs,
 ) -> anyhow::Result<ExitCode> {

@@ -1,5 +1,4 @@
-//! The `[relay]` section of the configuration, starting the delivery worker in `serve`, and
-//! keeping the gateway's injected faults (`mailgate simulate`) in step with the store.
+//! The `[relay]` section of the configuration and starting the delivery worker in `serve`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -97,7 +96,6 @@ pub fn spawn(
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let cfg = relay_config(raw, demo)?;
     let workers = worker_count(raw)?;
-    watch_faults(gateway.clone(), queue.clone());
     let mut handles = Vec::new();
     let wake = mailgate_relay::Wake::new(gateway.accepted_signal());
     for i in 0..workers {
@@ -150,26 +148,6 @@ fn watch_delivery_mode(gateway: Arc<Gateway>) {
             if last.as_deref() != Some(now.as_str()) {
                 tracing::info!("{now}");
                 last = Some(now);
-            }
-        }
-    });
-}
-
-/// Polls the store for faults injected by `mailgate simulate` (CLI or another node).
-fn watch_faults(gateway: Arc<Gateway>, queue: Arc<dyn QueueStore>) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last = 0;
-        loop {
-            tick.tick().await;
-            match mailgate_admin::faults::load(&gateway, queue.as_ref()).await {
-                Ok(n) if n != last => {
-                    tracing::warn!(active = n, "injected faults (mailgate simulate) in force");
-                    last = n;
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot load injected faults"),
             }
         }
     });

@@ -4,17 +4,18 @@
 use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
-use mailgate_store::{SqliteStore, Store};
+use mailgate_store::Stores;
 
 use crate::config::Config;
 use crate::{api, banner, demo, files, relay_setup, serve};
 
 /// Runs the gateway until SIGINT/SIGTERM.
-pub(crate) async fn serve(
-    config: Config,
-    store: Arc<SqliteStore>,
-    demo: bool,
-) -> anyhow::Result<()> {
+pub(crate) async fn serve(config: Config, stores: Stores, demo: bool) -> anyhow::Result<()> {
+    let Stores {
+        directory: store,
+        queue,
+        tokens,
+    } = stores;
     let mut credentials_file = None;
     if demo {
         if store.generation().await? == 0 {
@@ -43,9 +44,7 @@ pub(crate) async fn serve(
         credentials_file = Some(path);
     }
     let tls = tls_material(&config, demo)?;
-    let tokens: Arc<dyn mailgate_store::TokenStore> = store.clone();
     let smtp_tokens = tokens.clone();
-    let queue: Arc<dyn mailgate_store::QueueStore> = store.clone();
     let limits = files::fit_open_files(&config.limits);
     let gateway = mailgate_gateway::Gateway::open_with_limits(store, limits).await?;
     gateway.lockout().set_policy(config.lockout);

@@ -29,7 +29,7 @@ use rusqlite::{Connection, OpenFlags, params};
 use sqlx::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::sqlite::OrStore;
+use super::OrStore;
 use crate::{NewMessage, StoreError, StoredDecision, UsageEntry};
 
 /// Most group writes committed in one transaction.
@@ -161,7 +161,7 @@ impl Writer {
                     let _ = std::fs::remove_file(f);
                 }
             })
-            .map_err(crate::sqlite::thread_gone)?;
+            .map_err(super::thread_gone)?;
         Ok(Writer { jobs, counts })
     }
 
@@ -216,7 +216,7 @@ impl Writer {
 }
 
 fn stopped() -> StoreError {
-    crate::sqlite::thread_gone("the database write thread has stopped")
+    super::thread_gone("the database write thread has stopped")
 }
 
 /// Copies committed log frames into the database file a few times a second while writes go on.
@@ -409,7 +409,7 @@ fn insert_decision(conn: &Connection, d: &StoredDecision) -> Result<(), StoreErr
         d.principal,
         d.verdict.as_str(),
         d.code,
-        crate::packed::pack(&d.body)
+        super::packed::pack(&d.body)
     ])
     .or_store()?;
     Ok(())

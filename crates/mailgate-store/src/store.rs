@@ -1,0 +1,322 @@
+//! The directory store: the directory (objects and a generation, optimistic concurrency),
+//! running nodes, admin tokens, decisions by id, usage, accepted messages and retention. The trait
+//! every backend implements; the types it speaks.
+
+use async_trait::async_trait;
+use mailgate_core::directory::{Directory, Kind, Object};
+
+use crate::{FaultStore, MessageState, StoreError, StoredVerdict};
+
+/// A directory with the generation it was read at.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The directory.
+    pub directory: Directory,
+    /// Increases by one with every committed change.
+    pub generation: i64,
+}
+
+/// One change to the directory, as computed by `apply` or an imperative command.
+#[derive(Debug, Clone, Default)]
+pub struct Changeset {
+    /// Objects to create or replace.
+    pub upserts: Vec<Object>,
+    /// Objects to remove.
+    pub deletes: Vec<(Kind, String)>,
+}
+
+impl Changeset {
+    /// Computes the changes that turn `from` into `to`.
+    pub fn between(from: &Directory, to: &Directory) -> Changeset {
+        let old = from.to_objects();
+        let new = to.to_objects();
+        let mut cs = Changeset::default();
+        for o in &new {
+            let same = old
+                .iter()
+                .any(|p| p.kind == o.kind && p.id == o.id && p.body == o.body);
+            if !same {
+                cs.upserts.push(o.clone());
+            }
+        }
+        for o in &old {
+            if !new.iter().any(|n| n.kind == o.kind && n.id == o.id) {
+                cs.deletes.push((o.kind, o.id.clone()));
+            }
+        }
+        cs
+    }
+
+    /// True when nothing changes.
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.deletes.is_empty()
+    }
+}
+
+/// A stored decision: the summary columns plus the full JSON body (the decision and its trace).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredDecision {
+    /// The decision id (`01J...`).
+    pub id: String,
+    /// When it was made (Unix ms).
+    pub at_ms: i64,
+    /// Which door asked (`gmail`, `sendgrid`, `smtp`, `explain`, ...).
+    pub door: String,
+    /// Who asked (principal key).
+    pub principal: String,
+    /// What it concluded.
+    pub verdict: StoredVerdict,
+    /// Reason code of a denial.
+    pub code: Option<String>,
+    /// The decision as JSON.
+    pub body: TraceJson,
+}
+
+/// A stored decision without its trace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecisionSummary {
+    /// The decision id.
+    pub id: String,
+    /// When it was made (Unix ms).
+    pub at_ms: i64,
+    /// Which door asked.
+    pub door: String,
+    /// Who asked (principal key).
+    pub principal: String,
+    /// Reason code of a denial.
+    pub code: Option<String>,
+}
+
+/// A decision's trace as JSON text: written once by the gateway (straight from the engine's
+/// types), stored packed, and parsed only by whoever reads it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceJson(pub Vec<u8>);
+
+impl TraceJson {
+    /// The JSON text.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Parses it.
+    pub fn parse(&self) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::from_slice(&self.0)
+    }
+}
+
+impl From<serde_json::Value> for TraceJson {
+    fn from(v: serde_json::Value) -> Self {
+        TraceJson(v.to_string().into_bytes())
+    }
+}
+
+/// One accepted send, as the usage counters record it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageEntry {
+    /// When it was accepted (Unix ms).
+    pub at_ms: i64,
+    /// How many recipients it had.
+    pub recipients: i64,
+}
+
+/// Usage to replay into in-memory counters at start.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UsageReplay {
+    /// Accepted sends of the last 24 h, per principal, oldest first.
+    pub sends: Vec<(String, UsageEntry)>,
+    /// GCRA theoretical arrival times per principal.
+    pub rate_tat_ms: Vec<(String, i64)>,
+}
+
+/// An accepted message, as the doors hand it to the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    /// Message id (also the Gmail door's `id`).
+    pub id: String,
+    /// The decision that accepted it.
+    pub decision_id: String,
+    /// When (Unix ms).
+    pub accepted_at_ms: i64,
+    /// Which door.
+    pub door: String,
+    /// Counter key of the sender.
+    pub principal: String,
+    /// SMTP envelope sender.
+    pub envelope_from: String,
+    /// Envelope recipients.
+    pub recipients: Vec<String>,
+    /// The RFC 5322 message as sent on.
+    pub raw: Vec<u8>,
+    /// [`MessageState::Queued`] or [`MessageState::Held`].
+    pub state: MessageState,
+    /// For held messages: when the limit resets.
+    pub hold_until_ms: Option<i64>,
+}
+
+/// A stored message's summary (no body).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageSummary {
+    /// Message id.
+    pub id: String,
+    /// The accepting decision.
+    pub decision_id: String,
+    /// State.
+    pub state: MessageState,
+    /// Envelope sender.
+    pub envelope_from: String,
+    /// Envelope recipients.
+    pub recipients: Vec<String>,
+    /// Size in bytes.
+    pub size: i64,
+    /// When accepted (Unix ms).
+    pub accepted_at_ms: i64,
+}
+
+/// A new message id in Gmail's style: 16 lower-case hex digits, time-ordered. The first 48 bits
+/// are the Unix milliseconds; the last 16 start at a random value and count up, and ids from one
+/// process strictly increase, so they never repeat here even at thousands per millisecond (two
+/// random 16-bit suffixes alone collided within seconds under load).
+pub fn new_message_id(now_ms: u64) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let fresh = ((now_ms & 0xFFFF_FFFF_FFFF) << 16) | u64::from(fastrand::u16(..));
+    let next = |last: u64| fresh.max(last.wrapping_add(1));
+    let id = match LAST.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| Some(next(l))) {
+        Ok(prev) | Err(prev) => next(prev),
+    };
+    format!("{id:016x}")
+}
+
+/// What [`Store::purge`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    /// Decisions deleted.
+    pub decisions: u64,
+    /// Messages deleted (with their bodies and delivery history).
+    pub messages: u64,
+}
+
+/// A running gateway process as the store knows it: the directory generation it has in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeState {
+    /// Unique per process run.
+    pub id: String,
+    /// Host name and process id (to tell a node that died without saying so).
+    pub host: String,
+    pub pid: u32,
+    /// Directory generation in force.
+    pub generation: i64,
+    /// When the node last wrote this row (Unix ms).
+    pub seen_ms: i64,
+    /// How often the node polls the directory generation (ms).
+    pub interval_ms: i64,
+}
+
+/// The storage interface every front door, the CLI and the server share. It keeps the injected
+/// faults too ([`FaultStore`]), so the gateway reads them through the handle it reloads with.
+#[async_trait]
+pub trait Store: FaultStore + Send + Sync {
+    /// Reads the whole directory.
+    async fn snapshot(&self) -> Result<Snapshot, StoreError>;
+
+    /// The current directory generation (cheap: servers poll it to pick up changes).
+    async fn generation(&self) -> Result<i64, StoreError>;
+
+    /// Commits `changes` in one transaction if the directory is still at `expected_generation`,
+    /// recording `actor` in the audit log. Returns the new generation.
+    async fn commit(
+        &self,
+        expected_generation: i64,
+        changes: &Changeset,
+        actor: &str,
+    ) -> Result<i64, StoreError>;
+
+    /// Writes (inserts or replaces) a running node's row.
+    async fn node_seen(&self, node: &NodeState) -> Result<(), StoreError>;
+
+    /// Deletes a node's row (it stopped).
+    async fn node_gone(&self, id: &str) -> Result<(), StoreError>;
+
+    /// Every node row.
+    async fn nodes(&self) -> Result<Vec<NodeState>, StoreError>;
+
+    /// Registers an admin API token by the SHA-256 (hex) of its secret.
+    async fn add_admin_token(&self, name: &str, token_sha256: &str) -> Result<(), StoreError>;
+
+    /// Finds the name of the admin token with this SHA-256 (hex).
+    async fn admin_token(&self, token_sha256: &str) -> Result<Option<String>, StoreError>;
+
+    /// Keeps a decision and its trace under its id; returns once it is durable.
+    async fn record_decision(&self, decision: &StoredDecision) -> Result<(), StoreError>;
+
+    /// Keeps a decision without waiting for it to be durable: it is committed before, or with,
+    /// any write this store accepts after it, and [`Store::decision`] finds it at once. For the
+    /// hot path, where the send's own acceptance makes it durable.
+    async fn enqueue_decision(&self, decision: StoredDecision) -> Result<(), StoreError>;
+
+    /// Waits until every write queued so far is durable (called at shutdown).
+    async fn flush(&self) -> Result<(), StoreError>;
+
+    /// Finds a decision by id.
+    async fn decision(&self, id: &str) -> Result<Option<StoredDecision>, StoreError>;
+
+    /// The most recent stored refusals (`denied`), newest first, at most `limit`, looked for
+    /// among the last 100,000 decisions (`mailgate support-bundle` lists them). Summaries only.
+    async fn recent_refusals(&self, limit: u32) -> Result<Vec<DecisionSummary>, StoreError>;
+
+    /// Records an accepted send for the usage counters, with the principal's new rate state.
+    async fn record_usage(
+        &self,
+        principal: &str,
+        entry: UsageEntry,
+        rate_tat_ms: Option<i64>,
+    ) -> Result<(), StoreError>;
+
+    /// The usage to replay at start: sends since `since_ms` and every rate state. Older sends are
+    /// deleted on the way (they no longer count for any limit).
+    async fn usage_since(&self, since_ms: i64) -> Result<UsageReplay, StoreError>;
+
+    /// Stores an accepted message and the usage it consumes in one durable transaction: when this
+    /// returns `Ok`, the message survives a crash and the door may answer "accepted". Concurrent
+    /// calls share a transaction (group commit).
+    async fn accept_message(
+        &self,
+        message: &NewMessage,
+        usage: Option<(UsageEntry, Option<i64>)>,
+    ) -> Result<(), StoreError>;
+
+    /// A message's summary by id.
+    async fn message(&self, id: &str) -> Result<Option<MessageSummary>, StoreError>;
+
+    /// Retention: deletes finished messages (delivered, failed, captured) that finished before
+    /// `messages_before_ms`, with their bodies and delivery history, then decisions taken before
+    /// `decisions_before_ms` that no remaining message names. `None` keeps that kind.
+    async fn purge(
+        &self,
+        decisions_before_ms: Option<i64>,
+        messages_before_ms: Option<i64>,
+    ) -> Result<Purged, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::new_message_id;
+
+    #[test]
+    fn message_ids_never_repeat_within_one_millisecond_and_keep_gmail_shape() {
+        let ids: Vec<String> = (0..100_000)
+            .map(|_| new_message_id(1_795_000_000_000))
+            .collect();
+        let unique: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids are time-ordered");
+        assert!(ids.iter().all(|id| {
+            id.len() == 16
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        }));
+        // A later millisecond sorts after.
+        assert!(new_message_id(1_795_000_001_000) > ids[ids.len() - 1]);
+    }
+}
