@@ -367,16 +367,25 @@ impl Gateway {
         self.evaluate(door, attempt, Mode::Enforce).await
     }
 
-    /// Screens an intermediate step of a send (SMTP's MAIL FROM and RCPT TO): returns the
-    /// refusal, kept under a new id like any decision, or `None` when the step may go on. An
-    /// allowance is not kept: no client ever sees its id, and the send's final decision (the one
-    /// [`Gateway::accept`] takes) is kept with the message.
+    /// Screens an intermediate step of a send (SMTP's MAIL FROM and RCPT TO, or AUTH as
+    /// `Action::Authenticate`): returns the refusal, kept under a new id like any decision, or
+    /// `None` when the step may go on. An allowance is not kept: no client ever sees its id, and
+    /// the send's final decision (the one [`Gateway::accept`] takes) is kept with the message.
+    /// Which refusals count at a step is the engine's (the attempt's action and facts), never the
+    /// door's.
     pub async fn screen(
         &self,
         door: &str,
         attempt: &SendAttempt,
     ) -> Result<Option<Decided>, GatewayError> {
-        self.screen_for(door, attempt, |_| true).await
+        let now = now_ms();
+        let decision = self.enforce(attempt, now);
+        if decision.denial().is_none() {
+            return Ok(None);
+        }
+        self.keep_decided(door, attempt, decision, now, Mode::Enforce)
+            .await
+            .map(Some)
     }
 
     /// A send before its message is read (an HTTP door, from the request's headers): returns
@@ -394,27 +403,6 @@ impl Gateway {
         let now = now_ms();
         let decision = self.enforce(attempt, now);
         if decision.settled_denial().is_none() {
-            return Ok(None);
-        }
-        self.keep_decided(door, attempt, decision, now, Mode::Enforce)
-            .await
-            .map(Some)
-    }
-
-    /// [`Gateway::screen`] for a step that answers only some refusals: a refusal `relevant`
-    /// rejects is neither kept nor logged, and the step goes on. Doors do not use it (which
-    /// checks apply to a call is the engine's business: give the attempt its
-    /// [`mailgate_core::engine::Action`], and use [`Gateway::screen_before_message`] before a
-    /// body); kept for tools that screen on their own terms.
-    pub async fn screen_for(
-        &self,
-        door: &str,
-        attempt: &SendAttempt,
-        relevant: impl Fn(&mailgate_core::engine::Denial) -> bool,
-    ) -> Result<Option<Decided>, GatewayError> {
-        let now = now_ms();
-        let decision = self.enforce(attempt, now);
-        if !decision.denial().is_some_and(relevant) {
             return Ok(None);
         }
         self.keep_decided(door, attempt, decision, now, Mode::Enforce)
