@@ -18,8 +18,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use mailgate_core::engine::{
-    Body, Credential, Decision, GMAIL_MAX_MESSAGE_BYTES, Originator, Outcome, SEND_SCOPES,
-    SendAttempt,
+    Body, Credential, GMAIL_MAX_MESSAGE_BYTES, Originator, SEND_SCOPES, SendAttempt,
 };
 use mailgate_gateway::{Accepted, Message};
 use serde::Deserialize;
@@ -938,9 +937,7 @@ async fn send(
 /// Decides an attempt the door already knows is bad, so the refusal still carries a decision id.
 async fn decided_refusal(st: &GmailState, attempt: &SendAttempt, now: u64) -> Option<Response> {
     let decided = st.gateway.decide("gmail", attempt).await.ok()?;
-    let d: &Decision = &decided.decision;
-    let denial = d.denial()?;
-    let _ = d.checks.iter().any(|c| c.outcome == Outcome::Fail);
+    let denial = decided.decision.denial()?;
     Some(denial_response(
         denial,
         &decided.id,
