@@ -2707,6 +2707,54 @@ mod props {
             }
         }
 
+        /// (g) The same facts get the same outcome on every door: apart from the checks that
+        /// read the door itself (its TLS rule, which APIs a key or project allows, the scopes
+        /// it takes, organisation units' API access, the Gmail API's size limit, referrers only
+        /// HTTP carries), every check of a send or another action ends the same on the Gmail,
+        /// SendGrid and SMTP doors, so the refusal is the same code wherever it is asked.
+        #[test]
+        fn same_facts_same_outcome_on_every_door(seed in any::<u64>()) {
+            let mut r = Rng::new(seed);
+            let dir = random_directory(&mut r);
+            let mut a = random_attempt(&mut r);
+            if matches!(a.credential, Credential::RelayIp) {
+                // IP trust exists on the relay listener only.
+                return Ok(());
+            }
+            if r.chance(30) {
+                a.action = random_non_send(&mut r);
+            }
+            let counters = random_counters(&mut r);
+            let ix = DirectoryIndex::new(&dir);
+            let door_dependent = |c: Reason| {
+                matches!(
+                    c,
+                    Reason::TlsRequired
+                        | Reason::KeyUnsupported
+                        | Reason::KeyReferrerBlocked
+                        | Reason::KeyApiBlocked
+                        | Reason::ProjectApiDisabled
+                        | Reason::ScopeInsufficient
+                        | Reason::DelegationScopeNotGranted
+                        | Reason::PolicyDenied
+                        | Reason::MessageTooLarge
+                )
+            };
+            let outcomes = |door: Door| -> Vec<(Reason, Outcome)> {
+                let mut x = a.clone();
+                x.door = door;
+                decide(&x, &ix, &counters, NOW, Mode::Explain)
+                    .checks
+                    .iter()
+                    .filter(|c| !door_dependent(c.check))
+                    .map(|c| (c.check, c.outcome))
+                    .collect()
+            };
+            let gmail = outcomes(Door::Gmail);
+            prop_assert_eq!(&gmail, &outcomes(Door::Sendgrid));
+            prop_assert_eq!(&gmail, &outcomes(Door::Smtp));
+        }
+
         /// (c) Adding a failing condition to an allowed attempt never yields allowed.
         #[test]
         fn adding_a_failure_never_allows(pick in 0usize..7, how in any::<u64>(), seed in any::<u64>()) {
