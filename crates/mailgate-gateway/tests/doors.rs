@@ -122,9 +122,25 @@ fn a_door_on_another_door_would_be_seen() {
 }
 
 /// The door crates whose sources must name no check stage and build no remedy (issue 15 item 2:
-/// the engine decides every call, a door renders the one refusal it gets). The SendGrid door is
-/// added when its move to the engine's actions is done (/work/notes/action-api.md).
-const DOORS_WITHOUT_STAGES: &[&str] = &["mailgate-gmail", "mailgate-smtp"];
+/// the engine decides every call, a door renders the one refusal it gets).
+const DOORS_WITHOUT_STAGES: &[&str] = &["mailgate-gmail", "mailgate-sendgrid", "mailgate-smtp"];
+
+/// Known exceptions, each a file and the text of the line, with why. Empty is the goal.
+const ALLOWED: &[(&str, &str, &str)] = &[
+    (
+        "mailgate-sendgrid/src/mail.rs",
+        "the SendGrid-compatible API takes requests up to",
+        "SendGrid's 30 MB request limit is not an engine check yet (the Gmail API's 35 MiB is: \
+         Door::max_message_bytes): under the default limits.max_message_bytes the engine allows \
+         such a request and the door answers its own 413 (issue 15: what is left)",
+    ),
+    (
+        "mailgate-sendgrid/src/mail.rs",
+        "reading it would take more than {PARSE_BUDGET_BYTES} bytes",
+        "the same limit: a mail/send request within 30 MB whose parsed form would pass the door's \
+         parse budget is refused as too large by the door when the engine's size limit allows it",
+    ),
+];
 
 /// Every `.rs` file under `dir`.
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -185,6 +201,7 @@ fn problem(line: &str) -> Option<&'static str> {
 fn door_sources_name_no_check_stage_and_build_no_remedy() {
     let mut wrong = Vec::new();
     let mut lines = 0;
+    let mut used = vec![false; ALLOWED.len()];
     for door in DOORS_WITHOUT_STAGES {
         let mut files = Vec::new();
         rust_files(&crates_dir().join(door).join("src"), &mut files);
@@ -199,13 +216,25 @@ fn door_sources_name_no_check_stage_and_build_no_remedy() {
             let text = text.split("#[cfg(test)]").next().unwrap_or_default();
             for (n, line) in text.lines().enumerate() {
                 lines += 1;
-                if let Some(why) = problem(line) {
+                let Some(why) = problem(line) else { continue };
+                let allowed = ALLOWED
+                    .iter()
+                    .position(|(f, l, _)| shown == *f && line.contains(l));
+                if let Some(i) = allowed {
+                    used[i] = true;
+                } else {
                     wrong.push(format!("{shown}:{}: {why}: {}", n + 1, line.trim()));
                 }
             }
         }
     }
     assert!(lines > 1_000, "read only {lines} lines of door sources");
+    for ((file, line, _), used) in ALLOWED.iter().zip(used) {
+        assert!(
+            used,
+            "remove the exception for {file} `{line}`: no such line is left"
+        );
+    }
     assert!(
         wrong.is_empty(),
         "a door renders the engine's decision, it does not decide:\n{}",

@@ -74,25 +74,16 @@ pub(crate) fn simple(status: u16, message: &str) -> Response {
     envelope(status, &[FieldError::plain(message)])
 }
 
-/// Mailgate's explanation of a denial, as it goes into `help`.
+/// Mailgate's explanation of a denial, as it goes into `help` (a limit's remedy with its usage).
 pub(crate) fn explanation(denial: &Denial, decision_id: &str) -> String {
-    explanation_with(denial, decision_id, &denial.remedy)
+    explanation_with(denial, decision_id, &denial.remedy_with_usage())
 }
 
-/// The same with the door's own remedy: the engine's `message.invalid` remedy speaks of Gmail's
-/// `raw`, which means nothing to a SendGrid client whose request was not JSON.
+/// The same with how a request is formed in SendGrid's protocol as the remedy, for a
+/// `message.invalid` whose problem is the request's form (not JSON, not UTF-8, the wrong
+/// Content-Type): the engine's remedy speaks of Gmail's `raw`, which means nothing to a SendGrid
+/// client.
 pub(crate) fn explanation_with(denial: &Denial, decision_id: &str, remedy: &str) -> String {
-    let mut remedy = remedy.to_owned();
-    if let Some(l) = &denial.limit
-        && let Some(at) = l.reset_at_ms
-    {
-        remedy = format!(
-            "{remedy} (used {} of {}; resets at {})",
-            l.current,
-            l.limit,
-            mailgate_core::engine::rfc3339_ms(at)
-        );
-    }
     let message = denial.message.trim_end_matches('.');
     let remedy = remedy.trim_end_matches('.');
     format!(
@@ -178,25 +169,70 @@ pub(crate) fn denial_response(
     resp
 }
 
-/// A key-management body that is not JSON: 400 with what is wrong with it (line and column) and
-/// the reason code `message.invalid` (no decision: the engine judges sends, not these).
-pub(crate) fn invalid_json(e: &serde_json::Error) -> Response {
-    let detail = crate::wire::json_problem(e);
+/// Renders the engine's refusal of a management call (key management, IP access, sender
+/// identities). SendGrid answers a key that lacks the call's scope with `403 access forbidden`
+/// (the catalogue's SendGrid reply for `permission.missing`, `401 Authenticated user is not
+/// authorized to send mail`, is its answer to a send); any other refusal as for a send.
+pub(crate) fn management_denial_response(
+    denial: &Denial,
+    decision_id: &str,
+    now_ms: u64,
+) -> Response {
+    if denial.code != Reason::PermissionMissing {
+        return denial_response(denial, decision_id, now_ms, &[]);
+    }
     let mut r = envelope(
-        400,
+        403,
         &[FieldError {
-            message: format!("invalid request: {detail}"),
+            message: "access forbidden".into(),
             field: None,
-            help: Some(format!(
-                "mailgate message.invalid: {detail}. Remedy: send the body as one JSON object, with Content-Type: application/json."
-            )),
+            help: Some(explanation(denial, decision_id)),
         }],
     );
-    r.headers_mut().insert(
-        "x-mailgate-code",
-        HeaderValue::from_static("message.invalid"),
-    );
+    mark(r.headers_mut(), decision_id, denial.code.code());
     r
+}
+
+/// How a SendGrid request body is formed, the remedy of one that is not JSON.
+pub(crate) const JSON_BODY_REMEDY: &str =
+    "send the body as one JSON object, with Content-Type: application/json";
+
+/// A refusal of a key-management request's form, which no decision is made about (the engine
+/// judges calls, not how their bodies are spelled): `status` with SendGrid's `message`, the
+/// reason code in `X-Mailgate-Code`, and in `help` what is wrong and `remedy`, how the request
+/// is formed.
+fn request_error(
+    status: u16,
+    message: String,
+    reason: Reason,
+    what: &str,
+    remedy: &str,
+) -> Response {
+    let code = reason.code();
+    let mut r = envelope(
+        status,
+        &[FieldError {
+            message,
+            field: None,
+            help: Some(format!("mailgate {code}: {what}. Remedy: {remedy}.")),
+        }],
+    );
+    r.headers_mut()
+        .insert("x-mailgate-code", HeaderValue::from_static(code));
+    r
+}
+
+/// A key-management body that is not JSON: 400 with what is wrong with it (line and column) and
+/// the reason code `message.invalid`.
+pub(crate) fn invalid_json(e: &serde_json::Error) -> Response {
+    let detail = crate::wire::json_problem(e);
+    request_error(
+        400,
+        format!("invalid request: {detail}"),
+        Reason::MessageInvalid,
+        &detail,
+        JSON_BODY_REMEDY,
+    )
 }
 
 /// `policy.too_many_recipients` on this door: the directory's `limits.recipients_per_message`
@@ -301,22 +337,16 @@ pub(crate) fn busy(m: &mailgate_gateway::budget::MemoryBudget) -> Response {
 /// The reason code of a request refused because the process's memory budget is spent.
 pub(crate) const SERVER_BUSY: &str = "server.busy";
 
-/// `413` with SendGrid's text for a request over `limit` bytes, before or while it was read.
+/// `413` with SendGrid's text for a key-management request over `limit` bytes, before or while
+/// it was read; the remedy is the one every door gives for such a body.
 pub(crate) fn too_large(limit: usize) -> Response {
-    let mut r = envelope(
+    request_error(
         413,
-        &[FieldError {
-            message: "content too large".into(),
-            field: None,
-            help: Some(format!(
-                "mailgate message.too_large: this endpoint takes request bodies up to {limit} bytes; nothing past that was kept. Remedy: send a smaller request."
-            )),
-        }],
-    );
-    if let Ok(v) = HeaderValue::from_str("message.too_large") {
-        r.headers_mut().insert("x-mailgate-code", v);
-    }
-    r
+        "content too large".into(),
+        Reason::MessageTooLarge,
+        "the request body is over this endpoint's limit; nothing past it was kept",
+        &mailgate_gateway::body::too_large_remedy(limit),
+    )
 }
 
 #[cfg(test)]

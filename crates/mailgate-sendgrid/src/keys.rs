@@ -14,89 +14,25 @@
 
 use std::sync::Arc;
 
-use axum::Extension;
 use axum::Json;
-use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use ipnet::IpNet;
-use mailgate_core::catalogue::Stage;
 use mailgate_core::directory::{ApiKey, Directory, permissions};
-use mailgate_core::engine::{Door, SendAttempt};
 use mailgate_gateway::{EditError, edit_directory};
 use serde_json::{Value, json};
 
-use crate::body::KEYS_BODY_LIMIT;
-use crate::errors::{FieldError, denial_response, envelope, fault, internal, simple};
-use crate::{ConnFacts, SendgridState};
+use crate::SendgridState;
+use crate::errors::{FieldError, envelope, internal, simple};
+use crate::extract::{
+    AnyScope, ApiKeysCreate, ApiKeysDelete, ApiKeysRead, ApiKeysUpdate, Key, KeysJson, Scope,
+    WhitelistCreate, WhitelistDelete, WhitelistRead,
+};
 
 /// What `POST /v3/api_keys` without `scopes` grants: every permission Mailgate knows.
 pub(crate) fn full_access() -> Vec<String> {
     permissions::KNOWN.iter().map(|s| (*s).to_owned()).collect()
-}
-
-/// The calling key, once the engine accepted the credential and it holds `scope`.
-pub(crate) async fn authorize(
-    st: &SendgridState,
-    conn: &ConnFacts,
-    headers: &HeaderMap,
-    scope: Option<&str>,
-) -> Result<ApiKey, Response> {
-    let credential = st.credential(headers);
-    let mut attempt = SendAttempt::new(Door::Sendgrid, credential);
-    attempt.transport = conn.transport(headers);
-    // Who-may-act checks only: message facts are unknown, so the send checks stay pending; a
-    // key without mail.send may still manage keys if it holds the scope.
-    let decided = st
-        .gateway
-        .decide("sendgrid", &attempt)
-        .await
-        .map_err(|e| fault(&e))?;
-    if let Some(d) = decided
-        .decision
-        .denials
-        .iter()
-        .find(|d| matches!(d.stage, Stage::Transport | Stage::Authn | Stage::Credential))
-    {
-        return Err(denial_response(
-            d,
-            &decided.id,
-            mailgate_gateway::now_ms(),
-            &[],
-        ));
-    }
-    let mailgate_core::engine::Credential::ApiKey { key_id } = &attempt.credential else {
-        return Err(internal("accepted credential is not an API key"));
-    };
-    let key = st
-        .gateway
-        .live()
-        .index
-        .key(key_id)
-        .cloned()
-        .ok_or_else(|| internal("key vanished"))?;
-    if let Some(scope) = scope
-        && !key.permissions.iter().any(|p| p == scope)
-    {
-        return Err(forbidden(&format!(
-            "mailgate permission.missing: API key `{}` lacks the `{scope}` scope. Remedy: add {scope} to api_keys[{}].permissions and run `mailgate apply -f org.yaml`, or use a key that has it.",
-            key.id, key.id
-        )));
-    }
-    Ok(key)
-}
-
-/// 403 `access forbidden`, SendGrid's answer for a key lacking a scope, with Mailgate's help.
-fn forbidden(help: &str) -> Response {
-    envelope(
-        403,
-        &[FieldError {
-            message: "access forbidden".into(),
-            field: None,
-            help: Some(help.to_owned()),
-        }],
-    )
 }
 
 fn bad_request(field: &str, message: &str) -> Response {
@@ -122,17 +58,6 @@ pub(crate) async fn not_found() -> Response {
 /// Wrong method on a key route.
 pub(crate) async fn method_not_allowed() -> Response {
     simple(405, "method not allowed")
-}
-
-/// The request's JSON, read only now that `caller` is authenticated, up to [`KEYS_BODY_LIMIT`].
-async fn json_body(caller: &ApiKey, headers: &HeaderMap, body: Body) -> Result<Value, Response> {
-    let read = crate::body::read(caller, headers, body, KEYS_BODY_LIMIT, None)
-        .await
-        .map_err(|e| e.response(KEYS_BODY_LIMIT))?;
-    if read.bytes.is_empty() {
-        return Ok(json!({}));
-    }
-    serde_json::from_slice(&read.bytes).map_err(|e| crate::errors::invalid_json(&e))
 }
 
 /// Applies `f` to the directory as `caller`, then reloads the gateway's snapshot.
@@ -182,10 +107,15 @@ fn scopes_of(v: &Value) -> Result<Option<Vec<String>>, Response> {
     }
 }
 
-/// Checks requested scopes: known to Mailgate, and held by the caller (no escalation).
-fn grantable(caller: &ApiKey, scopes: &[String]) -> Result<(), Response> {
+/// Checks requested scopes: known to Mailgate (else SendGrid's `400` naming `scopes`), and held
+/// by the caller, as the engine judges it (no escalation: a key grants only what it holds).
+async fn grantable<S: Scope>(
+    st: &SendgridState,
+    caller: &Key<S>,
+    scopes: &[String],
+) -> Result<(), Response> {
     for s in scopes {
-        if !permissions::KNOWN.contains(&s.as_str()) {
+        let Some(known) = permissions::KNOWN.iter().copied().find(|k| *k == s) else {
             return Err(bad_request(
                 "scopes",
                 &format!(
@@ -193,13 +123,8 @@ fn grantable(caller: &ApiKey, scopes: &[String]) -> Result<(), Response> {
                     permissions::KNOWN.join(", ")
                 ),
             ));
-        }
-        if !caller.permissions.iter().any(|p| p == s) {
-            return Err(forbidden(&format!(
-                "mailgate permission.missing: a key cannot grant the scope `{s}`, which api_keys[{}] does not hold itself.",
-                caller.id
-            )));
-        }
+        };
+        caller.may(st, known).await?;
     }
     Ok(())
 }
@@ -227,18 +152,10 @@ fn account_ips(dir: &Directory, owner: &str) -> Vec<IpNet> {
 /// `POST /v3/api_keys`.
 pub(crate) async fn create_key(
     State(st): State<Arc<SendgridState>>,
-    Extension(conn): Extension<ConnFacts>,
-    headers: HeaderMap,
-    body: Body,
+    key: Key<ApiKeysCreate>,
+    KeysJson(v): KeysJson,
 ) -> Response {
-    let caller = match authorize(&st, &conn, &headers, Some("api_keys.create")).await {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
-    let v = match json_body(&caller, &headers, body).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+    let caller = &key.key;
     let name = match name_of(&v) {
         Ok(n) => n,
         Err(r) => return r,
@@ -252,7 +169,7 @@ pub(crate) async fn create_key(
         Ok(Some(s)) => s,
         Err(r) => return r,
     };
-    if let Err(r) = grantable(&caller, &scopes) {
+    if let Err(r) = grantable(&st, &key, &scopes).await {
         return r;
     }
     let (id, full) = match mailgate_auth::new_api_key() {
@@ -274,7 +191,7 @@ pub(crate) async fn create_key(
         expires: None,
         revoked: false,
     };
-    let res = edit(&st, &caller, |dir| {
+    let res = edit(&st, caller, |dir| {
         let k = new_key(dir);
         dir.api_keys.push(k);
         Ok(())
@@ -299,14 +216,9 @@ pub(crate) struct ListQuery {
 /// `GET /v3/api_keys`.
 pub(crate) async fn list_keys(
     State(st): State<Arc<SendgridState>>,
-    Extension(conn): Extension<ConnFacts>,
-    headers: HeaderMap,
     Query(q): Query<ListQuery>,
+    Key { key: caller, .. }: Key<ApiKeysRead>,
 ) -> Response {
-    let caller = match authorize(&st, &conn, &headers, Some("api_keys.read")).await {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
     let live = st.gateway.live();
     let result: Vec<Value> = live
         .index
@@ -332,14 +244,9 @@ fn owned_key(st: &SendgridState, caller: &ApiKey, id: &str) -> Option<ApiKey> {
 /// `GET /v3/api_keys/{id}`.
 pub(crate) async fn get_key(
     State(st): State<Arc<SendgridState>>,
-    Extension(conn): Extension<ConnFacts>,
-    headers: HeaderMap,
     Path(id): Path<String>,
+    Key { key: caller, .. }: Key<ApiKeysRead>,
 ) -> Response {
-    let caller = match authorize(&st, &conn, &headers, Some("api_keys.read")).await {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
     match owned_key(&st, &caller, &id) {
         Some(k) => {
             Json(json!({"result": [{"api_key_id": k.id, "name": k.name, "scopes": k.permissions}]}))
@@ -351,26 +258,18 @@ pub(crate) async fn get_key(
 
 async fn update_key(
     st: &SendgridState,
-    conn: &ConnFacts,
-    headers: &HeaderMap,
+    key: &Key<ApiKeysUpdate>,
     id: &str,
-    body: Body,
+    v: &Value,
     with_scopes: bool,
 ) -> Response {
-    let caller = match authorize(st, conn, headers, Some("api_keys.update")).await {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
-    let v = match json_body(&caller, headers, body).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let name = match name_of(&v) {
+    let caller = &key.key;
+    let name = match name_of(v) {
         Ok(n) => n,
         Err(r) => return r,
     };
     let scopes = if with_scopes {
-        match scopes_of(&v) {
+        match scopes_of(v) {
             Ok(s) => s,
             Err(r) => return r,
         }
@@ -378,11 +277,11 @@ async fn update_key(
         None
     };
     if let Some(s) = &scopes
-        && let Err(r) = grantable(&caller, s)
+        && let Err(r) = grantable(st, key, s).await
     {
         return r;
     }
-    let res = edit(st, &caller, |dir| {
+    let res = edit(st, caller, |dir| {
         let k = dir
             .api_keys
             .iter_mut()
@@ -407,37 +306,30 @@ async fn update_key(
 /// `PATCH /v3/api_keys/{id}`: rename.
 pub(crate) async fn patch_key(
     State(st): State<Arc<SendgridState>>,
-    Extension(conn): Extension<ConnFacts>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    body: Body,
+    key: Key<ApiKeysUpdate>,
+    KeysJson(v): KeysJson,
 ) -> Response {
-    update_key(&st, &conn, &headers, &id, body, false).await
+    update_key(&st, &key, &id, &v, false).await
 }
 
 /// `PUT /v3/api_keys/{id}`: rename and rescope.
 pub(crate) async fn put_key(
     State(st): State<Arc<SendgridState>>,
-    Extension(conn): Extension<ConnFacts>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    body: Body,
+    key: Key<ApiKeysUpdate>,
+    KeysJson(v): KeysJson,
 ) -> Response {
-    update_key(&st, &conn, &headers, &id, body, true).await
+    update_key(&st, &key, &id, &v, true).await
 }
 
 /// `DELETE /v3/api_keys/{id}`: the key is revoked (kept, so a later use is refused as
 /// `auth.revoked` and the audit trail keeps its name), and disappears from listings.
 pub(crate) async fn delete_key(
     State(st): State<Arc<SendgridState>>,
-    Extension(conn): Extension<ConnFacts>,
-    headers: HeaderMap,
     Path(id): Path<String>,
+    Key { key: caller, .. }: Key<ApiKeysDelete>,
 ) -> Response {
-    let caller = match authorize(&st, &conn, &headers, Some("api_keys.delete")).await {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
     let res = edit(&st, &caller, |dir| {
         let k = dir
             .api_keys
@@ -455,15 +347,8 @@ pub(crate) async fn delete_key(
 }
 
 /// `GET /v3/scopes`: the calling key's scopes.
-pub(crate) async fn scopes(
-    State(st): State<Arc<SendgridState>>,
-    Extension(conn): Extension<ConnFacts>,
-    headers: HeaderMap,
-) -> Response {
-    match authorize(&st, &conn, &headers, None).await {
-        Ok(k) => Json(json!({"scopes": k.permissions})).into_response(),
-        Err(r) => r,
-    }
+pub(crate) async fn scopes(Key { key, .. }: Key<AnyScope>) -> Response {
+    Json(json!({"scopes": key.permissions})).into_response()
 }
 
 /// A stable rule id for a range: the first 31 bits of SHA-256 of its text.
@@ -504,14 +389,8 @@ pub(crate) fn parse_rule(s: &str) -> Option<IpNet> {
 /// `GET /v3/access_settings/whitelist`.
 pub(crate) async fn whitelist_list(
     State(st): State<Arc<SendgridState>>,
-    Extension(conn): Extension<ConnFacts>,
-    headers: HeaderMap,
+    Key { key: caller, .. }: Key<WhitelistRead>,
 ) -> Response {
-    let caller = match authorize(&st, &conn, &headers, Some("access_settings.whitelist.read")).await
-    {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
     let ips = account_ips(st.gateway.live().index.directory(), &caller.owner);
     Json(json!({"result": ips.iter().map(rule_json).collect::<Vec<_>>()})).into_response()
 }
@@ -519,25 +398,9 @@ pub(crate) async fn whitelist_list(
 /// `POST /v3/access_settings/whitelist` with `{"ips":[{"ip":"..."}]}`.
 pub(crate) async fn whitelist_add(
     State(st): State<Arc<SendgridState>>,
-    Extension(conn): Extension<ConnFacts>,
-    headers: HeaderMap,
-    body: Body,
+    Key { key: caller, .. }: Key<WhitelistCreate>,
+    KeysJson(v): KeysJson,
 ) -> Response {
-    let caller = match authorize(
-        &st,
-        &conn,
-        &headers,
-        Some("access_settings.whitelist.create"),
-    )
-    .await
-    {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
-    let v = match json_body(&caller, &headers, body).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
     let Some(list) = v
         .get("ips")
         .and_then(Value::as_array)
@@ -597,25 +460,9 @@ async fn remove_rules(st: &SendgridState, caller: &ApiKey, ids: &[u32]) -> Resul
 /// `DELETE /v3/access_settings/whitelist` with `{"ids":[...]}`.
 pub(crate) async fn whitelist_delete_many(
     State(st): State<Arc<SendgridState>>,
-    Extension(conn): Extension<ConnFacts>,
-    headers: HeaderMap,
-    body: Body,
+    Key { key: caller, .. }: Key<WhitelistDelete>,
+    KeysJson(v): KeysJson,
 ) -> Response {
-    let caller = match authorize(
-        &st,
-        &conn,
-        &headers,
-        Some("access_settings.whitelist.delete"),
-    )
-    .await
-    {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
-    let v = match json_body(&caller, &headers, body).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
     let ids: Vec<u32> = v
         .get("ids")
         .and_then(Value::as_array)
@@ -638,15 +485,9 @@ pub(crate) async fn whitelist_delete_many(
 /// `GET /v3/access_settings/whitelist/{rule_id}`.
 pub(crate) async fn whitelist_get(
     State(st): State<Arc<SendgridState>>,
-    Extension(conn): Extension<ConnFacts>,
-    headers: HeaderMap,
     Path(rule): Path<String>,
+    Key { key: caller, .. }: Key<WhitelistRead>,
 ) -> Response {
-    let caller = match authorize(&st, &conn, &headers, Some("access_settings.whitelist.read")).await
-    {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
     let ips = account_ips(st.gateway.live().index.directory(), &caller.owner);
     match ips
         .iter()
@@ -660,21 +501,9 @@ pub(crate) async fn whitelist_get(
 /// `DELETE /v3/access_settings/whitelist/{rule_id}`.
 pub(crate) async fn whitelist_delete_one(
     State(st): State<Arc<SendgridState>>,
-    Extension(conn): Extension<ConnFacts>,
-    headers: HeaderMap,
     Path(rule): Path<String>,
+    Key { key: caller, .. }: Key<WhitelistDelete>,
 ) -> Response {
-    let caller = match authorize(
-        &st,
-        &conn,
-        &headers,
-        Some("access_settings.whitelist.delete"),
-    )
-    .await
-    {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
     let Ok(id) = rule.parse::<u32>() else {
         return not_found_response();
     };

@@ -14,8 +14,8 @@
     reason = "handlers return early with a ready `Response` as the error; its size is irrelevant next to network I/O"
 )]
 
-mod body;
 mod errors;
+mod extract;
 mod keys;
 mod mail;
 mod senders;
@@ -27,7 +27,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderMap, header};
 use axum::routing::{MethodRouter, any, get, post};
-pub use body::KEYS_BODY_LIMIT;
+pub use extract::KEYS_BODY_LIMIT;
 pub use mail::{MAX_EXPANDED_BYTES, MAX_MESSAGE_BYTES};
 use mailgate_core::engine::Credential;
 use mailgate_gateway::{ConnFacts, Gateway};
@@ -172,8 +172,8 @@ pub fn router(state: Arc<SendgridState>) -> Router {
     r = both(r, "/v3/verified_senders", get(senders::verified_senders));
     r = both(r, "/v3/whitelabel/domains", get(senders::domains));
     r = both(r, "/v3/{*rest}", any(keys::not_found));
-    // Handlers read bodies themselves, after the key (`body::read`, with each route's limit);
-    // this limit only guards any extractor added later.
+    // Handlers read bodies after the key, with the gateway's body reader and each route's limit
+    // (`extract::KeysJson`, mail/send); this limit only guards any extractor added later.
     r.layer(DefaultBodyLimit::max(KEYS_BODY_LIMIT))
         .layer(axum::middleware::from_fn(close_after_error))
         .with_state(state)
@@ -380,6 +380,189 @@ mod tests {
             .unwrap();
         assert_eq!(r.status(), 202);
         assert!(!r.headers().contains_key("connection"));
+    }
+
+    #[tokio::test]
+    async fn a_key_without_the_routes_scope_is_403_before_its_body_is_read() {
+        let app = app().await;
+        // Announced as 1 GiB: had the body been read first, this would be the 413.
+        for (method, path, scope) in [
+            ("POST", "/v3/api_keys", "api_keys.create"),
+            ("PUT", "/v3/api_keys/unit-key-0001", "api_keys.update"),
+            ("PATCH", "/v3/api_keys/unit-key-0001", "api_keys.update"),
+            ("DELETE", "/v3/api_keys/unit-key-0001", "api_keys.delete"),
+            ("GET", "/v3/api_keys", "api_keys.read"),
+            (
+                "POST",
+                "/v3/access_settings/whitelist",
+                "access_settings.whitelist.create",
+            ),
+            (
+                "DELETE",
+                "/v3/access_settings/whitelist",
+                "access_settings.whitelist.delete",
+            ),
+            (
+                "GET",
+                "/v3/access_settings/whitelist/1",
+                "access_settings.whitelist.read",
+            ),
+        ] {
+            let r = app
+                .clone()
+                .oneshot(with_length(req(method, path, Some(KEY), "{}"), 1 << 30))
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 403, "{method} {path}");
+            assert_eq!(r.headers()["x-mailgate-code"], "permission.missing");
+            let decision = r.headers()["x-mailgate-decision"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let v = json_of(r).await;
+            assert_eq!(v["errors"][0]["message"], "access forbidden", "{v}");
+            assert_eq!(v["errors"][0]["field"], serde_json::Value::Null, "{v}");
+            let help = v["errors"][0]["help"].as_str().unwrap();
+            assert!(
+                help.starts_with("mailgate permission.missing: API key `unit-key-0001` lacks the ")
+                    && help.contains(&format!(
+                        "Remedy: add {scope} to api_keys[unit-key-0001].permissions"
+                    ))
+                    && help.ends_with(&format!("Decision: {decision}")),
+                "{method} {path}: {help}"
+            );
+        }
+        // Any accepted key may read its own scopes, and one holding mail.send its senders.
+        let r = app
+            .clone()
+            .oneshot(req("GET", "/v3/scopes", Some(KEY), ""))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            json_of(r).await,
+            serde_json::json!({"scopes": ["mail.send"]})
+        );
+        let r = app
+            .clone()
+            .oneshot(req("GET", "/v3/verified_senders", Some(KEY), ""))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            json_of(r).await["results"][0]["from_email"],
+            "a@example.com"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_key_grants_only_known_scopes_it_holds_itself() {
+        let app = app().await;
+        // The admin key holds api_keys.create but not api_keys.delete.
+        let r = app
+            .clone()
+            .oneshot(req(
+                "POST",
+                "/v3/api_keys",
+                Some(ADMIN_KEY),
+                r#"{"name":"n","scopes":["mail.send","api_keys.delete"]}"#,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
+        assert_eq!(r.headers()["x-mailgate-code"], "permission.missing");
+        let v = json_of(r).await;
+        assert_eq!(v["errors"][0]["message"], "access forbidden", "{v}");
+        let help = v["errors"][0]["help"].as_str().unwrap();
+        assert!(
+            help.contains("Remedy: add api_keys.delete to api_keys[unit-key-0002].permissions"),
+            "{help}"
+        );
+        let r = app
+            .clone()
+            .oneshot(req(
+                "PUT",
+                "/v3/api_keys/unit-key-0001",
+                Some(ADMIN_KEY),
+                r#"{"name":"n","scopes":["no.such.scope"]}"#,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        let v = json_of(r).await;
+        assert_eq!(v["errors"][0]["field"], "scopes", "{v}");
+        // Nothing was made or changed: the key still has only mail.send.
+        let r = app
+            .clone()
+            .oneshot(req("GET", "/v3/scopes", Some(KEY), ""))
+            .await
+            .unwrap();
+        assert_eq!(
+            json_of(r).await,
+            serde_json::json!({"scopes": ["mail.send"]})
+        );
+    }
+
+    #[tokio::test]
+    async fn a_key_management_body_that_is_not_json_is_400_naming_where() {
+        let r = app()
+            .await
+            .oneshot(req(
+                "POST",
+                "/v3/api_keys",
+                Some(ADMIN_KEY),
+                "{\"name\": nope}",
+            ))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        assert_eq!(r.headers()["x-mailgate-code"], "message.invalid");
+        let v = json_of(r).await;
+        let m = v["errors"][0]["message"].as_str().unwrap();
+        assert!(
+            m.starts_with("invalid request: ") && m.contains("line 1"),
+            "{m}"
+        );
+    }
+
+    #[tokio::test]
+    async fn mail_send_past_the_memory_budget_is_a_503_to_retry() {
+        let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let org = format!(
+            "domains: [{{name: example.com, verified: true}}]\nusers:\n  - email: a@example.com\napi_keys:\n  - name: k\n    id: unit-key-0001\n    secret_sha256: {}\n    owner: a@example.com\n    permissions: [mail.send]\n",
+            mailgate_auth::sha256_hex(KEY.as_bytes())
+        );
+        let dir = OrgFile::parse(&org).unwrap().directory;
+        store
+            .commit(0, &Changeset::between(&Default::default(), &dir), "t")
+            .await
+            .unwrap();
+        let limits = mailgate_gateway::budget::Limits {
+            data_memory_bytes: 64,
+            ..Default::default()
+        };
+        let gw = Gateway::open_with_limits(store, limits).await.unwrap();
+        let app = router(Arc::new(SendgridState::new(gw)));
+        let r = app
+            .clone()
+            .oneshot(with_length(
+                req("POST", "/v3/mail/send", Some(KEY), MAIL),
+                MAIL.len() as u64,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["retry-after"], "5");
+        assert_eq!(r.headers()["x-mailgate-code"], "server.busy");
+        let v = json_of(r).await;
+        assert_eq!(v["errors"][0]["message"], "service unavailable");
+        assert!(
+            v["errors"][0]["help"]
+                .as_str()
+                .unwrap()
+                .starts_with("mailgate server.busy: "),
+            "{v}"
+        );
     }
 
     #[tokio::test]

@@ -27,13 +27,13 @@ use mail_builder::headers::address::Address;
 use mail_builder::headers::content_type::ContentType;
 use mail_builder::headers::text::Text;
 use mail_builder::mime::{BodyPart, MimePart};
-use mailgate_core::catalogue::{Reason, Stage};
+use mailgate_core::catalogue::Reason;
 use mailgate_core::engine::{Body as MsgBody, Credential, Door, SendAttempt};
+use mailgate_gateway::body::{ReadFail, discard_rest, read_held};
 use mailgate_gateway::budget::MemoryLease;
 use mailgate_gateway::{Accepted, Decided, Message};
 use serde_json::Value;
 
-use crate::body::ReadError;
 use crate::errors::{FieldError, busy, denial_response, fault, internal, mark, simple};
 use crate::wire::{
     self, ATTACHMENTS_KEPT, CATEGORIES_KEPT, CONTENT_KEPT, Json, List, Loose,
@@ -1273,7 +1273,7 @@ pub(crate) async fn send(
     State(st): State<std::sync::Arc<SendgridState>>,
     Extension(conn): Extension<ConnFacts>,
     headers: HeaderMap,
-    body: Body,
+    mut body: Body,
 ) -> Response {
     let now = mailgate_gateway::now_ms();
     let credential = st.credential(&headers);
@@ -1282,11 +1282,7 @@ pub(crate) async fn send(
 
     // Who may act is known from the headers alone: a refusal there (no key, a wrong, revoked
     // or blocked key, a suspended account) is answered with the body unread and unparsed.
-    match st
-        .gateway
-        .screen_for("sendgrid", &base, |d| d.stage < Stage::Sender)
-        .await
-    {
+    match st.gateway.screen_before_message("sendgrid", &base).await {
         Err(e) => return fault(&e),
         Ok(Some(refused)) => {
             return match refused.decision.denial() {
@@ -1296,10 +1292,9 @@ pub(crate) async fn send(
         }
         Ok(None) => {}
     }
-    let Credential::ApiKey { key_id } = &base.credential else {
+    if !matches!(base.credential, Credential::ApiKey { .. }) {
         return internal("a request without a matching key passed the credential checks");
-    };
-    let key_id = key_id.clone();
+    }
 
     let json_type = headers
         .get(header::CONTENT_TYPE)
@@ -1309,32 +1304,40 @@ pub(crate) async fn send(
                 .next()
                 .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
         });
-    if headers.contains_key(header::CONTENT_ENCODING) {
-        let p = Problem::Media(
+    let media = if headers.contains_key(header::CONTENT_ENCODING) {
+        Some(Problem::Media(
             "Content-Encoding is not supported.",
             "send the body uncompressed, without a Content-Encoding header",
-        );
-        return refuse_request(&st, base, p, now).await;
-    }
-    if !json_type {
-        let p = Problem::Media(
+        ))
+    } else if !json_type {
+        Some(Problem::Media(
             "Content-Type should be application/json.",
             "send Content-Type: application/json with a JSON body (docs/sendgrid.md)",
-        );
+        ))
+    } else {
+        None
+    };
+    if let Some(p) = media {
+        // The key passed: the body is read and dropped (bounded, nothing kept) before the 415,
+        // so a client that writes it all before reading gets the answer, not a broken pipe.
+        discard_rest(&headers, &mut body, 0).await;
         return refuse_request(&st, base, p, now).await;
     }
 
+    // Memory for the body is reserved from the process's budget as it arrives; when the budget
+    // is spent the body is read and dropped (bounded) before the 503, as for a body too large.
     let memory = st.gateway.budget().data_memory().clone();
-    let read =
-        match crate::body::read(&key_id, &headers, body, MAX_REQUEST_BYTES, Some(&memory)).await {
-            Ok(r) => r,
-            Err(ReadError::TooLarge) => {
-                return refuse_request(&st, base, Problem::TooLarge(None), now).await;
-            }
-            Err(e) => return e.response(MAX_REQUEST_BYTES),
-        };
-    let mut lease = read.lease;
-    let bytes = read.bytes;
+    let held = match read_held(&headers, body, MAX_REQUEST_BYTES, Some(&memory), 1).await {
+        Ok(h) => h,
+        Err(ReadFail::TooLarge(_)) => {
+            return refuse_request(&st, base, Problem::TooLarge(None), now).await;
+        }
+        Err(ReadFail::Busy) => return busy(&memory),
+        // The client went away or sent a broken chunk: nobody is likely to read this answer.
+        Err(ReadFail::Broken) => return simple(400, "Bad Request"),
+    };
+    let mut lease = held.lease;
+    let bytes = Bytes::from(held.bytes);
     let now_secs = (now / 1000) as i64;
     // Parsing 30 MB and building the messages are CPU work: off the async workers.
     let (mail, used) = match st.heavy(move || parse_body(bytes, now_secs)).await {
@@ -1555,7 +1558,7 @@ async fn refuse_request(
                     help: Some(crate::errors::explanation_with(
                         d,
                         &decided.id,
-                        "send the body as one JSON object, with Content-Type: application/json (docs/sendgrid.md)",
+                        crate::errors::JSON_BODY_REMEDY,
                     )),
                 }],
             );

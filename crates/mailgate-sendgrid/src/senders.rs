@@ -17,17 +17,14 @@
 
 use std::sync::Arc;
 
-use axum::Extension;
 use axum::Json;
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use mailgate_core::directory::permissions;
 use mailgate_core::engine::Ownership;
 use serde_json::{Value, json};
 
-use crate::keys::authorize;
-use crate::{ConnFacts, SendgridState};
+use crate::SendgridState;
+use crate::extract::{Key, MailSend};
 
 fn domain_of(addr: &str) -> &str {
     addr.rsplit_once('@').map_or("", |(_, d)| d)
@@ -38,13 +35,8 @@ fn domain_of(addr: &str) -> &str {
 /// "verified", "locked"}]}`, the owner's primary address first.
 pub(crate) async fn verified_senders(
     State(st): State<Arc<SendgridState>>,
-    Extension(conn): Extension<ConnFacts>,
-    headers: HeaderMap,
+    Key { key: caller, .. }: Key<MailSend>,
 ) -> Response {
-    let caller = match authorize(&st, &conn, &headers, Some(permissions::MAIL_SEND)).await {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
     let live = st.gateway.live();
     let ix = &live.index;
     let Some(u) = ix.user_by_primary(&caller.owner) else {
@@ -96,13 +88,8 @@ pub(crate) async fn verified_senders(
 /// "username", "ips", "custom_spf", "default", "legacy", "automatic_security", "valid", "dns"}`.
 pub(crate) async fn domains(
     State(st): State<Arc<SendgridState>>,
-    Extension(conn): Extension<ConnFacts>,
-    headers: HeaderMap,
+    Key { key: caller, .. }: Key<MailSend>,
 ) -> Response {
-    let caller = match authorize(&st, &conn, &headers, Some(permissions::MAIL_SEND)).await {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
     let live = st.gateway.live();
     let list: Vec<Value> = live
         .index

@@ -490,3 +490,80 @@ fn store_fault_is_503_with_reason() {
         "sends did not recover once the store could write"
     );
 }
+
+/// The size of the pieces a body is streamed in by the tests below.
+const PIECE: usize = 64 * 1024;
+
+/// A mail/send with a valid key but the wrong Content-Type is answered with SendGrid's `415` in
+/// its JSON envelope, once the body was read and dropped (bounded, nothing kept): a client that
+/// writes its whole body before reading (sendgrid-python) gets the answer, not a broken pipe.
+#[test]
+fn wrong_content_type_is_415_after_the_body_was_read_and_dropped() {
+    let gw = Gateway::new();
+    let server = super::serve_demo(&gw, "");
+    let total = 16 * MB;
+    let s = TcpStream::connect(&server.addr).unwrap();
+    let head = format!(
+        "POST /v3/mail/send HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {DEMO_KEY}\r\nContent-Type: text/plain",
+        server.addr
+    );
+    let got = stream_request(s, &head, false, total, &[b'x'; PIECE]);
+    assert!(got.answer.starts_with("HTTP/1.1 415"), "{}", got.answer);
+    // Counted after each piece's write returns: the last piece may not be counted yet.
+    assert!(
+        got.written_at_answer >= total - PIECE,
+        "answered after {} of {total} bytes",
+        got.written_at_answer
+    );
+    assert_eq!(
+        header(&got.answer, "x-mailgate-code"),
+        Some("message.invalid")
+    );
+    let v = body_json(&got.answer);
+    assert_eq!(
+        v["errors"][0]["message"], "Content-Type should be application/json.",
+        "{v}"
+    );
+    assert_eq!(v["errors"][0]["field"], serde_json::Value::Null, "{v}");
+    assert!(
+        v["errors"][0]["help"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("mailgate message.invalid: ")
+                && h.contains("Remedy: send Content-Type: application/json")),
+        "{v}"
+    );
+}
+
+/// When the message memory budget (`limits.data_memory_mb`) cannot hold a mail/send body, the
+/// answer is SendGrid's `503` with `Retry-After` and `server.busy`, as on the Gmail door once the
+/// body was read and dropped (bounded): before, the SendGrid door answered with the body unread,
+/// and a client writing its whole body first got a broken pipe instead of the 503 to retry on.
+#[test]
+fn a_spent_memory_budget_is_503_after_the_body_was_read_and_dropped() {
+    let gw = Gateway::new();
+    let server = super::serve_demo(&gw, "[limits]\ndata_memory_mb = 1\n");
+    let total = 8 * MB;
+    let s = TcpStream::connect(&server.addr).unwrap();
+    let head = format!(
+        "POST /v3/mail/send HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {DEMO_KEY}\r\nContent-Type: application/json",
+        server.addr
+    );
+    let got = stream_request(s, &head, false, total, &[b' '; PIECE]);
+    assert!(got.answer.starts_with("HTTP/1.1 503"), "{}", got.answer);
+    // Counted after each piece's write returns: the last piece may not be counted yet.
+    assert!(
+        got.written_at_answer >= total - PIECE,
+        "answered after {} of {total} bytes",
+        got.written_at_answer
+    );
+    assert!(
+        header(&got.answer, "retry-after").is_some(),
+        "{}",
+        got.answer
+    );
+    assert_eq!(header(&got.answer, "x-mailgate-code"), Some("server.busy"));
+    let v = body_json(&got.answer);
+    assert_eq!(v["errors"][0]["message"], "service unavailable", "{v}");
+    // The server still takes sends that fit.
+    super::sendgrid_send(&server.addr).unwrap();
+}
