@@ -32,7 +32,7 @@ use serde_json::Value;
 fn router(world: &World) -> axum::Router {
     mailgate_gmail::router(Arc::new(mailgate_gmail::GmailState::new(
         world.gateway.clone(),
-        world.store.clone(),
+        world.store.tokens.clone(),
         vec!["http://127.0.0.1:8080/token".into()],
     )))
 }

@@ -14,7 +14,7 @@ use axum::http::{Request, Response};
 use mailgate_core::orgfile::OrgFile;
 use mailgate_gateway::ConnFacts;
 use mailgate_gateway::Gateway;
-use mailgate_store::{Changeset, SqliteStore, Store, TokenRecord, TokenStore};
+use mailgate_store::{Changeset, Stores, TokenRecord};
 use tower::ServiceExt as _;
 
 /// Runs sharing one store: decisions, messages and usage accumulate, so the store is rebuilt
@@ -64,23 +64,25 @@ pub const GMAIL_TOKEN: &str = "ya29.fuzz-token";
 
 /// The store and the gateway over it.
 pub struct World {
-    pub store: Arc<SqliteStore>,
+    pub store: Stores,
     pub gateway: Arc<Gateway>,
 }
 
 impl World {
     pub async fn new() -> World {
-        let store = Arc::new(SqliteStore::in_memory().await.expect("in-memory store"));
+        let store = mailgate_store::in_memory().await.expect("in-memory store");
         let mut dir = OrgFile::parse(ORG).expect("fixture directory").directory;
         let issues =
             mailgate_auth::prepare_secrets(&mut dir, &Default::default()).expect("fixture secrets");
         assert!(issues.is_empty(), "{issues:?}");
         store
+            .directory
             .commit(0, &Changeset::between(&Default::default(), &dir), "fuzz")
             .await
             .expect("fixture directory commit");
         let now = mailgate_gateway::now_ms() as i64;
         store
+            .tokens
             .insert_token(&TokenRecord {
                 token_sha256: mailgate_auth::sha256_hex(GMAIL_TOKEN.as_bytes()),
                 kind: mailgate_store::TokenKind::Access,
@@ -94,7 +96,7 @@ impl World {
             })
             .await
             .expect("fixture token");
-        let gateway = Gateway::open(store.clone()).await.expect("gateway");
+        let gateway = Gateway::open(store.directory.clone()).await.expect("gateway");
         World { store, gateway }
     }
 }

@@ -37,7 +37,7 @@ use mailgate_core::orgfile::OrgFile;
 use mailgate_gateway::Gateway;
 use mailgate_gateway::lockout::LockoutPolicy;
 use mailgate_smtp::{Limits, Listener, Session, SmtpContext, Step};
-use mailgate_store::{Changeset, SqliteStore, Store, TokenRecord, TokenStore};
+use mailgate_store::{Changeset, Stores, TokenRecord};
 
 /// The driver's read buffer (`server.rs`).
 const READ_BUF: usize = 16 * 1024;
@@ -107,7 +107,7 @@ struct Fixture {
 
 /// The store and the gateway over it.
 struct World {
-    store: Arc<SqliteStore>,
+    store: Stores,
     gateway: Arc<Gateway>,
 }
 
@@ -122,7 +122,7 @@ fn cheap_hash(password: &str) -> String {
 
 impl World {
     async fn new() -> World {
-        let store = Arc::new(SqliteStore::in_memory().await.expect("in-memory store"));
+        let store = mailgate_store::in_memory().await.expect("in-memory store");
         let org = ORG
             .replace("$PW_ALICE", &cheap_hash("pw-alice"))
             .replace("$PW_BOB", &cheap_hash("pw-bob"));
@@ -131,11 +131,13 @@ impl World {
             mailgate_auth::prepare_secrets(&mut dir, &Default::default()).expect("fixture secrets");
         assert!(issues.is_empty(), "{issues:?}");
         store
+            .directory
             .commit(0, &Changeset::between(&Default::default(), &dir), "fuzz")
             .await
             .expect("fixture directory commit");
         let now = mailgate_gateway::now_ms() as i64;
         store
+            .tokens
             .insert_token(&TokenRecord {
                 token_sha256: mailgate_auth::sha256_hex(TOKEN.as_bytes()),
                 kind: mailgate_store::TokenKind::Access,
@@ -154,8 +156,8 @@ impl World {
     }
 
     /// A gateway over `store`, its failed-AUTH lockout empty (a login locks after 3 failures).
-    async fn gateway(store: &Arc<SqliteStore>) -> Arc<Gateway> {
-        let gateway = Gateway::open(store.clone()).await.expect("gateway");
+    async fn gateway(store: &Stores) -> Arc<Gateway> {
+        let gateway = Gateway::open(store.directory.clone()).await.expect("gateway");
         gateway.lockout().set_policy(LockoutPolicy {
             login_threshold: 3,
             network_threshold: 100,
@@ -246,7 +248,7 @@ impl Fixture {
         let c = Config::new(flags);
         let ctx = Arc::new(SmtpContext {
             gateway: world.gateway.clone(),
-            tokens: world.store.clone(),
+            tokens: world.store.tokens.clone(),
             hostname: "mx.fuzz".into(),
             limits: c.limits,
             auth_without_tls: c.auth_without_tls,

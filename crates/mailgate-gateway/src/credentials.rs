@@ -185,7 +185,7 @@ mod tests {
 
     use mailgate_core::engine::{Door, SendAttempt};
     use mailgate_core::orgfile::OrgFile;
-    use mailgate_store::{Changeset, SqliteStore, Store as _, TokenRecord};
+    use mailgate_store::{Changeset, Stores, TokenRecord};
     use serde_json::json;
 
     use super::*;
@@ -230,14 +230,15 @@ api_keys:
         )
     }
 
-    async fn gateway() -> (Arc<Gateway>, Arc<SqliteStore>) {
-        let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    async fn gateway() -> (Arc<Gateway>, Stores) {
+        let store = mailgate_store::in_memory().await.unwrap();
         let dir = OrgFile::parse(&org()).unwrap().directory;
         store
+            .directory
             .commit(0, &Changeset::between(&Default::default(), &dir), "t")
             .await
             .unwrap();
-        (Gateway::open(store.clone()).await.unwrap(), store)
+        (Gateway::open(store.directory.clone()).await.unwrap(), store)
     }
 
     /// Each door's way of presenting a refused key, as the doors pass it.
@@ -405,16 +406,17 @@ api_keys:
             ),
             token("ya29.revoked", TokenKind::Access, user, hour),
         ] {
-            store.insert_token(&t).await.unwrap();
+            store.tokens.insert_token(&t).await.unwrap();
         }
         let rec = store
+            .tokens
             .token(&mailgate_auth::sha256_hex(b"ya29.revoked"))
             .await
             .unwrap()
             .unwrap();
-        store.revoke_family(&rec.family).await.unwrap();
+        store.tokens.revoke_family(&rec.family).await.unwrap();
 
-        let tokens: &dyn TokenStore = store.as_ref();
+        let tokens: &dyn TokenStore = store.tokens.as_ref();
         let resolve = |t: &'static str| {
             let gw = gw.clone();
             async move { gw.resolve_access_token(tokens, t).await.unwrap() }

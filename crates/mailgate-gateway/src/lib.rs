@@ -749,12 +749,12 @@ mod tests {
     use super::*;
     use mailgate_core::engine::{Credential, Door};
     use mailgate_core::orgfile::OrgFile;
-    use mailgate_store::{Changeset, SqliteStore};
+    use mailgate_store::{Changeset, Store};
 
     const ORG: &str = "domains: [{name: example.com, verified: true}]\nusers:\n  - email: a@example.com\n    limits: {messages_per_day: 1}\n";
 
-    async fn gateway() -> (Arc<Gateway>, Arc<SqliteStore>) {
-        let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    async fn gateway() -> (Arc<Gateway>, Arc<dyn Store>) {
+        let store = mailgate_store::in_memory().await.unwrap().directory;
         let dir = OrgFile::parse(ORG).unwrap().directory;
         store
             .commit(0, &Changeset::between(&Default::default(), &dir), "t")

@@ -185,9 +185,10 @@ mod tests {
     #[tokio::test]
     async fn wait_returns_at_once_when_every_node_is_current_and_reports_one_behind() {
         let dir = tempfile::tempdir().unwrap();
-        let store = mailgate_store::SqliteStore::open(&dir.path().join("db"))
+        let store = mailgate_store::open_path(&dir.path().join("db"))
             .await
-            .unwrap();
+            .unwrap()
+            .directory;
         let me = NodeIdentity::current();
         let row = |generation| NodeState {
             id: me.id.clone(),
@@ -198,17 +199,17 @@ mod tests {
             interval_ms: 50,
         };
         assert_eq!(
-            wait_until_live(&store, 3).await.unwrap(),
+            wait_until_live(store.as_ref(), 3).await.unwrap(),
             Propagation::Live { nodes: 0 }
         );
         store.node_seen(&row(3)).await.unwrap();
         assert_eq!(
-            wait_until_live(&store, 3).await.unwrap(),
+            wait_until_live(store.as_ref(), 3).await.unwrap(),
             Propagation::Live { nodes: 1 }
         );
         store.node_seen(&row(2)).await.unwrap();
         let t = std::time::Instant::now();
-        let got = wait_until_live(&store, 3).await.unwrap();
+        let got = wait_until_live(store.as_ref(), 3).await.unwrap();
         assert!(
             matches!(got, Propagation::Lagging(ref n) if n.len() == 1),
             "{got:?}"

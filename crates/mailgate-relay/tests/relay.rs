@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use mailgate_core::directory::{Smarthost, SmarthostTls};
 use mailgate_relay::testing::{Sink, SinkConfig};
 use mailgate_relay::{Relay, RelayConfig};
-use mailgate_store::{MessageState, NewMessage, QueueStore, RecipientState, SqliteStore, Store};
+use mailgate_store::{MessageState, NewMessage, RecipientState, Stores};
 
 fn message(id: &str, rcpts: &[&str]) -> NewMessage {
     NewMessage {
@@ -51,15 +51,16 @@ fn config() -> RelayConfig {
     }
 }
 
-fn relay(store: &Arc<SqliteStore>, hosts: Vec<Smarthost>, config: RelayConfig) -> Relay {
-    Relay::new(store.clone(), Arc::new(move || hosts.clone()), config).unwrap()
+fn relay(store: &Stores, hosts: Vec<Smarthost>, config: RelayConfig) -> Relay {
+    Relay::new(store.queue.clone(), Arc::new(move || hosts.clone()), config).unwrap()
 }
 
 /// A queue holding `n` messages (`m0`, `m1`, ...) to bob@example.org.
-async fn queue_of(n: usize) -> Arc<SqliteStore> {
-    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+async fn queue_of(n: usize) -> Stores {
+    let store = mailgate_store::in_memory().await.unwrap();
     for i in 0..n {
         store
+            .directory
             .accept_message(&message(&format!("m{i}"), &["bob@example.org"]), None)
             .await
             .unwrap();
@@ -68,7 +69,7 @@ async fn queue_of(n: usize) -> Arc<SqliteStore> {
 }
 
 /// A worker relaying `store`'s messages to `sink` without TLS.
-fn to_sink(store: &Arc<SqliteStore>, sink: &Sink) -> Relay {
+fn to_sink(store: &Stores, sink: &Sink) -> Relay {
     relay(
         store,
         vec![smarthost(sink.addr.port(), SmarthostTls::None)],
@@ -119,8 +120,9 @@ async fn a_refused_recipient_fails_alone(without_pipelining: bool) -> Sink {
     )
     .await
     .unwrap();
-    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    let store = mailgate_store::in_memory().await.unwrap();
     store
+        .directory
         .accept_message(
             &message(
                 "m1",
@@ -140,7 +142,7 @@ async fn a_refused_recipient_fails_alone(without_pipelining: bool) -> Sink {
     );
     assert_eq!(got[0].from, "alice@example.com");
     assert!(String::from_utf8_lossy(&got[0].data).contains("\r\n.leading dot\r\n"));
-    let st = store.message_status("m1").await.unwrap().unwrap();
+    let st = store.queue.message_status("m1").await.unwrap().unwrap();
     assert_eq!(st.entry.state, MessageState::Failed);
     let nobody = st
         .recipient_status
@@ -201,14 +203,15 @@ async fn every_recipient_refused_in_a_pipelined_envelope() {
     )
     .await
     .unwrap();
-    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    let store = mailgate_store::in_memory().await.unwrap();
     store
+        .directory
         .accept_message(&message("m1", &["x@example.org", "y@example.org"]), None)
         .await
         .unwrap();
     let mut r = to_sink(&store, &sink);
     r.run_once().await.unwrap();
-    let st = store.message_status("m1").await.unwrap().unwrap();
+    let st = store.queue.message_status("m1").await.unwrap().unwrap();
     let state = |who: &str| {
         st.recipient_status
             .iter()
@@ -246,14 +249,16 @@ async fn a_smarthost_down_for_a_while_defers_then_delivers() {
         .local_addr()
         .unwrap()
         .port();
-    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    let store = mailgate_store::in_memory().await.unwrap();
     store
+        .directory
         .accept_message(&message("m1", &["bob@example.org"]), None)
         .await
         .unwrap();
     let mut r = relay(&store, vec![smarthost(port, SmarthostTls::None)], config());
     drive(&mut r, async || {
         store
+            .queue
             .message_status("m1")
             .await
             .unwrap()
@@ -263,7 +268,7 @@ async fn a_smarthost_down_for_a_while_defers_then_delivers() {
             >= 2
     })
     .await;
-    let st = store.message_status("m1").await.unwrap().unwrap();
+    let st = store.queue.message_status("m1").await.unwrap().unwrap();
     assert_eq!(st.entry.state, MessageState::Deferred);
     assert!(st.entry.next_attempt_ms.is_some());
     for h in &st.history {
@@ -277,7 +282,7 @@ async fn a_smarthost_down_for_a_while_defers_then_delivers() {
         .await
         .unwrap();
     drive(&mut r, async || sink.received().len() == 1).await;
-    let st = store.message_status("m1").await.unwrap().unwrap();
+    let st = store.queue.message_status("m1").await.unwrap().unwrap();
     assert_eq!(st.entry.state, MessageState::Delivered);
     assert_eq!(
         st.history.last().unwrap().outcome,
@@ -303,8 +308,9 @@ async fn starttls_with_a_private_ca_and_auth() {
     )
     .await
     .unwrap();
-    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    let store = mailgate_store::in_memory().await.unwrap();
     store
+        .directory
         .accept_message(&message("m1", &["bob@example.org"]), None)
         .await
         .unwrap();
@@ -315,12 +321,12 @@ async fn starttls_with_a_private_ca_and_auth() {
     // Without the private CA the certificate is not trusted: deferred.
     let mut untrusted = relay(&store, vec![good.clone()], config());
     untrusted.run_once().await.unwrap();
-    let st = store.message_status("m1").await.unwrap().unwrap();
+    let st = store.queue.message_status("m1").await.unwrap().unwrap();
     assert_eq!(st.entry.state, MessageState::Deferred);
     let reply = st.history[0].reply.clone().unwrap();
     assert!(reply.contains("STARTTLS"), "{reply}");
     assert!(sink.received().is_empty());
-    store.retry_message("m1", 0).await.unwrap();
+    store.queue.retry_message("m1", 0).await.unwrap();
 
     // A wrong password: upstream.auth_failed, still deferred.
     let wrong = dir.path().join("wrong");
@@ -331,7 +337,7 @@ async fn starttls_with_a_private_ca_and_auth() {
     cfg.ca_pem = Some(cert.clone().into_bytes());
     let mut r = relay(&store, vec![bad], cfg.clone());
     r.run_once().await.unwrap();
-    let st = store.message_status("m1").await.unwrap().unwrap();
+    let st = store.queue.message_status("m1").await.unwrap().unwrap();
     let last = st.history.last().unwrap();
     assert_eq!(last.code.as_deref(), Some("upstream.auth_failed"));
     assert!(
@@ -342,13 +348,14 @@ async fn starttls_with_a_private_ca_and_auth() {
         !last.reply.as_deref().unwrap().contains("nope"),
         "no secret in the status"
     );
-    store.retry_message("m1", 0).await.unwrap();
+    store.queue.retry_message("m1", 0).await.unwrap();
 
     // The right password and the CA: delivered over TLS.
     let mut r = relay(&store, vec![good], cfg);
     drive(&mut r, async || sink.received().len() == 1).await;
     assert_eq!(
         store
+            .queue
             .message_status("m1")
             .await
             .unwrap()
@@ -361,15 +368,16 @@ async fn starttls_with_a_private_ca_and_auth() {
 
 #[tokio::test]
 async fn without_smarthosts_mail_is_captured() {
-    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    let store = mailgate_store::in_memory().await.unwrap();
     store
+        .directory
         .accept_message(&message("m1", &["bob@example.org"]), None)
         .await
         .unwrap();
     let mut r = relay(&store, vec![], config());
     assert!(r.capturing());
     assert_eq!(r.run_once().await.unwrap(), 1);
-    let c = store.list_captured(10).await.unwrap();
+    let c = store.queue.list_captured(10).await.unwrap();
     assert_eq!(c.len(), 1);
     assert_eq!(
         mailgate_relay::capture::summary(&c[0].raw)
@@ -409,6 +417,7 @@ async fn a_connection_closed_between_messages_is_replaced_without_deferring() {
     drive(&mut r, async || sink.received().len() >= 3).await;
     for i in 0..3 {
         let status = store
+            .queue
             .message_status(&format!("m{i}"))
             .await
             .unwrap()
@@ -428,7 +437,7 @@ async fn workers_sharing_a_wake_deliver_every_message_in_bursts_and_after_pauses
     let sink = Sink::start("127.0.0.1:0", SinkConfig::default())
         .await
         .unwrap();
-    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    let store = mailgate_store::in_memory().await.unwrap();
     let notify = Arc::new(tokio::sync::Notify::new());
     let wake = mailgate_relay::Wake::new(notify.clone());
     let mut handles = Vec::new();
@@ -449,6 +458,7 @@ async fn workers_sharing_a_wake_deliver_every_message_in_bursts_and_after_pauses
     let accept = async |from: usize, to: usize| {
         for i in from..to {
             store
+                .directory
                 .accept_message(&message(&format!("m{i}"), &["bob@example.org"]), None)
                 .await
                 .unwrap();

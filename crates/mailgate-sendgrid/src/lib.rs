@@ -185,7 +185,7 @@ mod tests {
     use axum::body::Body;
     use axum::http::Request;
     use mailgate_core::orgfile::OrgFile;
-    use mailgate_store::{Changeset, SqliteStore, Store as _};
+    use mailgate_store::Changeset;
     use tower::ServiceExt as _;
 
     const KEY: &str = "SG.unit-key-0001.c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2Vj";
@@ -193,7 +193,7 @@ mod tests {
     const ADMIN_KEY: &str = "SG.unit-key-0002.YWRtaW5hZG1pbmFkbWluYWRtaW5hZG1pbmFkbWluYWRt";
 
     async fn app() -> Router {
-        let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let store = mailgate_store::in_memory().await.unwrap().directory;
         let org = format!(
             "domains: [{{name: example.com, verified: true}}]\nusers:\n  - email: a@example.com\napi_keys:\n  - name: k\n    id: unit-key-0001\n    secret_sha256: {}\n    owner: a@example.com\n    permissions: [mail.send]\n  - name: admin\n    id: unit-key-0002\n    secret_sha256: {}\n    owner: a@example.com\n    permissions: [mail.send, api_keys.create, api_keys.read, api_keys.update, access_settings.whitelist.create]\n",
             mailgate_auth::sha256_hex(KEY.as_bytes()),
@@ -527,7 +527,7 @@ mod tests {
 
     #[tokio::test]
     async fn mail_send_past_the_memory_budget_is_a_503_to_retry() {
-        let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let store = mailgate_store::in_memory().await.unwrap().directory;
         let org = format!(
             "domains: [{{name: example.com, verified: true}}]\nusers:\n  - email: a@example.com\napi_keys:\n  - name: k\n    id: unit-key-0001\n    secret_sha256: {}\n    owner: a@example.com\n    permissions: [mail.send]\n",
             mailgate_auth::sha256_hex(KEY.as_bytes())

@@ -1729,7 +1729,7 @@ mod tests {
     use std::time::Duration;
 
     use mailgate_core::orgfile::OrgFile;
-    use mailgate_store::{Changeset, SqliteStore, Store};
+    use mailgate_store::Changeset;
 
     use super::*;
     use mailgate_gateway::lockout::LockoutPolicy;
@@ -1740,15 +1740,16 @@ mod tests {
         let org = format!(
             "domains: [{{name: example.com, verified: true}}]\nusers:\n  - email: alice@example.com\napi_keys:\n  - name: k\n    secret: \"{KEY}\"\n    owner: alice@example.com\n    permissions: [mail.send]\nsmtp_relay:\n  allowed_ips: [127.0.0.1/32]\n  allowed_senders: domain_addresses\n"
         );
-        let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let store = mailgate_store::in_memory().await.unwrap();
         let mut dir = OrgFile::parse(&org).unwrap().directory;
         let issues = mailgate_auth::prepare_secrets(&mut dir, &Default::default()).unwrap();
         assert!(issues.is_empty(), "{issues:?}");
         store
+            .directory
             .commit(0, &Changeset::between(&Default::default(), &dir), "t")
             .await
             .unwrap();
-        let gateway = Gateway::open(store.clone()).await.unwrap();
+        let gateway = Gateway::open(store.directory.clone()).await.unwrap();
         gateway.lockout().set_policy(LockoutPolicy {
             login_threshold: 3,
             max_lock: Duration::from_secs(60),
@@ -1756,7 +1757,7 @@ mod tests {
         });
         Arc::new(SmtpContext {
             gateway,
-            tokens: store,
+            tokens: store.tokens,
             hostname: "mx.test".into(),
             limits: Limits::default(),
             auth_without_tls: false,

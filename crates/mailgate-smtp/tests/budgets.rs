@@ -17,7 +17,7 @@ use mailgate_core::orgfile::OrgFile;
 use mailgate_gateway::Gateway;
 use mailgate_gateway::budget;
 use mailgate_smtp::{Limits, Listener, Session, SmtpContext, Step};
-use mailgate_store::{Changeset, QueueStore, SqliteStore, Store};
+use mailgate_store::{Changeset, Stores};
 
 const ORG: &str = r#"
 domains: [{name: example.com, verified: true}]
@@ -33,24 +33,22 @@ async fn context(limits: Limits, budgets: budget::Limits) -> Arc<SmtpContext> {
     context_and_store(limits, budgets).await.0
 }
 
-async fn context_and_store(
-    limits: Limits,
-    budgets: budget::Limits,
-) -> (Arc<SmtpContext>, Arc<SqliteStore>) {
-    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+async fn context_and_store(limits: Limits, budgets: budget::Limits) -> (Arc<SmtpContext>, Stores) {
+    let store = mailgate_store::in_memory().await.unwrap();
     let mut dir = OrgFile::parse(ORG).unwrap().directory;
     let issues = mailgate_auth::prepare_secrets(&mut dir, &Default::default()).unwrap();
     assert!(issues.is_empty(), "{issues:?}");
     store
+        .directory
         .commit(0, &Changeset::between(&Default::default(), &dir), "t")
         .await
         .unwrap();
-    let gateway = Gateway::open_with_limits(store.clone(), budgets)
+    let gateway = Gateway::open_with_limits(store.directory.clone(), budgets)
         .await
         .unwrap();
     let ctx = Arc::new(SmtpContext {
         gateway,
-        tokens: store.clone(),
+        tokens: store.tokens.clone(),
         hostname: "mx.test".into(),
         limits,
         auth_without_tls: false,
@@ -401,7 +399,11 @@ async fn the_stored_body_drops_bcc_and_keeps_the_rest() {
     let r = out(&mut s);
     assert!(r.contains("250 2.0.0 OK "), "{r}");
     assert_eq!(ctx.gateway.budget().data_memory().used(), 0);
-    let leased = store.lease_due("t", i64::MAX / 2, 1000, 10).await.unwrap();
+    let leased = store
+        .queue
+        .lease_due("t", i64::MAX / 2, 1000, 10)
+        .await
+        .unwrap();
     assert_eq!(leased.len(), 1);
     let raw = String::from_utf8(leased[0].raw.clone()).unwrap();
     assert_eq!(
@@ -431,7 +433,11 @@ async fn the_end_of_data_across_a_chunk_boundary() {
         r.ends_with("250 2.0.0 OK ") || r.contains("250 2.0.0 OK "),
         "{r}"
     );
-    let leased = store.lease_due("t", i64::MAX / 2, 1000, 10).await.unwrap();
+    let leased = store
+        .queue
+        .lease_due("t", i64::MAX / 2, 1000, 10)
+        .await
+        .unwrap();
     assert_eq!(leased.len(), 1);
     assert!(
         leased[0].raw == msg.as_bytes(),

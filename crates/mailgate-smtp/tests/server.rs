@@ -13,7 +13,7 @@ use mailgate_core::orgfile::OrgFile;
 use mailgate_gateway::Gateway;
 use mailgate_gateway::budget;
 use mailgate_smtp::{Limits, Listener, SmtpContext};
-use mailgate_store::{Changeset, SqliteStore, Store};
+use mailgate_store::Changeset;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -39,18 +39,19 @@ struct Running {
 
 async fn start(kind: Listener, limits: Limits, budgets: budget::Limits) -> Running {
     mailgate_tls::install_provider();
-    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    let store = mailgate_store::in_memory().await.unwrap();
     let dir = OrgFile::parse(ORG).unwrap().directory;
     store
+        .directory
         .commit(0, &Changeset::between(&Default::default(), &dir), "t")
         .await
         .unwrap();
-    let gateway = Gateway::open_with_limits(store.clone(), budgets)
+    let gateway = Gateway::open_with_limits(store.directory.clone(), budgets)
         .await
         .unwrap();
     let ctx = Arc::new(SmtpContext {
         gateway,
-        tokens: store,
+        tokens: store.tokens,
         hostname: "mx.test".into(),
         limits,
         auth_without_tls: false,

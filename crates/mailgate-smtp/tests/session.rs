@@ -14,7 +14,7 @@ use mailgate_core::orgfile::OrgFile;
 use mailgate_gateway::Gateway;
 use mailgate_gateway::lockout::LockoutPolicy;
 use mailgate_smtp::{BareNewline, Limits, Listener, Session, SmtpContext, Step};
-use mailgate_store::{Changeset, QueueStore, SqliteStore, Store, TokenRecord, TokenStore};
+use mailgate_store::{Changeset, Stores, TokenRecord};
 
 const ORG: &str = r#"
 domains: [{name: example.com, verified: true}]
@@ -44,19 +44,20 @@ smtp_relay:
 
 struct T {
     ctx: Arc<SmtpContext>,
-    store: Arc<SqliteStore>,
+    store: Stores,
 }
 
 async fn setup(limits: Limits) -> T {
-    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    let store = mailgate_store::in_memory().await.unwrap();
     let mut dir = OrgFile::parse(ORG).unwrap().directory;
     let issues = mailgate_auth::prepare_secrets(&mut dir, &Default::default()).unwrap();
     assert!(issues.is_empty(), "{issues:?}");
     store
+        .directory
         .commit(0, &Changeset::between(&Default::default(), &dir), "t")
         .await
         .unwrap();
-    let gateway = Gateway::open(store.clone()).await.unwrap();
+    let gateway = Gateway::open(store.directory.clone()).await.unwrap();
     gateway.lockout().set_policy(LockoutPolicy {
         login_threshold: 3,
         max_lock: Duration::from_secs(60),
@@ -64,7 +65,7 @@ async fn setup(limits: Limits) -> T {
     });
     let ctx = Arc::new(SmtpContext {
         gateway,
-        tokens: store.clone(),
+        tokens: store.tokens.clone(),
         hostname: "mx.test".into(),
         limits,
         auth_without_tls: false,
@@ -144,7 +145,7 @@ async fn pipelined_submission_is_accepted_after_it_is_durable() {
     let r = say(&mut s, MSG).await;
     assert!(r.starts_with("250 2.0.0 OK "), "{r}");
     let id = r.split_whitespace().nth(3).unwrap();
-    let m = t.store.message(id).await.unwrap().unwrap();
+    let m = t.store.directory.message(id).await.unwrap().unwrap();
     assert_eq!(m.envelope_from, "alice@example.com");
     assert_eq!(m.recipients, ["x@example.org", "y@example.org"]);
     assert_eq!(
@@ -234,7 +235,7 @@ async fn bdat_chunks_make_one_message() {
     let r = say(&mut s, "dy\r\n.\r\n").await;
     assert!(r.starts_with("250 2.0.0 OK "), "{r}");
     let id = r.split_whitespace().nth(3).unwrap();
-    let m = t.store.message(id).await.unwrap().unwrap();
+    let m = t.store.directory.message(id).await.unwrap().unwrap();
     assert_eq!(
         m.size as usize,
         part1.len() + part2.len(),
@@ -349,6 +350,7 @@ async fn xoauth2_and_oauthbearer_with_access_tokens() {
         used: false,
     };
     t.store
+        .tokens
         .insert_token(&token("https://mail.google.com/"))
         .await
         .unwrap();
@@ -550,6 +552,7 @@ async fn say_step(s: &mut Session, input: &[u8]) -> (String, Step) {
 async fn stored(t: &T) -> Vec<Vec<u8>> {
     let now = mailgate_gateway::now_ms() as i64 + 60_000;
     t.store
+        .queue
         .lease_due("test", now, 60_000, 100)
         .await
         .unwrap()
@@ -762,7 +765,7 @@ async fn relay_refusals_speak_of_relay_clients_not_users() {
 async fn xoauth2_scope_refusal_names_the_scope_and_the_delegation() {
     let t = setup(Limits::default()).await;
     let now = mailgate_gateway::now_ms() as i64;
-    t.store
+    t.store.tokens
         .insert_token(&TokenRecord {
             token_sha256: mailgate_auth::sha256_hex(b"tok-send-only"),
             kind: mailgate_store::TokenKind::Access,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use mailgate_relay::testing::SinkConfig;
-use mailgate_store::{TokenRecord, TokenStore};
+use mailgate_store::TokenRecord;
 
 use crate::harness::{FAST_RELAY, Gateway, eventually, example_org, smarthost_yaml, start_sink};
 
@@ -20,9 +20,10 @@ const TOKEN: &str = "ya29.crash-test-token";
 /// An access token for alice, put in the store the way the token endpoint stores one.
 fn mint_token(rt: &tokio::runtime::Runtime, gw: &Gateway) {
     rt.block_on(async {
-        let store = mailgate_store::SqliteStore::open(&gw.data_dir().join("mailgate.db"))
+        let store = mailgate_store::open_path(&gw.data_dir().join("mailgate.db"))
             .await
-            .unwrap();
+            .unwrap()
+            .tokens;
         let now = mailgate_gateway::now_ms() as i64;
         store
             .insert_token(&TokenRecord {

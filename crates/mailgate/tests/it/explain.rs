@@ -1,6 +1,6 @@
 //! `mailgate explain` and the explain/decision admin API.
 
-use mailgate_store::{SqliteStore, Store, UsageEntry};
+use mailgate_store::UsageEntry;
 
 use crate::harness::{Gateway, demo, example_org, http_get, stdout_json};
 
@@ -8,9 +8,10 @@ use crate::harness::{Gateway, demo, example_org, http_get, stdout_json};
 fn record_sends(gw: &Gateway, principal: &str, n: usize) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let store = SqliteStore::open(&gw.data_dir().join("mailgate.db"))
+        let store = mailgate_store::open_path(&gw.data_dir().join("mailgate.db"))
             .await
-            .unwrap();
+            .unwrap()
+            .directory;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()

@@ -40,11 +40,10 @@ fn accept(rt: &tokio::runtime::Runtime, data_dir: &Path, to: &[&str], subject: &
 /// Accepts `raw` from alice through the gateway, as a door would; returns its id.
 fn accept_raw(rt: &tokio::runtime::Runtime, data_dir: &Path, to: &[&str], raw: String) -> String {
     rt.block_on(async {
-        let store = std::sync::Arc::new(
-            mailgate_store::SqliteStore::open(&data_dir.join("mailgate.db"))
-                .await
-                .unwrap(),
-        );
+        let store = mailgate_store::open_path(&data_dir.join("mailgate.db"))
+            .await
+            .unwrap()
+            .directory;
         let gw = mailgate_gateway::Gateway::open(store).await.unwrap();
         let attempt = SendAttempt::new(
             Door::Smtp,

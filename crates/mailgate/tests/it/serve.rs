@@ -237,11 +237,10 @@ fn accept_raw(data_dir: &std::path::Path, to: &str, raw: &str) -> String {
     use mailgate_gateway::{Accepted, Message};
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let store = std::sync::Arc::new(
-            mailgate_store::SqliteStore::open(&data_dir.join("mailgate.db"))
-                .await
-                .unwrap(),
-        );
+        let store = mailgate_store::open_path(&data_dir.join("mailgate.db"))
+            .await
+            .unwrap()
+            .directory;
         let gw = mailgate_gateway::Gateway::open(store).await.unwrap();
         let attempt = SendAttempt::new(
             Door::Smtp,

@@ -161,15 +161,13 @@ fn refusal_flood_before_auth_stores_nothing_and_is_cut_off() {
     assert!(ok, "the server did not stop cleanly");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let store = mailgate_store::SqliteStore::open(&gw.data_dir().join("mailgate.db"))
+        let store = mailgate_store::open_path(&gw.data_dir().join("mailgate.db"))
             .await
-            .unwrap();
+            .unwrap()
+            .directory;
         for id in &ids {
             assert!(
-                mailgate_store::Store::decision(&store, id)
-                    .await
-                    .unwrap()
-                    .is_none(),
+                store.decision(id).await.unwrap().is_none(),
                 "refusal {id} was stored"
             );
         }
