@@ -27,7 +27,6 @@ pub use queue::{
     MessageStatus, QueueEntry, QueueFilter, QueueStore, RecipientOutcome, RecipientStatus,
     Recorded, RetryOutcome,
 };
-pub use sqlite::{GroupCommitStats, SqliteStore};
 pub use states::{MessageState, RecipientState, StoredVerdict, TokenKind, message_state};
 pub use store::{
     Changeset, DecisionSummary, MessageSummary, NewMessage, NodeState, Purged, Snapshot, Store,
@@ -86,12 +85,12 @@ pub async fn open(url_or_path: &str) -> Result<Stores, StoreError> {
 
 /// Opens (creating if needed) the SQLite database file `path`.
 pub async fn open_path(path: &Path) -> Result<Stores, StoreError> {
-    Ok(Stores::of(SqliteStore::open(path).await?))
+    Ok(Stores::of(sqlite::SqliteStore::open(path).await?))
 }
 
 /// A private, empty store for tests (an SQLite file of its own, deleted with its last handle).
 pub async fn in_memory() -> Result<Stores, StoreError> {
-    Ok(Stores::of(SqliteStore::in_memory().await?))
+    Ok(Stores::of(sqlite::SqliteStore::in_memory().await?))
 }
 
 #[cfg(test)]

@@ -470,7 +470,8 @@ pub(crate) fn insert_usage(
 
 #[cfg(test)]
 mod tests {
-    use crate::{NewMessage, QueueFilter, QueueStore, SqliteStore, Store, UsageEntry};
+    use crate::sqlite::SqliteStore;
+    use crate::{NewMessage, QueueFilter, QueueStore, Store, UsageEntry};
     use std::sync::Arc;
 
     fn message(id: &str) -> NewMessage {
