@@ -581,6 +581,27 @@ mod tests {
         assert_eq!(old.body.parse().unwrap(), d.body.parse().unwrap());
     }
 
+    /// A database migrated by a newer Mailgate (a migration this binary does not have) is
+    /// refused with `SchemaTooNew`, not opened and not "migrated" back.
+    #[tokio::test]
+    async fn a_schema_newer_than_the_binary_is_refused_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let s = SqliteStore::open(&path).await.unwrap();
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES (99990101000000, 'from the future', 1, x'00', 0)",
+        )
+        .execute(s.writer())
+        .await
+        .unwrap();
+        drop(s);
+        let e = SqliteStore::open(&path).await.unwrap_err();
+        assert!(matches!(e, StoreError::SchemaTooNew(_)), "{e:?}");
+        assert!(!e.is_temporary());
+        assert!(e.to_string().contains("newer"), "{e}");
+    }
+
     #[tokio::test]
     async fn usage_survives_reopening_and_old_sends_drop_out() {
         let dir = tempfile::tempdir().unwrap();
