@@ -3,11 +3,13 @@
 //! (`/v3/api_keys`, `/v3/scopes`), IP Access Management (`/v3/access_settings/whitelist`) and,
 //! read-only, the sender identities (`/v3/verified_senders`, `/v3/whitelabel/domains`).
 //!
-//! A thin adapter like the Gmail door: it authenticates the `Bearer` key (SHA-256 lookup), turns
-//! each personalization into a `SendAttempt`, asks the gateway, and renders the decision exactly as
-//! SendGrid would, with Mailgate's explanation in `help` and the `X-Mailgate-Decision` header. It
-//! never decides a send itself. Key management changes the directory through
-//! `mailgate_gateway::edit_directory`, so the same validation and commit rules as the CLI apply.
+//! A thin adapter like the Gmail door: it resolves the `Bearer` key through the gateway, turns
+//! each personalization into a `SendAttempt` (and each management call into one for
+//! `Action::Manage` with the route's scope, `extract::Key`), asks the gateway, and renders the
+//! decision exactly as SendGrid would, with Mailgate's explanation in `help` and the
+//! `X-Mailgate-Decision` header. It never decides a call itself. Key management changes the
+//! directory through `mailgate_gateway::edit_directory`, so the same validation and commit rules
+//! as the CLI apply.
 
 #![allow(
     clippy::result_large_err,
