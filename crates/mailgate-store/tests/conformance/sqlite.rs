@@ -3,11 +3,10 @@
 //! same file gets: its own connections and write thread).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use mailgate_store::SqliteStore;
+use mailgate_store::Stores;
 
-use crate::suite::{AuditRow, Backend, Opened, conformance};
+use crate::suite::{AuditRow, Backend, conformance};
 
 /// A fresh SQLite database.
 pub struct Sqlite {
@@ -28,13 +27,11 @@ async fn fresh() -> Sqlite {
 }
 
 impl Backend for Sqlite {
-    async fn open(&self) -> Opened {
-        let store = Arc::new(SqliteStore::open(&self.path()).await.unwrap());
-        Opened {
-            store: store.clone(),
-            queue: store.clone(),
-            tokens: store,
-        }
+    /// Through the factory `serve` and the admin verbs use.
+    async fn open(&self) -> Stores {
+        mailgate_store::open(&format!("sqlite://{}", self.path().display()))
+            .await
+            .unwrap()
     }
 
     async fn audit(&self) -> Vec<AuditRow> {

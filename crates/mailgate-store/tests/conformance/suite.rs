@@ -4,23 +4,13 @@
 //! waits on the clock, and every loop is bounded.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 use mailgate_core::directory::{Directory, Domain, Kind, User, UserStatus};
 use mailgate_store::{
     AttemptReport, CAPTURED_HEAD_BYTES, Changeset, MessageState, NewMessage, NodeState, Purged,
-    QueueFilter, QueueStore, RecipientOutcome, RecipientState, Recorded, RetryOutcome,
-    SimulatedFault, Store, StoreError, StoredDecision, StoredVerdict, TokenKind, TokenRecord,
-    TokenStore, UsageEntry,
+    QueueFilter, RecipientOutcome, RecipientState, Recorded, RetryOutcome, SimulatedFault, Store,
+    StoreError, StoredDecision, StoredVerdict, Stores, TokenKind, TokenRecord, UsageEntry,
 };
-
-/// One handle on a store, as the gateway, the delivery worker and the admin verbs hold it.
-#[derive(Clone)]
-pub struct Opened {
-    pub store: Arc<dyn Store>,
-    pub queue: Arc<dyn QueueStore>,
-    pub tokens: Arc<dyn TokenStore>,
-}
 
 /// One row of the directory's audit log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +32,7 @@ pub struct AuditRow {
 pub trait Backend: Send + Sync + 'static {
     /// A new handle on this database, as another process or node would open it: every handle
     /// sees the same data. The first finds the database empty.
-    fn open(&self) -> impl Future<Output = Opened> + Send;
+    fn open(&self) -> impl Future<Output = Stores> + Send;
 
     /// The directory audit log, oldest first. The traits have no reader for it (only operators
     /// read it, in the database), so each backend reads its own table here.
@@ -218,8 +208,8 @@ async fn commit_directory(store: &dyn Store, to: &Directory, actor: &str) -> i64
 }
 
 /// Accepts `m` with no usage.
-async fn accept(s: &Opened, m: &NewMessage) {
-    s.store.accept_message(m, None).await.unwrap();
+async fn accept(s: &Stores, m: &NewMessage) {
+    s.directory.accept_message(m, None).await.unwrap();
 }
 
 fn ids<T>(items: &[T], id: impl Fn(&T) -> &str) -> Vec<String> {
@@ -234,11 +224,11 @@ fn ids<T>(items: &[T], id: impl Fn(&T) -> &str) -> Vec<String> {
 pub async fn an_accepted_message_reads_back_with_its_usage(b: &impl Backend) {
     let s = b.open().await;
     let m = message("m1", 1_000, &["x@a.test", "y@b.test"]);
-    s.store
+    s.directory
         .accept_message(&m, Some((usage(1_000, 2), Some(7_000))))
         .await
         .unwrap();
-    let got = s.store.message("m1").await.unwrap().unwrap();
+    let got = s.directory.message("m1").await.unwrap().unwrap();
     assert_eq!(got.id, "m1");
     assert_eq!(got.decision_id, "d-m1");
     assert_eq!(got.state, MessageState::Queued);
@@ -246,9 +236,9 @@ pub async fn an_accepted_message_reads_back_with_its_usage(b: &impl Backend) {
     assert_eq!(got.recipients, m.recipients);
     assert_eq!(got.size, m.raw.len() as i64);
     assert_eq!(got.accepted_at_ms, 1_000);
-    assert_eq!(s.store.message("nope").await.unwrap(), None);
+    assert_eq!(s.directory.message("nope").await.unwrap(), None);
 
-    let replay = s.store.usage_since(0).await.unwrap();
+    let replay = s.directory.usage_since(0).await.unwrap();
     assert_eq!(replay.sends, vec![(ALICE.to_owned(), usage(1_000, 2))]);
     assert_eq!(replay.rate_tat_ms, vec![(ALICE.to_owned(), 7_000)]);
 
@@ -257,10 +247,23 @@ pub async fn an_accepted_message_reads_back_with_its_usage(b: &impl Backend) {
     assert_eq!(leased[0].raw, m.raw, "the body reads back byte for byte");
     assert_eq!(leased[0].door, "gmail");
     assert_eq!(leased[0].decision_id, "d-m1");
+    assert_eq!(leased[0].envelope_from, ALICE);
+    assert_eq!(
+        leased[0].accepted_at_ms, 1_000,
+        "the maximum age counts from acceptance"
+    );
+    assert_eq!(
+        leased[0].recipients,
+        vec![
+            ("x@a.test".to_owned(), RecipientState::Pending),
+            ("y@b.test".to_owned(), RecipientState::Pending),
+        ],
+        "every envelope recipient, in order"
+    );
 
     // Without usage (an unlimited sender), nothing is counted.
     accept(&s, &message("m2", 1_500, &["x@a.test"])).await;
-    assert_eq!(s.store.usage_since(0).await.unwrap().sends.len(), 1);
+    assert_eq!(s.directory.usage_since(0).await.unwrap().sends.len(), 1);
 }
 
 /// Acceptance is atomic with its usage: an acceptance that fails (here: a message id already
@@ -268,28 +271,28 @@ pub async fn an_accepted_message_reads_back_with_its_usage(b: &impl Backend) {
 pub async fn a_failed_acceptance_stores_neither_message_nor_usage(b: &impl Backend) {
     let s = b.open().await;
     let first = message("m1", 1_000, &["x@a.test"]);
-    s.store
+    s.directory
         .accept_message(&first, Some((usage(1_000, 1), Some(5_000))))
         .await
         .unwrap();
     let mut again = message("m1", 2_000, &["other@a.test", "more@a.test"]);
     again.decision_id = "d-second".into();
     let refused = s
-        .store
+        .directory
         .accept_message(&again, Some((usage(2_000, 2), Some(9_000))))
         .await;
     assert!(
         refused.is_err(),
         "a second message under one id: {refused:?}"
     );
-    let replay = s.store.usage_since(0).await.unwrap();
+    let replay = s.directory.usage_since(0).await.unwrap();
     assert_eq!(
         replay.sends,
         vec![(ALICE.to_owned(), usage(1_000, 1))],
         "the failed acceptance's usage was stored"
     );
     assert_eq!(replay.rate_tat_ms, vec![(ALICE.to_owned(), 5_000)]);
-    let kept = s.store.message("m1").await.unwrap().unwrap();
+    let kept = s.directory.message("m1").await.unwrap().unwrap();
     assert_eq!(kept.decision_id, "d-m1");
     assert_eq!(kept.recipients, vec!["x@a.test".to_owned()]);
 }
@@ -309,7 +312,7 @@ pub async fn a_failing_acceptance_fails_alone(b: &impl Backend) {
             };
             tokio::spawn(async move {
                 let r = s
-                    .store
+                    .directory
                     .accept_message(
                         &message(&id, 2_000 + i, &["x@a.test"]),
                         Some((usage(2_000 + i, 1), None)),
@@ -325,14 +328,14 @@ pub async fn a_failing_acceptance_fails_alone(b: &impl Backend) {
     }
     for i in (0..24).filter(|i| *i != 12) {
         assert!(
-            s.store
+            s.directory
                 .message(&format!("ok{i:02}"))
                 .await
                 .unwrap()
                 .is_some()
         );
     }
-    assert_eq!(s.store.usage_since(0).await.unwrap().sends.len(), 23);
+    assert_eq!(s.directory.usage_since(0).await.unwrap().sends.len(), 23);
 }
 
 /// When `accept_message` (or `record_decision`, which `explain` waits on) returns, what it
@@ -343,19 +346,19 @@ pub async fn an_acceptance_is_durable_when_it_returns(b: &impl Backend) {
     let d = decision("d-m1", 1_000, StoredVerdict::Allowed);
     {
         let s = b.open().await;
-        s.store.record_decision(&d).await.unwrap();
-        s.store
+        s.directory.record_decision(&d).await.unwrap();
+        s.directory
             .accept_message(&m, Some((usage(1_000, 1), Some(3_000))))
             .await
             .unwrap();
     }
     let later = b.open().await;
-    assert_eq!(later.store.decision("d-m1").await.unwrap(), Some(d));
+    assert_eq!(later.directory.decision("d-m1").await.unwrap(), Some(d));
     assert_eq!(
-        later.store.message("m1").await.unwrap().unwrap().state,
+        later.directory.message("m1").await.unwrap().unwrap().state,
         MessageState::Queued
     );
-    let replay = later.store.usage_since(0).await.unwrap();
+    let replay = later.directory.usage_since(0).await.unwrap();
     assert_eq!(replay.sends, vec![(ALICE.to_owned(), usage(1_000, 1))]);
     let leased = later.queue.lease_due("w", 2_000, 1_000, 10).await.unwrap();
     assert_eq!(leased.len(), 1);
@@ -366,19 +369,19 @@ pub async fn an_acceptance_is_durable_when_it_returns(b: &impl Backend) {
 /// good), and per principal the rate state, which only moves forward.
 pub async fn usage_replay_keeps_recent_sends_and_the_latest_rate_state(b: &impl Backend) {
     let s = b.open().await;
-    s.store
+    s.directory
         .record_usage("a", usage(100, 2), Some(1_000))
         .await
         .unwrap();
-    s.store
+    s.directory
         .record_usage("a", usage(200, 3), Some(900))
         .await
         .unwrap();
-    s.store
+    s.directory
         .record_usage("b", usage(300, 1), None)
         .await
         .unwrap();
-    s.store
+    s.directory
         .accept_message(
             &NewMessage {
                 principal: "b".into(),
@@ -388,7 +391,7 @@ pub async fn usage_replay_keeps_recent_sends_and_the_latest_rate_state(b: &impl 
         )
         .await
         .unwrap();
-    let r = s.store.usage_since(150).await.unwrap();
+    let r = s.directory.usage_since(150).await.unwrap();
     assert_eq!(
         r.sends,
         vec![
@@ -405,7 +408,7 @@ pub async fn usage_replay_keeps_recent_sends_and_the_latest_rate_state(b: &impl 
         "a rate state never moves back"
     );
     // Sends before the cut-off no longer count for any limit: they are not replayed again.
-    assert_eq!(s.store.usage_since(0).await.unwrap().sends.len(), 3);
+    assert_eq!(s.directory.usage_since(0).await.unwrap().sends.len(), 3);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -631,7 +634,7 @@ pub async fn a_write_back_with_a_lost_lease_changes_nothing(b: &impl Backend) {
         "a write-back without the lease changed the message"
     );
     assert_eq!(
-        s.store.message("bounce").await.unwrap(),
+        s.directory.message("bounce").await.unwrap(),
         None,
         "its DSN was queued"
     );
@@ -641,7 +644,7 @@ pub async fn a_write_back_with_a_lost_lease_changes_nothing(b: &impl Backend) {
         other.queue.record_attempt("w2", &late).await.unwrap(),
         Recorded::State(MessageState::Failed)
     );
-    assert!(s.store.message("bounce").await.unwrap().is_some());
+    assert!(s.directory.message("bounce").await.unwrap().is_some());
 }
 
 /// Nobody writes back to a message they never leased, nor to one deleted or unknown.
@@ -761,13 +764,13 @@ pub async fn a_batch_of_write_backs_loses_only_the_lost_leases(b: &impl Backend)
         ]
     );
     assert_eq!(
-        s.store.message("m1").await.unwrap().unwrap().state,
+        s.directory.message("m1").await.unwrap().unwrap().state,
         MessageState::Delivered
     );
     let m3 = s.queue.message_status("m3").await.unwrap().unwrap();
     assert_eq!(m3.entry.state, MessageState::Deferred);
     assert_eq!(m3.history.len(), 1);
-    assert_eq!(s.store.message("m2").await.unwrap(), None);
+    assert_eq!(s.directory.message("m2").await.unwrap(), None);
     assert!(s.queue.record_attempts("w1", &[]).await.unwrap().is_empty());
 }
 
@@ -874,7 +877,7 @@ pub async fn held_messages_are_released_at_hold_until(b: &impl Backend) {
     };
     accept(&s, &held).await;
     assert_eq!(
-        s.store.message("h").await.unwrap().unwrap().state,
+        s.directory.message("h").await.unwrap().unwrap().state,
         MessageState::Held
     );
     assert_eq!(s.queue.release_held(4_999).await.unwrap(), 0);
@@ -888,7 +891,7 @@ pub async fn held_messages_are_released_at_hold_until(b: &impl Backend) {
     assert_eq!(s.queue.release_held(5_000).await.unwrap(), 1);
     assert_eq!(s.queue.release_held(5_000).await.unwrap(), 0);
     assert_eq!(
-        s.store.message("h").await.unwrap().unwrap().state,
+        s.directory.message("h").await.unwrap().unwrap().state,
         MessageState::Queued
     );
     assert_eq!(
@@ -1069,7 +1072,7 @@ pub async fn a_retried_message_is_due_now_with_failed_recipients_pending(b: &imp
             "{id}"
         );
         assert_eq!(
-            s.store.message(id).await.unwrap().unwrap().state,
+            s.directory.message(id).await.unwrap().unwrap().state,
             MessageState::Queued
         );
     }
@@ -1085,11 +1088,11 @@ pub async fn a_retried_message_is_due_now_with_failed_recipients_pending(b: &imp
     );
     // Delivered and captured messages kept their state.
     assert_eq!(
-        s.store.message("d").await.unwrap().unwrap().state,
+        s.directory.message("d").await.unwrap().unwrap().state,
         MessageState::Delivered
     );
     assert_eq!(
-        s.store.message("c").await.unwrap().unwrap().state,
+        s.directory.message("c").await.unwrap().unwrap().state,
         MessageState::Captured
     );
 }
@@ -1111,7 +1114,7 @@ pub async fn a_deleted_message_is_gone_with_its_history(b: &impl Backend) {
     assert!(s.queue.delete_message("m1").await.unwrap());
     assert!(!s.queue.delete_message("m1").await.unwrap());
     assert!(!s.queue.delete_message("nope").await.unwrap());
-    assert_eq!(s.store.message("m1").await.unwrap(), None);
+    assert_eq!(s.directory.message("m1").await.unwrap(), None);
     assert_eq!(s.queue.message_status("m1").await.unwrap(), None);
     assert_eq!(
         s.queue.retry_message("m1", 3_000).await.unwrap(),
@@ -1125,7 +1128,7 @@ pub async fn a_deleted_message_is_gone_with_its_history(b: &impl Backend) {
             .iter()
             .all(|m| m.id != "m1")
     );
-    assert!(s.store.message("m2").await.unwrap().is_some());
+    assert!(s.directory.message("m2").await.unwrap().is_some());
     // The id is free again: nothing of the old message is left to collide with.
     accept(&s, &message("m1", 5_000, &["new@a.test"])).await;
     let st = s.queue.message_status("m1").await.unwrap().unwrap();
@@ -1216,13 +1219,13 @@ pub async fn retention_deletes_old_finished_messages_and_unreferenced_decisions_
         "late",
     ];
     for id in old {
-        s.store
+        s.directory
             .record_decision(&decision(&format!("d-{id}"), 1_000, StoredVerdict::Allowed))
             .await
             .unwrap();
         accept(&s, &message(id, 1_000, &["x@a.test"])).await;
     }
-    s.store
+    s.directory
         .record_decision(&decision("d-held", 1_000, StoredVerdict::Held))
         .await
         .unwrap();
@@ -1235,11 +1238,11 @@ pub async fn retention_deletes_old_finished_messages_and_unreferenced_decisions_
         },
     )
     .await;
-    s.store
+    s.directory
         .record_decision(&decision("d-old-refusal", 1_000, StoredVerdict::Denied))
         .await
         .unwrap();
-    s.store
+    s.directory
         .record_decision(&decision("d-new-refusal", 90_000, StoredVerdict::Denied))
         .await
         .unwrap();
@@ -1277,32 +1280,32 @@ pub async fn retention_deletes_old_finished_messages_and_unreferenced_decisions_
     s.queue.retry_message("queued", 2_200).await.unwrap();
 
     assert_eq!(
-        s.store.purge(None, None).await.unwrap(),
+        s.directory.purge(None, None).await.unwrap(),
         Purged::default(),
         "keeping everything deletes nothing"
     );
     // Decisions only: every old decision is still named by a message, but the refusal.
     assert_eq!(
-        s.store.purge(Some(cut), None).await.unwrap(),
+        s.directory.purge(Some(cut), None).await.unwrap(),
         Purged {
             decisions: 1,
             messages: 0
         }
     );
-    assert_eq!(s.store.decision("d-old-refusal").await.unwrap(), None);
+    assert_eq!(s.directory.decision("d-old-refusal").await.unwrap(), None);
     // Messages only.
     assert_eq!(
-        s.store.purge(None, Some(cut)).await.unwrap(),
+        s.directory.purge(None, Some(cut)).await.unwrap(),
         Purged {
             decisions: 0,
             messages: 3
         }
     );
     for gone in ["delivered", "failed", "captured"] {
-        assert_eq!(s.store.message(gone).await.unwrap(), None, "{gone}");
+        assert_eq!(s.directory.message(gone).await.unwrap(), None, "{gone}");
         assert_eq!(s.queue.message_status(gone).await.unwrap(), None, "{gone}");
         assert!(
-            s.store
+            s.directory
                 .decision(&format!("d-{gone}"))
                 .await
                 .unwrap()
@@ -1311,18 +1314,21 @@ pub async fn retention_deletes_old_finished_messages_and_unreferenced_decisions_
     }
     assert_eq!(s.queue.captured_message("captured").await.unwrap(), None);
     for kept in ["queued", "deferred", "held", "late"] {
-        assert!(s.store.message(kept).await.unwrap().is_some(), "{kept}");
+        assert!(s.directory.message(kept).await.unwrap().is_some(), "{kept}");
     }
     // Now the deleted messages' decisions are no longer named by anything.
     assert_eq!(
-        s.store.purge(Some(cut), Some(cut)).await.unwrap(),
+        s.directory.purge(Some(cut), Some(cut)).await.unwrap(),
         Purged {
             decisions: 3,
             messages: 0
         }
     );
     for gone in ["delivered", "failed", "captured"] {
-        assert_eq!(s.store.decision(&format!("d-{gone}")).await.unwrap(), None);
+        assert_eq!(
+            s.directory.decision(&format!("d-{gone}")).await.unwrap(),
+            None
+        );
     }
     for kept in [
         "d-queued",
@@ -1331,7 +1337,10 @@ pub async fn retention_deletes_old_finished_messages_and_unreferenced_decisions_
         "d-late",
         "d-new-refusal",
     ] {
-        assert!(s.store.decision(kept).await.unwrap().is_some(), "{kept}");
+        assert!(
+            s.directory.decision(kept).await.unwrap().is_some(),
+            "{kept}"
+        );
     }
     let deferred = s.queue.message_status("deferred").await.unwrap().unwrap();
     assert_eq!(
@@ -1340,7 +1349,7 @@ pub async fn retention_deletes_old_finished_messages_and_unreferenced_decisions_
         "kept messages keep their history"
     );
     assert_eq!(
-        s.store.purge(Some(cut), Some(cut)).await.unwrap(),
+        s.directory.purge(Some(cut), Some(cut)).await.unwrap(),
         Purged::default()
     );
 }
@@ -1352,23 +1361,23 @@ pub async fn retention_deletes_old_finished_messages_and_unreferenced_decisions_
 /// (another process, another node). An empty store is generation 0 with an empty directory.
 pub async fn a_committed_directory_reads_back_equal_on_every_handle(b: &impl Backend) {
     let s = b.open().await;
-    let empty = s.store.snapshot().await.unwrap();
+    let empty = s.directory.snapshot().await.unwrap();
     assert_eq!(empty.generation, 0);
     assert_eq!(empty.directory, Directory::default());
-    assert_eq!(s.store.generation().await.unwrap(), 0);
+    assert_eq!(s.directory.generation().await.unwrap(), 0);
     let other = b.open().await;
-    let g = commit_directory(&*s.store, &organisation(), "t").await;
+    let g = commit_directory(&*s.directory, &organisation(), "t").await;
     assert_eq!(g, 1);
     for h in [&s, &other] {
-        let snap = h.store.snapshot().await.unwrap();
+        let snap = h.directory.snapshot().await.unwrap();
         assert_eq!(snap.directory, organisation());
         assert_eq!(snap.generation, 1);
-        assert_eq!(h.store.generation().await.unwrap(), 1);
+        assert_eq!(h.directory.generation().await.unwrap(), 1);
     }
     // A later handle too.
     let later = b.open().await;
     assert_eq!(
-        later.store.snapshot().await.unwrap().directory,
+        later.directory.snapshot().await.unwrap().directory,
         organisation()
     );
 }
@@ -1378,22 +1387,29 @@ pub async fn a_committed_directory_reads_back_equal_on_every_handle(b: &impl Bac
 pub async fn each_commit_moves_the_generation_by_one(b: &impl Backend) {
     let s = b.open().await;
     let mut d = organisation();
-    assert_eq!(commit_directory(&*s.store, &d, "t").await, 1);
+    assert_eq!(commit_directory(&*s.directory, &d, "t").await, 1);
     d.users[0].status = UserStatus::Suspended;
-    assert_eq!(commit_directory(&*s.store, &d, "t").await, 2);
+    assert_eq!(commit_directory(&*s.directory, &d, "t").await, 2);
     d.users.push(User::new("bob@example.com"));
-    assert_eq!(commit_directory(&*s.store, &d, "t").await, 3);
-    assert_eq!(s.store.generation().await.unwrap(), 3);
+    assert_eq!(commit_directory(&*s.directory, &d, "t").await, 3);
+    assert_eq!(s.directory.generation().await.unwrap(), 3);
     assert_eq!(
-        s.store.commit(3, &Changeset::default(), "t").await.unwrap(),
+        s.directory
+            .commit(3, &Changeset::default(), "t")
+            .await
+            .unwrap(),
         3,
         "an empty change is no commit"
     );
-    assert_eq!(s.store.generation().await.unwrap(), 3);
-    assert_eq!(s.store.snapshot().await.unwrap().directory, d);
+    assert_eq!(s.directory.generation().await.unwrap(), 3);
+    assert_eq!(s.directory.snapshot().await.unwrap().directory, d);
     d.users.retain(|u| u.email != "bob@example.com");
-    assert_eq!(commit_directory(&*s.store, &d, "t").await, 4, "a delete");
-    assert_eq!(s.store.snapshot().await.unwrap().directory, d);
+    assert_eq!(
+        commit_directory(&*s.directory, &d, "t").await,
+        4,
+        "a delete"
+    );
+    assert_eq!(s.directory.snapshot().await.unwrap().directory, d);
 }
 
 /// A change against a generation that is no longer current is refused with the conflict error
@@ -1402,12 +1418,12 @@ pub async fn a_commit_against_a_stale_generation_is_a_conflict_and_changes_nothi
     b: &impl Backend,
 ) {
     let s = b.open().await;
-    commit_directory(&*s.store, &organisation(), "first").await;
+    commit_directory(&*s.directory, &organisation(), "first").await;
     let mut changed = organisation();
     changed.users[0].status = UserStatus::Suspended;
     changed.users.push(User::new("bob@example.com"));
     let stale = Changeset::between(&organisation(), &changed);
-    let err = s.store.commit(0, &stale, "stale").await.unwrap_err();
+    let err = s.directory.commit(0, &stale, "stale").await.unwrap_err();
     assert_eq!(
         err,
         StoreError::Conflict {
@@ -1415,7 +1431,7 @@ pub async fn a_commit_against_a_stale_generation_is_a_conflict_and_changes_nothi
             found: 1
         }
     );
-    let err = s.store.commit(7, &stale, "ahead").await.unwrap_err();
+    let err = s.directory.commit(7, &stale, "ahead").await.unwrap_err();
     assert_eq!(
         err,
         StoreError::Conflict {
@@ -1423,18 +1439,18 @@ pub async fn a_commit_against_a_stale_generation_is_a_conflict_and_changes_nothi
             found: 1
         }
     );
-    let snap = s.store.snapshot().await.unwrap();
+    let snap = s.directory.snapshot().await.unwrap();
     assert_eq!(snap.generation, 1);
     assert_eq!(snap.directory, organisation());
-    assert_eq!(s.store.commit(1, &stale, "fresh").await.unwrap(), 2);
-    assert_eq!(s.store.snapshot().await.unwrap().directory, changed);
+    assert_eq!(s.directory.commit(1, &stale, "fresh").await.unwrap(), 2);
+    assert_eq!(s.directory.snapshot().await.unwrap().directory, changed);
 }
 
 /// Two admins (two handles, as two processes or nodes) committing against the same generation
 /// at once: one wins, the other gets the conflict error, and the directory is the winner's.
 pub async fn of_two_concurrent_commits_on_one_generation_exactly_one_wins(b: &impl Backend) {
     let s = b.open().await;
-    commit_directory(&*s.store, &organisation(), "t").await;
+    commit_directory(&*s.directory, &organisation(), "t").await;
     let mut one = organisation();
     one.users.push(User::new("one@example.com"));
     let mut two = organisation();
@@ -1444,8 +1460,8 @@ pub async fn of_two_concurrent_commits_on_one_generation_exactly_one_wins(b: &im
     let cs_one = Changeset::between(&organisation(), &one);
     let cs_two = Changeset::between(&organisation(), &two);
     let (ra, rc) = tokio::join!(
-        tokio::spawn(async move { a.store.commit(1, &cs_one, "one").await }),
-        tokio::spawn(async move { c.store.commit(1, &cs_two, "two").await }),
+        tokio::spawn(async move { a.directory.commit(1, &cs_one, "one").await }),
+        tokio::spawn(async move { c.directory.commit(1, &cs_two, "two").await }),
     );
     let (ra, rc) = (ra.unwrap(), rc.unwrap());
     let winner = match (&ra, &rc) {
@@ -1465,7 +1481,7 @@ pub async fn of_two_concurrent_commits_on_one_generation_exactly_one_wins(b: &im
         ) => two,
         other => panic!("not exactly one winner: {other:?}"),
     };
-    let snap = s.store.snapshot().await.unwrap();
+    let snap = s.directory.snapshot().await.unwrap();
     assert_eq!(snap.generation, 2);
     assert_eq!(snap.directory, winner);
 }
@@ -1474,19 +1490,19 @@ pub async fn of_two_concurrent_commits_on_one_generation_exactly_one_wins(b: &im
 /// the generation; a refused commit leaves none.
 pub async fn every_committed_change_leaves_an_audit_row(b: &impl Backend) {
     let s = b.open().await;
-    commit_directory(&*s.store, &organisation(), "cli:root").await;
+    commit_directory(&*s.directory, &organisation(), "cli:root").await;
     let mut d = organisation();
     d.users[0].status = UserStatus::Suspended;
     d.users.push(User::new("bob@example.com"));
-    commit_directory(&*s.store, &d, "admin-token:ops").await;
+    commit_directory(&*s.directory, &d, "admin-token:ops").await;
     // Refused: stale.
     let refused = s
-        .store
+        .directory
         .commit(0, &Changeset::between(&d, &Directory::default()), "stale")
         .await;
     assert!(refused.is_err());
     d.users.retain(|u| u.email != ALICE);
-    commit_directory(&*s.store, &d, "cli:root").await;
+    commit_directory(&*s.directory, &d, "cli:root").await;
     let row = |actor: &str, action: &str, kind: Kind, id: &str, generation| AuditRow {
         actor: actor.into(),
         action: action.into(),
@@ -1691,10 +1707,10 @@ pub async fn a_decision_reads_back_equal_by_id(b: &impl Backend) {
     let mut kept = Vec::new();
     for (i, verdict) in StoredVerdict::ALL.iter().enumerate() {
         let d = decision(&format!("01REC{i}"), 10 + i as i64, *verdict);
-        s.store.record_decision(&d).await.unwrap();
+        s.directory.record_decision(&d).await.unwrap();
         kept.push(d);
         let e = decision(&format!("01ENQ{i}"), 20 + i as i64, *verdict);
-        s.store.enqueue_decision(e.clone()).await.unwrap();
+        s.directory.enqueue_decision(e.clone()).await.unwrap();
         kept.push(e);
     }
     // A large trace too (they compress; nothing is cut).
@@ -1702,18 +1718,18 @@ pub async fn a_decision_reads_back_equal_by_id(b: &impl Backend) {
     big.body =
         serde_json::json!({"checks": (0..2_000).map(|i| format!("check {i}")).collect::<Vec<_>>()})
             .into();
-    s.store.record_decision(&big).await.unwrap();
+    s.directory.record_decision(&big).await.unwrap();
     kept.push(big);
     for d in &kept {
-        assert_eq!(s.store.decision(&d.id).await.unwrap().as_ref(), Some(d));
+        assert_eq!(s.directory.decision(&d.id).await.unwrap().as_ref(), Some(d));
     }
-    let back = s.store.decision("01BIG").await.unwrap().unwrap();
+    let back = s.directory.decision("01BIG").await.unwrap().unwrap();
     assert_eq!(
         back.body.parse().unwrap(),
         kept.last().unwrap().body.parse().unwrap()
     );
-    assert_eq!(s.store.decision("01NOPE").await.unwrap(), None);
-    assert_eq!(s.store.decision("").await.unwrap(), None);
+    assert_eq!(s.directory.decision("01NOPE").await.unwrap(), None);
+    assert_eq!(s.directory.decision("").await.unwrap(), None);
 }
 
 /// An enqueued decision (the hot path does not wait for it) is found at once by its id, and is
@@ -1722,12 +1738,15 @@ pub async fn an_enqueued_decision_is_found_at_once_and_durable_after_flush(b: &i
     let d = decision("01QUEUED", 5, StoredVerdict::Denied);
     {
         let s = b.open().await;
-        s.store.enqueue_decision(d.clone()).await.unwrap();
-        assert_eq!(s.store.decision("01QUEUED").await.unwrap(), Some(d.clone()));
-        s.store.flush().await.unwrap();
+        s.directory.enqueue_decision(d.clone()).await.unwrap();
+        assert_eq!(
+            s.directory.decision("01QUEUED").await.unwrap(),
+            Some(d.clone())
+        );
+        s.directory.flush().await.unwrap();
     }
     let later = b.open().await;
-    assert_eq!(later.store.decision("01QUEUED").await.unwrap(), Some(d));
+    assert_eq!(later.directory.decision("01QUEUED").await.unwrap(), Some(d));
 }
 
 /// The support bundle's list: the newest refusals first, at most `limit`, summaries only;
@@ -1744,14 +1763,14 @@ pub async fn recent_refusals_are_the_newest_denials_first(b: &impl Backend) {
     .into_iter()
     .enumerate()
     {
-        s.store
+        s.directory
             .enqueue_decision(decision(&format!("01D{i}"), 10 + i as i64, verdict))
             .await
             .unwrap();
     }
-    let two = s.store.recent_refusals(2).await.unwrap();
+    let two = s.directory.recent_refusals(2).await.unwrap();
     assert_eq!(ids(&two, |d| &d.id), ["01D4", "01D2"]);
-    let all = s.store.recent_refusals(10).await.unwrap();
+    let all = s.directory.recent_refusals(10).await.unwrap();
     assert_eq!(ids(&all, |d| &d.id), ["01D4", "01D2", "01D0"]);
     assert_eq!(all[2].code.as_deref(), Some("sender.not_owned"));
     assert_eq!(all[2].at_ms, 10);
@@ -1766,22 +1785,27 @@ pub async fn recent_refusals_are_the_newest_denials_first(b: &impl Backend) {
 /// it (the old secret stops working).
 pub async fn admin_tokens_are_found_by_hash_and_replaced_by_name(b: &impl Backend) {
     let s = b.open().await;
-    s.store.add_admin_token("ops", "sha-1").await.unwrap();
-    s.store.add_admin_token("ci", "sha-2").await.unwrap();
+    s.directory.add_admin_token("ops", "sha-1").await.unwrap();
+    s.directory.add_admin_token("ci", "sha-2").await.unwrap();
     assert_eq!(
-        s.store.admin_token("sha-1").await.unwrap().as_deref(),
+        s.directory.admin_token("sha-1").await.unwrap().as_deref(),
         Some("ops")
     );
     assert_eq!(
-        s.store.admin_token("sha-2").await.unwrap().as_deref(),
+        s.directory.admin_token("sha-2").await.unwrap().as_deref(),
         Some("ci")
     );
-    assert_eq!(s.store.admin_token("sha-none").await.unwrap(), None);
-    s.store.add_admin_token("ops", "sha-3").await.unwrap();
+    assert_eq!(s.directory.admin_token("sha-none").await.unwrap(), None);
+    s.directory.add_admin_token("ops", "sha-3").await.unwrap();
     let other = b.open().await;
-    assert_eq!(other.store.admin_token("sha-1").await.unwrap(), None);
+    assert_eq!(other.directory.admin_token("sha-1").await.unwrap(), None);
     assert_eq!(
-        other.store.admin_token("sha-3").await.unwrap().as_deref(),
+        other
+            .directory
+            .admin_token("sha-3")
+            .await
+            .unwrap()
+            .as_deref(),
         Some("ops")
     );
 }
@@ -1798,17 +1822,17 @@ pub async fn node_rows_are_written_replaced_and_deleted(b: &impl Backend) {
         seen_ms: 1_000 + generation,
         interval_ms: 250,
     };
-    assert!(s.store.nodes().await.unwrap().is_empty());
-    s.store.node_seen(&node("n1", 1)).await.unwrap();
-    s.store.node_seen(&node("n2", 1)).await.unwrap();
-    s.store.node_seen(&node("n1", 2)).await.unwrap();
+    assert!(s.directory.nodes().await.unwrap().is_empty());
+    s.directory.node_seen(&node("n1", 1)).await.unwrap();
+    s.directory.node_seen(&node("n2", 1)).await.unwrap();
+    s.directory.node_seen(&node("n1", 2)).await.unwrap();
     let other = b.open().await;
-    let mut rows = other.store.nodes().await.unwrap();
+    let mut rows = other.directory.nodes().await.unwrap();
     rows.sort_by(|a, b| a.id.cmp(&b.id));
     assert_eq!(rows, vec![node("n1", 2), node("n2", 1)]);
-    other.store.node_gone("n1").await.unwrap();
-    other.store.node_gone("never-there").await.unwrap();
-    assert_eq!(s.store.nodes().await.unwrap(), vec![node("n2", 1)]);
+    other.directory.node_gone("n1").await.unwrap();
+    other.directory.node_gone("never-there").await.unwrap();
+    assert_eq!(s.directory.nodes().await.unwrap(), vec![node("n2", 1)]);
 }
 
 /// `mailgate simulate`: one fault per principal (case-insensitive, stored lower-cased), a new
@@ -1823,20 +1847,20 @@ pub async fn injected_faults_are_set_replaced_expire_and_clear(b: &impl Backend)
         created_at_ms: 1,
         actor: "cli:root".into(),
     };
-    s.queue
+    s.directory
         .set_fault(&fault("Alice@Example.com", "limit.rate", 100))
         .await
         .unwrap();
-    s.queue
+    s.directory
         .set_fault(&fault("alice@example.com", "limit.daily_messages", 200))
         .await
         .unwrap();
-    s.queue
+    s.directory
         .set_fault(&fault("bob@example.com", "auth.revoked", 150))
         .await
         .unwrap();
     let other = b.open().await;
-    let active = other.queue.active_faults(120).await.unwrap();
+    let active = other.directory.active_faults(120).await.unwrap();
     assert_eq!(
         active,
         vec![
@@ -1845,14 +1869,16 @@ pub async fn injected_faults_are_set_replaced_expire_and_clear(b: &impl Backend)
         ]
     );
     assert_eq!(
-        ids(&s.queue.active_faults(150).await.unwrap(), |f| &f.principal),
+        ids(&s.directory.active_faults(150).await.unwrap(), |f| &f
+            .principal),
         ["alice@example.com"]
     );
-    assert!(s.queue.active_faults(200).await.unwrap().is_empty());
-    assert!(s.queue.clear_fault("ALICE@example.com").await.unwrap());
-    assert!(!s.queue.clear_fault("alice@example.com").await.unwrap());
+    assert!(s.directory.active_faults(200).await.unwrap().is_empty());
+    assert!(s.directory.clear_fault("ALICE@example.com").await.unwrap());
+    assert!(!s.directory.clear_fault("alice@example.com").await.unwrap());
     assert_eq!(
-        ids(&s.queue.active_faults(120).await.unwrap(), |f| &f.principal),
+        ids(&s.directory.active_faults(120).await.unwrap(), |f| &f
+            .principal),
         ["bob@example.com"]
     );
 }
