@@ -28,7 +28,7 @@ pub use group::GroupCommitStats;
 ///
 /// Reads use a pool of connections (WAL readers never wait for the writer). The hot writes (a
 /// send's decision and message, delivery bookkeeping) run on the write thread, group-committed
-/// (see [`group`]); the rare ones (directory, tokens, retention) on one sqlx connection of
+/// (see `sqlite/group.rs`); the rare ones (directory, tokens, retention) on one sqlx connection of
 /// their own, which waits for the thread in SQLite's busy handler when both write at once.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
