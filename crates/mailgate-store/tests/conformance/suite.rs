@@ -297,14 +297,16 @@ pub async fn a_failed_acceptance_stores_neither_message_nor_usage(b: &impl Backe
     assert_eq!(kept.recipients, vec!["x@a.test".to_owned()]);
 }
 
-/// Concurrent acceptances (which a store may commit together) each get their own outcome: one
-/// failing does not fail the others, and exactly the stored ones are counted.
+/// Concurrent acceptances (which a store may commit together, on one handle or several) each
+/// get their own outcome: one failing does not fail the others, and exactly the stored ones are
+/// counted.
 pub async fn a_failing_acceptance_fails_alone(b: &impl Backend) {
     let s = b.open().await;
+    let handles = [s.clone(), b.open().await];
     accept(&s, &message("dup", 1_000, &["x@a.test"])).await;
     let tasks: Vec<_> = (0..24)
         .map(|i| {
-            let s = s.clone();
+            let s = handles[i as usize % handles.len()].clone();
             let id = if i == 12 {
                 "dup".to_owned()
             } else {
