@@ -70,6 +70,7 @@ macro_rules! conformance {
             each_commit_moves_the_generation_by_one,
             a_commit_against_a_stale_generation_is_a_conflict_and_changes_nothing,
             of_two_concurrent_commits_on_one_generation_exactly_one_wins,
+            a_snapshot_is_one_generation_whole,
             every_committed_change_leaves_an_audit_row,
             a_token_is_found_by_its_hash,
             a_token_is_used_once,
@@ -1486,6 +1487,49 @@ pub async fn of_two_concurrent_commits_on_one_generation_exactly_one_wins(b: &im
     let snap = s.directory.snapshot().await.unwrap();
     assert_eq!(snap.generation, 2);
     assert_eq!(snap.directory, winner);
+}
+
+/// A snapshot is one committed directory whole, with the generation it was committed at, even
+/// while another handle commits: a reloading gateway never sees half a change, nor a directory
+/// with another change's generation.
+pub async fn a_snapshot_is_one_generation_whole(b: &impl Backend) {
+    let s = b.open().await;
+    // Generation g holds g users (and g - 1 of them suspended after g = 1).
+    commit_directory(&*s.directory, &organisation(), "t").await;
+    let writer = b.open().await;
+    let commits = 30;
+    let write = tokio::spawn(async move {
+        let mut d = organisation();
+        for g in 2..=commits {
+            d.users[0].status = if g % 2 == 0 {
+                UserStatus::Suspended
+            } else {
+                UserStatus::Active
+            };
+            d.users.push(User::new(format!("u{g}@example.com")));
+            assert_eq!(commit_directory(&*writer.directory, &d, "t").await, g);
+        }
+    });
+    let reader = b.open().await;
+    let mut seen = BTreeSet::new();
+    // Bounded: stops when the writer is done (or after this many reads).
+    for _ in 0..5_000 {
+        let snap = reader.directory.snapshot().await.unwrap();
+        let g = snap.generation;
+        assert_eq!(snap.directory.users.len() as i64, g, "generation {g}");
+        let suspended = snap.directory.users[0].status == UserStatus::Suspended;
+        assert_eq!(suspended, g > 1 && g % 2 == 0, "generation {g}");
+        seen.insert(g);
+        if g == commits {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    write.await.unwrap();
+    assert!(
+        seen.contains(&commits),
+        "the last commit was seen: {seen:?}"
+    );
 }
 
 /// Every object a commit creates, updates or deletes leaves one audit row naming the actor and
