@@ -19,8 +19,23 @@ use mailgate_core::engine::{Action, Credential, Door, Mailbox, SendAttempt};
 use mailgate_gateway::ConnFacts;
 
 use crate::GmailState;
-use crate::errors::{denial_response, invalid_request, unavailable};
-use crate::gmail::{CommonParams, MAX_USER_ID_BYTES, fault, internal};
+use crate::errors::{denial_response, fault, internal, invalid_request, unavailable};
+
+/// The query parameters every Gmail route may carry (Google's system parameters and the
+/// upload protocol's).
+#[derive(Debug, serde::Deserialize, Default)]
+pub(crate) struct CommonParams {
+    #[serde(rename = "uploadType")]
+    pub(crate) upload_type: Option<String>,
+    pub(crate) access_token: Option<String>,
+    pub(crate) key: Option<String>,
+    pub(crate) upload_id: Option<String>,
+}
+
+/// The longest `userId` path parameter: an address is at most 254 characters (RFC 5321's path
+/// limit), and `me` is shorter. Longer ones are refused before anything else (400), so a request
+/// cannot make the door keep or copy an absurd path parameter.
+pub(crate) const MAX_USER_ID_BYTES: usize = 254;
 
 /// A Gmail method: the engine's action for it and Google's RPC name (the `method` of the
 /// `ErrorInfo` in its refusals).

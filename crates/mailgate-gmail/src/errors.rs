@@ -321,3 +321,21 @@ pub(crate) fn too_large(limit: usize) -> Response {
         ),
     }
 }
+
+/// A fault of the door itself: Google's 500 `backendError` (the cause is logged, not told).
+pub(crate) fn internal(msg: &str) -> Response {
+    tracing::error!(error = msg, "gmail door fault");
+    simple(500, "INTERNAL", "backendError", "Backend Error")
+}
+
+/// A gateway fault: the store's are temporary (503 + `Retry-After`, `store.unavailable`), the
+/// rest internal.
+pub(crate) fn fault(e: &mailgate_gateway::GatewayError) -> Response {
+    match e {
+        mailgate_gateway::GatewayError::Store(e) => {
+            tracing::error!(error = %e, "gmail door: store fault");
+            unavailable()
+        }
+        other => internal(&other.to_string()),
+    }
+}

@@ -26,50 +26,20 @@ use serde_json::json;
 
 use crate::GmailState;
 use crate::caller::{
-    Caller, CreateSendAs, DeleteSendAs, GetProfile, ListSendAs, Method as _, SendMessage,
-    UpdateSendAs, VerifySendAs, acting_address,
+    Caller, CommonParams, CreateSendAs, DeleteSendAs, GetProfile, ListSendAs, Method as _,
+    SendMessage, UpdateSendAs, VerifySendAs, acting_address,
 };
 use crate::errors::{
-    denial_response, invalid_argument, invalid_request, simple, too_large, unavailable,
+    denial_response, fault, internal, invalid_argument, invalid_request, simple, too_large,
+    unavailable,
 };
 use mailgate_gateway::body::{self, ReadFail};
 
 /// Gmail's upload limit: 35 MiB.
 pub(crate) const MAX_MESSAGE_BYTES: usize = GMAIL_MAX_MESSAGE_BYTES as usize;
 
-#[derive(Debug, Deserialize, Default)]
-pub(crate) struct CommonParams {
-    #[serde(rename = "uploadType")]
-    upload_type: Option<String>,
-    pub(crate) access_token: Option<String>,
-    pub(crate) key: Option<String>,
-    upload_id: Option<String>,
-}
-
 /// Google's name of `users.messages.send`, in its refusals' `ErrorInfo`.
 const SEND_METHOD: &str = SendMessage::RPC;
-
-/// The longest `userId` path parameter: an address is at most 254 characters (RFC 5321's path
-/// limit), and `me` is shorter. Longer ones are refused before anything else (400), so a request
-/// cannot make the door keep or copy an absurd path parameter.
-pub(crate) const MAX_USER_ID_BYTES: usize = 254;
-
-pub(crate) fn internal(msg: &str) -> Response {
-    tracing::error!(error = msg, "gmail door fault");
-    simple(500, "INTERNAL", "backendError", "Backend Error")
-}
-
-/// A gateway fault: the store's are temporary (503 + `Retry-After`, `store.unavailable`), the
-/// rest internal.
-pub(crate) fn fault(e: &mailgate_gateway::GatewayError) -> Response {
-    match e {
-        mailgate_gateway::GatewayError::Store(e) => {
-            tracing::error!(error = %e, "gmail door: store fault");
-            unavailable()
-        }
-        other => internal(&other.to_string()),
-    }
-}
 
 /// `GET /gmail/v1/users/{userId}/profile`.
 pub(crate) async fn profile(

@@ -211,3 +211,134 @@ fn md_names_finds_documents_and_skips_urls() {
     let names = outside_names();
     assert!(names.iter().all(|n| !n.is_empty()));
 }
+
+/// The modules of `crate::` that `text` names (`crate::a::b` -> `a`; `crate::{a, b::c}` -> `a`,
+/// `b`), outside comments and before the file's `#[cfg(test)]` module (a unit test may use a
+/// neighbour to build its input).
+fn crate_paths(text: &str) -> Vec<String> {
+    let ident = |s: &str| -> String {
+        s.chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.trim() == "#[cfg(test)]" {
+            break;
+        }
+        let code = line.split("//").next().unwrap_or("");
+        let mut rest = code;
+        while let Some(at) = rest.find("crate::") {
+            let after = &rest[at + "crate::".len()..];
+            if let Some(group) = after.strip_prefix('{') {
+                // Only a group closed on the same line is read; rustfmt keeps most on one.
+                let inner = group.split('}').next().unwrap_or("");
+                for item in inner.split(',') {
+                    let name = ident(item.trim());
+                    if !name.is_empty() {
+                        out.push(name);
+                    }
+                }
+            } else {
+                let name = ident(after);
+                if !name.is_empty() {
+                    out.push(name);
+                }
+            }
+            rest = after;
+        }
+    }
+    out
+}
+
+/// Regression (issue 15 item 5): the binary's `queue_api.rs`, `queue_cli.rs` and `serve.rs`
+/// imported each other in a circle. In every crate, the top-level modules (a file `src/x.rs`, or
+/// `src/x/` with everything under it) form no cycle of `crate::` references; the crate root
+/// (`lib.rs`, `main.rs`), which declares the modules, is not one of them. (A `use super::` inside
+/// a module's own directory stays inside the module; between top-level modules, paths are
+/// written `crate::`.)
+#[test]
+fn no_module_imports_one_that_imports_it_back() {
+    use std::collections::{BTreeMap, BTreeSet};
+    let root = root();
+    let mut srcs: Vec<PathBuf> = std::fs::read_dir(root.join("crates"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("src"))
+        .filter(|p| p.is_dir())
+        .collect();
+    srcs.push(root.join("bench/loadgen/src"));
+    srcs.sort();
+    let mut problems = Vec::new();
+    for src in &srcs {
+        // Module -> the modules its files name.
+        let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut stack = vec![src.clone()];
+        let mut sources = Vec::new();
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    sources.push(p);
+                }
+            }
+        }
+        for p in &sources {
+            let rel = p.strip_prefix(src).unwrap();
+            let first = rel.components().next().unwrap().as_os_str();
+            let module = Path::new(first)
+                .file_stem()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            if rel.components().count() == 1 && (module == "lib" || module == "main") {
+                continue;
+            }
+            let text = std::fs::read_to_string(p).unwrap();
+            let named = edges.entry(module.clone()).or_default();
+            for m in crate_paths(&text) {
+                if m != module {
+                    named.insert(m);
+                }
+            }
+        }
+        let modules: BTreeSet<String> = edges.keys().cloned().collect();
+        for named in edges.values_mut() {
+            named.retain(|m| modules.contains(m));
+        }
+        // A cycle through each module, found by a walk from it (the crates are small).
+        for start in &modules {
+            let mut seen = BTreeSet::new();
+            let mut path = vec![(start.clone(), vec![start.clone()])];
+            while let Some((m, trail)) = path.pop() {
+                for next in &edges[&m] {
+                    if next == start {
+                        let mut cycle = trail.clone();
+                        cycle.push(start.clone());
+                        problems.push(format!(
+                            "{}: {}",
+                            src.strip_prefix(&root).unwrap().display(),
+                            cycle.join(" -> ")
+                        ));
+                    } else if seen.insert(next.clone()) {
+                        let mut t = trail.clone();
+                        t.push(next.clone());
+                        path.push((next.clone(), t));
+                    }
+                }
+            }
+        }
+    }
+    problems.sort();
+    problems.dedup();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn crate_paths_reads_plain_paths_and_groups() {
+    let t = "use crate::{config::Config, files, x};\nlet a = crate::serve::run(); // crate::no\n\
+             #[cfg(test)]\nmod tests { use crate::orgfile; }\n";
+    assert_eq!(crate_paths(t), vec!["config", "files", "x", "serve"]);
+}
