@@ -249,6 +249,41 @@ fn user_mut<'a>(d: &'a mut Directory, email: &str) -> Result<&'a mut User, Admin
         .ok_or_else(|| AdminError::NoUser(email.to_owned()))
 }
 
+/// One change of the directory's audit log, as the CLI prints it and the admin API answers it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditLine {
+    /// When it was committed (RFC 3339).
+    pub at: String,
+    /// Who made it (`cli:<user>`, `admin-api:<token>`, `sendgrid-api:<key id>`, ...).
+    pub actor: String,
+    /// `create`, `update` or `delete`.
+    pub action: mailgate_store::AuditAction,
+    /// The directory-file section of the object (`users`, `api_keys`, ...).
+    pub kind: &'static str,
+    /// The object's id.
+    pub id: String,
+    /// The directory generation the change made.
+    pub generation: i64,
+}
+
+/// Who changed what in the directory, newest first, at most `limit` lines (never a secret: the
+/// log keeps which object changed, not its body).
+pub async fn audit(store: &dyn Store, limit: u32) -> Result<Vec<AuditLine>, AdminError> {
+    Ok(store
+        .audit_log(limit)
+        .await?
+        .into_iter()
+        .map(|e| AuditLine {
+            at: mailgate_core::engine::rfc3339_ms(u64::try_from(e.at_secs).unwrap_or(0) * 1000),
+            actor: e.actor,
+            action: e.action,
+            kind: e.kind.section(),
+            id: e.id,
+            generation: e.generation,
+        })
+        .collect())
+}
+
 /// Every user, in the directory's order.
 pub async fn users(store: &dyn Store) -> Result<Vec<User>, AdminError> {
     Ok(store.snapshot().await?.directory.users)

@@ -27,10 +27,12 @@ pub use queue::{
     MessageStatus, QueueEntry, QueueFilter, QueueStore, RecipientOutcome, RecipientStatus,
     Recorded, RetryOutcome,
 };
-pub use states::{MessageState, RecipientState, StoredVerdict, TokenKind, message_state};
+pub use states::{
+    AuditAction, MessageState, RecipientState, StoredVerdict, TokenKind, message_state,
+};
 pub use store::{
-    Changeset, DecisionSummary, MessageSummary, NewMessage, NodeState, Purged, Snapshot, Store,
-    StoredDecision, TraceJson, UsageEntry, UsageReplay, new_message_id,
+    AuditEntry, Changeset, DecisionSummary, MessageSummary, NewMessage, NodeState, Purged,
+    Snapshot, Store, StoredDecision, TraceJson, UsageEntry, UsageReplay, new_message_id,
 };
 pub use tokens::{TokenRecord, TokenStore};
 

@@ -120,6 +120,18 @@ stored_enum! {
     }
 }
 
+stored_enum! {
+    /// What one directory change did to one object (the audit log).
+    AuditAction {
+        /// The object did not exist before.
+        Create => "create",
+        /// The object was replaced.
+        Update => "update",
+        /// The object was removed.
+        Delete => "delete",
+    }
+}
+
 /// The state a message is in once its recipients are in these states.
 pub fn message_state(recipients: &[RecipientState]) -> MessageState {
     if recipients.iter().any(|r| !r.is_final()) {

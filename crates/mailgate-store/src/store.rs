@@ -5,7 +5,7 @@
 use async_trait::async_trait;
 use mailgate_core::directory::{Directory, Kind, Object};
 
-use crate::{FaultStore, MessageState, StoreError, StoredVerdict};
+use crate::{AuditAction, FaultStore, MessageState, StoreError, StoredVerdict};
 
 /// A directory with the generation it was read at.
 #[derive(Debug, Clone)]
@@ -70,6 +70,24 @@ pub struct StoredDecision {
     pub code: Option<String>,
     /// The decision as JSON.
     pub body: TraceJson,
+}
+
+/// One line of the directory's audit log: one object changed by one committed change. Never a
+/// secret: the object's body is not kept here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    /// When the change was committed (Unix seconds).
+    pub at_secs: i64,
+    /// Who made it (`cli:<user>`, `admin-api:<token name>`, `sendgrid-api:<key id>`, ...).
+    pub actor: String,
+    /// What it did to the object.
+    pub action: AuditAction,
+    /// The object's kind.
+    pub kind: Kind,
+    /// The object's id (an address, a key id, a domain, ...).
+    pub id: String,
+    /// The directory generation the change made.
+    pub generation: i64,
 }
 
 /// A stored decision without its trace.
@@ -230,6 +248,10 @@ pub trait Store: FaultStore + Send + Sync {
         changes: &Changeset,
         actor: &str,
     ) -> Result<i64, StoreError>;
+
+    /// The directory's audit log, newest first (the latest generation first; within one, the
+    /// order the change listed its objects), at most `limit` entries.
+    async fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError>;
 
     /// Writes (inserts or replaces) a running node's row.
     async fn node_seen(&self, node: &NodeState) -> Result<(), StoreError>;

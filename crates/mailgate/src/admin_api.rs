@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::api::{Admin, ApiPath, AppState, api_error, json_rejection_status};
+use crate::api::{Admin, ApiPath, ApiQuery, AppState, api_error, json_rejection_status};
 
 /// Below this much free space in the data directory, `/healthz` says `degraded`.
 const MIN_FREE_BYTES: u64 = 64 * 1024 * 1024;
@@ -35,6 +35,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/mailgate/v1/why", post(post_why))
         .route("/mailgate/v1/decisions/{id}", get(get_decision))
         .route("/mailgate/v1/budget", get(get_budget))
+        .route("/mailgate/v1/audit", get(get_audit))
         .route(
             "/mailgate/v1/messages",
             get(crate::queue_api::list_messages),
@@ -189,6 +190,28 @@ async fn get_budget(State(state): State<Arc<AppState>>, _admin: Admin) -> Respon
         "tls_handshakes_refused": crate::listen::REFUSED_HANDSHAKES.load(std::sync::atomic::Ordering::Relaxed),
     }))
     .into_response()
+}
+
+/// The query of `GET /mailgate/v1/audit`.
+#[derive(Debug, Default, serde::Deserialize)]
+struct AuditQuery {
+    limit: Option<u32>,
+}
+
+/// Who changed what in the directory, newest first (`mailgate audit --json`).
+async fn get_audit(
+    State(state): State<Arc<AppState>>,
+    _admin: Admin,
+    ApiQuery(q): ApiQuery<AuditQuery>,
+) -> Response {
+    let limit = q.limit.unwrap_or(100).min(1000);
+    match mailgate_admin::directory::audit(state.gateway.store(), limit).await {
+        Ok(changes) => Json(json!({ "changes": changes })).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "audit log lookup failed");
+            api_error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
+        }
+    }
 }
 
 async fn get_decision(

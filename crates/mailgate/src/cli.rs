@@ -103,6 +103,16 @@ pub(crate) enum Cmd {
     /// Make a principal's next sends fail with a reason code, to test error handling (injected
     /// faults are marked as such in every trace).
     Simulate(queue_cli::SimulateArgs),
+    /// Who changed what in the directory, newest first: one line per object changed (time,
+    /// generation, actor, create/update/delete, section, id). Never a secret.
+    Audit {
+        /// At most this many lines.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Machine-readable output (the same JSON as `GET /mailgate/v1/audit`).
+        #[arg(long)]
+        json: bool,
+    },
     /// Tokens for the admin HTTP API.
     #[command(subcommand, name = "admin-token")]
     AdminToken(AdminTokenCmd),

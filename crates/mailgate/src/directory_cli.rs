@@ -70,6 +70,28 @@ pub(crate) async fn admin_token_create(store: &dyn Store, name: &str) -> anyhow:
     Ok(())
 }
 
+/// `mailgate audit`: the directory's audit log, newest first (tab-separated, or JSON).
+pub(crate) async fn audit(store: &dyn Store, limit: u32, json: bool) -> anyhow::Result<()> {
+    let lines = mailgate_admin::directory::audit(store, limit).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "changes": lines }))?
+        );
+        return Ok(());
+    }
+    if lines.is_empty() {
+        queue_cli::empty("no directory change recorded (`mailgate apply -f org.yaml` makes some)");
+    }
+    for l in &lines {
+        println!(
+            "{}\tgeneration {}\t{}\t{}\t{}\t{}",
+            l.at, l.generation, l.actor, l.action, l.kind, l.id
+        );
+    }
+    Ok(())
+}
+
 pub(crate) async fn user_cmd(store: &dyn Store, actor: &str, cmd: UserCmd) -> anyhow::Result<()> {
     use mailgate_admin::directory as dir;
     match cmd {

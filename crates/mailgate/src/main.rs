@@ -161,6 +161,7 @@ async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode>
         Cmd::Captured(c) => return queue_cli::captured(stores.queue.as_ref(), c).await,
         Cmd::Simulate(a) => return queue_cli::simulate(store.as_ref(), &actor, a).await,
         Cmd::SupportBundle(a) => bundle::run(store.as_ref(), &config, &a).await?,
+        Cmd::Audit { limit, json } => directory_cli::audit(store.as_ref(), limit, json).await?,
         Cmd::AdminToken(AdminTokenCmd::Create { name }) => {
             directory_cli::admin_token_create(store.as_ref(), &name).await?
         }

@@ -8,8 +8,8 @@ use sqlx::{Connection, Row};
 use super::group::Op;
 use super::{OrStore, SqliteStore, now_secs};
 use crate::{
-    Changeset, DecisionSummary, MessageState, MessageSummary, NewMessage, NodeState, Purged,
-    Snapshot, Store, StoreError, StoredDecision, UsageEntry, UsageReplay,
+    AuditAction, AuditEntry, Changeset, DecisionSummary, MessageState, MessageSummary, NewMessage,
+    NodeState, Purged, Snapshot, Store, StoreError, StoredDecision, UsageEntry, UsageReplay,
 };
 
 #[async_trait]
@@ -151,9 +151,9 @@ impl Store for SqliteStore {
                 now,
                 actor,
                 if existed.is_some() {
-                    "update"
+                    AuditAction::Update
                 } else {
-                    "create"
+                    AuditAction::Create
                 },
                 o.kind,
                 &o.id,
@@ -168,7 +168,16 @@ impl Store for SqliteStore {
                 .execute(&mut *tx)
                 .await
                 .or_store()?;
-            audit(&mut tx, now, actor, "delete", *kind, id, generation).await?;
+            audit(
+                &mut tx,
+                now,
+                actor,
+                AuditAction::Delete,
+                *kind,
+                id,
+                generation,
+            )
+            .await?;
         }
         sqlx::query("UPDATE meta SET value = ? WHERE key = 'directory_generation'")
             .bind(generation)
@@ -230,6 +239,33 @@ impl Store for SqliteStore {
                 self.read_decision(id).await
             }
         }
+    }
+
+    async fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT at, actor, action, kind, id, generation FROM directory_audit
+             ORDER BY seq DESC LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .or_store()?;
+        rows.iter()
+            .map(|row| {
+                let action: String = row.try_get("action").or_store()?;
+                let kind: String = row.try_get("kind").or_store()?;
+                Ok(AuditEntry {
+                    at_secs: row.try_get("at").or_store()?,
+                    actor: row.try_get("actor").or_store()?,
+                    action: AuditAction::parse(&action)
+                        .ok_or_else(|| StoreError::Corrupt(format!("audit action `{action}`")))?,
+                    kind: Kind::from_section(&kind)
+                        .ok_or_else(|| StoreError::Corrupt(format!("audit kind `{kind}`")))?,
+                    id: row.try_get("id").or_store()?,
+                    generation: row.try_get("generation").or_store()?,
+                })
+            })
+            .collect()
     }
 
     async fn recent_refusals(&self, limit: u32) -> Result<Vec<DecisionSummary>, StoreError> {
@@ -424,7 +460,7 @@ async fn audit(
     tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
     at: i64,
     actor: &str,
-    action: &str,
+    action: AuditAction,
     kind: Kind,
     id: &str,
     generation: i64,
@@ -434,7 +470,7 @@ async fn audit(
     )
     .bind(at)
     .bind(actor)
-    .bind(action)
+    .bind(action.as_str())
     .bind(kind.section())
     .bind(id)
     .bind(generation)
