@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use mailgate_store::Stores;
 
-use crate::suite::{AuditRow, Backend, conformance};
+use crate::suite::{Backend, conformance};
 
 /// A fresh SQLite database.
 pub struct Sqlite {
@@ -32,36 +32,6 @@ impl Backend for Sqlite {
         mailgate_store::open(&format!("sqlite://{}", self.path().display()))
             .await
             .unwrap()
-    }
-
-    async fn audit(&self) -> Vec<AuditRow> {
-        let path = self.path();
-        tokio::task::spawn_blocking(move || {
-            let conn = rusqlite::Connection::open_with_flags(
-                path,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-            )
-            .unwrap();
-            let mut rows = conn
-                .prepare(
-                    "SELECT actor, action, kind, id, generation FROM directory_audit ORDER BY rowid",
-                )
-                .unwrap();
-            rows.query_map([], |r| {
-                Ok(AuditRow {
-                    actor: r.get(0)?,
-                    action: r.get(1)?,
-                    kind: r.get(2)?,
-                    id: r.get(3)?,
-                    generation: r.get(4)?,
-                })
-            })
-            .unwrap()
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap()
-        })
-        .await
-        .unwrap()
     }
 }
 
