@@ -249,8 +249,9 @@ pub trait Store: FaultStore + Send + Sync {
         actor: &str,
     ) -> Result<i64, StoreError>;
 
-    /// The directory's audit log, newest first (the latest generation first; within one, the
-    /// order the change listed its objects), at most `limit` entries.
+    /// The directory's audit log, newest first: the latest generation first and, within one
+    /// change, the object written last first (the reverse of the order the change listed its
+    /// objects), at most `limit` entries.
     async fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError>;
 
     /// Writes (inserts or replaces) a running node's row.
