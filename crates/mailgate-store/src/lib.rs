@@ -5,12 +5,13 @@
 //! [`StoreError`], that names no database crate.
 //!
 //! Backends live in their own modules: [`sqlite`] (the embedded default; migrations in
-//! `migrations/sqlite/`). A PostgreSQL store is another module implementing the same traits,
-//! with its own migrations, not a rewrite. Open a store with [`open`], which returns the trait
+//! `migrations/sqlite/`) and [`postgres`] (for several nodes; migrations in
+//! `migrations/postgres/`), each implementing the same traits with its own schema. Open a store with [`open`], which returns the trait
 //! objects ([`Stores`]): nothing outside this crate needs to name a backend.
 
 mod error;
 mod faults;
+pub mod postgres;
 mod queue;
 pub mod sqlite;
 mod states;

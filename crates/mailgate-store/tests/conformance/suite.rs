@@ -4,34 +4,113 @@
 //! waits on the clock, and every loop is bounded.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use mailgate_core::directory::{Directory, Domain, Kind, User, UserStatus};
 use mailgate_store::{
-    AttemptReport, AuditAction, CAPTURED_HEAD_BYTES, Changeset, MessageState, NewMessage,
-    NodeState, Purged, QueueFilter, RecipientOutcome, RecipientState, Recorded, RetryOutcome,
-    SimulatedFault, Store, StoreError, StoredDecision, StoredVerdict, Stores, TokenKind,
-    TokenRecord, UsageEntry,
+    AttemptReport, AuditAction, CAPTURED_HEAD_BYTES, Changeset, FaultStore, MessageState,
+    NewMessage, NodeState, Purged, QueueFilter, RecipientOutcome, RecipientState, Recorded,
+    RetryOutcome, SimulatedFault, Store, StoreError, StoredDecision, StoredVerdict, Stores,
+    TokenKind, TokenRecord, TokenStore, UsageEntry,
 };
 
 /// A backend under test: one fresh, empty database (a temporary directory, a schema of its own),
-/// kept until the value is dropped.
+/// kept until the value is dropped, that implements every store trait.
 pub trait Backend: Send + Sync + 'static {
     /// A new handle on this database, as another process or node would open it: every handle
     /// sees the same data. The first finds the database empty.
     fn open(&self) -> impl Future<Output = Stores> + Send;
 }
 
-/// Makes one `#[tokio::test]` per contract for a backend. `$fresh` is an `async fn() -> B` (B: a
-/// [`Backend`]) called once per test. Every contract is listed here: adding one adds it to every
-/// backend.
+// A backend that implements only some of the traits so far (one being built, a trait at a time)
+// runs the contracts of those: each contract asks for the least it needs. A [`Backend`] has them
+// all.
+
+/// A backend's [`FaultStore`] (a new handle per call, as [`Backend::open`]).
+pub trait FaultBackend: Send + Sync + 'static {
+    fn faults(&self) -> impl Future<Output = Arc<dyn FaultStore>> + Send;
+}
+
+/// A backend's [`TokenStore`] (a new handle per call).
+pub trait TokenBackend: Send + Sync + 'static {
+    fn tokens(&self) -> impl Future<Output = Arc<dyn TokenStore>> + Send;
+}
+
+/// A backend's [`Store`] (a new handle per call).
+pub trait StoreBackend: Send + Sync + 'static {
+    fn store(&self) -> impl Future<Output = Arc<dyn Store>> + Send;
+}
+
+impl<B: Backend> FaultBackend for B {
+    async fn faults(&self) -> Arc<dyn FaultStore> {
+        self.open().await.directory
+    }
+}
+
+impl<B: Backend> TokenBackend for B {
+    async fn tokens(&self) -> Arc<dyn TokenStore> {
+        self.open().await.tokens
+    }
+}
+
+impl<B: Backend> StoreBackend for B {
+    async fn store(&self) -> Arc<dyn Store> {
+        self.open().await.directory
+    }
+}
+
+/// Makes one `#[tokio::test]` per contract for a backend. `$fresh` is an `async fn() -> B` called
+/// once per test. Every contract is listed here, in the group of the traits it needs: adding one
+/// adds it to every backend that runs its group.
+///
+/// - `conformance!(fresh)`: every group; B is a [`Backend`].
+/// - `conformance!(faults: fresh)`: B is a [`FaultBackend`]; `tokens:` a [`TokenBackend`];
+///   `store:` a [`StoreBackend`] (the directory, decisions, usage, acceptance, nodes, admin
+///   tokens); `queue:` a [`Backend`] (delivery needs `Store` to accept messages, and retention
+///   needs finished ones).
 macro_rules! conformance {
     ($fresh:path) => {
+        $crate::suite::conformance!(faults: $fresh);
+        $crate::suite::conformance!(tokens: $fresh);
+        $crate::suite::conformance!(store: $fresh);
+        $crate::suite::conformance!(queue: $fresh);
+    };
+    (faults: $fresh:path) => {
         $crate::suite::conformance!(@tests $fresh;
-            an_accepted_message_reads_back_with_its_usage,
+            injected_faults_are_set_replaced_expire_and_clear,
+        );
+    };
+    (tokens: $fresh:path) => {
+        $crate::suite::conformance!(@tests $fresh;
+            a_token_is_found_by_its_hash,
+            a_token_is_used_once,
+            revoking_a_family_revokes_every_token_of_it_and_no_other,
+            refresh_rotation_keeps_the_family_and_a_replay_is_detected,
+            an_assertion_is_exchanged_once_until_it_expires,
+        );
+    };
+    (store: $fresh:path) => {
+        $crate::suite::conformance!(@tests $fresh;
             a_failed_acceptance_stores_neither_message_nor_usage,
             a_failing_acceptance_fails_alone,
-            an_acceptance_is_durable_when_it_returns,
             usage_replay_keeps_recent_sends_and_the_latest_rate_state,
+            a_committed_directory_reads_back_equal_on_every_handle,
+            each_commit_moves_the_generation_by_one,
+            a_commit_against_a_stale_generation_is_a_conflict_and_changes_nothing,
+            of_two_concurrent_commits_on_one_generation_exactly_one_wins,
+            a_snapshot_is_one_generation_whole,
+            every_committed_change_leaves_an_audit_row,
+            a_decision_reads_back_equal_by_id,
+            an_enqueued_decision_is_found_at_once_and_durable_after_flush,
+            recent_refusals_are_the_newest_denials_first,
+            admin_tokens_are_found_by_hash_and_replaced_by_name,
+            node_rows_are_written_replaced_and_deleted,
+        );
+    };
+    (queue: $fresh:path) => {
+        $crate::suite::conformance!(@tests $fresh;
+            an_accepted_message_reads_back_with_its_usage,
+            an_acceptance_is_durable_when_it_returns,
             a_lease_excludes_other_leasers,
             concurrent_leasers_never_hold_the_same_message,
             an_expired_lease_can_be_taken_again,
@@ -48,23 +127,6 @@ macro_rules! conformance {
             a_deleted_message_is_gone_with_its_history,
             the_queue_lists_newest_first_by_state_and_limit,
             retention_deletes_old_finished_messages_and_unreferenced_decisions_only,
-            a_committed_directory_reads_back_equal_on_every_handle,
-            each_commit_moves_the_generation_by_one,
-            a_commit_against_a_stale_generation_is_a_conflict_and_changes_nothing,
-            of_two_concurrent_commits_on_one_generation_exactly_one_wins,
-            a_snapshot_is_one_generation_whole,
-            every_committed_change_leaves_an_audit_row,
-            a_token_is_found_by_its_hash,
-            a_token_is_used_once,
-            revoking_a_family_revokes_every_token_of_it_and_no_other,
-            refresh_rotation_keeps_the_family_and_a_replay_is_detected,
-            an_assertion_is_exchanged_once_until_it_expires,
-            a_decision_reads_back_equal_by_id,
-            an_enqueued_decision_is_found_at_once_and_durable_after_flush,
-            recent_refusals_are_the_newest_denials_first,
-            admin_tokens_are_found_by_hash_and_replaced_by_name,
-            node_rows_are_written_replaced_and_deleted,
-            injected_faults_are_set_replaced_expire_and_clear,
         );
     };
     (@tests $fresh:path; $($name:ident,)+) => {
@@ -191,8 +253,8 @@ async fn commit_directory(store: &dyn Store, to: &Directory, actor: &str) -> i64
 }
 
 /// Accepts `m` with no usage.
-async fn accept(s: &Stores, m: &NewMessage) {
-    s.directory.accept_message(m, None).await.unwrap();
+async fn accept(s: &dyn Store, m: &NewMessage) {
+    s.accept_message(m, None).await.unwrap();
 }
 
 fn ids<T>(items: &[T], id: impl Fn(&T) -> &str) -> Vec<String> {
@@ -245,37 +307,35 @@ pub async fn an_accepted_message_reads_back_with_its_usage(b: &impl Backend) {
     );
 
     // Without usage (an unlimited sender), nothing is counted.
-    accept(&s, &message("m2", 1_500, &["x@a.test"])).await;
+    accept(&*s.directory, &message("m2", 1_500, &["x@a.test"])).await;
     assert_eq!(s.directory.usage_since(0).await.unwrap().sends.len(), 1);
 }
 
 /// Acceptance is atomic with its usage: an acceptance that fails (here: a message id already
 /// stored) stores no usage and no rate state, and leaves the first message as it was.
-pub async fn a_failed_acceptance_stores_neither_message_nor_usage(b: &impl Backend) {
-    let s = b.open().await;
+pub async fn a_failed_acceptance_stores_neither_message_nor_usage(b: &impl StoreBackend) {
+    let s = b.store().await;
     let first = message("m1", 1_000, &["x@a.test"]);
-    s.directory
-        .accept_message(&first, Some((usage(1_000, 1), Some(5_000))))
+    s.accept_message(&first, Some((usage(1_000, 1), Some(5_000))))
         .await
         .unwrap();
     let mut again = message("m1", 2_000, &["other@a.test", "more@a.test"]);
     again.decision_id = "d-second".into();
     let refused = s
-        .directory
         .accept_message(&again, Some((usage(2_000, 2), Some(9_000))))
         .await;
     assert!(
         refused.is_err(),
         "a second message under one id: {refused:?}"
     );
-    let replay = s.directory.usage_since(0).await.unwrap();
+    let replay = s.usage_since(0).await.unwrap();
     assert_eq!(
         replay.sends,
         vec![(ALICE.to_owned(), usage(1_000, 1))],
         "the failed acceptance's usage was stored"
     );
     assert_eq!(replay.rate_tat_ms, vec![(ALICE.to_owned(), 5_000)]);
-    let kept = s.directory.message("m1").await.unwrap().unwrap();
+    let kept = s.message("m1").await.unwrap().unwrap();
     assert_eq!(kept.decision_id, "d-m1");
     assert_eq!(kept.recipients, vec!["x@a.test".to_owned()]);
 }
@@ -283,10 +343,10 @@ pub async fn a_failed_acceptance_stores_neither_message_nor_usage(b: &impl Backe
 /// Concurrent acceptances (which a store may commit together, on one handle or several) each
 /// get their own outcome: one failing does not fail the others, and exactly the stored ones are
 /// counted.
-pub async fn a_failing_acceptance_fails_alone(b: &impl Backend) {
-    let s = b.open().await;
-    let handles = [s.clone(), b.open().await];
-    accept(&s, &message("dup", 1_000, &["x@a.test"])).await;
+pub async fn a_failing_acceptance_fails_alone(b: &impl StoreBackend) {
+    let s = b.store().await;
+    let handles = [s.clone(), b.store().await];
+    accept(&*s, &message("dup", 1_000, &["x@a.test"])).await;
     let tasks: Vec<_> = (0..24)
         .map(|i| {
             let s = handles[i as usize % handles.len()].clone();
@@ -297,7 +357,6 @@ pub async fn a_failing_acceptance_fails_alone(b: &impl Backend) {
             };
             tokio::spawn(async move {
                 let r = s
-                    .directory
                     .accept_message(
                         &message(&id, 2_000 + i, &["x@a.test"]),
                         Some((usage(2_000 + i, 1), None)),
@@ -312,15 +371,9 @@ pub async fn a_failing_acceptance_fails_alone(b: &impl Backend) {
         assert_eq!(r.is_err(), id == "dup", "{id}: {r:?}");
     }
     for i in (0..24).filter(|i| *i != 12) {
-        assert!(
-            s.directory
-                .message(&format!("ok{i:02}"))
-                .await
-                .unwrap()
-                .is_some()
-        );
+        assert!(s.message(&format!("ok{i:02}")).await.unwrap().is_some());
     }
-    assert_eq!(s.directory.usage_since(0).await.unwrap().sends.len(), 23);
+    assert_eq!(s.usage_since(0).await.unwrap().sends.len(), 23);
 }
 
 /// When `accept_message` (or `record_decision`, which `explain` waits on) returns, what it
@@ -352,31 +405,23 @@ pub async fn an_acceptance_is_durable_when_it_returns(b: &impl Backend) {
 
 /// The replay at start: the sends since the cut-off, oldest first (older ones are gone for
 /// good), and per principal the rate state, which only moves forward.
-pub async fn usage_replay_keeps_recent_sends_and_the_latest_rate_state(b: &impl Backend) {
-    let s = b.open().await;
-    s.directory
-        .record_usage("a", usage(100, 2), Some(1_000))
+pub async fn usage_replay_keeps_recent_sends_and_the_latest_rate_state(b: &impl StoreBackend) {
+    let s = b.store().await;
+    s.record_usage("a", usage(100, 2), Some(1_000))
         .await
         .unwrap();
-    s.directory
-        .record_usage("a", usage(200, 3), Some(900))
-        .await
-        .unwrap();
-    s.directory
-        .record_usage("b", usage(300, 1), None)
-        .await
-        .unwrap();
-    s.directory
-        .accept_message(
-            &NewMessage {
-                principal: "b".into(),
-                ..message("m", 400, &["x@a.test"])
-            },
-            Some((usage(400, 1), Some(2_000))),
-        )
-        .await
-        .unwrap();
-    let r = s.directory.usage_since(150).await.unwrap();
+    s.record_usage("a", usage(200, 3), Some(900)).await.unwrap();
+    s.record_usage("b", usage(300, 1), None).await.unwrap();
+    s.accept_message(
+        &NewMessage {
+            principal: "b".into(),
+            ..message("m", 400, &["x@a.test"])
+        },
+        Some((usage(400, 1), Some(2_000))),
+    )
+    .await
+    .unwrap();
+    let r = s.usage_since(150).await.unwrap();
     assert_eq!(
         r.sends,
         vec![
@@ -393,7 +438,7 @@ pub async fn usage_replay_keeps_recent_sends_and_the_latest_rate_state(b: &impl 
         "a rate state never moves back"
     );
     // Sends before the cut-off no longer count for any limit: they are not replayed again.
-    assert_eq!(s.directory.usage_since(0).await.unwrap().sends.len(), 3);
+    assert_eq!(s.usage_since(0).await.unwrap().sends.len(), 3);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -403,7 +448,7 @@ pub async fn usage_replay_keeps_recent_sends_and_the_latest_rate_state(b: &impl 
 pub async fn a_lease_excludes_other_leasers(b: &impl Backend) {
     let s = b.open().await;
     let other = b.open().await;
-    accept(&s, &message("m1", 1_000, &["x@a.test"])).await;
+    accept(&*s.directory, &message("m1", 1_000, &["x@a.test"])).await;
     let a = s.queue.lease_due("w1", 2_000, 1_000, 10).await.unwrap();
     assert_eq!(ids(&a, |m| &m.id), ["m1"]);
     assert_eq!(a[0].lease_until_ms, 3_000);
@@ -433,7 +478,11 @@ pub async fn concurrent_leasers_never_hold_the_same_message(b: &impl Backend) {
     let s = b.open().await;
     let n = 40;
     for i in 0..n {
-        accept(&s, &message(&format!("m{i:02}"), 1_000 + i, &["x@a.test"])).await;
+        accept(
+            &*s.directory,
+            &message(&format!("m{i:02}"), 1_000 + i, &["x@a.test"]),
+        )
+        .await;
     }
     let mut handles = Vec::new();
     for _ in 0..3 {
@@ -480,7 +529,7 @@ pub async fn concurrent_leasers_never_hold_the_same_message(b: &impl Backend) {
 /// crashed) and another worker takes it, recipients as they were.
 pub async fn an_expired_lease_can_be_taken_again(b: &impl Backend) {
     let s = b.open().await;
-    accept(&s, &message("m1", 1_000, &["x@a.test"])).await;
+    accept(&*s.directory, &message("m1", 1_000, &["x@a.test"])).await;
     let a = s.queue.lease_due("w1", 2_000, 1_000, 10).await.unwrap();
     assert_eq!(a[0].lease_until_ms, 3_000);
     let other = b.open().await;
@@ -508,15 +557,15 @@ pub async fn an_expired_lease_can_be_taken_again(b: &impl Backend) {
 /// final), oldest first, at most `limit`.
 pub async fn only_due_messages_are_leased_oldest_first_up_to_the_limit(b: &impl Backend) {
     let s = b.open().await;
-    accept(&s, &message("old", 1_000, &["x@a.test"])).await;
-    accept(&s, &message("later", 1_200, &["x@a.test"])).await;
-    accept(&s, &message("latest", 1_400, &["x@a.test"])).await;
+    accept(&*s.directory, &message("old", 1_000, &["x@a.test"])).await;
+    accept(&*s.directory, &message("later", 1_200, &["x@a.test"])).await;
+    accept(&*s.directory, &message("latest", 1_400, &["x@a.test"])).await;
     let held = NewMessage {
         state: MessageState::Held,
         hold_until_ms: Some(50_000),
         ..message("held", 900, &["x@a.test"])
     };
-    accept(&s, &held).await;
+    accept(&*s.directory, &held).await;
     let first = s.queue.lease_due("w", 2_000, 100_000, 2).await.unwrap();
     assert_eq!(ids(&first, |m| &m.id), ["old", "later"]);
     // `old` is deferred to 20_000, `later` delivered.
@@ -574,7 +623,11 @@ pub async fn only_due_messages_are_leased_oldest_first_up_to_the_limit(b: &impl 
 /// the new holder has it.
 pub async fn a_write_back_with_a_lost_lease_changes_nothing(b: &impl Backend) {
     let s = b.open().await;
-    accept(&s, &message("m1", 1_000, &["x@a.test", "y@a.test"])).await;
+    accept(
+        &*s.directory,
+        &message("m1", 1_000, &["x@a.test", "y@a.test"]),
+    )
+    .await;
     s.queue.lease_due("w1", 2_000, 1_000, 10).await.unwrap();
     let other = b.open().await;
     assert_eq!(
@@ -635,7 +688,7 @@ pub async fn a_write_back_with_a_lost_lease_changes_nothing(b: &impl Backend) {
 /// Nobody writes back to a message they never leased, nor to one deleted or unknown.
 pub async fn a_write_back_without_a_lease_changes_nothing(b: &impl Backend) {
     let s = b.open().await;
-    accept(&s, &message("never", 1_000, &["x@a.test"])).await;
+    accept(&*s.directory, &message("never", 1_000, &["x@a.test"])).await;
     let before = s.queue.message_status("never").await.unwrap().unwrap();
     let r = report("never", 2_000, &[("x@a.test", RecipientState::Delivered)]);
     assert_eq!(
@@ -651,7 +704,7 @@ pub async fn a_write_back_without_a_lease_changes_nothing(b: &impl Backend) {
         before
     );
     // Leased, then deleted by an operator while the worker delivered it.
-    accept(&s, &message("gone", 1_000, &["x@a.test"])).await;
+    accept(&*s.directory, &message("gone", 1_000, &["x@a.test"])).await;
     s.queue.lease_due("w", 2_000, 60_000, 10).await.unwrap();
     assert!(s.queue.delete_message("gone").await.unwrap());
     let r = report("gone", 2_100, &[("x@a.test", RecipientState::Delivered)]);
@@ -675,7 +728,7 @@ pub async fn a_write_back_without_a_lease_changes_nothing(b: &impl Backend) {
 /// to any worker at its next attempt even while the old lease would still run.
 pub async fn a_recorded_attempt_ends_the_lease(b: &impl Backend) {
     let s = b.open().await;
-    accept(&s, &message("m1", 1_000, &["x@a.test"])).await;
+    accept(&*s.directory, &message("m1", 1_000, &["x@a.test"])).await;
     s.queue.lease_due("w1", 2_000, 600_000, 10).await.unwrap();
     let r = AttemptReport {
         next_attempt_ms: Some(10_000),
@@ -717,7 +770,7 @@ pub async fn a_recorded_attempt_ends_the_lease(b: &impl Backend) {
 pub async fn a_batch_of_write_backs_loses_only_the_lost_leases(b: &impl Backend) {
     let s = b.open().await;
     for id in ["m1", "m2", "m3"] {
-        accept(&s, &message(id, 1_000, &["x@a.test"])).await;
+        accept(&*s.directory, &message(id, 1_000, &["x@a.test"])).await;
     }
     assert_eq!(
         s.queue
@@ -765,7 +818,7 @@ pub async fn a_batch_of_write_backs_loses_only_the_lost_leases(b: &impl Backend)
 pub async fn message_state_follows_its_recipients(b: &impl Backend) {
     let s = b.open().await;
     accept(
-        &s,
+        &*s.directory,
         &message("m1", 1_000, &["ok@a.test", "no@a.test", "later@a.test"]),
     )
     .await;
@@ -860,7 +913,7 @@ pub async fn held_messages_are_released_at_hold_until(b: &impl Backend) {
         hold_until_ms: Some(5_000),
         ..message("h", 1_000, &["x@a.test"])
     };
-    accept(&s, &held).await;
+    accept(&*s.directory, &held).await;
     assert_eq!(
         s.directory.message("h").await.unwrap().unwrap().state,
         MessageState::Held
@@ -893,7 +946,7 @@ pub async fn next_due_is_the_earliest_time_something_becomes_due(b: &impl Backen
     let s = b.open().await;
     assert_eq!(s.queue.next_due_ms().await.unwrap(), None);
     accept(
-        &s,
+        &*s.directory,
         &NewMessage {
             state: MessageState::Held,
             hold_until_ms: Some(50_000),
@@ -902,7 +955,7 @@ pub async fn next_due_is_the_earliest_time_something_becomes_due(b: &impl Backen
     )
     .await;
     assert_eq!(s.queue.next_due_ms().await.unwrap(), Some(50_000));
-    accept(&s, &message("m", 1_000, &["x@a.test"])).await;
+    accept(&*s.directory, &message("m", 1_000, &["x@a.test"])).await;
     let now_due = s.queue.next_due_ms().await.unwrap().unwrap();
     assert!(now_due <= 1_000, "a queued message is due now: {now_due}");
     s.queue.lease_due("w", 2_000, 30_000, 10).await.unwrap();
@@ -949,9 +1002,9 @@ pub async fn captured_messages_are_listed_apart_and_read_whole(b: &impl Backend)
         },
         ..message("big", 1_000, &["x@a.test"])
     };
-    accept(&s, &big).await;
-    accept(&s, &message("small", 1_100, &["y@a.test"])).await;
-    accept(&s, &message("relayed", 1_200, &["z@a.test"])).await;
+    accept(&*s.directory, &big).await;
+    accept(&*s.directory, &message("small", 1_100, &["y@a.test"])).await;
+    accept(&*s.directory, &message("relayed", 1_200, &["z@a.test"])).await;
     s.queue.lease_due("w", 2_000, 60_000, 10).await.unwrap();
     for (id, at) in [("big", 2_000), ("small", 2_500)] {
         assert_eq!(
@@ -1006,11 +1059,15 @@ pub async fn captured_messages_are_listed_apart_and_read_whole(b: &impl Backend)
 /// again; a delivered or captured one is final (and says which); an unknown one is not found.
 pub async fn a_retried_message_is_due_now_with_failed_recipients_pending(b: &impl Backend) {
     let s = b.open().await;
-    accept(&s, &message("f", 1_000, &["no@a.test", "ok@a.test"])).await;
-    accept(&s, &message("d", 1_000, &["x@a.test"])).await;
-    accept(&s, &message("c", 1_000, &["x@a.test"])).await;
     accept(
-        &s,
+        &*s.directory,
+        &message("f", 1_000, &["no@a.test", "ok@a.test"]),
+    )
+    .await;
+    accept(&*s.directory, &message("d", 1_000, &["x@a.test"])).await;
+    accept(&*s.directory, &message("c", 1_000, &["x@a.test"])).await;
+    accept(
+        &*s.directory,
         &NewMessage {
             state: MessageState::Held,
             hold_until_ms: Some(900_000),
@@ -1086,8 +1143,8 @@ pub async fn a_retried_message_is_due_now_with_failed_recipients_pending(b: &imp
 /// an unknown id) says there was none; other messages stay.
 pub async fn a_deleted_message_is_gone_with_its_history(b: &impl Backend) {
     let s = b.open().await;
-    accept(&s, &message("m1", 1_000, &["x@a.test"])).await;
-    accept(&s, &message("m2", 1_000, &["x@a.test"])).await;
+    accept(&*s.directory, &message("m1", 1_000, &["x@a.test"])).await;
+    accept(&*s.directory, &message("m2", 1_000, &["x@a.test"])).await;
     s.queue.lease_due("w", 2_000, 60_000, 10).await.unwrap();
     s.queue
         .record_attempt(
@@ -1115,7 +1172,7 @@ pub async fn a_deleted_message_is_gone_with_its_history(b: &impl Backend) {
     );
     assert!(s.directory.message("m2").await.unwrap().is_some());
     // The id is free again: nothing of the old message is left to collide with.
-    accept(&s, &message("m1", 5_000, &["new@a.test"])).await;
+    accept(&*s.directory, &message("m1", 5_000, &["new@a.test"])).await;
     let st = s.queue.message_status("m1").await.unwrap().unwrap();
     assert!(st.history.is_empty());
     assert_eq!(st.recipient_status.len(), 1);
@@ -1128,10 +1185,14 @@ pub async fn a_deleted_message_is_gone_with_its_history(b: &impl Backend) {
 pub async fn the_queue_lists_newest_first_by_state_and_limit(b: &impl Backend) {
     let s = b.open().await;
     for i in 0..5 {
-        accept(&s, &message(&format!("m{i}"), 1_000 + i, &["x@a.test"])).await;
+        accept(
+            &*s.directory,
+            &message(&format!("m{i}"), 1_000 + i, &["x@a.test"]),
+        )
+        .await;
     }
     accept(
-        &s,
+        &*s.directory,
         &NewMessage {
             state: MessageState::Held,
             hold_until_ms: Some(900_000),
@@ -1176,7 +1237,11 @@ pub async fn the_queue_lists_newest_first_by_state_and_limit(b: &impl Backend) {
         .unwrap();
     assert!(delivered.is_empty());
     for i in 0..101 {
-        accept(&s, &message(&format!("n{i:03}"), 10_000 + i, &["x@a.test"])).await;
+        accept(
+            &*s.directory,
+            &message(&format!("n{i:03}"), 10_000 + i, &["x@a.test"]),
+        )
+        .await;
     }
     let page = s.queue.list_queue(&QueueFilter::default()).await.unwrap();
     assert_eq!(page.len(), 100, "limit 0 means 100");
@@ -1208,14 +1273,14 @@ pub async fn retention_deletes_old_finished_messages_and_unreferenced_decisions_
             .record_decision(&decision(&format!("d-{id}"), 1_000, StoredVerdict::Allowed))
             .await
             .unwrap();
-        accept(&s, &message(id, 1_000, &["x@a.test"])).await;
+        accept(&*s.directory, &message(id, 1_000, &["x@a.test"])).await;
     }
     s.directory
         .record_decision(&decision("d-held", 1_000, StoredVerdict::Held))
         .await
         .unwrap();
     accept(
-        &s,
+        &*s.directory,
         &NewMessage {
             state: MessageState::Held,
             hold_until_ms: Some(900_000),
@@ -1344,71 +1409,61 @@ pub async fn retention_deletes_old_finished_messages_and_unreferenced_decisions_
 
 /// What is committed reads back equal, with its generation, on this handle and on every other
 /// (another process, another node). An empty store is generation 0 with an empty directory.
-pub async fn a_committed_directory_reads_back_equal_on_every_handle(b: &impl Backend) {
-    let s = b.open().await;
-    let empty = s.directory.snapshot().await.unwrap();
+pub async fn a_committed_directory_reads_back_equal_on_every_handle(b: &impl StoreBackend) {
+    let s = b.store().await;
+    let empty = s.snapshot().await.unwrap();
     assert_eq!(empty.generation, 0);
     assert_eq!(empty.directory, Directory::default());
-    assert_eq!(s.directory.generation().await.unwrap(), 0);
-    let other = b.open().await;
-    let g = commit_directory(&*s.directory, &organisation(), "t").await;
+    assert_eq!(s.generation().await.unwrap(), 0);
+    let other = b.store().await;
+    let g = commit_directory(&*s, &organisation(), "t").await;
     assert_eq!(g, 1);
     for h in [&s, &other] {
-        let snap = h.directory.snapshot().await.unwrap();
+        let snap = h.snapshot().await.unwrap();
         assert_eq!(snap.directory, organisation());
         assert_eq!(snap.generation, 1);
-        assert_eq!(h.directory.generation().await.unwrap(), 1);
+        assert_eq!(h.generation().await.unwrap(), 1);
     }
     // A later handle too.
-    let later = b.open().await;
-    assert_eq!(
-        later.directory.snapshot().await.unwrap().directory,
-        organisation()
-    );
+    let later = b.store().await;
+    assert_eq!(later.snapshot().await.unwrap().directory, organisation());
 }
 
 /// Each commit with changes moves the generation by exactly one and returns it; a commit with no
 /// change commits nothing and keeps the generation (`apply` of the same file is idempotent).
-pub async fn each_commit_moves_the_generation_by_one(b: &impl Backend) {
-    let s = b.open().await;
+pub async fn each_commit_moves_the_generation_by_one(b: &impl StoreBackend) {
+    let s = b.store().await;
     let mut d = organisation();
-    assert_eq!(commit_directory(&*s.directory, &d, "t").await, 1);
+    assert_eq!(commit_directory(&*s, &d, "t").await, 1);
     d.users[0].status = UserStatus::Suspended;
-    assert_eq!(commit_directory(&*s.directory, &d, "t").await, 2);
+    assert_eq!(commit_directory(&*s, &d, "t").await, 2);
     d.users.push(User::new("bob@example.com"));
-    assert_eq!(commit_directory(&*s.directory, &d, "t").await, 3);
-    assert_eq!(s.directory.generation().await.unwrap(), 3);
+    assert_eq!(commit_directory(&*s, &d, "t").await, 3);
+    assert_eq!(s.generation().await.unwrap(), 3);
     assert_eq!(
-        s.directory
-            .commit(3, &Changeset::default(), "t")
-            .await
-            .unwrap(),
+        s.commit(3, &Changeset::default(), "t").await.unwrap(),
         3,
         "an empty change is no commit"
     );
-    assert_eq!(s.directory.generation().await.unwrap(), 3);
-    assert_eq!(s.directory.snapshot().await.unwrap().directory, d);
+    assert_eq!(s.generation().await.unwrap(), 3);
+    assert_eq!(s.snapshot().await.unwrap().directory, d);
     d.users.retain(|u| u.email != "bob@example.com");
-    assert_eq!(
-        commit_directory(&*s.directory, &d, "t").await,
-        4,
-        "a delete"
-    );
-    assert_eq!(s.directory.snapshot().await.unwrap().directory, d);
+    assert_eq!(commit_directory(&*s, &d, "t").await, 4, "a delete");
+    assert_eq!(s.snapshot().await.unwrap().directory, d);
 }
 
 /// A change against a generation that is no longer current is refused with the conflict error
 /// naming both generations, and changes nothing.
 pub async fn a_commit_against_a_stale_generation_is_a_conflict_and_changes_nothing(
-    b: &impl Backend,
+    b: &impl StoreBackend,
 ) {
-    let s = b.open().await;
-    commit_directory(&*s.directory, &organisation(), "first").await;
+    let s = b.store().await;
+    commit_directory(&*s, &organisation(), "first").await;
     let mut changed = organisation();
     changed.users[0].status = UserStatus::Suspended;
     changed.users.push(User::new("bob@example.com"));
     let stale = Changeset::between(&organisation(), &changed);
-    let err = s.directory.commit(0, &stale, "stale").await.unwrap_err();
+    let err = s.commit(0, &stale, "stale").await.unwrap_err();
     assert_eq!(
         err,
         StoreError::Conflict {
@@ -1416,7 +1471,7 @@ pub async fn a_commit_against_a_stale_generation_is_a_conflict_and_changes_nothi
             found: 1
         }
     );
-    let err = s.directory.commit(7, &stale, "ahead").await.unwrap_err();
+    let err = s.commit(7, &stale, "ahead").await.unwrap_err();
     assert_eq!(
         err,
         StoreError::Conflict {
@@ -1424,29 +1479,29 @@ pub async fn a_commit_against_a_stale_generation_is_a_conflict_and_changes_nothi
             found: 1
         }
     );
-    let snap = s.directory.snapshot().await.unwrap();
+    let snap = s.snapshot().await.unwrap();
     assert_eq!(snap.generation, 1);
     assert_eq!(snap.directory, organisation());
-    assert_eq!(s.directory.commit(1, &stale, "fresh").await.unwrap(), 2);
-    assert_eq!(s.directory.snapshot().await.unwrap().directory, changed);
+    assert_eq!(s.commit(1, &stale, "fresh").await.unwrap(), 2);
+    assert_eq!(s.snapshot().await.unwrap().directory, changed);
 }
 
 /// Two admins (two handles, as two processes or nodes) committing against the same generation
 /// at once: one wins, the other gets the conflict error, and the directory is the winner's.
-pub async fn of_two_concurrent_commits_on_one_generation_exactly_one_wins(b: &impl Backend) {
-    let s = b.open().await;
-    commit_directory(&*s.directory, &organisation(), "t").await;
+pub async fn of_two_concurrent_commits_on_one_generation_exactly_one_wins(b: &impl StoreBackend) {
+    let s = b.store().await;
+    commit_directory(&*s, &organisation(), "t").await;
     let mut one = organisation();
     one.users.push(User::new("one@example.com"));
     let mut two = organisation();
     two.users[0].status = UserStatus::Suspended;
-    let a = b.open().await;
-    let c = b.open().await;
+    let a = b.store().await;
+    let c = b.store().await;
     let cs_one = Changeset::between(&organisation(), &one);
     let cs_two = Changeset::between(&organisation(), &two);
     let (ra, rc) = tokio::join!(
-        tokio::spawn(async move { a.directory.commit(1, &cs_one, "one").await }),
-        tokio::spawn(async move { c.directory.commit(1, &cs_two, "two").await }),
+        tokio::spawn(async move { a.commit(1, &cs_one, "one").await }),
+        tokio::spawn(async move { c.commit(1, &cs_two, "two").await }),
     );
     let (ra, rc) = (ra.unwrap(), rc.unwrap());
     let winner = match (&ra, &rc) {
@@ -1466,7 +1521,7 @@ pub async fn of_two_concurrent_commits_on_one_generation_exactly_one_wins(b: &im
         ) => two,
         other => panic!("not exactly one winner: {other:?}"),
     };
-    let snap = s.directory.snapshot().await.unwrap();
+    let snap = s.snapshot().await.unwrap();
     assert_eq!(snap.generation, 2);
     assert_eq!(snap.directory, winner);
 }
@@ -1474,11 +1529,11 @@ pub async fn of_two_concurrent_commits_on_one_generation_exactly_one_wins(b: &im
 /// A snapshot is one committed directory whole, with the generation it was committed at, even
 /// while another handle commits: a reloading gateway never sees half a change, nor a directory
 /// with another change's generation.
-pub async fn a_snapshot_is_one_generation_whole(b: &impl Backend) {
-    let s = b.open().await;
+pub async fn a_snapshot_is_one_generation_whole(b: &impl StoreBackend) {
+    let s = b.store().await;
     // Generation g holds g users (and g - 1 of them suspended after g = 1).
-    commit_directory(&*s.directory, &organisation(), "t").await;
-    let writer = b.open().await;
+    commit_directory(&*s, &organisation(), "t").await;
+    let writer = b.store().await;
     let commits = 30;
     let write = tokio::spawn(async move {
         let mut d = organisation();
@@ -1489,14 +1544,14 @@ pub async fn a_snapshot_is_one_generation_whole(b: &impl Backend) {
                 UserStatus::Active
             };
             d.users.push(User::new(format!("u{g}@example.com")));
-            assert_eq!(commit_directory(&*writer.directory, &d, "t").await, g);
+            assert_eq!(commit_directory(&*writer, &d, "t").await, g);
         }
     });
-    let reader = b.open().await;
+    let reader = b.store().await;
     let mut seen = BTreeSet::new();
     // Bounded: stops when the writer is done (or after this many reads).
     for _ in 0..5_000 {
-        let snap = reader.directory.snapshot().await.unwrap();
+        let snap = reader.snapshot().await.unwrap();
         let g = snap.generation;
         assert_eq!(snap.directory.users.len() as i64, g, "generation {g}");
         let suspended = snap.directory.users[0].status == UserStatus::Suspended;
@@ -1517,25 +1572,24 @@ pub async fn a_snapshot_is_one_generation_whole(b: &impl Backend) {
 /// Every object a commit creates, updates or deletes leaves one audit entry naming the actor,
 /// the action and the generation, read back newest change first on every handle (the order of
 /// the entries of one change is not pinned); a refused commit leaves none.
-pub async fn every_committed_change_leaves_an_audit_row(b: &impl Backend) {
-    let s = b.open().await;
+pub async fn every_committed_change_leaves_an_audit_row(b: &impl StoreBackend) {
+    let s = b.store().await;
     let before = now_secs();
-    commit_directory(&*s.directory, &organisation(), "cli:root").await;
+    commit_directory(&*s, &organisation(), "cli:root").await;
     let mut d = organisation();
     d.users[0].status = UserStatus::Suspended;
     d.users.push(User::new("bob@example.com"));
-    commit_directory(&*s.directory, &d, "admin-api:ops").await;
+    commit_directory(&*s, &d, "admin-api:ops").await;
     // Refused: stale.
     let refused = s
-        .directory
         .commit(0, &Changeset::between(&d, &Directory::default()), "stale")
         .await;
     assert!(refused.is_err());
     d.users.retain(|u| u.email != ALICE);
-    commit_directory(&*s.directory, &d, "cli:root").await;
+    commit_directory(&*s, &d, "cli:root").await;
     let after = now_secs();
-    let other = b.open().await;
-    let got = other.directory.audit_log(100).await.unwrap();
+    let other = b.store().await;
+    let got = other.audit_log(100).await.unwrap();
     assert!(
         got.iter().all(|e| (before..=after).contains(&e.at_secs)),
         "committed now: {got:?}"
@@ -1577,11 +1631,11 @@ pub async fn every_committed_change_leaves_an_audit_row(b: &impl Backend) {
         ]
     );
     assert_eq!(
-        s.directory.audit_log(2).await.unwrap().len(),
+        s.audit_log(2).await.unwrap().len(),
         2,
         "at most the limit, newest first"
     );
-    assert_eq!(s.directory.audit_log(2).await.unwrap()[1].generation, 2);
+    assert_eq!(s.audit_log(2).await.unwrap()[1].generation, 2);
 }
 
 fn now_secs() -> i64 {
@@ -1595,60 +1649,51 @@ fn now_secs() -> i64 {
 // OAuth tokens (the Gmail door's authorization server; the gateway's bearer lookup).
 
 /// A token is found by the SHA-256 of its value, exactly as stored; an unknown hash finds none.
-pub async fn a_token_is_found_by_its_hash(b: &impl Backend) {
-    let s = b.open().await;
+pub async fn a_token_is_found_by_its_hash(b: &impl TokenBackend) {
+    let s = b.tokens().await;
     for (sha, kind) in [
         ("sha-code", TokenKind::Code),
         ("sha-access", TokenKind::Access),
         ("sha-refresh", TokenKind::Refresh),
     ] {
-        s.tokens
-            .insert_token(&token(sha, kind, "f1"))
-            .await
-            .unwrap();
+        s.insert_token(&token(sha, kind, "f1")).await.unwrap();
     }
-    let other = b.open().await;
+    let other = b.tokens().await;
     for (sha, kind) in [
         ("sha-code", TokenKind::Code),
         ("sha-access", TokenKind::Access),
         ("sha-refresh", TokenKind::Refresh),
     ] {
         assert_eq!(
-            other.tokens.token(sha).await.unwrap(),
+            other.token(sha).await.unwrap(),
             Some(token(sha, kind, "f1"))
         );
     }
-    assert_eq!(s.tokens.token("sha-unknown").await.unwrap(), None);
-    assert_eq!(
-        s.tokens.token("SHA-CODE").await.unwrap(),
-        None,
-        "exact match"
-    );
+    assert_eq!(s.token("sha-unknown").await.unwrap(), None);
+    assert_eq!(s.token("SHA-CODE").await.unwrap(), None, "exact match");
 }
 
 /// A code (or a rotating refresh token) is used once: the first use wins, every later one,
 /// including one racing it from another handle, is told it is a replay.
-pub async fn a_token_is_used_once(b: &impl Backend) {
-    let s = b.open().await;
-    s.tokens
-        .insert_token(&token("c1", TokenKind::Code, "f"))
+pub async fn a_token_is_used_once(b: &impl TokenBackend) {
+    let s = b.tokens().await;
+    s.insert_token(&token("c1", TokenKind::Code, "f"))
         .await
         .unwrap();
-    assert!(s.tokens.use_token("c1").await.unwrap());
-    assert!(!s.tokens.use_token("c1").await.unwrap(), "a replay");
-    assert!(s.tokens.token("c1").await.unwrap().unwrap().used);
-    assert!(!s.tokens.use_token("unknown").await.unwrap());
+    assert!(s.use_token("c1").await.unwrap());
+    assert!(!s.use_token("c1").await.unwrap(), "a replay");
+    assert!(s.token("c1").await.unwrap().unwrap().used);
+    assert!(!s.use_token("unknown").await.unwrap());
     // Racing uses from several handles: exactly one wins.
-    s.tokens
-        .insert_token(&token("c2", TokenKind::Code, "f"))
+    s.insert_token(&token("c2", TokenKind::Code, "f"))
         .await
         .unwrap();
     let mut tasks = Vec::new();
     for _ in 0..4 {
-        let h = b.open().await;
-        tasks.push(tokio::spawn(async move {
-            h.tokens.use_token("c2").await.unwrap()
-        }));
+        let h = b.tokens().await;
+        tasks.push(tokio::spawn(
+            async move { h.use_token("c2").await.unwrap() },
+        ));
     }
     let mut wins = 0;
     for t in tasks {
@@ -1659,8 +1704,8 @@ pub async fn a_token_is_used_once(b: &impl Backend) {
 
 /// Revoking a family (`/revoke`, a replayed code or refresh token) revokes every token of it,
 /// says how many, and touches no other family.
-pub async fn revoking_a_family_revokes_every_token_of_it_and_no_other(b: &impl Backend) {
-    let s = b.open().await;
+pub async fn revoking_a_family_revokes_every_token_of_it_and_no_other(b: &impl TokenBackend) {
+    let s = b.tokens().await;
     for (sha, kind, family) in [
         ("a1", TokenKind::Access, "f1"),
         ("r1", TokenKind::Refresh, "f1"),
@@ -1668,94 +1713,67 @@ pub async fn revoking_a_family_revokes_every_token_of_it_and_no_other(b: &impl B
         ("a2", TokenKind::Access, "f2"),
         ("r2", TokenKind::Refresh, "f2"),
     ] {
-        s.tokens
-            .insert_token(&token(sha, kind, family))
-            .await
-            .unwrap();
+        s.insert_token(&token(sha, kind, family)).await.unwrap();
     }
-    assert_eq!(s.tokens.revoke_family("f1").await.unwrap(), 3);
+    assert_eq!(s.revoke_family("f1").await.unwrap(), 3);
     for sha in ["a1", "r1", "c1"] {
-        assert!(s.tokens.token(sha).await.unwrap().unwrap().revoked, "{sha}");
+        assert!(s.token(sha).await.unwrap().unwrap().revoked, "{sha}");
     }
     for sha in ["a2", "r2"] {
-        let t = s.tokens.token(sha).await.unwrap().unwrap();
+        let t = s.token(sha).await.unwrap().unwrap();
         assert!(!t.revoked, "{sha} of another family");
         assert!(!t.used);
     }
-    assert_eq!(s.tokens.revoke_family("nobody").await.unwrap(), 0);
+    assert_eq!(s.revoke_family("nobody").await.unwrap(), 0);
 }
 
 /// Refresh-token rotation: each refresh uses the presented token and issues the next one in the
 /// same family; presenting a used one is a replay, and revoking the family then reaches every
 /// token minted from the authorization, the newest included.
-pub async fn refresh_rotation_keeps_the_family_and_a_replay_is_detected(b: &impl Backend) {
-    let s = b.open().await;
-    s.tokens
-        .insert_token(&token("code", TokenKind::Code, "fam"))
+pub async fn refresh_rotation_keeps_the_family_and_a_replay_is_detected(b: &impl TokenBackend) {
+    let s = b.tokens().await;
+    s.insert_token(&token("code", TokenKind::Code, "fam"))
         .await
         .unwrap();
-    assert!(s.tokens.use_token("code").await.unwrap());
-    s.tokens
-        .insert_token(&token("r1", TokenKind::Refresh, "fam"))
+    assert!(s.use_token("code").await.unwrap());
+    s.insert_token(&token("r1", TokenKind::Refresh, "fam"))
         .await
         .unwrap();
-    s.tokens
-        .insert_token(&token("a1", TokenKind::Access, "fam"))
+    s.insert_token(&token("a1", TokenKind::Access, "fam"))
         .await
         .unwrap();
     // Rotation: r1 -> r2 (+ a2).
-    assert!(s.tokens.use_token("r1").await.unwrap());
-    s.tokens
-        .insert_token(&token("r2", TokenKind::Refresh, "fam"))
+    assert!(s.use_token("r1").await.unwrap());
+    s.insert_token(&token("r2", TokenKind::Refresh, "fam"))
         .await
         .unwrap();
-    s.tokens
-        .insert_token(&token("a2", TokenKind::Access, "fam"))
+    s.insert_token(&token("a2", TokenKind::Access, "fam"))
         .await
         .unwrap();
-    assert_eq!(s.tokens.token("r2").await.unwrap().unwrap().family, "fam");
-    assert!(!s.tokens.token("r2").await.unwrap().unwrap().used);
+    assert_eq!(s.token("r2").await.unwrap().unwrap().family, "fam");
+    assert!(!s.token("r2").await.unwrap().unwrap().used);
     // A stolen r1 presented again: a replay; the door revokes the family.
-    assert!(!s.tokens.use_token("r1").await.unwrap());
-    assert_eq!(s.tokens.revoke_family("fam").await.unwrap(), 5);
+    assert!(!s.use_token("r1").await.unwrap());
+    assert_eq!(s.revoke_family("fam").await.unwrap(), 5);
     for sha in ["code", "r1", "a1", "r2", "a2"] {
-        assert!(s.tokens.token(sha).await.unwrap().unwrap().revoked, "{sha}");
+        assert!(s.token(sha).await.unwrap().unwrap().revoked, "{sha}");
     }
 }
 
 /// A JWT-bearer assertion is exchanged once until it expires; after its expiry its key may be
 /// used again (the endpoint refuses expired assertions anyway).
-pub async fn an_assertion_is_exchanged_once_until_it_expires(b: &impl Backend) {
-    let s = b.open().await;
-    assert!(s.tokens.use_assertion("iss/jti", 1_000, 0).await.unwrap());
-    assert!(!s.tokens.use_assertion("iss/jti", 1_000, 500).await.unwrap());
-    let other = b.open().await;
+pub async fn an_assertion_is_exchanged_once_until_it_expires(b: &impl TokenBackend) {
+    let s = b.tokens().await;
+    assert!(s.use_assertion("iss/jti", 1_000, 0).await.unwrap());
+    assert!(!s.use_assertion("iss/jti", 1_000, 500).await.unwrap());
+    let other = b.tokens().await;
     assert!(
-        !other
-            .tokens
-            .use_assertion("iss/jti", 1_000, 1_000)
-            .await
-            .unwrap(),
+        !other.use_assertion("iss/jti", 1_000, 1_000).await.unwrap(),
         "a replay until its expiry, on every handle"
     );
-    assert!(
-        s.tokens
-            .use_assertion("iss/other", 1_000, 500)
-            .await
-            .unwrap()
-    );
-    assert!(
-        s.tokens
-            .use_assertion("iss/jti", 5_000, 1_001)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !s.tokens
-            .use_assertion("iss/jti", 5_000, 2_000)
-            .await
-            .unwrap()
-    );
+    assert!(s.use_assertion("iss/other", 1_000, 500).await.unwrap());
+    assert!(s.use_assertion("iss/jti", 5_000, 1_001).await.unwrap());
+    assert!(!s.use_assertion("iss/jti", 5_000, 2_000).await.unwrap());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1763,15 +1781,15 @@ pub async fn an_assertion_is_exchanged_once_until_it_expires(b: &impl Backend) {
 
 /// A decision reads back equal by id, whichever way it was kept and whatever its verdict; an
 /// unknown id finds none.
-pub async fn a_decision_reads_back_equal_by_id(b: &impl Backend) {
-    let s = b.open().await;
+pub async fn a_decision_reads_back_equal_by_id(b: &impl StoreBackend) {
+    let s = b.store().await;
     let mut kept = Vec::new();
     for (i, verdict) in StoredVerdict::ALL.iter().enumerate() {
         let d = decision(&format!("01REC{i}"), 10 + i as i64, *verdict);
-        s.directory.record_decision(&d).await.unwrap();
+        s.record_decision(&d).await.unwrap();
         kept.push(d);
         let e = decision(&format!("01ENQ{i}"), 20 + i as i64, *verdict);
-        s.directory.enqueue_decision(e.clone()).await.unwrap();
+        s.enqueue_decision(e.clone()).await.unwrap();
         kept.push(e);
     }
     // A large trace too (they compress; nothing is cut).
@@ -1779,41 +1797,38 @@ pub async fn a_decision_reads_back_equal_by_id(b: &impl Backend) {
     big.body =
         serde_json::json!({"checks": (0..2_000).map(|i| format!("check {i}")).collect::<Vec<_>>()})
             .into();
-    s.directory.record_decision(&big).await.unwrap();
+    s.record_decision(&big).await.unwrap();
     kept.push(big);
     for d in &kept {
-        assert_eq!(s.directory.decision(&d.id).await.unwrap().as_ref(), Some(d));
+        assert_eq!(s.decision(&d.id).await.unwrap().as_ref(), Some(d));
     }
-    let back = s.directory.decision("01BIG").await.unwrap().unwrap();
+    let back = s.decision("01BIG").await.unwrap().unwrap();
     assert_eq!(
         back.body.parse().unwrap(),
         kept.last().unwrap().body.parse().unwrap()
     );
-    assert_eq!(s.directory.decision("01NOPE").await.unwrap(), None);
-    assert_eq!(s.directory.decision("").await.unwrap(), None);
+    assert_eq!(s.decision("01NOPE").await.unwrap(), None);
+    assert_eq!(s.decision("").await.unwrap(), None);
 }
 
 /// An enqueued decision (the hot path does not wait for it) is found at once by its id, and is
 /// durable for every other handle after `flush`.
-pub async fn an_enqueued_decision_is_found_at_once_and_durable_after_flush(b: &impl Backend) {
+pub async fn an_enqueued_decision_is_found_at_once_and_durable_after_flush(b: &impl StoreBackend) {
     let d = decision("01QUEUED", 5, StoredVerdict::Denied);
     {
-        let s = b.open().await;
-        s.directory.enqueue_decision(d.clone()).await.unwrap();
-        assert_eq!(
-            s.directory.decision("01QUEUED").await.unwrap(),
-            Some(d.clone())
-        );
-        s.directory.flush().await.unwrap();
+        let s = b.store().await;
+        s.enqueue_decision(d.clone()).await.unwrap();
+        assert_eq!(s.decision("01QUEUED").await.unwrap(), Some(d.clone()));
+        s.flush().await.unwrap();
     }
-    let later = b.open().await;
-    assert_eq!(later.directory.decision("01QUEUED").await.unwrap(), Some(d));
+    let later = b.store().await;
+    assert_eq!(later.decision("01QUEUED").await.unwrap(), Some(d));
 }
 
 /// The support bundle's list: the newest refusals first, at most `limit`, summaries only;
 /// refusals still queued included.
-pub async fn recent_refusals_are_the_newest_denials_first(b: &impl Backend) {
-    let s = b.open().await;
+pub async fn recent_refusals_are_the_newest_denials_first(b: &impl StoreBackend) {
+    let s = b.store().await;
     for (i, verdict) in [
         StoredVerdict::Denied,
         StoredVerdict::Allowed,
@@ -1824,14 +1839,13 @@ pub async fn recent_refusals_are_the_newest_denials_first(b: &impl Backend) {
     .into_iter()
     .enumerate()
     {
-        s.directory
-            .enqueue_decision(decision(&format!("01D{i}"), 10 + i as i64, verdict))
+        s.enqueue_decision(decision(&format!("01D{i}"), 10 + i as i64, verdict))
             .await
             .unwrap();
     }
-    let two = s.directory.recent_refusals(2).await.unwrap();
+    let two = s.recent_refusals(2).await.unwrap();
     assert_eq!(ids(&two, |d| &d.id), ["01D4", "01D2"]);
-    let all = s.directory.recent_refusals(10).await.unwrap();
+    let all = s.recent_refusals(10).await.unwrap();
     assert_eq!(ids(&all, |d| &d.id), ["01D4", "01D2", "01D0"]);
     assert_eq!(all[2].code.as_deref(), Some("sender.not_owned"));
     assert_eq!(all[2].at_ms, 10);
@@ -1844,37 +1858,29 @@ pub async fn recent_refusals_are_the_newest_denials_first(b: &impl Backend) {
 
 /// Admin API tokens are found by their SHA-256; creating one under a name already used replaces
 /// it (the old secret stops working).
-pub async fn admin_tokens_are_found_by_hash_and_replaced_by_name(b: &impl Backend) {
-    let s = b.open().await;
-    s.directory.add_admin_token("ops", "sha-1").await.unwrap();
-    s.directory.add_admin_token("ci", "sha-2").await.unwrap();
+pub async fn admin_tokens_are_found_by_hash_and_replaced_by_name(b: &impl StoreBackend) {
+    let s = b.store().await;
+    s.add_admin_token("ops", "sha-1").await.unwrap();
+    s.add_admin_token("ci", "sha-2").await.unwrap();
     assert_eq!(
-        s.directory.admin_token("sha-1").await.unwrap().as_deref(),
+        s.admin_token("sha-1").await.unwrap().as_deref(),
         Some("ops")
     );
+    assert_eq!(s.admin_token("sha-2").await.unwrap().as_deref(), Some("ci"));
+    assert_eq!(s.admin_token("sha-none").await.unwrap(), None);
+    s.add_admin_token("ops", "sha-3").await.unwrap();
+    let other = b.store().await;
+    assert_eq!(other.admin_token("sha-1").await.unwrap(), None);
     assert_eq!(
-        s.directory.admin_token("sha-2").await.unwrap().as_deref(),
-        Some("ci")
-    );
-    assert_eq!(s.directory.admin_token("sha-none").await.unwrap(), None);
-    s.directory.add_admin_token("ops", "sha-3").await.unwrap();
-    let other = b.open().await;
-    assert_eq!(other.directory.admin_token("sha-1").await.unwrap(), None);
-    assert_eq!(
-        other
-            .directory
-            .admin_token("sha-3")
-            .await
-            .unwrap()
-            .as_deref(),
+        other.admin_token("sha-3").await.unwrap().as_deref(),
         Some("ops")
     );
 }
 
 /// Node rows (what a writer waits on for a change to be live): written, replaced by id, listed
 /// on every handle, deleted.
-pub async fn node_rows_are_written_replaced_and_deleted(b: &impl Backend) {
-    let s = b.open().await;
+pub async fn node_rows_are_written_replaced_and_deleted(b: &impl StoreBackend) {
+    let s = b.store().await;
     let node = |id: &str, generation| NodeState {
         id: id.into(),
         host: "host-a".into(),
@@ -1883,24 +1889,24 @@ pub async fn node_rows_are_written_replaced_and_deleted(b: &impl Backend) {
         seen_ms: 1_000 + generation,
         interval_ms: 250,
     };
-    assert!(s.directory.nodes().await.unwrap().is_empty());
-    s.directory.node_seen(&node("n1", 1)).await.unwrap();
-    s.directory.node_seen(&node("n2", 1)).await.unwrap();
-    s.directory.node_seen(&node("n1", 2)).await.unwrap();
-    let other = b.open().await;
-    let mut rows = other.directory.nodes().await.unwrap();
+    assert!(s.nodes().await.unwrap().is_empty());
+    s.node_seen(&node("n1", 1)).await.unwrap();
+    s.node_seen(&node("n2", 1)).await.unwrap();
+    s.node_seen(&node("n1", 2)).await.unwrap();
+    let other = b.store().await;
+    let mut rows = other.nodes().await.unwrap();
     rows.sort_by(|a, b| a.id.cmp(&b.id));
     assert_eq!(rows, vec![node("n1", 2), node("n2", 1)]);
-    other.directory.node_gone("n1").await.unwrap();
-    other.directory.node_gone("never-there").await.unwrap();
-    assert_eq!(s.directory.nodes().await.unwrap(), vec![node("n2", 1)]);
+    other.node_gone("n1").await.unwrap();
+    other.node_gone("never-there").await.unwrap();
+    assert_eq!(s.nodes().await.unwrap(), vec![node("n2", 1)]);
 }
 
 /// `mailgate simulate`: one fault per principal (case-insensitive, stored lower-cased), a new
 /// one replaces it, it is active until `until_ms` (exclusive), and clearing says whether there
 /// was one.
-pub async fn injected_faults_are_set_replaced_expire_and_clear(b: &impl Backend) {
-    let s = b.open().await;
+pub async fn injected_faults_are_set_replaced_expire_and_clear(b: &impl FaultBackend) {
+    let s = b.faults().await;
     let fault = |principal: &str, code: &str, until_ms| SimulatedFault {
         principal: principal.into(),
         code: code.into(),
@@ -1908,20 +1914,17 @@ pub async fn injected_faults_are_set_replaced_expire_and_clear(b: &impl Backend)
         created_at_ms: 1,
         actor: "cli:root".into(),
     };
-    s.directory
-        .set_fault(&fault("Alice@Example.com", "limit.rate", 100))
+    s.set_fault(&fault("Alice@Example.com", "limit.rate", 100))
         .await
         .unwrap();
-    s.directory
-        .set_fault(&fault("alice@example.com", "limit.daily_messages", 200))
+    s.set_fault(&fault("alice@example.com", "limit.daily_messages", 200))
         .await
         .unwrap();
-    s.directory
-        .set_fault(&fault("bob@example.com", "auth.revoked", 150))
+    s.set_fault(&fault("bob@example.com", "auth.revoked", 150))
         .await
         .unwrap();
-    let other = b.open().await;
-    let active = other.directory.active_faults(120).await.unwrap();
+    let other = b.faults().await;
+    let active = other.active_faults(120).await.unwrap();
     assert_eq!(
         active,
         vec![
@@ -1930,16 +1933,14 @@ pub async fn injected_faults_are_set_replaced_expire_and_clear(b: &impl Backend)
         ]
     );
     assert_eq!(
-        ids(&s.directory.active_faults(150).await.unwrap(), |f| &f
-            .principal),
+        ids(&s.active_faults(150).await.unwrap(), |f| &f.principal),
         ["alice@example.com"]
     );
-    assert!(s.directory.active_faults(200).await.unwrap().is_empty());
-    assert!(s.directory.clear_fault("ALICE@example.com").await.unwrap());
-    assert!(!s.directory.clear_fault("alice@example.com").await.unwrap());
+    assert!(s.active_faults(200).await.unwrap().is_empty());
+    assert!(s.clear_fault("ALICE@example.com").await.unwrap());
+    assert!(!s.clear_fault("alice@example.com").await.unwrap());
     assert_eq!(
-        ids(&s.directory.active_faults(120).await.unwrap(), |f| &f
-            .principal),
+        ids(&s.active_faults(120).await.unwrap(), |f| &f.principal),
         ["bob@example.com"]
     );
 }

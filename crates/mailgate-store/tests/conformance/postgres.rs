@@ -1,0 +1,236 @@
+//! The suite on the PostgreSQL store, for the traits it implements so far (`FaultStore`,
+//! `TokenStore`): one database of its own per test, created on the server at
+//! `MAILGATE_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432/postgres`, the machines'
+//! trust-auth server that `scripts/test` starts when it is down) and dropped when the test ends,
+//! passed or panicked. Each handle is `PgStore::open` on that database, as another node would
+//! open it (its own pool; migrations already applied are skipped).
+
+use std::sync::Arc;
+
+use mailgate_store::postgres::PgStore;
+use mailgate_store::{FaultStore, TokenStore};
+use sqlx::{Connection, PgConnection};
+
+use crate::suite::{FaultBackend, TokenBackend, conformance};
+
+/// The server the test databases are made on (its maintenance database).
+fn server() -> String {
+    std::env::var("MAILGATE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// `url` with its database name replaced by `db`.
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let authority_end = base
+        .find("://")
+        .map(|i| i + 3)
+        .and_then(|start| base[start..].find('/').map(|j| start + j))
+        .unwrap_or(base.len());
+    let mut out = format!("{}/{db}", &base[..authority_end]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// A fresh database, dropped with this value (a guard: also when the test panics).
+pub struct Postgres {
+    name: String,
+    url: String,
+}
+
+async fn fresh() -> Postgres {
+    let name = format!("mailgate_t_{:016x}", fastrand::u64(..));
+    let mut admin = PgConnection::connect(&server()).await.unwrap_or_else(|e| {
+        panic!(
+            "PostgreSQL at {} (MAILGATE_TEST_POSTGRES) is needed by these tests: {e}",
+            server()
+        )
+    });
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let _ = admin.close().await;
+    Postgres {
+        url: with_database(&server(), &name),
+        name,
+    }
+}
+
+impl Postgres {
+    async fn handle(&self) -> PgStore {
+        PgStore::open(&self.url).await.unwrap()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // Drop runs inside the test's runtime (or while it unwinds): the database is dropped
+        // from a thread with a runtime of its own, waited for. FORCE ends the connections the
+        // test's pools still hold.
+        let name = self.name.clone();
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let mut admin = PgConnection::connect(&server()).await?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                )))
+                .execute(&mut admin)
+                .await?;
+                admin.close().await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            })
+            .map_err(|e| std::io::Error::other(e.to_string()))
+        })
+        .join();
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("could not drop test database {}: {e}", self.name),
+            Err(_) => eprintln!(
+                "could not drop test database {}: the thread panicked",
+                self.name
+            ),
+        }
+    }
+}
+
+impl FaultBackend for Postgres {
+    async fn faults(&self) -> Arc<dyn FaultStore> {
+        Arc::new(self.handle().await)
+    }
+}
+
+impl TokenBackend for Postgres {
+    async fn tokens(&self) -> Arc<dyn TokenStore> {
+        Arc::new(self.handle().await)
+    }
+}
+
+conformance!(faults: fresh);
+conformance!(tokens: fresh);
+
+/// The guard drops its database, also when the test using it panics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_database_is_dropped_even_after_a_panic() {
+    async fn exists(name: &str) -> bool {
+        let mut admin = PgConnection::connect(&server()).await.unwrap();
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap()
+    }
+    let db = fresh().await;
+    let name = db.name.clone();
+    let _store = db.handle().await;
+    assert!(exists(&name).await);
+    let panicked = tokio::spawn(async move {
+        let _db = db;
+        panic!("a failing test");
+    })
+    .await;
+    assert!(panicked.is_err());
+    assert!(!exists(&name).await, "{name} is still there");
+}
+
+// What the suite cannot state through the traits: how a PostgreSQL store opens.
+
+/// Nodes starting at once on an empty database all open it, and each migration is applied once
+/// (the advisory lock): none fails on a table another created a moment before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_opening_one_database_at_once_migrate_it_once() {
+    let db = fresh().await;
+    let url = Arc::new(db.url.clone());
+    let opens: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { PgStore::open(&url).await })
+        })
+        .collect();
+    let mut stores = Vec::new();
+    for o in opens {
+        stores.push(o.await.unwrap().unwrap());
+    }
+    let applied: Vec<(i64, bool)> =
+        sqlx::query_as("SELECT version, success FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(stores[0].pool())
+            .await
+            .unwrap();
+    let versions: Vec<i64> = applied.iter().map(|(v, _)| *v).collect();
+    let mut unique = versions.clone();
+    unique.dedup();
+    assert_eq!(versions, unique, "each migration once");
+    assert!(!applied.is_empty() && applied.iter().all(|(_, ok)| *ok));
+}
+
+/// A database a newer Mailgate migrated (a migration this binary does not have) is refused as
+/// `SchemaTooNew`: not temporary, and it says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_newer_than_the_binary_is_refused_as_such() {
+    let db = fresh().await;
+    let s = db.handle().await;
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (99990101000000, 'from the future', true, '\\x00', 0)",
+    )
+    .execute(s.pool())
+    .await
+    .unwrap();
+    let e = PgStore::open(&db.url).await.unwrap_err();
+    assert!(
+        matches!(e, mailgate_store::StoreError::SchemaTooNew(_)),
+        "{e:?}"
+    );
+    assert!(!e.is_temporary());
+    assert!(e.to_string().contains("newer"), "{e}");
+    // The refused open left the migration lock free: a later open still gets to the check.
+    let again = tokio::time::timeout(std::time::Duration::from_secs(10), PgStore::open(&db.url))
+        .await
+        .expect("the migration lock was left held");
+    assert!(again.is_err());
+}
+
+/// An open makes today's decision partition and the next days' ahead; a decision of a day with
+/// no partition (here: 1970) still has a place, the default partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_creates_decision_partitions_ahead() {
+    let db = fresh().await;
+    let s = db.handle().await;
+    let days: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'decisions'::regclass AND c.relname <> 'decisions_default'
+         ORDER BY 1",
+    )
+    .fetch_all(s.pool())
+    .await
+    .unwrap();
+    let today: String =
+        sqlx::query_scalar("SELECT 'decisions_d' || to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD')")
+            .fetch_one(s.pool())
+            .await
+            .unwrap();
+    assert!(days.contains(&today), "{today} in {days:?}");
+    assert_eq!(days.len(), 8, "today and 7 days ahead: {days:?}");
+    sqlx::query(
+        "INSERT INTO decisions (id, at_ms, door, principal, verdict, body)
+         VALUES ('01OLD', 5, 'smtp', 'a@example.com', 'denied', '\\x7b7d')",
+    )
+    .execute(s.pool())
+    .await
+    .unwrap();
+    let place: String =
+        sqlx::query_scalar("SELECT tableoid::regclass::text FROM decisions WHERE id = '01OLD'")
+            .fetch_one(s.pool())
+            .await
+            .unwrap();
+    assert_eq!(place, "decisions_default");
+}
