@@ -15,18 +15,21 @@ pub fn rfc3339(ms: i64) -> String {
     mailgate_core::engine::rfc3339_ms(ms.max(0) as u64)
 }
 
-/// Messages in the queue, newest first: only those in `state` if given, at most `limit`. A
-/// state that is not a message state (`bogus`) matches no message.
+/// A message state as an operator types it (`--state`, `?state=`): the state, or what to say
+/// about a word that is none (with the words that are).
+pub fn parse_state(s: &str) -> Result<MessageState, String> {
+    MessageState::parse(s).ok_or_else(|| {
+        let words: Vec<&str> = MessageState::ALL.iter().map(|m| m.as_str()).collect();
+        format!("unknown state `{s}`: one of {}", words.join(", "))
+    })
+}
+
+/// Messages in the queue, newest first: only those in `state` if given, at most `limit`.
 pub async fn messages(
     queue: &dyn QueueStore,
-    state: Option<String>,
+    state: Option<MessageState>,
     limit: u32,
 ) -> Result<Vec<QueueEntry>, AdminError> {
-    let state = match state.as_deref().map(|s| MessageState::parse(s).ok_or(s)) {
-        None => None,
-        Some(Ok(state)) => Some(state),
-        Some(Err(_)) => return Ok(Vec::new()),
-    };
     Ok(queue.list_queue(&QueueFilter { state, limit }).await?)
 }
 

@@ -43,7 +43,11 @@ pub async fn list_messages(
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Response {
     let limit = q.limit.unwrap_or(100).min(1000);
-    match queue::messages(state.queue.as_ref(), q.state, limit).await {
+    let filter = match q.state.as_deref().map(queue::parse_state).transpose() {
+        Ok(f) => f,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, e),
+    };
+    match queue::messages(state.queue.as_ref(), filter, limit).await {
         Ok(list) => Json(json!({"messages": list})).into_response(),
         Err(e) => unavailable(e),
     }

@@ -7,16 +7,16 @@ use anyhow::bail;
 use clap::Subcommand;
 use mailgate_admin::faults;
 use mailgate_admin::queue::{self, rfc3339};
-use mailgate_store::{FaultStore, QueueStore};
+use mailgate_store::{FaultStore, MessageState, QueueStore};
 
 /// The delivery queue.
 #[derive(Subcommand)]
 pub enum QueueCmd {
     /// One line per message: id, state, accepted, attempts, next attempt, from, to.
     List {
-        /// Only this state (queued, held, deferred, delivered, failed).
-        #[arg(long)]
-        state: Option<String>,
+        /// Only this state (queued, held, deferred, delivered, failed, captured).
+        #[arg(long, value_parser = queue::parse_state)]
+        state: Option<MessageState>,
         /// At most this many (newest first).
         #[arg(long, default_value_t = 100)]
         limit: u32,
@@ -69,7 +69,7 @@ fn opt_time(ms: Option<i64>) -> String {
 pub async fn queue(store: &dyn QueueStore, cmd: QueueCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         QueueCmd::List { state, limit } => {
-            let entries = queue::messages(store, state.clone(), limit).await?;
+            let entries = queue::messages(store, state, limit).await?;
             if entries.is_empty() {
                 match &state {
                     Some(s) => empty(&format!("no message in the queue is {s}")),

@@ -658,6 +658,12 @@ fn the_documented_error_statuses_are_the_servers() {
             "GET /mailgate/v1/messages?limit=many HTTP/1.1".into(),
             String::new(),
         ),
+        // Regression: a state that is no state listed nothing, as if the queue were empty.
+        (
+            400,
+            "GET /mailgate/v1/messages?state=stuck HTTP/1.1".into(),
+            String::new(),
+        ),
         (
             400,
             "GET /mailgate/v1/users/%FF HTTP/1.1".into(),
@@ -699,6 +705,15 @@ fn the_documented_error_statuses_are_the_servers() {
         assert!(v["error"]["message"].is_string(), "{head}: {raw}");
         if want == 405 {
             assert!(raw.to_ascii_lowercase().contains("\r\nallow: "), "{raw}");
+        }
+        if head.contains("state=stuck") {
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("unknown state `stuck`: one of held, queued,"),
+                "{raw}"
+            );
         }
     }
 }

@@ -133,6 +133,16 @@ fn smarthost_down_then_up_messages_wait_then_are_delivered_and_each_deferral_is_
         gw.ok(&["queue", "list", "--state", "deferred"])
             .contains(&ids[0])
     );
+    // A state that is none is an error naming the states, not an empty list.
+    let out = gw.cmd(&["queue", "list", "--state", "stuck"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "unknown state `stuck`: one of held, queued, deferred, delivered, failed, captured"
+        ),
+        "{err}"
+    );
 
     // Up: all are delivered.
     let sink = rt
