@@ -1297,6 +1297,78 @@ pub fn fill(template: &str, args: &RenderArgs) -> String {
     out
 }
 
+/// What is wrong with the form of a request a door could not read as a message or a call (not
+/// a fact about the mail): a door names the problem, the catalogue gives the reason code and the
+/// remedy in the door's own protocol terms, so no door writes a remedy. The door keeps its
+/// protocol's exact error (status, message, field); this is Mailgate's explanation of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestProblem {
+    /// SendGrid: the body is not UTF-8.
+    NotUtf8,
+    /// SendGrid (`mail/send`, key management): the body is not JSON.
+    NotJson,
+    /// SendGrid: the Content-Type is not `application/json`.
+    ContentType,
+    /// SendGrid: the body came with a Content-Encoding.
+    ContentEncoding,
+    /// SendGrid `mail/send`: the request holds so many small items that its parsed form would
+    /// take more than `budget` bytes of memory (`message.too_large`).
+    TooManyItems {
+        /// The door's parse budget, in bytes.
+        budget: u64,
+    },
+    /// Gmail settings: the body is not a SendAs resource in JSON.
+    SendAsJson,
+    /// Gmail uploads: an `uploadType` the API does not know.
+    UploadType,
+    /// Gmail: a `userId` that is empty or too long.
+    UserId,
+    /// Any HTTP door: the body broke off (the client went away or sent a broken chunk).
+    BrokenBody,
+}
+
+impl RequestProblem {
+    /// The reason code the problem is refused with: `message.too_large` for a request too
+    /// costly to read, `message.invalid` for the others.
+    pub fn reason(self) -> Reason {
+        match self {
+            RequestProblem::TooManyItems { .. } => Reason::MessageTooLarge,
+            _ => Reason::MessageInvalid,
+        }
+    }
+
+    /// How the request is formed instead, in the door's protocol terms (the engine's remedy of
+    /// a message that did not parse speaks of Gmail's `raw`).
+    pub fn remedy(self) -> &'static str {
+        match self {
+            RequestProblem::NotUtf8 => "send the body as UTF-8 JSON",
+            RequestProblem::NotJson => {
+                "send the body as one JSON object, with Content-Type: application/json"
+            }
+            RequestProblem::ContentType => {
+                "send Content-Type: application/json with a JSON body (docs/sendgrid.md)"
+            }
+            RequestProblem::ContentEncoding => {
+                "send the body uncompressed, without a Content-Encoding header"
+            }
+            RequestProblem::TooManyItems { .. } => {
+                "send fewer recipients, headers or substitutions per request"
+            }
+            RequestProblem::SendAsJson => {
+                "send a SendAs resource as one JSON object (docs/gmail.md)"
+            }
+            RequestProblem::UploadType => {
+                "use uploadType=media, multipart or resumable (or send JSON with raw to /gmail/v1/users/{userId}/messages/send)"
+            }
+            RequestProblem::UserId => "use `me` or the address the credential acts for",
+            RequestProblem::BrokenBody => {
+                "send the whole body (the connection broke off or a chunk was malformed)"
+            }
+        }
+    }
+}
+
 /// A Gmail-door refusal with its placeholders filled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GmailReply {

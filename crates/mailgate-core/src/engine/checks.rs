@@ -65,6 +65,7 @@ fn not_for(action: Action) -> R {
         }
         Action::Manage { .. } => "a management call sends nothing",
         Action::IssueToken => "answered when the token is used, not when it is issued",
+        Action::SignIn => "answered when the code is exchanged or the token used, not at sign-in",
     })
 }
 
@@ -1113,6 +1114,16 @@ impl<'a> Ctx<'a> {
                     Fault::new(FaultKind::Message, detail.clone()),
                     Reason::MessageInvalid.spec().remedy.to_owned(),
                 ),
+                (Body::Unreadable { problem, detail }, _, _)
+                    if problem.reason() == Reason::MessageInvalid =>
+                {
+                    fail(
+                        format!("message is malformed: {detail}"),
+                        Fault::new(FaultKind::Message, detail.clone()),
+                        problem.remedy().to_owned(),
+                    )
+                }
+                (Body::Unreadable { .. }, _, _) => pass("the request's form is valid"),
                 (Body::Valid, None, _) => pending("header From not known yet"),
                 (Body::Valid, Some(_), Some(p)) => {
                     let detail = p.detail();
@@ -1134,6 +1145,15 @@ impl<'a> Ctx<'a> {
                 Some(_) => pass("has recipients"),
             },
             Reason::MessageTooLarge => match a.size {
+                _ if let Body::Unreadable { problem, detail } = &a.body
+                    && problem.reason() == Reason::MessageTooLarge =>
+                {
+                    fail(
+                        format!("the request is too costly to read: {detail}"),
+                        Fault::new(FaultKind::DoorLimit, "the door's memory budget for one request"),
+                        problem.remedy().to_owned(),
+                    )
+                }
                 None => pending("size not known yet"),
                 Some(n) if n > self.limits.max_message_bytes => fail(
                     format!(
@@ -1148,12 +1168,11 @@ impl<'a> Ctx<'a> {
                 ),
                 Some(n) if a.door.max_message_bytes().is_some_and(|d| n > d) => {
                     let d = a.door.max_message_bytes().unwrap_or_default();
+                    let (whose, object, remedy) = a.door.size_limit(d);
                     fail(
-                        format!("message is {n} bytes, over the Gmail API's {d} byte limit"),
-                        Fault::new(FaultKind::DoorLimit, "the Gmail API's message size limit"),
-                        format!(
-                            "send a smaller message: the Gmail API takes messages up to {d} bytes (35 MiB), attachments included, whatever limits.max_message_bytes allows (use SMTP for larger ones)"
-                        ),
+                        format!("message is {n} bytes, over {whose} {d} byte limit"),
+                        Fault::new(FaultKind::DoorLimit, object),
+                        remedy,
                     )
                 }
                 Some(_) => pass("size within the limit"),
@@ -1521,6 +1540,7 @@ impl<'a> Ctx<'a> {
             },
             detail: match (&a.body, &self.header_problem) {
                 (Body::Invalid { detail, .. }, _) => Some(detail.clone()),
+                (Body::Unreadable { detail, .. }, _) => Some(detail.clone()),
                 (_, Some(p)) if code == Reason::MessageInvalid => Some(p.detail()),
                 _ => None,
             },

@@ -31,6 +31,7 @@ use std::net::IpAddr;
 
 use serde::{Serialize, Serializer};
 
+pub use crate::catalogue::RequestProblem;
 use crate::catalogue::{
     GmailReply, Reason, RenderArgs, SendGridReply, SmtpReply, Stage, TokenReply,
 };
@@ -88,6 +89,7 @@ pub const SHARING_SCOPES: &[&str] = &[
 /// | `ReadSettings`, `UpdateSettings`, `ManageSendAs` | rows 1–24 (through the account's state) and `policy.denied` | the method's ([`READ_SCOPES`], [`BASIC_SCOPES`], [`SHARING_SCOPES`]) | `mail.send` |
 /// | `Manage { permission }` | transport, authentication, credential (rows 1–13) and `permission.missing` | none (API keys) | `permission` (none: any valid key) |
 /// | `IssueToken` | authentication, `client.disabled`, delegation (only with a `sub`: every requested scope must be in the grant), `account.suspended`, `account.sending_revoked`, `policy.denied` | any (the grant decides) | none |
+/// | `SignIn` | the account's state that refuses an authorization code: `account.suspended`, `account.under_review`, `account.sending_revoked` | any (the consent grants them) | none |
 ///
 /// For every action but `Send`, the checks that need a message fact (sender, recipients, limits,
 /// the message) do not apply: they are `not_applicable`, never `pending`, so the decision is
@@ -120,6 +122,11 @@ pub enum Action {
     /// a user (`sub`), and the account's state. The rest (the API enabled for the project, the
     /// scopes a method takes) is answered when the token is used, as at Google.
     IssueToken,
+    /// Sign in on the consent page (authorization code flow) once the password was verified:
+    /// whether the account's state lets it grant a code (suspended, under review, sending
+    /// revoked). The client, the delegation and the API are answered at the token endpoint and
+    /// when the token is used.
+    SignIn,
 }
 
 impl Action {
@@ -141,7 +148,7 @@ impl Action {
             Action::ReadSettings => READ_SCOPES,
             Action::UpdateSettings => BASIC_SCOPES,
             Action::ManageSendAs => SHARING_SCOPES,
-            Action::Manage { .. } | Action::IssueToken => &[],
+            Action::Manage { .. } | Action::IssueToken | Action::SignIn => &[],
         }
     }
 
@@ -150,7 +157,7 @@ impl Action {
     pub fn permission(self) -> Option<&'static str> {
         match self {
             Action::Manage { permission } => permission,
-            Action::IssueToken => None,
+            Action::IssueToken | Action::SignIn => None,
             _ => Some(crate::directory::permissions::MAIL_SEND),
         }
     }
@@ -180,6 +187,12 @@ impl Action {
                     | Reason::AccountSendingRevoked
                     | Reason::PolicyDenied
             ),
+            Action::SignIn => matches!(
+                r,
+                Reason::AccountSuspended
+                    | Reason::AccountUnderReview
+                    | Reason::AccountSendingRevoked
+            ),
         }
     }
 
@@ -193,12 +206,17 @@ impl Action {
             Action::ManageSendAs => "manage_send_as",
             Action::Manage { .. } => "manage",
             Action::IssueToken => "issue_token",
+            Action::SignIn => "sign_in",
         }
     }
 }
 
 /// The Gmail API's upload limit, 35 MiB, attachments included ([`Door::max_message_bytes`]).
 pub const GMAIL_MAX_MESSAGE_BYTES: u64 = 36_700_160;
+
+/// The SendGrid v3 API's request limit, 30 MB (30 MiB), attachments included
+/// ([`Door::max_message_bytes`]).
+pub const SENDGRID_MAX_REQUEST_BYTES: u64 = 31_457_280;
 
 /// The API name of the SMTP doors in `api_keys[].allowed_apis`.
 pub const SMTP_API: &str = "smtp";
@@ -238,12 +256,34 @@ impl Door {
     }
 
     /// The largest message the door's own protocol takes, whatever `limits.max_message_bytes`
-    /// allows: the Gmail API's 35 MiB (docs/gmail.md); `None` for the others (their limit is the
-    /// directory's, and SMTP advertises it as SIZE).
+    /// allows: the Gmail API's 35 MiB (docs/gmail.md), the SendGrid API's 30 MB per request
+    /// (docs/sendgrid.md); `None` for SMTP (its limit is the directory's, advertised as SIZE).
     pub fn max_message_bytes(self) -> Option<u64> {
         match self {
             Door::Gmail => Some(GMAIL_MAX_MESSAGE_BYTES),
-            _ => None,
+            Door::Sendgrid => Some(SENDGRID_MAX_REQUEST_BYTES),
+            Door::Smtp | Door::SmtpRelay => None,
+        }
+    }
+
+    /// Whose limit the door's own size limit is, as an object at fault, and the remedy of a message over it
+    /// (`limit` is [`Door::max_message_bytes`]).
+    pub(crate) fn size_limit(self, limit: u64) -> (&'static str, &'static str, String) {
+        match self {
+            Door::Sendgrid => (
+                "the SendGrid-compatible API's",
+                "the SendGrid-compatible API's request size limit",
+                format!(
+                    "send a smaller message or split it: the SendGrid-compatible API takes requests up to {limit} bytes (30 MB), attachments included, whatever limits.max_message_bytes allows"
+                ),
+            ),
+            _ => (
+                "the Gmail API's",
+                "the Gmail API's message size limit",
+                format!(
+                    "send a smaller message: the Gmail API takes messages up to {limit} bytes (35 MiB), attachments included, whatever limits.max_message_bytes allows (use SMTP for larger ones)"
+                ),
+            ),
         }
     }
 }
@@ -386,6 +426,15 @@ pub enum Body {
         detail: String,
         /// The offending field (SendGrid `field`), when known.
         field: Option<String>,
+    },
+    /// The request could not be read as a message because of its form (the wrong Content-Type,
+    /// not JSON, too costly to parse): `message.invalid` or `message.too_large` as the problem
+    /// says, with the catalogue's remedy for it ([`RequestProblem::remedy`]).
+    Unreadable {
+        /// What is wrong with the request's form.
+        problem: RequestProblem,
+        /// The door's words for it (a JSON syntax error's line and column).
+        detail: String,
     },
 }
 

@@ -1907,12 +1907,32 @@ pub(super) fn random_attempt(r: &mut Rng) -> SendAttempt {
         envelope_from,
         header,
         recipients: r.chance(90).then(|| some_addrs(r, 3)),
-        size: r.chance(90).then(|| r.below(3_000)),
-        body: match r.below(10) {
-            0 => Body::Unknown,
-            1 => Body::Invalid {
+        size: r.chance(90).then(|| {
+            // Now and then at a door's own size limit (the directory's default is 35 MiB).
+            if r.chance(3) {
+                *r.pick(&[
+                    SENDGRID_MAX_REQUEST_BYTES,
+                    SENDGRID_MAX_REQUEST_BYTES + 1,
+                    GMAIL_MAX_MESSAGE_BYTES,
+                    GMAIL_MAX_MESSAGE_BYTES + 1,
+                ])
+            } else {
+                r.below(3_000)
+            }
+        }),
+        body: match r.below(40) {
+            0..4 => Body::Unknown,
+            4..8 => Body::Invalid {
                 detail: "Invalid To header".into(),
                 field: None,
+            },
+            8 => Body::Unreadable {
+                problem: *r.pick(&[
+                    RequestProblem::NotJson,
+                    RequestProblem::ContentType,
+                    RequestProblem::TooManyItems { budget: 1 << 25 },
+                ]),
+                detail: "not JSON".into(),
             },
             _ => Body::Valid,
         },
@@ -1935,6 +1955,7 @@ pub(super) fn random_non_send(r: &mut Rng) -> Action {
             permission: Some("api_keys.read"),
         },
         Action::IssueToken,
+        Action::SignIn,
     ])
 }
 
@@ -2362,6 +2383,74 @@ fn the_gmail_api_limit_is_the_engines_whatever_the_organisation_allows() {
 }
 
 #[test]
+fn the_sendgrid_request_limit_is_the_engines_whatever_the_organisation_allows() {
+    let dir = fixture();
+    let c = MemoryCounters::new();
+    let at = |n: u64| as_user(base(), Door::Sendgrid, api_key("k1"), "team@example.com").parsed(n);
+    assert!(decide_action(&at(SENDGRID_MAX_REQUEST_BYTES), &dir, &c).accepted());
+    // Over 30 MB and within the organisation's 35 MiB: the door's limit answers, in its terms.
+    let d = decide_action(&at(SENDGRID_MAX_REQUEST_BYTES + 1), &dir, &c);
+    let denial = d.denial().expect("refused");
+    assert_eq!(denial.code, Reason::MessageTooLarge);
+    assert_eq!(
+        denial.object_at_fault.to_string(),
+        "the SendGrid-compatible API's request size limit"
+    );
+    assert_eq!(
+        denial.remedy,
+        "send a smaller message or split it: the SendGrid-compatible API takes requests up to 31457280 bytes (30 MB), attachments included, whatever limits.max_message_bytes allows"
+    );
+    assert_eq!(denial.args.limit.as_deref(), Some("31457280"));
+    // The same size is the Gmail API's to take.
+    assert!(decide_action(&base().parsed(SENDGRID_MAX_REQUEST_BYTES + 1), &dir, &c).accepted());
+}
+
+#[test]
+fn a_request_problem_is_refused_with_the_catalogues_remedy_for_it() {
+    let dir = fixture();
+    let c = MemoryCounters::new();
+    let with = |problem| {
+        let mut a = as_user(base(), Door::Sendgrid, api_key("k1"), "team@example.com");
+        a.body = Body::Unreadable {
+            problem,
+            detail: "what the door saw".into(),
+        };
+        a
+    };
+    for problem in [
+        RequestProblem::NotUtf8,
+        RequestProblem::NotJson,
+        RequestProblem::ContentType,
+        RequestProblem::ContentEncoding,
+    ] {
+        let d = decide_action(&with(problem), &dir, &c);
+        let denial = d.denial().expect("refused");
+        assert_eq!(denial.code, Reason::MessageInvalid, "{problem:?}");
+        assert_eq!(denial.remedy, problem.remedy());
+        assert!(!denial.remedy.contains("raw"), "{}", denial.remedy);
+        assert_eq!(denial.args.detail.as_deref(), Some("what the door saw"));
+    }
+    // Too costly to parse: message.too_large whatever the size, with its own remedy.
+    let budget = RequestProblem::TooManyItems { budget: 1 << 25 };
+    let mut small = with(budget);
+    small.size = Some(10);
+    let d = decide_action(&small, &dir, &c);
+    let denial = d.denial().expect("refused");
+    assert_eq!(denial.code, Reason::MessageTooLarge);
+    assert_eq!(
+        denial.remedy,
+        "send fewer recipients, headers or substitutions per request"
+    );
+    // An earlier refusal still comes first.
+    let mut revoked = with(RequestProblem::NotJson);
+    revoked.credential = api_key("nope");
+    assert_ne!(
+        decide_action(&revoked, &dir, &c).denial().map(|d| d.code),
+        Some(Reason::MessageInvalid)
+    );
+}
+
+#[test]
 fn issuing_a_token_checks_what_google_checks_then() {
     const SEND: &str = "https://www.googleapis.com/auth/gmail.send";
     const SETTINGS: &str = "https://www.googleapis.com/auth/gmail.settings.basic";
@@ -2404,6 +2493,33 @@ fn issuing_a_token_checks_what_google_checks_then() {
     let user = with_scopes(oauth("alice@example.com"), &[SETTINGS]);
     let d = decide_action(&token(user), &dir_off, &c);
     assert!(d.accepted() && d.charge.is_none(), "{:?}", d.denial());
+}
+
+/// The consent page asks the engine whether the account's state lets it grant a code: a
+/// suspended, under-review or sending-revoked account is refused, with the engine's remedy;
+/// what is answered later (mail disabled, the organisation unit's policy, the client's project)
+/// is not asked at sign-in.
+#[test]
+fn signing_in_checks_the_accounts_state_only() {
+    let dir = fixture();
+    let c = MemoryCounters::new();
+    let sign_in =
+        |user: &str| SendAttempt::new(Door::Gmail, oauth(user)).for_action(Action::SignIn);
+    for (user, code) in [
+        ("carol@example.com", Reason::AccountSuspended),
+        ("dave@example.com", Reason::AccountUnderReview),
+        ("gina@example.com", Reason::AccountSendingRevoked),
+    ] {
+        let d = decide_action(&sign_in(user), &dir, &c);
+        let denial = d.denial().expect("refused");
+        assert_eq!(denial.code, code, "{user}");
+        assert!(!denial.remedy.is_empty());
+        assert!(d.charge.is_none());
+    }
+    for user in ["alice@example.com", "erin@example.com", "frank@example.com"] {
+        let d = decide_action(&sign_in(user), &dir, &c);
+        assert!(d.accepted(), "{user}: {:?}", d.denial());
+    }
 }
 
 /// The null-sender rule for bounces: `MAIL FROM:<>` on the IP-trusted relay is decided by the

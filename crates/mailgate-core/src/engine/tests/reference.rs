@@ -2,7 +2,7 @@
 //! directory, one plain function per check, outcomes only. The differential test compares it with
 //! the engine on random directories and attempts.
 
-use crate::catalogue::Reason;
+use crate::catalogue::{Reason, RequestProblem};
 use crate::directory::*;
 use crate::engine::checks::CHECKS;
 use crate::engine::{
@@ -74,7 +74,7 @@ fn scope_for(s: &str, door: Door, action: Action) -> bool {
             s == FULL || matches!(short, Some("settings.basic" | "settings.sharing"))
         }
         Action::ManageSendAs => s == FULL || short == Some("settings.sharing"),
-        Action::Manage { .. } | Action::IssueToken => false,
+        Action::Manage { .. } | Action::IssueToken | Action::SignIn => false,
     }
 }
 
@@ -82,7 +82,7 @@ fn scope_for(s: &str, door: Door, action: Action) -> bool {
 /// rows 1-20 (transport to delegation) for AUTH; rows 1-24 (through the account's state) and
 /// `policy.denied` for the Gmail settings methods; transport, authentication and the
 /// credential's restrictions (rows 1-13) and `permission.missing` for a key-management call;
-/// for issuing a token, what Google checks then.
+/// for issuing a token, what Google checks then; at sign-in, the account's state.
 fn runs(action: Action, r: Reason) -> bool {
     let row = r.spec().row;
     match action {
@@ -95,6 +95,8 @@ fn runs(action: Action, r: Reason) -> bool {
         // The token endpoint: who asks (3-7), the client (13), the delegation (17-19), the
         // states that stop an account for good (21, 24) and policy.denied (28).
         Action::IssueToken => matches!(row, 3..=7 | 13 | 17..=19 | 21 | 24 | 28),
+        // The consent page: the account's states that refuse a code (21, 23, 24).
+        Action::SignIn => matches!(row, 21 | 23 | 24),
     }
 }
 
@@ -825,6 +827,13 @@ pub(super) fn explain(
             Reason::MessageInvalid => match (&a.body, &a.header) {
                 (Body::Unknown, _) => Pending,
                 (Body::Invalid { .. }, _) => Fail,
+                (Body::Unreadable { problem, .. }, _) => {
+                    if matches!(problem, RequestProblem::TooManyItems { .. }) {
+                        Pass
+                    } else {
+                        Fail
+                    }
+                }
                 (Body::Valid, None) => Pending,
                 (Body::Valid, Some(h)) => {
                     if well_formed(h) {
@@ -840,9 +849,20 @@ pub(super) fn explain(
                 Some(_) => Pass,
             },
             Reason::MessageTooLarge => match a.size {
+                _ if matches!(
+                    a.body,
+                    Body::Unreadable {
+                        problem: RequestProblem::TooManyItems { .. },
+                        ..
+                    }
+                ) =>
+                {
+                    Fail
+                }
                 None => Pending,
                 Some(n) if n > limits.max_message_bytes => Fail,
                 Some(n) if a.door == Door::Gmail && n > 35 * 1024 * 1024 => Fail,
+                Some(n) if a.door == Door::Sendgrid && n > 30 * 1024 * 1024 => Fail,
                 Some(_) => Pass,
             },
             _ => Na,
