@@ -3,11 +3,10 @@
 //! the binary and run at open under an advisory lock, so nodes starting together apply each
 //! migration once.
 //!
-//! Implemented so far: [`FaultStore`](crate::FaultStore) (`faults.rs`) and
-//! [`TokenStore`](crate::TokenStore) (`tokens.rs`), each whole and under the conformance suite.
-//! [`Store`](crate::Store) and [`QueueStore`](crate::QueueStore) are not, so
-//! [`open`](crate::open) still refuses `postgres://` URLs: a backend is offered only when it
-//! implements every trait.
+//! Implemented so far, each whole and under the conformance suite: [`FaultStore`](crate::FaultStore)
+//! (`faults.rs`), [`TokenStore`](crate::TokenStore) (`tokens.rs`) and [`Store`](crate::Store)
+//! (`directory.rs`). [`QueueStore`](crate::QueueStore) is not, so [`open`](crate::open) still
+//! refuses `postgres://` URLs: a backend is offered only when it implements every trait.
 
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,6 +16,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 
 use crate::StoreError;
 
+mod directory;
 mod error;
 mod faults;
 mod tokens;
@@ -36,13 +36,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most connections one node opens.
 const MAX_CONNECTIONS: u32 = 16;
 
-/// The PostgreSQL store: a connection pool on one database.
+/// The PostgreSQL store: a connection pool on one database. Every call is one or a few
+/// statements on it; each write commits before the call returns.
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

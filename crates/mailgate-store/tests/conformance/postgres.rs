@@ -1,5 +1,5 @@
 //! The suite on the PostgreSQL store, for the traits it implements so far (`FaultStore`,
-//! `TokenStore`): one database of its own per test, created on the server at
+//! `TokenStore`, `Store`): one database of its own per test, created on the server at
 //! `MAILGATE_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432/postgres`, the machines'
 //! trust-auth server that `scripts/test` starts when it is down) and dropped when the test ends,
 //! passed or panicked. Each handle is `PgStore::open` on that database, as another node would
@@ -8,10 +8,10 @@
 use std::sync::Arc;
 
 use mailgate_store::postgres::PgStore;
-use mailgate_store::{FaultStore, TokenStore};
+use mailgate_store::{FaultStore, Store, TokenStore};
 use sqlx::{Connection, PgConnection};
 
-use crate::suite::{FaultBackend, TokenBackend, conformance};
+use crate::suite::{FaultBackend, StoreBackend, TokenBackend, conformance};
 
 /// The server the test databases are made on (its maintenance database).
 fn server() -> String {
@@ -115,8 +115,15 @@ impl TokenBackend for Postgres {
     }
 }
 
+impl StoreBackend for Postgres {
+    async fn store(&self) -> Arc<dyn Store> {
+        Arc::new(self.handle().await)
+    }
+}
+
 conformance!(faults: fresh);
 conformance!(tokens: fresh);
+conformance!(store: fresh);
 
 /// The guard drops its database, also when the test using it panics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,4 +240,83 @@ async fn an_open_creates_decision_partitions_ahead() {
             .await
             .unwrap();
     assert_eq!(place, "decisions_default");
+}
+
+/// Retention drops a whole day partition when no remaining message names a decision in it, and
+/// empties row by row a partition some queued message still names (that decision stays).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_drops_whole_day_partitions_and_keeps_named_decisions() {
+    use mailgate_store::{MessageState, NewMessage, StoredDecision, StoredVerdict};
+    const DAY: i64 = 86_400_000;
+    let day = 19_675 * DAY; // 2023-11-14 UTC
+    let db = fresh().await;
+    let s = db.handle().await;
+    sqlx::query("SELECT mailgate_decision_partitions($1, 1)")
+        .bind(day)
+        .execute(s.pool())
+        .await
+        .unwrap();
+    let decision = |id: &str, at_ms| StoredDecision {
+        id: id.into(),
+        at_ms,
+        door: "smtp".into(),
+        principal: "a@example.com".into(),
+        verdict: StoredVerdict::Allowed,
+        code: None,
+        body: serde_json::json!({"id": id}).into(),
+    };
+    s.record_decision(&decision("a", day + 1_000))
+        .await
+        .unwrap();
+    s.record_decision(&decision("b", day + DAY + 5))
+        .await
+        .unwrap();
+    s.record_decision(&decision("m", day + DAY + 6))
+        .await
+        .unwrap();
+    s.accept_message(
+        &NewMessage {
+            id: "m1".into(),
+            decision_id: "m".into(),
+            accepted_at_ms: day + DAY + 6,
+            door: "smtp".into(),
+            principal: "a@example.com".into(),
+            envelope_from: "a@example.com".into(),
+            recipients: vec!["b@example.org".into()],
+            raw: b"Subject: x\r\n\r\nx\r\n".to_vec(),
+            state: MessageState::Queued,
+            hold_until_ms: None,
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    let partitions = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = 'decisions'::regclass AND c.relname LIKE 'decisions_d2023%'
+             ORDER BY 1",
+        )
+        .fetch_all(s.pool())
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        partitions().await,
+        ["decisions_d20231114", "decisions_d20231115"]
+    );
+    let purged = s.purge(Some(day + 2 * DAY), None).await.unwrap();
+    assert_eq!(purged.decisions, 2);
+    assert_eq!(
+        partitions().await,
+        ["decisions_d20231115"],
+        "the first day dropped whole"
+    );
+    assert_eq!(s.decision("a").await.unwrap(), None);
+    assert_eq!(s.decision("b").await.unwrap(), None);
+    assert_eq!(
+        s.decision("m").await.unwrap(),
+        Some(decision("m", day + DAY + 6)),
+        "named by a queued message"
+    );
 }
