@@ -69,14 +69,19 @@ impl Stores {
 }
 
 /// Opens (creating if needed) the store at `url_or_path` and brings its schema up to date:
-/// `sqlite://<path>` or `sqlite:<path>` or a plain file path (SQLite). A URL of a backend this
-/// build does not have (`postgres://...`) is refused with [`StoreError::Unavailable`].
+/// `sqlite://<path>` or `sqlite:<path>` or a plain file path (SQLite), or
+/// `postgres://USER[:PASSWORD]@HOST[:PORT]/DB` (`postgresql://` too; PostgreSQL, for several
+/// nodes on one database). A URL of a backend this build does not have is refused with
+/// [`StoreError::Unavailable`].
 pub async fn open(url_or_path: &str) -> Result<Stores, StoreError> {
     if let Some(path) = url_or_path
         .strip_prefix("sqlite://")
         .or_else(|| url_or_path.strip_prefix("sqlite:"))
     {
         return open_path(Path::new(path)).await;
+    }
+    if url_or_path.starts_with("postgres://") || url_or_path.starts_with("postgresql://") {
+        return Ok(Stores::of(postgres::PgStore::open(url_or_path).await?));
     }
     if let Some((scheme, _)) = url_or_path.split_once("://") {
         return Err(StoreError::Unavailable(format!(
@@ -103,7 +108,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn open_takes_a_path_or_an_sqlite_url_and_refuses_other_backends() {
+    async fn open_takes_a_path_or_an_sqlite_or_postgres_url_and_refuses_other_backends() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.db");
         let by_path = open(path.to_str().unwrap()).await.unwrap();
@@ -117,7 +122,10 @@ mod tests {
         by_path.directory.commit(0, &cs, "t").await.unwrap();
         // The same database through the other handle.
         assert_eq!(by_url.directory.generation().await.unwrap(), 1);
-        let e = open("postgres://u@127.0.0.1/db").await.unwrap_err();
+        let e = open("mysql://u@127.0.0.1/db").await.unwrap_err();
         assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+        // A PostgreSQL URL is PostgreSQL's (nothing listens on port 1: unreachable).
+        let e = open("postgres://u@127.0.0.1:1/db").await.unwrap_err();
+        assert!(e.to_string().contains("PostgreSQL"), "{e}");
     }
 }

@@ -3,10 +3,12 @@
 //! the binary and run at open under an advisory lock, so nodes starting together apply each
 //! migration once.
 //!
-//! Implemented so far, each whole and under the conformance suite: [`FaultStore`](crate::FaultStore)
-//! (`faults.rs`), [`TokenStore`](crate::TokenStore) (`tokens.rs`) and [`Store`](crate::Store)
-//! (`directory.rs`). [`QueueStore`](crate::QueueStore) is not, so [`open`](crate::open) still
-//! refuses `postgres://` URLs: a backend is offered only when it implements every trait.
+//! Every store trait is implemented, each whole and under the whole conformance suite:
+//! [`FaultStore`](crate::FaultStore) (`faults.rs`), [`TokenStore`](crate::TokenStore)
+//! (`tokens.rs`), [`Store`](crate::Store) (`directory.rs`) and [`QueueStore`](crate::QueueStore)
+//! (`queue.rs`: leases with `FOR UPDATE SKIP LOCKED`, write-backs fenced by the lease).
+//! [`open`](crate::open) opens it for `postgres://` URLs. Not yet (issue 16): group commit of
+//! decisions, admission charged atomically in the store, node identity, LISTEN/NOTIFY.
 
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,6 +21,7 @@ use crate::StoreError;
 mod directory;
 mod error;
 mod faults;
+mod queue;
 mod tokens;
 
 pub(crate) use error::{OrStore, redact};

@@ -1,0 +1,560 @@
+//! [`QueueStore`] on PostgreSQL: the queue shared by every node. A lease is one statement,
+//! `UPDATE .. FROM (SELECT .. FOR UPDATE SKIP LOCKED)`, so two nodes leasing at once take
+//! different messages and never wait for each other, and no row lock outlives the lease's
+//! transaction. Every lease takes a new `lease_epoch`; a write-back locks the message row only if
+//! the writer still holds its lease, and its final UPDATE is conditioned on that epoch: a worker
+//! whose lease was lost (expired and taken by another, or the message deleted) records nothing.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+
+use super::{OrStore, PgStore};
+use crate::queue::{
+    AttemptEntry, AttemptReport, CAPTURED_HEAD_BYTES, CapturedMessage, LeasedMessage,
+    MessageStatus, QueueEntry, QueueFilter, QueueStore, RecipientStatus, Recorded, RetryOutcome,
+};
+use crate::{MessageState, RecipientState, StoreError, message_state};
+
+fn message_state_of(s: &str) -> Result<MessageState, StoreError> {
+    MessageState::parse(s)
+        .ok_or_else(|| StoreError::corrupt(format!("unknown message state `{s}`")))
+}
+
+fn recipient_state_of(s: &str) -> Result<RecipientState, StoreError> {
+    RecipientState::parse(s)
+        .ok_or_else(|| StoreError::corrupt(format!("unknown recipient state `{s}`")))
+}
+
+/// The columns [`entry_of`] reads (a macro so queries stay `&'static str`).
+macro_rules! entry_columns {
+    () => {
+        "id, state, accepted_at_ms, envelope_from, recipients, size, attempts, next_attempt_ms, decision_id"
+    };
+}
+
+fn entry_of(row: &PgRow) -> Result<QueueEntry, StoreError> {
+    Ok(QueueEntry {
+        id: row.try_get("id").or_store()?,
+        state: message_state_of(&row.try_get::<String, _>("state").or_store()?)?,
+        accepted_at_ms: row.try_get("accepted_at_ms").or_store()?,
+        envelope_from: row.try_get("envelope_from").or_store()?,
+        recipients: row.try_get("recipients").or_store()?,
+        size: row.try_get("size").or_store()?,
+        attempts: row.try_get("attempts").or_store()?,
+        next_attempt_ms: row.try_get("next_attempt_ms").or_store()?,
+        decision_id: row.try_get("decision_id").or_store()?,
+    })
+}
+
+fn captured_of(row: &PgRow) -> Result<CapturedMessage, StoreError> {
+    Ok(CapturedMessage {
+        id: row.try_get("id").or_store()?,
+        decision_id: row.try_get("decision_id").or_store()?,
+        accepted_at_ms: row.try_get("accepted_at_ms").or_store()?,
+        captured_at_ms: row.try_get("done_at_ms").or_store()?,
+        envelope_from: row.try_get("envelope_from").or_store()?,
+        recipients: row.try_get("recipients").or_store()?,
+        size: row.try_get("size").or_store()?,
+        raw: row
+            .try_get::<Option<Vec<u8>>, _>("raw")
+            .or_store()?
+            .unwrap_or_default(),
+    })
+}
+
+/// Records one attempt inside `tx` (see [`QueueStore::record_attempt`]).
+async fn record_in(
+    tx: &mut sqlx::PgConnection,
+    owner: &str,
+    report: &AttemptReport,
+) -> Result<Recorded, StoreError> {
+    // The fence: the row is locked only while `owner` holds its lease; its epoch then
+    // conditions the final UPDATE.
+    let epoch: Option<Option<i64>> = sqlx::query_scalar(
+        "SELECT lease_epoch FROM messages
+         WHERE id = $1 AND lease_owner = $2 AND state IN ('queued', 'deferred')
+         FOR UPDATE",
+    )
+    .bind(&report.message_id)
+    .bind(owner)
+    .fetch_optional(&mut *tx)
+    .await
+    .or_store()?;
+    let Some(epoch) = epoch else {
+        return Ok(Recorded::LeaseLost);
+    };
+    for o in &report.outcomes {
+        sqlx::query(
+            "UPDATE message_recipients
+             SET state = $1, attempts = attempts + 1, code = $2, reply = $3, smarthost = $4,
+                 updated_at_ms = $5
+             WHERE message_id = $6 AND recipient = $7",
+        )
+        .bind(o.state.as_str())
+        .bind(&o.code)
+        .bind(&o.reply)
+        .bind(&report.smarthost)
+        .bind(report.at_ms)
+        .bind(&report.message_id)
+        .bind(&o.recipient)
+        .execute(&mut *tx)
+        .await
+        .or_store()?;
+        sqlx::query(
+            "INSERT INTO delivery_attempts (message_id, at_ms, smarthost, recipient, outcome, code,
+                                            reply, next_attempt_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&report.message_id)
+        .bind(report.at_ms)
+        .bind(&report.smarthost)
+        .bind(&o.recipient)
+        .bind(o.state.as_str())
+        .bind(&o.code)
+        .bind(&o.reply)
+        .bind(if o.state.is_final() {
+            None
+        } else {
+            report.next_attempt_ms
+        })
+        .execute(&mut *tx)
+        .await
+        .or_store()?;
+    }
+    let states: Vec<String> =
+        sqlx::query_scalar("SELECT state FROM message_recipients WHERE message_id = $1")
+            .bind(&report.message_id)
+            .fetch_all(&mut *tx)
+            .await
+            .or_store()?;
+    let states = states
+        .iter()
+        .map(|s| recipient_state_of(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let state = message_state(&states);
+    let (next, done) = if state == MessageState::Deferred {
+        (Some(report.next_attempt_ms.unwrap_or(report.at_ms)), None)
+    } else {
+        (None, Some(report.at_ms))
+    };
+    let n = sqlx::query(
+        "UPDATE messages SET state = $1, attempts = attempts + 1, next_attempt_ms = $2,
+             done_at_ms = $3, lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = $4
+         WHERE id = $5 AND lease_owner = $6 AND lease_epoch IS NOT DISTINCT FROM $7",
+    )
+    .bind(state.as_str())
+    .bind(next)
+    .bind(done)
+    .bind(report.at_ms)
+    .bind(&report.message_id)
+    .bind(owner)
+    .bind(epoch)
+    .execute(&mut *tx)
+    .await
+    .or_store()?
+    .rows_affected();
+    if n != 1 {
+        // Cannot happen while the row is locked; if it does, nothing of this attempt stays.
+        return Err(StoreError::Other(format!(
+            "message {}: the lease changed under its row lock",
+            report.message_id
+        )));
+    }
+    if let Some(dsn) = &report.dsn {
+        super::directory::insert_message(tx, dsn).await?;
+    }
+    Ok(Recorded::State(state))
+}
+
+#[async_trait]
+impl QueueStore for PgStore {
+    async fn release_held(&self, now_ms: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "UPDATE messages SET state = 'queued', next_attempt_ms = $1, updated_at_ms = $1
+             WHERE state = 'held' AND COALESCE(hold_until_ms, 0) <= $1",
+        )
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await
+        .or_store()?
+        .rows_affected())
+    }
+
+    async fn lease_due(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<LeasedMessage>, StoreError> {
+        let until = now_ms.saturating_add(lease_ms);
+        let mut tx = self.pool.begin().await.or_store()?;
+        let rows = sqlx::query(
+            "UPDATE messages m
+             SET lease_owner = $1, lease_until_ms = $2, updated_at_ms = $3,
+                 lease_epoch = nextval('message_lease_epoch')
+             FROM (SELECT id FROM messages
+                   WHERE state IN ('queued', 'deferred')
+                     AND COALESCE(next_attempt_ms, 0) <= $3
+                     AND (lease_until_ms IS NULL OR lease_until_ms <= $3)
+                   ORDER BY COALESCE(next_attempt_ms, accepted_at_ms), id
+                   LIMIT $4
+                   FOR UPDATE SKIP LOCKED) due
+             WHERE m.id = due.id
+             RETURNING m.id, m.decision_id, m.door, m.accepted_at_ms, m.envelope_from,
+                       m.attempts, COALESCE(m.next_attempt_ms, m.accepted_at_ms) AS due_at",
+        )
+        .bind(owner)
+        .bind(until)
+        .bind(now_ms)
+        .bind(i64::from(limit.max(1)))
+        .fetch_all(&mut *tx)
+        .await
+        .or_store()?;
+        let mut leased = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let due_at: i64 = r.try_get("due_at").or_store()?;
+            leased.push((
+                due_at,
+                LeasedMessage {
+                    id: r.try_get("id").or_store()?,
+                    decision_id: r.try_get("decision_id").or_store()?,
+                    door: r.try_get("door").or_store()?,
+                    accepted_at_ms: r.try_get("accepted_at_ms").or_store()?,
+                    envelope_from: r.try_get("envelope_from").or_store()?,
+                    recipients: Vec::new(),
+                    attempts: r.try_get("attempts").or_store()?,
+                    raw: Vec::new(),
+                    lease_until_ms: until,
+                },
+            ));
+        }
+        // RETURNING keeps no order: the oldest due first, as selected.
+        leased.sort_by(|a, b| (a.0, &a.1.id).cmp(&(b.0, &b.1.id)));
+        let mut leased: Vec<LeasedMessage> = leased.into_iter().map(|(_, m)| m).collect();
+        if leased.is_empty() {
+            tx.commit().await.or_store()?;
+            return Ok(leased);
+        }
+        let ids: Vec<String> = leased.iter().map(|m| m.id.clone()).collect();
+        // Recipient rows are made on the first lease (acceptance stays small), in envelope order.
+        sqlx::query(
+            "INSERT INTO message_recipients (message_id, recipient, position, state, updated_at_ms)
+             SELECT m.id, r.recipient, r.position::integer, 'pending', $2
+             FROM messages m, unnest(m.recipients) WITH ORDINALITY AS r(recipient, position)
+             WHERE m.id = ANY($1)
+             ON CONFLICT (message_id, recipient) DO NOTHING",
+        )
+        .bind(&ids)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await
+        .or_store()?;
+        let mut open: HashMap<String, Vec<(String, RecipientState)>> = HashMap::new();
+        for r in sqlx::query(
+            "SELECT message_id, recipient, state FROM message_recipients
+             WHERE message_id = ANY($1) AND state NOT IN ('delivered', 'failed')
+             ORDER BY message_id, position",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        .or_store()?
+        {
+            open.entry(r.try_get("message_id").or_store()?)
+                .or_default()
+                .push((
+                    r.try_get("recipient").or_store()?,
+                    recipient_state_of(&r.try_get::<String, _>("state").or_store()?)?,
+                ));
+        }
+        let mut bodies: HashMap<String, Vec<u8>> = HashMap::new();
+        for r in
+            sqlx::query("SELECT message_id, raw FROM message_bodies WHERE message_id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await
+                .or_store()?
+        {
+            bodies.insert(
+                r.try_get("message_id").or_store()?,
+                r.try_get("raw").or_store()?,
+            );
+        }
+        tx.commit().await.or_store()?;
+        for m in &mut leased {
+            m.recipients = open.remove(&m.id).unwrap_or_default();
+            m.raw = bodies.remove(&m.id).unwrap_or_default();
+        }
+        Ok(leased)
+    }
+
+    async fn next_due_ms(&self) -> Result<Option<i64>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT MIN(CASE
+                 WHEN state = 'held' THEN COALESCE(hold_until_ms, 0)
+                 WHEN lease_until_ms IS NOT NULL
+                     THEN GREATEST(lease_until_ms, COALESCE(next_attempt_ms, 0))
+                 ELSE COALESCE(next_attempt_ms, 0) END)
+             FROM messages WHERE state IN ('queued', 'deferred', 'held')",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .or_store()
+    }
+
+    async fn record_attempt(
+        &self,
+        owner: &str,
+        report: &AttemptReport,
+    ) -> Result<Recorded, StoreError> {
+        let mut out = self
+            .record_attempts(owner, std::slice::from_ref(report))
+            .await?;
+        Ok(out.pop().unwrap_or(Recorded::LeaseLost))
+    }
+
+    async fn record_attempts(
+        &self,
+        owner: &str,
+        reports: &[AttemptReport],
+    ) -> Result<Vec<Recorded>, StoreError> {
+        if reports.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await.or_store()?;
+        let mut out = Vec::with_capacity(reports.len());
+        for report in reports {
+            out.push(record_in(&mut tx, owner, report).await?);
+        }
+        tx.commit().await.or_store()?;
+        Ok(out)
+    }
+
+    async fn mark_captured(
+        &self,
+        owner: &str,
+        id: &str,
+        now_ms: i64,
+    ) -> Result<Recorded, StoreError> {
+        // One conditional UPDATE: it changes the row only while `owner` holds the lease.
+        let n = sqlx::query(
+            "UPDATE messages SET state = 'captured', done_at_ms = $1, next_attempt_ms = NULL,
+                 lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = $1
+             WHERE id = $2 AND lease_owner = $3 AND state IN ('queued', 'deferred')",
+        )
+        .bind(now_ms)
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await
+        .or_store()?
+        .rows_affected();
+        Ok(if n == 1 {
+            Recorded::State(MessageState::Captured)
+        } else {
+            Recorded::LeaseLost
+        })
+    }
+
+    async fn list_queue(&self, filter: &QueueFilter) -> Result<Vec<QueueEntry>, StoreError> {
+        let limit = i64::from(if filter.limit == 0 { 100 } else { filter.limit });
+        let rows = match &filter.state {
+            Some(state) => sqlx::query(concat!(
+                "SELECT ",
+                entry_columns!(),
+                " FROM messages WHERE state = $1 ORDER BY accepted_at_ms DESC, id DESC LIMIT $2"
+            ))
+            .bind(state.as_str())
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .or_store()?,
+            None => sqlx::query(concat!(
+                "SELECT ",
+                entry_columns!(),
+                " FROM messages WHERE state <> 'captured'
+                  ORDER BY accepted_at_ms DESC, id DESC LIMIT $1"
+            ))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .or_store()?,
+        };
+        rows.iter().map(entry_of).collect()
+    }
+
+    async fn message_status(&self, id: &str) -> Result<Option<MessageStatus>, StoreError> {
+        // One REPEATABLE READ transaction: the message, its recipients and its history agree.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .or_store()?;
+        let Some(row) = sqlx::query(concat!(
+            "SELECT ",
+            entry_columns!(),
+            ", door, principal, hold_until_ms, lease_owner, lease_until_ms, done_at_ms
+             FROM messages WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .or_store()?
+        else {
+            return Ok(None);
+        };
+        let entry = entry_of(&row)?;
+        let mut recipient_status = Vec::new();
+        for r in sqlx::query(
+            "SELECT recipient, state, attempts, code, reply, smarthost FROM message_recipients
+             WHERE message_id = $1 ORDER BY position",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await
+        .or_store()?
+        {
+            recipient_status.push(RecipientStatus {
+                recipient: r.try_get("recipient").or_store()?,
+                state: recipient_state_of(&r.try_get::<String, _>("state").or_store()?)?,
+                attempts: r.try_get("attempts").or_store()?,
+                code: r.try_get("code").or_store()?,
+                last_reply: r.try_get("reply").or_store()?,
+                smarthost: r.try_get("smarthost").or_store()?,
+            });
+        }
+        if recipient_status.is_empty() {
+            recipient_status = entry
+                .recipients
+                .iter()
+                .map(|r| RecipientStatus {
+                    recipient: r.clone(),
+                    state: RecipientState::Pending,
+                    attempts: 0,
+                    code: None,
+                    last_reply: None,
+                    smarthost: None,
+                })
+                .collect();
+        }
+        let mut history = Vec::new();
+        for r in sqlx::query(
+            "SELECT at_ms, smarthost, recipient, outcome, code, reply, next_attempt_ms
+             FROM delivery_attempts WHERE message_id = $1 ORDER BY seq",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await
+        .or_store()?
+        {
+            history.push(AttemptEntry {
+                at_ms: r.try_get("at_ms").or_store()?,
+                smarthost: r.try_get("smarthost").or_store()?,
+                recipient: r.try_get("recipient").or_store()?,
+                outcome: recipient_state_of(&r.try_get::<String, _>("outcome").or_store()?)?,
+                code: r.try_get("code").or_store()?,
+                reply: r.try_get("reply").or_store()?,
+                next_attempt_ms: r.try_get("next_attempt_ms").or_store()?,
+            });
+        }
+        tx.commit().await.or_store()?;
+        Ok(Some(MessageStatus {
+            entry,
+            door: row.try_get("door").or_store()?,
+            principal: row.try_get("principal").or_store()?,
+            hold_until_ms: row.try_get("hold_until_ms").or_store()?,
+            lease_owner: row.try_get("lease_owner").or_store()?,
+            lease_until_ms: row.try_get("lease_until_ms").or_store()?,
+            done_at_ms: row.try_get("done_at_ms").or_store()?,
+            recipient_status,
+            history,
+        }))
+    }
+
+    async fn retry_message(&self, id: &str, now_ms: i64) -> Result<RetryOutcome, StoreError> {
+        let mut tx = self.pool.begin().await.or_store()?;
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM messages WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .or_store()?;
+        let Some(state) = state else {
+            return Ok(RetryOutcome::NotFound);
+        };
+        match message_state_of(&state)? {
+            MessageState::Queued
+            | MessageState::Deferred
+            | MessageState::Held
+            | MessageState::Failed => {
+                sqlx::query(
+                    "UPDATE message_recipients SET state = 'pending', updated_at_ms = $1
+                     WHERE message_id = $2 AND state = 'failed'",
+                )
+                .bind(now_ms)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .or_store()?;
+                sqlx::query(
+                    "UPDATE messages SET state = 'queued', next_attempt_ms = $1,
+                         hold_until_ms = NULL, done_at_ms = NULL, updated_at_ms = $1
+                     WHERE id = $2",
+                )
+                .bind(now_ms)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .or_store()?;
+                tx.commit().await.or_store()?;
+                Ok(RetryOutcome::Requeued)
+            }
+            final_state => Ok(RetryOutcome::Final(final_state)),
+        }
+    }
+
+    async fn delete_message(&self, id: &str) -> Result<bool, StoreError> {
+        // Its body, recipients and history go with it (ON DELETE CASCADE).
+        let n = sqlx::query("DELETE FROM messages WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .or_store()?
+            .rows_affected();
+        Ok(n > 0)
+    }
+
+    async fn list_captured(&self, limit: u32) -> Result<Vec<CapturedMessage>, StoreError> {
+        let limit = i64::from(if limit == 0 { 100 } else { limit });
+        let rows = sqlx::query(
+            "SELECT id, decision_id, accepted_at_ms, done_at_ms, envelope_from, recipients, size,
+                    (SELECT substring(b.raw FROM 1 FOR $1::integer) FROM message_bodies b
+                     WHERE b.message_id = messages.id) AS raw
+             FROM messages WHERE state = 'captured'
+             ORDER BY accepted_at_ms DESC, id DESC LIMIT $2",
+        )
+        .bind(CAPTURED_HEAD_BYTES)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .or_store()?;
+        rows.iter().map(captured_of).collect()
+    }
+
+    async fn captured_message(&self, id: &str) -> Result<Option<CapturedMessage>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, decision_id, accepted_at_ms, done_at_ms, envelope_from, recipients, size,
+                    (SELECT b.raw FROM message_bodies b WHERE b.message_id = messages.id) AS raw
+             FROM messages WHERE state = 'captured' AND id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .or_store()?;
+        row.as_ref().map(captured_of).transpose()
+    }
+}
