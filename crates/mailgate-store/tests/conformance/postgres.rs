@@ -1,5 +1,4 @@
-//! The suite on the PostgreSQL store, for the traits it implements so far (`FaultStore`,
-//! `TokenStore`, `Store`): one database of its own per test, created on the server at
+//! The whole suite on the PostgreSQL store: one database of its own per test, created on the server at
 //! `MAILGATE_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432/postgres`, the machines'
 //! trust-auth server that `scripts/test` starts when it is down) and dropped when the test ends,
 //! passed or panicked. Each handle is `PgStore::open` on that database, as another node would
@@ -8,10 +7,10 @@
 use std::sync::Arc;
 
 use mailgate_store::postgres::PgStore;
-use mailgate_store::{FaultStore, Store, TokenStore};
+use mailgate_store::{Store, Stores};
 use sqlx::{Connection, PgConnection};
 
-use crate::suite::{FaultBackend, StoreBackend, TokenBackend, conformance};
+use crate::suite::{Backend, conformance};
 
 /// The server the test databases are made on (its maintenance database).
 fn server() -> String {
@@ -103,27 +102,14 @@ impl Drop for Postgres {
     }
 }
 
-impl FaultBackend for Postgres {
-    async fn faults(&self) -> Arc<dyn FaultStore> {
-        Arc::new(self.handle().await)
+impl Backend for Postgres {
+    /// Through the factory `serve` and the admin verbs use, as for SQLite.
+    async fn open(&self) -> Stores {
+        mailgate_store::open(&self.url).await.unwrap()
     }
 }
 
-impl TokenBackend for Postgres {
-    async fn tokens(&self) -> Arc<dyn TokenStore> {
-        Arc::new(self.handle().await)
-    }
-}
-
-impl StoreBackend for Postgres {
-    async fn store(&self) -> Arc<dyn Store> {
-        Arc::new(self.handle().await)
-    }
-}
-
-conformance!(faults: fresh);
-conformance!(tokens: fresh);
-conformance!(store: fresh);
+conformance!(fresh);
 
 /// The guard drops its database, also when the test using it panics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
