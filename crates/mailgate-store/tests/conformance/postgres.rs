@@ -1,8 +1,9 @@
-//! The whole suite on the PostgreSQL store: one database of its own per test, created on the server at
-//! `MAILGATE_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432/postgres`, the machines'
-//! trust-auth server that `scripts/test` starts when it is down) and dropped when the test ends,
-//! passed or panicked. Each handle is `PgStore::open` on that database, as another node would
-//! open it (its own pool; migrations already applied are skipped).
+//! The whole suite on the PostgreSQL store: one database of its own per test, created on the
+//! server at `MAILGATE_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432/postgres`, the
+//! machines' trust-auth server that `scripts/test` starts when it is down) and dropped when the
+//! test ends, passed or panicked. Each handle is `mailgate_store::open` on that database's URL, as
+//! another node would open it (its own pool; migrations already applied are skipped). Below the
+//! suite: what only PostgreSQL has (how it opens, decision partitions, SKIP LOCKED leases).
 
 use std::sync::Arc;
 
@@ -304,5 +305,56 @@ async fn retention_drops_whole_day_partitions_and_keeps_named_decisions() {
         s.decision("m").await.unwrap(),
         Some(decision("m", day + DAY + 6)),
         "named by a queued message"
+    );
+}
+
+/// Leasing skips rows another node has locked (`FOR UPDATE SKIP LOCKED`) instead of waiting for
+/// them: while one node's transaction holds a message's row, another leases the rest at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_skips_rows_another_node_holds_instead_of_waiting() {
+    use mailgate_store::{MessageState, NewMessage, QueueStore};
+    let db = fresh().await;
+    let a = db.handle().await;
+    let b = db.handle().await;
+    for id in ["m1", "m2"] {
+        a.accept_message(
+            &NewMessage {
+                id: id.into(),
+                decision_id: format!("d-{id}"),
+                accepted_at_ms: 1_000,
+                door: "smtp".into(),
+                principal: "a@example.com".into(),
+                envelope_from: "a@example.com".into(),
+                recipients: vec!["b@example.org".into()],
+                raw: b"Subject: x\r\n\r\nx\r\n".to_vec(),
+                state: MessageState::Queued,
+                hold_until_ms: None,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    let mut holder = a.pool().begin().await.unwrap();
+    sqlx::query("SELECT id FROM messages WHERE id = 'm1' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let leased = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        b.lease_due("node-b", 2_000, 60_000, 10),
+    )
+    .await
+    .expect("the lease waited for a locked row")
+    .unwrap();
+    assert_eq!(
+        leased.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+        ["m2"]
+    );
+    holder.rollback().await.unwrap();
+    let rest = b.lease_due("node-b", 2_000, 60_000, 10).await.unwrap();
+    assert_eq!(
+        rest.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+        ["m1"]
     );
 }
