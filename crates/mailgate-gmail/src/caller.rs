@@ -15,7 +15,7 @@ use axum::extract::{FromRequestParts, Path, Query};
 use axum::http::HeaderMap;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
-use mailgate_core::engine::{Action, Credential, Door, Mailbox, SendAttempt};
+use mailgate_core::engine::{Action, Credential, Door, Mailbox, RequestProblem, SendAttempt};
 use mailgate_gateway::ConnFacts;
 
 use crate::GmailState;
@@ -117,7 +117,7 @@ impl<M: Method> FromRequestParts<Arc<GmailState>> for Caller<M> {
                 &format!(
                     "Invalid userId: at most {MAX_USER_ID_BYTES} characters (an email address or `me`)"
                 ),
-                "use `me` or the address the credential acts for",
+                RequestProblem::UserId,
             ));
         }
         let credential = credential(st, &parts.headers, &q).await?;

@@ -6,7 +6,7 @@
 use axum::Json;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use mailgate_core::catalogue::{GmailReply, Reason, RenderArgs};
+use mailgate_core::catalogue::{GmailReply, Reason, RenderArgs, RequestProblem};
 use mailgate_core::engine::Denial;
 use serde_json::{Value, json};
 
@@ -185,8 +185,9 @@ pub(crate) fn invalid_argument(message: &str) -> Response {
 
 /// A request the door cannot read (not JSON, an unknown `uploadType`, a `userId` too long, a body
 /// that broke off): 400 `invalidArgument` in Google's shape, with Mailgate's `message.invalid`
-/// and `remedy` in the `details[]` entry. No decision: nothing was asked of the engine.
-pub(crate) fn invalid_request(message: &str, remedy: &str) -> Response {
+/// and the catalogue's remedy for the `problem` in the `details[]` entry. No decision: nothing
+/// was asked of the engine.
+pub(crate) fn invalid_request(message: &str, problem: RequestProblem) -> Response {
     let reply = GmailReply {
         spec: mailgate_core::catalogue::GmailSpec {
             http_status: 400,
@@ -201,7 +202,7 @@ pub(crate) fn invalid_request(message: &str, remedy: &str) -> Response {
         message: message.to_owned(),
         errors_message: message.to_owned(),
     };
-    let reason = Reason::MessageInvalid;
+    let reason = problem.reason();
     google_error(
         &reply,
         "",
@@ -209,7 +210,7 @@ pub(crate) fn invalid_request(message: &str, remedy: &str) -> Response {
             code: reason.code(),
             check: reason.check_name(),
             object_at_fault: "request".into(),
-            remedy,
+            remedy: problem.remedy(),
             decision_id: None,
         }),
         HeaderMap::new(),

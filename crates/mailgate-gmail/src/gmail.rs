@@ -18,7 +18,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use mailgate_core::engine::{
-    Body, Credential, GMAIL_MAX_MESSAGE_BYTES, Originator, SEND_SCOPES, SendAttempt,
+    Body, Credential, GMAIL_MAX_MESSAGE_BYTES, Originator, RequestProblem, SEND_SCOPES, SendAttempt,
 };
 use mailgate_gateway::{Accepted, Message};
 use serde::Deserialize;
@@ -232,7 +232,7 @@ pub(crate) async fn send_as_create(
         Err(e) => {
             return invalid_request(
                 &format!("Invalid JSON payload received. {e}"),
-                "send a SendAs resource as one JSON object (docs/gmail.md)",
+                RequestProblem::SendAsJson,
             );
         }
     };
@@ -288,7 +288,7 @@ pub(crate) async fn send_as_update(
         Err(e) => {
             return invalid_request(
                 &format!("Invalid JSON payload received. {e}"),
-                "send a SendAs resource as one JSON object (docs/gmail.md)",
+                RequestProblem::SendAsJson,
             );
         }
     };
@@ -542,7 +542,7 @@ pub(crate) async fn send_upload(
         }
         Some(other) => invalid_request(
             &format!("Invalid uploadType: {other}"),
-            "use uploadType=media, multipart or resumable (or send JSON with raw to /gmail/v1/users/{userId}/messages/send)",
+            RequestProblem::UploadType,
         ),
     }
 }
@@ -580,7 +580,7 @@ async fn read_small(headers: &HeaderMap, body: RequestBody) -> Result<Vec<u8>, R
 fn unreadable() -> Response {
     invalid_request(
         "The request body could not be read.",
-        "send the whole body (the connection broke off or a chunk was malformed)",
+        RequestProblem::BrokenBody,
     )
 }
 

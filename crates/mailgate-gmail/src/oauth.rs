@@ -18,7 +18,6 @@ use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use mailgate_core::catalogue::Reason;
 use mailgate_core::engine::{Action, Credential, CredentialState, Door, SendAttempt};
 use mailgate_store::{TokenKind, TokenRecord};
 use serde::Deserialize;
@@ -1259,9 +1258,8 @@ async fn refusal_line(
     }
 }
 
-/// The engine's answer on the account at consent time: its state (suspended, sending revoked,
-/// under review) refuses a code. Every check runs (explain mode: the credential's scopes may
-/// fail an earlier check that does not matter here); only account-state denials count.
+/// The engine's answer on the account at consent time (`Action::SignIn`: the engine says which
+/// of the account's states refuse a code), rendered as the page's line.
 async fn account_refusal(
     st: &GmailState,
     conn: &mailgate_gateway::ConnFacts,
@@ -1278,28 +1276,19 @@ async fn account_refusal(
             project: client.project.clone(),
             scopes: scopes.to_vec(),
         },
-    );
+    )
+    .for_action(Action::SignIn);
     attempt.transport = conn.transport(headers);
-    let decided = match st.gateway.explain(&attempt).await {
-        Ok(d) => d,
+    // A refusal is kept under its id; an allowance is not (the code's issuance follows).
+    let refused = match st.gateway.screen("gmail", &attempt).await {
+        Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "consent: cannot ask the engine");
             return Err(unavailable_page());
         }
     };
-    Ok(decided
-        .decision
-        .denials
-        .iter()
-        .find(|d| {
-            matches!(
-                d.code,
-                Reason::AccountSuspended
-                    | Reason::AccountSendingRevoked
-                    | Reason::AccountUnderReview
-            )
-        })
-        .map(|d| {
+    Ok(refused.and_then(|decided| {
+        decided.decision.denial().map(|d| {
             format!(
                 "{} [mailgate: {}, decision {}] Remedy: {}",
                 d.message,
@@ -1307,7 +1296,8 @@ async fn account_refusal(
                 decided.id,
                 d.remedy
             )
-        }))
+        })
+    }))
 }
 
 fn unavailable_page() -> Response {

@@ -7,7 +7,7 @@
 use axum::Json;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use mailgate_core::catalogue::Reason;
+use mailgate_core::catalogue::{Reason, RequestProblem};
 use mailgate_core::directory::SEND_COST_UNITS;
 use mailgate_core::engine::{Denial, LimitState};
 use serde_json::{Value, json};
@@ -74,17 +74,11 @@ pub(crate) fn simple(status: u16, message: &str) -> Response {
     envelope(status, &[FieldError::plain(message)])
 }
 
-/// Mailgate's explanation of a denial, as it goes into `help` (a limit's remedy with its usage).
+/// Mailgate's explanation of a denial, as it goes into `help` (a limit's remedy with its usage;
+/// for a request's form, the catalogue's remedy in SendGrid's terms, `RequestProblem::remedy`).
 pub(crate) fn explanation(denial: &Denial, decision_id: &str) -> String {
-    explanation_with(denial, decision_id, &denial.remedy_with_usage())
-}
-
-/// The same with how a request is formed in SendGrid's protocol as the remedy, for a
-/// `message.invalid` whose problem is the request's form (not JSON, not UTF-8, the wrong
-/// Content-Type): the engine's remedy speaks of Gmail's `raw`, which means nothing to a SendGrid
-/// client.
-pub(crate) fn explanation_with(denial: &Denial, decision_id: &str, remedy: &str) -> String {
     let message = denial.message.trim_end_matches('.');
+    let remedy = denial.remedy_with_usage();
     let remedy = remedy.trim_end_matches('.');
     format!(
         "mailgate {}: {message}. Object at fault: {}. Remedy: {remedy}. Decision: {decision_id}",
@@ -193,10 +187,6 @@ pub(crate) fn management_denial_response(
     r
 }
 
-/// How a SendGrid request body is formed, the remedy of one that is not JSON.
-pub(crate) const JSON_BODY_REMEDY: &str =
-    "send the body as one JSON object, with Content-Type: application/json";
-
 /// A refusal of a key-management request's form, which no decision is made about (the engine
 /// judges calls, not how their bodies are spelled): `status` with SendGrid's `message`, the
 /// reason code in `X-Mailgate-Code`, and in `help` what is wrong and `remedy`, how the request
@@ -231,7 +221,7 @@ pub(crate) fn invalid_json(e: &serde_json::Error) -> Response {
         format!("invalid request: {detail}"),
         Reason::MessageInvalid,
         &detail,
-        JSON_BODY_REMEDY,
+        RequestProblem::NotJson.remedy(),
     )
 }
 
@@ -315,27 +305,25 @@ pub(crate) fn busy(m: &mailgate_gateway::budget::MemoryBudget) -> Response {
         max = m.max(),
         "sendgrid door: message memory budget spent; request refused for now"
     );
+    let reason = Reason::ServerBusy;
     let mut r = envelope(
         503,
         &[FieldError {
             message: "service unavailable".into(),
             field: None,
             help: Some(format!(
-                "mailgate {SERVER_BUSY}: the gateway is holding as many message bodies in memory as it may ({} bytes) and took nothing from this request. Remedy: retry after {RETRY_AFTER_SECS} seconds; the operator can raise limits.data_memory_bytes.",
-                m.max()
+                "mailgate {}: the gateway is holding as many message bodies in memory as it may ({} bytes) and took nothing from this request. Remedy: {} (retry after {RETRY_AFTER_SECS} seconds).",
+                reason.code(),
+                m.max(),
+                reason.spec().remedy.trim_end_matches('.'),
             )),
         }],
     );
     let h = r.headers_mut();
     h.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
-    if let Ok(v) = HeaderValue::from_str(SERVER_BUSY) {
-        h.insert("x-mailgate-code", v);
-    }
+    h.insert("x-mailgate-code", HeaderValue::from_static(reason.code()));
     r
 }
-
-/// The reason code of a request refused because the process's memory budget is spent.
-pub(crate) const SERVER_BUSY: &str = "server.busy";
 
 /// `413` with SendGrid's text for a key-management request over `limit` bytes, before or while
 /// it was read; the remedy is the one every door gives for such a body.

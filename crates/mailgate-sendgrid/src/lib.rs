@@ -35,8 +35,9 @@ use mailgate_core::engine::Credential;
 use mailgate_gateway::{ConnFacts, Gateway};
 pub use wire::PARSE_BUDGET_BYTES;
 
-/// The largest request SendGrid accepts (total message size, attachments included).
-pub const MAX_REQUEST_BYTES: usize = 30 * 1024 * 1024;
+/// The largest request SendGrid accepts (total message size, attachments included): the
+/// engine's `SENDGRID_MAX_REQUEST_BYTES`, which refuses a request over it.
+pub const MAX_REQUEST_BYTES: usize = mailgate_core::engine::SENDGRID_MAX_REQUEST_BYTES as usize;
 
 /// The door's state.
 pub struct SendgridState {

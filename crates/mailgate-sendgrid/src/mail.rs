@@ -28,7 +28,7 @@ use mail_builder::headers::content_type::ContentType;
 use mail_builder::headers::text::Text;
 use mail_builder::mime::{BodyPart, MimePart};
 use mailgate_core::catalogue::Reason;
-use mailgate_core::engine::{Body as MsgBody, Credential, Door, SendAttempt};
+use mailgate_core::engine::{Body as MsgBody, Credential, Door, RequestProblem, SendAttempt};
 use mailgate_gateway::body::{ReadFail, discard_rest, read_held};
 use mailgate_gateway::budget::MemoryLease;
 use mailgate_gateway::{Accepted, Decided, Message};
@@ -1185,12 +1185,14 @@ pub(crate) async fn method_not_allowed() -> Response {
 enum Problem {
     /// Validation errors (400), all of them.
     Invalid(Vec<FieldError>),
-    /// 415 with this message, and the remedy Mailgate adds in `help`.
-    Media(&'static str, &'static str),
+    /// 415 with this message; the problem names the catalogue's remedy Mailgate adds in `help`.
+    Media(&'static str, RequestProblem),
     /// 400: the body is not JSON (what is wrong with it, with line and column).
     Syntax(String),
-    /// Over 30 MB, or (with an explanation) too costly to hold once parsed.
-    TooLarge(Option<String>),
+    /// Over SendGrid's 30 MB: the request's size (at least what was read of it).
+    TooLarge(u64),
+    /// Within 30 MB but too costly to hold once parsed (past [`PARSE_BUDGET_BYTES`]).
+    OverBudget,
 }
 
 /// 22 characters of base64url, like SendGrid's `X-Message-Id`.
@@ -1207,17 +1209,13 @@ fn parse_body(bytes: Bytes, now_secs: i64) -> Result<(MailSend, usize), Problem>
     if std::str::from_utf8(&bytes).is_err() {
         return Err(Problem::Media(
             "Invalid UTF8 in request",
-            "send the body as UTF-8 JSON",
+            RequestProblem::NotUtf8,
         ));
     }
     let (raw, used) = match wire::parse(&bytes, PARSE_BUDGET_BYTES) {
         Ok(x) => x,
         Err(ParseError::Syntax(detail)) => return Err(Problem::Syntax(detail)),
-        Err(ParseError::OverBudget) => {
-            return Err(Problem::TooLarge(Some(format!(
-                "mailgate message.too_large: this request holds so many small items that reading it would take more than {PARSE_BUDGET_BYTES} bytes of memory. Remedy: send fewer recipients, headers or substitutions per request."
-            ))));
-        }
+        Err(ParseError::OverBudget) => return Err(Problem::OverBudget),
     };
     drop(bytes);
     let checked = check(raw, now_secs);
@@ -1307,12 +1305,12 @@ pub(crate) async fn send(
     let media = if headers.contains_key(header::CONTENT_ENCODING) {
         Some(Problem::Media(
             "Content-Encoding is not supported.",
-            "send the body uncompressed, without a Content-Encoding header",
+            RequestProblem::ContentEncoding,
         ))
     } else if !json_type {
         Some(Problem::Media(
             "Content-Type should be application/json.",
-            "send Content-Type: application/json with a JSON body (docs/sendgrid.md)",
+            RequestProblem::ContentType,
         ))
     } else {
         None
@@ -1329,8 +1327,9 @@ pub(crate) async fn send(
     let memory = st.gateway.budget().data_memory().clone();
     let held = match read_held(&headers, body, MAX_REQUEST_BYTES, Some(&memory), 1).await {
         Ok(h) => h,
-        Err(ReadFail::TooLarge(_)) => {
-            return refuse_request(&st, base, Problem::TooLarge(None), now).await;
+        Err(ReadFail::TooLarge(seen)) => {
+            let size = seen.max(MAX_REQUEST_BYTES as u64 + 1);
+            return refuse_request(&st, base, Problem::TooLarge(size), now).await;
         }
         Err(ReadFail::Busy) => return busy(&memory),
         // The client went away or sent a broken chunk: nobody is likely to read this answer.
@@ -1498,94 +1497,95 @@ fn mark_many(h: &mut HeaderMap, ids: &[String]) {
 }
 
 /// A request that could not be turned into messages: the engine still decides (so a refusal
-/// has a decision id), with the problem as the message's fact.
+/// has a decision id), with the problem as the message's fact: the request's size over SendGrid's
+/// 30 MB (`Door::max_message_bytes`), or what is wrong with its form as a [`RequestProblem`],
+/// whose remedy is the catalogue's. The door keeps SendGrid's status, message and field.
 async fn refuse_request(
     st: &SendgridState,
     mut attempt: SendAttempt,
     problem: Problem,
     now: u64,
 ) -> Response {
-    let (detail, field) = match &problem {
-        Problem::Invalid(errs) => (
-            errs.first()
-                .map_or("Bad Request".to_owned(), |e| e.message.clone()),
-            errs.first().and_then(|e| e.field.clone()),
-        ),
-        Problem::Media(m, _) => ((*m).to_owned(), None),
-        Problem::Syntax(detail) => (detail.clone(), None),
-        Problem::TooLarge(_) => (String::new(), None),
-    };
     match &problem {
-        Problem::TooLarge(_) => {
-            attempt.size = Some(MAX_REQUEST_BYTES as u64 + 1);
+        Problem::TooLarge(size) => {
+            attempt.size = Some(*size);
             attempt.body = MsgBody::Valid;
         }
-        _ => {
+        Problem::OverBudget => {
             attempt.size = Some(0);
-            attempt.body = MsgBody::Invalid { detail, field };
+            attempt.body = MsgBody::Unreadable {
+                problem: RequestProblem::TooManyItems {
+                    budget: PARSE_BUDGET_BYTES as u64,
+                },
+                detail: format!(
+                    "this request holds so many small items that reading it would take more than {PARSE_BUDGET_BYTES} bytes of memory"
+                ),
+            };
+        }
+        Problem::Media(m, p) => {
+            attempt.size = Some(0);
+            attempt.body = MsgBody::Unreadable {
+                problem: *p,
+                detail: (*m).to_owned(),
+            };
+        }
+        Problem::Syntax(detail) => {
+            attempt.size = Some(0);
+            attempt.body = MsgBody::Unreadable {
+                problem: RequestProblem::NotJson,
+                detail: detail.clone(),
+            };
+        }
+        Problem::Invalid(errs) => {
+            attempt.size = Some(0);
+            attempt.body = MsgBody::Invalid {
+                detail: errs
+                    .first()
+                    .map_or("Bad Request".to_owned(), |e| e.message.clone()),
+                field: errs.first().and_then(|e| e.field.clone()),
+            };
         }
     }
     let decided = match st.gateway.decide("sendgrid", &attempt).await {
         Ok(d) => d,
         Err(e) => return fault(&e),
     };
-    let denial = decided.decision.denial();
-    match (denial, problem) {
+    let Some(d) = decided.decision.denial() else {
+        return internal("a request the door could not read was not refused");
+    };
+    match problem {
         // An earlier check failed (credential, account, limits): that is the answer.
-        (Some(d), _) if d.code != Reason::MessageInvalid && d.code != Reason::MessageTooLarge => {
+        _ if d.code != Reason::MessageInvalid && d.code != Reason::MessageTooLarge => {
             denial_response(d, &decided.id, now, &[])
         }
-        (Some(d), Problem::Invalid(errs)) => denial_response(d, &decided.id, now, &errs),
-        (Some(d), Problem::Media(m, remedy)) => {
+        Problem::Invalid(errs) => denial_response(d, &decided.id, now, &errs),
+        Problem::Media(m, _) => {
             let mut r = crate::errors::envelope(
                 415,
                 &[FieldError {
                     message: m.to_owned(),
                     field: None,
-                    help: Some(crate::errors::explanation_with(d, &decided.id, remedy)),
+                    help: Some(crate::errors::explanation(d, &decided.id)),
                 }],
             );
             mark(r.headers_mut(), &decided.id, d.code.code());
             r
         }
-        (Some(d), Problem::Syntax(detail)) => {
+        Problem::Syntax(detail) => {
             // SendGrid says only "Bad Request"; what is wrong, and where, follows it.
             let mut r = crate::errors::envelope(
                 400,
                 &[FieldError {
                     message: format!("Bad Request: {detail}"),
                     field: None,
-                    help: Some(crate::errors::explanation_with(
-                        d,
-                        &decided.id,
-                        crate::errors::JSON_BODY_REMEDY,
-                    )),
+                    help: Some(crate::errors::explanation(d, &decided.id)),
                 }],
             );
             mark(r.headers_mut(), &decided.id, d.code.code());
             r
         }
-        (Some(d), Problem::TooLarge(_)) => denial_response(d, &decided.id, now, &[]),
-        (None, problem) => {
-            // Within the organisation's own size limit but over SendGrid's 30 MB.
-            let help = match problem {
-                Problem::TooLarge(Some(h)) => format!("{h} Decision: {}", decided.id),
-                _ => format!(
-                    "mailgate message.too_large: the SendGrid-compatible API takes requests up to {MAX_REQUEST_BYTES} bytes (30 MB), attachments included. Remedy: send a smaller message or split it. Decision: {}",
-                    decided.id
-                ),
-            };
-            let mut r = crate::errors::envelope(
-                413,
-                &[FieldError {
-                    message: "content too large".into(),
-                    field: None,
-                    help: Some(help),
-                }],
-            );
-            mark(r.headers_mut(), &decided.id, "message.too_large");
-            r
-        }
+        // Over 30 MB or too costly to parse: SendGrid's 413 `content too large`.
+        Problem::TooLarge(_) | Problem::OverBudget => denial_response(d, &decided.id, now, &[]),
     }
 }
 

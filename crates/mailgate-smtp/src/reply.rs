@@ -47,6 +47,17 @@ pub(crate) fn refusal(reason: Reason, args: &RenderArgs) -> String {
     )
 }
 
+/// The text of a temporary fault of the gateway itself (`store.unavailable`, `server.busy`: not
+/// a decision, so no decision id): the door's SMTP `text`, the reason code and the catalogue's
+/// remedy.
+pub(crate) fn fault_text(reason: Reason, text: &str) -> String {
+    format!(
+        "{text} [mailgate: {}] Remedy: {}",
+        reason.code(),
+        reason.spec().remedy
+    )
+}
+
 /// Appends the remedy when the whole reply still fits one line, cleans and ends the line.
 fn finish(mut s: String, remedy: &str) -> String {
     let tail = format!(" Remedy: {remedy}");

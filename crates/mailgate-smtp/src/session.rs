@@ -40,10 +40,12 @@ use smtp_proto::{Error as ProtoError, Request};
 use crate::reply;
 
 /// The reply when the store cannot write (catalogue `store.unavailable`): nothing was accepted.
-const STORE_UNAVAILABLE: &str = "Temporary system problem. Try again later. [mailgate: store.unavailable] Remedy: retry later; the operator's /healthz names the cause.";
-
-/// The reason code of an AUTH refused for now because the password pool is full.
-const SERVER_BUSY: &str = "server.busy";
+fn store_unavailable() -> String {
+    reply::fault_text(
+        Reason::StoreUnavailable,
+        "Temporary system problem. Try again later.",
+    )
+}
 use crate::sasl::{self, Mechanism, SaslError};
 
 /// Which listener a session belongs to.
@@ -779,7 +781,7 @@ impl Session {
                         AfterDiscard::Reply(r) => self.push(&r),
                         AfterDiscard::NoStorage => {
                             self.tx = Transaction::default();
-                            self.reply(452, "4.3.1", NO_STORAGE);
+                            self.reply(452, "4.3.1", &no_storage());
                         }
                         // Refused now (also for a BDAT chunk that is not the last: the later
                         // chunks of this transaction then find none).
@@ -1010,7 +1012,7 @@ impl Session {
             Ok(d) => Some(d),
             Err(e) => {
                 tracing::error!(error = %e, listener = self.listener.name(), "decision failed");
-                self.reply(451, "4.3.0", STORE_UNAVAILABLE);
+                self.reply(451, "4.3.0", &store_unavailable());
                 None
             }
         }
@@ -1047,7 +1049,7 @@ impl Session {
             }
             Err(e) => {
                 tracing::error!(error = %e, listener = self.listener.name(), "decision failed");
-                self.reply(451, "4.3.0", STORE_UNAVAILABLE);
+                self.reply(451, "4.3.0", &store_unavailable());
                 false
             }
         }
@@ -1216,7 +1218,7 @@ impl Session {
     /// against the login).
     fn auth_busy(&mut self, login: &str) -> Step {
         let budget = self.ctx.gateway.budget();
-        budget.count_refusal(self.listener.door_name(), SERVER_BUSY);
+        budget.count_refusal(self.listener.door_name(), Reason::ServerBusy.code());
         if budget.log_limited("smtp.auth_busy") {
             tracing::warn!(
                 listener = self.listener.name(),
@@ -1228,9 +1230,7 @@ impl Session {
         self.reply(
             454,
             "4.7.0",
-            &format!(
-                "Temporary authentication failure [mailgate: {SERVER_BUSY}] Remedy: retry in a few seconds."
-            ),
+            &reply::fault_text(Reason::ServerBusy, "Temporary authentication failure"),
         );
         Step::Continue
     }
@@ -1305,7 +1305,7 @@ impl Session {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, listener = self.listener.name(), "decision failed");
-                self.reply(451, "4.3.0", STORE_UNAVAILABLE);
+                self.reply(451, "4.3.0", &store_unavailable());
                 return Step::Continue;
             }
         };
@@ -1558,7 +1558,7 @@ impl Session {
         let budget = self.ctx.gateway.budget().data_memory();
         if !tx.body.full.is_empty() && !reserve(budget, &mut tx.lease, cap.saturating_add(len)) {
             self.memory_spent();
-            self.reply(452, "4.3.1", NO_STORAGE);
+            self.reply(452, "4.3.1", &no_storage());
             return;
         }
         let body = std::mem::take(&mut tx.body);
@@ -1586,7 +1586,7 @@ impl Session {
                 cap.saturating_add(len).saturating_add(grown),
             ) {
                 self.memory_spent();
-                self.reply(452, "4.3.1", NO_STORAGE);
+                self.reply(452, "4.3.1", &no_storage());
                 return;
             }
             normalize_newlines(&raw, !tx.bdat)
@@ -1619,7 +1619,7 @@ impl Session {
         }
         if !d.decision.complete {
             tracing::error!(decision_id = %d.id, "decision incomplete with every fact known");
-            self.reply(451, "4.3.0", STORE_UNAVAILABLE);
+            self.reply(451, "4.3.0", &store_unavailable());
             return;
         }
         // Bcc never travels; with `on_unowned_from: rewrite` the decision names the From to put.
@@ -1639,7 +1639,7 @@ impl Session {
             copies,
         ) {
             self.memory_spent();
-            self.reply(452, "4.3.1", NO_STORAGE);
+            self.reply(452, "4.3.1", &no_storage());
             return;
         }
         let message = Message {
@@ -1667,18 +1667,23 @@ impl Session {
                     let line = reply::denial(denial, &again.id);
                     self.push(&line);
                 }
-                None => self.reply(451, "4.3.0", STORE_UNAVAILABLE),
+                None => self.reply(451, "4.3.0", &store_unavailable()),
             },
             Err(e) => {
                 tracing::error!(error = %e, decision_id = %d.id, "accepting the message failed");
-                self.reply(451, "4.3.0", STORE_UNAVAILABLE);
+                self.reply(451, "4.3.0", &store_unavailable());
             }
         }
     }
 }
 
 /// The `452 4.3.1` text when the DATA memory budget is spent (RFC 3463: mail system full).
-const NO_STORAGE: &str = "Insufficient system storage, try again later. [mailgate: server.busy] Remedy: retry in a few seconds; other transfers hold the memory for message bodies (limits.data_memory_mb).";
+fn no_storage() -> String {
+    reply::fault_text(
+        Reason::ServerBusy,
+        "Insufficient system storage, try again later.",
+    )
+}
 
 /// Bodies up to this size may use the whole DATA memory budget; larger ones leave its last
 /// eighth to small messages, so that a few large messages cannot make every small one wait.
