@@ -623,9 +623,20 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.status(), 413);
-        assert_eq!(
-            json_of(r).await["errors"][0]["message"],
-            "content too large"
+        assert_eq!(r.headers()["x-mailgate-code"], "message.too_large");
+        assert!(r.headers().contains_key("x-mailgate-decision"));
+        let v = json_of(r).await;
+        assert_eq!(v["errors"][0]["message"], "content too large");
+        assert_eq!(v["errors"][0]["field"], serde_json::Value::Null);
+        // The explanation is the engine's decision on SendGrid's limit (not the organisation's
+        // limits.max_message_bytes, which allows 35 MiB here).
+        let help = v["errors"][0]["help"].as_str().unwrap();
+        assert!(help.starts_with("mailgate message.too_large: "), "{help}");
+        assert!(
+            help.contains(
+                "Object at fault: the SendGrid-compatible API's request size limit. Remedy: send a smaller message or split it: the SendGrid-compatible API takes requests up to 31457280 bytes (30 MB)"
+            ),
+            "{help}"
         );
         // Without a key the answer is the 401, whatever the length.
         let r = app
