@@ -2008,6 +2008,8 @@ fn differential_against_reference_100k() {
     let mut not_checked = 0u64;
     // Bounces on the relay decided with the header's sender; non-send actions refused and not.
     let (mut null_sender, mut non_send_refused, mut non_send_allowed) = (0u64, 0u64, 0u64);
+    // A door's own size limit and a request's form, each refused as the first failure.
+    let (mut door_limit, mut unreadable) = (0u64, 0u64);
     for _ in 0..1_000 {
         let dir = random_directory(&mut r);
         let ix = DirectoryIndex::new(&dir);
@@ -2041,6 +2043,23 @@ fn differential_against_reference_100k() {
                 "case {cases}"
             );
             assert!(e.checks.iter().all(|c| c.outcome != Outcome::NotChecked));
+            let fails = |r: Reason| {
+                d.checks
+                    .iter()
+                    .any(|c| c.check == r && c.outcome == Outcome::Fail)
+            };
+            let over_door = a
+                .size
+                .zip(a.door.max_message_bytes())
+                .is_some_and(|(n, m)| n > m);
+            if over_door && fails(Reason::MessageTooLarge) {
+                door_limit += 1;
+            }
+            if matches!(a.body, Body::Unreadable { .. })
+                && (fails(Reason::MessageInvalid) || fails(Reason::MessageTooLarge))
+            {
+                unreadable += 1;
+            }
             if d.checks.iter().any(|c| c.outcome == Outcome::NotChecked) {
                 not_checked += 1;
                 assert_eq!(e.verdict, Verdict::Denied, "case {cases}");
@@ -2104,6 +2123,14 @@ fn differential_against_reference_100k() {
         }
     }
     assert_eq!(cases, 100_000);
+    assert!(
+        door_limit > 200,
+        "only {door_limit} failures of a door's size limit"
+    );
+    assert!(
+        unreadable > 200,
+        "only {unreadable} unreadable requests failing"
+    );
     // The generator must reach both verdicts and nearly every code to be worth anything (the
     // header shapes it generates since several From fields are refused cost some allowed cases).
     assert!(allowed > 250, "only {allowed} allowed cases");
