@@ -141,9 +141,9 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 /// What is wrong with one line of a door's source, if anything: a check stage named
-/// (`Stage`, `.stage`), or a remedy written by the door (composed with `format!`, a
-/// `Remedy: <text>` literal, or a remedy pointing at `mailgate apply`, which is the engine's
-/// vocabulary). Rendering what a decision carries (`denial.remedy`, `denial.check()`,
+/// (`Stage`, `.stage`), or a remedy written by the door (composed with `format!`, set to a
+/// string literal, a `Remedy: <text>` literal, or a remedy pointing at `mailgate apply`, which
+/// is the engine's vocabulary). Rendering what a decision carries (`denial.remedy`, `denial.check()`,
 /// `Remedy: {remedy}`) is fine. The gateway's own temporary faults (`store.unavailable`,
 /// `server.busy`) are not refusals the engine decides: their remedy is the catalogue's too
 /// (`Reason::spec().remedy`).
@@ -165,6 +165,9 @@ fn problem(line: &str) -> Option<&'static str> {
         "remedy:format!(",
         "remedy:&format!(",
         "remedy=&format!(",
+        "remedy:\"",
+        "remedy=\"",
+        "remedy:&\"",
     ];
     if composes.iter().any(|c| lower.contains(c)) {
         return Some("composes a remedy (the engine's Denial carries it)");
@@ -235,6 +238,7 @@ fn what_a_door_may_not_write_is_seen() {
         "let remedy = format!(\"add {scope} to api_keys[{}].permissions\", id);",
         "\"mailgate permission.missing: API key lacks it. Remedy: add it to the key.\"",
         "\"scope is not granted: add it there and run `mailgate apply`\",",
+        "            remedy: \"send the body as UTF-8 JSON\",",
         "const STORE_UNAVAILABLE: &str = \"... [mailgate: store.unavailable] Remedy: retry later.\";",
     ] {
         assert!(problem(bad).is_some(), "not seen: {bad}");
