@@ -472,10 +472,15 @@ fn the_audit_log_says_who_changed_what_newest_first_and_no_secret() {
         .filter(|l| l.contains("\tgeneration 1\t"))
         .collect();
     assert!(
-        first_generation.iter().any(|l| l.ends_with("\tusers\talice@example.com")),
+        first_generation
+            .iter()
+            .any(|l| l.ends_with("\tusers\talice@example.com")),
         "{all}"
     );
-    assert!(first_generation.iter().all(|l| l.contains("\tcreate\t")), "{all}");
+    assert!(
+        first_generation.iter().all(|l| l.contains("\tcreate\t")),
+        "{all}"
+    );
     assert!(!all.contains(secret), "{all}");
     assert!(!all.contains("$argon2"), "{all}");
     let json = gw.ok(&["audit", "--limit", "1000", "--json"]);
