@@ -79,8 +79,8 @@ pub enum Accepted {
     Stored {
         /// Message id.
         message_id: String,
-        /// `queued` or `held`.
-        state: &'static str,
+        /// [`MessageState::Queued`] or [`MessageState::Held`].
+        state: MessageState,
     },
     /// A concurrent send used the last of a limit since the decision. Nothing was stored; this
     /// is the new decision (a denial) to answer with (boxed: a decision carries its trace).
@@ -581,8 +581,7 @@ impl Gateway {
         }
         self.write_ok();
         self.accepted.notify_one();
-        let state = state.as_str();
-        tracing::info!(decision_id = %decided.id, message_id = %message_id, door, state, "message accepted");
+        tracing::info!(decision_id = %decided.id, message_id = %message_id, door, state = state.as_str(), "message accepted");
         Ok(Accepted::Stored { message_id, state })
     }
 }
@@ -793,7 +792,7 @@ mod tests {
         else {
             panic!("not stored")
         };
-        assert_eq!(state, "queued");
+        assert_eq!(state, MessageState::Queued);
         let m = store.message(&message_id).await.unwrap().unwrap();
         assert_eq!(m.decision_id, d.id);
         assert_eq!(m.recipients, vec!["b@example.org".to_owned()]);

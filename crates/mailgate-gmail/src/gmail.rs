@@ -890,7 +890,7 @@ async fn send(
             if let Ok(v) = HeaderValue::from_str(&decided.id) {
                 r.headers_mut().insert("x-mailgate-decision", v);
             }
-            if state == "held" {
+            if state == mailgate_store::MessageState::Held {
                 r.headers_mut()
                     .insert("x-mailgate-held", HeaderValue::from_static("true"));
             }
