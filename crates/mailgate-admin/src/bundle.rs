@@ -53,8 +53,9 @@ pub struct Context<'a> {
     pub config: Value,
     /// The data directory (`serve --demo` writes its demo credentials there: they are redacted).
     pub data_dir: &'a Path,
-    /// The database file, named when a decision is not found.
-    pub database: &'a Path,
+    /// The store (the database file, or its URL without the password), named when a decision
+    /// is not found.
+    pub database: &'a str,
     /// `retention.decisions_days`, named when a decision is not found.
     pub retention_decisions_days: u64,
 }
@@ -135,7 +136,7 @@ pub async fn make(
                      (GET /mailgate/v1/decisions/{id} on that server), and decisions older than \
                      retention.decisions_days ({}) are deleted. `mailgate support-bundle -o FILE` \
                      without --decision lists the most recent refusals",
-                    ctx.database.display(),
+                    ctx.database,
                     ctx.retention_decisions_days
                 )
             })?;

@@ -85,7 +85,7 @@ pub async fn open(url_or_path: &str) -> Result<Stores, StoreError> {
     }
     if let Some((scheme, _)) = url_or_path.split_once("://") {
         return Err(StoreError::Unavailable(format!(
-            "no `{scheme}` store in this build (SQLite only: sqlite://<path> or a file path)"
+            "no `{scheme}` store in this build (sqlite://<path>, a file path, or postgres://...)"
         )));
     }
     open_path(Path::new(url_or_path)).await

@@ -17,7 +17,8 @@ pub struct AppState {
     pub gateway: Arc<Gateway>,
     /// The delivery queue (message status, captured mail).
     pub queue: Arc<dyn mailgate_store::QueueStore>,
-    /// The data directory (its free space is part of health), when the store is a file there.
+    /// The directory of the SQLite database file (its free space is part of health); `None`
+    /// when the store is not a file (PostgreSQL).
     pub data_dir: Option<std::path::PathBuf>,
 }
 

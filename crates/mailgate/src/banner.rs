@@ -15,11 +15,15 @@ pub(crate) fn print_banner(config: &Config, bound: &Bound, demo: bool, credentia
     let http = bound.http;
     let mode = if demo { " (demo mode)" } else { "" };
     let _ = writeln!(b, "Mailgate {}{mode}", env!("CARGO_PKG_VERSION"));
-    let _ = writeln!(
-        b,
-        "  store               SQLite {}",
-        config.database_path().display()
-    );
+    let store = config.store();
+    let _ = match &store {
+        crate::config::StoreLocation::Sqlite(path) => {
+            writeln!(b, "  store               SQLite {}", path.display())
+        }
+        crate::config::StoreLocation::Postgres(_) => {
+            writeln!(b, "  store               PostgreSQL {}", store.shown())
+        }
+    };
     let _ = writeln!(
         b,
         "  HTTP API            http://{http}   (plain HTTP, loopback only: a development listener)"
@@ -92,11 +96,18 @@ pub(crate) fn print_banner(config: &Config, bound: &Bound, demo: bool, credentia
             "  demo organisation   docs/examples/org.yaml (example.com verified, example.net not)"
         );
         let _ = writeln!(b, "  demo credentials    {}", c.display());
-        let _ = writeln!(
-            b,
-            "  try                 mailgate --data-dir {} user list",
-            config.data_dir.display()
-        );
+        let _ = match &store {
+            crate::config::StoreLocation::Sqlite(_) => writeln!(
+                b,
+                "  try                 mailgate --data-dir {} user list",
+                config.data_dir.display()
+            ),
+            crate::config::StoreLocation::Postgres(_) => writeln!(
+                b,
+                "  try                 mailgate --database-url {} user list",
+                store.shown()
+            ),
+        };
     }
     // Stable lines for scripts and tests.
     if let Some(a) = bound.https {

@@ -39,7 +39,7 @@ pub(crate) async fn run(
     args: &BundleArgs,
 ) -> anyhow::Result<()> {
     let dir = store.snapshot().await?.directory;
-    let database = config.database_path();
+    let database = config.store().shown();
     let ctx = mailgate_admin::bundle::Context {
         config: effective_config(config, &dir),
         data_dir: &config.data_dir,
@@ -90,8 +90,17 @@ fn effective_config(c: &Config, dir: &Directory) -> Value {
     };
     let l = &c.limits;
     let smtp = &c.smtp_limits;
+    let store = c.store();
     json!({
         "data_dir": c.data_dir,
+        // The URL never with its password.
+        "store": {
+            "backend": match store {
+                crate::config::StoreLocation::Sqlite(_) => "sqlite",
+                crate::config::StoreLocation::Postgres(_) => "postgresql",
+            },
+            "url": store.shown(),
+        },
         "http": { "listen": c.http_listen.to_string(), "public_url": c.public_url },
         "https": {
             "listen": c.https_listen.to_string(),

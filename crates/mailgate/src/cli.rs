@@ -21,6 +21,11 @@ pub(crate) struct Cli {
     /// Data directory holding the embedded database (default ./mailgate-data).
     #[arg(long, global = true, env = "MAILGATE_DATA_DIR")]
     pub(crate) data_dir: Option<PathBuf>,
+    /// The store: postgres://USER[:PASSWORD]@HOST:PORT/DB (PostgreSQL, for several nodes) or
+    /// sqlite://PATH; over `[store] url` in the config file. Default: SQLite in the data
+    /// directory.
+    #[arg(long, global = true, env = "MAILGATE_DATABASE_URL", value_name = "URL")]
+    pub(crate) database_url: Option<String>,
     #[command(subcommand)]
     pub(crate) cmd: Cmd,
 }
@@ -29,7 +34,8 @@ pub(crate) struct Cli {
 pub(crate) enum Cmd {
     /// Run the gateway.
     Serve {
-        /// Development mode: embedded SQLite, the demo organisation, loopback listeners.
+        /// Development mode: the demo organisation, loopback listeners (on the embedded SQLite
+        /// unless a store URL is given).
         #[arg(long)]
         demo: bool,
     },

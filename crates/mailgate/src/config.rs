@@ -32,6 +32,74 @@ pub struct RawConfig {
     retention: RawRetention,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    store: RawStore,
+}
+
+/// `[store]`: where the store is.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    url: Option<String>,
+}
+
+/// Where the store is: `--database-url` (or `MAILGATE_DATABASE_URL`), else `[store] url`, else
+/// the SQLite file `mailgate.db` under the data directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// An SQLite database file (the default, or `sqlite://PATH`, or a file path).
+    Sqlite(PathBuf),
+    /// A PostgreSQL database: the URL as given, its password included (show it with
+    /// [`StoreLocation::shown`], never directly).
+    Postgres(String),
+}
+
+impl StoreLocation {
+    /// Reads a store URL: `postgres://` or `postgresql://` (PostgreSQL), `sqlite://PATH` or
+    /// `sqlite:PATH` or a plain file path (SQLite). Any other scheme is refused, naming the ones
+    /// there are (and the URL only without its password).
+    pub fn parse(url: &str) -> anyhow::Result<StoreLocation> {
+        let url = url.trim();
+        if url.is_empty() {
+            bail!("the store URL is empty: give postgres://USER@HOST:PORT/DB or sqlite://PATH");
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(StoreLocation::Postgres(url.to_owned()));
+        }
+        if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            if path.is_empty() {
+                bail!("the store URL `{url}` names no file: give sqlite://PATH");
+            }
+            return Ok(StoreLocation::Sqlite(PathBuf::from(path)));
+        }
+        if let Some((scheme, _)) = url.split_once("://") {
+            bail!(
+                "the store URL `{}` has the scheme `{scheme}`, which is no store Mailgate has: \
+                 give postgres://USER@HOST:PORT/DB (PostgreSQL) or sqlite://PATH (the embedded SQLite)",
+                mailgate_store::postgres::redact(url)
+            );
+        }
+        Ok(StoreLocation::Sqlite(PathBuf::from(url)))
+    }
+
+    /// What messages may show of it: the file's path, or the URL with its password as `***`.
+    pub fn shown(&self) -> String {
+        match self {
+            StoreLocation::Sqlite(path) => path.display().to_string(),
+            StoreLocation::Postgres(url) => mailgate_store::postgres::redact(url),
+        }
+    }
+
+    /// The SQLite database file, when the store is one.
+    pub fn sqlite_file(&self) -> Option<&Path> {
+        match self {
+            StoreLocation::Sqlite(path) => Some(path),
+            StoreLocation::Postgres(_) => None,
+        }
+    }
 }
 
 /// `[limits]`: the resource budgets (docs/security.md). Every key optional.
@@ -309,6 +377,9 @@ pub struct Config {
     pub lockout: mailgate_gateway::lockout::LockoutPolicy,
     /// SMTP session limits (`[limits] smtp_*`).
     pub smtp_limits: mailgate_smtp::Limits,
+    /// The store when one was named (`--database-url`, `MAILGATE_DATABASE_URL`, `[store] url`);
+    /// `None`: the SQLite file under `data_dir` (see [`Config::store`]).
+    pub store_url: Option<StoreLocation>,
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -317,8 +388,13 @@ fn addr(s: &str) -> SocketAddr {
 }
 
 impl Config {
-    /// Reads `path` (if given), then applies `--data-dir`, then validates.
-    pub fn load(path: Option<&Path>, data_dir: Option<&Path>) -> anyhow::Result<Config> {
+    /// Reads `path` (if given), then applies `--data-dir` and `--database-url` (each over what
+    /// the file says), then validates.
+    pub fn load(
+        path: Option<&Path>,
+        data_dir: Option<&Path>,
+        database_url: Option<&str>,
+    ) -> anyhow::Result<Config> {
         let raw = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
@@ -331,6 +407,12 @@ impl Config {
         let mut cfg = Config::resolve(raw)?;
         if let Some(d) = data_dir {
             cfg.data_dir = d.to_owned();
+        }
+        if let Some(url) = database_url {
+            cfg.store_url = Some(
+                StoreLocation::parse(url)
+                    .context("--database-url (or MAILGATE_DATABASE_URL) is not a store URL")?,
+            );
         }
         Ok(cfg)
     }
@@ -356,6 +438,10 @@ impl Config {
         if raw.https.cert.is_some() != raw.https.key.is_some() {
             bail!("https.cert and https.key go together: give both or neither");
         }
+        let store_url = match raw.store.url.as_deref() {
+            Some(url) => Some(StoreLocation::parse(url).context("store.url is not a store URL")?),
+            None => None,
+        };
         Ok(Config {
             data_dir: raw
                 .data_dir
@@ -389,12 +475,16 @@ impl Config {
                 ..raw.limits.smtp()?
             },
             limits: raw.limits.resolve()?,
+            store_url,
         })
     }
 
-    /// The SQLite database file.
-    pub fn database_path(&self) -> PathBuf {
-        self.data_dir.join("mailgate.db")
+    /// Where the store is: the URL named, else the SQLite file `mailgate.db` in the data
+    /// directory.
+    pub fn store(&self) -> StoreLocation {
+        self.store_url
+            .clone()
+            .unwrap_or_else(|| StoreLocation::Sqlite(self.data_dir.join("mailgate.db")))
     }
 }
 
@@ -471,6 +561,68 @@ mod tests {
     }
 
     #[test]
+    fn the_store_is_sqlite_under_the_data_dir_unless_a_url_names_one() {
+        let c = Config::load(None, Some(Path::new("/var/d")), None).unwrap();
+        assert_eq!(
+            c.store(),
+            StoreLocation::Sqlite(PathBuf::from("/var/d/mailgate.db"))
+        );
+        let raw = "[store]\nurl = \"postgres://mg@db:5432/mail\"\n";
+        let c = Config::resolve(toml::from_str(raw).unwrap()).unwrap();
+        assert_eq!(
+            c.store(),
+            StoreLocation::Postgres("postgres://mg@db:5432/mail".into())
+        );
+        assert_eq!(
+            StoreLocation::parse("sqlite:///tmp/m.db").unwrap(),
+            StoreLocation::Sqlite(PathBuf::from("/tmp/m.db"))
+        );
+        assert_eq!(
+            StoreLocation::parse("postgresql://h/d")
+                .unwrap()
+                .sqlite_file(),
+            None
+        );
+    }
+
+    #[test]
+    fn the_flag_wins_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("m.toml");
+        std::fs::write(&file, "[store]\nurl = \"postgres://file@h/d\"\n").unwrap();
+        let c = Config::load(Some(&file), None, Some("postgres://flag@h/d")).unwrap();
+        assert_eq!(
+            c.store(),
+            StoreLocation::Postgres("postgres://flag@h/d".into())
+        );
+        let c = Config::load(Some(&file), None, None).unwrap();
+        assert_eq!(
+            c.store(),
+            StoreLocation::Postgres("postgres://file@h/d".into())
+        );
+    }
+
+    #[test]
+    fn another_scheme_is_refused_without_showing_the_password() {
+        let err = format!(
+            "{:#}",
+            Config::load(None, None, Some("mysql://u:hunter2@h/d")).unwrap_err()
+        );
+        assert!(
+            err.contains("`mysql`") && err.contains("postgres://"),
+            "{err}"
+        );
+        assert!(err.contains("u:***@h"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let raw = "[store]\nurl = \"\"\n";
+        assert!(Config::resolve(toml::from_str(raw).unwrap()).is_err());
+        let shown = StoreLocation::parse("postgres://u:hunter2@h/d")
+            .unwrap()
+            .shown();
+        assert_eq!(shown, "postgres://u:***@h/d");
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         assert!(toml::from_str::<RawConfig>("[http]\nlissten = \"127.0.0.1:1\"\n").is_err());
     }
@@ -526,6 +678,7 @@ mod tests {
             "limits.smtp_idle_secs",
             "limits.smtp_idle_untrusted_secs",
             "limits.smtp_untrusted_lifetime_secs",
+            "store.url",
         ] {
             assert!(
                 doc.contains(&format!("`{key}`")),

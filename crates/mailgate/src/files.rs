@@ -14,9 +14,9 @@ pub fn private_umask() {
     rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o077));
 }
 
-/// Narrows the data directory to 0700 and the database files to 0600 (an installation from
-/// before this rule had them 0755/0644).
-pub fn secure_data_dir(dir: &Path, db: &Path) {
+/// Narrows the data directory to 0700 and the SQLite database files (when the store is one) to
+/// 0600 (an installation from before this rule had them 0755/0644).
+pub fn secure_data_dir(dir: &Path, db: Option<&Path>) {
     use std::os::unix::fs::PermissionsExt as _;
     let narrow = |p: &Path, mode: u32| {
         if let Ok(meta) = std::fs::symlink_metadata(p)
@@ -28,6 +28,7 @@ pub fn secure_data_dir(dir: &Path, db: &Path) {
         }
     };
     narrow(dir, 0o700);
+    let Some(db) = db else { return };
     let name = db
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

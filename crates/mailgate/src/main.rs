@@ -48,7 +48,7 @@ use clap::Parser;
 use mailgate_store::Stores;
 
 use crate::cli::{AdminTokenCmd, Cli, Cmd, SaCmd, SaKeyCmd};
-use crate::config::Config;
+use crate::config::{Config, StoreLocation};
 use crate::logging::init_logging;
 
 /// mimalloc: the send path allocates many small short-lived objects on two runtime threads and
@@ -84,7 +84,11 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    let config = match Config::load(cli.config.as_deref(), cli.data_dir.as_deref()) {
+    let config = match Config::load(
+        cli.config.as_deref(),
+        cli.data_dir.as_deref(),
+        cli.database_url.as_deref(),
+    ) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("mailgate: {e:#}");
@@ -117,17 +121,33 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn open_store(config: &Config) -> anyhow::Result<Stores> {
+    // The data directory also holds what is not in the store (demo credentials, the demo
+    // certificate), whichever the store is.
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
             config.data_dir.display()
         )
     })?;
-    let path = config.database_path();
-    files::secure_data_dir(&config.data_dir, &path);
-    mailgate_store::open_path(&path)
-        .await
-        .with_context(|| format!("cannot open the store {}", path.display()))
+    let location = config.store();
+    files::secure_data_dir(&config.data_dir, location.sqlite_file());
+    let opened = match &location {
+        StoreLocation::Sqlite(path) => mailgate_store::open_path(path).await,
+        StoreLocation::Postgres(url) => mailgate_store::open(url).await,
+    };
+    opened.map_err(|e| {
+        // A schema too new says so itself (StoreError::SchemaTooNew's message).
+        let shown = location.shown();
+        if location.sqlite_file().is_none() && e.is_temporary() {
+            return anyhow::Error::new(e).context(format!(
+                "cannot open the store {shown}: check that PostgreSQL runs at that host and \
+                 port and accepts connections there, that the user may log in (password, \
+                 pg_hba.conf) and that the database exists (createdb); the URL comes from \
+                 --database-url, MAILGATE_DATABASE_URL or [store] url"
+            ));
+        }
+        anyhow::Error::new(e).context(format!("cannot open the store {shown}"))
+    })
 }
 
 fn cli_actor() -> String {

@@ -34,9 +34,7 @@ pub(crate) async fn serve(config: Config, stores: Stores, demo: bool) -> anyhow:
                     })?;
             tracing::info!(objects = report.changes.len(), "demo organisation applied");
         } else {
-            tracing::info!(
-                "data directory already holds a directory; demo organisation not re-applied"
-            );
+            tracing::info!("the store already holds a directory; demo organisation not re-applied");
         }
         let token = mailgate_admin::directory::create_admin_token(store.as_ref(), "demo").await?;
         let path = config.data_dir.join("demo-credentials.txt");
@@ -65,7 +63,14 @@ pub(crate) async fn serve(config: Config, stores: Stores, demo: bool) -> anyhow:
     let state = std::sync::Arc::new(api::AppState {
         gateway,
         queue,
-        data_dir: Some(config.data_dir.clone()),
+        // Free space is health for a file store only: the SQLite file's directory.
+        data_dir: config
+            .store()
+            .sqlite_file()
+            .map(|file| match file.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+                _ => std::path::PathBuf::from("."),
+            }),
     });
     let cfg = config.clone();
     let smtp = Arc::new(mailgate_smtp::SmtpContext {

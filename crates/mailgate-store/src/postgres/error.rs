@@ -96,7 +96,7 @@ pub(crate) fn from_migrate(e: &sqlx::migrate::MigrateError) -> StoreError {
 
 /// `url` with its password (in the user part or a `password=` parameter) replaced by `***`:
 /// what an error may show of a database URL.
-pub(crate) fn redact(url: &str) -> String {
+pub fn redact(url: &str) -> String {
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
     let (before_query, query) = match rest.split_once('?') {
         Some((b, q)) => (b, Some(q)),

@@ -24,7 +24,8 @@ mod faults;
 mod queue;
 mod tokens;
 
-pub(crate) use error::{OrStore, redact};
+pub(crate) use error::OrStore;
+pub use error::redact;
 
 /// The advisory lock held while migrating (and creating decision partitions ahead): one key for
 /// every Mailgate, whatever the database's name ("MAILGATE" in ASCII).

@@ -5,7 +5,7 @@
 //! ([`Gateway::sa_key`]), a directory file applied ([`Gateway::apply`]), the Python drivers in
 //! `tests/python/` ([`python`], [`python_driver`], [`json_lines`]), a command's `--json` report
 //! ([`stdout_json`]), and a test SMTP sink as the smarthost ([`start_sink`], [`smarthost_yaml`],
-//! [`FAST_RELAY`]).
+//! [`FAST_RELAY`]), and a PostgreSQL database of a test's own ([`postgres_database`]).
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -66,6 +66,7 @@ impl Gateway {
             .arg(self.config(""))
             .args(args)
             .env_remove("MAILGATE_CONFIG")
+            .env_remove("MAILGATE_DATABASE_URL")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -179,6 +180,7 @@ impl Gateway {
             .arg("serve")
             .args(extra_args)
             .env("MAILGATE_LOG", "info")
+            .env_remove("MAILGATE_DATABASE_URL")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -504,4 +506,100 @@ pub fn start_sink(rt: &tokio::runtime::Runtime, config: SinkConfig) -> Sink {
 /// [`start_sink`] sink listens); give it to [`Gateway::apply`].
 pub fn smarthost_yaml(port: u16) -> String {
     format!("smarthosts:\n  - name: sink\n    host: 127.0.0.1\n    port: {port}\n    tls: none\n")
+}
+
+/// The PostgreSQL server the tests make their databases on: `MAILGATE_TEST_POSTGRES`, default
+/// the machines' trust-auth server (`scripts/test` starts it when it is down).
+pub fn postgres_server() -> String {
+    std::env::var("MAILGATE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A PostgreSQL database of one test's own ([`postgres_database`]), dropped when this value
+/// drops, also when the test panics (`WITH (FORCE)`: a server still connected is cut off).
+pub struct PgDatabase {
+    name: String,
+    /// Its URL, for `--database-url` or `[store] url`.
+    pub url: String,
+}
+
+/// Runs SQL on the test server's maintenance database with `psql` (no database client in the
+/// test's own dependencies).
+pub fn psql(url: &str, sql: &str) -> Result<String, String> {
+    let out = Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            url,
+            "-c",
+            sql,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run psql: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Creates a fresh database on [`postgres_server`] (its name random) for one test.
+pub fn postgres_database() -> PgDatabase {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    let name = format!("mailgate_it_{:016x}", h.finish());
+    let server = postgres_server();
+    psql(&server, &format!("CREATE DATABASE \"{name}\"")).unwrap_or_else(|e| {
+        panic!("PostgreSQL at {server} (MAILGATE_TEST_POSTGRES) is needed by this test: {e}")
+    });
+    PgDatabase {
+        url: with_database(&server, &name),
+        name,
+    }
+}
+
+impl PgDatabase {
+    /// Runs SQL in this database.
+    pub fn sql(&self, sql: &str) -> String {
+        psql(&self.url, sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
+        if let Err(e) = psql(&postgres_server(), &sql) {
+            eprintln!("could not drop test database {}: {e}", self.name);
+        }
+    }
+}
+
+/// `url` with its database name replaced by `db`.
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let authority_end = base
+        .find("://")
+        .map(|i| i + 3)
+        .and_then(|start| base[start..].find('/').map(|j| start + j))
+        .unwrap_or(base.len());
+    let mut out = format!("{}/{db}", &base[..authority_end]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
 }

@@ -20,6 +20,7 @@ mod harness;
 mod hostile;
 mod live;
 mod postfix;
+mod postgres;
 mod relay;
 mod remedies;
 mod repository;
