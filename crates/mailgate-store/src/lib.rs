@@ -26,7 +26,7 @@ pub use faults::{FaultStore, SimulatedFault};
 pub use queue::{
     AttemptEntry, AttemptReport, CAPTURED_HEAD_BYTES, CapturedMessage, LeasedMessage,
     MessageStatus, QueueEntry, QueueFilter, QueueStore, RecipientOutcome, RecipientStatus,
-    Recorded, RetryOutcome,
+    Recorded, RetryOutcome, lease_owner,
 };
 pub use states::{
     AuditAction, MessageState, RecipientState, StoredVerdict, TokenKind, message_state,

@@ -7,7 +7,10 @@
 //! `queued` (due now), `deferred` (some recipient waits for `next_attempt_ms`), `delivered`,
 //! `failed` (every recipient is final and at least one failed), `captured` (capture mode).
 //! A worker leases due messages (`lease_owner`, `lease_until_ms`); a message whose lease expired
-//! is due again, so a crashed worker's messages are picked up by the next one.
+//! is due again, so a crashed worker's messages are picked up by the next one. Leases are owned
+//! per node: `serve` names its workers' leases [`lease_owner`]`(node, run, worker)`, and a node
+//! that starts again takes back its own leases at once ([`QueueStore::reclaim_leases`]) instead
+//! of waiting for them to expire.
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -205,6 +208,15 @@ pub struct CapturedMessage {
 /// How much of each message [`QueueStore::list_captured`] returns.
 pub const CAPTURED_HEAD_BYTES: i64 = 64 * 1024;
 
+/// The lease owner name of delivery worker `worker` in one run of node `node` (a process start,
+/// `run` random per start): `<node>/<run>/<worker>`. The node part is what
+/// [`QueueStore::reclaim_leases`] matches; the run part keeps the owner of every lease unique
+/// across restarts, so a write-back from an earlier run of the same node never matches a lease
+/// taken since (write-backs are fenced by owner). `node` holds no `/`.
+pub fn lease_owner(node: &str, run: &str, worker: u32) -> String {
+    format!("{node}/{run}/{worker}")
+}
+
 /// The queue operations (delivery worker, status API, CLI).
 #[async_trait]
 pub trait QueueStore: Send + Sync {
@@ -220,6 +232,15 @@ pub trait QueueStore: Send + Sync {
         lease_ms: i64,
         limit: u32,
     ) -> Result<Vec<LeasedMessage>, StoreError>;
+
+    /// Takes back every lease of node `node`: each message leased by an owner named
+    /// `<node>/...` (see [`lease_owner`]) has its lease ended, so it is due at once (a deferred
+    /// message keeps its `next_attempt_ms`, already past when it was leased). A node calls it
+    /// when it starts, before its delivery workers run: none of its earlier workers runs any
+    /// more, so their messages need not wait for `relay.lease_ms`. A write-back under a lease
+    /// taken back changes nothing (as under a lost lease), and leases of other nodes (`node10`
+    /// is not `node1`) are untouched. Returns how many messages were released.
+    async fn reclaim_leases(&self, node: &str, now_ms: i64) -> Result<u64, StoreError>;
 
     /// The earliest time something becomes due (`queued` now, `deferred` and `held` later), for a
     /// worker deciding how long to sleep.

@@ -292,6 +292,23 @@ impl QueueStore for PgStore {
         Ok(leased)
     }
 
+    async fn reclaim_leases(&self, node: &str, now_ms: i64) -> Result<u64, StoreError> {
+        // A prefix compared as a string, not LIKE: `_` and `%` in a node id match themselves.
+        // A new epoch, as a new lease takes: the lease taken back is over for every fence.
+        Ok(sqlx::query(
+            "UPDATE messages SET lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = $2,
+                 lease_epoch = nextval('message_lease_epoch')
+             WHERE state IN ('queued', 'deferred') AND lease_owner IS NOT NULL
+               AND left(lease_owner, length($1)) = $1",
+        )
+        .bind(format!("{node}/"))
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await
+        .or_store()?
+        .rows_affected())
+    }
+
     async fn next_due_ms(&self) -> Result<Option<i64>, StoreError> {
         sqlx::query_scalar(
             "SELECT MIN(CASE

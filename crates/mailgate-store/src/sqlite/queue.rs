@@ -264,6 +264,23 @@ impl QueueStore for SqliteStore {
             .await
     }
 
+    async fn reclaim_leases(&self, node: &str, now_ms: i64) -> Result<u64, StoreError> {
+        // A prefix compared as a string, not LIKE: `_` and `%` in a node id match themselves.
+        let prefix = format!("{node}/");
+        self.write_thread()
+            .call(true, move |conn| {
+                let n = conn
+                    .prepare_cached(
+                        "UPDATE messages SET lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = ?2
+                         WHERE state IN ('queued', 'deferred') AND lease_owner IS NOT NULL
+                           AND substr(lease_owner, 1, length(?1)) = ?1",
+                    ).or_store()?
+                    .execute(rusqlite::params![prefix, now_ms]).or_store()?;
+                Ok(n as u64)
+            })
+            .await
+    }
+
     async fn next_due_ms(&self) -> Result<Option<i64>, StoreError> {
         Ok(sqlx::query_scalar(
             "SELECT MIN(CASE

@@ -18,8 +18,8 @@
 //! a trait at a time runs the groups of the traits it has whole.
 //!
 //! Deliberately not pinned here: a write-back by a worker whose lease expired but was not yet
-//! taken by anyone (SQLite accepts it: the lease is checked by owner; issue 16's node identity may
-//! decide otherwise); survival of a process kill or power cut (`crates/mailgate/tests/it/crash.rs`
+//! taken by anyone (both stores accept it: the lease is checked by owner, and an owner is unique
+//! per worker and per run, `mailgate_store::lease_owner`); survival of a process kill or power cut (`crates/mailgate/tests/it/crash.rs`
 //! on the real binary); how many transactions group commit shares (a SQLite performance property,
 //! `sqlite/group.rs`'s own tests).
 

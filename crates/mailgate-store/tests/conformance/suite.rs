@@ -11,7 +11,7 @@ use mailgate_store::{
     AttemptReport, AuditAction, CAPTURED_HEAD_BYTES, Changeset, FaultStore, MessageState,
     NewMessage, NodeState, Purged, QueueFilter, RecipientOutcome, RecipientState, Recorded,
     RetryOutcome, SimulatedFault, Store, StoreError, StoredDecision, StoredVerdict, Stores,
-    TokenKind, TokenRecord, TokenStore, UsageEntry,
+    TokenKind, TokenRecord, TokenStore, UsageEntry, lease_owner,
 };
 
 /// A backend under test: one fresh, empty database (a temporary directory, a schema of its own),
@@ -119,6 +119,7 @@ macro_rules! conformance {
             a_write_back_without_a_lease_changes_nothing,
             a_recorded_attempt_ends_the_lease,
             a_batch_of_write_backs_loses_only_the_lost_leases,
+            a_nodes_reclaim_releases_its_own_leases_and_no_other,
             message_state_follows_its_recipients,
             held_messages_are_released_at_hold_until,
             next_due_is_the_earliest_time_something_becomes_due,
@@ -810,6 +811,123 @@ pub async fn a_batch_of_write_backs_loses_only_the_lost_leases(b: &impl Backend)
     assert_eq!(m3.history.len(), 1);
     assert_eq!(s.directory.message("m2").await.unwrap(), None);
     assert!(s.queue.record_attempts("w1", &[]).await.unwrap().is_empty());
+}
+
+/// A node that starts again takes back its own leases (owners `<node>/...`): its messages are due
+/// at once, not when the leases expire; a write-back by the run before, whether or not the
+/// message was leased again since, changes nothing; other nodes' leases are untouched, however
+/// alike their names (`n10` is not `n1`; `_` and `%` are not patterns).
+pub async fn a_nodes_reclaim_releases_its_own_leases_and_no_other(b: &impl Backend) {
+    let s = b.open().await;
+    let old = [
+        lease_owner("n1", "r1", 0),
+        lease_owner("n1", "r1", 1),
+        lease_owner("n10", "r1", 0),
+        lease_owner("n2", "r1", 0),
+    ];
+    for (i, owner) in old.iter().enumerate() {
+        let id = format!("m{}", i + 1);
+        accept(
+            &*s.directory,
+            &message(&id, 1_000 + i as i64, &["x@a.test"]),
+        )
+        .await;
+        let got = s.queue.lease_due(owner, 2_000, 600_000, 1).await.unwrap();
+        assert_eq!(ids(&got, |m| &m.id), [id], "leased to {owner}");
+    }
+    for node in ["n_", "n%", "n", ""] {
+        assert_eq!(
+            s.queue.reclaim_leases(node, 2_500).await.unwrap(),
+            0,
+            "`{node}` took back another node's leases"
+        );
+    }
+
+    // n1 starts again (a new handle, as a new process opens the store).
+    let restarted = b.open().await;
+    assert_eq!(
+        restarted.queue.reclaim_leases("n1", 3_000).await.unwrap(),
+        2
+    );
+    let owner_of = |st: &mailgate_store::MessageStatus| (st.lease_owner.clone(), st.lease_until_ms);
+    let mut after = Vec::new();
+    for id in ["m1", "m2", "m3", "m4"] {
+        after.push(s.queue.message_status(id).await.unwrap().unwrap());
+    }
+    assert_eq!(owner_of(&after[0]), (None, None));
+    assert_eq!(owner_of(&after[1]), (None, None));
+    assert_eq!(owner_of(&after[2]), (Some(old[2].clone()), Some(602_000)));
+    assert_eq!(owner_of(&after[3]), (Some(old[3].clone()), Some(602_000)));
+
+    // The run before writes back after the reclaim: nothing changes.
+    let delivered = |id: &str| report(id, 3_100, &[("x@a.test", RecipientState::Delivered)]);
+    assert_eq!(
+        s.queue
+            .record_attempt(&old[0], &delivered("m1"))
+            .await
+            .unwrap(),
+        Recorded::LeaseLost
+    );
+    assert_eq!(
+        s.queue.message_status("m1").await.unwrap().unwrap(),
+        after[0]
+    );
+
+    // Due at once for the node's new run, long before the old leases would have expired.
+    let new_owner = lease_owner("n1", "r2", 0);
+    let again = restarted
+        .queue
+        .lease_due(&new_owner, 3_000, 600_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(ids(&again, |m| &m.id), ["m1", "m2"]);
+    let leased_again = [
+        s.queue.message_status("m1").await.unwrap().unwrap(),
+        s.queue.message_status("m2").await.unwrap().unwrap(),
+    ];
+    // ... and the run before still writes nothing, now that another lease holds them.
+    assert_eq!(
+        s.queue
+            .record_attempts(&old[1], &[delivered("m2")])
+            .await
+            .unwrap(),
+        [Recorded::LeaseLost]
+    );
+    assert_eq!(
+        s.queue.mark_captured(&old[0], "m1", 3_200).await.unwrap(),
+        Recorded::LeaseLost
+    );
+    assert_eq!(
+        s.queue.message_status("m1").await.unwrap().unwrap(),
+        leased_again[0]
+    );
+    assert_eq!(
+        s.queue.message_status("m2").await.unwrap().unwrap(),
+        leased_again[1]
+    );
+    assert!(s.queue.list_captured(10).await.unwrap().is_empty());
+
+    // The new run's write-back counts, and so does the other node's under its own lease.
+    assert_eq!(
+        restarted
+            .queue
+            .record_attempt(&new_owner, &delivered("m1"))
+            .await
+            .unwrap(),
+        Recorded::State(MessageState::Delivered)
+    );
+    assert_eq!(
+        s.queue
+            .record_attempt(&old[2], &delivered("m3"))
+            .await
+            .unwrap(),
+        Recorded::State(MessageState::Delivered)
+    );
+    assert_eq!(
+        s.queue.message_status("m4").await.unwrap().unwrap(),
+        after[3],
+        "another node's lease was touched"
+    );
 }
 
 /// Per-recipient outcomes: the message is deferred while any recipient waits, else failed if
