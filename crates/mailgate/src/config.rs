@@ -17,6 +17,8 @@ pub const DEFAULT_DATA_DIR: &str = "./mailgate-data";
 pub struct RawConfig {
     data_dir: Option<PathBuf>,
     #[serde(default)]
+    node: crate::node::RawNode,
+    #[serde(default)]
     http: RawHttp,
     #[serde(default)]
     https: RawHttps,
@@ -341,6 +343,9 @@ pub enum LogFormat {
 pub struct Config {
     /// Where the SQLite database and generated files live.
     pub data_dir: PathBuf,
+    /// `[node] id` when set; `None`: derived once and kept in the data directory
+    /// (`crate::node::node_id`).
+    pub node_id: Option<String>,
     /// Plain-HTTP API listener (loopback only).
     pub http_listen: SocketAddr,
     /// The URL clients use to reach the HTTP API (written into service-account key files).
@@ -446,6 +451,7 @@ impl Config {
             data_dir: raw
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            node_id: raw.node.resolve()?,
             http_listen,
             public_url,
             https_listen: raw.https.listen.unwrap_or(addr("127.0.0.1:7443")),
@@ -633,6 +639,7 @@ mod tests {
         let doc = include_str!("../../../docs/config.md");
         for key in [
             "data_dir",
+            "node.id",
             "http.listen",
             "http.public_url",
             "https.listen",

@@ -34,6 +34,7 @@ mod explain;
 mod files;
 mod listen;
 mod logging;
+mod node;
 mod queue_api;
 mod queue_cli;
 mod relay_setup;

@@ -86,25 +86,50 @@ pub fn worker_count(raw: &RawRelay) -> anyhow::Result<u32> {
     Ok(workers)
 }
 
+/// Takes back the leases this node's earlier run held (it was killed, or stopped mid-delivery),
+/// before its delivery workers start: those messages are due at once, not after `relay.lease_ms`.
+/// Returns how many there were.
+pub async fn take_back_leases(queue: &dyn QueueStore, node: &str) -> anyhow::Result<u64> {
+    let now = i64::try_from(mailgate_gateway::now_ms()).unwrap_or(i64::MAX);
+    let n = queue
+        .reclaim_leases(node, now)
+        .await
+        .with_context(|| format!("cannot take back the leases of node {node}"))?;
+    if n > 0 {
+        tracing::info!(
+            node,
+            messages = n,
+            "delivery: took back the messages this node was delivering when it last stopped; they are due now"
+        );
+    }
+    Ok(n)
+}
+
 /// Starts the delivery workers on the gateway's live directory (its smarthosts). They share
 /// the gateway's acceptance signal, so a stored message is picked up at once, not at the next poll.
+/// Worker `i`'s leases are owned by `<node>/<run>/<i>` (`mailgate_store::lease_owner`, `run`
+/// random per start); call [`take_back_leases`] first.
 pub fn spawn(
     raw: &RawRelay,
     demo: bool,
     gateway: &Arc<Gateway>,
     queue: Arc<dyn QueueStore>,
+    node: &str,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let cfg = relay_config(raw, demo)?;
     let workers = worker_count(raw)?;
     let mut handles = Vec::new();
     let wake = mailgate_relay::Wake::new(gateway.accepted_signal());
+    // Base64url: no `/` in it.
+    let run = mailgate_auth::random_token::<6>()
+        .map_err(|e| anyhow::anyhow!("cannot name this run's leases: {e}"))?;
     for i in 0..workers {
         let g = gateway.clone();
         let relay = Relay::new(
             queue.clone(),
             Arc::new(move || g.live().index.directory().smarthosts.clone()),
             RelayConfig {
-                worker_id: format!("{}-{i}", cfg.worker_id),
+                worker_id: mailgate_store::lease_owner(node, &run, i),
                 ..cfg.clone()
             },
         )?

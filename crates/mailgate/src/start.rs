@@ -7,7 +7,7 @@ use anyhow::{Context, anyhow};
 use mailgate_store::Stores;
 
 use crate::config::Config;
-use crate::{api, banner, demo, files, relay_setup, serve};
+use crate::{api, banner, demo, files, node, relay_setup, serve};
 
 /// Runs the gateway until SIGINT/SIGTERM.
 pub(crate) async fn serve(config: Config, stores: Stores, demo: bool) -> anyhow::Result<()> {
@@ -46,7 +46,11 @@ pub(crate) async fn serve(config: Config, stores: Stores, demo: bool) -> anyhow:
     let limits = files::fit_open_files(&config.limits);
     let gateway = mailgate_gateway::Gateway::open_with_limits(store, limits).await?;
     gateway.lockout().set_policy(config.lockout);
-    let _relay = relay_setup::spawn(&config.relay, demo, &gateway, queue.clone())?;
+    // This node's identity, and the leases its earlier run left, before any worker leases.
+    let node = node::node_id(config.node_id.as_deref(), &config.data_dir)?;
+    tracing::info!(node = %node, "node identity");
+    relay_setup::take_back_leases(queue.as_ref(), &node).await?;
+    let _relay = relay_setup::spawn(&config.relay, demo, &gateway, queue.clone(), &node)?;
     let mut token_urls = vec![format!("{}/token", config.public_url)];
     if tls.is_some() {
         token_urls.push(format!("https://{}/token", config.https_listen));

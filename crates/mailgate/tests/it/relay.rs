@@ -427,3 +427,108 @@ fn a_message_stored_with_bare_newlines_is_relayed_with_crlf_only() {
     let (clean, _, logs) = server.stop();
     assert!(clean, "{logs}");
 }
+
+/// A message's delivery status as stored (with its lease, which the API does not show).
+fn stored_status(
+    rt: &tokio::runtime::Runtime,
+    data_dir: &Path,
+    id: &str,
+) -> mailgate_store::MessageStatus {
+    rt.block_on(async {
+        mailgate_store::open_path(&data_dir.join("mailgate.db"))
+            .await
+            .unwrap()
+            .queue
+            .message_status(id)
+            .await
+            .unwrap()
+            .unwrap()
+    })
+}
+
+/// Regression (issue 16): a restart left leased messages untouched until `relay.lease_ms`. The
+/// server is killed (SIGKILL) while a smarthost that never answers holds a message's delivery,
+/// under a 120 s lease; started again on the same data directory, with the smarthost now a
+/// working one, it delivers the message within seconds: the node knows the lease as its own
+/// (`<node id>/...`, the id kept in `<data dir>/node-id`) and takes it back at start.
+#[test]
+fn a_restart_left_leased_messages_untouched_until_the_lease_expired() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // A smarthost that accepts the connection and never says a word (no greeting).
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let silent_port = listener.local_addr().unwrap().port();
+    let connected = Arc::new(AtomicUsize::new(0));
+    let count = connected.clone();
+    rt.spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(sock);
+        }
+    });
+    let gw = Gateway::new();
+    with_smarthost(&gw, silent_port);
+    // The smarthost timeout outlasts the test: the delivery is stuck, not deferred.
+    let relay = "[relay]\nlease_ms = 120000\ntimeout_secs = 600\npoll_interval_ms = 50\nretry_initial_ms = 200\n";
+    let mut server = gw.serve_with(relay, &[]);
+    let node_file = gw.data_dir().join("node-id");
+    let node = std::fs::read_to_string(&node_file).unwrap();
+    let id = accept(
+        &rt,
+        &gw.data_dir(),
+        &["bob@example.org"],
+        "leased when killed",
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || connected.load(Ordering::SeqCst)
+            >= 1),
+        "the worker never connected to the smarthost"
+    );
+    let leased = stored_status(&rt, &gw.data_dir(), &id);
+    let owner = leased.lease_owner.clone().unwrap_or_default();
+    assert!(
+        owner.starts_with(&format!("{}/", node.trim())),
+        "lease owner {owner:?} is not of node {node:?}"
+    );
+    let now = mailgate_gateway::now_ms() as i64;
+    assert!(
+        leased.lease_until_ms.unwrap_or(0) > now + 60_000,
+        "{leased:?}"
+    );
+    server.kill9();
+
+    // The smarthost `sink` now points at one that works.
+    let sink = start_sink(&rt, SinkConfig::default());
+    gw.apply("smarthost.yaml", &smarthost_yaml(sink.addr.port()));
+    let server = gw.serve_with(relay, &[]);
+    assert!(
+        eventually(Duration::from_secs(15), || sink.received().len() == 1),
+        "the message waited for its old lease (until {:?}, relay.lease_ms = 120000) instead of being delivered at once: {:?}",
+        leased.lease_until_ms,
+        stored_status(&rt, &gw.data_dir(), &id)
+    );
+    let subject_seen =
+        String::from_utf8_lossy(&sink.received()[0].data).contains("Subject: leased when killed");
+    assert!(subject_seen);
+    assert!(eventually(Duration::from_secs(10), || stored_status(
+        &rt,
+        &gw.data_dir(),
+        &id
+    )
+    .entry
+    .state
+        == mailgate_store::MessageState::Delivered));
+    assert_eq!(
+        std::fs::read_to_string(&node_file).unwrap(),
+        node,
+        "the node identity changed across the restart"
+    );
+    let (clean, _, logs) = server.stop();
+    assert!(clean, "{logs}");
+    assert!(logs.contains("took back"), "{logs}");
+}
