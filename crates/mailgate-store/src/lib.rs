@@ -11,6 +11,7 @@
 
 mod error;
 mod faults;
+mod migrations;
 pub mod postgres;
 mod queue;
 pub mod sqlite;

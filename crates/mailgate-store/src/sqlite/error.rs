@@ -109,18 +109,7 @@ pub(crate) fn from_rusqlite(e: &rusqlite::Error) -> StoreError {
 
 /// A failed migration: a schema newer than this binary is told apart.
 pub(crate) fn from_migrate(e: &sqlx::migrate::MigrateError) -> StoreError {
-    use sqlx::migrate::MigrateError as M;
-    match e {
-        M::VersionMissing(v) => StoreError::SchemaTooNew(format!(
-            "the database has migration {v}, which this binary does not know"
-        )),
-        M::Execute(inner) => from_sqlx(inner),
-        M::ExecuteMigration(inner, v) => match from_sqlx(inner) {
-            StoreError::Other(text) => StoreError::Other(format!("migration {v}: {text}")),
-            mapped => mapped,
-        },
-        _ => StoreError::Other(format!("cannot migrate the database: {e}")),
-    }
+    crate::migrations::from_migrate(e, from_sqlx)
 }
 
 /// The write thread could not be started or has stopped.
