@@ -362,20 +362,89 @@ impl Drop for Server {
     }
 }
 
-/// A free loopback port for a server to take later. Chosen below the kernel's ephemeral range
-/// (32768 and up here): a port the kernel hands out (`bind(0)`) can be taken meanwhile by any
-/// test's outgoing connection, which made a server fail to bind now and then under parallel load.
+/// A free loopback port for a server to take later, reserved for the rest of this test process.
+///
+/// Chosen below the kernel's ephemeral range (32768 and up here): a port the kernel hands out
+/// (`bind(0)`) can be taken meanwhile by any test's outgoing connection. Probing a port with
+/// `bind` and releasing it is not enough on its own: two tests running at once (nextest runs each
+/// in its own process) could probe the same port before either server binds it, and the second
+/// server then fails with "Address already in use" (this made CI red once). So each port is also
+/// claimed with an exclusive lock on `<tmp>/mailgate-it-ports/<port>.lock`, held by this process
+/// until it exits (the kernel releases it then, also when the test panics or is killed): every
+/// test of this harness skips a port another test holds, also across a server's restart, when
+/// the port is unbound for a while. Tested by `harness_ports_are_never_handed_out_twice`.
 pub fn free_port() -> u16 {
     use std::hash::{BuildHasher, Hasher};
+    use std::sync::Mutex;
+    static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    let locks = std::env::temp_dir().join("mailgate-it-ports");
+    let _ = std::fs::create_dir_all(&locks);
     for _ in 0..1000 {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u32(std::process::id());
         let port = 20_000 + (h.finish() % 12_000) as u16;
+        let Ok(file) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(locks.join(format!("{port}.lock")))
+        else {
+            continue;
+        };
+        // Another test holds it (or the lock cannot be taken): try another port.
+        if file.try_lock().is_err() {
+            continue;
+        }
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            HELD.lock().unwrap_or_else(|p| p.into_inner()).push(file);
             return port;
         }
     }
     panic!("no free loopback port in 20000-31999")
+}
+
+#[test]
+fn harness_ports_are_never_handed_out_twice() {
+    // A port this process holds is skipped by another process's `free_port`, even while nothing
+    // listens on it: the child here is this same test binary, asked for many ports at once.
+    if let Ok(held) = std::env::var("MAILGATE_IT_PORTS_HELD") {
+        let held: Vec<u16> = held.split(',').filter_map(|p| p.parse().ok()).collect();
+        for _ in 0..200 {
+            let p = free_port();
+            assert!(!held.contains(&p), "port {p} handed out twice");
+        }
+        return;
+    }
+    let mine: Vec<u16> = (0..500).map(|_| free_port()).collect();
+    let mut unique = mine.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), mine.len(), "one process got a port twice");
+    let out = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "harness::harness_ports_are_never_handed_out_twice",
+        ])
+        .env(
+            "MAILGATE_IT_PORTS_HELD",
+            mine.iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+        .output()
+        .expect("run the test binary");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("1 passed"),
+        "the child ran no test: {stdout}"
+    );
 }
 
 /// Polls `f` until it returns true or `timeout` passes.
