@@ -2,16 +2,18 @@
 //! tokens, decisions (day partitions), usage, acceptance and retention.
 //!
 //! Every write here is its own transaction, committed before the call returns (durable with the
-//! server's `synchronous_commit = on`). Decisions are written one statement each: batching them
-//! with acceptances (issue 16 item 6, group commit as `sqlite/group.rs` does) is not done yet, so
-//! [`Store::enqueue_decision`] is a durable write like [`Store::record_decision`] and
-//! [`Store::flush`] has nothing to wait for.
+//! server's `synchronous_commit = on`), except [`Store::enqueue_decision`]: those decisions are
+//! group-committed by the writer task of `decisions.rs` (one statement per batch), and an
+//! acceptance writes its own decision in its transaction when it is still pending, so the
+//! decision is durable no later than the message. [`Store::decision`] finds a pending decision
+//! at once, and looks a decision id up only in the day partitions its time can be in.
 
 use async_trait::async_trait;
 use mailgate_core::directory::{Directory, Kind, Object};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
+use super::decisions::{self, Claim};
 use super::{OrStore, PgStore, now_ms};
 use crate::{
     AuditAction, AuditEntry, Changeset, DecisionSummary, MessageState, MessageSummary, NewMessage,
@@ -22,6 +24,9 @@ use crate::{
 /// Rows retention deletes per statement: each slice is a short transaction, so senders never
 /// wait long behind it.
 const PURGE_SLICE: i64 = 1000;
+
+/// Longest wait for a table lock in retention's DDL (making and dropping decision partitions).
+const LOCK_WAIT_MS: u64 = 500;
 
 /// How far back [`Store::recent_refusals`] looks (decisions, newest first).
 const RECENT_WINDOW: i64 = 100_000;
@@ -105,7 +110,56 @@ fn decision_of(row: &PgRow) -> Result<StoredDecision, StoreError> {
     })
 }
 
+/// Where a decision id's own time says its row is: the `at_ms` range to look in, so the planner
+/// prunes every other day partition. Decision ids (`mailgate_gateway::new_decision_id`) are
+/// ULID-shaped: 26 Crockford base-32 digits whose first 10 are the Unix milliseconds it was made
+/// at, which the gateway stores as `at_ms`; the range allows a minute either way. `None` for any
+/// other id (looked up in every partition).
+pub(crate) fn decision_time_range(id: &str) -> Option<(i64, i64)> {
+    const SLACK_MS: i64 = 60_000;
+    let bytes = id.as_bytes();
+    if bytes.len() != 26 {
+        return None;
+    }
+    let mut ms: i64 = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        let digit = match b.to_ascii_uppercase() {
+            c @ b'0'..=b'9' => c - b'0',
+            c @ b'A'..=b'H' => c - b'A' + 10,
+            b'J' => 18,
+            b'K' => 19,
+            b'M' => 20,
+            b'N' => 21,
+            c @ b'P'..=b'T' => c - b'P' + 22,
+            c @ b'V'..=b'Z' => c - b'V' + 27,
+            _ => return None,
+        };
+        if i == 0 && digit > 7 {
+            return None; // 130 bits of digits for 128 bits: the first holds 3
+        }
+        if i < 10 {
+            ms = (ms << 5) | i64::from(digit);
+        }
+    }
+    Some((ms - SLACK_MS, ms + SLACK_MS))
+}
+
 impl PgStore {
+    /// Writes the pending decision of an accepted message inside the acceptance's transaction
+    /// `tx` (nothing when it is not pending: the writer committed it, or it was recorded). Call
+    /// [`Claim::committed`] on the result after `tx` committed.
+    pub(crate) async fn flush_decisions(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        decision_id: &str,
+    ) -> Result<Claim, StoreError> {
+        let claim = self.decisions.claim(decision_id);
+        if let Some(d) = claim.decision() {
+            decisions::insert_decisions(&mut *tx, std::slice::from_ref(d)).await?;
+        }
+        Ok(claim)
+    }
+
     async fn insert_decision(&self, d: &StoredDecision) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO decisions (id, at_ms, door, principal, verdict, code, body)
@@ -124,11 +178,79 @@ impl PgStore {
         Ok(())
     }
 
+    /// Makes the decision partitions of today and the coming days that are missing. Creating one
+    /// locks the parent table: with a short lock timeout, so senders never queue behind it for
+    /// long (a miss is logged and tried again at the next purge).
+    async fn partitions_ahead(&self) {
+        let made = async {
+            let mut tx = self.pool.begin().await.or_store()?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SET LOCAL lock_timeout = '{}ms'",
+                LOCK_WAIT_MS
+            )))
+            .execute(&mut *tx)
+            .await
+            .or_store()?;
+            sqlx::query("SELECT mailgate_decision_partitions($1, $2)")
+                .bind(now_ms())
+                .bind(super::PARTITION_DAYS_AHEAD)
+                .execute(&mut *tx)
+                .await
+                .or_store()?;
+            tx.commit().await.or_store()
+        };
+        if let Err(e) = made.await {
+            tracing::warn!(error = %e, "could not make the coming days' decision partitions; retention tries again later");
+        }
+    }
+
+    /// Drops the day partition `name` whole unless a remaining message names a decision in it
+    /// (`None` then). Returns how many decisions went with it. The drop locks the parent table:
+    /// with a short lock timeout, so a long transaction elsewhere makes retention try again
+    /// later instead of making every sender wait behind the drop.
+    async fn drop_partition(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        let mut tx = self.pool.begin().await.or_store()?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SET LOCAL lock_timeout = '{}ms'",
+            LOCK_WAIT_MS
+        )))
+        .execute(&mut *tx)
+        .await
+        .or_store()?;
+        // The name comes from pg_class and matches `decisions_dYYYYMMDD`: safe to quote in.
+        let named: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT EXISTS (SELECT 1 FROM \"{name}\" d JOIN messages m ON m.decision_id = d.id)"
+        )))
+        .fetch_one(&mut *tx)
+        .await
+        .or_store()?;
+        if named {
+            return Ok(None);
+        }
+        let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM \"{name}\""
+        )))
+        .fetch_one(&mut *tx)
+        .await
+        .or_store()?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP TABLE IF EXISTS \"{name}\""
+        )))
+        .execute(&mut *tx)
+        .await
+        .or_store()?;
+        tx.commit().await.or_store()?;
+        Ok(Some(rows as u64))
+    }
+
     /// Retention of decisions taken before `before` that no remaining message names: whole day
     /// partitions first (dropped when nothing in them is named), then row by row in slices
     /// (the default partition, the day `before` falls in, partitions a message still names).
+    /// It also makes the coming days' partitions (a node serving for weeks without a restart
+    /// would otherwise fill the default partition).
     async fn purge_decisions(&self, before: i64) -> Result<u64, StoreError> {
         let mut purged = 0;
+        self.partitions_ahead().await;
         // Day partitions that end at or before the cutoff (their name is their UTC day).
         let old: Vec<String> = sqlx::query_scalar(
             "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
@@ -142,29 +264,15 @@ impl PgStore {
         .await
         .or_store()?;
         for name in old {
-            let mut tx = self.pool.begin().await.or_store()?;
-            // The name comes from pg_class and matches the pattern above: safe to quote in.
-            let named: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT EXISTS (SELECT 1 FROM \"{name}\" d JOIN messages m ON m.decision_id = d.id)"
-            )))
-            .fetch_one(&mut *tx)
-            .await
-            .or_store()?;
-            if named {
-                continue; // emptied row by row below, dropped by a later purge
+            match self.drop_partition(&name).await {
+                Ok(Some(rows)) => purged += rows,
+                Ok(None) => {} // named: emptied row by row below, dropped by a later purge
+                Err(e) => {
+                    // Busy (the lock was not free within LOCK_WAIT) or dropped by another node
+                    // a moment ago: its rows go row by row below, or at the next purge.
+                    tracing::warn!(partition = %name, error = %e, "could not drop a decision partition; retention tries again later");
+                }
             }
-            let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT count(*) FROM \"{name}\""
-            )))
-            .fetch_one(&mut *tx)
-            .await
-            .or_store()?;
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP TABLE \"{name}\"")))
-                .execute(&mut *tx)
-                .await
-                .or_store()?;
-            tx.commit().await.or_store()?;
-            purged += rows as u64;
         }
         loop {
             let n = sqlx::query(
@@ -424,20 +532,42 @@ impl Store for PgStore {
     }
 
     async fn record_decision(&self, d: &StoredDecision) -> Result<(), StoreError> {
+        // Durable when it returns: its own statement (explanations come one at a time).
         self.insert_decision(d).await
     }
 
     async fn enqueue_decision(&self, d: StoredDecision) -> Result<(), StoreError> {
-        // Durable when it returns: committed before anything this store accepts after it.
-        self.insert_decision(&d).await
+        // Pending (found at once), then group-committed by the writer or by the acceptance
+        // that names it; waits only for room in the bounded queue.
+        self.decisions.enqueue(d).await
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        // Every write was committed before its call returned: nothing is queued.
-        Ok(())
+        self.decisions.flush().await
     }
 
     async fn decision(&self, id: &str) -> Result<Option<StoredDecision>, StoreError> {
+        if let Some(d) = self.decisions.get(id) {
+            return Ok(Some(d));
+        }
+        // First where the id's time puts it (one or two day partitions), then anywhere: a row
+        // kept under another time is still found, at the cost of probing every partition only
+        // for an id that is nowhere near its own time, or nowhere.
+        if let Some((from, to)) = decision_time_range(id) {
+            let row = sqlx::query(
+                "SELECT id, at_ms, door, principal, verdict, code, body FROM decisions
+                 WHERE id = $1 AND at_ms >= $2 AND at_ms <= $3 LIMIT 1",
+            )
+            .bind(id)
+            .bind(from)
+            .bind(to)
+            .fetch_optional(&self.pool)
+            .await
+            .or_store()?;
+            if let Some(row) = row {
+                return decision_of(&row).map(Some);
+            }
+        }
         let row = sqlx::query(
             "SELECT id, at_ms, door, principal, verdict, code, body FROM decisions
              WHERE id = $1 LIMIT 1",
@@ -450,6 +580,8 @@ impl Store for PgStore {
     }
 
     async fn recent_refusals(&self, limit: u32) -> Result<Vec<DecisionSummary>, StoreError> {
+        // Refusals still queued count too.
+        self.decisions.flush().await?;
         let rows = sqlx::query(
             "SELECT id, at_ms, door, principal, code FROM
                (SELECT id, at_ms, door, principal, verdict, code FROM decisions
@@ -529,11 +661,15 @@ impl Store for PgStore {
     ) -> Result<(), StoreError> {
         // The message, its body and the usage it consumes: one transaction, all or nothing.
         let mut tx = self.pool.begin().await.or_store()?;
+        // Its decision, if still pending, is durable with it (`decisions.rs`).
+        let decision = self.flush_decisions(&mut tx, &m.decision_id).await?;
         insert_message(&mut tx, m).await?;
         if let Some((entry, tat)) = usage {
             insert_usage(&mut tx, &m.principal, entry, tat).await?;
         }
-        tx.commit().await.or_store()
+        tx.commit().await.or_store()?;
+        decision.committed();
+        Ok(())
     }
 
     async fn message(&self, id: &str) -> Result<Option<MessageSummary>, StoreError> {
@@ -591,5 +727,33 @@ impl Store for PgStore {
             purged.decisions = self.purge_decisions(before).await?;
         }
         Ok(purged)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decision_time_range;
+
+    /// The ULID specification's id made at 1469918176385 ms (`ulid(1469918176385)`); ids of
+    /// another shape have no time.
+    #[test]
+    fn a_decision_ids_time_is_read_from_its_first_ten_digits() {
+        let (from, to) = decision_time_range("01ARYZ6S41TSV4RRFFQ69G5FAV").unwrap();
+        assert_eq!((from + to) / 2, 1_469_918_176_385);
+        assert_eq!(to - from, 120_000);
+        assert_eq!(
+            decision_time_range("01aryz6s41tsv4rrffq69g5fav"),
+            Some((from, to))
+        );
+        for other in [
+            "",
+            "01TEST",
+            "d-m1",
+            "81ARZ3NDEKTSV4RRFFQ69G5FAV",  // more than 128 bits
+            "01ARZ3NDEKTSV4RRFFQ69G5FAU",  // U is no Crockford digit
+            "01ARZ3NDEKTSV4RRFFQ69G5FAV1", // 27 digits
+        ] {
+            assert_eq!(decision_time_range(other), None, "{other}");
+        }
     }
 }

@@ -7,8 +7,9 @@
 //! [`FaultStore`](crate::FaultStore) (`faults.rs`), [`TokenStore`](crate::TokenStore)
 //! (`tokens.rs`), [`Store`](crate::Store) (`directory.rs`) and [`QueueStore`](crate::QueueStore)
 //! (`queue.rs`: leases with `FOR UPDATE SKIP LOCKED`, write-backs fenced by the lease).
-//! [`open`](crate::open) opens it for `postgres://` URLs. Not yet (issue 16): group commit of
-//! decisions, admission charged atomically in the store, node identity, LISTEN/NOTIFY.
+//! [`open`](crate::open) opens it for `postgres://` URLs. Decisions the hot path does not wait
+//! for are group-committed by a writer task, one statement per batch (`decisions.rs`). Not yet
+//! (issue 16): admission charged atomically in the store, LISTEN/NOTIFY.
 
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,12 +19,14 @@ use sqlx::{Connection, PgConnection, PgPool};
 
 use crate::StoreError;
 
+mod decisions;
 mod directory;
 mod error;
 mod faults;
 mod queue;
 mod tokens;
 
+pub use decisions::DecisionBatches;
 pub(crate) use error::OrStore;
 pub use error::redact;
 
@@ -32,7 +35,7 @@ pub use error::redact;
 pub const MIGRATION_LOCK: i64 = 0x4D41_494C_4741_5445;
 
 /// How many days of decision partitions exist ahead of today after an open.
-const PARTITION_DAYS_AHEAD: i32 = 7;
+pub(crate) const PARTITION_DAYS_AHEAD: i32 = 7;
 
 /// How long an open waits for the server before calling it unavailable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,10 +44,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: u32 = 16;
 
 /// The PostgreSQL store: a connection pool on one database. Every call is one or a few
-/// statements on it; each write commits before the call returns.
+/// statements on it; each write commits before the call returns, except decisions queued with
+/// `enqueue_decision`, which a writer task group-commits (`decisions.rs`).
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    decisions: decisions::DecisionQueue,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -99,12 +104,18 @@ impl PgStore {
             .await
             .or_store()
             .map_err(unreachable)?;
-        Ok(PgStore { pool })
+        let decisions = decisions::DecisionQueue::start(pool.clone());
+        Ok(PgStore { pool, decisions })
     }
 
     /// The connection pool (for backend-specific tests).
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// How the decision writer batched so far (for tests and `docs/performance.md`).
+    pub fn decision_batches(&self) -> DecisionBatches {
+        self.decisions.stats()
     }
 }
 

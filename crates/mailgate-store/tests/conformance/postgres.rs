@@ -358,3 +358,144 @@ async fn a_lease_skips_rows_another_node_holds_instead_of_waiting() {
         ["m1"]
     );
 }
+
+/// A decision id holds the time it was made: the lookup by id reads only the day partition(s)
+/// that time can be in. Proven by a lock: while another transaction holds every other day's
+/// partition (ACCESS EXCLUSIVE, as a retention DROP would), the lookup still answers at once; a
+/// lookup probing every partition would wait for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_is_looked_up_in_its_own_day_partition_only() {
+    use mailgate_store::{StoredDecision, StoredVerdict};
+    const DAY: i64 = 86_400_000;
+    let day = 19_675 * DAY; // 2023-11-14 UTC
+    let db = fresh().await;
+    let s = db.handle().await;
+    sqlx::query("SELECT mailgate_decision_partitions($1, 2)")
+        .bind(day)
+        .execute(s.pool())
+        .await
+        .unwrap();
+    // 01HF7... : an id made at day + 12 h (as `new_decision_id` makes them).
+    let at = day + DAY / 2;
+    let id = {
+        const DIGITS: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+        let v = (at as u128) << 80 | 0x1234;
+        (0..26)
+            .map(|i| DIGITS[((v >> (5 * (25 - i))) & 0x1F) as usize] as char)
+            .collect::<String>()
+    };
+    let d = StoredDecision {
+        id: id.clone(),
+        at_ms: at,
+        door: "smtp".into(),
+        principal: "a@example.com".into(),
+        verdict: StoredVerdict::Denied,
+        code: Some("user.suspended".into()),
+        body: serde_json::json!({"id": id}).into(),
+    };
+    s.record_decision(&d).await.unwrap();
+    let mut holder = s.pool().begin().await.unwrap();
+    sqlx::raw_sql(
+        "LOCK TABLE decisions_d20231115, decisions_d20231116, decisions_default
+         IN ACCESS EXCLUSIVE MODE",
+    )
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let found = tokio::time::timeout(std::time::Duration::from_secs(5), s.decision(&id))
+        .await
+        .expect("the lookup by id waited for another day's partition")
+        .unwrap();
+    assert_eq!(found, Some(d));
+    holder.rollback().await.unwrap();
+}
+
+/// Queued decisions are written in batches (one statement each), and a send's decision queued
+/// just before its message is written by the acceptance's own transaction (the writer skips it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_decisions_are_written_in_batches_and_a_sends_by_its_acceptance() {
+    use mailgate_store::{MessageState, NewMessage, StoredDecision, StoredVerdict};
+    let db = fresh().await;
+    let s = db.handle().await;
+    let decision = |id: String| StoredDecision {
+        id,
+        at_ms: 1_000,
+        door: "smtp".into(),
+        principal: "a@example.com".into(),
+        verdict: StoredVerdict::Denied,
+        code: Some("user.suspended".into()),
+        body: serde_json::json!({}).into(),
+    };
+    for i in 0..2_000 {
+        s.enqueue_decision(decision(format!("01R{i}")))
+            .await
+            .unwrap();
+    }
+    s.flush().await.unwrap();
+    let batches = s.decision_batches();
+    assert_eq!(batches.decisions, 2_000);
+    assert!(
+        batches.statements <= 20,
+        "2,000 queued decisions took {} statements",
+        batches.statements
+    );
+    s.enqueue_decision(decision("01SEND".into())).await.unwrap();
+    s.accept_message(
+        &NewMessage {
+            id: "m1".into(),
+            decision_id: "01SEND".into(),
+            accepted_at_ms: 1_000,
+            door: "smtp".into(),
+            principal: "a@example.com".into(),
+            envelope_from: "a@example.com".into(),
+            recipients: vec!["b@example.org".into()],
+            raw: b"Subject: x\r\n\r\nx\r\n".to_vec(),
+            state: MessageState::Queued,
+            hold_until_ms: None,
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    s.flush().await.unwrap();
+    let after = s.decision_batches();
+    assert_eq!(after.claimed, 1, "{after:?}");
+    assert_eq!(after.decisions, 2_000, "the writer did not write it again");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM decisions WHERE id = '01SEND'")
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+}
+
+/// Retention makes the coming days' decision partitions too (a node serving for weeks without
+/// a restart never writes into the default partition for want of one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_makes_the_coming_days_partitions() {
+    let db = fresh().await;
+    let s = db.handle().await;
+    let days = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = 'decisions'::regclass AND c.relname <> 'decisions_default'",
+        )
+        .fetch_one(s.pool())
+        .await
+        .unwrap()
+    };
+    assert_eq!(days().await, 8);
+    let last: String = sqlx::query_scalar(
+        "SELECT max(c.relname::text) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'decisions'::regclass AND c.relname <> 'decisions_default'",
+    )
+    .fetch_one(s.pool())
+    .await
+    .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP TABLE \"{last}\"")))
+        .execute(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(days().await, 7);
+    s.purge(Some(0), None).await.unwrap();
+    assert_eq!(days().await, 8);
+}

@@ -102,6 +102,7 @@ macro_rules! conformance {
             every_committed_change_leaves_an_audit_row,
             a_decision_reads_back_equal_by_id,
             an_enqueued_decision_is_found_at_once_and_durable_after_flush,
+            decisions_at_volume_are_all_kept_and_found_by_id,
             recent_refusals_are_the_newest_denials_first,
             admin_tokens_are_found_by_hash_and_replaced_by_name,
             node_rows_are_written_replaced_and_deleted,
@@ -111,6 +112,8 @@ macro_rules! conformance {
         $crate::suite::conformance!(@tests $fresh;
             an_accepted_message_reads_back_with_its_usage,
             an_acceptance_is_durable_when_it_returns,
+            a_queued_decision_is_durable_with_the_message_naming_it,
+            a_failed_acceptance_keeps_its_queued_decision,
             a_lease_excludes_other_leasers,
             concurrent_leasers_never_hold_the_same_message,
             an_expired_lease_can_be_taken_again,
@@ -1941,6 +1944,108 @@ pub async fn an_enqueued_decision_is_found_at_once_and_durable_after_flush(b: &i
     }
     let later = b.store().await;
     assert_eq!(later.decision("01QUEUED").await.unwrap(), Some(d));
+}
+
+/// A decision id as the gateway makes them (`mailgate_gateway::new_decision_id`): 26 Crockford
+/// base-32 digits, the first 10 the Unix milliseconds, the rest from `tail`.
+fn decision_id(ms: i64, tail: u64) -> String {
+    const DIGITS: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    let v = (u128::from(ms as u64 & 0xFFFF_FFFF_FFFF) << 80) | u128::from(tail);
+    (0..26)
+        .map(|i| DIGITS[((v >> (5 * (25 - i))) & 0x1F) as usize] as char)
+        .collect()
+}
+
+/// An accepted message's decision, queued moments before it (as every send's is), is durable
+/// when the acceptance returns: a handle that was open all along finds it at once, before any
+/// flush or batch delay. Many sends at once too.
+pub async fn a_queued_decision_is_durable_with_the_message_naming_it(b: &impl Backend) {
+    let s = b.open().await;
+    let other = b.open().await;
+    let now = 1_800_000_000_000;
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let s = s.directory.clone();
+            tokio::spawn(async move {
+                let d = decision(
+                    &decision_id(now + i, i as u64),
+                    now + i,
+                    StoredVerdict::Allowed,
+                );
+                let mut m = message(&format!("m{i:02}"), now + i, &["x@a.test"]);
+                m.decision_id = d.id.clone();
+                s.enqueue_decision(d.clone()).await.unwrap();
+                s.accept_message(&m, Some((usage(now + i, 1), None)))
+                    .await
+                    .unwrap();
+                d
+            })
+        })
+        .collect();
+    for t in tasks {
+        let d = t.await.unwrap();
+        assert_eq!(
+            other.directory.decision(&d.id).await.unwrap(),
+            Some(d),
+            "the message is stored, its decision must be too"
+        );
+    }
+}
+
+/// An acceptance that fails does not lose the decision it would have carried: the decision is
+/// still kept (durable after `flush`, as any queued one).
+pub async fn a_failed_acceptance_keeps_its_queued_decision(b: &impl Backend) {
+    let s = b.open().await;
+    accept(
+        s.directory.as_ref(),
+        &message("taken", 1_000, &["x@a.test"]),
+    )
+    .await;
+    let d = decision(&decision_id(2_000, 7), 2_000, StoredVerdict::Allowed);
+    let mut m = message("taken", 2_000, &["x@a.test"]); // the same message id: refused
+    m.decision_id = d.id.clone();
+    s.directory.enqueue_decision(d.clone()).await.unwrap();
+    assert!(s.directory.accept_message(&m, None).await.is_err());
+    assert_eq!(s.directory.decision(&d.id).await.unwrap(), Some(d.clone()));
+    s.directory.flush().await.unwrap();
+    let other = b.open().await;
+    assert_eq!(other.directory.decision(&d.id).await.unwrap(), Some(d));
+}
+
+/// Decisions at volume: more than any batch and than the queue holds at once are all kept (the
+/// queue makes senders wait for room, it never drops), each found by id at once and, after
+/// `flush`, by another handle; ids made days apart and ids whose time is not their `at_ms` are
+/// found too.
+pub async fn decisions_at_volume_are_all_kept_and_found_by_id(b: &impl StoreBackend) {
+    const DAY: i64 = 86_400_000;
+    let s = b.store().await;
+    let now = 1_800_000_000_000;
+    let mut kept = Vec::new();
+    for i in 0..6_000i64 {
+        // Three days, and every 1000th kept under a time far from its id's.
+        let at = now + (i % 3) * DAY + i;
+        let id_time = if i % 1000 == 0 { at - 40 * DAY } else { at };
+        let verdict = if i % 2 == 0 {
+            StoredVerdict::Denied
+        } else {
+            StoredVerdict::Allowed
+        };
+        let d = decision(&decision_id(id_time, i as u64), at, verdict);
+        s.enqueue_decision(d.clone()).await.unwrap();
+        kept.push(d);
+    }
+    for d in kept.iter().step_by(97) {
+        assert_eq!(s.decision(&d.id).await.unwrap().as_ref(), Some(d));
+    }
+    s.flush().await.unwrap();
+    let other = b.store().await;
+    for d in kept.iter().step_by(7).chain(kept.iter().step_by(1000)) {
+        assert_eq!(other.decision(&d.id).await.unwrap().as_ref(), Some(d));
+    }
+    assert_eq!(
+        other.decision(&decision_id(now, 99_999)).await.unwrap(),
+        None
+    );
 }
 
 /// The support bundle's list: the newest refusals first, at most `limit`, summaries only;
