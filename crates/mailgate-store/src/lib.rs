@@ -11,6 +11,7 @@
 
 mod error;
 mod faults;
+mod lockout;
 mod migrations;
 pub mod postgres;
 mod queue;
@@ -24,6 +25,7 @@ use std::sync::Arc;
 
 pub use error::StoreError;
 pub use faults::{FaultStore, SimulatedFault};
+pub use lockout::{Counted, LockoutRule, LockoutStore, MAX_KEY_LEN as MAX_LOCKOUT_KEY_LEN};
 pub use queue::{
     AttemptEntry, AttemptReport, CAPTURED_HEAD_BYTES, CapturedMessage, LeasedMessage,
     MessageStatus, QueueEntry, QueueFilter, QueueStore, RecipientOutcome, RecipientStatus,

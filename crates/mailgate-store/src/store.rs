@@ -231,9 +231,10 @@ pub struct NodeState {
 }
 
 /// The storage interface every front door, the CLI and the server share. It keeps the injected
-/// faults too ([`FaultStore`]), so the gateway reads them through the handle it reloads with.
+/// faults too ([`FaultStore`]), so the gateway reads them through the handle it reloads with, and
+/// the failed-authentication counts every node shares ([`crate::LockoutStore`]).
 #[async_trait]
-pub trait Store: FaultStore + Send + Sync {
+pub trait Store: FaultStore + crate::LockoutStore + Send + Sync {
     /// Reads the whole directory.
     async fn snapshot(&self) -> Result<Snapshot, StoreError>;
 

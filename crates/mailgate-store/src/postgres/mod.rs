@@ -23,6 +23,7 @@ mod decisions;
 mod directory;
 mod error;
 mod faults;
+mod lockout;
 mod queue;
 mod tokens;
 

@@ -74,6 +74,15 @@ macro_rules! conformance {
         $crate::suite::conformance!(tokens: $fresh);
         $crate::suite::conformance!(store: $fresh);
         $crate::suite::conformance!(queue: $fresh);
+        $crate::suite::conformance!(shared: $fresh);
+    };
+    (shared: $fresh:path) => {
+        $crate::suite::conformance!(@tests $fresh;
+            failures_counted_on_two_nodes_add_up_and_lock_on_both,
+            concurrent_failures_on_two_nodes_are_each_counted_once,
+            a_quiet_key_is_forgotten_and_a_lock_never_shortens,
+            the_table_is_bounded_and_never_forgets_an_active_lock,
+        );
     };
     (faults: $fresh:path) => {
         $crate::suite::conformance!(@tests $fresh;
@@ -144,6 +153,10 @@ macro_rules! conformance {
     };
 }
 pub(crate) use conformance;
+
+// What several nodes share besides the directory and the queue (issue 16 item 5).
+mod shared;
+pub use shared::*;
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures.

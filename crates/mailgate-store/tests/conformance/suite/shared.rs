@@ -1,0 +1,194 @@
+//! Contracts of what several nodes share besides the directory and the queue (issue 16 item 5):
+//! failed-authentication counts ([`LockoutStore`]).
+
+use std::collections::BTreeSet;
+
+use mailgate_store::{Counted, LockoutRule, MAX_LOCKOUT_KEY_LEN, StoreError};
+
+use super::StoreBackend;
+
+const T0: i64 = 1_795_000_000_000;
+
+fn rule(threshold: u32, max_rows: u64) -> LockoutRule {
+    LockoutRule {
+        threshold,
+        base_lock_ms: 1_000,
+        max_lock_ms: 900_000,
+        forget_after_ms: 900_000,
+        max_rows,
+    }
+}
+
+fn until(c: Counted) -> Option<i64> {
+    match c {
+        Counted::Counted {
+            locked_until_ms, ..
+        } => locked_until_ms,
+        Counted::Full => panic!("not counted: the table is full"),
+    }
+}
+
+fn failures(c: Counted) -> u32 {
+    match c {
+        Counted::Counted { failures, .. } => failures,
+        Counted::Full => panic!("not counted: the table is full"),
+    }
+}
+
+/// Failures counted on two handles (two nodes) add up: the key locks at the threshold, whichever
+/// node counted which failure, every node reads the lock, the lock doubles with each further
+/// failure, other keys are untouched and a cleared key starts again.
+pub async fn failures_counted_on_two_nodes_add_up_and_lock_on_both<B: StoreBackend>(b: &B) {
+    let (a, c) = (b.store().await, b.store().await);
+    let r = rule(5, 1_000);
+    let key = "l:0123456789abcdef:4:c0000200".to_owned();
+    let other = "l:fedcba9876543210:4:c0000200".to_owned();
+    for i in 0..4u32 {
+        let node = if i % 2 == 0 { &a } else { &c };
+        let counted = node.count_failure(&key, &r, T0).await.unwrap();
+        assert_eq!(failures(counted), i + 1);
+        assert_eq!(until(counted), None, "failure {} locks nothing yet", i + 1);
+    }
+    assert_eq!(a.locked_until(&[key.as_str()], T0).await.unwrap(), None);
+    let fifth = c.count_failure(&key, &r, T0).await.unwrap();
+    assert_eq!(failures(fifth), 5);
+    assert_eq!(until(fifth), Some(T0 + 1_000));
+    for node in [&a, &c] {
+        assert_eq!(
+            node.locked_until(&[other.as_str(), key.as_str()], T0)
+                .await
+                .unwrap(),
+            Some(T0 + 1_000)
+        );
+        assert_eq!(
+            node.locked_until(&[other.as_str()], T0).await.unwrap(),
+            None
+        );
+        assert_eq!(
+            node.locked_until(&[key.as_str()], T0 + 1_000)
+                .await
+                .unwrap(),
+            None,
+            "the lock ends"
+        );
+    }
+    assert_eq!(
+        until(a.count_failure(&key, &r, T0 + 10).await.unwrap()),
+        Some(T0 + 10 + 2_000)
+    );
+    c.clear_failures(&key).await.unwrap();
+    assert_eq!(
+        a.locked_until(&[key.as_str()], T0 + 10).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        failures(a.count_failure(&key, &r, T0 + 20).await.unwrap()),
+        1
+    );
+}
+
+/// Failures counted at the same moment on two nodes are each counted once: 2 x 20 concurrent
+/// counts of one key see 40 distinct counts, 1 to 40.
+pub async fn concurrent_failures_on_two_nodes_are_each_counted_once<B: StoreBackend>(b: &B) {
+    let (a, c) = (b.store().await, b.store().await);
+    let r = rule(1_000, 1_000);
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let node = if i % 2 == 0 { a.clone() } else { c.clone() };
+        tasks.push(tokio::spawn(async move {
+            failures(node.count_failure("n:4:c0000200", &r, T0).await.unwrap())
+        }));
+    }
+    let mut seen = BTreeSet::new();
+    for t in tasks {
+        seen.insert(t.await.unwrap());
+    }
+    assert_eq!(seen, (1..=40).collect::<BTreeSet<u32>>());
+}
+
+/// A key is forgotten `forget_after_ms` after its last failure or the end of its lock (its count
+/// starts again), and a lock never shortens: a later count with a shorter lock keeps the longer.
+pub async fn a_quiet_key_is_forgotten_and_a_lock_never_shortens<B: StoreBackend>(b: &B) {
+    let s = b.store().await;
+    let r = rule(2, 1_000);
+    let key = "n:6:20010db800000001".to_owned();
+    s.count_failure(&key, &r, T0).await.unwrap();
+    // Quiet for the whole window: forgotten.
+    let again = s.count_failure(&key, &r, T0 + 900_000).await.unwrap();
+    assert_eq!(failures(again), 1);
+    assert_eq!(until(again), None);
+    // 2 failures: 1 s; 10 more: 1,024 s capped at 900 s.
+    let t = T0 + 900_000;
+    for _ in 0..11 {
+        s.count_failure(&key, &r, t).await.unwrap();
+    }
+    let long = s.locked_until(&[key.as_str()], t).await.unwrap().unwrap();
+    assert_eq!(long, t + 900_000);
+    // The same count under a gentler rule would lock for less: the stored lock stays.
+    let gentle = LockoutRule {
+        max_lock_ms: 2_000,
+        ..r
+    };
+    s.count_failure(&key, &gentle, t + 1).await.unwrap();
+    assert_eq!(
+        s.locked_until(&[key.as_str()], t + 1).await.unwrap(),
+        Some(long)
+    );
+    // Locked: not forgotten while the lock lasts, nor for the window after it ends.
+    let counted = s.count_failure(&key, &r, long + 899_999).await.unwrap();
+    assert!(failures(counted) > 12, "{counted:?}");
+}
+
+/// The table never holds more than `max_rows` rows: room is made from rows that are not locked,
+/// never from active locks; when every row is an active lock a new key is not written
+/// (`Counted::Full`), and once the locks end there is room again. Keys are bounded in length.
+pub async fn the_table_is_bounded_and_never_forgets_an_active_lock<B: StoreBackend>(b: &B) {
+    let s = b.store().await;
+    let locking = rule(1, 10);
+    // 5 quiet rows, then 10 locks: the quiet ones make room.
+    for i in 0..5 {
+        s.count_failure(&format!("quiet{i}"), &rule(100, 10), T0)
+            .await
+            .unwrap();
+    }
+    for i in 0..10 {
+        assert!(
+            until(
+                s.count_failure(&format!("lock{i}"), &locking, T0)
+                    .await
+                    .unwrap()
+            )
+            .is_some()
+        );
+    }
+    for i in 0..10 {
+        assert_eq!(
+            s.locked_until(&[format!("lock{i}").as_str()], T0)
+                .await
+                .unwrap(),
+            Some(T0 + 1_000),
+            "lock{i} was forgotten"
+        );
+    }
+    assert_eq!(
+        s.count_failure("newcomer", &locking, T0).await.unwrap(),
+        Counted::Full
+    );
+    assert_eq!(s.locked_until(&["newcomer"], T0).await.unwrap(), None);
+    // An existing key is still counted when the table is full.
+    assert_eq!(
+        failures(s.count_failure("lock0", &locking, T0).await.unwrap()),
+        2
+    );
+    // Locks over and forgotten: room again.
+    let later = T0 + 2_000 + 900_000;
+    assert!(matches!(
+        s.count_failure("newcomer", &locking, later).await.unwrap(),
+        Counted::Counted { .. }
+    ));
+    let long = "k".repeat(MAX_LOCKOUT_KEY_LEN + 1);
+    assert!(matches!(
+        s.count_failure(&long, &locking, later).await,
+        Err(StoreError::Other(_))
+    ));
+}
