@@ -20,10 +20,7 @@ const TOKEN: &str = "ya29.crash-test-token";
 /// An access token for alice, put in the store the way the token endpoint stores one.
 fn mint_token(rt: &tokio::runtime::Runtime, gw: &Gateway) {
     rt.block_on(async {
-        let store = mailgate_store::open_path(&gw.data_dir().join("mailgate.db"))
-            .await
-            .unwrap()
-            .tokens;
+        let store = gw.open_store().await.tokens;
         let now = mailgate_gateway::now_ms() as i64;
         store
             .insert_token(&TokenRecord {

@@ -8,10 +8,7 @@ use crate::harness::{Gateway, demo, example_org, http_get, stdout_json};
 fn record_sends(gw: &Gateway, principal: &str, n: usize) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let store = mailgate_store::open_path(&gw.data_dir().join("mailgate.db"))
-            .await
-            .unwrap()
-            .directory;
+        let store = gw.open_store().await.directory;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()

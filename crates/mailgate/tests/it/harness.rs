@@ -34,6 +34,22 @@ pub struct Gateway {
     ports: (u16, u16),
     /// SMTP listener ports: submission, implicit TLS, relay.
     smtp_ports: [u16; 3],
+    /// The gateway's own PostgreSQL database when the tests run on PostgreSQL
+    /// ([`test_store_is_postgres`]); dropped with the gateway, also when the test panics.
+    pg: Option<PgDatabase>,
+}
+
+/// Whether this run puts the tests' gateways on PostgreSQL: `MAILGATE_TEST_STORE=postgres`
+/// (`scripts/test`'s second pass); unset or `sqlite`, the embedded SQLite file in the data
+/// directory. Each [`Gateway`] then gets a fresh database of its own ([`postgres_database`]),
+/// named as `[store] url` in the config file [`Gateway::config`] writes, so `serve`, every admin
+/// verb and any command a test runs with that config use it; it is dropped with the gateway.
+pub fn test_store_is_postgres() -> bool {
+    match std::env::var("MAILGATE_TEST_STORE").as_deref() {
+        Ok("postgres") => true,
+        Ok("sqlite") | Ok("") | Err(_) => false,
+        Ok(other) => panic!("MAILGATE_TEST_STORE={other:?}: expected `sqlite` or `postgres`"),
+    }
 }
 
 impl Gateway {
@@ -42,7 +58,29 @@ impl Gateway {
             dir: tempfile::tempdir().expect("tempdir"),
             ports: (free_port(), free_port()),
             smtp_ports: [free_port(), free_port(), free_port()],
+            pg: test_store_is_postgres().then(postgres_database),
         }
+    }
+
+    /// Where this gateway's store is: its PostgreSQL database's URL, or the SQLite file in its
+    /// data directory.
+    pub fn store_url(&self) -> String {
+        match &self.pg {
+            Some(pg) => pg.url.clone(),
+            None => self
+                .data_dir()
+                .join("mailgate.db")
+                .to_str()
+                .expect("utf-8 path")
+                .to_owned(),
+        }
+    }
+
+    /// Opens this gateway's store in the test's own process (as another node would).
+    pub async fn open_store(&self) -> mailgate_store::Stores {
+        mailgate_store::open(&self.store_url())
+            .await
+            .unwrap_or_else(|e| panic!("open the store at {}: {e}", self.store_url()))
     }
 
     /// The plain-HTTP listener address in the config (what `http.public_url` defaults to).
@@ -134,8 +172,13 @@ impl Gateway {
         } else {
             "[directory]\nreload_interval_ms = 100\n"
         };
+        // On PostgreSQL, the gateway's database (unless the test names a store itself).
+        let store = match &self.pg {
+            Some(pg) if !extra.contains("[store]") => format!("\n[store]\nurl = {:?}\n", pg.url),
+            _ => String::new(),
+        };
         let text = format!(
-            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{}\"\n[https]\nlisten = \"127.0.0.1:{}\"\n[smtp]\nsubmission_listen = \"127.0.0.1:{}\"\nsmtps_listen = \"127.0.0.1:{}\"\nrelay_listen = \"127.0.0.1:{}\"\n{directory}{extra}",
+            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{}\"\n[https]\nlisten = \"127.0.0.1:{}\"\n[smtp]\nsubmission_listen = \"127.0.0.1:{}\"\nsmtps_listen = \"127.0.0.1:{}\"\nrelay_listen = \"127.0.0.1:{}\"\n{directory}{extra}{store}",
             self.data_dir(),
             self.ports.0,
             self.ports.1,
@@ -227,6 +270,24 @@ impl Gateway {
             smtp_relay: smtp("relay_listen"),
             banner: Some(banner),
             logs: Some(logs),
+        }
+    }
+}
+
+/// On PostgreSQL, a gateway whose data directory got an SQLite store ran a command that did not
+/// use the test's database (one started without the test's config file): that test would pass on
+/// SQLite whatever the PostgreSQL store does, so it fails here instead.
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if self.pg.is_some()
+            && !std::thread::panicking()
+            && self.data_dir().join("mailgate.db").exists()
+        {
+            panic!(
+                "MAILGATE_TEST_STORE=postgres, yet a command made an SQLite store in {}: run it \
+                 with the gateway's config file (Gateway::config) or pass --database-url",
+                self.data_dir().display()
+            );
         }
     }
 }

@@ -1,5 +1,7 @@
 //! Integration tests: they drive the real `mailgate` binary over real sockets and a real SQLite
-//! file, one temporary data directory per test. One test binary with a module per area links once.
+//! file, one temporary data directory per test; with `MAILGATE_TEST_STORE=postgres` (the
+//! `postgres` nextest profile, `scripts/test`'s PostgreSQL pass), on a PostgreSQL database of each
+//! gateway's own instead (`harness::Gateway`). One test binary with a module per area links once.
 
 #![allow(
     clippy::unwrap_used,
@@ -18,7 +20,9 @@ mod explain;
 mod gmail;
 mod harness;
 mod hostile;
+mod limits;
 mod live;
+mod nodes;
 mod postfix;
 mod postgres;
 mod relay;

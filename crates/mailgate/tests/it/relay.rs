@@ -2,7 +2,6 @@
 //! loopback (`mailgate_relay::testing::Sink`). Messages enter the queue through the gateway's
 //! service layer (`decide` + `accept`, every rule applied), exactly as a door hands them over.
 
-use std::path::Path;
 use std::time::Duration;
 
 use mailgate_core::engine::{Credential, Door, SendAttempt};
@@ -29,21 +28,18 @@ fn with_smarthost(gw: &Gateway, port: u16) {
 }
 
 /// Accepts a message from alice through the gateway, as a door would; returns its id.
-fn accept(rt: &tokio::runtime::Runtime, data_dir: &Path, to: &[&str], subject: &str) -> String {
+fn accept(rt: &tokio::runtime::Runtime, gw: &Gateway, to: &[&str], subject: &str) -> String {
     let raw = format!(
         "From: alice@example.com\r\nTo: {}\r\nSubject: {subject}\r\n\r\nHello.\r\n",
         to.join(", ")
     );
-    accept_raw(rt, data_dir, to, raw)
+    accept_raw(rt, gw, to, raw)
 }
 
 /// Accepts `raw` from alice through the gateway, as a door would; returns its id.
-fn accept_raw(rt: &tokio::runtime::Runtime, data_dir: &Path, to: &[&str], raw: String) -> String {
+fn accept_raw(rt: &tokio::runtime::Runtime, gw: &Gateway, to: &[&str], raw: String) -> String {
     rt.block_on(async {
-        let store = mailgate_store::open_path(&data_dir.join("mailgate.db"))
-            .await
-            .unwrap()
-            .directory;
+        let store = gw.open_store().await.directory;
         let gw = mailgate_gateway::Gateway::open(store).await.unwrap();
         let attempt = SendAttempt::new(
             Door::Smtp,
@@ -97,14 +93,7 @@ fn smarthost_down_then_up_messages_wait_then_are_delivered_and_each_deferral_is_
     let token = gw.ok(&["admin-token", "create", "it"]).trim().to_owned();
 
     let ids: Vec<String> = (0..3)
-        .map(|i| {
-            accept(
-                &rt,
-                &gw.data_dir(),
-                &["bob@example.org"],
-                &format!("wait {i}"),
-            )
-        })
+        .map(|i| accept(&rt, &gw, &["bob@example.org"], &format!("wait {i}")))
         .collect();
     // Down: every message waits, each deferral with its reason and next attempt.
     assert!(
@@ -190,7 +179,7 @@ fn a_550_fails_that_recipient_only_bounces_to_the_sender_and_delivers_the_others
     let token = gw.ok(&["admin-token", "create", "it"]).trim().to_owned();
     let id = accept(
         &rt,
-        &gw.data_dir(),
+        &gw,
         &["bob@example.org", "nobody@example.org", "carol@example.org"],
         "partly refused",
     );
@@ -242,7 +231,7 @@ fn demo_mode_captures_mail_and_lists_it() {
     let gw = Gateway::new();
     let server = gw.serve_with("[relay]\npoll_interval_ms = 50\n", &["--demo"]);
     let token = gw.ok(&["admin-token", "create", "it"]).trim().to_owned();
-    let id = accept(&rt, &gw.data_dir(), &["bob@example.org"], "Captured hello");
+    let id = accept(&rt, &gw, &["bob@example.org"], "Captured hello");
     assert!(
         eventually(Duration::from_secs(10), || gw
             .ok(&["captured", "list"])
@@ -400,7 +389,7 @@ fn a_message_stored_with_bare_newlines_is_relayed_with_crlf_only() {
     with_smarthost(&gw, sink.addr.port());
     let server = gw.serve_with(FAST_RELAY, &[]);
     let raw = "From: alice@example.com\nTo: bob@example.org\nSubject: lf\n\nline\n.\nMAIL FROM:<alice@example.com>\r\nstray\rcr\n";
-    accept_raw(&rt, &gw.data_dir(), &["bob@example.org"], raw.to_owned());
+    accept_raw(&rt, &gw, &["bob@example.org"], raw.to_owned());
     assert!(
         eventually(Duration::from_secs(20), || !sink.received().is_empty()),
         "not delivered"
@@ -431,13 +420,12 @@ fn a_message_stored_with_bare_newlines_is_relayed_with_crlf_only() {
 /// A message's delivery status as stored (with its lease, which the API does not show).
 fn stored_status(
     rt: &tokio::runtime::Runtime,
-    data_dir: &Path,
+    gw: &Gateway,
     id: &str,
 ) -> mailgate_store::MessageStatus {
     rt.block_on(async {
-        mailgate_store::open_path(&data_dir.join("mailgate.db"))
+        gw.open_store()
             .await
-            .unwrap()
             .queue
             .message_status(id)
             .await
@@ -478,18 +466,13 @@ fn a_restart_left_leased_messages_untouched_until_the_lease_expired() {
     let mut server = gw.serve_with(relay, &[]);
     let node_file = gw.data_dir().join("node-id");
     let node = std::fs::read_to_string(&node_file).unwrap();
-    let id = accept(
-        &rt,
-        &gw.data_dir(),
-        &["bob@example.org"],
-        "leased when killed",
-    );
+    let id = accept(&rt, &gw, &["bob@example.org"], "leased when killed");
     assert!(
         eventually(Duration::from_secs(20), || connected.load(Ordering::SeqCst)
             >= 1),
         "the worker never connected to the smarthost"
     );
-    let leased = stored_status(&rt, &gw.data_dir(), &id);
+    let leased = stored_status(&rt, &gw, &id);
     let owner = leased.lease_owner.clone().unwrap_or_default();
     assert!(
         owner.starts_with(&format!("{}/", node.trim())),
@@ -510,15 +493,13 @@ fn a_restart_left_leased_messages_untouched_until_the_lease_expired() {
         eventually(Duration::from_secs(15), || sink.received().len() == 1),
         "the message waited for its old lease (until {:?}, relay.lease_ms = 120000) instead of being delivered at once: {:?}",
         leased.lease_until_ms,
-        stored_status(&rt, &gw.data_dir(), &id)
+        stored_status(&rt, &gw, &id)
     );
     let subject_seen =
         String::from_utf8_lossy(&sink.received()[0].data).contains("Subject: leased when killed");
     assert!(subject_seen);
     assert!(eventually(Duration::from_secs(10), || stored_status(
-        &rt,
-        &gw.data_dir(),
-        &id
+        &rt, &gw, &id
     )
     .entry
     .state

@@ -232,15 +232,12 @@ fn demo_credentials_name_each_secret() {
 }
 
 /// Accepts `raw` from alice through the gateway, as a door would; returns its id.
-fn accept_raw(data_dir: &std::path::Path, to: &str, raw: &str) -> String {
+fn accept_raw(gw: &Gateway, to: &str, raw: &str) -> String {
     use mailgate_core::engine::{Credential, Door, SendAttempt};
     use mailgate_gateway::{Accepted, Message};
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let store = mailgate_store::open_path(&data_dir.join("mailgate.db"))
-            .await
-            .unwrap()
-            .directory;
+        let store = gw.open_store().await.directory;
         let gw = mailgate_gateway::Gateway::open(store).await.unwrap();
         let attempt = SendAttempt::new(
             Door::Smtp,
@@ -272,7 +269,7 @@ fn captured_show_keeps_folded_headers_and_times_have_one_format() {
     let gw = Gateway::new();
     let server = gw.serve_with("[relay]\npoll_interval_ms = 50\n", &["--demo"]);
     let raw = "From: alice@example.com\r\nTo: bob@example.org\r\nSubject: a subject long enough\r\n  to be folded\r\n\tagain\r\n\r\nHello.\r\n";
-    let id = accept_raw(&gw.data_dir(), "bob@example.org", raw);
+    let id = accept_raw(&gw, "bob@example.org", raw);
     assert!(
         eventually(Duration::from_secs(10), || gw
             .ok(&["captured", "list"])
