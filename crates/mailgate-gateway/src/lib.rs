@@ -117,6 +117,8 @@ pub struct Gateway {
     lockout: lockout::Lockout,
     /// This process as a node of the store ([`nodes`]).
     node: nodes::NodeIdentity,
+    /// `<node>/<run>`: who holds this node's concurrent-send slots ([`Gateway::join_as`]).
+    slot_holder: std::sync::OnceLock<String>,
 }
 
 /// The last refusals of unauthenticated attempts, by id (oldest dropped first).
@@ -146,7 +148,12 @@ impl Gateway {
         limits: budget::Limits,
     ) -> Result<Arc<Gateway>, GatewayError> {
         let snap = store.snapshot().await?;
-        let counters = load_counters(store.as_ref(), now_ms()).await?;
+        // Shared counters live in the store: nothing to replay into this process.
+        let counters = if store.shared_counters().is_some() {
+            MemoryCounters::new()
+        } else {
+            load_counters(store.as_ref(), now_ms()).await?
+        };
         let gateway = Arc::new(Gateway {
             store,
             live: ArcSwap::from_pointee(Live {
@@ -161,6 +168,7 @@ impl Gateway {
             lockout: lockout::Lockout::default(),
             write_fault: std::sync::Mutex::new(None),
             node: nodes::NodeIdentity::current(),
+            slot_holder: std::sync::OnceLock::new(),
         });
         gateway.reload_faults().await?;
         Ok(gateway)
@@ -379,7 +387,7 @@ impl Gateway {
         attempt: &SendAttempt,
     ) -> Result<Option<Decided>, GatewayError> {
         let now = now_ms();
-        let decision = self.enforce(attempt, now);
+        let decision = self.run_engine(attempt, now, Mode::Enforce).await?;
         if decision.denial().is_none() {
             return Ok(None);
         }
@@ -401,7 +409,7 @@ impl Gateway {
         attempt: &SendAttempt,
     ) -> Result<Option<Decided>, GatewayError> {
         let now = now_ms();
-        let decision = self.enforce(attempt, now);
+        let decision = self.run_engine(attempt, now, Mode::Enforce).await?;
         if decision.settled_denial().is_none() {
             return Ok(None);
         }
@@ -432,18 +440,51 @@ impl Gateway {
         mode: Mode,
     ) -> Result<Decided, GatewayError> {
         let now = now_ms();
-        let decision = {
-            let live = self.live.load();
-            let mut d = decide(attempt, &live.index, &self.counters, now, mode);
-            apply_injected(&mut d, &self.faults.load(), now);
-            d
-        };
+        let decision = self.run_engine(attempt, now, mode).await?;
         self.keep_decided(door, attempt, decision, now, mode).await
     }
 
-    fn enforce(&self, attempt: &SendAttempt, now: u64) -> Decision {
+    /// The engine's decision with the usage numbers in force: this process's counters on one
+    /// node; on a store whose counters every node shares, the principal's live numbers read from
+    /// it (one read, only when the decision reached the limits), so every node decides, and
+    /// `explain` reports, with the same numbers.
+    async fn run_engine(
+        &self,
+        attempt: &SendAttempt,
+        now: u64,
+        mode: Mode,
+    ) -> Result<Decision, GatewayError> {
+        let first = self.engine(attempt, &self.counters, now, mode);
+        let Some(shared) = self.store.shared_counters() else {
+            return Ok(first);
+        };
+        let reached_limits = first
+            .checks
+            .iter()
+            .any(|c| c.check == mailgate_core::catalogue::Reason::LimitRate);
+        let Some(principal) = first.principal.clone().filter(|_| reached_limits) else {
+            return Ok(first);
+        };
+        let usage = match shared.usage(&principal, now).await {
+            Ok(u) => u,
+            Err(e) => {
+                self.write_failed(&e);
+                return Err(e.into());
+            }
+        };
+        let live = mailgate_core::engine::UsageSnapshot { principal, usage };
+        Ok(self.engine(attempt, &live, now, mode))
+    }
+
+    fn engine(
+        &self,
+        attempt: &SendAttempt,
+        counters: &dyn Counters,
+        now: u64,
+        mode: Mode,
+    ) -> Decision {
         let live = self.live.load();
-        let mut d = decide(attempt, &live.index, &self.counters, now, Mode::Enforce);
+        let mut d = decide(attempt, &live.index, counters, now, mode);
         apply_injected(&mut d, &self.faults.load(), now);
         d
     }
@@ -505,6 +546,12 @@ impl Gateway {
     /// Accepts the message of an accepted decision: charges the counters (re-checking the limits
     /// atomically) and stores message and usage durably. On a lost race, decides again and
     /// returns the refusal.
+    ///
+    /// One node: this process's counters admit, and the store writes the message with its usage
+    /// in one transaction. Several nodes (a store with shared counters): the store admits (one
+    /// transaction, the principal locked, the engine's arithmetic); when its live numbers change
+    /// the outcome, the engine decides again with them: a refusal is answered as the engine wrote
+    /// it, and a changed acceptance (held now, say) is admitted in its turn.
     pub async fn accept(
         &self,
         door: &str,
@@ -512,12 +559,13 @@ impl Gateway {
         decided: &Decided,
         message: Message,
     ) -> Result<Accepted, GatewayError> {
-        let d = &decided.decision;
-        // Only a send is ever accepted: a decision on another action (a settings read, AUTH, a
-        // key management call) allows that call, never a message.
-        if !d.accepted() || !d.complete || !d.action.is_send() || !attempt.action.is_send() {
-            return Err(GatewayError::NotAccepted(decided.id.clone()));
+        if let Some(shared) = self.store.shared_counters() {
+            return self
+                .accept_shared(shared, door, attempt, decided, message)
+                .await;
         }
+        let d = &decided.decision;
+        Self::acceptable(attempt, decided)?;
         let now = now_ms();
         match commit(d, &self.counters, now)? {
             CommitOutcome::Raced(_) => {
@@ -529,14 +577,6 @@ impl Gateway {
             }
             CommitOutcome::Admitted | CommitOutcome::NothingToCount => {}
         }
-        let principal = d.principal.clone().unwrap_or_default();
-        let held = d.verdict == Verdict::Held;
-        let hold_until = d
-            .holds
-            .iter()
-            .filter_map(|h| h.reset_at_ms)
-            .max()
-            .map(|ms| ms as i64);
         let usage = d.charge.as_ref().map(|c| {
             let tat = self.counters.usage(&c.principal, now).rate_tat_ms;
             (
@@ -547,34 +587,119 @@ impl Gateway {
                 tat.map(|t| t as i64),
             )
         });
-        let message_id = new_message_id(now);
-        let state = if held {
-            MessageState::Held
-        } else {
-            MessageState::Queued
-        };
-        let stored = self
-            .store
-            .accept_message(
-                &NewMessage {
-                    id: message_id.clone(),
-                    decision_id: decided.id.clone(),
-                    accepted_at_ms: now as i64,
-                    door: door.to_owned(),
-                    principal: principal.clone(),
-                    envelope_from: message.envelope_from,
-                    recipients: message.recipients,
-                    raw: message.raw,
-                    state,
-                    hold_until_ms: hold_until.filter(|_| held),
-                },
-                usage,
-            )
-            .await;
+        let (new, state) = new_message(door, decided, message, now);
+        let stored = self.store.accept_message(&new, usage).await;
         // The send is over either way: free its concurrency slot.
-        if d.charge.is_some() {
-            self.counters.release(&principal);
+        if let Some(c) = &d.charge {
+            self.counters.release(&c.principal);
         }
+        self.stored(door, decided, new.id, state, stored)
+    }
+
+    /// Only a send is ever accepted: a decision on another action (a settings read, AUTH, a key
+    /// management call) allows that call, never a message.
+    fn acceptable(attempt: &SendAttempt, decided: &Decided) -> Result<(), GatewayError> {
+        let d = &decided.decision;
+        if !d.accepted() || !d.complete || !d.action.is_send() || !attempt.action.is_send() {
+            return Err(GatewayError::NotAccepted(decided.id.clone()));
+        }
+        Ok(())
+    }
+
+    async fn accept_shared(
+        &self,
+        shared: &dyn mailgate_store::CounterStore,
+        door: &str,
+        attempt: &SendAttempt,
+        decided: &Decided,
+        message: Message,
+    ) -> Result<Accepted, GatewayError> {
+        let mut decided = std::borrow::Cow::Borrowed(decided);
+        for _ in 0..ADMISSION_ROUNDS {
+            Self::acceptable(attempt, &decided)?;
+            let now = now_ms();
+            let d = &decided.decision;
+            let Some(charge) = &d.charge else {
+                // Nothing to count (no principal identified).
+                let (new, state) = new_message(door, &decided, message, now);
+                let stored = self.store.accept_message(&new, None).await;
+                return self.stored(door, &decided, new.id, state, stored);
+            };
+            let held: Vec<_> = d.holds.iter().map(|h| h.name).collect();
+            let admitted = shared
+                .admit(
+                    charge,
+                    &held,
+                    now,
+                    &self.slot_holder(),
+                    now.saturating_add(SEND_SLOT_MS),
+                )
+                .await;
+            match admitted {
+                Ok(mailgate_store::Admitted::Recorded(slot)) => {
+                    let (new, state) = new_message(door, &decided, message, now);
+                    let stored = self.store.accept_admitted(&new, slot).await;
+                    return self.stored(door, &decided, new.id, state, stored);
+                }
+                Ok(mailgate_store::Admitted::Changed(usage)) => {
+                    // The engine decides again with the numbers the store saw.
+                    let live = mailgate_core::engine::UsageSnapshot {
+                        principal: charge.principal.clone(),
+                        usage,
+                    };
+                    let again = self.engine(attempt, &live, now, Mode::Enforce);
+                    let again = self
+                        .keep_decided(door, attempt, again, now, Mode::Enforce)
+                        .await?;
+                    if !again.decision.accepted() {
+                        return Ok(Accepted::Refused(Box::new(again)));
+                    }
+                    decided = std::borrow::Cow::Owned(again);
+                }
+                Err(e) => {
+                    self.write_failed(&e);
+                    return Err(e.into());
+                }
+            }
+        }
+        // Other nodes kept moving this principal's numbers under every re-decision: a temporary
+        // refusal (busy), nothing charged.
+        Err(StoreError::Busy(format!(
+            "the usage of {} kept changing on other nodes ({ADMISSION_ROUNDS} decisions)",
+            decided.decision.principal.as_deref().unwrap_or("?")
+        ))
+        .into())
+    }
+
+    /// Who holds this node's concurrent-send slots: `<node>/<run>` once [`Gateway::join_as`]
+    /// named the node, this process's identity before.
+    fn slot_holder(&self) -> String {
+        self.slot_holder
+            .get()
+            .cloned()
+            .unwrap_or_else(|| format!("{}/-", self.node.id.replace('/', "-")))
+    }
+
+    /// Names this process as node `node` of the store (`[node] id`): its concurrent-send slots
+    /// are held as `<node>/<run>`, and those an earlier run of the same node still held (it was
+    /// killed) are freed at once instead of at their deadline. Call before serving.
+    pub async fn join_as(&self, node: &str) -> Result<u64, GatewayError> {
+        let run = mailgate_auth::random_token::<6>().unwrap_or_else(|_| now_ms().to_string());
+        let _ = self.slot_holder.set(format!("{node}/{run}"));
+        match self.store.shared_counters() {
+            Some(shared) => Ok(shared.release_node(node).await?),
+            None => Ok(0),
+        }
+    }
+
+    fn stored(
+        &self,
+        door: &str,
+        decided: &Decided,
+        message_id: String,
+        state: MessageState,
+        stored: Result<(), StoreError>,
+    ) -> Result<Accepted, GatewayError> {
         if let Err(e) = stored {
             self.write_failed(&e);
             return Err(e.into());
@@ -584,6 +709,50 @@ impl Gateway {
         tracing::info!(decision_id = %decided.id, message_id = %message_id, door, state = state.as_str(), "message accepted");
         Ok(Accepted::Stored { message_id, state })
     }
+}
+
+/// How many times a send is decided again when other nodes' sends change its principal's
+/// numbers between the decision and the admission.
+const ADMISSION_ROUNDS: usize = 8;
+
+/// How long a concurrent-send slot counts when its node dies before freeing it.
+const SEND_SLOT_MS: u64 = 60_000;
+
+/// The message an accepted decision stores, and its state.
+fn new_message(
+    door: &str,
+    decided: &Decided,
+    message: Message,
+    now: u64,
+) -> (NewMessage, MessageState) {
+    let d = &decided.decision;
+    let held = d.verdict == Verdict::Held;
+    let hold_until = d
+        .holds
+        .iter()
+        .filter_map(|h| h.reset_at_ms)
+        .max()
+        .map(|ms| ms as i64);
+    let state = if held {
+        MessageState::Held
+    } else {
+        MessageState::Queued
+    };
+    (
+        NewMessage {
+            id: new_message_id(now),
+            decision_id: decided.id.clone(),
+            accepted_at_ms: now as i64,
+            door: door.to_owned(),
+            principal: d.principal.clone().unwrap_or_default(),
+            envelope_from: message.envelope_from,
+            recipients: message.recipients,
+            raw: message.raw,
+            state,
+            hold_until_ms: hold_until.filter(|_| held),
+        },
+        state,
+    )
 }
 
 /// Loads usage counters from the store (the last 24 h of accepted sends and the rate states).

@@ -9,6 +9,7 @@
 //! `migrations/postgres/`), each implementing the same traits with its own schema. Open a store with [`open`], which returns the trait
 //! objects ([`Stores`]): nothing outside this crate needs to name a backend.
 
+mod counters;
 mod error;
 mod faults;
 mod lockout;
@@ -23,6 +24,7 @@ mod tokens;
 use std::path::Path;
 use std::sync::Arc;
 
+pub use counters::{Admitted, CounterStore, SendSlot};
 pub use error::StoreError;
 pub use faults::{FaultStore, SimulatedFault};
 pub use lockout::{Counted, LockoutRule, LockoutStore, MAX_KEY_LEN as MAX_LOCKOUT_KEY_LEN};

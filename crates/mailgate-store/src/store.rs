@@ -5,7 +5,9 @@
 use async_trait::async_trait;
 use mailgate_core::directory::{Directory, Kind, Object};
 
-use crate::{AuditAction, FaultStore, MessageState, StoreError, StoredVerdict};
+use crate::{
+    AuditAction, CounterStore, FaultStore, MessageState, SendSlot, StoreError, StoredVerdict,
+};
 
 /// A directory with the generation it was read at.
 #[derive(Debug, Clone)]
@@ -235,6 +237,12 @@ pub struct NodeState {
 /// the failed-authentication counts every node shares ([`crate::LockoutStore`]).
 #[async_trait]
 pub trait Store: FaultStore + crate::LockoutStore + Send + Sync {
+    /// The usage counters every node shares, when this store serves several nodes (PostgreSQL);
+    /// `None` when it serves one (SQLite: the gateway's in-process counters are exact there).
+    fn shared_counters(&self) -> Option<&dyn CounterStore> {
+        None
+    }
+
     /// Reads the whole directory.
     async fn snapshot(&self) -> Result<Snapshot, StoreError>;
 
@@ -308,6 +316,21 @@ pub trait Store: FaultStore + crate::LockoutStore + Send + Sync {
         message: &NewMessage,
         usage: Option<(UsageEntry, Option<i64>)>,
     ) -> Result<(), StoreError>;
+
+    /// Stores a message whose send [`CounterStore::admit`] recorded, and frees its slot: the
+    /// usage is already counted. When the message cannot be stored the slot is freed and the send
+    /// refunded. Only for stores with [`Store::shared_counters`].
+    async fn accept_admitted(
+        &self,
+        message: &NewMessage,
+        slot: SendSlot,
+    ) -> Result<(), StoreError> {
+        let stored = self.accept_message(message, None).await;
+        if let Some(c) = self.shared_counters() {
+            c.release(slot, stored.is_err()).await?;
+        }
+        stored
+    }
 
     /// A message's summary by id.
     async fn message(&self, id: &str) -> Result<Option<MessageSummary>, StoreError>;

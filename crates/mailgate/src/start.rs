@@ -50,6 +50,11 @@ pub(crate) async fn serve(config: Config, stores: Stores, demo: bool) -> anyhow:
     let node = node::node_id(config.node_id.as_deref(), &config.data_dir)?;
     tracing::info!(node = %node, "node identity");
     relay_setup::take_back_leases(queue.as_ref(), &node).await?;
+    // Likewise the concurrent-send slots its earlier run held (shared counters only).
+    let freed = gateway.join_as(&node).await?;
+    if freed > 0 {
+        tracing::info!(node = %node, slots = freed, "freed the concurrent-send slots this node held when it last stopped");
+    }
     let _relay = relay_setup::spawn(&config.relay, demo, &gateway, queue.clone(), &node)?;
     let mut token_urls = vec![format!("{}/token", config.public_url)];
     if tls.is_some() {

@@ -1,9 +1,15 @@
-//! Usage counters behind a small trait, so the engine does not know where usage is kept. The one
-//! implementation is [`MemoryCounters`] (one process). Limits survive a restart through the store,
-//! not through the counters: each acceptance writes its usage (`usage_log`, `rate_state`) in the
-//! same transaction as the message, and at start the gateway replays the last 24 h into a fresh
-//! `MemoryCounters` (`mailgate_gateway::load_counters`). Counters shared by several nodes would be
-//! a second implementation of [`Counters`].
+//! Usage counters behind a small trait, so the engine does not know where usage is kept.
+//!
+//! One node (SQLite): [`MemoryCounters`] are the authority. Limits survive a restart through the
+//! store: each acceptance writes its usage (`usage_log`, `rate_state`) in the same transaction as
+//! the message, and at start the gateway replays the last 24 h into a fresh `MemoryCounters`
+//! (`mailgate_gateway::load_counters`).
+//!
+//! Several nodes (PostgreSQL): the store is the authority (`mailgate_store::CounterStore`). The
+//! gateway reads the principal's live numbers from it and the engine decides with them
+//! ([`UsageSnapshot`]); the store admits under a lock with [`recheck`] (the same arithmetic,
+//! [`exceeded`]) and, when its numbers change the outcome, records nothing and the gateway
+//! decides again with them, so the refusal is the engine's own.
 //!
 //! The protocol is read, decide, admit:
 //! 1. [`decide`](super::decide) reads a [`Usage`] snapshot for the principal and evaluates every
@@ -113,9 +119,11 @@ pub trait Counters: Send + Sync {
     fn release(&self, principal: &str);
 }
 
-/// Outcome of evaluating the four counters against a charge (shared by the engine's checks and
-/// the in-memory `admit`, so both apply exactly the same arithmetic).
-pub(crate) fn exceeds(usage: &Usage, charge: &Charge, now_ms: u64) -> Option<LimitName> {
+/// Every limit `usage` exceeds for `charge` at `now_ms`, whatever its action (`reject` or
+/// `hold`), in the engine's check order. The one arithmetic of the limits: the engine's checks,
+/// [`MemoryCounters::admit`] and a shared store's [`recheck`] all come here.
+pub fn exceeded(usage: &Usage, charge: &Charge, now_ms: u64) -> Vec<LimitName> {
+    let mut out = Vec::new();
     let over_rate = match charge.rate {
         None => true,
         Some(g) => matches!(
@@ -123,25 +131,104 @@ pub(crate) fn exceeds(usage: &Usage, charge: &Charge, now_ms: u64) -> Option<Lim
             GcraOutcome::Limited { .. }
         ),
     };
-    if over_rate && charge.action(LimitName::Rate) == ExceedAction::Reject {
-        return Some(LimitName::Rate);
+    if over_rate {
+        out.push(LimitName::Rate);
     }
-    if usage.messages_24h.saturating_add(1) > charge.messages_per_day
-        && charge.action(LimitName::DailyMessages) == ExceedAction::Reject
-    {
-        return Some(LimitName::DailyMessages);
+    if usage.messages_24h.saturating_add(1) > charge.messages_per_day {
+        out.push(LimitName::DailyMessages);
     }
-    if usage.recipients_24h.saturating_add(charge.recipients) > charge.recipients_per_day
-        && charge.action(LimitName::DailyRecipients) == ExceedAction::Reject
-    {
-        return Some(LimitName::DailyRecipients);
+    if usage.recipients_24h.saturating_add(charge.recipients) > charge.recipients_per_day {
+        out.push(LimitName::DailyRecipients);
     }
-    if usage.in_flight.saturating_add(1) > charge.concurrent_sends
-        && charge.action(LimitName::Concurrency) == ExceedAction::Reject
-    {
-        return Some(LimitName::Concurrency);
+    if usage.in_flight.saturating_add(1) > charge.concurrent_sends {
+        out.push(LimitName::Concurrency);
     }
-    None
+    out
+}
+
+/// The first limit exceeded whose action is `reject` (the one that refuses the send).
+pub(crate) fn exceeds(usage: &Usage, charge: &Charge, now_ms: u64) -> Option<LimitName> {
+    exceeded(usage, charge, now_ms)
+        .into_iter()
+        .find(|l| charge.action(*l) == ExceedAction::Reject)
+}
+
+/// The principal's rate TAT once this send is recorded (a send held over the rate still takes
+/// its place in the schedule).
+pub fn next_tat(charge: &Charge, tat_ms: Option<u64>, now_ms: u64) -> Option<u64> {
+    match charge.rate {
+        Some(g) => Some(match g.check(tat_ms, now_ms) {
+            GcraOutcome::Allowed { new_tat } => new_tat,
+            GcraOutcome::Limited { .. } => tat_ms
+                .unwrap_or(now_ms)
+                .max(now_ms)
+                .saturating_add(g.emission_ms),
+        }),
+        None => tat_ms,
+    }
+}
+
+/// What a store that shares counters between nodes concludes, under its lock, from the numbers
+/// it read ([`recheck`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Recheck {
+    /// The decision stands with these numbers: record the send; the principal's rate TAT
+    /// becomes `rate_tat_ms`.
+    Admit {
+        /// The new theoretical arrival time.
+        rate_tat_ms: Option<u64>,
+    },
+    /// These numbers change the outcome: a `reject` limit is exceeded now, or the `hold` limits
+    /// exceeded are not the ones the decision held for. Record nothing; the gateway decides again
+    /// with these numbers (the engine writes the denial, or the hold, itself).
+    Changed,
+}
+
+/// Re-checks a decision's charge against the usage a shared store read under its lock. `held`
+/// are the limits the decision held the send for ([`super::Decision::holds`]).
+pub fn recheck(usage: &Usage, charge: &Charge, held: &[LimitName], now_ms: u64) -> Recheck {
+    let over = exceeded(usage, charge, now_ms);
+    let rejected = over
+        .iter()
+        .any(|l| charge.action(*l) == ExceedAction::Reject);
+    let holds_now = over
+        .iter()
+        .filter(|l| charge.action(**l) == ExceedAction::Hold);
+    let same_holds = holds_now.clone().count() == held.len() && holds_now.into_iter().all(|l| held.contains(l));
+    if rejected || !same_holds {
+        return Recheck::Changed;
+    }
+    Recheck::Admit {
+        rate_tat_ms: next_tat(charge, usage.rate_tat_ms, now_ms),
+    }
+}
+
+/// One principal's usage as a store read it, for deciding with: [`Counters::usage`] answers
+/// these numbers for that principal and nothing for any other. Read-only (`admit` refuses).
+#[derive(Debug, Clone)]
+pub struct UsageSnapshot {
+    /// Counter key.
+    pub principal: String,
+    /// Its usage.
+    pub usage: Usage,
+}
+
+impl Counters for UsageSnapshot {
+    fn usage(&self, principal: &str, _now_ms: u64) -> Usage {
+        if principal == self.principal {
+            self.usage
+        } else {
+            Usage::default()
+        }
+    }
+
+    fn admit(&self, _charge: &Charge, _now_ms: u64) -> Result<Admission, CountersError> {
+        Err(CountersError::Unavailable(
+            "a usage snapshot is read-only: the store admits".into(),
+        ))
+    }
+
+    fn release(&self, _principal: &str) {}
 }
 
 #[derive(Debug, Default)]
@@ -233,18 +320,7 @@ impl Counters for MemoryCounters {
         if let Some(limit) = exceeds(&usage, charge, now_ms) {
             return Ok(Admission::Raced(limit));
         }
-        slot.tat_ms = match charge.rate {
-            Some(g) => Some(match g.check(slot.tat_ms, now_ms) {
-                GcraOutcome::Allowed { new_tat } => new_tat,
-                // Held over the rate: the send still occupies its slot in the schedule.
-                GcraOutcome::Limited { .. } => slot
-                    .tat_ms
-                    .unwrap_or(now_ms)
-                    .max(now_ms)
-                    .saturating_add(g.emission_ms),
-            }),
-            None => slot.tat_ms,
-        };
+        slot.tat_ms = next_tat(charge, slot.tat_ms, now_ms);
         slot.window.push_back((now_ms, charge.recipients));
         slot.recipients += charge.recipients;
         slot.in_flight += 1;
@@ -256,5 +332,97 @@ impl Counters for MemoryCounters {
         if let Some(slot) = slots.get_mut(principal) {
             slot.in_flight = slot.in_flight.saturating_sub(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::directory::SEND_COST_UNITS;
+
+    const T0: u64 = 1_795_000_000_000;
+
+    fn charge(hold_daily: bool) -> Charge {
+        let daily = if hold_daily {
+            ExceedAction::Hold
+        } else {
+            ExceedAction::Reject
+        };
+        Charge {
+            principal: "frank@example.com".into(),
+            rate: Gcra::per_minute(600 * SEND_COST_UNITS, SEND_COST_UNITS),
+            recipients: 2,
+            messages_per_day: 3,
+            recipients_per_day: 100,
+            concurrent_sends: 2,
+            actions: [
+                (LimitName::Rate, ExceedAction::Reject),
+                (LimitName::DailyMessages, daily),
+                (LimitName::DailyRecipients, ExceedAction::Reject),
+                (LimitName::Concurrency, ExceedAction::Reject),
+            ],
+        }
+    }
+
+    fn usage(messages: u64, in_flight: u64) -> Usage {
+        Usage {
+            messages_24h: messages,
+            recipients_24h: messages * 2,
+            oldest_expires_ms: (messages > 0).then_some(T0 + DAY_MS),
+            in_flight,
+            ..Usage::default()
+        }
+    }
+
+    #[test]
+    fn recheck_admits_what_memory_counters_admit_and_advances_the_same_schedule() {
+        let c = charge(false);
+        for (messages, in_flight) in [(0, 0), (2, 1), (3, 0), (0, 2), (5, 5)] {
+            let u = usage(messages, in_flight);
+            let memory = MemoryCounters::new();
+            memory.preload(&c.principal, T0 - 1_000, messages, 2);
+            memory.set_rate_and_in_flight(&c.principal, None, in_flight);
+            let admitted = memory.admit(&c, T0).unwrap() == Admission::Admitted;
+            match recheck(&u, &c, &[], T0) {
+                Recheck::Admit { rate_tat_ms } => {
+                    assert!(admitted, "{u:?}");
+                    assert_eq!(rate_tat_ms, memory.usage(&c.principal, T0).rate_tat_ms);
+                }
+                Recheck::Changed => assert!(!admitted, "{u:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_hold_decision_stands_only_while_the_same_limits_hold_it() {
+        let c = charge(true);
+        // Allowed with old numbers, but the live ones exceed the held daily limit.
+        assert_eq!(recheck(&usage(3, 0), &c, &[], T0), Recheck::Changed);
+        // Held for it, and still exceeded: stands.
+        assert!(matches!(
+            recheck(&usage(3, 0), &c, &[LimitName::DailyMessages], T0),
+            Recheck::Admit { .. }
+        ));
+        // Held for it, but it no longer is exceeded (the window moved): decide again.
+        assert_eq!(
+            recheck(&usage(1, 0), &c, &[LimitName::DailyMessages], T0),
+            Recheck::Changed
+        );
+        // A reject limit exceeded refuses whatever is held.
+        assert_eq!(
+            recheck(&usage(3, 2), &c, &[LimitName::DailyMessages], T0),
+            Recheck::Changed
+        );
+    }
+
+    #[test]
+    fn a_usage_snapshot_answers_for_its_principal_only_and_admits_nothing() {
+        let snap = UsageSnapshot {
+            principal: "frank@example.com".into(),
+            usage: usage(3, 1),
+        };
+        assert_eq!(snap.usage("frank@example.com", T0), usage(3, 1));
+        assert_eq!(snap.usage("alice@example.com", T0), Usage::default());
+        assert!(snap.admit(&charge(false), T0).is_err());
     }
 }

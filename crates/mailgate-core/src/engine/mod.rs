@@ -37,7 +37,10 @@ use crate::catalogue::{
 };
 use crate::directory::{ExceedAction, LimitName};
 
-pub use counters::{Admission, Charge, Counters, CountersError, MemoryCounters, Usage};
+pub use counters::{
+    Admission, Charge, Counters, CountersError, MemoryCounters, Recheck, Usage, UsageSnapshot,
+    exceeded, recheck,
+};
 pub use index::{DirectoryIndex, Ownership};
 pub use inject::{InjectedFault, apply_injected};
 

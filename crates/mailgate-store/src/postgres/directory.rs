@@ -672,6 +672,18 @@ impl Store for PgStore {
         Ok(())
     }
 
+    fn shared_counters(&self) -> Option<&dyn crate::CounterStore> {
+        Some(self)
+    }
+
+    async fn accept_admitted(
+        &self,
+        m: &NewMessage,
+        slot: crate::SendSlot,
+    ) -> Result<(), StoreError> {
+        self.accept_admitted_message(m, slot).await
+    }
+
     async fn message(&self, id: &str) -> Result<Option<MessageSummary>, StoreError> {
         let row = sqlx::query(
             "SELECT id, decision_id, state, envelope_from, recipients, size, accepted_at_ms

@@ -19,6 +19,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 
 use crate::StoreError;
 
+mod counters;
 mod decisions;
 mod directory;
 mod error;

@@ -111,6 +111,8 @@ impl Backend for Postgres {
 }
 
 conformance!(fresh);
+// Only PostgreSQL shares usage counters between nodes (SQLite serves one node).
+conformance!(counters: fresh);
 
 /// The guard drops its database, also when the test using it panics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -84,6 +84,15 @@ macro_rules! conformance {
             the_table_is_bounded_and_never_forgets_an_active_lock,
         );
     };
+    (counters: $fresh:path) => {
+        $crate::suite::conformance!(@tests $fresh;
+            concurrent_admissions_on_two_nodes_admit_exactly_the_daily_limit,
+            send_slots_count_until_released_or_expired,
+            an_admitted_message_frees_its_slot_and_a_failed_one_is_refunded,
+            the_rate_is_one_schedule_for_every_node,
+            a_held_decision_stands_only_while_the_numbers_hold_it,
+        );
+    };
     (faults: $fresh:path) => {
         $crate::suite::conformance!(@tests $fresh;
             injected_faults_are_set_replaced_expire_and_clear,
@@ -153,6 +162,11 @@ macro_rules! conformance {
     };
 }
 pub(crate) use conformance;
+
+// Usage counters shared by several nodes (issue 16 item 3): only backends that share them run the
+// `counters:` group.
+mod counters;
+pub use counters::*;
 
 // What several nodes share besides the directory and the queue (issue 16 item 5).
 mod shared;

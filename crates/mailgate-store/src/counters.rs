@@ -1,0 +1,66 @@
+//! Usage counters shared by several nodes: the one atomic admission step of a send.
+//!
+//! On one node (SQLite) the gateway's in-process counters are exact and the authority
+//! (`mailgate_core::engine::MemoryCounters`, replayed from the store at start), so a store that
+//! serves one node has no [`CounterStore`] ([`crate::Store::shared_counters`] is `None`). On
+//! PostgreSQL every node admits through the store:
+//!
+//! 1. the gateway reads the principal's live [`Usage`] ([`CounterStore::usage`]) and the engine
+//!    decides with those numbers;
+//! 2. [`CounterStore::admit`] locks the principal, reads its usage again, re-checks the decision
+//!    with the engine's arithmetic (`mailgate_core::engine::recheck`) and, when it stands,
+//!    records the send (a usage row, the rate TAT, a concurrent-send slot) in one transaction.
+//!    When the numbers it read change the outcome it records nothing and returns them
+//!    ([`Admitted::Changed`]): the gateway decides again with them, so the refusal is the
+//!    engine's own, with the numbers the store saw;
+//! 3. the slot is freed when the message is stored ([`CounterStore::release`]); a slot whose
+//!    holder died counts only until its deadline.
+
+use async_trait::async_trait;
+use mailgate_core::directory::LimitName;
+use mailgate_core::engine::{Charge, Usage};
+
+use crate::StoreError;
+
+/// A concurrent-send slot taken by [`CounterStore::admit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendSlot(pub i64);
+
+/// What [`CounterStore::admit`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admitted {
+    /// Recorded; free the slot with [`CounterStore::release`] once the message is stored.
+    Recorded(SendSlot),
+    /// The principal's live numbers change the decision: nothing was recorded. Decide again with
+    /// these numbers.
+    Changed(Usage),
+}
+
+/// Usage counters every node shares (see the module documentation).
+#[async_trait]
+pub trait CounterStore: Send + Sync {
+    /// The principal's live usage at `now_ms`: the last 24 h of admitted sends, the rate TAT
+    /// and the unexpired send slots.
+    async fn usage(&self, principal: &str, now_ms: u64) -> Result<Usage, StoreError>;
+
+    /// Atomically (one transaction, the principal locked): re-checks `charge` against the live
+    /// usage with the engine's arithmetic, `held` being the limits the decision held the send
+    /// for, and when the decision stands records the send at `now_ms` with a slot held by
+    /// `holder` (`<node>/<run>`) until `slot_until_ms`. Records nothing otherwise.
+    async fn admit(
+        &self,
+        charge: &Charge,
+        held: &[LimitName],
+        now_ms: u64,
+        holder: &str,
+        slot_until_ms: u64,
+    ) -> Result<Admitted, StoreError>;
+
+    /// Frees a slot. With `refund`, the send it admitted is taken back out of the daily counts
+    /// (its message could not be stored); the rate schedule keeps its place.
+    async fn release(&self, slot: SendSlot, refund: bool) -> Result<(), StoreError>;
+
+    /// Frees every slot whose holder is `<node>/...` (a node starting again: none of its earlier
+    /// sends is in flight any more). Returns how many.
+    async fn release_node(&self, node: &str) -> Result<u64, StoreError>;
+}
