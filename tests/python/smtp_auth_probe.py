@@ -7,10 +7,11 @@ usage: smtp_auth_probe.py SPEC_JSON
 SPEC: {"host": "127.0.0.1", "port": N, "tls": "starttls" | "implicit", "ca": PEM,
        "source": "127.0.0.2" or null, "threads": 1, "per_connection": 5,
        "attempts": [{"mechanism": "PLAIN" | "LOGIN", "user": U, "secret": PW,
-                     "source": optional per-attempt source, "sleep_ms": optional pause before}]}
+                     "source": optional per-attempt source, "sleep_ms": optional pause before,
+                     "port", "ca": optional per-attempt server (another node) and its CA}]}
 "{thread}" in a source is replaced by the thread's number. Each thread runs the whole attempts
 list on its own connections (a new connection every "per_connection" attempts, when the source
-changes, or when the server closes one). Bounded: the list's length.
+changes, the attempt's port changes, or when the server closes one). Bounded: the list's length.
 """
 import base64
 import json
@@ -28,15 +29,15 @@ def out(**kw):
         print(json.dumps(kw), flush=True)
 
 
-def connect(spec, source):
-    ctx = ssl.create_default_context(cafile=spec["ca"])
+def connect(spec, source, port, ca):
+    ctx = ssl.create_default_context(cafile=ca)
     ctx.check_hostname = False
     src = (source, 0) if source else None
     if spec["tls"] == "implicit":
-        s = smtplib.SMTP_SSL(spec["host"], spec["port"], timeout=60, context=ctx, source_address=src)
+        s = smtplib.SMTP_SSL(spec["host"], port, timeout=60, context=ctx, source_address=src)
         s.ehlo("probe.test")
     else:
-        s = smtplib.SMTP(spec["host"], spec["port"], timeout=60, source_address=src)
+        s = smtplib.SMTP(spec["host"], port, timeout=60, source_address=src)
         s.ehlo("probe.test")
         s.starttls(context=ctx)
         s.ehlo("probe.test")
@@ -65,15 +66,16 @@ def run(spec, thread):
         if a.get("sleep_ms"):
             time.sleep(a["sleep_ms"] / 1000.0)
         try:
-            if s is None or used >= per or source != current:
+            target = (source, a.get("port", spec["port"]), a.get("ca", spec["ca"]))
+            if s is None or used >= per or target != current:
                 if s is not None:
                     try:
                         s.quit()
                     except Exception:
                         pass
                 s = None
-                s = connect(spec, source)
-                current = source
+                s = connect(spec, *target)
+                current = target
                 used = 0
             used += 1
             t = time.perf_counter()

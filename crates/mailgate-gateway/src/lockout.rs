@@ -25,12 +25,28 @@
 //!
 //! Entries that are not locked are forgotten `forget_after` (15 min) after their last failure or
 //! the end of their last lock, whichever is later.
+//!
+//! **Shared by every node** (issue 16 item 5): once [`Lockout::share`]d with the store (the
+//! gateway does it when it opens), the doors call the `*_shared` methods, which keep this table
+//! as a cache in front and count every failure in the store's [`LockoutStore`] as well, under
+//! the same keys on every node (`l:<SHA-256 of the lowercase login, 128 bits>:<network>` and
+//! `n:<network>`: never a login in clear, never a secret), so guesses spread over several nodes
+//! add up and lock the login on all of them. "Locked or not" reads the shared count (after this
+//! table, which can only be stricter for its own node). The store's table has the same bounds
+//! as this one (one row per key, forgotten when quiet, at most `max_entries` rows, failing
+//! closed for the network when full of locks). Its writes are bounded per node: a failure is
+//! counted after a password check, which the argon2 pool paces (`limits.password_concurrency`),
+//! and at most [`Lockout::share`]'s `failures_per_second` failures a second are written (two
+//! rows each); beyond, a failure is counted on this node only. When the store cannot be reached,
+//! this node's own table decides alone (docs/security.md).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::net::IpAddr;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mailgate_store::{Counted, LockoutRule, LockoutStore};
 
 /// Lockout thresholds and bounds. `Default` is the recommended setting for a gateway whose
 /// clients each have their own address.
@@ -133,6 +149,38 @@ struct Table {
 pub struct Lockout {
     hasher: RandomState,
     table: Mutex<Table>,
+    shared: OnceLock<Shared>,
+}
+
+/// The store every node counts failures in, and this node's budget of writes to it.
+struct Shared {
+    store: Arc<dyn LockoutStore>,
+    per_second: u32,
+    /// The current second and the failures written in it.
+    window: Mutex<(Instant, u32)>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("per_second", &self.per_second)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// One failure's writes from this second's budget.
+    fn take(&self, now: Instant) -> bool {
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        if now.saturating_duration_since(w.0) >= Duration::from_secs(1) {
+            *w = (now, 0);
+        }
+        if w.1 >= self.per_second {
+            return false;
+        }
+        w.1 += 1;
+        true
+    }
 }
 
 impl Default for Lockout {
@@ -153,7 +201,110 @@ impl Lockout {
                 next_sweep: None,
                 pressure_events: 0,
             }),
+            shared: OnceLock::new(),
         }
+    }
+
+    /// Counts failures in `store` too, shared by every node on it (once; later calls change
+    /// nothing), writing at most `failures_per_second` failures a second from this node.
+    pub fn share(&self, store: Arc<dyn LockoutStore>, failures_per_second: u32) {
+        let _ = self.shared.set(Shared {
+            store,
+            per_second: failures_per_second,
+            window: Mutex::new((Instant::now(), 0)),
+        });
+    }
+
+    /// The keys of `login` from `ip` in the shared store: the pair's, then the network's. The
+    /// same on every node (an unkeyed hash, unlike this table's).
+    fn shared_keys(&self, login: &str, ip: IpAddr) -> [String; 2] {
+        let net = match network(ip, &self.policy()) {
+            Net::V4(v) => format!("4:{v:08x}"),
+            Net::V6(v) => format!("6:{v:032x}"),
+        };
+        let login = mailgate_auth::sha256_hex(login.to_ascii_lowercase().as_bytes());
+        [format!("l:{}:{net}", &login[..32]), format!("n:{net}")]
+    }
+
+    /// [`Lockout::check`], then the count every node shares: `Err` with the wait when this
+    /// node's table or the shared store has the login or its network locked. The store
+    /// unreachable, this node's table decides alone.
+    pub async fn check_shared(&self, login: &str, ip: IpAddr) -> Result<(), Duration> {
+        self.check(login, ip, Instant::now())?;
+        let Some(shared) = self.shared.get() else {
+            return Ok(());
+        };
+        let now_ms = unix_ms();
+        let [pair, net] = self.shared_keys(login, ip);
+        match shared
+            .store
+            .locked_until(&[pair.as_str(), net.as_str()], now_ms)
+            .await
+        {
+            Ok(Some(until)) if until > now_ms => Err(Duration::from_millis(
+                u64::try_from(until - now_ms).unwrap_or(0),
+            )),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "shared lockout unreadable: this node's count decides");
+                Ok(())
+            }
+        }
+    }
+
+    /// [`Lockout::failure`], and the failure counted in the shared store (within this node's
+    /// write budget). A key the store has no room for locks its network here, by pressure.
+    pub async fn failure_shared(&self, login: &str, ip: IpAddr) {
+        let now = Instant::now();
+        self.failure(login, ip, now);
+        let Some(shared) = self.shared.get() else {
+            return;
+        };
+        if !shared.take(now) {
+            tracing::debug!("shared lockout write budget spent: failure counted on this node only");
+            return;
+        }
+        let p = self.policy();
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let [pair, net] = self.shared_keys(login, ip);
+        for (key, threshold) in [(pair, p.login_threshold), (net, p.network_threshold)] {
+            let rule = LockoutRule {
+                threshold,
+                base_lock_ms: ms(p.base_lock),
+                max_lock_ms: ms(p.max_lock),
+                forget_after_ms: ms(p.forget_after),
+                max_rows: p.max_entries as u64,
+            };
+            match shared.store.count_failure(&key, &rule, unix_ms()).await {
+                Ok(Counted::Full) => self.press(ip, now),
+                Ok(Counted::Counted { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "shared lockout not written: counted on this node only");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// [`Lockout::success`], and the pair's shared count forgotten.
+    pub async fn success_shared(&self, login: &str, ip: IpAddr) {
+        self.success(login, ip, Instant::now());
+        let Some(shared) = self.shared.get() else {
+            return;
+        };
+        let [pair, _] = self.shared_keys(login, ip);
+        if let Err(e) = shared.store.clear_failures(&pair).await {
+            tracing::warn!(error = %e, "shared lockout not reset");
+        }
+    }
+
+    /// Locks `ip`'s network by pressure (no room to count it).
+    fn press(&self, ip: IpAddr, now: Instant) {
+        let slot_of = |net| self.slot(net);
+        self.with(|t| {
+            let net = network(ip, &t.policy);
+            press(t, slot_of(net), net, now);
+        });
     }
 
     /// Replaces the policy (the configuration's `[limits]`); counts already kept stay.
@@ -268,28 +419,7 @@ impl Lockout {
                 }
             }
             if pressured {
-                t.pressure_events = t.pressure_events.saturating_add(1);
-                // Until the first active lock ends (room may open then), within the policy's
-                // bounds.
-                let first_end = t
-                    .next_sweep
-                    .map(|u| u.saturating_duration_since(now))
-                    .unwrap_or(p.base_lock);
-                let lock = first_end.clamp(p.base_lock, p.max_lock.max(p.base_lock));
-                let slot = self.slot(net);
-                if let Some(s) = t.pressure.get_mut(slot) {
-                    let until = now + lock;
-                    if s.is_none_or(|u| u < until) {
-                        *s = Some(until);
-                    }
-                }
-                // The network's own entry, if kept, is locked too.
-                if let Some(e) = t.entries.get_mut(&Key::Net(net)) {
-                    let until = now + lock;
-                    if e.locked_until.is_none_or(|u| u < until) {
-                        e.locked_until = Some(until);
-                    }
-                }
+                press(t, self.slot(net), net, now);
             }
         });
     }
@@ -303,6 +433,39 @@ impl Lockout {
             let net = network(ip, &t.policy);
             t.entries.remove(&Key::Login(lh, net));
         });
+    }
+}
+
+/// Unix milliseconds now (the shared store's clock: every node's wall clock).
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Locks `net` (whose pressure slot is `slot`) because a failure of it could not be counted.
+fn press(t: &mut Table, slot: usize, net: Net, now: Instant) {
+    let p = t.policy;
+    t.pressure_events = t.pressure_events.saturating_add(1);
+    // Until the first active lock ends (room may open then), within the policy's bounds.
+    let first_end = t
+        .next_sweep
+        .map(|u| u.saturating_duration_since(now))
+        .unwrap_or(p.base_lock);
+    let lock = first_end.clamp(p.base_lock, p.max_lock.max(p.base_lock));
+    if let Some(s) = t.pressure.get_mut(slot) {
+        let until = now + lock;
+        if s.is_none_or(|u| u < until) {
+            *s = Some(until);
+        }
+    }
+    // The network's own entry, if kept, is locked too.
+    if let Some(e) = t.entries.get_mut(&Key::Net(net)) {
+        let until = now + lock;
+        if e.locked_until.is_none_or(|u| u < until) {
+            e.locked_until = Some(until);
+        }
     }
 }
 

@@ -1358,7 +1358,7 @@ pub(crate) async fn auth_submit(
     let password = p.password.clone().unwrap_or_default();
     let ip = conn.peer.ip();
     let lockout = st.gateway.lockout();
-    if let Err(wait) = lockout.check(&email, ip, std::time::Instant::now()) {
+    if let Err(wait) = lockout.check_shared(&email, ip).await {
         let secs = wait.as_secs().max(1);
         let line = refusal_line(
             &st,
@@ -1399,7 +1399,7 @@ pub(crate) async fn auth_submit(
         }
     };
     let Some(user) = primary.filter(|_| ok) else {
-        lockout.failure(&email, ip, std::time::Instant::now());
+        lockout.failure_shared(&email, ip).await;
         if st.gateway.budget().log_limited("consent wrong password") {
             tracing::info!(login = %mailgate_auth::redact_login(&email), "consent: wrong email or password");
         }
@@ -1413,7 +1413,7 @@ pub(crate) async fn auth_submit(
         .await;
         return page(note(StatusCode::OK, line));
     };
-    lockout.success(&email, ip, std::time::Instant::now());
+    lockout.success_shared(&email, ip).await;
     match account_refusal(&st, &conn, &headers, &user, &client, &scopes).await {
         Ok(None) => {}
         Ok(Some(line)) => {

@@ -23,7 +23,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mailgate_core::catalogue::{Reason, RenderArgs};
 use mailgate_core::engine::{
@@ -1160,9 +1160,15 @@ impl Session {
 
     /// A password: an API key (`SG.<id>.<secret>`, any login) or the user's own password.
     async fn auth_password(&mut self, login: String, password: String) -> Step {
-        let now = Instant::now();
         let ip = self.peer.ip();
-        let cred = if self.ctx.gateway.lockout().check(&login, ip, now).is_err() {
+        let cred = if self
+            .ctx
+            .gateway
+            .lockout()
+            .check_shared(&login, ip)
+            .await
+            .is_err()
+        {
             Credential::Refused {
                 state: CredentialState::Locked,
                 presented: Some(mailgate_auth::redact_login(&login).into_owned()),
@@ -1253,7 +1259,8 @@ impl Session {
             .ctx
             .gateway
             .lockout()
-            .check(&b.user, ip, Instant::now())
+            .check_shared(&b.user, ip)
+            .await
             .is_err()
         {
             Credential::Refused {
@@ -1326,7 +1333,9 @@ impl Session {
                     }
                 );
                 if !locked {
-                    lockout.failure(login.as_deref().unwrap_or(""), ip, Instant::now());
+                    lockout
+                        .failure_shared(login.as_deref().unwrap_or(""), ip)
+                        .await;
                 }
                 let line = reply::denial(denial, decision_id);
                 // Before authentication: anyone can cause these, so a few lines a second (the
@@ -1353,7 +1362,9 @@ impl Session {
                 }
             }
             None => {
-                lockout.success(login.as_deref().unwrap_or(""), ip, Instant::now());
+                lockout
+                    .success_shared(login.as_deref().unwrap_or(""), ip)
+                    .await;
                 tracing::info!(
                     listener = self.listener.name(),
                     client = %ip,

@@ -44,8 +44,14 @@ pub(crate) async fn serve(config: Config, stores: Stores, demo: bool) -> anyhow:
     let tls = tls_material(&config, demo)?;
     let smtp_tokens = tokens.clone();
     let limits = files::fit_open_files(&config.limits);
+    // Failed-AUTH counts shared by every node on this store (docs/security.md: at most what the
+    // password pool can check, 50 a second per argon2 slot, written per node).
+    let shared_lockout: Arc<dyn mailgate_store::LockoutStore> = store.clone();
+    let lockout_writes =
+        u32::try_from(limits.password_concurrency.saturating_mul(50)).unwrap_or(u32::MAX);
     let gateway = mailgate_gateway::Gateway::open_with_limits(store, limits).await?;
     gateway.lockout().set_policy(config.lockout);
+    gateway.lockout().share(shared_lockout, lockout_writes);
     // This node's identity, and the leases its earlier run left, before any worker leases.
     let node = node::node_id(config.node_id.as_deref(), &config.data_dir)?;
     tracing::info!(node = %node, "node identity");
