@@ -8,6 +8,7 @@
 //! - [`queue`]: the delivery queue (list, show, retry, delete) and captured mail.
 //! - [`explain`]: explain requests, a dry run of the engine that evaluates every check.
 //! - [`decisions`]: a stored decision as the admin API and the support bundle show it.
+//! - [`status`]: the nodes serving from the store, their heartbeats and the leases they hold.
 //! - [`faults`]: fault injection (`mailgate simulate`), and loading the faults in force into a
 //!   gateway.
 
@@ -17,6 +18,7 @@ pub mod directory;
 pub mod explain;
 pub mod faults;
 pub mod queue;
+pub mod status;
 
 pub use directory::{ApplyError, ApplyReport, apply, edit, export};
 

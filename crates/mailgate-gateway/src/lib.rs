@@ -117,6 +117,8 @@ pub struct Gateway {
     lockout: lockout::Lockout,
     /// This process as a node of the store ([`nodes`]).
     node: nodes::NodeIdentity,
+    /// This process as the node [`Gateway::join_as`] named (its row in `nodes`).
+    joined: std::sync::OnceLock<nodes::NodeIdentity>,
     /// `<node>/<run>`: who holds this node's concurrent-send slots ([`Gateway::join_as`]).
     slot_holder: std::sync::OnceLock<String>,
 }
@@ -168,6 +170,7 @@ impl Gateway {
             lockout: lockout::Lockout::default(),
             write_fault: std::sync::Mutex::new(None),
             node: nodes::NodeIdentity::current(),
+            joined: std::sync::OnceLock::new(),
             slot_holder: std::sync::OnceLock::new(),
         });
         gateway.reload_faults().await?;
@@ -329,9 +332,9 @@ impl Gateway {
                     .is_none_or(|(g, at)| g != generation || at.elapsed() >= nodes::HEARTBEAT);
                 if due {
                     let row = mailgate_store::NodeState {
-                        id: me.node.id.clone(),
-                        host: me.node.host.clone(),
-                        pid: me.node.pid,
+                        id: me.node().id.clone(),
+                        host: me.node().host.clone(),
+                        pid: me.node().pid,
                         generation,
                         seen_ms: now_ms() as i64,
                         interval_ms: interval.as_millis() as i64,
@@ -347,14 +350,15 @@ impl Gateway {
         })
     }
 
-    /// This process as a node of the store.
+    /// This process as a node of the store: the node [`Gateway::join_as`] named, this process
+    /// before.
     pub fn node(&self) -> &nodes::NodeIdentity {
-        &self.node
+        self.joined.get().unwrap_or(&self.node)
     }
 
     /// Deletes this node's row (the server is stopping): writers stop waiting for it.
     pub async fn leave(&self) {
-        if let Err(e) = self.store.node_gone(&self.node.id).await {
+        if let Err(e) = self.store.node_gone(&self.node().id).await {
             tracing::warn!(error = %e, "could not remove this node's row");
         }
     }
@@ -686,6 +690,7 @@ impl Gateway {
     pub async fn join_as(&self, node: &str) -> Result<u64, GatewayError> {
         let run = mailgate_auth::random_token::<6>().unwrap_or_else(|_| now_ms().to_string());
         let _ = self.slot_holder.set(format!("{node}/{run}"));
+        let _ = self.joined.set(nodes::NodeIdentity::named(node));
         match self.store.shared_counters() {
             Some(shared) => Ok(shared.release_node(node).await?),
             None => Ok(0),

@@ -29,7 +29,11 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// This process as a node.
 #[derive(Debug, Clone)]
 pub struct NodeIdentity {
-    /// Unique per process run: host, pid and start time.
+    /// The node's row id: its `[node] id` once the server named it
+    /// ([`Gateway::join_as`](crate::Gateway::join_as)), so `mailgate status` lists a node under
+    /// the name its leases and slots carry, and a node started again replaces its own row;
+    /// before that (a gateway opened by a test or an admin verb), unique per process run: host,
+    /// pid and start time.
     pub id: String,
     /// Host name.
     pub host: String,
@@ -38,7 +42,7 @@ pub struct NodeIdentity {
 }
 
 impl NodeIdentity {
-    /// This process.
+    /// This process, before it is named.
     pub fn current() -> NodeIdentity {
         let host = this_host();
         let pid = std::process::id();
@@ -48,6 +52,22 @@ impl NodeIdentity {
             pid,
         }
     }
+
+    /// This process as node `node` (`[node] id`).
+    pub fn named(node: &str) -> NodeIdentity {
+        NodeIdentity {
+            id: node.to_owned(),
+            host: this_host(),
+            pid: std::process::id(),
+        }
+    }
+}
+
+/// Whether `node`'s row says it is running at `now_ms` (Unix ms): written within three
+/// heartbeats plus its poll interval and, when it is on this host, its process exists (a node
+/// killed on this host is not running at once; one on another host once its row is that old).
+pub fn is_running(node: &NodeState, now_ms: i64) -> bool {
+    running(node, now_ms, &this_host())
 }
 
 fn this_host() -> String {

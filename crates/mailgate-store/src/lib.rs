@@ -30,8 +30,8 @@ pub use faults::{FaultStore, SimulatedFault};
 pub use lockout::{Counted, LockoutRule, LockoutStore, MAX_KEY_LEN as MAX_LOCKOUT_KEY_LEN};
 pub use queue::{
     AttemptEntry, AttemptReport, CAPTURED_HEAD_BYTES, CapturedMessage, LeasedMessage,
-    MessageStatus, QueueEntry, QueueFilter, QueueStore, RecipientOutcome, RecipientStatus,
-    Recorded, RetryOutcome, lease_owner,
+    MessageStatus, NodeLeases, QueueEntry, QueueFilter, QueueStore, RecipientOutcome,
+    RecipientStatus, Recorded, RetryOutcome, lease_owner,
 };
 pub use states::{
     AuditAction, MessageState, RecipientState, StoredVerdict, TokenKind, message_state,

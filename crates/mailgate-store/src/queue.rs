@@ -217,6 +217,29 @@ pub fn lease_owner(node: &str, run: &str, worker: u32) -> String {
     format!("{node}/{run}/{worker}")
 }
 
+/// The unexpired delivery leases one node holds ([`QueueStore::leases_by_node`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeLeases {
+    /// The node: the `<node>` part of the lease owners `<node>/<run>/<worker>` (see
+    /// [`lease_owner`]; an owner without `/` is a node of its own).
+    pub node: String,
+    /// Messages it holds a lease on that has not expired.
+    pub leases: u64,
+}
+
+/// Counts leases per owner into leases per node, by node name.
+pub(crate) fn leases_per_node(per_owner: Vec<(String, i64)>) -> Vec<NodeLeases> {
+    let mut nodes = std::collections::BTreeMap::<String, u64>::new();
+    for (owner, n) in per_owner {
+        let node = owner.split('/').next().unwrap_or_default().to_owned();
+        *nodes.entry(node).or_default() += u64::try_from(n).unwrap_or(0);
+    }
+    nodes
+        .into_iter()
+        .map(|(node, leases)| NodeLeases { node, leases })
+        .collect()
+}
+
 /// The queue operations (delivery worker, status API, CLI).
 #[async_trait]
 pub trait QueueStore: Send + Sync {
@@ -293,4 +316,8 @@ pub trait QueueStore: Send + Sync {
 
     /// One captured message, whole.
     async fn captured_message(&self, id: &str) -> Result<Option<CapturedMessage>, StoreError>;
+
+    /// The delivery leases in force at `now_ms` (not expired, on messages waiting for
+    /// delivery), counted per node, by node name (`mailgate status`, `GET /mailgate/v1/status`).
+    async fn leases_by_node(&self, now_ms: i64) -> Result<Vec<NodeLeases>, StoreError>;
 }

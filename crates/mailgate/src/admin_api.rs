@@ -36,6 +36,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/mailgate/v1/decisions/{id}", get(get_decision))
         .route("/mailgate/v1/budget", get(get_budget))
         .route("/mailgate/v1/audit", get(get_audit))
+        .route("/mailgate/v1/status", get(get_status))
         .route(
             "/mailgate/v1/messages",
             get(crate::queue_api::list_messages),
@@ -209,6 +210,18 @@ async fn get_audit(
         Ok(changes) => Json(json!({ "changes": changes })).into_response(),
         Err(e) => {
             tracing::error!(error = %e, "audit log lookup failed");
+            api_error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
+        }
+    }
+}
+
+/// The nodes serving from this store, their heartbeats and leases (`mailgate status --json`).
+async fn get_status(State(state): State<Arc<AppState>>, _admin: Admin) -> Response {
+    let now = mailgate_gateway::now_ms() as i64;
+    match mailgate_admin::status::status(state.gateway.store(), state.queue.as_ref(), now).await {
+        Ok(status) => Json(status).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "node status lookup failed");
             api_error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
         }
     }

@@ -119,6 +119,15 @@ pub(crate) enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The nodes serving from this store: one line per node (id, live or not, how long ago its
+    /// last heartbeat was, the delivery leases it holds, its directory generation, host and
+    /// pid). A node is live while it wrote its heartbeat within three intervals (2 s each) plus
+    /// its directory poll interval; one that died holding leases is listed until they expire.
+    Status {
+        /// Machine-readable output (the same JSON as `GET /mailgate/v1/status`).
+        #[arg(long)]
+        json: bool,
+    },
     /// Tokens for the admin HTTP API.
     #[command(subcommand, name = "admin-token")]
     AdminToken(AdminTokenCmd),

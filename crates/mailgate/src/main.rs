@@ -40,6 +40,7 @@ mod queue_cli;
 mod relay_setup;
 mod serve;
 mod start;
+mod status_cli;
 mod stdout;
 
 use std::path::Path;
@@ -183,6 +184,9 @@ async fn run(cmd: Cmd, config: Config) -> anyhow::Result<std::process::ExitCode>
         Cmd::Simulate(a) => return queue_cli::simulate(store.as_ref(), &actor, a).await,
         Cmd::SupportBundle(a) => bundle::run(store.as_ref(), &config, &a).await?,
         Cmd::Audit { limit, json } => directory_cli::audit(store.as_ref(), limit, json).await?,
+        Cmd::Status { json } => {
+            status_cli::status(store.as_ref(), stores.queue.as_ref(), json).await?
+        }
         Cmd::AdminToken(AdminTokenCmd::Create { name }) => {
             directory_cli::admin_token_create(store.as_ref(), &name).await?
         }

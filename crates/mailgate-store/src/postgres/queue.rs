@@ -574,4 +574,18 @@ impl QueueStore for PgStore {
         .or_store()?;
         row.as_ref().map(captured_of).transpose()
     }
+
+    async fn leases_by_node(&self, now_ms: i64) -> Result<Vec<crate::NodeLeases>, StoreError> {
+        let per_owner: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT lease_owner, count(*) FROM messages
+             WHERE lease_owner IS NOT NULL AND lease_until_ms > $1
+               AND state IN ('queued', 'deferred')
+             GROUP BY lease_owner",
+        )
+        .bind(now_ms)
+        .fetch_all(&self.pool)
+        .await
+        .or_store()?;
+        Ok(crate::queue::leases_per_node(per_owner))
+    }
 }

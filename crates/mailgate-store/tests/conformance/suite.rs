@@ -141,6 +141,7 @@ macro_rules! conformance {
             a_recorded_attempt_ends_the_lease,
             a_batch_of_write_backs_loses_only_the_lost_leases,
             a_nodes_reclaim_releases_its_own_leases_and_no_other,
+            leases_are_counted_per_node_while_unexpired,
             message_state_follows_its_recipients,
             held_messages_are_released_at_hold_until,
             next_due_is_the_earliest_time_something_becomes_due,
@@ -841,6 +842,63 @@ pub async fn a_batch_of_write_backs_loses_only_the_lost_leases(b: &impl Backend)
     assert_eq!(m3.history.len(), 1);
     assert_eq!(s.directory.message("m2").await.unwrap(), None);
     assert!(s.queue.record_attempts("w1", &[]).await.unwrap().is_empty());
+}
+
+/// `mailgate status` counts the leases each node holds: unexpired ones only, per node whatever
+/// the run or worker (`<node>/<run>/<worker>`), on every handle; a lease that expires or that
+/// the node takes back is no longer counted.
+pub async fn leases_are_counted_per_node_while_unexpired(b: &impl Backend) {
+    let s = b.open().await;
+    let leases = [
+        (lease_owner("n1", "r1", 0), 60_000),
+        (lease_owner("n1", "r1", 1), 60_000),
+        (lease_owner("n1", "r2", 0), 60_000),
+        (lease_owner("n10", "r1", 0), 500),
+    ];
+    for (i, (owner, lease_ms)) in leases.iter().enumerate() {
+        let id = format!("m{i}");
+        accept(
+            &*s.directory,
+            &message(&id, 1_000 + i as i64, &["x@a.test"]),
+        )
+        .await;
+        let got = s.queue.lease_due(owner, 2_000, *lease_ms, 1).await.unwrap();
+        assert_eq!(ids(&got, |m| &m.id), [id]);
+    }
+    accept(&*s.directory, &message("free", 1_100, &["x@a.test"])).await;
+    let counted = |at| {
+        let s = s.clone();
+        async move {
+            s.queue
+                .leases_by_node(at)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|n| (n.node, n.leases))
+                .collect::<Vec<_>>()
+        }
+    };
+    let other = b.open().await;
+    assert_eq!(
+        other.queue.leases_by_node(2_100).await.unwrap(),
+        [
+            mailgate_store::NodeLeases {
+                node: "n1".into(),
+                leases: 3
+            },
+            mailgate_store::NodeLeases {
+                node: "n10".into(),
+                leases: 1
+            },
+        ]
+    );
+    assert_eq!(
+        counted(2_500).await,
+        [("n1".to_owned(), 3)],
+        "n10's lease expired"
+    );
+    s.queue.reclaim_leases("n1", 3_000).await.unwrap();
+    assert_eq!(counted(3_000).await, []);
 }
 
 /// A node that starts again takes back its own leases (owners `<node>/...`): its messages are due

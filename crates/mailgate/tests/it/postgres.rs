@@ -233,3 +233,74 @@ fn an_unusable_database_is_a_clear_error_at_start_without_the_password() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("schema is newer than this Mailgate"), "{out}");
 }
+
+/// `mailgate status --json`'s nodes, by id: (live, heartbeat age in ms, pid).
+fn nodes_status(data_dir: &Path, url: &str) -> Vec<(String, bool, i64, u64)> {
+    let (code, out) = run(data_dir, &["--database-url", url, "status", "--json"], None);
+    assert_eq!(code, Some(0), "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    v["nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no nodes in {out}"))
+        .iter()
+        .map(|n| {
+            (
+                n["id"].as_str().unwrap_or_default().to_owned(),
+                n["live"].as_bool().unwrap_or_default(),
+                n["heartbeat_age_ms"].as_i64().unwrap_or(-1),
+                n["pid"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// Two `serve` processes on one PostgreSQL database, named by `[node] id`: `mailgate status`
+/// (a CLI on the database alone) lists both, live, with fresh heartbeats and their processes.
+/// One killed with SIGKILL stays listed under its id, not live, its heartbeat ageing while the
+/// other's stays fresh; started again under the same id, it is one row again (its own, replaced),
+/// live, with the new process.
+#[test]
+fn status_lists_the_live_nodes_and_a_killed_one_ages_out() {
+    let pg = postgres_database();
+    let url = pg.url.as_str();
+    let node = |id: &str| format!("[node]\nid = {id:?}\n[store]\nurl = {url:?}\n");
+    let a = Gateway::new();
+    let _sa = a.serve_with(&node("mx-a"), &["--demo"]);
+    let b = Gateway::new();
+    let mut sb = b.serve_with(&node("mx-b"), &["--demo"]);
+    let cli = tempfile::tempdir().unwrap();
+    let mut seen = Vec::new();
+    let both = eventually(Duration::from_secs(10), || {
+        seen = nodes_status(cli.path(), url);
+        seen.len() == 2
+            && seen
+                .iter()
+                .all(|(_, live, age, _)| *live && (0..3_000).contains(age))
+            && seen[0].0 == "mx-a"
+            && seen[1].0 == "mx-b"
+            && seen[1].3 == u64::from(sb.pid())
+    });
+    assert!(both, "two live nodes with fresh heartbeats: {seen:?}");
+    let (code, text) = run(cli.path(), &["--database-url", url, "status"], None);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("mx-a\tlive\theartbeat "), "{text}");
+
+    sb.kill9();
+    std::thread::sleep(Duration::from_millis(3_500));
+    let after = nodes_status(cli.path(), url);
+    assert_eq!(after.len(), 2, "the killed node is still listed: {after:?}");
+    let (a_now, b_now) = (&after[0], &after[1]);
+    assert!(a_now.1 && a_now.2 < 3_000, "mx-a still beats: {after:?}");
+    assert_eq!(b_now.0, "mx-b");
+    assert!(!b_now.1, "a killed node is not live: {after:?}");
+    assert!(b_now.2 >= 3_500, "its heartbeat ages: {after:?}");
+    let (_, text) = run(cli.path(), &["--database-url", url, "status"], None);
+    assert!(text.contains("mx-b\tnot live\theartbeat "), "{text}");
+
+    let sb = b.serve_with(&node("mx-b"), &["--demo"]);
+    let back = eventually(Duration::from_secs(10), || {
+        seen = nodes_status(cli.path(), url);
+        seen.len() == 2 && seen[1].1 && seen[1].3 == u64::from(sb.pid())
+    });
+    assert!(back, "mx-b started again is one live row: {seen:?}");
+}
