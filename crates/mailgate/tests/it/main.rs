@@ -31,4 +31,5 @@ mod repository;
 mod sendgrid;
 mod serve;
 mod smtp;
+mod store_outage;
 mod why;
