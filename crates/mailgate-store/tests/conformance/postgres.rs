@@ -501,3 +501,70 @@ async fn retention_makes_the_coming_days_partitions() {
     s.purge(Some(0), None).await.unwrap();
     assert_eq!(days().await, 8);
 }
+
+/// Not a contract: the measurement behind docs/performance.md ("Decisions on PostgreSQL"). Writers
+/// keep decisions at once (`tasks` of them, `each` decisions apiece): one durable INSERT per
+/// decision (`record_decision`, which is what `enqueue_decision` was before the writer task),
+/// against `enqueue_decision` and one `flush` at the end (the writer's batches). Prints both rates;
+/// fails if batching is not faster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, run by hand: --run-ignored only -E 'test(/measure_decision/)' --no-capture"]
+async fn measure_decision_writes_one_by_one_against_batched() {
+    use mailgate_store::{StoredDecision, StoredVerdict};
+    let db = fresh().await;
+    let s = Arc::new(db.handle().await);
+    // A refusal's trace is ~5 KB of JSON.
+    let body = serde_json::json!({"checks": (0..60).map(|i| format!("check {i}: a detail of about seventy bytes, as real ones")).collect::<Vec<_>>()});
+    let decision = move |id: String| StoredDecision {
+        id,
+        at_ms: now_ms(),
+        door: "smtp".into(),
+        principal: "a@example.com".into(),
+        verdict: StoredVerdict::Denied,
+        code: Some("user.suspended".into()),
+        body: body.clone().into(),
+    };
+    for (tasks, each) in [(1usize, 1_000usize), (16, 500), (64, 125)] {
+        let mut rates = Vec::new();
+        for batched in [false, true] {
+            let started = std::time::Instant::now();
+            let handles: Vec<_> = (0..tasks)
+                .map(|t| {
+                    let s = s.clone();
+                    let decision = decision.clone();
+                    tokio::spawn(async move {
+                        for i in 0..each {
+                            let d = decision(format!("{batched}-{tasks}-{t}-{i}"));
+                            if batched {
+                                s.enqueue_decision(d).await.unwrap();
+                            } else {
+                                s.record_decision(&d).await.unwrap();
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.await.unwrap();
+            }
+            s.flush().await.unwrap();
+            let rate = (tasks * each) as f64 / started.elapsed().as_secs_f64();
+            rates.push(rate);
+        }
+        println!(
+            "{tasks} writers: one INSERT each {:.0}/s, batched {:.0}/s ({:.1}x); batches so far {:?}",
+            rates[0],
+            rates[1],
+            rates[1] / rates[0],
+            s.decision_batches()
+        );
+        assert!(rates[1] > rates[0], "{rates:?}");
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
