@@ -679,23 +679,53 @@ pub fn psql(url: &str, sql: &str) -> Result<String, String> {
     }
 }
 
-/// Creates a fresh database on [`postgres_server`] (its name random) for one test.
+/// Creates a fresh database on [`postgres_server`] for one test, named `mailgate_it_<unix
+/// seconds>_<random>`. A test process killed before its [`PgDatabase`] dropped (a nextest timeout
+/// sends a signal, and no destructor runs) leaves its database behind: each call first drops such
+/// databases older than [`STALE_TEST_DATABASE_SECS`], which no running test still uses.
 pub fn postgres_database() -> PgDatabase {
     use std::hash::{BuildHasher, Hasher};
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    let name = format!("mailgate_it_{:016x}", h.finish());
+    h.write_u128(now.as_nanos());
+    let name = format!("mailgate_it_{}_{:016x}", now.as_secs(), h.finish());
     let server = postgres_server();
+    drop_stale_databases(&server, now.as_secs());
     psql(&server, &format!("CREATE DATABASE \"{name}\"")).unwrap_or_else(|e| {
         panic!("PostgreSQL at {server} (MAILGATE_TEST_POSTGRES) is needed by this test: {e}")
     });
     PgDatabase {
         url: with_database(&server, &name),
         name,
+    }
+}
+
+/// How old a test database must be before [`postgres_database`] drops it as left behind.
+pub const STALE_TEST_DATABASE_SECS: u64 = 2 * 3600;
+
+/// Drops the `mailgate_it_<secs>_<random>` databases made more than
+/// [`STALE_TEST_DATABASE_SECS`] before `now_secs` (best effort: errors are ignored, another test
+/// may be dropping the same one).
+fn drop_stale_databases(server: &str, now_secs: u64) {
+    let Ok(names) = psql(
+        server,
+        "SELECT datname FROM pg_database WHERE datname LIKE 'mailgate\\_it\\_%'",
+    ) else {
+        return;
+    };
+    for name in names.lines().map(str::trim) {
+        let made = name
+            .strip_prefix("mailgate_it_")
+            .and_then(|rest| rest.split_once('_'))
+            .and_then(|(secs, _)| secs.parse::<u64>().ok());
+        if made.is_some_and(|t| t + STALE_TEST_DATABASE_SECS < now_secs) {
+            let _ = psql(
+                server,
+                &format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
+            );
+        }
     }
 }
 
