@@ -9,6 +9,12 @@
 //! - AUTH refused by the smarthost: `deferred` with `upstream.auth_failed`, and an error-level
 //!   operator alert in the log.
 //!
+//! Leases: a batch is leased at once; while it is delivered the worker extends the leases not
+//! yet recorded every third of `relay.lease_ms` ([`QueueStore::extend_lease`]), so a slow
+//! smarthost does not let another worker or node lease (and deliver) the message again. Every
+//! write-back passes the lease it was made under: one made after the lease was lost (the process
+//! was paused past it, or its node took it back) changes nothing and is logged.
+//!
 //! Connections are reused across messages (one idle for a while is checked with NOOP first; one
 //! used just now is not, and if the server closed it meanwhile the transaction runs again on a new
 //! connection) and closed after 2 s without work (`IDLE_CLOSE`).
@@ -179,6 +185,58 @@ impl Wake {
     }
 }
 
+/// At most one announcement to other nodes per this long ([`share_wakeups`]).
+pub const ANNOUNCE_EVERY: Duration = Duration::from_millis(50);
+
+/// Shares wake-ups with the other nodes of the queue, when it has any. `accepted` is this
+/// node's acceptance signal (notified once per stored message); the answer is the signal this
+/// node's workers should wait on ([`Wake::new`]), and the tasks doing it:
+///
+/// - a forwarder passes every local acceptance on to the workers at once, and to
+/// - an announcer, which tells the other nodes ([`QueueStore::wake_others`]) at most once per
+///   [`ANNOUNCE_EVERY`] however many acceptances there were (never inside an acceptance's
+///   transaction: announcements stay off the send path), and
+/// - the store's listener ([`QueueStore::spawn_wakeup_listener`]) wakes the workers when
+///   another node announced.
+///
+/// A store with no other nodes (SQLite) has no listener: `accepted` is returned as it is and no
+/// task runs. If the listener loses its connection the workers' polling (`relay.poll_interval_ms`)
+/// still finds everything.
+pub fn share_wakeups(
+    store: Arc<dyn QueueStore>,
+    node: &str,
+    accepted: Arc<Notify>,
+) -> (Arc<Notify>, Vec<tokio::task::JoinHandle<()>>) {
+    let workers = Arc::new(Notify::new());
+    let Some(listener) = store.spawn_wakeup_listener(node, workers.clone()) else {
+        return (accepted, Vec::new());
+    };
+    let announce = Arc::new(Notify::new());
+    let forwarder = {
+        let (workers, announce) = (workers.clone(), announce.clone());
+        tokio::spawn(async move {
+            loop {
+                accepted.notified().await;
+                workers.notify_one();
+                announce.notify_one();
+            }
+        })
+    };
+    let node = node.to_owned();
+    let announcer = tokio::spawn(async move {
+        loop {
+            // Acceptances while this one is sent and during the pause leave one permit: the
+            // next announcement covers them all.
+            announce.notified().await;
+            if let Err(e) = store.wake_others(&node).await {
+                tracing::warn!(error = %e, "cannot wake the other nodes' delivery; they poll");
+            }
+            tokio::time::sleep(ANNOUNCE_EVERY).await;
+        }
+    });
+    (workers, vec![listener, forwarder, announcer])
+}
+
 /// The delivery worker.
 pub struct Relay {
     store: Arc<dyn QueueStore>,
@@ -316,6 +374,7 @@ impl Relay {
             )
             .await?;
         let n = batch.len();
+        let mut leases = Leases::new(&self.config, &batch);
         let smarthosts = (self.smarthosts)();
         let capture = self.config.capture || smarthosts.is_empty();
         let mut pending: Vec<AttemptReport> = Vec::new();
@@ -324,27 +383,48 @@ impl Relay {
             if capture {
                 match self
                     .store
-                    .mark_captured(&self.config.worker_id, &m.id, now_ms())
+                    .mark_captured(&self.config.worker_id, &m.id, m.lease, now_ms())
                     .await?
                 {
                     Recorded::State(_) => {
                         tracing::info!(message_id = %m.id, "message captured (capture mode)")
                     }
-                    Recorded::LeaseLost => {
-                        tracing::warn!(message_id = %m.id, "lease lost before capture")
-                    }
+                    Recorded::LeaseLost => lease_lost(&m.id, m.lease),
                 }
+                leases.forget(&m.id);
             } else {
-                let report = self.deliver(&smarthosts, m).await;
+                leases.extend_if_due(&*self.store).await;
+                if !leases.holds(&m.id) {
+                    // Lost while earlier messages of the batch were delivered: another worker
+                    // has it now.
+                    tracing::warn!(message_id = %m.id, lease = m.lease, "lease lost before delivery; not delivering");
+                    continue;
+                }
+                let store = self.store.clone();
+                let report = {
+                    let attempt = self.deliver(&smarthosts, m);
+                    tokio::pin!(attempt);
+                    loop {
+                        tokio::select! {
+                            report = &mut attempt => break report,
+                            _ = tokio::time::sleep_until(leases.next_extension) => {
+                                leases.extend_if_due(&*store).await;
+                            }
+                        }
+                    }
+                };
                 pending.push(report);
                 // Record in batches, but never sit long on finished attempts.
                 let since = *pending_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= RECORD_EVERY {
+                    leases.extend_if_due(&*self.store).await;
+                    leases.forget_all(&pending);
                     self.record(&mut pending).await?;
                     pending_since = None;
                 }
             }
         }
+        leases.extend_if_due(&*self.store).await;
         self.record(&mut pending).await?;
         Ok(n)
     }
@@ -408,6 +488,12 @@ impl Relay {
     /// Makes one delivery attempt of `m`; the caller records the report.
     async fn deliver(&mut self, smarthosts: &[Smarthost], m: LeasedMessage) -> AttemptReport {
         let at = now_ms();
+        if m.possible_duplicate {
+            tracing::warn!(
+                message_id = %m.id,
+                "delivering a message whose previous lease ended without a recorded outcome: it may have been delivered already (possible_duplicate in its history)"
+            );
+        }
         // Group the remaining recipients by route.
         let mut groups: Vec<(Smarthost, Vec<String>)> = Vec::new();
         let mut outcomes: Vec<(RecipientOutcome, Option<String>)> = Vec::new();
@@ -566,6 +652,7 @@ impl Relay {
         };
         AttemptReport {
             message_id: m.id.clone(),
+            lease: m.lease,
             at_ms: at,
             smarthost: (!smarthost_names.is_empty()).then(|| smarthost_names.join(",")),
             outcomes: outcomes.into_iter().map(|(o, _)| o).collect(),
@@ -600,15 +687,88 @@ impl Relay {
                     );
                     dsn_queued |= dsn_id.is_some();
                 }
-                Recorded::LeaseLost => {
-                    tracing::warn!(message_id = %report.message_id, "lease lost during delivery; another worker owns the message now")
-                }
+                Recorded::LeaseLost => lease_lost(&report.message_id, report.lease),
             }
         }
         if dsn_queued {
             self.wake.notify.notify_one();
         }
         Ok(())
+    }
+}
+
+/// A write-back refused by the store's fence: logged, never retried.
+fn lease_lost(message_id: &str, lease: i64) {
+    tracing::warn!(
+        message_id,
+        lease,
+        "lease lost: this worker's late write-back changed nothing (another worker or node holds the message now, or this node took its leases back)"
+    );
+}
+
+/// The leases of one batch not yet written back, extended every third of the lease's length
+/// while the batch is delivered.
+struct Leases {
+    owner: String,
+    lease_ms: i64,
+    every: Duration,
+    held: Vec<(String, i64)>,
+    next_extension: tokio::time::Instant,
+}
+
+impl Leases {
+    fn new(config: &RelayConfig, batch: &[LeasedMessage]) -> Leases {
+        let every = (config.lease / 3).max(Duration::from_millis(5));
+        Leases {
+            owner: config.worker_id.clone(),
+            lease_ms: config.lease.as_millis() as i64,
+            every,
+            held: batch.iter().map(|m| (m.id.clone(), m.lease)).collect(),
+            next_extension: tokio::time::Instant::now() + every,
+        }
+    }
+
+    fn holds(&self, id: &str) -> bool {
+        self.held.iter().any(|(h, _)| h == id)
+    }
+
+    fn forget(&mut self, id: &str) {
+        self.held.retain(|(h, _)| h != id);
+    }
+
+    /// The leases of `reports`, about to be written back, need no more extension.
+    fn forget_all(&mut self, reports: &[AttemptReport]) {
+        self.held
+            .retain(|(h, _)| !reports.iter().any(|r| &r.message_id == h));
+    }
+
+    /// Extends the leases still held when it is time. A lease found lost is dropped (its
+    /// write-back will change nothing); a store fault is logged and tried again next time.
+    async fn extend_if_due(&mut self, store: &dyn QueueStore) {
+        if tokio::time::Instant::now() < self.next_extension {
+            return;
+        }
+        self.next_extension = tokio::time::Instant::now() + self.every;
+        if self.held.is_empty() {
+            return;
+        }
+        match store
+            .extend_lease(&self.owner, &self.held, now_ms(), self.lease_ms)
+            .await
+        {
+            Ok(outcomes) => {
+                let mut i = 0;
+                self.held.retain(|(id, lease)| {
+                    let kept = !matches!(outcomes.get(i), Some(Recorded::LeaseLost));
+                    if !kept {
+                        tracing::warn!(message_id = %id, lease, "lease lost while delivering: another worker holds the message now");
+                    }
+                    i += 1;
+                    kept
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot extend the delivery leases; retrying"),
+        }
     }
 }
 

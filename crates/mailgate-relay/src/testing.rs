@@ -35,6 +35,9 @@ pub struct SinkConfig {
     pub messages_per_session: Option<usize>,
     /// Do not offer PIPELINING (the client must wait for each reply).
     pub without_pipelining: bool,
+    /// Wait this long after a message's final dot before answering it (a stalled smarthost:
+    /// the message is received, its 250 comes late).
+    pub final_reply_delay: Option<std::time::Duration>,
 }
 
 /// A running sink.
@@ -280,6 +283,9 @@ async fn session(
                         recipients: std::mem::take(&mut rcpts),
                         data,
                     });
+                }
+                if let Some(d) = config.final_reply_delay {
+                    tokio::time::sleep(d).await;
                 }
                 io.get_mut().write_all(b"250 2.0.0 ok: queued\r\n").await?;
                 in_session += 1;

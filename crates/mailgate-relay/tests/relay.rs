@@ -486,3 +486,76 @@ async fn workers_sharing_a_wake_deliver_every_message_in_bursts_and_after_pauses
         h.abort();
     }
 }
+
+/// A delivery that takes longer than the lease (a smarthost that answers the final dot after
+/// 2 s, the lease 600 ms): the worker extends its lease while it waits, so another worker on the
+/// same queue leases nothing meanwhile, and the message reaches the smarthost once, with one
+/// attempt in its history and no `possible_duplicate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_longer_than_the_lease_is_neither_leased_nor_delivered_twice() {
+    let sink = Sink::start(
+        "127.0.0.1:0",
+        SinkConfig {
+            final_reply_delay: Some(Duration::from_secs(2)),
+            ..SinkConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let store = queue_of(1).await;
+    let hosts = vec![smarthost(sink.addr.port(), SmarthostTls::None)];
+    let lease = Duration::from_millis(600);
+    let mut slow = relay(
+        &store,
+        hosts.clone(),
+        RelayConfig {
+            worker_id: "slow".into(),
+            lease,
+            ..config()
+        },
+    );
+    let mut other = relay(
+        &store,
+        hosts,
+        RelayConfig {
+            worker_id: "other".into(),
+            lease,
+            ..config()
+        },
+    );
+    let started = Instant::now();
+    let first = tokio::spawn(async move { slow.run_once().await.unwrap() });
+    // Once the slow worker holds the lease...
+    while started.elapsed() < Duration::from_secs(2) {
+        let st = store.queue.message_status("m0").await.unwrap().unwrap();
+        if st.lease_owner.as_deref() == Some("slow") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The other worker looks for due messages all through the slow delivery (bounded: 3 s).
+    let mut taken = 0;
+    while !first.is_finished() && started.elapsed() < Duration::from_secs(3) {
+        taken += other.run_once().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        first.await.unwrap(),
+        1,
+        "the slow worker delivered its message"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "the delivery outlasted the lease"
+    );
+    assert_eq!(
+        taken, 0,
+        "another worker leased the message during its delivery"
+    );
+    assert_eq!(sink.received().len(), 1, "delivered twice");
+    let st = store.queue.message_status("m0").await.unwrap().unwrap();
+    assert_eq!(st.entry.state, MessageState::Delivered);
+    assert_eq!(st.history.len(), 1);
+    assert!(!st.possible_duplicate);
+    assert_eq!(other.run_once().await.unwrap(), 0);
+}

@@ -38,6 +38,15 @@ pub struct LeasedMessage {
     pub raw: Vec<u8>,
     /// The lease runs until then (Unix ms).
     pub lease_until_ms: i64,
+    /// The lease's token (its epoch): every write-back under this lease passes it
+    /// ([`AttemptReport::lease`], [`QueueStore::mark_captured`], [`QueueStore::extend_lease`]),
+    /// and changes nothing once the lease is over, even for the same owner name.
+    pub lease: i64,
+    /// The lease before this one ended without a recorded outcome (its holder died, was paused
+    /// past it, or its node took it back at start): that holder may have delivered the message,
+    /// so this delivery may be a second one. The attempt recorded under this lease says so in
+    /// the history ([`AttemptEntry::possible_duplicate`]).
+    pub possible_duplicate: bool,
 }
 
 /// The outcome of one attempt for one recipient.
@@ -58,6 +67,8 @@ pub struct RecipientOutcome {
 pub struct AttemptReport {
     /// Message id.
     pub message_id: String,
+    /// The token of the lease the attempt was made under ([`LeasedMessage::lease`]).
+    pub lease: i64,
     /// When (Unix ms).
     pub at_ms: i64,
     /// The smarthost tried (by name), if one was.
@@ -70,13 +81,13 @@ pub struct AttemptReport {
     pub dsn: Option<NewMessage>,
 }
 
-/// What [`QueueStore::record_attempt`] did.
+/// What [`QueueStore::record_attempt`] (and the other write-backs under a lease) did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Recorded {
     /// Recorded; the message is now in this state.
     State(MessageState),
-    /// The lease was lost (expired and taken by another worker, or the message was deleted):
-    /// nothing was recorded.
+    /// The lease was lost (expired and taken by another worker, taken back by its node at start,
+    /// or the message was deleted): nothing was recorded, zero rows changed.
     LeaseLost,
 }
 
@@ -157,6 +168,9 @@ pub struct AttemptEntry {
     pub reply: Option<String>,
     /// The next attempt this outcome scheduled.
     pub next_attempt_ms: Option<i64>,
+    /// This attempt followed a lease that ended without a recorded outcome: the message may
+    /// have been delivered twice (see [`LeasedMessage::possible_duplicate`]).
+    pub possible_duplicate: bool,
 }
 
 /// Everything known about one message's delivery.
@@ -179,6 +193,8 @@ pub struct MessageStatus {
     pub done_at_ms: Option<i64>,
     /// Per recipient (the envelope's recipients before the first attempt: all `pending`).
     pub recipient_status: Vec<RecipientStatus>,
+    /// Some attempt in the history is marked `possible_duplicate`.
+    pub possible_duplicate: bool,
     /// Every attempt, oldest first.
     pub history: Vec<AttemptEntry>,
 }
@@ -269,8 +285,43 @@ pub trait QueueStore: Send + Sync {
     /// worker deciding how long to sleep.
     async fn next_due_ms(&self) -> Result<Option<i64>, StoreError>;
 
+    /// Extends the leases `leases` (message id, lease token) of `owner` to `now_ms + lease_ms`,
+    /// for a worker whose delivery runs long. Fenced as every write-back: a lease that is over
+    /// (taken by another, taken back, recorded, the message deleted) is not extended. Returns one
+    /// outcome per lease, in order: [`Recorded::State`] with the message's state when extended,
+    /// [`Recorded::LeaseLost`] when not.
+    async fn extend_lease(
+        &self,
+        owner: &str,
+        leases: &[(String, i64)],
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<Recorded>, StoreError>;
+
+    /// Tells the other nodes sharing this queue that messages were accepted (`from`: this
+    /// node's id), so their delivery workers look now rather than at their next poll. One call
+    /// per burst of acceptances, never inside an acceptance's transaction. A store only one
+    /// node uses (SQLite) does nothing.
+    async fn wake_others(&self, _from: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Starts listening for other nodes' [`QueueStore::wake_others`]: `wake` is notified on
+    /// each (not on node `node`'s own), and once after a lost connection is re-established
+    /// (what was announced meanwhile is lost; the workers' polling is the fallback). `None`
+    /// when the store has no other nodes (SQLite).
+    fn spawn_wakeup_listener(
+        &self,
+        _node: &str,
+        _wake: std::sync::Arc<tokio::sync::Notify>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        None
+    }
+
     /// Records an attempt's per-recipient outcomes, ends the lease and sets the message state
-    /// (with an optional DSN queued in the same transaction). Only the lease holder may record.
+    /// (with an optional DSN queued in the same transaction). Only the lease holder may record:
+    /// `owner` holding the lease [`AttemptReport::lease`] still; otherwise nothing changes and
+    /// the answer is [`Recorded::LeaseLost`].
     async fn record_attempt(
         &self,
         owner: &str,
@@ -291,11 +342,13 @@ pub trait QueueStore: Send + Sync {
         Ok(out)
     }
 
-    /// Capture mode: marks a leased message `captured` instead of relaying it.
+    /// Capture mode: marks a leased message `captured` instead of relaying it (fenced by the
+    /// lease `lease` as [`QueueStore::record_attempt`]).
     async fn mark_captured(
         &self,
         owner: &str,
         id: &str,
+        lease: i64,
         now_ms: i64,
     ) -> Result<Recorded, StoreError>;
 

@@ -119,17 +119,27 @@ pub async fn queue(store: &dyn QueueStore, cmd: QueueCmd) -> anyhow::Result<Exit
                     r.last_reply.as_deref().unwrap_or("-")
                 );
             }
+            if s.possible_duplicate {
+                println!(
+                    "possible duplicate: a delivery followed a lease that ended without a recorded outcome; the recipient may have it twice"
+                );
+            }
             if !s.history.is_empty() {
                 println!("attempts");
                 for h in &s.history {
                     println!(
-                        "  {}\t{}\t{}\t{}\t{}\t{}",
+                        "  {}\t{}\t{}\t{}\t{}\t{}{}",
                         rfc3339(h.at_ms),
                         h.smarthost.as_deref().unwrap_or("-"),
                         h.recipient,
                         h.outcome,
                         h.code.as_deref().unwrap_or("-"),
-                        h.reply.as_deref().unwrap_or("-")
+                        h.reply.as_deref().unwrap_or("-"),
+                        if h.possible_duplicate {
+                            "\tpossible_duplicate"
+                        } else {
+                            ""
+                        }
                     );
                 }
             }

@@ -106,7 +106,9 @@ pub async fn take_back_leases(queue: &dyn QueueStore, node: &str) -> anyhow::Res
 }
 
 /// Starts the delivery workers on the gateway's live directory (its smarthosts). They share
-/// the gateway's acceptance signal, so a stored message is picked up at once, not at the next poll.
+/// the gateway's acceptance signal, so a stored message is picked up at once, not at the next poll;
+/// on a queue other nodes share, their acceptances wake these workers too
+/// (`mailgate_relay::share_wakeups`).
 /// Worker `i`'s leases are owned by `<node>/<run>/<i>` (`mailgate_store::lease_owner`, `run`
 /// random per start); call [`take_back_leases`] first.
 pub fn spawn(
@@ -118,8 +120,10 @@ pub fn spawn(
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let cfg = relay_config(raw, demo)?;
     let workers = worker_count(raw)?;
-    let mut handles = Vec::new();
-    let wake = mailgate_relay::Wake::new(gateway.accepted_signal());
+    // With other nodes on the queue, acceptances here wake their workers and theirs wake ours.
+    let (signal, mut handles) =
+        mailgate_relay::share_wakeups(queue.clone(), node, gateway.accepted_signal());
+    let wake = mailgate_relay::Wake::new(signal);
     // Base64url: no `/` in it.
     let run = mailgate_auth::random_token::<6>()
         .map_err(|e| anyhow::anyhow!("cannot name this run's leases: {e}"))?;

@@ -3,13 +3,19 @@
 //! different messages and never wait for each other, and no row lock outlives the lease's
 //! transaction. Every lease takes a new `lease_epoch`; a write-back locks the message row only if
 //! the writer still holds its lease, and its final UPDATE is conditioned on that epoch: a worker
-//! whose lease was lost (expired and taken by another, or the message deleted) records nothing.
+//! whose lease was lost (expired and taken by another, taken back by its node, or the message
+//! deleted) records nothing: every write-back passes the epoch it leased under. A lease taken
+//! over from one that ended without an outcome sets `lease_interrupted` in the same UPDATE, and
+//! the attempt recorded under it is `possible_duplicate` in the history.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::Row;
-use sqlx::postgres::PgRow;
+use sqlx::postgres::{PgListener, PgPool, PgRow};
+use tokio::sync::Notify;
 
 use super::{OrStore, PgStore};
 use crate::queue::{
@@ -17,6 +23,53 @@ use crate::queue::{
     MessageStatus, QueueEntry, QueueFilter, QueueStore, RecipientStatus, Recorded, RetryOutcome,
 };
 use crate::{MessageState, RecipientState, StoreError, message_state};
+
+/// The channel of [`QueueStore::wake_others`]; the payload is the announcing node's id.
+const WAKE_CHANNEL: &str = "mailgate_queue";
+
+/// Listens on [`WAKE_CHANNEL`] for as long as the task runs, notifying `wake` for every other
+/// node's announcement. A lost connection is re-established (after a pause when it fails) and
+/// then `wake` is notified once: announcements made meanwhile are lost, so the workers look.
+async fn listen_for_wakeups(pool: PgPool, node: String, wake: Arc<Notify>) {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let listener = async {
+            let mut l = PgListener::connect_with(&pool).await?;
+            l.listen(WAKE_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let mut listener = match listener.await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "queue wake-ups: cannot listen; delivery polls meanwhile");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        pause = Duration::from_millis(100);
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(n)) => {
+                    if n.payload() != node {
+                        wake.notify_one();
+                    }
+                }
+                Ok(None) => {
+                    // Reconnected: what was announced meanwhile is lost.
+                    tracing::info!("queue wake-ups: listening again after a lost connection");
+                    wake.notify_one();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "queue wake-ups: listener failed; delivery polls meanwhile");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(pause).await;
+        wake.notify_one();
+    }
+}
 
 fn message_state_of(s: &str) -> Result<MessageState, StoreError> {
     MessageState::parse(s)
@@ -71,19 +124,21 @@ async fn record_in(
     owner: &str,
     report: &AttemptReport,
 ) -> Result<Recorded, StoreError> {
-    // The fence: the row is locked only while `owner` holds its lease; its epoch then
-    // conditions the final UPDATE.
-    let epoch: Option<Option<i64>> = sqlx::query_scalar(
-        "SELECT lease_epoch FROM messages
-         WHERE id = $1 AND lease_owner = $2 AND state IN ('queued', 'deferred')
+    // The fence: the row is locked only while `owner` holds the lease the report was made
+    // under; the lease then conditions the final UPDATE too.
+    let interrupted: Option<bool> = sqlx::query_scalar(
+        "SELECT lease_interrupted FROM messages
+         WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
+           AND state IN ('queued', 'deferred')
          FOR UPDATE",
     )
     .bind(&report.message_id)
     .bind(owner)
+    .bind(report.lease)
     .fetch_optional(&mut *tx)
     .await
     .or_store()?;
-    let Some(epoch) = epoch else {
+    let Some(interrupted) = interrupted else {
         return Ok(Recorded::LeaseLost);
     };
     for o in &report.outcomes {
@@ -105,8 +160,8 @@ async fn record_in(
         .or_store()?;
         sqlx::query(
             "INSERT INTO delivery_attempts (message_id, at_ms, smarthost, recipient, outcome, code,
-                                            reply, next_attempt_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                                            reply, next_attempt_ms, possible_duplicate)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&report.message_id)
         .bind(report.at_ms)
@@ -120,6 +175,7 @@ async fn record_in(
         } else {
             report.next_attempt_ms
         })
+        .bind(interrupted)
         .execute(&mut *tx)
         .await
         .or_store()?;
@@ -142,8 +198,9 @@ async fn record_in(
     };
     let n = sqlx::query(
         "UPDATE messages SET state = $1, attempts = attempts + 1, next_attempt_ms = $2,
-             done_at_ms = $3, lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = $4
-         WHERE id = $5 AND lease_owner = $6 AND lease_epoch IS NOT DISTINCT FROM $7",
+             done_at_ms = $3, lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = $4,
+             lease_interrupted = false
+         WHERE id = $5 AND lease_owner = $6 AND lease_epoch = $7",
     )
     .bind(state.as_str())
     .bind(next)
@@ -151,7 +208,7 @@ async fn record_in(
     .bind(report.at_ms)
     .bind(&report.message_id)
     .bind(owner)
-    .bind(epoch)
+    .bind(report.lease)
     .execute(&mut *tx)
     .await
     .or_store()?
@@ -195,7 +252,9 @@ impl QueueStore for PgStore {
         let rows = sqlx::query(
             "UPDATE messages m
              SET lease_owner = $1, lease_until_ms = $2, updated_at_ms = $3,
-                 lease_epoch = nextval('message_lease_epoch')
+                 lease_epoch = nextval('message_lease_epoch'),
+                 -- The lease before ended without an outcome: its holder still owns it.
+                 lease_interrupted = m.lease_interrupted OR m.lease_owner IS NOT NULL
              FROM (SELECT id FROM messages
                    WHERE state IN ('queued', 'deferred')
                      AND COALESCE(next_attempt_ms, 0) <= $3
@@ -205,7 +264,8 @@ impl QueueStore for PgStore {
                    FOR UPDATE SKIP LOCKED) due
              WHERE m.id = due.id
              RETURNING m.id, m.decision_id, m.door, m.accepted_at_ms, m.envelope_from,
-                       m.attempts, COALESCE(m.next_attempt_ms, m.accepted_at_ms) AS due_at",
+                       m.attempts, COALESCE(m.next_attempt_ms, m.accepted_at_ms) AS due_at,
+                       m.lease_epoch, m.lease_interrupted",
         )
         .bind(owner)
         .bind(until)
@@ -229,6 +289,8 @@ impl QueueStore for PgStore {
                     attempts: r.try_get("attempts").or_store()?,
                     raw: Vec::new(),
                     lease_until_ms: until,
+                    lease: r.try_get("lease_epoch").or_store()?,
+                    possible_duplicate: r.try_get("lease_interrupted").or_store()?,
                 },
             ));
         }
@@ -294,10 +356,11 @@ impl QueueStore for PgStore {
 
     async fn reclaim_leases(&self, node: &str, now_ms: i64) -> Result<u64, StoreError> {
         // A prefix compared as a string, not LIKE: `_` and `%` in a node id match themselves.
-        // A new epoch, as a new lease takes: the lease taken back is over for every fence.
+        // A new epoch, as a new lease takes: the lease taken back is over for every fence. It
+        // ended without an outcome: the next attempt may be a second delivery.
         Ok(sqlx::query(
             "UPDATE messages SET lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = $2,
-                 lease_epoch = nextval('message_lease_epoch')
+                 lease_epoch = nextval('message_lease_epoch'), lease_interrupted = true
              WHERE state IN ('queued', 'deferred') AND lease_owner IS NOT NULL
                AND left(lease_owner, length($1)) = $1",
         )
@@ -351,21 +414,93 @@ impl QueueStore for PgStore {
         Ok(out)
     }
 
+    async fn extend_lease(
+        &self,
+        owner: &str,
+        leases: &[(String, i64)],
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<Recorded>, StoreError> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&str> = leases.iter().map(|(id, _)| id.as_str()).collect();
+        let epochs: Vec<i64> = leases.iter().map(|(_, e)| *e).collect();
+        // One UPDATE for the batch, fenced per row by owner and lease.
+        let rows = sqlx::query(
+            "UPDATE messages m SET lease_until_ms = $3, updated_at_ms = $4
+             FROM unnest($1::text[], $2::bigint[]) AS l(id, epoch)
+             WHERE m.id = l.id AND m.lease_epoch = l.epoch AND m.lease_owner = $5
+               AND m.state IN ('queued', 'deferred')
+             RETURNING m.id, m.state",
+        )
+        .bind(&ids)
+        .bind(&epochs)
+        .bind(now_ms.saturating_add(lease_ms))
+        .bind(now_ms)
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await
+        .or_store()?;
+        let mut held: HashMap<String, MessageState> = HashMap::new();
+        for r in &rows {
+            held.insert(
+                r.try_get("id").or_store()?,
+                message_state_of(&r.try_get::<String, _>("state").or_store()?)?,
+            );
+        }
+        Ok(leases
+            .iter()
+            .map(|(id, _)| {
+                held.get(id)
+                    .map_or(Recorded::LeaseLost, |s| Recorded::State(*s))
+            })
+            .collect())
+    }
+
+    async fn wake_others(&self, from: &str) -> Result<(), StoreError> {
+        // Outside any transaction: a NOTIFY at commit takes a lock every committing NOTIFY
+        // shares, so it is never part of an acceptance.
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(WAKE_CHANNEL)
+            .bind(from)
+            .execute(&self.pool)
+            .await
+            .or_store()?;
+        Ok(())
+    }
+
+    fn spawn_wakeup_listener(
+        &self,
+        node: &str,
+        wake: Arc<Notify>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        Some(tokio::spawn(listen_for_wakeups(
+            self.pool.clone(),
+            node.to_owned(),
+            wake,
+        )))
+    }
+
     async fn mark_captured(
         &self,
         owner: &str,
         id: &str,
+        lease: i64,
         now_ms: i64,
     ) -> Result<Recorded, StoreError> {
         // One conditional UPDATE: it changes the row only while `owner` holds the lease.
         let n = sqlx::query(
             "UPDATE messages SET state = 'captured', done_at_ms = $1, next_attempt_ms = NULL,
-                 lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = $1
-             WHERE id = $2 AND lease_owner = $3 AND state IN ('queued', 'deferred')",
+                 lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = $1,
+                 lease_interrupted = false
+             WHERE id = $2 AND lease_owner = $3 AND lease_epoch = $4
+               AND state IN ('queued', 'deferred')",
         )
         .bind(now_ms)
         .bind(id)
         .bind(owner)
+        .bind(lease)
         .execute(&self.pool)
         .await
         .or_store()?
@@ -460,7 +595,8 @@ impl QueueStore for PgStore {
         }
         let mut history = Vec::new();
         for r in sqlx::query(
-            "SELECT at_ms, smarthost, recipient, outcome, code, reply, next_attempt_ms
+            "SELECT at_ms, smarthost, recipient, outcome, code, reply, next_attempt_ms,
+                    possible_duplicate
              FROM delivery_attempts WHERE message_id = $1 ORDER BY seq",
         )
         .bind(id)
@@ -476,6 +612,7 @@ impl QueueStore for PgStore {
                 code: r.try_get("code").or_store()?,
                 reply: r.try_get("reply").or_store()?,
                 next_attempt_ms: r.try_get("next_attempt_ms").or_store()?,
+                possible_duplicate: r.try_get("possible_duplicate").or_store()?,
             });
         }
         tx.commit().await.or_store()?;
@@ -487,6 +624,7 @@ impl QueueStore for PgStore {
             lease_owner: row.try_get("lease_owner").or_store()?,
             lease_until_ms: row.try_get("lease_until_ms").or_store()?,
             done_at_ms: row.try_get("done_at_ms").or_store()?,
+            possible_duplicate: history.iter().any(|h| h.possible_duplicate),
             recipient_status,
             history,
         }))

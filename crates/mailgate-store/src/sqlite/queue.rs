@@ -64,17 +64,22 @@ fn captured_of(row: &sqlx::sqlite::SqliteRow) -> Result<CapturedMessage, StoreEr
     })
 }
 
-/// True when `owner` still holds the lease of message `id`.
-fn holds_lease(conn: &rusqlite::Connection, owner: &str, id: &str) -> Result<bool, StoreError> {
-    let found: Option<Option<String>> = conn
-        .prepare_cached(
-            "SELECT lease_owner FROM messages WHERE id = ?1 AND state IN ('queued', 'deferred')",
-        )
-        .or_store()?
-        .query_row([id], |r| r.get(0))
-        .optional()
-        .or_store()?;
-    Ok(found.flatten().as_deref() == Some(owner))
+/// The fence: `Some(lease_interrupted)` when `owner` still holds lease `lease` of message `id`
+/// (the row has that owner and that epoch), `None` when the lease is over.
+fn holds_lease(
+    conn: &rusqlite::Connection,
+    owner: &str,
+    id: &str,
+    lease: i64,
+) -> Result<Option<bool>, StoreError> {
+    conn.prepare_cached(
+        "SELECT lease_interrupted FROM messages
+         WHERE id = ?1 AND lease_owner = ?2 AND lease_epoch = ?3 AND state IN ('queued', 'deferred')",
+    )
+    .or_store()?
+    .query_row(rusqlite::params![id, owner, lease], |r| r.get::<_, bool>(0))
+    .optional()
+    .or_store()
 }
 
 /// Records one attempt inside the caller's transaction (see [`QueueStore::record_attempt`]).
@@ -83,9 +88,9 @@ fn record_in(
     owner: &str,
     report: &AttemptReport,
 ) -> Result<Recorded, StoreError> {
-    if !holds_lease(conn, owner, &report.message_id)? {
+    let Some(interrupted) = holds_lease(conn, owner, &report.message_id, report.lease)? else {
         return Ok(Recorded::LeaseLost);
-    }
+    };
     for o in &report.outcomes {
         conn.prepare_cached(
             "UPDATE message_recipients
@@ -102,8 +107,9 @@ fn record_in(
             o.recipient
         ]).or_store()?;
         conn.prepare_cached(
-            "INSERT INTO delivery_attempts (message_id, at_ms, smarthost, recipient, outcome, code, reply, next_attempt_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO delivery_attempts (message_id, at_ms, smarthost, recipient, outcome, code, reply, next_attempt_ms,
+                                            possible_duplicate)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         ).or_store()?
         .execute(rusqlite::params![
             report.message_id,
@@ -117,7 +123,8 @@ fn record_in(
                 None
             } else {
                 report.next_attempt_ms
-            }
+            },
+            interrupted
         ]).or_store()?;
     }
     let states = conn
@@ -138,7 +145,7 @@ fn record_in(
     };
     conn.prepare_cached(
         "UPDATE messages SET state = ?1, attempts = attempts + 1, next_attempt_ms = ?2, done_at_ms = ?3,
-             lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = ?4
+             lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = ?4, lease_interrupted = 0
          WHERE id = ?5",
     ).or_store()?
     .execute(rusqlite::params![
@@ -169,7 +176,10 @@ fn lease_in(
             // A literal LIMIT: SQLite recompiles a statement whenever a parameter used as a LIMIT
             // is bound again (it may change the plan).
             "SELECT id, decision_id, door, accepted_at_ms, envelope_from, recipients, attempts,
-                (SELECT raw FROM message_bodies b WHERE b.message_id = messages.id) AS raw
+                (SELECT raw FROM message_bodies b WHERE b.message_id = messages.id) AS raw,
+                lease_epoch + 1,
+                -- The lease before ended without an outcome: its holder still owns it.
+                lease_interrupted OR lease_owner IS NOT NULL
          FROM messages
          WHERE state IN ('queued', 'deferred')
            AND COALESCE(next_attempt_ms, 0) <= ?1
@@ -192,6 +202,8 @@ fn lease_in(
                 attempts: r.get(6)?,
                 raw: r.get::<_, Option<Vec<u8>>>(7)?.unwrap_or_default(),
                 lease_until_ms: until,
+                lease: r.get(8)?,
+                possible_duplicate: r.get(9)?,
             })
         })
         .or_store()?
@@ -201,9 +213,11 @@ fn lease_in(
     for mut m in rows {
         let envelope = m.recipients.pop().map(|(json, _)| json).unwrap_or_default();
         conn.prepare_cached(
-            "UPDATE messages SET lease_owner = ?1, lease_until_ms = ?2, updated_at_ms = ?3 WHERE id = ?4",
+            "UPDATE messages SET lease_owner = ?1, lease_until_ms = ?2, updated_at_ms = ?3, lease_epoch = ?4,
+                 lease_interrupted = ?5
+             WHERE id = ?6",
         ).or_store()?
-        .execute(rusqlite::params![owner, until, now_ms, m.id]).or_store()?;
+        .execute(rusqlite::params![owner, until, now_ms, m.lease, m.possible_duplicate, m.id]).or_store()?;
         // Recipient rows are made on the first lease (acceptance stays small).
         for r in recipients_of(&envelope)? {
             conn.prepare_cached(
@@ -271,7 +285,10 @@ impl QueueStore for SqliteStore {
             .call(true, move |conn| {
                 let n = conn
                     .prepare_cached(
-                        "UPDATE messages SET lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = ?2
+                        // A new epoch: the lease taken back is over for every fence. It ended
+                        // without an outcome: the next attempt may be a second delivery.
+                        "UPDATE messages SET lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = ?2,
+                             lease_epoch = lease_epoch + 1, lease_interrupted = 1
                          WHERE state IN ('queued', 'deferred') AND lease_owner IS NOT NULL
                            AND substr(lease_owner, 1, length(?1)) = ?1",
                     ).or_store()?
@@ -329,10 +346,56 @@ impl QueueStore for SqliteStore {
             .await
     }
 
+    async fn extend_lease(
+        &self,
+        owner: &str,
+        leases: &[(String, i64)],
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<Recorded>, StoreError> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let owner = owner.to_owned();
+        let leases = leases.to_vec();
+        let until = now_ms.saturating_add(lease_ms);
+        self.write_thread()
+            .call(true, move |conn| {
+                let tx = conn
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .or_store()?;
+                let mut out = Vec::with_capacity(leases.len());
+                for (id, lease) in &leases {
+                    // Fenced as every write-back: owner and lease, an unfinished message.
+                    let state: Option<String> = tx
+                        .prepare_cached(
+                            "UPDATE messages SET lease_until_ms = ?1, updated_at_ms = ?2
+                             WHERE id = ?3 AND lease_owner = ?4 AND lease_epoch = ?5
+                               AND state IN ('queued', 'deferred')
+                             RETURNING state",
+                        )
+                        .or_store()?
+                        .query_row(rusqlite::params![until, now_ms, id, owner, lease], |r| {
+                            r.get(0)
+                        })
+                        .optional()
+                        .or_store()?;
+                    out.push(match state {
+                        Some(s) => Recorded::State(message_state_of(&s)?),
+                        None => Recorded::LeaseLost,
+                    });
+                }
+                tx.commit().or_store()?;
+                Ok(out)
+            })
+            .await
+    }
+
     async fn mark_captured(
         &self,
         owner: &str,
         id: &str,
+        lease: i64,
         now_ms: i64,
     ) -> Result<Recorded, StoreError> {
         let owner = owner.to_owned();
@@ -340,12 +403,12 @@ impl QueueStore for SqliteStore {
         self.write_thread()
             .call(true, move |conn| {
                 let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).or_store()?;
-                if !holds_lease(&tx, &owner, &id)? {
+                if holds_lease(&tx, &owner, &id, lease)?.is_none() {
                     return Ok(Recorded::LeaseLost);
                 }
                 tx.prepare_cached(
                     "UPDATE messages SET state = 'captured', done_at_ms = ?1, next_attempt_ms = NULL,
-                         lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = ?1
+                         lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = ?1, lease_interrupted = 0
                      WHERE id = ?2",
                 ).or_store()?
                 .execute(rusqlite::params![now_ms, id]).or_store()?;
@@ -425,7 +488,8 @@ impl QueueStore for SqliteStore {
         }
         let mut history = Vec::new();
         for r in sqlx::query(
-            "SELECT at_ms, smarthost, recipient, outcome, code, reply, next_attempt_ms
+            "SELECT at_ms, smarthost, recipient, outcome, code, reply, next_attempt_ms,
+                    possible_duplicate
              FROM delivery_attempts WHERE message_id = ? ORDER BY seq",
         )
         .bind(id)
@@ -441,6 +505,7 @@ impl QueueStore for SqliteStore {
                 code: r.try_get("code").or_store()?,
                 reply: r.try_get("reply").or_store()?,
                 next_attempt_ms: r.try_get("next_attempt_ms").or_store()?,
+                possible_duplicate: r.try_get("possible_duplicate").or_store()?,
             });
         }
         Ok(Some(MessageStatus {
@@ -451,6 +516,7 @@ impl QueueStore for SqliteStore {
             lease_owner: row.try_get("lease_owner").or_store()?,
             lease_until_ms: row.try_get("lease_until_ms").or_store()?,
             done_at_ms: row.try_get("done_at_ms").or_store()?,
+            possible_duplicate: history.iter().any(|h| h.possible_duplicate),
             recipient_status,
             history,
         }))
@@ -641,6 +707,7 @@ mod tests {
         assert_eq!(leased[0].id, "m1");
         let report = AttemptReport {
             message_id: "m1".into(),
+            lease: leased[0].lease,
             at_ms: 2_100,
             smarthost: None,
             outcomes: vec![outcome("x@a.test", RecipientState::Delivered, "250 ok")],
@@ -696,11 +763,13 @@ mod tests {
                 .await
                 .unwrap();
         }
-        assert_eq!(s.lease_due("w1", 2_000, 1_000, 10).await.unwrap().len(), 3);
+        let leased = s.lease_due("w1", 2_000, 1_000, 10).await.unwrap();
+        assert_eq!(leased.len(), 3);
         // m2 was deleted meanwhile (an operator's `mailgate queue delete`).
         assert!(s.delete_message("m2").await.unwrap());
         let report = |id: &str, state, reply| AttemptReport {
             message_id: id.into(),
+            lease: leased.iter().find(|m| m.id == id).unwrap().lease,
             at_ms: 2_100,
             smarthost: Some("sink".into()),
             outcomes: vec![outcome("x@a.test", state, reply)],
@@ -756,6 +825,7 @@ mod tests {
         // The crashed worker's late report is refused.
         let late = AttemptReport {
             message_id: "m1".into(),
+            lease: a[0].lease,
             at_ms: 3_100,
             smarthost: None,
             outcomes: vec![outcome("x@a.test", RecipientState::Delivered, "250 ok")],
@@ -768,6 +838,19 @@ mod tests {
         );
         assert_eq!(
             s.record_attempt("w2", &late).await.unwrap(),
+            Recorded::LeaseLost,
+            "the new holder's name with the old lease"
+        );
+        assert_eq!(
+            s.record_attempt(
+                "w2",
+                &AttemptReport {
+                    lease: b[0].lease,
+                    ..late
+                }
+            )
+            .await
+            .unwrap(),
             Recorded::State(MessageState::Delivered)
         );
         assert!(
@@ -797,6 +880,7 @@ mod tests {
                 "w",
                 &AttemptReport {
                     message_id: "m1".into(),
+                    lease: leased[0].lease,
                     at_ms: 2_100,
                     smarthost: Some("up".into()),
                     outcomes: vec![
@@ -862,15 +946,17 @@ mod tests {
         s.accept_message(&msg("f", &["y@a.test"]), None)
             .await
             .unwrap();
-        s.lease_due("w", 2_000, 1_000, 10).await.unwrap();
+        let leased = s.lease_due("w", 2_000, 1_000, 10).await.unwrap();
+        let lease = |id: &str| leased.iter().find(|m| m.id == id).unwrap().lease;
         assert_eq!(
-            s.mark_captured("w", "c", 2_000).await.unwrap(),
+            s.mark_captured("w", "c", lease("c"), 2_000).await.unwrap(),
             Recorded::State(MessageState::Captured)
         );
         s.record_attempt(
             "w",
             &AttemptReport {
                 message_id: "f".into(),
+                lease: lease("f"),
                 at_ms: 2_000,
                 smarthost: None,
                 outcomes: vec![outcome("y@a.test", RecipientState::Failed, "550 no")],

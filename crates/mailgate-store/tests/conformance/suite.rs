@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use mailgate_core::directory::{Directory, Domain, Kind, User, UserStatus};
 use mailgate_store::{
-    AttemptReport, AuditAction, CAPTURED_HEAD_BYTES, Changeset, FaultStore, MessageState,
-    NewMessage, NodeState, Purged, QueueFilter, RecipientOutcome, RecipientState, Recorded,
-    RetryOutcome, SimulatedFault, Store, StoreError, StoredDecision, StoredVerdict, Stores,
-    TokenKind, TokenRecord, TokenStore, UsageEntry, lease_owner,
+    AttemptReport, AuditAction, CAPTURED_HEAD_BYTES, Changeset, FaultStore, LeasedMessage,
+    MessageState, NewMessage, NodeState, Purged, QueueFilter, RecipientOutcome, RecipientState,
+    Recorded, RetryOutcome, SimulatedFault, Store, StoreError, StoredDecision, StoredVerdict,
+    Stores, TokenKind, TokenRecord, TokenStore, UsageEntry, lease_owner,
 };
 
 /// A backend under test: one fresh, empty database (a temporary directory, a schema of its own),
@@ -142,6 +142,10 @@ macro_rules! conformance {
             a_batch_of_write_backs_loses_only_the_lost_leases,
             a_nodes_reclaim_releases_its_own_leases_and_no_other,
             leases_are_counted_per_node_while_unexpired,
+            a_write_back_under_an_earlier_lease_changes_nothing_even_for_the_same_owner,
+            a_lease_is_extended_only_while_it_is_held,
+            a_delivery_after_a_lease_ended_without_an_outcome_is_a_possible_duplicate,
+            another_nodes_announcement_wakes_the_listener_and_its_own_does_not,
             message_state_follows_its_recipients,
             held_messages_are_released_at_hold_until,
             next_due_is_the_earliest_time_something_becomes_due,
@@ -172,6 +176,11 @@ pub use counters::*;
 // What several nodes share besides the directory and the queue (issue 16 item 5).
 mod shared;
 pub use shared::*;
+
+// The queue shared by several nodes: fencing by the lease, extension, possible duplicates
+// (issue 16 item 4).
+mod fencing;
+pub use fencing::*;
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures.
@@ -210,10 +219,22 @@ fn outcome(recipient: &str, state: RecipientState, reply: &str) -> RecipientOutc
     }
 }
 
-/// An attempt on `id` at `at_ms` with one outcome per `(recipient, state)`.
-fn report(id: &str, at_ms: i64, outcomes: &[(&str, RecipientState)]) -> AttemptReport {
+/// The lease token of `id` among `leased` (-1, no lease, when it is not there).
+fn lease_of(leased: &[LeasedMessage], id: &str) -> i64 {
+    leased.iter().find(|m| m.id == id).map_or(-1, |m| m.lease)
+}
+
+/// An attempt on `id` at `at_ms` with one outcome per `(recipient, state)`, under its lease
+/// among `leased`.
+fn report(
+    leased: &[LeasedMessage],
+    id: &str,
+    at_ms: i64,
+    outcomes: &[(&str, RecipientState)],
+) -> AttemptReport {
     AttemptReport {
         message_id: id.to_owned(),
+        lease: lease_of(leased, id),
         at_ms,
         smarthost: Some("upstream".into()),
         outcomes: outcomes
@@ -598,8 +619,8 @@ pub async fn only_due_messages_are_leased_oldest_first_up_to_the_limit(b: &impl 
         ..message("held", 900, &["x@a.test"])
     };
     accept(&*s.directory, &held).await;
-    let first = s.queue.lease_due("w", 2_000, 100_000, 2).await.unwrap();
-    assert_eq!(ids(&first, |m| &m.id), ["old", "later"]);
+    let l = s.queue.lease_due("w", 2_000, 100_000, 2).await.unwrap();
+    assert_eq!(ids(&l, |m| &m.id), ["old", "later"]);
     // `old` is deferred to 20_000, `later` delivered.
     let recorded = s
         .queue
@@ -608,9 +629,14 @@ pub async fn only_due_messages_are_leased_oldest_first_up_to_the_limit(b: &impl 
             &[
                 AttemptReport {
                     next_attempt_ms: Some(20_000),
-                    ..report("old", 2_100, &[("x@a.test", RecipientState::Deferred)])
+                    ..report(&l, "old", 2_100, &[("x@a.test", RecipientState::Deferred)])
                 },
-                report("later", 2_100, &[("x@a.test", RecipientState::Delivered)]),
+                report(
+                    &l,
+                    "later",
+                    2_100,
+                    &[("x@a.test", RecipientState::Delivered)],
+                ),
             ],
         )
         .await
@@ -622,16 +648,16 @@ pub async fn only_due_messages_are_leased_oldest_first_up_to_the_limit(b: &impl 
             Recorded::State(MessageState::Delivered)
         ]
     );
-    let next = s.queue.lease_due("w", 3_000, 100_000, 10).await.unwrap();
+    let l = s.queue.lease_due("w", 3_000, 100_000, 10).await.unwrap();
     assert_eq!(
-        ids(&next, |m| &m.id),
+        ids(&l, |m| &m.id),
         ["latest"],
         "deferred, delivered and held messages are not due"
     );
     s.queue
         .record_attempt(
             "w",
-            &report("latest", 3_100, &[("x@a.test", RecipientState::Failed)]),
+            &report(&l, "latest", 3_100, &[("x@a.test", RecipientState::Failed)]),
         )
         .await
         .unwrap();
@@ -660,21 +686,19 @@ pub async fn a_write_back_with_a_lost_lease_changes_nothing(b: &impl Backend) {
         &message("m1", 1_000, &["x@a.test", "y@a.test"]),
     )
     .await;
-    s.queue.lease_due("w1", 2_000, 1_000, 10).await.unwrap();
+    let l = s.queue.lease_due("w1", 2_000, 1_000, 10).await.unwrap();
     let other = b.open().await;
-    assert_eq!(
-        other
-            .queue
-            .lease_due("w2", 3_000, 60_000, 10)
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    let taken = other
+        .queue
+        .lease_due("w2", 3_000, 60_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
     let before = s.queue.message_status("m1").await.unwrap().unwrap();
     let late = AttemptReport {
         dsn: Some(dsn("bounce", 3_100)),
         ..report(
+            &l,
             "m1",
             3_100,
             &[
@@ -695,7 +719,22 @@ pub async fn a_write_back_with_a_lost_lease_changes_nothing(b: &impl Backend) {
         [Recorded::LeaseLost]
     );
     assert_eq!(
-        s.queue.mark_captured("w1", "m1", 3_200).await.unwrap(),
+        s.queue
+            .mark_captured("w1", "m1", lease_of(&l, "m1"), 3_200)
+            .await
+            .unwrap(),
+        Recorded::LeaseLost
+    );
+    assert_eq!(
+        s.queue
+            .extend_lease("w1", &[("m1".into(), lease_of(&l, "m1"))], 3_200, 60_000)
+            .await
+            .unwrap(),
+        [Recorded::LeaseLost]
+    );
+    // The holder's name does not make the old lease its own.
+    assert_eq!(
+        s.queue.record_attempt("w2", &late).await.unwrap(),
         Recorded::LeaseLost
     );
     assert_eq!(
@@ -710,6 +749,10 @@ pub async fn a_write_back_with_a_lost_lease_changes_nothing(b: &impl Backend) {
     );
     assert!(s.queue.list_captured(10).await.unwrap().is_empty());
     // The holder's write-back counts.
+    let late = AttemptReport {
+        lease: lease_of(&taken, "m1"),
+        ..late
+    };
     assert_eq!(
         other.queue.record_attempt("w2", &late).await.unwrap(),
         Recorded::State(MessageState::Failed)
@@ -722,13 +765,18 @@ pub async fn a_write_back_without_a_lease_changes_nothing(b: &impl Backend) {
     let s = b.open().await;
     accept(&*s.directory, &message("never", 1_000, &["x@a.test"])).await;
     let before = s.queue.message_status("never").await.unwrap().unwrap();
-    let r = report("never", 2_000, &[("x@a.test", RecipientState::Delivered)]);
+    let r = report(
+        &[],
+        "never",
+        2_000,
+        &[("x@a.test", RecipientState::Delivered)],
+    );
     assert_eq!(
         s.queue.record_attempt("w", &r).await.unwrap(),
         Recorded::LeaseLost
     );
     assert_eq!(
-        s.queue.mark_captured("w", "never", 2_000).await.unwrap(),
+        s.queue.mark_captured("w", "never", 0, 2_000).await.unwrap(),
         Recorded::LeaseLost
     );
     assert_eq!(
@@ -737,19 +785,32 @@ pub async fn a_write_back_without_a_lease_changes_nothing(b: &impl Backend) {
     );
     // Leased, then deleted by an operator while the worker delivered it.
     accept(&*s.directory, &message("gone", 1_000, &["x@a.test"])).await;
-    s.queue.lease_due("w", 2_000, 60_000, 10).await.unwrap();
+    let l = s.queue.lease_due("w", 2_000, 60_000, 10).await.unwrap();
     assert!(s.queue.delete_message("gone").await.unwrap());
-    let r = report("gone", 2_100, &[("x@a.test", RecipientState::Delivered)]);
+    let r = report(
+        &l,
+        "gone",
+        2_100,
+        &[("x@a.test", RecipientState::Delivered)],
+    );
     assert_eq!(
         s.queue.record_attempt("w", &r).await.unwrap(),
         Recorded::LeaseLost
     );
     assert_eq!(
-        s.queue.mark_captured("w", "gone", 2_100).await.unwrap(),
+        s.queue
+            .mark_captured("w", "gone", lease_of(&l, "gone"), 2_100)
+            .await
+            .unwrap(),
         Recorded::LeaseLost
     );
     assert_eq!(s.queue.message_status("gone").await.unwrap(), None);
-    let r = report("unknown", 2_100, &[("x@a.test", RecipientState::Delivered)]);
+    let r = report(
+        &l,
+        "unknown",
+        2_100,
+        &[("x@a.test", RecipientState::Delivered)],
+    );
     assert_eq!(
         s.queue.record_attempt("w", &r).await.unwrap(),
         Recorded::LeaseLost
@@ -761,10 +822,10 @@ pub async fn a_write_back_without_a_lease_changes_nothing(b: &impl Backend) {
 pub async fn a_recorded_attempt_ends_the_lease(b: &impl Backend) {
     let s = b.open().await;
     accept(&*s.directory, &message("m1", 1_000, &["x@a.test"])).await;
-    s.queue.lease_due("w1", 2_000, 600_000, 10).await.unwrap();
+    let l = s.queue.lease_due("w1", 2_000, 600_000, 10).await.unwrap();
     let r = AttemptReport {
         next_attempt_ms: Some(10_000),
-        ..report("m1", 2_100, &[("x@a.test", RecipientState::Deferred)])
+        ..report(&l, "m1", 2_100, &[("x@a.test", RecipientState::Deferred)])
     };
     assert_eq!(
         s.queue.record_attempt("w1", &r).await.unwrap(),
@@ -804,23 +865,17 @@ pub async fn a_batch_of_write_backs_loses_only_the_lost_leases(b: &impl Backend)
     for id in ["m1", "m2", "m3"] {
         accept(&*s.directory, &message(id, 1_000, &["x@a.test"])).await;
     }
-    assert_eq!(
-        s.queue
-            .lease_due("w1", 2_000, 1_000, 10)
-            .await
-            .unwrap()
-            .len(),
-        3
-    );
+    let l = s.queue.lease_due("w1", 2_000, 1_000, 10).await.unwrap();
+    assert_eq!(l.len(), 3);
     assert!(s.queue.delete_message("m2").await.unwrap());
     let got = s
         .queue
         .record_attempts(
             "w1",
             &[
-                report("m1", 2_100, &[("x@a.test", RecipientState::Delivered)]),
-                report("m2", 2_100, &[("x@a.test", RecipientState::Delivered)]),
-                report("m3", 2_100, &[("x@a.test", RecipientState::Deferred)]),
+                report(&l, "m1", 2_100, &[("x@a.test", RecipientState::Delivered)]),
+                report(&l, "m2", 2_100, &[("x@a.test", RecipientState::Delivered)]),
+                report(&l, "m3", 2_100, &[("x@a.test", RecipientState::Deferred)]),
             ],
         )
         .await
@@ -913,6 +968,7 @@ pub async fn a_nodes_reclaim_releases_its_own_leases_and_no_other(b: &impl Backe
         lease_owner("n10", "r1", 0),
         lease_owner("n2", "r1", 0),
     ];
+    let mut l = Vec::new();
     for (i, owner) in old.iter().enumerate() {
         let id = format!("m{}", i + 1);
         accept(
@@ -922,6 +978,7 @@ pub async fn a_nodes_reclaim_releases_its_own_leases_and_no_other(b: &impl Backe
         .await;
         let got = s.queue.lease_due(owner, 2_000, 600_000, 1).await.unwrap();
         assert_eq!(ids(&got, |m| &m.id), [id], "leased to {owner}");
+        l.extend(got);
     }
     for node in ["n_", "n%", "n", ""] {
         assert_eq!(
@@ -948,10 +1005,17 @@ pub async fn a_nodes_reclaim_releases_its_own_leases_and_no_other(b: &impl Backe
     assert_eq!(owner_of(&after[3]), (Some(old[3].clone()), Some(602_000)));
 
     // The run before writes back after the reclaim: nothing changes.
-    let delivered = |id: &str| report(id, 3_100, &[("x@a.test", RecipientState::Delivered)]);
+    let delivered = |leased: &[LeasedMessage], id: &str| {
+        report(
+            leased,
+            id,
+            3_100,
+            &[("x@a.test", RecipientState::Delivered)],
+        )
+    };
     assert_eq!(
         s.queue
-            .record_attempt(&old[0], &delivered("m1"))
+            .record_attempt(&old[0], &delivered(&l, "m1"))
             .await
             .unwrap(),
         Recorded::LeaseLost
@@ -976,13 +1040,16 @@ pub async fn a_nodes_reclaim_releases_its_own_leases_and_no_other(b: &impl Backe
     // ... and the run before still writes nothing, now that another lease holds them.
     assert_eq!(
         s.queue
-            .record_attempts(&old[1], &[delivered("m2")])
+            .record_attempts(&old[1], &[delivered(&l, "m2")])
             .await
             .unwrap(),
         [Recorded::LeaseLost]
     );
     assert_eq!(
-        s.queue.mark_captured(&old[0], "m1", 3_200).await.unwrap(),
+        s.queue
+            .mark_captured(&old[0], "m1", lease_of(&l, "m1"), 3_200)
+            .await
+            .unwrap(),
         Recorded::LeaseLost
     );
     assert_eq!(
@@ -999,14 +1066,14 @@ pub async fn a_nodes_reclaim_releases_its_own_leases_and_no_other(b: &impl Backe
     assert_eq!(
         restarted
             .queue
-            .record_attempt(&new_owner, &delivered("m1"))
+            .record_attempt(&new_owner, &delivered(&again, "m1"))
             .await
             .unwrap(),
         Recorded::State(MessageState::Delivered)
     );
     assert_eq!(
         s.queue
-            .record_attempt(&old[2], &delivered("m3"))
+            .record_attempt(&old[2], &delivered(&l, "m3"))
             .await
             .unwrap(),
         Recorded::State(MessageState::Delivered)
@@ -1034,6 +1101,7 @@ pub async fn message_state_follows_its_recipients(b: &impl Backend) {
         dsn: Some(dsn("dsn1", 2_100)),
         next_attempt_ms: Some(10_000),
         ..report(
+            &leased,
             "m1",
             2_100,
             &[
@@ -1086,7 +1154,12 @@ pub async fn message_state_follows_its_recipients(b: &impl Backend) {
         s.queue
             .record_attempt(
                 "w",
-                &report("m1", 10_100, &[("later@a.test", RecipientState::Delivered)])
+                &report(
+                    &again,
+                    "m1",
+                    10_100,
+                    &[("later@a.test", RecipientState::Delivered)]
+                )
             )
             .await
             .unwrap(),
@@ -1102,7 +1175,12 @@ pub async fn message_state_follows_its_recipients(b: &impl Backend) {
         s.queue
             .record_attempt(
                 "w",
-                &report("dsn1", 10_100, &[(ALICE, RecipientState::Delivered)])
+                &report(
+                    &again,
+                    "dsn1",
+                    10_100,
+                    &[(ALICE, RecipientState::Delivered)]
+                )
             )
             .await
             .unwrap(),
@@ -1164,7 +1242,7 @@ pub async fn next_due_is_the_earliest_time_something_becomes_due(b: &impl Backen
     accept(&*s.directory, &message("m", 1_000, &["x@a.test"])).await;
     let now_due = s.queue.next_due_ms().await.unwrap().unwrap();
     assert!(now_due <= 1_000, "a queued message is due now: {now_due}");
-    s.queue.lease_due("w", 2_000, 30_000, 10).await.unwrap();
+    let l = s.queue.lease_due("w", 2_000, 30_000, 10).await.unwrap();
     assert_eq!(
         s.queue.next_due_ms().await.unwrap(),
         Some(32_000),
@@ -1175,17 +1253,17 @@ pub async fn next_due_is_the_earliest_time_something_becomes_due(b: &impl Backen
             "w",
             &AttemptReport {
                 next_attempt_ms: Some(20_000),
-                ..report("m", 2_100, &[("x@a.test", RecipientState::Deferred)])
+                ..report(&l, "m", 2_100, &[("x@a.test", RecipientState::Deferred)])
             },
         )
         .await
         .unwrap();
     assert_eq!(s.queue.next_due_ms().await.unwrap(), Some(20_000));
-    s.queue.lease_due("w", 20_000, 1_000, 10).await.unwrap();
+    let l = s.queue.lease_due("w", 20_000, 1_000, 10).await.unwrap();
     s.queue
         .record_attempt(
             "w",
-            &report("m", 20_100, &[("x@a.test", RecipientState::Delivered)]),
+            &report(&l, "m", 20_100, &[("x@a.test", RecipientState::Delivered)]),
         )
         .await
         .unwrap();
@@ -1211,15 +1289,21 @@ pub async fn captured_messages_are_listed_apart_and_read_whole(b: &impl Backend)
     accept(&*s.directory, &big).await;
     accept(&*s.directory, &message("small", 1_100, &["y@a.test"])).await;
     accept(&*s.directory, &message("relayed", 1_200, &["z@a.test"])).await;
-    s.queue.lease_due("w", 2_000, 60_000, 10).await.unwrap();
+    let l = s.queue.lease_due("w", 2_000, 60_000, 10).await.unwrap();
     for (id, at) in [("big", 2_000), ("small", 2_500)] {
         assert_eq!(
-            s.queue.mark_captured("w", id, at).await.unwrap(),
+            s.queue
+                .mark_captured("w", id, lease_of(&l, id), at)
+                .await
+                .unwrap(),
             Recorded::State(MessageState::Captured)
         );
     }
     assert_eq!(
-        s.queue.mark_captured("w", "big", 2_600).await.unwrap(),
+        s.queue
+            .mark_captured("w", "big", lease_of(&l, "big"), 2_600)
+            .await
+            .unwrap(),
         Recorded::LeaseLost,
         "a captured message has no lease left"
     );
@@ -1281,12 +1365,13 @@ pub async fn a_retried_message_is_due_now_with_failed_recipients_pending(b: &imp
         },
     )
     .await;
-    s.queue.lease_due("w", 2_000, 60_000, 10).await.unwrap();
+    let l = s.queue.lease_due("w", 2_000, 60_000, 10).await.unwrap();
     s.queue
         .record_attempts(
             "w",
             &[
                 report(
+                    &l,
                     "f",
                     2_100,
                     &[
@@ -1294,12 +1379,15 @@ pub async fn a_retried_message_is_due_now_with_failed_recipients_pending(b: &imp
                         ("ok@a.test", RecipientState::Delivered),
                     ],
                 ),
-                report("d", 2_100, &[("x@a.test", RecipientState::Delivered)]),
+                report(&l, "d", 2_100, &[("x@a.test", RecipientState::Delivered)]),
             ],
         )
         .await
         .unwrap();
-    s.queue.mark_captured("w", "c", 2_100).await.unwrap();
+    s.queue
+        .mark_captured("w", "c", lease_of(&l, "c"), 2_100)
+        .await
+        .unwrap();
 
     assert_eq!(
         s.queue.retry_message("d", 3_000).await.unwrap(),
@@ -1351,11 +1439,11 @@ pub async fn a_deleted_message_is_gone_with_its_history(b: &impl Backend) {
     let s = b.open().await;
     accept(&*s.directory, &message("m1", 1_000, &["x@a.test"])).await;
     accept(&*s.directory, &message("m2", 1_000, &["x@a.test"])).await;
-    s.queue.lease_due("w", 2_000, 60_000, 10).await.unwrap();
+    let l = s.queue.lease_due("w", 2_000, 60_000, 10).await.unwrap();
     s.queue
         .record_attempt(
             "w",
-            &report("m1", 2_100, &[("x@a.test", RecipientState::Deferred)]),
+            &report(&l, "m1", 2_100, &[("x@a.test", RecipientState::Deferred)]),
         )
         .await
         .unwrap();
@@ -1509,14 +1597,26 @@ pub async fn retention_deletes_old_finished_messages_and_unreferenced_decisions_
             "w",
             &[
                 report(
+                    &leased,
                     "delivered",
                     2_100,
                     &[("x@a.test", RecipientState::Delivered)],
                 ),
-                report("failed", 2_100, &[("x@a.test", RecipientState::Failed)]),
-                report("deferred", 2_100, &[("x@a.test", RecipientState::Deferred)]),
+                report(
+                    &leased,
+                    "failed",
+                    2_100,
+                    &[("x@a.test", RecipientState::Failed)],
+                ),
+                report(
+                    &leased,
+                    "deferred",
+                    2_100,
+                    &[("x@a.test", RecipientState::Deferred)],
+                ),
                 // Accepted long ago, finished after the cut-off.
                 report(
+                    &leased,
                     "late",
                     cut + 10_000,
                     &[("x@a.test", RecipientState::Delivered)],
@@ -1525,11 +1625,19 @@ pub async fn retention_deletes_old_finished_messages_and_unreferenced_decisions_
         )
         .await
         .unwrap();
-    s.queue.mark_captured("w", "captured", 2_100).await.unwrap();
+    s.queue
+        .mark_captured("w", "captured", lease_of(&leased, "captured"), 2_100)
+        .await
+        .unwrap();
     s.queue
         .record_attempt(
             "w",
-            &report("queued", 2_100, &[("x@a.test", RecipientState::Deferred)]),
+            &report(
+                &leased,
+                "queued",
+                2_100,
+                &[("x@a.test", RecipientState::Deferred)],
+            ),
         )
         .await
         .unwrap();
