@@ -87,6 +87,13 @@ pub trait LockoutStore: Send + Sync {
 
     /// Forgets `key` (a success resets its count).
     async fn clear_failures(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Whether several gateway nodes may count here at once, so that a gateway should (true for
+    /// PostgreSQL). SQLite serves one node per file: that node's own table is exact, and counting
+    /// here too would only add durable writes beside the acceptances.
+    fn counts_for_several_nodes(&self) -> bool {
+        true
+    }
 }
 
 /// Refuses a key the gateway did not make.

@@ -51,7 +51,10 @@ pub(crate) async fn serve(config: Config, stores: Stores, demo: bool) -> anyhow:
         u32::try_from(limits.password_concurrency.saturating_mul(50)).unwrap_or(u32::MAX);
     let gateway = mailgate_gateway::Gateway::open_with_limits(store, limits).await?;
     gateway.lockout().set_policy(config.lockout);
-    gateway.lockout().share(shared_lockout, lockout_writes);
+    // One node per SQLite file: its own table is exact there.
+    if shared_lockout.counts_for_several_nodes() {
+        gateway.lockout().share(shared_lockout, lockout_writes);
+    }
     // This node's identity, and the leases its earlier run left, before any worker leases.
     let node = node::node_id(config.node_id.as_deref(), &config.data_dir)?;
     tracing::info!(node = %node, "node identity");

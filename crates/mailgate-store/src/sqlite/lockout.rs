@@ -175,6 +175,10 @@ impl LockoutStore for SqliteStore {
         q.fetch_one(self.pool()).await.or_store()
     }
 
+    fn counts_for_several_nodes(&self) -> bool {
+        false
+    }
+
     async fn clear_failures(&self, key: &str) -> Result<(), StoreError> {
         check_key(key)?;
         sqlx::query("DELETE FROM auth_failures WHERE key = ?1")
