@@ -7,9 +7,8 @@
 //! the engine decides that method's action (a send, or reading or changing settings, with the
 //! scopes Google's discovery document gives each method) and the door renders the answer.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body as RequestBody;
@@ -21,6 +20,7 @@ use mailgate_core::engine::{
     Body, Credential, GMAIL_MAX_MESSAGE_BYTES, Originator, RequestProblem, SEND_SCOPES, SendAttempt,
 };
 use mailgate_gateway::{Accepted, Message};
+use mailgate_store::UploadOpened;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -473,11 +473,13 @@ pub(crate) async fn send_upload(
     if let Some(id) = &q.upload_id {
         // Second step of a resumable upload: the bytes of the message. The session is the
         // caller's own (same principal, same userId) or it does not exist.
-        let known = owner.as_deref().is_some_and(|o| {
-            st.uploads
-                .take(id, o, &user_id, std::time::Instant::now())
-                .is_some()
-        });
+        let known = match owner.as_deref() {
+            Some(o) => match take_upload(&st, id, o, &user_id).await {
+                Ok(known) => known,
+                Err(r) => return r,
+            },
+            None => false,
+        };
         if !known {
             return simple(
                 404,
@@ -529,9 +531,9 @@ pub(crate) async fn send_upload(
             if let Err(r) = read_small(&headers, body).await {
                 return r;
             }
-            let id = match st.uploads.open(&owner, &user_id, std::time::Instant::now()) {
+            let id = match open_upload(&st, &owner, &user_id).await {
                 Ok(id) => id,
-                Err(full) => return full.response(),
+                Err(r) => return r,
             };
             let location = st.upload_location(&headers, &user_id, &id);
             let mut r = StatusCode::OK.into_response();
@@ -920,72 +922,11 @@ async fn decided_refusal(st: &GmailState, attempt: &SendAttempt, now: u64) -> Op
 /// Open resumable-upload sessions per principal: beyond, a new one is refused (429), never
 /// another's evicted.
 pub(crate) const MAX_UPLOADS_PER_PRINCIPAL: usize = 16;
-/// Open resumable-upload sessions in the whole process (each a few hundred bytes).
+/// Open resumable-upload sessions in the whole store (each a few hundred bytes), every node's.
 pub(crate) const MAX_UPLOADS: usize = 10_000;
 /// How long a resumable-upload session stays open (Google's last a week; a client here uploads
 /// right after opening one, and a short life keeps the table small).
 pub(crate) const UPLOAD_TTL: Duration = Duration::from_secs(3600);
-
-/// One open resumable upload.
-#[derive(Debug, Clone)]
-struct UploadSession {
-    owner: String,
-    user_id: String,
-    expires: Instant,
-}
-
-/// Open resumable-upload sessions: bounded per principal and in total, each expiring, opened
-/// only for an authenticated principal and usable only by it.
-#[derive(Debug, Default)]
-pub(crate) struct Uploads {
-    table: Mutex<UploadTable>,
-}
-
-#[derive(Debug, Default)]
-struct UploadTable {
-    sessions: HashMap<String, UploadSession>,
-    /// Open sessions per owner (only owners with at least one).
-    per_owner: HashMap<String, usize>,
-}
-
-impl UploadTable {
-    fn remove(&mut self, id: &str) -> Option<UploadSession> {
-        let s = self.sessions.remove(id)?;
-        if let Some(n) = self.per_owner.get_mut(&s.owner) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.per_owner.remove(&s.owner);
-            }
-        }
-        Some(s)
-    }
-
-    fn sweep(&mut self, now: Instant) {
-        let expired: Vec<String> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| s.expires <= now)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in expired {
-            self.remove(&id);
-        }
-    }
-
-    fn count(&self, owner: &str) -> usize {
-        self.per_owner.get(owner).copied().unwrap_or(0)
-    }
-
-    /// Seconds until the first session (of `owner`, or of anyone) expires.
-    fn wait(&self, owner: Option<&str>, now: Instant) -> u64 {
-        self.sessions
-            .values()
-            .filter(|s| owner.is_none_or(|o| s.owner == o))
-            .map(|s| s.expires.saturating_duration_since(now).as_secs())
-            .min()
-            .unwrap_or(1)
-    }
-}
 
 /// Why no session was opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1017,60 +958,51 @@ impl UploadsFull {
     }
 }
 
-impl Uploads {
-    fn table(&self) -> std::sync::MutexGuard<'_, UploadTable> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
+/// Opens a resumable-upload session for `owner` acting for `user_id`, in the store every node
+/// shares (so the `PUT` may reach another node); its id.
+async fn open_upload(st: &GmailState, owner: &str, user_id: &str) -> Result<String, Response> {
+    let id = mailgate_auth::random_token::<18>().map_err(|_| UploadsFull::Total(1).response())?;
+    let now = i64::try_from(mailgate_gateway::now_ms()).unwrap_or(i64::MAX);
+    let opened = st
+        .gateway
+        .store()
+        .open_upload(
+            &id,
+            owner,
+            user_id,
+            now,
+            i64::try_from(UPLOAD_TTL.as_millis()).unwrap_or(i64::MAX),
+            MAX_UPLOADS_PER_PRINCIPAL as u32,
+            MAX_UPLOADS as u32,
+        )
+        .await;
+    let secs = |ms: i64| u64::try_from(ms.max(0)).unwrap_or(0).div_ceil(1000);
+    match opened {
+        Ok(UploadOpened::Opened) => Ok(id),
+        Ok(UploadOpened::OwnerFull { retry_after_ms }) => {
+            Err(UploadsFull::Principal(secs(retry_after_ms)).response())
+        }
+        Ok(UploadOpened::Full { retry_after_ms }) => {
+            Err(UploadsFull::Total(secs(retry_after_ms)).response())
+        }
+        Err(e) => Err(fault(&e.into())),
     }
+}
 
-    /// Opens a session for `owner` acting for `user_id`; its id.
-    pub(crate) fn open(
-        &self,
-        owner: &str,
-        user_id: &str,
-        now: Instant,
-    ) -> Result<String, UploadsFull> {
-        let id = mailgate_auth::random_token::<18>().map_err(|_| UploadsFull::Total(1))?;
-        let mut t = self.table();
-        if t.sessions.len() >= MAX_UPLOADS || t.count(owner) >= MAX_UPLOADS_PER_PRINCIPAL {
-            t.sweep(now);
-        }
-        if t.count(owner) >= MAX_UPLOADS_PER_PRINCIPAL {
-            return Err(UploadsFull::Principal(t.wait(Some(owner), now)));
-        }
-        if t.sessions.len() >= MAX_UPLOADS {
-            return Err(UploadsFull::Total(t.wait(None, now)));
-        }
-        *t.per_owner.entry(owner.to_owned()).or_insert(0) += 1;
-        t.sessions.insert(
-            id.clone(),
-            UploadSession {
-                owner: owner.to_owned(),
-                user_id: user_id.to_owned(),
-                expires: now + UPLOAD_TTL,
-            },
-        );
-        Ok(id)
-    }
-
-    /// Takes (closes) session `id` if it is `owner`'s, for `user_id`, and has not expired.
-    fn take(&self, id: &str, owner: &str, user_id: &str, now: Instant) -> Option<()> {
-        let mut t = self.table();
-        let s = t.sessions.get(id)?;
-        if s.expires <= now {
-            t.remove(id);
-            return None;
-        }
-        if s.owner != owner || s.user_id != user_id {
-            return None;
-        }
-        t.remove(id).map(|_| ())
-    }
-
-    /// Sessions open now (expired ones not yet swept included).
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.table().sessions.len()
-    }
+/// Takes (closes) session `id` if it is `owner`'s, for `user_id`, and has not expired, on
+/// whichever node opened it.
+async fn take_upload(
+    st: &GmailState,
+    id: &str,
+    owner: &str,
+    user_id: &str,
+) -> Result<bool, Response> {
+    let now = i64::try_from(mailgate_gateway::now_ms()).unwrap_or(i64::MAX);
+    st.gateway
+        .store()
+        .take_upload(id, owner, user_id, now)
+        .await
+        .map_err(|e| fault(&e.into()))
 }
 
 #[cfg(test)]
@@ -1115,53 +1047,6 @@ mod tests {
         assert_eq!(decode_raw("aGk=").unwrap(), b"hi");
         assert!(decode_raw("***").is_err());
         assert_eq!(decode_raw("aG\r\nk=").unwrap(), b"hi");
-    }
-
-    #[test]
-    fn upload_sessions_are_bounded_per_principal_and_in_total_and_expire() {
-        let u = Uploads::default();
-        let t0 = Instant::now();
-        let mut alice = Vec::new();
-        for _ in 0..MAX_UPLOADS_PER_PRINCIPAL {
-            alice.push(u.open("user:alice", "me", t0).unwrap());
-        }
-        // Alice is at her cap: refused, nobody evicted.
-        assert!(matches!(
-            u.open("user:alice", "me", t0),
-            Err(UploadsFull::Principal(s)) if s > 3000
-        ));
-        // Others fill the rest of the table; alice's sessions all survive.
-        let mut n = 0;
-        while u.open(&format!("user:{n}"), "me", t0).is_ok() {
-            n += 1;
-            assert!(n <= MAX_UPLOADS);
-        }
-        assert_eq!(u.len(), MAX_UPLOADS);
-        assert!(matches!(
-            u.open("user:bob", "me", t0),
-            Err(UploadsFull::Total(_))
-        ));
-        // Only the owner, for the same userId, can use a session, once.
-        assert!(u.take(&alice[0], "user:mallory", "me", t0).is_none());
-        assert!(
-            u.take(&alice[0], "user:alice", "bob@example.com", t0)
-                .is_none()
-        );
-        assert!(u.take(&alice[0], "user:alice", "me", t0).is_some());
-        assert!(u.take(&alice[0], "user:alice", "me", t0).is_none());
-        // Sessions expire; expired ones make room.
-        let later = t0 + UPLOAD_TTL + Duration::from_secs(1);
-        assert!(u.take(&alice[1], "user:alice", "me", later).is_none());
-        assert!(u.open("user:bob", "me", later).is_ok());
-        let mut opened = 1;
-        while u.open(&format!("user:new{opened}"), "me", later).is_ok() {
-            opened += 1;
-            assert!(opened <= MAX_UPLOADS);
-        }
-        assert_eq!(
-            opened, MAX_UPLOADS,
-            "expired sessions made room for new ones"
-        );
     }
 
     #[test]

@@ -30,7 +30,6 @@ pub struct GmailState {
     gateway: Arc<Gateway>,
     tokens: Arc<dyn TokenStore>,
     audiences: Vec<String>,
-    uploads: gmail::Uploads,
     /// Key of the consent form's anti-CSRF tokens (random per process).
     csrf_key: [u8; 32],
 }
@@ -58,7 +57,6 @@ impl GmailState {
             gateway,
             tokens,
             audiences: token_urls,
-            uploads: Default::default(),
             csrf_key,
         }
     }

@@ -20,6 +20,7 @@ pub mod sqlite;
 mod states;
 mod store;
 mod tokens;
+mod uploads;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -41,6 +42,7 @@ pub use store::{
     Snapshot, Store, StoredDecision, TraceJson, UsageEntry, UsageReplay, new_message_id,
 };
 pub use tokens::{TokenRecord, TokenStore};
+pub use uploads::{UploadOpened, UploadStore};
 
 /// One opened store, as the trait objects the rest of Mailgate holds. Every field is a handle on
 /// the same database: `directory` (which also keeps the injected faults), the delivery `queue`

@@ -234,9 +234,10 @@ pub struct NodeState {
 
 /// The storage interface every front door, the CLI and the server share. It keeps the injected
 /// faults too ([`FaultStore`]), so the gateway reads them through the handle it reloads with, and
-/// the failed-authentication counts every node shares ([`crate::LockoutStore`]).
+/// the failed-authentication counts and Gmail upload sessions every node shares
+/// ([`crate::LockoutStore`], [`crate::UploadStore`]).
 #[async_trait]
-pub trait Store: FaultStore + crate::LockoutStore + Send + Sync {
+pub trait Store: FaultStore + crate::LockoutStore + crate::UploadStore + Send + Sync {
     /// The usage counters every node shares, when this store serves several nodes (PostgreSQL);
     /// `None` when it serves one (SQLite: the gateway's in-process counters are exact there).
     fn shared_counters(&self) -> Option<&dyn CounterStore> {

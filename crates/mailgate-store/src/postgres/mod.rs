@@ -27,6 +27,7 @@ mod faults;
 mod lockout;
 mod queue;
 mod tokens;
+mod uploads;
 
 pub use decisions::DecisionBatches;
 pub(crate) use error::OrStore;

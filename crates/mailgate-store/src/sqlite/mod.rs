@@ -21,6 +21,7 @@ mod lockout;
 mod packed;
 mod queue;
 mod tokens;
+mod uploads;
 
 pub(crate) use error::{OrStore, thread_gone};
 pub use group::GroupCommitStats;

@@ -82,6 +82,8 @@ macro_rules! conformance {
             concurrent_failures_on_two_nodes_are_each_counted_once,
             a_quiet_key_is_forgotten_and_a_lock_never_shortens,
             the_table_is_bounded_and_never_forgets_an_active_lock,
+            an_upload_opened_on_one_node_is_taken_once_on_another,
+            upload_caps_hold_across_nodes,
         );
     };
     (counters: $fresh:path) => {

@@ -1,9 +1,10 @@
 //! Contracts of what several nodes share besides the directory and the queue (issue 16 item 5):
-//! failed-authentication counts ([`LockoutStore`]).
+//! failed-authentication counts ([`mailgate_store::LockoutStore`]) and Gmail resumable-upload
+//! sessions ([`mailgate_store::UploadStore`]).
 
 use std::collections::BTreeSet;
 
-use mailgate_store::{Counted, LockoutRule, MAX_LOCKOUT_KEY_LEN, StoreError};
+use mailgate_store::{Counted, LockoutRule, MAX_LOCKOUT_KEY_LEN, StoreError, UploadOpened};
 
 use super::StoreBackend;
 
@@ -191,4 +192,91 @@ pub async fn the_table_is_bounded_and_never_forgets_an_active_lock<B: StoreBacke
         s.count_failure(&long, &locking, later).await,
         Err(StoreError::Other(_))
     ));
+}
+
+/// A session opened on one node is taken on another, once, and only by its owner for its
+/// `userId` before it expires; another principal's attempt leaves it open.
+pub async fn an_upload_opened_on_one_node_is_taken_once_on_another<B: StoreBackend>(b: &B) {
+    let (a, c) = (b.store().await, b.store().await);
+    let open = |id: &'static str, owner: &'static str, now: i64| {
+        let a = a.clone();
+        async move {
+            a.open_upload(id, owner, "me", now, 3_600_000, 16, 10_000)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(open("u1", "user:alice", T0).await, UploadOpened::Opened);
+    assert!(!c.take_upload("u1", "user:bob", "me", T0).await.unwrap());
+    assert!(
+        !c.take_upload("u1", "user:alice", "other", T0)
+            .await
+            .unwrap()
+    );
+    assert!(
+        c.take_upload("u1", "user:alice", "me", T0 + 1)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !a.take_upload("u1", "user:alice", "me", T0 + 2)
+            .await
+            .unwrap(),
+        "taken once"
+    );
+    assert_eq!(open("u2", "user:alice", T0).await, UploadOpened::Opened);
+    assert!(
+        !c.take_upload("u2", "user:alice", "me", T0 + 3_600_000)
+            .await
+            .unwrap(),
+        "expired"
+    );
+}
+
+/// Opens racing on two nodes never pass a principal's cap, and the total cap holds; a full
+/// principal is told when its first session expires, and expired sessions make room.
+pub async fn upload_caps_hold_across_nodes<B: StoreBackend>(b: &B) {
+    let (a, c) = (b.store().await, b.store().await);
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let node = if i % 2 == 0 { a.clone() } else { c.clone() };
+        tasks.push(tokio::spawn(async move {
+            node.open_upload(&format!("s{i}"), "user:alice", "me", T0 + i, 1_000, 4, 100)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut opened = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            UploadOpened::Opened => opened += 1,
+            UploadOpened::OwnerFull { retry_after_ms } => {
+                assert!((1..=1_020).contains(&retry_after_ms), "{retry_after_ms}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(opened, 4, "the per-principal cap");
+    // Another principal still opens, up to the total.
+    for i in 0..6 {
+        assert_eq!(
+            c.open_upload(&format!("b{i}"), "user:bob", "me", T0 + 50, 1_000, 100, 10)
+                .await
+                .unwrap(),
+            UploadOpened::Opened
+        );
+    }
+    assert!(matches!(
+        a.open_upload("b6", "user:bob", "me", T0 + 50, 1_000, 100, 10)
+            .await
+            .unwrap(),
+        UploadOpened::Full { .. }
+    ));
+    // Once they expire there is room again.
+    assert_eq!(
+        a.open_upload("late", "user:alice", "me", T0 + 2_000, 1_000, 4, 10)
+            .await
+            .unwrap(),
+        UploadOpened::Opened
+    );
 }

@@ -304,7 +304,7 @@ fn exchange(server: &Server, code: &str, secret: &str) -> Resp {
 }
 
 /// A user access token through the whole authorization-code flow.
-fn user_token(server: &Server, email: &str) -> String {
+pub(crate) fn user_token(server: &Server, email: &str) -> String {
     user_token_for(server, email, SEND)
 }
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use crate::harness::Server;
 
 mod auth;
-mod gmail;
+pub(crate) mod gmail;
 mod http;
 mod sender;
 mod sendgrid;

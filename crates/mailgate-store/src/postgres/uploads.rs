@@ -1,0 +1,95 @@
+//! [`UploadStore`] on PostgreSQL: the `upload_sessions` table (migration 0005), shared by every
+//! node. An open is one transaction under an advisory lock of its own (opens are rare: one per
+//! resumable upload), so the per-principal and total caps hold across nodes; a take is one
+//! conditional `DELETE`.
+
+use async_trait::async_trait;
+
+use super::{OrStore, PgStore};
+use crate::StoreError;
+use crate::uploads::{UploadOpened, UploadStore};
+
+/// The advisory lock opens take ("UPLOADS\0" in ASCII).
+const UPLOAD_LOCK: i64 = 0x5550_4C4F_4144_5300;
+
+#[async_trait]
+impl UploadStore for PgStore {
+    async fn open_upload(
+        &self,
+        id: &str,
+        owner: &str,
+        user_id: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+        per_owner: u32,
+        total: u32,
+    ) -> Result<UploadOpened, StoreError> {
+        let mut tx = self.pool().begin().await.or_store()?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(UPLOAD_LOCK)
+            .execute(&mut *tx)
+            .await
+            .or_store()?;
+        sqlx::query("DELETE FROM upload_sessions WHERE expires_ms <= $1")
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await
+            .or_store()?;
+        let (mine, first_mine): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT count(*), MIN(expires_ms) FROM upload_sessions WHERE owner = $1",
+        )
+        .bind(owner)
+        .fetch_one(&mut *tx)
+        .await
+        .or_store()?;
+        if mine >= i64::from(per_owner) {
+            return Ok(UploadOpened::OwnerFull {
+                retry_after_ms: first_mine.map_or(1_000, |e| (e - now_ms).max(1)),
+            });
+        }
+        let (all, first): (i64, Option<i64>) =
+            sqlx::query_as("SELECT count(*), MIN(expires_ms) FROM upload_sessions")
+                .fetch_one(&mut *tx)
+                .await
+                .or_store()?;
+        if all >= i64::from(total) {
+            return Ok(UploadOpened::Full {
+                retry_after_ms: first.map_or(1_000, |e| (e - now_ms).max(1)),
+            });
+        }
+        sqlx::query(
+            "INSERT INTO upload_sessions (id, owner, user_id, expires_ms) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(user_id)
+        .bind(now_ms.saturating_add(ttl_ms))
+        .execute(&mut *tx)
+        .await
+        .or_store()?;
+        tx.commit().await.or_store()?;
+        Ok(UploadOpened::Opened)
+    }
+
+    async fn take_upload(
+        &self,
+        id: &str,
+        owner: &str,
+        user_id: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "DELETE FROM upload_sessions
+             WHERE id = $1 AND owner = $2 AND user_id = $3 AND expires_ms > $4",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(user_id)
+        .bind(now_ms)
+        .execute(self.pool())
+        .await
+        .or_store()?
+        .rows_affected();
+        Ok(n == 1)
+    }
+}
