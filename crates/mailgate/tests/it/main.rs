@@ -9,6 +9,7 @@
 )]
 
 mod admin_api;
+mod admins;
 mod bundle;
 mod crash;
 mod directory;
