@@ -135,6 +135,29 @@ fn frank_gets_exactly_his_three_messages_a_day_over_two_nodes_and_two_doors() {
         assert_eq!(status, 401, "{body}");
         assert!(body.contains("used 3 of 3"), "{body}");
     }
+    // `explain` reads the live shared numbers too, through either node's configuration.
+    for (gw, _) in &two.nodes {
+        let out = gw.cmd(&[
+            "explain",
+            "--as",
+            "frank@example.com",
+            "--from",
+            "frank@example.com",
+            "--to",
+            "x@example.org",
+            "--door",
+            "smtp",
+            "--tls",
+            "1.2",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(3), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("✘ limit.daily_messages")),
+            "{text}"
+        );
+    }
 }
 
 /// SMTP submission over implicit TLS as frank, one message.
