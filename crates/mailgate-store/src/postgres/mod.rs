@@ -8,8 +8,10 @@
 //! (`tokens.rs`), [`Store`](crate::Store) (`directory.rs`) and [`QueueStore`](crate::QueueStore)
 //! (`queue.rs`: leases with `FOR UPDATE SKIP LOCKED`, write-backs fenced by the lease).
 //! [`open`](crate::open) opens it for `postgres://` URLs. Decisions the hot path does not wait
-//! for are group-committed by a writer task, one statement per batch (`decisions.rs`). Not yet
-//! (issue 16): admission charged atomically in the store, LISTEN/NOTIFY.
+//! for are group-committed by a writer task, one statement per batch (`decisions.rs`). It shares
+//! usage counters between nodes ([`CounterStore`](crate::CounterStore), `counters.rs`: one
+//! admission transaction per send, the principal locked, re-checked with the engine's
+//! arithmetic).
 
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
