@@ -26,6 +26,7 @@ mod live;
 mod nodes;
 mod postfix;
 mod postgres;
+mod queue_nodes;
 mod relay;
 mod remedies;
 mod repository;
