@@ -16,5 +16,6 @@ pub fn document(d: &StoredDecision, body: &Value) -> Value {
         "code": d.code,
         "attempt": body.get("attempt"),
         "decision": body.get("decision"),
+        "directory_generation": body.get("directory_generation"),
     })
 }

@@ -502,7 +502,10 @@ impl Gateway {
         mode: Mode,
     ) -> Result<Decided, GatewayError> {
         let id = new_decision_id(now);
-        let record = record(&id, door, attempt, &decision, now);
+        // The generation the engine just decided under (a reload landing in between, a few
+        // microseconds, would record the newer one).
+        let generation = self.live.load().generation;
+        let record = record(&id, door, attempt, &decision, now, generation);
         if mode == Mode::Enforce && !authenticated(attempt, &decision) {
             // Nothing unauthenticated writes to the store: anyone who reaches a port could fill
             // it. The refusal is counted, kept in a bounded ring (its id still resolves for a
@@ -817,6 +820,7 @@ fn record(
     attempt: &SendAttempt,
     decision: &Decision,
     now_ms: u64,
+    generation: i64,
 ) -> StoredDecision {
     let verdict = match decision.verdict {
         Verdict::Allowed => StoredVerdict::Allowed,
@@ -850,6 +854,7 @@ fn record(
         body: serde_json::to_vec(&trace::StoredView {
             attempt,
             decision: trace::DecisionView { decision, id },
+            generation,
         })
         .map(TraceJson)
         // Cannot happen (string keys only); the decision is still kept, with the reason.

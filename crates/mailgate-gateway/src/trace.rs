@@ -16,10 +16,13 @@ pub(crate) struct DecisionView<'a> {
     pub(crate) id: &'a str,
 }
 
-/// What is stored for a decision: `{"attempt", "decision"}`.
+/// What is stored for a decision: `{"attempt", "decision", "directory_generation"}` (the
+/// generation of the directory in force when it was made, so a decision can be told apart from
+/// a change that came after it, on whichever node it was made).
 pub(crate) struct StoredView<'a> {
     pub(crate) attempt: &'a SendAttempt,
     pub(crate) decision: DecisionView<'a>,
+    pub(crate) generation: i64,
 }
 
 struct DenialView<'a>(&'a Denial);
@@ -29,9 +32,10 @@ struct ChecksView<'a>(&'a [CheckResult]);
 
 impl Serialize for StoredView<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(2))?;
+        let mut m = s.serialize_map(Some(3))?;
         m.serialize_entry("attempt", self.attempt)?;
         m.serialize_entry("decision", &self.decision)?;
+        m.serialize_entry("directory_generation", &self.generation)?;
         m.end()
     }
 }
