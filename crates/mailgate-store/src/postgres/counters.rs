@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use mailgate_core::directory::LimitName;
 use mailgate_core::engine::counters::DAY_MS;
 use mailgate_core::engine::{Charge, Recheck, Usage, recheck};
-use sqlx::Row;
+use sqlx::{PgPool, Row};
 
 use super::{OrStore, PgStore};
 use crate::{Admitted, CounterStore, NewMessage, SendSlot, StoreError};
@@ -56,6 +56,40 @@ async fn read_usage(
     })
 }
 
+async fn release_slot(pool: &PgPool, slot: SendSlot, refund: bool) -> Result<(), StoreError> {
+    sqlx::query(
+        "WITH s AS (DELETE FROM send_slots WHERE id = $1 RETURNING usage_seq)
+         DELETE FROM usage_log WHERE $2 AND seq IN (SELECT usage_seq FROM s)",
+    )
+    .bind(slot.0)
+    .bind(refund)
+    .execute(pool)
+    .await
+    .or_store()?;
+    Ok(())
+}
+
+/// Refunds an admitted send whose message write was abandoned midway (see
+/// [`PgStore::accept_admitted_message`]); disarmed by taking `pool` once the outcome is known.
+struct RefundOnDrop {
+    pool: Option<PgPool>,
+    slot: SendSlot,
+}
+
+impl Drop for RefundOnDrop {
+    fn drop(&mut self) {
+        let (Some(pool), Ok(rt)) = (self.pool.take(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let slot = self.slot;
+        rt.spawn(async move {
+            if let Err(e) = release_slot(&pool, slot, true).await {
+                tracing::warn!(error = %e, slot = slot.0, "could not refund a send whose message write was abandoned: its slot expires by itself");
+            }
+        });
+    }
+}
+
 impl PgStore {
     /// Stores an admitted message and frees its slot in one transaction; when the message cannot
     /// be stored, the slot is freed and its send refunded.
@@ -64,6 +98,15 @@ impl PgStore {
         m: &NewMessage,
         slot: SendSlot,
     ) -> Result<(), StoreError> {
+        // Dropped before the write's outcome is known (the request's future cancelled: a client
+        // that hung up, a timeout), the guard refunds in a task of its own. Safe whichever way
+        // the write went: the slot is deleted in the message's own transaction, so a refund
+        // that finds it gone (stored) changes nothing, and one that races the commit waits for
+        // that row's lock first.
+        let mut guard = RefundOnDrop {
+            pool: Some(self.pool.clone()),
+            slot,
+        };
         let stored = async {
             let mut tx = self.pool.begin().await.or_store()?;
             let decision = self.flush_decisions(&mut tx, &m.decision_id).await?;
@@ -78,6 +121,7 @@ impl PgStore {
             Ok::<(), StoreError>(())
         }
         .await;
+        guard.pool = None;
         if let Err(e) = &stored {
             if let Err(again) = self.release(slot, true).await {
                 tracing::warn!(error = %again, slot = slot.0, "could not refund a send whose message was not stored: its slot expires by itself");
@@ -148,16 +192,7 @@ impl CounterStore for PgStore {
     }
 
     async fn release(&self, slot: SendSlot, refund: bool) -> Result<(), StoreError> {
-        sqlx::query(
-            "WITH s AS (DELETE FROM send_slots WHERE id = $1 RETURNING usage_seq)
-             DELETE FROM usage_log WHERE $2 AND seq IN (SELECT usage_seq FROM s)",
-        )
-        .bind(slot.0)
-        .bind(refund)
-        .execute(&self.pool)
-        .await
-        .or_store()?;
-        Ok(())
+        release_slot(&self.pool, slot, refund).await
     }
 
     async fn release_node(&self, node: &str) -> Result<u64, StoreError> {

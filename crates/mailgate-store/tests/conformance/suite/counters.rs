@@ -171,6 +171,32 @@ pub async fn an_admitted_message_frees_its_slot_and_a_failed_one_is_refunded(
     assert_eq!((u.messages_24h, u.in_flight), (1, 0), "{u:?}");
 }
 
+/// A message write abandoned midway (the future storing it dropped: an HTTP client that hung up,
+/// a request timeout) leaves no charge without a message: either the message was stored and counts,
+/// or the send is refunded and its slot freed at once, not held until its deadline.
+pub async fn an_abandoned_message_write_refunds_its_send(b: &impl StoreBackend) {
+    let s = shared(b).await;
+    let c = charge("gina@example.com", 1000, 1, 600);
+    let sl = slot(&admit(&s, &c, T0).await);
+    let m = message("00000000000000c3", T0 as i64, &["bob@example.org"]);
+    // Polled once (the write is under way), then dropped.
+    let _ = tokio::time::timeout(std::time::Duration::ZERO, s.accept_admitted(&m, sl)).await;
+    let mut last = None;
+    for _ in 0..100 {
+        let stored = s.message(&m.id).await.unwrap().is_some();
+        let u = counters(&s)
+            .usage("gina@example.com", T0 + 1)
+            .await
+            .unwrap();
+        if (u.messages_24h, u.in_flight) == (u64::from(stored), 0) {
+            return;
+        }
+        last = Some((stored, u));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("an abandoned write left its charge (stored, usage): {last:?}");
+}
+
 /// The rate (GCRA) is re-checked on the shared schedule: a burst of a minute's allowance, then
 /// one send per emission interval, whichever node admits.
 pub async fn the_rate_is_one_schedule_for_every_node(b: &impl StoreBackend) {
