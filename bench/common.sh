@@ -14,7 +14,7 @@ HTTP_PORT=${HTTP_PORT:-7180}
 SMTP_RELAY_PORT=${SMTP_RELAY_PORT:-7625}
 CLIENTS=${CLIENTS:-"1 16 64"}
 MG=${MG:-target/release/mailgate}
-LOADGEN=target/release/mailgate-loadgen
+LOADGEN=${LOADGEN:-target/release/mailgate-loadgen}
 log() { printf '==> %s\n' "$*" >&2; }
 
 # Messages per row: a quarter for one client (it is the slowest row).
@@ -40,8 +40,12 @@ bench_setup() {
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null
   fi
   export PATH="$PATH:/usr/sbin"
-  log "building release binaries"
-  cargo build --release -q -p mailgate -p mailgate-loadgen
+  # BENCH_NO_BUILD=1: measure the binaries MG and LOADGEN name as they are (copies taken before
+  # a run, so that a build in the shared tree cannot change them mid-run).
+  if [ -z "${BENCH_NO_BUILD:-}" ]; then
+    log "building release binaries"
+    cargo build --release -q -p mailgate -p mailgate-loadgen
+  fi
   trap bench_cleanup EXIT
   log "smtp-sink on 127.0.0.1:$SINK_PORT (the common destination)"
   smtp-sink -u postfix 127.0.0.1:"$SINK_PORT" 256 &
@@ -78,8 +82,10 @@ postfix_drained_after() {
 
 # Mailgate on the demo organisation with limits out of the way and the sink as smarthost; sets
 # MG_PID, ADMIN (admin token) and TOKEN (a Gmail-scope user access token for alice@example.com).
+# MG_EXTRA_CONFIG is appended to its config file (bench/postgres.sh: `[store] url`, `[node] id`);
+# without it the store is SQLite in MG_DATA.
 mailgate_start() {
-  log "starting $MG (SQLite, durable acceptance, relaying to the same sink)"
+  log "starting $MG (${MG_EXTRA_CONFIG:+PostgreSQL, }durable acceptance, relaying to the same sink)"
   local data=${MG_DATA:-$WORK/mailgate}
   cat >"$WORK/mailgate.toml" <<TOML
 data_dir = "$data"
@@ -96,6 +102,7 @@ workers = ${RELAY_WORKERS:-4}
 [limits]
 http_max_connections_per_ip = 1024
 smtp_max_connections_per_ip = 1024
+${MG_EXTRA_CONFIG:-}
 TOML
   $MG --config "$WORK/mailgate.toml" apply -f docs/examples/org.yaml >/dev/null
   cat >"$WORK/bench.yaml" <<YAML

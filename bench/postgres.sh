@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Acceptance on PostgreSQL (issue 16): Postfix, Mailgate on SQLite, one Mailgate node on
+# PostgreSQL and two Mailgate nodes on one PostgreSQL database, measured in ONE run on this
+# machine with the same load generators as accept.sh (Gmail door, mailgate-loadgen) and smtp.sh
+# (smtp-source into the SMTP relay listener), 1/16/64 sessions.
+#
+#   ./bench/postgres.sh [COUNT]     (default 2000 messages per row, a quarter for one session)
+#
+# PostgreSQL: the server at PG_SERVER (default postgres://postgres@127.0.0.1:5432/postgres, the
+# machines' trust-auth server); each configuration gets a fresh database `mailgate_bench`,
+# dropped at the end. Every acceptance is durable: the script refuses to run unless the server
+# says `synchronous_commit = on` (and `fsync = on`). Two nodes: every row's sessions are split
+# between the nodes (one session: all on the first), each node's load generator started at the
+# same moment; the rate is all messages over the wall time until the last one was accepted. Both
+# nodes relay to the same sink as the single ones. Prints a markdown table for
+# docs/performance.md. Loopback only; every loop is bounded.
+source "$(dirname "$0")/common.sh"
+COUNT=${1:-2000}
+SIZE=10240
+PG_SERVER=${PG_SERVER:-postgres://postgres@127.0.0.1:5432/postgres}
+PG_DB=mailgate_bench
+PG_URL=${PG_SERVER%/*}/$PG_DB
+HTTP_PORT_B=$((HTTP_PORT + 1))
+SMTP_RELAY_PORT_B=$((SMTP_RELAY_PORT + 1))
+
+pg() { psql -X -q -A -t -v ON_ERROR_STOP=1 -d "$1" -c "$2"; }
+sync_commit=$(pg "$PG_SERVER" "SHOW synchronous_commit")
+fsync=$(pg "$PG_SERVER" "SHOW fsync")
+log "PostgreSQL: synchronous_commit = $sync_commit, fsync = $fsync"
+if [ "$sync_commit" != on ] || [ "$fsync" != on ]; then
+  log "refusing to measure: acceptances would not be durable"
+  exit 1
+fi
+fresh_db() {
+  pg "$PG_SERVER" "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)"
+  pg "$PG_SERVER" "CREATE DATABASE $PG_DB"
+}
+
+bench_setup
+trap 'bench_cleanup; nodes_stop; pg "$PG_SERVER" "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" || true' EXIT
+
+# The second node of a two-node run (the first is common.sh's mailgate_start): same database,
+# its own data directory, ports and node id.
+NODE_B_PID=
+node_b_start() {
+  cat >"$WORK/node-b.toml" <<TOML
+data_dir = "$WORK/node-b"
+[node]
+id = "bench-b"
+[store]
+url = "$PG_URL"
+[http]
+listen = "127.0.0.1:$HTTP_PORT_B"
+[smtp]
+relay_listen = "127.0.0.1:$SMTP_RELAY_PORT_B"
+submission_listen = "127.0.0.1:$((SMTP_RELAY_PORT_B + 10))"
+[log]
+level = "warn"
+[relay]
+workers = ${RELAY_WORKERS:-4}
+[limits]
+http_max_connections_per_ip = 1024
+smtp_max_connections_per_ip = 1024
+TOML
+  $MG --config "$WORK/node-b.toml" serve >"$WORK/node-b.out" 2>&1 &
+  NODE_B_PID=$!
+  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$HTTP_PORT_B/healthz" >/dev/null && break; sleep 0.1; done
+  curl -sf "http://127.0.0.1:$HTTP_PORT_B/healthz" >/dev/null || { log "node b did not start:"; tail -5 "$WORK/node-b.out" >&2; exit 1; }
+}
+nodes_stop() {
+  mailgate_stop
+  [ -n "${NODE_B_PID:-}" ] || return 0
+  kill "$NODE_B_PID" 2>/dev/null || true
+  wait "$NODE_B_PID" 2>/dev/null || true
+  NODE_B_PID=
+}
+
+declare -A RESULT
+
+# The Gmail door: N messages over C sessions, split over the nodes given (HTTP ports); prints
+# messages per second over the wall time.
+gmail_row() {
+  local n=$1 c=$2
+  shift 2
+  local ports=("$@") k=$#
+  [ "$c" -lt "$k" ] && k=$c
+  local t0 pids=() i
+  t0=$(date +%s%N)
+  for i in $(seq 0 $((k - 1))); do
+    $LOADGEN "127.0.0.1:${ports[$i]}" "$TOKEN" $((n / k)) $((c / k)) $SIZE >"$WORK/loadgen.$i" &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
+  local rate
+  rate=$(rate_since "$n" "$t0")
+  for i in $(seq 0 $((k - 1))); do
+    python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['errors']==0, r" "$WORK/loadgen.$i"
+  done
+  echo "$rate"
+}
+
+# The SMTP relay listener: the same split with smtp-source.
+smtp_row() {
+  local n=$1 c=$2
+  shift 2
+  local ports=("$@") k=$#
+  [ "$c" -lt "$k" ] && k=$c
+  local t0 pids=() i
+  t0=$(date +%s%N)
+  for i in $(seq 0 $((k - 1))); do
+    smtp-source -c -l "$SIZE" -m $((n / k)) -s $((c / k)) -f alice@example.com -t bench@example.org \
+      127.0.0.1:"${ports[$i]}" >"$WORK/smtp-source.$i" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do
+    wait "$p" || { log "smtp-source failed:"; tail -5 "$WORK"/smtp-source.* >&2; exit 1; }
+  done
+  rate_since "$n" "$t0"
+}
+
+# One configuration: every client count, both doors; RESULT[config,door,C].
+measure() {
+  local config=$1
+  shift
+  local http=() relay=()
+  if [ "$config" = pg2 ]; then
+    http=("$HTTP_PORT" "$HTTP_PORT_B")
+    relay=("$SMTP_RELAY_PORT" "$SMTP_RELAY_PORT_B")
+  else
+    http=("$HTTP_PORT")
+    relay=("$SMTP_RELAY_PORT")
+  fi
+  smtp-source -l "$SIZE" -m 1000 -s 16 -f alice@example.com -t bench@example.org \
+    127.0.0.1:"$SMTP_RELAY_PORT" >/dev/null
+  mailgate_drained_after "$(date +%s%N)" >/dev/null
+  for C in $CLIENTS; do
+    N=$(messages_for "$C")
+    settle
+    RESULT[$config,gmail,$C]=$(gmail_row "$N" "$C" "${http[@]}")
+    mailgate_drained_after "$(date +%s%N)" >/dev/null
+    settle
+    RESULT[$config,smtp,$C]=$(smtp_row "$N" "$C" "${relay[@]}")
+    mailgate_drained_after "$(date +%s%N)" >/dev/null
+    log "$config C=$C: gmail ${RESULT[$config,gmail,$C]}/s, smtp ${RESULT[$config,smtp,$C]}/s"
+  done
+}
+
+declare -A PF
+postfix_start
+smtp-source -l "$SIZE" -m 1000 -s 16 -f alice@example.com -t bench@example.org 127.0.0.1:25 >/dev/null
+postfix_drained_after "$(date +%s%N)" >/dev/null
+for C in $CLIENTS; do
+  N=$(messages_for "$C")
+  settle
+  t0=$(date +%s%N)
+  smtp-source -c -l $SIZE -m "$N" -s "$C" -f alice@example.com -t bench@example.org 127.0.0.1:25 >/dev/null
+  PF[$C]=$(rate_since "$N" "$t0")
+  log "postfix C=$C: ${PF[$C]}/s accepted"
+done
+postfix_stop
+
+log "Mailgate on SQLite"
+MG_DATA=$WORK/sqlite mailgate_start
+measure sqlite
+nodes_stop
+
+log "one Mailgate node on PostgreSQL"
+fresh_db
+MG_DATA=$WORK/pg1 MG_EXTRA_CONFIG=$'[node]\nid = "bench-a"\n[store]\nurl = "'"$PG_URL"$'"' mailgate_start
+measure pg1
+nodes_stop
+
+log "two Mailgate nodes on one PostgreSQL database"
+fresh_db
+MG_DATA=$WORK/pg2 MG_EXTRA_CONFIG=$'[node]\nid = "bench-a"\n[store]\nurl = "'"$PG_URL"$'"' mailgate_start
+node_b_start
+$MG --database-url "$PG_URL" status >&2
+measure pg2
+nodes_stop
+
+echo
+echo "| door | sessions | Postfix accepted/s | SQLite accepted/s | PostgreSQL, 1 node | PostgreSQL, 2 nodes | SQLite / Postfix | PG 1 node / Postfix | PG 2 nodes / Postfix |"
+echo "|---|---|---|---|---|---|---|---|---|"
+for door in gmail smtp; do
+  for C in $CLIENTS; do
+    python3 - "$door" "$C" "${PF[$C]}" "${RESULT[sqlite,$door,$C]}" "${RESULT[pg1,$door,$C]}" "${RESULT[pg2,$door,$C]}" <<'PY'
+import sys
+door, c = sys.argv[1], sys.argv[2]
+pf, sq, p1, p2 = map(float, sys.argv[3:7])
+name = "Gmail messages.send" if door == "gmail" else "SMTP relay listener"
+print(f"| {name} | {c} | {pf:.0f} | {sq:.0f} | {p1:.0f} | {p2:.0f} | {sq/pf:.2f}x | {p1/pf:.2f}x | {p2/pf:.2f}x |")
+PY
+  done
+done
