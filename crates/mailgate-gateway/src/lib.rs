@@ -595,11 +595,14 @@ impl Gateway {
             )
         });
         let (new, state) = new_message(door, decided, message, now);
+        // The send is over either way, also when this future is dropped during the write (a
+        // client that hung up): free its concurrency slot, or it counts until a restart.
+        let slot = d.charge.as_ref().map(|c| InFlight {
+            counters: &self.counters,
+            principal: &c.principal,
+        });
         let stored = self.store.accept_message(&new, usage).await;
-        // The send is over either way: free its concurrency slot.
-        if let Some(c) = &d.charge {
-            self.counters.release(&c.principal);
-        }
+        drop(slot);
         self.stored(door, decided, new.id, state, stored)
     }
 
@@ -716,6 +719,18 @@ impl Gateway {
         self.accepted.notify_one();
         tracing::info!(decision_id = %decided.id, message_id = %message_id, door, state = state.as_str(), "message accepted");
         Ok(Accepted::Stored { message_id, state })
+    }
+}
+
+/// A send's slot in this process's counters, freed when dropped.
+struct InFlight<'a> {
+    counters: &'a MemoryCounters,
+    principal: &'a str,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.counters.release(self.principal);
     }
 }
 
@@ -990,6 +1005,19 @@ mod tests {
         );
         // Every decision resolves by id.
         assert!(store.decision(&third.id).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_acceptance_frees_its_concurrent_send_slot() {
+        let (gw, _store) = gateway().await;
+        let d = gw.decide("smtp", &attempt()).await.unwrap();
+        // Polled once (the message write under way), then dropped: a client that hung up.
+        let _ = tokio::time::timeout(
+            std::time::Duration::ZERO,
+            gw.accept("smtp", &attempt(), &d, msg()),
+        )
+        .await;
+        assert_eq!(gw.counters.usage("a@example.com", now_ms()).in_flight, 0);
     }
 
     #[tokio::test]
