@@ -148,7 +148,16 @@ impl CounterStore for PgStore {
         slot_until_ms: u64,
     ) -> Result<Admitted, StoreError> {
         let mut tx = self.pool.begin().await.or_store()?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+        // The lock is held until the commit, so the commit does not wait for the disk
+        // (`synchronous_commit` off for this transaction only): the admission is durable with the
+        // message's own synchronous commit, which flushes the WAL up to it, and an admission lost
+        // in a crash belonged to a send that was never acknowledged. Holding the principal's lock
+        // through an fsync made one principal's sends one fsync each, whatever the nodes
+        // (docs/performance.md).
+        sqlx::query(
+            "SELECT set_config('synchronous_commit', 'off', true), \
+             pg_advisory_xact_lock($1, hashtext($2))",
+        )
             .bind(COUNTER_LOCK_CLASS)
             .bind(&charge.principal)
             .execute(&mut *tx)
