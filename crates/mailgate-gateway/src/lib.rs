@@ -462,10 +462,11 @@ impl Gateway {
         let Some(shared) = self.store.shared_counters() else {
             return Ok(first);
         };
-        let reached_limits = first
-            .checks
-            .iter()
-            .any(|c| c.check == mailgate_core::catalogue::Reason::LimitRate);
+        // The engine consults the counters only where the limit checks apply (a send): AUTH, a
+        // settings call or a key management call needs no read.
+        let rate = mailgate_core::catalogue::Reason::LimitRate;
+        let reached_limits =
+            attempt.action.applies(rate) && first.checks.iter().any(|c| c.check == rate);
         let Some(principal) = first.principal.clone().filter(|_| reached_limits) else {
             return Ok(first);
         };
