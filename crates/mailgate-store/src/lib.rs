@@ -12,6 +12,7 @@
 mod counters;
 mod error;
 mod faults;
+mod jobs;
 mod lockout;
 mod migrations;
 pub mod postgres;
@@ -28,6 +29,7 @@ use std::sync::Arc;
 pub use counters::{Admitted, CounterStore, SendSlot};
 pub use error::StoreError;
 pub use faults::{FaultStore, SimulatedFault};
+pub use jobs::{JobGuard, JobStore};
 pub use lockout::{Counted, LockoutRule, LockoutStore, MAX_KEY_LEN as MAX_LOCKOUT_KEY_LEN};
 pub use queue::{
     AttemptEntry, AttemptReport, CAPTURED_HEAD_BYTES, CapturedMessage, LeasedMessage,

@@ -235,9 +235,12 @@ pub struct NodeState {
 /// The storage interface every front door, the CLI and the server share. It keeps the injected
 /// faults too ([`FaultStore`]), so the gateway reads them through the handle it reloads with, and
 /// the failed-authentication counts and Gmail upload sessions every node shares
-/// ([`crate::LockoutStore`], [`crate::UploadStore`]).
+/// ([`crate::LockoutStore`], [`crate::UploadStore`]), and who runs a periodic job
+/// ([`crate::JobStore`]).
 #[async_trait]
-pub trait Store: FaultStore + crate::LockoutStore + crate::UploadStore + Send + Sync {
+pub trait Store:
+    FaultStore + crate::LockoutStore + crate::UploadStore + crate::JobStore + Send + Sync
+{
     /// The usage counters every node shares, when this store serves several nodes (PostgreSQL);
     /// `None` when it serves one (SQLite: the gateway's in-process counters are exact there).
     fn shared_counters(&self) -> Option<&dyn CounterStore> {

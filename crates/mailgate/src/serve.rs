@@ -293,7 +293,8 @@ async fn yield_first(req: axum::extract::Request, next: axum::middleware::Next) 
     next.run(req).await
 }
 
-/// Applies `[retention]` at start and then hourly (days = 0 keeps that kind forever).
+/// Applies `[retention]` at start and then hourly (days = 0 keeps that kind forever), on one
+/// node at a time (`JobStore::try_job`).
 fn spawn_retention(
     gateway: Arc<Gateway>,
     decisions_days: u64,
@@ -305,6 +306,19 @@ fn spawn_retention(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            // One node at a time (PostgreSQL: an advisory lock held for the run; SQLite: the
+            // one node). The others skip this run.
+            let _job = match gateway.store().try_job("retention").await {
+                Ok(Some(guard)) => guard,
+                Ok(None) => {
+                    tracing::debug!("retention: another node is running it");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "retention: cannot tell which node runs it; will retry");
+                    continue;
+                }
+            };
             let now = mailgate_gateway::now_ms() as i64;
             let cutoff = |days: u64| {
                 (days > 0).then(|| now.saturating_sub((days as i64).saturating_mul(DAY_MS)))

@@ -26,6 +26,7 @@ mod decisions;
 mod directory;
 mod error;
 mod faults;
+mod jobs;
 mod lockout;
 mod queue;
 mod tokens;

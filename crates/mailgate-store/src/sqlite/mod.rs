@@ -17,6 +17,7 @@ mod directory;
 mod error;
 mod faults;
 pub(crate) mod group;
+mod jobs;
 mod lockout;
 mod packed;
 mod queue;

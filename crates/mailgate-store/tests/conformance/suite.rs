@@ -84,6 +84,7 @@ macro_rules! conformance {
             the_table_is_bounded_and_never_forgets_an_active_lock,
             an_upload_opened_on_one_node_is_taken_once_on_another,
             upload_caps_hold_across_nodes,
+            a_periodic_job_runs_on_one_node_at_a_time,
         );
     };
     (counters: $fresh:path) => {
@@ -93,6 +94,7 @@ macro_rules! conformance {
             an_admitted_message_frees_its_slot_and_a_failed_one_is_refunded,
             the_rate_is_one_schedule_for_every_node,
             a_held_decision_stands_only_while_the_numbers_hold_it,
+            an_abandoned_message_write_refunds_its_send,
         );
     };
     (faults: $fresh:path) => {

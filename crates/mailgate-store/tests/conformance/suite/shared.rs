@@ -280,3 +280,31 @@ pub async fn upload_caps_hold_across_nodes<B: StoreBackend>(b: &B) {
         UploadOpened::Opened
     );
 }
+
+/// A periodic job is run by one node at a time: while one handle holds it, another is refused
+/// (where the backend serves several nodes); once the guard drops, the other gets it.
+pub async fn a_periodic_job_runs_on_one_node_at_a_time<B: StoreBackend>(b: &B) {
+    let (a, c) = (b.store().await, b.store().await);
+    let held = a.try_job("retention").await.unwrap();
+    assert!(held.is_some());
+    let other = c.try_job("retention").await.unwrap();
+    if c.jobs_exclusive() {
+        assert!(other.is_none(), "two nodes hold one job");
+        // Another job is free.
+        assert!(c.try_job("other").await.unwrap().is_some());
+    } else {
+        assert!(other.is_some(), "a single-node store always runs the job");
+    }
+    drop(other);
+    drop(held);
+    // Released: the other node gets it (the server notices the closed session promptly).
+    let mut got = None;
+    for _ in 0..100 {
+        got = c.try_job("retention").await.unwrap();
+        if got.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(got.is_some(), "the job was not released");
+}
