@@ -88,3 +88,94 @@ fn wrong_passwords_spread_over_two_nodes_lock_the_login_on_both() {
         "{rows}"
     );
 }
+
+/// One HTTP/1.1 request on a connection of its own, with `token`: (status, head, body).
+fn request(
+    addr: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &[u8],
+) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// A Gmail resumable upload started on node A is finished on node B: the `PUT` of the message to
+/// the same path on B's port is accepted (the session is in the database, not in A's memory),
+/// and the session is used up on every node.
+#[test]
+fn a_resumable_upload_started_on_one_node_is_finished_on_another() {
+    let pg = postgres_database();
+    let nodes = two_nodes(&pg.url, "");
+    let [a, b] = &nodes;
+    // alice's access token, through the consent flow on node A.
+    let token = crate::hostile::gmail::user_token(&a.1, "alice@example.com");
+    let (status, head, body) = request(
+        &a.1.addr,
+        &token,
+        "POST",
+        "/upload/gmail/v1/users/me/messages/send?uploadType=resumable",
+        "Content-Type: application/json\r\nX-Upload-Content-Type: message/rfc822\r\n",
+        b"{}",
+    );
+    assert_eq!(status, 200, "{head}\n{body}");
+    let location = head
+        .lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case("location"))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no Location: {head}"));
+    let after_scheme = location
+        .split_once("://")
+        .map_or(location.as_str(), |(_, r)| r);
+    let path = &after_scheme[after_scheme.find('/').unwrap()..];
+    assert!(path.contains("upload_id="), "{location}");
+    let message =
+        b"From: alice@example.com\r\nTo: x@example.org\r\nSubject: two nodes\r\n\r\nhello\r\n";
+    let put = |node: &(Gateway, Server)| {
+        request(
+            &node.1.addr,
+            &token,
+            "PUT",
+            path,
+            "Content-Type: message/rfc822\r\n",
+            message,
+        )
+    };
+    let (status, head, body) = put(b);
+    assert_eq!(status, 200, "node B: {head}\n{body}");
+    let sent: Value = serde_json::from_str(&body).unwrap();
+    let id = sent["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        pg.sql(&format!("SELECT count(*) FROM messages WHERE id = '{id}'"))
+            .trim(),
+        "1"
+    );
+    // Used up on every node.
+    for node in [a, b] {
+        let (status, _, body) = put(node);
+        assert_eq!(status, 404, "{body}");
+    }
+}
