@@ -147,7 +147,14 @@ impl CounterStore for PgStore {
         holder: &str,
         slot_until_ms: u64,
     ) -> Result<Admitted, StoreError> {
-        let mut tx = self.pool.begin().await.or_store()?;
+        // READ COMMITTED whatever the server's default: each statement after the lock must see
+        // the previous holder's commit (under REPEATABLE READ the snapshot predates the lock, and
+        // a principal's racing sends fail with serialization errors).
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+            .await
+            .or_store()?;
         // The lock is held until the commit, so the commit does not wait for the disk
         // (`synchronous_commit` off for this transaction only): the admission is durable with the
         // message's own synchronous commit, which flushes the WAL up to it, and an admission lost
@@ -158,11 +165,11 @@ impl CounterStore for PgStore {
             "SELECT set_config('synchronous_commit', 'off', true), \
              pg_advisory_xact_lock($1, hashtext($2))",
         )
-            .bind(COUNTER_LOCK_CLASS)
-            .bind(&charge.principal)
-            .execute(&mut *tx)
-            .await
-            .or_store()?;
+        .bind(COUNTER_LOCK_CLASS)
+        .bind(&charge.principal)
+        .execute(&mut *tx)
+        .await
+        .or_store()?;
         let usage = read_usage(&mut tx, &charge.principal, now_ms).await?;
         let tat = match recheck(&usage, charge, held, now_ms) {
             Recheck::Changed => {
