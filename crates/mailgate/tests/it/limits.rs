@@ -1,8 +1,8 @@
 //! Limits exact across nodes (issue 16 item 3): two `serve --demo` processes on one PostgreSQL
-//! database, load on the SendGrid door and SMTP submission of both. Every node admits a send in
-//! one transaction of the shared store that re-checks the engine's decision with the live numbers
-//! (`mailgate_store::CounterStore`), so a daily limit, a concurrency limit and a rate hold over
-//! both nodes together, not per node; a refusal is the engine's own, with its code.
+//! database, load on the Gmail and SendGrid doors and SMTP submission of both. Every node admits
+//! a send in one transaction of the shared store that re-checks the engine's decision with the
+//! live numbers (`mailgate_store::CounterStore`), so a daily limit, a concurrency limit and a rate
+//! hold over both nodes together, not per node; a refusal is the engine's own, with its code.
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::harness::{
     Gateway, PgDatabase, Server, eventually, http_get, http_post, postgres_database, psql,
 };
-use crate::smtp::{PW, auth, send, steps};
+use crate::smtp::{PW, auth, send, service_account_token, steps};
 
 const FRANK: &str = "SG.it-frank-key-0001.fRaNkfRaNkfRaNkfRaNkfRaNkfRaNkfRaNkfRaNkfR0";
 const CONNY: &str = "SG.it-conny-key-0001.cOnNycOnNycOnNycOnNycOnNycOnNycOnNycOnNycO0";
@@ -81,26 +81,86 @@ fn sendgrid_send(addr: &str, key: &str, from: &str) -> (u16, String) {
     http_post(addr, "/v3/mail/send", key, &mail.to_string())
 }
 
-/// What one send got: accepted or not, and the whole answer (for the reason code).
+const GMAIL_SEND: &str = "https://www.googleapis.com/auth/gmail.send";
+
+/// `users.messages.send` for the token's user (`me`), the message as JSON `raw`.
+fn gmail_send(addr: &str, token: &str) -> (u16, String) {
+    use base64::Engine as _;
+    let raw = "From: frank@example.com\r\nTo: x@example.org\r\nSubject: limits\r\n\r\nhi\r\n";
+    let mail = json!({"raw": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)});
+    http_post(
+        addr,
+        "/gmail/v1/users/me/messages/send",
+        token,
+        &mail.to_string(),
+    )
+}
+
+/// Gmail's refusal for frank's spent day: 429, Google's `rateLimitExceeded`, and Mailgate's
+/// `limit.daily_messages` in `details[]`.
+fn is_gmail_daily_limit(status: u16, body: &str) -> bool {
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    let e = &v["error"];
+    status == 429
+        && e["errors"][0]["reason"] == "rateLimitExceeded"
+        && e["details"].as_array().is_some_and(|d| {
+            d.iter()
+                .any(|x| x["domain"] == "mailgate" && x["reason"] == "limit.daily_messages")
+        })
+}
+
+/// Access tokens for frank, one per node's token endpoint, obtained before the burst: on node 0
+/// a service account with domain-wide delegation (a key made through node 0's configuration,
+/// its `token_uri` node 0), on node 1 the OAuth consent flow of the demo web client.
+fn frank_tokens(two: &TwoNodes) -> [String; 2] {
+    let key = two.nodes[0].0.sa_key("mailer@acme-app.iam.example.com");
+    // The new key is live once node 0 has reloaded the directory.
+    let mut answer = Value::Null;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            answer = service_account_token(&key, GMAIL_SEND, "frank@example.com");
+            answer["error"]["mailgate"]["code"] != "auth.invalid"
+        }),
+        "{answer}"
+    );
+    let delegated = answer["token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no delegated token for frank: {answer}"))
+        .to_owned();
+    let consented = crate::hostile::gmail::user_token(&two.nodes[1].1, "frank@example.com");
+    [delegated, consented]
+}
+
+/// What one send got: accepted, or refused as the daily limit in its door's dialect, or neither;
+/// and the whole answer.
 #[derive(Debug)]
 struct Outcome {
     door: &'static str,
+    node: usize,
     accepted: bool,
+    daily_limit: bool,
     answer: String,
 }
 
+/// Frank (3 messages a day) sends at once on every door of both nodes: 6 SendGrid, 2 SMTP
+/// submissions and 3 Gmail sends per node, the Gmail ones with the token the other node's token
+/// endpoint gave (a token is no more sticky than a limit). Exactly 3 go through over everything;
+/// every refusal is the daily limit, in its door's dialect.
 #[test]
-fn frank_gets_exactly_his_three_messages_a_day_over_two_nodes_and_two_doors() {
+fn frank_gets_exactly_his_three_messages_a_day_over_two_nodes_and_three_doors() {
     let two = two_nodes();
+    let tokens = frank_tokens(&two);
     let mut threads = Vec::new();
-    for (gw, server) in &two.nodes {
+    for (node, (gw, server)) in two.nodes.iter().enumerate() {
         for _ in 0..6 {
             let addr = server.addr.clone();
             threads.push(std::thread::spawn(move || {
                 let (status, body) = sendgrid_send(&addr, FRANK, "frank@example.com");
                 Outcome {
                     door: "sendgrid",
+                    node,
                     accepted: status == 202,
+                    daily_limit: status == 401 && body.contains("limit.daily_messages"),
                     answer: format!("{status} {body}"),
                 }
             }));
@@ -112,8 +172,24 @@ fn frank_gets_exactly_his_three_messages_a_day_over_two_nodes_and_two_doors() {
                 let last = r.last().cloned().unwrap_or(Value::Null);
                 Outcome {
                     door: "smtp",
+                    node,
                     accepted: last["step"] == "data" && last["code"] == 250,
+                    daily_limit: last.to_string().contains("limit.daily_messages"),
                     answer: last.to_string(),
+                }
+            }));
+        }
+        for _ in 0..3 {
+            // The token from the other node's token endpoint.
+            let (addr, token) = (server.addr.clone(), tokens[1 - node].clone());
+            threads.push(std::thread::spawn(move || {
+                let (status, body) = gmail_send(&addr, &token);
+                Outcome {
+                    door: "gmail",
+                    node,
+                    accepted: status == 200,
+                    daily_limit: is_gmail_daily_limit(status, &body),
+                    answer: format!("{status} {body}"),
                 }
             }));
         }
@@ -123,16 +199,19 @@ fn frank_gets_exactly_his_three_messages_a_day_over_two_nodes_and_two_doors() {
     assert_eq!(accepted, 3, "{outcomes:#?}");
     for o in outcomes.iter().filter(|o| !o.accepted) {
         assert!(
-            o.answer.contains("limit.daily_messages"),
-            "a refusal that is not the daily limit on {}: {}",
-            o.door,
-            o.answer
+            o.daily_limit,
+            "a refusal that is not the daily limit on {} of node {}: {}",
+            o.door, o.node, o.answer
         );
     }
-    // The fourth, on either node, later: still refused with the numbers of both nodes.
-    for (_, server) in &two.nodes {
+    // The fourth, on either node, later: still refused with the numbers of both nodes, on
+    // SendGrid and on Gmail (now each node with its own token: both tokens work on both nodes).
+    for (node, (_, server)) in two.nodes.iter().enumerate() {
         let (status, body) = sendgrid_send(&server.addr, FRANK, "frank@example.com");
         assert_eq!(status, 401, "{body}");
+        assert!(body.contains("used 3 of 3"), "{body}");
+        let (status, body) = gmail_send(&server.addr, &tokens[node]);
+        assert!(is_gmail_daily_limit(status, &body), "{status} {body}");
         assert!(body.contains("used 3 of 3"), "{body}");
     }
     // `explain` reads the live shared numbers too, through either node's configuration.

@@ -749,7 +749,7 @@ fn an_api_key_used_over_smtp_from_outside_its_allowed_ips_is_refused() {
 
 /// An access token for `key` (a service-account key file) acting for `subject`, from Mailgate's
 /// token endpoint through google-auth, as docs/smtp.md does: `{"token"}` or `{"error": body}`.
-fn service_account_token(key: &str, scope: &str, subject: &str) -> Value {
+pub(crate) fn service_account_token(key: &str, scope: &str, subject: &str) -> Value {
     const SCRIPT: &str = r#"
 import json, sys
 from google.auth.exceptions import RefreshError
