@@ -194,7 +194,8 @@ pub fn recheck(usage: &Usage, charge: &Charge, held: &[LimitName], now_ms: u64) 
     let holds_now = over
         .iter()
         .filter(|l| charge.action(**l) == ExceedAction::Hold);
-    let same_holds = holds_now.clone().count() == held.len() && holds_now.into_iter().all(|l| held.contains(l));
+    let same_holds =
+        holds_now.clone().count() == held.len() && holds_now.into_iter().all(|l| held.contains(l));
     if rejected || !same_holds {
         return Recheck::Changed;
     }
