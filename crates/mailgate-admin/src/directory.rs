@@ -51,7 +51,7 @@ pub async fn apply(
     actor: &str,
 ) -> Result<ApplyReport, ApplyError> {
     let (file, parse_problems) = OrgFile::parse_lenient(src).map_err(ApplyError::Problems)?;
-    for attempt in 0..CONFLICT_RETRIES {
+    for _ in 0..CONFLICT_RETRIES {
         let snap = store.snapshot().await.map_err(|e| anyhow!(e))?;
         let mut incoming = file.directory.clone();
         let mut issues = mailgate_auth::prepare_secrets(&mut incoming, &snap.directory)
@@ -82,7 +82,10 @@ pub async fn apply(
                     generation,
                 });
             }
-            Err(StoreError::Conflict { .. }) if attempt + 1 < CONFLICT_RETRIES => continue,
+            // Another change committed first: read again and recompute on top of it; after the
+            // last try, the same error however the race ended (it used to be the store's raw
+            // conflict on the last try and this message otherwise).
+            Err(StoreError::Conflict { .. }) => continue,
             Err(e) => return Err(ApplyError::Other(anyhow!(e))),
         }
     }
