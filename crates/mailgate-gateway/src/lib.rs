@@ -123,6 +123,15 @@ pub struct Gateway {
     slot_holder: std::sync::OnceLock<String>,
 }
 
+/// Aborts a task when dropped (the reloader's change listener ends with the reloader).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The last refusals of unauthenticated attempts, by id (oldest dropped first).
 #[derive(Default)]
 struct UnauthenticatedRing {
@@ -300,19 +309,34 @@ impl Gateway {
         Ok(n)
     }
 
-    /// Polls the store every `interval` and swaps in directory changes and the injected faults
-    /// in force ([`Gateway::reload_faults`]); writes this node's row (the generation in force)
-    /// on each change and every [`nodes::HEARTBEAT`], so writers can wait until a change is live
-    /// here ([`nodes::wait_until_live`]). Call [`Gateway::leave`] when the server stops.
+    /// Keeps the directory and the injected faults in force ([`Gateway::reload_faults`]) up to
+    /// date: reloads at once when the store announces a change
+    /// ([`Store::spawn_change_listener`]: PostgreSQL, where other nodes and the CLI write) and
+    /// re-checks every `interval` whatever happens, the fallback for an announcement lost while
+    /// the listener was reconnecting and the only way on a store that announces nothing
+    /// (SQLite). Writes this node's row (the generation in force, and `interval` as the longest
+    /// a change may take to reach it) on each change and every [`nodes::HEARTBEAT`], so writers
+    /// can wait until a change is live here ([`nodes::wait_until_live`]). Call
+    /// [`Gateway::leave`] when the server stops; aborting the task stops the listener too.
     pub fn spawn_reloader(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
+            let changed = Arc::new(tokio::sync::Notify::new());
+            // Aborted with this task (dropped when it is).
+            let _listener = me
+                .store
+                .spawn_change_listener(changed.clone())
+                .map(AbortOnDrop);
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut written: Option<(i64, std::time::Instant)> = None;
             let mut faults_in_force = 0;
             loop {
-                tick.tick().await;
+                // Announcements during a reload leave one permit: one more reload, not one each.
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = changed.notified() => {}
+                }
                 match me.reload_faults().await {
                     Ok(n) if n != faults_in_force => {
                         tracing::warn!(active = n, "injected faults (mailgate simulate) in force");

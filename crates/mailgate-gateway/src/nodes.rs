@@ -14,8 +14,11 @@
 //!
 //! Why not re-read the generation on every request instead: that puts a store round trip on
 //! every send of every door (a read per request; on PostgreSQL a network round trip) to serve
-//! the rare moment after an edit. Waiting at the writer costs the writer at most one poll
-//! interval (500 ms by default) and the hot path nothing.
+//! the rare moment after an edit. Waiting at the writer costs the writer at most one re-check
+//! interval (500 ms by default) and the hot path nothing; on PostgreSQL a node reloads as soon
+//! as the change is announced (`Store::spawn_change_listener`), so the writer usually waits
+//! milliseconds, and the re-check interval (the `interval_ms` a node advertises, on which the
+//! bound rests) is what a lost announcement costs.
 
 use std::time::Duration;
 

@@ -228,7 +228,8 @@ pub struct NodeState {
     pub generation: i64,
     /// When the node last wrote this row (Unix ms).
     pub seen_ms: i64,
-    /// How often the node polls the directory generation (ms).
+    /// How often the node re-checks the directory generation (ms): the longest a change can
+    /// take to reach it when no announcement does ([`Store::spawn_change_listener`]).
     pub interval_ms: i64,
 }
 
@@ -247,10 +248,24 @@ pub trait Store:
         None
     }
 
+    /// Starts listening for the changes any handle on this store commits (another node, the
+    /// CLI, a door's settings API) to the directory or to the injected faults: `changed` is
+    /// notified after each such commit, and once each time the listener starts listening (at
+    /// first, and again after a lost connection: what was committed while it was not listening
+    /// is never announced). Nothing a send writes is announced. `None` when the store announces
+    /// nothing (SQLite, which serves one node: its reloader re-checks the generation on its
+    /// own). The task runs until aborted.
+    fn spawn_change_listener(
+        &self,
+        _changed: std::sync::Arc<tokio::sync::Notify>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        None
+    }
+
     /// Reads the whole directory.
     async fn snapshot(&self) -> Result<Snapshot, StoreError>;
 
-    /// The current directory generation (cheap: servers poll it to pick up changes).
+    /// The current directory generation (cheap: servers re-check it to pick up changes).
     async fn generation(&self) -> Result<i64, StoreError>;
 
     /// Commits `changes` in one transaction if the directory is still at `expected_generation`,

@@ -299,6 +299,16 @@ impl PgStore {
 
 #[async_trait]
 impl Store for PgStore {
+    fn spawn_change_listener(
+        &self,
+        changed: std::sync::Arc<tokio::sync::Notify>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let pool = self.pool.clone();
+        Some(tokio::spawn(async move {
+            super::changes::listen(&pool, changed).await
+        }))
+    }
+
     async fn snapshot(&self) -> Result<Snapshot, StoreError> {
         // One REPEATABLE READ transaction: the objects and the generation are one commit's.
         let mut tx = self

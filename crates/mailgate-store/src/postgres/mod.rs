@@ -11,7 +11,8 @@
 //! for are group-committed by a writer task, one statement per batch (`decisions.rs`). It shares
 //! usage counters between nodes ([`CounterStore`](crate::CounterStore), `counters.rs`: one
 //! admission transaction per send, the principal locked, re-checked with the engine's
-//! arithmetic).
+//! arithmetic). Directory and fault changes are announced to every node by triggers and heard
+//! with `LISTEN` on a connection of its own (`changes.rs`).
 
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,6 +22,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 
 use crate::StoreError;
 
+mod changes;
 mod counters;
 mod decisions;
 mod directory;

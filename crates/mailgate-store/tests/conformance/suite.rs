@@ -128,6 +128,7 @@ macro_rules! conformance {
             recent_refusals_are_the_newest_denials_first,
             admin_tokens_are_found_by_hash_and_replaced_by_name,
             node_rows_are_written_replaced_and_deleted,
+            directory_and_fault_changes_are_announced_and_sends_are_not,
         );
     };
     (queue: $fresh:path) => {
@@ -180,6 +181,10 @@ pub use counters::*;
 // What several nodes share besides the directory and the queue (issue 16 item 5).
 mod shared;
 pub use shared::*;
+
+// Directory and fault changes announced to every node (issue 16 item 5).
+mod changes;
+pub use changes::*;
 
 // The queue shared by several nodes: fencing by the lease, extension, possible duplicates
 // (issue 16 item 4).

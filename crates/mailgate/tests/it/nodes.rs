@@ -179,3 +179,209 @@ fn a_resumable_upload_started_on_one_node_is_finished_on_another() {
         assert_eq!(status, 404, "{body}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Directory changes pushed to every node (LISTEN/NOTIFY), with the periodic re-check as fallback.
+
+/// Each node re-checks the directory only every 30 s: a change in force on the other node
+/// within a second can only have been announced to it.
+const RECHECK_30S: &str = "[directory]\nreload_interval_ms = 30000\n";
+
+/// The demo billing key (alice@example.com's).
+const BILLING: &str = "SG.demo-billing-key-0001.DJXH7OHOGpdQJ17xxtetayePcNZlkiB3g__n1YR0zAE";
+
+/// One SendGrid send from alice with the billing key on `node`: (status, body).
+fn send_as_alice(node: &(Gateway, Server)) -> (u16, String) {
+    let mail = r#"{"personalizations":[{"to":[{"email":"x@example.org"}]}],"from":{"email":"alice@example.com"},"subject":"two nodes","content":[{"type":"text/plain","value":"hi"}]}"#;
+    crate::harness::http_post(&node.1.addr, "/v3/mail/send", BILLING, mail)
+}
+
+/// The directory generation `node` serves (`/healthz`).
+fn generation_on(node: &(Gateway, Server)) -> i64 {
+    let (status, body) = crate::harness::http_get(&node.1.addr, "/healthz", None);
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    v["directory_generation"].as_i64().unwrap()
+}
+
+/// How long `node` takes to serve generation `generation`, looked at every 10 ms for at most
+/// `bound`; `None` when it did not within it.
+fn time_to_generation(
+    node: &(Gateway, Server),
+    generation: i64,
+    bound: std::time::Duration,
+) -> Option<std::time::Duration> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < bound {
+        if generation_on(node) >= generation {
+            return Some(started.elapsed());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    None
+}
+
+/// Commits a change to alice's status straight to the store at `url` (as another node's
+/// writer does, without waiting for the nodes); returns the new generation.
+fn set_alice_status(url: &str, status: mailgate_core::directory::UserStatus) -> i64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let store = mailgate_store::open(url).await.unwrap().directory;
+        let snap = store.snapshot().await.unwrap();
+        let mut to = snap.directory.clone();
+        to.users
+            .iter_mut()
+            .find(|u| u.email == "alice@example.com")
+            .expect("alice in the demo")
+            .status = status;
+        let changes = mailgate_store::Changeset::between(&snap.directory, &to);
+        store
+            .commit(snap.generation, &changes, "cli:test")
+            .await
+            .unwrap()
+    })
+}
+
+/// Two nodes both serving the store's generation (each loaded it at start).
+fn settled(nodes: &[(Gateway, Server); 2], pg: &crate::harness::PgDatabase) {
+    let stored: i64 = pg
+        .sql("SELECT value FROM meta WHERE key = 'directory_generation'")
+        .trim()
+        .parse()
+        .unwrap();
+    for node in nodes {
+        assert!(
+            time_to_generation(node, stored, std::time::Duration::from_secs(10)).is_some(),
+            "a node did not load generation {stored} at start"
+        );
+    }
+}
+
+/// The backends listening for directory changes (one per node), once there are `n`.
+fn listeners(pg: &crate::harness::PgDatabase, n: usize) -> Vec<String> {
+    let mut pids = Vec::new();
+    let found = crate::harness::eventually(std::time::Duration::from_secs(10), || {
+        pids = pg
+            .sql(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+                 AND query LIKE 'LISTEN%mailgate_directory%' AND pid <> pg_backend_pid()",
+            )
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty())
+            .collect();
+        pids.len() >= n
+    });
+    assert!(found, "expected {n} directory listeners, found {pids:?}");
+    pids
+}
+
+/// With each node re-checking only every 30 s, a suspension committed by another writer is in
+/// force on node B within a second (its next send refused `account.suspended`), and so is an
+/// injected fault set with `mailgate simulate` through node A's configuration: PostgreSQL
+/// announces both (a trigger's NOTIFY) and each node reloads on the announcement. Without the
+/// announcement node B would serve the old directory for up to 30 s.
+#[test]
+fn a_change_is_in_force_on_the_other_node_within_a_second_without_waiting_for_the_recheck() {
+    use mailgate_core::directory::UserStatus;
+    let pg = postgres_database();
+    let nodes = two_nodes(&pg.url, RECHECK_30S);
+    settled(&nodes, &pg);
+    let [a, b] = &nodes;
+    let (status, body) = send_as_alice(b);
+    assert_eq!(status, 202, "{body}");
+
+    // A fault injected through node A's configuration (the CLI), seen by node B.
+    a.0.ok(&[
+        "simulate",
+        "alice@example.com",
+        "limit.rate",
+        "--for",
+        "10m",
+    ]);
+    let started = std::time::Instant::now();
+    let mut last = (0, String::new());
+    let refused = crate::harness::eventually(std::time::Duration::from_secs(1), || {
+        last = send_as_alice(b);
+        last.0 != 202 && last.1.contains("limit.rate")
+    });
+    assert!(
+        refused,
+        "node B did not refuse with the injected fault within 1 s: {last:?}"
+    );
+    a.0.ok(&["simulate", "alice@example.com", "--clear"]);
+    assert!(
+        crate::harness::eventually(std::time::Duration::from_secs(1), || send_as_alice(b).0
+            == 202),
+        "node B still refused 1 s after the fault was cleared"
+    );
+    eprintln!("fault in force on node B after {:?}", started.elapsed());
+
+    // A suspension committed by a writer that does not wait for the nodes.
+    let generation = set_alice_status(&pg.url, UserStatus::Suspended);
+    let took = time_to_generation(b, generation, std::time::Duration::from_secs(1));
+    assert!(
+        took.is_some(),
+        "node B did not load generation {generation} within 1 s (it re-checks every 30 s)"
+    );
+    let (status, body) = send_as_alice(b);
+    assert!(
+        status == 401 && body.contains("account.suspended"),
+        "{status} {body}"
+    );
+    eprintln!("suspension in force on node B after {took:?}");
+    // Node A too (it did not make the change either).
+    assert!(time_to_generation(a, generation, std::time::Duration::from_secs(1)).is_some());
+}
+
+/// Announcements lost, the periodic re-check still picks a change up: with the triggers
+/// disabled (no NOTIFY at all) and a re-check every second, node B serves a change within the
+/// interval (plus the reload); and a node whose listening connection is killed
+/// (`pg_terminate_backend`) listens again and serves a change made meanwhile, and the next one
+/// announced, within a second although it re-checks only every 30 s.
+#[test]
+fn the_recheck_and_a_new_listening_connection_cover_lost_announcements() {
+    use mailgate_core::directory::UserStatus;
+    let pg = postgres_database();
+    // A re-check every second; no announcement reaches anyone.
+    {
+        let nodes = two_nodes(&pg.url, "[directory]\nreload_interval_ms = 1000\n");
+        settled(&nodes, &pg);
+        pg.sql("ALTER TABLE meta DISABLE TRIGGER mailgate_directory_changed");
+        let generation = set_alice_status(&pg.url, UserStatus::Suspended);
+        let took = time_to_generation(&nodes[1], generation, std::time::Duration::from_secs(3));
+        assert!(
+            took.is_some(),
+            "the re-check did not pick generation {generation} up within 3 s"
+        );
+        pg.sql("ALTER TABLE meta ENABLE TRIGGER mailgate_directory_changed");
+    }
+    // Listening connections killed, re-checks 30 s apart.
+    let nodes = two_nodes(&pg.url, RECHECK_30S);
+    settled(&nodes, &pg);
+    let killed = listeners(&pg, 2);
+    for pid in &killed {
+        pg.sql(&format!("SELECT pg_terminate_backend({pid})"));
+    }
+    let generation = set_alice_status(&pg.url, UserStatus::Active);
+    let took = time_to_generation(&nodes[1], generation, std::time::Duration::from_secs(3));
+    assert!(
+        took.is_some(),
+        "a change made while node B's listener was down was not served within 3 s"
+    );
+    // Listening again (new connections), the next change is announced as before.
+    let again = listeners(&pg, 2);
+    assert!(
+        again.iter().all(|p| !killed.contains(p)),
+        "{killed:?} {again:?}"
+    );
+    let generation = set_alice_status(&pg.url, UserStatus::Suspended);
+    let took = time_to_generation(&nodes[1], generation, std::time::Duration::from_secs(1));
+    assert!(
+        took.is_some(),
+        "after reconnecting node B did not load generation {generation} within 1 s"
+    );
+}
