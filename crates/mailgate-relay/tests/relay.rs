@@ -1,4 +1,6 @@
-//! The worker against a real SMTP sink on loopback and a real (in-memory) SQLite queue.
+//! The worker against a real SMTP sink on loopback and a real queue: SQLite, or a PostgreSQL
+//! database of each test's own when `MAILGATE_TEST_STORE=postgres` (`scripts/test`'s PostgreSQL
+//! pass; `mailgate_store::testing::fresh_store`).
 
 #![allow(clippy::unwrap_used, reason = "tests")]
 
@@ -8,6 +10,7 @@ use std::time::{Duration, Instant};
 use mailgate_core::directory::{Smarthost, SmarthostTls};
 use mailgate_relay::testing::{Sink, SinkConfig};
 use mailgate_relay::{Relay, RelayConfig};
+use mailgate_store::testing::{TestDb, fresh_store};
 use mailgate_store::{MessageState, NewMessage, RecipientState, Stores};
 
 fn message(id: &str, rcpts: &[&str]) -> NewMessage {
@@ -55,9 +58,9 @@ fn relay(store: &Stores, hosts: Vec<Smarthost>, config: RelayConfig) -> Relay {
     Relay::new(store.queue.clone(), Arc::new(move || hosts.clone()), config).unwrap()
 }
 
-/// A queue holding `n` messages (`m0`, `m1`, ...) to bob@example.org.
-async fn queue_of(n: usize) -> Stores {
-    let store = mailgate_store::in_memory().await.unwrap();
+/// A queue holding `n` messages (`m0`, `m1`, ...) to bob@example.org, and its database's guard.
+async fn queue_of(n: usize) -> (Stores, Option<TestDb>) {
+    let (store, db) = fresh_store().await;
     for i in 0..n {
         store
             .directory
@@ -65,7 +68,7 @@ async fn queue_of(n: usize) -> Stores {
             .await
             .unwrap();
     }
-    store
+    (store, db)
 }
 
 /// A worker relaying `store`'s messages to `sink` without TLS.
@@ -120,7 +123,7 @@ async fn a_refused_recipient_fails_alone(without_pipelining: bool) -> Sink {
     )
     .await
     .unwrap();
-    let store = mailgate_store::in_memory().await.unwrap();
+    let (store, _db) = fresh_store().await;
     store
         .directory
         .accept_message(
@@ -203,7 +206,7 @@ async fn every_recipient_refused_in_a_pipelined_envelope() {
     )
     .await
     .unwrap();
-    let store = mailgate_store::in_memory().await.unwrap();
+    let (store, _db) = fresh_store().await;
     store
         .directory
         .accept_message(&message("m1", &["x@example.org", "y@example.org"]), None)
@@ -249,7 +252,7 @@ async fn a_smarthost_down_for_a_while_defers_then_delivers() {
         .local_addr()
         .unwrap()
         .port();
-    let store = mailgate_store::in_memory().await.unwrap();
+    let (store, _db) = fresh_store().await;
     store
         .directory
         .accept_message(&message("m1", &["bob@example.org"]), None)
@@ -308,7 +311,7 @@ async fn starttls_with_a_private_ca_and_auth() {
     )
     .await
     .unwrap();
-    let store = mailgate_store::in_memory().await.unwrap();
+    let (store, _db) = fresh_store().await;
     store
         .directory
         .accept_message(&message("m1", &["bob@example.org"]), None)
@@ -368,7 +371,7 @@ async fn starttls_with_a_private_ca_and_auth() {
 
 #[tokio::test]
 async fn without_smarthosts_mail_is_captured() {
-    let store = mailgate_store::in_memory().await.unwrap();
+    let (store, _db) = fresh_store().await;
     store
         .directory
         .accept_message(&message("m1", &["bob@example.org"]), None)
@@ -392,7 +395,7 @@ async fn connections_are_reused_across_messages() {
     let sink = Sink::start("127.0.0.1:0", SinkConfig::default())
         .await
         .unwrap();
-    let store = queue_of(5).await;
+    let (store, _db) = queue_of(5).await;
     let mut r = to_sink(&store, &sink);
     drive(&mut r, async || sink.received().len() == 5).await;
     assert_eq!(sink.sessions(), 1, "one connection for the whole batch");
@@ -412,7 +415,7 @@ async fn a_connection_closed_between_messages_is_replaced_without_deferring() {
     )
     .await
     .unwrap();
-    let store = queue_of(3).await;
+    let (store, _db) = queue_of(3).await;
     let mut r = to_sink(&store, &sink);
     drive(&mut r, async || sink.received().len() >= 3).await;
     for i in 0..3 {
@@ -437,7 +440,7 @@ async fn workers_sharing_a_wake_deliver_every_message_in_bursts_and_after_pauses
     let sink = Sink::start("127.0.0.1:0", SinkConfig::default())
         .await
         .unwrap();
-    let store = mailgate_store::in_memory().await.unwrap();
+    let (store, _db) = fresh_store().await;
     let notify = Arc::new(tokio::sync::Notify::new());
     let wake = mailgate_relay::Wake::new(notify.clone());
     let mut handles = Vec::new();
@@ -502,7 +505,7 @@ async fn a_delivery_longer_than_the_lease_is_neither_leased_nor_delivered_twice(
     )
     .await
     .unwrap();
-    let store = queue_of(1).await;
+    let (store, _db) = queue_of(1).await;
     let hosts = vec![smarthost(sink.addr.port(), SmarthostTls::None)];
     let lease = Duration::from_millis(600);
     let mut slow = relay(

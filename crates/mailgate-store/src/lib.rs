@@ -8,6 +8,9 @@
 //! `migrations/sqlite/`) and [`postgres`] (for several nodes; migrations in
 //! `migrations/postgres/`), each implementing the same traits with its own schema. Open a store with [`open`], which returns the trait
 //! objects ([`Stores`]): nothing outside this crate needs to name a backend.
+//!
+//! With the `testing` feature (for tests only), `testing` gives a test a fresh store on the
+//! backend the run asks for (`MAILGATE_TEST_STORE`), so one test runs on SQLite and PostgreSQL.
 
 mod counters;
 mod error;
@@ -20,6 +23,8 @@ mod queue;
 pub mod sqlite;
 mod states;
 mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod tokens;
 mod uploads;
 

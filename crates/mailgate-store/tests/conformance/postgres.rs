@@ -8,105 +8,29 @@
 use std::sync::Arc;
 
 use mailgate_store::postgres::PgStore;
+use mailgate_store::testing::{TestDb, postgres_server};
 use mailgate_store::{Store, Stores};
 use sqlx::{Connection, PgConnection};
 
 use crate::suite::{Backend, conformance};
 
-/// The server the test databases are made on (its maintenance database).
-fn server() -> String {
-    std::env::var("MAILGATE_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// `url` with its database name replaced by `db`.
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let authority_end = base
-        .find("://")
-        .map(|i| i + 3)
-        .and_then(|start| base[start..].find('/').map(|j| start + j))
-        .unwrap_or(base.len());
-    let mut out = format!("{}/{db}", &base[..authority_end]);
-    if let Some(q) = query {
-        out.push('?');
-        out.push_str(q);
-    }
-    out
-}
-
-/// A fresh database, dropped with this value (a guard: also when the test panics).
-pub struct Postgres {
-    name: String,
-    url: String,
-}
+/// A fresh database, dropped with this value (a guard: also when the test panics): the one
+/// helper every crate's tests use (`mailgate_store::testing`).
+pub type Postgres = TestDb;
 
 async fn fresh() -> Postgres {
-    let name = format!("mailgate_t_{:016x}", fastrand::u64(..));
-    let mut admin = PgConnection::connect(&server()).await.unwrap_or_else(|e| {
-        panic!(
-            "PostgreSQL at {} (MAILGATE_TEST_POSTGRES) is needed by these tests: {e}",
-            server()
-        )
-    });
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let _ = admin.close().await;
-    Postgres {
-        url: with_database(&server(), &name),
-        name,
-    }
+    TestDb::create().await
 }
 
-impl Postgres {
-    async fn handle(&self) -> PgStore {
-        PgStore::open(&self.url).await.unwrap()
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        // Drop runs inside the test's runtime (or while it unwinds): the database is dropped
-        // from a thread with a runtime of its own, waited for. FORCE ends the connections the
-        // test's pools still hold.
-        let name = self.name.clone();
-        let dropped = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                let mut admin = PgConnection::connect(&server()).await?;
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-                )))
-                .execute(&mut admin)
-                .await?;
-                admin.close().await?;
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-            })
-            .map_err(|e| std::io::Error::other(e.to_string()))
-        })
-        .join();
-        match dropped {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("could not drop test database {}: {e}", self.name),
-            Err(_) => eprintln!(
-                "could not drop test database {}: the thread panicked",
-                self.name
-            ),
-        }
-    }
+/// A handle on the database as the PostgreSQL store itself (for what only it has).
+async fn handle(db: &Postgres) -> PgStore {
+    PgStore::open(db.url()).await.unwrap()
 }
 
 impl Backend for Postgres {
     /// Through the factory `serve` and the admin verbs use, as for SQLite.
     async fn open(&self) -> Stores {
-        mailgate_store::open(&self.url).await.unwrap()
+        TestDb::open(self).await
     }
 }
 
@@ -118,7 +42,7 @@ conformance!(counters: fresh);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_test_database_is_dropped_even_after_a_panic() {
     async fn exists(name: &str) -> bool {
-        let mut admin = PgConnection::connect(&server()).await.unwrap();
+        let mut admin = PgConnection::connect(&postgres_server()).await.unwrap();
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
             .bind(name)
             .fetch_one(&mut admin)
@@ -126,8 +50,8 @@ async fn the_test_database_is_dropped_even_after_a_panic() {
             .unwrap()
     }
     let db = fresh().await;
-    let name = db.name.clone();
-    let _store = db.handle().await;
+    let name = db.name().to_owned();
+    let _store = handle(&db).await;
     assert!(exists(&name).await);
     let panicked = tokio::spawn(async move {
         let _db = db;
@@ -145,7 +69,7 @@ async fn the_test_database_is_dropped_even_after_a_panic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_opening_one_database_at_once_migrate_it_once() {
     let db = fresh().await;
-    let url = Arc::new(db.url.clone());
+    let url = Arc::new(db.url().to_owned());
     let opens: Vec<_> = (0..4)
         .map(|_| {
             let url = url.clone();
@@ -173,7 +97,7 @@ async fn nodes_opening_one_database_at_once_migrate_it_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schema_newer_than_the_binary_is_refused_as_such() {
     let db = fresh().await;
-    let s = db.handle().await;
+    let s = handle(&db).await;
     sqlx::query(
         "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
          VALUES (99990101000000, 'from the future', true, '\\x00', 0)",
@@ -181,7 +105,7 @@ async fn a_schema_newer_than_the_binary_is_refused_as_such() {
     .execute(s.pool())
     .await
     .unwrap();
-    let e = PgStore::open(&db.url).await.unwrap_err();
+    let e = PgStore::open(db.url()).await.unwrap_err();
     assert!(
         matches!(e, mailgate_store::StoreError::SchemaTooNew(_)),
         "{e:?}"
@@ -189,7 +113,7 @@ async fn a_schema_newer_than_the_binary_is_refused_as_such() {
     assert!(!e.is_temporary());
     assert!(e.to_string().contains("newer"), "{e}");
     // The refused open left the migration lock free: a later open still gets to the check.
-    let again = tokio::time::timeout(std::time::Duration::from_secs(10), PgStore::open(&db.url))
+    let again = tokio::time::timeout(std::time::Duration::from_secs(10), PgStore::open(db.url()))
         .await
         .expect("the migration lock was left held");
     assert!(again.is_err());
@@ -200,7 +124,7 @@ async fn a_schema_newer_than_the_binary_is_refused_as_such() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_creates_decision_partitions_ahead() {
     let db = fresh().await;
-    let s = db.handle().await;
+    let s = handle(&db).await;
     let days: Vec<String> = sqlx::query_scalar(
         "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
          WHERE i.inhparent = 'decisions'::regclass AND c.relname <> 'decisions_default'
@@ -239,7 +163,7 @@ async fn retention_drops_whole_day_partitions_and_keeps_named_decisions() {
     const DAY: i64 = 86_400_000;
     let day = 19_675 * DAY; // 2023-11-14 UTC
     let db = fresh().await;
-    let s = db.handle().await;
+    let s = handle(&db).await;
     sqlx::query("SELECT mailgate_decision_partitions($1, 1)")
         .bind(day)
         .execute(s.pool())
@@ -316,8 +240,8 @@ async fn retention_drops_whole_day_partitions_and_keeps_named_decisions() {
 async fn a_lease_skips_rows_another_node_holds_instead_of_waiting() {
     use mailgate_store::{MessageState, NewMessage, QueueStore};
     let db = fresh().await;
-    let a = db.handle().await;
-    let b = db.handle().await;
+    let a = handle(&db).await;
+    let b = handle(&db).await;
     for id in ["m1", "m2"] {
         a.accept_message(
             &NewMessage {
@@ -371,7 +295,7 @@ async fn a_decision_is_looked_up_in_its_own_day_partition_only() {
     const DAY: i64 = 86_400_000;
     let day = 19_675 * DAY; // 2023-11-14 UTC
     let db = fresh().await;
-    let s = db.handle().await;
+    let s = handle(&db).await;
     sqlx::query("SELECT mailgate_decision_partitions($1, 2)")
         .bind(day)
         .execute(s.pool())
@@ -418,7 +342,7 @@ async fn a_decision_is_looked_up_in_its_own_day_partition_only() {
 async fn queued_decisions_are_written_in_batches_and_a_sends_by_its_acceptance() {
     use mailgate_store::{MessageState, NewMessage, StoredDecision, StoredVerdict};
     let db = fresh().await;
-    let s = db.handle().await;
+    let s = handle(&db).await;
     let decision = |id: String| StoredDecision {
         id,
         at_ms: 1_000,
@@ -475,7 +399,7 @@ async fn queued_decisions_are_written_in_batches_and_a_sends_by_its_acceptance()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_makes_the_coming_days_partitions() {
     let db = fresh().await;
-    let s = db.handle().await;
+    let s = handle(&db).await;
     let days = || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
@@ -512,7 +436,7 @@ async fn retention_makes_the_coming_days_partitions() {
 async fn measure_decision_writes_one_by_one_against_batched() {
     use mailgate_store::{StoredDecision, StoredVerdict};
     let db = fresh().await;
-    let s = Arc::new(db.handle().await);
+    let s = Arc::new(handle(&db).await);
     // A refusal's trace is ~5 KB of JSON.
     let body = serde_json::json!({"checks": (0..60).map(|i| format!("check {i}: a detail of about seventy bytes, as real ones")).collect::<Vec<_>>()});
     let decision = move |id: String| StoredDecision {
@@ -581,16 +505,16 @@ async fn admission_stays_exact_on_a_database_defaulting_to_repeatable_read() {
     use mailgate_store::{Admitted, CounterStore};
 
     let db = fresh().await;
-    let mut admin = PgConnection::connect(&db.url).await.unwrap();
+    let mut admin = PgConnection::connect(db.url()).await.unwrap();
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "ALTER DATABASE \"{}\" SET default_transaction_isolation = 'repeatable read'",
-        db.name
+        db.name()
     )))
     .execute(&mut admin)
     .await
     .unwrap();
     let _ = admin.close().await;
-    let (a, b) = (Arc::new(db.handle().await), Arc::new(db.handle().await));
+    let (a, b) = (Arc::new(handle(&db).await), Arc::new(handle(&db).await));
     let charge = Charge {
         principal: "frank@example.com".into(),
         rate: Gcra::per_minute(600 * SEND_COST_UNITS, SEND_COST_UNITS),
