@@ -18,6 +18,7 @@ mod faults;
 mod jobs;
 mod lockout;
 mod migrations;
+mod node_numbers;
 pub mod postgres;
 mod queue;
 pub mod sqlite;
@@ -36,6 +37,7 @@ pub use error::StoreError;
 pub use faults::{FaultStore, SimulatedFault};
 pub use jobs::{JobGuard, JobStore};
 pub use lockout::{Counted, LockoutRule, LockoutStore, MAX_KEY_LEN as MAX_LOCKOUT_KEY_LEN};
+pub use node_numbers::{NODE_NUMBERS, NodeNumberStore};
 pub use queue::{
     AttemptEntry, AttemptReport, CAPTURED_HEAD_BYTES, CapturedMessage, LeasedMessage,
     MessageStatus, NodeLeases, QueueEntry, QueueFilter, QueueStore, RecipientOutcome,
@@ -46,7 +48,8 @@ pub use states::{
 };
 pub use store::{
     AuditEntry, Changeset, DecisionSummary, MessageSummary, NewMessage, NodeState, Purged,
-    Snapshot, Store, StoredDecision, TraceJson, UsageEntry, UsageReplay, new_message_id,
+    Snapshot, Store, StoredDecision, TraceJson, UsageEntry, UsageReplay, message_id,
+    message_id_node, new_message_id, set_message_id_node,
 };
 pub use tokens::{TokenRecord, TokenStore};
 pub use uploads::{UploadOpened, UploadStore};

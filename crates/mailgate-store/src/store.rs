@@ -192,15 +192,69 @@ pub struct MessageSummary {
     pub accepted_at_ms: i64,
 }
 
-/// A new message id in Gmail's style: 16 lower-case hex digits, time-ordered. The first 48 bits
-/// are the Unix milliseconds; the last 16 start at a random value and count up, and ids from one
-/// process strictly increase, so they never repeat here even at thousands per millisecond (two
-/// random 16-bit suffixes alone collided within seconds under load).
+/// How many node numbers there are: a message id has 6 bits for its node.
+pub const NODE_NUMBERS: u16 = 64;
+
+/// Bits of a message id below the milliseconds: 6 for the node number, 10 for a counter.
+const NODE_BITS: u32 = 6;
+const COUNTER_BITS: u32 = 10;
+const COUNTER_MAX: u64 = (1 << COUNTER_BITS) - 1;
+const NODE_MASK: u64 = (1 << NODE_BITS) - 1;
+const MS_MASK: u64 = 0xFFFF_FFFF_FFFF;
+
+/// The message id after `last` (0 for none) on node `node` at `now_ms`, as a number: 48 bits of
+/// Unix milliseconds, 6 bits of node number, 10 bits of counter. A later millisecond starts the
+/// counter at 0; within one millisecond it counts up, and past 1,023 the id moves on to the next
+/// millisecond (never into the node bits), so ids of one node strictly increase and two nodes
+/// with different numbers never make the same id. When the node number changes, the id also
+/// moves on to the next millisecond, so the ids of one process keep increasing.
+pub fn message_id(now_ms: u64, node: u16, last: u64) -> u64 {
+    let node = u64::from(node) & NODE_MASK;
+    let ms = now_ms & MS_MASK;
+    let last_ms = last >> (NODE_BITS + COUNTER_BITS);
+    let last_node = (last >> COUNTER_BITS) & NODE_MASK;
+    let last_counter = last & COUNTER_MAX;
+    let (ms, counter) = if ms > last_ms {
+        (ms, 0)
+    } else if node == last_node && last_counter < COUNTER_MAX {
+        (last_ms, last_counter + 1)
+    } else {
+        ((last_ms + 1) & MS_MASK, 0)
+    };
+    (ms << (NODE_BITS + COUNTER_BITS)) | (node << COUNTER_BITS) | counter
+}
+
+/// The node number in a message id made by [`message_id`] (bits 10 to 15), or `None` when `id`
+/// is not 16 hex digits.
+pub fn message_id_node(id: &str) -> Option<u16> {
+    if id.len() != 16 {
+        return None;
+    }
+    let v = u64::from_str_radix(id, 16).ok()?;
+    Some(((v >> COUNTER_BITS) & NODE_MASK) as u16)
+}
+
+/// This process's node number, set once it has leased one ([`set_message_id_node`]).
+static NODE: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
+/// Makes this process's message ids carry node number `node` (0 to 63): the number the store
+/// leased to it ([`Store::lease_node_number`]). A process that never set one uses 0: on SQLite
+/// that is the one node's number; on PostgreSQL only `mailgate serve` accepts messages, and it
+/// sets its leased number before it serves.
+pub fn set_message_id_node(node: u16) {
+    NODE.store(node % NODE_NUMBERS, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A new message id in Gmail's style: 16 lower-case hex digits, time-ordered: [`message_id`]
+/// with this process's node number ([`set_message_id_node`]). Ids from one process strictly
+/// increase, so they never repeat here even at thousands per millisecond, and two processes
+/// holding different node numbers never draw the same id (before the node bits, two nodes'
+/// 16-bit suffixes from a random start could meet in one millisecond).
 pub fn new_message_id(now_ms: u64) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let fresh = ((now_ms & 0xFFFF_FFFF_FFFF) << 16) | u64::from(fastrand::u16(..));
-    let next = |last: u64| fresh.max(last.wrapping_add(1));
+    let node = NODE.load(Ordering::Relaxed);
+    let next = |last: u64| message_id(now_ms, node, last);
     let id = match LAST.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| Some(next(l))) {
         Ok(prev) | Err(prev) => next(prev),
     };
@@ -237,10 +291,16 @@ pub struct NodeState {
 /// faults too ([`FaultStore`]), so the gateway reads them through the handle it reloads with, and
 /// the failed-authentication counts and Gmail upload sessions every node shares
 /// ([`crate::LockoutStore`], [`crate::UploadStore`]), and who runs a periodic job
-/// ([`crate::JobStore`]).
+/// ([`crate::JobStore`]), and the node numbers in message ids ([`crate::NodeNumberStore`]).
 #[async_trait]
 pub trait Store:
-    FaultStore + crate::LockoutStore + crate::UploadStore + crate::JobStore + Send + Sync
+    FaultStore
+    + crate::LockoutStore
+    + crate::UploadStore
+    + crate::JobStore
+    + crate::NodeNumberStore
+    + Send
+    + Sync
 {
     /// The usage counters every node shares, when this store serves several nodes (PostgreSQL);
     /// `None` when it serves one (SQLite: the gateway's in-process counters are exact there).
@@ -366,7 +426,81 @@ pub trait Store:
 
 #[cfg(test)]
 mod tests {
-    use super::new_message_id;
+    use super::{NODE_NUMBERS, message_id, message_id_node, new_message_id};
+
+    const MS: u64 = 1_795_000_000_000;
+
+    fn parts(id: u64) -> (u64, u64, u64) {
+        (id >> 16, (id >> 10) & 0x3F, id & 0x3FF)
+    }
+
+    #[test]
+    fn an_id_is_48_bits_of_ms_6_of_node_and_10_of_counter() {
+        let id = message_id(MS, 37, 0);
+        assert_eq!(parts(id), (MS, 37, 0));
+        assert_eq!(parts(message_id(MS, 37, id)), (MS, 37, 1));
+        // A later millisecond starts the counter again.
+        assert_eq!(parts(message_id(MS + 5, 37, id)), (MS + 5, 37, 0));
+        // A clock that went back: the ids keep increasing from the last one.
+        assert_eq!(parts(message_id(MS - 1_000, 37, id)), (MS, 37, 1));
+        let hex = format!("{id:016x}");
+        assert_eq!(message_id_node(&hex), Some(37));
+        assert_eq!(message_id_node("zz"), None);
+        assert_eq!(message_id_node("00000000000000zz"), None);
+    }
+
+    #[test]
+    fn a_full_counter_moves_on_to_the_next_millisecond_never_into_the_node_bits() {
+        let mut last = 0;
+        let mut ids = Vec::new();
+        // 5,000 ids "in one millisecond" on node 63 (every node bit set) and on node 0.
+        for node in [63, 0] {
+            last = 0;
+            for _ in 0..5_000 {
+                last = message_id(MS, node, last);
+                ids.push(last);
+                assert_eq!(parts(last).1, u64::from(node), "{last:016x}");
+            }
+        }
+        assert_eq!(parts(ids[1_023]), (MS, 63, 1_023));
+        assert_eq!(parts(ids[1_024]), (MS + 1, 63, 0));
+        // Node 63's and node 0's runs are each strictly increasing.
+        assert!(ids[..5_000].windows(2).all(|w| w[0] < w[1]));
+        assert!(ids[5_000..].windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(parts(last), (MS + 4, 0, 5_000 - 4 * 1_024 - 1));
+    }
+
+    #[test]
+    fn a_changed_node_number_keeps_one_process_ids_increasing() {
+        let a = message_id(MS, 40, 0);
+        let b = message_id(MS, 3, a);
+        assert!(b > a);
+        assert_eq!(parts(b), (MS + 1, 3, 0));
+    }
+
+    #[test]
+    fn two_node_numbers_never_collide_in_the_same_milliseconds() {
+        // Two processes, nodes 1 and 2, each making 100,000 ids over the same 50 ms (2,000 a
+        // millisecond each, twice what the counter holds): never one id in common. (With the
+        // old 16-bit counter from a random start, two such runs shared most of their ids.)
+        let mut seen = std::collections::HashSet::new();
+        for node in [1u16, 2] {
+            let mut last = 0;
+            for i in 0..100_000u64 {
+                last = message_id(MS + i / 2_000, node, last);
+                assert!(seen.insert(last), "{last:016x} made twice");
+            }
+        }
+        // Every node number: 2,000 ids each in one millisecond, all different.
+        let mut all = std::collections::HashSet::new();
+        for node in 0..NODE_NUMBERS {
+            let mut last = 0;
+            for _ in 0..2_000 {
+                last = message_id(MS, node, last);
+                assert!(all.insert(last));
+            }
+        }
+    }
 
     #[test]
     fn message_ids_never_repeat_within_one_millisecond_and_keep_gmail_shape() {

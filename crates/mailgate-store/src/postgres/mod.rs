@@ -30,6 +30,7 @@ mod error;
 mod faults;
 mod jobs;
 mod lockout;
+mod node_numbers;
 mod queue;
 mod tokens;
 mod uploads;

@@ -19,6 +19,7 @@ mod faults;
 pub(crate) mod group;
 mod jobs;
 mod lockout;
+mod node_numbers;
 mod packed;
 mod queue;
 mod tokens;

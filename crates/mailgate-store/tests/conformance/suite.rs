@@ -85,6 +85,9 @@ macro_rules! conformance {
             an_upload_opened_on_one_node_is_taken_once_on_another,
             upload_caps_hold_across_nodes,
             a_periodic_job_runs_on_one_node_at_a_time,
+            two_holders_get_different_node_numbers_and_a_holder_keeps_its_own,
+            node_numbers_run_out_and_a_passed_deadline_frees_one,
+            concurrent_leases_on_two_nodes_never_share_a_number,
         );
     };
     (counters: $fresh:path) => {
@@ -181,6 +184,10 @@ pub use counters::*;
 // What several nodes share besides the directory and the queue (issue 16 item 5).
 mod shared;
 pub use shared::*;
+
+// Message-id node numbers leased by the nodes (issue 16 item 5).
+mod node_numbers;
+pub use node_numbers::*;
 
 // Directory and fault changes announced to every node (issue 16 item 5).
 mod changes;
