@@ -53,6 +53,13 @@ pub enum GatewayError {
     /// The decision cannot be accepted (denied or incomplete): a door bug.
     #[error("decision {0} is not an acceptance")]
     NotAccepted(String),
+    /// Every message-id node number is held by another running node ([`Gateway::join_as`]).
+    #[error(
+        "cannot join as node {0:?}: all {n} message-id node numbers are held by other running nodes of this store (a stopped node's number is free {lease} s after its last heartbeat; a node started again with the same [node] id takes its own number back at once)",
+        n = mailgate_store::NODE_NUMBERS,
+        lease = nodes::NODE_NUMBER_LEASE.as_secs()
+    )]
+    NodeNumbersTaken(String),
 }
 
 /// The directory in force.
@@ -121,7 +128,12 @@ pub struct Gateway {
     joined: std::sync::OnceLock<nodes::NodeIdentity>,
     /// `<node>/<run>`: who holds this node's concurrent-send slots ([`Gateway::join_as`]).
     slot_holder: std::sync::OnceLock<String>,
+    /// The message-id node number this node leased ([`Gateway::join_as`]); [`NOT_JOINED`] before.
+    node_number: std::sync::atomic::AtomicU16,
 }
+
+/// [`Gateway::node_number`] before [`Gateway::join_as`].
+const NOT_JOINED: u16 = u16::MAX;
 
 /// Aborts a task when dropped (the reloader's change listener ends with the reloader).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -181,6 +193,7 @@ impl Gateway {
             node: nodes::NodeIdentity::current(),
             joined: std::sync::OnceLock::new(),
             slot_holder: std::sync::OnceLock::new(),
+            node_number: std::sync::atomic::AtomicU16::new(NOT_JOINED),
         });
         gateway.reload_faults().await?;
         Ok(gateway)
@@ -369,6 +382,7 @@ impl Gateway {
                             tracing::warn!(error = %e, "could not record this node's directory generation")
                         }
                     }
+                    me.renew_node_number().await;
                 }
             }
         })
@@ -378,6 +392,54 @@ impl Gateway {
     /// before.
     pub fn node(&self) -> &nodes::NodeIdentity {
         self.joined.get().unwrap_or(&self.node)
+    }
+
+    /// The message-id node number this node holds (the bits 10 to 15 of every message id it
+    /// makes), once [`Gateway::join_as`] leased it; `None` before (ids then carry 0).
+    pub fn node_number(&self) -> Option<u16> {
+        let n = self.node_number.load(std::sync::atomic::Ordering::Relaxed);
+        (n != NOT_JOINED).then_some(n)
+    }
+
+    /// Leases (or renews) `node`'s message-id node number until [`nodes::NODE_NUMBER_LEASE`]
+    /// from now and puts it in force for the message ids this process makes.
+    async fn lease_node_number(&self, node: &str) -> Result<Option<u16>, GatewayError> {
+        let now = now_ms() as i64;
+        let until = now.saturating_add(nodes::NODE_NUMBER_LEASE.as_millis() as i64);
+        let Some(n) = self.store.lease_node_number(node, now, until).await? else {
+            return Ok(None);
+        };
+        mailgate_store::set_message_id_node(n);
+        let before = self
+            .node_number
+            .swap(n, std::sync::atomic::Ordering::Relaxed);
+        if before != NOT_JOINED && before != n {
+            tracing::warn!(
+                node,
+                before,
+                now = n,
+                "this node's message-id node number ran out (no heartbeat reached the store in time) and another node took it; its message ids carry a new number now"
+            );
+        }
+        Ok(Some(n))
+    }
+
+    /// The heartbeat's renewal of this node's message-id node number (a node that never joined
+    /// has none).
+    async fn renew_node_number(&self) {
+        let Some(node) = self.joined.get().map(|j| j.id.clone()) else {
+            return;
+        };
+        match self.lease_node_number(&node).await {
+            Ok(Some(_)) => {}
+            Ok(None) => tracing::error!(
+                node,
+                "this node's message-id node number ran out and another node took it, and every other number is held: its message ids may meet another node's (the store then refuses that acceptance) until a number is free"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not renew this node's message-id node number")
+            }
+        }
     }
 
     /// Deletes this node's row (the server is stopping): writers stop waiting for it.
@@ -717,8 +779,15 @@ impl Gateway {
 
     /// Names this process as node `node` of the store (`[node] id`): its concurrent-send slots
     /// are held as `<node>/<run>`, and those an earlier run of the same node still held (it was
-    /// killed) are freed at once instead of at their deadline. Call before serving.
+    /// killed) are freed at once instead of at their deadline. Leases the node's message-id node
+    /// number ([`Gateway::node_number`]; the number an earlier run of `node` held, else a free
+    /// one), renewed by the reloader's heartbeat, so no two running nodes make the same message
+    /// id; [`GatewayError::NodeNumbersTaken`] when other running nodes hold all 64. Returns the
+    /// slots freed. Call before serving.
     pub async fn join_as(&self, node: &str) -> Result<u64, GatewayError> {
+        if self.lease_node_number(node).await?.is_none() {
+            return Err(GatewayError::NodeNumbersTaken(node.to_owned()));
+        }
         let run = mailgate_auth::random_token::<6>().unwrap_or_else(|_| now_ms().to_string());
         let _ = self.slot_holder.set(format!("{node}/{run}"));
         let _ = self.joined.set(nodes::NodeIdentity::named(node));

@@ -29,6 +29,12 @@ use crate::now_ms;
 /// How often a node rewrites its row when nothing changed.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
 
+/// How long a node's message-id node number stays its own after its last heartbeat renewed it
+/// ([`mailgate_store::NodeNumberStore`]): a node that died frees its number then. As long as the
+/// nodes' clocks agree within this, a number's next holder makes ids only after the last one its
+/// earlier holder made (the same bound as the concurrent-send slots' deadline).
+pub const NODE_NUMBER_LEASE: Duration = Duration::from_secs(60);
+
 /// This process as a node.
 #[derive(Debug, Clone)]
 pub struct NodeIdentity {
@@ -203,6 +209,49 @@ mod tests {
             now,
             "here"
         ));
+    }
+
+    /// Each node that joins leases its own message-id node number, which the ids this process
+    /// makes carry; a node started again with the same id gets its number back; when other
+    /// running nodes hold all 64, joining fails and says why.
+    #[tokio::test]
+    async fn joining_nodes_lease_different_numbers_that_message_ids_carry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = mailgate_store::open_path(&dir.path().join("db"))
+            .await
+            .unwrap()
+            .directory;
+        let a = crate::Gateway::open(store.clone()).await.unwrap();
+        assert_eq!(a.node_number(), None, "not joined yet");
+        a.join_as("a").await.unwrap();
+        let na = a.node_number().unwrap();
+        let b = crate::Gateway::open(store.clone()).await.unwrap();
+        b.join_as("b").await.unwrap();
+        let nb = b.node_number().unwrap();
+        assert_ne!(na, nb);
+        // This process's ids carry the number it leased last (one process is one node).
+        let id = mailgate_store::new_message_id(now_ms());
+        assert_eq!(mailgate_store::message_id_node(&id), Some(nb), "{id}");
+        // Node a started again: its own number.
+        let again = crate::Gateway::open(store.clone()).await.unwrap();
+        again.join_as("a").await.unwrap();
+        assert_eq!(again.node_number(), Some(na));
+        // Every other number held by running nodes: a new node cannot join.
+        let now = now_ms() as i64;
+        for i in 0..mailgate_store::NODE_NUMBERS - 2 {
+            let n = store
+                .lease_node_number(&format!("other-{i}"), now, now + 60_000)
+                .await
+                .unwrap();
+            assert!(n.is_some());
+        }
+        let late = crate::Gateway::open(store.clone()).await.unwrap();
+        let err = late.join_as("late").await.unwrap_err().to_string();
+        assert!(
+            err.contains("all 64 message-id node numbers are held"),
+            "{err}"
+        );
+        assert_eq!(late.node_number(), None);
     }
 
     #[tokio::test]

@@ -59,8 +59,10 @@ pub(crate) async fn serve(config: Config, stores: Stores, demo: bool) -> anyhow:
     let node = node::node_id(config.node_id.as_deref(), &config.data_dir)?;
     tracing::info!(node = %node, "node identity");
     relay_setup::take_back_leases(queue.as_ref(), &node).await?;
-    // Likewise the concurrent-send slots its earlier run held (shared counters only).
+    // Likewise the concurrent-send slots its earlier run held (shared counters only); and its
+    // message-id node number, so no two running nodes make the same message id.
     let freed = gateway.join_as(&node).await?;
+    tracing::info!(node = %node, number = gateway.node_number(), "message-id node number");
     if freed > 0 {
         tracing::info!(node = %node, slots = freed, "freed the concurrent-send slots this node held when it last stopped");
     }
