@@ -42,7 +42,7 @@ async fn eventually(mut ok: impl FnMut() -> bool) -> bool {
 
 #[tokio::test]
 async fn faults_in_the_store_are_in_force_at_open_and_follow_the_store_on_reload() {
-    let stores = mailgate_store::in_memory().await.unwrap();
+    let (stores, _db) = mailgate_store::testing::fresh_store().await;
     let store = stores.directory.clone();
     store
         .set_fault(&fault("a@example.com", "limit.daily_messages", 600_000))

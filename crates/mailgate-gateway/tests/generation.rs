@@ -27,7 +27,8 @@ fn attempt() -> SendAttempt {
 
 #[tokio::test]
 async fn a_kept_decision_names_the_directory_generation_it_was_made_under() {
-    let store = mailgate_store::in_memory().await.unwrap().directory;
+    let (stores, _db) = mailgate_store::testing::fresh_store().await;
+    let store = stores.directory;
     let one = OrgFile::parse(ORG).unwrap().directory;
     store
         .commit(0, &Changeset::between(&Default::default(), &one), "t")

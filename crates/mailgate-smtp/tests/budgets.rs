@@ -2,7 +2,10 @@
 //! soft error limit and the session closed at the hard limit (Postfix's `smtpd_*_error_limit`),
 //! RCPTs past the limit counted as errors, commands without a mail transaction capped, when a
 //! session becomes trusted (long idle timeout), and message bodies reserved from the process's
-//! DATA memory budget (`452 4.3.1` when it is spent, the connection going on).
+//! DATA memory budget (`452 4.3.1` when it is spent, the connection going on). The messages are
+//! stored in SQLite, or in a PostgreSQL database of each test's own when
+//! `MAILGATE_TEST_STORE=postgres` (`scripts/test`'s PostgreSQL pass): what is stored is checked
+//! byte for byte.
 
 #![allow(clippy::unwrap_used, reason = "tests: a panic is a failed test")]
 
@@ -17,6 +20,7 @@ use mailgate_core::orgfile::OrgFile;
 use mailgate_gateway::Gateway;
 use mailgate_gateway::budget;
 use mailgate_smtp::{Limits, Listener, Session, SmtpContext, Step};
+use mailgate_store::testing::{TestDb, fresh_store};
 use mailgate_store::{Changeset, Stores};
 
 const ORG: &str = r#"
@@ -29,12 +33,26 @@ smtp_relay:
   allowed_senders: domain_addresses
 "#;
 
-async fn context(limits: Limits, budgets: budget::Limits) -> Arc<SmtpContext> {
+/// A session context and the guard of its store's PostgreSQL database (on that backend): the
+/// context as long as the database.
+struct Ctx {
+    ctx: Arc<SmtpContext>,
+    _db: Option<TestDb>,
+}
+
+impl std::ops::Deref for Ctx {
+    type Target = Arc<SmtpContext>;
+    fn deref(&self) -> &Arc<SmtpContext> {
+        &self.ctx
+    }
+}
+
+async fn context(limits: Limits, budgets: budget::Limits) -> Ctx {
     context_and_store(limits, budgets).await.0
 }
 
-async fn context_and_store(limits: Limits, budgets: budget::Limits) -> (Arc<SmtpContext>, Stores) {
-    let store = mailgate_store::in_memory().await.unwrap();
+async fn context_and_store(limits: Limits, budgets: budget::Limits) -> (Ctx, Stores) {
+    let (store, db) = fresh_store().await;
     let mut dir = OrgFile::parse(ORG).unwrap().directory;
     let issues = mailgate_auth::prepare_secrets(&mut dir, &Default::default()).unwrap();
     assert!(issues.is_empty(), "{issues:?}");
@@ -53,7 +71,7 @@ async fn context_and_store(limits: Limits, budgets: budget::Limits) -> (Arc<Smtp
         limits,
         auth_without_tls: false,
     });
-    (ctx, store)
+    (Ctx { ctx, _db: db }, store)
 }
 
 fn session(ctx: &Arc<SmtpContext>, l: Listener, tls: Option<TlsVersion>) -> Session {

@@ -1,7 +1,10 @@
 //! The tokio driver over real loopback sockets: connection caps per client IP (the refusal in
 //! the right protocol: after the TLS handshake on the implicit-TLS listener), the short idle
 //! timeouts before a client is trusted (shorter under pressure, and a lifetime bound for slow
-//! senders), and error delays that keep other connections going.
+//! senders), and error delays that keep other connections going. On SQLite only, whatever
+//! `MAILGATE_TEST_STORE` says: these are the driver's socket and timing behaviour, and the store
+//! is only read once when the gateway opens (the stores' own tests and tests/session.rs run on
+//! PostgreSQL too).
 
 #![allow(clippy::unwrap_used, reason = "tests: a panic is a failed test")]
 
