@@ -38,17 +38,19 @@ conformance!(fresh);
 // Only PostgreSQL shares usage counters between nodes (SQLite serves one node).
 conformance!(counters: fresh);
 
+/// Whether the test server has a database `name`.
+async fn exists(name: &str) -> bool {
+    let mut admin = PgConnection::connect(&postgres_server()).await.unwrap();
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(name)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap()
+}
+
 /// The guard drops its database, also when the test using it panics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_test_database_is_dropped_even_after_a_panic() {
-    async fn exists(name: &str) -> bool {
-        let mut admin = PgConnection::connect(&postgres_server()).await.unwrap();
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(name)
-            .fetch_one(&mut admin)
-            .await
-            .unwrap()
-    }
     let db = fresh().await;
     let name = db.name().to_owned();
     let _store = handle(&db).await;
@@ -60,6 +62,33 @@ async fn the_test_database_is_dropped_even_after_a_panic() {
     .await;
     assert!(panicked.is_err());
     assert!(!exists(&name).await, "{name} is still there");
+}
+
+/// A database a killed test process left behind (no destructor ran) is dropped by a later
+/// test's create once it is older than `STALE_SECS`; a recent one is left to the test using it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_databases_left_behind_are_dropped_once_stale() {
+    use mailgate_store::testing::STALE_SECS;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let left = |age: u64| format!("mailgate_test_{}_{:016x}", now - age, fastrand::u64(..));
+    let (stale, recent) = (left(STALE_SECS + 60), left(60));
+    let mut admin = PgConnection::connect(&postgres_server()).await.unwrap();
+    for name in [&stale, &recent] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+    let _db = fresh().await;
+    assert!(!exists(&stale).await, "{stale} is still there");
+    assert!(exists(&recent).await, "{recent} was dropped while in use");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE \"{recent}\"")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
 }
 
 // What the suite cannot state through the traits: how a PostgreSQL store opens.

@@ -45,11 +45,7 @@ pub struct Gateway {
 /// named as `[store] url` in the config file [`Gateway::config`] writes, so `serve`, every admin
 /// verb and any command a test runs with that config use it; it is dropped with the gateway.
 pub fn test_store_is_postgres() -> bool {
-    match std::env::var("MAILGATE_TEST_STORE").as_deref() {
-        Ok("postgres") => true,
-        Ok("sqlite") | Ok("") | Err(_) => false,
-        Ok(other) => panic!("MAILGATE_TEST_STORE={other:?}: expected `sqlite` or `postgres`"),
-    }
+    mailgate_store::testing::postgres_requested()
 }
 
 impl Gateway {
@@ -641,14 +637,14 @@ pub fn smarthost_yaml(port: u16) -> String {
 /// The PostgreSQL server the tests make their databases on: `MAILGATE_TEST_POSTGRES`, default
 /// the machines' trust-auth server (`scripts/test` starts it when it is down).
 pub fn postgres_server() -> String {
-    std::env::var("MAILGATE_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+    mailgate_store::testing::postgres_server()
 }
 
 /// A PostgreSQL database of one test's own ([`postgres_database`]), dropped when this value
 /// drops, also when the test panics (`WITH (FORCE)`: a server still connected is cut off).
 pub struct PgDatabase {
-    name: String,
+    /// The database's guard (`mailgate_store::testing`, the helper every crate's tests use).
+    _db: mailgate_store::testing::TestDb,
     /// Its URL, for `--database-url` or `[store] url`.
     pub url: String,
 }
@@ -679,53 +675,14 @@ pub fn psql(url: &str, sql: &str) -> Result<String, String> {
     }
 }
 
-/// Creates a fresh database on [`postgres_server`] for one test, named `mailgate_it_<unix
-/// seconds>_<random>`. A test process killed before its [`PgDatabase`] dropped (a nextest timeout
-/// sends a signal, and no destructor runs) leaves its database behind: each call first drops such
-/// databases older than [`STALE_TEST_DATABASE_SECS`], which no running test still uses.
+/// Creates a fresh database on [`postgres_server`] for one test
+/// (`mailgate_store::testing::TestDb`: named `mailgate_test_<unix seconds>_<random>`; databases
+/// left behind by a test process killed before its guard dropped are dropped after two hours).
 pub fn postgres_database() -> PgDatabase {
-    use std::hash::{BuildHasher, Hasher};
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(now.as_nanos());
-    let name = format!("mailgate_it_{}_{:016x}", now.as_secs(), h.finish());
-    let server = postgres_server();
-    drop_stale_databases(&server, now.as_secs());
-    psql(&server, &format!("CREATE DATABASE \"{name}\"")).unwrap_or_else(|e| {
-        panic!("PostgreSQL at {server} (MAILGATE_TEST_POSTGRES) is needed by this test: {e}")
-    });
+    let db = mailgate_store::testing::TestDb::create_blocking();
     PgDatabase {
-        url: with_database(&server, &name),
-        name,
-    }
-}
-
-/// How old a test database must be before [`postgres_database`] drops it as left behind.
-pub const STALE_TEST_DATABASE_SECS: u64 = 2 * 3600;
-
-/// Drops the `mailgate_it_<secs>_<random>` databases made more than
-/// [`STALE_TEST_DATABASE_SECS`] before `now_secs` (best effort: errors are ignored, another test
-/// may be dropping the same one).
-fn drop_stale_databases(server: &str, now_secs: u64) {
-    let Ok(names) = psql(
-        server,
-        "SELECT datname FROM pg_database WHERE datname LIKE 'mailgate\\_it\\_%'",
-    ) else {
-        return;
-    };
-    for name in names.lines().map(str::trim) {
-        let made = name
-            .strip_prefix("mailgate_it_")
-            .and_then(|rest| rest.split_once('_'))
-            .and_then(|(secs, _)| secs.parse::<u64>().ok());
-        if made.is_some_and(|t| t + STALE_TEST_DATABASE_SECS < now_secs) {
-            let _ = psql(
-                server,
-                &format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
-            );
-        }
+        url: db.url().to_owned(),
+        _db: db,
     }
 }
 
@@ -734,32 +691,4 @@ impl PgDatabase {
     pub fn sql(&self, sql: &str) -> String {
         psql(&self.url, sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
-}
-
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
-        if let Err(e) = psql(&postgres_server(), &sql) {
-            eprintln!("could not drop test database {}: {e}", self.name);
-        }
-    }
-}
-
-/// `url` with its database name replaced by `db`.
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let authority_end = base
-        .find("://")
-        .map(|i| i + 3)
-        .and_then(|start| base[start..].find('/').map(|j| start + j))
-        .unwrap_or(base.len());
-    let mut out = format!("{}/{db}", &base[..authority_end]);
-    if let Some(q) = query {
-        out.push('?');
-        out.push_str(q);
-    }
-    out
 }
