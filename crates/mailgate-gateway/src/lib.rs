@@ -499,7 +499,18 @@ impl Gateway {
         attempt: &SendAttempt,
     ) -> Result<Option<Decided>, GatewayError> {
         let now = now_ms();
-        let decision = self.run_engine(attempt, now, Mode::Enforce).await?;
+        // A settled denial never depends on usage, so the screen needs no live numbers from a
+        // shared store (one read per send saved: the send's own decision reads them). Only a
+        // refusal that is kept is decided again with them, so its trace shows the real numbers.
+        let decision = self.engine(attempt, &self.counters, now, Mode::Enforce);
+        if decision.settled_denial().is_none() {
+            return Ok(None);
+        }
+        let decision = if self.store.shared_counters().is_some() {
+            self.run_engine(attempt, now, Mode::Enforce).await?
+        } else {
+            decision
+        };
         if decision.settled_denial().is_none() {
             return Ok(None);
         }

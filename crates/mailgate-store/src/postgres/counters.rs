@@ -7,20 +7,18 @@
 //! rate TAT, concurrent-send slot, and the principal's expired rows deleted on the way, which
 //! keeps its rows bounded by its own limits). Under READ COMMITTED each statement after the lock
 //! sees every earlier holder's commit, so two nodes cannot both take the last unit of a limit.
+//! The sends that queue up meanwhile are admitted together, in one such transaction, and their
+//! messages written together in another (`accept.rs`).
 
 use async_trait::async_trait;
 use mailgate_core::directory::LimitName;
 use mailgate_core::engine::counters::DAY_MS;
-use mailgate_core::engine::{Charge, Recheck, Usage, recheck};
+use mailgate_core::engine::{Charge, Usage};
 use sqlx::{PgPool, Row};
 
+use super::decisions::DecisionQueue;
 use super::{OrStore, PgStore};
 use crate::{Admitted, CounterStore, NewMessage, SendSlot, StoreError};
-
-/// First key of the two-key advisory locks that serialize one principal's admissions ("MGCT");
-/// the second is `hashtext(principal)`. A collision of two principals' hashes only makes them
-/// wait for each other.
-const COUNTER_LOCK_CLASS: i32 = 0x4D47_4354;
 
 const USAGE: &str = "
     SELECT (SELECT tat_ms FROM rate_state WHERE principal = $1) AS tat,
@@ -56,7 +54,11 @@ async fn read_usage(
     })
 }
 
-async fn release_slot(pool: &PgPool, slot: SendSlot, refund: bool) -> Result<(), StoreError> {
+pub(crate) async fn release_slot(
+    pool: &PgPool,
+    slot: SendSlot,
+    refund: bool,
+) -> Result<(), StoreError> {
     sqlx::query(
         "WITH s AS (DELETE FROM send_slots WHERE id = $1 RETURNING usage_seq)
          DELETE FROM usage_log WHERE $2 AND seq IN (SELECT usage_seq FROM s)",
@@ -70,7 +72,7 @@ async fn release_slot(pool: &PgPool, slot: SendSlot, refund: bool) -> Result<(),
 }
 
 /// Refunds an admitted send whose message write was abandoned midway (see
-/// [`PgStore::accept_admitted_message`]); disarmed by taking `pool` once the outcome is known.
+/// [`store_alone`]); disarmed by taking `pool` once the outcome is known.
 struct RefundOnDrop {
     pool: Option<PgPool>,
     slot: SendSlot,
@@ -90,45 +92,64 @@ impl Drop for RefundOnDrop {
     }
 }
 
+/// Stores an admitted message and frees its slot in one transaction of its own (a message too
+/// big to batch, or one of a batch that failed as a whole); when the message cannot be stored,
+/// the slot is freed and its send refunded.
+pub(crate) async fn store_alone(
+    pool: &PgPool,
+    decisions: &DecisionQueue,
+    m: &NewMessage,
+    slot: SendSlot,
+) -> Result<(), StoreError> {
+    // Dropped before the write's outcome is known (the request's future cancelled: a client
+    // that hung up, a timeout), the guard refunds in a task of its own. Safe whichever way
+    // the write went: the slot is deleted in the message's own transaction, so a refund
+    // that finds it gone (stored) changes nothing, and one that races the commit waits for
+    // that row's lock first.
+    let mut guard = RefundOnDrop {
+        pool: Some(pool.clone()),
+        slot,
+    };
+    let stored = async {
+        let mut tx = pool.begin().await.or_store()?;
+        let decision = decisions.claim(&m.decision_id);
+        if let Some(d) = decision.decision() {
+            super::decisions::insert_decisions(&mut *tx, std::slice::from_ref(d)).await?;
+        }
+        super::directory::insert_message(&mut tx, m).await?;
+        sqlx::query("DELETE FROM send_slots WHERE id = $1")
+            .bind(slot.0)
+            .execute(&mut *tx)
+            .await
+            .or_store()?;
+        tx.commit().await.or_store()?;
+        decision.committed();
+        Ok::<(), StoreError>(())
+    }
+    .await;
+    guard.pool = None;
+    if let Err(e) = &stored {
+        if let Err(again) = release_slot(pool, slot, true).await {
+            tracing::warn!(error = %again, slot = slot.0, "could not refund a send whose message was not stored: its slot expires by itself");
+        }
+        tracing::debug!(error = %e, "message not stored; its send refunded");
+    }
+    stored
+}
+
 impl PgStore {
-    /// Stores an admitted message and frees its slot in one transaction; when the message cannot
-    /// be stored, the slot is freed and its send refunded.
+    /// Stores an admitted message and frees its slot: small ones in the next batch of the
+    /// message writer (`accept.rs`), big ones alone.
     pub(crate) async fn accept_admitted_message(
         &self,
         m: &NewMessage,
         slot: SendSlot,
     ) -> Result<(), StoreError> {
-        // Dropped before the write's outcome is known (the request's future cancelled: a client
-        // that hung up, a timeout), the guard refunds in a task of its own. Safe whichever way
-        // the write went: the slot is deleted in the message's own transaction, so a refund
-        // that finds it gone (stored) changes nothing, and one that races the commit waits for
-        // that row's lock first.
-        let mut guard = RefundOnDrop {
-            pool: Some(self.pool.clone()),
-            slot,
-        };
-        let stored = async {
-            let mut tx = self.pool.begin().await.or_store()?;
-            let decision = self.flush_decisions(&mut tx, &m.decision_id).await?;
-            super::directory::insert_message(&mut tx, m).await?;
-            sqlx::query("DELETE FROM send_slots WHERE id = $1")
-                .bind(slot.0)
-                .execute(&mut *tx)
-                .await
-                .or_store()?;
-            tx.commit().await.or_store()?;
-            decision.committed();
-            Ok::<(), StoreError>(())
+        if m.raw.len() > super::accept::BATCH_BODY_MAX {
+            return store_alone(&self.pool, &self.decisions, m, slot).await;
         }
-        .await;
-        guard.pool = None;
-        if let Err(e) = &stored {
-            if let Err(again) = self.release(slot, true).await {
-                tracing::warn!(error = %again, slot = slot.0, "could not refund a send whose message was not stored: its slot expires by itself");
-            }
-            tracing::debug!(error = %e, "message not stored; its send refunded");
-        }
-        stored
+        // A caller that goes away before the writer took its message is refunded by the writer.
+        self.accepts.store(m, slot).await
     }
 }
 
@@ -147,64 +168,11 @@ impl CounterStore for PgStore {
         holder: &str,
         slot_until_ms: u64,
     ) -> Result<Admitted, StoreError> {
-        // READ COMMITTED whatever the server's default: each statement after the lock must see
-        // the previous holder's commit (under REPEATABLE READ the snapshot predates the lock, and
-        // a principal's racing sends fail with serialization errors).
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+        // In the next admission batch (`accept.rs`): the principals locked, their usage read and
+        // each send re-checked in arrival order, in one transaction.
+        self.accepts
+            .admit(charge, held, now_ms, holder, slot_until_ms)
             .await
-            .or_store()?;
-        // The lock is held until the commit, so the commit does not wait for the disk
-        // (`synchronous_commit` off for this transaction only): the admission is durable with the
-        // message's own synchronous commit, which flushes the WAL up to it, and an admission lost
-        // in a crash belonged to a send that was never acknowledged. Holding the principal's lock
-        // through an fsync made one principal's sends one fsync each, whatever the nodes
-        // (docs/performance.md).
-        sqlx::query(
-            "SELECT set_config('synchronous_commit', 'off', true), \
-             pg_advisory_xact_lock($1, hashtext($2))",
-        )
-        .bind(COUNTER_LOCK_CLASS)
-        .bind(&charge.principal)
-        .execute(&mut *tx)
-        .await
-        .or_store()?;
-        let usage = read_usage(&mut tx, &charge.principal, now_ms).await?;
-        let tat = match recheck(&usage, charge, held, now_ms) {
-            Recheck::Changed => {
-                // Nothing written: the rollback only ends the lock.
-                tx.rollback().await.or_store()?;
-                return Ok(Admitted::Changed(usage));
-            }
-            Recheck::Admit { rate_tat_ms } => rate_tat_ms,
-        };
-        let now = now_ms as i64;
-        let row = sqlx::query(
-            "WITH gone AS (DELETE FROM usage_log WHERE principal = $1 AND at_ms <= $6),
-                  ended AS (DELETE FROM send_slots WHERE principal = $1 AND until_ms <= $2),
-                  rate AS (INSERT INTO rate_state (principal, tat_ms)
-                           SELECT $1, $4::BIGINT WHERE $4::BIGINT IS NOT NULL
-                           ON CONFLICT (principal) DO UPDATE
-                               SET tat_ms = GREATEST(rate_state.tat_ms, excluded.tat_ms)),
-                  used AS (INSERT INTO usage_log (principal, at_ms, recipients)
-                           VALUES ($1, $2, $3) RETURNING seq)
-             INSERT INTO send_slots (principal, holder, until_ms, usage_seq)
-             SELECT $1, $5, $7, seq FROM used RETURNING id",
-        )
-        .bind(&charge.principal)
-        .bind(now)
-        .bind(charge.recipients as i64)
-        .bind(tat.map(|t| t as i64))
-        .bind(holder)
-        .bind(now - DAY_MS as i64)
-        .bind(slot_until_ms as i64)
-        .fetch_one(&mut *tx)
-        .await
-        .or_store()?;
-        let slot: i64 = row.try_get("id").or_store()?;
-        tx.commit().await.or_store()?;
-        Ok(Admitted::Recorded(SendSlot(slot)))
     }
 
     async fn release(&self, slot: SendSlot, refund: bool) -> Result<(), StoreError> {

@@ -22,6 +22,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 
 use crate::StoreError;
 
+mod accept;
 mod changes;
 mod counters;
 mod decisions;
@@ -59,6 +60,7 @@ const MAX_CONNECTIONS: u32 = 16;
 pub struct PgStore {
     pool: PgPool,
     decisions: decisions::DecisionQueue,
+    accepts: accept::AcceptQueues,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -114,7 +116,12 @@ impl PgStore {
             .or_store()
             .map_err(unreachable)?;
         let decisions = decisions::DecisionQueue::start(pool.clone());
-        Ok(PgStore { pool, decisions })
+        let accepts = accept::AcceptQueues::start(pool.clone(), decisions.clone());
+        Ok(PgStore {
+            pool,
+            decisions,
+            accepts,
+        })
     }
 
     /// The connection pool (for backend-specific tests).

@@ -1,0 +1,455 @@
+//! Group commit of acceptances on PostgreSQL (issue 16, the benchmark's floor): admissions and
+//! message writes are each gathered by a writer task per node and done for a whole batch in one
+//! transaction, as the SQLite write thread does for one node (`sqlite/group.rs`).
+//!
+//! A send takes two steps (`counters.rs` says why two):
+//!
+//! 1. **Admission** ([`AcceptQueues::admit`]): one transaction per batch locks the batch's
+//!    principals (transaction advisory locks, taken in one fixed order, so two nodes' batches
+//!    never deadlock), reads all their usage with one statement, re-checks each send *in arrival
+//!    order* with the engine's arithmetic (`mailgate_core::engine::recheck`, each admitted send
+//!    added to its principal's numbers before the next is checked, exactly as if they had come
+//!    one at a time) and records the admitted ones (usage rows, rate TATs, concurrent-send slots)
+//!    with one more statement. It commits with `synchronous_commit` off (the message's durable
+//!    commit flushes the WAL past it; see `counters.rs`).
+//! 2. **The message** ([`AcceptQueues::store`]): one transaction per batch writes the batch's
+//!    pending decisions, messages and bodies (one `UNNEST` insert each) and frees their slots,
+//!    then commits durably: every message of the batch is acknowledged after one WAL flush.
+//!
+//! Invariants:
+//! - A batch is what queued up while the previous one was being written (the writer never waits
+//!   to gather more): one send alone is written at once, and under load each flush carries many.
+//! - A batch that fails as a whole (a duplicate message id, a constraint) is not the others'
+//!   problem: each of its messages is then written alone (`accept_admitted_message`), so only the
+//!   bad one fails, and is refunded.
+//! - A send whose caller went away before its message was written (the request's future dropped)
+//!   is refunded by the writer instead of written: no charge without a message. Once its
+//!   transaction started, it is stored and counts (as a send acknowledged too late).
+//! - Messages larger than [`BATCH_BODY_MAX`] are written alone by their caller (no copy of a big
+//!   body into the queue).
+
+use std::collections::HashMap;
+
+use mailgate_core::directory::LimitName;
+use mailgate_core::engine::counters::DAY_MS;
+use mailgate_core::engine::{Charge, Recheck, Usage, recheck};
+use sqlx::{PgPool, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use super::OrStore;
+use super::decisions::{Claim, DecisionQueue, insert_decisions};
+use crate::{Admitted, NewMessage, SendSlot, StoreError};
+
+/// First key of the two-key advisory locks that serialize one principal's admissions ("MGCT");
+/// the second is `hashtext(principal)`. A collision of two principals' hashes only makes them
+/// wait for each other.
+pub(crate) const COUNTER_LOCK_CLASS: i32 = 0x4D47_4354;
+
+/// Most sends in one admission or one message transaction.
+const MAX_BATCH: usize = 128;
+
+/// Sends that may wait for a writer before callers wait for room.
+const QUEUE_DEPTH: usize = 1024;
+
+/// Messages up to this size are written in batches; larger ones alone, by their caller.
+pub(crate) const BATCH_BODY_MAX: usize = 256 * 1024;
+
+struct AdmitJob {
+    charge: Charge,
+    held: Vec<LimitName>,
+    now_ms: u64,
+    holder: String,
+    slot_until_ms: u64,
+    reply: oneshot::Sender<Result<Admitted, StoreError>>,
+}
+
+struct StoreJob {
+    message: NewMessage,
+    slot: SendSlot,
+    reply: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// The two writer tasks of a store, and how to reach them.
+#[derive(Debug, Clone)]
+pub(crate) struct AcceptQueues {
+    admissions: mpsc::Sender<AdmitJob>,
+    messages: mpsc::Sender<StoreJob>,
+}
+
+impl std::fmt::Debug for AdmitJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdmitJob")
+            .field("principal", &self.charge.principal)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for StoreJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreJob")
+            .field("message", &self.message.id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::Unavailable("the acceptance writer has stopped".into())
+}
+
+impl AcceptQueues {
+    /// Starts the writer tasks on `pool` (needs a tokio runtime). They end when the last handle
+    /// is dropped.
+    pub(crate) fn start(pool: PgPool, decisions: DecisionQueue) -> AcceptQueues {
+        let (admissions, admit_rx) = mpsc::channel(QUEUE_DEPTH);
+        let (messages, store_rx) = mpsc::channel(QUEUE_DEPTH);
+        tokio::spawn(run_admissions(pool.clone(), admit_rx));
+        tokio::spawn(run_messages(pool, decisions, store_rx));
+        AcceptQueues {
+            admissions,
+            messages,
+        }
+    }
+
+    /// Admits one send in the next admission batch (see the module documentation).
+    pub(crate) async fn admit(
+        &self,
+        charge: &Charge,
+        held: &[LimitName],
+        now_ms: u64,
+        holder: &str,
+        slot_until_ms: u64,
+    ) -> Result<Admitted, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.admissions
+            .send(AdmitJob {
+                charge: charge.clone(),
+                held: held.to_vec(),
+                now_ms,
+                holder: holder.to_owned(),
+                slot_until_ms,
+                reply,
+            })
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Stores one admitted message in the next message batch (see the module documentation).
+    pub(crate) async fn store(
+        &self,
+        message: &NewMessage,
+        slot: SendSlot,
+    ) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.messages
+            .send(StoreJob {
+                message: message.clone(),
+                slot,
+                reply,
+            })
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+/// Takes the first job and whatever else has queued up behind it, up to [`MAX_BATCH`].
+async fn next_batch<T>(rx: &mut mpsc::Receiver<T>) -> Option<Vec<T>> {
+    let first = rx.recv().await?;
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+async fn run_admissions(pool: PgPool, mut rx: mpsc::Receiver<AdmitJob>) {
+    while let Some(batch) = next_batch(&mut rx).await {
+        match admit_batch(&pool, &batch).await {
+            Ok(outcomes) => {
+                for (job, outcome) in batch.into_iter().zip(outcomes) {
+                    // A caller gone meanwhile: its slot and usage stay until the slot's deadline
+                    // (the same as a node dying between admission and message).
+                    let _ = job.reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                for job in batch {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+const USAGE_OF_MANY: &str = "
+    SELECT p.principal,
+           (SELECT tat_ms FROM rate_state r WHERE r.principal = p.principal) AS tat,
+           u.n, u.r, u.oldest,
+           (SELECT count(*) FROM send_slots s
+             WHERE s.principal = p.principal AND s.until_ms > $3) AS in_flight
+    FROM unnest($1::text[]) AS p(principal)
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS n, COALESCE(sum(recipients), 0)::BIGINT AS r, min(at_ms) AS oldest
+        FROM usage_log l WHERE l.principal = p.principal AND l.at_ms > $2) u";
+
+const RECORD_MANY: &str = "
+    WITH rows AS MATERIALIZED (
+             SELECT nextval(pg_get_serial_sequence('usage_log', 'seq')) AS seq, t.*
+             FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[])
+                  WITH ORDINALITY AS t(principal, at_ms, recipients, holder, until_ms, ord)),
+         used AS (INSERT INTO usage_log (seq, principal, at_ms, recipients) OVERRIDING SYSTEM VALUE
+                  SELECT seq, principal, at_ms, recipients FROM rows),
+         rate AS (INSERT INTO rate_state (principal, tat_ms)
+                  SELECT principal, max(tat) FROM unnest($6::text[], $7::bigint[]) AS x(principal, tat)
+                  GROUP BY principal
+                  ON CONFLICT (principal) DO UPDATE
+                      SET tat_ms = GREATEST(rate_state.tat_ms, excluded.tat_ms)),
+         gone AS (DELETE FROM usage_log WHERE principal = ANY($8::text[]) AND at_ms <= $9),
+         ended AS (DELETE FROM send_slots WHERE principal = ANY($8::text[]) AND until_ms <= $10),
+         slots AS (INSERT INTO send_slots (principal, holder, until_ms, usage_seq)
+                   SELECT principal, holder, until_ms, seq FROM rows RETURNING id, usage_seq)
+    SELECT r.ord, s.id FROM rows r JOIN slots s ON s.usage_seq = r.seq";
+
+/// One admission transaction for `batch`; the outcome of each job, in order.
+async fn admit_batch(pool: &PgPool, batch: &[AdmitJob]) -> Result<Vec<Admitted>, StoreError> {
+    let mut principals: Vec<&str> = batch.iter().map(|j| j.charge.principal.as_str()).collect();
+    principals.sort_unstable();
+    principals.dedup();
+    // The earliest clock of the batch reads the most usage (nothing has left the day's window
+    // yet): never fewer than any of its sends' own reading would have counted.
+    let now = batch.iter().map(|j| j.now_ms).min().unwrap_or(0);
+    // READ COMMITTED whatever the server's default: each statement after the locks must see the
+    // previous holders' commits (see `counters.rs`).
+    let mut tx = pool
+        .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+        .await
+        .or_store()?;
+    // The locks in one fixed order (by key, then name) whatever the batch, so two batches on two
+    // nodes never wait for each other in a cycle; the single-send lock of the same key is the
+    // same lock. `synchronous_commit` off for this transaction only (`counters.rs` says why).
+    sqlx::query(
+        "SELECT set_config('synchronous_commit', 'off', true),
+                pg_advisory_xact_lock($1, h)
+         FROM (SELECT DISTINCT hashtext(p) AS h FROM unnest($2::text[]) AS p ORDER BY 1) keys",
+    )
+    .bind(COUNTER_LOCK_CLASS)
+    .bind(&principals)
+    .execute(&mut *tx)
+    .await
+    .or_store()?;
+    let rows = sqlx::query(USAGE_OF_MANY)
+        .bind(&principals)
+        .bind(now as i64 - DAY_MS as i64)
+        .bind(now as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .or_store()?;
+    let mut usage: HashMap<String, Usage> = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let principal: String = row.try_get("principal").or_store()?;
+        let tat: Option<i64> = row.try_get("tat").or_store()?;
+        let n: i64 = row.try_get("n").or_store()?;
+        let r: i64 = row.try_get("r").or_store()?;
+        let oldest: Option<i64> = row.try_get("oldest").or_store()?;
+        let in_flight: i64 = row.try_get("in_flight").or_store()?;
+        usage.insert(
+            principal,
+            Usage {
+                rate_tat_ms: tat.map(|t| t.max(0) as u64),
+                messages_24h: n.max(0) as u64,
+                recipients_24h: r.max(0) as u64,
+                oldest_expires_ms: oldest.map(|o| (o.max(0) as u64).saturating_add(DAY_MS)),
+                in_flight: in_flight.max(0) as u64,
+            },
+        );
+    }
+    // Each send in arrival order, on its principal's numbers as the sends before it left them.
+    let mut outcomes: Vec<Option<Admitted>> = Vec::with_capacity(batch.len());
+    let mut admitted: Vec<usize> = Vec::new();
+    let mut tats: HashMap<&str, u64> = HashMap::new();
+    for (i, job) in batch.iter().enumerate() {
+        let u = usage.entry(job.charge.principal.clone()).or_default();
+        match recheck(u, &job.charge, &job.held, job.now_ms) {
+            Recheck::Changed => outcomes.push(Some(Admitted::Changed(*u))),
+            Recheck::Admit { rate_tat_ms } => {
+                u.rate_tat_ms = rate_tat_ms;
+                u.messages_24h = u.messages_24h.saturating_add(1);
+                u.recipients_24h = u.recipients_24h.saturating_add(job.charge.recipients);
+                u.in_flight = u.in_flight.saturating_add(1);
+                if u.oldest_expires_ms.is_none() {
+                    u.oldest_expires_ms = Some(job.now_ms.saturating_add(DAY_MS));
+                }
+                if let Some(t) = rate_tat_ms {
+                    let e = tats.entry(job.charge.principal.as_str()).or_insert(t);
+                    *e = (*e).max(t);
+                }
+                outcomes.push(None);
+                admitted.push(i);
+            }
+        }
+    }
+    if admitted.is_empty() {
+        // Nothing written: the rollback only ends the locks.
+        tx.rollback().await.or_store()?;
+        return Ok(outcomes.into_iter().flatten().collect());
+    }
+    let jobs: Vec<&AdmitJob> = admitted.iter().map(|&i| &batch[i]).collect();
+    let (tat_principals, tat_values): (Vec<&str>, Vec<i64>) =
+        tats.iter().map(|(p, t)| (*p, *t as i64)).unzip();
+    let recorded = sqlx::query(RECORD_MANY)
+        .bind(
+            jobs.iter()
+                .map(|j| j.charge.principal.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(jobs.iter().map(|j| j.now_ms as i64).collect::<Vec<_>>())
+        .bind(
+            jobs.iter()
+                .map(|j| j.charge.recipients as i64)
+                .collect::<Vec<_>>(),
+        )
+        .bind(jobs.iter().map(|j| j.holder.as_str()).collect::<Vec<_>>())
+        .bind(
+            jobs.iter()
+                .map(|j| j.slot_until_ms as i64)
+                .collect::<Vec<_>>(),
+        )
+        .bind(tat_principals)
+        .bind(tat_values)
+        .bind(&principals)
+        .bind(now as i64 - DAY_MS as i64)
+        .bind(now as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .or_store()?;
+    tx.commit().await.or_store()?;
+    for row in recorded {
+        let ord: i64 = row.try_get("ord").or_store()?;
+        let id: i64 = row.try_get("id").or_store()?;
+        let at = usize::try_from(ord - 1)
+            .ok()
+            .and_then(|k| admitted.get(k).copied())
+            .ok_or_else(|| StoreError::Other(format!("admission row {ord} out of range")))?;
+        if let Some(slot) = outcomes.get_mut(at) {
+            *slot = Some(Admitted::Recorded(SendSlot(id)));
+        }
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.ok_or_else(|| StoreError::Other("an admitted send got no slot".into())))
+        .collect()
+}
+
+async fn run_messages(pool: PgPool, decisions: DecisionQueue, mut rx: mpsc::Receiver<StoreJob>) {
+    while let Some(batch) = next_batch(&mut rx).await {
+        // Callers gone before their message was written: refunded, not written.
+        let (live, gone): (Vec<StoreJob>, Vec<StoreJob>) =
+            batch.into_iter().partition(|j| !j.reply.is_closed());
+        for job in gone {
+            if let Err(e) = super::counters::release_slot(&pool, job.slot, true).await {
+                tracing::warn!(error = %e, slot = job.slot.0, "could not refund a send whose message write was abandoned: its slot expires by itself");
+            }
+        }
+        if live.is_empty() {
+            continue;
+        }
+        if live.len() > 1 {
+            let claims: Vec<Claim> = live
+                .iter()
+                .map(|j| decisions.claim(&j.message.decision_id))
+                .collect();
+            match store_batch(&pool, &live, &claims).await {
+                Ok(()) => {
+                    for c in claims {
+                        c.committed();
+                    }
+                    for job in live {
+                        let _ = job.reply.send(Ok(()));
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    drop(claims);
+                    tracing::debug!(error = %e, messages = live.len(), "a batch of messages failed; writing each alone");
+                }
+            }
+        }
+        for job in live {
+            let stored =
+                super::counters::store_alone(&pool, &decisions, &job.message, job.slot).await;
+            let _ = job.reply.send(stored);
+        }
+    }
+}
+
+/// One durable transaction for a batch of admitted messages: their pending decisions, the
+/// messages, their bodies, and their slots freed.
+async fn store_batch(pool: &PgPool, jobs: &[StoreJob], claims: &[Claim]) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await.or_store()?;
+    let pending: Vec<_> = claims
+        .iter()
+        .filter_map(|c| c.decision().cloned())
+        .collect();
+    insert_decisions(&mut *tx, &pending).await?;
+    let m = |f: fn(&NewMessage) -> &str| jobs.iter().map(|j| f(&j.message)).collect::<Vec<_>>();
+    // Recipients as one JSON array per message (arrays of arrays must be rectangular).
+    let recipients: Vec<String> = jobs
+        .iter()
+        .map(|j| serde_json::to_string(&j.message.recipients).unwrap_or_else(|_| "[]".into()))
+        .collect();
+    sqlx::query(
+        "WITH m AS (
+             INSERT INTO messages (id, decision_id, accepted_at_ms, door, principal, envelope_from,
+                                   recipients, size, state, hold_until_ms)
+             SELECT id, decision_id, at, door, principal, env_from,
+                    ARRAY(SELECT jsonb_array_elements_text(rcpt::jsonb)), size, state, hold
+             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+                         $7::text[], $8::bigint[], $9::text[], $10::bigint[])
+                  AS t(id, decision_id, at, door, principal, env_from, rcpt, size, state, hold)
+             RETURNING id)
+         INSERT INTO message_bodies (message_id, raw)
+         SELECT id, raw FROM unnest($1::text[], $11::bytea[]) AS b(id, raw)
+         WHERE id IN (SELECT id FROM m)",
+    )
+    .bind(m(|x| &x.id))
+    .bind(m(|x| &x.decision_id))
+    .bind(
+        jobs.iter()
+            .map(|j| j.message.accepted_at_ms)
+            .collect::<Vec<_>>(),
+    )
+    .bind(m(|x| &x.door))
+    .bind(m(|x| &x.principal))
+    .bind(m(|x| &x.envelope_from))
+    .bind(&recipients)
+    .bind(
+        jobs.iter()
+            .map(|j| j.message.raw.len() as i64)
+            .collect::<Vec<_>>(),
+    )
+    .bind(m(|x| x.state.as_str()))
+    .bind(
+        jobs.iter()
+            .map(|j| j.message.hold_until_ms)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        jobs.iter()
+            .map(|j| j.message.raw.as_slice())
+            .collect::<Vec<_>>(),
+    )
+    .execute(&mut *tx)
+    .await
+    .or_store()?;
+    sqlx::query("DELETE FROM send_slots WHERE id = ANY($1)")
+        .bind(jobs.iter().map(|j| j.slot.0).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await
+        .or_store()?;
+    tx.commit().await.or_store()?;
+    Ok(())
+}
