@@ -251,21 +251,8 @@ async fn admit_batch(pool: &PgPool, batch: &[AdmitJob]) -> Result<Vec<Admitted>,
     let mut usage: HashMap<String, Usage> = HashMap::with_capacity(rows.len());
     for row in rows {
         let principal: String = row.try_get("principal").or_store()?;
-        let tat: Option<i64> = row.try_get("tat").or_store()?;
-        let n: i64 = row.try_get("n").or_store()?;
-        let r: i64 = row.try_get("r").or_store()?;
-        let oldest: Option<i64> = row.try_get("oldest").or_store()?;
-        let in_flight: i64 = row.try_get("in_flight").or_store()?;
-        usage.insert(
-            principal,
-            Usage {
-                rate_tat_ms: tat.map(|t| t.max(0) as u64),
-                messages_24h: n.max(0) as u64,
-                recipients_24h: r.max(0) as u64,
-                oldest_expires_ms: oldest.map(|o| (o.max(0) as u64).saturating_add(DAY_MS)),
-                in_flight: in_flight.max(0) as u64,
-            },
-        );
+        let u = super::counters::usage_of_row(&row)?;
+        usage.insert(principal, u);
     }
     // Each send in arrival order, on its principal's numbers as the sends before it left them.
     let mut outcomes: Vec<Option<Admitted>> = Vec::with_capacity(batch.len());

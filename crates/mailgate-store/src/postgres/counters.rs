@@ -40,6 +40,12 @@ async fn read_usage(
         .fetch_one(&mut *conn)
         .await
         .or_store()?;
+    usage_of_row(&row)
+}
+
+/// A principal's [`Usage`] from a row with the columns `tat`, `n`, `r`, `oldest` and
+/// `in_flight` (this module's `USAGE`, and the batch read of `accept.rs`).
+pub(crate) fn usage_of_row(row: &sqlx::postgres::PgRow) -> Result<Usage, StoreError> {
     let tat: Option<i64> = row.try_get("tat").or_store()?;
     let n: i64 = row.try_get("n").or_store()?;
     let r: i64 = row.try_get("r").or_store()?;
