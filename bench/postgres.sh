@@ -6,6 +6,12 @@
 #
 #   ./bench/postgres.sh [COUNT]     (default 2000 messages per row, a quarter for one session)
 #
+# CONFIGS (default "postfix sqlite pg1 pg2") and DOORS (default "gmail smtp") narrow a run while
+# working on one row; the table then shows only what was measured. PG_STATEMENTS=1 prints, after
+# each PostgreSQL row, the CPU used by each program (bench/cpu.py) and the statements that took
+# the server's time (pg_stat_statements, which must
+# be in the server's shared_preload_libraries).
+#
 # PostgreSQL: the server at PG_SERVER (default postgres://postgres@127.0.0.1:5432/postgres, the
 # machines' trust-auth server); each configuration gets a fresh database `mailgate_bench`,
 # dropped at the end. Every acceptance is durable: the script refuses to run unless the server
@@ -118,7 +124,29 @@ smtp_row() {
   rate_since "$n" "$t0"
 }
 
-# One configuration: every client count, both doors; RESULT[config,door,C].
+CONFIGS=${CONFIGS:-"postfix sqlite pg1 pg2"}
+DOORS=${DOORS:-"gmail smtp"}
+wanted() { [[ " $1 " == *" $2 "* ]]; }
+
+# PG_STATEMENTS=1: the server's statistics are reset before a PostgreSQL row and its top
+# statements by total time printed after it (to stderr, with the row's name).
+pg_statements_reset() {
+  [ -n "${PG_STATEMENTS:-}" ] && [ "$1" != sqlite ] || return 0
+  pg "$PG_URL" "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()" >/dev/null
+  bench/cpu.py snapshot "$WORK/cpu.json"
+}
+pg_statements_print() {
+  [ -n "${PG_STATEMENTS:-}" ] && [ "$1" != sqlite ] || return 0
+  log "$1 $2 C=$3: $(bench/cpu.py diff "$WORK/cpu.json") (the row and the queue's drain)"
+  log "$1 $2 C=$3: statements by total time (calls, total ms, rows, query)"
+  psql -X -q -A -F ' | ' -t -d "$PG_URL" -c "SELECT calls, round(total_exec_time::numeric, 1), rows,
+      left(regexp_replace(query, '\s+', ' ', 'g'), 140) FROM pg_stat_statements
+      WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+      ORDER BY total_exec_time DESC LIMIT 25" >&2
+  pg "$PG_URL" "SELECT 'commits ' || xact_commit || ', rollbacks ' || xact_rollback FROM pg_stat_database WHERE datname = current_database()" >&2
+}
+
+# One configuration: every client count, the doors asked for; RESULT[config,door,C].
 measure() {
   local config=$1
   shift
@@ -135,60 +163,81 @@ measure() {
   mailgate_drained_after "$(date +%s%N)" >/dev/null
   for C in $CLIENTS; do
     N=$(messages_for "$C")
-    settle
-    RESULT[$config,gmail,$C]=$(gmail_row "$N" "$C" "${http[@]}")
-    mailgate_drained_after "$(date +%s%N)" >/dev/null
-    settle
-    RESULT[$config,smtp,$C]=$(smtp_row "$N" "$C" "${relay[@]}")
-    mailgate_drained_after "$(date +%s%N)" >/dev/null
-    log "$config C=$C: gmail ${RESULT[$config,gmail,$C]}/s, smtp ${RESULT[$config,smtp,$C]}/s"
+    if wanted "$DOORS" gmail; then
+      settle
+      pg_statements_reset "$config"
+      RESULT[$config,gmail,$C]=$(gmail_row "$N" "$C" "${http[@]}")
+      mailgate_drained_after "$(date +%s%N)" >/dev/null
+      pg_statements_print "$config" gmail "$C"
+      log "$config C=$C: gmail ${RESULT[$config,gmail,$C]}/s"
+    fi
+    if wanted "$DOORS" smtp; then
+      settle
+      pg_statements_reset "$config"
+      RESULT[$config,smtp,$C]=$(smtp_row "$N" "$C" "${relay[@]}")
+      mailgate_drained_after "$(date +%s%N)" >/dev/null
+      pg_statements_print "$config" smtp "$C"
+      log "$config C=$C: smtp ${RESULT[$config,smtp,$C]}/s"
+    fi
   done
 }
 
 declare -A PF
-postfix_start
-smtp-source -l "$SIZE" -m 1000 -s 16 -f alice@example.com -t bench@example.org 127.0.0.1:25 >/dev/null
-postfix_drained_after "$(date +%s%N)" >/dev/null
-for C in $CLIENTS; do
-  N=$(messages_for "$C")
-  settle
-  t0=$(date +%s%N)
-  smtp-source -c -l $SIZE -m "$N" -s "$C" -f alice@example.com -t bench@example.org 127.0.0.1:25 >/dev/null
-  PF[$C]=$(rate_since "$N" "$t0")
-  log "postfix C=$C: ${PF[$C]}/s accepted"
-done
-postfix_stop
+if wanted "$CONFIGS" postfix; then
+  postfix_start
+  smtp-source -l "$SIZE" -m 1000 -s 16 -f alice@example.com -t bench@example.org 127.0.0.1:25 >/dev/null
+  postfix_drained_after "$(date +%s%N)" >/dev/null
+  for C in $CLIENTS; do
+    N=$(messages_for "$C")
+    settle
+    t0=$(date +%s%N)
+    smtp-source -c -l $SIZE -m "$N" -s "$C" -f alice@example.com -t bench@example.org 127.0.0.1:25 >/dev/null
+    PF[$C]=$(rate_since "$N" "$t0")
+    log "postfix C=$C: ${PF[$C]}/s accepted"
+  done
+  postfix_stop
+fi
 
-log "Mailgate on SQLite"
-MG_DATA=$WORK/sqlite mailgate_start
-measure sqlite
-nodes_stop
+if wanted "$CONFIGS" sqlite; then
+  log "Mailgate on SQLite"
+  MG_DATA=$WORK/sqlite mailgate_start
+  measure sqlite
+  nodes_stop
+fi
 
-log "one Mailgate node on PostgreSQL"
-fresh_db
-MG_DATA=$WORK/pg1 MG_EXTRA_CONFIG=$'[node]\nid = "bench-a"\n[store]\nurl = "'"$PG_URL"$'"' mailgate_start
-measure pg1
-nodes_stop
+if wanted "$CONFIGS" pg1; then
+  log "one Mailgate node on PostgreSQL"
+  fresh_db
+  MG_DATA=$WORK/pg1 MG_EXTRA_CONFIG=$'[node]\nid = "bench-a"\n[store]\nurl = "'"$PG_URL"$'"' mailgate_start
+  measure pg1
+  nodes_stop
+fi
 
-log "two Mailgate nodes on one PostgreSQL database"
-fresh_db
-MG_DATA=$WORK/pg2 MG_EXTRA_CONFIG=$'[node]\nid = "bench-a"\n[store]\nurl = "'"$PG_URL"$'"' mailgate_start
-node_b_start
-$MG --database-url "$PG_URL" status >&2
-measure pg2
-nodes_stop
+if wanted "$CONFIGS" pg2; then
+  log "two Mailgate nodes on one PostgreSQL database"
+  fresh_db
+  MG_DATA=$WORK/pg2 MG_EXTRA_CONFIG=$'[node]\nid = "bench-a"\n[store]\nurl = "'"$PG_URL"$'"' mailgate_start
+  node_b_start
+  $MG --database-url "$PG_URL" status >&2
+  measure pg2
+  nodes_stop
+fi
 
+# A column or ratio that was not measured in this run shows "-".
 echo
 echo "| door | sessions | Postfix accepted/s | SQLite accepted/s | PostgreSQL, 1 node | PostgreSQL, 2 nodes | SQLite / Postfix | PG 1 node / Postfix | PG 2 nodes / Postfix |"
 echo "|---|---|---|---|---|---|---|---|---|"
 for door in gmail smtp; do
+  wanted "$DOORS" "$door" || continue
   for C in $CLIENTS; do
-    python3 - "$door" "$C" "${PF[$C]}" "${RESULT[sqlite,$door,$C]}" "${RESULT[pg1,$door,$C]}" "${RESULT[pg2,$door,$C]}" <<'PY'
+    python3 - "$door" "$C" "${PF[$C]:-}" "${RESULT[sqlite,$door,$C]:-}" "${RESULT[pg1,$door,$C]:-}" "${RESULT[pg2,$door,$C]:-}" <<'PY'
 import sys
 door, c = sys.argv[1], sys.argv[2]
-pf, sq, p1, p2 = map(float, sys.argv[3:7])
+pf, sq, p1, p2 = (float(v) if v else None for v in sys.argv[3:7])
 name = "Gmail messages.send" if door == "gmail" else "SMTP relay listener"
-print(f"| {name} | {c} | {pf:.0f} | {sq:.0f} | {p1:.0f} | {p2:.0f} | {sq/pf:.2f}x | {p1/pf:.2f}x | {p2/pf:.2f}x |")
+num = lambda v: "-" if v is None else f"{v:.0f}"
+ratio = lambda v: "-" if v is None or pf is None else f"{v/pf:.2f}x"
+print(f"| {name} | {c} | {num(pf)} | {num(sq)} | {num(p1)} | {num(p2)} | {ratio(sq)} | {ratio(p1)} | {ratio(p2)} |")
 PY
   done
 done

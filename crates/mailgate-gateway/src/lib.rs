@@ -22,6 +22,7 @@ mod edit;
 pub mod lockout;
 pub mod message;
 pub mod nodes;
+mod seen;
 mod trace;
 pub use conn::ConnFacts;
 pub use credentials::{ApiKeyMatch, Grant};
@@ -130,6 +131,8 @@ pub struct Gateway {
     slot_holder: std::sync::OnceLock<String>,
     /// The message-id node number this node leased ([`Gateway::join_as`]); [`NOT_JOINED`] before.
     node_number: std::sync::atomic::AtomicU16,
+    /// Shared counters: the usage this node last saw in the store, by principal ([`seen`]).
+    seen: seen::SeenUsage,
 }
 
 /// [`Gateway::node_number`] before [`Gateway::join_as`].
@@ -193,6 +196,7 @@ impl Gateway {
             node: nodes::NodeIdentity::current(),
             joined: std::sync::OnceLock::new(),
             slot_holder: std::sync::OnceLock::new(),
+            seen: seen::SeenUsage::default(),
             node_number: std::sync::atomic::AtomicU16::new(NOT_JOINED),
         });
         gateway.reload_faults().await?;
@@ -546,9 +550,11 @@ impl Gateway {
     }
 
     /// The engine's decision with the usage numbers in force: this process's counters on one
-    /// node; on a store whose counters every node shares, the principal's live numbers read from
-    /// it (one read, only when the decision reached the limits), so every node decides, and
-    /// `explain` reports, with the same numbers.
+    /// node; on a store whose counters every node shares, the principal's numbers in the store
+    /// (only when the decision reached the limits): a send is allowed on the numbers this node
+    /// saw there within a second, and a refusal, a hold and `explain` are decided with the live
+    /// numbers read now, so every node refuses, and `explain` reports, with the same numbers
+    /// ([`seen`] says why and what that leaves stale).
     async fn run_engine(
         &self,
         attempt: &SendAttempt,
@@ -567,6 +573,20 @@ impl Gateway {
         let Some(principal) = first.principal.clone().filter(|_| reached_limits) else {
             return Ok(first);
         };
+        // A send allowed on the numbers this node saw within a second stands until its admission
+        // re-checks it atomically; anything else is decided with live numbers ([`seen`]).
+        if mode == Mode::Enforce
+            && let Some(usage) = self.seen.get(&principal, now)
+        {
+            let seen = mailgate_core::engine::UsageSnapshot {
+                principal: principal.clone(),
+                usage,
+            };
+            let decision = self.engine(attempt, &seen, now, mode);
+            if decision.verdict == Verdict::Allowed {
+                return Ok(decision);
+            }
+        }
         let usage = match shared.usage(&principal, now).await {
             Ok(u) => u,
             Err(e) => {
@@ -574,6 +594,7 @@ impl Gateway {
                 return Err(e.into());
             }
         };
+        self.seen.put(&principal, usage, now);
         let live = mailgate_core::engine::UsageSnapshot { principal, usage };
         Ok(self.engine(attempt, &live, now, mode))
     }
@@ -744,12 +765,14 @@ impl Gateway {
                 )
                 .await;
             match admitted {
-                Ok(mailgate_store::Admitted::Recorded(slot)) => {
+                Ok(mailgate_store::Admitted::Recorded(slot, usage)) => {
+                    self.seen.put(&charge.principal, usage, now);
                     let (new, state) = new_message(door, &decided, message, now);
                     let stored = self.store.accept_admitted(&new, slot).await;
                     return self.stored(door, &decided, new.id, state, stored);
                 }
                 Ok(mailgate_store::Admitted::Changed(usage)) => {
+                    self.seen.put(&charge.principal, usage, now);
                     // The engine decides again with the numbers the store saw.
                     let live = mailgate_core::engine::UsageSnapshot {
                         principal: charge.principal.clone(),

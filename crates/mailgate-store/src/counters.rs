@@ -29,8 +29,11 @@ pub struct SendSlot(pub i64);
 /// What [`CounterStore::admit`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admitted {
-    /// Recorded; free the slot with [`CounterStore::release`] once the message is stored.
-    Recorded(SendSlot),
+    /// Recorded; free the slot with [`CounterStore::release`] once the message is stored. The
+    /// usage is the principal's as this send left it (counted in, slot held): what the node
+    /// knows of it until its next admission (the gateway decides the principal's next sends
+    /// with it and reads live numbers only for a refusal or a hold).
+    Recorded(SendSlot, Usage),
     /// The principal's live numbers change the decision: nothing was recorded. Decide again with
     /// these numbers.
     Changed(Usage),

@@ -257,6 +257,7 @@ async fn admit_batch(pool: &PgPool, batch: &[AdmitJob]) -> Result<Vec<Admitted>,
     // Each send in arrival order, on its principal's numbers as the sends before it left them.
     let mut outcomes: Vec<Option<Admitted>> = Vec::with_capacity(batch.len());
     let mut admitted: Vec<usize> = Vec::new();
+    let mut after: Vec<Usage> = Vec::new();
     let mut tats: HashMap<&str, u64> = HashMap::new();
     for (i, job) in batch.iter().enumerate() {
         let u = usage.entry(job.charge.principal.clone()).or_default();
@@ -276,6 +277,7 @@ async fn admit_batch(pool: &PgPool, batch: &[AdmitJob]) -> Result<Vec<Admitted>,
                 }
                 outcomes.push(None);
                 admitted.push(i);
+                after.push(*u);
             }
         }
     }
@@ -317,12 +319,12 @@ async fn admit_batch(pool: &PgPool, batch: &[AdmitJob]) -> Result<Vec<Admitted>,
     for row in recorded {
         let ord: i64 = row.try_get("ord").or_store()?;
         let id: i64 = row.try_get("id").or_store()?;
-        let at = usize::try_from(ord - 1)
+        let (at, usage) = usize::try_from(ord - 1)
             .ok()
-            .and_then(|k| admitted.get(k).copied())
+            .and_then(|k| Some((*admitted.get(k)?, *after.get(k)?)))
             .ok_or_else(|| StoreError::Other(format!("admission row {ord} out of range")))?;
         if let Some(slot) = outcomes.get_mut(at) {
-            *slot = Some(Admitted::Recorded(SendSlot(id)));
+            *slot = Some(Admitted::Recorded(SendSlot(id), usage));
         }
     }
     outcomes

@@ -55,7 +55,7 @@ async fn admit(s: &Arc<dyn Store>, c: &Charge, now: u64) -> Admitted {
 
 fn slot(a: &Admitted) -> SendSlot {
     match a {
-        Admitted::Recorded(s) => *s,
+        Admitted::Recorded(s, _) => *s,
         Admitted::Changed(u) => panic!("refused with {u:?}"),
     }
 }
@@ -73,20 +73,28 @@ pub async fn concurrent_admissions_on_two_nodes_admit_exactly_the_daily_limit(
         let c = c.clone();
         tasks.push(tokio::spawn(async move {
             let got = admit(&s, &c, T0 + i).await;
-            if let Admitted::Recorded(slot) = got {
+            if let Admitted::Recorded(slot, _) = got {
                 counters(&s).release(slot, false).await.unwrap();
             }
             got
         }));
     }
     let mut recorded = 0;
+    let mut seen_after = Vec::new();
     for t in tasks {
         match t.await.unwrap() {
-            Admitted::Recorded(_) => recorded += 1,
+            Admitted::Recorded(_, after) => {
+                recorded += 1;
+                // The usage a recorded send reports counts it in, with its slot held.
+                assert!(after.in_flight >= 1, "{after:?}");
+                seen_after.push(after.messages_24h);
+            }
             Admitted::Changed(u) => assert_eq!(u.messages_24h, 3, "refused with {u:?}"),
         }
     }
     assert_eq!(recorded, 3);
+    seen_after.sort_unstable();
+    assert_eq!(seen_after, [1, 2, 3], "each admission's own count");
     let u = counters(&a)
         .usage("frank@example.com", T0 + 100)
         .await
@@ -103,7 +111,7 @@ pub async fn concurrent_admissions_on_two_nodes_admit_exactly_the_daily_limit(
     assert_eq!(later.messages_24h, 0);
     assert!(matches!(
         admit(&bb, &c, T0 + DAY + 100).await,
-        Admitted::Recorded(_)
+        Admitted::Recorded(..)
     ));
 }
 
@@ -206,7 +214,7 @@ pub async fn the_rate_is_one_schedule_for_every_node(b: &impl StoreBackend) {
     let mut admitted = 0;
     for i in 0..100u64 {
         let s = if i % 2 == 0 { &a } else { &bb };
-        if let Admitted::Recorded(sl) = admit(s, &c, T0).await {
+        if let Admitted::Recorded(sl, _) = admit(s, &c, T0).await {
             counters(s).release(sl, false).await.unwrap();
             admitted += 1;
         }
@@ -219,7 +227,7 @@ pub async fn the_rate_is_one_schedule_for_every_node(b: &impl StoreBackend) {
     // One emission interval later, exactly one more fits.
     assert!(matches!(
         admit(&bb, &c, T0 + 1_000).await,
-        Admitted::Recorded(_)
+        Admitted::Recorded(..)
     ));
     assert!(matches!(
         admit(&a, &c, T0 + 1_000).await,
@@ -250,7 +258,7 @@ pub async fn a_held_decision_stands_only_while_the_numbers_hold_it(b: &impl Stor
         .admit(&c, &[LimitName::DailyMessages], T0 + 2, "n/r", T0 + 60_000)
         .await
         .unwrap();
-    assert!(matches!(held, Admitted::Recorded(_)), "{held:?}");
+    assert!(matches!(held, Admitted::Recorded(..)), "{held:?}");
     let u: Usage = counters(&s)
         .usage("erin@example.com", T0 + 3)
         .await
