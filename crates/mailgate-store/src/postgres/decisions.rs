@@ -5,7 +5,8 @@
 //! (so [`Store::decision`](crate::Store::decision) finds it at once) and on a bounded queue; one
 //! writer task per store takes whatever has queued up (at most [`MAX_BATCH`], gathering for at
 //! most [`GATHER`] when nobody waits) and writes it with one `INSERT ... SELECT FROM UNNEST(...)`:
-//! one statement, one round trip, one commit for the whole batch.
+//! one statement, one round trip, one commit for the whole batch. A decision that lets a message
+//! in is left for [`CLAIM_WINDOW`] to the acceptance that writes it with its message.
 //!
 //! Invariants:
 //! - An accepted message's decision is durable no later than the message: the acceptance's
@@ -15,21 +16,25 @@
 //! - [`DecisionQueue::flush`] returns once every decision queued before it is committed (or
 //!   claimed by an acceptance, which commits it with its message or gives it back).
 //! - Memory is bounded: the queue holds at most [`QUEUE_DEPTH`] decisions; past that,
-//!   `enqueue_decision` waits for room (back-pressure on the doors), and the pending map holds
-//!   no more than the queue, the batch being written and the acceptances in flight.
+//!   `enqueue_decision` waits for room (back-pressure on the doors); at most [`QUEUE_DEPTH`] more
+//!   wait for their acceptance (past that they are written as any other), and the pending map
+//!   holds no more than those, the batch being written and the acceptances in flight.
+//! - A decision nobody claims is durable within [`CLAIM_WINDOW`] plus one write (a refusal
+//!   within [`GATHER`] plus one write); a flush writes every one still waiting.
 //! - Inserts are `ON CONFLICT DO NOTHING`: a decision written twice (the writer and an
 //!   acceptance racing for it) is one row, and neither fails.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::OrStore;
-use crate::{StoreError, StoredDecision};
+use crate::{StoreError, StoredDecision, StoredVerdict};
 
 /// Most decisions written by one statement.
 pub(crate) const MAX_BATCH: usize = 512;
@@ -40,6 +45,14 @@ pub(crate) const QUEUE_DEPTH: usize = 4096;
 /// message's transaction) and the writer has nothing to do; a refusal's decision is committed
 /// within it.
 pub(crate) const GATHER: Duration = Duration::from_millis(10);
+/// How long the writer leaves a decision that lets a message in (allowed or held) for the
+/// acceptance that will write it with its message ([`DecisionQueue::claim`]). Without it the
+/// writer takes most of them first (a send's admission takes longer than [`GATHER`] under load),
+/// and the acceptance's insert of the same row then waits for the writer's durable commit: two
+/// disk flushes per acceptance instead of one. Measured (`docs/performance.md`, run 5): that
+/// wait was the most frequent wait in PostgreSQL at 16 sessions. One not claimed by then (its
+/// sender went away, the limits changed at admission) is written then.
+pub(crate) const CLAIM_WINDOW: Duration = Duration::from_millis(1000);
 /// A failed batch is tried again once after this (the database restarting, a dropped connection);
 /// then its decisions are logged as lost.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
@@ -290,35 +303,92 @@ fn stopped() -> StoreError {
     StoreError::Unavailable("the decision writer has stopped".into())
 }
 
-/// The writer task: takes whatever has queued up and writes it in one statement.
+/// Whether an acceptance may claim `d`: a send's decision that lets the message in (allowed or
+/// held). The writer leaves those for [`CLAIM_WINDOW`] (see there).
+fn claimable(d: &StoredDecision) -> bool {
+    matches!(d.verdict, StoredVerdict::Allowed | StoredVerdict::Held)
+}
+
+/// Takes one job off the queue: a claimable decision waits for its acceptance (while fewer than
+/// [`QUEUE_DEPTH`] do), any other goes into the batch; a flush takes every waiting decision into
+/// the batch and waits for it.
+fn take(
+    job: Job,
+    batch: &mut Vec<Arc<StoredDecision>>,
+    deferred: &mut VecDeque<(Instant, Arc<StoredDecision>)>,
+    waiters: &mut Vec<oneshot::Sender<()>>,
+) {
+    match job {
+        Job::Decision(d) if claimable(&d) && deferred.len() < QUEUE_DEPTH => {
+            deferred.push_back((Instant::now() + CLAIM_WINDOW, d));
+        }
+        Job::Decision(d) => batch.push(d),
+        Job::Flush(done) => {
+            batch.extend(deferred.drain(..).map(|(_, d)| d));
+            waiters.push(done);
+        }
+    }
+}
+
+/// The writer task: writes what has queued up in one statement once it has gathered for
+/// [`GATHER`] (at once when someone flushes or the batch is full), and the decisions left for
+/// their acceptance once their [`CLAIM_WINDOW`] closed unclaimed. Ends when the queue closes,
+/// after writing everything.
 async fn run(pool: PgPool, mut rx: mpsc::Receiver<Job>, pending: PendingMap, counts: Arc<Counts>) {
     let mut batch: Vec<Arc<StoredDecision>> = Vec::new();
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let deadline = tokio::time::Instant::now() + GATHER;
-        let mut next = Some(first);
-        loop {
-            while let Some(job) = next.take() {
-                match job {
-                    Job::Decision(d) => batch.push(d),
-                    Job::Flush(done) => waiters.push(done),
-                }
-                if batch.len() < MAX_BATCH {
-                    next = rx.try_recv().ok();
-                }
+    let mut deferred: VecDeque<(Instant, Arc<StoredDecision>)> = VecDeque::new();
+    let mut gather_until: Option<Instant> = None;
+    let mut open = true;
+    loop {
+        let now = Instant::now();
+        while deferred.front().is_some_and(|(until, _)| *until <= now) {
+            if let Some((_, d)) = deferred.pop_front() {
+                batch.push(d);
             }
-            if waiters.is_empty() && batch.len() < MAX_BATCH {
-                // Nobody waits: gather a little longer (a timeout or a closed queue: write).
-                if let Ok(Some(job)) = tokio::time::timeout_at(deadline, rx.recv()).await {
-                    next = Some(job);
-                    continue;
+        }
+        if !open {
+            batch.extend(deferred.drain(..).map(|(_, d)| d));
+        }
+        if !batch.is_empty() || !waiters.is_empty() {
+            let due = batch.len() >= MAX_BATCH
+                || !waiters.is_empty()
+                || !open
+                || gather_until.is_some_and(|g| g <= now);
+            if due {
+                write(&pool, &pending, &mut batch, &counts).await;
+                for done in waiters.drain(..) {
+                    let _ = done.send(());
                 }
+                gather_until = None;
+                continue;
             }
+            gather_until.get_or_insert(now + GATHER);
+        }
+        if !open {
             break;
         }
-        write(&pool, &pending, &mut batch, &counts).await;
-        for done in waiters.drain(..) {
-            let _ = done.send(());
+        let wake = [gather_until, deferred.front().map(|(until, _)| *until)]
+            .into_iter()
+            .flatten()
+            .min();
+        let received = match wake {
+            // `None` when a gathering or a claim window ended first.
+            Some(at) => tokio::time::timeout_at(at, rx.recv()).await.ok(),
+            None => Some(rx.recv().await),
+        };
+        match received {
+            None => {}
+            Some(None) => open = false,
+            Some(Some(job)) => {
+                take(job, &mut batch, &mut deferred, &mut waiters);
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(job) => take(job, &mut batch, &mut deferred, &mut waiters),
+                        Err(_) => break,
+                    }
+                }
+            }
         }
     }
 }
