@@ -118,112 +118,222 @@ fn captured_of(row: &PgRow) -> Result<CapturedMessage, StoreError> {
     })
 }
 
-/// Records one attempt inside `tx` (see [`QueueStore::record_attempt`]).
-async fn record_in(
+/// The fence of a batch of write-backs: locks the rows of the messages `owner` still leases
+/// under the epoch each report was made under (in id order, so two batches never wait for each
+/// other in a cycle) and returns their `lease_interrupted`.
+const FENCE: &str = "
+    SELECT m.id, m.lease_interrupted
+    FROM messages m
+    JOIN unnest($1::text[], $2::bigint[]) AS r(id, epoch) ON m.id = r.id AND m.lease_epoch = r.epoch
+    WHERE m.lease_owner = $3 AND m.state IN ('queued', 'deferred')
+    ORDER BY m.id
+    FOR UPDATE OF m";
+
+/// The recipients' outcomes of the fenced reports, in one statement: each recipient's row
+/// updated (the last outcome named for it), every outcome appended to the history in order, and
+/// every recipient's state after it returned (the statement sees the rows as they were before
+/// it, so the new state is taken from the outcome where there is one).
+const OUTCOMES: &str = "
+    WITH o AS (
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                  $6::bigint[], $7::bool[], $8::bigint[], $9::text[])
+                  WITH ORDINALITY AS o(message_id, recipient, state, code, reply, next_attempt_ms,
+                                       possible_duplicate, at_ms, smarthost, ord)),
+         last AS (
+             SELECT DISTINCT ON (message_id, recipient) * FROM o
+             ORDER BY message_id, recipient, ord DESC),
+         upd AS (
+             UPDATE message_recipients r
+             SET state = last.state, attempts = r.attempts + 1, code = last.code,
+                 reply = last.reply, smarthost = last.smarthost, updated_at_ms = last.at_ms
+             FROM last WHERE r.message_id = last.message_id AND r.recipient = last.recipient),
+         ins AS (
+             INSERT INTO delivery_attempts (message_id, at_ms, smarthost, recipient, outcome, code,
+                                            reply, next_attempt_ms, possible_duplicate)
+             SELECT message_id, at_ms, smarthost, recipient, state, code, reply, next_attempt_ms,
+                    possible_duplicate
+             FROM o ORDER BY ord)
+    SELECT r.message_id, COALESCE(last.state, r.state) AS state
+    FROM message_recipients r
+    LEFT JOIN last ON last.message_id = r.message_id AND last.recipient = r.recipient
+    WHERE r.message_id = ANY($10::text[])";
+
+/// The fenced messages' new states, their leases ended, in one statement.
+const FINISH: &str = "
+    UPDATE messages m
+    SET state = u.state, attempts = m.attempts + 1, next_attempt_ms = u.next_attempt_ms,
+        done_at_ms = u.done_at_ms, lease_owner = NULL, lease_until_ms = NULL,
+        updated_at_ms = u.at_ms, lease_interrupted = false
+    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
+         AS u(id, state, next_attempt_ms, done_at_ms, at_ms, epoch)
+    WHERE m.id = u.id AND m.lease_owner = $7 AND m.lease_epoch = u.epoch";
+
+/// Records a batch of attempts inside `tx` (see [`QueueStore::record_attempts`]) with three
+/// statements whatever its size: the fence, the recipients' outcomes, the messages' states (and
+/// one insert per DSN). A report whose lease was lost records nothing; a message named twice is
+/// recorded once (the later report finds its lease ended, as it would one after the other).
+async fn record_batch(
     tx: &mut sqlx::PgConnection,
     owner: &str,
-    report: &AttemptReport,
-) -> Result<Recorded, StoreError> {
-    // The fence: the row is locked only while `owner` holds the lease the report was made
-    // under; the lease then conditions the final UPDATE too.
-    let interrupted: Option<bool> = sqlx::query_scalar(
-        "SELECT lease_interrupted FROM messages
-         WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
-           AND state IN ('queued', 'deferred')
-         FOR UPDATE",
-    )
-    .bind(&report.message_id)
-    .bind(owner)
-    .bind(report.lease)
-    .fetch_optional(&mut *tx)
-    .await
-    .or_store()?;
-    let Some(interrupted) = interrupted else {
-        return Ok(Recorded::LeaseLost);
-    };
-    for o in &report.outcomes {
-        sqlx::query(
-            "UPDATE message_recipients
-             SET state = $1, attempts = attempts + 1, code = $2, reply = $3, smarthost = $4,
-                 updated_at_ms = $5
-             WHERE message_id = $6 AND recipient = $7",
+    reports: &[AttemptReport],
+) -> Result<Vec<Recorded>, StoreError> {
+    let fenced: HashMap<String, bool> = sqlx::query(FENCE)
+        .bind(
+            reports
+                .iter()
+                .map(|r| r.message_id.as_str())
+                .collect::<Vec<_>>(),
         )
-        .bind(o.state.as_str())
-        .bind(&o.code)
-        .bind(&o.reply)
-        .bind(&report.smarthost)
-        .bind(report.at_ms)
-        .bind(&report.message_id)
-        .bind(&o.recipient)
-        .execute(&mut *tx)
+        .bind(reports.iter().map(|r| r.lease).collect::<Vec<_>>())
+        .bind(owner)
+        .fetch_all(&mut *tx)
         .await
-        .or_store()?;
-        sqlx::query(
-            "INSERT INTO delivery_attempts (message_id, at_ms, smarthost, recipient, outcome, code,
-                                            reply, next_attempt_ms, possible_duplicate)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(&report.message_id)
-        .bind(report.at_ms)
-        .bind(&report.smarthost)
-        .bind(&o.recipient)
-        .bind(o.state.as_str())
-        .bind(&o.code)
-        .bind(&o.reply)
-        .bind(if o.state.is_final() {
-            None
-        } else {
-            report.next_attempt_ms
-        })
-        .bind(interrupted)
-        .execute(&mut *tx)
-        .await
-        .or_store()?;
-    }
-    let states: Vec<String> =
-        sqlx::query_scalar("SELECT state FROM message_recipients WHERE message_id = $1")
-            .bind(&report.message_id)
-            .fetch_all(&mut *tx)
-            .await
-            .or_store()?;
-    let states = states
+        .or_store()?
         .iter()
-        .map(|s| recipient_state_of(s))
-        .collect::<Result<Vec<_>, _>>()?;
-    let state = message_state(&states);
-    let (next, done) = if state == MessageState::Deferred {
-        (Some(report.next_attempt_ms.unwrap_or(report.at_ms)), None)
-    } else {
-        (None, Some(report.at_ms))
-    };
-    let n = sqlx::query(
-        "UPDATE messages SET state = $1, attempts = attempts + 1, next_attempt_ms = $2,
-             done_at_ms = $3, lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = $4,
-             lease_interrupted = false
-         WHERE id = $5 AND lease_owner = $6 AND lease_epoch = $7",
-    )
-    .bind(state.as_str())
-    .bind(next)
-    .bind(done)
-    .bind(report.at_ms)
-    .bind(&report.message_id)
-    .bind(owner)
-    .bind(report.lease)
-    .execute(&mut *tx)
-    .await
-    .or_store()?
-    .rows_affected();
-    if n != 1 {
-        // Cannot happen while the row is locked; if it does, nothing of this attempt stays.
+        .map(|row| Ok((row.try_get("id")?, row.try_get("lease_interrupted")?)))
+        .collect::<Result<_, sqlx::Error>>()
+        .or_store()?;
+    // The reports that record, in order: each fenced message once.
+    let mut taken: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let recording: Vec<(usize, &AttemptReport, bool)> = reports
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let interrupted = *fenced.get(&r.message_id)?;
+            taken
+                .insert(r.message_id.as_str())
+                .then_some((i, r, interrupted))
+        })
+        .collect();
+    let mut out = vec![Recorded::LeaseLost; reports.len()];
+    if recording.is_empty() {
+        return Ok(out);
+    }
+    let outcomes: Vec<(&AttemptReport, bool, &crate::queue::RecipientOutcome)> = recording
+        .iter()
+        .flat_map(|(_, r, interrupted)| r.outcomes.iter().map(move |o| (*r, *interrupted, o)))
+        .collect();
+    let ids: Vec<&str> = recording
+        .iter()
+        .map(|(_, r, _)| r.message_id.as_str())
+        .collect();
+    let rows = sqlx::query(OUTCOMES)
+        .bind(
+            outcomes
+                .iter()
+                .map(|(r, _, _)| r.message_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            outcomes
+                .iter()
+                .map(|(_, _, o)| o.recipient.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            outcomes
+                .iter()
+                .map(|(_, _, o)| o.state.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            outcomes
+                .iter()
+                .map(|(_, _, o)| o.code.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            outcomes
+                .iter()
+                .map(|(_, _, o)| o.reply.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            outcomes
+                .iter()
+                .map(|(r, _, o)| {
+                    if o.state.is_final() {
+                        None
+                    } else {
+                        r.next_attempt_ms
+                    }
+                })
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            outcomes
+                .iter()
+                .map(|(_, interrupted, _)| *interrupted)
+                .collect::<Vec<_>>(),
+        )
+        .bind(outcomes.iter().map(|(r, _, _)| r.at_ms).collect::<Vec<_>>())
+        .bind(
+            outcomes
+                .iter()
+                .map(|(r, _, _)| r.smarthost.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        .or_store()?;
+    let mut states: HashMap<String, Vec<RecipientState>> = HashMap::with_capacity(ids.len());
+    for row in rows {
+        let id: String = row.try_get("message_id").or_store()?;
+        let state: String = row.try_get("state").or_store()?;
+        states
+            .entry(id)
+            .or_default()
+            .push(recipient_state_of(&state)?);
+    }
+    let mut finish: Vec<(&AttemptReport, MessageState, Option<i64>, Option<i64>)> =
+        Vec::with_capacity(recording.len());
+    for (i, r, _) in &recording {
+        let state = message_state(states.get(&r.message_id).map_or(&[][..], |v| &v[..]));
+        let (next, done) = if state == MessageState::Deferred {
+            (Some(r.next_attempt_ms.unwrap_or(r.at_ms)), None)
+        } else {
+            (None, Some(r.at_ms))
+        };
+        finish.push((r, state, next, done));
+        out[*i] = Recorded::State(state);
+    }
+    let n = sqlx::query(FINISH)
+        .bind(
+            finish
+                .iter()
+                .map(|(r, ..)| r.message_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            finish
+                .iter()
+                .map(|(_, s, ..)| s.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(finish.iter().map(|(_, _, n, _)| *n).collect::<Vec<_>>())
+        .bind(finish.iter().map(|(.., d)| *d).collect::<Vec<_>>())
+        .bind(finish.iter().map(|(r, ..)| r.at_ms).collect::<Vec<_>>())
+        .bind(finish.iter().map(|(r, ..)| r.lease).collect::<Vec<_>>())
+        .bind(owner)
+        .execute(&mut *tx)
+        .await
+        .or_store()?
+        .rows_affected();
+    if n != finish.len() as u64 {
+        // Cannot happen while the rows are locked; if it does, nothing of this batch stays.
         return Err(StoreError::Other(format!(
-            "message {}: the lease changed under its row lock",
-            report.message_id
+            "{} of {} messages: the lease changed under its row lock",
+            finish.len() as u64 - n.min(finish.len() as u64),
+            finish.len()
         )));
     }
-    if let Some(dsn) = &report.dsn {
-        super::directory::insert_message(tx, dsn).await?;
+    for (_, r, _) in &recording {
+        if let Some(dsn) = &r.dsn {
+            super::directory::insert_message(tx, dsn).await?;
+        }
     }
-    Ok(Recorded::State(state))
+    Ok(out)
 }
 
 #[async_trait]
@@ -406,10 +516,7 @@ impl QueueStore for PgStore {
             return Ok(Vec::new());
         }
         let mut tx = self.pool.begin().await.or_store()?;
-        let mut out = Vec::with_capacity(reports.len());
-        for report in reports {
-            out.push(record_in(&mut tx, owner, report).await?);
-        }
+        let out = record_batch(&mut tx, owner, reports).await?;
         tx.commit().await.or_store()?;
         Ok(out)
     }
