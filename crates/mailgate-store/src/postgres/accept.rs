@@ -185,16 +185,21 @@ async fn run_admissions(pool: PgPool, mut rx: mpsc::Receiver<AdmitJob>) {
     }
 }
 
+/// The usage of several principals, read as `counters.rs`'s `USAGE` reads one's.
 const USAGE_OF_MANY: &str = "
     SELECT p.principal,
            (SELECT tat_ms FROM rate_state r WHERE r.principal = p.principal) AS tat,
-           u.n, u.r, u.oldest,
+           COALESCE(t.messages, 0) - x.n AS n,
+           (COALESCE(t.recipients, 0) - x.r)::BIGINT AS r,
+           (SELECT min(at_ms) FROM usage_log l
+             WHERE l.principal = p.principal AND l.at_ms > $2) AS oldest,
            (SELECT count(*) FROM send_slots s
              WHERE s.principal = p.principal AND s.until_ms > $3) AS in_flight
     FROM unnest($1::text[]) AS p(principal)
+    LEFT JOIN usage_totals t ON t.principal = p.principal
     CROSS JOIN LATERAL (
-        SELECT count(*) AS n, COALESCE(sum(recipients), 0)::BIGINT AS r, min(at_ms) AS oldest
-        FROM usage_log l WHERE l.principal = p.principal AND l.at_ms > $2) u";
+        SELECT count(*) AS n, COALESCE(sum(recipients), 0) AS r
+        FROM usage_log l WHERE l.principal = p.principal AND l.at_ms <= $2) x";
 
 const RECORD_MANY: &str = "
     WITH rows AS MATERIALIZED (

@@ -20,12 +20,18 @@ use super::decisions::DecisionQueue;
 use super::{OrStore, PgStore};
 use crate::{Admitted, CounterStore, NewMessage, SendSlot, StoreError};
 
+/// One principal's usage: the day's messages and recipients are its running totals
+/// (`usage_totals`, `migrations/postgres/0008_usage_totals.sql`) less its rows that have left the
+/// window and are not deleted yet, so the read costs the same whatever the day's volume.
 const USAGE: &str = "
     SELECT (SELECT tat_ms FROM rate_state WHERE principal = $1) AS tat,
-           u.n, u.r, u.oldest,
+           COALESCE(t.messages, 0) - x.n AS n,
+           (COALESCE(t.recipients, 0) - x.r)::BIGINT AS r,
+           (SELECT min(at_ms) FROM usage_log WHERE principal = $1 AND at_ms > $2) AS oldest,
            (SELECT count(*) FROM send_slots WHERE principal = $1 AND until_ms > $3) AS in_flight
-    FROM (SELECT count(*) AS n, COALESCE(sum(recipients), 0)::BIGINT AS r, min(at_ms) AS oldest
-          FROM usage_log WHERE principal = $1 AND at_ms > $2) u";
+    FROM (SELECT count(*) AS n, COALESCE(sum(recipients), 0) AS r
+          FROM usage_log WHERE principal = $1 AND at_ms <= $2) x
+    LEFT JOIN usage_totals t ON t.principal = $1";
 
 async fn read_usage(
     conn: &mut sqlx::PgConnection,

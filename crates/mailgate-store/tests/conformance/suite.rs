@@ -98,6 +98,7 @@ macro_rules! conformance {
             the_rate_is_one_schedule_for_every_node,
             a_held_decision_stands_only_while_the_numbers_hold_it,
             an_abandoned_message_write_refunds_its_send,
+            the_days_numbers_match_the_sends_in_the_window_through_expiry_refunds_and_purges,
         );
     };
     (faults: $fresh:path) => {

@@ -265,3 +265,79 @@ pub async fn a_held_decision_stands_only_while_the_numbers_hold_it(b: &impl Stor
         .unwrap();
     assert_eq!(u.messages_24h, 2);
 }
+
+/// The day's numbers stay exact as sends leave the window, are refunded, or are purged by the
+/// counters' replay (`usage_since`), whichever node reads them: checked against a model (the
+/// sends still in the last 24 h, counted one by one) over 40 sends an hour apart. Regression: the
+/// day's usage is read from running totals since the full count of a day's rows became the
+/// admission's main cost (`migrations/postgres/0008_usage_totals.sql`).
+pub async fn the_days_numbers_match_the_sends_in_the_window_through_expiry_refunds_and_purges(
+    b: &impl StoreBackend,
+) {
+    const HOUR: u64 = 60 * 60 * 1000;
+    let (a, bb) = (shared(b).await, shared(b).await);
+    let who = "hank@example.com";
+    // (at, recipients) of each send that counts.
+    let mut model: Vec<(u64, u64)> = Vec::new();
+    let check = |model: &Vec<(u64, u64)>, u: Usage, now: u64, what: &str| {
+        let live: Vec<&(u64, u64)> = model.iter().filter(|(at, _)| *at + DAY > now).collect();
+        let want = (
+            live.len() as u64,
+            live.iter().map(|(_, r)| r).sum::<u64>(),
+            live.iter().map(|(at, _)| at + DAY).min(),
+        );
+        assert_eq!(
+            (u.messages_24h, u.recipients_24h, u.oldest_expires_ms),
+            want,
+            "{what} at +{} h",
+            (now - T0) / HOUR
+        );
+    };
+    for k in 0..40u64 {
+        let now = T0 + k * HOUR;
+        let s = if k % 2 == 0 { &a } else { &bb };
+        let mut c = charge(who, 1000, 1000, 600);
+        c.recipients = k % 3 + 1;
+        let sl = slot(&admit(s, &c, now).await);
+        // Every fifth send is refunded (its message could not be stored).
+        let refunded = k % 5 == 4;
+        counters(s).release(sl, refunded).await.unwrap();
+        if !refunded {
+            model.push((now, c.recipients));
+        }
+        let other = if k % 2 == 0 { &bb } else { &a };
+        let u = counters(other).usage(who, now + 1).await.unwrap();
+        check(&model, u, now + 1, "after a send");
+        // Half an hour later, read without any send (the expired rows are not deleted yet).
+        let u = counters(other).usage(who, now + HOUR / 2).await.unwrap();
+        check(&model, u, now + HOUR / 2, "between sends");
+    }
+    // The replay at a node's start purges what is older than its window.
+    let since = (T0 + 39 * HOUR - DAY) as i64;
+    a.usage_since(since).await.unwrap();
+    model.retain(|(at, _)| *at as i64 >= since);
+    let now = T0 + 39 * HOUR + 2;
+    check(
+        &model,
+        counters(&bb).usage(who, now).await.unwrap(),
+        now,
+        "after a purge",
+    );
+    // Two days later nothing counts, and the next send counts alone.
+    let now = T0 + 39 * HOUR + 2 * DAY;
+    check(
+        &model,
+        counters(&a).usage(who, now).await.unwrap(),
+        now,
+        "two days later",
+    );
+    let sl = slot(&admit(&a, &charge(who, 1000, 1000, 600), now).await);
+    counters(&a).release(sl, false).await.unwrap();
+    model.push((now, 1));
+    check(
+        &model,
+        counters(&bb).usage(who, now).await.unwrap(),
+        now,
+        "a send after two days",
+    );
+}
