@@ -36,6 +36,7 @@ mod queue;
 mod tokens;
 mod uploads;
 
+pub use accept::AdmissionStats;
 pub use decisions::DecisionBatches;
 pub(crate) use error::OrStore;
 pub use error::redact;
@@ -83,6 +84,11 @@ impl PgStore {
                 without(&e, url)
             ))
         })?;
+        // READ COMMITTED on every connection whatever the database's default (an operator's
+        // `default_transaction_isolation`): the admission's statements after a principal's lock
+        // must see the previous holder's commit, also in the implicit transaction of one
+        // statement (`mailgate_admit` refuses to run under another level).
+        let options = options.options([("default_transaction_isolation", "read committed")]);
         let unreachable = |e: StoreError| match e {
             StoreError::Unavailable(text) | StoreError::Busy(text) => {
                 StoreError::Unavailable(format!(
@@ -127,6 +133,18 @@ impl PgStore {
     /// The connection pool (for backend-specific tests).
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// How admission batches were recorded so far (for tests and `docs/performance.md`).
+    pub fn admission_stats(&self) -> AdmissionStats {
+        self.accepts.admission_stats()
+    }
+
+    /// How many times an admission batch is read and re-checked without its principals' locks
+    /// before they are taken over its reading (default 3; 0: always locked). For tests.
+    #[doc(hidden)]
+    pub fn set_optimistic_admission_tries(&self, tries: usize) {
+        self.accepts.set_optimistic_tries(tries);
     }
 
     /// How the decision writer batched so far (for tests and `docs/performance.md`).

@@ -656,3 +656,114 @@ async fn admission_stays_exact_on_a_database_defaulting_to_repeatable_read() {
     }
     assert_eq!(recorded, 3);
 }
+
+/// Admissions are read and re-checked without the principals' locks and recorded only if no other
+/// admission came in between (`migrations/postgres/0009_optimistic_admission.sql`): frank's 10 a
+/// day through three nodes racing 60 sends admits exactly 10, whether batches are recorded that
+/// way, or (tries set to 0) always with the locks held over their reading; and a record whose
+/// reading is stale (a version moved) records nothing, not even a usage row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admission_is_exact_read_without_locks_or_with_and_a_stale_record_writes_nothing() {
+    use mailgate_core::directory::{ExceedAction, LimitName, SEND_COST_UNITS};
+    use mailgate_core::engine::Charge;
+    use mailgate_core::gcra::Gcra;
+    use mailgate_store::{Admitted, CounterStore};
+
+    let db = fresh().await;
+    let nodes = [
+        Arc::new(handle(&db).await),
+        Arc::new(handle(&db).await),
+        Arc::new(handle(&db).await),
+    ];
+    let t0 = 1_795_000_000_000u64;
+    let charge = |principal: &str| Charge {
+        principal: principal.into(),
+        rate: Gcra::per_minute(6_000 * SEND_COST_UNITS, SEND_COST_UNITS),
+        recipients: 1,
+        messages_per_day: 10,
+        recipients_per_day: 1_000,
+        concurrent_sends: 1_000,
+        actions: [
+            (LimitName::Rate, ExceedAction::Reject),
+            (LimitName::DailyMessages, ExceedAction::Reject),
+            (LimitName::DailyRecipients, ExceedAction::Reject),
+            (LimitName::Concurrency, ExceedAction::Reject),
+        ],
+    };
+    async fn race(nodes: &[Arc<PgStore>; 3], c: Charge, t0: u64) -> (u64, Vec<u64>) {
+        let mut tasks = Vec::new();
+        for i in 0..60u64 {
+            let s = nodes[(i % 3) as usize].clone();
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                s.admit(&c, &[], t0 + i, "n/r", t0 + 60_000).await
+            }));
+        }
+        let mut recorded = 0;
+        let mut counts = Vec::new();
+        for t in tasks {
+            match t.await.unwrap().unwrap() {
+                Admitted::Recorded(_, after) => {
+                    recorded += 1;
+                    counts.push(after.messages_24h);
+                }
+                Admitted::Changed(u) => assert_eq!(u.messages_24h, 10, "refused with {u:?}"),
+            }
+        }
+        counts.sort_unstable();
+        (recorded, counts)
+    }
+    let (recorded, counts) = race(&nodes, charge("frank@example.com"), t0).await;
+    assert_eq!(recorded, 10);
+    assert_eq!(
+        counts,
+        (1..=10).collect::<Vec<_>>(),
+        "each admission's own count"
+    );
+    let stats: Vec<_> = nodes.iter().map(|n| n.admission_stats()).collect();
+    assert!(
+        stats.iter().map(|s| s.optimistic).sum::<u64>() > 0,
+        "recorded without the locks: {stats:?}"
+    );
+
+    for n in &nodes {
+        n.set_optimistic_admission_tries(0);
+    }
+    let before: u64 = nodes.iter().map(|n| n.admission_stats().locked).sum();
+    let (recorded, _) = race(&nodes, charge("gina@example.com"), t0).await;
+    assert_eq!(recorded, 10);
+    let after: u64 = nodes.iter().map(|n| n.admission_stats().locked).sum();
+    assert!(after > before, "recorded with the locks held");
+
+    // A record on a stale reading: frank's version has moved past 0, so it records nothing.
+    let pool = nodes[0].pool();
+    let usage_rows = |p: &'static str| {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM usage_log WHERE principal = $1")
+            .bind(p)
+            .fetch_one(pool)
+    };
+    let rows_before = usage_rows("frank@example.com").await.unwrap();
+    let recorded: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT admitted_ord, slot_id FROM mailgate_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+                                                          $11, $12)",
+    )
+    .bind(0x4D47_4354i32)
+    .bind(vec!["frank@example.com"])
+    .bind(vec![0i64])
+    .bind(vec!["frank@example.com"])
+    .bind(vec![(t0 + 100) as i64])
+    .bind(vec![1i64])
+    .bind(vec!["n/r"])
+    .bind(vec![(t0 + 60_000) as i64])
+    .bind(Vec::<String>::new())
+    .bind(Vec::<i64>::new())
+    .bind(0i64)
+    .bind((t0 + 100) as i64)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(recorded.is_empty(), "a stale reading recorded {recorded:?}");
+    assert_eq!(usage_rows("frank@example.com").await.unwrap(), rows_before);
+    let u = nodes[1].usage("frank@example.com", t0 + 100).await.unwrap();
+    assert_eq!(u.messages_24h, 10);
+}
