@@ -4,14 +4,18 @@
 //!
 //! A send takes two steps (`counters.rs` says why two):
 //!
-//! 1. **Admission** ([`AcceptQueues::admit`]): one transaction per batch locks the batch's
-//!    principals (transaction advisory locks, taken in one fixed order, so two nodes' batches
-//!    never deadlock), reads all their usage with one statement, re-checks each send *in arrival
+//! 1. **Admission** ([`AcceptQueues::admit`]): one statement per batch reads all its principals'
+//!    usage and their admission versions (no lock), the node re-checks each send *in arrival
 //!    order* with the engine's arithmetic (`mailgate_core::engine::recheck`, each admitted send
 //!    added to its principal's numbers before the next is checked, exactly as if they had come
-//!    one at a time) and records the admitted ones (usage rows, rate TATs, concurrent-send slots)
-//!    with one more statement. It commits with `synchronous_commit` off (the message's durable
-//!    commit flushes the WAL past it; see `counters.rs`).
+//!    one at a time), and one more statement records the admitted ones (usage rows, rate TATs,
+//!    concurrent-send slots) through `mailgate_admit`, which takes the principals' transaction
+//!    advisory locks (one fixed order, so two nodes' batches never deadlock) and records nothing
+//!    if an admission of one of them came in since the read (its version moved): the batch is
+//!    then read and re-checked again, and after [`OPTIMISTIC_TRIES`] misses admitted with the
+//!    locks held over its reading (`migrations/postgres/0009_optimistic_admission.sql` says why
+//!    a version is enough). The record commits with `synchronous_commit` off (the message's
+//!    durable commit flushes the WAL past it; see `counters.rs`).
 //! 2. **The message** ([`AcceptQueues::store`]): one statement per batch (its own implicit
 //!    transaction, one round trip) writes the batch's pending decisions, messages and bodies
 //!    (one `UNNEST` insert each) and frees their slots, and commits durably: every message of the

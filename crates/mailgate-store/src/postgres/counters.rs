@@ -1,14 +1,22 @@
 //! [`CounterStore`] on PostgreSQL: limits exact across nodes (`migrations/postgres/0002_shared_counters.sql`).
 //!
-//! An admission is one transaction: lock the principal (a transaction advisory lock on a hash of
-//! its counter key, so sends of other principals never wait), read its live usage in one
-//! statement, let the engine's arithmetic re-check the decision
-//! (`mailgate_core::engine::recheck`), and record the send in one more statement (usage row,
+//! An admission is atomic per principal: the principal's usage is read, the engine's arithmetic
+//! re-checks the decision (`mailgate_core::engine::recheck`), and the send is recorded (usage row,
 //! rate TAT, concurrent-send slot, and the principal's expired rows deleted on the way, which
-//! keeps its rows bounded by its own limits). Under READ COMMITTED each statement after the lock
-//! sees every earlier holder's commit, so two nodes cannot both take the last unit of a limit.
-//! The sends that queue up meanwhile are admitted together, in one such transaction, and their
-//! messages written together in another (`accept.rs`).
+//! keeps its rows bounded by its own limits) only if no other admission of that principal came in
+//! between: the record takes the principal's transaction advisory lock (a hash of its counter
+//! key, so sends of other principals never wait) and compares the principal's admission version
+//! with the one read, or, after a few misses, the lock is taken before the read. Under READ
+//! COMMITTED each statement after the lock sees every earlier holder's commit, so two nodes
+//! cannot both take the last unit of a limit. The sends that queue up meanwhile are admitted
+//! together, and their messages written together (`accept.rs`).
+//!
+//! Why two steps (admission, then the message): the concurrent-send slot is taken when the engine
+//! allows the send and held while the door receives and stores its message (an SMTP body arrives
+//! after the decision), and a send whose message is never stored is refunded. Why the admission
+//! commits with `synchronous_commit` off: the WAL is one sequence, so the message's durable
+//! commit (after the admission's) flushes the admission too; a crash can lose only admissions
+//! whose messages were not acknowledged, which is the refund they would have had.
 
 use async_trait::async_trait;
 use mailgate_core::directory::LimitName;
