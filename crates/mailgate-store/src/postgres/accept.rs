@@ -202,9 +202,18 @@ impl AcceptQueues {
     }
 }
 
-/// Takes the first job and whatever else has queued up behind it, up to [`MAX_BATCH`].
-async fn next_batch<T>(rx: &mut mpsc::Receiver<T>) -> Option<Vec<T>> {
+/// How long a writer lets a batch gather once sends come concurrently (its previous batch held
+/// more than one): fewer, larger transactions when the machine is busy (bench/postgres.sh, two
+/// nodes at 16 sessions: batches of under 2 sends otherwise), and no wait for a send alone.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Takes the first job and whatever else has queued up behind it, up to [`MAX_BATCH`]; after a
+/// batch of several (`last`), waits [`GATHER`] first for more to come.
+async fn next_batch<T>(rx: &mut mpsc::Receiver<T>, last: &mut usize) -> Option<Vec<T>> {
     let first = rx.recv().await?;
+    if *last > 1 && rx.len() + 1 < MAX_BATCH {
+        tokio::time::sleep(GATHER).await;
+    }
     let mut batch = vec![first];
     while batch.len() < MAX_BATCH {
         match rx.try_recv() {
@@ -212,6 +221,7 @@ async fn next_batch<T>(rx: &mut mpsc::Receiver<T>) -> Option<Vec<T>> {
             Err(_) => break,
         }
     }
+    *last = batch.len();
     Some(batch)
 }
 
@@ -220,7 +230,8 @@ async fn run_admissions(
     counts: Arc<AdmissionCounts>,
     mut rx: mpsc::Receiver<AdmitJob>,
 ) {
-    while let Some(batch) = next_batch(&mut rx).await {
+    let mut last = 0;
+    while let Some(batch) = next_batch(&mut rx, &mut last).await {
         match admit_batch(&pool, &counts, &batch).await {
             Ok(outcomes) => {
                 for (job, outcome) in batch.into_iter().zip(outcomes) {
@@ -477,7 +488,8 @@ async fn admit_batch(
 }
 
 async fn run_messages(pool: PgPool, decisions: DecisionQueue, mut rx: mpsc::Receiver<StoreJob>) {
-    while let Some(batch) = next_batch(&mut rx).await {
+    let mut last = 0;
+    while let Some(batch) = next_batch(&mut rx, &mut last).await {
         // Callers gone before their message was written: refunded, not written.
         let (live, gone): (Vec<StoreJob>, Vec<StoreJob>) =
             batch.into_iter().partition(|j| !j.reply.is_closed());
