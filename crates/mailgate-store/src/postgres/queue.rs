@@ -358,46 +358,81 @@ impl QueueStore for PgStore {
         limit: u32,
     ) -> Result<Vec<LeasedMessage>, StoreError> {
         let until = now_ms.saturating_add(lease_ms);
-        let mut tx = self.pool.begin().await.or_store()?;
+        // One statement (its own transaction, one round trip): lease, make the recipient rows on
+        // a first lease (acceptance stays small), and return each message with its body and, on
+        // a first attempt, its recipients (all pending, in envelope order, each once).
         let rows = sqlx::query(
-            "UPDATE messages m
-             SET lease_owner = $1, lease_until_ms = $2, updated_at_ms = $3,
-                 lease_epoch = nextval('message_lease_epoch'),
-                 -- The lease before ended without an outcome: its holder still owns it.
-                 lease_interrupted = m.lease_interrupted OR m.lease_owner IS NOT NULL
-             FROM (SELECT id FROM messages
-                   WHERE state IN ('queued', 'deferred')
-                     AND COALESCE(next_attempt_ms, 0) <= $3
-                     AND (lease_until_ms IS NULL OR lease_until_ms <= $3)
-                   ORDER BY COALESCE(next_attempt_ms, accepted_at_ms), id
-                   LIMIT $4
-                   FOR UPDATE SKIP LOCKED) due
-             WHERE m.id = due.id
-             RETURNING m.id, m.decision_id, m.door, m.accepted_at_ms, m.envelope_from,
-                       m.attempts, COALESCE(m.next_attempt_ms, m.accepted_at_ms) AS due_at,
-                       m.lease_epoch, m.lease_interrupted",
+            "WITH due AS (
+                 SELECT id FROM messages
+                 WHERE state IN ('queued', 'deferred')
+                   AND COALESCE(next_attempt_ms, 0) <= $3
+                   AND (lease_until_ms IS NULL OR lease_until_ms <= $3)
+                 ORDER BY COALESCE(next_attempt_ms, accepted_at_ms), id
+                 LIMIT $4
+                 FOR UPDATE SKIP LOCKED),
+             leased AS (
+                 UPDATE messages m
+                 SET lease_owner = $1, lease_until_ms = $2, updated_at_ms = $3,
+                     lease_epoch = nextval('message_lease_epoch'),
+                     -- The lease before ended without an outcome: its holder still owns it.
+                     lease_interrupted = m.lease_interrupted OR m.lease_owner IS NOT NULL
+                 FROM due WHERE m.id = due.id
+                 RETURNING m.id, m.decision_id, m.door, m.accepted_at_ms, m.envelope_from,
+                           m.attempts, COALESCE(m.next_attempt_ms, m.accepted_at_ms) AS due_at,
+                           m.lease_epoch, m.lease_interrupted, m.recipients),
+             made AS (
+                 INSERT INTO message_recipients (message_id, recipient, position, state,
+                                                 updated_at_ms)
+                 SELECT l.id, r.recipient, r.position::integer, 'pending', $3
+                 FROM leased l, unnest(l.recipients) WITH ORDINALITY AS r(recipient, position)
+                 ON CONFLICT (message_id, recipient) DO NOTHING)
+             SELECT l.id, l.decision_id, l.door, l.accepted_at_ms, l.envelope_from, l.attempts,
+                    l.due_at, l.lease_epoch, l.lease_interrupted, b.raw,
+                    ARRAY(SELECT r.recipient
+                          FROM unnest(l.recipients) WITH ORDINALITY AS r(recipient, position)
+                          GROUP BY r.recipient ORDER BY min(r.position)) AS first_recipients
+             FROM leased l LEFT JOIN message_bodies b ON b.message_id = l.id",
         )
         .bind(owner)
         .bind(until)
         .bind(now_ms)
         .bind(i64::from(limit.max(1)))
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.pool)
         .await
         .or_store()?;
         let mut leased = Vec::with_capacity(rows.len());
+        // Messages attempted before: their recipients' states are read after the lease.
+        let mut retried: Vec<String> = Vec::new();
         for r in &rows {
             let due_at: i64 = r.try_get("due_at").or_store()?;
+            let attempts: i64 = r.try_get("attempts").or_store()?;
+            let id: String = r.try_get("id").or_store()?;
+            // No attempt recorded yet (RETURNING gives the row as its last writer left it, so
+            // the count is current): every recipient is pending. Otherwise their rows say.
+            let recipients = if attempts == 0 {
+                r.try_get::<Vec<String>, _>("first_recipients")
+                    .or_store()?
+                    .into_iter()
+                    .map(|rcpt| (rcpt, RecipientState::Pending))
+                    .collect()
+            } else {
+                retried.push(id.clone());
+                Vec::new()
+            };
             leased.push((
                 due_at,
                 LeasedMessage {
-                    id: r.try_get("id").or_store()?,
+                    id,
                     decision_id: r.try_get("decision_id").or_store()?,
                     door: r.try_get("door").or_store()?,
                     accepted_at_ms: r.try_get("accepted_at_ms").or_store()?,
                     envelope_from: r.try_get("envelope_from").or_store()?,
-                    recipients: Vec::new(),
-                    attempts: r.try_get("attempts").or_store()?,
-                    raw: Vec::new(),
+                    recipients,
+                    attempts,
+                    raw: r
+                        .try_get::<Option<Vec<u8>>, _>("raw")
+                        .or_store()?
+                        .unwrap_or_default(),
                     lease_until_ms: until,
                     lease: r.try_get("lease_epoch").or_store()?,
                     possible_duplicate: r.try_get("lease_interrupted").or_store()?,
@@ -407,32 +442,20 @@ impl QueueStore for PgStore {
         // RETURNING keeps no order: the oldest due first, as selected.
         leased.sort_by(|a, b| (a.0, &a.1.id).cmp(&(b.0, &b.1.id)));
         let mut leased: Vec<LeasedMessage> = leased.into_iter().map(|(_, m)| m).collect();
-        if leased.is_empty() {
-            tx.commit().await.or_store()?;
+        if retried.is_empty() {
             return Ok(leased);
         }
-        let ids: Vec<String> = leased.iter().map(|m| m.id.clone()).collect();
-        // Recipient rows are made on the first lease (acceptance stays small), in envelope order.
-        sqlx::query(
-            "INSERT INTO message_recipients (message_id, recipient, position, state, updated_at_ms)
-             SELECT m.id, r.recipient, r.position::integer, 'pending', $2
-             FROM messages m, unnest(m.recipients) WITH ORDINALITY AS r(recipient, position)
-             WHERE m.id = ANY($1)
-             ON CONFLICT (message_id, recipient) DO NOTHING",
-        )
-        .bind(&ids)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await
-        .or_store()?;
+        // A statement of its own, after the lease committed: it sees the last outcomes recorded
+        // (a write-back that committed while the lease was being taken included), and none can
+        // come after (every write-back is fenced by the lease this node now holds).
         let mut open: HashMap<String, Vec<(String, RecipientState)>> = HashMap::new();
         for r in sqlx::query(
             "SELECT message_id, recipient, state FROM message_recipients
              WHERE message_id = ANY($1) AND state NOT IN ('delivered', 'failed')
              ORDER BY message_id, position",
         )
-        .bind(&ids)
-        .fetch_all(&mut *tx)
+        .bind(&retried)
+        .fetch_all(&self.pool)
         .await
         .or_store()?
         {
@@ -443,23 +466,10 @@ impl QueueStore for PgStore {
                     recipient_state_of(&r.try_get::<String, _>("state").or_store()?)?,
                 ));
         }
-        let mut bodies: HashMap<String, Vec<u8>> = HashMap::new();
-        for r in
-            sqlx::query("SELECT message_id, raw FROM message_bodies WHERE message_id = ANY($1)")
-                .bind(&ids)
-                .fetch_all(&mut *tx)
-                .await
-                .or_store()?
-        {
-            bodies.insert(
-                r.try_get("message_id").or_store()?,
-                r.try_get("raw").or_store()?,
-            );
-        }
-        tx.commit().await.or_store()?;
         for m in &mut leased {
-            m.recipients = open.remove(&m.id).unwrap_or_default();
-            m.raw = bodies.remove(&m.id).unwrap_or_default();
+            if let Some(rcpts) = open.remove(&m.id) {
+                m.recipients = rcpts;
+            }
         }
         Ok(leased)
     }
