@@ -22,7 +22,7 @@ use crate::queue::{
     AttemptEntry, AttemptReport, CAPTURED_HEAD_BYTES, CapturedMessage, LeasedMessage,
     MessageStatus, QueueEntry, QueueFilter, QueueStore, RecipientStatus, Recorded, RetryOutcome,
 };
-use crate::{MessageState, RecipientState, StoreError, message_state};
+use crate::{MessageState, RecipientState, StoreError};
 
 /// The channel of [`QueueStore::wake_others`]; the payload is the announcing node's id.
 const WAKE_CHANNEL: &str = "mailgate_queue";
@@ -118,28 +118,44 @@ fn captured_of(row: &PgRow) -> Result<CapturedMessage, StoreError> {
     })
 }
 
-/// The fence of a batch of write-backs: locks the rows of the messages `owner` still leases
-/// under the epoch each report was made under (in id order, so two batches never wait for each
-/// other in a cycle) and returns their `lease_interrupted`.
-const FENCE: &str = "
-    SELECT m.id, m.lease_interrupted
-    FROM messages m
-    JOIN unnest($1::text[], $2::bigint[]) AS r(id, epoch) ON m.id = r.id AND m.lease_epoch = r.epoch
-    WHERE m.lease_owner = $3 AND m.state IN ('queued', 'deferred')
-    ORDER BY m.id
-    FOR UPDATE OF m";
-
-/// The recipients' outcomes of the fenced reports, in one statement: each recipient's row
-/// updated (the last outcome named for it), every outcome appended to the history in order, and
-/// every recipient's state after it returned (the statement sees the rows as they were before
-/// it, so the new state is taken from the outcome where there is one).
-const OUTCOMES: &str = "
-    WITH o AS (
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                  $6::bigint[], $7::bool[], $8::bigint[], $9::text[])
-                  WITH ORDINALITY AS o(message_id, recipient, state, code, reply, next_attempt_ms,
-                                       possible_duplicate, at_ms, smarthost, ord)),
-         last AS (
+/// A batch of write-backs in one statement (see [`record_batch`]). The reports are `$1`..`$4`
+/// (id, lease epoch, when, next attempt; report `k` is position `k` of the arrays), their
+/// outcomes `$5`..`$10` (report, recipient, state, code, reply, smarthost), the owner `$11`.
+///
+/// - `fenced`: the rows of the messages `owner` still leases under the epoch each report was made
+///   under, locked (`FOR UPDATE`, in id order, so two batches never wait for each other in a
+///   cycle); `firsts`: each fenced message's first report (a message named twice records once,
+///   as the later report would find its lease ended one after the other).
+/// - the recipients' outcomes of those reports: each recipient's row updated with the last
+///   outcome named for it, every outcome appended to the history in order (marked
+///   `possible_duplicate` when the lease followed one that ended without an outcome).
+/// - each message's new state from all its recipients' states after the outcomes (the statement
+///   sees the rows as they were before it, so an outcome's state wins where there is one), by
+///   the rule of `states::message_state`: deferred while any is not final, else failed if any
+///   failed, else delivered; the lease ended.
+///
+/// Returns each recorded report's position and its message's new state.
+const RECORD: &str = "
+    WITH rep AS (
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])
+                  WITH ORDINALITY AS r(id, epoch, at_ms, next_attempt_ms, k)),
+         fenced AS MATERIALIZED (
+             SELECT m.id, m.lease_interrupted, r.k, r.epoch, r.at_ms, r.next_attempt_ms
+             FROM messages m JOIN rep r ON m.id = r.id AND m.lease_epoch = r.epoch
+             WHERE m.lease_owner = $11 AND m.state IN ('queued', 'deferred')
+             ORDER BY m.id
+             FOR UPDATE OF m),
+         firsts AS MATERIALIZED (
+             SELECT DISTINCT ON (id) * FROM fenced ORDER BY id, k),
+         o AS MATERIALIZED (
+             SELECT f.id AS message_id, x.recipient, x.state, x.code, x.reply,
+                    CASE WHEN x.state IN ('delivered', 'failed') THEN NULL
+                         ELSE f.next_attempt_ms END AS next_attempt_ms,
+                    f.lease_interrupted AS possible_duplicate, f.at_ms, x.smarthost, x.ord
+             FROM unnest($5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[])
+                  WITH ORDINALITY AS x(k, recipient, state, code, reply, smarthost, ord)
+             JOIN firsts f ON f.k = x.k),
+         last AS MATERIALIZED (
              SELECT DISTINCT ON (message_id, recipient) * FROM o
              ORDER BY message_id, recipient, ord DESC),
          upd AS (
@@ -152,32 +168,45 @@ const OUTCOMES: &str = "
                                             reply, next_attempt_ms, possible_duplicate)
              SELECT message_id, at_ms, smarthost, recipient, state, code, reply, next_attempt_ms,
                     possible_duplicate
-             FROM o ORDER BY ord)
-    SELECT r.message_id, COALESCE(last.state, r.state) AS state
-    FROM message_recipients r
-    LEFT JOIN last ON last.message_id = r.message_id AND last.recipient = r.recipient
-    WHERE r.message_id = ANY($10::text[])";
+             FROM o ORDER BY ord),
+         states AS (
+             SELECT r.message_id,
+                    CASE WHEN bool_or(COALESCE(last.state, r.state) NOT IN ('delivered', 'failed'))
+                              THEN 'deferred'
+                         WHEN bool_or(COALESCE(last.state, r.state) = 'failed') THEN 'failed'
+                         ELSE 'delivered' END AS state
+             FROM message_recipients r
+             JOIN firsts f ON f.id = r.message_id
+             LEFT JOIN last ON last.message_id = r.message_id AND last.recipient = r.recipient
+             GROUP BY r.message_id),
+         fin AS (
+             UPDATE messages m
+             SET state = COALESCE(s.state, 'delivered'), attempts = m.attempts + 1,
+                 next_attempt_ms = CASE WHEN s.state = 'deferred'
+                                        THEN COALESCE(f.next_attempt_ms, f.at_ms) END,
+                 done_at_ms = CASE WHEN s.state = 'deferred' THEN NULL ELSE f.at_ms END,
+                 lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = f.at_ms,
+                 lease_interrupted = false
+             FROM firsts f LEFT JOIN states s ON s.message_id = f.id
+             WHERE m.id = f.id AND m.lease_owner = $11 AND m.lease_epoch = f.epoch
+             RETURNING m.id, m.state)
+    SELECT f.k, fin.state FROM firsts f LEFT JOIN fin ON fin.id = f.id";
 
-/// The fenced messages' new states, their leases ended, in one statement.
-const FINISH: &str = "
-    UPDATE messages m
-    SET state = u.state, attempts = m.attempts + 1, next_attempt_ms = u.next_attempt_ms,
-        done_at_ms = u.done_at_ms, lease_owner = NULL, lease_until_ms = NULL,
-        updated_at_ms = u.at_ms, lease_interrupted = false
-    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
-         AS u(id, state, next_attempt_ms, done_at_ms, at_ms, epoch)
-    WHERE m.id = u.id AND m.lease_owner = $7 AND m.lease_epoch = u.epoch";
-
-/// Records a batch of attempts inside `tx` (see [`QueueStore::record_attempts`]) with three
-/// statements whatever its size: the fence, the recipients' outcomes, the messages' states (and
-/// one insert per DSN). A report whose lease was lost records nothing; a message named twice is
-/// recorded once (the later report finds its lease ended, as it would one after the other).
+/// Records a batch of attempts (see [`QueueStore::record_attempts`]) with one statement
+/// ([`RECORD`]) whatever its size, on `conn` (its own transaction when `conn` is in none; the
+/// caller's when DSNs are written with it). A report whose lease was lost records nothing; a
+/// message named twice is recorded once.
 async fn record_batch(
-    tx: &mut sqlx::PgConnection,
+    conn: &mut sqlx::PgConnection,
     owner: &str,
     reports: &[AttemptReport],
 ) -> Result<Vec<Recorded>, StoreError> {
-    let fenced: HashMap<String, bool> = sqlx::query(FENCE)
+    let outcomes: Vec<(i64, &crate::queue::RecipientOutcome)> = reports
+        .iter()
+        .enumerate()
+        .flat_map(|(i, r)| r.outcomes.iter().map(move |o| (i as i64 + 1, o)))
+        .collect();
+    let rows = sqlx::query(RECORD)
         .bind(
             reports
                 .iter()
@@ -185,152 +214,63 @@ async fn record_batch(
                 .collect::<Vec<_>>(),
         )
         .bind(reports.iter().map(|r| r.lease).collect::<Vec<_>>())
+        .bind(reports.iter().map(|r| r.at_ms).collect::<Vec<_>>())
+        .bind(
+            reports
+                .iter()
+                .map(|r| r.next_attempt_ms)
+                .collect::<Vec<_>>(),
+        )
+        .bind(outcomes.iter().map(|(k, _)| *k).collect::<Vec<_>>())
+        .bind(
+            outcomes
+                .iter()
+                .map(|(_, o)| o.recipient.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            outcomes
+                .iter()
+                .map(|(_, o)| o.state.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            outcomes
+                .iter()
+                .map(|(_, o)| o.code.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            outcomes
+                .iter()
+                .map(|(_, o)| o.reply.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            outcomes
+                .iter()
+                .map(|(k, _)| reports[(*k - 1) as usize].smarthost.as_deref())
+                .collect::<Vec<_>>(),
+        )
         .bind(owner)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *conn)
         .await
-        .or_store()?
-        .iter()
-        .map(|row| Ok((row.try_get("id")?, row.try_get("lease_interrupted")?)))
-        .collect::<Result<_, sqlx::Error>>()
         .or_store()?;
-    // The reports that record, in order: each fenced message once.
-    let mut taken: std::collections::HashSet<&str> = std::collections::HashSet::new();
-    let recording: Vec<(usize, &AttemptReport, bool)> = reports
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| {
-            let interrupted = *fenced.get(&r.message_id)?;
-            taken
-                .insert(r.message_id.as_str())
-                .then_some((i, r, interrupted))
-        })
-        .collect();
     let mut out = vec![Recorded::LeaseLost; reports.len()];
-    if recording.is_empty() {
-        return Ok(out);
-    }
-    let outcomes: Vec<(&AttemptReport, bool, &crate::queue::RecipientOutcome)> = recording
-        .iter()
-        .flat_map(|(_, r, interrupted)| r.outcomes.iter().map(move |o| (*r, *interrupted, o)))
-        .collect();
-    let ids: Vec<&str> = recording
-        .iter()
-        .map(|(_, r, _)| r.message_id.as_str())
-        .collect();
-    let rows = sqlx::query(OUTCOMES)
-        .bind(
-            outcomes
-                .iter()
-                .map(|(r, _, _)| r.message_id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            outcomes
-                .iter()
-                .map(|(_, _, o)| o.recipient.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            outcomes
-                .iter()
-                .map(|(_, _, o)| o.state.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            outcomes
-                .iter()
-                .map(|(_, _, o)| o.code.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            outcomes
-                .iter()
-                .map(|(_, _, o)| o.reply.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            outcomes
-                .iter()
-                .map(|(r, _, o)| {
-                    if o.state.is_final() {
-                        None
-                    } else {
-                        r.next_attempt_ms
-                    }
-                })
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            outcomes
-                .iter()
-                .map(|(_, interrupted, _)| *interrupted)
-                .collect::<Vec<_>>(),
-        )
-        .bind(outcomes.iter().map(|(r, _, _)| r.at_ms).collect::<Vec<_>>())
-        .bind(
-            outcomes
-                .iter()
-                .map(|(r, _, _)| r.smarthost.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await
-        .or_store()?;
-    let mut states: HashMap<String, Vec<RecipientState>> = HashMap::with_capacity(ids.len());
     for row in rows {
-        let id: String = row.try_get("message_id").or_store()?;
-        let state: String = row.try_get("state").or_store()?;
-        states
-            .entry(id)
-            .or_default()
-            .push(recipient_state_of(&state)?);
-    }
-    let mut finish: Vec<(&AttemptReport, MessageState, Option<i64>, Option<i64>)> =
-        Vec::with_capacity(recording.len());
-    for (i, r, _) in &recording {
-        let state = message_state(states.get(&r.message_id).map_or(&[][..], |v| &v[..]));
-        let (next, done) = if state == MessageState::Deferred {
-            (Some(r.next_attempt_ms.unwrap_or(r.at_ms)), None)
-        } else {
-            (None, Some(r.at_ms))
-        };
-        finish.push((r, state, next, done));
-        out[*i] = Recorded::State(state);
-    }
-    let n = sqlx::query(FINISH)
-        .bind(
-            finish
-                .iter()
-                .map(|(r, ..)| r.message_id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            finish
-                .iter()
-                .map(|(_, s, ..)| s.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(finish.iter().map(|(_, _, n, _)| *n).collect::<Vec<_>>())
-        .bind(finish.iter().map(|(.., d)| *d).collect::<Vec<_>>())
-        .bind(finish.iter().map(|(r, ..)| r.at_ms).collect::<Vec<_>>())
-        .bind(finish.iter().map(|(r, ..)| r.lease).collect::<Vec<_>>())
-        .bind(owner)
-        .execute(&mut *tx)
-        .await
-        .or_store()?
-        .rows_affected();
-    if n != finish.len() as u64 {
-        // Cannot happen while the rows are locked; if it does, nothing of this batch stays.
-        return Err(StoreError::Other(format!(
-            "{} of {} messages: the lease changed under its row lock",
-            finish.len() as u64 - n.min(finish.len() as u64),
-            finish.len()
-        )));
-    }
-    for (_, r, _) in &recording {
-        if let Some(dsn) = &r.dsn {
-            super::directory::insert_message(tx, dsn).await?;
+        let k: i64 = row.try_get("k").or_store()?;
+        let state: Option<String> = row.try_get("state").or_store()?;
+        let slot = usize::try_from(k - 1)
+            .ok()
+            .and_then(|i| out.get_mut(i))
+            .ok_or_else(|| StoreError::Other(format!("write-back row {k} out of range")))?;
+        match state {
+            Some(state) => *slot = Recorded::State(message_state_of(&state)?),
+            // Cannot happen while the row is locked: reported as lost, and logged.
+            None => tracing::error!(
+                message_id = %reports[(k - 1) as usize].message_id,
+                "a fenced write-back changed no message: the lease changed under its row lock"
+            ),
         }
     }
     Ok(out)
@@ -525,8 +465,19 @@ impl QueueStore for PgStore {
         if reports.is_empty() {
             return Ok(Vec::new());
         }
+        if reports.iter().all(|r| r.dsn.is_none()) {
+            // One statement, one round trip, its own transaction.
+            let mut conn = self.pool.acquire().await.or_store()?;
+            return record_batch(&mut conn, owner, reports).await;
+        }
+        // A bounce is queued in the same transaction as the outcome that made it.
         let mut tx = self.pool.begin().await.or_store()?;
         let out = record_batch(&mut tx, owner, reports).await?;
+        for (r, recorded) in reports.iter().zip(&out) {
+            if let (Some(dsn), Recorded::State(_)) = (&r.dsn, recorded) {
+                super::directory::insert_message(&mut tx, dsn).await?;
+            }
+        }
         tx.commit().await.or_store()?;
         Ok(out)
     }
