@@ -319,9 +319,17 @@ impl Relay {
                     // bench/postgres.sh). Mail accepted meanwhile left a wake-up permit, so the
                     // wait below ends at once for it.
                 }
-                let sleep = match self.store.next_due_ms().await {
-                    Ok(Some(due)) => Duration::from_millis((due - now_ms()).max(0) as u64),
-                    _ => self.config.poll_interval,
+                // After work, the next wake-up or the poll interval, whichever first: while mail
+                // flows every lease takes whatever else has come due (a retry, a held message),
+                // so the next-due query (on PostgreSQL a scan of the pending messages) is only
+                // worth it when the worker found nothing.
+                let sleep = if worked > 0 {
+                    self.config.poll_interval
+                } else {
+                    match self.store.next_due_ms().await {
+                        Ok(Some(due)) => Duration::from_millis((due - now_ms()).max(0) as u64),
+                        _ => self.config.poll_interval,
+                    }
                 }
                 .clamp(Duration::from_millis(10), self.config.poll_interval);
                 let until = tokio::time::Instant::now() + sleep;
