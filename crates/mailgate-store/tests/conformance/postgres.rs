@@ -12,7 +12,7 @@ use mailgate_store::testing::{TestDb, postgres_server};
 use mailgate_store::{Store, Stores};
 use sqlx::{Connection, PgConnection};
 
-use crate::suite::{Backend, conformance};
+use crate::suite::{Backend, conformance, message};
 
 /// A fresh database, dropped with this value (a guard: also when the test panics): the one
 /// helper every crate's tests use (`mailgate_store::testing`).
@@ -188,7 +188,7 @@ async fn an_open_creates_decision_partitions_ahead() {
 /// empties row by row a partition some queued message still names (that decision stays).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_drops_whole_day_partitions_and_keeps_named_decisions() {
-    use mailgate_store::{MessageState, NewMessage, StoredDecision, StoredVerdict};
+    use mailgate_store::{NewMessage, StoredDecision, StoredVerdict};
     const DAY: i64 = 86_400_000;
     let day = 19_675 * DAY; // 2023-11-14 UTC
     let db = fresh().await;
@@ -218,16 +218,8 @@ async fn retention_drops_whole_day_partitions_and_keeps_named_decisions() {
         .unwrap();
     s.accept_message(
         &NewMessage {
-            id: "m1".into(),
             decision_id: "m".into(),
-            accepted_at_ms: day + DAY + 6,
-            door: "smtp".into(),
-            principal: "a@example.com".into(),
-            envelope_from: "a@example.com".into(),
-            recipients: vec!["b@example.org".into()],
-            raw: b"Subject: x\r\n\r\nx\r\n".to_vec(),
-            state: MessageState::Queued,
-            hold_until_ms: None,
+            ..message("m1", day + DAY + 6, &["b@example.org"])
         },
         None,
     )
@@ -267,23 +259,15 @@ async fn retention_drops_whole_day_partitions_and_keeps_named_decisions() {
 /// them: while one node's transaction holds a message's row, another leases the rest at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_skips_rows_another_node_holds_instead_of_waiting() {
-    use mailgate_store::{MessageState, NewMessage, QueueStore};
+    use mailgate_store::{NewMessage, QueueStore};
     let db = fresh().await;
     let a = handle(&db).await;
     let b = handle(&db).await;
     for id in ["m1", "m2"] {
         a.accept_message(
             &NewMessage {
-                id: id.into(),
                 decision_id: format!("d-{id}"),
-                accepted_at_ms: 1_000,
-                door: "smtp".into(),
-                principal: "a@example.com".into(),
-                envelope_from: "a@example.com".into(),
-                recipients: vec!["b@example.org".into()],
-                raw: b"Subject: x\r\n\r\nx\r\n".to_vec(),
-                state: MessageState::Queued,
-                hold_until_ms: None,
+                ..message(id, 1_000, &["b@example.org"])
             },
             None,
         )
@@ -369,7 +353,7 @@ async fn a_decision_is_looked_up_in_its_own_day_partition_only() {
 /// just before its message is written by the acceptance's own transaction (the writer skips it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_decisions_are_written_in_batches_and_a_sends_by_its_acceptance() {
-    use mailgate_store::{MessageState, NewMessage, StoredDecision, StoredVerdict};
+    use mailgate_store::{NewMessage, StoredDecision, StoredVerdict};
     let db = fresh().await;
     let s = handle(&db).await;
     let decision = |id: String| StoredDecision {
@@ -397,16 +381,8 @@ async fn queued_decisions_are_written_in_batches_and_a_sends_by_its_acceptance()
     s.enqueue_decision(decision("01SEND".into())).await.unwrap();
     s.accept_message(
         &NewMessage {
-            id: "m1".into(),
             decision_id: "01SEND".into(),
-            accepted_at_ms: 1_000,
-            door: "smtp".into(),
-            principal: "a@example.com".into(),
-            envelope_from: "a@example.com".into(),
-            recipients: vec!["b@example.org".into()],
-            raw: b"Subject: x\r\n\r\nx\r\n".to_vec(),
-            state: MessageState::Queued,
-            hold_until_ms: None,
+            ..message("m1", 1_000, &["b@example.org"])
         },
         None,
     )
@@ -430,7 +406,7 @@ async fn queued_decisions_are_written_in_batches_and_a_sends_by_its_acceptance()
 /// second; one nobody claims (its sender went away) is written when that second is over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sends_decision_waits_for_its_acceptance_and_is_written_if_none_comes() {
-    use mailgate_store::{MessageState, NewMessage, StoredDecision, StoredVerdict};
+    use mailgate_store::{NewMessage, StoredDecision, StoredVerdict};
     let db = fresh().await;
     let s = handle(&db).await;
     let decision = |id: &str| StoredDecision {
@@ -459,16 +435,8 @@ async fn a_sends_decision_waits_for_its_acceptance_and_is_written_if_none_comes(
     assert_eq!(rows("01LATE").await, 0, "the writer did not wait");
     s.accept_message(
         &NewMessage {
-            id: "m-late".into(),
             decision_id: "01LATE".into(),
-            accepted_at_ms: 1_000,
-            door: "gmail".into(),
-            principal: "a@example.com".into(),
-            envelope_from: "a@example.com".into(),
-            recipients: vec!["b@example.org".into()],
-            raw: b"Subject: x\r\n\r\nx\r\n".to_vec(),
-            state: MessageState::Queued,
-            hold_until_ms: None,
+            ..message("m-late", 1_000, &["b@example.org"])
         },
         None,
     )

@@ -204,7 +204,7 @@ pub use fencing::*;
 
 const ALICE: &str = "alice@example.com";
 
-fn message(id: &str, accepted_at_ms: i64, recipients: &[&str]) -> NewMessage {
+pub(crate) fn message(id: &str, accepted_at_ms: i64, recipients: &[&str]) -> NewMessage {
     NewMessage {
         id: id.to_owned(),
         decision_id: format!("d-{id}"),
