@@ -80,6 +80,25 @@ postfix_drained_after() {
   echo "$(($(date +%s%N) - $1))"
 }
 
+# Postfix's acceptance rate at every client count of CLIENTS into the associative array PF
+# (declared by the caller: `declare -A PF`): started, warmed with 1,000 messages, each count
+# measured after a settle, stopped (bench/compare.sh, bench/postgres.sh).
+postfix_measure() {
+  postfix_start
+  smtp-source -l "$SIZE" -m 1000 -s 16 -f alice@example.com -t bench@example.org 127.0.0.1:25 >/dev/null
+  postfix_drained_after "$(date +%s%N)" >/dev/null
+  local C N t0
+  for C in $CLIENTS; do
+    N=$(messages_for "$C")
+    settle
+    t0=$(date +%s%N)
+    smtp-source -c -l "$SIZE" -m "$N" -s "$C" -f alice@example.com -t bench@example.org 127.0.0.1:25 >/dev/null
+    PF[$C]=$(rate_since "$N" "$t0")
+    log "postfix C=$C: ${PF[$C]}/s accepted"
+  done
+  postfix_stop
+}
+
 # Mailgate on the demo organisation with limits out of the way and the sink as smarthost; sets
 # MG_PID, ADMIN (admin token) and TOKEN (a Gmail-scope user access token for alice@example.com).
 # MG_EXTRA_CONFIG is appended to its config file (bench/postgres.sh: `[store] url`, `[node] id`);

@@ -30,18 +30,7 @@ AFTER_MG=$MG
 BEFORE_MG=$BEFORE_DIR/target/release/mailgate
 
 declare -A PF
-postfix_start
-smtp-source -l "$SIZE" -m 1000 -s 16 -f alice@example.com -t bench@example.org 127.0.0.1:25 >/dev/null
-postfix_drained_after "$(date +%s%N)" >/dev/null
-for C in $CLIENTS; do
-  N=$(messages_for "$C")
-  settle
-  t0=$(date +%s%N)
-  smtp-source -c -l $SIZE -m "$N" -s "$C" -f alice@example.com -t bench@example.org 127.0.0.1:25 >/dev/null
-  PF[$C]=$(rate_since "$N" "$t0")
-  log "postfix C=$C: ${PF[$C]}/s accepted"
-done
-postfix_stop
+postfix_measure
 
 # One measured build: Gmail door then SMTP relay listener, every client count; RESULT[build,door,C]
 # collects each round's rate.

@@ -184,19 +184,11 @@ measure() {
 
 declare -A PF
 if wanted "$CONFIGS" postfix; then
-  postfix_start
-  smtp-source -l "$SIZE" -m 1000 -s 16 -f alice@example.com -t bench@example.org 127.0.0.1:25 >/dev/null
-  postfix_drained_after "$(date +%s%N)" >/dev/null
-  for C in $CLIENTS; do
-    N=$(messages_for "$C")
-    settle
-    t0=$(date +%s%N)
-    smtp-source -c -l $SIZE -m "$N" -s "$C" -f alice@example.com -t bench@example.org 127.0.0.1:25 >/dev/null
-    PF[$C]=$(rate_since "$N" "$t0")
-    log "postfix C=$C: ${PF[$C]}/s accepted"
-  done
-  postfix_stop
+  postfix_measure
 fi
+
+# The first node's config on PostgreSQL (the second's is node_b_start's).
+NODE_A_CONFIG=$'[node]\nid = "bench-a"\n[store]\nurl = "'"$PG_URL"$'"'
 
 if wanted "$CONFIGS" sqlite; then
   log "Mailgate on SQLite"
@@ -208,7 +200,7 @@ fi
 if wanted "$CONFIGS" pg1; then
   log "one Mailgate node on PostgreSQL"
   fresh_db
-  MG_DATA=$WORK/pg1 MG_EXTRA_CONFIG=$'[node]\nid = "bench-a"\n[store]\nurl = "'"$PG_URL"$'"' mailgate_start
+  MG_DATA=$WORK/pg1 MG_EXTRA_CONFIG=$NODE_A_CONFIG mailgate_start
   measure pg1
   nodes_stop
 fi
@@ -216,7 +208,7 @@ fi
 if wanted "$CONFIGS" pg2; then
   log "two Mailgate nodes on one PostgreSQL database"
   fresh_db
-  MG_DATA=$WORK/pg2 MG_EXTRA_CONFIG=$'[node]\nid = "bench-a"\n[store]\nurl = "'"$PG_URL"$'"' mailgate_start
+  MG_DATA=$WORK/pg2 MG_EXTRA_CONFIG=$NODE_A_CONFIG mailgate_start
   node_b_start
   $MG --database-url "$PG_URL" status >&2
   measure pg2
