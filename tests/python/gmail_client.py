@@ -7,13 +7,15 @@ SPEC: {"endpoint": "http://127.0.0.1:PORT",
              | {"user": EMAIL, "password": PW, "client_id": ID, "client_secret": S,
                 "redirect_uri": URI, "scopes": [...]},
        "actions": [{"do": "send", "user_id": "me", "from": ..., "to": [...], "subject": ..., "upload": "json|media|multipart|resumable"},
-                   {"do": "profile"}, {"do": "send_as"}, {"do": "refresh"}, {"do": "tokeninfo"}]}
+                   {"do": "profile"}, {"do": "send_as"}, {"do": "refresh"}, {"do": "tokeninfo"},
+                   {"do": "revoke", "endpoint": URL (default: the spec's)}, {"do": "sleep", "seconds": S}]}
 """
 import base64
 import hashlib
 import json
 import secrets
 import sys
+import time
 import urllib.parse
 
 import requests
@@ -165,6 +167,14 @@ def main():
             elif act["do"] == "refresh_token":
                 # For `mailgate doctor oauth` tests: the user's refresh token, as an app stores it.
                 out = {"ok": True, "refresh_token": creds.refresh_token}
+            elif act["do"] == "revoke":
+                # POST /revoke of the access token, at this endpoint or another node's.
+                r = requests.post(act.get("endpoint", endpoint) + "/revoke",
+                                  data={"token": creds.token}, timeout=10)
+                out = {"ok": r.status_code == 200, "status": r.status_code}
+            elif act["do"] == "sleep":
+                time.sleep(act["seconds"])
+                out = {"ok": True}
             elif act["do"] == "tokeninfo":
                 r = requests.get(endpoint + "/tokeninfo", params={"access_token": creds.token}, timeout=10)
                 out = {"ok": r.status_code == 200, "response": r.json()}

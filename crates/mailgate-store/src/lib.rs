@@ -51,7 +51,7 @@ pub use store::{
     Snapshot, Store, StoredDecision, TraceJson, UsageEntry, UsageReplay, message_id,
     message_id_node, new_message_id, set_message_id_node,
 };
-pub use tokens::{TokenRecord, TokenStore};
+pub use tokens::{CachedTokens, TOKEN_CACHE_MAX, TOKEN_CACHE_TTL, TokenRecord, TokenStore};
 pub use uploads::{UploadOpened, UploadStore};
 
 /// One opened store, as the trait objects the rest of Mailgate holds. Every field is a handle on

@@ -42,6 +42,9 @@ pub(crate) async fn serve(config: Config, stores: Stores, demo: bool) -> anyhow:
         credentials_file = Some(path);
     }
     let tls = tls_material(&config, demo)?;
+    // Access tokens looked up once a second, not per send (ARCHITECTURE.md, "Access-token cache").
+    let tokens: Arc<dyn mailgate_store::TokenStore> =
+        Arc::new(mailgate_store::CachedTokens::new(tokens));
     let smtp_tokens = tokens.clone();
     let limits = files::fit_open_files(&config.limits);
     // Failed-AUTH counts shared by every node on this store (docs/security.md: at most what the

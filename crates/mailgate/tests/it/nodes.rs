@@ -583,3 +583,41 @@ fn serve_refuses_to_start_when_every_node_number_is_held() {
         "{stderr}"
     );
 }
+
+/// Access tokens are looked up once a second per node, not per send (issue 16: the benchmark's
+/// token lookups), so a revocation is in force at once on the node that revoked the token and
+/// within a second on the others (ARCHITECTURE.md, "Access-token cache").
+#[test]
+fn a_revoked_access_token_is_refused_at_once_where_revoked_and_within_a_second_on_the_other_node() {
+    let pg = postgres_database();
+    let nodes = two_nodes(&pg.url, "");
+    let [a, b] = [&nodes[0].1, &nodes[1].1];
+    let auth = crate::gmail::user("alice@example.com", &[GMAIL_SEND]);
+    let send = json!({"do": "send", "to": ["bob@example.org"]});
+    let client =
+        |server: &Server, actions: Value| crate::gmail::client(server, auth.clone(), actions);
+    // Revoked on the node that answers the sends: the very next send is refused.
+    let here = client(a, json!([send, {"do": "revoke"}, send]));
+    assert_eq!(here[0]["ok"], true, "{here:?}");
+    assert_eq!(here[1]["ok"], true, "{here:?}");
+    assert_revoked(&here[2]);
+    // Revoked through the other node: refused here once the second has passed.
+    let there = client(
+        b,
+        json!([send, {"do": "revoke", "endpoint": format!("http://{}", a.addr)},
+               {"do": "sleep", "seconds": 1.2}, send]),
+    );
+    assert_eq!(there[0]["ok"], true, "{there:?}");
+    assert_eq!(there[1]["ok"], true, "{there:?}");
+    assert_revoked(&there[3]);
+}
+
+const GMAIL_SEND: &str = "https://www.googleapis.com/auth/gmail.send";
+
+/// Google's client answers a 401 by refreshing its token, and the refresh token was revoked
+/// with its family: the send ends in `invalid_grant` (a send that was accepted would be `ok`).
+fn assert_revoked(r: &Value) {
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["kind"], "RefreshError", "{r}");
+    assert_eq!(r["body"]["error"], "invalid_grant", "{r}");
+}
