@@ -735,3 +735,51 @@ async fn admission_is_exact_read_without_locks_or_with_and_a_stale_record_writes
     let u = nodes[1].usage("frank@example.com", t0 + 100).await.unwrap();
     assert_eq!(u.messages_24h, 10);
 }
+
+/// Bodies and decision traces are compressed with LZ4, not pglz
+/// (`migrations/postgres/0010_lz4_bodies.sql`): the partitions made at open and later take it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_and_decisions_are_stored_lz4_compressed() {
+    use mailgate_store::{NewMessage, StoredDecision, StoredVerdict};
+    let db = fresh().await;
+    let s = handle(&db).await;
+    // Over the 2 KB at which PostgreSQL compresses a value, and compressible.
+    let big = "x".repeat(10_000);
+    let now = now_ms();
+    s.enqueue_decision(StoredDecision {
+        id: "01LZ4".into(),
+        at_ms: now,
+        door: "gmail".into(),
+        principal: "a@example.com".into(),
+        verdict: StoredVerdict::Allowed,
+        code: None,
+        body: serde_json::json!({ "detail": big }).into(),
+    })
+    .await
+    .unwrap();
+    s.accept_message(
+        &NewMessage {
+            decision_id: "01LZ4".into(),
+            raw: format!("Subject: lz4\r\n\r\n{big}\r\n").into_bytes(),
+            ..message("m-lz4", now, &["b@example.org"])
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    s.flush().await.unwrap();
+    let methods: (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT (SELECT pg_column_compression(raw) FROM message_bodies WHERE message_id = 'm-lz4'),
+                (SELECT pg_column_compression(body) FROM decisions WHERE id = '01LZ4')",
+    )
+    .fetch_one(s.pool())
+    .await
+    .unwrap();
+    assert_eq!(methods, (Some("lz4".to_owned()), Some("lz4".to_owned())));
+    let raw: Vec<u8> =
+        sqlx::query_scalar("SELECT raw FROM message_bodies WHERE message_id = 'm-lz4'")
+            .fetch_one(s.pool())
+            .await
+            .unwrap();
+    assert!(raw.ends_with(format!("{big}\r\n").as_bytes()));
+}
