@@ -91,10 +91,17 @@ postfix_measure() {
   for C in $CLIENTS; do
     N=$(messages_for "$C")
     settle
+    # PG_STATEMENTS=1 (bench/postgres.sh): the CPU of the row and its drain, by program, as for
+    # Mailgate's rows.
+    [ -z "${PG_STATEMENTS:-}" ] || bench/cpu.py snapshot "$WORK/cpu-postfix.json"
     t0=$(date +%s%N)
     smtp-source -c -l "$SIZE" -m "$N" -s "$C" -f alice@example.com -t bench@example.org 127.0.0.1:25 >/dev/null
     PF[$C]=$(rate_since "$N" "$t0")
     log "postfix C=$C: ${PF[$C]}/s accepted"
+    if [ -n "${PG_STATEMENTS:-}" ]; then
+      postfix_drained_after "$t0" >/dev/null
+      log "postfix C=$C: $(bench/cpu.py diff "$WORK/cpu-postfix.json") (the row and the queue's drain)"
+    fi
   done
   postfix_stop
 }

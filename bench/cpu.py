@@ -2,7 +2,8 @@
 """CPU used on this machine between two snapshots, by program (bench/postgres.sh PG_STATEMENTS=1).
 
     bench/cpu.py snapshot FILE     records every process's CPU time and the machine's totals
-    bench/cpu.py diff FILE         prints CPU seconds since FILE by program, and the idle share
+    bench/cpu.py diff FILE         prints CPU seconds since FILE by program, the machine's busy
+                                   seconds (every core) and its idle share
 
 Processes that ended in between (a load generator) are counted in "exited or other": the
 machine's busy time minus what the processes alive at both snapshots used.
@@ -59,7 +60,7 @@ def main():
     other = busy - sum(used.values())
     parts = sorted(used.items(), key=lambda kv: -kv[1])
     text = ", ".join(f"{k} {v / TICK:.2f}" for k, v in parts[:6])
-    print(f"CPU s: {text}, exited or other {max(other, 0) / TICK:.2f}; machine idle {100 * idle / max(busy + idle, 1):.0f}%")
+    print(f"CPU s: {text}, exited or other {max(other, 0) / TICK:.2f}; machine busy {busy / TICK:.2f}, idle {100 * idle / max(busy + idle, 1):.0f}%")
 
 
 main()
