@@ -139,7 +139,7 @@ pg_statements_print() {
   [ -n "${PG_STATEMENTS:-}" ] && [ "$1" != sqlite ] || return 0
   log "$1 $2 C=$3: $(bench/cpu.py diff "$WORK/cpu.json") (the row and the queue's drain)"
   log "$1 $2 C=$3: statements by total time (calls, total ms, rows, query)"
-  psql -X -q -A -F ' | ' -t -d "$PG_URL" -c "SELECT calls, round(total_exec_time::numeric, 1), rows,
+  psql -X -q -A -F ' | ' -t -d "$PG_URL" -c "SELECT calls, round(total_exec_time::numeric, 1), rows, plans, round(total_plan_time::numeric, 1),
       left(regexp_replace(query, '\s+', ' ', 'g'), 140) FROM pg_stat_statements
       WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
       ORDER BY total_exec_time DESC LIMIT 25" >&2

@@ -250,23 +250,10 @@ async fn run_admissions(
 }
 
 /// The usage of several principals, read as `counters.rs`'s `USAGE` reads one's, with the version
-/// of each principal's admissions (`migrations/postgres/0009_optimistic_admission.sql`).
-const USAGE_OF_MANY: &str = "
-    SELECT p.principal,
-           (SELECT tat_ms FROM rate_state r WHERE r.principal = p.principal) AS tat,
-           COALESCE(t.messages, 0) - x.n AS n,
-           (COALESCE(t.recipients, 0) - x.r)::BIGINT AS r,
-           (SELECT min(at_ms) FROM usage_log l
-             WHERE l.principal = p.principal AND l.at_ms > $2) AS oldest,
-           (SELECT count(*) FROM send_slots s
-             WHERE s.principal = p.principal AND s.until_ms > $3) AS in_flight,
-           COALESCE((SELECT version FROM admission_versions v
-                      WHERE v.principal = p.principal), 0) AS version
-    FROM unnest($1::text[]) AS p(principal)
-    LEFT JOIN usage_totals t ON t.principal = p.principal
-    CROSS JOIN LATERAL (
-        SELECT count(*) AS n, COALESCE(sum(recipients), 0) AS r
-        FROM usage_log l WHERE l.principal = p.principal AND l.at_ms <= $2) x";
+/// of each principal's admissions (`migrations/postgres/0009_optimistic_admission.sql`), by a
+/// function whose plan is made once per connection (`0011_generic_plans.sql`).
+const USAGE_OF_MANY: &str = "SELECT principal, tat, n, r, oldest, in_flight, version
+    FROM mailgate_usage_of($1, $2, $3)";
 
 /// Records a batch's admitted sends if no admission of its principals happened since their
 /// versions were read (see the migration).
