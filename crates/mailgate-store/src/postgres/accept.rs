@@ -15,7 +15,12 @@
 //!    then read and re-checked again, and after [`OPTIMISTIC_TRIES`] misses admitted with the
 //!    locks held over its reading (`migrations/postgres/0009_optimistic_admission.sql` says why
 //!    a version is enough). The record commits with `synchronous_commit` off (the message's
-//!    durable commit flushes the WAL past it; see `counters.rs`).
+//!    durable commit flushes the WAL past it; see `counters.rs`). Before reading, a batch is
+//!    first tried on what the node's own last admission of each of its principals left
+//!    ([`Memory`]): an uncontended principal's batch is then one statement.
+//!    Exact all the same: the record still requires each principal's version to be the one
+//!    remembered (nothing admitted since), and the numbers remembered are never below the
+//!    store's at that version (see [`Memory`]); a refusal is never concluded from them.
 //! 2. **The message** ([`AcceptQueues::store`]): one statement per batch (its own implicit
 //!    transaction, one round trip) writes the batch's pending decisions, messages and bodies
 //!    (one `UNNEST` insert each) and frees their slots, and commits durably: every message of the
@@ -34,8 +39,9 @@
 //!   body into the queue).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use mailgate_core::directory::LimitName;
 use mailgate_core::engine::counters::DAY_MS;
@@ -93,6 +99,8 @@ pub struct AdmissionStats {
     pub missed: u64,
     /// Batches recorded with the locks held over their reading, after the misses allowed.
     pub locked: u64,
+    /// Batches recorded on what the node's own last admissions left, without a reading.
+    pub remembered: u64,
 }
 
 #[derive(Debug)]
@@ -101,6 +109,7 @@ struct AdmissionCounts {
     optimistic: AtomicU64,
     missed: AtomicU64,
     locked: AtomicU64,
+    remembered: AtomicU64,
 }
 
 impl std::fmt::Debug for AdmitJob {
@@ -134,9 +143,16 @@ impl AcceptQueues {
             optimistic: AtomicU64::new(0),
             missed: AtomicU64::new(0),
             locked: AtomicU64::new(0),
+            remembered: AtomicU64::new(0),
         });
-        tokio::spawn(run_admissions(pool.clone(), admission.clone(), admit_rx));
-        tokio::spawn(run_messages(pool, decisions, store_rx));
+        let memory = Arc::new(Mutex::new(Memory::default()));
+        tokio::spawn(run_admissions(
+            pool.clone(),
+            admission.clone(),
+            memory.clone(),
+            admit_rx,
+        ));
+        tokio::spawn(run_messages(pool, decisions, memory, store_rx));
         AcceptQueues {
             admissions,
             messages,
@@ -151,6 +167,7 @@ impl AcceptQueues {
             optimistic: c.optimistic.load(Ordering::Relaxed),
             missed: c.missed.load(Ordering::Relaxed),
             locked: c.locked.load(Ordering::Relaxed),
+            remembered: c.remembered.load(Ordering::Relaxed),
         }
     }
 
@@ -225,14 +242,177 @@ async fn next_batch<T>(rx: &mut mpsc::Receiver<T>, last: &mut usize) -> Option<V
     Some(batch)
 }
 
+/// How long a node admits on what it remembers of a principal before reading its usage again
+/// (the remembered numbers only ever overstate the store's, by the rows that have left the day's
+/// window and the slots freed by others since: a second of that at most).
+const REMEMBER_FOR: Duration = Duration::from_secs(1);
+
+/// How long a principal whose remembered version was found moved (another node admits it too) is
+/// read before every admission, as without a memory (a miss costs a statement).
+const CONTENDED_FOR: Duration = Duration::from_secs(1);
+
+/// Most slots of this node remembered at once (past it, the list is dropped: the remembered
+/// concurrent sends then stay high, which only sends a batch to a reading).
+const MAX_REMEMBERED_SLOTS: usize = 65_536;
+
+/// What this node's own last admission (or refusal-only reading) of each principal left: its
+/// usage and admission version, so that the next batch of an uncontended principal can go
+/// straight to `mailgate_admit` without reading first.
+///
+/// Why that stays exact: `mailgate_admit` records only if the version is still the one
+/// remembered, i.e. no admission of the principal (on any node) since; and at a given version
+/// the remembered numbers are never below the store's: they are a reading plus this node's own
+/// admissions since, and without an admission the store's numbers only go down (a slot freed, a
+/// send refunded, a row leaving the day's window; `0009_optimistic_admission.sql`). The one
+/// exception made on purpose lowers them by exactly what the store lowered: a concurrent-send
+/// slot this node took *after* the reading (so the reading did not count it) is subtracted once
+/// its message is stored, which deletes it. A batch that the remembered numbers would refuse in
+/// part is read live instead: a refusal is never concluded from them.
+#[derive(Debug, Default)]
+struct Memory {
+    principals: HashMap<String, Remembered>,
+    /// This node's slots counted in a remembered `in_flight` that a reading did not count: the
+    /// principal and the reading ([`Remembered::reading`]) they were counted under.
+    slots: HashMap<i64, (String, u64)>,
+    readings: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Remembered {
+    usage: Usage,
+    version: i64,
+    /// When the reading these numbers start from was taken.
+    read_at: Instant,
+    /// Which reading (a number per node): slots taken under another one are not subtracted.
+    reading: u64,
+    contended_until: Option<Instant>,
+}
+
+impl Memory {
+    /// The usage and versions remembered for every one of `principals`, if all are fresh and
+    /// none was contended lately.
+    fn recall(&self, principals: &[&str]) -> Option<(HashMap<String, Usage>, Vec<i64>)> {
+        let now = Instant::now();
+        let mut usage = HashMap::with_capacity(principals.len());
+        let mut versions = Vec::with_capacity(principals.len());
+        for p in principals {
+            let r = self.principals.get(*p)?;
+            if now.duration_since(r.read_at) >= REMEMBER_FOR
+                || r.contended_until.is_some_and(|t| now < t)
+            {
+                return None;
+            }
+            usage.insert((*p).to_owned(), r.usage);
+            versions.push(r.version);
+        }
+        Some((usage, versions))
+    }
+
+    /// A reading taken at `read_at` (before its statement was sent) of `principals`.
+    fn read(
+        &mut self,
+        principals: &[&str],
+        versions: &[i64],
+        usage: &HashMap<String, Usage>,
+        read_at: Instant,
+    ) {
+        self.readings += 1;
+        let reading = self.readings;
+        for (p, v) in principals.iter().zip(versions) {
+            let contended_until = self.principals.get(*p).and_then(|r| r.contended_until);
+            self.principals.insert(
+                (*p).to_owned(),
+                Remembered {
+                    usage: usage.get(*p).copied().unwrap_or_default(),
+                    version: *v,
+                    read_at,
+                    reading,
+                    contended_until,
+                },
+            );
+        }
+    }
+
+    /// `batch`'s admitted sends recorded (`recorded`: the rows of `mailgate_admit`) on the
+    /// versions `versions`, which each moved by one, leaving `plan`'s numbers.
+    fn recorded(
+        &mut self,
+        batch: &[AdmitJob],
+        principals: &[&str],
+        versions: &[i64],
+        plan: &Plan,
+        recorded: &[sqlx::postgres::PgRow],
+    ) {
+        for (p, v) in principals.iter().zip(versions) {
+            if let Some(r) = self.principals.get_mut(*p) {
+                r.version = v + 1;
+                if let Some(u) = plan.usage.get(*p) {
+                    // The store keeps the later rate schedule (`GREATEST`); a send without a rate
+                    // (`plan` leaves it unset) moves nothing.
+                    r.usage = Usage {
+                        rate_tat_ms: r.usage.rate_tat_ms.max(u.rate_tat_ms),
+                        ..*u
+                    };
+                }
+            }
+        }
+        if self.slots.len() >= MAX_REMEMBERED_SLOTS {
+            self.slots.clear();
+        }
+        for row in recorded {
+            let (Ok(ord), Ok(slot)) = (
+                row.try_get::<i64, _>("admitted_ord"),
+                row.try_get::<i64, _>("slot_id"),
+            ) else {
+                continue;
+            };
+            let job = usize::try_from(ord - 1)
+                .ok()
+                .and_then(|k| plan.admitted.get(k))
+                .and_then(|&i| batch.get(i));
+            if let Some(job) = job
+                && let Some(r) = self.principals.get(&job.charge.principal)
+            {
+                self.slots
+                    .insert(slot, (job.charge.principal.clone(), r.reading));
+            }
+        }
+    }
+
+    /// A remembered version was found moved: read these principals for a while.
+    fn contended(&mut self, principals: &[&str]) {
+        let until = Instant::now() + CONTENDED_FOR;
+        for p in principals {
+            if let Some(r) = self.principals.get_mut(*p) {
+                r.contended_until = Some(until);
+            }
+        }
+    }
+
+    /// `slot` was deleted with its message's durable commit.
+    fn freed(&mut self, slot: SendSlot) {
+        if let Some((p, reading)) = self.slots.remove(&slot.0)
+            && let Some(r) = self.principals.get_mut(&p)
+            && r.reading == reading
+        {
+            r.usage.in_flight = r.usage.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+fn remember(memory: &Mutex<Memory>) -> std::sync::MutexGuard<'_, Memory> {
+    memory.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 async fn run_admissions(
     pool: PgPool,
     counts: Arc<AdmissionCounts>,
+    memory: Arc<Mutex<Memory>>,
     mut rx: mpsc::Receiver<AdmitJob>,
 ) {
     let mut last = 0;
     while let Some(batch) = next_batch(&mut rx, &mut last).await {
-        match admit_batch(&pool, &counts, &batch).await {
+        match admit_batch(&pool, &counts, &memory, &batch).await {
             Ok(outcomes) => {
                 for (job, outcome) in batch.into_iter().zip(outcomes) {
                     // A caller gone meanwhile: its slot and usage stay until the slot's deadline
@@ -301,6 +481,8 @@ struct Plan {
     after: Vec<Usage>,
     /// The rate schedule each principal moves to.
     tats: HashMap<String, u64>,
+    /// Each principal's numbers with the admitted sends counted.
+    usage: HashMap<String, Usage>,
 }
 
 /// Each send in arrival order, on its principal's numbers as the sends before it left them.
@@ -310,6 +492,7 @@ fn plan(batch: &[AdmitJob], mut usage: HashMap<String, Usage>) -> Plan {
         admitted: Vec::new(),
         after: Vec::new(),
         tats: HashMap::new(),
+        usage: HashMap::new(),
     };
     for (i, job) in batch.iter().enumerate() {
         let u = usage.entry(job.charge.principal.clone()).or_default();
@@ -333,6 +516,7 @@ fn plan(batch: &[AdmitJob], mut usage: HashMap<String, Usage>) -> Plan {
             }
         }
     }
+    p.usage = usage;
     p
 }
 
@@ -418,6 +602,7 @@ fn finish(plan: Plan, recorded: &[sqlx::postgres::PgRow]) -> Result<Vec<Admitted
 async fn admit_batch(
     pool: &PgPool,
     counts: &AdmissionCounts,
+    memory: &Mutex<Memory>,
     batch: &[AdmitJob],
 ) -> Result<Vec<Admitted>, StoreError> {
     let mut principals: Vec<&str> = batch.iter().map(|j| j.charge.principal.as_str()).collect();
@@ -426,8 +611,28 @@ async fn admit_batch(
     // The earliest clock of the batch reads the most usage (nothing has left the day's window
     // yet): never fewer than any of its sends' own reading would have counted.
     let now = batch.iter().map(|j| j.now_ms).min().unwrap_or(0);
-    for _ in 0..counts.tries.load(Ordering::Relaxed) {
+    let tries = counts.tries.load(Ordering::Relaxed);
+    // First on what this node's last admissions left, when they admit the whole batch.
+    let recalled = (tries > 0)
+        .then(|| remember(memory).recall(&principals))
+        .flatten();
+    if let Some((usage, versions)) = recalled {
+        let plan = plan(batch, usage);
+        if plan.admitted.len() == batch.len() {
+            let recorded = record(pool, batch, &principals, &versions, &plan, now).await?;
+            if !recorded.is_empty() {
+                counts.remembered.fetch_add(1, Ordering::Relaxed);
+                remember(memory).recorded(batch, &principals, &versions, &plan, &recorded);
+                return finish(plan, &recorded);
+            }
+            counts.missed.fetch_add(1, Ordering::Relaxed);
+            remember(memory).contended(&principals);
+        }
+    }
+    for _ in 0..tries {
+        let read_at = Instant::now();
         let (usage, versions) = read_many(pool, &principals, now).await?;
+        remember(memory).read(&principals, &versions, &usage, read_at);
         let plan = plan(batch, usage);
         if plan.admitted.is_empty() {
             return finish(plan, &[]);
@@ -435,6 +640,7 @@ async fn admit_batch(
         let recorded = record(pool, batch, &principals, &versions, &plan, now).await?;
         if !recorded.is_empty() {
             counts.optimistic.fetch_add(1, Ordering::Relaxed);
+            remember(memory).recorded(batch, &principals, &versions, &plan, &recorded);
             return finish(plan, &recorded);
         }
         counts.missed.fetch_add(1, Ordering::Relaxed);
@@ -456,11 +662,13 @@ async fn admit_batch(
     .execute(&mut *tx)
     .await
     .or_store()?;
+    let read_at = Instant::now();
     let (usage, versions) = read_many(&mut *tx, &principals, now).await?;
-    let plan = plan(batch, usage);
+    let plan = plan(batch, usage.clone());
     if plan.admitted.is_empty() {
         // Nothing written: the rollback only ends the locks.
         tx.rollback().await.or_store()?;
+        remember(memory).read(&principals, &versions, &usage, read_at);
         return finish(plan, &[]);
     }
     let recorded = record(&mut *tx, batch, &principals, &versions, &plan, now).await?;
@@ -471,10 +679,19 @@ async fn admit_batch(
             "an admission with its principals locked found their versions moved".into(),
         ));
     }
+    let mut m = remember(memory);
+    m.read(&principals, &versions, &usage, read_at);
+    m.recorded(batch, &principals, &versions, &plan, &recorded);
+    drop(m);
     finish(plan, &recorded)
 }
 
-async fn run_messages(pool: PgPool, decisions: DecisionQueue, mut rx: mpsc::Receiver<StoreJob>) {
+async fn run_messages(
+    pool: PgPool,
+    decisions: DecisionQueue,
+    memory: Arc<Mutex<Memory>>,
+    mut rx: mpsc::Receiver<StoreJob>,
+) {
     let mut last = 0;
     while let Some(batch) = next_batch(&mut rx, &mut last).await {
         // Callers gone before their message was written: refunded, not written.
@@ -498,6 +715,11 @@ async fn run_messages(pool: PgPool, decisions: DecisionQueue, mut rx: mpsc::Rece
                     for c in claims {
                         c.committed();
                     }
+                    let mut m = remember(&memory);
+                    for job in &live {
+                        m.freed(job.slot);
+                    }
+                    drop(m);
                     for job in live {
                         let _ = job.reply.send(Ok(()));
                     }
@@ -513,6 +735,9 @@ async fn run_messages(pool: PgPool, decisions: DecisionQueue, mut rx: mpsc::Rece
         for job in live {
             let stored =
                 super::counters::store_alone(&pool, &decisions, &job.message, job.slot).await;
+            if stored.is_ok() {
+                remember(&memory).freed(job.slot);
+            }
             let _ = job.reply.send(stored);
         }
     }

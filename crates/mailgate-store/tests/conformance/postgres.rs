@@ -783,3 +783,104 @@ async fn bodies_and_decisions_are_stored_lz4_compressed() {
             .unwrap();
     assert!(raw.ends_with(format!("{big}\r\n").as_bytes()));
 }
+
+/// A node admits a principal nobody else is admitting on what its own last admission left (one
+/// statement a batch, no reading first), and stays exact: the numbers it remembers refuse
+/// nothing by themselves (a send they would refuse is checked on a live reading), the slots its
+/// stored messages freed are counted out, and another node's admission in between makes it read
+/// again (`postgres/accept.rs`, `Memory`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_admits_on_what_its_last_admission_left_and_stays_exact() {
+    use mailgate_core::directory::{ExceedAction, LimitName, SEND_COST_UNITS};
+    use mailgate_core::engine::Charge;
+    use mailgate_core::gcra::Gcra;
+    use mailgate_store::{Admitted, CounterStore, SendSlot};
+
+    let db = fresh().await;
+    let (a, b) = (handle(&db).await, handle(&db).await);
+    let c = Charge {
+        principal: "rita@example.com".into(),
+        rate: Gcra::per_minute(6_000 * SEND_COST_UNITS, SEND_COST_UNITS),
+        recipients: 1,
+        messages_per_day: 7,
+        recipients_per_day: 1_000,
+        concurrent_sends: 2,
+        actions: [
+            (LimitName::Rate, ExceedAction::Reject),
+            (LimitName::DailyMessages, ExceedAction::Reject),
+            (LimitName::DailyRecipients, ExceedAction::Reject),
+            (LimitName::Concurrency, ExceedAction::Reject),
+        ],
+    };
+    let t0 = now_ms() as u64;
+    let c = &c;
+    let admit =
+        async |s: &PgStore, i: u64| s.admit(c, &[], t0 + i, "n/r", t0 + 60_000).await.unwrap();
+    let recorded = |a: Admitted| match a {
+        Admitted::Recorded(slot, usage) => (slot, usage),
+        Admitted::Changed(u) => panic!("refused with {u:?}"),
+    };
+    let store = async |s: &PgStore, id: &'static str, slot: SendSlot| {
+        let m = message(id, t0 as i64, &["x@example.org"]);
+        s.accept_admitted(&m, slot).await.unwrap()
+    };
+    // The first is read, the second goes on what the first left.
+    let (s1, u1) = recorded(admit(&a, 0).await);
+    let (s2, u2) = recorded(admit(&a, 1).await);
+    assert_eq!((u1.messages_24h, u2.messages_24h, u2.in_flight), (1, 2, 2));
+    assert_eq!(
+        a.admission_stats().remembered,
+        1,
+        "{:?}",
+        a.admission_stats()
+    );
+    // Both messages stored: their slots are counted out, so the third goes on memory too.
+    store(&a, "m-r1", s1).await;
+    store(&a, "m-r2", s2).await;
+    let (s3, u3) = recorded(admit(&a, 2).await);
+    assert_eq!((u3.messages_24h, u3.in_flight), (3, 1));
+    assert_eq!(
+        a.admission_stats().remembered,
+        2,
+        "{:?}",
+        a.admission_stats()
+    );
+    // Two slots held: the fifth is refused on a live reading, with the store's numbers.
+    let (s4, _) = recorded(admit(&a, 3).await);
+    match admit(&a, 4).await {
+        Admitted::Changed(u) => assert_eq!((u.messages_24h, u.in_flight), (4, 2)),
+        other => panic!("admitted past the concurrency limit: {other:?}"),
+    }
+    store(&a, "m-r3", s3).await;
+    store(&a, "m-r4", s4).await;
+    // That reading still counts both slots, so the next send reads again (no memory of slots it
+    // did not take itself); its own slot is counted out once stored.
+    let (s5, u5) = recorded(admit(&a, 5).await);
+    assert_eq!((u5.messages_24h, u5.in_flight), (5, 1));
+    store(&a, "m-r5", s5).await;
+    // Another node admits in between: `a`'s remembered version has moved, its record misses, it
+    // reads again, and the day's limit of 7 holds over both.
+    let (s6, u6) = recorded(admit(&b, 6).await);
+    assert_eq!(u6.messages_24h, 6);
+    let missed = a.admission_stats().missed;
+    let (_, u7) = recorded(admit(&a, 7).await);
+    assert_eq!(u7.messages_24h, 7);
+    store(&b, "m-r6", s6).await;
+    for (s, i) in [(&a, 8), (&b, 9), (&a, 10)] {
+        match admit(s, i).await {
+            Admitted::Changed(u) => assert_eq!(u.messages_24h, 7),
+            other => panic!("admitted past the daily limit: {other:?}"),
+        }
+    }
+    let stats = a.admission_stats();
+    assert!(
+        stats.missed > missed,
+        "the moved version was not noticed: {stats:?}"
+    );
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM usage_log WHERE principal = 'rita@example.com'")
+            .fetch_one(a.pool())
+            .await
+            .unwrap();
+    assert_eq!(rows, 7);
+}
