@@ -251,8 +251,9 @@ const REMEMBER_FOR: Duration = Duration::from_secs(1);
 /// read before every admission, as without a memory (a miss costs a statement).
 const CONTENDED_FOR: Duration = Duration::from_secs(1);
 
-/// Most slots of this node remembered at once (past it, the list is dropped: the remembered
-/// concurrent sends then stay high, which only sends a batch to a reading).
+/// Most slots (and principals) a node remembers at once: past it, the slots are dropped (the
+/// remembered concurrent sends then stay high, which only sends a batch to a reading) and the
+/// principals that can no longer be recalled are forgotten.
 const MAX_REMEMBERED_SLOTS: usize = 65_536;
 
 /// What this node's own last admission (or refusal-only reading) of each principal left: its
@@ -318,6 +319,14 @@ impl Memory {
     ) {
         self.readings += 1;
         let reading = self.readings;
+        if self.principals.len() >= MAX_REMEMBERED_SLOTS {
+            // Only what could still be recalled (or marks a contention) is worth keeping.
+            let now = Instant::now();
+            self.principals.retain(|_, r| {
+                now.duration_since(r.read_at) < REMEMBER_FOR
+                    || r.contended_until.is_some_and(|t| now < t)
+            });
+        }
         for (p, v) in principals.iter().zip(versions) {
             let contended_until = self.principals.get(*p).and_then(|r| r.contended_until);
             self.principals.insert(
