@@ -254,7 +254,7 @@ const CONTENDED_FOR: Duration = Duration::from_secs(1);
 /// Most slots (and principals) a node remembers at once: past it, the slots are dropped (the
 /// remembered concurrent sends then stay high, which only sends a batch to a reading) and the
 /// principals that can no longer be recalled are forgotten.
-const MAX_REMEMBERED_SLOTS: usize = 65_536;
+const MAX_REMEMBERED: usize = 65_536;
 
 /// What this node's own last admission (or refusal-only reading) of each principal left: its
 /// usage and admission version, so that the next batch of an uncontended principal can go
@@ -319,7 +319,7 @@ impl Memory {
     ) {
         self.readings += 1;
         let reading = self.readings;
-        if self.principals.len() >= MAX_REMEMBERED_SLOTS {
+        if self.principals.len() >= MAX_REMEMBERED {
             // Only what could still be recalled (or marks a contention) is worth keeping.
             let now = Instant::now();
             self.principals.retain(|_, r| {
@@ -342,20 +342,20 @@ impl Memory {
         }
     }
 
-    /// `batch`'s admitted sends recorded (`recorded`: the rows of `mailgate_admit`) on the
-    /// versions `versions`, which each moved by one, leaving `plan`'s numbers.
+    /// `batch`'s admitted sends recorded on the versions `versions`, which each moved by one,
+    /// leaving the numbers `after`; `outcomes` are the batch's (`finish`), in order.
     fn recorded(
         &mut self,
         batch: &[AdmitJob],
         principals: &[&str],
         versions: &[i64],
-        plan: &Plan,
-        recorded: &[sqlx::postgres::PgRow],
+        after: &HashMap<String, Usage>,
+        outcomes: &[Admitted],
     ) {
         for (p, v) in principals.iter().zip(versions) {
             if let Some(r) = self.principals.get_mut(*p) {
                 r.version = v + 1;
-                if let Some(u) = plan.usage.get(*p) {
+                if let Some(u) = after.get(*p) {
                     // The store keeps the later rate schedule (`GREATEST`); a send without a rate
                     // (`plan` leaves it unset) moves nothing.
                     r.usage = Usage {
@@ -365,25 +365,15 @@ impl Memory {
                 }
             }
         }
-        if self.slots.len() >= MAX_REMEMBERED_SLOTS {
+        if self.slots.len() >= MAX_REMEMBERED {
             self.slots.clear();
         }
-        for row in recorded {
-            let (Ok(ord), Ok(slot)) = (
-                row.try_get::<i64, _>("admitted_ord"),
-                row.try_get::<i64, _>("slot_id"),
-            ) else {
-                continue;
-            };
-            let job = usize::try_from(ord - 1)
-                .ok()
-                .and_then(|k| plan.admitted.get(k))
-                .and_then(|&i| batch.get(i));
-            if let Some(job) = job
+        for (job, outcome) in batch.iter().zip(outcomes) {
+            if let Admitted::Recorded(slot, _) = outcome
                 && let Some(r) = self.principals.get(&job.charge.principal)
             {
                 self.slots
-                    .insert(slot, (job.charge.principal.clone(), r.reading));
+                    .insert(slot.0, (job.charge.principal.clone(), r.reading));
             }
         }
     }
@@ -630,9 +620,8 @@ async fn admit_batch(
         if plan.admitted.len() == batch.len() {
             let recorded = record(pool, batch, &principals, &versions, &plan, now).await?;
             if !recorded.is_empty() {
-                counts.remembered.fetch_add(1, Ordering::Relaxed);
-                remember(memory).recorded(batch, &principals, &versions, &plan, &recorded);
-                return finish(plan, &recorded);
+                let way = &counts.remembered;
+                return done(way, memory, batch, &principals, &versions, plan, &recorded);
             }
             counts.missed.fetch_add(1, Ordering::Relaxed);
             remember(memory).contended(&principals);
@@ -648,9 +637,8 @@ async fn admit_batch(
         }
         let recorded = record(pool, batch, &principals, &versions, &plan, now).await?;
         if !recorded.is_empty() {
-            counts.optimistic.fetch_add(1, Ordering::Relaxed);
-            remember(memory).recorded(batch, &principals, &versions, &plan, &recorded);
-            return finish(plan, &recorded);
+            let way = &counts.optimistic;
+            return done(way, memory, batch, &principals, &versions, plan, &recorded);
         }
         counts.missed.fetch_add(1, Ordering::Relaxed);
     }
@@ -682,17 +670,39 @@ async fn admit_batch(
     }
     let recorded = record(&mut *tx, batch, &principals, &versions, &plan, now).await?;
     tx.commit().await.or_store()?;
-    counts.locked.fetch_add(1, Ordering::Relaxed);
     if recorded.is_empty() {
         return Err(StoreError::Other(
             "an admission with its principals locked found their versions moved".into(),
         ));
     }
-    let mut m = remember(memory);
-    m.read(&principals, &versions, &usage, read_at);
-    m.recorded(batch, &principals, &versions, &plan, &recorded);
-    drop(m);
-    finish(plan, &recorded)
+    remember(memory).read(&principals, &versions, &usage, read_at);
+    done(
+        &counts.locked,
+        memory,
+        batch,
+        &principals,
+        &versions,
+        plan,
+        &recorded,
+    )
+}
+
+/// A batch recorded (`recorded`: the rows of `mailgate_admit`) on `versions`, the way `way`
+/// counts: its outcomes, and what the node remembers of it.
+fn done(
+    way: &AtomicU64,
+    memory: &Mutex<Memory>,
+    batch: &[AdmitJob],
+    principals: &[&str],
+    versions: &[i64],
+    mut plan: Plan,
+    recorded: &[sqlx::postgres::PgRow],
+) -> Result<Vec<Admitted>, StoreError> {
+    way.fetch_add(1, Ordering::Relaxed);
+    let after = std::mem::take(&mut plan.usage);
+    let outcomes = finish(plan, recorded)?;
+    remember(memory).recorded(batch, principals, versions, &after, &outcomes);
+    Ok(outcomes)
 }
 
 async fn run_messages(

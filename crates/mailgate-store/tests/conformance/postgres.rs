@@ -577,9 +577,6 @@ fn now_ms() -> i64 {
 /// 24 racing admissions of frank's 3 a day still admit exactly 3.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admission_stays_exact_on_a_database_defaulting_to_repeatable_read() {
-    use mailgate_core::directory::{ExceedAction, LimitName, SEND_COST_UNITS};
-    use mailgate_core::engine::Charge;
-    use mailgate_core::gcra::Gcra;
     use mailgate_store::{Admitted, CounterStore};
 
     let db = fresh().await;
@@ -593,20 +590,7 @@ async fn admission_stays_exact_on_a_database_defaulting_to_repeatable_read() {
     .unwrap();
     let _ = admin.close().await;
     let (a, b) = (Arc::new(handle(&db).await), Arc::new(handle(&db).await));
-    let charge = Charge {
-        principal: "frank@example.com".into(),
-        rate: Gcra::per_minute(600 * SEND_COST_UNITS, SEND_COST_UNITS),
-        recipients: 1,
-        messages_per_day: 3,
-        recipients_per_day: 1_000,
-        concurrent_sends: 1_000,
-        actions: [
-            (LimitName::Rate, ExceedAction::Reject),
-            (LimitName::DailyMessages, ExceedAction::Reject),
-            (LimitName::DailyRecipients, ExceedAction::Reject),
-            (LimitName::Concurrency, ExceedAction::Reject),
-        ],
-    };
+    let charge = crate::suite::charge("frank@example.com", 3, 1_000, 600);
     let t0 = 1_795_000_000_000u64;
     let mut tasks = Vec::new();
     for i in 0..24u64 {
@@ -632,9 +616,7 @@ async fn admission_stays_exact_on_a_database_defaulting_to_repeatable_read() {
 /// reading is stale (a version moved) records nothing, not even a usage row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admission_is_exact_read_without_locks_or_with_and_a_stale_record_writes_nothing() {
-    use mailgate_core::directory::{ExceedAction, LimitName, SEND_COST_UNITS};
     use mailgate_core::engine::Charge;
-    use mailgate_core::gcra::Gcra;
     use mailgate_store::{Admitted, CounterStore};
 
     let db = fresh().await;
@@ -644,20 +626,7 @@ async fn admission_is_exact_read_without_locks_or_with_and_a_stale_record_writes
         Arc::new(handle(&db).await),
     ];
     let t0 = 1_795_000_000_000u64;
-    let charge = |principal: &str| Charge {
-        principal: principal.into(),
-        rate: Gcra::per_minute(6_000 * SEND_COST_UNITS, SEND_COST_UNITS),
-        recipients: 1,
-        messages_per_day: 10,
-        recipients_per_day: 1_000,
-        concurrent_sends: 1_000,
-        actions: [
-            (LimitName::Rate, ExceedAction::Reject),
-            (LimitName::DailyMessages, ExceedAction::Reject),
-            (LimitName::DailyRecipients, ExceedAction::Reject),
-            (LimitName::Concurrency, ExceedAction::Reject),
-        ],
-    };
+    let charge = |principal: &str| crate::suite::charge(principal, 10, 1_000, 6_000);
     async fn race(nodes: &[Arc<PgStore>; 3], c: Charge, t0: u64) -> (u64, Vec<u64>) {
         let mut tasks = Vec::new();
         for i in 0..60u64 {
@@ -791,27 +760,11 @@ async fn bodies_and_decisions_are_stored_lz4_compressed() {
 /// again (`postgres/accept.rs`, `Memory`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_admits_on_what_its_last_admission_left_and_stays_exact() {
-    use mailgate_core::directory::{ExceedAction, LimitName, SEND_COST_UNITS};
-    use mailgate_core::engine::Charge;
-    use mailgate_core::gcra::Gcra;
     use mailgate_store::{Admitted, CounterStore, SendSlot};
 
     let db = fresh().await;
     let (a, b) = (handle(&db).await, handle(&db).await);
-    let c = Charge {
-        principal: "rita@example.com".into(),
-        rate: Gcra::per_minute(6_000 * SEND_COST_UNITS, SEND_COST_UNITS),
-        recipients: 1,
-        messages_per_day: 7,
-        recipients_per_day: 1_000,
-        concurrent_sends: 2,
-        actions: [
-            (LimitName::Rate, ExceedAction::Reject),
-            (LimitName::DailyMessages, ExceedAction::Reject),
-            (LimitName::DailyRecipients, ExceedAction::Reject),
-            (LimitName::Concurrency, ExceedAction::Reject),
-        ],
-    };
+    let c = crate::suite::charge("rita@example.com", 7, 2, 6_000);
     let t0 = now_ms() as u64;
     let c = &c;
     let admit =

@@ -16,7 +16,13 @@ use super::{StoreBackend, message};
 const T0: u64 = 1_795_000_000_000;
 const DAY: u64 = 24 * 60 * 60 * 1000;
 
-fn charge(principal: &str, per_day: u64, concurrent: u64, rate_per_minute: u64) -> Charge {
+/// A charge that rejects past each limit (also the PostgreSQL-only tests' charge).
+pub(crate) fn charge(
+    principal: &str,
+    per_day: u64,
+    concurrent: u64,
+    rate_per_minute: u64,
+) -> Charge {
     Charge {
         principal: principal.to_owned(),
         rate: Gcra::per_minute(rate_per_minute * SEND_COST_UNITS, SEND_COST_UNITS),
