@@ -77,8 +77,16 @@ pub fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
 }
 
 /// A new API key in SendGrid's shape: `SG.<22-char id>.<43-char secret>`. Returns (id, full key).
+///
+/// The id never begins with `-`: people type it as an argument (`mailgate key revoke ID`), where
+/// a leading `-` reads as an option (one id in 64 did before; the CLI still takes such ids).
 pub fn new_api_key() -> Result<(String, String), AuthError> {
-    let id = random_token::<16>()?;
+    let id = loop {
+        let id = random_token::<16>()?;
+        if !id.starts_with('-') {
+            break id;
+        }
+    };
     let secret = random_token::<32>()?;
     let full = format!("SG.{id}.{secret}");
     Ok((id, full))
@@ -218,6 +226,17 @@ mod tests {
         assert_eq!(full.len(), 3 + 22 + 1 + 43);
         assert_eq!(api_key_id(&full), Some(id.as_str()));
         assert_eq!(api_key_id("SG.only"), None);
+    }
+
+    /// CI broke on `mailgate key revoke -iwYM...`: one generated id in 64 began with `-`, which a
+    /// command line reads as an option. 2,000 ids would hold about 31 such ids before the fix.
+    #[test]
+    fn generated_key_ids_never_begin_with_a_hyphen() {
+        for _ in 0..2_000 {
+            let (id, full) = new_api_key().unwrap();
+            assert!(!id.starts_with('-'), "{full}");
+            assert_eq!(id.len(), 22);
+        }
     }
 
     #[test]

@@ -169,7 +169,11 @@ pub(crate) enum KeyCmd {
     /// One line per key (never the secret).
     List,
     /// Revoke a key by id.
-    Revoke { id: String },
+    Revoke {
+        /// The key id (the middle part of `SG.<id>.<secret>`; may begin with `-`).
+        #[arg(allow_hyphen_values = true)]
+        id: String,
+    },
 }
 
 #[derive(Args)]

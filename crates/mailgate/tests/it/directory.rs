@@ -401,6 +401,37 @@ fn apply_tells_create_from_update() {
     assert!(gw.ok(&["user", "list"]).contains("zoe@example.com\tactive"));
 }
 
+/// CI broke on `mailgate key revoke -iwYM4BVMBWNPmhHNmq8Yg`: the key id began with `-` and the
+/// command line took it for an option. Keys made before ids stopped beginning with `-` (and keys
+/// applied from a file, as here) must still be revocable by the id `key list` prints.
+#[test]
+fn a_key_whose_id_begins_with_a_hyphen_is_revoked_by_that_id() {
+    let gw = Gateway::new();
+    gw.ok(&["apply", "-f", example_org().to_str().unwrap()]);
+    let file = gw.dir.path().join("hyphen-key.yaml");
+    std::fs::write(
+        &file,
+        "api_keys:\n  - name: old\n    secret: \"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\"\n    owner: alice@example.com\n    permissions: [mail.send]\n",
+    )
+    .unwrap();
+    gw.ok(&["apply", "-f", file.to_str().unwrap()]);
+    let listed = gw.ok(&["key", "list"]);
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with("-iwYM4BVMBWNPmhHNmq8Yg\t"))
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert!(!line.ends_with("revoked"), "{line}");
+    let out = gw.ok(&["key", "revoke", "-iwYM4BVMBWNPmhHNmq8Yg"]);
+    assert_eq!(out.trim(), "API key -iwYM4BVMBWNPmhHNmq8Yg revoked");
+    let listed = gw.ok(&["key", "list"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("-iwYM4BVMBWNPmhHNmq8Yg\t") && l.ends_with("\trevoked")),
+        "{listed}"
+    );
+}
+
 /// `mailgate audit` (and `GET /mailgate/v1/audit`, docs/admin-api.md): who changed which object,
 /// newest first, one generation per change however many objects it touched, and never a secret
 /// (the log names objects, not their bodies).
