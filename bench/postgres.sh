@@ -146,6 +146,24 @@ pg_statements_print() {
   pg "$PG_URL" "SELECT 'commits ' || xact_commit || ', rollbacks ' || xact_rollback FROM pg_stat_database WHERE datname = current_database()" >&2
 }
 
+# PERF_DIR=DIR: every row is profiled with `perf record -a` (every process on the machine, CPU
+# clock, call graphs) into DIR/<config>-<door>-<C>.data, from the row's start until its last
+# acceptance (not the queue's drain); read with `perf report -i FILE --sort comm,dso,sym`.
+PERF_PID=
+perf_start() {
+  [ -n "${PERF_DIR:-}" ] || return 0
+  mkdir -p "$PERF_DIR"
+  perf record -q -e cpu-clock -F 999 -a -g -o "$PERF_DIR/$1-$2-$3.data" >/dev/null 2>&1 &
+  PERF_PID=$!
+  sleep 0.5
+}
+perf_stop() {
+  [ -n "$PERF_PID" ] || return 0
+  kill -INT "$PERF_PID" 2>/dev/null || true
+  wait "$PERF_PID" 2>/dev/null || true
+  PERF_PID=
+}
+
 # One configuration: every client count, the doors asked for; RESULT[config,door,C].
 measure() {
   local config=$1
@@ -166,7 +184,9 @@ measure() {
     if wanted "$DOORS" gmail; then
       settle
       pg_statements_reset "$config"
+      perf_start "$config" gmail "$C"
       RESULT[$config,gmail,$C]=$(gmail_row "$N" "$C" "${http[@]}")
+      perf_stop
       mailgate_drained_after "$(date +%s%N)" >/dev/null
       pg_statements_print "$config" gmail "$C"
       log "$config C=$C: gmail ${RESULT[$config,gmail,$C]}/s"
@@ -174,7 +194,9 @@ measure() {
     if wanted "$DOORS" smtp; then
       settle
       pg_statements_reset "$config"
+      perf_start "$config" smtp "$C"
       RESULT[$config,smtp,$C]=$(smtp_row "$N" "$C" "${relay[@]}")
+      perf_stop
       mailgate_drained_after "$(date +%s%N)" >/dev/null
       pg_statements_print "$config" smtp "$C"
       log "$config C=$C: smtp ${RESULT[$config,smtp,$C]}/s"
