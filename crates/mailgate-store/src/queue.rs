@@ -281,6 +281,15 @@ pub trait QueueStore: Send + Sync {
     /// is not `node1`) are untouched. Returns how many messages were released.
     async fn reclaim_leases(&self, node: &str, now_ms: i64) -> Result<u64, StoreError>;
 
+    /// Ends the leases of messages this process's acceptances leased to its own delivery
+    /// workers that no worker has taken yet (a node shutting down, after its listeners
+    /// stopped): they are due at once for the other nodes rather than after `relay.lease_ms`,
+    /// and not marked as possible duplicates (nobody attempted them). Returns how many. A store
+    /// that hands nothing off (SQLite) has none.
+    async fn release_handed_off(&self, _now_ms: i64) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
     /// The earliest time something becomes due (`queued` now, `deferred` and `held` later), for a
     /// worker deciding how long to sleep.
     async fn next_due_ms(&self) -> Result<Option<i64>, StoreError>;

@@ -124,6 +124,19 @@ pub async fn run(
     }
     reloader.abort();
     retention.abort();
+    // No more acceptances: what they handed to this node's workers and no worker took yet
+    // (PostgreSQL) is due at once for the other nodes.
+    let now = i64::try_from(mailgate_gateway::now_ms()).unwrap_or(i64::MAX);
+    match state.queue.release_handed_off(now).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            messages = n,
+            "delivery: released the accepted messages no worker had taken yet; other nodes deliver them"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not release the accepted messages no worker had taken yet: they are delivered when their lease expires")
+        }
+    }
     // Writers (the CLI, other nodes' settings APIs) stop waiting for this node.
     state.gateway.leave().await;
     // Decisions of refused sends are written behind the answer (group commit); keep them.

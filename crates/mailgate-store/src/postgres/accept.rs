@@ -51,7 +51,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::OrStore;
 use super::decisions::{Claim, DecisionQueue};
-use crate::{Admitted, NewMessage, SendSlot, StoreError, StoredDecision};
+use super::handoff::{Handoff, Room};
+use crate::queue::LeasedMessage;
+use crate::{
+    Admitted, MessageState, NewMessage, RecipientState, SendSlot, StoreError, StoredDecision,
+};
 
 /// First key of the two-key advisory locks that serialize one principal's admissions ("MGCT");
 /// the second is `hashtext(principal)`. A collision of two principals' hashes only makes them
@@ -135,7 +139,11 @@ fn stopped() -> StoreError {
 impl AcceptQueues {
     /// Starts the writer tasks on `pool` (needs a tokio runtime). They end when the last handle
     /// is dropped.
-    pub(crate) fn start(pool: PgPool, decisions: DecisionQueue) -> AcceptQueues {
+    pub(crate) fn start(
+        pool: PgPool,
+        decisions: DecisionQueue,
+        handoff: Arc<Handoff>,
+    ) -> AcceptQueues {
         let (admissions, admit_rx) = mpsc::channel(QUEUE_DEPTH);
         let (messages, store_rx) = mpsc::channel(QUEUE_DEPTH);
         let admission = Arc::new(AdmissionCounts {
@@ -152,7 +160,7 @@ impl AcceptQueues {
             memory.clone(),
             admit_rx,
         ));
-        tokio::spawn(run_messages(pool, decisions, memory, store_rx));
+        tokio::spawn(run_messages(pool, decisions, memory, handoff, store_rx));
         AcceptQueues {
             admissions,
             messages,
@@ -709,6 +717,7 @@ async fn run_messages(
     pool: PgPool,
     decisions: DecisionQueue,
     memory: Arc<Mutex<Memory>>,
+    handoff: Arc<Handoff>,
     mut rx: mpsc::Receiver<StoreJob>,
 ) {
     let mut last = 0;
@@ -729,8 +738,10 @@ async fn run_messages(
                 .iter()
                 .map(|j| decisions.claim(&j.message.decision_id))
                 .collect();
-            match store_batch(&pool, &live, &claims).await {
-                Ok(()) => {
+            let room = handoff.room();
+            let handed = handed_off(&live, room.as_ref());
+            match store_batch(&pool, &live, &claims, room.as_ref(), &handed).await {
+                Ok(epochs) => {
                     for c in claims {
                         c.committed();
                     }
@@ -739,8 +750,22 @@ async fn run_messages(
                         m.freed(job.slot);
                     }
                     drop(m);
+                    // Handed to the workers before the callers hear "stored": the acceptance
+                    // signal that follows must find the messages waiting.
+                    let mut given = Vec::with_capacity(epochs.len());
+                    let mut replies = Vec::with_capacity(live.len());
                     for job in live {
-                        let _ = job.reply.send(Ok(()));
+                        let epoch = epochs.get(&job.message.id).copied();
+                        if let (Some(epoch), Some(room)) = (epoch, room.as_ref()) {
+                            given.push(leased(job.message, epoch, room.lease_ms));
+                        }
+                        replies.push(job.reply);
+                    }
+                    if let Some(room) = room {
+                        handoff.give(&room.owner, given);
+                    }
+                    for reply in replies {
+                        let _ = reply.send(Ok(()));
                     }
                     continue;
                 }
@@ -766,7 +791,13 @@ async fn run_messages(
 /// messages, their bodies, and their slots freed, in ONE statement outside any explicit
 /// transaction (its own implicit one, committed as the statement ends): one round trip per
 /// batch where `BEGIN`, four statements and `COMMIT` took six (bench/postgres.sh).
-async fn store_batch(pool: &PgPool, jobs: &[StoreJob], claims: &[Claim]) -> Result<(), StoreError> {
+async fn store_batch(
+    pool: &PgPool,
+    jobs: &[StoreJob],
+    claims: &[Claim],
+    room: Option<&Room>,
+    handed: &[bool],
+) -> Result<HashMap<String, i64>, StoreError> {
     let pending: Vec<_> = claims
         .iter()
         .filter_map(|c| c.decision().cloned())
@@ -778,7 +809,7 @@ async fn store_batch(pool: &PgPool, jobs: &[StoreJob], claims: &[Claim]) -> Resu
         .iter()
         .map(|j| serde_json::to_string(&j.message.recipients).unwrap_or_else(|_| "[]".into()))
         .collect();
-    sqlx::query(
+    let rows = sqlx::query(
         "WITH d AS (
              INSERT INTO decisions (id, at_ms, door, principal, verdict, code, body)
              SELECT * FROM UNNEST($12::text[], $13::bigint[], $14::text[], $15::text[],
@@ -786,18 +817,34 @@ async fn store_batch(pool: &PgPool, jobs: &[StoreJob], claims: &[Claim]) -> Resu
              ON CONFLICT DO NOTHING),
          m AS (
              INSERT INTO messages (id, decision_id, accepted_at_ms, door, principal, envelope_from,
-                                   recipients, size, state, hold_until_ms)
+                                   recipients, size, state, hold_until_ms, lease_owner,
+                                   lease_until_ms, lease_epoch, updated_at_ms)
              SELECT id, decision_id, at, door, principal, env_from,
-                    ARRAY(SELECT jsonb_array_elements_text(rcpt::jsonb)), size, state, hold
+                    ARRAY(SELECT jsonb_array_elements_text(rcpt::jsonb)), size, state, hold,
+                    CASE WHEN handed THEN $20 END, CASE WHEN handed THEN at + $21 END,
+                    CASE WHEN handed THEN nextval('message_lease_epoch') END,
+                    CASE WHEN handed THEN at END
              FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
-                         $7::text[], $8::bigint[], $9::text[], $10::bigint[])
-                  AS t(id, decision_id, at, door, principal, env_from, rcpt, size, state, hold)
-             RETURNING id),
+                         $7::text[], $8::bigint[], $9::text[], $10::bigint[], $22::boolean[])
+                  AS t(id, decision_id, at, door, principal, env_from, rcpt, size, state, hold,
+                       handed)
+             RETURNING id, lease_epoch, recipients, accepted_at_ms),
          b AS (
              INSERT INTO message_bodies (message_id, raw)
              SELECT id, raw FROM unnest($1::text[], $11::bytea[]) AS b(id, raw)
-             WHERE id IN (SELECT id FROM m))
-         DELETE FROM send_slots WHERE id = ANY($19)",
+             WHERE id IN (SELECT id FROM m)),
+         -- A message handed off is leased already: its recipient rows are made now, as its
+         -- first lease would (queue.rs, lease_due).
+         r AS (
+             INSERT INTO message_recipients (message_id, recipient, position, state,
+                                             updated_at_ms)
+             SELECT m.id, x.recipient, x.position::integer, 'pending', m.accepted_at_ms
+             FROM m, unnest(m.recipients) WITH ORDINALITY AS x(recipient, position)
+             WHERE m.lease_epoch IS NOT NULL
+             ON CONFLICT (message_id, recipient) DO NOTHING),
+         s AS (
+             DELETE FROM send_slots WHERE id = ANY($19))
+         SELECT id, lease_epoch FROM m WHERE lease_epoch IS NOT NULL",
     )
     .bind(m(|x| &x.id))
     .bind(m(|x| &x.decision_id))
@@ -844,8 +891,66 @@ async fn store_batch(pool: &PgPool, jobs: &[StoreJob], claims: &[Claim]) -> Resu
             .collect::<Vec<_>>(),
     )
     .bind(jobs.iter().map(|j| j.slot.0).collect::<Vec<_>>())
-    .execute(pool)
+    .bind(room.map(|r| r.owner.as_str()))
+    .bind(room.map_or(0, |r| r.lease_ms))
+    .bind(handed)
+    .fetch_all(pool)
     .await
     .or_store()?;
-    Ok(())
+    let mut epochs = HashMap::with_capacity(rows.len());
+    for row in rows {
+        epochs.insert(
+            row.try_get::<String, _>("id").or_store()?,
+            row.try_get::<i64, _>("lease_epoch").or_store()?,
+        );
+    }
+    Ok(epochs)
+}
+
+/// Which messages of a batch are handed off to `room` (see `handoff.rs`): queued ones (not held),
+/// oldest first, while the room lasts.
+fn handed_off(jobs: &[StoreJob], room: Option<&Room>) -> Vec<bool> {
+    let Some(room) = room else {
+        return vec![false; jobs.len()];
+    };
+    let (mut messages, mut bytes) = (room.messages, room.bytes);
+    jobs.iter()
+        .map(|j| {
+            let size = j.message.raw.len();
+            let hand = j.message.state == MessageState::Queued
+                && j.message.hold_until_ms.is_none()
+                && messages > 0
+                && size <= bytes;
+            if hand {
+                messages -= 1;
+                bytes -= size;
+            }
+            hand
+        })
+        .collect()
+}
+
+/// A handed-off message as its first lease would return it: every recipient pending, once each,
+/// in envelope order; no attempt yet; the lease running `lease_ms` from its acceptance.
+fn leased(message: NewMessage, epoch: i64, lease_ms: i64) -> LeasedMessage {
+    let mut recipients: Vec<(String, RecipientState)> =
+        Vec::with_capacity(message.recipients.len());
+    for r in message.recipients {
+        if !recipients.iter().any(|(seen, _)| *seen == r) {
+            recipients.push((r, RecipientState::Pending));
+        }
+    }
+    LeasedMessage {
+        id: message.id,
+        decision_id: message.decision_id,
+        door: message.door,
+        accepted_at_ms: message.accepted_at_ms,
+        envelope_from: message.envelope_from,
+        recipients,
+        attempts: 0,
+        raw: message.raw,
+        lease_until_ms: message.accepted_at_ms.saturating_add(lease_ms),
+        lease: epoch,
+        possible_duplicate: false,
+    }
 }

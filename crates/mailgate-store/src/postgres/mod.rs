@@ -29,6 +29,7 @@ mod decisions;
 mod directory;
 mod error;
 mod faults;
+mod handoff;
 mod jobs;
 mod lockout;
 mod node_numbers;
@@ -62,6 +63,7 @@ pub struct PgStore {
     pool: PgPool,
     decisions: decisions::DecisionQueue,
     accepts: accept::AcceptQueues,
+    handoff: std::sync::Arc<handoff::Handoff>,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -122,11 +124,13 @@ impl PgStore {
             .or_store()
             .map_err(unreachable)?;
         let decisions = decisions::DecisionQueue::start(pool.clone());
-        let accepts = accept::AcceptQueues::start(pool.clone(), decisions.clone());
+        let handoff = std::sync::Arc::new(handoff::Handoff::default());
+        let accepts = accept::AcceptQueues::start(pool.clone(), decisions.clone(), handoff.clone());
         Ok(PgStore {
             pool,
             decisions,
             accepts,
+            handoff,
         })
     }
 

@@ -120,7 +120,7 @@ fn captured_of(row: &PgRow) -> Result<CapturedMessage, StoreError> {
 
 /// A batch of write-backs in one statement (see [`record_batch`]). The reports are `$1`..`$4`
 /// (id, lease epoch, when, next attempt; report `k` is position `k` of the arrays), their
-/// outcomes `$5`..`$10` (report, recipient, state, code, reply, smarthost), the owner `$11`.
+/// outcomes `$5`..`$10` (report, recipient, state, code, reply, smarthost), the owners `$11` (the worker's own and its run's hand-off owner, `handoff.rs`).
 ///
 /// - `fenced`: the rows of the messages `owner` still leases under the epoch each report was made
 ///   under, locked (`FOR UPDATE`, in id order, so two batches never wait for each other in a
@@ -142,7 +142,7 @@ const RECORD: &str = "
          fenced AS MATERIALIZED (
              SELECT m.id, m.lease_interrupted, r.k, r.epoch, r.at_ms, r.next_attempt_ms
              FROM messages m JOIN rep r ON m.id = r.id AND m.lease_epoch = r.epoch
-             WHERE m.lease_owner = $11 AND m.state IN ('queued', 'deferred')
+             WHERE m.lease_owner = ANY($11) AND m.state IN ('queued', 'deferred')
              ORDER BY m.id
              FOR UPDATE OF m),
          firsts AS MATERIALIZED (
@@ -188,7 +188,7 @@ const RECORD: &str = "
                  lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = f.at_ms,
                  lease_interrupted = false
              FROM firsts f LEFT JOIN states s ON s.message_id = f.id
-             WHERE m.id = f.id AND m.lease_owner = $11 AND m.lease_epoch = f.epoch
+             WHERE m.id = f.id AND m.lease_owner = ANY($11) AND m.lease_epoch = f.epoch
              RETURNING m.id, m.state)
     SELECT f.k, fin.state FROM firsts f LEFT JOIN fin ON fin.id = f.id";
 
@@ -252,7 +252,7 @@ async fn record_batch(
                 .map(|(k, _)| reports[(*k - 1) as usize].smarthost.as_deref())
                 .collect::<Vec<_>>(),
         )
-        .bind(owner)
+        .bind(&super::handoff::fence_owners(owner)[..])
         .fetch_all(&mut *conn)
         .await
         .or_store()?;
@@ -276,21 +276,10 @@ async fn record_batch(
     Ok(out)
 }
 
-#[async_trait]
-impl QueueStore for PgStore {
-    async fn release_held(&self, now_ms: i64) -> Result<u64, StoreError> {
-        Ok(sqlx::query(
-            "UPDATE messages SET state = 'queued', next_attempt_ms = $1, updated_at_ms = $1
-             WHERE state = 'held' AND COALESCE(hold_until_ms, 0) <= $1",
-        )
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await
-        .or_store()?
-        .rows_affected())
-    }
-
-    async fn lease_due(
+impl PgStore {
+    /// Leases up to `limit` due messages from the shared queue (what `lease_due` did before the
+    /// hand-off, and still does for everything not handed off).
+    async fn lease_shared(
         &self,
         owner: &str,
         now_ms: i64,
@@ -414,6 +403,88 @@ impl QueueStore for PgStore {
         Ok(leased)
     }
 
+    /// Messages taken from the hand-off, kept leased: those with less than half their lease left
+    /// are extended first (fenced), and any whose lease is over (another node has it) dropped.
+    async fn keep_handed_leases(
+        &self,
+        owner: &str,
+        mut messages: Vec<LeasedMessage>,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<LeasedMessage>, StoreError> {
+        let short: Vec<(String, i64)> = messages
+            .iter()
+            .filter(|m| m.lease_until_ms - now_ms < lease_ms / 2)
+            .map(|m| (m.id.clone(), m.lease))
+            .collect();
+        if short.is_empty() {
+            return Ok(messages);
+        }
+        let outcomes = self.extend_lease(owner, &short, now_ms, lease_ms).await?;
+        let lost: Vec<&str> = short
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| matches!(o, Recorded::LeaseLost))
+            .map(|((id, _), _)| id.as_str())
+            .collect();
+        for (id, lease) in short.iter().filter(|(id, _)| lost.contains(&id.as_str())) {
+            tracing::info!(message_id = %id, lease, "a handed-off message's lease ended before a worker took it; the shared queue delivers it");
+        }
+        let extended: Vec<&str> = short
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .filter(|id| !lost.contains(id))
+            .collect();
+        messages.retain(|m| !lost.contains(&m.id.as_str()));
+        for m in &mut messages {
+            if extended.contains(&m.id.as_str()) {
+                m.lease_until_ms = now_ms.saturating_add(lease_ms);
+            }
+        }
+        Ok(messages)
+    }
+}
+
+#[async_trait]
+impl QueueStore for PgStore {
+    async fn release_held(&self, now_ms: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "UPDATE messages SET state = 'queued', next_attempt_ms = $1, updated_at_ms = $1
+             WHERE state = 'held' AND COALESCE(hold_until_ms, 0) <= $1",
+        )
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await
+        .or_store()?
+        .rows_affected())
+    }
+
+    async fn lease_due(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<LeasedMessage>, StoreError> {
+        // Messages this node accepted and leased to itself (`handoff.rs`) first, without a
+        // statement; the shared queue as well when the hand-off had none, and every
+        // `SHARED_EVERY` while it has.
+        let taken = self.handoff.take(owner, lease_ms, limit.max(1) as usize);
+        let mut handed = self
+            .keep_handed_leases(owner, taken.messages, now_ms, lease_ms)
+            .await?;
+        let rest = limit.max(1).saturating_sub(handed.len() as u32);
+        if !taken.look_shared || rest == 0 {
+            return Ok(handed);
+        }
+        let mut shared = self.lease_shared(owner, now_ms, lease_ms, rest).await?;
+        if handed.is_empty() {
+            return Ok(shared);
+        }
+        handed.append(&mut shared);
+        Ok(handed)
+    }
+
     async fn reclaim_leases(&self, node: &str, now_ms: i64) -> Result<u64, StoreError> {
         // A prefix compared as a string, not LIKE: `_` and `%` in a node id match themselves.
         // A new epoch, as a new lease takes: the lease taken back is over for every fence. It
@@ -433,6 +504,10 @@ impl QueueStore for PgStore {
     }
 
     async fn next_due_ms(&self) -> Result<Option<i64>, StoreError> {
+        // A message handed off and not yet taken is due now (no scan needed to say so).
+        if self.handoff.any_waiting() {
+            return Ok(Some(super::now_ms()));
+        }
         sqlx::query_scalar(
             "SELECT MIN(CASE
                  WHEN state = 'held' THEN COALESCE(hold_until_ms, 0)
@@ -498,7 +573,7 @@ impl QueueStore for PgStore {
         let rows = sqlx::query(
             "UPDATE messages m SET lease_until_ms = $3, updated_at_ms = $4
              FROM unnest($1::text[], $2::bigint[]) AS l(id, epoch)
-             WHERE m.id = l.id AND m.lease_epoch = l.epoch AND m.lease_owner = $5
+             WHERE m.id = l.id AND m.lease_epoch = l.epoch AND m.lease_owner = ANY($5)
                AND m.state IN ('queued', 'deferred')
              RETURNING m.id, m.state",
         )
@@ -506,7 +581,7 @@ impl QueueStore for PgStore {
         .bind(&epochs)
         .bind(now_ms.saturating_add(lease_ms))
         .bind(now_ms)
-        .bind(owner)
+        .bind(&super::handoff::fence_owners(owner)[..])
         .fetch_all(&self.pool)
         .await
         .or_store()?;
@@ -524,6 +599,28 @@ impl QueueStore for PgStore {
                     .map_or(Recorded::LeaseLost, |s| Recorded::State(*s))
             })
             .collect())
+    }
+
+    async fn release_handed_off(&self, now_ms: i64) -> Result<u64, StoreError> {
+        let waiting = self.handoff.drain();
+        if waiting.is_empty() {
+            return Ok(0);
+        }
+        let (ids, epochs): (Vec<String>, Vec<i64>) = waiting.into_iter().unzip();
+        // Fenced by the hand-off lease's epoch; a new epoch, as a take-back gives.
+        Ok(sqlx::query(
+            "UPDATE messages m SET lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = $3,
+                 lease_epoch = nextval('message_lease_epoch')
+             FROM unnest($1::text[], $2::bigint[]) AS l(id, epoch)
+             WHERE m.id = l.id AND m.lease_epoch = l.epoch AND m.state IN ('queued', 'deferred')",
+        )
+        .bind(&ids)
+        .bind(&epochs)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await
+        .or_store()?
+        .rows_affected())
     }
 
     async fn wake_others(&self, from: &str) -> Result<(), StoreError> {
@@ -562,12 +659,12 @@ impl QueueStore for PgStore {
             "UPDATE messages SET state = 'captured', done_at_ms = $1, next_attempt_ms = NULL,
                  lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = $1,
                  lease_interrupted = false
-             WHERE id = $2 AND lease_owner = $3 AND lease_epoch = $4
+             WHERE id = $2 AND lease_owner = ANY($3) AND lease_epoch = $4
                AND state IN ('queued', 'deferred')",
         )
         .bind(now_ms)
         .bind(id)
-        .bind(owner)
+        .bind(&super::handoff::fence_owners(owner)[..])
         .bind(lease)
         .execute(&self.pool)
         .await

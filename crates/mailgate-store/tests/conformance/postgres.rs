@@ -837,3 +837,143 @@ async fn a_node_admits_on_what_its_last_admission_left_and_stays_exact() {
             .unwrap();
     assert_eq!(rows, 7);
 }
+
+/// A node whose delivery workers asked for work is handed the messages it accepts
+/// (`postgres/handoff.rs`): each is stored already leased to the node's run (owner
+/// `<node>/<run>/accepted`, its recipient rows made), any worker of that run gets it from memory
+/// with its body and its recipients pending once each (another node finds nothing to lease), and
+/// the worker's write-back under its own owner records it. A message handed off but not taken
+/// before its lease expired is leased by another node as after any lease that ended without an
+/// outcome (`possible_duplicate`), and the first node's worker then drops it instead of
+/// delivering it a second time; one released by a node shutting down is due at once, unmarked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_delivers_what_it_accepted_from_memory_leased_to_it_at_acceptance() {
+    use mailgate_store::{
+        Admitted, CounterStore, MessageState, QueueStore, RecipientState, Recorded,
+    };
+
+    let db = fresh().await;
+    let (a, b) = (handle(&db).await, handle(&db).await);
+    let c = crate::suite::charge("rita@example.com", 100, 10, 60_000);
+    let t0 = now_ms();
+    let accept = async |id: &str, at: i64| {
+        let slot = match a
+            .admit(&c, &[], at as u64, "a/r1", at as u64 + 60_000)
+            .await
+            .unwrap()
+        {
+            Admitted::Recorded(slot, _) => slot,
+            Admitted::Changed(u) => panic!("refused with {u:?}"),
+        };
+        let m = message(id, at, &["x@example.org", "y@example.org", "x@example.org"]);
+        a.accept_admitted(&m, slot).await.unwrap();
+        m
+    };
+    // Before any worker of node a asked for work, nothing is handed off.
+    accept("m-shared", t0).await;
+    let lease_of = async |id: &str| -> (Option<String>, Option<i64>) {
+        sqlx::query_as("SELECT lease_owner, lease_until_ms FROM messages WHERE id = $1")
+            .bind(id)
+            .fetch_one(a.pool())
+            .await
+            .unwrap()
+    };
+    assert_eq!(lease_of("m-shared").await, (None, None));
+    let shared = a.lease_due("a/r1/0", t0, 2_000, 32).await.unwrap();
+    assert_eq!(shared.len(), 1);
+    let delivered = |m: &mailgate_store::LeasedMessage| {
+        crate::suite::report(
+            std::slice::from_ref(m),
+            &m.id,
+            t0 + 20,
+            &[
+                ("x@example.org", RecipientState::Delivered),
+                ("y@example.org", RecipientState::Delivered),
+            ],
+        )
+    };
+    a.record_attempts("a/r1/0", &[delivered(&shared[0])])
+        .await
+        .unwrap();
+
+    // Now node a's workers have asked: its next acceptance is leased to its run at once.
+    let m = accept("m-handed", t0 + 10).await;
+    assert_eq!(
+        lease_of("m-handed").await,
+        (Some("a/r1/accepted".to_owned()), Some(t0 + 10 + 2_000))
+    );
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT recipient, state FROM message_recipients WHERE message_id = 'm-handed'
+         ORDER BY position",
+    )
+    .fetch_all(a.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        [
+            ("x@example.org".to_owned(), "pending".to_owned()),
+            ("y@example.org".to_owned(), "pending".to_owned())
+        ]
+    );
+    // Another node has nothing to lease; another worker of a's run gets it from memory.
+    assert!(
+        b.lease_due("b/r2/0", t0 + 20, 2_000, 32)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let got = a.lease_due("a/r1/3", t0 + 20, 2_000, 32).await.unwrap();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let h = &got[0];
+    assert_eq!(h.id, "m-handed");
+    assert_eq!(h.raw, m.raw);
+    assert_eq!(
+        h.recipients,
+        [
+            ("x@example.org".to_owned(), RecipientState::Pending),
+            ("y@example.org".to_owned(), RecipientState::Pending)
+        ]
+    );
+    assert!(!h.possible_duplicate && h.attempts == 0);
+    assert_eq!(
+        a.record_attempts("a/r1/3", &[delivered(h)]).await.unwrap(),
+        [Recorded::State(MessageState::Delivered)]
+    );
+    let st = a.message_status("m-handed").await.unwrap().unwrap();
+    assert_eq!(st.entry.state, MessageState::Delivered);
+    assert!(!st.possible_duplicate);
+
+    // A node shutting down releases what it was handed and no worker took: due at once for
+    // the others, and not a possible duplicate (nobody attempted it).
+    accept("m-released", t0 + 25).await;
+    assert_eq!(a.release_handed_off(t0 + 26).await.unwrap(), 1);
+    assert_eq!(a.release_handed_off(t0 + 26).await.unwrap(), 0);
+    let taken = b.lease_due("b/r2/0", t0 + 27, 2_000, 32).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    assert!(taken[0].id == "m-released" && !taken[0].possible_duplicate);
+    b.record_attempts("b/r2/0", &[delivered(&taken[0])])
+        .await
+        .unwrap();
+
+    // Handed off and not taken before its lease expired: node b leases it, and a's worker
+    // drops it.
+    accept("m-late", t0 + 30).await;
+    let taken = b
+        .lease_due("b/r2/0", t0 + 30 + 2_000, 2_000, 32)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    assert!(taken[0].id == "m-late" && taken[0].possible_duplicate);
+    let mine = a
+        .lease_due("a/r1/0", t0 + 30 + 2_001, 2_000, 32)
+        .await
+        .unwrap();
+    assert!(mine.is_empty(), "{mine:?}");
+    assert_eq!(
+        b.record_attempts("b/r2/0", &[delivered(&taken[0])])
+            .await
+            .unwrap(),
+        [Recorded::State(MessageState::Delivered)]
+    );
+}

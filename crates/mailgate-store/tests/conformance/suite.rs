@@ -243,7 +243,7 @@ fn lease_of(leased: &[LeasedMessage], id: &str) -> i64 {
 
 /// An attempt on `id` at `at_ms` with one outcome per `(recipient, state)`, under its lease
 /// among `leased`.
-fn report(
+pub(crate) fn report(
     leased: &[LeasedMessage],
     id: &str,
     at_ms: i64,
