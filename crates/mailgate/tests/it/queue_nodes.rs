@@ -1,7 +1,8 @@
 //! Two nodes (two `serve` processes, each with its own data directory and `[node] id`) on one
 //! PostgreSQL database deliver one shared queue (issue 16 item 4): a node killed mid-load loses
 //! nothing acknowledged, and every message the smarthost got twice is marked
-//! `possible_duplicate`; a node paused past its lease commits nothing for the messages it lost.
+//! `possible_duplicate`; a node paused past its lease commits nothing for the messages it lost; a
+//! node stopped cleanly leaves the messages its workers had not taken to the other at once.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -287,4 +288,68 @@ fn a_node_paused_past_its_lease_commits_nothing_when_resumed() {
             .any(|l| l.contains("delivery attempt recorded") && l.contains(&id)),
         "node b did not record the delivery of {id}:\n{b_log}"
     );
+}
+
+/// A node stopped cleanly (SIGTERM) leaves the messages it accepted and leased to its own workers
+/// at acceptance (PostgreSQL's hand-off), and that none of them had taken yet, to the other node
+/// at once: not after its `relay.lease_ms` (a minute here), and not as possible duplicates
+/// (nobody attempted them). Node `a` has one worker, held by the sink over its first message.
+#[test]
+fn a_node_stopped_cleanly_leaves_what_its_workers_had_not_taken_to_the_others_at_once() {
+    let pg = postgres_database();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sink = start_sink(
+        &rt,
+        SinkConfig {
+            final_reply_delay: Some(Duration::from_secs(3)),
+            ..SinkConfig::default()
+        },
+    );
+    let relay = "lease_ms = 60000\nworkers = 1\n";
+    let nodes = two_nodes(&rt, &pg.url, sink.addr.port(), relay);
+    let a = nodes[0].serve_with(&node_config(&pg.url, "a", relay), &[]);
+    send_one(&a.addr, 1).expect("accepted by node a");
+    assert!(
+        eventually(Duration::from_secs(10), || sink.received().len() == 1),
+        "node a did not start delivering"
+    );
+    // Its one worker is busy: these wait in a's memory, leased to a's run.
+    let waiting: Vec<String> = (2..=4)
+        .map(|n| send_one(&a.addr, n).expect("accepted by node a"))
+        .collect();
+    let store = rt.block_on(open(&pg.url));
+    let status = |id: &str| {
+        rt.block_on(store.queue.message_status(id))
+            .unwrap()
+            .unwrap()
+    };
+    for id in &waiting {
+        let owner = status(id).lease_owner.unwrap_or_default();
+        assert!(
+            owner.starts_with("a/") && owner.ends_with("/accepted"),
+            "{id} leased by `{owner}`"
+        );
+    }
+    let b = nodes[1].serve_with(&node_config(&pg.url, "b", relay), &[]);
+    let (_, _, a_log) = a.stop();
+    assert!(
+        a_log.lines().any(
+            |l| l.contains("released the accepted messages no worker had taken yet")
+                && l.contains("messages=3")
+        ),
+        "node a did not release its three waiting messages:\n{a_log}"
+    );
+    // Three deliveries of 3 s each by b's one worker, far within a's one-minute lease.
+    let delivered = eventually(Duration::from_secs(30), || {
+        waiting
+            .iter()
+            .all(|id| status(id).entry.state == MessageState::Delivered)
+    });
+    assert!(delivered, "node b did not deliver what node a released");
+    for id in &waiting {
+        let st = status(id);
+        assert!(!st.possible_duplicate, "{id}: {:?}", st.history);
+        assert_eq!(st.history.len(), 1, "{id}: {:?}", st.history);
+    }
+    b.stop();
 }
