@@ -34,7 +34,9 @@
 //!   bad one fails, and is refunded.
 //! - A send whose caller went away before its message was written (the request's future dropped)
 //!   is refunded by the writer instead of written: no charge without a message. Once its
-//!   transaction started, it is stored and counts (as a send acknowledged too late).
+//!   transaction started, it is stored and counts (as a send acknowledged too late). A caller
+//!   gone during its admission likewise: skipped if it went before its batch was taken, refunded
+//!   (slot freed, usage removed) if its answer found it gone.
 //! - Messages larger than [`BATCH_BODY_MAX`] are written alone by their caller (no copy of a big
 //!   body into the queue).
 
@@ -419,12 +421,24 @@ async fn run_admissions(
 ) {
     let mut last = 0;
     while let Some(batch) = next_batch(&mut rx, &mut last).await {
+        // Callers gone before their send was admitted (a client that hung up): nothing to do.
+        let batch: Vec<AdmitJob> = batch.into_iter().filter(|j| !j.reply.is_closed()).collect();
+        if batch.is_empty() {
+            continue;
+        }
         match admit_batch(&pool, &counts, &memory, &batch).await {
             Ok(outcomes) => {
                 for (job, outcome) in batch.into_iter().zip(outcomes) {
-                    // A caller gone meanwhile: its slot and usage stay until the slot's deadline
-                    // (the same as a node dying between admission and message).
-                    let _ = job.reply.send(Ok(outcome));
+                    // A caller gone while its send was admitted: no message will come, so the
+                    // send is refunded and its slot freed now, not at the slot's deadline.
+                    if let Err(Ok(Admitted::Recorded(slot, _))) = job.reply.send(Ok(outcome)) {
+                        match super::counters::release_slot(&pool, slot, true).await {
+                            Ok(()) => remember(&memory).freed(slot),
+                            Err(e) => {
+                                tracing::warn!(error = %e, slot = slot.0, "could not refund a send whose caller went away during its admission: its slot expires by itself")
+                            }
+                        }
+                    }
                 }
             }
             Err(e) => {

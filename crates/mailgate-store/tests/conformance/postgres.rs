@@ -977,3 +977,74 @@ async fn a_node_delivers_what_it_accepted_from_memory_leased_to_it_at_acceptance
         [Recorded::State(MessageState::Delivered)]
     );
 }
+
+/// A client that hangs up while its send waits for admission is charged nothing: its admission,
+/// recorded by the node's admission writer after the caller went away (held up here by another
+/// transaction holding the principal's admission lock), is refunded at once (slot freed, usage
+/// removed) instead of counting until the slot's deadline a minute later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_whose_caller_went_away_during_admission_is_refunded_at_once() {
+    use mailgate_store::CounterStore;
+
+    let db = fresh().await;
+    let s = Arc::new(handle(&db).await);
+    let principal = "rita@example.com";
+    let c = crate::suite::charge(principal, 7, 2, 6_000);
+    let t0 = now_ms() as u64;
+    // Another transaction holds rita's admission lock (class "MGCT", `postgres/accept.rs`).
+    let mut blocker = PgConnection::connect(db.url()).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+        .bind(0x4D47_4354_i32)
+        .bind(principal)
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    let caller = {
+        let (s, c) = (s.clone(), c.clone());
+        tokio::spawn(async move { s.admit(&c, &[], t0, "n/r", t0 + 60_000).await })
+    };
+    // The send waits in the admission writer, behind the lock; then its caller goes away.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!caller.is_finished(), "admitted while the lock was held");
+    caller.abort();
+    let _ = caller.await;
+    let before = s.admission_stats();
+    sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+    // The writer records the admission once the lock is free, finds the caller gone, refunds.
+    for _ in 0..100 {
+        if s.admission_stats() != before {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_ne!(
+        s.admission_stats(),
+        before,
+        "the admission was never recorded"
+    );
+    let mut usage = s.usage(principal, t0 + 1).await.unwrap();
+    for _ in 0..50 {
+        if usage.in_flight == 0 && usage.messages_24h == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        usage = s.usage(principal, t0 + 1).await.unwrap();
+    }
+    assert_eq!(
+        (usage.messages_24h, usage.in_flight),
+        (0, 0),
+        "the abandoned send still counts: {usage:?}"
+    );
+    // And the principal's next sends are admitted on the numbers the store has.
+    for i in 0..2 {
+        match s
+            .admit(&c, &[], t0 + 2 + i, "n/r", t0 + 60_000)
+            .await
+            .unwrap()
+        {
+            mailgate_store::Admitted::Recorded(_, u) => assert_eq!(u.in_flight, i + 1),
+            other => panic!("refused: {other:?}"),
+        }
+    }
+}
