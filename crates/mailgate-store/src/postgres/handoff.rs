@@ -23,6 +23,9 @@
 //! - A message waiting in memory whose lease has less than half its length left is extended
 //!   (fenced) before a worker gets it, and dropped from memory if the extension finds the lease
 //!   over (another node has it).
+//! - A message waits in memory at most about [`STALE`] plus [`SWEEP_EVERY`]: then [`sweep`] ends
+//!   its lease (a new epoch, unmarked) and any node's worker takes it from the shared queue, so
+//!   a node whose workers are all busy (a slow smarthost) holds nothing back for long.
 //! - A node shutting down ends the leases of the messages still waiting
 //!   (`QueueStore::release_handed_off`): due at once for the other nodes, not marked.
 //! - A node that dies with messages handed off loses only the memory: the messages are leased in
@@ -46,6 +49,14 @@ pub(crate) const MAX_MESSAGES: usize = 1024;
 
 /// Most bytes of message bodies waiting in one run's hand-off.
 pub(crate) const MAX_BYTES: usize = 32 * 1024 * 1024;
+
+/// A message waiting longer than this for one of its run's workers (all busy: a slow smarthost)
+/// goes back to the shared queue (its lease ended, unmarked), where any node's idle worker takes
+/// it; [`sweep`] looks every [`SWEEP_EVERY`].
+pub(crate) const STALE: Duration = Duration::from_secs(2);
+
+/// How often [`sweep`] looks for messages waiting longer than [`STALE`].
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// How often a worker that is handed messages also looks at the shared queue (retries come due,
 /// other nodes' messages, held ones released), however many are handed to it.
@@ -72,7 +83,8 @@ struct Run {
     lease_ms: i64,
     asked: Instant,
     shared_at: Option<Instant>,
-    waiting: VecDeque<LeasedMessage>,
+    /// Oldest first, each with when it was handed.
+    waiting: VecDeque<(Instant, LeasedMessage)>,
     bytes: usize,
 }
 
@@ -121,7 +133,7 @@ impl Handoff {
         run.lease_ms = lease_ms;
         run.asked = now;
         let n = limit.min(run.waiting.len());
-        let messages: Vec<LeasedMessage> = run.waiting.drain(..n).collect();
+        let messages: Vec<LeasedMessage> = run.waiting.drain(..n).map(|(_, m)| m).collect();
         run.bytes -= messages.iter().map(|m| m.raw.len()).sum::<usize>();
         let look_shared =
             messages.is_empty() || run.shared_at.is_none_or(|t| now - t >= SHARED_EVERY);
@@ -172,26 +184,90 @@ impl Handoff {
             return;
         };
         run.bytes += messages.iter().map(|m| m.raw.len()).sum::<usize>();
-        run.waiting.extend(messages);
+        let now = Instant::now();
+        run.waiting.extend(messages.into_iter().map(|m| (now, m)));
     }
 
     /// Takes every message waiting, for every run: (id, lease epoch) each.
     pub(crate) fn drain(&self) -> Vec<(String, i64)> {
+        self.drain_older_than(Duration::ZERO)
+    }
+
+    /// Takes the messages that have waited at least `age` (every worker of their run busy that
+    /// long, e.g. on a slow smarthost): (id, lease epoch) each.
+    pub(crate) fn drain_older_than(&self, age: Duration) -> Vec<(String, i64)> {
         let mut runs = self.runs();
-        runs.values_mut()
-            .flat_map(|r| {
-                r.bytes = 0;
-                r.waiting
-                    .drain(..)
-                    .map(|m| (m.id, m.lease))
-                    .collect::<Vec<_>>()
-            })
-            .collect()
+        let mut out = Vec::new();
+        for r in runs.values_mut() {
+            while r.waiting.front().is_some_and(|(at, _)| at.elapsed() >= age) {
+                if let Some((_, m)) = r.waiting.pop_front() {
+                    r.bytes -= m.raw.len();
+                    out.push((m.id, m.lease));
+                }
+            }
+        }
+        out
     }
 
     /// True when a message waits for any run's worker.
     pub(crate) fn any_waiting(&self) -> bool {
         self.runs().values().any(|r| !r.waiting.is_empty())
+    }
+}
+
+/// Ends the hand-off leases `waiting` (id, epoch): each message is due at once in the shared
+/// queue, not marked (nobody attempted it). Fenced by the epoch; a new epoch, as a take-back
+/// gives. Returns how many were released.
+pub(crate) async fn release(
+    pool: &sqlx::PgPool,
+    waiting: Vec<(String, i64)>,
+    now_ms: i64,
+) -> Result<u64, crate::StoreError> {
+    use super::OrStore;
+    if waiting.is_empty() {
+        return Ok(0);
+    }
+    let (ids, epochs): (Vec<String>, Vec<i64>) = waiting.into_iter().unzip();
+    Ok(sqlx::query(
+        "UPDATE messages m SET lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = $3,
+             lease_epoch = nextval('message_lease_epoch')
+         FROM unnest($1::text[], $2::bigint[]) AS l(id, epoch)
+         WHERE m.id = l.id AND m.lease_epoch = l.epoch AND m.state IN ('queued', 'deferred')",
+    )
+    .bind(&ids)
+    .bind(&epochs)
+    .bind(now_ms)
+    .execute(pool)
+    .await
+    .or_store()?
+    .rows_affected())
+}
+
+/// Every [`SWEEP_EVERY`], returns the messages waiting longer than [`STALE`] to the shared queue
+/// ([`release`]). Ends when the store is dropped (the last `Arc` of `handoff`).
+pub(crate) async fn sweep(pool: sqlx::PgPool, handoff: std::sync::Weak<Handoff>) {
+    loop {
+        tokio::time::sleep(SWEEP_EVERY).await;
+        let Some(handoff) = handoff.upgrade() else {
+            return;
+        };
+        let stale = handoff.drain_older_than(STALE);
+        drop(handoff);
+        if stale.is_empty() {
+            continue;
+        }
+        let n = stale.len();
+        match release(&pool, stale, super::now_ms()).await {
+            Ok(released) => tracing::info!(
+                messages = n,
+                released,
+                "delivery: accepted messages waited over {}s for this node's busy workers; back to the shared queue",
+                STALE.as_secs()
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, messages = n, "could not return accepted messages to the shared queue: they are delivered when their lease expires")
+            }
+        }
     }
 }
 
@@ -261,5 +337,21 @@ mod tests {
         assert!(h.take("n/other/0", 2_000, 32).messages.is_empty());
         assert_eq!(h.room().unwrap().owner, "n/other/accepted");
         assert_eq!(h.take("n/r/0", 2_000, 32).messages.len(), 1);
+    }
+
+    #[test]
+    fn only_messages_waiting_at_least_the_age_are_drained_oldest_first() {
+        let h = Handoff::default();
+        h.take("n/r/0", 2_000, 32);
+        h.give("n/r/accepted", vec![leased("old", 10)]);
+        std::thread::sleep(Duration::from_millis(30));
+        h.give("n/r/accepted", vec![leased("new", 10)]);
+        assert_eq!(
+            h.drain_older_than(Duration::from_millis(20)),
+            [("old".to_owned(), 1)]
+        );
+        assert_eq!(h.room().unwrap().bytes, MAX_BYTES - 10);
+        assert_eq!(h.drain(), [("new".to_owned(), 1)]);
+        assert!(!h.any_waiting());
     }
 }

@@ -125,6 +125,10 @@ impl PgStore {
             .map_err(unreachable)?;
         let decisions = decisions::DecisionQueue::start(pool.clone());
         let handoff = std::sync::Arc::new(handoff::Handoff::default());
+        tokio::spawn(handoff::sweep(
+            pool.clone(),
+            std::sync::Arc::downgrade(&handoff),
+        ));
         let accepts = accept::AcceptQueues::start(pool.clone(), decisions.clone(), handoff.clone());
         Ok(PgStore {
             pool,

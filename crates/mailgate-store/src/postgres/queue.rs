@@ -602,25 +602,7 @@ impl QueueStore for PgStore {
     }
 
     async fn release_handed_off(&self, now_ms: i64) -> Result<u64, StoreError> {
-        let waiting = self.handoff.drain();
-        if waiting.is_empty() {
-            return Ok(0);
-        }
-        let (ids, epochs): (Vec<String>, Vec<i64>) = waiting.into_iter().unzip();
-        // Fenced by the hand-off lease's epoch; a new epoch, as a take-back gives.
-        Ok(sqlx::query(
-            "UPDATE messages m SET lease_owner = NULL, lease_until_ms = NULL, updated_at_ms = $3,
-                 lease_epoch = nextval('message_lease_epoch')
-             FROM unnest($1::text[], $2::bigint[]) AS l(id, epoch)
-             WHERE m.id = l.id AND m.lease_epoch = l.epoch AND m.state IN ('queued', 'deferred')",
-        )
-        .bind(&ids)
-        .bind(&epochs)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await
-        .or_store()?
-        .rows_affected())
+        super::handoff::release(&self.pool, self.handoff.drain(), now_ms).await
     }
 
     async fn wake_others(&self, from: &str) -> Result<(), StoreError> {

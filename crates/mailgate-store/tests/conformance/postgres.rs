@@ -1048,3 +1048,54 @@ async fn a_send_whose_caller_went_away_during_admission_is_refunded_at_once() {
         }
     }
 }
+
+/// A message handed to a node whose workers then stay busy (here: never ask again) goes back to
+/// the shared queue after about two seconds (`postgres/handoff.rs`, `STALE`): another node's
+/// worker leases it long before the hand-off lease (a minute) would have expired, and it is not
+/// a possible duplicate (nobody attempted it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_off_message_no_worker_takes_goes_back_to_the_shared_queue() {
+    use mailgate_store::{Admitted, CounterStore, QueueStore};
+
+    let db = fresh().await;
+    let (a, b) = (handle(&db).await, handle(&db).await);
+    let c = crate::suite::charge("rita@example.com", 100, 10, 60_000);
+    let t0 = now_ms();
+    assert!(
+        a.lease_due("a/r1/0", t0, 60_000, 32)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let slot = match a
+        .admit(&c, &[], t0 as u64, "a/r1", t0 as u64 + 60_000)
+        .await
+        .unwrap()
+    {
+        Admitted::Recorded(slot, _) => slot,
+        Admitted::Changed(u) => panic!("refused with {u:?}"),
+    };
+    a.accept_admitted(&message("m-stuck", t0, &["x@example.org"]), slot)
+        .await
+        .unwrap();
+    let leased_to: Option<String> =
+        sqlx::query_scalar("SELECT lease_owner FROM messages WHERE id = 'm-stuck'")
+            .fetch_one(a.pool())
+            .await
+            .unwrap();
+    assert_eq!(leased_to.as_deref(), Some("a/r1/accepted"));
+    let started = std::time::Instant::now();
+    let mut taken = Vec::new();
+    while taken.is_empty() && started.elapsed() < std::time::Duration::from_secs(10) {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        taken = b.lease_due("b/r2/0", now_ms(), 60_000, 32).await.unwrap();
+    }
+    let waited = started.elapsed();
+    assert_eq!(taken.len(), 1, "never returned to the shared queue");
+    assert!(taken[0].id == "m-stuck" && !taken[0].possible_duplicate);
+    assert!(
+        waited >= std::time::Duration::from_millis(1_500)
+            && waited < std::time::Duration::from_secs(5),
+        "returned after {waited:?}"
+    );
+}

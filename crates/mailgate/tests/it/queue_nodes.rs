@@ -294,6 +294,8 @@ fn a_node_paused_past_its_lease_commits_nothing_when_resumed() {
 /// at acceptance (PostgreSQL's hand-off), and that none of them had taken yet, to the other node
 /// at once: not after its `relay.lease_ms` (a minute here), and not as possible duplicates
 /// (nobody attempted them). Node `a` has one worker, held by the sink over its first message.
+/// (Messages no worker takes within about 2 s go back to the shared queue anyway, stopped or not:
+/// `handoff.rs`'s sweep, tested in the store's conformance suite.)
 #[test]
 fn a_node_stopped_cleanly_leaves_what_its_workers_had_not_taken_to_the_others_at_once() {
     let pg = postgres_database();
@@ -308,6 +310,7 @@ fn a_node_stopped_cleanly_leaves_what_its_workers_had_not_taken_to_the_others_at
     let relay = "lease_ms = 60000\nworkers = 1\n";
     let nodes = two_nodes(&rt, &pg.url, sink.addr.port(), relay);
     let a = nodes[0].serve_with(&node_config(&pg.url, "a", relay), &[]);
+    let b = nodes[1].serve_with(&node_config(&pg.url, "b", relay), &[]);
     send_one(&a.addr, 1).expect("accepted by node a");
     assert!(
         eventually(Duration::from_secs(10), || sink.received().len() == 1),
@@ -330,14 +333,15 @@ fn a_node_stopped_cleanly_leaves_what_its_workers_had_not_taken_to_the_others_at
             "{id} leased by `{owner}`"
         );
     }
-    let b = nodes[1].serve_with(&node_config(&pg.url, "b", relay), &[]);
     let (_, _, a_log) = a.stop();
+    // Released by the stop, or (a stop slower than 2 s on a loaded machine) by the hand-off's
+    // sweep before it: either way at once, not after the lease.
     assert!(
-        a_log.lines().any(
-            |l| l.contains("released the accepted messages no worker had taken yet")
-                && l.contains("messages=3")
-        ),
-        "node a did not release its three waiting messages:\n{a_log}"
+        a_log.lines().any(|l| {
+            l.contains("released the accepted messages no worker had taken yet")
+                || l.contains("back to the shared queue")
+        }),
+        "node a did not release its waiting messages:\n{a_log}"
     );
     // Three deliveries of 3 s each by b's one worker, far within a's one-minute lease.
     let delivered = eventually(Duration::from_secs(30), || {
