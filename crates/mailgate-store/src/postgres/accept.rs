@@ -947,13 +947,13 @@ fn handed_off(jobs: &[StoreJob], room: Option<&Room>) -> Vec<bool> {
 /// A handed-off message as its first lease would return it: every recipient pending, once each,
 /// in envelope order; no attempt yet; the lease running `lease_ms` from its acceptance.
 fn leased(message: NewMessage, epoch: i64, lease_ms: i64) -> LeasedMessage {
-    let mut recipients: Vec<(String, RecipientState)> =
-        Vec::with_capacity(message.recipients.len());
-    for r in message.recipients {
-        if !recipients.iter().any(|(seen, _)| *seen == r) {
-            recipients.push((r, RecipientState::Pending));
-        }
-    }
+    let mut seen = std::collections::HashSet::with_capacity(message.recipients.len());
+    let recipients: Vec<(String, RecipientState)> = message
+        .recipients
+        .into_iter()
+        .filter(|r| seen.insert(r.clone()))
+        .map(|r| (r, RecipientState::Pending))
+        .collect();
     LeasedMessage {
         id: message.id,
         decision_id: message.decision_id,

@@ -421,26 +421,23 @@ impl PgStore {
             return Ok(messages);
         }
         let outcomes = self.extend_lease(owner, &short, now_ms, lease_ms).await?;
-        let lost: Vec<&str> = short
+        // Each short lease: extended (kept, with its new end) or over (dropped).
+        let extended: HashMap<&str, bool> = short
             .iter()
             .zip(&outcomes)
-            .filter(|(_, o)| matches!(o, Recorded::LeaseLost))
-            .map(|((id, _), _)| id.as_str())
+            .map(|((id, _), o)| (id.as_str(), !matches!(o, Recorded::LeaseLost)))
             .collect();
-        for (id, lease) in short.iter().filter(|(id, _)| lost.contains(&id.as_str())) {
-            tracing::info!(message_id = %id, lease, "a handed-off message's lease ended before a worker took it; the shared queue delivers it");
-        }
-        let extended: Vec<&str> = short
-            .iter()
-            .map(|(id, _)| id.as_str())
-            .filter(|id| !lost.contains(id))
-            .collect();
-        messages.retain(|m| !lost.contains(&m.id.as_str()));
-        for m in &mut messages {
-            if extended.contains(&m.id.as_str()) {
+        messages.retain_mut(|m| match extended.get(m.id.as_str()) {
+            Some(true) => {
                 m.lease_until_ms = now_ms.saturating_add(lease_ms);
+                true
             }
-        }
+            Some(false) => {
+                tracing::info!(message_id = %m.id, lease = m.lease, "a handed-off message's lease ended before a worker took it; the shared queue delivers it");
+                false
+            }
+            None => true,
+        });
         Ok(messages)
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use mailgate_store::postgres::PgStore;
 use mailgate_store::testing::{TestDb, postgres_server};
-use mailgate_store::{Store, Stores};
+use mailgate_store::{NewMessage, Store, Stores};
 use sqlx::{Connection, PgConnection};
 
 use crate::suite::{Backend, conformance, message};
@@ -838,6 +838,18 @@ async fn a_node_admits_on_what_its_last_admission_left_and_stays_exact() {
     assert_eq!(rows, 7);
 }
 
+/// Admits `m`'s send on node `s` (slots held as `a/r1`) and stores the message, as the gateway
+/// does for a send on a shared-counter store.
+async fn admit_and_store(s: &PgStore, c: &mailgate_core::engine::Charge, m: &NewMessage) {
+    use mailgate_store::{Admitted, CounterStore};
+    let at = m.accepted_at_ms as u64;
+    let slot = match s.admit(c, &[], at, "a/r1", at + 60_000).await.unwrap() {
+        Admitted::Recorded(slot, _) => slot,
+        Admitted::Changed(u) => panic!("refused with {u:?}"),
+    };
+    s.accept_admitted(m, slot).await.unwrap();
+}
+
 /// A node whose delivery workers asked for work is handed the messages it accepts
 /// (`postgres/handoff.rs`): each is stored already leased to the node's run (owner
 /// `<node>/<run>/accepted`, its recipient rows made), any worker of that run gets it from memory
@@ -848,25 +860,15 @@ async fn a_node_admits_on_what_its_last_admission_left_and_stays_exact() {
 /// delivering it a second time; one released by a node shutting down is due at once, unmarked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_delivers_what_it_accepted_from_memory_leased_to_it_at_acceptance() {
-    use mailgate_store::{
-        Admitted, CounterStore, MessageState, QueueStore, RecipientState, Recorded,
-    };
+    use mailgate_store::{MessageState, QueueStore, RecipientState, Recorded};
 
     let db = fresh().await;
     let (a, b) = (handle(&db).await, handle(&db).await);
     let c = crate::suite::charge("rita@example.com", 100, 10, 60_000);
     let t0 = now_ms();
     let accept = async |id: &str, at: i64| {
-        let slot = match a
-            .admit(&c, &[], at as u64, "a/r1", at as u64 + 60_000)
-            .await
-            .unwrap()
-        {
-            Admitted::Recorded(slot, _) => slot,
-            Admitted::Changed(u) => panic!("refused with {u:?}"),
-        };
         let m = message(id, at, &["x@example.org", "y@example.org", "x@example.org"]);
-        a.accept_admitted(&m, slot).await.unwrap();
+        admit_and_store(&a, &c, &m).await;
         m
     };
     // Before any worker of node a asked for work, nothing is handed off.
@@ -1055,7 +1057,7 @@ async fn a_send_whose_caller_went_away_during_admission_is_refunded_at_once() {
 /// a possible duplicate (nobody attempted it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handed_off_message_no_worker_takes_goes_back_to_the_shared_queue() {
-    use mailgate_store::{Admitted, CounterStore, QueueStore};
+    use mailgate_store::QueueStore;
 
     let db = fresh().await;
     let (a, b) = (handle(&db).await, handle(&db).await);
@@ -1067,17 +1069,7 @@ async fn a_handed_off_message_no_worker_takes_goes_back_to_the_shared_queue() {
             .unwrap()
             .is_empty()
     );
-    let slot = match a
-        .admit(&c, &[], t0 as u64, "a/r1", t0 as u64 + 60_000)
-        .await
-        .unwrap()
-    {
-        Admitted::Recorded(slot, _) => slot,
-        Admitted::Changed(u) => panic!("refused with {u:?}"),
-    };
-    a.accept_admitted(&message("m-stuck", t0, &["x@example.org"]), slot)
-        .await
-        .unwrap();
+    admit_and_store(&a, &c, &message("m-stuck", t0, &["x@example.org"])).await;
     let leased_to: Option<String> =
         sqlx::query_scalar("SELECT lease_owner FROM messages WHERE id = 'm-stuck'")
             .fetch_one(a.pool())
