@@ -168,6 +168,99 @@ pub fn next_tat(charge: &Charge, tat_ms: Option<u64>, now_ms: u64) -> Option<u64
     }
 }
 
+/// The largest usage at which every one of `sends` (one principal's, in arrival order: its
+/// charge and its clock) is admitted with **no limit exceeded**, whatever the limit's action,
+/// each send counted before the next is checked (as [`recheck`] one at a time would); `None` when
+/// some send would exceed a limit even on no usage at all, or there are no sends.
+///
+/// A store that shares counters between nodes may record all of them without deciding again when
+/// it finds the principal's numbers at or below this in every part (messages, recipients and
+/// sends in flight; a rate schedule never set counts as 0): every limit's check is monotone
+/// (fewer sends, recipients or sends in flight, or an earlier schedule, never exceed a limit
+/// more), and a send that no limit holds is admitted by [`recheck`] exactly when nothing is
+/// exceeded. The comparison is all the store does: the arithmetic stays here, beside
+/// [`exceeded`], which this inverts (`a_ceiling_admits_exactly_the_usage_every_send_fits_on`).
+pub fn ceiling<'a>(sends: impl IntoIterator<Item = (&'a Charge, u64)>) -> Option<Usage> {
+    let mut top = Usage {
+        rate_tat_ms: Some(u64::MAX),
+        messages_24h: u64::MAX,
+        recipients_24h: u64::MAX,
+        oldest_expires_ms: None,
+        in_flight: u64::MAX,
+    };
+    // Counted so far: sends, their recipients, their emission intervals; and the schedule the
+    // sends so far leave when the principal's was 0 (`floor`; `TatShift` says why that and the
+    // sum of intervals give the schedule from any start).
+    let (mut sends_before, mut recipients_before, mut add, mut floor) = (0u64, 0u64, 0u64, 0u64);
+    let mut any = false;
+    for (charge, now) in sends {
+        any = true;
+        let this = sends_before.checked_add(1)?;
+        top.messages_24h = top
+            .messages_24h
+            .min(charge.messages_per_day.checked_sub(this)?);
+        let recipients = recipients_before.checked_add(charge.recipients)?;
+        top.recipients_24h = top
+            .recipients_24h
+            .min(charge.recipients_per_day.checked_sub(recipients)?);
+        top.in_flight = top
+            .in_flight
+            .min(charge.concurrent_sends.checked_sub(this)?);
+        // The schedule this send is checked on is max(T + add, floor, now) for a start T: within
+        // the tolerance iff both T + add and floor are (now itself always is).
+        let gcra = charge.rate?;
+        let latest = now.checked_add(gcra.tolerance_ms)?;
+        if floor > latest {
+            return None;
+        }
+        let t = latest.checked_sub(add)?;
+        top.rate_tat_ms = top.rate_tat_ms.map(|m| m.min(t));
+        floor = floor.max(now).checked_add(gcra.emission_ms)?;
+        add = add.checked_add(gcra.emission_ms)?;
+        sends_before = this;
+        recipients_before = recipients;
+    }
+    any.then_some(top)
+}
+
+/// How a run of one principal's sends moves its rate schedule, whatever the schedule was: from
+/// `tat` (never set counts as 0) to `max(tat + add_ms, floor_ms)`, which is what [`next_tat`]
+/// gives send by send (each send maps t to max(t, now) + e; two such maps compose to one of the
+/// same form). A store records a batch admitted under a [`ceiling`] with this, on the schedule it
+/// finds, without knowing the rate's arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TatShift {
+    /// Added to the schedule found.
+    pub add_ms: u64,
+    /// The least the schedule becomes.
+    pub floor_ms: u64,
+}
+
+impl TatShift {
+    /// What `sends` (charge, clock; in arrival order) do to the schedule; `None` when none has a
+    /// rate (nothing moves).
+    pub fn of<'a>(sends: impl IntoIterator<Item = (&'a Charge, u64)>) -> Option<TatShift> {
+        let mut shift: Option<TatShift> = None;
+        for (charge, now) in sends {
+            let Some(gcra) = charge.rate else { continue };
+            let s = shift.get_or_insert(TatShift {
+                add_ms: 0,
+                floor_ms: 0,
+            });
+            s.floor_ms = s.floor_ms.max(now).saturating_add(gcra.emission_ms);
+            s.add_ms = s.add_ms.saturating_add(gcra.emission_ms);
+        }
+        shift
+    }
+
+    /// The schedule `tat` becomes.
+    pub fn apply(&self, tat: Option<u64>) -> u64 {
+        tat.unwrap_or(0)
+            .saturating_add(self.add_ms)
+            .max(self.floor_ms)
+    }
+}
+
 /// What a store that shares counters between nodes concludes, under its lock, from the numbers
 /// it read ([`recheck`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -340,6 +433,7 @@ impl Counters for MemoryCounters {
 mod tests {
     use super::*;
     use crate::directory::SEND_COST_UNITS;
+    use proptest::prelude::*;
 
     const T0: u64 = 1_795_000_000_000;
 
@@ -414,6 +508,107 @@ mod tests {
             recheck(&usage(3, 2), &c, &[LimitName::DailyMessages], T0),
             Recheck::Changed
         );
+    }
+
+    /// The reference for [`ceiling`]: each send checked with [`exceeded`] on the numbers the
+    /// sends before it left, then counted as a recorded send is.
+    fn every_send_fits(mut u: Usage, sends: &[(Charge, u64)]) -> bool {
+        for (c, now) in sends {
+            if !exceeded(&u, c, *now).is_empty() {
+                return false;
+            }
+            u.rate_tat_ms = next_tat(c, u.rate_tat_ms, *now);
+            u.messages_24h += 1;
+            u.recipients_24h += c.recipients;
+            u.in_flight += 1;
+        }
+        true
+    }
+
+    fn arb_send() -> impl Strategy<Value = (Charge, u64)> {
+        (
+            prop::option::weighted(0.95, 1u64..3_000),
+            0u64..4,
+            (0u64..8, 0u64..20, 0u64..6),
+            0u64..5_000,
+        )
+            .prop_map(|(units, recipients, (messages, rcpt, conc), at)| {
+                let mut c = charge(false);
+                c.rate = units.and_then(|u| Gcra::per_minute(u, SEND_COST_UNITS));
+                c.recipients = recipients;
+                c.messages_per_day = messages;
+                c.recipients_per_day = rcpt;
+                c.concurrent_sends = conc;
+                (c, T0 + at)
+            })
+    }
+
+    fn arb_usage() -> impl Strategy<Value = Usage> {
+        (
+            prop::option::of(T0 - 10_000..T0 + 130_000),
+            0u64..8,
+            0u64..20,
+            0u64..6,
+        )
+            .prop_map(|(tat, messages, recipients, in_flight)| Usage {
+                rate_tat_ms: tat,
+                messages_24h: messages,
+                recipients_24h: recipients,
+                oldest_expires_ms: None,
+                in_flight,
+            })
+    }
+
+    fn at_or_below(u: &Usage, top: &Usage) -> bool {
+        u.rate_tat_ms.unwrap_or(0) <= top.rate_tat_ms.unwrap_or(0)
+            && u.messages_24h <= top.messages_24h
+            && u.recipients_24h <= top.recipients_24h
+            && u.in_flight <= top.in_flight
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_ceiling_admits_exactly_the_usage_every_send_fits_on(
+            sends in prop::collection::vec(arb_send(), 1..6),
+            u in arb_usage(),
+        ) {
+            let top = ceiling(sends.iter().map(|(c, now)| (c, *now)));
+            let fits = every_send_fits(u, &sends);
+            proptest::prop_assert_eq!(
+                fits,
+                top.is_some_and(|t| at_or_below(&u, &t)),
+                "usage {:?}, ceiling {:?}", u, top
+            );
+            // The largest: the ceiling itself fits, and one more of anything does not.
+            if let Some(t) = top {
+                proptest::prop_assert!(every_send_fits(t, &sends));
+                let bumps: [fn(&mut Usage); 4] = [
+                    |u| u.messages_24h += 1,
+                    |u| u.recipients_24h += 1,
+                    |u| u.in_flight += 1,
+                    |u| u.rate_tat_ms = u.rate_tat_ms.map(|t| t + 1),
+                ];
+                for bump in bumps {
+                    let mut over = t;
+                    bump(&mut over);
+                    proptest::prop_assert!(!every_send_fits(over, &sends), "{:?}", over);
+                }
+            }
+        }
+
+        #[test]
+        fn a_tat_shift_moves_any_schedule_as_the_sends_one_by_one_do(
+            sends in prop::collection::vec(arb_send(), 1..6),
+            tat in prop::option::of(0u64..T0 + 200_000),
+        ) {
+            let one_by_one = sends
+                .iter()
+                .fold(tat, |t, (c, now)| next_tat(c, t, *now));
+            match TatShift::of(sends.iter().map(|(c, now)| (c, *now))) {
+                Some(shift) => proptest::prop_assert_eq!(Some(shift.apply(tat)), one_by_one),
+                None => proptest::prop_assert_eq!(tat, one_by_one),
+            }
+        }
     }
 
     #[test]

@@ -38,8 +38,8 @@ use crate::catalogue::{
 use crate::directory::{ExceedAction, LimitName};
 
 pub use counters::{
-    Admission, Charge, Counters, CountersError, MemoryCounters, Recheck, Usage, UsageSnapshot,
-    exceeded, recheck,
+    Admission, Charge, Counters, CountersError, MemoryCounters, Recheck, TatShift, Usage,
+    UsageSnapshot, ceiling, exceeded, recheck,
 };
 pub use index::{DirectoryIndex, Ownership};
 pub use inject::{InjectedFault, apply_injected};
