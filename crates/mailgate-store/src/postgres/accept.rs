@@ -4,23 +4,29 @@
 //!
 //! A send takes two steps (`counters.rs` says why two):
 //!
-//! 1. **Admission** ([`AcceptQueues::admit`]): one statement per batch reads all its principals'
-//!    usage and their admission versions (no lock), the node re-checks each send *in arrival
-//!    order* with the engine's arithmetic (`mailgate_core::engine::recheck`, each admitted send
-//!    added to its principal's numbers before the next is checked, exactly as if they had come
-//!    one at a time), and one more statement records the admitted ones (usage rows, rate TATs,
-//!    concurrent-send slots) through `mailgate_admit`, which takes the principals' transaction
-//!    advisory locks (one fixed order, so two nodes' batches never deadlock) and records nothing
-//!    if an admission of one of them came in since the read (its version moved): the batch is
-//!    then read and re-checked again, and after [`OPTIMISTIC_TRIES`] misses admitted with the
-//!    locks held over its reading (`migrations/postgres/0009_optimistic_admission.sql` says why
-//!    a version is enough). The record commits with `synchronous_commit` off (the message's
-//!    durable commit flushes the WAL past it; see `counters.rs`). Before reading, a batch is
-//!    first tried on what the node's own last admission of each of its principals left
-//!    ([`Memory`]): an uncontended principal's batch is then one statement.
-//!    Exact all the same: the record still requires each principal's version to be the one
-//!    remembered (nothing admitted since), and the numbers remembered are never below the
-//!    store's at that version (see [`Memory`]); a refusal is never concluded from them.
+//! 1. **Admission** ([`AcceptQueues::admit`]). A batch that no limit holds (the usual case) is
+//!    one statement: the node asks the engine for each principal's *ceiling*
+//!    (`mailgate_core::engine::ceiling`: the largest numbers on which all the principal's sends
+//!    of the batch, in arrival order, are admitted with no limit exceeded) and calls
+//!    `mailgate_admit_within`, which takes the principals' transaction advisory locks (one fixed
+//!    order, so two nodes' batches never deadlock), reads their numbers, and records the batch
+//!    (usage rows, rate schedules, concurrent-send slots) if each principal's are at or below its
+//!    ceiling; it returns the numbers it read either way. Exact because every limit's check is
+//!    monotone, so the engine would admit each send on those numbers too; and whatever other
+//!    nodes admitted meanwhile, the batch is recorded as long as it still fits
+//!    (`migrations/postgres/0012_admission_under_a_ceiling.sql`). A batch that does not fit is
+//!    re-checked *in arrival order* on the numbers returned (`mailgate_core::engine::recheck`,
+//!    each admitted send added to its principal's numbers before the next is checked, exactly as
+//!    if they had come one at a time) and its admitted sends recorded through `mailgate_admit`,
+//!    which records nothing if an admission of one of its principals came in since that reading
+//!    (a version moved): the batch is then read again (`mailgate_usage_of`, no lock) and
+//!    re-checked, and after [`OPTIMISTIC_TRIES`] misses admitted with the locks held over its
+//!    reading (`migrations/postgres/0009_optimistic_admission.sql` says why a version is
+//!    enough). A batch some limit holds (action `hold`: the hold stands only while the same
+//!    limits are exceeded, which no ceiling can say) takes that second way from its reading. The
+//!    records commit with `synchronous_commit` off (the message's durable commit flushes the WAL
+//!    past them; see `counters.rs`). The numbers an admitted send's caller gets back are those
+//!    read under the locks with the sends before it counted, never a ceiling.
 //! 2. **The message** ([`AcceptQueues::store`]): one statement per batch (its own implicit
 //!    transaction, one round trip) writes the batch's pending decisions, messages and bodies
 //!    (one `UNNEST` insert each) and frees their slots, and commits durably: every message of the
@@ -41,13 +47,12 @@
 //!   body into the queue).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use mailgate_core::directory::LimitName;
 use mailgate_core::engine::counters::DAY_MS;
-use mailgate_core::engine::{Charge, Recheck, Usage, recheck};
+use mailgate_core::engine::{Charge, Recheck, TatShift, Usage, ceiling, recheck};
 use sqlx::{PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
 
@@ -105,8 +110,9 @@ pub struct AdmissionStats {
     pub missed: u64,
     /// Batches recorded with the locks held over their reading, after the misses allowed.
     pub locked: u64,
-    /// Batches recorded on what the node's own last admissions left, without a reading.
-    pub remembered: u64,
+    /// Batches recorded under their ceiling: the store found each principal's numbers at or
+    /// below the largest on which the whole batch fits.
+    pub within: u64,
 }
 
 #[derive(Debug)]
@@ -115,7 +121,7 @@ struct AdmissionCounts {
     optimistic: AtomicU64,
     missed: AtomicU64,
     locked: AtomicU64,
-    remembered: AtomicU64,
+    within: AtomicU64,
 }
 
 impl std::fmt::Debug for AdmitJob {
@@ -153,16 +159,10 @@ impl AcceptQueues {
             optimistic: AtomicU64::new(0),
             missed: AtomicU64::new(0),
             locked: AtomicU64::new(0),
-            remembered: AtomicU64::new(0),
+            within: AtomicU64::new(0),
         });
-        let memory = Arc::new(Mutex::new(Memory::default()));
-        tokio::spawn(run_admissions(
-            pool.clone(),
-            admission.clone(),
-            memory.clone(),
-            admit_rx,
-        ));
-        tokio::spawn(run_messages(pool, decisions, memory, handoff, store_rx));
+        tokio::spawn(run_admissions(pool.clone(), admission.clone(), admit_rx));
+        tokio::spawn(run_messages(pool, decisions, handoff, store_rx));
         AcceptQueues {
             admissions,
             messages,
@@ -177,7 +177,7 @@ impl AcceptQueues {
             optimistic: c.optimistic.load(Ordering::Relaxed),
             missed: c.missed.load(Ordering::Relaxed),
             locked: c.locked.load(Ordering::Relaxed),
-            remembered: c.remembered.load(Ordering::Relaxed),
+            within: c.within.load(Ordering::Relaxed),
         }
     }
 
@@ -252,171 +252,9 @@ async fn next_batch<T>(rx: &mut mpsc::Receiver<T>, last: &mut usize) -> Option<V
     Some(batch)
 }
 
-/// How long a node admits on what it remembers of a principal before reading its usage again
-/// (the remembered numbers only ever overstate the store's, by the rows that have left the day's
-/// window and the slots freed by others since: a second of that at most).
-const REMEMBER_FOR: Duration = Duration::from_secs(1);
-
-/// How long a principal whose remembered version was found moved (another node admits it too) is
-/// read before every admission, as without a memory (a miss costs a statement).
-const CONTENDED_FOR: Duration = Duration::from_secs(1);
-
-/// Most slots (and principals) a node remembers at once: past it, the slots are dropped (the
-/// remembered concurrent sends then stay high, which only sends a batch to a reading) and the
-/// principals that can no longer be recalled are forgotten.
-const MAX_REMEMBERED: usize = 65_536;
-
-/// What this node's own last admission (or refusal-only reading) of each principal left: its
-/// usage and admission version, so that the next batch of an uncontended principal can go
-/// straight to `mailgate_admit` without reading first.
-///
-/// Why that stays exact: `mailgate_admit` records only if the version is still the one
-/// remembered, i.e. no admission of the principal (on any node) since; and at a given version
-/// the remembered numbers are never below the store's: they are a reading plus this node's own
-/// admissions since, and without an admission the store's numbers only go down (a slot freed, a
-/// send refunded, a row leaving the day's window; `0009_optimistic_admission.sql`). The one
-/// exception made on purpose lowers them by exactly what the store lowered: a concurrent-send
-/// slot this node took *after* the reading (so the reading did not count it) is subtracted once
-/// its message is stored, which deletes it. A batch that the remembered numbers would refuse in
-/// part is read live instead: a refusal is never concluded from them.
-#[derive(Debug, Default)]
-struct Memory {
-    principals: HashMap<String, Remembered>,
-    /// This node's slots counted in a remembered `in_flight` that a reading did not count: the
-    /// principal and the reading ([`Remembered::reading`]) they were counted under.
-    slots: HashMap<i64, (String, u64)>,
-    readings: u64,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Remembered {
-    usage: Usage,
-    version: i64,
-    /// When the reading these numbers start from was taken.
-    read_at: Instant,
-    /// Which reading (a number per node): slots taken under another one are not subtracted.
-    reading: u64,
-    contended_until: Option<Instant>,
-}
-
-impl Memory {
-    /// The usage and versions remembered for every one of `principals`, if all are fresh and
-    /// none was contended lately.
-    fn recall(&self, principals: &[&str]) -> Option<(HashMap<String, Usage>, Vec<i64>)> {
-        let now = Instant::now();
-        let mut usage = HashMap::with_capacity(principals.len());
-        let mut versions = Vec::with_capacity(principals.len());
-        for p in principals {
-            let r = self.principals.get(*p)?;
-            if now.duration_since(r.read_at) >= REMEMBER_FOR
-                || r.contended_until.is_some_and(|t| now < t)
-            {
-                return None;
-            }
-            usage.insert((*p).to_owned(), r.usage);
-            versions.push(r.version);
-        }
-        Some((usage, versions))
-    }
-
-    /// A reading taken at `read_at` (before its statement was sent) of `principals`.
-    fn read(
-        &mut self,
-        principals: &[&str],
-        versions: &[i64],
-        usage: &HashMap<String, Usage>,
-        read_at: Instant,
-    ) {
-        self.readings += 1;
-        let reading = self.readings;
-        if self.principals.len() >= MAX_REMEMBERED {
-            // Only what could still be recalled (or marks a contention) is worth keeping.
-            let now = Instant::now();
-            self.principals.retain(|_, r| {
-                now.duration_since(r.read_at) < REMEMBER_FOR
-                    || r.contended_until.is_some_and(|t| now < t)
-            });
-        }
-        for (p, v) in principals.iter().zip(versions) {
-            let contended_until = self.principals.get(*p).and_then(|r| r.contended_until);
-            self.principals.insert(
-                (*p).to_owned(),
-                Remembered {
-                    usage: usage.get(*p).copied().unwrap_or_default(),
-                    version: *v,
-                    read_at,
-                    reading,
-                    contended_until,
-                },
-            );
-        }
-    }
-
-    /// `batch`'s admitted sends recorded on the versions `versions`, which each moved by one,
-    /// leaving the numbers `after`; `outcomes` are the batch's (`finish`), in order.
-    fn recorded(
-        &mut self,
-        batch: &[AdmitJob],
-        principals: &[&str],
-        versions: &[i64],
-        after: &HashMap<String, Usage>,
-        outcomes: &[Admitted],
-    ) {
-        for (p, v) in principals.iter().zip(versions) {
-            if let Some(r) = self.principals.get_mut(*p) {
-                r.version = v + 1;
-                if let Some(u) = after.get(*p) {
-                    // The store keeps the later rate schedule (`GREATEST`); a send without a rate
-                    // (`plan` leaves it unset) moves nothing.
-                    r.usage = Usage {
-                        rate_tat_ms: r.usage.rate_tat_ms.max(u.rate_tat_ms),
-                        ..*u
-                    };
-                }
-            }
-        }
-        if self.slots.len() >= MAX_REMEMBERED {
-            self.slots.clear();
-        }
-        for (job, outcome) in batch.iter().zip(outcomes) {
-            if let Admitted::Recorded(slot, _) = outcome
-                && let Some(r) = self.principals.get(&job.charge.principal)
-            {
-                self.slots
-                    .insert(slot.0, (job.charge.principal.clone(), r.reading));
-            }
-        }
-    }
-
-    /// A remembered version was found moved: read these principals for a while.
-    fn contended(&mut self, principals: &[&str]) {
-        let until = Instant::now() + CONTENDED_FOR;
-        for p in principals {
-            if let Some(r) = self.principals.get_mut(*p) {
-                r.contended_until = Some(until);
-            }
-        }
-    }
-
-    /// `slot` was deleted with its message's durable commit.
-    fn freed(&mut self, slot: SendSlot) {
-        if let Some((p, reading)) = self.slots.remove(&slot.0)
-            && let Some(r) = self.principals.get_mut(&p)
-            && r.reading == reading
-        {
-            r.usage.in_flight = r.usage.in_flight.saturating_sub(1);
-        }
-    }
-}
-
-fn remember(memory: &Mutex<Memory>) -> std::sync::MutexGuard<'_, Memory> {
-    memory.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 async fn run_admissions(
     pool: PgPool,
     counts: Arc<AdmissionCounts>,
-    memory: Arc<Mutex<Memory>>,
     mut rx: mpsc::Receiver<AdmitJob>,
 ) {
     let mut last = 0;
@@ -426,18 +264,15 @@ async fn run_admissions(
         if batch.is_empty() {
             continue;
         }
-        match admit_batch(&pool, &counts, &memory, &batch).await {
+        match admit_batch(&pool, &counts, &batch).await {
             Ok(outcomes) => {
                 for (job, outcome) in batch.into_iter().zip(outcomes) {
                     // A caller gone while its send was admitted: no message will come, so the
                     // send is refunded and its slot freed now, not at the slot's deadline.
-                    if let Err(Ok(Admitted::Recorded(slot, _))) = job.reply.send(Ok(outcome)) {
-                        match super::counters::release_slot(&pool, slot, true).await {
-                            Ok(()) => remember(&memory).freed(slot),
-                            Err(e) => {
-                                tracing::warn!(error = %e, slot = slot.0, "could not refund a send whose caller went away during its admission: its slot expires by itself")
-                            }
-                        }
+                    if let Err(Ok(Admitted::Recorded(slot, _))) = job.reply.send(Ok(outcome))
+                        && let Err(e) = super::counters::release_slot(&pool, slot, true).await
+                    {
+                        tracing::warn!(error = %e, slot = slot.0, "could not refund a send whose caller went away during its admission: its slot expires by itself");
                     }
                 }
             }
@@ -461,6 +296,129 @@ const USAGE_OF_MANY: &str = "SELECT principal, tat, n, r, oldest, in_flight, ver
 const ADMIT: &str = "SELECT admitted_ord, slot_id
     FROM mailgate_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
 
+/// Records a batch that no limit holds if, under the principals' locks, each one's numbers are
+/// at or below the batch's ceiling for it; returns the numbers it read either way
+/// (`migrations/postgres/0012_admission_under_a_ceiling.sql`).
+const ADMIT_WITHIN: &str = "SELECT admitted_ord, slot_id, principal, tat, n, r, oldest, in_flight,
+           version
+    FROM mailgate_admit_within($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                               $16)";
+
+/// A number for the database (limits and schedules beyond `i64` compare as its largest).
+fn db(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// What `mailgate_admit_within` needs of a batch: each principal's ceiling (in the order of the
+/// batch's sorted principals) and how the batch moves each rate schedule.
+struct Within<'a> {
+    tat: Vec<i64>,
+    messages: Vec<i64>,
+    recipients: Vec<i64>,
+    in_flight: Vec<i64>,
+    shift_who: Vec<&'a str>,
+    shift_add: Vec<i64>,
+    shift_floor: Vec<i64>,
+}
+
+/// The ceilings of `batch` (`mailgate_core::engine::ceiling`: per principal, the largest numbers
+/// on which all its sends, in arrival order, are admitted with no limit exceeded), when no limit
+/// holds any of its sends (a hold stands only while the same limits are exceeded, which no
+/// ceiling can say) and every principal's sends fit on some numbers.
+fn within<'a>(batch: &'a [AdmitJob], principals: &[&'a str]) -> Option<Within<'a>> {
+    if batch.iter().any(|j| !j.held.is_empty()) {
+        return None;
+    }
+    let mut w = Within {
+        tat: Vec::with_capacity(principals.len()),
+        messages: Vec::with_capacity(principals.len()),
+        recipients: Vec::with_capacity(principals.len()),
+        in_flight: Vec::with_capacity(principals.len()),
+        shift_who: Vec::new(),
+        shift_add: Vec::new(),
+        shift_floor: Vec::new(),
+    };
+    for p in principals {
+        let sends = || {
+            batch
+                .iter()
+                .filter(|j| j.charge.principal == *p)
+                .map(|j| (&j.charge, j.now_ms))
+        };
+        let top = ceiling(sends())?;
+        w.tat.push(db(top.rate_tat_ms.unwrap_or(0)));
+        w.messages.push(db(top.messages_24h));
+        w.recipients.push(db(top.recipients_24h));
+        w.in_flight.push(db(top.in_flight));
+        if let Some(shift) = TatShift::of(sends()) {
+            w.shift_who.push(p);
+            w.shift_add.push(db(shift.add_ms));
+            w.shift_floor.push(db(shift.floor_ms));
+        }
+    }
+    Some(w)
+}
+
+/// Calls `mailgate_admit_within` for all of `batch`: the rows of the numbers it read, and the
+/// rows of the sends it recorded (none when the batch did not fit).
+async fn record_within(
+    pool: &PgPool,
+    batch: &[AdmitJob],
+    principals: &[&str],
+    w: &Within<'_>,
+    now: u64,
+) -> Result<(Vec<sqlx::postgres::PgRow>, Vec<sqlx::postgres::PgRow>), StoreError> {
+    let rows = sqlx::query(ADMIT_WITHIN)
+        .bind(COUNTER_LOCK_CLASS)
+        .bind(principals)
+        .bind(&w.tat)
+        .bind(&w.messages)
+        .bind(&w.recipients)
+        .bind(&w.in_flight)
+        .bind(
+            batch
+                .iter()
+                .map(|j| j.charge.principal.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(batch.iter().map(|j| j.now_ms as i64).collect::<Vec<_>>())
+        .bind(
+            batch
+                .iter()
+                .map(|j| j.charge.recipients as i64)
+                .collect::<Vec<_>>(),
+        )
+        .bind(batch.iter().map(|j| j.holder.as_str()).collect::<Vec<_>>())
+        .bind(
+            batch
+                .iter()
+                .map(|j| j.slot_until_ms as i64)
+                .collect::<Vec<_>>(),
+        )
+        .bind(&w.shift_who)
+        .bind(&w.shift_add)
+        .bind(&w.shift_floor)
+        .bind(now as i64 - DAY_MS as i64)
+        .bind(now as i64)
+        .fetch_all(pool)
+        .await
+        .or_store()?;
+    let mut read = Vec::with_capacity(principals.len());
+    let mut recorded = Vec::with_capacity(batch.len());
+    for row in rows {
+        if row
+            .try_get::<Option<i64>, _>("admitted_ord")
+            .or_store()?
+            .is_some()
+        {
+            recorded.push(row);
+        } else {
+            read.push(row);
+        }
+    }
+    Ok((read, recorded))
+}
+
 /// Reads and re-checks without the principals' locks held before the locked way (see
 /// [`admit_batch`]).
 const OPTIMISTIC_TRIES: usize = 3;
@@ -478,11 +436,20 @@ async fn read_many<'e, E: sqlx::PgExecutor<'e>>(
         .fetch_all(executor)
         .await
         .or_store()?;
+    usage_of_rows(&rows, principals)
+}
+
+/// Rows of `mailgate_usage_of`'s columns as each of `principals`' usage, and their versions in
+/// the order of `principals` (0 for one without a row).
+fn usage_of_rows(
+    rows: &[sqlx::postgres::PgRow],
+    principals: &[&str],
+) -> Result<(HashMap<String, Usage>, Vec<i64>), StoreError> {
     let mut usage: HashMap<String, Usage> = HashMap::with_capacity(rows.len());
     let mut versions: HashMap<String, i64> = HashMap::with_capacity(rows.len());
     for row in rows {
         let principal: String = row.try_get("principal").or_store()?;
-        usage.insert(principal.clone(), super::counters::usage_of_row(&row)?);
+        usage.insert(principal.clone(), super::counters::usage_of_row(row)?);
         versions.insert(principal, row.try_get("version").or_store()?);
     }
     let versions = principals
@@ -623,7 +590,6 @@ fn finish(plan: Plan, recorded: &[sqlx::postgres::PgRow]) -> Result<Vec<Admitted
 async fn admit_batch(
     pool: &PgPool,
     counts: &AdmissionCounts,
-    memory: &Mutex<Memory>,
     batch: &[AdmitJob],
 ) -> Result<Vec<Admitted>, StoreError> {
     let mut principals: Vec<&str> = batch.iter().map(|j| j.charge.principal.as_str()).collect();
@@ -633,26 +599,37 @@ async fn admit_batch(
     // yet): never fewer than any of its sends' own reading would have counted.
     let now = batch.iter().map(|j| j.now_ms).min().unwrap_or(0);
     let tries = counts.tries.load(Ordering::Relaxed);
-    // First on what this node's last admissions left, when they admit the whole batch.
-    let recalled = (tries > 0)
-        .then(|| remember(memory).recall(&principals))
-        .flatten();
-    if let Some((usage, versions)) = recalled {
+    // First under the batch's ceiling: one statement whatever other nodes admitted meanwhile, as
+    // long as the whole batch still fits.
+    if let Some(w) = within(batch, &principals).filter(|_| tries > 0) {
+        let (read, recorded) = record_within(pool, batch, &principals, &w, now).await?;
+        let (usage, versions) = usage_of_rows(&read, &principals)?;
         let plan = plan(batch, usage);
-        if plan.admitted.len() == batch.len() {
-            let recorded = record(pool, batch, &principals, &versions, &plan, now).await?;
-            if !recorded.is_empty() {
-                let way = &counts.remembered;
-                return done(way, memory, batch, &principals, &versions, plan, &recorded);
+        if !recorded.is_empty() {
+            if plan.admitted.len() != batch.len() {
+                return Err(StoreError::Other(
+                    "a batch recorded under its ceiling does not fit the numbers read under it"
+                        .into(),
+                ));
             }
-            counts.missed.fetch_add(1, Ordering::Relaxed);
-            remember(memory).contended(&principals);
+            let way = &counts.within;
+            return done(way, plan, &recorded);
         }
+        // No longer fits as a whole: re-checked on the numbers read under the locks, as after a
+        // reading (some of it is refused, or recorded if those numbers still stand).
+        counts.missed.fetch_add(1, Ordering::Relaxed);
+        if plan.admitted.is_empty() {
+            return finish(plan, &[]);
+        }
+        let recorded = record(pool, batch, &principals, &versions, &plan, now).await?;
+        if !recorded.is_empty() {
+            let way = &counts.optimistic;
+            return done(way, plan, &recorded);
+        }
+        counts.missed.fetch_add(1, Ordering::Relaxed);
     }
     for _ in 0..tries {
-        let read_at = Instant::now();
         let (usage, versions) = read_many(pool, &principals, now).await?;
-        remember(memory).read(&principals, &versions, &usage, read_at);
         let plan = plan(batch, usage);
         if plan.admitted.is_empty() {
             return finish(plan, &[]);
@@ -660,7 +637,7 @@ async fn admit_batch(
         let recorded = record(pool, batch, &principals, &versions, &plan, now).await?;
         if !recorded.is_empty() {
             let way = &counts.optimistic;
-            return done(way, memory, batch, &principals, &versions, plan, &recorded);
+            return done(way, plan, &recorded);
         }
         counts.missed.fetch_add(1, Ordering::Relaxed);
     }
@@ -681,13 +658,11 @@ async fn admit_batch(
     .execute(&mut *tx)
     .await
     .or_store()?;
-    let read_at = Instant::now();
     let (usage, versions) = read_many(&mut *tx, &principals, now).await?;
-    let plan = plan(batch, usage.clone());
+    let plan = plan(batch, usage);
     if plan.admitted.is_empty() {
         // Nothing written: the rollback only ends the locks.
         tx.rollback().await.or_store()?;
-        remember(memory).read(&principals, &versions, &usage, read_at);
         return finish(plan, &[]);
     }
     let recorded = record(&mut *tx, batch, &principals, &versions, &plan, now).await?;
@@ -697,40 +672,23 @@ async fn admit_batch(
             "an admission with its principals locked found their versions moved".into(),
         ));
     }
-    remember(memory).read(&principals, &versions, &usage, read_at);
-    done(
-        &counts.locked,
-        memory,
-        batch,
-        &principals,
-        &versions,
-        plan,
-        &recorded,
-    )
+    done(&counts.locked, plan, &recorded)
 }
 
-/// A batch recorded (`recorded`: the rows of `mailgate_admit`) on `versions`, the way `way`
-/// counts: its outcomes, and what the node remembers of it.
+/// A batch recorded (`recorded`: the rows of `mailgate_admit`), the way `way` counts: its
+/// outcomes.
 fn done(
     way: &AtomicU64,
-    memory: &Mutex<Memory>,
-    batch: &[AdmitJob],
-    principals: &[&str],
-    versions: &[i64],
-    mut plan: Plan,
+    plan: Plan,
     recorded: &[sqlx::postgres::PgRow],
 ) -> Result<Vec<Admitted>, StoreError> {
     way.fetch_add(1, Ordering::Relaxed);
-    let after = std::mem::take(&mut plan.usage);
-    let outcomes = finish(plan, recorded)?;
-    remember(memory).recorded(batch, principals, versions, &after, &outcomes);
-    Ok(outcomes)
+    finish(plan, recorded)
 }
 
 async fn run_messages(
     pool: PgPool,
     decisions: DecisionQueue,
-    memory: Arc<Mutex<Memory>>,
     handoff: Arc<Handoff>,
     mut rx: mpsc::Receiver<StoreJob>,
 ) {
@@ -759,11 +717,6 @@ async fn run_messages(
                     for c in claims {
                         c.committed();
                     }
-                    let mut m = remember(&memory);
-                    for job in &live {
-                        m.freed(job.slot);
-                    }
-                    drop(m);
                     // Handed to the workers before the callers hear "stored": the acceptance
                     // signal that follows must find the messages waiting.
                     let mut given = Vec::with_capacity(epochs.len());
@@ -793,9 +746,6 @@ async fn run_messages(
         for job in live {
             let stored =
                 super::counters::store_alone(&pool, &decisions, &job.message, job.slot).await;
-            if stored.is_ok() {
-                remember(&memory).freed(job.slot);
-            }
             let _ = job.reply.send(stored);
         }
     }
