@@ -93,6 +93,32 @@ BEGIN
 END;
 $$;
 
+-- mailgate_usage_of as one SQL statement (it was PL/pgSQL, 0011), so that the planner inlines it
+-- into mailgate_admit_within's read under the locks instead of calling it (a function call per
+-- batch cost as much as the read: pg_stat_statements with `track = all`, bench/postgres.sh).
+-- Without a SET clause, which would prevent inlining; called on its own it is now rare (a batch
+-- that did not fit its ceiling, or that a hold limit holds), so its plan there matters little.
+CREATE OR REPLACE FUNCTION mailgate_usage_of(principals TEXT[], cutoff_ms BIGINT, now_ms BIGINT)
+RETURNS TABLE (principal TEXT, tat BIGINT, n BIGINT, r BIGINT, oldest BIGINT, in_flight BIGINT,
+               version BIGINT)
+LANGUAGE sql STABLE AS $$
+    SELECT p.principal,
+           (SELECT rs.tat_ms FROM rate_state rs WHERE rs.principal = p.principal),
+           COALESCE(t.messages, 0) - x.n,
+           (COALESCE(t.recipients, 0) - x.r)::BIGINT,
+           (SELECT min(l.at_ms) FROM usage_log l
+             WHERE l.principal = p.principal AND l.at_ms > cutoff_ms),
+           (SELECT count(*) FROM send_slots s
+             WHERE s.principal = p.principal AND s.until_ms > now_ms),
+           COALESCE((SELECT v.version FROM admission_versions v
+                      WHERE v.principal = p.principal), 0)
+    FROM unnest(principals) AS p(principal)
+    LEFT JOIN usage_totals t ON t.principal = p.principal
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS n, COALESCE(sum(l.recipients), 0) AS r
+        FROM usage_log l WHERE l.principal = p.principal AND l.at_ms <= cutoff_ms) x
+$$;
+
 -- Records a batch if each of `principals` (sorted, distinct) has, under its lock, numbers at or
 -- below its ceiling (`ceil_*`, same order; a rate schedule never set counts as 0). Returns first
 -- one row per principal with the numbers it read (`admitted_ord` NULL; the columns of
