@@ -469,8 +469,6 @@ struct Plan {
     after: Vec<Usage>,
     /// The rate schedule each principal moves to.
     tats: HashMap<String, u64>,
-    /// Each principal's numbers with the admitted sends counted.
-    usage: HashMap<String, Usage>,
 }
 
 /// Each send in arrival order, on its principal's numbers as the sends before it left them.
@@ -480,7 +478,6 @@ fn plan(batch: &[AdmitJob], mut usage: HashMap<String, Usage>) -> Plan {
         admitted: Vec::new(),
         after: Vec::new(),
         tats: HashMap::new(),
-        usage: HashMap::new(),
     };
     for (i, job) in batch.iter().enumerate() {
         let u = usage.entry(job.charge.principal.clone()).or_default();
@@ -504,7 +501,6 @@ fn plan(batch: &[AdmitJob], mut usage: HashMap<String, Usage>) -> Plan {
             }
         }
     }
-    p.usage = usage;
     p
 }
 
