@@ -61,7 +61,27 @@ BEGIN
 END;
 $$;
 
--- As in 0009 (same arguments, same answer), recording through mailgate_record_admitted.
+-- What both admission functions do first (it was mailgate_admit's own opening in 0009): refuse
+-- to run under another isolation than READ COMMITTED (each statement after the locks must see the
+-- commits of the lock's previous holder), commit without waiting for the WAL flush (the message's
+-- durable commit flushes the WAL past it; counters.rs says why), and take the principals' locks
+-- in one fixed order, so two nodes' batches never wait for each other in a cycle. The setting and
+-- the locks are the transaction's, so they last after this returns.
+CREATE FUNCTION mailgate_admission_locks(lock_class INTEGER, principals TEXT[], caller TEXT)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION '% needs READ COMMITTED, not %',
+            caller, current_setting('transaction_isolation');
+    END IF;
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM pg_advisory_xact_lock(lock_class, k.h)
+    FROM (SELECT DISTINCT hashtext(p) AS h FROM unnest(principals) AS p ORDER BY 1) k;
+END;
+$$;
+
+-- As in 0009 (same arguments, same answer), opening with mailgate_admission_locks and recording
+-- through mailgate_record_admitted (a migration restates what it replaces).
 CREATE OR REPLACE FUNCTION mailgate_admit(
     lock_class INTEGER, principals TEXT[], versions BIGINT[],
     who TEXT[], at_ms BIGINT[], recipients BIGINT[], holder TEXT[], until_ms BIGINT[],
@@ -70,16 +90,7 @@ RETURNS TABLE (admitted_ord BIGINT, slot_id BIGINT) LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 BEGIN
-    -- Each statement below must see the commits of the lock's previous holder.
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'mailgate_admit needs READ COMMITTED, not %',
-            current_setting('transaction_isolation');
-    END IF;
-    -- The message's durable commit flushes the WAL past this one (counters.rs says why).
-    PERFORM set_config('synchronous_commit', 'off', true);
-    -- In one fixed order, so two nodes' batches never wait for each other in a cycle.
-    PERFORM pg_advisory_xact_lock(lock_class, k.h)
-    FROM (SELECT DISTINCT hashtext(p) AS h FROM unnest(principals) AS p ORDER BY 1) k;
+    PERFORM mailgate_admission_locks(lock_class, principals, 'mailgate_admit');
     IF EXISTS (SELECT 1 FROM unnest(principals, versions) AS x(p, seen)
                LEFT JOIN admission_versions v ON v.principal = x.p
                WHERE COALESCE(v.version, 0) <> x.seen) THEN
@@ -143,13 +154,7 @@ DECLARE
     s_f BIGINT[];
     s_v BIGINT[];
 BEGIN
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'mailgate_admit_within needs READ COMMITTED, not %',
-            current_setting('transaction_isolation');
-    END IF;
-    PERFORM set_config('synchronous_commit', 'off', true);
-    PERFORM pg_advisory_xact_lock(lock_class, k.h)
-    FROM (SELECT DISTINCT hashtext(p) AS h FROM unnest(principals) AS p ORDER BY 1) k;
+    PERFORM mailgate_admission_locks(lock_class, principals, 'mailgate_admit_within');
     -- Read after the locks (a statement of its own: READ COMMITTED takes its snapshot now).
     SELECT array_agg(u.principal), array_agg(u.tat), array_agg(u.n), array_agg(u.r),
            array_agg(u.oldest), array_agg(u.in_flight), array_agg(u.version)

@@ -597,35 +597,30 @@ async fn admit_batch(
     let tries = counts.tries.load(Ordering::Relaxed);
     // First under the batch's ceiling: one statement whatever other nodes admitted meanwhile, as
     // long as the whole batch still fits.
+    // A batch that no longer fits is re-checked on the numbers read under the locks, as on a
+    // reading of its own (some of it is refused, or recorded if those numbers still stand).
+    let mut reading = None;
     if let Some(w) = within(batch, &principals).filter(|_| tries > 0) {
         let (read, recorded) = record_within(pool, batch, &principals, &w, now).await?;
         let (usage, versions) = usage_of_rows(&read, &principals)?;
-        let plan = plan(batch, usage);
         if !recorded.is_empty() {
+            let plan = plan(batch, usage);
             if plan.admitted.len() != batch.len() {
                 return Err(StoreError::Other(
                     "a batch recorded under its ceiling does not fit the numbers read under it"
                         .into(),
                 ));
             }
-            let way = &counts.within;
-            return done(way, plan, &recorded);
-        }
-        // No longer fits as a whole: re-checked on the numbers read under the locks, as after a
-        // reading (some of it is refused, or recorded if those numbers still stand).
-        counts.missed.fetch_add(1, Ordering::Relaxed);
-        if plan.admitted.is_empty() {
-            return finish(plan, &[]);
-        }
-        let recorded = record(pool, batch, &principals, &versions, &plan, now).await?;
-        if !recorded.is_empty() {
-            let way = &counts.optimistic;
-            return done(way, plan, &recorded);
+            return done(&counts.within, plan, &recorded);
         }
         counts.missed.fetch_add(1, Ordering::Relaxed);
+        reading = Some((usage, versions));
     }
     for _ in 0..tries {
-        let (usage, versions) = read_many(pool, &principals, now).await?;
+        let (usage, versions) = match reading.take() {
+            Some(read) => read,
+            None => read_many(pool, &principals, now).await?,
+        };
         let plan = plan(batch, usage);
         if plan.admitted.is_empty() {
             return finish(plan, &[]);
