@@ -743,6 +743,38 @@ impl Gateway {
         decided: &Decided,
         message: Message,
     ) -> Result<Accepted, GatewayError> {
+        // Both steps at once when the store can: a send no limit holds, admitted and its message
+        // stored in one durable transaction. Given back when its principal's live numbers are
+        // past what its batch could take at once: then admitted in its turn, below.
+        let mut message = message;
+        let d = &decided.decision;
+        if let Some(charge) = d.charge.as_ref().filter(|_| d.holds.is_empty()) {
+            Self::acceptable(attempt, decided)?;
+            let now = now_ms();
+            let (new, state) = new_message(door, decided, message, now);
+            let id = new.id.clone();
+            match shared
+                .admit_and_store(charge, now, &self.slot_holder(), new)
+                .await
+            {
+                Ok(mailgate_store::AdmitStored::Stored(usage)) => {
+                    self.seen.put(&charge.principal, usage, now);
+                    return self.stored(door, decided, id, state, Ok(()));
+                }
+                Ok(mailgate_store::AdmitStored::TwoSteps(new)) => {
+                    let new = *new;
+                    message = Message {
+                        envelope_from: new.envelope_from,
+                        recipients: new.recipients,
+                        raw: new.raw,
+                    };
+                }
+                Err(e) => {
+                    self.write_failed(&e);
+                    return Err(e.into());
+                }
+            }
+        }
         let mut decided = std::borrow::Cow::Borrowed(decided);
         for _ in 0..ADMISSION_ROUNDS {
             Self::acceptable(attempt, &decided)?;

@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use mailgate_core::directory::LimitName;
 use mailgate_core::engine::{Charge, Usage};
 
-use crate::StoreError;
+use crate::{NewMessage, StoreError};
 
 /// A concurrent-send slot taken by [`CounterStore::admit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +37,19 @@ pub enum Admitted {
     /// The principal's live numbers change the decision: nothing was recorded. Decide again with
     /// these numbers.
     Changed(Usage),
+}
+
+/// What [`CounterStore::admit_and_store`] did.
+#[derive(Debug)]
+pub enum AdmitStored {
+    /// Admitted and stored, durably, in one transaction (no slot to free). The usage is the
+    /// principal's as this send left it, as [`Admitted::Recorded`]'s.
+    Stored(Usage),
+    /// Nothing recorded or written (the store has no such step, a limit holds the send, or the
+    /// principal's live numbers are past what its batch could take at once): admit and store it
+    /// in two steps ([`CounterStore::admit`], then [`crate::Store::accept_admitted`]). The
+    /// message is given back unchanged.
+    TwoSteps(Box<NewMessage>),
 }
 
 /// Usage counters every node shares (see the module documentation).
@@ -58,6 +71,21 @@ pub trait CounterStore: Send + Sync {
         holder: &str,
         slot_until_ms: u64,
     ) -> Result<Admitted, StoreError>;
+
+    /// The two steps at once, when the store can (step 2 and 3 of the module documentation in
+    /// one durable transaction): admits `charge` (a send no limit holds) as [`CounterStore::admit`]
+    /// would, and stores `message` with it. Exact as `admit` is; when the store cannot tell
+    /// without re-checking the send on its live numbers, it does nothing and gives the message
+    /// back ([`AdmitStored::TwoSteps`]). The default (a store without the step) always does.
+    async fn admit_and_store(
+        &self,
+        _charge: &Charge,
+        _now_ms: u64,
+        _holder: &str,
+        message: NewMessage,
+    ) -> Result<AdmitStored, StoreError> {
+        Ok(AdmitStored::TwoSteps(Box::new(message)))
+    }
 
     /// Frees a slot. With `refund`, the send it admitted is taken back out of the daily counts
     /// (its message could not be stored); the rate schedule keeps its place.

@@ -32,7 +32,7 @@ mod uploads;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use counters::{Admitted, CounterStore, SendSlot};
+pub use counters::{AdmitStored, Admitted, CounterStore, SendSlot};
 pub use error::StoreError;
 pub use faults::{FaultStore, SimulatedFault};
 pub use jobs::{JobGuard, JobStore};

@@ -2,7 +2,14 @@
 //! message writes are each gathered by a writer task per node and done for a whole batch in one
 //! transaction, as the SQLite write thread does for one node (`sqlite/group.rs`).
 //!
-//! A send takes two steps (`counters.rs` says why two):
+//! A send no limit holds, whose message is at hand and of batch size, is admitted and stored in
+//! ONE step ([`AcceptQueues::admit_and_store`], its own writer): one statement per batch,
+//! `mailgate_admit_and_store` (`migrations/postgres/0013_admit_and_store_at_once.sql`), which
+//! admits the batch as `mailgate_admit_within` does (step 1 below, under the batch's ceiling)
+//! and, in the same transaction, writes the messages as step 2's statement does, then commits
+//! durably, the principals' locks held until then. A batch that does not fit under its ceiling
+//! records and writes nothing and is given back: each send then takes two steps
+//! (`counters.rs` says why two are needed then):
 //!
 //! 1. **Admission** ([`AcceptQueues::admit`]). A batch that no limit holds (the usual case) is
 //!    one statement: the node asks the engine for each principal's *ceiling*
@@ -61,7 +68,8 @@ use super::decisions::{Claim, DecisionQueue};
 use super::handoff::{Handoff, Room};
 use crate::queue::LeasedMessage;
 use crate::{
-    Admitted, MessageState, NewMessage, RecipientState, SendSlot, StoreError, StoredDecision,
+    AdmitStored, Admitted, MessageState, NewMessage, RecipientState, SendSlot, StoreError,
+    StoredDecision,
 };
 
 /// First key of the two-key advisory locks that serialize one principal's admissions ("MGCT");
@@ -78,13 +86,25 @@ const QUEUE_DEPTH: usize = 1024;
 /// Messages up to this size are written in batches; larger ones alone, by their caller.
 pub(crate) const BATCH_BODY_MAX: usize = 256 * 1024;
 
-struct AdmitJob {
+/// What admitting one send needs ([`AcceptQueues::admit`]'s arguments).
+struct Ask {
     charge: Charge,
     held: Vec<LimitName>,
     now_ms: u64,
     holder: String,
     slot_until_ms: u64,
+}
+
+struct AdmitJob {
+    ask: Ask,
     reply: oneshot::Sender<Result<Admitted, StoreError>>,
+}
+
+/// A send admitted and stored at once ([`AcceptQueues::admit_and_store`]).
+struct AcceptJob {
+    ask: Ask,
+    message: NewMessage,
+    reply: oneshot::Sender<Result<AdmitStored, StoreError>>,
 }
 
 struct StoreJob {
@@ -98,6 +118,7 @@ struct StoreJob {
 pub(crate) struct AcceptQueues {
     admissions: mpsc::Sender<AdmitJob>,
     messages: mpsc::Sender<StoreJob>,
+    at_once: mpsc::Sender<AcceptJob>,
     admission: Arc<AdmissionCounts>,
 }
 
@@ -113,6 +134,11 @@ pub struct AdmissionStats {
     /// Batches recorded under their ceiling: the store found each principal's numbers at or
     /// below the largest on which the whole batch fits.
     pub within: u64,
+    /// Batches admitted under their ceiling and their messages stored in the same transaction.
+    pub at_once: u64,
+    /// Batches that did not fit under their ceiling when admitted and stored at once (nothing
+    /// recorded; each send then took the two steps).
+    pub at_once_missed: u64,
 }
 
 #[derive(Debug)]
@@ -122,12 +148,14 @@ struct AdmissionCounts {
     missed: AtomicU64,
     locked: AtomicU64,
     within: AtomicU64,
+    at_once: AtomicU64,
+    at_once_missed: AtomicU64,
 }
 
 impl std::fmt::Debug for AdmitJob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdmitJob")
-            .field("principal", &self.charge.principal)
+            .field("principal", &self.ask.charge.principal)
             .finish_non_exhaustive()
     }
 }
@@ -154,18 +182,29 @@ impl AcceptQueues {
     ) -> AcceptQueues {
         let (admissions, admit_rx) = mpsc::channel(QUEUE_DEPTH);
         let (messages, store_rx) = mpsc::channel(QUEUE_DEPTH);
+        let (at_once, at_once_rx) = mpsc::channel(QUEUE_DEPTH);
         let admission = Arc::new(AdmissionCounts {
             tries: AtomicUsize::new(OPTIMISTIC_TRIES),
             optimistic: AtomicU64::new(0),
             missed: AtomicU64::new(0),
             locked: AtomicU64::new(0),
             within: AtomicU64::new(0),
+            at_once: AtomicU64::new(0),
+            at_once_missed: AtomicU64::new(0),
         });
         tokio::spawn(run_admissions(pool.clone(), admission.clone(), admit_rx));
+        tokio::spawn(run_at_once(
+            pool.clone(),
+            admission.clone(),
+            decisions.clone(),
+            handoff.clone(),
+            at_once_rx,
+        ));
         tokio::spawn(run_messages(pool, decisions, handoff, store_rx));
         AcceptQueues {
             admissions,
             messages,
+            at_once,
             admission,
         }
     }
@@ -178,6 +217,8 @@ impl AcceptQueues {
             missed: c.missed.load(Ordering::Relaxed),
             locked: c.locked.load(Ordering::Relaxed),
             within: c.within.load(Ordering::Relaxed),
+            at_once: c.at_once.load(Ordering::Relaxed),
+            at_once_missed: c.at_once_missed.load(Ordering::Relaxed),
         }
     }
 
@@ -198,11 +239,41 @@ impl AcceptQueues {
         let (reply, answer) = oneshot::channel();
         self.admissions
             .send(AdmitJob {
-                charge: charge.clone(),
-                held: held.to_vec(),
-                now_ms,
-                holder: holder.to_owned(),
-                slot_until_ms,
+                ask: Ask {
+                    charge: charge.clone(),
+                    held: held.to_vec(),
+                    now_ms,
+                    holder: holder.to_owned(),
+                    slot_until_ms,
+                },
+                reply,
+            })
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Admits one send no limit holds and stores its message, in the next batch of the writer
+    /// that does both at once (see the module documentation).
+    pub(crate) async fn admit_and_store(
+        &self,
+        charge: &Charge,
+        now_ms: u64,
+        holder: &str,
+        message: NewMessage,
+    ) -> Result<AdmitStored, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.at_once
+            .send(AcceptJob {
+                ask: Ask {
+                    charge: charge.clone(),
+                    held: Vec::new(),
+                    now_ms,
+                    holder: holder.to_owned(),
+                    // Taken and freed inside the one transaction: never seen by another.
+                    slot_until_ms: now_ms.saturating_add(DAY_MS),
+                },
+                message,
                 reply,
             })
             .await
@@ -264,7 +335,8 @@ async fn run_admissions(
         if batch.is_empty() {
             continue;
         }
-        match admit_batch(&pool, &counts, &batch).await {
+        let asks: Vec<&Ask> = batch.iter().map(|j| &j.ask).collect();
+        match admit_batch(&pool, &counts, &asks).await {
             Ok(outcomes) => {
                 for (job, outcome) in batch.into_iter().zip(outcomes) {
                     // A caller gone while its send was admitted: no message will come, so the
@@ -325,7 +397,7 @@ struct Within<'a> {
 /// on which all its sends, in arrival order, are admitted with no limit exceeded), when no limit
 /// holds any of its sends (a hold stands only while the same limits are exceeded, which no
 /// ceiling can say) and every principal's sends fit on some numbers.
-fn within<'a>(batch: &'a [AdmitJob], principals: &[&'a str]) -> Option<Within<'a>> {
+fn within<'a>(batch: &[&'a Ask], principals: &[&'a str]) -> Option<Within<'a>> {
     if batch.iter().any(|j| !j.held.is_empty()) {
         return None;
     }
@@ -359,17 +431,18 @@ fn within<'a>(batch: &'a [AdmitJob], principals: &[&'a str]) -> Option<Within<'a
     Some(w)
 }
 
-/// Calls `mailgate_admit_within` for all of `batch`: the rows of the numbers it read, and the
-/// rows of the sends it recorded (none when the batch did not fit).
-async fn record_within(
-    pool: &PgPool,
-    batch: &[AdmitJob],
-    principals: &[&str],
-    w: &Within<'_>,
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Binds `mailgate_admit_within`'s arguments for `batch` (its first 16; `mailgate_admit_and_store`
+/// takes the same first).
+fn bind_admission<'q>(
+    q: PgQuery<'q>,
+    batch: &[&'q Ask],
+    principals: &'q [&'q str],
+    w: &'q Within<'q>,
     now: u64,
-) -> Result<(Vec<sqlx::postgres::PgRow>, Vec<sqlx::postgres::PgRow>), StoreError> {
-    let rows = sqlx::query(ADMIT_WITHIN)
-        .bind(COUNTER_LOCK_CLASS)
+) -> PgQuery<'q> {
+    q.bind(COUNTER_LOCK_CLASS)
         .bind(principals)
         .bind(&w.tat)
         .bind(&w.messages)
@@ -400,6 +473,18 @@ async fn record_within(
         .bind(&w.shift_floor)
         .bind(now as i64 - DAY_MS as i64)
         .bind(now as i64)
+}
+
+/// Calls `mailgate_admit_within` for all of `batch`: the rows of the numbers it read, and the
+/// rows of the sends it recorded (none when the batch did not fit).
+async fn record_within(
+    pool: &PgPool,
+    batch: &[&Ask],
+    principals: &[&str],
+    w: &Within<'_>,
+    now: u64,
+) -> Result<(Vec<sqlx::postgres::PgRow>, Vec<sqlx::postgres::PgRow>), StoreError> {
+    let rows = bind_admission(sqlx::query(ADMIT_WITHIN), batch, principals, w, now)
         .fetch_all(pool)
         .await
         .or_store()?;
@@ -472,7 +557,7 @@ struct Plan {
 }
 
 /// Each send in arrival order, on its principal's numbers as the sends before it left them.
-fn plan(batch: &[AdmitJob], mut usage: HashMap<String, Usage>) -> Plan {
+fn plan(batch: &[&Ask], mut usage: HashMap<String, Usage>) -> Plan {
     let mut p = Plan {
         outcomes: Vec::with_capacity(batch.len()),
         admitted: Vec::new(),
@@ -507,13 +592,13 @@ fn plan(batch: &[AdmitJob], mut usage: HashMap<String, Usage>) -> Plan {
 /// Calls `mailgate_admit` for `plan`'s admitted sends; no rows: a version had moved.
 async fn record<'e, E: sqlx::PgExecutor<'e>>(
     executor: E,
-    batch: &[AdmitJob],
+    batch: &[&Ask],
     principals: &[&str],
     versions: &[i64],
     plan: &Plan,
     now: u64,
 ) -> Result<Vec<sqlx::postgres::PgRow>, StoreError> {
-    let jobs: Vec<&AdmitJob> = plan.admitted.iter().map(|&i| &batch[i]).collect();
+    let jobs: Vec<&Ask> = plan.admitted.iter().map(|&i| batch[i]).collect();
     let (tat_principals, tat_values): (Vec<&str>, Vec<i64>) = plan
         .tats
         .iter()
@@ -586,7 +671,7 @@ fn finish(plan: Plan, recorded: &[sqlx::postgres::PgRow]) -> Result<Vec<Admitted
 async fn admit_batch(
     pool: &PgPool,
     counts: &AdmissionCounts,
-    batch: &[AdmitJob],
+    batch: &[&Ask],
 ) -> Result<Vec<Admitted>, StoreError> {
     let mut principals: Vec<&str> = batch.iter().map(|j| j.charge.principal.as_str()).collect();
     principals.sort_unstable();
@@ -677,6 +762,141 @@ fn done(
     finish(plan, recorded)
 }
 
+/// Admits and stores at once (`mailgate_admit_and_store`, one statement and one durable commit
+/// per batch). A batch that does not fit under its ceiling records and writes nothing: each of
+/// its sends is given back to take the two steps.
+async fn run_at_once(
+    pool: PgPool,
+    counts: Arc<AdmissionCounts>,
+    decisions: DecisionQueue,
+    handoff: Arc<Handoff>,
+    mut rx: mpsc::Receiver<AcceptJob>,
+) {
+    let mut last = 0;
+    while let Some(batch) = next_batch(&mut rx, &mut last).await {
+        // Callers gone before their send was taken: nothing to do, nothing charged.
+        let batch: Vec<AcceptJob> = batch.into_iter().filter(|j| !j.reply.is_closed()).collect();
+        if batch.is_empty() {
+            continue;
+        }
+        match admit_and_store(&pool, &decisions, &handoff, &batch).await {
+            Ok(Some((usage, epochs, room))) => {
+                counts.at_once.fetch_add(1, Ordering::Relaxed);
+                let mut given = Vec::with_capacity(epochs.len());
+                let mut replies = Vec::with_capacity(batch.len());
+                for (job, usage) in batch.into_iter().zip(usage) {
+                    let epoch = epochs.get(&job.message.id).copied();
+                    if let (Some(epoch), Some(room)) = (epoch, room.as_ref()) {
+                        given.push(leased(job.message, epoch, room.lease_ms));
+                    }
+                    replies.push((job.reply, usage));
+                }
+                // Handed to the workers before the callers hear "stored" (as `run_messages`).
+                if let Some(room) = room {
+                    handoff.give(&room.owner, given);
+                }
+                for (reply, usage) in replies {
+                    let _ = reply.send(Ok(AdmitStored::Stored(usage)));
+                }
+            }
+            Ok(None) => {
+                counts.at_once_missed.fetch_add(1, Ordering::Relaxed);
+                for job in batch {
+                    let _ = job
+                        .reply
+                        .send(Ok(AdmitStored::TwoSteps(Box::new(job.message))));
+                }
+            }
+            Err(e) => {
+                // Rolled back as a whole (a duplicate id, the database gone): nothing recorded
+                // or written. The two steps write each alone and answer each its own error.
+                tracing::debug!(error = %e, sends = batch.len(), "a batch admitted and stored at once failed; each send takes the two steps");
+                for job in batch {
+                    let _ = job
+                        .reply
+                        .send(Ok(AdmitStored::TwoSteps(Box::new(job.message))));
+                }
+            }
+        }
+    }
+}
+
+const ADMIT_AND_STORE: &str = "SELECT principal, tat, n, r, oldest, in_flight, version, message_id,
+           lease_epoch
+    FROM mailgate_admit_and_store($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
+                                  $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26,
+                                  $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37)";
+
+/// What a batch admitted and stored at once gives back: each send's usage as it left its
+/// principal's numbers, the lease epochs of the messages handed off, and the room they were
+/// handed to.
+type AtOnce = (Vec<Usage>, HashMap<String, i64>, Option<Room>);
+
+/// One call of `mailgate_admit_and_store` for `batch`: `None` when it did not fit under its
+/// ceiling (nothing recorded or written).
+async fn admit_and_store(
+    pool: &PgPool,
+    decisions: &DecisionQueue,
+    handoff: &Handoff,
+    batch: &[AcceptJob],
+) -> Result<Option<AtOnce>, StoreError> {
+    let asks: Vec<&Ask> = batch.iter().map(|j| &j.ask).collect();
+    let mut principals: Vec<&str> = asks.iter().map(|j| j.charge.principal.as_str()).collect();
+    principals.sort_unstable();
+    principals.dedup();
+    let Some(w) = within(&asks, &principals) else {
+        return Ok(None);
+    };
+    // As `admit_batch`: the earliest clock of the batch reads the most usage.
+    let now = asks.iter().map(|j| j.now_ms).min().unwrap_or(0);
+    let claims: Vec<Claim> = batch
+        .iter()
+        .map(|j| decisions.claim(&j.message.decision_id))
+        .collect();
+    let pending = pending_decisions(&claims);
+    let room = handoff.room();
+    let messages: Vec<&NewMessage> = batch.iter().map(|j| &j.message).collect();
+    let handed = handed_off(&messages, room.as_ref());
+    let q = bind_admission(sqlx::query(ADMIT_AND_STORE), &asks, &principals, &w, now);
+    let rows = bind_handoff(
+        bind_messages(q, &messages, &pending),
+        room.as_ref(),
+        &handed,
+    )
+    .fetch_all(pool)
+    .await
+    .or_store()?;
+    let (read, stored): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| {
+        r.try_get::<Option<String>, _>("message_id")
+            .ok()
+            .flatten()
+            .is_none()
+    });
+    if stored.is_empty() {
+        // Nothing written: the decisions claimed go back to their queue.
+        return Ok(None);
+    }
+    for c in claims {
+        c.committed();
+    }
+    let (usage, _) = usage_of_rows(&read, &principals)?;
+    let plan = plan(&asks, usage);
+    if plan.admitted.len() != batch.len() {
+        return Err(StoreError::Other(
+            "a batch stored under its ceiling does not fit the numbers read under it".into(),
+        ));
+    }
+    // Stored already: unlike a send admitted in two steps, none of them is still in flight.
+    let mut after = plan.after;
+    let mut counted: HashMap<&str, u64> = HashMap::new();
+    for (u, ask) in after.iter_mut().zip(&asks) {
+        let n = counted.entry(ask.charge.principal.as_str()).or_default();
+        *n += 1;
+        u.in_flight = u.in_flight.saturating_sub(*n);
+    }
+    Ok(Some((after, epochs(&stored)?, room)))
+}
+
 async fn run_messages(
     pool: PgPool,
     decisions: DecisionQueue,
@@ -702,7 +922,8 @@ async fn run_messages(
                 .map(|j| decisions.claim(&j.message.decision_id))
                 .collect();
             let room = handoff.room();
-            let handed = handed_off(&live, room.as_ref());
+            let messages: Vec<&NewMessage> = live.iter().map(|j| &j.message).collect();
+            let handed = handed_off(&messages, room.as_ref());
             match store_batch(&pool, &live, &claims, room.as_ref(), &handed).await {
                 Ok(epochs) => {
                     for c in claims {
@@ -745,7 +966,9 @@ async fn run_messages(
 /// One durable transaction for a batch of admitted messages: their pending decisions, the
 /// messages, their bodies, and their slots freed, in ONE statement outside any explicit
 /// transaction (its own implicit one, committed as the statement ends): one round trip per
-/// batch where `BEGIN`, four statements and `COMMIT` took six (bench/postgres.sh).
+/// batch where `BEGIN`, four statements and `COMMIT` took six (bench/postgres.sh). The statement
+/// is `mailgate_store_messages` (`migrations/postgres/0013_admit_and_store_at_once.sql`), which
+/// [`admit_and_store`] runs too.
 async fn store_batch(
     pool: &PgPool,
     jobs: &[StoreJob],
@@ -753,127 +976,119 @@ async fn store_batch(
     room: Option<&Room>,
     handed: &[bool],
 ) -> Result<HashMap<String, i64>, StoreError> {
-    let pending: Vec<_> = claims
+    let pending = pending_decisions(claims);
+    let messages: Vec<&NewMessage> = jobs.iter().map(|j| &j.message).collect();
+    let q = bind_messages(sqlx::query(STORE), &messages, &pending)
+        .bind(jobs.iter().map(|j| j.slot.0).collect::<Vec<_>>());
+    let rows = bind_handoff(q, room, handed)
+        .fetch_all(pool)
+        .await
+        .or_store()?;
+    epochs(&rows)
+}
+
+const STORE: &str = "SELECT message_id, lease_epoch
+    FROM mailgate_store_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                                 $16, $17, $18, $19, $20, $21, $22)";
+
+/// The decisions `claims` took from the decision queue (those not written yet).
+fn pending_decisions(claims: &[Claim]) -> Vec<Arc<StoredDecision>> {
+    claims
         .iter()
         .filter_map(|c| c.decision().cloned())
-        .collect();
+        .collect()
+}
+
+/// Binds the messages' arguments of `mailgate_store_messages` and their decisions' (its first
+/// 18).
+fn bind_messages<'q>(
+    q: PgQuery<'q>,
+    messages: &[&'q NewMessage],
+    pending: &'q [Arc<StoredDecision>],
+) -> PgQuery<'q> {
     let d = |f: fn(&StoredDecision) -> &str| pending.iter().map(|x| f(x)).collect::<Vec<_>>();
-    let m = |f: fn(&NewMessage) -> &str| jobs.iter().map(|j| f(&j.message)).collect::<Vec<_>>();
+    let m = |f: fn(&NewMessage) -> &str| messages.iter().map(|x| f(x)).collect::<Vec<_>>();
     // Recipients as one JSON array per message (arrays of arrays must be rectangular).
-    let recipients: Vec<String> = jobs
+    let recipients: Vec<String> = messages
         .iter()
-        .map(|j| serde_json::to_string(&j.message.recipients).unwrap_or_else(|_| "[]".into()))
+        .map(|x| serde_json::to_string(&x.recipients).unwrap_or_else(|_| "[]".into()))
         .collect();
-    let rows = sqlx::query(
-        "WITH d AS (
-             INSERT INTO decisions (id, at_ms, door, principal, verdict, code, body)
-             SELECT * FROM UNNEST($12::text[], $13::bigint[], $14::text[], $15::text[],
-                                  $16::text[], $17::text[], $18::bytea[])
-             ON CONFLICT DO NOTHING),
-         m AS (
-             INSERT INTO messages (id, decision_id, accepted_at_ms, door, principal, envelope_from,
-                                   recipients, size, state, hold_until_ms, lease_owner,
-                                   lease_until_ms, lease_epoch, updated_at_ms)
-             SELECT id, decision_id, at, door, principal, env_from,
-                    ARRAY(SELECT jsonb_array_elements_text(rcpt::jsonb)), size, state, hold,
-                    CASE WHEN handed THEN $20 END, CASE WHEN handed THEN at + $21 END,
-                    CASE WHEN handed THEN nextval('message_lease_epoch') END,
-                    CASE WHEN handed THEN at END
-             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
-                         $7::text[], $8::bigint[], $9::text[], $10::bigint[], $22::boolean[])
-                  AS t(id, decision_id, at, door, principal, env_from, rcpt, size, state, hold,
-                       handed)
-             RETURNING id, lease_epoch, recipients, accepted_at_ms),
-         b AS (
-             INSERT INTO message_bodies (message_id, raw)
-             SELECT id, raw FROM unnest($1::text[], $11::bytea[]) AS b(id, raw)
-             WHERE id IN (SELECT id FROM m)),
-         -- A message handed off is leased already: its recipient rows are made now, as its
-         -- first lease would (queue.rs, lease_due).
-         r AS (
-             INSERT INTO message_recipients (message_id, recipient, position, state,
-                                             updated_at_ms)
-             SELECT m.id, x.recipient, x.position::integer, 'pending', m.accepted_at_ms
-             FROM m, unnest(m.recipients) WITH ORDINALITY AS x(recipient, position)
-             WHERE m.lease_epoch IS NOT NULL
-             ON CONFLICT (message_id, recipient) DO NOTHING),
-         s AS (
-             DELETE FROM send_slots WHERE id = ANY($19))
-         SELECT id, lease_epoch FROM m WHERE lease_epoch IS NOT NULL",
-    )
-    .bind(m(|x| &x.id))
-    .bind(m(|x| &x.decision_id))
-    .bind(
-        jobs.iter()
-            .map(|j| j.message.accepted_at_ms)
-            .collect::<Vec<_>>(),
-    )
-    .bind(m(|x| &x.door))
-    .bind(m(|x| &x.principal))
-    .bind(m(|x| &x.envelope_from))
-    .bind(&recipients)
-    .bind(
-        jobs.iter()
-            .map(|j| j.message.raw.len() as i64)
-            .collect::<Vec<_>>(),
-    )
-    .bind(m(|x| x.state.as_str()))
-    .bind(
-        jobs.iter()
-            .map(|j| j.message.hold_until_ms)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        jobs.iter()
-            .map(|j| j.message.raw.as_slice())
-            .collect::<Vec<_>>(),
-    )
-    .bind(d(|x| &x.id))
-    .bind(pending.iter().map(|x| x.at_ms).collect::<Vec<_>>())
-    .bind(d(|x| &x.door))
-    .bind(d(|x| &x.principal))
-    .bind(d(|x| x.verdict.as_str()))
-    .bind(
-        pending
-            .iter()
-            .map(|x| x.code.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        pending
-            .iter()
-            .map(|x| x.body.as_bytes())
-            .collect::<Vec<_>>(),
-    )
-    .bind(jobs.iter().map(|j| j.slot.0).collect::<Vec<_>>())
-    .bind(room.map(|r| r.owner.as_str()))
-    .bind(room.map_or(0, |r| r.lease_ms))
-    .bind(handed)
-    .fetch_all(pool)
-    .await
-    .or_store()?;
+    q.bind(m(|x| &x.id))
+        .bind(m(|x| &x.decision_id))
+        .bind(
+            messages
+                .iter()
+                .map(|x| x.accepted_at_ms)
+                .collect::<Vec<_>>(),
+        )
+        .bind(m(|x| &x.door))
+        .bind(m(|x| &x.principal))
+        .bind(m(|x| &x.envelope_from))
+        .bind(recipients)
+        .bind(
+            messages
+                .iter()
+                .map(|x| x.raw.len() as i64)
+                .collect::<Vec<_>>(),
+        )
+        .bind(m(|x| x.state.as_str()))
+        .bind(messages.iter().map(|x| x.hold_until_ms).collect::<Vec<_>>())
+        .bind(
+            messages
+                .iter()
+                .map(|x| x.raw.as_slice())
+                .collect::<Vec<_>>(),
+        )
+        .bind(d(|x| &x.id))
+        .bind(pending.iter().map(|x| x.at_ms).collect::<Vec<_>>())
+        .bind(d(|x| &x.door))
+        .bind(d(|x| &x.principal))
+        .bind(d(|x| x.verdict.as_str()))
+        .bind(
+            pending
+                .iter()
+                .map(|x| x.code.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            pending
+                .iter()
+                .map(|x| x.body.as_bytes())
+                .collect::<Vec<_>>(),
+        )
+}
+
+/// Binds the hand-off's arguments of `mailgate_store_messages` (its last three).
+fn bind_handoff<'q>(q: PgQuery<'q>, room: Option<&'q Room>, handed: &'q [bool]) -> PgQuery<'q> {
+    q.bind(room.map(|r| r.owner.as_str()))
+        .bind(room.map_or(0, |r| r.lease_ms))
+        .bind(handed)
+}
+
+/// The lease epochs of the messages handed off, from the rows of `mailgate_store_messages`.
+fn epochs(rows: &[sqlx::postgres::PgRow]) -> Result<HashMap<String, i64>, StoreError> {
     let mut epochs = HashMap::with_capacity(rows.len());
     for row in rows {
-        epochs.insert(
-            row.try_get::<String, _>("id").or_store()?,
-            row.try_get::<i64, _>("lease_epoch").or_store()?,
-        );
+        if let Some(epoch) = row.try_get::<Option<i64>, _>("lease_epoch").or_store()? {
+            epochs.insert(row.try_get::<String, _>("message_id").or_store()?, epoch);
+        }
     }
     Ok(epochs)
 }
 
 /// Which messages of a batch are handed off to `room` (see `handoff.rs`): queued ones (not held),
 /// oldest first, while the room lasts.
-fn handed_off(jobs: &[StoreJob], room: Option<&Room>) -> Vec<bool> {
+fn handed_off(batch: &[&NewMessage], room: Option<&Room>) -> Vec<bool> {
     let Some(room) = room else {
-        return vec![false; jobs.len()];
+        return vec![false; batch.len()];
     };
     let (mut messages, mut bytes) = (room.messages, room.bytes);
-    jobs.iter()
-        .map(|j| {
-            let size = j.message.raw.len();
-            let hand = j.message.state == MessageState::Queued
-                && j.message.hold_until_ms.is_none()
+    batch
+        .iter()
+        .map(|m| {
+            let size = m.raw.len();
+            let hand = m.state == MessageState::Queued
+                && m.hold_until_ms.is_none()
                 && messages > 0
                 && size <= bytes;
             if hand {

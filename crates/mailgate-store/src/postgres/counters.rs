@@ -26,7 +26,7 @@ use sqlx::{PgPool, Row};
 
 use super::decisions::DecisionQueue;
 use super::{OrStore, PgStore};
-use crate::{Admitted, CounterStore, NewMessage, SendSlot, StoreError};
+use crate::{AdmitStored, Admitted, CounterStore, NewMessage, SendSlot, StoreError};
 
 /// One principal's usage: the day's messages and recipients are its running totals
 /// (`usage_totals`, `migrations/postgres/0008_usage_totals.sql`) less its rows that have left the
@@ -192,6 +192,22 @@ impl CounterStore for PgStore {
         // each send re-checked in arrival order, in one transaction.
         self.accepts
             .admit(charge, held, now_ms, holder, slot_until_ms)
+            .await
+    }
+
+    async fn admit_and_store(
+        &self,
+        charge: &Charge,
+        now_ms: u64,
+        holder: &str,
+        message: NewMessage,
+    ) -> Result<AdmitStored, StoreError> {
+        // Big messages are written alone, by their caller (no copy of a big body into a batch).
+        if message.raw.len() > super::accept::BATCH_BODY_MAX {
+            return Ok(AdmitStored::TwoSteps(Box::new(message)));
+        }
+        self.accepts
+            .admit_and_store(charge, now_ms, holder, message)
             .await
     }
 

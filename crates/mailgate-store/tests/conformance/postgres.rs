@@ -859,6 +859,114 @@ async fn a_rate_limit_raced_on_three_nodes_admits_exactly_its_burst() {
     assert!(within > 0, "no batch was admitted under its ceiling");
 }
 
+/// Sends admitted and stored at once (`migrations/postgres/0013_admit_and_store_at_once.sql`)
+/// stay exact when two nodes race one principal: of 30 sends at once against a day's limit of 7,
+/// exactly 7 messages are stored and counted, whichever way each went (at once, or given back
+/// and then admitted in two steps as the gateway does); every refused send left nothing behind,
+/// and no slot is left held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sends_admitted_and_stored_at_once_stay_exact_across_two_nodes() {
+    use mailgate_store::{AdmitStored, Admitted, CounterStore};
+
+    let db = fresh().await;
+    let nodes = [Arc::new(handle(&db).await), Arc::new(handle(&db).await)];
+    let c = crate::suite::charge(crate::suite::ALICE, 7, 1_000, 60_000);
+    let t0 = now_ms();
+    let mut tasks = Vec::new();
+    for i in 0..30i64 {
+        let (s, c) = (nodes[(i % 2) as usize].clone(), c.clone());
+        tasks.push(tokio::spawn(async move {
+            let m = message(&format!("m-{i}"), t0 + i, &["x@example.org"]);
+            let at = m.accepted_at_ms as u64;
+            match s.admit_and_store(&c, at, "n/r", m).await.unwrap() {
+                AdmitStored::Stored(u) => Some(u.messages_24h),
+                AdmitStored::TwoSteps(m) => {
+                    match s.admit(&c, &[], at, "n/r", at + 60_000).await.unwrap() {
+                        Admitted::Recorded(slot, u) => {
+                            s.accept_admitted(&m, slot).await.unwrap();
+                            Some(u.messages_24h)
+                        }
+                        Admitted::Changed(u) => {
+                            assert_eq!(u.messages_24h, 7, "refused below the limit: {u:?}");
+                            None
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    let mut counted = Vec::new();
+    for t in tasks {
+        counted.extend(t.await.unwrap());
+    }
+    counted.sort_unstable();
+    // Each stored send saw its own place in the day's count: 1 to 7, once each.
+    assert_eq!(counted, (1..=7).collect::<Vec<_>>());
+    let count = async |sql: &'static str| -> i64 {
+        sqlx::query_scalar(sql)
+            .bind(crate::suite::ALICE)
+            .fetch_one(nodes[0].pool())
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        count("SELECT count(*) FROM messages WHERE principal = $1").await,
+        7
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM usage_log WHERE principal = $1").await,
+        7
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM send_slots WHERE principal = $1").await,
+        0
+    );
+    let at_once: u64 = nodes.iter().map(|n| n.admission_stats().at_once).sum();
+    assert!(at_once > 0, "no batch was admitted and stored at once");
+}
+
+/// A send admitted and stored at once whose message cannot be written (its id is taken) is
+/// rolled back whole: given back for the two steps, nothing counted; and a send past its
+/// principal's limit is given back without anything recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_stored_at_once_charges_nothing_when_its_message_is_not_written() {
+    use mailgate_store::{AdmitStored, CounterStore};
+
+    let db = fresh().await;
+    let s = handle(&db).await;
+    let c = crate::suite::charge(crate::suite::ALICE, 2, 10, 60_000);
+    let t0 = now_ms();
+    let at_once = async |id: &str, at: i64| {
+        let m = message(id, at, &["x@example.org"]);
+        s.admit_and_store(&c, at as u64, "n/r", m).await.unwrap()
+    };
+    match at_once("m-1", t0).await {
+        AdmitStored::Stored(u) => assert_eq!((u.messages_24h, u.in_flight), (1, 0)),
+        AdmitStored::TwoSteps(_) => panic!("a first send was not stored at once"),
+    }
+    let usage = async || s.usage(crate::suite::ALICE, t0 as u64 + 2).await.unwrap();
+    assert_eq!(usage().await.messages_24h, 1);
+    // The same id again: the message is not written, so neither is its admission.
+    match at_once("m-1", t0 + 1).await {
+        AdmitStored::TwoSteps(m) => assert_eq!(m.id, "m-1"),
+        AdmitStored::Stored(u) => panic!("a duplicate id was stored: {u:?}"),
+    }
+    assert_eq!(usage().await.messages_24h, 1);
+    assert!(matches!(
+        at_once("m-2", t0 + 1).await,
+        AdmitStored::Stored(_)
+    ));
+    // At the day's limit of 2: given back, nothing recorded (the two steps refuse it).
+    assert!(matches!(
+        at_once("m-3", t0 + 2).await,
+        AdmitStored::TwoSteps(_)
+    ));
+    let u = usage().await;
+    assert_eq!((u.messages_24h, u.in_flight), (2, 0));
+    let stats = s.admission_stats();
+    assert_eq!((stats.at_once, stats.at_once_missed), (2, 1), "{stats:?}");
+}
+
 /// Admits `m`'s send on node `s` (slots held as `a/r1`) and stores the message, as the gateway
 /// does for a send on a shared-counter store.
 async fn admit_and_store(s: &PgStore, c: &mailgate_core::engine::Charge, m: &NewMessage) {

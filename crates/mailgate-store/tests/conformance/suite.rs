@@ -202,7 +202,7 @@ pub use fencing::*;
 // ---------------------------------------------------------------------------------------------
 // Fixtures.
 
-const ALICE: &str = "alice@example.com";
+pub(crate) const ALICE: &str = "alice@example.com";
 
 pub(crate) fn message(id: &str, accepted_at_ms: i64, recipients: &[&str]) -> NewMessage {
     NewMessage {
