@@ -11,6 +11,11 @@
 //! cannot both take the last unit of a limit. The sends that queue up meanwhile are admitted
 //! together, and their messages written together (`accept.rs`).
 //!
+//! Usually both steps are one: a send that no limit holds, whose message is at hand, is admitted
+//! and stored in one durable transaction (`accept.rs`, `mailgate_admit_and_store`), its
+//! principal locked until the commit, so no other node sees it in flight. The two steps remain
+//! for everything else (a batch past its ceiling, a hold, a big message, a lock wait).
+//!
 //! Why two steps (admission, then the message): the concurrent-send slot is taken when the engine
 //! allows the send and held while the door receives and stores its message (an SMTP body arrives
 //! after the decision), and a send whose message is never stored is refunded. Why the admission
