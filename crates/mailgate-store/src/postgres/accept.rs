@@ -172,6 +172,17 @@ fn stopped() -> StoreError {
     StoreError::Unavailable("the acceptance writer has stopped".into())
 }
 
+/// Queues the job `job` makes with its reply channel for the writer behind `queue`, and waits
+/// for the writer's answer.
+async fn ask_writer<J, R>(
+    queue: &mpsc::Sender<J>,
+    job: impl FnOnce(oneshot::Sender<Result<R, StoreError>>) -> J,
+) -> Result<R, StoreError> {
+    let (reply, answer) = oneshot::channel();
+    queue.send(job(reply)).await.map_err(|_| stopped())?;
+    answer.await.map_err(|_| stopped())?
+}
+
 impl AcceptQueues {
     /// Starts the writer tasks on `pool` (needs a tokio runtime). They end when the last handle
     /// is dropped.
@@ -236,21 +247,14 @@ impl AcceptQueues {
         holder: &str,
         slot_until_ms: u64,
     ) -> Result<Admitted, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.admissions
-            .send(AdmitJob {
-                ask: Ask {
-                    charge: charge.clone(),
-                    held: held.to_vec(),
-                    now_ms,
-                    holder: holder.to_owned(),
-                    slot_until_ms,
-                },
-                reply,
-            })
-            .await
-            .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        let ask = Ask {
+            charge: charge.clone(),
+            held: held.to_vec(),
+            now_ms,
+            holder: holder.to_owned(),
+            slot_until_ms,
+        };
+        ask_writer(&self.admissions, |reply| AdmitJob { ask, reply }).await
     }
 
     /// Admits one send no limit holds and stores its message, in the next batch of the writer
@@ -262,23 +266,20 @@ impl AcceptQueues {
         holder: &str,
         message: NewMessage,
     ) -> Result<AdmitStored, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.at_once
-            .send(AcceptJob {
-                ask: Ask {
-                    charge: charge.clone(),
-                    held: Vec::new(),
-                    now_ms,
-                    holder: holder.to_owned(),
-                    // Taken and freed inside the one transaction: never seen by another.
-                    slot_until_ms: now_ms.saturating_add(DAY_MS),
-                },
-                message,
-                reply,
-            })
-            .await
-            .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        let ask = Ask {
+            charge: charge.clone(),
+            held: Vec::new(),
+            now_ms,
+            holder: holder.to_owned(),
+            // Taken and freed inside the one transaction: never seen by another.
+            slot_until_ms: now_ms.saturating_add(DAY_MS),
+        };
+        ask_writer(&self.at_once, |reply| AcceptJob {
+            ask,
+            message,
+            reply,
+        })
+        .await
     }
 
     /// Stores one admitted message in the next message batch (see the module documentation).
@@ -287,16 +288,13 @@ impl AcceptQueues {
         message: &NewMessage,
         slot: SendSlot,
     ) -> Result<(), StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.messages
-            .send(StoreJob {
-                message: message.clone(),
-                slot,
-                reply,
-            })
-            .await
-            .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        let message = message.clone();
+        ask_writer(&self.messages, |reply| StoreJob {
+            message,
+            slot,
+            reply,
+        })
+        .await
     }
 }
 
@@ -799,18 +797,18 @@ async fn run_at_once(
                     let _ = reply.send(Ok(AdmitStored::Stored(usage)));
                 }
             }
-            Ok(None) => {
-                counts.at_once_missed.fetch_add(1, Ordering::Relaxed);
-                for job in batch {
-                    let _ = job
-                        .reply
-                        .send(Ok(AdmitStored::TwoSteps(Box::new(job.message))));
+            given_back => {
+                // Past the ceiling (`Ok(None)`), or rolled back as a whole (a duplicate id, the
+                // database gone): nothing recorded or written either way. The two steps write
+                // each alone and answer each its own error.
+                match given_back {
+                    Err(e) => {
+                        tracing::debug!(error = %e, sends = batch.len(), "a batch admitted and stored at once failed; each send takes the two steps");
+                    }
+                    Ok(_) => {
+                        counts.at_once_missed.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-            }
-            Err(e) => {
-                // Rolled back as a whole (a duplicate id, the database gone): nothing recorded
-                // or written. The two steps write each alone and answer each its own error.
-                tracing::debug!(error = %e, sends = batch.len(), "a batch admitted and stored at once failed; each send takes the two steps");
                 for job in batch {
                     let _ = job
                         .reply
